@@ -1,0 +1,1 @@
+"""cimfs: Composite Image File System images without Windows."""
