@@ -1,0 +1,399 @@
+"""The byte layout of a standard CIM (spec §2–§14): the one place that packs and
+unpacks CIM structures.  The reader and the writer both stand on it.
+
+Unpackers raise ``CimFormatError`` for anything that does not fit: callers hand
+them untrusted bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from importlib import resources
+from typing import NamedTuple
+
+from ..errors import CimFormatError
+
+MAGIC = b"cimfile0"
+
+FILE_TYPE_FILESYSTEM = 0
+FILE_TYPE_REGION = 1
+FILE_TYPE_OBJECTID = 2
+
+# [choice] we write 2.0, the oldest version current Windows reads; we read 2.x and 3.x.
+WRITE_VERSION = (2, 0)
+READ_MAJOR_VERSIONS = (2, 3)
+
+REGION_METADATA = 0
+REGION_DATA = 1
+REGION_SMALL_DATA = 2
+REGION_TYPE_NAMES = {REGION_METADATA: "metadata", REGION_DATA: "data", REGION_SMALL_DATA: "small data"}
+
+# Alignment of objects inside each kind of region (spec §4).
+REGION_ALIGNMENT = {REGION_METADATA: 8, REGION_DATA: 4096, REGION_SMALL_DATA: 8}
+
+MAX_REGIONS = 65536
+MAX_REGION_BYTE_OFFSET = (1 << 48) - 1
+MAX_STREAM_LENGTH = (1 << 48) - 1
+FILE_TABLE_CAPACITY = 1024
+FILE_RECORD_SIZE = 96
+UPCASE_TABLE_SIZE = 65536 * 2
+
+STREAM_TYPE_DATA = 0
+STREAM_TYPE_LINK_TABLE = 1
+STREAM_TYPE_PE_IMAGE = 2
+
+# File record flags (spec §9) and the Win32 attributes they stand for.
+FLAG_READONLY = 0x1
+FLAG_HIDDEN = 0x2
+FLAG_SYSTEM = 0x4
+FLAG_ARCHIVE = 0x8
+FLAG_SPARSE = 0x10
+FILE_ATTRIBUTE_READONLY = 0x1
+FILE_ATTRIBUTE_HIDDEN = 0x2
+FILE_ATTRIBUTE_SYSTEM = 0x4
+FILE_ATTRIBUTE_DIRECTORY = 0x10
+FILE_ATTRIBUTE_ARCHIVE = 0x20
+FILE_ATTRIBUTE_NORMAL = 0x80
+FILE_ATTRIBUTE_SPARSE_FILE = 0x200
+FILE_ATTRIBUTE_REPARSE_POINT = 0x400
+_FLAG_TO_ATTRIBUTE = (
+    (FLAG_READONLY, FILE_ATTRIBUTE_READONLY),
+    (FLAG_HIDDEN, FILE_ATTRIBUTE_HIDDEN),
+    (FLAG_SYSTEM, FILE_ATTRIBUTE_SYSTEM),
+    (FLAG_ARCHIVE, FILE_ATTRIBUTE_ARCHIVE),
+    (FLAG_SPARSE, FILE_ATTRIBUTE_SPARSE_FILE),
+)
+
+FILETIME_UNIX_EPOCH = 116444736000000000
+
+COMMON_HEADER = struct.Struct("<8sIBBHIIQ")  # 32
+REGION_HEADER = struct.Struct("<8sIBBHIIQHBBI")  # 40
+OBJECTID_HEADER = struct.Struct("<8sIBBHIIQHBBIII")  # 48
+OBJECTID_ENTRY = struct.Struct("<Q24sQ")  # 40
+REGION_SET = struct.Struct("<16sHHI")  # 24
+FILESYSTEM_HEADER = struct.Struct("<8sIBBHIIQ16sHHIQIHH")  # 72
+FILESYSTEM_OBJECT = struct.Struct("<QQII")  # 24
+FILE_TABLE_DIR_ENTRY = struct.Struct("<QHHI")  # 16
+FILE_RECORD = struct.Struct("<HHIQQQQQQQQQQIHH")  # 96
+STREAM = struct.Struct("<QQ")  # 16
+PE_IMAGE = struct.Struct("<QQIHH")  # 24
+PE_MAPPING = struct.Struct("<II")  # 8
+U16 = struct.Struct("<H")
+U32 = struct.Struct("<I")
+LINK_TABLE_HEADER = struct.Struct("<II")
+
+DIGEST_SIZE = 24
+assert FILE_RECORD.size == FILE_RECORD_SIZE and FILESYSTEM_HEADER.size == 72
+
+
+def load_upcase_table() -> bytes:
+    """The fixed upcase table cimfs writes into new images (spec §7 [choice])."""
+    data = resources.files(__package__).joinpath("upcase.bin").read_bytes()
+    assert len(data) == UPCASE_TABLE_SIZE
+    return data
+
+
+# ---------------------------------------------------------------- offsets
+def region_offset(region_index: int, byte_offset: int) -> int:
+    return (region_index << 48) | byte_offset
+
+
+def split_region_offset(ro: int) -> tuple[int, int]:
+    return ro >> 48, ro & MAX_REGION_BYTE_OFFSET
+
+
+def align(n: int, alignment: int) -> int:
+    return (n + alignment - 1) & ~(alignment - 1)
+
+
+# ---------------------------------------------------------------- headers
+class RegionSet(NamedTuple):
+    id: uuid.UUID
+    count: int
+
+    def pack(self) -> bytes:
+        return REGION_SET.pack(self.id.bytes_le, self.count, 0, 0)
+
+    def file_name(self, kind: str, index: int) -> str:
+        """``region_<guid>_<i>`` or ``objectid_<guid>_<i>`` (spec §1)."""
+        return f"{kind}_{self.id}_{index}"
+
+
+def unpack_region_set(buf: bytes, off: int) -> RegionSet:
+    raw, count, _, _ = REGION_SET.unpack_from(buf, off)
+    return RegionSet(uuid.UUID(bytes_le=raw), count)
+
+
+def _check_common(buf: bytes, file_type: int, what: str) -> tuple[int, int]:
+    if len(buf) < COMMON_HEADER.size:
+        raise CimFormatError(f"{what} is truncated ({len(buf)} bytes)")
+    magic, _hlen, ftype, _r1, _r2, major, minor, _r3 = COMMON_HEADER.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise CimFormatError(f"{what} has bad magic {magic!r}")
+    if ftype != file_type:
+        raise CimFormatError(f"{what} has file type {ftype}, expected {file_type}")
+    if major not in READ_MAJOR_VERSIONS:
+        raise CimFormatError(f"{what} has unsupported format version {major}.{minor}")
+    return major, minor
+
+
+class FilesystemHeader(NamedTuple):
+    version: tuple[int, int]
+    region_set: RegionSet
+    filesystem_offset: int
+    parent_sets: tuple[RegionSet, ...]
+
+
+def pack_filesystem_header(own: RegionSet, filesystem_offset: int, parents: list[RegionSet]) -> bytes:
+    head = FILESYSTEM_HEADER.pack(
+        MAGIC, FILESYSTEM_HEADER.size, FILE_TYPE_FILESYSTEM, 0, 0, *WRITE_VERSION, 0,
+        own.id.bytes_le, own.count, 0, 0, filesystem_offset, 0, 0, len(parents),
+    )
+    return head + b"".join(p.pack() for p in parents)
+
+
+def unpack_filesystem_header(buf: bytes) -> FilesystemHeader:
+    version = _check_common(buf, FILE_TYPE_FILESYSTEM, "filesystem file")
+    if len(buf) < FILESYSTEM_HEADER.size:
+        raise CimFormatError(f"filesystem file is truncated ({len(buf)} bytes)")
+    f = FILESYSTEM_HEADER.unpack_from(buf, 0)
+    own = unpack_region_set(buf, COMMON_HEADER.size)
+    fs_offset, parent_count = f[12], f[15]
+    end = FILESYSTEM_HEADER.size + parent_count * REGION_SET.size
+    if len(buf) < end:
+        raise CimFormatError(f"filesystem file lists {parent_count} parent region sets but is only {len(buf)} bytes")
+    parents = tuple(unpack_region_set(buf, FILESYSTEM_HEADER.size + i * REGION_SET.size) for i in range(parent_count))
+    return FilesystemHeader(version, own, fs_offset, parents)
+
+
+def pack_region_header(index: int, region_type: int) -> bytes:
+    return REGION_HEADER.pack(MAGIC, REGION_HEADER.size, FILE_TYPE_REGION, 0, 0, *WRITE_VERSION, 0, index, region_type, 0, 0)
+
+
+def unpack_region_header(buf: bytes, what: str) -> tuple[int, int]:
+    """Returns (index, region type)."""
+    _check_common(buf, FILE_TYPE_REGION, what)
+    if len(buf) < REGION_HEADER.size:
+        raise CimFormatError(f"{what} is truncated")
+    f = REGION_HEADER.unpack_from(buf, 0)
+    return f[8], f[9]
+
+
+def pack_objectid_file(index: int, region_type: int, entries: list[tuple[int, bytes, int]]) -> bytes:
+    """``entries`` are (length, digest, byte offset), already sorted by (length, digest)."""
+    head = OBJECTID_HEADER.pack(
+        MAGIC, OBJECTID_HEADER.size, FILE_TYPE_OBJECTID, 0, 0, *WRITE_VERSION, 0,
+        index, region_type, 0, 0, OBJECTID_HEADER.size, len(entries),
+    )
+    pack = OBJECTID_ENTRY.pack
+    return head + b"".join(pack(n, d, o) for n, d, o in entries)
+
+
+def unpack_objectid_header(buf, what: str) -> tuple[int, int]:
+    """Returns (table offset, count), checked against the buffer's size."""
+    _check_common(buf, FILE_TYPE_OBJECTID, what)
+    if len(buf) < OBJECTID_HEADER.size:
+        raise CimFormatError(f"{what} is truncated")
+    f = OBJECTID_HEADER.unpack_from(buf, 0)
+    table, count = f[12], f[13]
+    if table + count * OBJECTID_ENTRY.size > len(buf):
+        raise CimFormatError(f"{what}: {count} entries at {table} run past the end of the file")
+    return table, count
+
+
+# ---------------------------------------------------------------- filesystem object, file tables
+class FilesystemObject(NamedTuple):
+    upcase_offset: int
+    file_table_directory_offset: int
+    file_table_count: int
+    root_file_id: int
+
+
+def pack_filesystem_object(o: FilesystemObject) -> bytes:
+    return FILESYSTEM_OBJECT.pack(*o)
+
+
+def unpack_filesystem_object(buf) -> FilesystemObject:
+    return FilesystemObject(*FILESYSTEM_OBJECT.unpack_from(buf, 0))
+
+
+class FileTableEntry(NamedTuple):
+    offset: int
+    count: int
+    entry_size: int
+
+
+def pack_file_table_directory(entries: list[FileTableEntry]) -> bytes:
+    return b"".join(FILE_TABLE_DIR_ENTRY.pack(e.offset, e.count, e.entry_size, 0) for e in entries)
+
+
+def unpack_file_table_directory(buf, count: int) -> list[FileTableEntry]:
+    return [FileTableEntry(*FILE_TABLE_DIR_ENTRY.unpack_from(buf, i * 16)[:3]) for i in range(count)]
+
+
+# ---------------------------------------------------------------- streams and records
+class Stream(NamedTuple):
+    """A stream descriptor (spec §10)."""
+
+    offset: int  # RegionOffset of the data (or link table / PE image object)
+    length: int
+    type: int = STREAM_TYPE_DATA
+    sparse: bool = False
+
+    def pack(self) -> bytes:
+        return STREAM.pack(self.offset, self.packed_length())
+
+    def packed_length(self) -> int:
+        return self.length | (self.type << 48) | (int(self.sparse) << 56)
+
+
+EMPTY_STREAM = Stream(0, 0)
+
+
+def unpack_stream(offset: int, packed: int) -> Stream:
+    return Stream(offset, packed & MAX_STREAM_LENGTH, (packed >> 48) & 0xFF, bool((packed >> 56) & 1))
+
+
+class FileRecord(NamedTuple):
+    flags: int = 0
+    ea_length: int = 0
+    reparse_tag: int = 0
+    creation_time: int = 0
+    last_write_time: int = 0
+    change_time: int = 0
+    last_access_time: int = 0
+    stream: Stream = EMPTY_STREAM
+    security_descriptor_offset: int = 0
+    ea_offset: int = 0
+    reparse_offset: int = 0
+    stream_table_offset: int = 0
+    parent_file_id: int = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return self.stream.type == STREAM_TYPE_LINK_TABLE
+
+    def attributes(self) -> int:
+        attrs = 0
+        for flag, attr in _FLAG_TO_ATTRIBUTE:
+            if self.flags & flag:
+                attrs |= attr
+        if self.is_dir:
+            attrs |= FILE_ATTRIBUTE_DIRECTORY
+        if self.reparse_offset:
+            attrs |= FILE_ATTRIBUTE_REPARSE_POINT
+        return attrs or FILE_ATTRIBUTE_NORMAL
+
+
+def attributes_to_flags(attributes: int) -> int:
+    flags = 0
+    for flag, attr in _FLAG_TO_ATTRIBUTE:
+        if attributes & attr:
+            flags |= flag
+    return flags
+
+
+def pack_file_record(r: FileRecord) -> bytes:
+    s = r.stream
+    return FILE_RECORD.pack(
+        r.flags, r.ea_length, r.reparse_tag, r.creation_time, r.last_write_time, r.change_time,
+        r.last_access_time, s.offset, s.packed_length(), r.security_descriptor_offset, r.ea_offset,
+        r.reparse_offset, r.stream_table_offset, r.parent_file_id, 0, 0,
+    )
+
+
+def unpack_file_record(buf) -> FileRecord:
+    """``buf`` holds at least 96 bytes (shorter records are zero-filled by the caller)."""
+    f = FILE_RECORD.unpack_from(buf, 0)
+    return FileRecord(f[0], f[1], f[2], f[3], f[4], f[5], f[6], unpack_stream(f[7], f[8]), f[9], f[10], f[11], f[12], f[13])
+
+
+def pack_blob(payload: bytes) -> bytes:
+    """Security descriptors and reparse buffers are stored as u16 length + bytes (spec §13)."""
+    return U16.pack(len(payload)) + payload
+
+
+# ---------------------------------------------------------------- link tables (spec §11, §12)
+def encode_name(name: str) -> bytes:
+    return name.encode("utf-16-le", "surrogatepass")
+
+
+def pack_link_table(names: list[str], values: list[bytes]) -> bytes:
+    """``names`` already in the image's sort order; ``values`` packed (4 or 16 bytes each)."""
+    count = len(names)
+    value_bytes = b"".join(values)
+    name_base = 8 + len(value_bytes) + 4 * count
+    offsets = []
+    chunks = []
+    pos = name_base
+    for name in names:
+        raw = encode_name(name)
+        offsets.append(pos)
+        chunks.append(U16.pack(len(raw) // 2))
+        chunks.append(raw)
+        pos += 2 + len(raw)
+    body = value_bytes + struct.pack(f"<{count}I", *offsets) + b"".join(chunks)
+    return LINK_TABLE_HEADER.pack(8 + len(body), count) + body
+
+
+def unpack_link_table(buf, value_size: int, what: str) -> tuple[list[str], list]:
+    """Returns (names, raw values) with every offset and length checked.
+
+    Values are ints (FileIDs) for ``value_size`` 4 and Streams for 16.
+    """
+    size = len(buf)
+    if size < 8:
+        raise CimFormatError(f"{what}: link table of {size} bytes is too short")
+    length, count = LINK_TABLE_HEADER.unpack_from(buf, 0)
+    if length > size or length < 8:
+        raise CimFormatError(f"{what}: link table claims {length} bytes, {size} available")
+    if count > (length - 8) // (value_size + 4):
+        raise CimFormatError(f"{what}: link table claims {count} entries, more than its {length} bytes hold")
+    if value_size == 4:
+        values = list(struct.unpack_from(f"<{count}I", buf, 8))
+    else:
+        raw = struct.unpack_from(f"<{2 * count}Q", buf, 8)
+        values = [unpack_stream(raw[2 * i], raw[2 * i + 1]) for i in range(count)]
+    offsets = struct.unpack_from(f"<{count}I", buf, 8 + value_size * count)
+    mv = memoryview(buf)
+    names = []
+    for off in offsets:
+        if off + 2 > length:
+            raise CimFormatError(f"{what}: name offset {off} outside the link table")
+        units = U16.unpack_from(buf, off)[0]
+        end = off + 2 + 2 * units
+        if end > length:
+            raise CimFormatError(f"{what}: name at {off} runs past the link table")
+        names.append(bytes(mv[off + 2:end]).decode("utf-16-le", "surrogatepass"))
+    return names, values
+
+
+def pack_stream_table(names: list[str], streams: list[Stream]) -> bytes:
+    table = pack_link_table(names, [s.pack() for s in streams])
+    return U32.pack(len(table)) + table
+
+
+# ---------------------------------------------------------------- PE image streams (spec §14)
+class PeImage(NamedTuple):
+    data_offset: int
+    data_length: int
+    image_length: int
+    mappings: tuple[tuple[int, int], ...]  # (file offset, delta), sorted by file offset
+
+
+def unpack_pe_image(buf, what: str) -> PeImage:
+    if len(buf) < PE_IMAGE.size:
+        raise CimFormatError(f"{what}: PE image object truncated")
+    data_offset, data_length, image_length, count, _flags = PE_IMAGE.unpack_from(buf, 0)
+    if len(buf) < PE_IMAGE.size + count * PE_MAPPING.size:
+        raise CimFormatError(f"{what}: PE image object lists {count} mappings past its end")
+    raw = struct.unpack_from(f"<{2 * count}I", buf, PE_IMAGE.size)
+    mappings = tuple((raw[2 * i], raw[2 * i + 1]) for i in range(count))
+    if any(mappings[i][0] > mappings[i + 1][0] for i in range(count - 1)):
+        raise CimFormatError(f"{what}: PE image mappings are not in file-offset order")
+    return PeImage(data_offset, data_length & ~(1 << 63), image_length, mappings)
+
+
+def pe_image_object_size(count: int) -> int:
+    return PE_IMAGE.size + count * PE_MAPPING.size

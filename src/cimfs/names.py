@@ -1,0 +1,93 @@
+"""Image-relative paths and the names inside them (spec §11, §15).
+
+Paths are ``\\`` separated (``/`` accepted), a leading separator is allowed and
+``""`` is the root.  ``dir\\file:stream`` names an alternate data stream.
+Names sort and compare case-insensitively through an image's upcase table.
+"""
+
+from __future__ import annotations
+
+import array
+import re
+import sys
+
+from .errors import ERROR_INVALID_NAME, CimError
+
+MAX_NAME_UNITS = 255
+MAX_PATH_UNITS = 32767
+
+_SEPARATORS = re.compile(r"[\\/]+")
+_BAD_CHARS = re.compile(r'[\x00-\x1f\\/:*?"<>|]')
+
+
+def utf16_units(s: str) -> int:
+    return len(s.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def check_name(name: str, path: str, what: str = "name") -> None:
+    if not name:
+        raise CimError(ERROR_INVALID_NAME, f"empty {what} component", path)
+    if name in (".", ".."):
+        raise CimError(ERROR_INVALID_NAME, f"{what} component {name!r} is not allowed", path)
+    bad = _BAD_CHARS.search(name)
+    if bad:
+        raise CimError(ERROR_INVALID_NAME, f"{what} {name!r} contains the invalid character {bad.group()!r}", path)
+    if len(name) > MAX_NAME_UNITS and utf16_units(name) > MAX_NAME_UNITS:
+        raise CimError(ERROR_INVALID_NAME, f"{what} {name[:40]!r}... is longer than {MAX_NAME_UNITS} UTF-16 units", path)
+
+
+def split_path(path: str, allow_stream: bool = False) -> tuple[list[str], str | None]:
+    """Split and validate an image path; returns (components, stream name or None)."""
+    if not isinstance(path, str):
+        raise CimError(ERROR_INVALID_NAME, f"path must be a str, not {type(path).__name__}", repr(path))
+    if len(path) > MAX_PATH_UNITS and utf16_units(path) > MAX_PATH_UNITS:
+        raise CimError(ERROR_INVALID_NAME, f"path is longer than {MAX_PATH_UNITS} UTF-16 units", path[:80] + "...")
+    parts = [p for p in _SEPARATORS.split(path) if p]
+    stream = None
+    if allow_stream and parts and ":" in parts[-1]:
+        last, _, stream = parts[-1].partition(":")
+        # "name:stream:$DATA" is the fully qualified form of "name:stream".
+        if stream.upper().endswith(":$DATA"):
+            stream = stream[:-6]
+        parts[-1] = last
+        check_name(stream, path, "stream name")
+    for p in parts:
+        check_name(p, path)
+    return parts, stream
+
+
+def join_path(parts) -> str:
+    return "\\".join(parts)
+
+
+class NameFolder:
+    """Case folding through one upcase table: ``key(name)`` sorts like the image.
+
+    A BMP code unit maps through the table; a supplementary code point stays
+    as it is.  Python compares str by code point, which is exactly the order of
+    spec §11 once BMP characters are mapped.
+    """
+
+    _cache: dict[bytes, "NameFolder"] = {}
+
+    def __init__(self, table: bytes):
+        units = array.array("H")
+        units.frombytes(table)
+        if sys.byteorder != "little":
+            units.byteswap()
+        self._map = {i: u for i, u in enumerate(units) if i != u}
+        # ASCII names are by far the most common: fold them with str.upper's
+        # fast path when the table agrees with it for ASCII.
+        self._ascii_upper = all(units[c] == ord(chr(c).upper()) for c in range(128))
+
+    @classmethod
+    def for_table(cls, table: bytes) -> "NameFolder":
+        folder = cls._cache.get(table)
+        if folder is None:
+            folder = cls._cache[bytes(table)] = cls(table)
+        return folder
+
+    def key(self, name: str) -> str:
+        if self._ascii_upper and name.isascii():
+            return name.upper()
+        return name.translate(self._map)

@@ -1,0 +1,608 @@
+"""Reading CIM images: :func:`open` returns an :class:`Image`.
+
+The reader trusts nothing in the image: every RegionOffset, length and count is
+checked against the files before it is used, so a corrupt or hostile image
+gives a :class:`CimFormatError` and never another exception, a hang or an
+allocation larger than the image's files.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import mmap
+import os
+import threading
+from collections import OrderedDict
+from typing import Iterator, NamedTuple
+
+from .errors import (
+    ERROR_FILE_NOT_FOUND,
+    ERROR_PATH_NOT_FOUND,
+    CimError,
+    CimFormatError,
+    E_INVALIDARG,
+)
+from .layout import cim
+from .names import NameFolder, join_path, split_path
+
+# Reading a .cim never needs more than its header and 65535 parent sets.
+_MAX_FILESYSTEM_FILE = cim.FILESYSTEM_HEADER.size + 65535 * cim.REGION_SET.size
+_DIR_CACHE_SIZE = 4096
+_RECORD_CACHE_SIZE = 65536
+
+
+class DirEntry(NamedTuple):
+    name: str
+    file_id: int
+
+
+class Stat(NamedTuple):
+    file_id: int
+    attributes: int
+    size: int
+    creation_time: int
+    last_write_time: int
+    change_time: int
+    last_access_time: int
+    security_descriptor: bytes
+    ea_buffer: bytes
+    reparse_tag: int
+    reparse_data: bytes
+    nlink: int
+    is_dir: bool
+    is_sparse: bool
+    stream_count: int
+    parent_file_id: int
+
+
+class _Directory(NamedTuple):
+    names: list[str]
+    file_ids: list[int]
+    keys: list  # folded names, computed lazily (None until needed)
+
+
+def find_region_file(directory: str, name: str) -> str | None:
+    """The path of ``name`` in ``directory``, matched case-insensitively when
+    the exact name is absent (images written on Windows may use upper case)."""
+    exact = os.path.join(directory, name)
+    if os.path.exists(exact):
+        return exact
+    lowered = name.lower()
+    try:
+        for entry in os.listdir(directory):
+            if entry.lower() == lowered:
+                return os.path.join(directory, entry)
+    except OSError:
+        return None
+    return None
+
+
+class _Region:
+    __slots__ = ("path", "size", "map", "region_type", "index")
+
+    def __init__(self, path: str, what: str):
+        self.path = path
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise CimFormatError(f"cannot open region file: {e.strerror}", path) from None
+        try:
+            self.size = os.fstat(fd).st_size
+            if self.size < cim.REGION_HEADER.size:
+                raise CimFormatError(f"{what} is truncated ({self.size} bytes)", path)
+            self.map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        self.index, self.region_type = cim.unpack_region_header(self.map[: cim.REGION_HEADER.size], what)
+
+
+class Image:
+    """A CIM image opened for reading.  Use as a context manager."""
+
+    def __init__(self, cim_path: str | os.PathLike):
+        self.path = os.fspath(cim_path)
+        self.directory = os.path.dirname(os.path.abspath(self.path))
+        self.name = os.path.basename(self.path)
+        try:
+            with io.open(self.path, "rb") as f:
+                raw = f.read(_MAX_FILESYSTEM_FILE)
+        except FileNotFoundError:
+            raise CimError(ERROR_FILE_NOT_FOUND, "image not found", self.path) from None
+        except IsADirectoryError:
+            raise CimError(E_INVALIDARG, "is a directory, not a .cim file", self.path) from None
+        except OSError as e:
+            raise CimError(ERROR_FILE_NOT_FOUND, e.strerror or str(e), self.path) from None
+        try:
+            self.header = cim.unpack_filesystem_header(raw)
+        except CimFormatError as e:
+            raise CimFormatError(e.strerror, self.path) from None
+        self.version = self.header.version
+        self.region_sets = list(self.header.parent_sets) + [self.header.region_set]
+        self.region_names: list[tuple[str, int]] = []  # (file name, index in set)
+        for rs in self.region_sets:
+            for i in range(rs.count):
+                self.region_names.append((rs.file_name("region", i), i))
+                if len(self.region_names) > cim.MAX_REGIONS:
+                    raise CimFormatError(f"image lists more than {cim.MAX_REGIONS} region files", self.path)
+        if not self.region_names:
+            raise CimFormatError("image lists no region files", self.path)
+        self._regions: list[_Region | None] = [None] * len(self.region_names)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._dirs: OrderedDict[int, _Directory] = OrderedDict()
+        self._records: OrderedDict[int, cim.FileRecord] = OrderedDict()
+        self._nlinks: dict[int, int] | None = None
+        try:
+            self._load_filesystem()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ plumbing
+    def _fail(self, reason: str) -> CimFormatError:
+        return CimFormatError(reason, self.path)
+
+    def _region(self, index: int) -> _Region:
+        if index >= len(self._regions):
+            raise self._fail(f"region index {index} out of range (image has {len(self._regions)} region files)")
+        region = self._regions[index]
+        if region is None:
+            with self._lock:
+                region = self._regions[index]
+                if region is None:
+                    if self._closed:
+                        raise CimError(E_INVALIDARG, "image is closed", self.path)
+                    name, _ = self.region_names[index]
+                    path = find_region_file(self.directory, name)
+                    if path is None:
+                        raise self._fail(f"region file {name} is missing")
+                    region = self._regions[index] = _Region(path, f"region file {name}")
+        return region
+
+    def _view(self, ro: int, length: int, what: str) -> memoryview:
+        """Bytes [offset, offset+length) of the object at RegionOffset ``ro``, checked."""
+        index, off = cim.split_region_offset(ro)
+        region = self._region(index)
+        if ro == 0 or off < cim.REGION_HEADER.size or length < 0 or off + length > region.size:
+            raise self._fail(f"{what} at region {index} offset {off} length {length} lies outside the region file ({region.size} bytes)")
+        return memoryview(region.map)[off: off + length]
+
+    def _bytes(self, ro: int, length: int, what: str) -> bytes:
+        return bytes(self._view(ro, length, what))
+
+    def _blob(self, ro: int, what: str) -> bytes:
+        """A u16-length-prefixed object (security descriptor, reparse buffer)."""
+        if not ro:
+            return b""
+        (n,) = cim.U16.unpack(self._view(ro, 2, what))
+        return self._bytes(ro + 2, n, what)
+
+    def _load_filesystem(self) -> None:
+        fs = cim.unpack_filesystem_object(self._view(self.header.filesystem_offset, cim.FILESYSTEM_OBJECT.size, "filesystem object"))
+        self.filesystem = fs
+        self.upcase_table = self._bytes(fs.upcase_offset, cim.UPCASE_TABLE_SIZE, "upcase table")
+        self._folder = NameFolder.for_table(self.upcase_table)
+        ndir = fs.file_table_count
+        raw = self._view(fs.file_table_directory_offset, ndir * cim.FILE_TABLE_DIR_ENTRY.size, "file table directory")
+        self.file_tables = cim.unpack_file_table_directory(raw, ndir)
+        for i, t in enumerate(self.file_tables):
+            if t.count > cim.FILE_TABLE_CAPACITY:
+                raise self._fail(f"file table {i} claims {t.count} records (at most {cim.FILE_TABLE_CAPACITY})")
+            if t.count and t.entry_size == 0:
+                raise self._fail(f"file table {i} has entry size 0")
+        self.root_id = fs.root_file_id
+        if not self.record(self.root_id).is_dir:
+            raise self._fail(f"root FileID {self.root_id} is not a directory")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            regions, self._regions = self._regions, [None] * len(self._regions)
+        for r in regions:
+            if r is not None:
+                try:
+                    r.map.close()
+                except BufferError:
+                    # A caller still holds a view (an open CimFile's buffer);
+                    # the mapping goes away with the last reference.
+                    pass
+        self._dirs.clear()
+        self._records.clear()
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<cimfs.Image {self.path!r} v{self.version[0]}.{self.version[1]}>"
+
+    # ------------------------------------------------------------ records
+    @property
+    def file_count(self) -> int:
+        """Number of FileIDs the file tables hold (including unreferenced ones)."""
+        return sum(t.count for t in self.file_tables)
+
+    def max_file_id(self) -> int:
+        if not self.file_tables:
+            return 0
+        return (len(self.file_tables) - 1) * cim.FILE_TABLE_CAPACITY + self.file_tables[-1].count
+
+    def record(self, file_id: int) -> cim.FileRecord:
+        rec = self._records.get(file_id)
+        if rec is not None:
+            return rec
+        if not isinstance(file_id, int) or file_id < 1:
+            raise self._fail(f"invalid FileID {file_id}")
+        table_index, slot = divmod(file_id - 1, cim.FILE_TABLE_CAPACITY)
+        if table_index >= len(self.file_tables):
+            raise self._fail(f"FileID {file_id} beyond the file tables")
+        t = self.file_tables[table_index]
+        if slot >= t.count:
+            raise self._fail(f"FileID {file_id} beyond the {t.count} records of file table {table_index}")
+        n = min(t.entry_size, cim.FILE_RECORD_SIZE)
+        raw = self._bytes(t.offset + slot * t.entry_size, n, f"file record {file_id}")
+        if n < cim.FILE_RECORD_SIZE:
+            raw += bytes(cim.FILE_RECORD_SIZE - n)
+        rec = cim.unpack_file_record(raw)
+        self._records[file_id] = rec
+        if len(self._records) > _RECORD_CACHE_SIZE:
+            self._records.popitem(last=False)
+        return rec
+
+    def raw_record(self, file_id: int) -> bytes:
+        """The record's bytes as stored (``min(entry size, 96)``), for copying into a fork."""
+        table_index, slot = divmod(file_id - 1, cim.FILE_TABLE_CAPACITY)
+        self.record(file_id)  # validates
+        t = self.file_tables[table_index]
+        n = min(t.entry_size, cim.FILE_RECORD_SIZE)
+        return self._bytes(t.offset + slot * t.entry_size, n, f"file record {file_id}").ljust(cim.FILE_RECORD_SIZE, b"\0")
+
+    def _directory(self, file_id: int) -> _Directory:
+        d = self._dirs.get(file_id)
+        if d is not None:
+            self._dirs.move_to_end(file_id)
+            return d
+        rec = self.record(file_id)
+        if not rec.is_dir:
+            raise CimError(ERROR_PATH_NOT_FOUND, "not a directory", self._describe(file_id))
+        s = rec.stream
+        if s.length == 0:
+            d = _Directory([], [], [])
+        else:
+            what = f"directory {file_id}"
+            names, ids = cim.unpack_link_table(self._view(s.offset, s.length, what), 4, what)
+            d = _Directory(names, ids, [None])
+        self._dirs[file_id] = d
+        if len(self._dirs) > _DIR_CACHE_SIZE:
+            self._dirs.popitem(last=False)
+        return d
+
+    def _keys(self, d: _Directory) -> list[str]:
+        if d.keys and d.keys[0] is None:
+            d.keys[:] = [self._folder.key(n) for n in d.names]
+        return d.keys
+
+    def _describe(self, file_id: int) -> str:
+        return f"{self.path}#FileID {file_id}"
+
+    # ------------------------------------------------------------ paths
+    def fold(self, name: str) -> str:
+        """The key this image sorts and compares ``name`` by."""
+        return self._folder.key(name)
+
+    def _child(self, dir_id: int, name: str) -> int | None:
+        d = self._directory(dir_id)
+        if not d.names:
+            return None
+        keys = self._keys(d)
+        k = self._folder.key(name)
+        i = bisect.bisect_left(keys, k)
+        if i < len(keys) and keys[i] == k:
+            return d.file_ids[i]
+        return None
+
+    def _resolve(self, path, allow_stream: bool = True) -> tuple[int, str | None]:
+        if isinstance(path, int):
+            self.record(path)
+            return path, None
+        parts, stream = split_path(path, allow_stream)
+        fid = self.root_id
+        for i, part in enumerate(parts):
+            rec = self.record(fid)
+            if not rec.is_dir:
+                raise CimError(ERROR_PATH_NOT_FOUND, f"{join_path(parts[:i])!r} is not a directory", path)
+            child = self._child(fid, part)
+            if child is None:
+                code = ERROR_FILE_NOT_FOUND if i == len(parts) - 1 else ERROR_PATH_NOT_FOUND
+                raise CimError(code, "no such file or directory in the image", path)
+            fid = child
+        return fid, stream
+
+    def lookup(self, path) -> int:
+        """The FileID at ``path``."""
+        fid, stream = self._resolve(path, allow_stream=False)
+        return fid
+
+    def exists(self, path) -> bool:
+        try:
+            fid, stream = self._resolve(path)
+            if stream is not None:
+                return self._find_stream(fid, stream, path) is not None
+            return True
+        except CimError as e:
+            if isinstance(e, CimFormatError):
+                raise
+            return False
+
+    # ------------------------------------------------------------ directories
+    def scandir(self, path="") -> list[DirEntry]:
+        fid = path if isinstance(path, int) else self.lookup(path)
+        d = self._directory(fid)
+        return [DirEntry(n, i) for n, i in zip(d.names, d.file_ids)]
+
+    def listdir(self, path="") -> list[str]:
+        fid = path if isinstance(path, int) else self.lookup(path)
+        return list(self._directory(fid).names)
+
+    def walk(self, path: str = "") -> Iterator[tuple[str, list[str], list[str]]]:
+        """Top-down like ``os.walk``; ``dirpath`` uses ``\\`` and the root is ``""``.
+
+        Directories may be pruned by editing ``dirnames`` in place.
+        """
+        top_id = self.lookup(path)
+        top = join_path(split_path(path)[0])
+        seen = {top_id}
+        stack = [(top, top_id)]
+        while stack:
+            dirpath, fid = stack.pop()
+            dirs, files, dir_ids = [], [], {}
+            for name, child in zip(*self._directory(fid)[:2]):
+                if self.record(child).is_dir:
+                    dirs.append(name)
+                    dir_ids[name] = child
+                else:
+                    files.append(name)
+            yield dirpath, dirs, files
+            for name in reversed(dirs):
+                child = dir_ids.get(name)
+                if child is None:
+                    continue
+                if child in seen:
+                    raise self._fail(f"directory FileID {child} appears twice in the tree (a cycle or a linked directory)")
+                seen.add(child)
+                stack.append((f"{dirpath}\\{name}" if dirpath else name, child))
+
+    def iter_file_ids(self) -> Iterator[tuple[str, int]]:
+        """Every (path, FileID) reachable from the root, the root first as ``""``."""
+        yield "", self.root_id
+        for dirpath, dirs, files in self.walk():
+            d = self._directory(self.lookup(dirpath) if dirpath else self.root_id)
+            for name, fid in zip(d.names, d.file_ids):
+                yield (f"{dirpath}\\{name}" if dirpath else name), fid
+
+    def _link_counts(self) -> dict[int, int]:
+        if self._nlinks is None:
+            counts: dict[int, int] = {}
+            seen = {self.root_id}
+            stack = [self.root_id]
+            while stack:
+                fid = stack.pop()
+                for child in self._directory(fid).file_ids:
+                    counts[child] = counts.get(child, 0) + 1
+                    if self.record(child).is_dir:
+                        if child in seen:
+                            raise self._fail(f"directory FileID {child} appears twice in the tree")
+                        seen.add(child)
+                        stack.append(child)
+            self._nlinks = counts
+        return self._nlinks
+
+    # ------------------------------------------------------------ metadata
+    def stat(self, path="") -> Stat:
+        fid, stream = self._resolve(path)
+        rec = self.record(fid)
+        if stream is not None:
+            s = self._find_stream(fid, stream, path)
+            if s is None:
+                raise CimError(ERROR_FILE_NOT_FOUND, "no such alternate stream", path)
+        what = f"FileID {fid}"
+        reparse = self._blob(rec.reparse_offset, f"reparse buffer of {what}")
+        nlink = 1 if fid == self.root_id else self._link_counts().get(fid, 1)
+        if rec.is_dir:
+            nlink = max(nlink, 1)
+        return Stat(
+            file_id=fid,
+            attributes=rec.attributes(),
+            size=0 if rec.is_dir else rec.stream.length,
+            creation_time=rec.creation_time,
+            last_write_time=rec.last_write_time,
+            change_time=rec.change_time,
+            last_access_time=rec.last_access_time,
+            security_descriptor=self._blob(rec.security_descriptor_offset, f"security descriptor of {what}"),
+            ea_buffer=self._bytes(rec.ea_offset, rec.ea_length, f"EA buffer of {what}") if rec.ea_offset and rec.ea_length else b"",
+            reparse_tag=rec.reparse_tag if reparse else 0,
+            reparse_data=reparse,
+            nlink=nlink,
+            is_dir=rec.is_dir,
+            is_sparse=rec.stream.sparse,
+            stream_count=len(self._stream_table(fid)),
+            parent_file_id=rec.parent_file_id,
+        )
+
+    def _stream_table(self, file_id: int) -> tuple[list[str], list[cim.Stream]]:
+        rec = self.record(file_id)
+        if not rec.stream_table_offset:
+            return [], []
+        what = f"stream table of FileID {file_id}"
+        (n,) = cim.U32.unpack(self._view(rec.stream_table_offset, 4, what))
+        names, streams = cim.unpack_link_table(self._view(rec.stream_table_offset + 4, n, what), 16, what)
+        return names, streams
+
+    def streams(self, path) -> list[str]:
+        """Names of the alternate data streams of ``path``."""
+        fid = path if isinstance(path, int) else self.lookup(path)
+        return list(self._stream_table(fid)[0])
+
+    def _find_stream(self, fid: int, name: str, path) -> cim.Stream | None:
+        names, streams = self._stream_table(fid)
+        k = self._folder.key(name)
+        for n, s in zip(names, streams):
+            if self._folder.key(n) == k:
+                return s
+        return None
+
+    def stream_descriptor(self, path, stream: str | None = None) -> cim.Stream:
+        fid, s = self._resolve(path)
+        stream = stream if stream is not None else s
+        if stream is None:
+            rec = self.record(fid)
+            if rec.is_dir:
+                raise CimError(E_INVALIDARG, "is a directory", str(path))
+            return rec.stream
+        desc = self._find_stream(fid, stream, path)
+        if desc is None:
+            raise CimError(ERROR_FILE_NOT_FOUND, f"no alternate stream {stream!r}", str(path))
+        return desc
+
+    def stream_size(self, path, stream: str | None = None) -> int:
+        return self.stream_descriptor(path, stream).length
+
+    # ------------------------------------------------------------ data
+    def open(self, path, stream: str | None = None) -> "CimFile":
+        desc = self.stream_descriptor(path, stream)
+        return CimFile(self, desc, str(path))
+
+    def read_bytes(self, path, stream: str | None = None) -> bytes:
+        with self.open(path, stream) as f:
+            return f.read()
+
+    def read_at(self, path, offset: int, size: int, stream: str | None = None) -> bytes:
+        desc = path if isinstance(path, cim.Stream) else self.stream_descriptor(path, stream)
+        return self._read_stream(desc, offset, size)
+
+    def _pe_image(self, desc: cim.Stream) -> cim.PeImage:
+        what = "PE image object"
+        head = self._view(desc.offset, cim.PE_IMAGE.size, what)
+        count = cim.U16.unpack_from(head, 20)[0]
+        return cim.unpack_pe_image(self._view(desc.offset, cim.pe_image_object_size(count), what), what)
+
+    def _read_stream(self, desc: cim.Stream, pos: int, size: int) -> bytes:
+        length = desc.length
+        if pos >= length or size <= 0:
+            return b""
+        end = min(length, pos + size)
+        if desc.sparse:
+            return bytes(end - pos)
+        if desc.type == cim.STREAM_TYPE_DATA:
+            self._check_stream(desc)
+            return self._bytes(desc.offset + pos, end - pos, "stream data")
+        if desc.type == cim.STREAM_TYPE_PE_IMAGE:
+            return self._read_pe(desc, pos, end)
+        raise self._fail(f"stream of type {desc.type} cannot be read as data")
+
+    def _check_stream(self, desc: cim.Stream) -> None:
+        # The whole stream must lie inside its region, so a reader never returns
+        # a short read in the middle of a file.
+        self._view(desc.offset, desc.length, "stream data")
+
+    def _read_pe(self, desc: cim.Stream, pos: int, end: int) -> bytes:
+        pe = self._pe_image(desc)
+        maps = pe.mappings
+        starts = [m[0] for m in maps]
+        out = []
+        while pos < end:
+            i = bisect.bisect_right(starts, pos) - 1
+            delta = maps[i][1] if i >= 0 else 0
+            seg_end = min(maps[i + 1][0] if i + 1 < len(maps) else end, end)
+            if seg_end <= pos:
+                raise self._fail("PE image mappings do not cover the stream")
+            src = pe.data_offset + pos + delta
+            if src < pe.data_offset:
+                raise self._fail("PE image mapping points before its data")
+            out.append(self._bytes(src, seg_end - pos, "PE image data"))
+            pos = seg_end
+        return b"".join(out)
+
+    # ------------------------------------------------------------ summary
+    def info(self) -> dict:
+        return {
+            "path": self.path,
+            "version": f"{self.version[0]}.{self.version[1]}",
+            "region_set": {"id": str(self.header.region_set.id), "count": self.header.region_set.count},
+            "parent_region_sets": [{"id": str(p.id), "count": p.count} for p in self.header.parent_sets],
+            "region_files": [n for n, _ in self.region_names],
+            "file_tables": len(self.file_tables),
+            "file_records": self.file_count,
+            "root_file_id": self.root_id,
+        }
+
+
+class CimFile(io.RawIOBase):
+    """A read-only, seekable view of one stream of an image."""
+
+    def __init__(self, image: Image, desc: cim.Stream, name: str):
+        super().__init__()
+        self._image = image
+        self._desc = desc
+        self.name = name
+        self._pos = 0
+        if desc.length and not desc.sparse:
+            if desc.type == cim.STREAM_TYPE_DATA:
+                image._check_stream(desc)
+            elif desc.type == cim.STREAM_TYPE_PE_IMAGE:
+                image._pe_image(desc)
+            else:
+                raise image._fail(f"{name}: stream type {desc.type} is not data")
+
+    @property
+    def size(self) -> int:
+        return self._desc.length
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self._desc.length + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = pos
+        return pos
+
+    def read(self, size: int = -1) -> bytes:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        if size is None or size < 0:
+            size = max(0, self._desc.length - self._pos)
+        data = self._image._read_stream(self._desc, self._pos, size)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        n = len(data)
+        memoryview(b).cast("B")[:n] = data
+        return n
+
+
+def open(cim_path: str | os.PathLike) -> Image:  # noqa: A001 - mirrors zipfile/tarfile.open
+    """Open the image ``cim_path`` (a ``.cim`` file) for reading."""
+    return Image(cim_path)
