@@ -44,6 +44,26 @@ _ERRNO = {
 }
 
 
+E_FAIL = 0x80004005
+ERROR_DISK_FULL = HRESULT_FROM_WIN32(112)
+
+_FROM_ERRNO = {
+    _errno.ENOENT: ERROR_FILE_NOT_FOUND,
+    _errno.EACCES: E_ACCESSDENIED,
+    _errno.EPERM: E_ACCESSDENIED,
+    _errno.EROFS: E_ACCESSDENIED,
+    _errno.EEXIST: ERROR_FILE_EXISTS,
+    _errno.ENOSPC: ERROR_DISK_FULL,
+    _errno.EDQUOT: ERROR_DISK_FULL,
+    _errno.ENOMEM: E_OUTOFMEMORY,
+}
+
+
+def hresult_from_oserror(e: OSError) -> int:
+    """The HRESULT Windows would report for the failure behind an OSError."""
+    return _FROM_ERRNO.get(e.errno, E_FAIL)
+
+
 class CimError(OSError):
     """A failed CimFS operation: ``.hresult``, ``.filename`` (path) and ``.strerror`` (reason)."""
 

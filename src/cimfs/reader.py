@@ -428,7 +428,7 @@ class Image:
             nlink=nlink,
             is_dir=rec.is_dir,
             is_sparse=rec.stream.sparse,
-            stream_count=len(self._stream_table(fid)),
+            stream_count=len(self._stream_table(fid)[0]),
             parent_file_id=rec.parent_file_id,
         )
 

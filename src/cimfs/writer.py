@@ -1,0 +1,1010 @@
+"""Writing CIM images: the one core behind :func:`cimfs.create` and the Win32 facade.
+
+An :class:`ImageWriter` holds the containing directory locked, streams file
+contents straight into a new region set as they arrive (de-duplicated by
+SHA-256 against this image and, for forks, against the parent chain's object
+ID files), keeps the directory tree in memory, and at commit writes link
+tables, file tables and the filesystem object, then the ``.cim`` itself,
+crash-safely (spec §16).
+
+A fork or an extension loads its parent lazily: only the directories a change
+touches are read, and only the file tables holding a changed record are
+written again, so committing a fork costs what changed, not the parent's size.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import secrets
+import struct
+import uuid
+from typing import BinaryIO
+
+from . import reader as _reader
+from .errors import (
+    E_ACCESSDENIED,
+    E_HANDLE,
+    E_INVALIDARG,
+    ERROR_ALREADY_EXISTS,
+    ERROR_DIR_NOT_EMPTY,
+    ERROR_FILE_EXISTS,
+    ERROR_FILE_NOT_FOUND,
+    ERROR_INVALID_NAME,
+    ERROR_PATH_NOT_FOUND,
+    ERROR_SHARING_VIOLATION,
+    CimError,
+    CimFormatError,
+    hresult_from_oserror,
+)
+from .layout import cim
+from .metadata import FileAttributes, FileMetadata
+from .names import NameFolder, join_path, split_path
+
+# [choice] Contents shorter than this go to the small-data region (8-byte
+# aligned); longer ones to a data region (4096-byte aligned).  32 KiB keeps the
+# alignment padding of a typical source tree near 1 % of its size while large
+# files stay page-aligned for mmap and the page cache.
+SMALL_DATA_MAX = 32 * 1024
+# [choice] A region file is closed and a new one of its type started once it
+# passes this size (a single larger object still goes in whole).
+REGION_SOFT_CAP = 4 << 30
+# Appends to metadata/small-data regions are buffered up to this many bytes.
+_FLUSH_BYTES = 4 << 20
+_ZERO_CHUNK = bytes(1 << 20)
+_HOLE_MIN = 64 * 1024  # all-zero writes at least this long become holes in the region file
+# [choice] After this many look-ups in one parent object ID file, load it into
+# a dict instead of binary-searching the file every time.
+_INDEX_LOAD_AFTER = 256
+
+
+def object_key(length: int, digest: bytes) -> bytes:
+    """In-memory key that sorts like object ID entries: by (length, digest)."""
+    return length.to_bytes(8, "big") + digest
+
+
+def digest_of(data) -> bytes:
+    """[choice] object digest: the first 24 bytes of SHA-256 (spec §4)."""
+    return hashlib.sha256(data).digest()[: cim.DIGEST_SIZE]
+
+
+# ====================================================================== locking
+class DirectoryLock:
+    """One image handle per containing directory, across threads and processes.
+
+    ``flock`` locks belong to an open file description, so a second open of the
+    same directory conflicts even inside one process.
+    """
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = -1
+            raise CimError(ERROR_SHARING_VIOLATION, "another image handle holds this directory", path) from None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the only descriptor drops the lock
+            self.fd = -1
+
+
+# ====================================================================== regions
+class _RegionWriter:
+    """One region file being appended to."""
+
+    def __init__(self, directory: str, set_id: uuid.UUID, index: int, combined_index: int, region_type: int):
+        self.name = cim.RegionSet(set_id, 0).file_name("region", index)
+        self.path = os.path.join(directory, self.name)
+        self.index = index
+        self.combined_index = combined_index
+        self.region_type = region_type
+        self.alignment = cim.REGION_ALIGNMENT[region_type]
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        header = cim.pack_region_header(index, region_type)
+        os.pwrite(self.fd, header, 0)
+        self.flushed = self.end = len(header)
+        self.buf = bytearray()
+
+    def full(self, size: int) -> bool:
+        return self.end > cim.REGION_HEADER.size and self.end + size > REGION_SOFT_CAP
+
+    def append(self, data) -> int:
+        start = cim.align(self.end, self.alignment)
+        if start != self.end:
+            self.buf += bytes(start - self.end)
+        self.buf += data
+        self.end = start + len(data)
+        if len(self.buf) >= _FLUSH_BYTES:
+            self.flush()
+        return start
+
+    def flush(self) -> None:
+        if self.buf:
+            os.pwrite(self.fd, self.buf, self.flushed)
+            self.flushed += len(self.buf)
+            self.buf.clear()
+
+    def reserve(self, size: int) -> int:
+        """Room for an object written piecewise with :meth:`write_at`."""
+        self.flush()
+        start = cim.align(self.end, self.alignment)
+        self.flushed = self.end = start + size
+        return start
+
+    def write_at(self, data, pos: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, pos)
+            view = view[n:]
+            pos += n
+
+    def release_tail(self, start: int, previous_end: int) -> None:
+        """Give back a reserved object (its content was a duplicate)."""
+        self.flushed = self.end = previous_end
+        os.ftruncate(self.fd, previous_end)
+
+    def finish(self, sync: bool) -> None:
+        self.flush()
+        os.ftruncate(self.fd, self.end)
+        if sync:
+            os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+
+    def abandon(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class _ParentObjectIndex:
+    """Dedup look-ups in the object ID files of the parent chain (spec §4)."""
+
+    def __init__(self, base: _reader.Image):
+        self.base = base
+        self.files: list[tuple[int, str]] = []  # (combined region index, objectid path)
+        for combined, (name, _) in enumerate(base.region_names):
+            oid = _reader.find_region_file(base.directory, "objectid" + name[len("region"):])
+            if oid:
+                self.files.append((combined, oid))
+        self._maps: dict[int, tuple] = {}
+        self._lookups = 0
+        self._dict: dict[bytes, int] | None = None
+
+    def _entries(self, combined: int, path: str):
+        m = self._maps.get(combined)
+        if m is None:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+                table, count = cim.unpack_objectid_header(data, path)
+            except (OSError, CimFormatError):
+                data, table, count = b"", 0, 0  # an unreadable index only costs dedup
+            m = self._maps[combined] = (data, table, count)
+        return m
+
+    def _load_all(self) -> dict[bytes, int]:
+        d: dict[bytes, int] = {}
+        for combined, path in self.files:
+            data, table, count = self._entries(combined, path)
+            for length, dg, off in cim.OBJECTID_ENTRY.iter_unpack(memoryview(data)[table: table + count * cim.OBJECTID_ENTRY.size]):
+                d.setdefault(object_key(length, dg), cim.region_offset(combined, off))
+        return d
+
+    def find(self, length: int, dg: bytes, verify) -> int:
+        """RegionOffset of an identical object in the parent chain, or 0."""
+        self._lookups += 1
+        if self._dict is None and self._lookups > _INDEX_LOAD_AFTER:
+            self._dict = self._load_all()
+        if self._dict is not None:
+            ro = self._dict.get(object_key(length, dg), 0)
+            return ro if ro and verify(ro, length, dg) else 0
+        want = (length, dg)
+        size = cim.OBJECTID_ENTRY.size
+        for combined, path in self.files:
+            data, table, count = self._entries(combined, path)
+            lo, hi = 0, count
+            while lo < hi:
+                mid = (lo + hi) // 2
+                n, d, off = cim.OBJECTID_ENTRY.unpack_from(data, table + mid * size)
+                if (n, d) < want:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo < count:
+                n, d, off = cim.OBJECTID_ENTRY.unpack_from(data, table + lo * size)
+                if (n, d) == want:
+                    ro = cim.region_offset(combined, off)
+                    if verify(ro, length, dg):
+                        return ro
+        return 0
+
+
+class _ObjectStore:
+    """Appends objects to the image's own region set, storing each content once."""
+
+    def __init__(self, directory: str, base: _reader.Image | None, sync: bool):
+        self.directory = directory
+        self.set_id = uuid.uuid4()
+        self.base = base
+        self.first_combined = len(base.region_names) if base else 0
+        self.regions: list[_RegionWriter] = []
+        self.current: dict[int, _RegionWriter] = {}
+        self.known: dict[bytes, int] = {}  # object_key -> RegionOffset, own objects
+        self.parent_index = _ParentObjectIndex(base) if base else None
+        self.sync = sync
+        self.bytes_logical = 0  # bytes callers asked to store
+        self.bytes_stored = 0  # bytes actually written
+
+    def region(self, region_type: int, size: int) -> _RegionWriter:
+        r = self.current.get(region_type)
+        if r is None or r.full(size):
+            if r is not None:
+                r.flush()
+            index = len(self.regions)
+            if self.first_combined + index >= cim.MAX_REGIONS:
+                raise CimError(E_INVALIDARG, f"image would need more than {cim.MAX_REGIONS} region files", self.directory)
+            r = _RegionWriter(self.directory, self.set_id, index, self.first_combined + index, region_type)
+            self.regions.append(r)
+            self.current[region_type] = r
+        return r
+
+    def _verify_parent(self, ro: int, length: int, dg: bytes) -> bool:
+        try:
+            return digest_of(self.base._view(ro, length, "parent object")) == dg
+        except CimError:
+            return False
+
+    def lookup(self, length: int, dg: bytes) -> int:
+        key = object_key(length, dg)
+        ro = self.known.get(key, 0)
+        if not ro and self.parent_index is not None:
+            ro = self.parent_index.find(length, dg, self._verify_parent)
+            if ro:
+                self.known[key] = ro
+        return ro
+
+    def put(self, region_type: int, data, dg: bytes | None = None) -> int:
+        """Store ``data`` once; returns its RegionOffset."""
+        length = len(data)
+        self.bytes_logical += length
+        if dg is None:
+            dg = digest_of(data)
+        ro = self.lookup(length, dg)
+        if ro:
+            return ro
+        r = self.region(region_type, length)
+        ro = cim.region_offset(r.combined_index, r.append(data))
+        self.known[object_key(length, dg)] = ro
+        self.bytes_stored += length
+        return ro
+
+    def put_unique(self, data) -> int:
+        """A metadata object no other can share (tables): not indexed."""
+        r = self.region(cim.REGION_METADATA, len(data))
+        self.bytes_stored += len(data)
+        return cim.region_offset(r.combined_index, r.append(data))
+
+    def own_region_offsets(self):
+        """(region, [(length, digest, byte offset)]) for each own region, for the object ID files."""
+        by_index: dict[int, list] = {r.combined_index: [] for r in self.regions}
+        for key, ro in self.known.items():
+            idx, off = cim.split_region_offset(ro)
+            entries = by_index.get(idx)
+            if entries is not None:
+                entries.append((int.from_bytes(key[:8], "big"), key[8:], off))
+        for r in self.regions:
+            entries = by_index[r.combined_index]
+            entries.sort()
+            yield r, entries
+
+    def finish(self) -> cim.RegionSet:
+        for r in self.regions:
+            r.finish(self.sync)
+        for r, entries in self.own_region_offsets():
+            path = os.path.join(self.directory, cim.RegionSet(self.set_id, 0).file_name("objectid", r.index))
+            _write_file(path, cim.pack_objectid_file(r.index, r.region_type, entries), self.sync, exclusive=True)
+        return cim.RegionSet(self.set_id, len(self.regions))
+
+    def abandon(self) -> None:
+        for r in self.regions:
+            r.abandon()
+            try:
+                os.unlink(os.path.join(self.directory, cim.RegionSet(self.set_id, 0).file_name("objectid", r.index)))
+            except FileNotFoundError:
+                pass
+        self.regions.clear()
+        self.current.clear()
+
+
+def _write_file(path: str, data: bytes, sync: bool, exclusive: bool = False) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ====================================================================== tree
+class _Node:
+    """A file or directory of the image being written.
+
+    ``record`` holds everything but, for directories, the link table (built at
+    commit).  Nodes loaded from a parent image keep their FileID and are
+    ``dirty`` only once changed.
+    """
+
+    __slots__ = ("file_id", "record", "from_base", "children", "streams", "dirty", "nlink", "open_stream")
+
+    def __init__(self, record: cim.FileRecord, file_id: int = 0, from_base: bool = False):
+        self.record = record
+        self.file_id = file_id
+        self.from_base = from_base
+        self.children: dict[str, tuple[str, _Node]] | None = {} if (record.is_dir and not from_base) else None
+        self.streams: dict[str, tuple[str, cim.Stream]] | None = None if from_base else {}
+        self.dirty = not from_base
+        self.nlink = 0
+        self.open_stream = False
+
+    @property
+    def is_dir(self) -> bool:
+        return self.record.is_dir
+
+
+_DIR_STREAM = cim.Stream(0, 0, cim.STREAM_TYPE_LINK_TABLE)
+
+
+class StreamWriter:
+    """The open stream of a file or alternate stream: its size is fixed at creation,
+    bytes arrive in order, and unwritten ranges read as zeros."""
+
+    def __init__(self, image: "ImageWriter", node: _Node, stream_name: str | None, size: int, path: str):
+        self._image = image
+        self._node = node
+        self._stream_name = stream_name
+        self.size = size
+        self.path = path
+        self.written = 0
+        self.closed = False
+        self._small = size <= SMALL_DATA_MAX
+        self._buf = bytearray() if self._small else None
+        self._region: _RegionWriter | None = None
+        self._start = 0
+        self._previous_end = 0
+        self._hash = None
+
+    def write(self, data) -> int:
+        if self.closed:
+            raise CimError(E_HANDLE, "stream is closed", self.path)
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if self.written + n > self.size:
+            raise CimError(E_INVALIDARG, f"write of {n} bytes at {self.written} goes past the stream's size {self.size}", self.path)
+        if not n:
+            return 0
+        if self._small:
+            self._buf += data
+        else:
+            if self._region is None:
+                store = self._image._store
+                self._region = store.region(cim.REGION_DATA, self.size)
+                self._previous_end = self._region.end
+                self._start = self._region.reserve(self.size)
+                self._hash = hashlib.sha256()
+            self._hash.update(data)
+            if not (n >= _HOLE_MIN and _all_zero(data)):
+                try:
+                    self._region.write_at(data, self._start + self.written)
+                except OSError as e:
+                    raise CimError(hresult_from_oserror(e), f"writing the region file failed: {e.strerror}", self.path) from None
+        self.written += n
+        return n
+
+    def _finish(self) -> cim.Stream:
+        store = self._image._store
+        size = self.size
+        if size == 0:
+            return cim.EMPTY_STREAM
+        if self.written == 0:
+            return cim.Stream(0, size, cim.STREAM_TYPE_DATA, sparse=True)
+        if self._small:
+            if len(self._buf) < size:
+                self._buf += bytes(size - len(self._buf))
+            ro = store.put(cim.REGION_SMALL_DATA, bytes(self._buf))
+            return cim.Stream(ro, size)
+        h = self._hash
+        remaining = size - self.written
+        while remaining:
+            chunk = min(remaining, len(_ZERO_CHUNK))
+            h.update(memoryview(_ZERO_CHUNK)[:chunk])
+            remaining -= chunk
+        dg = h.digest()[: cim.DIGEST_SIZE]
+        store.bytes_logical += size
+        ro = store.lookup(size, dg)
+        if ro:
+            self._region.release_tail(self._start, self._previous_end)
+        else:
+            ro = cim.region_offset(self._region.combined_index, self._start)
+            store.known[object_key(size, dg)] = ro
+            store.bytes_stored += size
+        return cim.Stream(ro, size)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            stream = self._finish()
+        finally:
+            self._node.open_stream = False
+            self._image._open_stream = None
+        node = self._node
+        if node.is_dir:
+            return  # a directory's default stream is its link table, built at commit
+        if self._stream_name is None:
+            node.record = node.record._replace(stream=stream)
+        else:
+            node.streams[self._image._folder.key(self._stream_name)] = (self._stream_name, stream)
+
+    def __enter__(self) -> "StreamWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ====================================================================== the writer
+class ImageWriter:
+    """A new image, a fork of ``base`` or an extension of it (``base == name``)."""
+
+    def __init__(self, containing_dir: str | os.PathLike, name: str | None, base: str | None = None, *, sync: bool = True):
+        directory = os.fspath(containing_dir)
+        if not name and not base:
+            raise CimError(E_INVALIDARG, "neither an existing nor a new image name was given", directory)
+        if not os.path.isdir(directory):
+            raise CimError(ERROR_PATH_NOT_FOUND, "containing directory does not exist", directory)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise CimError(E_ACCESSDENIED, "no write access to the containing directory", directory)
+        name = name or base
+        for n in filter(None, (name, base)):
+            if os.sep in n or (os.altsep and os.altsep in n) or n in (".", ".."):
+                raise CimError(ERROR_INVALID_NAME, "an image name is a file name, not a path", n)
+        self.directory = os.path.abspath(directory)
+        self.name = name
+        self.path = os.path.join(self.directory, name)
+        self.extending = bool(base) and base == name
+        self._sync = sync
+        self._lock = DirectoryLock(self.directory)
+        self._base: _reader.Image | None = None
+        self._store: _ObjectStore | None = None
+        self._committed = False
+        self._closed = False
+        self._open_stream: StreamWriter | None = None
+        try:
+            if base:
+                base_path = os.path.join(self.directory, base)
+                if not os.path.exists(base_path):
+                    raise CimError(ERROR_FILE_NOT_FOUND, "existing image not found", base_path)
+                if not self.extending and os.path.lexists(self.path):
+                    raise CimError(ERROR_FILE_EXISTS, "the new image already exists", self.path)
+                self._base = _reader.Image(base_path)
+            elif os.path.lexists(self.path):
+                # [choice] CimCreateImage with only a new name that exists: refuse
+                # rather than silently replace an image others may fork from.
+                raise CimError(ERROR_FILE_EXISTS, "an image of that name already exists", self.path)
+            self._store = _ObjectStore(self.directory, self._base, sync)
+            self._base_nodes: dict[int, _Node] = {}
+            if self._base is not None:
+                self._folder = self._base._folder
+                self._root = self._base_node(self._base.root_id)
+            else:
+                self._folder = NameFolder.for_table(cim.load_upcase_table())
+                self._root = _Node(cim.FileRecord(stream=_DIR_STREAM))
+                self._root.nlink = 1
+        except PermissionError as e:
+            self._release()
+            raise CimError(E_ACCESSDENIED, e.strerror or "permission denied", e.filename or self.directory) from None
+        except BaseException:
+            self._release()
+            raise
+
+    # ------------------------------------------------------------ state
+    def _check_open(self, mutating: bool = True) -> None:
+        if self._closed:
+            raise CimError(E_HANDLE, "image handle is closed", self.path)
+        if mutating and self._committed:
+            raise CimError(E_INVALIDARG, "image is already committed; no further change is allowed", self.path)
+        if mutating and self._open_stream is not None:
+            raise CimError(ERROR_SHARING_VIOLATION, f"a stream is still open on {self._open_stream.path!r}", self.path)
+
+    @property
+    def committed(self) -> bool:
+        return self._committed
+
+    # ------------------------------------------------------------ tree access
+    def _base_node(self, file_id: int) -> _Node:
+        node = self._base_nodes.get(file_id)
+        if node is None:
+            node = self._base_nodes[file_id] = _Node(self._base.record(file_id), file_id, from_base=True)
+        return node
+
+    def _children(self, node: _Node) -> dict:
+        if node.children is None:
+            children = {}
+            key = self._folder.key
+            for entry in self._base.scandir(node.file_id):
+                children[key(entry.name)] = (entry.name, self._base_node(entry.file_id))
+            node.children = children
+        return node.children
+
+    def _streams(self, node: _Node) -> dict:
+        if node.streams is None:
+            names, streams = self._base._stream_table(node.file_id)
+            key = self._folder.key
+            node.streams = {key(n): (n, s) for n, s in zip(names, streams)}
+        return node.streams
+
+    def _walk_to_parent(self, parts: list[str], path: str) -> _Node:
+        node = self._root
+        for i, part in enumerate(parts[:-1]):
+            entry = self._children(node).get(self._folder.key(part))
+            if entry is None or not entry[1].is_dir:
+                what = "does not exist" if entry is None else "is not a directory"
+                raise CimError(ERROR_PATH_NOT_FOUND, f"parent {join_path(parts[: i + 1])!r} {what}", path)
+            node = entry[1]
+        return node
+
+    def _find(self, path: str, allow_stream: bool = False):
+        """(parent node, key, (name, node) or None, stream name, parts)."""
+        parts, stream = split_path(path, allow_stream)
+        if not parts:
+            return None, "", ("", self._root), stream, parts
+        parent = self._walk_to_parent(parts, path)
+        key = self._folder.key(parts[-1])
+        return parent, key, self._children(parent).get(key), stream, parts
+
+    def _touch(self, node: _Node) -> None:
+        node.dirty = True
+
+    # ------------------------------------------------------------ metadata
+    def _record_for(self, meta: FileMetadata, path: str) -> cim.FileRecord:
+        store = self._store
+        sd, ea, rp = meta.security_descriptor or b"", meta.ea_buffer or b"", meta.reparse_data or b""
+        if len(sd) > 0xFFFF or len(ea) > 0xFFFF or len(rp) > 0xFFFF:
+            raise CimError(E_INVALIDARG, "security descriptor, EA buffer and reparse data are each limited to 65535 bytes", path)
+        tag = 0
+        if rp:
+            if len(rp) < 8:
+                raise CimError(E_INVALIDARG, f"reparse data of {len(rp)} bytes is shorter than its 8-byte header", path)
+            tag = struct.unpack_from("<I", rp)[0]
+        for t in (meta.creation_time, meta.last_write_time, meta.change_time, meta.last_access_time):
+            if not 0 <= t < 1 << 64:
+                raise CimError(E_INVALIDARG, f"time {t} is not a FILETIME", path)
+        return cim.FileRecord(
+            flags=cim.attributes_to_flags(meta.attributes),
+            ea_length=len(ea),
+            reparse_tag=tag,
+            creation_time=meta.creation_time,
+            last_write_time=meta.last_write_time,
+            change_time=meta.change_time,
+            last_access_time=meta.last_access_time,
+            stream=_DIR_STREAM if meta.is_dir else cim.EMPTY_STREAM,
+            security_descriptor_offset=store.put(cim.REGION_METADATA, cim.pack_blob(sd)) if sd else 0,
+            ea_offset=store.put(cim.REGION_METADATA, ea) if ea else 0,
+            reparse_offset=store.put(cim.REGION_METADATA, cim.pack_blob(rp)) if rp else 0,
+        )
+
+    # ------------------------------------------------------------ Win32-shaped operations
+    def create_file(self, path: str, metadata: FileMetadata | None = None) -> StreamWriter:
+        """Add (or overwrite) a file or directory; returns its stream, to be written and closed."""
+        self._check_open()
+        meta = metadata or FileMetadata()
+        size = 0 if meta.is_dir else meta.file_size
+        if not isinstance(size, int) or not 0 <= size <= cim.MAX_STREAM_LENGTH:
+            raise CimError(E_INVALIDARG, f"file size {size} is out of range (0 to 2^48-1)", path)
+        parent, key, existing, _, parts = self._find(path)
+        if parent is None:
+            if not meta.is_dir:
+                raise CimError(E_INVALIDARG, "the root can only be a directory", path)
+            node = self._root
+            self._update_dir(node, self._record_for(meta, path))
+            return StreamWriter(self, node, None, 0, path)
+        record = self._record_for(meta, path)
+        if existing is not None:
+            old = existing[1]
+            if old.is_dir and meta.is_dir:
+                self._update_dir(old, record)
+                self._touch(parent)
+                children = self._children(parent)
+                children[key] = (parts[-1], old)  # the name's case follows the caller
+                return StreamWriter(self, old, None, 0, path)
+            if old.is_dir and self._children(old):
+                raise CimError(ERROR_DIR_NOT_EMPTY, "a non-empty directory cannot be replaced by a file", path)
+            self._unlink(parent, key)
+        node = _Node(record)
+        self._link(parent, key, parts[-1], node)
+        writer = StreamWriter(self, node, None, size, path)
+        if size:
+            node.open_stream = True
+            self._open_stream = writer
+        return writer
+
+    def _update_dir(self, node: _Node, record: cim.FileRecord) -> None:
+        self._children(node)
+        node.record = record._replace(stream=node.record.stream, parent_file_id=node.record.parent_file_id)
+        node.dirty = True
+
+    def create_stream(self, path: str, size: int) -> StreamWriter:
+        """``CimCreateAlternateStream``: ``path`` is ``file:stream``."""
+        self._check_open()
+        if not isinstance(size, int) or not 0 <= size <= cim.MAX_STREAM_LENGTH:
+            raise CimError(E_INVALIDARG, f"stream size {size} is out of range", path)
+        parent, key, existing, stream, parts = self._find(path, allow_stream=True)
+        if stream is None:
+            raise CimError(ERROR_INVALID_NAME, "an alternate stream path has the form 'file:stream'", path)
+        if existing is None:
+            raise CimError(ERROR_FILE_NOT_FOUND, "no such file to add a stream to", path)
+        node = existing[1]
+        streams = self._streams(node)
+        streams[self._folder.key(stream)] = (stream, cim.EMPTY_STREAM)
+        node.dirty = True
+        writer = StreamWriter(self, node, stream, size, path)
+        if size:
+            self._open_stream = writer
+        return writer
+
+    def link(self, new_path: str, existing_path: str) -> None:
+        """``CimCreateHardLink``: another name for an existing file."""
+        self._check_open()
+        _, _, target, _, _ = self._find(existing_path)
+        if target is None:
+            raise CimError(ERROR_FILE_NOT_FOUND, "the existing file does not exist", existing_path)
+        if target[1].is_dir:
+            raise CimError(E_ACCESSDENIED, "a directory cannot be hard-linked", existing_path)
+        parent, key, existing, _, parts = self._find(new_path)
+        if parent is None:
+            raise CimError(ERROR_ALREADY_EXISTS, "the root already exists", new_path)
+        if existing is not None:
+            if existing[1] is target[1]:
+                return
+            raise CimError(ERROR_ALREADY_EXISTS, "the new link's name already exists", new_path)
+        self._link(parent, key, parts[-1], target[1])
+
+    def delete(self, path: str) -> None:
+        """``CimDeletePath``: a file, one hard link, a directory with its contents, or ``file:stream``."""
+        self._check_open()
+        parent, key, existing, stream, parts = self._find(path, allow_stream=True)
+        if existing is None:
+            raise CimError(ERROR_FILE_NOT_FOUND, "no such file or directory", path)
+        if stream is not None:
+            node = existing[1]
+            streams = self._streams(node)
+            if streams.pop(self._folder.key(stream), None) is None:
+                raise CimError(ERROR_FILE_NOT_FOUND, f"no alternate stream {stream!r}", path)
+            node.dirty = True
+            return
+        if parent is None:
+            raise CimError(E_INVALIDARG, "the root cannot be deleted", path)
+        self._unlink(parent, key)
+
+    def _link(self, parent: _Node, key: str, name: str, node: _Node) -> None:
+        self._children(parent)[key] = (name, node)
+        node.nlink += 1
+        parent.dirty = True
+
+    def _unlink(self, parent: _Node, key: str) -> None:
+        name, node = self._children(parent).pop(key)
+        node.nlink -= 1
+        parent.dirty = True
+
+    # ------------------------------------------------------------ Pythonic conveniences
+    def exists(self, path: str) -> bool:
+        try:
+            parent, key, existing, stream, _ = self._find(path, allow_stream=True)
+        except CimError as e:
+            if e.hresult in (ERROR_PATH_NOT_FOUND, ERROR_FILE_NOT_FOUND):
+                return False
+            raise
+        if existing is None:
+            return False
+        return stream is None or self._folder.key(stream) in self._streams(existing[1])
+
+    def is_dir(self, path: str) -> bool:
+        try:
+            _, _, existing, _, _ = self._find(path)
+        except CimError:
+            return False
+        return existing is not None and existing[1].is_dir
+
+    def mkdir(self, path: str, metadata: FileMetadata | None = None, *, exist_ok: bool = False, parents: bool = False) -> None:
+        meta = metadata or FileMetadata()
+        if not meta.is_dir:
+            meta = FileMetadata(**{**meta.__dict__, "attributes": meta.attributes | FileAttributes.DIRECTORY})
+        parts, _ = split_path(path)
+        if parents:
+            for i in range(1, len(parts)):
+                if not self.is_dir(join_path(parts[:i])):
+                    self.mkdir(join_path(parts[:i]), FileMetadata(attributes=FileAttributes.DIRECTORY))
+        if self.exists(path):
+            if exist_ok and self.is_dir(path) and metadata is None:
+                return
+            if not exist_ok:
+                raise CimError(ERROR_ALREADY_EXISTS, "already exists", path)
+        self.create_file(path, meta).close()
+
+    def add_file(self, path: str, data: bytes | BinaryIO = b"", metadata: FileMetadata | None = None) -> None:
+        """Add a file from bytes or a binary file object (read to its end)."""
+        meta = metadata or FileMetadata()
+        if meta.is_dir:
+            raise CimError(E_INVALIDARG, "use mkdir() for directories", path)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            if not meta.file_size:
+                meta = FileMetadata(**{**meta.__dict__, "file_size": len(data)})
+            with self.create_file(path, meta) as s:
+                s.write(data)
+            return
+        if not meta.file_size:
+            size = _size_of(data)
+            if size is None:
+                data = data.read()
+                self.add_file(path, data, FileMetadata(**{**meta.__dict__, "file_size": len(data)}))
+                return
+            meta = FileMetadata(**{**meta.__dict__, "file_size": size})
+        with self.create_file(path, meta) as s:
+            _copy_into(data, s)
+
+    def add_stream(self, path: str, data: bytes | BinaryIO) -> None:
+        """Add an alternate stream ``file:stream`` from bytes or a file object."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            data = data.read()
+        with self.create_stream(path, len(data)) as s:
+            s.write(data)
+
+    # ------------------------------------------------------------ commit
+    def commit(self) -> str:
+        """Write the image (crash-safely) and return the ``.cim`` path."""
+        self._check_open()
+        try:
+            self._commit()
+        except PermissionError as e:
+            raise CimError(E_ACCESSDENIED, e.strerror or "permission denied", e.filename or self.path) from None
+        except OSError as e:
+            if isinstance(e, CimError):
+                raise
+            raise CimError(hresult_from_oserror(e), f"commit failed: {e.strerror or e}", e.filename or self.path) from None
+        self._committed = True
+        return self.path
+
+    def _assign_ids(self) -> list[_Node]:
+        """FileIDs for new nodes, breadth first so a directory's children sit
+        together in the file tables.  Returns the nodes whose record is written."""
+        base = self._base
+        next_id = base.max_file_id() + 1 if base else 1
+        root = self._root
+        if not root.file_id:
+            root.file_id = next_id
+            next_id += 1
+        changed = [root] if root.dirty else []
+        queue = [root]
+        seen = {id(root)}
+        for node in queue:  # grows while iterating
+            if node.children is None:
+                continue  # a parent directory nobody touched: nothing new below it
+            for key in node.children:
+                child = node.children[key][1]
+                if id(child) in seen:
+                    continue
+                seen.add(id(child))
+                if not child.file_id:
+                    child.file_id = next_id
+                    next_id += 1
+                    child.record = child.record._replace(parent_file_id=node.file_id)
+                if child.dirty:
+                    changed.append(child)
+                if child.is_dir and child.children is not None:
+                    queue.append(child)
+        if next_id - 1 > 0xFFFFFFFF:
+            raise CimError(E_INVALIDARG, "too many files for 32-bit FileIDs", self.path)
+        return changed
+
+    def _commit(self) -> None:
+        store = self._store
+        base = self._base
+        changed = self._assign_ids()
+        fold_sorted = sorted
+        # Link tables and stream tables of changed nodes.
+        records: dict[int, bytes] = {}
+        for node in changed:
+            rec = node.record
+            if node.is_dir:
+                items = fold_sorted(node.children.items()) if node.children is not None else []
+                if items:
+                    table = cim.pack_link_table([n for _, (n, _) in items], [struct.pack("<I", c.file_id) for _, (_, c) in items])
+                    rec = rec._replace(stream=cim.Stream(store.put_unique(table), len(table), cim.STREAM_TYPE_LINK_TABLE))
+                else:
+                    rec = rec._replace(stream=_DIR_STREAM)
+            if node.streams is not None:
+                items = fold_sorted(node.streams.items())
+                if items:
+                    table = cim.pack_stream_table([n for _, (n, _) in items], [s for _, (_, s) in items])
+                    rec = rec._replace(stream_table_offset=store.put_unique(table))
+                else:
+                    rec = rec._replace(stream_table_offset=0)
+            records[node.file_id] = cim.pack_file_record(rec)
+        # File tables: only those holding a changed record are written again;
+        # the others stay where the parent put them.
+        cap = cim.FILE_TABLE_CAPACITY
+        tables = list(base.file_tables) if base else []
+        by_table: dict[int, list[int]] = {}
+        for fid in records:
+            by_table.setdefault((fid - 1) // cap, []).append(fid)
+        for t in sorted(by_table):
+            first = t * cap + 1
+            base_count = tables[t].count if t < len(tables) else 0
+            count = max(base_count, max(by_table[t]) - first + 1)
+            raws = []
+            for fid in range(first, first + count):
+                raw = records.get(fid)
+                if raw is None:
+                    # New FileIDs are handed out contiguously, so a slot is
+                    # either changed here or already in the parent's table.
+                    raw = base.raw_record(fid)
+                raws.append(raw)
+            while len(tables) <= t:
+                tables.append(None)
+            tables[t] = cim.FileTableEntry(store.put_unique(b"".join(raws)), count, cim.FILE_RECORD_SIZE)
+        if base is not None:
+            upcase = base.filesystem.upcase_offset
+        else:
+            upcase = store.put(cim.REGION_METADATA, cim.load_upcase_table())
+        directory = cim.pack_file_table_directory(tables)
+        fs = cim.FilesystemObject(upcase, store.put_unique(directory) if directory else 0, len(tables), self._root.file_id)
+        fs_offset = store.put_unique(cim.pack_filesystem_object(fs))
+        own = store.finish()
+        parents = list(base.header.parent_sets) + [base.header.region_set] if base else []
+        self._publish(cim.pack_filesystem_header(own, fs_offset, parents))
+
+    def _publish(self, data: bytes) -> None:
+        tmp = os.path.join(self.directory, f".{self.name}.{secrets.token_hex(6)}.tmp")
+        _write_file(tmp, data, self._sync, exclusive=True)
+        try:
+            if self.extending:
+                os.replace(tmp, self.path)
+            else:
+                try:
+                    os.link(tmp, self.path)  # fails if the name appeared meanwhile
+                except FileExistsError:
+                    raise CimError(ERROR_FILE_EXISTS, "the new image already exists", self.path) from None
+                os.unlink(tmp)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        if self._sync:
+            _fsync_dir(self.directory)
+
+    # ------------------------------------------------------------ close
+    def _release(self) -> None:
+        if self._base is not None:
+            self._base.close()
+            self._base = None
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+
+    def close(self) -> None:
+        """Free the handle; uncommitted changes (and their region files) are discarded."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self._committed and self._store is not None:
+                self._store.abandon()
+        finally:
+            self._release()
+
+    def __enter__(self) -> "ImageWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None and not self._committed and not self._closed:
+                if self._open_stream is not None:
+                    self._open_stream.close()
+                self.commit()
+        finally:
+            self.close()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:
+                pass
+
+    # ------------------------------------------------------------ statistics
+    def stats(self) -> dict:
+        s = self._store
+        return {"bytes_logical": s.bytes_logical, "bytes_stored": s.bytes_stored, "region_files": len(s.regions)}
+
+
+def _all_zero(data) -> bool:
+    view = memoryview(data).cast("B")
+    step = len(_ZERO_CHUNK)
+    return all(view[i: i + step] == _ZERO_CHUNK[: len(view[i: i + step])] for i in range(0, len(view), step))
+
+
+def _size_of(f) -> int | None:
+    try:
+        fd = f.fileno()
+        st = os.fstat(fd)
+        import stat as _stat
+
+        if _stat.S_ISREG(st.st_mode):
+            return st.st_size - f.tell()
+    except (AttributeError, OSError, ValueError):
+        pass
+    try:
+        pos = f.tell()
+        end = f.seek(0, os.SEEK_END)
+        f.seek(pos)
+        return end - pos
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _copy_into(src, stream: StreamWriter) -> None:
+    remaining = stream.size
+    buf = bytearray(min(remaining, 1 << 20) or 1)
+    view = memoryview(buf)
+    readinto = getattr(src, "readinto", None)
+    while remaining:
+        want = min(remaining, len(buf))
+        if readinto is not None:
+            n = readinto(view[:want])
+            chunk = view[:n] if n else b""
+        else:
+            chunk = src.read(want)
+            n = len(chunk)
+        if not n:
+            raise CimError(E_INVALIDARG, f"source ended {remaining} bytes before the declared size", stream.path)
+        stream.write(chunk)
+        remaining -= n
+
+
+def create(containing_dir: str | os.PathLike, name: str, base: str | os.PathLike | None = None, *, sync: bool = True) -> ImageWriter:
+    """A writer for the image ``name`` in ``containing_dir``; with ``base`` a fork
+    of that image (or its extension when ``base == name``).  As a context
+    manager it commits on a clean exit and discards everything on an exception.
+
+    ``base`` is a name in ``containing_dir`` (a path to it is accepted): a fork
+    shares its parent's region files, so both live in one directory.
+    """
+    if base is not None:
+        base = os.fspath(base)
+        if os.path.dirname(base):
+            if os.path.abspath(os.path.dirname(base)) != os.path.abspath(os.fspath(containing_dir)):
+                raise CimError(E_INVALIDARG, "a fork's parent must be in the same directory as the fork", base)
+            base = os.path.basename(base)
+    return ImageWriter(containing_dir, name, base, sync=sync)
