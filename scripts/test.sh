@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs (Debian packages for FUSE, the
+# package with its extras) and run every test.  Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+if [ -f scripts/install-system-deps.sh ]; then
+    bash scripts/install-system-deps.sh
+fi
+python3 -m pip install -q -e ".[test,mount]"
+exec python3 -m pytest -q "$@"
