@@ -32,7 +32,7 @@ def check_name(name: str, path: str, what: str = "name") -> None:
     bad = _BAD_CHARS.search(name)
     if bad:
         raise CimError(ERROR_INVALID_NAME, f"{what} {name!r} contains the invalid character {bad.group()!r}", path)
-    if len(name) > MAX_NAME_UNITS and utf16_units(name) > MAX_NAME_UNITS:
+    if len(name) > MAX_NAME_UNITS // 2 and utf16_units(name) > MAX_NAME_UNITS:
         raise CimError(ERROR_INVALID_NAME, f"{what} {name[:40]!r}... is longer than {MAX_NAME_UNITS} UTF-16 units", path)
 
 
@@ -40,7 +40,7 @@ def split_path(path: str, allow_stream: bool = False) -> tuple[list[str], str | 
     """Split and validate an image path; returns (components, stream name or None)."""
     if not isinstance(path, str):
         raise CimError(ERROR_INVALID_NAME, f"path must be a str, not {type(path).__name__}", repr(path))
-    if len(path) > MAX_PATH_UNITS and utf16_units(path) > MAX_PATH_UNITS:
+    if len(path) > MAX_PATH_UNITS // 2 and utf16_units(path) > MAX_PATH_UNITS:
         raise CimError(ERROR_INVALID_NAME, f"path is longer than {MAX_PATH_UNITS} UTF-16 units", path[:80] + "...")
     parts = [p for p in _SEPARATORS.split(path) if p]
     stream = None

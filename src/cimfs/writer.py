@@ -459,10 +459,10 @@ class StreamWriter:
             self._node.open_stream = False
             self._image._open_stream = None
         node = self._node
-        if node.is_dir:
-            return  # a directory's default stream is its link table, built at commit
         if self._stream_name is None:
-            node.record = node.record._replace(stream=stream)
+            # A directory's default stream is its link table, built at commit.
+            if not node.is_dir:
+                node.record = node.record._replace(stream=stream)
         else:
             node.streams[self._image._folder.key(self._stream_name)] = (self._stream_name, stream)
 

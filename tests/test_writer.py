@@ -1,0 +1,321 @@
+"""Write images with the Pythonic API and read every property back."""
+
+import hashlib
+import os
+import random
+
+import pytest
+
+import cimfs
+from cimfs import CimError, FileAttributes as A, FileMetadata
+from cimfs import errors
+
+SD = bytes.fromhex(
+    "010004801400000024000000000000003000000001010000000000051200000001010000000000051200000002001c00"
+    "0100000000001400ff011f00010100000000000512000000"
+)
+SD2 = SD[:-1] + b"\x20"
+# An EA chain: "USER.COMMENT"="vector" then "$LXMOD"=0o100644 (FILE_FULL_EA_INFORMATION)
+EA = bytes.fromhex("1c000000000c0600555345522e434f4d4d454e5400766563746f72000000000000060400244c584d4f4400a4810000")
+SYMLINK = bytes.fromhex(
+    "0c0000a030000000000012001200120001000000680065006c006c006f002e00740078007400680065006c006c006f002e00740078007400"
+)
+
+
+def build(tmp_path, name="t.cim", base=None, **kw):
+    return cimfs.create(tmp_path, name, base=base, **kw)
+
+
+def test_every_metadata_kind_round_trips(tmp_path):
+    meta = FileMetadata(
+        attributes=A.READONLY | A.HIDDEN | A.SYSTEM | A.ARCHIVE,
+        creation_time=132000000000000001,
+        last_write_time=132000000000000002,
+        change_time=132000000000000003,
+        last_access_time=132000000000000004,
+        security_descriptor=SD,
+        ea_buffer=EA,
+    )
+    with build(tmp_path) as w:
+        w.mkdir("d", FileMetadata(attributes=A.DIRECTORY | A.HIDDEN, creation_time=9, security_descriptor=SD2))
+        w.add_file("d/f.txt", b"payload", meta)
+        w.add_file("link", b"", FileMetadata(attributes=A.ARCHIVE, reparse_data=SYMLINK))
+        w.add_file("plain", b"x")
+        w.add_stream("d/f.txt:Zone.Identifier", b"[ZoneTransfer]\r\nZoneId=3\r\n")
+        w.add_stream("d/f.txt:empty", b"")
+        w.add_stream("d:dirstream", b"on a directory")
+    with cimfs.open(tmp_path / "t.cim") as im:
+        st = im.stat("d\\f.txt")
+        assert st.attributes == A.READONLY | A.HIDDEN | A.SYSTEM | A.ARCHIVE
+        assert (st.creation_time, st.last_write_time, st.change_time, st.last_access_time) == (
+            132000000000000001, 132000000000000002, 132000000000000003, 132000000000000004)
+        assert st.security_descriptor == SD and st.ea_buffer == EA and st.size == 7
+        assert im.read_bytes("/d/f.txt") == b"payload"
+        assert im.streams("d/f.txt") == ["empty", "Zone.Identifier"]
+        assert im.read_bytes("d/f.txt:Zone.Identifier") == b"[ZoneTransfer]\r\nZoneId=3\r\n"
+        assert im.read_bytes("d/f.txt:zone.identifier") == b"[ZoneTransfer]\r\nZoneId=3\r\n"
+        assert im.read_bytes("d/f.txt", stream="empty") == b""
+        assert im.read_bytes("d:dirstream") == b"on a directory"
+        d = im.stat("d")
+        assert d.is_dir and d.attributes == A.DIRECTORY | A.HIDDEN and d.security_descriptor == SD2 and d.creation_time == 9
+        lk = im.stat("link")
+        assert lk.reparse_tag == 0xA000000C and lk.reparse_data == SYMLINK
+        assert lk.attributes == A.ARCHIVE | A.REPARSE_POINT
+        assert im.stat("plain").attributes == A.NORMAL
+        assert im.stat("").is_dir and im.stat("").attributes == A.DIRECTORY
+
+
+def test_identical_contents_and_descriptors_stored_once(tmp_path):
+    blob = os.urandom(200_000)
+    small = b"small and repeated"
+    with build(tmp_path) as w:
+        for i in range(10):
+            w.add_file(f"big{i}", blob, FileMetadata(security_descriptor=SD))
+            w.add_file(f"small{i}", small, FileMetadata(security_descriptor=SD))
+        w.add_stream("big0:copy", blob)
+        stats = w.stats()
+    total = sum(os.path.getsize(tmp_path / n) for n in os.listdir(tmp_path) if n.startswith("region_"))
+    assert total < len(blob) + 300_000  # one copy of the blob, plus upcase table and tables
+    assert stats["bytes_logical"] >= 11 * len(blob)
+    with cimfs.open(tmp_path / "t.cim") as im:
+        ids = {im.record(im.lookup(f"big{i}")).stream.offset for i in range(10)}
+        assert len(ids) == 1
+        assert {im.record(im.lookup(f"small{i}")).security_descriptor_offset for i in range(10)} == {
+            im.record(im.lookup("big0")).security_descriptor_offset}
+        assert im.read_bytes("big7") == blob and im.read_bytes("big0:copy") == blob
+
+
+def test_partly_written_empty_and_sparse_files(tmp_path):
+    with build(tmp_path) as w:
+        w.add_file("empty", b"")
+        with w.create_file("partial-small", FileMetadata(file_size=1000)) as s:
+            s.write(b"abc")
+        with w.create_file("partial-big", FileMetadata(file_size=3_000_000)) as s:
+            s.write(b"A" * 100_000)
+            s.write(bytes(1_000_000))  # a zero run: kept as a hole in the region file
+            s.write(b"B" * 10)
+        w.create_file("sparse5g", FileMetadata(file_size=5 << 30, attributes=A.SPARSE_FILE)).close()
+    with cimfs.open(tmp_path / "t.cim") as im:
+        assert im.read_bytes("empty") == b"" and im.stat("empty").size == 0
+        assert im.read_bytes("partial-small") == b"abc" + bytes(997)
+        data = im.read_bytes("partial-big")
+        assert len(data) == 3_000_000
+        assert data == b"A" * 100_000 + bytes(1_000_000) + b"B" * 10 + bytes(3_000_000 - 1_100_010)
+        st = im.stat("sparse5g")
+        assert st.size == 5 << 30 and st.is_sparse and st.attributes & A.SPARSE_FILE
+        with im.open("sparse5g") as f:
+            f.seek((5 << 30) - 10)
+            assert f.read() == bytes(10)
+            f.seek(1 << 32)
+            assert f.read(4096) == bytes(4096)
+    # the zero run and the 5 GiB of zeros take no space on disk
+    used = sum(os.stat(tmp_path / n).st_blocks * 512 for n in os.listdir(tmp_path))
+    assert used < 4_000_000
+
+
+def test_writes_past_the_size_fail(tmp_path):
+    with build(tmp_path) as w:
+        with w.create_file("f", FileMetadata(file_size=4)) as s:
+            s.write(b"abcd")
+            with pytest.raises(CimError) as e:
+                s.write(b"e")
+            assert e.value.hresult == errors.E_INVALIDARG
+    with cimfs.open(tmp_path / "t.cim") as im:
+        assert im.read_bytes("f") == b"abcd"
+
+
+def test_non_bmp_names_and_case_insensitive_collisions(tmp_path):
+    names = ["Ünïcödé 日本 😀.txt", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "straße", "ΣΊΣΥΦΟΣ", "a"]
+    with build(tmp_path) as w:
+        for n in names:
+            w.add_file(n, n.encode())
+        w.add_file("README", b"first")
+        w.add_file("readme", b"second")  # same name case-insensitively: overwrites
+        w.add_file("ünïcödé 日本 😀.TXT", b"replaced")
+    with cimfs.open(tmp_path / "t.cim") as im:
+        listing = im.listdir()
+        assert len(listing) == len(names) + 1
+        assert "readme" in listing and "README" not in listing
+        assert im.read_bytes("README") == b"second"
+        assert im.read_bytes("ÜNÏCÖDÉ 日本 😀.txt") == b"replaced"
+        assert im.read_bytes("𝔘𝔫𝔦𝔠𝔬𝔡𝔢") == "𝔘𝔫𝔦𝔠𝔬𝔡𝔢".encode()
+        assert im.read_bytes("σίσυφος".upper()) == "ΣΊΣΥΦΟΣ".encode()
+        # stored in the image's case-insensitive order
+        keys = [im.fold(n) for n in listing]
+        assert keys == sorted(keys)
+
+
+def test_directory_of_ten_thousand_entries(tmp_path):
+    rng = random.Random(7)
+    names = [f"file-{i:05d}-{rng.randrange(10**6)}" for i in range(10_000)]
+    with build(tmp_path) as w:
+        w.mkdir("big")
+        for n in names:
+            w.add_file(f"big/{n}", n.encode())
+    with cimfs.open(tmp_path / "t.cim") as im:
+        assert sorted(im.listdir("big")) == sorted(names)
+        for n in rng.sample(names, 200):
+            assert im.read_bytes(f"BIG\\{n.upper()}") == n.encode()
+        assert len(im.file_tables) == 10  # 10 002 records over 1024-record tables
+
+
+def test_hard_links(tmp_path):
+    with build(tmp_path) as w:
+        w.mkdir("a")
+        w.mkdir("b")
+        w.add_file("a/f", b"shared", FileMetadata(security_descriptor=SD))
+        w.link("b/g", "a/f")
+        w.link("h", "a/f")
+        w.link("x", "a/f")
+        w.delete("x")  # removes one link only
+        with pytest.raises(CimError) as e:
+            w.link("h", "plain-missing")
+        assert e.value.hresult == errors.ERROR_FILE_NOT_FOUND
+        with pytest.raises(CimError) as e:
+            w.link("a/f", "h")  # same file: nothing to do
+            w.link("b", "h")
+        assert e.value.hresult == errors.ERROR_ALREADY_EXISTS
+        with pytest.raises(CimError) as e:
+            w.link("y", "a")
+        assert e.value.hresult == errors.E_ACCESSDENIED
+    with cimfs.open(tmp_path / "t.cim") as im:
+        ids = {im.stat(p).file_id for p in ("a/f", "b/g", "h")}
+        assert len(ids) == 1
+        assert im.stat("h").nlink == 3 and im.read_bytes("b/g") == b"shared"
+        assert not im.exists("x")
+
+
+def test_walk_like_os_walk(tmp_path):
+    src = {"a/b/c.txt": b"1", "a/d.txt": b"2", "e.txt": b"3", "a/b/f/g.txt": b"4"}
+    with build(tmp_path) as w:
+        for p, data in src.items():
+            w.mkdir(os.path.dirname(p), parents=True, exist_ok=True)
+            w.add_file(p, data)
+        w.mkdir("empty")
+    with cimfs.open(tmp_path / "t.cim") as im:
+        got = {(d, tuple(ds), tuple(fs)) for d, ds, fs in im.walk()}
+        assert got == {
+            ("", ("a", "empty"), ("e.txt",)),
+            ("a", ("b",), ("d.txt",)),
+            ("a\\b", ("f",), ("c.txt",)),
+            ("a\\b\\f", (), ("g.txt",)),
+            ("empty", (), ()),
+        }
+        assert [d for d, _, _ in im.walk("a/b")] == ["a\\b", "a\\b\\f"]
+
+
+def test_file_objects_seek_and_read(tmp_path):
+    data = os.urandom(100_000)
+    with build(tmp_path) as w:
+        w.add_file("f", data)
+    with cimfs.open(tmp_path / "t.cim") as im:
+        with im.open("f") as f:
+            assert f.seekable() and f.readable()
+            f.seek(-10, os.SEEK_END)
+            assert f.read() == data[-10:]
+            f.seek(500)
+            buf = bytearray(1000)
+            assert f.readinto(buf) == 1000 and bytes(buf) == data[500:1500]
+            assert f.tell() == 1500
+        import io
+        assert io.BufferedReader(im.open("f")).read() == data
+
+
+def test_add_file_from_file_object(tmp_path):
+    src = tmp_path / "src.bin"
+    data = os.urandom(3 << 20)
+    src.write_bytes(data)
+    with build(tmp_path, "x.cim") as w:
+        with open(src, "rb") as f:
+            w.add_file("copy", f)
+        import io
+        w.add_file("from-bytesio", io.BytesIO(b"hello"))
+    with cimfs.open(tmp_path / "x.cim") as im:
+        assert hashlib.sha256(im.read_bytes("copy")).digest() == hashlib.sha256(data).digest()
+        assert im.read_bytes("from-bytesio") == b"hello"
+
+
+def test_exception_discards_everything(tmp_path):
+    with pytest.raises(RuntimeError):
+        with build(tmp_path) as w:
+            w.add_file("f", os.urandom(100_000))
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+
+
+def test_overwrite_rules(tmp_path):
+    with build(tmp_path) as w:
+        w.mkdir("d")
+        w.add_file("d/x", b"1")
+        w.add_file("f", b"old")
+        w.add_file("f", b"new")  # an existing path is overwritten
+        with pytest.raises(CimError) as e:
+            w.add_file("d", b"file over non-empty dir")
+        assert e.value.hresult == errors.ERROR_DIR_NOT_EMPTY
+        w.mkdir("e")
+        w.add_file("e", b"file over empty dir")
+        w.create_file("d", FileMetadata(attributes=A.DIRECTORY, creation_time=42)).close()  # keeps children
+    with cimfs.open(tmp_path / "t.cim") as im:
+        assert im.read_bytes("f") == b"new"
+        assert im.read_bytes("e") == b"file over empty dir"
+        assert im.stat("d").creation_time == 42 and im.listdir("d") == ["x"]
+
+
+def test_delete_rules(tmp_path):
+    with build(tmp_path) as w:
+        w.mkdir("d/e", parents=True)
+        w.add_file("d/e/f", b"1")
+        w.add_file("g", b"2")
+        w.add_stream("g:s", b"3")
+        w.delete("d")  # with its contents
+        w.delete("g:s")
+        for bad, code in (("missing", errors.ERROR_FILE_NOT_FOUND), ("g:nostream", errors.ERROR_FILE_NOT_FOUND),
+                          ("d/e/f", errors.ERROR_PATH_NOT_FOUND), ("", errors.E_INVALIDARG)):
+            with pytest.raises(CimError) as e:
+                w.delete(bad)
+            assert e.value.hresult == code, bad
+    with cimfs.open(tmp_path / "t.cim") as im:
+        assert im.listdir() == ["g"] and im.streams("g") == []
+
+
+@pytest.mark.parametrize("bad", ["a/../b", ".", "x/./y", "a\0b", "a\x1fb", "a*b", "a?b", 'a"b', "a<b", "a>b",
+                                 "a|b", "n" * 256, "a:b"])
+def test_invalid_names(tmp_path, bad):
+    with build(tmp_path) as w:
+        with pytest.raises(CimError) as e:
+            w.add_file(bad, b"x")
+        assert e.value.hresult == errors.ERROR_INVALID_NAME
+        assert bad[:20] in str(e.value) or "path" in str(e.value)
+
+
+def test_long_names_and_paths(tmp_path):
+    n255 = "n" * 255
+    with build(tmp_path) as w:
+        w.add_file(n255, b"ok")
+        w.add_file("😀" * 127, b"254 units")
+        with pytest.raises(CimError):
+            w.add_file("😀" * 128, b"256 units")
+        with pytest.raises(CimError) as e:
+            w.add_file("/".join(["d" * 200] * 170), b"")
+        assert e.value.hresult == errors.ERROR_INVALID_NAME
+    with cimfs.open(tmp_path / "t.cim") as im:
+        assert im.read_bytes(n255.upper()) == b"ok"
+
+
+def test_lookup_errors(tmp_path):
+    with build(tmp_path) as w:
+        w.add_file("f", b"x")
+    with cimfs.open(tmp_path / "t.cim") as im:
+        with pytest.raises(CimError) as e:
+            im.stat("nope")
+        assert e.value.hresult == errors.ERROR_FILE_NOT_FOUND and "nope" in str(e.value)
+        with pytest.raises(CimError) as e:
+            im.stat("nope/deeper")
+        assert e.value.hresult == errors.ERROR_PATH_NOT_FOUND
+        with pytest.raises(CimError) as e:
+            im.listdir("f")
+        assert e.value.hresult == errors.ERROR_PATH_NOT_FOUND
+        assert not im.exists("f:stream") and im.exists("F") and not im.exists("f/x")
+    with pytest.raises(CimError) as e:
+        cimfs.open(tmp_path / "missing.cim")
+    assert e.value.hresult == errors.ERROR_FILE_NOT_FOUND
