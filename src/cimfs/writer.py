@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import os
 import secrets
+import stat
 import struct
 import uuid
 from typing import BinaryIO
@@ -481,8 +482,14 @@ class ImageWriter:
         directory = os.fspath(containing_dir)
         if not name and not base:
             raise CimError(E_INVALIDARG, "neither an existing nor a new image name was given", directory)
-        if not os.path.isdir(directory):
-            raise CimError(ERROR_PATH_NOT_FOUND, "containing directory does not exist", directory)
+        try:
+            st = os.stat(directory)
+        except PermissionError:
+            raise CimError(E_ACCESSDENIED, "no access to the containing directory", directory) from None
+        except OSError:
+            raise CimError(ERROR_PATH_NOT_FOUND, "containing directory does not exist", directory) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise CimError(ERROR_PATH_NOT_FOUND, "containing path is not a directory", directory)
         if not os.access(directory, os.W_OK | os.X_OK):
             raise CimError(E_ACCESSDENIED, "no write access to the containing directory", directory)
         name = name or base
@@ -959,9 +966,7 @@ def _size_of(f) -> int | None:
     try:
         fd = f.fileno()
         st = os.fstat(fd)
-        import stat as _stat
-
-        if _stat.S_ISREG(st.st_mode):
+        if stat.S_ISREG(st.st_mode):
             return st.st_size - f.tell()
     except (AttributeError, OSError, ValueError):
         pass
