@@ -1,0 +1,708 @@
+"""The ``cimfs`` command: build, fork, inspect, verify, extract and mount CimFS images."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tarfile
+
+import click
+
+import cimfs
+from . import posix, tools
+from .errors import E_INVALIDARG, ERROR_FILE_EXISTS, ERROR_FILE_NOT_FOUND, CimError
+from .progress import Progress
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _warn(msg: str) -> None:
+    click.echo(f"cimfs: {msg}", err=True)
+
+
+def _json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+def _image_location(image: str) -> tuple[str, str]:
+    image = os.fspath(image)
+    directory, name = os.path.split(os.path.abspath(image))
+    if not name:
+        raise click.UsageError(f"{image}: an image is a file name")
+    return directory, name
+
+
+@contextlib.contextmanager
+def _open_image(path: str):
+    if not os.path.exists(path):
+        raise CimError(ERROR_FILE_NOT_FOUND, "no such image", path)
+    with cimfs.open(path) as img:
+        yield img
+
+
+def _image_path_arg(path: str | None) -> str:
+    return (path or "").replace("\\", "/").strip("/")
+
+
+# ===================================================================== group
+@click.group(context_settings=CONTEXT)
+@click.version_option(cimfs.__version__, "-V", "--version", prog_name="cimfs")
+def cli() -> None:
+    """Build, fork, inspect, verify, extract and mount CimFS images.
+
+    \b
+    Examples:
+      cimfs create ./rootfs base.cim           # a directory or tar as an image
+      cimfs create layer.tar.gz img.cim        # any tar compression Python reads
+      cimfs fork base.cim app.cim --add ./app:/opt/app --delete /tmp
+      cimfs ls app.cim /opt -lR
+      cimfs cat app.cim /etc/hostname
+      cimfs extract app.cim ./out
+      cimfs diff base.cim app.cim
+    """
+
+
+# ===================================================================== create
+def _detect_format(fmt: str, tf: tarfile.TarFile) -> str:
+    if fmt != "auto":
+        return fmt
+    try:
+        from . import winlayer
+    except ImportError:
+        return "posix"
+    try:
+        return "windows-layer" if winlayer.is_windows_layer(tf) else "posix"
+    except (tarfile.TarError, EOFError, OSError):
+        return "posix"
+
+
+def _tar_fileobj(tf: tarfile.TarFile, src: str):
+    """The raw (possibly compressed) archive file, rewound, for the Windows layer importer."""
+    if src == "-":
+        raw = tf.fileobj
+        # tarfile wraps compressed input; find the spool underneath.
+        while hasattr(raw, "fileobj") and raw.fileobj is not None and raw is not raw.fileobj:
+            raw = raw.fileobj
+        raw = getattr(raw, "_fp", raw)
+        raw.seek(0)
+        return raw
+    return open(src, "rb")
+
+
+def _import_posix(directory, name, base_name, tree, *, mirror: bool):
+    base_reader = None
+    total = tree.total_bytes()
+    with Progress(total, "create") as bar:
+        with cimfs.create(directory, name, base=base_name) as w:
+            if base_name is not None:
+                base_reader = cimfs.open(os.path.join(directory, base_name))
+            try:
+                posix.Importer(w, tree.root, base=base_reader, delete_extra=mirror, progress=bar).run()
+            finally:
+                if base_reader is not None:
+                    base_reader.close()
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("src")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--fork-from", "parent", metavar="PARENT.cim",
+              help="Make IMAGE a fork of PARENT (same directory) storing only what differs.")
+@click.option("--extend", is_flag=True, help="Add SRC into the existing IMAGE in place (merge, nothing deleted).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "posix", "windows-layer"]), default="auto",
+              show_default=True, help="How to read a tar SRC.")
+@click.option("--on-collision", type=click.Choice(["error", "rename", "skip"]), default="error", show_default=True,
+              help="Names that differ only in case: fail, rename the later one (name~2), or skip it.")
+def create(src, image, parent, extend, fmt, on_collision):
+    """Build IMAGE from SRC: a directory, a tar file (any compression), or - for a tar on stdin.
+
+    For a directory or POSIX tar the image mirrors SRC exactly: contents, symlinks,
+    hard links, FIFOs, devices, sockets, mode, owner and times (WSL conventions).
+    With --fork-from the image is a fork of PARENT that mirrors SRC and stores only
+    what the parent chain does not already hold.  A Windows container layer tar is
+    applied on top of PARENT (whiteouts included), as container runtimes do.
+
+    \b
+    Examples:
+      cimfs create ./rootfs base.cim
+      cimfs create ./rootfs-v2 v2.cim --fork-from base.cim
+      tar -C ./rootfs -c . | cimfs create - base.cim
+      cimfs create layer.tar layer.cim --format windows-layer --fork-from base.cim
+      cimfs create ./extra base.cim --extend
+    """
+    directory, name = _image_location(image)
+    if extend and parent:
+        raise click.UsageError("--extend and --fork-from cannot be combined")
+    base_name = None
+    if parent:
+        pdir, pname = _image_location(parent)
+        if not os.path.exists(parent):
+            raise CimError(ERROR_FILE_NOT_FOUND, "no such image", parent)
+        if os.path.realpath(pdir) != os.path.realpath(directory):
+            raise click.UsageError(f"{parent}: a fork's parent must be in the same directory as the fork")
+        base_name = pname
+    if extend:
+        if not os.path.exists(image):
+            raise CimError(ERROR_FILE_NOT_FOUND, "no such image to extend", image)
+        base_name = name
+    elif os.path.lexists(image):
+        raise CimError(ERROR_FILE_EXISTS, "already exists (remove it with 'cimfs rm' or use --extend)", image)
+    if not os.path.isdir(directory):
+        raise CimError(ERROR_FILE_NOT_FOUND, "directory does not exist", directory)
+
+    if src != "-" and os.path.isdir(src):
+        if fmt == "windows-layer":
+            raise click.UsageError(f"{src}: --format windows-layer needs a tar")
+        tree = posix.scan_directory(src, posix.Tree(on_collision, report=_warn))
+        _import_posix(directory, name, base_name, tree, mirror=bool(parent))
+        return
+    if src != "-" and not os.path.exists(src):
+        raise CimError(ERROR_FILE_NOT_FOUND, "no such file or directory", src)
+    tf = posix.open_tar(src)
+    with tf:
+        kind = _detect_format(fmt, tf)
+        if kind == "windows-layer":
+            from . import winlayer
+            raw = _tar_fileobj(tf, src)
+            total = os.fstat(raw.fileno()).st_size if hasattr(raw, "fileno") else 0
+            with Progress(total, "create") as bar:
+                winlayer.import_layer(raw, directory, name, parent=base_name, progress=bar)
+            return
+        label = "stdin" if src == "-" else src
+        tree = posix.scan_tar(tf, posix.Tree(on_collision, report=_warn), label)
+        _import_posix(directory, name, base_name, tree, mirror=bool(parent))
+
+
+# ===================================================================== fork
+def _split_add(spec: str) -> tuple[str, str | None]:
+    if os.path.lexists(spec) or ":" not in spec:
+        return spec, None
+    src, _, dest = spec.rpartition(":")
+    return src, dest
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("parent", type=click.Path(dir_okay=False))
+@click.argument("new", type=click.Path(dir_okay=False))
+@click.option("--add", "adds", multiple=True, metavar="SRC[:IMAGE_PATH]",
+              help="Add a local file or directory (default: /<basename of SRC>). A directory is merged into "
+                   "IMAGE_PATH. Repeatable.")
+@click.option("--delete", "deletes", multiple=True, metavar="IMAGE_PATH",
+              help="Delete a file or directory (recursively). Repeatable; applied before the additions.")
+@click.option("--on-collision", type=click.Choice(["error", "rename", "skip"]), default="error", show_default=True)
+def fork(parent, new, adds, deletes, on_collision):
+    """Create NEW as a fork of PARENT plus the given additions and deletions.
+
+    NEW shares PARENT's region files (both must be in one directory) and stores
+    only what changed.
+
+    \b
+    Examples:
+      cimfs fork base.cim app.cim --add ./app:/opt/app
+      cimfs fork base.cim slim.cim --delete /usr/share/doc --delete /var/cache
+      cimfs fork base.cim v2.cim --add ./motd:/etc/motd
+    """
+    pdir, pname = _image_location(parent)
+    directory, name = _image_location(new)
+    if not os.path.exists(parent):
+        raise CimError(ERROR_FILE_NOT_FOUND, "no such image", parent)
+    if os.path.realpath(pdir) != os.path.realpath(directory):
+        raise click.UsageError(f"{new}: a fork must be in the same directory as its parent")
+    if os.path.lexists(new):
+        raise CimError(ERROR_FILE_EXISTS, "already exists", new)
+    plans = []
+    for spec in adds:
+        src, dest = _split_add(spec)
+        if not os.path.lexists(src):
+            raise CimError(ERROR_FILE_NOT_FOUND, "no such file or directory", src)
+        if dest is None:
+            dest = os.path.basename(os.path.normpath(os.path.abspath(src)))
+        dest = _image_path_arg(dest)
+        if os.path.isdir(src) and not os.path.islink(src):
+            tree = posix.scan_directory(src, posix.Tree(on_collision, report=_warn))
+            plans.append((tree.root, dest, tree.total_bytes()))
+        else:
+            if not dest:
+                raise click.UsageError(f"{spec}: a file cannot replace the root directory")
+            tree = posix.Tree(on_collision, report=_warn)
+            node = posix.scan_single(src, tree)
+            plans.append((node, dest, node.size))
+    total = sum(t for _, _, t in plans)
+    with Progress(total, "fork") as bar, cimfs.create(directory, name, base=pname) as w, \
+            cimfs.open(os.path.join(directory, pname)) as base:
+        hidden = set()
+        for d in deletes:
+            p = _image_path_arg(d)
+            if not p:
+                raise click.UsageError("--delete cannot delete the root")
+            w.delete(p)
+            hidden.add(posix.fold(p))
+        for node, dest, _ in plans:
+            imp = posix.Importer(w, node, base=base, at=dest, progress=bar, hidden=hidden)
+            imp.run()
+            hidden |= imp.written_keys()
+
+
+# ===================================================================== reading
+def _entry_json(path: str, st) -> dict:
+    info = posix.posix_info(st)
+    return {
+        "path": path, "name": path.rsplit("/", 1)[-1] if path else "", "file_id": st.file_id, "type": info.kind,
+        "mode": f"{info.mode:o}", "mode_string": tools.mode_string(info.mode), "uid": info.uid, "gid": info.gid,
+        "nlink": st.nlink, "size": st.size, "attributes": st.attributes,
+        "mtime": tools.filetime_iso(st.last_write_time), "last_write_time": st.last_write_time,
+        "target": info.target, "rdev": list(info.rdev) if info.kind in ("chr", "blk") else None,
+    }
+
+
+def _long_line(name: str, st) -> str:
+    info = posix.posix_info(st)
+    size = f"{info.rdev[0]}, {info.rdev[1]}" if info.kind in ("chr", "blk") else str(st.size)
+    when = tools.filetime_iso(st.last_write_time)[:19].replace("T", " ")
+    line = f"{tools.mode_string(info.mode)} {st.nlink:>3} {info.uid:>5} {info.gid:>5} {size:>10} {when} {name}"
+    if info.target is not None:
+        line += f" -> {info.target}"
+    return line
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("path", required=False, default="")
+@click.option("-l", "long", is_flag=True, help="Long listing: mode, links, owner, size, time, name.")
+@click.option("-R", "recursive", is_flag=True, help="List everything below PATH (paths relative to PATH).")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+def ls(image, path, long, recursive, as_json):
+    """List the entries of a directory in IMAGE (the root by default).
+
+    \b
+    Examples:
+      cimfs ls base.cim
+      cimfs ls base.cim /etc -l
+      cimfs ls base.cim -R --json
+    """
+    path = _image_path_arg(path)
+    with _open_image(image) as img:
+        st = img.stat(path)
+        rows = []
+        if not st.is_dir:
+            rows.append((path.rsplit("/", 1)[-1], path, st))
+        elif recursive:
+            for p, fid, cst in tools.iter_entries(img, path):
+                if p == path:
+                    continue
+                rel = p[len(path) + 1:] if path else p
+                rows.append((rel, p, cst))
+        else:
+            for e in img.scandir(path):
+                rows.append((e.name, f"{path}/{e.name}" if path else e.name, img.stat(e.file_id)))
+        if as_json:
+            _json([_entry_json(p, s) for _, p, s in rows])
+            return
+        for name, _, s in rows:
+            click.echo(_long_line(name, s) if long else name)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("path")
+def cat(image, path):
+    """Write the contents of PATH (or PATH:stream, an alternate data stream) to stdout.
+
+    \b
+    Examples:
+      cimfs cat base.cim /etc/os-release
+      cimfs cat layer.cim 'Files/readme.txt:Zone.Identifier'
+    """
+    path = path.replace("\\", "/").lstrip("/")
+    with _open_image(image) as img:
+        fpath, stream = tools.split_stream(path)
+        st = img.stat(fpath)
+        if st.is_dir and stream is None:
+            raise CimError(E_INVALIDARG, "is a directory", path)
+        out = click.get_binary_stream("stdout")
+        with img.open(fpath, stream=stream) as f:
+            while True:
+                buf = f.read(posix.CHUNK)
+                if not buf:
+                    break
+                out.write(buf)
+        out.flush()
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True)
+def stat(image, path, as_json):
+    """Show every field of PATH: attributes, times, EAs, reparse data, security descriptor, streams.
+
+    \b
+    Examples:
+      cimfs stat base.cim /bin/sh
+      cimfs stat layer.cim Files/Windows --json
+    """
+    path = _image_path_arg(path)
+    with _open_image(image) as img:
+        d = tools.describe(img, path)
+    if as_json:
+        _json(d)
+        return
+    echo = click.echo
+    echo(f"  Path: {d['path']}")
+    echo(f"  Type: {d['type']}    FileID: {d['file_id']}    Parent FileID: {d['parent_file_id']}")
+    echo(f"  Size: {d['size']}    Links: {d['nlink']}    Sparse stream: {d['is_sparse']}")
+    echo(f"Attributes: {d['attributes']:#x} {' '.join(d['attribute_names'])}")
+    p = d["posix"]
+    extra = f"    Device: {p['rdev'][0]},{p['rdev'][1]}" if p["rdev"] else ""
+    echo(f"  Mode: {p['mode_string']} ({p['mode']})    Uid: {p['uid']}    Gid: {p['gid']}{extra}")
+    if p["target"] is not None:
+        echo(f"Target: {p['target']}")
+    labels = {"creation_time": "Created", "last_write_time": "Modified", "change_time": "Changed",
+              "last_access_time": "Accessed"}
+    for k, label in labels.items():
+        t = d["times"][k]
+        echo(f"{label:>9}: {t['iso']} ({t['filetime']})")
+    sd = d["security_descriptor"]
+    if sd:
+        echo(f"Security descriptor ({sd['length']} bytes): {sd.get('sddl', '?')}")
+        if "decoded" in sd:
+            for line in json.dumps(sd["decoded"], indent=2, default=str).splitlines():
+                echo(f"    {line}")
+        if "error" in sd:
+            echo(f"    error: {sd['error']}")
+    else:
+        echo("Security descriptor: none")
+    if isinstance(d["eas"], dict):
+        echo(f"EAs: undecodable ({d['eas']['error']})")
+    elif d["eas"]:
+        echo("EAs:")
+        for ea in d["eas"]:
+            dec = f" = {ea['decoded']}" if "decoded" in ea else ""
+            echo(f"    {ea['name']} (flags {ea['flags']:#x}): {ea['value_hex']}{dec}")
+    rp = d["reparse"]
+    if rp:
+        echo(f"Reparse: tag {rp['tag']} ({rp['tag_name']}), {rp['length']} bytes")
+        for k in ("target", "substitute_name", "print_name", "relative", "data_hex", "error"):
+            if k in rp:
+                echo(f"    {k}: {rp[k]}")
+    if d["streams"]:
+        echo("Streams:")
+        for s in d["streams"]:
+            echo(f"    {s['name']}: {s['size']} bytes")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def info(image, as_json):
+    """Format version, region sets and parents, counts, bytes stored and dedup savings.
+
+    \b
+    Example:
+      cimfs info app.cim --json
+    """
+    with _open_image(image) as img:
+        d = tools.image_info(img)
+    if as_json:
+        _json(d)
+        return
+    echo = click.echo
+    echo(f"Image:        {d.get('path', image)}")
+    echo(f"Version:      {d.get('version')}")
+    rs = d.get("region_set", {})
+    echo(f"Region set:   {rs.get('id')} ({rs.get('count')} region files)")
+    parents = d.get("parent_region_sets", [])
+    echo(f"Parents:      {len(parents)}")
+    for p in parents:
+        echo(f"  {p['id']} ({p['count']} region files)")
+    c = d["counts"]
+    echo(f"Entries:      {c['files']} files, {c['directories']} directories, {c['symlinks']} symlinks, "
+         f"{c['special']} special, {c['hard_link_names']} extra hard-link names, {c['alternate_streams']} streams")
+    echo(f"Content:      {d['bytes_logical']} bytes")
+    if "bytes_unique_content" in d:
+        echo(f"Unique:       {d['bytes_unique_content']} bytes (dedup saves {d['dedup_savings']})")
+    b = d["bytes_stored"]
+    echo(f"Stored:       {b['all_regions']} bytes in region files ({b['all_regions_allocated']} allocated), "
+         f"{b['own_regions']} in this image's own set, .cim {b['cim_file']}")
+
+
+# ===================================================================== extract / export
+@cli.command(context_settings=CONTEXT)
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.argument("path", required=False, default="")
+def extract(image, dest, path):
+    """Extract IMAGE (or PATH inside it) into DEST, restoring POSIX metadata.
+
+    Ownership and device nodes are restored when run as root.  Nothing is ever
+    created or written outside DEST, whatever names or links the image holds.
+
+    \b
+    Examples:
+      cimfs extract base.cim ./rootfs
+      cimfs extract base.cim ./etc-copy /etc
+    """
+    path = _image_path_arg(path)
+    with _open_image(image) as img:
+        ex = posix.Extractor(img, dest, warn=_warn)
+        with Progress(ex.total_bytes(path), "extract") as bar:
+            ex.progress = bar
+            report = ex.run(path)
+    if report.problems:
+        sys.exit(1)
+
+
+def _open_output(out: str):
+    """(binary file, finish(ok)) writing OUT atomically, compressed by its suffix."""
+    import gzip, bz2, lzma  # noqa: E401
+    low = out.lower()
+    if out == "-":
+        raw = click.get_binary_stream("stdout")
+        tmp = None
+    else:
+        directory = os.path.dirname(os.path.abspath(out))
+        tmp = os.path.join(directory, f".{os.path.basename(out)}.tmp{os.getpid()}")
+        raw = open(tmp, "wb")
+    if low.endswith((".gz", ".tgz")):
+        f = gzip.GzipFile(fileobj=raw, mode="wb")
+    elif low.endswith((".bz2", ".tbz2")):
+        f = bz2.BZ2File(raw, "wb")
+    elif low.endswith((".xz", ".txz")):
+        f = lzma.LZMAFile(raw, "wb")
+    else:
+        f = None
+
+    def finish(ok: bool) -> None:
+        try:
+            if f is not None:
+                f.close()
+            raw.flush()
+            if tmp is not None:
+                raw.close()
+        finally:
+            if tmp is not None:
+                if ok:
+                    os.replace(tmp, out)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+    return (f or raw), finish
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("out")
+@click.option("--format", "fmt", type=click.Choice(["posix", "windows-layer"]), default="posix", show_default=True)
+def export(image, out, fmt):
+    """Write IMAGE as a tar (OUT, or - for stdout; .gz/.bz2/.xz compress).
+
+    posix: a PAX tar with every type, mode, owner, time (100 ns) and sparse file.
+    windows-layer: a Windows container layer tar (Files/, Hives/).
+
+    \b
+    Examples:
+      cimfs export base.cim rootfs.tar
+      cimfs export layer.cim layer.tar.gz --format windows-layer
+    """
+    with _open_image(image) as img:
+        f, finish = _open_output(out)
+        ok = False
+        try:
+            if fmt == "windows-layer":
+                from . import winlayer
+                with Progress(0, "export") as bar:
+                    winlayer.export_layer(img, f, progress=bar)
+                report = None
+            else:
+                total = posix.Extractor(img, ".").total_bytes()
+                with Progress(total, "export") as bar, \
+                        tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+                    report = posix.export_tar(img, tf, progress=bar, warn=_warn)
+            ok = True
+        finally:
+            finish(ok)
+    if report is not None and report.problems:
+        sys.exit(1)
+
+
+# ===================================================================== diff / fsck
+@cli.command(context_settings=CONTEXT)
+@click.argument("a", type=click.Path(dir_okay=False))
+@click.argument("b", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def diff(a, b, as_json):
+    """Paths added (+), removed (-) and changed (M) from A to B; nothing when identical.
+
+    \b
+    Example:
+      cimfs diff base.cim app.cim
+    """
+    with _open_image(a) as ia, _open_image(b) as ib:
+        d = tools.diff_images(ia, ib)
+    if as_json:
+        _json(d)
+        return
+    for p in d["added"]:
+        click.echo(f"+ {p}")
+    for p in d["removed"]:
+        click.echo(f"- {p}")
+    for c in d["changed"]:
+        click.echo(f"M {c['path']} ({', '.join(c['fields'])})")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("image", type=click.Path(dir_okay=False))
+def fsck(image):
+    """Check every structure of IMAGE and read every byte; exit 1 with findings.
+
+    \b
+    Example:
+      cimfs fsck app.cim && echo clean
+    """
+    if not os.path.exists(image):
+        raise CimError(ERROR_FILE_NOT_FOUND, "no such image", image)
+    findings = tools.fsck(image)
+    for f in findings:
+        click.echo(f"{image}: {f}", err=True)
+    if findings:
+        sys.exit(1)
+    click.echo(f"{image}: ok")
+
+
+# ===================================================================== rm / gc
+@cli.command(context_settings=CONTEXT)
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("-n", "--dry-run", is_flag=True, help="Only say what would be removed.")
+@click.option("-v", "--verbose", is_flag=True, help="List the files removed.")
+def rm(image, dry_run, verbose):
+    """Remove IMAGE and the region/object ID files no other .cim in its directory needs.
+
+    \b
+    Example:
+      cimfs rm old.cim
+    """
+    removed = tools.rm_image(image, dry_run=dry_run, warn=_warn)
+    if verbose or dry_run:
+        for p, _ in removed:
+            click.echo(p)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("-n", "--dry-run", is_flag=True, help="Only say what would be removed.")
+@click.option("-v", "--verbose", is_flag=True, help="List the files removed.")
+def gc(directory, dry_run, verbose):
+    """Remove region/object ID files in DIRECTORY that no .cim there refers to.
+
+    \b
+    Example:
+      cimfs gc ./images
+    """
+    removed = tools.gc(directory, dry_run=dry_run, warn=_warn)
+    if verbose or dry_run:
+        for p, _ in removed:
+            click.echo(p)
+    if not dry_run:
+        click.echo(f"removed {len(removed)} files, {sum(s for _, s in removed)} bytes", err=True)
+
+
+# ===================================================================== mount
+def _mount_options(opts: tuple[str, ...]) -> dict:
+    out: dict = {}
+    for group in opts:
+        for item in filter(None, group.split(",")):
+            key, eq, val = item.partition("=")
+            key = key.strip()
+            try:
+                if key in ("uid", "gid"):
+                    out[key] = int(val)
+                elif key == "umask":
+                    out[key] = int(val, 8)
+                elif key == "allow_other" and not eq:
+                    out["allow_other"] = True
+                else:
+                    raise click.BadParameter(f"unknown mount option {item!r}", param_hint="-o")
+            except ValueError:
+                raise click.BadParameter(f"bad value in {item!r}", param_hint="-o") from None
+    return out
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("-f", "foreground", is_flag=True, help="Stay in the foreground until unmounted.")
+@click.option("-o", "options", multiple=True, metavar="uid=N,gid=N,umask=OOO,allow_other")
+def mount(image, mountpoint, foreground, options):
+    """Mount IMAGE read-only at MOUNTPOINT (FUSE; needs pyfuse3).
+
+    \b
+    Examples:
+      cimfs mount app.cim /mnt/app
+      cimfs mount app.cim /mnt/app -f -o uid=1000,gid=1000,umask=022
+    """
+    opts = _mount_options(options)
+    if not os.path.exists(image):
+        raise CimError(ERROR_FILE_NOT_FOUND, "no such image", image)
+    try:
+        from . import mount as _mount
+    except ImportError as e:
+        raise CimError(E_INVALIDARG, f"mounting needs the 'mount' extra (pip install cimfs[mount]): {e}",
+                       image) from None
+    vid = _mount.mount(image, mountpoint, foreground=foreground, **opts)
+    if vid is not None and not foreground:
+        click.echo(str(vid))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+def umount(mountpoint):
+    """Unmount a CimFS image mounted at MOUNTPOINT.
+
+    \b
+    Example:
+      cimfs umount /mnt/app
+    """
+    try:
+        from . import mount as _mount
+    except ImportError as e:
+        raise CimError(E_INVALIDARG, f"mounting needs the 'mount' extra: {e}", mountpoint) from None
+    _mount.unmount(mountpoint)
+
+
+# ===================================================================== entry point
+def main(argv: list[str] | None = None) -> None:
+    try:
+        rv = cli.main(args=argv, prog_name="cimfs", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except click.exceptions.Abort:
+        click.echo("cimfs: aborted", err=True)
+        code = 1
+    except CimError as e:
+        click.echo(f"cimfs: {e}", err=True)
+        code = 1
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            sys.stdout = None  # type: ignore[assignment]
+        code = 1
+    except KeyboardInterrupt:
+        click.echo("cimfs: interrupted", err=True)
+        code = 130
+    except OSError as e:
+        where = e.filename if e.filename is not None else "cimfs"
+        click.echo(f"cimfs: {where}: {e.strerror or e}", err=True)
+        code = 1
+    except (tarfile.TarError, EOFError) as e:
+        click.echo(f"cimfs: {e}", err=True)
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

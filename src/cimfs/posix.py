@@ -1,0 +1,1276 @@
+"""POSIX trees and tars <-> CimFS images, with WSL's conventions (spec §18).
+
+A CIM has no Unix mode, owner or special files; WSL stores them as EAs
+(``$LXUID``, ``$LXGID``, ``$LXMOD``, ``$LXDEV``) and reparse points (LX symlink,
+FIFO, character/block device, socket).  This module maps a POSIX tree (a
+directory or a tar) onto those conventions when importing, and back when
+extracting or exporting.  It is a client of the public library API only.
+
+Conventions this module chooses (documented in docs/CLI.md):
+
+* times: last write = mtime, change = ctime, last access = atime, creation =
+  the tar's ``LIBARCHIVE.creationtime`` if any, else mtime; 100 ns precision.
+* names: characters a CIM name cannot hold (``\\ : * ? " < > |`` and 1-31) are
+  stored as U+F000 + the character, as WSL does; extraction maps them back.
+* a file with holes is stored with the SPARSE_FILE attribute; extraction and
+  export keep SPARSE_FILE files sparse (zero runs become holes).
+* extraction never follows a link while creating anything: every directory is
+  opened relative to its parent with O_NOFOLLOW, every file created with
+  O_EXCL|O_NOFOLLOW, and the children of an entry that is a link in the image
+  (an LX or NT symlink or a mount point that is also a directory) are skipped.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat as S
+import tarfile
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Iterable
+
+import cimfs
+from .errors import (
+    E_INVALIDARG,
+    ERROR_FILE_EXISTS,
+    ERROR_FILE_NOT_FOUND,
+    ERROR_INVALID_NAME,
+    ERROR_PATH_NOT_FOUND,
+    CimError,
+)
+
+CHUNK = 1 << 20
+SPARSE_BLOCK = 4096
+
+# --------------------------------------------------------------------- times
+FILETIME_UNIX_EPOCH = 116444736000000000
+
+
+def ns_to_filetime(ns: int) -> int:
+    """POSIX nanoseconds -> FILETIME ticks (truncated to 100 ns)."""
+    return ns // 100 + FILETIME_UNIX_EPOCH
+
+
+def filetime_to_ns(ft: int) -> int:
+    return (ft - FILETIME_UNIX_EPOCH) * 100
+
+
+def parse_pax_time(text: str) -> int:
+    """A PAX time (``[-]sec[.frac]``) as integer nanoseconds, exactly."""
+    t = text.strip()
+    neg = t.startswith("-")
+    if neg or t.startswith("+"):
+        t = t[1:]
+    sec, _, frac = t.partition(".")
+    if not sec.isdigit() or (frac and not frac.isdigit()):
+        raise ValueError(f"bad PAX time {text!r}")
+    ns = int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
+    return -ns if neg else ns
+
+
+def format_pax_time(ns: int) -> str:
+    sign = "-" if ns < 0 else ""
+    a = abs(ns)
+    return f"{sign}{a // 1_000_000_000}.{a % 1_000_000_000:09d}"
+
+
+# --------------------------------------------------------------------- names
+_ESCAPED = '\\:*?"<>|' + "".join(chr(c) for c in range(1, 32))
+_TO_IMAGE = {ord(c): 0xF000 + ord(c) for c in _ESCAPED}
+_FROM_IMAGE = {v: k for k, v in _TO_IMAGE.items()}
+
+
+def name_to_image(name: str) -> str:
+    """A POSIX file name as stored in an image (WSL private-use escaping)."""
+    return name.translate(_TO_IMAGE)
+
+
+def name_from_image(name: str) -> str:
+    return name.translate(_FROM_IMAGE)
+
+
+def check_image_name(name: str, where: str) -> None:
+    if name in ("", ".", ".."):
+        raise CimError(ERROR_INVALID_NAME, f"invalid name {name!r}", where)
+    try:
+        units = len(name.encode("utf-16-le")) // 2
+    except UnicodeEncodeError:
+        raise CimError(ERROR_INVALID_NAME, "name is not valid UTF-8", where) from None
+    if units > 255:
+        raise CimError(ERROR_INVALID_NAME, "name is longer than 255 UTF-16 units", where)
+
+
+@lru_cache(maxsize=4096)
+def _fold_char(c: str) -> str:
+    if ord(c) >= 0x10000:
+        return c
+    u = c.upper()
+    return u if len(u) == 1 and ord(u) < 0x10000 else c
+
+
+def fold(name: str) -> str:
+    """Case-insensitive key of a name, as the writer's upcase table compares (spec §7)."""
+    if name.isascii():
+        return name.upper()
+    return "".join(_fold_char(c) for c in name)
+
+
+# --------------------------------------------------------------------- kinds
+DIR, FILE, SYMLINK, FIFO, CHR, BLK, SOCK = "dir", "file", "symlink", "fifo", "chr", "blk", "sock"
+_KIND_OF_FMT = {S.S_IFDIR: DIR, S.S_IFREG: FILE, S.S_IFLNK: SYMLINK, S.S_IFIFO: FIFO,
+                S.S_IFCHR: CHR, S.S_IFBLK: BLK, S.S_IFSOCK: SOCK}
+FMT_OF_KIND = {v: k for k, v in _KIND_OF_FMT.items()}
+
+
+def _ntfs():
+    from .layout import ntfs  # imported lazily: written alongside this module
+    return ntfs
+
+
+def _special_tags():
+    n = _ntfs()
+    return {FIFO: n.IO_REPARSE_TAG_LX_FIFO, CHR: n.IO_REPARSE_TAG_LX_CHR,
+            BLK: n.IO_REPARSE_TAG_LX_BLK, SOCK: n.IO_REPARSE_TAG_AF_UNIX}
+
+
+# --------------------------------------------------------------------- source tree
+class _Group:
+    """Hard links to one file: the first one written carries the data."""
+    __slots__ = ("written",)
+
+    def __init__(self):
+        self.written: str | None = None
+
+
+@dataclass(eq=False)
+class Node:
+    name: str                      # name in the image ("" for the root)
+    src: str                       # where it came from, for messages
+    kind: str
+    mode: int = 0                  # full st_mode, type bits included
+    uid: int = 0
+    gid: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    btime_ns: int | None = None
+    size: int = 0
+    target: str | None = None      # symlink target
+    rdev: tuple[int, int] = (0, 0)
+    sparse: bool = False
+    opener: Callable[[], io.RawIOBase] | None = None
+    order: int = 0
+    parent: "Node | None" = None
+    children: dict = field(default_factory=dict)   # fold(name) -> Node
+    group: _Group | None = None
+    implied: bool = False
+
+    def path(self) -> str:
+        parts = []
+        n = self
+        while n is not None and n.parent is not None:
+            parts.append(n.name)
+            n = n.parent
+        return "/".join(reversed(parts))
+
+    def copy_meta_from(self, other: "Node") -> None:
+        for f in ("mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "btime_ns"):
+            setattr(self, f, getattr(other, f))
+        self.implied = False
+
+
+def _default_dir(name: str, src: str, like: Node | None = None) -> Node:
+    now = time.time_ns() if like is None else like.mtime_ns
+    return Node(name=name, src=src, kind=DIR, mode=S.S_IFDIR | 0o755,
+                atime_ns=now, mtime_ns=now, ctime_ns=now, implied=True)
+
+
+class Tree:
+    """A POSIX tree to import, with case-insensitive collision handling."""
+
+    def __init__(self, on_collision: str = "error", report: Callable[[str], None] | None = None):
+        if on_collision not in ("error", "rename", "skip"):
+            raise CimError(E_INVALIDARG, f"unknown collision policy {on_collision!r}")
+        self.on_collision = on_collision
+        self.report = report or (lambda msg: None)
+        self.root = _default_dir("", "")
+        self.by_src: dict[str, Node | None] = {"": self.root}   # None: skipped
+        self.groups: dict = {}
+
+    # -- building
+    def set_root(self, node: Node) -> None:
+        self.root.copy_meta_from(node)
+
+    def _dir(self, src_parts: list[str], like: Node) -> Node | None:
+        key = "/".join(src_parts)
+        if key in self.by_src:
+            d = self.by_src[key]
+            if d is not None and d.kind != DIR:
+                raise CimError(ERROR_PATH_NOT_FOUND, "is not a directory", d.src)
+            return d
+        parent = self._dir(src_parts[:-1], like)
+        if parent is None:
+            self.by_src[key] = None
+            return None
+        d = self._attach(parent, _default_dir(name_to_image(src_parts[-1]), key, like))
+        self.by_src[key] = d
+        return d
+
+    def add(self, src_parts: list[str], node: Node) -> Node | None:
+        """Place ``node`` at the source path; returns it (or the node it merged into), None if skipped."""
+        key = "/".join(src_parts)
+        if not src_parts:
+            if node.kind != DIR:
+                raise CimError(E_INVALIDARG, "the root must be a directory", node.src or ".")
+            self.set_root(node)
+            return self.root
+        parent = self._dir(src_parts[:-1], node)
+        if parent is None:
+            self.by_src[key] = None
+            self.report(f"skipped {node.src} (its directory was skipped)")
+            return None
+        node.name = name_to_image(src_parts[-1])
+        placed = self._attach(parent, node)
+        self.by_src[key] = placed
+        return placed
+
+    def _attach(self, parent: Node, node: Node) -> Node | None:
+        check_image_name(node.name, node.src)
+        k = fold(node.name)
+        old = parent.children.get(k)
+        if old is None:
+            node.parent = parent
+            parent.children[k] = node
+            return node
+        if old.name == node.name:
+            # The same name again (a tar may repeat a member): the later one wins.
+            if old.kind == DIR and node.kind == DIR:
+                old.copy_meta_from(node)
+                return old
+            if old.kind == DIR:
+                raise CimError(ERROR_FILE_EXISTS, "would replace a directory with a non-directory", node.src)
+            node.parent = parent
+            parent.children[k] = node
+            return node
+        a, b = old.src, node.src
+        if self.on_collision == "error":
+            raise CimError(ERROR_FILE_EXISTS,
+                           f"collides case-insensitively with {a!r} (use --on-collision rename|skip)", b)
+        if self.on_collision == "skip":
+            self.report(f"skipped {b} (collides case-insensitively with {a})")
+            return None
+        stem, dot, ext = node.name.rpartition(".")
+        if not stem:
+            stem, dot, ext = node.name, "", ""
+        i = 2
+        while True:
+            cand = f"{stem}~{i}{dot}{ext}"
+            if fold(cand) not in parent.children:
+                break
+            i += 1
+        check_image_name(cand, node.src)
+        new_path = (parent.path() + "/" if parent.parent is not None else "") + name_from_image(cand)
+        self.report(f"renamed {b} to {new_path} (collides case-insensitively with {a})")
+        node.name = cand
+        node.parent = parent
+        parent.children[fold(cand)] = node
+        return node
+
+    # -- queries
+    def iter_nodes(self) -> Iterable[Node]:
+        stack = [self.root]
+        while stack:
+            n = stack.pop()
+            yield n
+            stack.extend(reversed(list(n.children.values())))
+
+    def total_bytes(self) -> int:
+        return sum(n.size for n in self.iter_nodes() if n.kind == FILE)
+
+
+def _node_from_stat(st: os.stat_result, src: str) -> Node:
+    kind = _KIND_OF_FMT.get(S.S_IFMT(st.st_mode))
+    if kind is None:
+        raise CimError(E_INVALIDARG, f"unsupported file type {S.S_IFMT(st.st_mode):#o}", src)
+    n = Node(name="", src=src, kind=kind, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+             atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns)
+    if kind in (CHR, BLK):
+        n.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    if kind == FILE:
+        n.size = st.st_size
+    return n
+
+
+def _has_holes(path: str, size: int) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.lseek(fd, 0, os.SEEK_HOLE) < size
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _file_opener(path: str):
+    def opener():
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return os.fdopen(fd, "rb", buffering=0)
+    return opener
+
+
+_ERRNO_HRESULT = {
+    errno.ENOENT: ERROR_FILE_NOT_FOUND,
+    errno.ENOTDIR: ERROR_PATH_NOT_FOUND,
+    errno.EACCES: 0x80070005,
+    errno.EPERM: 0x80070005,
+    errno.EEXIST: ERROR_FILE_EXISTS,
+}
+
+
+def _oserror(e: OSError, path: str) -> CimError:
+    """An OSError from the local filesystem as the library's error type."""
+    return CimError(_ERRNO_HRESULT.get(e.errno, E_INVALIDARG), e.strerror or str(e), path)
+
+
+def scan_directory(src_dir: str, tree: Tree) -> Tree:
+    """Add the tree rooted at ``src_dir`` (which itself becomes the root)."""
+    try:
+        st = os.stat(src_dir)
+    except OSError as e:
+        raise _oserror(e, src_dir) from None
+    if not S.S_ISDIR(st.st_mode):
+        raise CimError(E_INVALIDARG, "is not a directory", src_dir)
+    tree.add([], _node_from_stat(st, src_dir))
+    order = 0
+    stack: list[tuple[str, list[str]]] = [(src_dir, [])]
+    while stack:
+        path, parts = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            raise _oserror(e, path) from None
+        subdirs = []
+        for ent in entries:
+            full = os.path.join(path, ent.name)
+            try:
+                st = ent.stat(follow_symlinks=False)
+            except OSError as e:
+                raise _oserror(e, full) from None
+            node = _node_from_stat(st, full)
+            order += 1
+            node.order = order
+            if node.kind == SYMLINK:
+                try:
+                    node.target = os.readlink(full)
+                except OSError as e:
+                    raise _oserror(e, full) from None
+            elif node.kind == FILE:
+                node.opener = _file_opener(full)
+                if st.st_blocks * 512 < st.st_size and _has_holes(full, st.st_size):
+                    node.sparse = True
+            if node.kind != DIR and st.st_nlink > 1:
+                node.group = tree.groups.setdefault((st.st_dev, st.st_ino), _Group())
+            placed = tree.add(parts + [ent.name], node)
+            if placed is not None and node.kind == DIR:
+                subdirs.append((full, parts + [ent.name]))
+        stack.extend(reversed(subdirs))
+    return tree
+
+
+def scan_single(path: str, tree: Tree) -> Node:
+    """A node for one local file, symlink or special file (not a directory)."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise _oserror(e, path) from None
+    node = _node_from_stat(st, path)
+    if node.kind == SYMLINK:
+        node.target = os.readlink(path)
+    elif node.kind == FILE:
+        node.opener = _file_opener(path)
+        node.sparse = st.st_blocks * 512 < st.st_size and _has_holes(path, st.st_size)
+    node.name = name_to_image(os.path.basename(os.path.normpath(path)))
+    return node
+
+
+# --------------------------------------------------------------------- tars
+def open_tar(path: str, stdin=None):
+    """Open a tar (any compression tarfile reads); ``-`` spools stdin to a temporary file."""
+    try:
+        if path == "-":
+            import tempfile
+            spool = tempfile.TemporaryFile()
+            src = stdin if stdin is not None else __import__("sys").stdin.buffer
+            while True:
+                buf = src.read(CHUNK)
+                if not buf:
+                    break
+                spool.write(buf)
+            spool.seek(0)
+            return tarfile.open(fileobj=spool, mode="r:*")
+        return tarfile.open(path, mode="r:*")
+    except (tarfile.TarError, EOFError) as e:
+        raise CimError(E_INVALIDARG, f"not a readable tar archive ({e})", path) from None
+    except OSError as e:
+        raise _oserror(e, path) from None
+
+
+def _tar_parts(name: str, where: str) -> list[str]:
+    parts = []
+    for p in name.split("/"):
+        if p in ("", "."):
+            continue
+        if p == "..":
+            raise CimError(ERROR_INVALID_NAME, "member name contains '..'", where)
+        parts.append(p)
+    return parts
+
+
+def _tar_time(m: tarfile.TarInfo, key: str, default: int | None) -> int | None:
+    v = m.pax_headers.get(key)
+    if v is not None:
+        try:
+            return parse_pax_time(v)
+        except ValueError:
+            pass
+    return default
+
+
+TAR_READ_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError)
+
+
+def members(tf: tarfile.TarFile, label: str) -> list[tarfile.TarInfo]:
+    """Every member header, and a check that the archive is not truncated."""
+    try:
+        ms = tf.getmembers()
+        # A truncated archive ends before the end-of-archive marker: the data of
+        # the last member (or its header) runs past the end of the file.
+        f = tf.fileobj
+        f.seek(tf.offset)
+        marker = f.read(tarfile.BLOCKSIZE)
+        if len(marker) < tarfile.BLOCKSIZE or marker.count(0) != tarfile.BLOCKSIZE:
+            what = f"data of {ms[-1].name!r} or " if ms else ""
+            raise CimError(E_INVALIDARG, f"truncated tar: {what}the end-of-archive marker is missing", label)
+        return ms
+    except CimError:
+        raise
+    except TAR_READ_ERRORS as e:
+        raise CimError(E_INVALIDARG, f"malformed or truncated tar ({e})", label) from None
+
+
+def scan_tar(tf: tarfile.TarFile, tree: Tree, label: str = "-") -> Tree:
+    for m in members(tf, label):
+        where = f"{label}:{m.name}"
+        parts = _tar_parts(m.name, where)
+        mtime = _tar_time(m, "mtime", int(m.mtime) * 1_000_000_000)
+        node = Node(name="", src=m.name.rstrip("/") or ".", kind=FILE, mode=m.mode & 0o7777,
+                    uid=m.uid, gid=m.gid, mtime_ns=mtime,
+                    atime_ns=_tar_time(m, "atime", mtime), ctime_ns=_tar_time(m, "ctime", mtime),
+                    btime_ns=_tar_time(m, "LIBARCHIVE.creationtime", None), order=m.offset_data)
+        if m.islnk():
+            tparts = _tar_parts(m.linkname, where)
+            key = "/".join(tparts)
+            if key not in tree.by_src:
+                raise CimError(ERROR_FILE_NOT_FOUND, f"hard link to {m.linkname!r}, which is not earlier in the archive", where)
+            target = tree.by_src[key]
+            if target is None:      # the target was skipped: this name gets its own copy
+                raise CimError(ERROR_FILE_NOT_FOUND, f"hard link to skipped {m.linkname!r}", where)
+            if target.kind == DIR:
+                raise CimError(E_INVALIDARG, "hard link to a directory", where)
+            for f in ("kind", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "btime_ns",
+                      "size", "target", "rdev", "sparse", "opener", "order"):
+                setattr(node, f, getattr(target, f))
+            if target.group is None:
+                target.group = _Group()
+            node.group = target.group
+            tree.add(parts, node)
+            continue
+        if m.isdir():
+            node.kind = DIR
+        elif m.isreg():
+            node.kind = FILE
+            node.size = m.size
+            node.sparse = m.sparse is not None
+            node.opener = (lambda m=m: tf.extractfile(m))
+        elif m.issym():
+            node.kind = SYMLINK
+            node.target = m.linkname
+        elif m.ischr() or m.isblk():
+            node.kind = CHR if m.ischr() else BLK
+            node.rdev = (m.devmajor, m.devminor)
+        elif m.isfifo():
+            node.kind = FIFO
+        else:
+            raise CimError(E_INVALIDARG, f"unsupported tar member type {m.type!r}", where)
+        node.mode |= FMT_OF_KIND[node.kind]
+        if not parts:
+            if node.kind == DIR:
+                tree.add([], node)
+                continue
+            raise CimError(ERROR_INVALID_NAME, "member has an empty name", where)
+        tree.add(parts, node)
+    return tree
+
+
+# --------------------------------------------------------------------- metadata mapping
+def node_metadata(node: Node) -> "cimfs.FileMetadata":
+    n = _ntfs()
+    FA = cimfs.FileAttributes
+    attrs = 0
+    reparse = b""
+    kw = dict(mode=node.mode, uid=node.uid, gid=node.gid)
+    if node.kind in (CHR, BLK):
+        kw.update(rdev_major=node.rdev[0], rdev_minor=node.rdev[1])
+    eas = n.pack_eas(n.lx_eas(**kw))
+    if node.kind == DIR:
+        attrs |= FA.DIRECTORY
+    elif node.kind == SYMLINK:
+        reparse = n.pack_lx_symlink_reparse(node.target)
+    elif node.kind in (FIFO, CHR, BLK, SOCK):
+        reparse = n.pack_lx_special_reparse(_special_tags()[node.kind])
+    if reparse:
+        attrs |= FA.REPARSE_POINT
+    if node.kind == FILE and node.sparse:
+        attrs |= FA.SPARSE_FILE
+    mt = ns_to_filetime(node.mtime_ns)
+    return cimfs.FileMetadata(
+        attributes=int(attrs),
+        file_size=node.size if node.kind == FILE else 0,
+        creation_time=ns_to_filetime(node.btime_ns) if node.btime_ns is not None else mt,
+        last_write_time=mt,
+        change_time=ns_to_filetime(node.ctime_ns),
+        last_access_time=ns_to_filetime(node.atime_ns),
+        ea_buffer=eas,
+        reparse_data=reparse,
+    )
+
+
+_ATTR_MASK = 0x1 | 0x2 | 0x4 | 0x10 | 0x20 | 0x200 | 0x400
+
+
+def metadata_matches(meta, st) -> bool:
+    """Whether an image entry (Stat) already holds exactly this metadata."""
+    return ((meta.attributes & _ATTR_MASK) == (st.attributes & _ATTR_MASK)
+            and meta.creation_time == st.creation_time
+            and meta.last_write_time == st.last_write_time
+            and meta.change_time == st.change_time
+            and meta.last_access_time == st.last_access_time
+            and bytes(meta.ea_buffer) == bytes(st.ea_buffer)
+            and bytes(meta.reparse_data) == bytes(st.reparse_data)
+            and bytes(meta.security_descriptor) == bytes(st.security_descriptor)
+            and (st.is_dir or meta.file_size == st.size))
+
+
+@dataclass
+class PosixInfo:
+    kind: str
+    mode: int            # full st_mode
+    uid: int
+    gid: int
+    rdev: tuple[int, int]
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    btime_ns: int
+    size: int
+    target: str | None   # symlink target
+    link_has_children: bool = False
+
+
+def _link_target(n, st) -> str | None:
+    """The POSIX symlink target of an LX symlink, NT symlink or mount point."""
+    rp = n.parse_reparse(st.reparse_data)
+    if st.reparse_tag == n.IO_REPARSE_TAG_LX_SYMLINK:
+        t = rp.target
+        return os.fsdecode(t) if isinstance(t, (bytes, bytearray)) else t
+    name = rp.print_name or rp.substitute_name or ""
+    if name.startswith("\\??\\"):
+        name = name[4:]
+    return name.replace("\\", "/")
+
+
+def posix_info(st) -> PosixInfo:
+    """How an image entry appears as a POSIX file (type, mode, owner, device, times)."""
+    n = _ntfs()
+    lx = None
+    if st.ea_buffer:
+        try:
+            lx = n.parse_lx_eas(n.unpack_eas(st.ea_buffer))
+        except (ValueError, CimError):
+            lx = None
+    tag = st.reparse_tag if st.reparse_data else 0
+    target = None
+    kind = DIR if st.is_dir else FILE
+    link_tags = (n.IO_REPARSE_TAG_LX_SYMLINK, n.IO_REPARSE_TAG_SYMLINK, n.IO_REPARSE_TAG_MOUNT_POINT)
+    if tag in link_tags:
+        try:
+            target = _link_target(n, st)
+            kind = SYMLINK
+        except (ValueError, CimError):
+            target = None
+    elif tag and not st.is_dir:
+        special = {v: k for k, v in _special_tags().items()}
+        kind = special.get(tag, FILE)
+    defaults = {DIR: 0o755, FILE: 0o644, SYMLINK: 0o777}
+    perm = defaults.get(kind, 0o644)
+    if kind == FILE and st.attributes & 0x1:
+        perm = 0o444
+    uid = gid = 0
+    rdev = (0, 0)
+    if lx is not None:
+        if lx.mode is not None:
+            perm = lx.mode & 0o7777
+        uid = lx.uid if lx.uid is not None else 0
+        gid = lx.gid if lx.gid is not None else 0
+        if lx.rdev_major is not None:
+            rdev = (lx.rdev_major, lx.rdev_minor or 0)
+    return PosixInfo(kind=kind, mode=FMT_OF_KIND[kind] | perm, uid=uid, gid=gid, rdev=rdev,
+                     atime_ns=filetime_to_ns(st.last_access_time), mtime_ns=filetime_to_ns(st.last_write_time),
+                     ctime_ns=filetime_to_ns(st.change_time), btime_ns=filetime_to_ns(st.creation_time),
+                     size=st.size if kind == FILE else 0, target=target,
+                     link_has_children=(kind == SYMLINK and st.is_dir))
+
+
+# --------------------------------------------------------------------- import
+def _split(path: str) -> list[str]:
+    return [p for p in path.replace("\\", "/").split("/") if p]
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}/{b}" if a else b
+
+
+class Importer:
+    """Write a :class:`Tree` into an open image writer.
+
+    ``base`` is a reader on the image the writer starts from (fork or extend),
+    or None for a new image.  The tree's root lands at ``at``.  With
+    ``delete_extra`` the result mirrors the tree exactly below ``at``;
+    otherwise the tree is merged over what is there.  Entries the base already
+    holds with the same name, metadata and content are left alone, so a fork
+    stores only what changed.
+    """
+
+    def __init__(self, writer, root: Node, *, base=None, at: str = "", delete_extra: bool = False,
+                 progress: Callable[[int], None] | None = None, hidden: set[str] | None = None):
+        self.w = writer
+        # folded paths (and everything below them) whose base entry no longer
+        # counts: deleted, or written by an earlier import into the same writer
+        self.hidden = hidden or set()
+        self.root = root
+        self.base = base
+        self.at = "/".join(_split(at))
+        self.delete_extra = delete_extra
+        self.progress = progress or (lambda n: None)
+        self.deletes: list[str] = []
+        self.dirs: list[tuple[str, object, bool]] = []
+        self.files: list[tuple[Node, str]] = []
+        self._meta_cache: dict[int, object] = {}
+
+    def _meta(self, node: Node):
+        m = self._meta_cache.get(id(node))
+        if m is None:
+            m = self._meta_cache[id(node)] = node_metadata(node)
+        return m
+
+    def _is_hidden(self, path: str) -> bool:
+        if not self.hidden:
+            return False
+        parts = fold(path).split("/")
+        return any("/".join(parts[:i]) in self.hidden for i in range(1, len(parts) + 1))
+
+    def _base_entries(self, dir_id: int, path: str) -> dict:
+        return {fold(e.name): e for e in self.base.scandir(dir_id)
+                if not self._is_hidden(_join(path, e.name))}
+
+    def _base_child(self, dir_id: int | None, path: str, name: str):
+        if self.base is None or dir_id is None:
+            return None
+        return self._base_entries(dir_id, path).get(fold(name))
+
+    def written_keys(self) -> set[str]:
+        """Folded paths this import wrote (directories merged into are not included)."""
+        keys = {fold(p) for _, p in self.files}
+        keys |= {fold(p) for p, _, exists in self.dirs if not exists and p}
+        return keys
+
+    def plan(self) -> None:
+        parts = _split(self.at)
+        base_id = self.base.root_id if self.base is not None else None
+        path = ""
+        for i, p in enumerate(parts):
+            last = i == len(parts) - 1
+            cpath = _join(path, p)
+            child = self._base_child(base_id, path, p)
+            if child is not None:
+                keep = (child.name == p and (not last or self.root.kind == DIR)
+                        and posix_info(self.base.stat(child.file_id)).kind == DIR)
+                if not keep:
+                    self.deletes.append(_join(path, child.name))
+                    child = None
+            if child is None and not last:
+                meta = node_metadata(_default_dir(p, cpath))
+                self.dirs.append((cpath, meta, False))
+            base_id = child.file_id if child is not None else None
+            path = cpath
+        self._plan_node(self.root, path, base_id)
+
+    def _same_content(self, node: Node, fid: int) -> bool:
+        if node.size == 0:
+            return True
+        with node.opener() as a, self.base.open(fid) as b:
+            left = node.size
+            while left:
+                x = a.read(min(CHUNK, left))
+                if not x or x != b.read(len(x)):
+                    return False
+                left -= len(x)
+        return True
+
+    def _plan_node(self, node: Node, path: str, base_id: int | None) -> None:
+        meta = self._meta(node)
+        if node.kind != DIR:
+            self.files.append((node, path))
+            return
+        base_children = {}
+        if base_id is None:
+            self.dirs.append((path, meta, False))
+        else:
+            bst = self.base.stat(base_id)
+            if not metadata_matches(meta, bst):
+                self.dirs.append((path, meta, True))
+            base_children = self._base_entries(base_id, path)
+        for key, child in node.children.items():
+            cpath = _join(path, child.name)
+            b = base_children.pop(key, None)
+            if b is not None:
+                bst = self.base.stat(b.file_id)
+                keep = (b.name == child.name and posix_info(bst).kind == child.kind
+                        and (child.kind == DIR or (child.group is None and bst.nlink == 1
+                                                   and bst.stream_count == 0
+                                                   and metadata_matches(self._meta(child), bst)
+                                                   and self._same_content(child, b.file_id))))
+                if not keep:
+                    self.deletes.append(_join(path, b.name))
+                    b = None
+                elif child.kind != DIR:
+                    continue
+            self._plan_node(child, cpath, b.file_id if b is not None else None)
+        if self.delete_extra:
+            for b in base_children.values():
+                self.deletes.append(_join(path, b.name))
+
+    def bytes_to_write(self) -> int:
+        return sum(n.size for n, _ in self.files if n.kind == FILE)
+
+    def execute(self) -> None:
+        w = self.w
+        for p in self.deletes:
+            if w.exists(p):
+                w.delete(p)
+        for path, meta, exists in self.dirs:
+            # exist_ok: an earlier import into the same writer may have made it
+            w.mkdir(path, meta, exist_ok=True)
+        for node, path in sorted(self.files, key=lambda t: t[0].order):
+            if node.group is not None and node.group.written is not None:
+                w.link(path, node.group.written)
+                continue
+            meta = self._meta(node)
+            if node.kind == FILE and node.size:
+                self._copy(node, path, meta)
+            else:
+                w.add_file(path, b"", meta)
+            if node.group is not None:
+                node.group.written = path
+
+    def _copy(self, node: Node, path: str, meta) -> None:
+        try:
+            src = node.opener()
+        except OSError as e:
+            raise _oserror(e, node.src) from None
+        with src, self.w.create_file(path, meta) as out:
+            left = node.size
+            while left:
+                try:
+                    buf = src.read(min(CHUNK, left))
+                except TAR_READ_ERRORS as e:
+                    raise CimError(E_INVALIDARG, f"cannot read data ({e})", node.src) from None
+                if not buf:
+                    raise CimError(E_INVALIDARG, "unexpected end of data (file shrank or archive truncated)", node.src)
+                out.write(buf)
+                left -= len(buf)
+                self.progress(len(buf))
+
+    def run(self) -> None:
+        self.plan()
+        self.execute()
+
+
+# --------------------------------------------------------------------- extraction
+class ExtractReport:
+    def __init__(self, warn: Callable[[str], None] | None = None):
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+        self._warn = warn or (lambda m: None)
+
+    def problem(self, msg: str) -> None:
+        self.problems.append(msg)
+        self._warn(msg)
+
+    def warning(self, msg: str) -> None:
+        self.warnings.append(msg)
+        self._warn(msg)
+
+
+def _safe_local_name(name: str) -> str | None:
+    local = name_from_image(name)
+    if local in ("", ".", "..") or "/" in local or "\0" in local:
+        return None
+    return local
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Extractor:
+    """Extract an image (or a subtree) into DEST without ever leaving DEST."""
+
+    def __init__(self, image, dest: str, *, restore_owner: bool | None = None,
+                 progress: Callable[[int], None] | None = None, warn: Callable[[str], None] | None = None):
+        self.image = image
+        self.dest = dest
+        self.owner = (os.geteuid() == 0) if restore_owner is None else restore_owner
+        self.progress = progress or (lambda n: None)
+        self.report = ExtractReport(warn)
+        self.first_link: dict[int, list[str]] = {}   # file id -> local path parts of the first link
+        self.streams_skipped = 0
+
+    # -- helpers
+    def _remove(self, dfd: int, name: str, rel: str) -> None:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if S.S_ISDIR(st.st_mode):
+            try:
+                os.rmdir(name, dir_fd=dfd)
+            except OSError:
+                raise CimError(ERROR_FILE_EXISTS, "exists in the destination as a non-empty directory", rel) from None
+        else:
+            os.unlink(name, dir_fd=dfd)
+
+    def _retry(self, fn, dfd: int, name: str, rel: str):
+        try:
+            return fn()
+        except FileExistsError:
+            self._remove(dfd, name, rel)
+            return fn()
+
+    def _set_meta_fd(self, fd: int, info: PosixInfo) -> None:
+        if self.owner:
+            os.fchown(fd, info.uid, info.gid)
+        os.fchmod(fd, info.mode & 0o7777)
+        os.utime(fd, ns=(info.atime_ns, info.mtime_ns))
+
+    def _set_meta_path(self, dfd: int, name: str, info: PosixInfo) -> None:
+        """Metadata of a symlink or special file, never following a link."""
+        if info.kind == SYMLINK:
+            if self.owner:
+                os.chown(name, info.uid, info.gid, dir_fd=dfd, follow_symlinks=False)
+            os.utime(name, ns=(info.atime_ns, info.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+            return
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            if S.S_IFMT(os.fstat(fd).st_mode) != S.S_IFMT(info.mode):
+                raise CimError(ERROR_FILE_EXISTS, "changed while being extracted", name)
+            proc = f"/proc/self/fd/{fd}"
+            if self.owner:
+                os.chown(proc, info.uid, info.gid)
+            os.chmod(proc, info.mode & 0o7777)
+            os.utime(proc, ns=(info.atime_ns, info.mtime_ns))
+        finally:
+            os.close(fd)
+
+    def _open_parent(self, parts: list[str]) -> int:
+        fd = os.open(self.dest, _DIR_FLAGS)
+        try:
+            for p in parts:
+                nfd = os.open(p, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # -- public
+    def total_bytes(self, path: str = "") -> int:
+        total = 0
+        seen = set()
+        for fid, st in self._iter_stats(path):
+            if not st.is_dir and fid not in seen:
+                seen.add(fid)
+                total += st.size
+        return total
+
+    def _iter_stats(self, path):
+        img = self.image
+        root = img.lookup(path) if path else img.root_id
+        st = img.stat(root)
+        yield root, st
+        if not st.is_dir:
+            return
+        stack, seen = [root], {root}
+        while stack:
+            d = stack.pop()
+            for e in img.scandir(d):
+                st = img.stat(e.file_id)
+                yield e.file_id, st
+                if st.is_dir and e.file_id not in seen and posix_info(st).kind == DIR:
+                    seen.add(e.file_id)
+                    stack.append(e.file_id)
+
+    def run(self, path: str = "") -> ExtractReport:
+        img = self.image
+        fid = img.lookup(path) if path else img.root_id
+        st = img.stat(fid)
+        created = False
+        if not os.path.lexists(self.dest):
+            os.makedirs(self.dest)
+            created = True
+        dfd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            info = posix_info(st)
+            if st.is_dir and info.kind == DIR:
+                self._extract_dir(dfd, fid, [], {fid})
+                if created:
+                    self._set_meta_fd(dfd, info)
+            else:
+                name = _split(path)[-1] if path else ""
+                local = _safe_local_name(name)
+                if local is None:
+                    self.report.problem(f"{path}: unsafe name, not extracted")
+                else:
+                    self._extract_entry(dfd, local, fid, st, [], path, set())
+        finally:
+            os.close(dfd)
+        if self.streams_skipped:
+            self.report.warning(f"{self.streams_skipped} alternate data stream(s) not extracted (POSIX has none)")
+        return self.report
+
+    def _extract_dir(self, dfd: int, dir_id: int, parts: list[str], ancestors: set) -> None:
+        for ent in self.image.scandir(dir_id):
+            rel = "/".join(parts + [ent.name])
+            local = _safe_local_name(ent.name)
+            if local is None:
+                self.report.problem(f"{rel}: unsafe name {ent.name!r}, not extracted")
+                continue
+            try:
+                st = self.image.stat(ent.file_id)
+                self._extract_entry(dfd, local, ent.file_id, st, parts, rel, ancestors)
+            except CimError as e:
+                if isinstance(e, cimfs.errors.CimFormatError):
+                    raise
+                self.report.problem(str(e))
+            except OSError as e:
+                self.report.problem(f"{rel}: {e.strerror or e}")
+
+    def _extract_entry(self, dfd, local, fid, st, parts, rel, ancestors) -> None:
+        info = posix_info(st)
+        if st.stream_count:
+            self.streams_skipped += st.stream_count
+        if info.kind == DIR:
+            if fid in ancestors:
+                self.report.problem(f"{rel}: directory loop in the image, not followed")
+                return
+            try:
+                os.mkdir(local, 0o700, dir_fd=dfd)
+            except FileExistsError:
+                pass
+            try:
+                cfd = os.open(local, _DIR_FLAGS, dir_fd=dfd)
+            except OSError:
+                # something that is not a directory (maybe a link) is in the way: replace it
+                self._remove(dfd, local, rel)
+                os.mkdir(local, 0o700, dir_fd=dfd)
+                cfd = os.open(local, _DIR_FLAGS, dir_fd=dfd)
+            try:
+                self._extract_dir(cfd, fid, parts + [local], ancestors | {fid})
+                self._set_meta_fd(cfd, info)
+            finally:
+                os.close(cfd)
+            return
+        if st.nlink > 1:
+            first = self.first_link.get(fid)
+            if first is not None:
+                try:
+                    sfd = self._open_parent(first[:-1])
+                    try:
+                        self._retry(lambda: os.link(first[-1], local, src_dir_fd=sfd, dst_dir_fd=dfd,
+                                                    follow_symlinks=False), dfd, local, rel)
+                    finally:
+                        os.close(sfd)
+                    return
+                except OSError as e:
+                    self.report.warning(f"{rel}: could not hard link ({e.strerror}); extracting a copy")
+        if info.kind == FILE:
+            self._write_file(dfd, local, fid, st, info, rel)
+        elif info.kind == SYMLINK:
+            if info.link_has_children and self.image.scandir(fid):
+                self.report.warning(f"{rel}: is a link in the image; the entries below it are not extracted")
+            self._retry(lambda: os.symlink(info.target, local, dir_fd=dfd), dfd, local, rel)
+            self._set_meta_path(dfd, local, info)
+        elif info.kind in (FIFO, SOCK):
+            self._retry(lambda: os.mknod(local, FMT_OF_KIND[info.kind] | 0o600, dir_fd=dfd), dfd, local, rel)
+            self._set_meta_path(dfd, local, info)
+        elif info.kind in (CHR, BLK):
+            try:
+                self._retry(lambda: os.mknod(local, FMT_OF_KIND[info.kind] | 0o600, os.makedev(*info.rdev),
+                                             dir_fd=dfd), dfd, local, rel)
+            except PermissionError:
+                self.report.warning(f"{rel}: device nodes need root; not created")
+                return
+            self._set_meta_path(dfd, local, info)
+        if st.nlink > 1:
+            self.first_link[fid] = parts + [local]
+
+    def _write_file(self, dfd, local, fid, st, info, rel) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = self._retry(lambda: os.open(local, flags, 0o600, dir_fd=dfd), dfd, local, rel)
+        try:
+            sparse = st.is_sparse or bool(st.attributes & 0x200)
+            size = st.size
+            if size and not st.is_sparse:
+                with self.image.open(fid) as src:
+                    pos = 0
+                    while pos < size:
+                        buf = src.read(min(CHUNK, size - pos))
+                        if not buf:
+                            raise cimfs.errors.CimFormatError("stream shorter than its size", rel)
+                        if sparse:
+                            _write_sparse(fd, buf, pos)
+                        else:
+                            _write_all(fd, buf)
+                        pos += len(buf)
+                        self.progress(len(buf))
+            elif size:
+                self.progress(size)
+            os.ftruncate(fd, size)
+            self._set_meta_fd(fd, info)
+        finally:
+            os.close(fd)
+
+
+def _write_all(fd: int, buf: bytes) -> None:
+    mv = memoryview(buf)
+    while mv:
+        n = os.write(fd, mv)
+        mv = mv[n:]
+
+
+def _write_sparse(fd: int, buf: bytes, pos: int) -> None:
+    """pwrite ``buf`` at ``pos`` leaving all-zero 4 KiB blocks as holes."""
+    mv = memoryview(buf)
+    zero = bytes(SPARSE_BLOCK)
+    i = 0
+    n = len(buf)
+    while i < n:
+        j = i
+        # a run of data blocks
+        while j < n and mv[j:j + SPARSE_BLOCK] != zero[: min(SPARSE_BLOCK, n - j)]:
+            j += SPARSE_BLOCK
+        if j > i:
+            end = min(j, n)
+            data = mv[i:end]
+            off = pos + i
+            while data:
+                k = os.pwrite(fd, data, off)
+                data = data[k:]
+                off += k
+            i = end
+        while i < n and mv[i:i + SPARSE_BLOCK] == zero[: min(SPARSE_BLOCK, n - i)]:
+            i += SPARSE_BLOCK
+
+
+# --------------------------------------------------------------------- export to a POSIX tar
+def _data_map(image, fid: int, size: int) -> list[tuple[int, int]]:
+    """The data extents of a stream, treating all-zero 4 KiB blocks as holes."""
+    extents = []
+    start = None
+    with image.open(fid) as f:
+        pos = 0
+        while pos < size:
+            buf = f.read(min(CHUNK, size - pos))
+            if not buf:
+                break
+            for off in range(0, len(buf), SPARSE_BLOCK):
+                blk = buf[off:off + SPARSE_BLOCK]
+                if blk.count(0) == len(blk):
+                    if start is not None:
+                        extents.append((start, pos + off - start))
+                        start = None
+                elif start is None:
+                    start = pos + off
+            pos += len(buf)
+    if start is not None:
+        extents.append((start, size - start))
+    if not extents or extents[-1][0] + extents[-1][1] != size:
+        extents.append((size, 0))     # marks the real size, as GNU tar does
+    return extents
+
+
+class _SparseReader(io.RawIOBase):
+    """The PAX 1.0 sparse member body: the map in text, padded, then the data extents."""
+
+    def __init__(self, image, fid, extents, progress):
+        super().__init__()
+        text = f"{len(extents)}\n" + "".join(f"{o}\n{n}\n" for o, n in extents)
+        head = text.encode()
+        head += bytes(-len(head) % tarfile.BLOCKSIZE)
+        self._parts = [("mem", head)] + [("img", (o, n)) for o, n in extents if n]
+        self._image, self._fid, self._progress = image, fid, progress
+        self.size = len(head) + sum(n for _, n in extents)
+        self._cur = b""
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        out = []
+        want = size if size >= 0 else 1 << 62
+        while want > 0:
+            if not self._cur:
+                if not self._parts:
+                    break
+                kind, v = self._parts.pop(0)
+                if kind == "mem":
+                    self._cur = v
+                else:
+                    o, n = v
+                    if n > CHUNK:
+                        self._parts.insert(0, ("img", (o + CHUNK, n - CHUNK)))
+                        n = CHUNK
+                    self._cur = self._image.read_at(self._fid, o, n)
+                    self._progress(n)
+            take = self._cur[:want]
+            self._cur = self._cur[len(take):]
+            out.append(take)
+            want -= len(take)
+        return b"".join(out)
+
+
+class _CountingReader(io.RawIOBase):
+    def __init__(self, f, progress):
+        super().__init__()
+        self._f, self._progress = f, progress
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        b = self._f.read(size)
+        self._progress(len(b))
+        return b
+
+
+def export_tar(image, out: tarfile.TarFile, *, progress=None, warn=None) -> ExtractReport:
+    """Write the whole image as a POSIX (PAX) tar: every type, mode, owner and time (to 100 ns)."""
+    progress = progress or (lambda n: None)
+    report = ExtractReport(warn)
+    first_link: dict[int, str] = {}
+    streams = 0
+
+    def tarinfo(name: str, st) -> tarfile.TarInfo | None:
+        nonlocal streams
+        info = posix_info(st)
+        streams += st.stream_count
+        ti = tarfile.TarInfo(name)
+        ti.mode = info.mode & 0o7777
+        ti.uid, ti.gid = info.uid, info.gid
+        ti.uname = ti.gname = ""
+        ti.mtime = info.mtime_ns // 1_000_000_000
+        ti.pax_headers = {
+            "mtime": format_pax_time(info.mtime_ns),
+            "atime": format_pax_time(info.atime_ns),
+            "ctime": format_pax_time(info.ctime_ns),
+        }
+        if info.btime_ns != info.mtime_ns:
+            # only when it carries information: GNU tar warns about the keyword
+            ti.pax_headers["LIBARCHIVE.creationtime"] = format_pax_time(info.btime_ns)
+        if info.kind != DIR and st.nlink > 1:
+            if st.file_id in first_link:
+                ti.type = tarfile.LNKTYPE
+                ti.linkname = first_link[st.file_id]
+                return ti
+            first_link[st.file_id] = name
+        if info.kind == DIR:
+            ti.type = tarfile.DIRTYPE
+        elif info.kind == FILE:
+            ti.type = tarfile.REGTYPE
+            ti.size = info.size
+        elif info.kind == SYMLINK:
+            ti.type = tarfile.SYMTYPE
+            ti.linkname = info.target
+            if info.link_has_children and image.scandir(st.file_id):
+                report.warning(f"{name}: is a link in the image; the entries below it are not exported")
+        elif info.kind == FIFO:
+            ti.type = tarfile.FIFOTYPE
+        elif info.kind in (CHR, BLK):
+            ti.type = tarfile.CHRTYPE if info.kind == CHR else tarfile.BLKTYPE
+            ti.devmajor, ti.devminor = info.rdev
+        else:
+            report.warning(f"{name}: sockets cannot be stored in a tar; skipped")
+            return None
+        return ti
+
+    def add(name: str, st) -> None:
+        ti = tarinfo(name, st)
+        if ti is None:
+            return
+        if ti.type == tarfile.REGTYPE and ti.size:
+            if st.is_sparse or st.attributes & 0x200:
+                extents = _data_map(image, st.file_id, ti.size)
+                body = _SparseReader(image, st.file_id, extents, progress)
+                real = ti.name
+                ti.pax_headers.update({"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                                       "GNU.sparse.name": real, "GNU.sparse.realsize": str(ti.size)})
+                head, _, tail = real.rpartition("/")
+                ti.name = f"{head + '/' if head else ''}GNUSparseFile.0/{tail}"
+                ti.size = body.size
+                out.addfile(ti, body)
+            else:
+                with image.open(st.file_id) as f:
+                    out.addfile(ti, _CountingReader(f, progress))
+        else:
+            out.addfile(ti)
+
+    root = image.stat(image.root_id)
+    add(".", root)
+    stack = [(image.root_id, "")]
+    seen = {image.root_id}
+    while stack:
+        did, prefix = stack.pop()
+        subdirs = []
+        for e in image.scandir(did):
+            local = _safe_local_name(e.name)
+            rel = prefix + e.name
+            if local is None:
+                report.problem(f"{rel}: unsafe name, not exported")
+                continue
+            st = image.stat(e.file_id)
+            name = prefix + local
+            add(name, st)
+            if st.is_dir and posix_info(st).kind == DIR:
+                if e.file_id in seen:
+                    report.problem(f"{name}: directory loop in the image, not followed")
+                    continue
+                seen.add(e.file_id)
+                subdirs.append((e.file_id, name + "/"))
+        stack.extend(reversed(subdirs))
+    if streams:
+        report.warning(f"{streams} alternate data stream(s) not exported (POSIX has none)")
+    return report

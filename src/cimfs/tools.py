@@ -1,0 +1,542 @@
+"""Library-level operations behind the ``cimfs`` command: describe, info, diff,
+fsck, rm and gc.  Clients of the public reader API (plus :mod:`cimfs.posix`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import os
+import re
+import stat as S
+from typing import Callable, Iterator
+
+import cimfs
+from . import posix
+from .errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, ERROR_SHARING_VIOLATION, CimError, CimFormatError
+
+_ATTR_NAMES = [(0x1, "READONLY"), (0x2, "HIDDEN"), (0x4, "SYSTEM"), (0x10, "DIRECTORY"), (0x20, "ARCHIVE"),
+               (0x80, "NORMAL"), (0x200, "SPARSE_FILE"), (0x400, "REPARSE_POINT")]
+
+
+def attribute_names(attrs: int) -> list[str]:
+    names = [n for bit, n in _ATTR_NAMES if attrs & bit]
+    rest = attrs & ~sum(b for b, _ in _ATTR_NAMES)
+    if rest:
+        names.append(f"{rest:#x}")
+    return names
+
+
+def filetime_iso(ft: int) -> str:
+    """A FILETIME as ISO 8601 UTC with all seven fractional digits."""
+    if ft <= 0:
+        return "1601-01-01T00:00:00.0000000Z" if ft == 0 else str(ft)
+    secs, ticks = divmod(ft, 10_000_000)
+    try:
+        d = _dt.datetime(1601, 1, 1) + _dt.timedelta(seconds=secs)
+    except OverflowError:
+        return str(ft)
+    return d.strftime("%Y-%m-%dT%H:%M:%S") + f".{ticks:07d}Z"
+
+
+def _ntfs():
+    from .layout import ntfs
+    return ntfs
+
+
+def _tag_names() -> dict[int, str]:
+    n = _ntfs()
+    return {getattr(n, k): k[len("IO_REPARSE_TAG_"):] for k in dir(n) if k.startswith("IO_REPARSE_TAG_")}
+
+
+def mode_string(mode: int) -> str:
+    return S.filemode(mode)
+
+
+def split_stream(path: str) -> tuple[str, str | None]:
+    parts = path.replace("\\", "/").rstrip("/").split("/")
+    last = parts[-1]
+    if ":" in last:
+        name, _, stream = last.partition(":")
+        if stream.upper().endswith(":$DATA"):
+            stream = stream[:-6]
+        parts[-1] = name
+        return "/".join(parts), stream
+    return path, None
+
+
+# --------------------------------------------------------------------- stat
+def describe(image, path: str) -> dict:
+    """Every field of one entry, with EAs, reparse data and the security descriptor decoded."""
+    st = image.stat(path)
+    info = posix.posix_info(st)
+    out = {
+        "path": path or "\\",
+        "file_id": st.file_id,
+        "type": info.kind,
+        "attributes": st.attributes,
+        "attribute_names": attribute_names(st.attributes),
+        "size": st.size,
+        "nlink": st.nlink,
+        "is_dir": st.is_dir,
+        "is_sparse": st.is_sparse,
+        "parent_file_id": getattr(st, "parent_file_id", None),
+        "times": {k: {"filetime": getattr(st, k), "iso": filetime_iso(getattr(st, k))}
+                  for k in ("creation_time", "last_write_time", "change_time", "last_access_time")},
+        "posix": {"mode": f"{info.mode:o}", "mode_string": mode_string(info.mode), "uid": info.uid,
+                  "gid": info.gid, "rdev": list(info.rdev) if info.kind in ("chr", "blk") else None,
+                  "target": info.target},
+    }
+    n = _ntfs()
+    # security descriptor
+    if st.security_descriptor:
+        sd = {"length": len(st.security_descriptor), "hex": st.security_descriptor.hex()}
+        try:
+            sd["sddl"] = n.sd_to_sddl(st.security_descriptor)
+        except Exception as e:  # noqa: BLE001 - a bad blob is reported, not fatal
+            sd["error"] = str(e)
+        try:
+            sd["decoded"] = n.describe_sd(st.security_descriptor)
+        except Exception as e:  # noqa: BLE001
+            sd.setdefault("error", str(e))
+        out["security_descriptor"] = sd
+    else:
+        out["security_descriptor"] = None
+    # EAs
+    if st.ea_buffer:
+        try:
+            entries = n.unpack_eas(st.ea_buffer)
+            eas = []
+            for e in entries:
+                d = {"name": _s(e.name), "flags": e.flags, "value_hex": bytes(e.value).hex()}
+                dec = _decode_lx_ea(_s(e.name), bytes(e.value))
+                if dec is not None:
+                    d["decoded"] = dec
+                eas.append(d)
+            out["eas"] = eas
+        except Exception as e:  # noqa: BLE001
+            out["eas"] = {"error": str(e), "hex": st.ea_buffer.hex()}
+    else:
+        out["eas"] = []
+    # reparse
+    if st.reparse_data:
+        rp = {"tag": f"{st.reparse_tag:#010x}", "tag_name": _tag_names().get(st.reparse_tag, "unknown"),
+              "length": len(st.reparse_data)}
+        try:
+            p = n.parse_reparse(st.reparse_data)
+            for k in ("substitute_name", "print_name", "relative", "target"):
+                v = getattr(p, k, None)
+                if v is not None:
+                    rp[k] = _s(v)
+            if getattr(p, "data", None):
+                rp["data_hex"] = bytes(p.data).hex()
+        except Exception as e:  # noqa: BLE001
+            rp["error"] = str(e)
+            rp["hex"] = st.reparse_data.hex()
+        out["reparse"] = rp
+    else:
+        out["reparse"] = None
+    out["streams"] = [{"name": s, "size": image.stream_size(st.file_id, s)} for s in image.streams(st.file_id)]
+    return out
+
+
+def _s(v):
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).decode("utf-8", "backslashreplace")
+    return v
+
+
+def _decode_lx_ea(name: str, value: bytes):
+    import struct
+    if name in ("$LXUID", "$LXGID", "$LXMOD") and len(value) == 4:
+        v = struct.unpack("<I", value)[0]
+        return f"{v:o} ({S.filemode(v)})" if name == "$LXMOD" else v
+    if name == "$LXDEV" and len(value) == 8:
+        return list(struct.unpack("<II", value))
+    return None
+
+
+# --------------------------------------------------------------------- walking
+def iter_entries(image, path: str = "") -> Iterator[tuple[str, int, object]]:
+    """(path, file_id, Stat) for ``path`` and everything below it, depth first, no loops."""
+    fid = image.lookup(path) if path else image.root_id
+    st = image.stat(fid)
+    base = path.replace("\\", "/").strip("/")
+    yield base, fid, st
+    if not st.is_dir:
+        return
+    stack = [(fid, base)]
+    seen = {fid}
+    while stack:
+        did, prefix = stack.pop()
+        sub = []
+        for e in image.scandir(did):
+            p = f"{prefix}/{e.name}" if prefix else e.name
+            cst = image.stat(e.file_id)
+            yield p, e.file_id, cst
+            if cst.is_dir and e.file_id not in seen:
+                seen.add(e.file_id)
+                sub.append((e.file_id, p))
+        stack.extend(reversed(sub))
+
+
+# --------------------------------------------------------------------- info
+def _region_files(image) -> list[str]:
+    return list(image.info().get("region_files", []))
+
+
+def _file_sizes(directory: str, names: list[str]) -> tuple[int, int]:
+    apparent = allocated = 0
+    for n in names:
+        p = n if os.path.isabs(n) else os.path.join(directory, n)
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        apparent += st.st_size
+        allocated += st.st_blocks * 512
+    return apparent, allocated
+
+
+def image_info(image) -> dict:
+    info = dict(image.info())
+    counts = {"files": 0, "directories": 0, "symlinks": 0, "special": 0, "hard_link_names": 0,
+              "alternate_streams": 0}
+    logical = 0            # bytes of content, every distinct file once
+    by_path = 0            # bytes of content as seen through every path
+    seen: set[int] = set()
+    unique_objects: dict = {}
+    for p, fid, st in iter_entries(image):
+        kind = posix.posix_info(st).kind
+        key = {"dir": "directories", "file": "files", "symlink": "symlinks"}.get(kind, "special")
+        if fid in seen:
+            counts["hard_link_names"] += 1
+            by_path += st.size
+            continue
+        seen.add(fid)
+        counts[key] += 1
+        by_path += st.size
+        logical += st.size
+        desc = getattr(image, "stream_descriptor", None)
+        if desc is not None and not st.is_dir and st.size and not st.is_sparse:
+            try:
+                d = desc(fid)
+                unique_objects[(d.offset, d.length)] = d.length
+            except CimError:
+                pass
+        for s in image.streams(fid):
+            counts["alternate_streams"] += 1
+            size = image.stream_size(fid, s)
+            logical += size
+            by_path += size
+    info["counts"] = counts
+    info["bytes_logical"] = logical
+    if unique_objects or logical == 0:
+        info["bytes_unique_content"] = sum(unique_objects.values())
+        info["dedup_savings"] = max(0, logical - info["bytes_unique_content"])
+    directory = os.path.dirname(os.path.abspath(info.get("path") or image.path))
+    regions = _region_files(image)
+    own_id = (info.get("region_set") or {}).get("id", "")
+    own = [r for r in regions if own_id and own_id.lower() in os.path.basename(r).lower()]
+    app, alloc = _file_sizes(directory, regions)
+    own_app, own_alloc = _file_sizes(directory, own)
+    try:
+        cim_size = os.path.getsize(image.path)
+    except (OSError, AttributeError):
+        cim_size = 0
+    info["bytes_stored"] = {"all_regions": app, "all_regions_allocated": alloc,
+                            "own_regions": own_app, "own_regions_allocated": own_alloc, "cim_file": cim_size}
+    return info
+
+
+# --------------------------------------------------------------------- diff
+_COMPARED = ("attributes", "creation_time", "last_write_time", "change_time", "last_access_time",
+             "security_descriptor", "ea_buffer", "reparse_data")
+
+
+def _same_stream(a, fa, b, fb, size, stream=None) -> bool:
+    pos = 0
+    while pos < size:
+        n = min(posix.CHUNK, size - pos)
+        if a.read_at(fa, pos, n, stream=stream) != b.read_at(fb, pos, n, stream=stream):
+            return False
+        pos += n
+    return True
+
+
+def diff_images(a, b) -> dict:
+    """Paths added in ``b``, removed from ``a`` and changed (with the fields that differ)."""
+    ea = {p: (fid, st) for p, fid, st in iter_entries(a)}
+    eb = {p: (fid, st) for p, fid, st in iter_entries(b)}
+    added = [p for p in eb if p not in ea]
+    removed = [p for p in ea if p not in eb]
+    changed = []
+    # hard-link structure: the set of paths sharing each file
+    def groups(entries):
+        by_id: dict[int, list[str]] = {}
+        for p, (fid, st) in entries.items():
+            if not st.is_dir:
+                by_id.setdefault(fid, []).append(p)
+        return {p: tuple(sorted(v)) for v in by_id.values() for p in v}
+    ga, gb = groups(ea), groups(eb)
+    for p in ea:
+        if p not in eb:
+            continue
+        fa, sa = ea[p]
+        fb, sb = eb[p]
+        fields = [f for f in _COMPARED if getattr(sa, f) != getattr(sb, f)]
+        if sa.is_dir != sb.is_dir:
+            fields.append("type")
+        if not sa.is_dir and not sb.is_dir:
+            if sa.size != sb.size:
+                fields.append("size")
+            elif sa.size and not _same_stream(a, fa, b, fb, sa.size):
+                fields.append("data")
+            if sa.is_sparse != sb.is_sparse:
+                fields.append("sparse")
+            if [x for x in ga.get(p, ()) if x in eb] != [x for x in gb.get(p, ()) if x in ea]:
+                fields.append("hard_links")
+        sta, stb = a.streams(fa), b.streams(fb)
+        if sorted(sta) != sorted(stb):
+            fields.append("streams")
+        else:
+            for s in sta:
+                za, zb = a.stream_size(fa, s), b.stream_size(fb, s)
+                if za != zb or not _same_stream(a, fa, b, fb, za, s):
+                    fields.append(f"stream:{s}")
+        if fields:
+            changed.append({"path": p or "/", "fields": fields})
+    return {"added": sorted(added), "removed": sorted(removed), "changed": changed}
+
+
+# --------------------------------------------------------------------- fsck
+_BAD_NAME = re.compile(r'[\x00-\x1f\\/:*?"<>|]')
+
+
+def fsck(cim_path: str, progress: Callable[[int], None] | None = None) -> list[str]:
+    """Check every structure reachable from the root and read every byte; returns findings."""
+    progress = progress or (lambda n: None)
+    findings: list[str] = []
+    try:
+        image = cimfs.open(cim_path)
+    except CimError as e:
+        return [str(e)]
+    with image:
+        directory = os.path.dirname(os.path.abspath(cim_path))
+        try:
+            info = image.info()
+        except CimError as e:
+            return [str(e)]
+        for r in info.get("region_files", []):
+            p = r if os.path.isabs(r) else os.path.join(directory, r)
+            if not os.path.exists(p):
+                findings.append(f"{r}: region file missing")
+        n = _ntfs()
+        fold = getattr(image, "fold", posix.fold)
+        seen_dirs = {image.root_id}
+        links: dict[int, int] = {}
+        checked: set[int] = set()
+        stack = [(image.root_id, "")]
+
+        def check_entry(path: str, fid: int) -> object | None:
+            try:
+                st = image.stat(fid)
+            except CimError as e:
+                findings.append(f"{path or '/'}: {e.strerror}")
+                return None
+            if fid in checked:
+                return st
+            checked.add(fid)
+            try:
+                if st.security_descriptor:
+                    n.describe_sd(st.security_descriptor)
+            except Exception as e:  # noqa: BLE001
+                findings.append(f"{path}: bad security descriptor ({e})")
+            try:
+                if st.ea_buffer:
+                    n.unpack_eas(st.ea_buffer)
+            except Exception as e:  # noqa: BLE001
+                findings.append(f"{path}: bad EA buffer ({e})")
+            if st.reparse_data:
+                try:
+                    rp = n.parse_reparse(st.reparse_data)
+                    if rp.tag != st.reparse_tag:
+                        findings.append(f"{path}: reparse tag {st.reparse_tag:#x} in the record, {rp.tag:#x} in the buffer")
+                except Exception as e:  # noqa: BLE001
+                    findings.append(f"{path}: bad reparse buffer ({e})")
+            streams = [None]
+            try:
+                streams += image.streams(fid)
+            except CimError as e:
+                findings.append(f"{path}: {e.strerror}")
+            for s in streams:
+                if s is None and st.is_dir:
+                    continue
+                try:
+                    size = st.size if s is None else image.stream_size(fid, s)
+                    with image.open(fid, stream=s) as f:
+                        got = 0
+                        while True:
+                            buf = f.read(posix.CHUNK)
+                            if not buf:
+                                break
+                            got += len(buf)
+                            progress(len(buf))
+                    if got != size:
+                        findings.append(f"{path}{':' + s if s else ''}: read {got} bytes of {size}")
+                except CimError as e:
+                    findings.append(f"{path}{':' + s if s else ''}: {e.strerror}")
+            return st
+
+        check_entry("", image.root_id)
+        while stack:
+            did, prefix = stack.pop()
+            try:
+                entries = image.scandir(did)
+            except CimError as e:
+                findings.append(f"{prefix or '/'}: {e.strerror}")
+                continue
+            prev = None
+            for e in entries:
+                path = f"{prefix}/{e.name}" if prefix else e.name
+                if not e.name or e.name in (".", "..") or _BAD_NAME.search(e.name):
+                    findings.append(f"{path}: invalid name {e.name!r}")
+                k = fold(e.name)
+                if prev is not None and not prev < k:
+                    findings.append(f"{path}: directory entries out of order or duplicated")
+                prev = k
+                try:
+                    if image.lookup(path) != e.file_id:
+                        findings.append(f"{path}: lookup finds a different file")
+                except CimError as err:
+                    findings.append(f"{path}: lookup fails ({err.strerror})")
+                links[e.file_id] = links.get(e.file_id, 0) + 1
+                st = check_entry(path, e.file_id)
+                if st is None:
+                    continue
+                if st.is_dir:
+                    if e.file_id in seen_dirs:
+                        findings.append(f"{path}: directory linked more than once (loop or hard link)")
+                        continue
+                    seen_dirs.add(e.file_id)
+                    pid = getattr(st, "parent_file_id", None)
+                    if pid is not None and pid != did:
+                        findings.append(f"{path}: parent FileID {pid}, expected {did}")
+                    stack.append((e.file_id, path))
+        for fid, count in links.items():
+            try:
+                st = image.stat(fid)
+            except CimError:
+                continue
+            if not st.is_dir and st.nlink != count:
+                findings.append(f"FileID {fid}: link count {st.nlink}, found {count} names")
+    return findings
+
+
+# --------------------------------------------------------------------- rm / gc
+_REGION_RE = re.compile(r"^(region|objectid)_([0-9a-fA-F-]{36})_(\d+)$", re.IGNORECASE)
+
+
+class DirLock:
+    """The writers' lock on a containing directory (flock), so rm/gc never race an image being written."""
+
+    def __init__(self, directory: str):
+        self.fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise CimError(ERROR_SHARING_VIOLATION, "an image is being written in this directory; try again",
+                           directory) from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def _sets_of(cim_path: str) -> set[str]:
+    with cimfs.open(cim_path) as img:
+        info = img.info()
+    ids = {info["region_set"]["id"].lower()}
+    ids.update(p["id"].lower() for p in info.get("parent_region_sets", []))
+    return ids
+
+
+def _cims(directory: str) -> list[str]:
+    return sorted(n for n in os.listdir(directory)
+                  if n.lower().endswith(".cim") and os.path.isfile(os.path.join(directory, n)))
+
+
+def _needed(directory: str, exclude: str | None, warn) -> set[str] | None:
+    needed: set[str] = set()
+    for n in _cims(directory):
+        if exclude is not None and n == exclude:
+            continue
+        try:
+            needed |= _sets_of(os.path.join(directory, n))
+        except CimError as e:
+            warn(f"{os.path.join(directory, n)}: cannot read ({e.strerror}); keeping every region file")
+            return None
+    return needed
+
+
+def _remove_sets(directory: str, sets: set[str], dry_run: bool) -> list[tuple[str, int]]:
+    removed = []
+    for n in sorted(os.listdir(directory)):
+        m = _REGION_RE.match(n)
+        if m and m.group(2).lower() in sets:
+            p = os.path.join(directory, n)
+            size = os.path.getsize(p)
+            if not dry_run:
+                os.unlink(p)
+            removed.append((p, size))
+    return removed
+
+
+def rm_image(cim_path: str, *, dry_run: bool = False, warn=lambda m: None) -> list[tuple[str, int]]:
+    """Remove an image and the region/object ID files no other image in its directory needs."""
+    directory = os.path.dirname(os.path.abspath(cim_path))
+    name = os.path.basename(cim_path)
+    if not os.path.isfile(cim_path):
+        raise CimError(ERROR_FILE_NOT_FOUND, "no such image", cim_path)
+    with DirLock(directory):
+        try:
+            mine = _sets_of(cim_path)
+        except CimError as e:
+            warn(f"{cim_path}: cannot read ({e.strerror}); removing only the .cim file (then run gc)")
+            mine = set()
+        needed = _needed(directory, name, warn)
+        removable = set() if needed is None else mine - needed
+        size = os.path.getsize(cim_path)
+        if not dry_run:
+            os.unlink(cim_path)
+            _fsync_dir(directory)
+        removed = [(os.path.abspath(cim_path), size)]
+        removed += _remove_sets(directory, removable, dry_run)
+        return removed
+
+
+def gc(directory: str, *, dry_run: bool = False, warn=lambda m: None) -> list[tuple[str, int]]:
+    """Remove every region/object ID file that no ``.cim`` in ``directory`` refers to."""
+    if not os.path.isdir(directory):
+        raise CimError(ERROR_FILE_NOT_FOUND, "no such directory", directory)
+    with DirLock(directory):
+        needed = _needed(directory, None, warn)
+        if needed is None:
+            raise CimError(E_INVALIDARG, "an image in the directory cannot be read; nothing removed", directory)
+        present = set()
+        for n in os.listdir(directory):
+            m = _REGION_RE.match(n)
+            if m:
+                present.add(m.group(2).lower())
+        return _remove_sets(directory, present - needed, dry_run)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
