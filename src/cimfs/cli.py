@@ -18,8 +18,12 @@ from .progress import Progress
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
 def _warn(msg: str) -> None:
-    click.echo(f"cimfs: {msg}", err=True)
+    click.echo(f"cimfs: {_one_line(msg)}", err=True)
 
 
 def _json(obj) -> None:
@@ -685,7 +689,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("cimfs: aborted", err=True)
         code = 1
     except CimError as e:
-        click.echo(f"cimfs: {e}", err=True)
+        click.echo(f"cimfs: {_one_line(e)}", err=True)
         code = 1
     except BrokenPipeError:
         with contextlib.suppress(OSError):
@@ -696,10 +700,10 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     except OSError as e:
         where = e.filename if e.filename is not None else "cimfs"
-        click.echo(f"cimfs: {where}: {e.strerror or e}", err=True)
+        click.echo(f"cimfs: {where}: {_one_line(e.strerror or e)}", err=True)
         code = 1
     except (tarfile.TarError, EOFError) as e:
-        click.echo(f"cimfs: {e}", err=True)
+        click.echo(f"cimfs: {_one_line(e)}", err=True)
         code = 1
     sys.exit(code)
 

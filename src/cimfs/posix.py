@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import stat as S
 import tarfile
 import time
@@ -319,7 +320,12 @@ def _has_holes(path: str, size: int) -> bool:
 
 def _file_opener(path: str):
     def opener():
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            # leave the source's access time alone when allowed (owner or root)
+            fd = os.open(path, flags | getattr(os, "O_NOATIME", 0))
+        except PermissionError:
+            fd = os.open(path, flags)
         return os.fdopen(fd, "rb", buffering=0)
     return opener
 
@@ -417,9 +423,18 @@ def open_tar(path: str, stdin=None):
             return tarfile.open(fileobj=spool, mode="r:*")
         return tarfile.open(path, mode="r:*")
     except (tarfile.TarError, EOFError) as e:
-        raise CimError(E_INVALIDARG, f"not a readable tar archive ({e})", path) from None
+        raise CimError(E_INVALIDARG, f"not a readable tar archive ({_tar_reason(e)})", path) from None
     except OSError as e:
         raise _oserror(e, path) from None
+
+
+def _tar_reason(e: BaseException) -> str:
+    """tarfile's reason in one line (``r:*`` lists every method it tried)."""
+    text = str(e)
+    m = re.search(r"method tar: \w+\((['\"])(.*?)\1\)", text)
+    if m:
+        text = m.group(2)
+    return " ".join(text.split()) or type(e).__name__
 
 
 def _tar_parts(name: str, where: str) -> list[str]:
@@ -462,7 +477,7 @@ def members(tf: tarfile.TarFile, label: str) -> list[tarfile.TarInfo]:
     except CimError:
         raise
     except TAR_READ_ERRORS as e:
-        raise CimError(E_INVALIDARG, f"malformed or truncated tar ({e})", label) from None
+        raise CimError(E_INVALIDARG, f"malformed or truncated tar ({_tar_reason(e)})", label) from None
 
 
 def scan_tar(tf: tarfile.TarFile, tree: Tree, label: str = "-") -> Tree:
@@ -801,7 +816,7 @@ class Importer:
                 try:
                     buf = src.read(min(CHUNK, left))
                 except TAR_READ_ERRORS as e:
-                    raise CimError(E_INVALIDARG, f"cannot read data ({e})", node.src) from None
+                    raise CimError(E_INVALIDARG, f"cannot read data ({_tar_reason(e)})", node.src) from None
                 if not buf:
                     raise CimError(E_INVALIDARG, "unexpected end of data (file shrank or archive truncated)", node.src)
                 out.write(buf)
