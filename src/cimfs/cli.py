@@ -263,7 +263,12 @@ def _entry_json(path: str, st) -> dict:
 
 def _long_line(name: str, st) -> str:
     info = posix.posix_info(st)
-    size = f"{info.rdev[0]}, {info.rdev[1]}" if info.kind in ("chr", "blk") else str(st.size)
+    if info.kind in ("chr", "blk"):
+        size = f"{info.rdev[0]}, {info.rdev[1]}"
+    elif info.kind == "symlink" and info.target is not None:
+        size = str(len(os.fsencode(info.target)))
+    else:
+        size = str(st.size)
     when = tools.filetime_iso(st.last_write_time)[:19].replace("T", " ")
     line = f"{tools.mode_string(info.mode)} {st.nlink:>3} {info.uid:>5} {info.gid:>5} {size:>10} {when} {name}"
     if info.target is not None:

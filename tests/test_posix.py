@@ -1,0 +1,160 @@
+"""Unit tests of cimfs.posix: time and name mappings, collisions, tar parsing, the safe extractor."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat as S
+import tarfile
+
+import pytest
+from hypothesis import given, strategies as st
+
+from cimfs import posix
+from cimfs.errors import CimError
+
+EPOCH = 116444736000000000
+
+
+# ------------------------------------------------------------------ times
+def test_filetime_mapping():
+    assert posix.ns_to_filetime(0) == EPOCH
+    assert posix.ns_to_filetime(1_234_567_891) == EPOCH + 12_345_678
+    assert posix.filetime_to_ns(EPOCH + 12_345_678) == 1_234_567_800
+    # before 1970: floor, not truncation toward zero
+    assert posix.ns_to_filetime(-1) == EPOCH - 1
+    assert posix.filetime_to_ns(posix.ns_to_filetime(-150)) == -200
+
+
+@given(st.integers(min_value=-(10 ** 19), max_value=10 ** 19))
+def test_pax_time_round_trip(ns):
+    assert posix.parse_pax_time(posix.format_pax_time(ns)) == ns
+
+
+def test_pax_time_parsing():
+    assert posix.parse_pax_time("1.5") == 1_500_000_000
+    assert posix.parse_pax_time("-1.5") == -1_500_000_000
+    assert posix.parse_pax_time("12") == 12_000_000_000
+    assert posix.parse_pax_time("1.1234567891") == 1_123_456_789
+    with pytest.raises(ValueError):
+        posix.parse_pax_time("x")
+
+
+# ------------------------------------------------------------------ names
+@given(st.text(min_size=1))
+def test_name_escaping_round_trip(name):
+    assert posix.name_from_image(posix.name_to_image(name)) == name
+
+
+def test_name_escaping_is_wsls():
+    assert posix.name_to_image('a:b\\c*?"<>|\x01') == "a\uf03ab\uf05cc\uf02a\uf03f\uf022\uf03c\uf03e\uf07c\uf001"
+    assert posix.name_to_image("plain.txt") == "plain.txt"
+
+
+def test_fold():
+    assert posix.fold("Readme.TXT") == posix.fold("readme.txt")
+    assert posix.fold("straße") != posix.fold("STRASSE")   # ß has no single-unit upper case
+    assert posix.fold("é") == posix.fold("É")
+    assert posix.fold("\U0001F600") == "\U0001F600"
+
+
+def test_invalid_names():
+    with pytest.raises(CimError):
+        posix.check_image_name("x" * 256, "p")
+    with pytest.raises(CimError):
+        posix.check_image_name("bad\udcff", "p")   # not valid UTF-8 on disk
+    posix.check_image_name("日" * 255, "p")
+
+
+# ------------------------------------------------------------------ trees and collisions
+def _file(name):
+    return posix.Node(name="", src=name, kind=posix.FILE, mode=S.S_IFREG | 0o644)
+
+
+def test_tree_collision_error_names_both():
+    t = posix.Tree("error")
+    t.add(["a", "File"], _file("a/File"))
+    with pytest.raises(CimError) as e:
+        t.add(["a", "FILE"], _file("a/FILE"))
+    assert "a/File" in str(e.value) and "a/FILE" in str(e.value)
+
+
+def test_tree_collision_rename_and_skip():
+    msgs = []
+    t = posix.Tree("rename", report=msgs.append)
+    t.add(["Dir", "x"], _file("Dir/x"))
+    t.add(["dir", "y.txt"], _file("dir/y.txt"))
+    t.add(["dir", "Y.TXT"], _file("dir/Y.TXT"))
+    names = {n.path() for n in t.iter_nodes()}
+    assert names == {"", "Dir", "Dir/x", "dir~2", "dir~2/y.txt", "dir~2/Y~2.TXT"}
+    assert len(msgs) == 2 and all("renamed" in m for m in msgs)
+    msgs.clear()
+    t = posix.Tree("skip", report=msgs.append)
+    t.add(["Dir", "x"], _file("Dir/x"))
+    t.add(["dir", "y"], _file("dir/y"))
+    assert {n.path() for n in t.iter_nodes()} == {"", "Dir", "Dir/x"}
+    assert msgs and "skipped" in msgs[0]
+
+
+def test_tree_same_name_later_wins():
+    t = posix.Tree()
+    a, b = _file("x"), _file("x")
+    b.size = 7
+    t.add(["x"], a)
+    t.add(["x"], b)
+    assert [n for n in t.iter_nodes() if n.name == "x"] == [b]
+
+
+# ------------------------------------------------------------------ tars
+def _tar(members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for ti, data in members:
+            tf.addfile(ti, io.BytesIO(data) if data is not None else None)
+    buf.seek(0)
+    return tarfile.open(fileobj=buf, mode="r:")
+
+
+def test_tar_member_with_dotdot_is_rejected():
+    ti = tarfile.TarInfo("a/../../etc/passwd")
+    ti.size = 1
+    with pytest.raises(CimError) as e:
+        posix.scan_tar(_tar([(ti, b"x")]), posix.Tree(), "t.tar")
+    assert "'..'" in str(e.value)
+
+
+def test_tar_times_exact_and_implied_dirs():
+    ti = tarfile.TarInfo("./a/b/c")
+    ti.size = 3
+    ti.pax_headers = {"mtime": "1600000000.123456789", "atime": "1600000001.5"}
+    t = posix.scan_tar(_tar([(ti, b"abc")]), posix.Tree(), "t.tar")
+    node = {n.path(): n for n in t.iter_nodes()}["a/b/c"]
+    assert node.mtime_ns == 1_600_000_000_123_456_789
+    assert node.atime_ns == 1_600_000_001_500_000_000
+    pytest.importorskip("cimfs.layout.ntfs")
+    meta = posix.node_metadata(node)
+    assert meta.last_write_time == posix.ns_to_filetime(1_600_000_000_123_456_789)
+    assert {n.path() for n in t.iter_nodes()} == {"", "a", "a/b", "a/b/c"}
+
+
+def test_tar_hard_link_to_missing_member():
+    ti = tarfile.TarInfo("link")
+    ti.type = tarfile.LNKTYPE
+    ti.linkname = "nothere"
+    with pytest.raises(CimError) as e:
+        posix.scan_tar(_tar([(ti, None)]), posix.Tree(), "t.tar")
+    assert "nothere" in str(e.value)
+
+
+# ------------------------------------------------------------------ sparse writing
+def test_write_sparse_leaves_holes(tmp_path):
+    data = bytearray(1 << 20)
+    data[5000:5004] = b"abcd"
+    data[-3:] = b"end"
+    p = tmp_path / "f"
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o600)
+    posix._write_sparse(fd, bytes(data), 0)
+    os.ftruncate(fd, len(data))
+    os.close(fd)
+    assert p.read_bytes() == bytes(data)
+    assert os.stat(p).st_blocks * 512 <= 64 * 1024
