@@ -9,6 +9,7 @@ ownership are part of what is compared.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import socket
@@ -550,3 +551,42 @@ def test_export_to_stdout(tree, tmp_path):
     import io
     with tarfile.open(fileobj=io.BytesIO(p.stdout)) as tf:
         assert tf.extractfile("hello.txt").read() == b"hello world\n"
+
+
+# ------------------------------------------------------------------ Windows layers
+def _windows_layer(path, files):
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name in ("Files", "Hives"):
+            ti = tarfile.TarInfo(name)
+            ti.type = tarfile.DIRTYPE
+            ti.pax_headers = {"MSWINDOWS.fileattr": "16"}
+            tf.addfile(ti)
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            if data is None:
+                ti.type = tarfile.REGTYPE
+                tf.addfile(ti, io.BytesIO(b""))
+                continue
+            ti.size = len(data)
+            ti.pax_headers = {"MSWINDOWS.fileattr": "32"}
+            tf.addfile(ti, io.BytesIO(data))
+
+
+def test_windows_layer_create_fork_export(tmp_path):
+    pytest.importorskip("cimfs.winlayer")
+    d = tmp_path / "img"
+    d.mkdir()
+    _windows_layer(tmp_path / "base.tar", {"Files/a.txt": b"A", "Files/b.txt": b"B"})
+    _windows_layer(tmp_path / "top.tar", {"Files/c.txt": b"C", "Files/.wh.a.txt": None})
+    run("create", tmp_path / "base.tar", d / "base.cim")
+    run("create", tmp_path / "top.tar", d / "top.cim", "--fork-from", d / "base.cim")
+    names = set(run("ls", d / "top.cim", "Files").stdout.decode().split())
+    assert names == {"b.txt", "c.txt"}
+    st = json.loads(run("stat", d / "top.cim", "Files/c.txt", "--json").stdout)
+    assert "ARCHIVE" in st["attribute_names"]
+    run("export", d / "top.cim", tmp_path / "out.tar", "--format", "windows-layer")
+    run("create", tmp_path / "out.tar", d / "again.cim")
+    assert run("diff", d / "top.cim", d / "again.cim").stdout == b""
+    # a layer on stdin is detected too
+    run("create", "-", d / "stdin.cim", input=(tmp_path / "base.tar").read_bytes())
+    assert run("diff", d / "base.cim", d / "stdin.cim").stdout == b""

@@ -82,19 +82,6 @@ def _detect_format(fmt: str, tf: tarfile.TarFile) -> str:
         return "posix"
 
 
-def _tar_fileobj(tf: tarfile.TarFile, src: str):
-    """The raw (possibly compressed) archive file, rewound, for the Windows layer importer."""
-    if src == "-":
-        raw = tf.fileobj
-        # tarfile wraps compressed input; find the spool underneath.
-        while hasattr(raw, "fileobj") and raw.fileobj is not None and raw is not raw.fileobj:
-            raw = raw.fileobj
-        raw = getattr(raw, "_fp", raw)
-        raw.seek(0)
-        return raw
-    return open(src, "rb")
-
-
 def _import_posix(directory, name, base_name, tree, *, mirror: bool):
     base_reader = None
     total = tree.total_bytes()
@@ -169,10 +156,12 @@ def create(src, image, parent, extend, fmt, on_collision):
         kind = _detect_format(fmt, tf)
         if kind == "windows-layer":
             from . import winlayer
-            raw = _tar_fileobj(tf, src)
-            total = os.fstat(raw.fileno()).st_size if hasattr(raw, "fileno") else 0
-            with Progress(total, "create") as bar:
-                winlayer.import_layer(raw, directory, name, parent=base_name, progress=bar)
+            with Progress(0, "create") as bar:
+                if src == "-":
+                    tf.spool.seek(0)
+                    winlayer.import_layer(tf.spool, directory, name, parent=base_name, progress=bar)
+                else:
+                    winlayer.import_layer(src, directory, name, parent=base_name, progress=bar)
             return
         label = "stdin" if src == "-" else src
         tree = posix.scan_tar(tf, posix.Tree(on_collision, report=_warn), label)

@@ -420,7 +420,9 @@ def open_tar(path: str, stdin=None):
                     break
                 spool.write(buf)
             spool.seek(0)
-            return tarfile.open(fileobj=spool, mode="r:*")
+            tf = tarfile.open(fileobj=spool, mode="r:*")
+            tf.spool = spool      # the raw bytes, for a second reader
+            return tf
         return tarfile.open(path, mode="r:*")
     except (tarfile.TarError, EOFError) as e:
         raise CimError(E_INVALIDARG, f"not a readable tar archive ({_tar_reason(e)})", path) from None
