@@ -40,7 +40,7 @@ class FileMetadata:
 
     @property
     def is_dir(self) -> bool:
-        return bool(self.attributes & FileAttributes.DIRECTORY)
+        return bool(int(self.attributes) & 0x10)  # int, not IntFlag: this is on the per-file hot path
 
 
 def filetime_from_ns(ns: int) -> int:

@@ -41,7 +41,7 @@ from .errors import (
 )
 from .layout import cim
 from .metadata import FileAttributes, FileMetadata
-from .names import NameFolder, join_path, split_path
+from .names import NameFolder, check_name, join_path, split_path
 
 # [choice] Contents shorter than this go to the small-data region (8-byte
 # aligned); longer ones to a data region (4096-byte aligned).  32 KiB keeps the
@@ -356,7 +356,7 @@ class _Node:
     ``dirty`` only once changed.
     """
 
-    __slots__ = ("file_id", "record", "from_base", "children", "streams", "dirty", "nlink", "open_stream")
+    __slots__ = ("file_id", "record", "from_base", "children", "streams", "dirty", "nlink", "open_stream", "is_dir")
 
     def __init__(self, record: cim.FileRecord, file_id: int = 0, from_base: bool = False):
         self.record = record
@@ -367,10 +367,7 @@ class _Node:
         self.dirty = not from_base
         self.nlink = 0
         self.open_stream = False
-
-    @property
-    def is_dir(self) -> bool:
-        return self.record.is_dir
+        self.is_dir = record.is_dir  # fixed for a node's life: replacing a file by a directory makes a new node
 
 
 _DIR_STREAM = cim.Stream(0, 0, cim.STREAM_TYPE_LINK_TABLE)
@@ -521,6 +518,7 @@ class ImageWriter:
                 raise CimError(ERROR_FILE_EXISTS, "an image of that name already exists", self.path)
             self._store = _ObjectStore(self.directory, self._base, sync)
             self._base_nodes: dict[int, _Node] = {}
+            self._parent_cache: tuple[str, _Node] | None = None
             if self._base is not None:
                 self._folder = self._base._folder
                 self._root = self._base_node(self._base.root_id)
@@ -583,10 +581,21 @@ class ImageWriter:
 
     def _find(self, path: str, allow_stream: bool = False):
         """(parent node, key, (name, node) or None, stream name, parts)."""
+        # Importers add many files to one directory in a row: remember the last
+        # parent so only the last component needs checking and looking up.
+        if isinstance(path, str):
+            head, _, tail = path.replace("/", "\\").rpartition("\\")
+            cached = self._parent_cache
+            if cached is not None and head == cached[0] and tail and ":" not in tail:
+                check_name(tail, path)
+                parent = cached[1]
+                key = self._folder.key(tail)
+                return parent, key, self._children(parent).get(key), None, [tail]
         parts, stream = split_path(path, allow_stream)
         if not parts:
             return None, "", ("", self._root), stream, parts
         parent = self._walk_to_parent(parts, path)
+        self._parent_cache = (path.replace("/", "\\").rpartition("\\")[0], parent) if stream is None else None
         key = self._folder.key(parts[-1])
         return parent, key, self._children(parent).get(key), stream, parts
 
@@ -720,6 +729,7 @@ class ImageWriter:
         parent.dirty = True
 
     def _unlink(self, parent: _Node, key: str) -> None:
+        self._parent_cache = None  # the cached directory may be the one going away
         name, node = self._children(parent).pop(key)
         node.nlink -= 1
         parent.dirty = True

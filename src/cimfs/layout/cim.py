@@ -287,11 +287,8 @@ class FileRecord(NamedTuple):
 
 
 def attributes_to_flags(attributes: int) -> int:
-    flags = 0
-    for flag, attr in _FLAG_TO_ATTRIBUTE:
-        if attributes & attr:
-            flags |= flag
-    return flags
+    a = int(attributes)
+    return (a & 0x7) | (FLAG_ARCHIVE if a & FILE_ATTRIBUTE_ARCHIVE else 0) | (FLAG_SPARSE if a & FILE_ATTRIBUTE_SPARSE_FILE else 0)
 
 
 def pack_file_record(r: FileRecord) -> bytes:
