@@ -131,10 +131,20 @@ def _ntfs():
     return ntfs
 
 
+# Reparse tags of spec §18/§19 (fixed numbers; the blobs are packed by cimfs.layout.ntfs).
+TAG_MOUNT_POINT = 0xA0000003
+TAG_SYMLINK = 0xA000000C
+TAG_LX_SYMLINK = 0xA000001D
+TAG_AF_UNIX = 0x80000023
+TAG_LX_FIFO = 0x80000024
+TAG_LX_CHR = 0x80000025
+TAG_LX_BLK = 0x80000026
+SPECIAL_TAGS = {FIFO: TAG_LX_FIFO, CHR: TAG_LX_CHR, BLK: TAG_LX_BLK, SOCK: TAG_AF_UNIX}
+_KIND_OF_TAG = {v: k for k, v in SPECIAL_TAGS.items()}
+
+
 def _special_tags():
-    n = _ntfs()
-    return {FIFO: n.IO_REPARSE_TAG_LX_FIFO, CHR: n.IO_REPARSE_TAG_LX_CHR,
-            BLK: n.IO_REPARSE_TAG_LX_BLK, SOCK: n.IO_REPARSE_TAG_AF_UNIX}
+    return SPECIAL_TAGS
 
 
 # --------------------------------------------------------------------- source tree
@@ -604,7 +614,7 @@ class PosixInfo:
 def _link_target(n, st) -> str | None:
     """The POSIX symlink target of an LX symlink, NT symlink or mount point."""
     rp = n.parse_reparse(st.reparse_data)
-    if st.reparse_tag == n.IO_REPARSE_TAG_LX_SYMLINK:
+    if st.reparse_tag == TAG_LX_SYMLINK:
         t = rp.target
         return os.fsdecode(t) if isinstance(t, (bytes, bytearray)) else t
     name = rp.print_name or rp.substitute_name or ""
@@ -625,7 +635,7 @@ def posix_info(st) -> PosixInfo:
     tag = st.reparse_tag if st.reparse_data else 0
     target = None
     kind = DIR if st.is_dir else FILE
-    link_tags = (n.IO_REPARSE_TAG_LX_SYMLINK, n.IO_REPARSE_TAG_SYMLINK, n.IO_REPARSE_TAG_MOUNT_POINT)
+    link_tags = (TAG_LX_SYMLINK, TAG_SYMLINK, TAG_MOUNT_POINT)
     if tag in link_tags:
         try:
             target = _link_target(n, st)
@@ -633,8 +643,7 @@ def posix_info(st) -> PosixInfo:
         except (ValueError, CimError):
             target = None
     elif tag and not st.is_dir:
-        special = {v: k for k, v in _special_tags().items()}
-        kind = special.get(tag, FILE)
+        kind = _KIND_OF_TAG.get(tag, FILE)
     defaults = {DIR: 0o755, FILE: 0o644, SYMLINK: 0o777}
     perm = defaults.get(kind, 0o644)
     if kind == FILE and st.attributes & 0x1:
@@ -642,12 +651,13 @@ def posix_info(st) -> PosixInfo:
     uid = gid = 0
     rdev = (0, 0)
     if lx is not None:
-        if lx.mode is not None:
-            perm = lx.mode & 0o7777
-        uid = lx.uid if lx.uid is not None else 0
-        gid = lx.gid if lx.gid is not None else 0
-        if lx.rdev_major is not None:
-            rdev = (lx.rdev_major, lx.rdev_minor or 0)
+        mode = getattr(lx, "mode", None)
+        if mode is not None:
+            perm = mode & 0o7777
+        uid = getattr(lx, "uid", None) or 0
+        gid = getattr(lx, "gid", None) or 0
+        if getattr(lx, "rdev_major", None) is not None:
+            rdev = (lx.rdev_major, getattr(lx, "rdev_minor", None) or 0)
     return PosixInfo(kind=kind, mode=FMT_OF_KIND[kind] | perm, uid=uid, gid=gid, rdev=rdev,
                      atime_ns=filetime_to_ns(st.last_access_time), mtime_ns=filetime_to_ns(st.last_write_time),
                      ctime_ns=filetime_to_ns(st.change_time), btime_ns=filetime_to_ns(st.creation_time),

@@ -45,8 +45,15 @@ def _ntfs():
 
 
 def _tag_names() -> dict[int, str]:
+    names = {posix.TAG_MOUNT_POINT: "MOUNT_POINT", posix.TAG_SYMLINK: "SYMLINK", posix.TAG_LX_SYMLINK: "LX_SYMLINK",
+             posix.TAG_AF_UNIX: "AF_UNIX", posix.TAG_LX_FIFO: "LX_FIFO", posix.TAG_LX_CHR: "LX_CHR",
+             posix.TAG_LX_BLK: "LX_BLK", 0xA000001F: "WCI_TOMBSTONE"}
     n = _ntfs()
-    return {getattr(n, k): k[len("IO_REPARSE_TAG_"):] for k in dir(n) if k.startswith("IO_REPARSE_TAG_")}
+    for k in dir(n):
+        v = getattr(n, k)
+        if k.startswith("IO_REPARSE_TAG_") and isinstance(v, int):
+            names.setdefault(v, k[len("IO_REPARSE_TAG_"):])
+    return names
 
 
 def mode_string(mode: int) -> str:
