@@ -1,0 +1,1034 @@
+"""Windows container layer tars <-> CimFS images (spec §17, docs/WINDOWS-LAYERS.md).
+
+A Windows layer tar is a PAX tar whose top-level directories are ``Files/``
+(the file system), ``Hives/`` (registry hive deltas) and, in base layers,
+sometimes ``UtilityVM/``.  They are kept as plain paths in the image
+(``Files\\Windows\\...``).  Windows metadata travels in PAX records:
+
+==============================  ==============================================
+``MSWINDOWS.fileattr``          Win32 attributes, decimal
+``MSWINDOWS.rawsd``             base64 self-relative security descriptor
+``MSWINDOWS.sd``                (old tars) the descriptor as SDDL text
+``MSWINDOWS.xattr.<name>``      base64 value of the extended attribute <name>
+``MSWINDOWS.mountpoint``        on a symlink entry: a mount point (junction)
+``LIBARCHIVE.creationtime``     creation time, PAX time ``sec[.frac]``
+``mtime`` / ``ctime`` / ``atime``  last write / change / last access times
+``CIMFS.rawreparse``            (this project) base64 REPARSE_DATA_BUFFER of a
+                                reparse point a symlink entry cannot express
+==============================  ==============================================
+
+Symlink entries are NT symlinks (or mount points), type ``1`` entries are hard
+links, ``<file>:<stream>:$DATA`` regular entries following their file are
+alternate data streams, and ``.wh.<name>`` entries delete ``<name>`` from the
+layers below.  Each layer of a multi-layer image is imported as a fork of the
+layer below it.
+
+Only the public library API is used: :func:`cimfs.create` to write (it discards
+everything on an exception, so a failed import leaves nothing behind) and
+:func:`cimfs.open` to read; the NTFS blobs (EA chains, reparse buffers, SDDL)
+are packed and parsed by :mod:`cimfs.layout.ntfs`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import inspect
+import io
+import os
+import re
+import secrets
+import tarfile
+import zlib
+from typing import Callable, Iterable
+
+import cimfs
+from .errors import (
+    E_INVALIDARG,
+    ERROR_FILE_EXISTS,
+    ERROR_FILE_NOT_FOUND,
+    ERROR_INVALID_NAME,
+    ERROR_PATH_NOT_FOUND,
+    CimError,
+    hresult_from_oserror,
+)
+from .metadata import FileAttributes, FileMetadata
+from .names import check_name
+
+__all__ = ["is_windows_layer", "import_layer", "import_layers", "export_layer",
+           "parse_pax_time", "format_pax_time", "pax_time_to_filetime", "filetime_to_pax_time"]
+
+# ------------------------------------------------------------------ constants
+PAX_FILEATTR = "MSWINDOWS.fileattr"
+PAX_RAWSD = "MSWINDOWS.rawsd"
+PAX_SDDL = "MSWINDOWS.sd"
+PAX_MOUNTPOINT = "MSWINDOWS.mountpoint"
+PAX_EA_PREFIX = "MSWINDOWS.xattr."
+PAX_CREATIONTIME = "LIBARCHIVE.creationtime"
+# [choice] our own record: the exact reparse buffer, written on export only when
+# the symlink entry's link name would not rebuild the same bytes (or the tag is
+# not a symlink / mount point).  Other readers ignore unknown PAX records.
+PAX_RAWREPARSE = "CIMFS.rawreparse"
+
+LAYER_TOP_LEVEL = ("Files", "Hives", "UtilityVM")
+WHITEOUT_PREFIX = ".wh."
+WHITEOUT_META_PREFIX = ".wh..wh."
+WHITEOUT_OPAQUE = ".wh..wh..opq"
+
+FILETIME_UNIX_EPOCH = 116444736000000000
+_FILETIME_MAX = (1 << 64) - 1
+
+IO_REPARSE_TAG_MOUNT_POINT = 0xA0000003
+IO_REPARSE_TAG_SYMLINK = 0xA000000C
+
+CHUNK = 1 << 20
+_DETECT_MEMBERS = 64  # members is_windows_layer reads from a seekable tar
+
+Progress = Callable[[int, str], None]
+
+
+def _ntfs():
+    from .layout import ntfs  # imported late: a sibling module of the library
+
+    return ntfs
+
+
+# ------------------------------------------------------------------ times
+_PAX_TIME = re.compile(r"([-+]?)([0-9]+)(?:\.([0-9]*))?")
+
+
+def parse_pax_time(text: str) -> int:
+    """A PAX time (``[-]sec[.frac]``) as integer nanoseconds, exactly (no float).
+
+    ``-1.5`` is 1.5 s before the epoch (Go's and libarchive's reading).
+    """
+    m = _PAX_TIME.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"not a PAX time: {text!r}")
+    sign, sec, frac = m.groups()
+    ns = int(sec) * 1_000_000_000 + int(((frac or "") + "000000000")[:9])
+    return -ns if sign == "-" else ns
+
+
+def format_pax_time(ns: int) -> str:
+    """Integer nanoseconds as a PAX time with nine fractional digits."""
+    sign = "-" if ns < 0 else ""
+    a = abs(ns)
+    return f"{sign}{a // 1_000_000_000}.{a % 1_000_000_000:09d}"
+
+
+def pax_time_to_filetime(text: str) -> int:
+    """``sec.nsec`` → FILETIME ticks (sec*10^7 + nsec//100 + 116444736000000000)."""
+    ticks = parse_pax_time(text) // 100 + FILETIME_UNIX_EPOCH
+    if not 0 <= ticks <= _FILETIME_MAX:
+        raise ValueError(f"time {text!r} is outside the FILETIME range")
+    return ticks
+
+
+def filetime_to_pax_time(ticks: int) -> str:
+    return format_pax_time((ticks - FILETIME_UNIX_EPOCH) * 100)
+
+
+# ------------------------------------------------------------------ progress
+def _progress_adapter(progress) -> Callable[[int, str], None]:
+    """``progress(n, path)``; a callable taking only ``n`` is accepted too."""
+    if progress is None:
+        return lambda n, path: None
+    try:
+        sig = inspect.signature(progress)
+    except (TypeError, ValueError):
+        return progress
+    try:
+        sig.bind(0, "")
+        return progress
+    except TypeError:
+        pass
+    try:
+        sig.bind(0)
+    except TypeError:
+        return progress
+    return lambda n, path: progress(n)
+
+
+# ------------------------------------------------------------------ detection
+def _top(name: str) -> str:
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    return parts[0] if parts else ""
+
+
+def _has_windows_headers(m: tarfile.TarInfo) -> bool:
+    return any(k.startswith("MSWINDOWS.") for k in m.pax_headers)
+
+
+def is_windows_layer(tf: tarfile.TarFile | None = None, *, names: Iterable[str] = ()) -> bool:
+    """Whether a tar looks like a Windows container layer (spec §17).
+
+    The heuristic: at least one member lies under a top-level ``Files/`` or
+    ``Hives/`` (compared case-insensitively), no member lies outside
+    ``Files/``, ``Hives/`` and ``UtilityVM/`` (top-level ``.wh.`` whiteouts
+    allowed), and, when a ``TarFile`` is given, at least one inspected member
+    carries a ``MSWINDOWS.*`` PAX record.  With only ``names`` the PAX test
+    cannot be made and the name test decides.
+
+    What is inspected: ``names`` when given; else the members ``tf`` has read
+    so far, and for a seekable (``r:*``) tar up to 64 members in all (reading
+    on does not lose data there: iterating the tar later starts again from
+    the first member).  A stream (``r|*``) tar is not read further than the
+    members already loaded (its first member after ``tarfile.open``), since
+    that would make earlier members unreadable.
+    """
+    headers_seen = False
+    if tf is None:
+        candidates = list(names)
+        need_headers = False
+    else:
+        need_headers = True
+        members = list(getattr(tf, "members", []) or [])
+        first = getattr(tf, "firstmember", None)
+        if first is not None and first not in members:
+            members.insert(0, first)
+        if not _is_stream(tf) and not getattr(tf, "_loaded", False):
+            try:
+                while len(members) < _DETECT_MEMBERS:
+                    m = tf.next()
+                    if m is None:
+                        break
+                    if m not in members:
+                        members.append(m)
+            except (tarfile.TarError, EOFError, OSError, zlib.error):
+                pass
+        headers_seen = any(_has_windows_headers(m) for m in members)
+        candidates = [m.name for m in members]
+        candidates += list(names)
+    allowed = {t.casefold() for t in LAYER_TOP_LEVEL}
+    core = {"files", "hives"}
+    found_core = False
+    for n in candidates:
+        top = _top(n)
+        if not top:
+            continue  # "./" and the like
+        folded = top.casefold()
+        if folded in core:
+            found_core = True
+        elif folded not in allowed and not top.startswith(WHITEOUT_PREFIX):
+            return False
+    return found_core and (headers_seen or not need_headers)
+
+
+# ------------------------------------------------------------------ tar reading
+def _is_stream(tf: tarfile.TarFile) -> bool:
+    """A ``r|*`` tar: reading on makes earlier members' data unreadable."""
+    stream_type = getattr(tarfile, "_Stream", None)
+    return stream_type is not None and isinstance(getattr(tf, "fileobj", None), stream_type)
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Records how header reading ended, so a tar cut at a header boundary
+    (which ``tarfile`` silently treats as the end) is reported as truncated."""
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.EOFHeaderError:
+            tf._cimfs_end = "eof"
+            raise
+        except tarfile.HeaderError as e:
+            tf._cimfs_end = e
+            raise
+
+
+class _TarSource:
+    """Opens ``src`` (path, binary file object or TarFile) as a stream tar."""
+
+    def __init__(self, src, label: str | None = None):
+        self._own_file = None
+        self._own_stream = False
+        self.tf = None
+        if isinstance(src, tarfile.TarFile):
+            self.tf = src
+            self.label = label or (src.name or "<tar>")
+            src.tarinfo = _CheckedTarInfo  # later headers are checked
+            src._cimfs_end = None
+            return
+        if isinstance(src, (str, bytes, os.PathLike)):
+            path = os.fsdecode(src)
+            self.label = label or path
+            try:
+                self._own_file = f = open(path, "rb")
+            except OSError as e:
+                raise CimError(hresult_from_oserror(e), f"cannot open the tar: {e.strerror or e}", path) from None
+        else:
+            f = src
+            self.label = label or getattr(src, "name", None) or "<stream>"
+            if not isinstance(self.label, str):
+                self.label = "<stream>"
+        try:
+            self.tf = tarfile.open(fileobj=f, mode="r|*", tarinfo=_CheckedTarInfo,
+                                   encoding="utf-8", errors="surrogateescape")
+        except BaseException as e:
+            self.close()
+            if isinstance(e, CimError):
+                raise
+            if isinstance(e, (tarfile.TarError, EOFError, zlib.error, ValueError, UnicodeError)) or _is_codec_error(e):
+                raise CimError(E_INVALIDARG, f"not a readable tar archive ({e})", self.label) from None
+            if isinstance(e, OSError):
+                raise CimError(hresult_from_oserror(e), f"cannot read the tar: {e.strerror or e}", self.label) from None
+            raise
+        self.tf._cimfs_end = None
+        self._own_stream = True
+
+    def members(self):
+        tf = self.tf
+        last = None
+        # Members an open TarFile given as the source has loaded already (by
+        # tarfile.open or a format check) come first; next() may hand the
+        # first one out again, so each is yielded once.
+        loaded = list(tf.members)
+        seen = {id(m) for m in loaded}
+        for m in loaded:
+            last = m
+            yield m
+        if getattr(tf, "_loaded", False):
+            return
+        while True:
+            try:
+                m = tf.next()
+            except CimError:
+                raise
+            except Exception as e:  # noqa: BLE001 - everything tarfile/decompressors raise
+                if not _is_read_error(e):
+                    raise
+                raise CimError(E_INVALIDARG, _read_error_text(e, "header", last), _after(last, self.label)) from None
+            if m is not None and id(m) in seen:
+                continue
+            if m is None:
+                end = getattr(tf, "_cimfs_end", None)
+                if end == "eof" or (end is None and last is None):
+                    return
+                why = "the archive ends without its end-of-archive blocks" if isinstance(end, tarfile.EmptyHeaderError) \
+                    else f"bad header ({end})" if isinstance(end, tarfile.InvalidHeaderError) \
+                    else f"cut inside a header ({end})"
+                raise CimError(E_INVALIDARG, f"truncated or corrupt tar: {why}", _after(last, self.label))
+            last = m
+            yield m
+            if self._own_file is not None or self._own_stream:
+                # A stream tar keeps every TarInfo it read; a layer of a
+                # million files need not (nothing looks members up by name).
+                tf.members.clear()
+
+    def close(self) -> None:
+        if self.tf is not None and self._own_file is not None:
+            try:
+                self.tf.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if self._own_file is not None:
+            self._own_file.close()
+            self._own_file = None
+
+
+def _after(m, label):
+    return f"{label} (after member {m.name!r})" if m is not None else label
+
+
+def _is_codec_error(e: BaseException) -> bool:
+    try:
+        import lzma
+
+        if isinstance(e, lzma.LZMAError):
+            return True
+    except ImportError:
+        pass
+    return type(e).__name__ in ("BadGzipFile", "CompressionError")
+
+
+def _is_read_error(e: BaseException) -> bool:
+    return isinstance(e, (tarfile.TarError, EOFError, zlib.error, UnicodeError, ValueError, KeyError, OSError,
+                          OverflowError)) or _is_codec_error(e)
+
+
+def _read_error_text(e: BaseException, where: str, member) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, tarfile.ReadError) and text in ("empty header", "truncated header"):
+        return f"truncated tar: the archive ends inside a member's headers ({text})"
+    if isinstance(e, (tarfile.ReadError, EOFError)) and ("end of data" in text or "ended" in text or isinstance(e, EOFError)):
+        return f"truncated tar: {text}"
+    if isinstance(e, OSError) and not isinstance(e, CimError):
+        return f"cannot read the tar: {e.strerror or text}"
+    return f"malformed tar ({where}): {text}"
+
+
+# ------------------------------------------------------------------ names
+def _tar_parts(name: str, what: str, member: str) -> list[str]:
+    """Components of a tar path, validated as CIM names (spec §15)."""
+    if any("\ud800" <= c <= "\udfff" for c in name):
+        raise CimError(ERROR_INVALID_NAME, f"{what} is not valid UTF-8", member)
+    if name.startswith("/"):
+        raise CimError(ERROR_INVALID_NAME, f"{what} is an absolute path", member)
+    parts = []
+    for p in name.split("/"):
+        if p in ("", "."):
+            continue
+        if p == "..":
+            raise CimError(ERROR_INVALID_NAME, f"{what} contains '..'", member)
+        parts.append(p)
+    if parts and len(parts[0]) == 2 and parts[0][1] == ":" and parts[0][0].isalpha():
+        raise CimError(ERROR_INVALID_NAME, f"{what} starts with a drive letter", member)
+    return parts
+
+
+def _check_parts(parts: list[str], member: str, what: str = "name") -> None:
+    for p in parts:
+        try:
+            check_name(p, member, what)
+        except CimError as e:
+            raise CimError(e.hresult, f"{e.strerror} (not a valid CIM name)", member) from None
+
+
+# ------------------------------------------------------------------ metadata from PAX records
+def _b64(value: str, key: str, member: str) -> bytes:
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeError):
+        raise CimError(E_INVALIDARG, f"PAX record {key} is not valid base64", member) from None
+
+
+def _times(m: tarfile.TarInfo, member: str) -> tuple[int, int, int, int]:
+    h = m.pax_headers
+
+    def get(key, default):
+        v = h.get(key)
+        if v is None:
+            return default
+        try:
+            return pax_time_to_filetime(v)
+        except ValueError as e:
+            raise CimError(E_INVALIDARG, f"PAX record {key}: {e}", member) from None
+
+    mtime = get("mtime", None)
+    if mtime is None:
+        try:
+            mtime = pax_time_to_filetime(str(int(m.mtime)))
+        except (ValueError, TypeError, OverflowError):
+            raise CimError(E_INVALIDARG, f"bad mtime {m.mtime!r}", member) from None
+    # [choice] a missing creation / change / access time is the last write time.
+    return get(PAX_CREATIONTIME, mtime), mtime, get("ctime", mtime), get("atime", mtime)
+
+
+def _metadata(m: tarfile.TarInfo, member: str, *, is_dir: bool) -> FileMetadata:
+    h = m.pax_headers
+    attrs = 0
+    if PAX_FILEATTR in h:
+        v = h[PAX_FILEATTR].strip()
+        try:
+            attrs = int(v, 10)
+        except ValueError:
+            attrs = -1
+        if not 0 <= attrs <= 0xFFFFFFFF:
+            raise CimError(E_INVALIDARG, f"PAX record {PAX_FILEATTR} {h[PAX_FILEATTR]!r} is not a 32-bit decimal number", member)
+    attrs &= ~(FileAttributes.DIRECTORY | FileAttributes.REPARSE_POINT | FileAttributes.NORMAL)
+    if is_dir:
+        attrs |= FileAttributes.DIRECTORY
+    sd = b""
+    if PAX_RAWSD in h:
+        sd = _b64(h[PAX_RAWSD], PAX_RAWSD, member)
+        _check_sd(sd, member)
+    elif PAX_SDDL in h:
+        try:
+            sd = _ntfs().sddl_to_sd(h[PAX_SDDL])
+        except CimError as e:
+            raise CimError(e.hresult, f"PAX record {PAX_SDDL}: {e.strerror}", member) from None
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise CimError(E_INVALIDARG, f"PAX record {PAX_SDDL} is not valid SDDL ({e})", member) from None
+    eas = []
+    for k, v in h.items():
+        if k.startswith(PAX_EA_PREFIX):
+            name = k[len(PAX_EA_PREFIX):]
+            if not name or not name.isascii() or len(name) > 255 or any(ord(c) < 32 for c in name):
+                raise CimError(E_INVALIDARG, f"extended attribute name {name!r} is not 1-255 printable ASCII characters", member)
+            value = _b64(v, k, member)
+            if len(value) > 0xFFFF:
+                raise CimError(E_INVALIDARG, f"extended attribute {name!r} value is longer than 65535 bytes", member)
+            eas.append((name, value))
+    ea_buffer = b""
+    if eas:
+        ntfs = _ntfs()
+        try:
+            ea_buffer = ntfs.pack_eas([ntfs.EaEntry(n, v) for n, v in eas])
+        except CimError as e:
+            raise CimError(e.hresult, f"extended attributes: {e.strerror}", member) from None
+        except (ValueError, TypeError, OverflowError) as e:
+            raise CimError(E_INVALIDARG, f"extended attributes: {e}", member) from None
+    creation, write, change, access = _times(m, member)
+    return FileMetadata(attributes=attrs, creation_time=creation, last_write_time=write, change_time=change,
+                        last_access_time=access, security_descriptor=sd, ea_buffer=ea_buffer)
+
+
+def _check_sd(sd: bytes, member: str) -> None:
+    # A self-relative SECURITY_DESCRIPTOR: revision 1, 20-byte header, the
+    # SE_SELF_RELATIVE control bit (0x8000).
+    if len(sd) < 20 or sd[0] != 1 or not (sd[3] & 0x80):
+        raise CimError(E_INVALIDARG, f"PAX record {PAX_RAWSD} is not a self-relative security descriptor", member)
+    if len(sd) > 0xFFFF:
+        raise CimError(E_INVALIDARG, "security descriptor is longer than 65535 bytes", member)
+
+
+# ------------------------------------------------------------------ import
+class _LayerImporter:
+    def __init__(self, writer, source: _TarSource, parent_image, progress):
+        self.w = writer
+        self.src = source
+        self.lower = parent_image  # reader of the parent image, or None
+        self.progress = progress
+        self.fold = parent_image.fold if parent_image is not None else str.upper
+        self.added: dict[str, bool] = {}  # folded image path -> is a directory (entries of this layer)
+        self.known_dirs: set[str] = set()
+        self.last_file: str | None = None  # image path of the last file/dir entry (ADS owner)
+
+    # -- helpers
+    def _key(self, parts) -> str:
+        return self.fold("\\".join(parts))
+
+    def _exists(self, path: str) -> bool:
+        return self.w.exists(path)
+
+    def _is_dir(self, path: str) -> bool:
+        return self.w.is_dir(path)
+
+    def _ensure_parents(self, parts: list[str], member: str) -> None:
+        for i in range(1, len(parts)):
+            sub = "\\".join(parts[:i])
+            key = self.fold(sub)
+            if key in self.known_dirs:
+                continue
+            if not self._exists(sub):
+                # [choice] a missing parent directory is created with default metadata.
+                self.w.mkdir(sub, FileMetadata(attributes=FileAttributes.DIRECTORY))
+            elif not self._is_dir(sub):
+                raise CimError(ERROR_PATH_NOT_FOUND, f"parent {sub!r} is not a directory", member)
+            self.known_dirs.add(key)
+
+    def _remove_existing(self, path: str) -> None:
+        if self._exists(path):
+            self.w.delete(path)
+            self.known_dirs.clear()
+
+    def _copy(self, m: tarfile.TarInfo, stream, size: int, member: str) -> None:
+        f = self.src.tf.extractfile(m)
+        if f is None:
+            raise CimError(E_INVALIDARG, "entry has no data", member)
+        remaining = size
+        while remaining:
+            chunk = f.read(min(CHUNK, remaining))
+            if not chunk:
+                raise CimError(E_INVALIDARG, f"truncated tar: data ends {remaining} bytes early", member)
+            stream.write(chunk)
+            remaining -= len(chunk)
+            self.progress(len(chunk), member)
+
+    # -- the layer
+    def run(self) -> None:
+        for m in self.src.members():
+            member = m.name
+            try:
+                self.entry(m)
+            except CimError as e:
+                if e.filename == member:
+                    raise
+                where = f" [image path {e.filename}]" if e.filename else ""
+                raise CimError(e.hresult, f"{e.strerror}{where}", member) from None
+            except Exception as e:  # noqa: BLE001 - reading the member's data
+                if not _is_read_error(e):
+                    raise
+                raise CimError(E_INVALIDARG, _read_error_text(e, "data", m), member) from None
+
+    def entry(self, m: tarfile.TarInfo) -> None:
+        member = m.name
+        parts = _tar_parts(m.name, "member name", member)
+        if not parts:
+            return  # "./": the root; the format gives it no metadata
+        base = parts[-1]
+        # whiteouts
+        if base.startswith(WHITEOUT_PREFIX):
+            self.whiteout(parts, member)
+            return
+        # alternate data streams: <file>:<stream>:$DATA
+        if ":" in base:
+            self.stream(m, parts, member)
+            return
+        _check_parts(parts, member)
+        path = "\\".join(parts)
+        self._ensure_parents(parts, member)
+        key = self._key(parts)
+        if m.isdir():
+            meta = _metadata(m, member, is_dir=True)
+            if not self._is_dir(path):
+                self._remove_existing(path)
+            self.w.create_file(path, meta).close()
+            self.added[key] = True
+            self.known_dirs.add(key)
+            self.last_file = path
+        elif m.issym():
+            self.symlink(m, parts, path, member)
+            self.added[key] = self._is_dir(path)
+            self.last_file = path
+        elif m.islnk():
+            self.hardlink(m, parts, path, member)
+            self.added[key] = False
+            self.last_file = None
+        elif m.isfile():
+            meta = _metadata(m, member, is_dir=False)
+            raw = self._raw_reparse(m, member)
+            if raw:
+                meta.reparse_data = raw
+            meta.file_size = m.size
+            self._remove_existing(path)
+            with self.w.create_file(path, meta) as s:
+                self._copy(m, s, m.size, member)
+            self.added[key] = False
+            self.last_file = path
+        else:
+            kind = {tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device",
+                    tarfile.FIFOTYPE: "FIFO"}.get(m.type, f"type {m.type!r}")
+            raise CimError(E_INVALIDARG, f"a {kind} entry has no meaning in a Windows layer", member)
+
+    def _raw_reparse(self, m, member) -> bytes:
+        v = m.pax_headers.get(PAX_RAWREPARSE)
+        if v is None:
+            return b""
+        raw = _b64(v, PAX_RAWREPARSE, member)
+        if len(raw) < 8:
+            raise CimError(E_INVALIDARG, f"PAX record {PAX_RAWREPARSE} is shorter than a reparse header", member)
+        return raw
+
+    def symlink(self, m, parts, path, member) -> None:
+        h = m.pax_headers
+        mount = PAX_MOUNTPOINT in h
+        target = m.linkname
+        if not target:
+            raise CimError(E_INVALIDARG, "symlink entry has an empty target", member)
+        if any("\ud800" <= c <= "\udfff" for c in target):
+            raise CimError(E_INVALIDARG, "symlink target is not valid UTF-8", member)
+        attrs_dir = False
+        if PAX_FILEATTR in h:
+            try:
+                attrs_dir = bool(int(h[PAX_FILEATTR].strip(), 10) & FileAttributes.DIRECTORY)
+            except ValueError:
+                pass  # _metadata reports it
+        is_dir = attrs_dir or mount
+        meta = _metadata(m, member, is_dir=is_dir)
+        raw = self._raw_reparse(m, member)
+        if raw:
+            meta.reparse_data = raw
+        else:
+            ntfs = _ntfs()
+            try:
+                meta.reparse_data = ntfs.pack_mount_point_reparse(target) if mount else ntfs.pack_symlink_reparse(target)
+            except CimError as e:
+                raise CimError(e.hresult, f"symlink target {target!r}: {e.strerror}", member) from None
+            except (ValueError, TypeError, OverflowError) as e:
+                raise CimError(E_INVALIDARG, f"symlink target {target!r}: {e}", member) from None
+        self._remove_existing(path)
+        self.w.create_file(path, meta).close()
+
+    def hardlink(self, m, parts, path, member) -> None:
+        tparts = _tar_parts(m.linkname, "hard link target", member)
+        if not tparts:
+            raise CimError(E_INVALIDARG, "hard link to the root", member)
+        _check_parts(tparts, member, "hard link target")
+        target = "\\".join(tparts)
+        if self.fold(target) == self.fold(path):
+            raise CimError(E_INVALIDARG, "hard link to itself", member)
+        if not self._exists(target):
+            raise CimError(ERROR_FILE_NOT_FOUND, f"hard link target {m.linkname!r} is not in the image", member)
+        if self._is_dir(target):
+            raise CimError(E_INVALIDARG, f"hard link target {m.linkname!r} is a directory", member)
+        self._remove_existing(path)
+        self.w.link(path, target)
+
+    def stream(self, m, parts, member) -> None:
+        base = parts[-1]
+        pieces = base.split(":")
+        if len(pieces) == 2:
+            fname, sname, stype = pieces[0], pieces[1], "$DATA"
+        elif len(pieces) == 3:
+            fname, sname, stype = pieces
+        else:
+            raise CimError(ERROR_INVALID_NAME, "name has more than two ':' (expected <file>:<stream>:$DATA)", member)
+        if stype.upper() != "$DATA":
+            raise CimError(E_INVALIDARG, f"alternate stream type {stype!r} is not $DATA", member)
+        if not m.isfile():
+            raise CimError(E_INVALIDARG, "an alternate data stream entry must be a regular file entry", member)
+        fparts = parts[:-1] + [fname]
+        _check_parts(fparts, member)
+        _check_parts([sname], member, "stream name")
+        fpath = "\\".join(fparts)
+        if not self._exists(fpath):
+            raise CimError(ERROR_FILE_NOT_FOUND, f"alternate stream of {fname!r}, which is not in the image", member)
+        if self.last_file is None or self.fold(self.last_file) != self.fold(fpath):
+            # [choice] accepted (the file exists), though §17 puts streams right after their file.
+            pass
+        with self.w.create_stream(f"{fpath}:{sname}", m.size) as s:
+            self._copy(m, s, m.size, member)
+
+    def whiteout(self, parts, member) -> None:
+        base = parts[-1]
+        dir_parts = parts[:-1]
+        _check_parts(dir_parts, member)
+        if base == WHITEOUT_OPAQUE:
+            # Opaque directory: hide everything the layers below have in it.
+            self.prune_lower(dir_parts)
+            return
+        if base.startswith(WHITEOUT_META_PREFIX):
+            return  # other AUFS metadata (.wh..wh.plnk, ...): no meaning here
+        name = base[len(WHITEOUT_PREFIX):]
+        _check_parts([name], member, "whiteout name")
+        target = dir_parts + [name]
+        if self.lower is None:
+            return  # nothing below a base layer; this layer's own names stay
+        key = self._key(target)
+        if key in self.added:
+            # The name is this layer's own: only what the layers below had under it goes.
+            if self.added[key]:
+                self.prune_lower(target)
+            return
+        path = "\\".join(target)
+        try:
+            self._remove_existing(path)
+        except CimError as e:
+            if e.hresult not in (ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND):
+                raise
+
+    def prune_lower(self, parts: list[str]) -> None:
+        """Delete what the parent image has under directory ``parts`` and this layer did not add."""
+        if self.lower is None:
+            return
+        path = "\\".join(parts)
+        try:
+            st = self.lower.stat(path)
+        except CimError:
+            return
+        if not st.is_dir or not self._is_dir(path):
+            return
+        for entry in self.lower.scandir(st.file_id):
+            child = parts + [entry.name]
+            key = self._key(child)
+            cpath = "\\".join(child)
+            if key not in self.added:
+                try:
+                    self._remove_existing(cpath)
+                except CimError as e:
+                    if e.hresult not in (ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND):
+                        raise
+            elif self.added[key]:
+                self.prune_lower(child)
+
+
+def _image_name(name) -> str:
+    name = os.fspath(name)
+    if not name or os.sep in name or (os.altsep and os.altsep in name):
+        raise CimError(ERROR_INVALID_NAME, "an image name is a file name, not a path", name)
+    return name
+
+
+def import_layer(src, containing_dir, name, parent=None, progress=None) -> str:
+    """Import one Windows layer tar as the image ``name`` in ``containing_dir``.
+
+    ``src`` is a path, a binary file object (read once, as a stream: stdin
+    works) or an open ``tarfile.TarFile``; any compression ``tarfile`` reads.
+    With ``parent`` (a ``.cim`` name in the same directory) the image is a fork
+    of it and the layer is applied on top, whiteouts deleting from the parent.
+    Returns the new ``.cim`` path.  On any error a :class:`CimError` naming the
+    tar member is raised and nothing new is left behind.
+    """
+    directory = os.fspath(containing_dir)
+    name = _image_name(name)
+    if parent is not None:
+        parent = os.path.basename(os.fspath(parent)) if os.path.dirname(os.fspath(parent)) else os.fspath(parent)
+    report = _progress_adapter(progress)
+    source = _TarSource(src)
+    try:
+        with cimfs.create(directory, name, base=parent) as w:
+            lower = cimfs.open(os.path.join(directory, parent)) if parent is not None else None
+            try:
+                _LayerImporter(w, source, lower, report).run()
+            finally:
+                if lower is not None:
+                    lower.close()
+            return w.commit()
+    finally:
+        source.close()
+
+
+def _remove_committed(directory: str, name: str) -> None:
+    """Undo a committed layer of a failed import_layers call: its .cim and own region files."""
+    path = os.path.join(directory, name)
+    try:
+        with cimfs.open(path) as img:
+            set_id = img.info()["region_set"]["id"].lower()
+    except (CimError, KeyError, TypeError):
+        set_id = None
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    if set_id:
+        for n in os.listdir(directory):
+            low = n.lower()
+            if low.startswith(f"region_{set_id}_") or low.startswith(f"objectid_{set_id}_"):
+                try:
+                    os.unlink(os.path.join(directory, n))
+                except FileNotFoundError:
+                    pass
+
+
+def import_layers(srcs: list, containing_dir, names: list[str], base=None, progress=None) -> list[str]:
+    """Import a multi-layer image, bottom layer first: one ``.cim`` per layer, each
+    a fork of the one below (the first a fork of ``base`` when given).
+
+    On an error the layers already imported by this call are removed again.
+    """
+    srcs, names = list(srcs), [_image_name(n) for n in names]
+    directory = os.fspath(containing_dir)
+    if len(srcs) != len(names):
+        raise CimError(E_INVALIDARG, f"{len(srcs)} layer tars but {len(names)} image names")
+    if not srcs:
+        raise CimError(E_INVALIDARG, "no layers to import")
+    folded = [n.casefold() for n in names]
+    if len(set(folded)) != len(folded) or (base is not None and os.path.basename(os.fspath(base)).casefold() in folded):
+        raise CimError(E_INVALIDARG, "layer image names must be distinct (and differ from the base)")
+    for n in names:
+        if os.path.lexists(os.path.join(directory, n)):
+            raise CimError(ERROR_FILE_EXISTS, "an image of that name already exists", os.path.join(directory, n))
+    done: list[str] = []
+    parent = base
+    try:
+        for src, n in zip(srcs, names):
+            done.append(import_layer(src, directory, n, parent=parent, progress=progress))
+            parent = n
+    except BaseException:
+        for path in reversed(done):
+            _remove_committed(directory, os.path.basename(path))
+        raise
+    return done
+
+
+# ------------------------------------------------------------------ export
+class _CountingReader(io.RawIOBase):
+    def __init__(self, f, report, label):
+        self.f, self.report, self.label = f, report, label
+
+    def readable(self):
+        return True
+
+    def read(self, n=-1):
+        b = self.f.read(n)
+        if b:
+            self.report(len(b), self.label)
+        return b
+
+    def readinto(self, b):
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+_COMPRESSION = {".gz": "gz", ".tgz": "gz", ".bz2": "bz2", ".tbz2": "bz2", ".xz": "xz", ".txz": "xz"}
+
+
+def export_layer(image, out, progress=None, *, compression: str | None = None) -> None:
+    """Write ``image`` (an open :class:`cimfs.Image` or a ``.cim`` path) as a
+    Windows layer tar (PAX) to ``out`` (a path, written atomically, or a
+    binary file object, written as a stream).
+
+    ``compression`` is ``None``/``""`` (plain), ``"gz"``, ``"bz2"`` or ``"xz"``;
+    for a path it defaults from the suffix (``.gz``, ``.bz2``, ``.xz``).
+    """
+    report = _progress_adapter(progress)
+    own_image = not isinstance(image, cimfs.Image)
+    img = cimfs.open(image) if own_image else image
+    try:
+        if isinstance(out, (str, bytes, os.PathLike)):
+            path = os.fsdecode(out)
+            if compression is None:
+                compression = _COMPRESSION.get(os.path.splitext(path)[1].lower(), "")
+            tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+            try:
+                with open(tmp, "xb") as f:
+                    _export(img, f, report, compression, path)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except OSError as e:
+                _unlink_quiet(tmp)
+                if isinstance(e, CimError):
+                    raise
+                raise CimError(hresult_from_oserror(e), f"cannot write the tar: {e.strerror or e}", path) from None
+            except BaseException:
+                _unlink_quiet(tmp)
+                raise
+        else:
+            try:
+                _export(img, out, report, compression or "", getattr(out, "name", "<stream>"))
+            except OSError as e:
+                if isinstance(e, CimError):
+                    raise
+                raise CimError(hresult_from_oserror(e), f"cannot write the tar: {e.strerror or e}", None) from None
+    finally:
+        if own_image:
+            img.close()
+
+
+def _unlink_quiet(p: str) -> None:
+    try:
+        os.unlink(p)
+    except FileNotFoundError:
+        pass
+
+
+def _export(img, f, report, compression: str, label) -> None:
+    if compression not in ("", "gz", "bz2", "xz"):
+        raise CimError(E_INVALIDARG, f"unknown compression {compression!r} (gz, bz2 or xz)")
+    tf = tarfile.open(fileobj=f, mode=f"w|{compression}", format=tarfile.PAX_FORMAT, encoding="utf-8")
+    try:
+        _Exporter(img, tf, report).run()
+    finally:
+        tf.close()
+
+
+class _Exporter:
+    def __init__(self, img, tf: tarfile.TarFile, report):
+        self.img, self.tf, self.report = img, tf, report
+        self.first_name: dict[int, str] = {}
+
+    def run(self) -> None:
+        """Pre-order: each directory right before its children, children in image order."""
+        img = self.img
+        seen_dirs = {img.root_id}
+        stack = [([], iter(img.scandir(img.root_id)))]
+        while stack:
+            parts, it = stack[-1]
+            entry = next(it, None)
+            if entry is None:
+                stack.pop()
+                continue
+            cparts = parts + [entry.name]
+            st = img.stat(entry.file_id)
+            self.entry(cparts, st)
+            if st.is_dir:
+                if entry.file_id in seen_dirs:
+                    raise CimError(E_INVALIDARG, "directory appears twice in the tree", "\\".join(cparts))
+                seen_dirs.add(entry.file_id)
+                stack.append((cparts, iter(img.scandir(entry.file_id))))
+
+    def _tarname(self, parts) -> str:
+        name = "/".join(parts)
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CimError(ERROR_INVALID_NAME, "name is not valid Unicode (an unpaired surrogate); a tar cannot hold it",
+                           "\\".join(parts)) from None
+        return name
+
+    def _pax(self, st) -> dict[str, str]:
+        h = {
+            PAX_FILEATTR: str(st.attributes),
+            PAX_CREATIONTIME: filetime_to_pax_time(st.creation_time),
+            "mtime": filetime_to_pax_time(st.last_write_time),
+            "ctime": filetime_to_pax_time(st.change_time),
+            "atime": filetime_to_pax_time(st.last_access_time),
+        }
+        if st.security_descriptor:
+            h[PAX_RAWSD] = base64.b64encode(st.security_descriptor).decode("ascii")
+        if st.ea_buffer:
+            ntfs = _ntfs()
+            for ea in ntfs.unpack_eas(st.ea_buffer):
+                n = ea.name.decode("ascii") if isinstance(ea.name, (bytes, bytearray)) else str(ea.name)
+                if "=" in n or "\n" in n:
+                    raise CimError(E_INVALIDARG, f"extended attribute name {n!r} cannot be a PAX keyword")
+                h[PAX_EA_PREFIX + n] = base64.b64encode(bytes(ea.value)).decode("ascii")
+        return h
+
+    def _tarinfo(self, name: str, st, h: dict[str, str]) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(name)
+        ti.mtime = (st.last_write_time - FILETIME_UNIX_EPOCH) // 10_000_000
+        ti.mode = 0o755 if st.is_dir else 0o644
+        ti.pax_headers = h
+        return ti
+
+    def _symlink_target(self, st) -> tuple[str | None, bool]:
+        """(link name, is mount point) when a symlink entry can carry this reparse point."""
+        if st.reparse_tag not in (IO_REPARSE_TAG_SYMLINK, IO_REPARSE_TAG_MOUNT_POINT):
+            return None, False
+        try:
+            rp = _ntfs().parse_reparse(st.reparse_data)
+        except (CimError, ValueError, TypeError, IndexError):
+            return None, False
+        target = rp.target or rp.print_name or rp.substitute_name
+        if not target:
+            return None, False
+        return target, st.reparse_tag == IO_REPARSE_TAG_MOUNT_POINT
+
+    def entry(self, parts, st) -> None:
+        name = self._tarname(parts)
+        label = name
+        fid = st.file_id
+        if not st.is_dir and st.nlink > 1:
+            first = self.first_name.get(fid)
+            if first is not None:
+                ti = tarfile.TarInfo(name)
+                ti.type = tarfile.LNKTYPE
+                ti.linkname = first
+                ti.mtime = max(0, (st.last_write_time - FILETIME_UNIX_EPOCH) // 10_000_000)
+                self.tf.addfile(ti)
+                self.report(0, label)
+                return
+            self.first_name[fid] = name
+        h = self._pax(st)
+        ti = self._tarinfo(name, st, h)
+        data_size = 0 if st.is_dir else st.size
+        if st.reparse_data:
+            target, mount = self._symlink_target(st) if not data_size else (None, False)
+            if target is not None:
+                ti.type = tarfile.SYMTYPE
+                ti.linkname = target
+                if mount:
+                    h[PAX_MOUNTPOINT] = ""
+                ntfs = _ntfs()
+                try:
+                    rebuilt = ntfs.pack_mount_point_reparse(target) if mount else ntfs.pack_symlink_reparse(target)
+                except (CimError, ValueError, TypeError):
+                    rebuilt = None
+                if rebuilt != st.reparse_data:
+                    h[PAX_RAWREPARSE] = base64.b64encode(st.reparse_data).decode("ascii")
+            else:
+                h[PAX_RAWREPARSE] = base64.b64encode(st.reparse_data).decode("ascii")
+        if ti.type != tarfile.SYMTYPE:
+            if st.is_dir:
+                ti.type = tarfile.DIRTYPE
+            else:
+                ti.type = tarfile.REGTYPE
+                ti.size = data_size
+        if ti.type == tarfile.REGTYPE and data_size:
+            with self.img.open(fid) as f:
+                self.tf.addfile(ti, _CountingReader(f, self.report, label))
+        else:
+            self.tf.addfile(ti)
+            self.report(0, label)
+        # Alternate data streams follow their file.
+        if st.stream_count:
+            for sname in self.img.streams(fid):
+                size = self.img.stream_size(fid, sname)
+                sti = tarfile.TarInfo(f"{name}:{sname}:$DATA")
+                sti.type = tarfile.REGTYPE
+                sti.size = size
+                sti.mtime = ti.mtime
+                sti.mode = 0o644
+                sti.pax_headers = {k: h[k] for k in ("mtime", "ctime", "atime")}
+                slabel = sti.name
+                if size:
+                    with self.img.open(fid, stream=sname) as f:
+                        self.tf.addfile(sti, _CountingReader(f, self.report, slabel))
+                else:
+                    self.tf.addfile(sti)
