@@ -107,6 +107,22 @@ def test_fork_reuses_parent_tables(tmp_path):
         assert written < parent / 5
 
 
+def test_fork_changes_metadata_of_untouched_parent_directories(tmp_path):
+    with cimfs.create(tmp_path, "a.cim") as w:
+        w.mkdir("d")
+        w.add_file("d/f", b"1")
+        w.mkdir("e")
+        w.add_file("e/g", b"2")
+    with cimfs.create(tmp_path, "b.cim", base="a.cim") as w:
+        w.add_stream("d:ads", b"stream on a parent directory")
+        w.create_file("e", FileMetadata(attributes=cimfs.FileAttributes.DIRECTORY, creation_time=77)).close()
+    with cimfs.open(tmp_path / "b.cim") as im:
+        assert im.listdir("d") == ["f"] and im.read_bytes("d:ads") == b"stream on a parent directory"
+        assert im.listdir("e") == ["g"] and im.stat("e").creation_time == 77
+    with cimfs.open(tmp_path / "a.cim") as im:
+        assert im.streams("d") == [] and im.stat("e").creation_time == 0
+
+
 def test_fork_target_and_parent_rules(tmp_path):
     with cimfs.create(tmp_path, "a.cim") as w:
         w.add_file("f", b"1")

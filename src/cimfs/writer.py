@@ -240,6 +240,7 @@ class _ObjectStore:
         self.regions: list[_RegionWriter] = []
         self.current: dict[int, _RegionWriter] = {}
         self.known: dict[bytes, int] = {}  # object_key -> RegionOffset, own objects
+        self.blobs: dict[bytes, int] = {}  # metadata blob bytes -> RegionOffset
         self.parent_index = _ParentObjectIndex(base) if base else None
         self.sync = sync
         self.bytes_logical = 0  # bytes callers asked to store
@@ -271,6 +272,16 @@ class _ObjectStore:
             ro = self.parent_index.find(length, dg, self._verify_parent)
             if ro:
                 self.known[key] = ro
+        return ro
+
+    def put_blob(self, data: bytes) -> int:
+        """A metadata blob (SD, EA, reparse buffer): most files share a few, so
+        they are looked up by their bytes before anything is hashed."""
+        ro = self.blobs.get(data)
+        if ro is None:
+            ro = self.blobs[data] = self.put(cim.REGION_METADATA, data)
+        else:
+            self.bytes_logical += len(data)
         return ro
 
     def put(self, region_type: int, data, dg: bytes | None = None) -> int:
@@ -625,9 +636,9 @@ class ImageWriter:
             change_time=meta.change_time,
             last_access_time=meta.last_access_time,
             stream=_DIR_STREAM if meta.is_dir else cim.EMPTY_STREAM,
-            security_descriptor_offset=store.put(cim.REGION_METADATA, cim.pack_blob(sd)) if sd else 0,
-            ea_offset=store.put(cim.REGION_METADATA, ea) if ea else 0,
-            reparse_offset=store.put(cim.REGION_METADATA, cim.pack_blob(rp)) if rp else 0,
+            security_descriptor_offset=store.put_blob(cim.pack_blob(sd)) if sd else 0,
+            ea_offset=store.put_blob(bytes(ea)) if ea else 0,
+            reparse_offset=store.put_blob(cim.pack_blob(rp)) if rp else 0,
         )
 
     # ------------------------------------------------------------ Win32-shaped operations
@@ -852,22 +863,24 @@ class ImageWriter:
         # Link tables and stream tables of changed nodes.
         records: dict[int, bytes] = {}
         for node in changed:
-            rec = node.record
-            if node.is_dir:
-                items = fold_sorted(node.children.items()) if node.children is not None else []
+            changes = {}
+            # children/streams of None: a parent's directory or stream table
+            # nobody touched, so its table stays where the parent put it.
+            if node.is_dir and node.children is not None:
+                items = fold_sorted(node.children.items())
                 if items:
                     table = cim.pack_link_table([n for _, (n, _) in items], [struct.pack("<I", c.file_id) for _, (_, c) in items])
-                    rec = rec._replace(stream=cim.Stream(store.put_unique(table), len(table), cim.STREAM_TYPE_LINK_TABLE))
+                    changes["stream"] = cim.Stream(store.put_unique(table), len(table), cim.STREAM_TYPE_LINK_TABLE)
                 else:
-                    rec = rec._replace(stream=_DIR_STREAM)
+                    changes["stream"] = _DIR_STREAM
             if node.streams is not None:
                 items = fold_sorted(node.streams.items())
                 if items:
                     table = cim.pack_stream_table([n for _, (n, _) in items], [s for _, (_, s) in items])
-                    rec = rec._replace(stream_table_offset=store.put_unique(table))
+                    changes["stream_table_offset"] = store.put_unique(table)
                 else:
-                    rec = rec._replace(stream_table_offset=0)
-            records[node.file_id] = cim.pack_file_record(rec)
+                    changes["stream_table_offset"] = 0
+            records[node.file_id] = cim.pack_file_record(node.record._replace(**changes) if changes else node.record)
         # File tables: only those holding a changed record are written again;
         # the others stay where the parent put them.
         cap = cim.FILE_TABLE_CAPACITY
