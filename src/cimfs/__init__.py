@@ -17,6 +17,7 @@ The Win32-shaped API (``CimCreateImage`` ...) is a thin facade over the same cor
 
 from .errors import CimError, CimFormatError
 from .metadata import FileAttributes, FileMetadata, filetime_from_ns, filetime_to_ns
+from .names import fold_name
 from .reader import CimFile, DirEntry, Image, Stat, open
 from .writer import ImageWriter, StreamWriter, create
 from .win32 import (
@@ -37,7 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CimError", "CimFormatError", "FileAttributes", "FileMetadata", "filetime_from_ns", "filetime_to_ns",
-    "CimFile", "DirEntry", "Image", "Stat", "open", "ImageWriter", "StreamWriter", "create",
+    "fold_name", "CimFile", "DirEntry", "Image", "Stat", "open", "ImageWriter", "StreamWriter", "create",
     "CimCreateImage", "CimCreateFile", "CimWriteStream", "CimCloseStream", "CimCreateAlternateStream",
     "CimCreateHardLink", "CimDeletePath", "CimCommitImage", "CimCloseImage", "CimMountImage", "CimDismountImage",
 ]

@@ -91,3 +91,17 @@ class NameFolder:
         if self._ascii_upper and name.isascii():
             return name.upper()
         return name.translate(self._map)
+
+
+_default_folder: NameFolder | None = None
+
+
+def fold_name(name: str) -> str:
+    """The case-insensitive key of ``name`` under the upcase table cimfs writes
+    into new images: two names with equal keys collide in one directory."""
+    global _default_folder
+    if _default_folder is None:
+        from .layout.cim import load_upcase_table
+
+        _default_folder = NameFolder.for_table(load_upcase_table())
+    return _default_folder.key(name)

@@ -30,10 +30,10 @@ import stat as S
 import tarfile
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Callable, Iterable
 
 import cimfs
+from .names import fold_name
 from .errors import (
     E_INVALIDARG,
     ERROR_FILE_EXISTS,
@@ -104,19 +104,7 @@ def check_image_name(name: str, where: str) -> None:
         raise CimError(ERROR_INVALID_NAME, "name is longer than 255 UTF-16 units", where)
 
 
-@lru_cache(maxsize=4096)
-def _fold_char(c: str) -> str:
-    if ord(c) >= 0x10000:
-        return c
-    u = c.upper()
-    return u if len(u) == 1 and ord(u) < 0x10000 else c
-
-
-def fold(name: str) -> str:
-    """Case-insensitive key of a name, as the writer's upcase table compares (spec §7)."""
-    if name.isascii():
-        return name.upper()
-    return "".join(_fold_char(c) for c in name)
+fold = fold_name  # case-insensitive key, through the upcase table new images carry (spec §7)
 
 
 # --------------------------------------------------------------------- kinds

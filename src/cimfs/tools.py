@@ -5,13 +5,13 @@ fsck, rm and gc.  Clients of the public reader API (plus :mod:`cimfs.posix`).
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import os
 import re
 import stat as S
 from typing import Callable, Iterator
 
 import cimfs
+from .writer import DirectoryLock
 from . import posix
 from .errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, ERROR_SHARING_VIOLATION, CimError, CimFormatError
 
@@ -444,23 +444,8 @@ def fsck(cim_path: str, progress: Callable[[int], None] | None = None) -> list[s
 _REGION_RE = re.compile(r"^(region|objectid)_([0-9a-fA-F-]{36})_(\d+)$", re.IGNORECASE)
 
 
-class DirLock:
-    """The writers' lock on a containing directory (flock), so rm/gc never race an image being written."""
-
-    def __init__(self, directory: str):
-        self.fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise CimError(ERROR_SHARING_VIOLATION, "an image is being written in this directory; try again",
-                           directory) from None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
+# rm and gc take the writers' own lock, so they never race an image being written.
+DirLock = DirectoryLock
 
 
 def _sets_of(cim_path: str) -> set[str]:

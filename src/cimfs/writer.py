@@ -92,6 +92,12 @@ class DirectoryLock:
             os.close(self.fd)  # closing the only descriptor drops the lock
             self.fd = -1
 
+    def __enter__(self) -> "DirectoryLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
 
 # ====================================================================== regions
 class _RegionWriter:
