@@ -728,3 +728,95 @@ def test_existing_image_name_is_refused(tmp_path, feature_tar):
     with pytest.raises(CimError) as ei:
         winlayer.import_layer(feature_tar, tmp_path, "l.cim")
     assert ei.value.hresult == cimfs.errors.ERROR_FILE_EXISTS
+
+
+def test_export_of_an_unwritable_name_fails_cleanly(tmp_path):
+    with cimfs.create(tmp_path, "a.cim") as w:
+        w.mkdir("Files")
+        w.add_file("Files\\ok", b"ok")
+        w.add_file("Files\\bad\udc80", b"x")  # an unpaired surrogate: fine in UTF-16, not in UTF-8
+    out = tmp_path / "out.tar"
+    with pytest.raises(CimError) as ei:
+        winlayer.export_layer(str(tmp_path / "a.cim"), out)
+    assert "Files\\bad" in str(ei.value)
+    assert not out.exists() and [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] == []
+    # to a stream: no end-of-archive blocks, so a reader sees a truncated tar
+    buf = io.BytesIO()
+    with pytest.raises(CimError):
+        winlayer.export_layer(str(tmp_path / "a.cim"), buf)
+    with pytest.raises(CimError) as ei:
+        winlayer.import_layer(io.BytesIO(buf.getvalue()), tmp_path, "b.cim")
+    assert "truncated" in str(ei.value)
+    assert not (tmp_path / "b.cim").exists()
+
+
+def test_export_of_a_fork_is_the_merged_tree(tmp_path):
+    d = tmp_path / "img"
+    d.mkdir()
+    winlayer.import_layer(write_tar(tmp_path / "b.tar", base_layer_entries()), d, "base.cim")
+    top = winlayer.import_layer(write_tar(tmp_path / "t.tar", [Entry("Files/.wh.dir"), F("Files/new", b"n")]),
+                                d, "top.cim", parent="base.cim")
+    out = tmp_path / "flat.tar"
+    winlayer.export_layer(top, out)
+    with tarfile.open(out) as tf:
+        names = set(tf.getnames())
+    assert "Files/new" in names and "Files/keep/a.txt" in names and not any(n.startswith("Files/dir") for n in names)
+    flat = winlayer.import_layer(str(out), d, "flat.cim")
+    assert_same_images(top, flat)
+
+
+# ------------------------------------------------------------------ random layers round trip
+_names = hs.sampled_from(["a", "B", "c.txt", "Dir", "\u00e9", "long name with spaces", "x" * 40])
+_attrs = hs.sampled_from([0, 0x1, 0x2, 0x4, 0x20, 0x27, 0x80, 0x200])
+_ticks = hs.integers(min_value=0, max_value=(1 << 63) - 1)
+
+
+@hs.composite
+def random_layer(draw):
+    entries = [D("Files")]
+    files, dirs = [], ["Files"]
+    for _ in range(draw(hs.integers(0, 25))):
+        parent = draw(hs.sampled_from(dirs))
+        name = f"{parent}/{draw(_names)}"
+        if any(name.upper() == p.upper() for p in files + dirs):
+            continue
+        kind = draw(hs.sampled_from(["file", "file", "dir", "link", "sym", "stream"]))
+        pax = {"MSWINDOWS.fileattr": str(draw(_attrs)),
+               "mtime": winlayer.filetime_to_pax_time(draw(_ticks)),
+               "atime": winlayer.filetime_to_pax_time(draw(_ticks)),
+               "ctime": winlayer.filetime_to_pax_time(draw(_ticks)),
+               "LIBARCHIVE.creationtime": winlayer.filetime_to_pax_time(draw(_ticks))}
+        if draw(hs.booleans()):
+            pax["MSWINDOWS.rawsd"] = b64(draw(hs.sampled_from([SD, SD2])))
+        if draw(hs.booleans()):
+            pax["MSWINDOWS.xattr.USER.X"] = b64(draw(hs.binary(max_size=20)))
+        if kind == "dir":
+            pax["MSWINDOWS.fileattr"] = str(int(pax["MSWINDOWS.fileattr"]) | 0x10)
+            entries.append(Entry(name, tarfile.DIRTYPE, pax=pax))
+            dirs.append(name)
+        elif kind == "link" and files:
+            entries.append(Entry(name, tarfile.LNKTYPE, linkname=draw(hs.sampled_from(files))))
+            files.append(name)
+        elif kind == "sym":
+            target = draw(hs.sampled_from(["..\\x", "C:\\Windows\\system32", "rel", "\\\\server\\share\\f"]))
+            entries.append(Entry(name, tarfile.SYMTYPE, linkname=target, pax=pax))
+        elif kind == "stream" and files:
+            owner = draw(hs.sampled_from(files))
+            # streams right after their file: append at the end only for the last file
+            if owner == files[-1] and entries[-1].type == tarfile.REGTYPE:
+                entries.append(Entry(f"{owner}:{draw(_names)}:$DATA", data=draw(hs.binary(max_size=100))))
+        else:
+            entries.append(Entry(name, data=draw(hs.binary(max_size=3000)), pax=pax))
+            files.append(name)
+    return entries
+
+
+@given(random_layer())
+@settings(max_examples=40, deadline=None)
+def test_random_layers_round_trip(tmp_path_factory, entries):
+    d = tmp_path_factory.mktemp("rt")
+    a = winlayer.import_layer(io.BytesIO(build_tar(entries)), d, "a.cim")
+    buf = io.BytesIO()
+    winlayer.export_layer(a, buf)
+    b = winlayer.import_layer(io.BytesIO(buf.getvalue()), d, "b.cim")
+    assert_same_images(a, b)

@@ -745,12 +745,12 @@ def import_layer(src, containing_dir, name, parent=None, progress=None) -> str:
     directory = os.fspath(containing_dir)
     name = _image_name(name)
     if parent is not None:
-        parent = os.path.basename(os.fspath(parent)) if os.path.dirname(os.fspath(parent)) else os.fspath(parent)
+        parent = os.fspath(parent)  # cimfs.create checks it is in the same directory
     report = _progress_adapter(progress)
     source = _TarSource(src)
     try:
         with cimfs.create(directory, name, base=parent) as w:
-            lower = cimfs.open(os.path.join(directory, parent)) if parent is not None else None
+            lower = cimfs.open(os.path.join(directory, os.path.basename(parent))) if parent is not None else None
             try:
                 _LayerImporter(w, source, lower, report).run()
             finally:
@@ -891,10 +891,18 @@ def _export(img, f, report, compression: str, label) -> None:
     if compression not in ("", "gz", "bz2", "xz"):
         raise CimError(E_INVALIDARG, f"unknown compression {compression!r} (gz, bz2 or xz)")
     tf = tarfile.open(fileobj=f, mode=f"w|{compression}", format=tarfile.PAX_FORMAT, encoding="utf-8")
+    # Only a complete export gets its end-of-archive blocks: a reader of a
+    # failed export (a pipe, say) sees a truncated tar, not a shorter valid one.
     try:
         _Exporter(img, tf, report).run()
-    finally:
-        tf.close()
+    except BaseException:
+        # Abandon the tar without its end blocks (and without tarfile's
+        # flush-on-garbage-collection writing into a closed file later).
+        tf.closed = True
+        if _is_stream(tf):
+            tf.fileobj.closed = True
+        raise
+    tf.close()
 
 
 class _Exporter:
@@ -915,7 +923,12 @@ class _Exporter:
                 continue
             cparts = parts + [entry.name]
             st = img.stat(entry.file_id)
-            self.entry(cparts, st)
+            try:
+                self.entry(cparts, st)
+            except CimError:
+                raise
+            except (UnicodeError, ValueError, tarfile.TarError) as e:
+                raise CimError(E_INVALIDARG, f"cannot write a tar entry for it: {e}", "\\".join(cparts)) from None
             if st.is_dir:
                 if entry.file_id in seen_dirs:
                     raise CimError(E_INVALIDARG, "directory appears twice in the tree", "\\".join(cparts))
@@ -966,7 +979,11 @@ class _Exporter:
         except (CimError, ValueError, TypeError, IndexError):
             return None, False
         target = rp.target or rp.print_name or rp.substitute_name
-        if not target:
+        if not target or "\0" in target:
+            return None, False
+        try:
+            target.encode("utf-8")
+        except UnicodeEncodeError:
             return None, False
         return target, st.reparse_tag == IO_REPARSE_TAG_MOUNT_POINT
 
