@@ -319,3 +319,21 @@ def test_lookup_errors(tmp_path):
     with pytest.raises(CimError) as e:
         cimfs.open(tmp_path / "missing.cim")
     assert e.value.hresult == errors.ERROR_FILE_NOT_FOUND
+
+
+def test_check_reports_structural_damage(tmp_path):
+    with build(tmp_path) as w:
+        w.mkdir("d")
+        for i in range(50):
+            w.add_file(f"d/f{i}", os.urandom(100 + i))
+    with cimfs.open(tmp_path / "t.cim") as im:
+        assert im.check() == []
+        oid_name = im.region_names[-1][0].replace("region", "objectid")
+    # push the last object ID entry's offset past its region file
+    p = tmp_path / oid_name
+    data = bytearray(p.read_bytes())
+    data[-8:] = (1 << 40).to_bytes(8, "little")
+    p.write_bytes(bytes(data))
+    with cimfs.open(tmp_path / "t.cim") as im:
+        findings = im.check()
+        assert any("lies outside" in f for f in findings), findings

@@ -526,6 +526,70 @@ class Image:
             pos = seg_end
         return b"".join(out)
 
+    # ------------------------------------------------------------ verification
+    def check(self) -> list[str]:
+        """Structural findings that reading paths and files does not surface:
+        region headers, object ID files, link-table order, unreachable records.
+        (Reading every stream is left to the caller; see ``cimfs fsck``.)"""
+        findings: list[str] = []
+        for i, (name, index_in_set) in enumerate(self.region_names):
+            try:
+                region = self._region(i)
+            except CimFormatError as e:
+                findings.append(e.strerror)
+                continue
+            if region.index != index_in_set:
+                findings.append(f"{name}: header says region index {region.index}, expected {index_in_set}")
+            if region.region_type not in cim.REGION_TYPE_NAMES:
+                findings.append(f"{name}: unknown region type {region.region_type}")
+            oid_name = "objectid" + name[len("region"):]
+            oid = find_region_file(self.directory, oid_name)
+            if oid is None:
+                findings.append(f"{oid_name}: object ID file missing (forks of this image cannot deduplicate against it)")
+                continue
+            try:
+                with io.open(oid, "rb") as f:
+                    data = f.read()
+                table, count = cim.unpack_objectid_header(data, oid_name)
+            except (OSError, CimFormatError) as e:
+                findings.append(f"{oid_name}: {e.strerror or e}")
+                continue
+            previous = None
+            for k, (length, digest, off) in enumerate(cim.OBJECTID_ENTRY.iter_unpack(data[table: table + count * cim.OBJECTID_ENTRY.size])):
+                if previous is not None and (length, digest) < previous:
+                    findings.append(f"{oid_name}: entry {k} is out of (length, digest) order")
+                    break
+                previous = (length, digest)
+                if off < cim.REGION_HEADER.size or off + length > region.size:
+                    findings.append(f"{oid_name}: entry {k} ({length} bytes at {off}) lies outside {name}")
+                    break
+        reachable = {self.root_id}
+        try:
+            seen_dirs = {self.root_id}
+            stack = [(self.root_id, "")]
+            while stack:
+                fid, path = stack.pop()
+                d = self._directory(fid)
+                keys = self._keys(d)
+                for j in range(1, len(keys)):
+                    if not keys[j - 1] < keys[j]:
+                        what = "twice" if keys[j - 1] == keys[j] else "out of order"
+                        findings.append(f"{path or '(root)'}: entry {d.names[j]!r} is {what} in the link table")
+                for name, child in zip(d.names, d.file_ids):
+                    reachable.add(child)
+                    if self.record(child).is_dir:
+                        if child in seen_dirs:
+                            raise self._fail(f"directory FileID {child} appears twice in the tree")
+                        seen_dirs.add(child)
+                        stack.append((child, f"{path}\\{name}" if path else name))
+        except CimFormatError as e:
+            findings.append(e.strerror)
+        unreachable = self.file_count - len(reachable)
+        if unreachable > 0 and not self.header.parent_sets:
+            # Forks legitimately leave their parent's deleted records behind.
+            findings.append(f"{unreachable} file records are not reachable from the root")
+        return findings
+
     # ------------------------------------------------------------ summary
     def info(self) -> dict:
         return {

@@ -338,6 +338,7 @@ def fsck(cim_path: str, progress: Callable[[int], None] | None = None) -> list[s
             p = r if os.path.isabs(r) else os.path.join(directory, r)
             if not os.path.exists(p):
                 findings.append(f"{r}: region file missing")
+        findings.extend(image.check())
         n = _ntfs()
         fold = getattr(image, "fold", posix.fold)
         seen_dirs = {image.root_id}
