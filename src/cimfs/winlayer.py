@@ -481,7 +481,7 @@ class _LayerImporter:
         self.src = source
         self.lower = parent_image  # reader of the parent image, or None
         self.progress = progress
-        self.fold = parent_image.fold if parent_image is not None else str.upper
+        self.fold = parent_image.fold if parent_image is not None else getattr(cimfs, "fold_name", str.upper)
         self.added: dict[str, bool] = {}  # folded image path -> is a directory (entries of this layer)
         self.known_dirs: set[str] = set()
         self.last_file: str | None = None  # image path of the last file/dir entry (ADS owner)
@@ -533,6 +533,8 @@ class _LayerImporter:
             member = m.name
             try:
                 self.entry(m)
+                if not (m.isfile() and m.size):
+                    self.progress(0, member)
             except CimError as e:
                 if e.filename == member:
                     raise
@@ -563,6 +565,9 @@ class _LayerImporter:
         key = self._key(parts)
         if m.isdir():
             meta = _metadata(m, member, is_dir=True)
+            raw = self._raw_reparse(m, member)
+            if raw:
+                meta.reparse_data = raw
             if not self._is_dir(path):
                 self._remove_existing(path)
             self.w.create_file(path, meta).close()
