@@ -256,6 +256,10 @@ def test_round_trip_import_export_import(tmp_path, feature_tar):
     winlayer.export_layer(first, exported)
     second = winlayer.import_layer(str(exported), out, "b.cim")
     assert_same_images(first, second)
+    # the library behind `cimfs diff` agrees
+    from cimfs import tools
+    with cimfs.open(first) as a, cimfs.open(second) as b:
+        assert tools.diff_images(a, b) == {"added": [], "removed": [], "changed": []}
     # and a second export is byte-identical (deterministic)
     again = tmp_path / "again.tar"
     with cimfs.open(second) as img:
@@ -829,3 +833,22 @@ def test_random_layers_round_trip(tmp_path_factory, entries):
     winlayer.export_layer(a, buf)
     b = winlayer.import_layer(io.BytesIO(buf.getvalue()), d, "b.cim")
     assert_same_images(a, b)
+
+
+def test_real_pipe_source(tmp_path):
+    import threading
+
+    data = build_tar(feature_entries(), "bz2")
+    r, w = os.pipe()
+
+    def feed():
+        with os.fdopen(w, "wb") as f:
+            f.write(data)
+
+    t = threading.Thread(target=feed)
+    t.start()
+    with os.fdopen(r, "rb") as f:
+        path = winlayer.import_layer(f, tmp_path, "pipe.cim")
+    t.join()
+    ref = winlayer.import_layer(io.BytesIO(data), tmp_path, "ref.cim")
+    assert_same_images(path, ref)
