@@ -319,7 +319,18 @@ def test_old_sddl_header(tmp_path):
         sd = img.stat("Files\\a").security_descriptor
     assert sd == ntfs.sddl_to_sd(sddl)
     assert sd[0] == 1 and sd[3] & 0x80  # self-relative
-    assert ntfs.sd_to_sddl(sd).replace(" ", "") in (sddl, ntfs.sd_to_sddl(ntfs.sddl_to_sd(sddl)))
+    owner = struct.unpack_from("<I", sd, 4)[0]
+    assert sd[owner:owner + 12] == bytes.fromhex("010100000000000512000000")  # S-1-5-18 (SY)
+    # and the export writes it as MSWINDOWS.rawsd
+    buf = io.BytesIO()
+    winlayer.export_layer(path, buf)
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as tf:
+        assert base64.b64decode(tf.getmember("Files/a").pax_headers["MSWINDOWS.rawsd"]) == sd
+    bad = write_tar(tmp_path / "bad.tar", [D("Files"), F("Files/b", b"", **{"MSWINDOWS.sd": "this is not SDDL"})])
+    with pytest.raises(CimError) as ei:
+        winlayer.import_layer(bad, tmp_path, "bad.cim")
+    assert "Files/b" in str(ei.value) and "MSWINDOWS.sd" in str(ei.value)
 
 
 def test_pre_epoch_and_zero_times_round_trip(tmp_path):

@@ -930,7 +930,9 @@ class _Exporter:
             st = img.stat(entry.file_id)
             try:
                 self.entry(cparts, st)
-            except CimError:
+            except CimError as e:
+                if e.filename is None:
+                    raise CimError(e.hresult, e.strerror, "\\".join(cparts)) from None
                 raise
             except (UnicodeError, ValueError, tarfile.TarError) as e:
                 raise CimError(E_INVALIDARG, f"cannot write a tar entry for it: {e}", "\\".join(cparts)) from None
