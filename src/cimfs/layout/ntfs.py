@@ -402,7 +402,7 @@ def sddl_to_sd(sddl: str) -> bytes:
     parts = dict.fromkeys("OGDS")
     for m in re.finditer(r"([OGDS]):(.*?)(?=[OGDS]:(?![^()]*\))|$)", sddl.strip()):
         parts[m.group(1)] = m.group(2)
-    if not any(parts.values()) and sddl.strip():
+    if all(v is None for v in parts.values()) and sddl.strip():
         raise CimError(E_INVALIDARG, f"cannot parse SDDL {sddl!r}")
     control = SE_SELF_RELATIVE
     owner = _pack_sid(parts["O"]) if parts["O"] else b""
