@@ -863,3 +863,25 @@ def test_real_pipe_source(tmp_path):
     t.join()
     ref = winlayer.import_layer(io.BytesIO(data), tmp_path, "ref.cim")
     assert_same_images(path, ref)
+
+
+def test_early_hcsshim_records(tmp_path):
+    # SCHILY.xattr.-prefixed MSWINDOWS records, FILETIME decimal times, mountpoint "1"
+    tar = write_tar(tmp_path / "old.tar", [
+        Entry("Files", tarfile.DIRTYPE, pax={"SCHILY.xattr.MSWINDOWS.fileattr": "16"}),
+        Entry("Files/a", data=b"a", pax={"SCHILY.xattr.MSWINDOWS.fileattr": "34",
+                                         "SCHILY.xattr.MSWINDOWS.rawsd": b64(SD),
+                                         "MSWINDOWS.createtime": "132000000000000001",
+                                         "MSWINDOWS.writetime": "132000000000000002",
+                                         "MSWINDOWS.changetime": "132000000000000003",
+                                         "MSWINDOWS.accesstime": "132000000000000004"}),
+        Entry("Files/j", tarfile.SYMTYPE, linkname="C:\\x",
+              pax={"SCHILY.xattr.MSWINDOWS.fileattr": "1040", "SCHILY.xattr.MSWINDOWS.mountpoint": "1"}),
+    ])
+    path = winlayer.import_layer(tar, tmp_path, "old.cim")
+    with cimfs.open(path) as img:
+        st = img.stat("Files\\a")
+        assert st.attributes == A.ARCHIVE | A.HIDDEN and st.security_descriptor == SD
+        assert (st.creation_time, st.last_write_time, st.change_time, st.last_access_time) == (
+            132000000000000001, 132000000000000002, 132000000000000003, 132000000000000004)
+        assert img.stat("Files\\j").reparse_tag == 0xA0000003 and img.stat("Files\\j").is_dir

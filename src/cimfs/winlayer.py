@@ -387,6 +387,36 @@ def _check_parts(parts: list[str], member: str, what: str = "name") -> None:
 
 
 # ------------------------------------------------------------------ metadata from PAX records
+# Early hcsshim tars: the records went through Go's Header.Xattrs (so PAX
+# "SCHILY.xattr.MSWINDOWS.*") and carried times as FILETIME decimals.
+_SCHILY = "SCHILY.xattr."
+_OLD_FILETIMES = {"MSWINDOWS.createtime": PAX_CREATIONTIME, "MSWINDOWS.writetime": "mtime",
+                  "MSWINDOWS.changetime": "ctime", "MSWINDOWS.accesstime": "atime"}
+
+
+def _normalize_headers(h: dict, member: str) -> dict:
+    if not any(k.startswith(_SCHILY + "MSWINDOWS.") or k in _OLD_FILETIMES for k in h):
+        return h
+    out = {}
+    for k, v in h.items():
+        if k.startswith(_SCHILY + "MSWINDOWS."):
+            plain = k[len(_SCHILY):]
+            if plain not in h:  # the plain record, if both exist, wins
+                out[plain] = v
+        else:
+            out[k] = v
+    for old, new in _OLD_FILETIMES.items():
+        if old in out:
+            try:
+                ticks = int(out.pop(old).strip(), 10)
+                if not 0 <= ticks <= _FILETIME_MAX:
+                    raise ValueError
+            except ValueError:
+                raise CimError(E_INVALIDARG, f"PAX record {old} is not a FILETIME decimal", member) from None
+            out[new] = filetime_to_pax_time(ticks)  # exact: the FILETIME wins over a coarser tar time
+    return out
+
+
 def _b64(value: str, key: str, member: str) -> bytes:
     try:
         return base64.b64decode(value.encode("ascii"), validate=True)
@@ -547,6 +577,7 @@ class _LayerImporter:
 
     def entry(self, m: tarfile.TarInfo) -> None:
         member = m.name
+        m.pax_headers = _normalize_headers(m.pax_headers, member)
         parts = _tar_parts(m.name, "member name", member)
         if not parts:
             return  # "./": the root; the format gives it no metadata
