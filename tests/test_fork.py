@@ -115,9 +115,11 @@ def test_fork_changes_metadata_of_untouched_parent_directories(tmp_path):
         w.add_file("e/g", b"2")
     with cimfs.create(tmp_path, "b.cim", base="a.cim") as w:
         w.add_stream("d:ads", b"stream on a parent directory")
+        w.create_file("d", FileMetadata(attributes=cimfs.FileAttributes.DIRECTORY, creation_time=5)).close()
         w.create_file("e", FileMetadata(attributes=cimfs.FileAttributes.DIRECTORY, creation_time=77)).close()
     with cimfs.open(tmp_path / "b.cim") as im:
         assert im.listdir("d") == ["f"] and im.read_bytes("d:ads") == b"stream on a parent directory"
+        assert im.stat("d").creation_time == 5
         assert im.listdir("e") == ["g"] and im.stat("e").creation_time == 77
     with cimfs.open(tmp_path / "a.cim") as im:
         assert im.streams("d") == [] and im.stat("e").creation_time == 0

@@ -337,3 +337,37 @@ def test_check_reports_structural_damage(tmp_path):
     with cimfs.open(tmp_path / "t.cim") as im:
         findings = im.check()
         assert any("lies outside" in f for f in findings), findings
+
+
+def test_large_files_from_real_files_copied_in_background(tmp_path):
+    """add_file() of regular files goes through the writer's data thread: the
+    contents, dedup and errors must be exactly as for the synchronous path."""
+    srcs = []
+    blobs = [os.urandom(100_000 + i * 5000) for i in range(6)] + [bytes(1 << 20)]
+    for i, b in enumerate(blobs + blobs[:2]):  # the last two duplicate the first two
+        p = tmp_path / f"src{i}"
+        p.write_bytes(b)
+        srcs.append(p)
+    (tmp_path / "img").mkdir()
+    with cimfs.create(tmp_path / "img", "t.cim") as w:
+        for i, p in enumerate(srcs):
+            with open(p, "rb") as f:
+                w.add_file(f"f{i}", f)
+        with w.create_file("sync", FileMetadata(file_size=200_000)) as s:  # a synchronous large write in between
+            s.write(blobs[3][:200_000] if len(blobs[3]) >= 200_000 else blobs[3] + bytes(200_000 - len(blobs[3])))
+    with cimfs.open(tmp_path / "img" / "t.cim") as im:
+        for i, p in enumerate(srcs):
+            assert im.read_bytes(f"f{i}") == p.read_bytes()
+        assert im.record(im.lookup("f7")).stream.offset == im.record(im.lookup("f0")).stream.offset
+    stored = sum(os.path.getsize(tmp_path / "img" / n) for n in os.listdir(tmp_path / "img") if n.startswith("region_"))
+    assert stored < sum(len(b) for b in blobs) + 600_000
+    # a source that shrinks under the writer fails the image, and nothing is left
+    (tmp_path / "img2").mkdir()
+    shrinking = tmp_path / "shrinking"
+    shrinking.write_bytes(os.urandom(500_000))
+    with pytest.raises(CimError) as e:
+        with cimfs.create(tmp_path / "img2", "t.cim") as w:
+            with open(shrinking, "rb") as f:
+                w.add_file("f", f, FileMetadata(file_size=600_000))
+    assert "shrink" in str(e.value) or "ended" in str(e.value)
+    assert os.listdir(tmp_path / "img2") == []

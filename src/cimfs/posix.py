@@ -810,6 +810,13 @@ class Importer:
             src = node.opener()
         except OSError as e:
             raise _oserror(e, node.src) from None
+        if _is_regular_file(src):
+            # The writer copies regular files on its own thread (read, hash and
+            # write overlap the next files' metadata work).
+            with src:
+                self.w.add_file(path, src, meta)
+            self.progress(node.size)
+            return
         with src, self.w.create_file(path, meta) as out:
             left = node.size
             while left:
@@ -826,6 +833,13 @@ class Importer:
     def run(self) -> None:
         self.plan()
         self.execute()
+
+
+def _is_regular_file(f) -> bool:
+    try:
+        return S.S_ISREG(os.fstat(f.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
 
 
 # --------------------------------------------------------------------- extraction

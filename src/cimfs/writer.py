@@ -249,6 +249,9 @@ class _ObjectStore:
         self.blobs: dict[bytes, int] = {}  # metadata blob bytes -> RegionOffset
         self.parent_index = _ParentObjectIndex(base) if base else None
         self.sync = sync
+        import threading
+
+        self.lock = threading.RLock()  # the data pump and the owner share regions and the index
         self.bytes_logical = 0  # bytes callers asked to store
         self.bytes_stored = 0  # bytes actually written
 
@@ -292,6 +295,10 @@ class _ObjectStore:
 
     def put(self, region_type: int, data, dg: bytes | None = None) -> int:
         """Store ``data`` once; returns its RegionOffset."""
+        with self.lock:
+            return self._put(region_type, data, dg)
+
+    def _put(self, region_type: int, data, dg: bytes | None) -> int:
         length = len(data)
         self.bytes_logical += length
         if dg is None:
@@ -307,6 +314,10 @@ class _ObjectStore:
 
     def put_unique(self, data) -> int:
         """A metadata object no other can share (tables): not indexed."""
+        with self.lock:
+            return self._put_unique(data)
+
+    def _put_unique(self, data) -> int:
         r = self.region(cim.REGION_METADATA, len(data))
         self.bytes_stored += len(data)
         return cim.region_offset(r.combined_index, r.append(data))
@@ -362,6 +373,100 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+
+class _DataPump:
+    """Copies large file contents into the data region on a worker thread.
+
+    Reading, hashing and writing release the GIL, so on two cores the copy of
+    one file overlaps the Python work of adding the next ones.  Only the worker
+    appends to data regions while it runs; the owner drains it before it
+    writes large data itself and before commit.
+    """
+
+    _QUEUE_DEPTH = 64
+
+    def __init__(self, store: "_ObjectStore"):
+        import queue
+        import threading
+
+        self.store = store
+        self.jobs: "queue.Queue" = queue.Queue(self._QUEUE_DEPTH)
+        self.error: BaseException | None = None
+        self.pending = 0
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="cimfs-data", daemon=True)
+        self._thread.start()
+
+    def submit(self, node: "_Node", fd: int, pos: int, size: int, path: str) -> None:
+        with self._idle:
+            self.pending += 1
+        self.jobs.put((node, fd, pos, size, path))
+
+    def _run(self) -> None:
+        buf = bytearray(1 << 20)
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            node, fd, pos, size, path = job
+            try:
+                if self.error is None:
+                    node.record = node.record._replace(stream=self._copy(buf, fd, pos, size, path))
+            except BaseException as e:  # reported to the owner at its next call
+                if self.error is None:
+                    self.error = e
+            finally:
+                os.close(fd)
+                with self._idle:
+                    self.pending -= 1
+                    self._idle.notify_all()
+
+    def _copy(self, buf: bytearray, fd: int, pos: int, size: int, path: str) -> cim.Stream:
+        store = self.store
+        with store.lock:
+            region = store.region(cim.REGION_DATA, size)
+            previous_end = region.end
+            start = region.reserve(size)
+        h = hashlib.sha256()
+        view = memoryview(buf)
+        done = 0
+        while done < size:
+            try:
+                n = os.preadv(fd, [view[: min(len(buf), size - done)]], pos + done)
+            except OSError as e:
+                raise CimError(hresult_from_oserror(e), f"cannot read the source: {e.strerror}", path) from None
+            if n == 0:
+                raise CimError(E_INVALIDARG, f"source ended {size - done} bytes before its size (did it shrink?)", path)
+            chunk = view[:n]
+            h.update(chunk)
+            if not (n >= _HOLE_MIN and _all_zero(chunk)):
+                region.write_at(chunk, start + done)
+            done += n
+        dg = h.digest()[: cim.DIGEST_SIZE]
+        with store.lock:
+            store.bytes_logical += size
+            ro = store.lookup(size, dg)
+            if ro:
+                region.release_tail(start, previous_end)
+            else:
+                ro = cim.region_offset(region.combined_index, start)
+                store.known[object_key(size, dg)] = ro
+                store.bytes_stored += size
+        return cim.Stream(ro, size)
+
+    def drain(self) -> None:
+        with self._idle:
+            while self.pending:
+                self._idle.wait()
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self._thread.join()
 
 
 # ====================================================================== tree
@@ -421,6 +526,7 @@ class StreamWriter:
             self._buf += data
         else:
             if self._region is None:
+                self._image._drain()
                 store = self._image._store
                 self._region = store.region(cim.REGION_DATA, self.size)
                 self._previous_end = self._region.end
@@ -521,6 +627,7 @@ class ImageWriter:
         self._committed = False
         self._closed = False
         self._open_stream: StreamWriter | None = None
+        self._pump: _DataPump | None = None
         try:
             if base:
                 base_path = os.path.join(self.directory, base)
@@ -684,7 +791,9 @@ class ImageWriter:
 
     def _update_dir(self, node: _Node, record: cim.FileRecord) -> None:
         self._children(node)
-        node.record = record._replace(stream=node.record.stream, parent_file_id=node.record.parent_file_id)
+        # Metadata is replaced; children and alternate streams stay.
+        node.record = record._replace(stream=node.record.stream, parent_file_id=node.record.parent_file_id,
+                                      stream_table_offset=node.record.stream_table_offset)
         node.dirty = True
 
     def create_stream(self, path: str, size: int) -> StreamWriter:
@@ -804,8 +913,33 @@ class ImageWriter:
                 self.add_file(path, data, FileMetadata(**{**meta.__dict__, "file_size": len(data)}))
                 return
             meta = FileMetadata(**{**meta.__dict__, "file_size": size})
+        fd = _regular_file_fd(data) if meta.file_size > SMALL_DATA_MAX else None
+        if fd is not None:
+            self._add_file_async(path, meta, data, fd)
+            return
         with self.create_file(path, meta) as s:
             _copy_into(data, s)
+
+    def _add_file_async(self, path: str, meta: FileMetadata, src, fd: int) -> None:
+        """The contents of a regular file go through the data pump; the node
+        gets its stream when the copy is done (at the latest before commit)."""
+        self._check_pump()
+        size = meta.file_size
+        pos = src.tell()
+        node = self.create_file(path, FileMetadata(**{**meta.__dict__, "file_size": 0}))._node
+        node.record = node.record._replace(stream=cim.Stream(0, size, cim.STREAM_TYPE_DATA, sparse=True))
+        if self._pump is None:
+            self._pump = _DataPump(self._store)
+        self._pump.submit(node, os.dup(fd), pos, size, path)
+        src.seek(pos + size)
+
+    def _check_pump(self) -> None:
+        if self._pump is not None and self._pump.error is not None:
+            self._drain()
+
+    def _drain(self) -> None:
+        if self._pump is not None:
+            self._pump.drain()
 
     def add_stream(self, path: str, data: bytes | BinaryIO) -> None:
         """Add an alternate stream ``file:stream`` from bytes or a file object."""
@@ -819,6 +953,7 @@ class ImageWriter:
         """Write the image (crash-safely) and return the ``.cim`` path."""
         self._check_open()
         try:
+            self._drain()
             self._commit()
         except PermissionError as e:
             raise CimError(E_ACCESSDENIED, e.strerror or "permission denied", e.filename or self.path) from None
@@ -955,6 +1090,9 @@ class ImageWriter:
             return
         self._closed = True
         try:
+            if self._pump is not None:
+                self._pump.stop()
+                self._pump = None
             if not self._committed and self._store is not None:
                 self._store.abandon()
         finally:
@@ -989,6 +1127,14 @@ def _all_zero(data) -> bool:
     view = memoryview(data).cast("B")
     step = len(_ZERO_CHUNK)
     return all(view[i: i + step] == _ZERO_CHUNK[: len(view[i: i + step])] for i in range(0, len(view), step))
+
+
+def _regular_file_fd(f) -> int | None:
+    try:
+        fd = f.fileno()
+        return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _size_of(f) -> int | None:
