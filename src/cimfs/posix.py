@@ -535,15 +535,29 @@ def scan_tar(tf: tarfile.TarFile, tree: Tree, label: str = "-") -> Tree:
 
 
 # --------------------------------------------------------------------- metadata mapping
+_EA_CACHE: dict[tuple, bytes] = {}
+
+
+def _lx_ea_buffer(mode: int, uid: int, gid: int, rdev: tuple | None) -> bytes:
+    """A tree has few distinct (mode, owner) combinations: pack each EA chain once."""
+    key = (mode, uid, gid, rdev)
+    ea = _EA_CACHE.get(key)
+    if ea is None:
+        n = _ntfs()
+        kw = dict(mode=mode, uid=uid, gid=gid)
+        if rdev is not None:
+            kw.update(rdev_major=rdev[0], rdev_minor=rdev[1])
+        ea = _EA_CACHE[key] = n.pack_eas(n.lx_eas(**kw))
+    return ea
+
+
 def node_metadata(node: Node) -> "cimfs.FileMetadata":
     n = _ntfs()
     FA = cimfs.FileAttributes
     attrs = 0
     reparse = b""
-    kw = dict(mode=node.mode, uid=node.uid, gid=node.gid)
-    if node.kind in (CHR, BLK):
-        kw.update(rdev_major=node.rdev[0], rdev_minor=node.rdev[1])
-    eas = n.pack_eas(n.lx_eas(**kw))
+    rdev = tuple(node.rdev) if node.kind in (CHR, BLK) else None
+    eas = _lx_ea_buffer(node.mode, node.uid, node.gid, rdev)
     if node.kind == DIR:
         attrs |= FA.DIRECTORY
     elif node.kind == SYMLINK:
