@@ -798,25 +798,14 @@ def import_layer(src, containing_dir, name, parent=None, progress=None) -> str:
 
 
 def _remove_committed(directory: str, name: str) -> None:
-    """Undo a committed layer of a failed import_layers call: its .cim and own region files."""
-    path = os.path.join(directory, name)
+    """Undo a committed layer of a failed import_layers call: its .cim and the
+    region files no other image needs (the same rule as ``cimfs rm``)."""
+    from .tools import rm_image
+
     try:
-        with cimfs.open(path) as img:
-            set_id = img.info()["region_set"]["id"].lower()
-    except (CimError, KeyError, TypeError):
-        set_id = None
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
+        rm_image(os.path.join(directory, name))
+    except CimError:
         pass
-    if set_id:
-        for n in os.listdir(directory):
-            low = n.lower()
-            if low.startswith(f"region_{set_id}_") or low.startswith(f"objectid_{set_id}_"):
-                try:
-                    os.unlink(os.path.join(directory, n))
-                except FileNotFoundError:
-                    pass
 
 
 def import_layers(srcs: list, containing_dir, names: list[str], base=None, progress=None) -> list[str]:
