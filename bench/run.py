@@ -67,7 +67,17 @@ class Sample:
 
 
 def run_measured(cmd: list[str], timeout: float = CMD_TIMEOUT, cwd: str | None = None) -> Sample:
-    """Run ``cmd``; wall time and the child's own peak RSS (wait4 rusage)."""
+    """Run ``cmd``; wall time and the child's own peak RSS.
+
+    ``ru_maxrss`` from ``wait4`` of a child forked from this (large) Python
+    process starts at this process's RSS, so when GNU time is installed the
+    command runs under ``/usr/bin/time -f %M``, whose own small process forks
+    the command: its figure is the command's alone."""
+    rss_file = None
+    if os.access("/usr/bin/time", os.X_OK):
+        fd, rss_file = tempfile.mkstemp(prefix="rss-")
+        os.close(fd)
+        cmd = ["/usr/bin/time", "-q", "-f", "%M", "-o", rss_file, *cmd]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd)
@@ -87,7 +97,15 @@ def run_measured(cmd: list[str], timeout: float = CMD_TIMEOUT, cwd: str | None =
         err.seek(0)
         text = out.read().decode(errors="replace")
         etext = err.read().decode(errors="replace")
-    s = Sample(wall, ru.ru_maxrss, p.returncode, text)
+    rss = ru.ru_maxrss
+    if rss_file:
+        try:
+            with open(rss_file) as f:
+                rss = int(f.read().split()[-1])
+        except (OSError, ValueError, IndexError):
+            pass
+        os.unlink(rss_file)
+    s = Sample(wall, rss, p.returncode, text)
     if p.returncode:
         s.out = (text + etext)[-2000:]
     return s
@@ -265,7 +283,9 @@ def contest(wkey: str, op: str, contenders: list[Contender], runs: int, log, met
             try:
                 s = c.run()
             except Exception as e:  # a tool that cannot run is reported, not fatal
-                r.status = f"failed: {last_line(str(e))}"
+                msg = last_line(str(e))
+                missing = any(x in msg for x in ("needs the 'mount' extra", "No such command", "not available"))
+                r.status = f"{'n/a' if missing else 'failed'}: {msg}"
                 log(f"    {c.tool}: {r.status}")
                 continue
             if s.rc:
