@@ -293,6 +293,10 @@ class Image:
         """The key this image sorts and compares ``name`` by."""
         return self._folder.key(name)
 
+    def child(self, dir_id: int, name: str) -> int | None:
+        """The FileID of ``name`` in directory ``dir_id`` (case-insensitive), or None."""
+        return self._child(dir_id, name)
+
     def _child(self, dir_id: int, name: str) -> int | None:
         d = self._directory(dir_id)
         if not d.names:

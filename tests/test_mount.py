@@ -1,0 +1,262 @@
+"""Mount images for real with FUSE and compare what the kernel shows with the
+source tree and with the library reader."""
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import uuid
+
+import pytest
+
+import cimfs
+from cimfs import FileAttributes as A, FileMetadata
+from cimfs.layout import ntfs
+
+pyfuse3 = pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed (scripts/install-system-deps.sh + the mount extra)")
+if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+    pytest.skip("no /dev/fuse or fusermount3 on this machine", allow_module_level=True)
+
+from cimfs import mount as cmount  # noqa: E402
+
+
+def daemons():
+    out = subprocess.run(["pgrep", "-f", "cimfs.mount.daemon"], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """mount(image) -> mountpoint; everything is unmounted at the end, even on failure."""
+    live = []
+
+    def do_mount(image, **kw):
+        mnt = tmp_path / f"mnt{len(live)}"
+        mnt.mkdir()
+        vid = cmount.mount(image, mnt, **kw)
+        live.append((mnt, vid))
+        return mnt
+
+    yield do_mount
+    for mnt, vid in live:
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+        cmount.remove_entry(vid)
+
+
+@pytest.fixture(scope="module")
+def posix_image(tmp_path_factory):
+    root = tmp_path_factory.mktemp("posix")
+    src = root / "src"
+    src.mkdir()
+    (src / "dir" / "sub").mkdir(parents=True)
+    (src / "dir" / "a.txt").write_bytes(b"alpha\n")
+    (src / "Ünïcödé 😀.txt").write_text("unicode")
+    (src / "big.bin").write_bytes(random.Random(1).randbytes(8 << 20))
+    os.link(src / "dir" / "a.txt", src / "hard.txt")
+    os.symlink("dir/a.txt", src / "link")
+    os.mkfifo(src / "fifo")
+    if os.geteuid() == 0:
+        os.mknod(src / "null", stat.S_IFCHR | 0o644, os.makedev(1, 3))
+        os.chown(src / "dir" / "a.txt", 1234, 5678)
+    os.chmod(src / "dir" / "sub", 0o750)
+    with open(src / "sparse", "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(1 << 20)
+        f.write(b"data in a hole")
+    subprocess.run([sys.executable, "-m", "cimfs.cli", "create", str(src), str(root / "img.cim")], check=True)
+    return src, root / "img.cim"
+
+
+def test_tree_matches_source_and_reader(posix_image, mounted):
+    src, image = posix_image
+    mnt = mounted(image)
+    with cimfs.open(image) as im:
+        for dirpath, dirs, files in os.walk(src):
+            rel = os.path.relpath(dirpath, src)
+            m = os.path.join(mnt, rel)
+            assert sorted(os.listdir(m)) == sorted(dirs + files)
+            for name in dirs + files:
+                s, t = os.lstat(os.path.join(dirpath, name)), os.lstat(os.path.join(m, name))
+                assert (t.st_mode, t.st_uid, t.st_gid) == (s.st_mode, s.st_uid, s.st_gid), name
+                assert t.st_mtime_ns == s.st_mtime_ns // 100 * 100, name
+                ipath = os.path.normpath(os.path.join(rel, name)).replace("/", "\\")
+                if stat.S_ISREG(s.st_mode):
+                    assert t.st_size == s.st_size == im.stat(ipath).size
+                    with open(os.path.join(dirpath, name), "rb") as a, open(os.path.join(m, name), "rb") as b:
+                        assert hashlib.sha256(a.read()).digest() == hashlib.sha256(b.read()).digest()
+                elif stat.S_ISLNK(s.st_mode):
+                    assert os.readlink(os.path.join(m, name)) == os.readlink(os.path.join(dirpath, name))
+                elif stat.S_ISCHR(s.st_mode):
+                    assert t.st_rdev == s.st_rdev
+    # hard links share an inode and count their links
+    a, h = os.stat(mnt / "dir" / "a.txt"), os.stat(mnt / "hard.txt")
+    assert a.st_ino == h.st_ino and a.st_nlink == h.st_nlink == 2
+    # case-insensitive lookups, stored names listed
+    assert (mnt / "DIR" / "A.TXT").read_bytes() == b"alpha\n"
+    assert (mnt / "ünïcödé 😀.TXT").read_text() == "unicode"
+    assert "Ünïcödé 😀.txt" in os.listdir(mnt)
+    assert os.statvfs(mnt).f_blocks > 0
+
+
+def test_read_only(posix_image, mounted):
+    mnt = mounted(posix_image[1])
+    attempts = [
+        lambda: open(mnt / "dir" / "a.txt", "r+b"),
+        lambda: open(mnt / "new", "wb"),
+        lambda: os.mkdir(mnt / "newdir"),
+        lambda: os.unlink(mnt / "hard.txt"),
+        lambda: os.rename(mnt / "hard.txt", mnt / "moved"),
+        lambda: os.chmod(mnt / "hard.txt", 0o777),
+        lambda: os.utime(mnt / "hard.txt"),
+        lambda: os.setxattr(mnt / "hard.txt", "user.x", b"1"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == errno.EROFS
+
+
+def test_parallel_reads_of_one_large_file(posix_image, mounted):
+    src, image = posix_image
+    mnt = mounted(image)
+    expected = (src / "big.bin").read_bytes()
+    errors = []
+
+    def worker(seed):
+        rng = random.Random(seed)
+        try:
+            with open(mnt / "big.bin", "rb", buffering=0) as f:
+                for _ in range(300):
+                    off = rng.randrange(len(expected))
+                    n = rng.choice((1, 4096, 65536, 1 << 20))
+                    assert os.pread(f.fileno(), n, off) == expected[off:off + n]
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_windows_metadata_as_xattrs_and_symlinks(tmp_path, mounted):
+    sd = ntfs.sddl_to_sd("O:BAG:SYD:(A;;FA;;;SY)")
+    with cimfs.create(tmp_path, "w.cim") as w:
+        w.mkdir("Windows", FileMetadata(attributes=A.DIRECTORY | A.SYSTEM))
+        w.add_file("Windows/notepad.exe", b"MZ" + bytes(100), FileMetadata(
+            attributes=A.ARCHIVE | A.HIDDEN, creation_time=132000000000000000, last_write_time=132000000010000000,
+            change_time=132000000020000000, last_access_time=132000000030000000, security_descriptor=sd,
+            ea_buffer=ntfs.pack_eas([ntfs.EaEntry("USER.NOTE", b"x")])))
+        w.add_stream("Windows/notepad.exe:Zone.Identifier", b"[ZoneTransfer]")
+        w.add_file("rel", b"", FileMetadata(reparse_data=ntfs.pack_symlink_reparse("Windows\\notepad.exe")))
+        w.add_file("abs", b"", FileMetadata(reparse_data=ntfs.pack_symlink_reparse("C:\\Windows\\System32")))
+        w.mkdir("junction", FileMetadata(attributes=A.DIRECTORY, reparse_data=ntfs.pack_mount_point_reparse("D:\\data")))
+        w.create_file("sparse.vhd", FileMetadata(file_size=5 << 30, attributes=A.SPARSE_FILE)).close()
+    mnt = mounted(tmp_path / "w.cim")
+    f = mnt / "Windows" / "notepad.exe"
+    names = set(os.listxattr(f))
+    assert {"user.Zone.Identifier", "system.ntfs_attrib", "system.ntfs_acl", "system.ntfs_ea", "system.ntfs_crtime", "system.ntfs_times"} <= names
+    assert os.getxattr(f, "user.Zone.Identifier") == b"[ZoneTransfer]"
+    assert struct.unpack("<I", os.getxattr(f, "system.ntfs_attrib"))[0] == A.ARCHIVE | A.HIDDEN
+    assert os.getxattr(f, "system.ntfs_acl") == sd
+    assert struct.unpack("<Q", os.getxattr(f, "system.ntfs_crtime"))[0] == 132000000000000000
+    assert struct.unpack("<4Q", os.getxattr(f, "system.ntfs_times")) == (
+        132000000000000000, 132000000010000000, 132000000030000000, 132000000020000000)
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o444 and stat.S_IMODE(os.stat(mnt / "Windows").st_mode) == 0o555
+    assert os.stat(f).st_mtime_ns == (132000000010000000 - 116444736000000000) * 100
+    vhd = os.stat(mnt / "sparse.vhd")
+    assert vhd.st_size == 5 << 30 and vhd.st_blocks == 0
+    with open(mnt / "sparse.vhd", "rb") as fh:
+        fh.seek((5 << 30) - 4096)
+        assert fh.read() == bytes(4096)
+    assert os.readlink(mnt / "rel") == "Windows/notepad.exe"
+    assert os.readlink(mnt / "abs") == "/mnt/c/Windows/System32"
+    assert os.readlink(mnt / "junction") == "/mnt/d/data"
+    assert os.getxattr(mnt / "rel", "system.ntfs_reparse_data", follow_symlinks=False)[:4] == struct.pack("<I", ntfs.IO_REPARSE_TAG_SYMLINK)
+    with pytest.raises(OSError) as e:
+        os.getxattr(f, "user.nothing")
+    assert e.value.errno == errno.ENODATA
+
+
+def test_options_uid_gid_umask(tmp_path, mounted):
+    with cimfs.create(tmp_path, "o.cim") as w:
+        w.mkdir("d")
+        w.add_file("d/f", b"x")
+    mnt = mounted(tmp_path / "o.cim", uid=1000, gid=100, umask=0o027)
+    st = os.stat(mnt / "d" / "f")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 100, 0o640)
+    assert stat.S_IMODE(os.stat(mnt / "d").st_mode) == 0o750
+
+
+def test_api_mount_and_dismount_from_another_process(tmp_path):
+    with cimfs.create(tmp_path, "api.cim") as w:
+        w.add_file("f", b"via the API")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    before = set(daemons())
+    vid = uuid.uuid4()
+    got = cimfs.CimMountImage(str(tmp_path), "api.cim", 0, vid, mountpoint=str(mnt))
+    try:
+        assert got == vid and os.path.ismount(mnt)
+        assert (mnt / "f").read_bytes() == b"via the API"
+        assert any(e["volume_id"] == str(vid) for e in cmount.mounts())
+        out = subprocess.run([sys.executable, "-c", f"import cimfs, uuid; cimfs.CimDismountImage(uuid.UUID('{vid}'))"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert not os.path.ismount(mnt)
+        assert set(daemons()) <= before  # the daemon is gone
+        assert not any(e["volume_id"] == str(vid) for e in cmount.mounts())
+        assert os.listdir(mnt) == []
+        with pytest.raises(cimfs.CimError):
+            cimfs.CimDismountImage(vid)
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+
+
+def test_corrupt_image_fails_cleanly(tmp_path):
+    with cimfs.create(tmp_path, "c.cim") as w:
+        w.add_file("f", b"x")
+    data = bytearray((tmp_path / "c.cim").read_bytes())
+    data[0:8] = b"garbage!"
+    (tmp_path / "c.cim").write_bytes(bytes(data))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    before = set(daemons())
+    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", str(tmp_path / "c.cim"), str(mnt)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert len(out.stderr.strip().splitlines()) == 1 and "magic" in out.stderr
+    assert not os.path.ismount(mnt) and set(daemons()) <= before
+
+
+def test_damaged_file_gives_eio_and_the_mount_stays_up(tmp_path, mounted):
+    with cimfs.create(tmp_path, "d.cim") as w:
+        w.add_file("good", b"fine")
+        w.add_file("bad", os.urandom(100_000))
+    with cimfs.open(tmp_path / "d.cim") as im:
+        rec = im.record(im.lookup("bad"))
+        t = im.file_tables[(im.lookup("bad") - 1) // 1024]
+        slot = (im.lookup("bad") - 1) % 1024
+        idx, off = rec.stream.offset >> 48, (t.offset & ((1 << 48) - 1)) + slot * t.entry_size
+        region = im.region_names[t.offset >> 48][0]
+    # make the stream claim far more bytes than its region holds
+    with open(tmp_path / region, "r+b") as f:
+        f.seek(off + 48)
+        f.write(struct.pack("<Q", (1 << 40)))
+    mnt = mounted(tmp_path / "d.cim")
+    with pytest.raises(OSError) as e:
+        with open(mnt / "bad", "rb") as f:
+            f.read(65536)
+    assert e.value.errno == errno.EIO
+    assert (mnt / "good").read_bytes() == b"fine"
+    assert os.path.ismount(mnt)
