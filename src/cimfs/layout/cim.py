@@ -7,6 +7,7 @@ them untrusted bytes.
 
 from __future__ import annotations
 
+import re
 import struct
 import uuid
 from importlib import resources
@@ -362,8 +363,16 @@ def unpack_link_table(buf, value_size: int, what: str) -> tuple[list[str], list]
         end = off + 2 + 2 * units
         if end > length:
             raise CimFormatError(f"{what}: name at {off} runs past the link table")
-        names.append(bytes(mv[off + 2:end]).decode("utf-16-le", "surrogatepass"))
+        name = bytes(mv[off + 2:end]).decode("utf-16-le", "surrogatepass")
+        if not name or name in (".", "..") or _BAD_STORED_NAME.search(name):
+            raise CimFormatError(f"{what}: stored name {name[:60]!r} is not a valid name")
+        names.append(name)
     return names, values
+
+
+# Names that would make a path ambiguous (separators, the stream colon, NUL)
+# are corrupt; other characters Windows forbids are read as they are.
+_BAD_STORED_NAME = re.compile(r"[\x00\\/:]")
 
 
 def pack_stream_table(names: list[str], streams: list[Stream]) -> bytes:
