@@ -2,9 +2,11 @@
 
 A mount is served by a daemon process (``python -m cimfs.mount.daemon``);
 :func:`mount` returns once the kernel has the mount, or raises the daemon's
-one-line reason with nothing left behind.  Live mounts are recorded in a small
-registry in the runtime directory, so any process of the same user can
-dismount by volume id.
+one-line reason with no mount and no process left behind.  Live mounts are
+recorded in a small registry in the runtime directory, so any process of the
+same user can dismount by volume id.  See docs/MOUNT.md.
+
+Importing this module does not need pyfuse3; mounting does.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,20 +25,31 @@ import uuid
 from ..errors import (
     E_INVALIDARG,
     ERROR_ALREADY_EXISTS,
+    ERROR_FILE_CORRUPT,
     ERROR_FILE_NOT_FOUND,
     ERROR_PATH_NOT_FOUND,
+    ERROR_SHARING_VIOLATION,
     CimError,
+    CimFormatError,
 )
 
+__all__ = ["mount", "unmount", "mounts", "CimMountImage", "CimDismountImage", "registry_dir"]
+
+E_FAIL = 0x80004005
 _READY_TIMEOUT = 60.0
 _EXIT_TIMEOUT = 20.0
 
 
+# ===================================================================== registry
 def registry_dir() -> str:
-    """``$XDG_RUNTIME_DIR/cimfs/mounts``, ``/run/cimfs/mounts`` for root, else ``/tmp/cimfs-UID/mounts``."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.access(base, os.W_OK):
-        d = os.path.join(base, "cimfs", "mounts")
+    """Where live mounts are recorded: ``$CIMFS_RUNTIME_DIR``, else
+    ``$XDG_RUNTIME_DIR/cimfs/mounts``, else ``/run/cimfs/mounts`` for root,
+    else ``$TMPDIR/cimfs-UID/mounts`` (created 0700)."""
+    base = os.environ.get("CIMFS_RUNTIME_DIR")
+    if base:
+        d = base
+    elif os.environ.get("XDG_RUNTIME_DIR") and os.access(os.environ["XDG_RUNTIME_DIR"], os.W_OK):
+        d = os.path.join(os.environ["XDG_RUNTIME_DIR"], "cimfs", "mounts")
     elif os.getuid() == 0 and os.access("/run", os.W_OK):
         d = "/run/cimfs/mounts"
     else:
@@ -48,40 +62,82 @@ def _entry_path(volume_id) -> str:
     return os.path.join(registry_dir(), f"{volume_id}.json")
 
 
+def _log_path(volume_id) -> str:
+    return os.path.join(registry_dir(), f"{volume_id}.log")
+
+
 def write_entry(volume_id, mountpoint: str, image: str, pid: int) -> None:
     path = _entry_path(volume_id)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"volume_id": str(volume_id), "mountpoint": mountpoint, "image": image, "pid": pid}, f)
+        json.dump({"volume_id": str(volume_id), "mountpoint": os.path.abspath(mountpoint),
+                   "image": os.path.abspath(image), "pid": pid}, f)
     os.replace(tmp, path)
 
 
 def remove_entry(volume_id) -> None:
-    try:
-        os.unlink(_entry_path(volume_id))
-    except FileNotFoundError:
-        pass
+    """Forget a mount (its registry entry and its daemon's log)."""
+    for path in (_entry_path(volume_id), _log_path(volume_id)):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _alive(pid: int) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    try:  # a zombie child of ours has exited
+    try:  # a zombie has exited
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
 
 
+def _unescape_mountinfo(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def _mounted() -> dict[str, str]:
+    """Mount point -> file system type, from /proc/self/mountinfo (never stats a mount)."""
+    out: dict[str, str] = {}
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) >= 5 and right:
+                    out[_unescape_mountinfo(fields[4])] = right.split()[0]
+    except OSError:
+        pass
+    return out
+
+
+def is_cimfs_mount(mountpoint) -> bool:
+    return _mounted().get(os.path.realpath(os.fspath(mountpoint))) == "fuse.cimfs"
+
+
 def mounts() -> list[dict]:
-    """Live mounts of this user (stale registry entries are dropped)."""
+    """Live mounts of this user: dicts with volume_id, mountpoint, image, pid.
+    Stale registry entries (daemon gone or nothing mounted) are dropped."""
     out = []
     d = registry_dir()
-    for name in os.listdir(d):
+    table = _mounted()
+    for name in sorted(os.listdir(d)):
         if not name.endswith(".json"):
             continue
         try:
@@ -89,16 +145,18 @@ def mounts() -> list[dict]:
                 entry = json.load(f)
         except (OSError, ValueError):
             continue
-        if _alive(entry.get("pid", -1)) and os.path.ismount(entry.get("mountpoint", "")):
+        mp = os.path.realpath(entry.get("mountpoint", ""))
+        if _alive(entry.get("pid", -1)) and table.get(mp) == "fuse.cimfs":
             out.append(entry)
-        else:
+        elif not _alive(entry.get("pid", -1)):
             remove_entry(name[:-5])
     return out
 
 
+# ===================================================================== mount
 def _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other) -> list[str]:
     args = [sys.executable, "-m", "cimfs.mount.daemon", cim_path, mountpoint, "--volume-id", str(volume_id)]
-    for flag, value in (("--uid", uid), ("--gid", gid), ("--umask", None if umask is None else oct(umask))):
+    for flag, value in (("--uid", uid), ("--gid", gid), ("--umask", None if umask is None else format(umask, "o"))):
         if value is not None:
             args += [flag, str(value)]
     if allow_other:
@@ -106,99 +164,154 @@ def _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other) 
     return args
 
 
+def _check_pyfuse3(where: str) -> None:
+    try:
+        import pyfuse3  # noqa: F401
+        import trio  # noqa: F401
+    except ImportError as e:
+        raise CimError(E_INVALIDARG, f"mounting needs pyfuse3 and trio (scripts/install-system-deps.sh, "
+                                     f"pip install 'cimfs[mount]'): {e}", where) from None
+
+
 def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = None, gid: int | None = None,
           umask: int | None = None, allow_other: bool = False, volume_id: uuid.UUID | None = None) -> uuid.UUID:
     """Mount ``cim_path`` read-only at ``mountpoint``; returns the volume id.
 
     In the background (the default) this returns once the mount is live; with
-    ``foreground`` it serves the mount in this process until it is unmounted.
+    ``foreground`` it serves the mount in this process until it is unmounted
+    (``fusermount3 -u``, ``cimfs umount`` or a signal) and then returns.
+    ``uid``/``gid``/``umask`` apply to entries without WSL ``$LX*`` metadata.
     """
     cim_path = os.path.abspath(os.fspath(cim_path))
     mountpoint = os.path.abspath(os.fspath(mountpoint))
-    volume_id = uuid.UUID(str(volume_id)) if volume_id is not None else uuid.uuid4()
-    if not os.path.isdir(mountpoint):
-        raise CimError(ERROR_PATH_NOT_FOUND, "mount point is not a directory", mountpoint)
-    if os.path.ismount(mountpoint):
-        raise CimError(ERROR_ALREADY_EXISTS, "something is already mounted here", mountpoint)
+    volume_id = uuid.uuid4() if volume_id is None else uuid.UUID(str(volume_id))
+    if umask is not None and not 0 <= umask <= 0o777:
+        raise CimError(E_INVALIDARG, f"umask {umask:o} is out of range", mountpoint)
     if not os.path.isfile(cim_path):
         raise CimError(ERROR_FILE_NOT_FOUND, "image not found", cim_path)
+    if not os.path.isdir(mountpoint):
+        raise CimError(ERROR_PATH_NOT_FOUND, "mount point is not a directory", mountpoint)
+    if os.path.realpath(mountpoint) in _mounted():
+        raise CimError(ERROR_ALREADY_EXISTS, "something is already mounted here", mountpoint)
     if any(e["volume_id"] == str(volume_id) for e in mounts()):
         raise CimError(ERROR_ALREADY_EXISTS, f"volume {volume_id} is already mounted", mountpoint)
     if shutil.which("fusermount3") is None:
         raise CimError(E_INVALIDARG, "fusermount3 not found (install the fuse3 package)", mountpoint)
+    _check_pyfuse3(cim_path)
     if foreground:
-        from .daemon import serve
-
-        serve(cim_path, mountpoint, volume_id, uid=uid, gid=gid, umask=umask, allow_other=allow_other, ready=None)
-        return volume_id
+        return _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other)
     read_end, write_end = os.pipe()
-    log_path = os.path.join(registry_dir(), f"{volume_id}.log")
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other) + ["--ready-fd", str(write_end)],
-            pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        )
+    try:
+        with open(_log_path(volume_id), "ab") as log:
+            proc = subprocess.Popen(
+                _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other)
+                + ["--ready-fd", str(write_end), "--detach"],
+                pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True, close_fds=True,
+            )
+    except BaseException:
+        os.close(read_end)
+        os.close(write_end)
+        remove_entry(volume_id)
+        raise
     os.close(write_end)
     try:
-        message = _read_ready(read_end, proc)
+        pid, message = _read_ready(read_end)
     finally:
         os.close(read_end)
+        proc.wait()  # the intermediate process exits at once (the daemon is its child)
     if message == "OK":
         return volume_id
     # The daemon failed: make sure neither it nor a mount is left behind.
-    _stop(proc, mountpoint)
+    detail = _last_log_line(volume_id)
+    _stop(pid, mountpoint)
     remove_entry(volume_id)
-    raise CimError(E_INVALIDARG if not message.startswith("ERR ") else _hresult(message), message[4:] if message.startswith("ERR ") else message, cim_path)
+    if message.startswith("ERR "):
+        try:
+            info = json.loads(message[4:])
+            hresult, reason, path = int(info["hresult"]), str(info["reason"]), info.get("path")
+        except (ValueError, KeyError, TypeError):
+            hresult, reason, path = E_FAIL, message[4:], cim_path
+        cls = CimFormatError if hresult == ERROR_FILE_CORRUPT else CimError
+        raise cls(reason, path, hresult) if cls is CimFormatError else CimError(hresult, reason, path)
+    raise CimError(E_FAIL, message + (f" ({detail})" if detail else ""), cim_path)
 
 
-def _hresult(message: str) -> int:
-    try:
-        return int(message.split()[1], 16)
-    except (IndexError, ValueError):
-        return E_INVALIDARG
+def _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other) -> uuid.UUID:
+    from .daemon import prepare, serve
+
+    image, _ = prepare(cim_path, mountpoint, uid=uid, gid=gid, umask=umask, allow_other=allow_other)
+    write_entry(volume_id, mountpoint, cim_path, os.getpid())
+    serve(image, volume_id, mountpoint)
+    return volume_id
 
 
-def _read_ready(fd: int, proc) -> str:
+def _read_ready(fd: int) -> tuple[int | None, str]:
+    """(daemon pid, "OK" | "ERR {json}" | why nothing came)."""
     deadline = time.monotonic() + _READY_TIMEOUT
     data = b""
-    while b"\n" not in data:
+    pid = None
+    while True:
+        lines = data.split(b"\n")
+        for line in lines[:-1]:
+            text = line.decode("utf-8", "replace").strip()
+            if text.startswith("PID "):
+                try:
+                    pid = int(text[4:])
+                except ValueError:
+                    pass
+            elif text == "OK" or text.startswith("ERR "):
+                return pid, text
         left = deadline - time.monotonic()
         if left <= 0:
-            return "the mount daemon did not report within 60 s"
-        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            data += chunk
-        elif proc.poll() is not None and not data:
-            break
-    line = data.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
-    if line == "OK":
-        return "OK"
-    if line.startswith("ERR "):
-        # "ERR <hresult> <reason>" -> keep the hresult for the caller
-        parts = line.split(" ", 2)
-        return f"ERR {parts[1]} {parts[2] if len(parts) > 2 else ''}".strip() if len(parts) > 1 else line
-    return line or f"the mount daemon exited with status {proc.wait()}"
+            return pid, f"the mount daemon did not report within {_READY_TIMEOUT:.0f} s"
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return pid, "the mount daemon exited without reporting"
+        data += chunk
 
 
-def _stop(proc, mountpoint: str) -> None:
-    if os.path.ismount(mountpoint):
-        subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+def _last_log_line(volume_id) -> str:
     try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        with open(_log_path(volume_id), "rb") as f:
+            lines = [ln.strip() for ln in f.read()[-4096:].decode("utf-8", "replace").splitlines() if ln.strip()]
+        return lines[-1] if lines else ""
+    except OSError:
+        return ""
 
 
+def _stop(pid: int | None, mountpoint: str) -> None:
+    """Leave no mount and no daemon behind after a failed start."""
+    if is_cimfs_mount(mountpoint):
+        subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+    if pid is None:
+        return
+    for sig, wait in ((None, 5.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if sig is not None and _alive(pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+        deadline = time.monotonic() + wait
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not _alive(pid):
+            return
+
+
+# ===================================================================== unmount
 def _find(target) -> dict | None:
     live = mounts()
-    try:
-        vid = str(uuid.UUID(str(target)))
-    except ValueError:
-        vid = None
+    if isinstance(target, uuid.UUID):
+        vid = str(target)
+    else:
+        try:
+            vid = str(uuid.UUID(str(target))) if not os.path.exists(os.fspath(target)) else None
+        except ValueError:
+            vid = None
     for e in live:
         if vid is not None and e["volume_id"] == vid:
             return e
@@ -208,39 +321,53 @@ def _find(target) -> dict | None:
 
 
 def unmount(target) -> None:
-    """Unmount by mount point or volume id and wait for the daemon to exit."""
+    """Unmount by mount point or volume id; waits for the daemon to exit and
+    drops the registry entry."""
     entry = _find(target)
     if entry is None:
-        if isinstance(target, uuid.UUID) or not os.path.ismount(os.fspath(target)):
+        if isinstance(target, uuid.UUID) or not is_cimfs_mount(target):
             raise CimError(ERROR_FILE_NOT_FOUND, "no cimfs mount here (or with this volume id)", str(target))
-        mountpoint, pid, vid = os.path.abspath(os.fspath(target)), None, None
+        mountpoint, pid, vid = os.path.realpath(os.fspath(target)), None, None
     else:
         mountpoint, pid, vid = entry["mountpoint"], entry["pid"], entry["volume_id"]
     r = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
-    if r.returncode != 0 and os.path.ismount(mountpoint):
-        raise CimError(E_INVALIDARG, (r.stderr.strip().splitlines() or ["fusermount3 -u failed"])[-1], mountpoint)
+    if r.returncode != 0 and is_cimfs_mount(mountpoint):
+        reason = (r.stderr.strip().splitlines() or ["fusermount3 -u failed"])[-1]
+        code = ERROR_SHARING_VIOLATION if "busy" in reason.lower() else E_FAIL
+        raise CimError(code, reason, mountpoint)
     if pid is not None:
         deadline = time.monotonic() + _EXIT_TIMEOUT
         while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.02)
+        if _alive(pid):  # unmounted but stuck: it serves nothing any more
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     if vid is not None:
         remove_entry(vid)
-        try:
-            os.unlink(os.path.join(registry_dir(), f"{vid}.log"))
-        except FileNotFoundError:
-            pass
 
 
-def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint) -> uuid.UUID:
-    """Mount ``image_name`` from ``image_containing_path`` at ``mountpoint``; returns the volume id."""
+# ===================================================================== Win32 shape
+def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: uuid.UUID | None = None, *,
+                  mountpoint) -> uuid.UUID:
+    """Mount ``image_name`` from ``image_containing_path`` at ``mountpoint``;
+    returns the volume id (a new one when ``volume_id`` is None)."""
     if flags:
         raise CimError(E_INVALIDARG, f"unsupported mount flags {flags:#x}", os.fspath(image_containing_path))
-    return mount(os.path.join(os.fspath(image_containing_path), image_name), mountpoint, volume_id=volume_id)
+    path = os.path.join(os.fspath(image_containing_path), os.fspath(image_name))
+    if not os.path.isdir(os.fspath(image_containing_path)):
+        raise CimError(ERROR_PATH_NOT_FOUND, "image containing path not found", os.fspath(image_containing_path))
+    return mount(path, mountpoint, volume_id=volume_id)
 
 
 def CimDismountImage(volume_id: uuid.UUID) -> None:
     """Dismount the volume mounted with ``volume_id`` (from any process of this user)."""
-    entry = _find(volume_id)
+    try:
+        vid = volume_id if isinstance(volume_id, uuid.UUID) else uuid.UUID(str(volume_id))
+    except ValueError:
+        raise CimError(E_INVALIDARG, "not a volume id", str(volume_id)) from None
+    entry = _find(vid)
     if entry is None:
-        raise CimError(ERROR_FILE_NOT_FOUND, "no mounted volume with this id", str(volume_id))
-    unmount(entry["volume_id"])
+        raise CimError(ERROR_FILE_NOT_FOUND, "no mounted volume with this id", str(vid))
+    unmount(vid)

@@ -1,72 +1,112 @@
 """The mount daemon: opens the image, mounts it, reports readiness, serves it.
 
-``python -m cimfs.mount.daemon IMAGE MOUNTPOINT --volume-id ID [--ready-fd N]``
-writes ``OK`` or ``ERR <hresult> <reason>`` on the ready descriptor.
+``python -m cimfs.mount.daemon IMAGE MOUNTPOINT --volume-id ID --ready-fd N [--detach] ...``
+
+With ``--detach`` it forks once more (so it is no child of the caller and never
+lingers as a zombie), writes ``PID <pid>`` on the ready descriptor, and then
+``OK`` once the mount is live or ``ERR {json: hresult, reason, path}`` (one line) when the
+image cannot be opened or mounted — in which case nothing stays mounted and the
+process exits.  SIGTERM, SIGINT and SIGHUP unmount and exit; so does
+``fusermount3 -u`` from anyone.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
-import signal
 import sys
 
+from ..errors import CimError
 
-def _report(fd: int | None, line: str) -> None:
-    if fd is None:
-        if not line.startswith("OK"):
-            print(f"cimfs: {line[4:] if line.startswith('ERR ') else line}", file=sys.stderr)
-        return
-    try:
-        os.write(fd, (line.replace("\n", " ") + "\n").encode())
-    finally:
-        os.close(fd)
+E_FAIL = 0x80004005
 
 
-def serve(cim_path, mountpoint, volume_id, *, uid=None, gid=None, umask=None, allow_other=False, ready: int | None = None) -> int:
+def _escape_option(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, allow_other=False):
+    """Open and check the image, then mount it; raises CimError with a one-line reason.
+
+    Returns ``(image, fs)`` with the kernel mount in place (not yet served)."""
     import pyfuse3
-    import trio
 
-    from .. import CimError, open as open_image
-    from . import remove_entry, write_entry
+    from .. import open as open_image
     from .fs import CimFs, Options
 
     try:
         image = open_image(cim_path)
-        fs = CimFs(image, Options(uid, gid, umask))
-        fs._entry(image.root_id)  # the root must be readable before we mount
-        options = set(pyfuse3.default_options) | {"fsname=cimfs", "subtype=cimfs", "ro"}
-        if allow_other:
-            options.add("allow_other")
-        pyfuse3.init(fs, mountpoint, options)
-    except CimError as e:
-        _report(ready, f"ERR {e.hresult:#x} {e}")
-        return 1
-    except pyfuse3.FUSEError as e:
-        _report(ready, f"ERR 0x80004005 {cim_path}: the image's root cannot be read ({os.strerror(e.errno)})")
-        return 1
-    except Exception as e:  # noqa: BLE001 - reported to the caller as one line
-        _report(ready, f"ERR 0x80004005 {mountpoint}: cannot mount: {e}")
-        return 1
-    write_entry(volume_id, mountpoint, cim_path, os.getpid())
-    _report(ready, "OK")
-    # SIGTERM ends the daemon like Ctrl-C: unmount, then exit.
-    signal.signal(signal.SIGTERM, lambda *a: signal.raise_signal(signal.SIGINT))
-    unmount = True
+    except CimError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything else is a damaged image too
+        raise CimError(E_FAIL, f"cannot read the image: {e}", cim_path) from None
     try:
-        trio.run(pyfuse3.main)
-        unmount = False  # the kernel ended the session: already unmounted
+        fs = CimFs(image, Options(uid, gid, umask))
+        # The root and its listing must be readable before anything is mounted.
+        fs.entry(image.root_id)
+        for e in image.scandir(image.root_id):
+            pass
+    except CimError as e:
+        image.close()
+        raise CimError(e.hresult, e.strerror, cim_path) from None
+    except Exception as e:  # noqa: BLE001
+        image.close()
+        raise CimError(E_FAIL, f"the image's root cannot be read: {e}", cim_path) from None
+    options = set(pyfuse3.default_options) | {"ro", "subtype=cimfs", f"fsname={_escape_option(cim_path)}"}
+    if allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(fs, mountpoint, options)
+    except Exception as e:  # noqa: BLE001 - libfuse printed its own reason on stderr
+        image.close()
+        raise CimError(E_FAIL, f"cannot mount (is it an existing directory, is /dev/fuse usable? {e})", mountpoint) from None
+    return image, fs
+
+
+def serve(image, volume_id, mountpoint: str) -> None:
+    """Serve the mount until it is unmounted or a signal arrives, then clean up."""
+    import signal
+
+    import pyfuse3
+    import trio
+
+    from . import remove_entry
+
+    unmounted_by_kernel = False
+
+    async def run():
+        nonlocal unmounted_by_kernel
+        async with trio.open_nursery() as nursery:
+            async def on_signal():
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+                        return
+            nursery.start_soon(on_signal)
+            await pyfuse3.main()
+            unmounted_by_kernel = True  # fusermount3 -u ended the session
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(run)
     except KeyboardInterrupt:
         pass
     finally:
-        pyfuse3.close(unmount=unmount)
-        remove_entry(volume_id)
-        image.close()
-    return 0
+        try:
+            pyfuse3.close(unmount=not unmounted_by_kernel)
+        finally:
+            remove_entry(volume_id)
+            image.close()
+
+
+def _write_line(fd: int, line: str) -> None:
+    os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="cimfs-mount-daemon")
+    p = argparse.ArgumentParser(prog="python -m cimfs.mount.daemon")
     p.add_argument("image")
     p.add_argument("mountpoint")
     p.add_argument("--volume-id", required=True)
@@ -74,10 +114,38 @@ def main(argv=None) -> int:
     p.add_argument("--gid", type=int)
     p.add_argument("--umask", type=lambda s: int(s, 8))
     p.add_argument("--allow-other", action="store_true")
-    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--ready-fd", type=int, required=True)
+    p.add_argument("--detach", action="store_true", help="fork once more and leave the caller")
     a = p.parse_args(argv)
-    return serve(a.image, a.mountpoint, a.volume_id, uid=a.uid, gid=a.gid, umask=a.umask,
-                 allow_other=a.allow_other, ready=a.ready_fd)
+    fd = a.ready_fd
+    if a.detach:
+        if os.fork() > 0:
+            os._exit(0)  # the caller reaps this one at once; the grandchild serves
+    os.chdir("/")  # hold no directory busy
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s cimfs-mount[%(process)d] %(levelname)s %(message)s")
+    from . import write_entry
+
+    try:
+        _write_line(fd, f"PID {os.getpid()}")
+        try:
+            image, fs = prepare(a.image, a.mountpoint, uid=a.uid, gid=a.gid, umask=a.umask, allow_other=a.allow_other)
+        except CimError as e:
+            _write_line(fd, "ERR " + json.dumps({"hresult": e.hresult, "reason": e.strerror, "path": e.filename}))
+            return 1
+        try:
+            write_entry(a.volume_id, a.mountpoint, a.image, os.getpid())
+        except OSError as e:
+            import pyfuse3
+
+            pyfuse3.close(unmount=True)
+            image.close()
+            _write_line(fd, "ERR " + json.dumps({"hresult": E_FAIL, "reason": f"cannot write the mount registry: {e}"}))
+            return 1
+        _write_line(fd, "OK")
+    finally:
+        os.close(fd)
+    serve(image, a.volume_id, a.mountpoint)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,24 +1,40 @@
 """The FUSE file system: a read-only view of one image, built on the public reader.
 
-Images never change, so everything the kernel may cache it caches for an
-hour: entries, attributes and page contents (``keep_cache``).
+Images never change, so everything the kernel may cache it caches for a long
+time: entries (negative ones too), attributes and page contents
+(``keep_cache``); directory listings carry attributes (pyfuse3 always answers
+readdirplus), so ``ls -l``/``find``/``tar`` need no extra lookups.
+
+Every operation goes through :func:`_op`: a ``CimError`` from the library
+becomes ``EIO`` (or its own errno), and so does any other exception, logged
+once — a hostile image fails the one request, never the daemon.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+import logging
 import os
 import stat as S
 import struct
+from collections import OrderedDict
 
 import pyfuse3
 
-from .. import CimError, CimFormatError, filetime_to_ns
+from .. import CimError, CimFormatError, FileAttributes, filetime_to_ns
 from ..layout import ntfs
-from ..layout.cim import FILE_ATTRIBUTE_DIRECTORY
 
-CACHE_SECONDS = 3600.0
-_EROFS = pyfuse3.FUSEError(errno.EROFS)
+log = logging.getLogger("cimfs.mount")
+
+#: Seconds the kernel may keep entries and attributes (the image is immutable).
+CACHE_SECONDS = 86400.0
+#: Attributes kept in the daemon (the kernel keeps its own copies as well).
+ATTR_CACHE_SIZE = 200_000
+#: Largest alternate stream served through getxattr (Linux's XATTR_SIZE_MAX).
+XATTR_SIZE_MAX = 65536
+
+_MAX_LOGGED = 50
 
 
 class Options:
@@ -31,10 +47,14 @@ class Options:
 
 
 def map_symlink_target(rp: ntfs.ReparsePoint) -> str:
-    """[choice] NT symlink / mount point targets as POSIX paths: relative targets
-    keep their shape with ``/``; drive-absolute ``C:\\x`` becomes ``/mnt/c/x`` (as
-    WSL shows Windows drives); UNC ``\\\\server\\share`` becomes ``//server/share``;
-    a rooted ``\\x`` becomes ``/x``."""
+    """**[choice]** An NT symlink / mount point target as a POSIX path.
+
+    Relative targets keep their shape with ``/`` for ``\\``; a drive-absolute
+    ``C:\\x`` (with or without ``\\??\\``) becomes ``/mnt/c/x``, as WSL shows
+    Windows drives; UNC ``\\\\server\\share\\x`` (or ``\\??\\UNC\\server\\share\\x``)
+    becomes ``//server/share/x``; a rooted ``\\x`` becomes ``/x``.  LX symlinks
+    are returned exactly as stored.
+    """
     target = rp.target or ""
     if rp.tag == ntfs.IO_REPARSE_TAG_LX_SYMLINK:
         return target
@@ -42,13 +62,13 @@ def map_symlink_target(rp: ntfs.ReparsePoint) -> str:
         target = target[4:]
     if target.upper().startswith("UNC\\"):
         target = "\\\\" + target[4:]
-    if len(target) >= 2 and target[1] == ":" and target[0].isalpha():
+    if len(target) >= 2 and target[1] == ":" and target[0].isascii() and target[0].isalpha():
         rest = target[2:].lstrip("\\/")
         return f"/mnt/{target[0].lower()}" + ("/" + rest.replace("\\", "/") if rest else "")
     return target.replace("\\", "/")
 
 
-_SPECIAL = {
+_KIND_OF_TAG = {
     ntfs.IO_REPARSE_TAG_LX_FIFO: S.S_IFIFO,
     ntfs.IO_REPARSE_TAG_LX_CHR: S.S_IFCHR,
     ntfs.IO_REPARSE_TAG_LX_BLK: S.S_IFBLK,
@@ -57,160 +77,268 @@ _SPECIAL = {
     ntfs.IO_REPARSE_TAG_SYMLINK: S.S_IFLNK,
     ntfs.IO_REPARSE_TAG_MOUNT_POINT: S.S_IFLNK,
 }
+_LX_SPECIAL_TYPES = (S.S_IFIFO, S.S_IFCHR, S.S_IFBLK, S.S_IFSOCK)
 
 
 def _ns(filetime: int) -> int:
-    return max(0, filetime_to_ns(filetime)) if filetime else 0
+    return filetime_to_ns(filetime) if filetime else 0
+
+
+def _fs_name(name: str) -> bytes | None:
+    """A stored name as the bytes the kernel sees, or None when no POSIX
+    directory entry can carry it (a hostile image)."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        return None
+    return name.encode("utf-8", "surrogatepass")
+
+
+def _op(fn):
+    """Run one FUSE operation; turn every failure into an errno for that request."""
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except CimFormatError as e:
+            self._note(fn.__name__, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except CimError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception as e:  # noqa: BLE001 - a bug or a hostile image must not stop the daemon
+            self._note(fn.__name__, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _erofs(self, *args, **kwargs):
+    raise pyfuse3.FUSEError(errno.EROFS)
 
 
 class CimFs(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
     def __init__(self, image, options: Options | None = None):
         super().__init__()
         self.image = image
         self.options = options or Options()
         self.root = image.root_id
-        self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
-        self._open: dict[int, object] = {}  # fh -> stream descriptor
-        self._dirs: dict[int, list] = {}
+        self._attrs: OrderedDict[int, pyfuse3.EntryAttributes] = OrderedDict()
+        self._dirs: dict[int, list[tuple[bytes, int]]] = {}  # opendir handle -> entries
+        self._open: dict[int, object] = {}  # open handle -> stream descriptor
         self._next_fh = 1
+        self._logged = 0
+        neg = pyfuse3.EntryAttributes()
+        neg.st_ino = 0  # a negative entry: the kernel remembers the name is absent
+        neg.entry_timeout = CACHE_SECONDS
+        self._negative = neg
 
-    # FileID <-> inode: the root must be pyfuse3.ROOT_INODE; swap it with FileID 1.
-    def _fid(self, inode: int) -> int:
-        if inode == pyfuse3.ROOT_INODE:
+    def _note(self, op: str, e: BaseException) -> None:
+        if self._logged < _MAX_LOGGED:
+            self._logged += 1
+            log.warning("%s failed: %s: %s", op, type(e).__name__, e)
+            if self._logged == _MAX_LOGGED:
+                log.warning("further failures are not logged")
+
+    # FileID <-> inode: the root must be pyfuse3.ROOT_INODE, so swap it with FileID 1.
+    def _swap(self, n: int) -> int:
+        if n == pyfuse3.ROOT_INODE:
             return self.root
-        return pyfuse3.ROOT_INODE if inode == self.root else inode
+        return pyfuse3.ROOT_INODE if n == self.root else n
 
-    def _ino(self, fid: int) -> int:
-        return self._fid(fid)  # the swap is its own inverse
-
-    def _guard(self, fn, *args):
-        try:
-            return fn(*args)
-        except CimError as e:
-            code = errno.EIO if isinstance(e, CimFormatError) else (e.errno or errno.EIO)
-            raise pyfuse3.FUSEError(code) from None
+    _fid = _ino = _swap
 
     # ------------------------------------------------------------ attributes
-    def _entry(self, fid: int) -> pyfuse3.EntryAttributes:
+    def entry(self, fid: int) -> pyfuse3.EntryAttributes:
         a = self._attrs.get(fid)
         if a is None:
-            a = self._attrs[fid] = self._guard(self._make_entry, fid)
+            a = self._make_entry(fid)
+            self._attrs[fid] = a
+            if len(self._attrs) > ATTR_CACHE_SIZE:
+                self._attrs.popitem(last=False)
         return a
+
+    def _lx(self, fid: int, ea_buffer: bytes) -> ntfs.LxMetadata:
+        if not ea_buffer:
+            return ntfs.LxMetadata()
+        try:
+            return ntfs.parse_lx_eas(ntfs.unpack_eas(ea_buffer))
+        except (CimError, ValueError, struct.error) as e:
+            self._note(f"EA buffer of FileID {fid}", e)
+            return ntfs.LxMetadata()
 
     def _make_entry(self, fid: int) -> pyfuse3.EntryAttributes:
         st = self.image.stat(fid)
-        lx = ntfs.parse_lx_eas(ntfs.unpack_eas(st.ea_buffer)) if st.ea_buffer else ntfs.LxMetadata()
-        kind = _SPECIAL.get(st.reparse_tag, S.S_IFDIR if st.is_dir else S.S_IFREG)
-        if st.is_dir and kind != S.S_IFLNK:
-            kind = S.S_IFDIR  # a directory symlink or junction shows as a link, other tags keep it a directory
-        if lx.mode is not None:
-            # WSL metadata: its permission bits always; its type unless the
-            # record says otherwise (a directory stays a directory).
-            ftype = S.S_IFMT(lx.mode) if S.S_IFMT(lx.mode) and kind != S.S_IFDIR else kind
-            mode = ftype | (lx.mode & 0o7777)
-        elif kind == S.S_IFLNK:
+        lx = self._lx(fid, st.ea_buffer)
+        tag = st.reparse_tag if st.reparse_data else 0
+        kind = _KIND_OF_TAG.get(tag)
+        if kind is None or (st.is_dir and kind != S.S_IFLNK):
+            kind = S.S_IFDIR if st.is_dir else S.S_IFREG
+        if kind == S.S_IFREG and lx.mode is not None and S.S_IFMT(lx.mode) in _LX_SPECIAL_TYPES:
+            kind = S.S_IFMT(lx.mode)  # WSL metadata naming a special file without its reparse tag
+        if kind == S.S_IFLNK:
             mode = S.S_IFLNK | 0o777
+        elif lx.mode is not None:
+            mode = kind | (lx.mode & 0o7777)
         else:
-            mode = kind | ((0o777 if kind == S.S_IFDIR else 0o666) & ~self.options.umask)
+            perm = (0o777 if kind == S.S_IFDIR else 0o666) & ~self.options.umask
+            if kind == S.S_IFREG and st.attributes & FileAttributes.READONLY:
+                perm &= ~0o222
+            mode = kind | perm
         a = pyfuse3.EntryAttributes()
         a.st_ino = self._ino(fid)
         a.generation = 0
         a.entry_timeout = a.attr_timeout = CACHE_SECONDS
         a.st_mode = mode
-        a.st_nlink = st.nlink + (1 + sum(1 for e in self.image.scandir(fid) if self.image.record(e.file_id).is_dir) if kind == S.S_IFDIR else 0)
+        if kind == S.S_IFDIR:
+            a.st_nlink = 2 + sum(1 for e in self.image.scandir(fid) if _is_dir(self.image, e.file_id))
+        else:
+            a.st_nlink = max(1, st.nlink)
         a.st_uid = self.options.uid if lx.uid is None else lx.uid
         a.st_gid = self.options.gid if lx.gid is None else lx.gid
-        a.st_rdev = os.makedev(lx.rdev_major or 0, lx.rdev_minor or 0) if lx.rdev_major is not None else 0
-        if S.S_ISLNK(mode) and st.reparse_data:
-            a.st_size = len(os.fsencode(map_symlink_target(ntfs.parse_reparse(st.reparse_data))))
+        if kind in (S.S_IFCHR, S.S_IFBLK) and lx.rdev_major is not None:
+            a.st_rdev = os.makedev(lx.rdev_major & 0xFFFFFFFF, (lx.rdev_minor or 0) & 0xFFFFFFFF)
         else:
+            a.st_rdev = 0
+        if kind == S.S_IFLNK:
+            target = self._target(fid, st.reparse_data)
+            a.st_size = len(target) if target is not None else 0
+            blocks = 0
+        elif kind == S.S_IFREG:
             a.st_size = st.size
+            blocks = 0 if st.is_sparse else (st.size + 511) // 512
+        else:
+            a.st_size = 0
+            blocks = 0
         a.st_blksize = 4096
-        a.st_blocks = 0 if st.is_sparse else (st.size + 511) // 512
+        a.st_blocks = blocks
         a.st_atime_ns = _ns(st.last_access_time)
         a.st_mtime_ns = _ns(st.last_write_time)
         a.st_ctime_ns = _ns(st.change_time)
         a.st_birthtime_ns = _ns(st.creation_time)
         return a
 
-    async def getattr(self, inode, ctx=None):
-        return self._entry(self._fid(inode))
+    def _target(self, fid: int, reparse_data: bytes) -> bytes | None:
+        try:
+            target = map_symlink_target(ntfs.parse_reparse(reparse_data))
+        except (CimError, ValueError, struct.error) as e:
+            self._note(f"reparse buffer of FileID {fid}", e)
+            return None
+        raw = target.encode("utf-8", "surrogateescape") if isinstance(target, str) else bytes(target)
+        if not raw or b"\0" in raw:
+            return None
+        return raw
 
-    async def lookup(self, parent_inode, name, ctx=None):
+    @_op
+    def getattr(self, inode, ctx=None):
+        return self.entry(self._fid(inode))
+
+    @_op
+    def lookup(self, parent_inode, name, ctx=None):
+        parent = self._fid(parent_inode)
+        if name == b".":
+            return self.entry(parent)
+        if name == b"..":
+            # Only asked for when a handle outlives its dentry (NFS export);
+            # the record's parent is the directory of the first link.
+            up = self.image.stat(parent).parent_file_id if parent != self.root else self.root
+            return self.entry(up or self.root)
         try:
             text = name.decode("utf-8", "surrogatepass")
         except UnicodeDecodeError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        parent = self._fid(parent_inode)
-        if text == ".":
-            return self._entry(parent)
-        if text == "..":
-            return self._entry(self._guard(lambda: self.image.record(parent).parent_file_id) or self.root)
-        if not text or "\\" in text or ":" in text:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        fid = self._guard(self.image.child, parent, text)
+            return self._negative
+        if "\\" in text or ":" in text:
+            return self._negative
+        fid = self.image.child(parent, text)
         if fid is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._entry(fid)
+            return self._negative
+        return self.entry(fid)
 
-    async def readlink(self, inode, ctx):
-        st = self._guard(self.image.stat, self._fid(inode))
-        if not st.reparse_data:
+    @_op
+    def readlink(self, inode, ctx=None):
+        fid = self._fid(inode)
+        st = self.image.stat(fid)
+        if not S.S_ISLNK(self.entry(fid).st_mode):
             raise pyfuse3.FUSEError(errno.EINVAL)
-        try:
-            return os.fsencode(map_symlink_target(ntfs.parse_reparse(st.reparse_data)))
-        except CimError:
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        target = self._target(fid, st.reparse_data)
+        if target is None:
+            raise pyfuse3.FUSEError(errno.EIO)
+        return target
 
     # ------------------------------------------------------------ directories
-    async def opendir(self, inode, ctx):
+    @_op
+    def opendir(self, inode, ctx=None):
         fid = self._fid(inode)
-        entries = self._guard(self.image.scandir, fid)
+        entries = []
+        for e in self.image.scandir(fid):
+            raw = _fs_name(e.name)
+            if raw is not None:
+                entries.append((raw, e.file_id))
         fh = self._next_fh
         self._next_fh += 1
         self._dirs[fh] = entries
         return fh
 
-    async def readdir(self, fh, start_id, token):
-        entries = self._dirs.get(fh, [])
+    @_op
+    def readdir(self, fh, start_id, token):
+        entries = self._dirs.get(fh)
+        if entries is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
         for i in range(start_id, len(entries)):
-            name, fid = entries[i]
+            raw, fid = entries[i]
             try:
-                attrs = self._entry(fid)
-            except pyfuse3.FUSEError:
-                continue  # a damaged entry is left out; the rest stays readable
-            if not pyfuse3.readdir_reply(token, name.encode("utf-8", "surrogatepass"), attrs, i + 1):
+                attrs = self.entry(fid)
+            except Exception as e:  # noqa: BLE001 - a damaged entry is left out; the rest stays listed
+                self._note("readdir", e)
+                continue
+            if not pyfuse3.readdir_reply(token, raw, attrs, i + 1):
                 return
 
-    async def releasedir(self, fh):
+    @_op
+    def releasedir(self, fh):
         self._dirs.pop(fh, None)
 
     # ------------------------------------------------------------ files
-    async def open(self, inode, flags, ctx):
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise _EROFS
+    @_op
+    def open(self, inode, flags, ctx=None):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise pyfuse3.FUSEError(errno.EROFS)
         fid = self._fid(inode)
-        desc = self._guard(self.image.stream_descriptor, fid)
+        if not S.S_ISREG(self.entry(fid).st_mode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        desc = self.image.stream_descriptor(fid)
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = desc
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
-    async def read(self, fh, off, size):
+    @_op
+    def read(self, fh, off, size):
         desc = self._open.get(fh)
         if desc is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return self._guard(self.image.read_at, desc, off, size)
+        return self.image.read_at(desc, off, size)
 
-    async def release(self, fh):
+    @_op
+    def release(self, fh):
         self._open.pop(fh, None)
 
-    async def statfs(self, ctx):
+    @_op
+    def flush(self, fh):
+        return None
+
+    @_op
+    def statfs(self, ctx=None):
         s = pyfuse3.StatvfsData()
         total = 0
-        for name, _ in self.image.region_names:
+        files = [os.path.basename(self.image.path)] + list(self.image.info().get("region_files", []))
+        for name in files:
             try:
-                total += os.path.getsize(os.path.join(self.image.directory, name))
+                total += os.stat(os.path.join(self.image.directory, name)).st_size
             except OSError:
                 pass
         s.f_bsize = s.f_frsize = 4096
@@ -218,77 +346,83 @@ class CimFs(pyfuse3.Operations):
         s.f_bfree = s.f_bavail = 0
         s.f_files = self.image.file_count
         s.f_ffree = s.f_favail = 0
-        s.f_namemax = 255 * 3
+        s.f_namemax = 255 * 3  # 255 UTF-16 units, up to 3 UTF-8 bytes each
         return s
 
     # ------------------------------------------------------------ extended attributes
-    def _xattrs(self, fid: int) -> dict[bytes, object]:
-        st = self._guard(self.image.stat, fid)
-        out: dict[bytes, object] = {
-            b"system.ntfs_attrib": struct.pack("<I", st.attributes | (FILE_ATTRIBUTE_DIRECTORY if st.is_dir else 0)),
-            b"system.ntfs_crtime": struct.pack("<Q", st.creation_time),
-            # [choice] order: creation, last write, last access, change
-            b"system.ntfs_times": struct.pack("<4Q", st.creation_time, st.last_write_time, st.last_access_time, st.change_time),
-        }
-        if st.security_descriptor:
-            out[b"system.ntfs_acl"] = st.security_descriptor
-        if st.reparse_data:
-            out[b"system.ntfs_reparse_data"] = st.reparse_data
-        if st.ea_buffer:
-            out[b"system.ntfs_ea"] = st.ea_buffer
-        for name in self._guard(self.image.streams, fid):
-            out[b"user." + name.encode("utf-8", "surrogatepass")] = name  # read lazily
+    # ntfs-3g's names.  Like ntfs-3g, listxattr shows the alternate streams
+    # (user.*) only: the system.ntfs_* values are read by name, so cp -a,
+    # rsync -X and tar --xattrs copy streams and do not trip over them.
+    def _system_xattr(self, fid: int, name: bytes) -> bytes | None:
+        st = self.image.stat(fid)
+        attrib = st.attributes | (FileAttributes.DIRECTORY if st.is_dir else 0)
+        if name == b"system.ntfs_attrib":
+            return struct.pack("<I", attrib)
+        if name == b"system.ntfs_attrib_be":
+            return struct.pack(">I", attrib)
+        if name == b"system.ntfs_crtime":
+            return struct.pack("<Q", st.creation_time)
+        if name == b"system.ntfs_crtime_be":
+            return struct.pack(">Q", st.creation_time)
+        if name == b"system.ntfs_times":
+            # ntfs-3g's order: creation, last write, last access, change
+            return struct.pack("<4Q", st.creation_time, st.last_write_time, st.last_access_time, st.change_time)
+        if name == b"system.ntfs_times_be":
+            return struct.pack(">4Q", st.creation_time, st.last_write_time, st.last_access_time, st.change_time)
+        if name == b"system.ntfs_acl":
+            return st.security_descriptor or None
+        if name == b"system.ntfs_reparse_data":
+            return st.reparse_data or None
+        if name == b"system.ntfs_ea":
+            return st.ea_buffer or None
+        return None
+
+    @_op
+    def listxattr(self, inode, ctx=None):
+        out = []
+        for name in self.image.streams(self._fid(inode)):
+            raw = name.encode("utf-8", "surrogatepass")
+            if raw and b"\0" not in raw:
+                out.append(b"user." + raw)
         return out
 
-    async def listxattr(self, inode, ctx):
-        return list(self._xattrs(self._fid(inode)))
-
-    async def getxattr(self, inode, name, ctx):
+    @_op
+    def getxattr(self, inode, name, ctx=None):
         fid = self._fid(inode)
-        value = self._xattrs(fid).get(name)
-        if value is None:
-            raise pyfuse3.FUSEError(errno.ENODATA)
-        if isinstance(value, str):  # an alternate stream
-            size = self._guard(self.image.stream_size, fid, value)
-            if size > 65536:
+        if name.startswith(b"user."):
+            stream = name[5:].decode("utf-8", "surrogatepass")
+            if not stream:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            try:
+                size = self.image.stream_size(fid, stream)
+            except CimError as e:
+                if isinstance(e, CimFormatError):
+                    raise
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            if size > XATTR_SIZE_MAX:
                 raise pyfuse3.FUSEError(errno.E2BIG)
-            return self._guard(self.image.read_at, fid, 0, size, value)
+            return self.image.read_at(fid, 0, size, stream)
+        value = self._system_xattr(fid, name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
     # ------------------------------------------------------------ read-only
-    async def setattr(self, *a, **k):
-        raise _EROFS
+    setattr = setxattr = removexattr = write = create = _op(_erofs)
+    mkdir = mknod = symlink = link = unlink = rmdir = rename = _op(_erofs)
 
-    async def setxattr(self, *a, **k):
-        raise _EROFS
+    @_op
+    def fsync(self, fh, datasync):
+        return None  # nothing is ever dirty
 
-    async def removexattr(self, *a, **k):
-        raise _EROFS
+    @_op
+    def fsyncdir(self, fh, datasync):
+        return None
 
-    async def write(self, *a, **k):
-        raise _EROFS
 
-    async def create(self, *a, **k):
-        raise _EROFS
-
-    async def mkdir(self, *a, **k):
-        raise _EROFS
-
-    async def mknod(self, *a, **k):
-        raise _EROFS
-
-    async def symlink(self, *a, **k):
-        raise _EROFS
-
-    async def link(self, *a, **k):
-        raise _EROFS
-
-    async def unlink(self, *a, **k):
-        raise _EROFS
-
-    async def rmdir(self, *a, **k):
-        raise _EROFS
-
-    async def rename(self, *a, **k):
-        raise _EROFS
-
+def _is_dir(image, fid: int) -> bool:
+    try:
+        record = getattr(image, "record", None)  # cheaper than stat when the reader has it
+        return record(fid).is_dir if record is not None else image.stat(fid).is_dir
+    except CimError:
+        return False
