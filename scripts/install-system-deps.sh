@@ -1,17 +1,34 @@
 #!/usr/bin/env bash
-# Debian packages the tests and the FUSE mount need (fuse3 for fusermount3,
-# libfuse3-dev and pkg-config to build pyfuse3). Idempotent; run as root.
+# What the FUSE mount (and its tests) need on Debian: fuse3 (fusermount3),
+# libfuse3-dev + pkg-config + a C compiler to build pyfuse3, then pyfuse3 and
+# trio from PyPI.  Idempotent: installs only what is missing.  Run as root.
+# PYTHON names the interpreter to install into (default: python3).
+# Known to work here: libfuse 3.14 (Debian 12), pyfuse3 3.5.0 with trio
+# 0.22.2 and 0.35.0, CPython 3.11.
 set -euo pipefail
+PYTHON=${PYTHON:-python3}
+export DEBIAN_FRONTEND=noninteractive PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config; do
+for pkg in fuse3 libfuse3-dev pkg-config gcc; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
+# pyfuse3 is built from source: the interpreter's own headers must exist.
+inc=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+if [ ! -f "$inc/Python.h" ] && [ "$inc" = "/usr/include/python$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" ]; then
+    need+=(python3-dev)
+fi
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "install-system-deps: need root to install: ${need[*]}" >&2
         exit 1
     fi
-    export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq "${need[@]}" >/dev/null
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! "$PYTHON" -c 'import pyfuse3, trio' 2>/dev/null; then
+    if ! "$PYTHON" -m pip install -q "pyfuse3>=3.2,<4" "trio>=0.22"; then
+        echo "install-system-deps: warning: pyfuse3 did not build; FUSE mounts (and their tests) are unavailable" >&2
+    fi
 fi
