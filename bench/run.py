@@ -826,7 +826,7 @@ def write_report(records: list[dict], path: str, suite: Suite, extra: str = "") 
           "", "## Workloads", ""]
     for k, w in suite.workloads.items():
         src = w.src if w.src else f"parent: image of ({w.fork_parent})"
-        md.append(f"{k}. **{w.name}**: {w.description} — `{src.replace(suite.work, 'bench/work')}`")
+        md.append(f"{k}. **{w.name}**: {w.description} — `{src}`")
     md += ["", "## Time", "", table, "", f"![ratios]({os.path.basename(svg)})", "", "## Image size (apparent bytes; cimfs = .cim + region + objectid files)", ""]
     md += sizes
     md += ["", "## Memory", ""] + (rss or ["- (workload 5 not measured yet)"])
