@@ -31,6 +31,9 @@ log = logging.getLogger("cimfs.mount")
 CACHE_SECONDS = 86400.0
 #: Attributes kept in the daemon (the kernel keeps its own copies as well).
 ATTR_CACHE_SIZE = 200_000
+#: Files up to this size are pushed into the kernel's page cache when first
+#: opened (notify_store), saving the read round trips that follow.
+PUSH_MAX = 256 * 1024
 #: Largest alternate stream served through getxattr (Linux's XATTR_SIZE_MAX).
 XATTR_SIZE_MAX = 65536
 
@@ -132,6 +135,8 @@ class CimFs(pyfuse3.Operations):
         self._open: dict[int, object] = {}  # open handle -> stream descriptor
         self._next_fh = 1
         self._logged = 0
+        self._push = True  # notify_store works (cleared on ENOSYS)
+        self._pushed: set[int] = set()
         neg = pyfuse3.EntryAttributes()
         neg.st_ino = 0  # a negative entry: the kernel remembers the name is absent
         neg.entry_timeout = CACHE_SECONDS
@@ -311,6 +316,15 @@ class CimFs(pyfuse3.Operations):
         if not S.S_ISREG(self.entry(fid).st_mode):
             raise pyfuse3.FUSEError(errno.EINVAL)
         desc = self.image.stream_descriptor(fid)
+        if self._push and fid not in self._pushed and 0 < desc.length <= PUSH_MAX:
+            self._pushed.add(fid)
+            try:
+                pyfuse3.notify_store(inode, 0, self.image.read_at(desc, 0, desc.length))
+            except OSError as e:
+                if e.errno == errno.ENOSYS:
+                    self._push = False
+            except CimError:
+                pass  # the reads that follow report it (EIO)
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = desc
@@ -326,10 +340,6 @@ class CimFs(pyfuse3.Operations):
     @_op
     def release(self, fh):
         self._open.pop(fh, None)
-
-    @_op
-    def flush(self, fh):
-        return None
 
     @_op
     def statfs(self, ctx=None):
