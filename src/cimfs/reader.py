@@ -79,22 +79,36 @@ def find_region_file(directory: str, name: str) -> str | None:
 
 
 class _Region:
-    __slots__ = ("path", "size", "map", "region_type", "index")
+    """One region file: mapped for the small metadata objects, read with
+    ``pread`` for file contents (so streaming a large file neither grows the
+    process's resident set nor faults on a file truncated under it)."""
+
+    __slots__ = ("path", "size", "map", "region_type", "index", "fd")
 
     def __init__(self, path: str, what: str):
         self.path = path
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as e:
             raise CimFormatError(f"cannot open region file: {e.strerror}", path) from None
         try:
-            self.size = os.fstat(fd).st_size
+            self.size = os.fstat(self.fd).st_size
             if self.size < cim.REGION_HEADER.size:
                 raise CimFormatError(f"{what} is truncated ({self.size} bytes)", path)
-            self.map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        finally:
-            os.close(fd)
-        self.index, self.region_type = cim.unpack_region_header(self.map[: cim.REGION_HEADER.size], what)
+            self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+            self.index, self.region_type = cim.unpack_region_header(self.map[: cim.REGION_HEADER.size], what)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        while len(data) < length:  # short reads only at a (changed) end of file
+            more = os.pread(self.fd, length - len(data), offset + len(data))
+            if not more:
+                raise CimFormatError(f"region file ended at {offset + len(data)} (was it truncated?)", self.path)
+            data += more
+        return data
 
 
 class Image:
@@ -168,6 +182,17 @@ class Image:
             raise self._fail(f"{what} at region {index} offset {off} length {length} lies outside the region file ({region.size} bytes)")
         return memoryview(region.map)[off: off + length]
 
+    def _data(self, ro: int, length: int, what: str) -> bytes:
+        """File contents: checked like :meth:`_view`, then read with pread."""
+        index, off = cim.split_region_offset(ro)
+        region = self._region(index)
+        if ro == 0 or off < cim.REGION_HEADER.size or length < 0 or off + length > region.size:
+            raise self._fail(f"{what} at region {index} offset {off} length {length} lies outside the region file ({region.size} bytes)")
+        try:
+            return region.pread(off, length)
+        except OSError as e:
+            raise self._fail(f"{what}: cannot read {region.path}: {e.strerror}") from None
+
     def _bytes(self, ro: int, length: int, what: str) -> bytes:
         return bytes(self._view(ro, length, what))
 
@@ -201,6 +226,7 @@ class Image:
             regions, self._regions = self._regions, [None] * len(self._regions)
         for r in regions:
             if r is not None:
+                os.close(r.fd)
                 try:
                     r.map.close()
                 except BufferError:
@@ -502,7 +528,7 @@ class Image:
             return bytes(end - pos)
         if desc.type == cim.STREAM_TYPE_DATA:
             self._check_stream(desc)
-            return self._bytes(desc.offset + pos, end - pos, "stream data")
+            return self._data(desc.offset + pos, end - pos, "stream data")
         if desc.type == cim.STREAM_TYPE_PE_IMAGE:
             return self._read_pe(desc, pos, end)
         raise self._fail(f"stream of type {desc.type} cannot be read as data")
@@ -526,7 +552,7 @@ class Image:
             src = pe.data_offset + pos + delta
             if src < pe.data_offset:
                 raise self._fail("PE image mapping points before its data")
-            out.append(self._bytes(src, seg_end - pos, "PE image data"))
+            out.append(self._data(src, seg_end - pos, "PE image data"))
             pos = seg_end
         return b"".join(out)
 
