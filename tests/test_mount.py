@@ -26,9 +26,22 @@ if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
 from cimfs import mount as cmount  # noqa: E402
 
 
+_TAG = None  # this test's tmp_path: daemons of other users of the machine are not ours
+
+
 def daemons():
-    out = subprocess.run(["pgrep", "-f", "cimfs.mount.daemon"], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
+    """Mount daemons serving something under this test's tmp_path."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if b"cimfs.mount.daemon" in cmd and (_TAG is None or os.fsencode(_TAG) in cmd):
+                out.append(int(pid))
+    return out
 
 
 def _force_unmount(mnt, vid):
@@ -47,6 +60,8 @@ def _force_unmount(mnt, vid):
 @pytest.fixture(autouse=True)
 def own_registry(tmp_path, monkeypatch):
     """A registry of our own; at the end nothing may be left: no mount, no daemon, no entry."""
+    global _TAG
+    _TAG = str(tmp_path)
     reg = tmp_path / "registry"
     monkeypatch.setenv("CIMFS_RUNTIME_DIR", str(reg))
     before = set(daemons())
@@ -298,3 +313,108 @@ def test_damaged_file_gives_eio_and_the_mount_stays_up(tmp_path, mounted):
     assert e.value.errno == errno.EIO
     assert (mnt / "good").read_bytes() == b"fine"
     assert os.path.ismount(mnt)
+
+
+def test_lx_specials_exact_symlinks_and_hostile_metadata(tmp_path, mounted):
+    with cimfs.create(tmp_path, "lx.cim") as w:
+        w.mkdir("d")
+        w.mkdir("d/e")
+        w.add_file("lxlink", b"", FileMetadata(reparse_data=ntfs.pack_lx_symlink_reparse("../we\\ird/ target")))
+        w.add_file("abslink", b"", FileMetadata(reparse_data=ntfs.pack_lx_symlink_reparse("/etc/passwd")))
+        w.add_file("chr", b"", FileMetadata(
+            reparse_data=ntfs.pack_lx_special_reparse(ntfs.IO_REPARSE_TAG_LX_CHR),
+            ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=stat.S_IFCHR | 0o620, uid=7, gid=8, rdev_major=4, rdev_minor=64))))
+        w.add_file("blk", b"", FileMetadata(
+            reparse_data=ntfs.pack_lx_special_reparse(ntfs.IO_REPARSE_TAG_LX_BLK),
+            ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=stat.S_IFBLK | 0o660, rdev_major=8, rdev_minor=1))))
+        w.add_file("fifo", b"", FileMetadata(reparse_data=ntfs.pack_lx_special_reparse(ntfs.IO_REPARSE_TAG_LX_FIFO)))
+        w.add_file("exe", b"#!/bin/sh\n", FileMetadata(ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=stat.S_IFREG | 0o4755))))
+        # damaged metadata: an EA chain that runs past its end, a reparse buffer shorter than its header
+        w.add_file("bad-ea", b"still readable", FileMetadata(ea_buffer=b"\x00\x00\x00\x00\x00\x05\xff\xff$LXMO"))
+        w.add_file("bad-link", b"", FileMetadata(reparse_data=struct.pack("<IHH", ntfs.IO_REPARSE_TAG_SYMLINK, 2, 0) + b"xx"))
+    mnt = mounted(tmp_path / "lx.cim")
+    assert os.readlink(mnt / "lxlink") == "../we\\ird/ target"
+    assert os.readlink(mnt / "abslink") == "/etc/passwd"
+    assert os.lstat(mnt / "lxlink").st_size == len("../we\\ird/ target")
+    c = os.lstat(mnt / "chr")
+    assert stat.S_ISCHR(c.st_mode) and stat.S_IMODE(c.st_mode) == 0o620 and (c.st_uid, c.st_gid) == (7, 8)
+    assert (os.major(c.st_rdev), os.minor(c.st_rdev)) == (4, 64)
+    b = os.lstat(mnt / "blk")
+    assert stat.S_ISBLK(b.st_mode) and os.major(b.st_rdev) == 8
+    assert stat.S_ISFIFO(os.lstat(mnt / "fifo").st_mode)
+    assert stat.S_IMODE(os.stat(mnt / "exe").st_mode) == 0o4755
+    # directories count "." and their subdirectories
+    assert os.stat(mnt).st_nlink == 3 and os.stat(mnt / "d").st_nlink == 3 and os.stat(mnt / "d" / "e").st_nlink == 2
+    # damaged metadata costs only what it describes
+    assert (mnt / "bad-ea").read_bytes() == b"still readable"
+    assert stat.S_IMODE(os.stat(mnt / "bad-ea").st_mode) == 0o444
+    assert stat.S_ISLNK(os.lstat(mnt / "bad-link").st_mode)
+    with pytest.raises(OSError) as e:
+        os.readlink(mnt / "bad-link")
+    assert e.value.errno == errno.EIO
+    # absent names stay absent (also when asked again, from the kernel's negative cache)
+    for _ in range(2):
+        with pytest.raises(FileNotFoundError):
+            os.stat(mnt / "D" / "nothing")
+    assert sorted(os.listdir(mnt)) == sorted(["d", "lxlink", "abslink", "chr", "blk", "fifo", "exe", "bad-ea", "bad-link"])
+    assert os.path.ismount(mnt)
+
+
+def test_foreground_cli_mount_and_umount(tmp_path):
+    with cimfs.create(tmp_path, "fg.cim") as w:
+        w.add_file("hello", b"foreground")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "cimfs.cli", "mount", "-f", str(tmp_path / "fg.cim"), str(mnt),
+                             "-o", "uid=4321,umask=077"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if cmount.is_cimfs_mount(mnt) or proc.poll() is not None:
+                break
+            threading.Event().wait(0.05)
+        assert cmount.is_cimfs_mount(mnt), proc.stderr.read() if proc.poll() is not None else "not mounted"
+        assert (mnt / "hello").read_bytes() == b"foreground"
+        st = os.stat(mnt / "hello")
+        assert st.st_uid == 4321 and stat.S_IMODE(st.st_mode) == 0o600
+        assert [e["pid"] for e in cmount.mounts()] == [proc.pid]
+        out = subprocess.run([sys.executable, "-m", "cimfs.cli", "umount", str(mnt)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert proc.wait(timeout=60) == 0
+        assert not cmount.is_cimfs_mount(mnt) and cmount.mounts() == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _force_unmount(mnt, "-")
+
+
+def test_sigterm_unmounts_and_errors_leave_nothing(tmp_path):
+    with cimfs.create(tmp_path, "t.cim") as w:
+        w.add_file("f", b"x")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    vid = cmount.mount(tmp_path / "t.cim", mnt)
+    try:
+        with pytest.raises(cimfs.CimError) as e:  # the same volume id twice
+            other = tmp_path / "other"
+            other.mkdir()
+            cmount.mount(tmp_path / "t.cim", other, volume_id=vid)
+        assert e.value.hresult == cimfs.errors.ERROR_ALREADY_EXISTS
+        with pytest.raises(cimfs.CimError):  # something is mounted here already
+            cmount.mount(tmp_path / "t.cim", mnt)
+        [entry] = cmount.mounts()
+        os.kill(entry["pid"], 15)
+        for _ in range(600):
+            if not cmount.is_cimfs_mount(mnt) and not cmount._alive(entry["pid"]):
+                break
+            threading.Event().wait(0.05)
+        assert not cmount.is_cimfs_mount(mnt) and not cmount._alive(entry["pid"])
+        assert cmount.mounts() == [] and os.listdir(cmount.registry_dir()) == []
+    finally:
+        _force_unmount(mnt, vid)
+    with pytest.raises(cimfs.CimError) as e:
+        cmount.unmount(mnt)
+    assert e.value.hresult == cimfs.errors.ERROR_FILE_NOT_FOUND
+    with pytest.raises(cimfs.CimError):
+        cmount.mount(tmp_path / "t.cim", tmp_path / "missing")
+    assert os.listdir(cmount.registry_dir()) == []

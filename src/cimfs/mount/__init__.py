@@ -77,11 +77,8 @@ def write_entry(volume_id, mountpoint: str, image: str, pid: int) -> None:
 
 def remove_entry(volume_id) -> None:
     """Forget a mount (its registry entry and its daemon's log)."""
-    for path in (_entry_path(volume_id), _log_path(volume_id)):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+    _remove(_entry_path(volume_id))
+    _remove(_log_path(volume_id))
 
 
 def _alive(pid: int) -> bool:
@@ -133,11 +130,14 @@ def is_cimfs_mount(mountpoint) -> bool:
 
 def mounts() -> list[dict]:
     """Live mounts of this user: dicts with volume_id, mountpoint, image, pid.
-    Stale registry entries (daemon gone or nothing mounted) are dropped."""
+
+    Entries whose daemon is gone are dropped (a non-empty daemon log is kept
+    for a post-mortem; empty logs without an entry are removed)."""
     out = []
     d = registry_dir()
     table = _mounted()
-    for name in sorted(os.listdir(d)):
+    names = sorted(os.listdir(d))
+    for name in names:
         if not name.endswith(".json"):
             continue
         try:
@@ -145,12 +145,28 @@ def mounts() -> list[dict]:
                 entry = json.load(f)
         except (OSError, ValueError):
             continue
+        pid = entry.get("pid", -1)
         mp = os.path.realpath(entry.get("mountpoint", ""))
-        if _alive(entry.get("pid", -1)) and table.get(mp) == "fuse.cimfs":
+        if _alive(pid) and table.get(mp) == "fuse.cimfs":
             out.append(entry)
-        elif not _alive(entry.get("pid", -1)):
-            remove_entry(name[:-5])
+        elif not _alive(pid):
+            _remove(_entry_path(name[:-5]))
+    for name in names:
+        if name.endswith(".log") and name[:-4] + ".json" not in names:
+            path = os.path.join(d, name)
+            try:
+                if os.stat(path).st_size == 0 and time.time() - os.stat(path).st_mtime > 60:
+                    _remove(path)
+            except OSError:
+                pass
     return out
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 # ===================================================================== mount
