@@ -371,3 +371,69 @@ def test_large_files_from_real_files_copied_in_background(tmp_path):
                 w.add_file("f", f, FileMetadata(file_size=600_000))
     assert "shrink" in str(e.value) or "ended" in str(e.value)
     assert os.listdir(tmp_path / "img2") == []
+
+
+def test_copy_stream_to_file_and_pipe(tmp_path):
+    data = os.urandom(3_000_001)
+    with build(tmp_path) as w:
+        w.add_file("f", data)
+        w.add_stream("f:ads", b"side" * 1000)
+        w.add_file("empty", b"")
+        w.create_file("sparse", FileMetadata(file_size=10 << 20, attributes=A.SPARSE_FILE)).close()
+    with cimfs.open(tmp_path / "t.cim") as im:
+        out = tmp_path / "out.bin"
+        for path, stream, expect in [("f", None, data), ("f", "ads", b"side" * 1000),
+                                     ("empty", None, b""), ("sparse", None, bytes(10 << 20))]:
+            seen = []
+            with open(out, "wb") as f:
+                f.write(b"head")  # copies land at the current position
+                f.flush()
+                assert im.copy_stream(path, f.fileno(), stream, progress=seen.append) == len(expect)
+            assert out.read_bytes() == b"head" + expect
+            assert sum(seen) == len(expect)
+        # copy_file_range refuses an O_APPEND target and a pipe: both fall back to read/write
+        fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_TRUNC)
+        try:
+            assert im.copy_stream("f", fd) == len(data)
+        finally:
+            os.close(fd)
+        assert out.read_bytes() == data
+        r, wfd = os.pipe()
+        got = bytearray()
+        import threading
+        t = threading.Thread(target=lambda: got.extend(b"".join(iter(lambda: os.read(r, 1 << 16), b""))))
+        t.start()
+        try:
+            assert im.copy_stream("f:ads", wfd) == 4000
+        finally:
+            os.close(wfd)
+        t.join()
+        os.close(r)
+        assert bytes(got) == b"side" * 1000
+        with pytest.raises(CimError) as e:
+            im.copy_stream("missing", fd)
+        assert e.value.hresult == errors.ERROR_FILE_NOT_FOUND
+
+
+def test_readinto_at_fills_buffers_from_cache_or_disk(tmp_path):
+    data = os.urandom(2_000_000)
+    with build(tmp_path) as w:
+        w.add_file("f", data)
+        w.create_file("sparse", FileMetadata(file_size=1 << 20, attributes=A.SPARSE_FILE)).close()
+    with cimfs.open(tmp_path / "t.cim") as im:
+        buf = bytearray(100_000)
+        assert im.readinto_at("f", 5, buf) == len(buf) and bytes(buf) == data[5:100_005]
+        assert im.readinto_at("f", len(data) - 10, buf) == 10 and bytes(buf[:10]) == data[-10:]
+        assert im.readinto_at("f", len(data), buf) == 0
+        buf[:] = b"x" * len(buf)
+        assert im.readinto_at("sparse", 7, buf) == len(buf) and bytes(buf) == bytes(len(buf))
+        # evicted from the page cache, a no-wait read returns what is cached (maybe nothing)
+        for name in os.listdir(tmp_path):
+            if name.startswith("region_"):
+                fd = os.open(tmp_path / name, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+        n = im.readinto_at("f", 1_000_000, buf, nowait=True)
+        assert 0 <= n <= len(buf) and bytes(buf[:n]) == data[1_000_000:1_000_000 + n]
+        assert im.readinto_at("f", 1_000_000, buf) == len(buf) and bytes(buf) == data[1_000_000:1_100_000]
+        assert im.readinto_at("f", 1_000_000, buf, nowait=True) == len(buf)  # now cached

@@ -1085,19 +1085,21 @@ class Extractor:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = self._retry(lambda: os.open(local, flags, 0o600, dir_fd=dfd), dfd, local, rel)
         try:
-            sparse = st.is_sparse or bool(st.attributes & 0x200)
             size = st.size
-            if size and not st.is_sparse:
+            if size and not st.is_sparse and not st.attributes & 0x200:
+                # copy_file_range inside the kernel; region file -> new file
+                n = self.image.copy_stream(fid, fd, progress=self.progress)
+                if n != size:
+                    raise cimfs.errors.CimFormatError("stream shorter than its size", rel)
+            elif size and not st.is_sparse:
+                # a file marked sparse keeps its holes: zero blocks are skipped
                 with self.image.open(fid) as src:
                     pos = 0
                     while pos < size:
                         buf = src.read(min(CHUNK, size - pos))
                         if not buf:
                             raise cimfs.errors.CimFormatError("stream shorter than its size", rel)
-                        if sparse:
-                            _write_sparse(fd, buf, pos)
-                        else:
-                            _write_all(fd, buf)
+                        _write_sparse(fd, buf, pos)
                         pos += len(buf)
                         self.progress(len(buf))
             elif size:
@@ -1106,13 +1108,6 @@ class Extractor:
             self._set_meta_fd(fd, info)
         finally:
             os.close(fd)
-
-
-def _write_all(fd: int, buf: bytes) -> None:
-    mv = memoryview(buf)
-    while mv:
-        n = os.write(fd, mv)
-        mv = mv[n:]
 
 
 def _write_sparse(fd: int, buf: bytes, pos: int) -> None:

@@ -9,6 +9,7 @@ allocation larger than the image's files.
 from __future__ import annotations
 
 import bisect
+import errno
 import io
 import mmap
 import os
@@ -76,6 +77,14 @@ def find_region_file(directory: str, name: str) -> str | None:
     except OSError:
         return None
     return None
+
+
+#: Bytes per copy_file_range / read-write step of :meth:`Image.copy_stream`.
+COPY_CHUNK = 8 << 20
+_HAVE_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+#: copy_file_range refusals that mean "not between these files": copy by hand.
+_COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
 
 
 class _Region:
@@ -512,6 +521,95 @@ class Image:
     def read_at(self, path, offset: int, size: int, stream: str | None = None) -> bytes:
         desc = path if isinstance(path, cim.Stream) else self.stream_descriptor(path, stream)
         return self._read_stream(desc, offset, size)
+
+    def readinto_at(self, path, offset: int, buffer, stream: str | None = None, *, nowait: bool = False) -> int:
+        """Fill ``buffer`` (a writable bytes-like object) from the stream at
+        ``offset``; returns the count, short only at the end of the stream.
+
+        With ``nowait`` a plain data stream is read only as far as the page
+        cache holds it (``RWF_NOWAIT``): the count may then be short, and 0
+        means "would wait for the disk" (callers then read in a thread).
+        """
+        desc = path if isinstance(path, cim.Stream) else self.stream_descriptor(path, stream)
+        view = memoryview(buffer).cast("B")
+        length = desc.length
+        if offset >= length or not len(view):
+            return 0
+        n = min(len(view), length - offset)
+        if desc.sparse:
+            view[:n] = bytes(n)
+            return n
+        if desc.type != cim.STREAM_TYPE_DATA:
+            data = self._read_stream(desc, offset, n)
+            view[: len(data)] = data
+            return len(data)
+        self._check_stream(desc)
+        index, off = cim.split_region_offset(desc.offset)
+        region = self._region(index)
+        if nowait:
+            if _RWF_NOWAIT is None:
+                return 0
+            try:
+                return os.preadv(region.fd, [view[:n]], off + offset, _RWF_NOWAIT)
+            except BlockingIOError:
+                return 0
+            except OSError as e:
+                if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    return 0
+                raise self._fail(f"stream data: cannot read {region.path}: {e.strerror}") from None
+        done = 0
+        while done < n:
+            try:
+                k = os.preadv(region.fd, [view[done:n]], off + offset + done)
+            except OSError as e:
+                raise self._fail(f"stream data: cannot read {region.path}: {e.strerror}") from None
+            if not k:
+                raise self._fail(f"region file ended at {off + offset + done} (was it truncated?)")
+            done += k
+        return done
+
+    def copy_stream(self, path, fd: int, stream: str | None = None, progress=None) -> int:
+        """Write the whole stream to the file descriptor ``fd`` at its current
+        position; returns the number of bytes written.
+
+        Plain data streams go region file -> ``fd`` with ``copy_file_range``
+        (no copy through Python, reflinks where the filesystem has them);
+        sparse and PE-image streams, and file systems that refuse the call,
+        take the ``read``/``write`` path.  ``progress(n)`` is called as bytes land.
+        """
+        desc = path if isinstance(path, cim.Stream) else self.stream_descriptor(path, stream)
+        length = desc.length
+        if not length:
+            return 0
+        done = 0
+        if desc.type == cim.STREAM_TYPE_DATA and not desc.sparse and _HAVE_COPY_FILE_RANGE:
+            self._check_stream(desc)
+            index, off = cim.split_region_offset(desc.offset)
+            region = self._region(index)
+            while done < length:
+                try:
+                    n = os.copy_file_range(region.fd, fd, min(COPY_CHUNK, length - done), off + done)
+                except OSError as e:
+                    if e.errno not in _COPY_FALLBACK_ERRNOS or done:
+                        raise
+                    break  # not between these two files: read and write below
+                if n <= 0:
+                    raise self._fail(f"region file ended at {off + done} (was it truncated?)")
+                done += n
+                if progress:
+                    progress(n)
+            else:
+                return done
+        while done < length:
+            buf = self._read_stream(desc, done, min(COPY_CHUNK, length - done))
+            view = memoryview(buf)
+            while view:
+                k = os.write(fd, view)
+                view = view[k:]
+            done += len(buf)
+            if progress:
+                progress(len(buf))
+        return done
 
     def _pe_image(self, desc: cim.Stream) -> cim.PeImage:
         what = "PE image object"

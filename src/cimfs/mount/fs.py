@@ -21,6 +21,7 @@ import struct
 from collections import OrderedDict
 
 import pyfuse3
+import trio
 
 from .. import CimError, CimFormatError, FileAttributes, filetime_to_ns
 from ..layout import ntfs
@@ -36,6 +37,9 @@ ATTR_CACHE_SIZE = 200_000
 PUSH_MAX = 256 * 1024
 #: Largest alternate stream served through getxattr (Linux's XATTR_SIZE_MAX).
 XATTR_SIZE_MAX = 65536
+
+#: Reads that must wait for the disk run in up to this many threads at once.
+READ_THREADS = 8
 
 _MAX_LOGGED = 50
 
@@ -137,6 +141,8 @@ class CimFs(pyfuse3.Operations):
         self._logged = 0
         self._push = True  # notify_store works (cleared on ENOSYS)
         self._pushed: set[int] = set()
+        self._limiter = trio.CapacityLimiter(READ_THREADS)
+        self._buf = bytearray(1 << 20)
         neg = pyfuse3.EntryAttributes()
         neg.st_ino = 0  # a negative entry: the kernel remembers the name is absent
         neg.entry_timeout = CACHE_SECONDS
@@ -330,12 +336,36 @@ class CimFs(pyfuse3.Operations):
         self._open[fh] = desc
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
-    @_op
-    def read(self, fh, off, size):
+    async def read(self, fh, off, size):
         desc = self._open.get(fh)
         if desc is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return self.image.read_at(desc, off, size)
+        try:
+            # What the page cache holds is read inline into one reused buffer:
+            # pyfuse3 sends the reply before any other request runs, so
+            # sharing it is safe, and a cached read costs no allocation and no
+            # thread hand-off.  What would wait for the disk goes to a thread
+            # with its own buffer, and the loop serves other requests meanwhile.
+            if size > len(self._buf):
+                self._buf = bytearray(size)
+            view = memoryview(self._buf)[:size]
+            n = self.image.readinto_at(desc, off, view, nowait=True)
+            want = min(size, max(0, desc.length - off))
+            if n >= want:
+                return view[:n]
+            own = bytearray(want)
+            own[:n] = view[:n]
+            rest = memoryview(own)[n:]
+            m = await trio.to_thread.run_sync(self.image.readinto_at, desc, off + n, rest, limiter=self._limiter)
+            return memoryview(own)[: n + m]
+        except CimFormatError as e:
+            self._note("read", e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except CimError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception as e:  # noqa: BLE001
+            self._note("read", e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     @_op
     def release(self, fh):
