@@ -144,7 +144,7 @@ class _Group:
         self.written: str | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: a million-entry tree is held in memory
 class Node:
     name: str                      # name in the image ("" for the root)
     src: str                       # where it came from, for messages
@@ -701,13 +701,10 @@ class Importer:
         self.deletes: list[str] = []
         self.dirs: list[tuple[str, object, bool]] = []
         self.files: list[tuple[Node, str]] = []
-        self._meta_cache: dict[int, object] = {}
 
     def _meta(self, node: Node):
-        m = self._meta_cache.get(id(node))
-        if m is None:
-            m = self._meta_cache[id(node)] = node_metadata(node)
-        return m
+        # Not cached: a FileMetadata per entry would double the memory of a large import.
+        return node_metadata(node)
 
     def _is_hidden(self, path: str) -> bool:
         if not self.hidden:

@@ -323,17 +323,21 @@ class _ObjectStore:
         return cim.region_offset(r.combined_index, r.append(data))
 
     def own_region_offsets(self):
-        """(region, [(length, digest, byte offset)]) for each own region, for the object ID files."""
-        by_index: dict[int, list] = {r.combined_index: [] for r in self.regions}
-        for key, ro in self.known.items():
-            idx, off = cim.split_region_offset(ro)
-            entries = by_index.get(idx)
-            if entries is not None:
-                entries.append((int.from_bytes(key[:8], "big"), key[8:], off))
+        """(region, iterator of (length, digest, byte offset)) for each own
+        region, for the object ID files.  Object keys sort like object ID
+        entries, so one sorted list of references serves every region."""
+        keys = sorted(self.known)
+        known = self.known
+        split = cim.split_region_offset
+
+        def entries(index: int):
+            for key in keys:
+                idx, off = split(known[key])
+                if idx == index:
+                    yield int.from_bytes(key[:8], "big"), key[8:], off
+
         for r in self.regions:
-            entries = by_index[r.combined_index]
-            entries.sort()
-            yield r, entries
+            yield r, entries(r.combined_index)
 
     def finish(self) -> cim.RegionSet:
         for r in self.regions:
@@ -478,18 +482,20 @@ class _Node:
     ``dirty`` only once changed.
     """
 
-    __slots__ = ("file_id", "record", "from_base", "children", "streams", "dirty", "nlink", "open_stream", "is_dir")
+    __slots__ = ("file_id", "record", "from_base", "children", "streams", "dirty", "nlink", "open_stream", "is_dir", "seen")
 
     def __init__(self, record: cim.FileRecord, file_id: int = 0, from_base: bool = False):
         self.record = record
         self.file_id = file_id
         self.from_base = from_base
         self.children: dict[str, tuple[str, _Node]] | None = {} if (record.is_dir and not from_base) else None
-        self.streams: dict[str, tuple[str, cim.Stream]] | None = None if from_base else {}
+        # None: no alternate streams yet (new node) or the parent's stream table, not loaded
+        self.streams: dict[str, tuple[str, cim.Stream]] | None = None
         self.dirty = not from_base
         self.nlink = 0
         self.open_stream = False
         self.is_dir = record.is_dir  # fixed for a node's life: replacing a file by a directory makes a new node
+        self.seen = False  # visited by the commit's walk (hard links reach a node more than once)
 
 
 _DIR_STREAM = cim.Stream(0, 0, cim.STREAM_TYPE_LINK_TABLE)
@@ -585,7 +591,7 @@ class StreamWriter:
             if not node.is_dir:
                 node.record = node.record._replace(stream=stream)
         else:
-            node.streams[self._image._folder.key(self._stream_name)] = (self._stream_name, stream)
+            self._image._streams(node)[self._image._folder.key(self._stream_name)] = (self._stream_name, stream)
 
     def __enter__(self) -> "StreamWriter":
         return self
@@ -688,9 +694,12 @@ class ImageWriter:
 
     def _streams(self, node: _Node) -> dict:
         if node.streams is None:
-            names, streams = self._base._stream_table(node.file_id)
-            key = self._folder.key
-            node.streams = {key(n): (n, s) for n, s in zip(names, streams)}
+            if node.from_base:
+                names, streams = self._base._stream_table(node.file_id)
+                key = self._folder.key
+                node.streams = {key(n): (n, s) for n, s in zip(names, streams)}
+            else:
+                node.streams = {}
         return node.streams
 
     def _walk_to_parent(self, parts: list[str], path: str) -> _Node:
@@ -975,15 +984,14 @@ class ImageWriter:
             next_id += 1
         changed = [root] if root.dirty else []
         queue = [root]
-        seen = {id(root)}
+        root.seen = True
         for node in queue:  # grows while iterating
             if node.children is None:
                 continue  # a parent directory nobody touched: nothing new below it
-            for key in node.children:
-                child = node.children[key][1]
-                if id(child) in seen:
+            for _, child in node.children.values():
+                if child.seen:
                     continue
-                seen.add(id(child))
+                child.seen = True
                 if not child.file_id:
                     child.file_id = next_id
                     next_id += 1
@@ -1000,50 +1008,60 @@ class ImageWriter:
         store = self._store
         base = self._base
         changed = self._assign_ids()
-        fold_sorted = sorted
-        # Link tables and stream tables of changed nodes.
-        records: dict[int, bytes] = {}
+        # Records go straight into their file table's buffer (one table of
+        # 1024 records at a time in memory): FileIDs ascend through `changed`
+        # once it is sorted, and new IDs were handed out contiguously.
+        changed.sort(key=lambda n: n.file_id)
+        cap = cim.FILE_TABLE_CAPACITY
+        size = cim.FILE_RECORD_SIZE
+        tables = list(base.file_tables) if base else []
+        current = -1
+        buf = bytearray()
+        count = 0
+
+        def flush() -> None:
+            first = current * cap + 1
+            base_count = tables[current].count if current < len(tables) and tables[current] is not None else 0
+            total = max(base_count, count)
+            for i in range(total):
+                if not written[i]:
+                    # a slot nobody changed keeps the parent's record
+                    buf[i * size:(i + 1) * size] = base.raw_record(first + i)
+            while len(tables) <= current:
+                tables.append(None)
+            tables[current] = cim.FileTableEntry(store.put_unique(bytes(buf[: total * size])), total, size)
+
+        written = bytearray(cap)
         for node in changed:
+            t, slot = divmod(node.file_id - 1, cap)
+            if t != current:
+                if current >= 0:
+                    flush()
+                current, count = t, 0
+                buf = bytearray(cap * size)
+                written = bytearray(cap)
             changes = {}
             # children/streams of None: a parent's directory or stream table
-            # nobody touched, so its table stays where the parent put it.
+            # nobody touched (or a new node without alternate streams).
             if node.is_dir and node.children is not None:
-                items = fold_sorted(node.children.items())
+                items = sorted(node.children.items())
                 if items:
                     table = cim.pack_link_table([n for _, (n, _) in items], [struct.pack("<I", c.file_id) for _, (_, c) in items])
                     changes["stream"] = cim.Stream(store.put_unique(table), len(table), cim.STREAM_TYPE_LINK_TABLE)
                 else:
                     changes["stream"] = _DIR_STREAM
             if node.streams is not None:
-                items = fold_sorted(node.streams.items())
+                items = sorted(node.streams.items())
                 if items:
                     table = cim.pack_stream_table([n for _, (n, _) in items], [s for _, (_, s) in items])
                     changes["stream_table_offset"] = store.put_unique(table)
                 else:
                     changes["stream_table_offset"] = 0
-            records[node.file_id] = cim.pack_file_record(node.record._replace(**changes) if changes else node.record)
-        # File tables: only those holding a changed record are written again;
-        # the others stay where the parent put them.
-        cap = cim.FILE_TABLE_CAPACITY
-        tables = list(base.file_tables) if base else []
-        by_table: dict[int, list[int]] = {}
-        for fid in records:
-            by_table.setdefault((fid - 1) // cap, []).append(fid)
-        for t in sorted(by_table):
-            first = t * cap + 1
-            base_count = tables[t].count if t < len(tables) else 0
-            count = max(base_count, max(by_table[t]) - first + 1)
-            raws = []
-            for fid in range(first, first + count):
-                raw = records.get(fid)
-                if raw is None:
-                    # New FileIDs are handed out contiguously, so a slot is
-                    # either changed here or already in the parent's table.
-                    raw = base.raw_record(fid)
-                raws.append(raw)
-            while len(tables) <= t:
-                tables.append(None)
-            tables[t] = cim.FileTableEntry(store.put_unique(b"".join(raws)), count, cim.FILE_RECORD_SIZE)
+            buf[slot * size:(slot + 1) * size] = cim.pack_file_record(node.record._replace(**changes) if changes else node.record)
+            written[slot] = 1
+            count = max(count, slot + 1)
+        if current >= 0:
+            flush()
         if base is not None:
             upcase = base.filesystem.upcase_offset
         else:

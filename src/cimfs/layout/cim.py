@@ -11,7 +11,7 @@ import re
 import struct
 import uuid
 from importlib import resources
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 from ..errors import CimFormatError
 
@@ -181,14 +181,18 @@ def unpack_region_header(buf: bytes, what: str) -> tuple[int, int]:
     return f[8], f[9]
 
 
-def pack_objectid_file(index: int, region_type: int, entries: list[tuple[int, bytes, int]]) -> bytes:
-    """``entries`` are (length, digest, byte offset), already sorted by (length, digest)."""
+def pack_objectid_file(index: int, region_type: int, entries: Iterable[tuple[int, bytes, int]]) -> bytes:
+    """``entries`` (any iterable, consumed once) are (length, digest, byte
+    offset), already sorted by (length, digest)."""
+    pack = OBJECTID_ENTRY.pack
+    body = bytearray()  # grown in place: no list of a million small bytes objects
+    for n, d, o in entries:
+        body += pack(n, d, o)
     head = OBJECTID_HEADER.pack(
         MAGIC, OBJECTID_HEADER.size, FILE_TYPE_OBJECTID, 0, 0, *WRITE_VERSION, 0,
-        index, region_type, 0, 0, OBJECTID_HEADER.size, len(entries),
+        index, region_type, 0, 0, OBJECTID_HEADER.size, len(body) // OBJECTID_ENTRY.size,
     )
-    pack = OBJECTID_ENTRY.pack
-    return head + b"".join(pack(n, d, o) for n, d, o in entries)
+    return head + body
 
 
 def unpack_objectid_header(buf, what: str) -> tuple[int, int]:
