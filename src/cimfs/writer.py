@@ -417,7 +417,7 @@ class _DataPump:
             node, fd, pos, size, path = job
             try:
                 if self.error is None:
-                    node.record = node.record._replace(stream=self._copy(buf, fd, pos, size, path))
+                    node.record = _with_stream(node.record, self._copy(buf, fd, pos, size, path))
             except BaseException as e:  # reported to the owner at its next call
                 if self.error is None:
                     self.error = e
@@ -474,6 +474,17 @@ class _DataPump:
 
 
 # ====================================================================== tree
+def _unpacked(record) -> cim.FileRecord:
+    return cim.unpack_file_record(record) if isinstance(record, bytes) else record
+
+
+def _with_stream(record, stream: cim.Stream) -> bytes:
+    """A file's record once its default stream is final, kept packed: 129
+    bytes instead of a tuple of a dozen ints (about 400), which is what a
+    million-entry image is made of."""
+    return cim.pack_file_record(_unpacked(record)._replace(stream=stream))
+
+
 class _Node:
     """A file or directory of the image being written.
 
@@ -589,7 +600,7 @@ class StreamWriter:
         if self._stream_name is None:
             # A directory's default stream is its link table, built at commit.
             if not node.is_dir:
-                node.record = node.record._replace(stream=stream)
+                node.record = _with_stream(node.record, stream)
         else:
             self._image._streams(node)[self._image._folder.key(self._stream_name)] = (self._stream_name, stream)
 
@@ -801,8 +812,9 @@ class ImageWriter:
     def _update_dir(self, node: _Node, record: cim.FileRecord) -> None:
         self._children(node)
         # Metadata is replaced; children and alternate streams stay.
-        node.record = record._replace(stream=node.record.stream, parent_file_id=node.record.parent_file_id,
-                                      stream_table_offset=node.record.stream_table_offset)
+        old = _unpacked(node.record)
+        node.record = record._replace(stream=old.stream, parent_file_id=old.parent_file_id,
+                                      stream_table_offset=old.stream_table_offset)
         node.dirty = True
 
     def create_stream(self, path: str, size: int) -> StreamWriter:
@@ -936,7 +948,7 @@ class ImageWriter:
         size = meta.file_size
         pos = src.tell()
         node = self.create_file(path, FileMetadata(**{**meta.__dict__, "file_size": 0}))._node
-        node.record = node.record._replace(stream=cim.Stream(0, size, cim.STREAM_TYPE_DATA, sparse=True))
+        node.record = _with_stream(node.record, cim.Stream(0, size, cim.STREAM_TYPE_DATA, sparse=True))
         if self._pump is None:
             self._pump = _DataPump(self._store)
         self._pump.submit(node, os.dup(fd), pos, size, path)
@@ -995,7 +1007,10 @@ class ImageWriter:
                 if not child.file_id:
                     child.file_id = next_id
                     next_id += 1
-                    child.record = child.record._replace(parent_file_id=node.file_id)
+                    if isinstance(child.record, bytes):
+                        child.record = cim.record_with(child.record, parent_file_id=node.file_id)
+                    else:
+                        child.record = child.record._replace(parent_file_id=node.file_id)
                 if child.dirty:
                     changed.append(child)
                 if child.is_dir and child.children is not None:
@@ -1057,7 +1072,13 @@ class ImageWriter:
                     changes["stream_table_offset"] = store.put_unique(table)
                 else:
                     changes["stream_table_offset"] = 0
-            buf[slot * size:(slot + 1) * size] = cim.pack_file_record(node.record._replace(**changes) if changes else node.record)
+            record = node.record
+            if isinstance(record, bytes):
+                if changes:
+                    record = cim.record_with(record, **changes)  # only a file's stream table can change here
+            else:
+                record = cim.pack_file_record(record._replace(**changes) if changes else record)
+            buf[slot * size:(slot + 1) * size] = record
             written[slot] = 1
             count = max(count, slot + 1)
         if current >= 0:

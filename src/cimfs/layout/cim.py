@@ -305,6 +305,21 @@ def pack_file_record(r: FileRecord) -> bytes:
     )
 
 
+_RECORD_STREAM_TABLE_AT = 80  # u64 stream table offset
+_RECORD_PARENT_AT = 88  # u32 parent FileID
+_U64 = struct.Struct("<Q")
+
+
+def record_with(packed: bytes, *, parent_file_id: int | None = None, stream_table_offset: int | None = None) -> bytes:
+    """A packed file record with its parent FileID and/or stream table offset replaced."""
+    buf = bytearray(packed)
+    if parent_file_id is not None:
+        U32.pack_into(buf, _RECORD_PARENT_AT, parent_file_id)
+    if stream_table_offset is not None:
+        _U64.pack_into(buf, _RECORD_STREAM_TABLE_AT, stream_table_offset)
+    return bytes(buf)
+
+
 def unpack_file_record(buf) -> FileRecord:
     """``buf`` holds at least 96 bytes (shorter records are zero-filled by the caller)."""
     f = FILE_RECORD.unpack_from(buf, 0)
