@@ -23,6 +23,7 @@ Conventions this module chooses (documented in docs/CLI.md):
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 import re
@@ -218,8 +219,11 @@ class Tree:
         self.by_src[key] = d
         return d
 
-    def add(self, src_parts: list[str], node: Node) -> Node | None:
-        """Place ``node`` at the source path; returns it (or the node it merged into), None if skipped."""
+    def add(self, src_parts: list[str], node: Node, remember: bool = True) -> Node | None:
+        """Place ``node`` at the source path; returns it (or the node it merged into), None if skipped.
+
+        ``remember=False``: the node will never be looked up by its source path
+        (a directory scan visits each path once), so it is not indexed."""
         key = "/".join(src_parts)
         if not src_parts:
             if node.kind != DIR:
@@ -233,7 +237,8 @@ class Tree:
             return None
         node.name = name_to_image(src_parts[-1])
         placed = self._attach(parent, node)
-        self.by_src[key] = placed
+        if remember or placed is None:
+            self.by_src[key] = placed
         return placed
 
     def _attach(self, parent: Node, node: Node) -> Node | None:
@@ -316,16 +321,24 @@ def _has_holes(path: str, size: int) -> bool:
         os.close(fd)
 
 
+def _open_local(path: str):
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        # leave the source's access time alone when allowed (owner or root)
+        fd = os.open(path, flags | getattr(os, "O_NOATIME", 0))
+    except PermissionError:
+        fd = os.open(path, flags)
+    return os.fdopen(fd, "rb", buffering=0)
+
+
 def _file_opener(path: str):
-    def opener():
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            # leave the source's access time alone when allowed (owner or root)
-            fd = os.open(path, flags | getattr(os, "O_NOATIME", 0))
-        except PermissionError:
-            fd = os.open(path, flags)
-        return os.fdopen(fd, "rb", buffering=0)
-    return opener
+    return functools.partial(_open_local, path)
+
+
+def open_node(node: "Node"):
+    """The contents of a FILE node: from its opener (tar members), else the
+    local file it was scanned from (no per-file closure for a million files)."""
+    return node.opener() if node.opener is not None else _open_local(node.src)
 
 
 _ERRNO_HRESULT = {
@@ -376,12 +389,11 @@ def scan_directory(src_dir: str, tree: Tree) -> Tree:
                 except OSError as e:
                     raise _oserror(e, full) from None
             elif node.kind == FILE:
-                node.opener = _file_opener(full)
                 if st.st_blocks * 512 < st.st_size and _has_holes(full, st.st_size):
                     node.sparse = True
             if node.kind != DIR and st.st_nlink > 1:
                 node.group = tree.groups.setdefault((st.st_dev, st.st_ino), _Group())
-            placed = tree.add(parts + [ent.name], node)
+            placed = tree.add(parts + [ent.name], node, remember=node.kind == DIR)
             if placed is not None and node.kind == DIR:
                 subdirs.append((full, parts + [ent.name]))
         stack.extend(reversed(subdirs))
@@ -751,7 +763,7 @@ class Importer:
     def _same_content(self, node: Node, fid: int) -> bool:
         if node.size == 0:
             return True
-        with node.opener() as a, self.base.open(fid) as b:
+        with open_node(node) as a, self.base.open(fid) as b:
             left = node.size
             while left:
                 x = a.read(min(CHUNK, left))
@@ -818,7 +830,7 @@ class Importer:
 
     def _copy(self, node: Node, path: str, meta) -> None:
         try:
-            src = node.opener()
+            src = open_node(node)
         except OSError as e:
             raise _oserror(e, node.src) from None
         if _is_regular_file(src):
