@@ -183,20 +183,23 @@ class Image:
                     region = self._regions[index] = _Region(path, f"region file {name}")
         return region
 
-    def _view(self, ro: int, length: int, what: str) -> memoryview:
-        """Bytes [offset, offset+length) of the object at RegionOffset ``ro``, checked."""
+    def _locate(self, ro: int, length: int, what: str) -> tuple[_Region, int]:
+        """The region file and byte offset of the object at RegionOffset
+        ``ro``, checked to lie wholly inside that file."""
         index, off = cim.split_region_offset(ro)
         region = self._region(index)
         if ro == 0 or off < cim.REGION_HEADER.size or length < 0 or off + length > region.size:
             raise self._fail(f"{what} at region {index} offset {off} length {length} lies outside the region file ({region.size} bytes)")
+        return region, off
+
+    def _view(self, ro: int, length: int, what: str) -> memoryview:
+        """Bytes [offset, offset+length) of the object at RegionOffset ``ro``, checked."""
+        region, off = self._locate(ro, length, what)
         return memoryview(region.map)[off: off + length]
 
     def _data(self, ro: int, length: int, what: str) -> bytes:
         """File contents: checked like :meth:`_view`, then read with pread."""
-        index, off = cim.split_region_offset(ro)
-        region = self._region(index)
-        if ro == 0 or off < cim.REGION_HEADER.size or length < 0 or off + length > region.size:
-            raise self._fail(f"{what} at region {index} offset {off} length {length} lies outside the region file ({region.size} bytes)")
+        region, off = self._locate(ro, length, what)
         try:
             return region.pread(off, length)
         except OSError as e:
@@ -543,9 +546,7 @@ class Image:
             data = self._read_stream(desc, offset, n)
             view[: len(data)] = data
             return len(data)
-        self._check_stream(desc)
-        index, off = cim.split_region_offset(desc.offset)
-        region = self._region(index)
+        region, off = self._check_stream(desc)
         if nowait:
             if _RWF_NOWAIT is None:
                 return 0
@@ -583,9 +584,7 @@ class Image:
             return 0
         done = 0
         if desc.type == cim.STREAM_TYPE_DATA and not desc.sparse and _HAVE_COPY_FILE_RANGE:
-            self._check_stream(desc)
-            index, off = cim.split_region_offset(desc.offset)
-            region = self._region(index)
+            region, off = self._check_stream(desc)
             while done < length:
                 try:
                     n = os.copy_file_range(region.fd, fd, min(COPY_CHUNK, length - done), off + done)
@@ -631,10 +630,10 @@ class Image:
             return self._read_pe(desc, pos, end)
         raise self._fail(f"stream of type {desc.type} cannot be read as data")
 
-    def _check_stream(self, desc: cim.Stream) -> None:
+    def _check_stream(self, desc: cim.Stream) -> tuple[_Region, int]:
         # The whole stream must lie inside its region, so a reader never returns
         # a short read in the middle of a file.
-        self._view(desc.offset, desc.length, "stream data")
+        return self._locate(desc.offset, desc.length, "stream data")
 
     def _read_pe(self, desc: cim.Stream, pos: int, end: int) -> bytes:
         pe = self._pe_image(desc)
