@@ -266,3 +266,27 @@ def test_hostile_paths_are_cim_errors(tmp_path, path):
                 op(path)
             except CimError:
                 pass
+
+
+def test_stored_names_windows_forbids_can_be_looked_up(tmp_path):
+    """A name another writer stored with a control or wildcard character is
+    listed as it is, so stat/read by that path must find it (mutation 504 of a
+    seed found the reader listing 'f1\\x19' and then refusing to stat it)."""
+    with cimfs.create(tmp_path, "n.cim") as w:
+        w.mkdir("dir")
+        w.add_file("dir/fQ", b"payload")
+    # patch the stored name "fQ" to "f\x19" in the region file holding the link table
+    with cimfs.open(tmp_path / "n.cim") as im:
+        rec = im.record(im.lookup("dir"))
+        region = tmp_path / im.region_names[rec.stream.offset >> 48][0]
+    data = region.read_bytes()
+    needle = "fQ".encode("utf-16-le")
+    assert data.count(needle) == 1
+    region.write_bytes(data.replace(needle, "f\x19".encode("utf-16-le")))
+    with cimfs.open(tmp_path / "n.cim") as im:
+        assert im.listdir("dir") == ["f\x19"]
+        assert im.read_bytes("dir/f\x19") == b"payload"
+        assert im.exists("dir\\f\x19")
+        with pytest.raises(CimError) as e:
+            im.stat("dir/f\x00")
+        assert e.value.hresult == errors.ERROR_INVALID_NAME

@@ -36,13 +36,18 @@ def check_name(name: str, path: str, what: str = "name") -> None:
         raise CimError(ERROR_INVALID_NAME, f"{what} {name[:40]!r}... is longer than {MAX_NAME_UNITS} UTF-16 units", path)
 
 
-def split_path(path: str, allow_stream: bool = False) -> tuple[list[str], str | None]:
-    """Split and validate an image path; returns (components, stream name or None)."""
+def split_path(path: str, allow_stream: bool = False, strict: bool = True) -> tuple[list[str], str | None]:
+    """Split and validate an image path; returns (components, stream name or None).
+
+    ``strict=False`` is for looking names up in an image: a reader lists names
+    with characters Windows would not create (control characters, ``*?<>|"``)
+    as they are stored, so it must be able to find them again by path."""
     if not isinstance(path, str):
         raise CimError(ERROR_INVALID_NAME, f"path must be a str, not {type(path).__name__}", repr(path))
     if len(path) > MAX_PATH_UNITS // 2 and utf16_units(path) > MAX_PATH_UNITS:
         raise CimError(ERROR_INVALID_NAME, f"path is longer than {MAX_PATH_UNITS} UTF-16 units", path[:80] + "...")
     parts = [p for p in _SEPARATORS.split(path) if p]
+    check = check_name if strict else _check_lookup_name
     stream = None
     if allow_stream and parts and ":" in parts[-1]:
         last, _, stream = parts[-1].partition(":")
@@ -50,10 +55,17 @@ def split_path(path: str, allow_stream: bool = False) -> tuple[list[str], str | 
         if stream.upper().endswith(":$DATA"):
             stream = stream[:-6]
         parts[-1] = last
-        check_name(stream, path, "stream name")
+        check(stream, path, "stream name")
     for p in parts:
-        check_name(p, path)
+        check(p, path)
     return parts, stream
+
+
+def _check_lookup_name(name: str, path: str, what: str = "name") -> None:
+    if not name or name in (".", ".."):
+        check_name(name, path, what)  # raises: empty, "." and ".." never name an entry
+    if "\0" in name:
+        raise CimError(ERROR_INVALID_NAME, f"{what} {name!r} contains the invalid character '\\x00'", path)
 
 
 def join_path(parts) -> str:

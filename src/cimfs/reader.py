@@ -350,7 +350,7 @@ class Image:
         if isinstance(path, int):
             self.record(path)
             return path, None
-        parts, stream = split_path(path, allow_stream)
+        parts, stream = split_path(path, allow_stream, strict=False)
         fid = self.root_id
         for i, part in enumerate(parts):
             rec = self.record(fid)
@@ -395,7 +395,7 @@ class Image:
         Directories may be pruned by editing ``dirnames`` in place.
         """
         top_id = self.lookup(path)
-        top = join_path(split_path(path)[0])
+        top = join_path(split_path(path, strict=False)[0])
         seen = {top_id}
         stack = [(top, top_id)]
         while stack:
