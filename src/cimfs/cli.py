@@ -146,6 +146,12 @@ def create(src, image, parent, extend, fmt, on_collision):
     if src != "-" and os.path.isdir(src):
         if fmt == "windows-layer":
             raise click.UsageError(f"{src}: --format windows-layer needs a tar")
+        if base_name is None:
+            # A new image: written while the directory is scanned (bounded
+            # memory; the total is not known up front, so progress counts up).
+            with Progress(0, "create") as bar, cimfs.create(directory, name) as w:
+                posix.DirectoryImporter(w, src, on_collision=on_collision, report=_warn, progress=bar).run()
+            return
         tree = posix.scan_directory(src, posix.Tree(on_collision, report=_warn))
         _import_posix(directory, name, base_name, tree, mirror=bool(parent))
         return

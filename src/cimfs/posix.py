@@ -188,6 +188,20 @@ def _default_dir(name: str, src: str, like: Node | None = None) -> Node:
                 atime_ns=now, mtime_ns=now, ctime_ns=now, implied=True)
 
 
+def free_name(name: str, taken) -> str:
+    """``stem~N.ext``, the first N >= 2 whose folded form is not in ``taken``:
+    how --on-collision rename names the later of two names that differ only in case."""
+    stem, dot, ext = name.rpartition(".")
+    if not stem:
+        stem, dot, ext = name, "", ""
+    i = 2
+    while True:
+        cand = f"{stem}~{i}{dot}{ext}"
+        if fold(cand) not in taken:
+            return cand
+        i += 1
+
+
 class Tree:
     """A POSIX tree to import, with case-insensitive collision handling."""
 
@@ -266,15 +280,7 @@ class Tree:
         if self.on_collision == "skip":
             self.report(f"skipped {b} (collides case-insensitively with {a})")
             return None
-        stem, dot, ext = node.name.rpartition(".")
-        if not stem:
-            stem, dot, ext = node.name, "", ""
-        i = 2
-        while True:
-            cand = f"{stem}~{i}{dot}{ext}"
-            if fold(cand) not in parent.children:
-                break
-            i += 1
+        cand = free_name(node.name, parent.children)
         check_image_name(cand, node.src)
         new_path = (parent.path() + "/" if parent.parent is not None else "") + name_from_image(cand)
         self.report(f"renamed {b} to {new_path} (collides case-insensitively with {a})")
@@ -355,44 +361,59 @@ def _oserror(e: OSError, path: str) -> CimError:
     return CimError(_ERRNO_HRESULT.get(e.errno, E_INVALIDARG), e.strerror or str(e), path)
 
 
-def scan_directory(src_dir: str, tree: Tree) -> Tree:
-    """Add the tree rooted at ``src_dir`` (which itself becomes the root)."""
+def _scan_entry(ent: os.DirEntry, full: str, groups: dict) -> Node:
+    """The node of one entry of a local directory listing.  Files with more
+    than one link share the ``_Group`` of their inode in ``groups``."""
+    try:
+        st = ent.stat(follow_symlinks=False)
+    except OSError as e:
+        raise _oserror(e, full) from None
+    node = _node_from_stat(st, full)
+    if node.kind == SYMLINK:
+        try:
+            node.target = os.readlink(full)
+        except OSError as e:
+            raise _oserror(e, full) from None
+    elif node.kind == FILE:
+        if st.st_blocks * 512 < st.st_size and _has_holes(full, st.st_size):
+            node.sparse = True
+    if node.kind != DIR and st.st_nlink > 1:
+        node.group = groups.setdefault((st.st_dev, st.st_ino), _Group())
+    return node
+
+
+def _stat_root(src_dir: str) -> Node:
     try:
         st = os.stat(src_dir)
     except OSError as e:
         raise _oserror(e, src_dir) from None
     if not S.S_ISDIR(st.st_mode):
         raise CimError(E_INVALIDARG, "is not a directory", src_dir)
-    tree.add([], _node_from_stat(st, src_dir))
+    return _node_from_stat(st, src_dir)
+
+
+def _sorted_listing(path: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise _oserror(e, path) from None
+
+
+def scan_directory(src_dir: str, tree: Tree) -> Tree:
+    """Add the tree rooted at ``src_dir`` (which itself becomes the root)."""
+    tree.add([], _stat_root(src_dir))
     order = 0
     stack: list[tuple[str, list[str]]] = [(src_dir, [])]
     while stack:
         path, parts = stack.pop()
-        try:
-            with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            raise _oserror(e, path) from None
+        entries = _sorted_listing(path)
         subdirs = []
         for ent in entries:
             full = os.path.join(path, ent.name)
-            try:
-                st = ent.stat(follow_symlinks=False)
-            except OSError as e:
-                raise _oserror(e, full) from None
-            node = _node_from_stat(st, full)
+            node = _scan_entry(ent, full, tree.groups)
             order += 1
             node.order = order
-            if node.kind == SYMLINK:
-                try:
-                    node.target = os.readlink(full)
-                except OSError as e:
-                    raise _oserror(e, full) from None
-            elif node.kind == FILE:
-                if st.st_blocks * 512 < st.st_size and _has_holes(full, st.st_size):
-                    node.sparse = True
-            if node.kind != DIR and st.st_nlink > 1:
-                node.group = tree.groups.setdefault((st.st_dev, st.st_ino), _Group())
             placed = tree.add(parts + [ent.name], node, remember=node.kind == DIR)
             if placed is not None and node.kind == DIR:
                 subdirs.append((full, parts + [ent.name]))
@@ -817,45 +838,124 @@ class Importer:
             # exist_ok: an earlier import into the same writer may have made it
             w.mkdir(path, meta, exist_ok=True)
         for node, path in sorted(self.files, key=lambda t: t[0].order):
-            if node.group is not None and node.group.written is not None:
-                w.link(path, node.group.written)
-                continue
-            meta = self._meta(node)
-            if node.kind == FILE and node.size:
-                self._copy(node, path, meta)
-            else:
-                w.add_file(path, b"", meta)
-            if node.group is not None:
-                node.group.written = path
-
-    def _copy(self, node: Node, path: str, meta) -> None:
-        try:
-            src = open_node(node)
-        except OSError as e:
-            raise _oserror(e, node.src) from None
-        if _is_regular_file(src):
-            # The writer copies regular files on its own thread (read, hash and
-            # write overlap the next files' metadata work).
-            with src:
-                self.w.add_file(path, src, meta)
-            self.progress(node.size)
-            return
-        with src, self.w.create_file(path, meta) as out:
-            left = node.size
-            while left:
-                try:
-                    buf = src.read(min(CHUNK, left))
-                except TAR_READ_ERRORS as e:
-                    raise CimError(E_INVALIDARG, f"cannot read data ({_tar_reason(e)})", node.src) from None
-                if not buf:
-                    raise CimError(E_INVALIDARG, "unexpected end of data (file shrank or archive truncated)", node.src)
-                out.write(buf)
-                left -= len(buf)
-                self.progress(len(buf))
+            write_node(w, node, path, self.progress)
 
     def run(self) -> None:
         self.plan()
         self.execute()
+
+
+def write_node(w, node: Node, path: str, progress: Callable[[int], None]) -> None:
+    """Write one non-directory node at ``path``: its contents, or a hard link
+    to the first name of its link group already written."""
+    if node.group is not None and node.group.written is not None:
+        w.link(path, node.group.written)
+        return
+    meta = node_metadata(node)
+    if node.kind == FILE and node.size:
+        _copy_node(w, node, path, meta, progress)
+    else:
+        w.add_file(path, b"", meta)
+    if node.group is not None:
+        node.group.written = path
+
+
+def _copy_node(w, node: Node, path: str, meta, progress: Callable[[int], None]) -> None:
+    try:
+        src = open_node(node)
+    except OSError as e:
+        raise _oserror(e, node.src) from None
+    if _is_regular_file(src):
+        # The writer copies regular files on its own thread (read, hash and
+        # write overlap the next files' metadata work).
+        with src:
+            w.add_file(path, src, meta)
+        progress(node.size)
+        return
+    with src, w.create_file(path, meta) as out:
+        left = node.size
+        while left:
+            try:
+                buf = src.read(min(CHUNK, left))
+            except TAR_READ_ERRORS as e:
+                raise CimError(E_INVALIDARG, f"cannot read data ({_tar_reason(e)})", node.src) from None
+            if not buf:
+                raise CimError(E_INVALIDARG, "unexpected end of data (file shrank or archive truncated)", node.src)
+            out.write(buf)
+            left -= len(buf)
+            progress(len(buf))
+
+
+class DirectoryImporter:
+    """Write a local directory into a new image while it is scanned.
+
+    :class:`Tree` + :class:`Importer` hold the whole source tree before
+    writing (a tar must be read in order, a fork compares with its parent);
+    a new image from a directory needs neither, so this keeps only the
+    directories still to visit, one listing at a time and the link groups of
+    files with several links: a million-entry tree imports in bounded memory.
+    Entries are written in the same order (depth first, by name) and with the
+    same metadata and collision policy as ``Importer(scan_directory(...))``.
+    """
+
+    def __init__(self, writer, src_dir: str, *, on_collision: str = "error",
+                 report: Callable[[str], None] | None = None,
+                 progress: Callable[[int], None] | None = None):
+        if on_collision not in ("error", "rename", "skip"):
+            raise CimError(E_INVALIDARG, f"unknown collision policy {on_collision!r}")
+        self.w = writer
+        self.src_dir = src_dir
+        self.on_collision = on_collision
+        self.report = report or (lambda msg: None)
+        self.progress = progress or (lambda n: None)
+        self.groups: dict = {}   # (st_dev, st_ino) -> _Group, files with st_nlink > 1 only
+        self.entries = 0
+
+    def _place(self, node: Node, taken: dict, dir_path: str) -> str | None:
+        """The image name of ``node`` in a directory whose names so far are
+        ``taken`` (folded name -> source path), or None to skip it."""
+        check_image_name(node.name, node.src)
+        k = fold(node.name)
+        first = taken.get(k)
+        if first is None:
+            taken[k] = node.src
+            return node.name
+        if self.on_collision == "error":
+            raise CimError(ERROR_FILE_EXISTS,
+                           f"collides case-insensitively with {first!r} (use --on-collision rename|skip)", node.src)
+        if self.on_collision == "skip":
+            self.report(f"skipped {node.src} (collides case-insensitively with {first})")
+            return None
+        cand = free_name(node.name, taken)
+        check_image_name(cand, node.src)
+        self.report(f"renamed {node.src} to {_join(dir_path, name_from_image(cand))} "
+                    f"(collides case-insensitively with {first})")
+        taken[fold(cand)] = node.src
+        return cand
+
+    def run(self) -> None:
+        w = self.w
+        w.mkdir("", node_metadata(_stat_root(self.src_dir)), exist_ok=True)
+        stack: list[tuple[str, str, str]] = [(self.src_dir, "", "")]   # (local, image path, POSIX path)
+        while stack:
+            local, image_dir, posix_dir = stack.pop()
+            taken: dict[str, str] = {}
+            subdirs = []
+            for ent in _sorted_listing(local):
+                full = os.path.join(local, ent.name)
+                node = _scan_entry(ent, full, self.groups)
+                node.name = name_to_image(ent.name)
+                name = self._place(node, taken, posix_dir)
+                if name is None:
+                    continue
+                path = _join(image_dir, name)
+                self.entries += 1
+                if node.kind == DIR:
+                    w.mkdir(path, node_metadata(node))
+                    subdirs.append((full, path, _join(posix_dir, name_from_image(name))))
+                else:
+                    write_node(w, node, path, self.progress)
+            stack.extend(reversed(subdirs))
 
 
 def _is_regular_file(f) -> bool:
