@@ -373,6 +373,103 @@ def test_large_files_from_real_files_copied_in_background(tmp_path):
     assert os.listdir(tmp_path / "img2") == []
 
 
+@pytest.mark.parametrize("data_process", [True, False])
+def test_local_files_added_by_path(tmp_path, data_process):
+    """add_file(path, os.PathLike): copied by the forked data process (or in
+    this process): same contents, dedup across small and large files and with
+    contents added from bytes, sparse large files stay holes."""
+    import multiprocessing
+    import pathlib
+
+    src = tmp_path / "src"
+    src.mkdir()
+    blobs = {f"s{i}": os.urandom(i * 1500) for i in range(1, 30)}
+    blobs |= {f"L{i}": os.urandom(40_000 + i * 70_000) for i in range(5)}
+    blobs["zeros"] = bytes(3 << 20)
+    blobs["dup-small"], blobs["dup-large"] = blobs["s7"], blobs["L3"]
+    for name, b in blobs.items():
+        (src / name).write_bytes(b)
+    (tmp_path / "img").mkdir()
+    with cimfs.create(tmp_path / "img", "t.cim", data_process=data_process) as w:
+        w.add_file("from-bytes", blobs["s5"])
+        w.mkdir("d")
+        for name in blobs:
+            w.add_file(f"d/{name}" if name.startswith("L") else name, src / name)
+        w.add_file("sized", pathlib.Path(src / "L1"), FileMetadata(file_size=1000))  # the first 1000 bytes
+        if data_process:
+            assert multiprocessing.active_children(), "the data process should be running"
+    assert not multiprocessing.active_children()
+    with cimfs.open(tmp_path / "img" / "t.cim") as im:
+        for name, b in blobs.items():
+            assert im.read_bytes(f"d/{name}" if name.startswith("L") else name) == b, name
+        assert im.read_bytes("sized") == blobs["L1"][:1000]
+        offset = lambda p: im.record(im.lookup(p)).stream.offset
+        assert offset("dup-small") == offset("s7") and offset("dup-large") == offset("d/L3")
+        assert im.check() == []
+    from cimfs.layout import cim
+
+    names = os.listdir(tmp_path / "img")
+    contents = [tmp_path / "img" / n for n in names if n.startswith("region_")
+                and cim.unpack_region_header((tmp_path / "img" / n).read_bytes()[:64], n)[1] != cim.REGION_METADATA]
+    stored = sum(os.path.getsize(p) for p in contents)
+    blocks = sum(os.stat(p).st_blocks * 512 for p in contents)
+    unique = sum(len(b) for k, b in blobs.items() if not k.startswith("dup")) + 1000
+    slack = 4096 * (len(blobs) + 2)  # 4 KiB alignment of data-region objects, region headers
+    assert unique <= stored < unique + slack  # each content once (from bytes, small, large)
+    assert blocks < unique - (2 << 20)  # the zeros are holes
+    assert sum(n.startswith("objectid_") for n in names) == sum(n.startswith("region_") for n in names)
+
+
+@pytest.mark.parametrize("data_process", [True, False])
+def test_local_file_that_changes_fails_the_image(tmp_path, data_process):
+    """A source that vanishes, shrinks or becomes a FIFO before it is copied:
+    a CimError naming the image path, no hang, and nothing left behind."""
+    import multiprocessing
+
+    (tmp_path / "img").mkdir()
+    for trouble in ("vanish", "shrink", "fifo"):
+        victim = tmp_path / f"victim-{trouble}"
+        victim.write_bytes(os.urandom(200_000))
+        with pytest.raises(CimError) as e:
+            with cimfs.create(tmp_path / "img", "t.cim", data_process=data_process) as w:
+                w.mkdir("dir")
+                w.add_file("dir/victim", victim)
+                victim.unlink()
+                if trouble == "shrink":
+                    victim.write_bytes(b"short")
+                elif trouble == "fifo":
+                    os.mkfifo(victim)
+                w.add_file("after", b"x")
+        assert "dir/victim" in str(e.value) or "dir\\victim" in str(e.value), str(e.value)
+        assert os.listdir(tmp_path / "img") == [], trouble
+        assert not multiprocessing.active_children()
+        victim.unlink(missing_ok=True)
+
+
+def test_data_process_dedups_against_the_parent_and_is_killed_on_error(tmp_path):
+    import multiprocessing
+
+    src = tmp_path / "f"
+    src.write_bytes(os.urandom(300_000))
+    (tmp_path / "img").mkdir()
+    with cimfs.create(tmp_path / "img", "base.cim") as w:
+        w.add_file("f", src.read_bytes())
+    before = set(os.listdir(tmp_path / "img"))
+    with cimfs.create(tmp_path / "img", "fork.cim", base="base.cim") as w:
+        w.add_file("g", src)
+    new = set(os.listdir(tmp_path / "img")) - before - {"fork.cim"}
+    assert sum(os.path.getsize(tmp_path / "img" / n) for n in new if n.startswith("region_")) < 100_000
+    with cimfs.open(tmp_path / "img" / "fork.cim") as im:
+        assert im.read_bytes("g") == src.read_bytes()
+        assert im.record(im.lookup("g")).stream.offset == im.record(im.lookup("f")).stream.offset
+    with pytest.raises(RuntimeError):
+        with cimfs.create(tmp_path / "img", "gone.cim") as w:
+            w.add_file("g", src)
+            raise RuntimeError("the caller fails")
+    assert set(os.listdir(tmp_path / "img")) == before | {"fork.cim"} | new
+    assert not multiprocessing.active_children()
+
+
 def test_copy_stream_to_file_and_pipe(tmp_path):
     data = os.urandom(3_000_001)
     with build(tmp_path) as w:

@@ -860,7 +860,23 @@ def write_node(w, node: Node, path: str, progress: Callable[[int], None]) -> Non
         node.group.written = path
 
 
+class _LocalFile(os.PathLike):
+    """A scanned file handed to the writer by path: its data thread opens,
+    reads and closes it (cheaper than a pathlib.Path per file)."""
+    __slots__ = ("path",)
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __fspath__(self) -> str:
+        return self.path
+
+
 def _copy_node(w, node: Node, path: str, meta, progress: Callable[[int], None]) -> None:
+    if node.opener is None:
+        w.add_file(path, _LocalFile(node.src), meta)
+        progress(node.size)
+        return
     try:
         src = open_node(node)
     except OSError as e:

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import cimfs
 from .writer import DirectoryLock
 from . import posix
-from .errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, ERROR_SHARING_VIOLATION, CimError, CimFormatError
+from .errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
 
 _ATTR_NAMES = [(0x1, "READONLY"), (0x2, "HIDDEN"), (0x4, "SYSTEM"), (0x10, "DIRECTORY"), (0x20, "ARCHIVE"),
                (0x80, "NORMAL"), (0x200, "SPARSE_FILE"), (0x400, "REPARSE_POINT")]

@@ -20,7 +20,6 @@ import os
 import secrets
 import stat
 import struct
-import uuid
 from typing import BinaryIO
 
 from . import reader as _reader
@@ -36,39 +35,25 @@ from .errors import (
     ERROR_PATH_NOT_FOUND,
     ERROR_SHARING_VIOLATION,
     CimError,
-    CimFormatError,
     hresult_from_oserror,
 )
 from .layout import cim
 from .metadata import FileAttributes, FileMetadata
 from .names import NameFolder, check_name, join_path, split_path
-
-# [choice] Contents shorter than this go to the small-data region (8-byte
-# aligned); longer ones to a data region (4096-byte aligned).  32 KiB keeps the
-# alignment padding of a typical source tree near 1 % of its size while large
-# files stay page-aligned for mmap and the page cache.
-SMALL_DATA_MAX = 32 * 1024
-# [choice] A region file is closed and a new one of its type started once it
-# passes this size (a single larger object still goes in whole).
-REGION_SOFT_CAP = 4 << 30
-# Appends to metadata/small-data regions are buffered up to this many bytes.
-_FLUSH_BYTES = 4 << 20
-_ZERO_CHUNK = bytes(1 << 20)
-_HOLE_MIN = 64 * 1024  # all-zero writes at least this long become holes in the region file
-# [choice] After this many look-ups in one parent object ID file, load it into
-# a dict instead of binary-searching the file every time.
-_INDEX_LOAD_AFTER = 256
-
-
-def object_key(length: int, digest: bytes) -> bytes:
-    """In-memory key that sorts like object ID entries: by (length, digest)."""
-    return length.to_bytes(8, "big") + digest
-
-
-def digest_of(data) -> bytes:
-    """[choice] object digest: the first 24 bytes of SHA-256 (spec §4)."""
-    return hashlib.sha256(data).digest()[: cim.DIGEST_SIZE]
-
+from .store import (
+    HOLE_MIN,
+    SMALL_DATA_MAX,
+    ZERO_CHUNK,
+    DataPump,
+    DataProcess,
+    ObjectStore,
+    RegionWriter,
+    all_zero,
+    open_source,
+    read_exactly,
+    object_key,
+    write_file,
+)
 
 # ====================================================================== locking
 class DirectoryLock:
@@ -99,278 +84,6 @@ class DirectoryLock:
         self.release()
 
 
-# ====================================================================== regions
-class _RegionWriter:
-    """One region file being appended to."""
-
-    def __init__(self, directory: str, set_id: uuid.UUID, index: int, combined_index: int, region_type: int):
-        self.name = cim.RegionSet(set_id, 0).file_name("region", index)
-        self.path = os.path.join(directory, self.name)
-        self.index = index
-        self.combined_index = combined_index
-        self.region_type = region_type
-        self.alignment = cim.REGION_ALIGNMENT[region_type]
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        header = cim.pack_region_header(index, region_type)
-        os.pwrite(self.fd, header, 0)
-        self.flushed = self.end = len(header)
-        self.buf = bytearray()
-
-    def full(self, size: int) -> bool:
-        return self.end > cim.REGION_HEADER.size and self.end + size > REGION_SOFT_CAP
-
-    def append(self, data) -> int:
-        start = cim.align(self.end, self.alignment)
-        if start != self.end:
-            self.buf += bytes(start - self.end)
-        self.buf += data
-        self.end = start + len(data)
-        if len(self.buf) >= _FLUSH_BYTES:
-            self.flush()
-        return start
-
-    def flush(self) -> None:
-        if self.buf:
-            os.pwrite(self.fd, self.buf, self.flushed)
-            self.flushed += len(self.buf)
-            self.buf.clear()
-
-    def reserve(self, size: int) -> int:
-        """Room for an object written piecewise with :meth:`write_at`."""
-        self.flush()
-        start = cim.align(self.end, self.alignment)
-        self.flushed = self.end = start + size
-        return start
-
-    def write_at(self, data, pos: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, pos)
-            view = view[n:]
-            pos += n
-
-    def release_tail(self, start: int, previous_end: int) -> None:
-        """Give back a reserved object (its content was a duplicate)."""
-        self.flushed = self.end = previous_end
-        os.ftruncate(self.fd, previous_end)
-
-    def finish(self, sync: bool) -> None:
-        self.flush()
-        os.ftruncate(self.fd, self.end)
-        if sync:
-            os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-
-    def abandon(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-
-class _ParentObjectIndex:
-    """Dedup look-ups in the object ID files of the parent chain (spec §4)."""
-
-    def __init__(self, base: _reader.Image):
-        self.base = base
-        self.files: list[tuple[int, str]] = []  # (combined region index, objectid path)
-        for combined, (name, _) in enumerate(base.region_names):
-            oid = _reader.find_region_file(base.directory, "objectid" + name[len("region"):])
-            if oid:
-                self.files.append((combined, oid))
-        self._maps: dict[int, tuple] = {}
-        self._lookups = 0
-        self._dict: dict[bytes, int] | None = None
-
-    def _entries(self, combined: int, path: str):
-        m = self._maps.get(combined)
-        if m is None:
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-                table, count = cim.unpack_objectid_header(data, path)
-            except (OSError, CimFormatError):
-                data, table, count = b"", 0, 0  # an unreadable index only costs dedup
-            m = self._maps[combined] = (data, table, count)
-        return m
-
-    def _load_all(self) -> dict[bytes, int]:
-        d: dict[bytes, int] = {}
-        for combined, path in self.files:
-            data, table, count = self._entries(combined, path)
-            for length, dg, off in cim.OBJECTID_ENTRY.iter_unpack(memoryview(data)[table: table + count * cim.OBJECTID_ENTRY.size]):
-                d.setdefault(object_key(length, dg), cim.region_offset(combined, off))
-        return d
-
-    def find(self, length: int, dg: bytes, verify) -> int:
-        """RegionOffset of an identical object in the parent chain, or 0."""
-        self._lookups += 1
-        if self._dict is None and self._lookups > _INDEX_LOAD_AFTER:
-            self._dict = self._load_all()
-        if self._dict is not None:
-            ro = self._dict.get(object_key(length, dg), 0)
-            return ro if ro and verify(ro, length, dg) else 0
-        want = (length, dg)
-        size = cim.OBJECTID_ENTRY.size
-        for combined, path in self.files:
-            data, table, count = self._entries(combined, path)
-            lo, hi = 0, count
-            while lo < hi:
-                mid = (lo + hi) // 2
-                n, d, off = cim.OBJECTID_ENTRY.unpack_from(data, table + mid * size)
-                if (n, d) < want:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            if lo < count:
-                n, d, off = cim.OBJECTID_ENTRY.unpack_from(data, table + lo * size)
-                if (n, d) == want:
-                    ro = cim.region_offset(combined, off)
-                    if verify(ro, length, dg):
-                        return ro
-        return 0
-
-
-class _ObjectStore:
-    """Appends objects to the image's own region set, storing each content once."""
-
-    def __init__(self, directory: str, base: _reader.Image | None, sync: bool):
-        self.directory = directory
-        self.set_id = uuid.uuid4()
-        self.base = base
-        self.first_combined = len(base.region_names) if base else 0
-        self.regions: list[_RegionWriter] = []
-        self.current: dict[int, _RegionWriter] = {}
-        self.known: dict[bytes, int] = {}  # object_key -> RegionOffset, own objects
-        self.blobs: dict[bytes, int] = {}  # metadata blob bytes -> RegionOffset
-        self.parent_index = _ParentObjectIndex(base) if base else None
-        self.sync = sync
-        import threading
-
-        self.lock = threading.RLock()  # the data pump and the owner share regions and the index
-        self.bytes_logical = 0  # bytes callers asked to store
-        self.bytes_stored = 0  # bytes actually written
-
-    def region(self, region_type: int, size: int) -> _RegionWriter:
-        r = self.current.get(region_type)
-        if r is None or r.full(size):
-            if r is not None:
-                r.flush()
-            index = len(self.regions)
-            if self.first_combined + index >= cim.MAX_REGIONS:
-                raise CimError(E_INVALIDARG, f"image would need more than {cim.MAX_REGIONS} region files", self.directory)
-            r = _RegionWriter(self.directory, self.set_id, index, self.first_combined + index, region_type)
-            self.regions.append(r)
-            self.current[region_type] = r
-        return r
-
-    def _verify_parent(self, ro: int, length: int, dg: bytes) -> bool:
-        try:
-            return digest_of(self.base._view(ro, length, "parent object")) == dg
-        except CimError:
-            return False
-
-    def lookup(self, length: int, dg: bytes) -> int:
-        key = object_key(length, dg)
-        ro = self.known.get(key, 0)
-        if not ro and self.parent_index is not None:
-            ro = self.parent_index.find(length, dg, self._verify_parent)
-            if ro:
-                self.known[key] = ro
-        return ro
-
-    def put_blob(self, data: bytes) -> int:
-        """A metadata blob (SD, EA, reparse buffer): most files share a few, so
-        they are looked up by their bytes before anything is hashed."""
-        ro = self.blobs.get(data)
-        if ro is None:
-            ro = self.blobs[data] = self.put(cim.REGION_METADATA, data)
-        else:
-            self.bytes_logical += len(data)
-        return ro
-
-    def put(self, region_type: int, data, dg: bytes | None = None) -> int:
-        """Store ``data`` once; returns its RegionOffset."""
-        with self.lock:
-            return self._put(region_type, data, dg)
-
-    def _put(self, region_type: int, data, dg: bytes | None) -> int:
-        length = len(data)
-        self.bytes_logical += length
-        if dg is None:
-            dg = digest_of(data)
-        ro = self.lookup(length, dg)
-        if ro:
-            return ro
-        r = self.region(region_type, length)
-        ro = cim.region_offset(r.combined_index, r.append(data))
-        self.known[object_key(length, dg)] = ro
-        self.bytes_stored += length
-        return ro
-
-    def put_unique(self, data) -> int:
-        """A metadata object no other can share (tables): not indexed."""
-        with self.lock:
-            return self._put_unique(data)
-
-    def _put_unique(self, data) -> int:
-        r = self.region(cim.REGION_METADATA, len(data))
-        self.bytes_stored += len(data)
-        return cim.region_offset(r.combined_index, r.append(data))
-
-    def own_region_offsets(self):
-        """(region, iterator of (length, digest, byte offset)) for each own
-        region, for the object ID files.  Object keys sort like object ID
-        entries, so one sorted list of references serves every region."""
-        keys = sorted(self.known)
-        known = self.known
-        split = cim.split_region_offset
-
-        def entries(index: int):
-            for key in keys:
-                idx, off = split(known[key])
-                if idx == index:
-                    yield int.from_bytes(key[:8], "big"), key[8:], off
-
-        for r in self.regions:
-            yield r, entries(r.combined_index)
-
-    def finish(self) -> cim.RegionSet:
-        for r in self.regions:
-            r.finish(self.sync)
-        for r, entries in self.own_region_offsets():
-            path = os.path.join(self.directory, cim.RegionSet(self.set_id, 0).file_name("objectid", r.index))
-            _write_file(path, cim.pack_objectid_file(r.index, r.region_type, entries), self.sync, exclusive=True)
-        return cim.RegionSet(self.set_id, len(self.regions))
-
-    def abandon(self) -> None:
-        for r in self.regions:
-            r.abandon()
-            try:
-                os.unlink(os.path.join(self.directory, cim.RegionSet(self.set_id, 0).file_name("objectid", r.index)))
-            except FileNotFoundError:
-                pass
-        self.regions.clear()
-        self.current.clear()
-
-
-def _write_file(path: str, data: bytes, sync: bool, exclusive: bool = False) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -380,102 +93,13 @@ def _fsync_dir(path: str) -> None:
 
 
 
-class _DataPump:
-    """Copies large file contents into the data region on a worker thread.
-
-    Reading, hashing and writing release the GIL, so on two cores the copy of
-    one file overlaps the Python work of adding the next ones.  Only the worker
-    appends to data regions while it runs; the owner drains it before it
-    writes large data itself and before commit.
-    """
-
-    _QUEUE_DEPTH = 64
-
-    def __init__(self, store: "_ObjectStore"):
-        import queue
-        import threading
-
-        self.store = store
-        self.jobs: "queue.Queue" = queue.Queue(self._QUEUE_DEPTH)
-        self.error: BaseException | None = None
-        self.pending = 0
-        self._idle = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="cimfs-data", daemon=True)
-        self._thread.start()
-
-    def submit(self, node: "_Node", fd: int, pos: int, size: int, path: str) -> None:
-        with self._idle:
-            self.pending += 1
-        self.jobs.put((node, fd, pos, size, path))
-
-    def _run(self) -> None:
-        buf = bytearray(1 << 20)
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            node, fd, pos, size, path = job
-            try:
-                if self.error is None:
-                    node.record = _with_stream(node.record, self._copy(buf, fd, pos, size, path))
-            except BaseException as e:  # reported to the owner at its next call
-                if self.error is None:
-                    self.error = e
-            finally:
-                os.close(fd)
-                with self._idle:
-                    self.pending -= 1
-                    self._idle.notify_all()
-
-    def _copy(self, buf: bytearray, fd: int, pos: int, size: int, path: str) -> cim.Stream:
-        store = self.store
-        with store.lock:
-            region = store.region(cim.REGION_DATA, size)
-            previous_end = region.end
-            start = region.reserve(size)
-        h = hashlib.sha256()
-        view = memoryview(buf)
-        done = 0
-        while done < size:
-            try:
-                n = os.preadv(fd, [view[: min(len(buf), size - done)]], pos + done)
-            except OSError as e:
-                raise CimError(hresult_from_oserror(e), f"cannot read the source: {e.strerror}", path) from None
-            if n == 0:
-                raise CimError(E_INVALIDARG, f"source ended {size - done} bytes before its size (did it shrink?)", path)
-            chunk = view[:n]
-            h.update(chunk)
-            if not (n >= _HOLE_MIN and _all_zero(chunk)):
-                region.write_at(chunk, start + done)
-            done += n
-        dg = h.digest()[: cim.DIGEST_SIZE]
-        with store.lock:
-            store.bytes_logical += size
-            ro = store.lookup(size, dg)
-            if ro:
-                region.release_tail(start, previous_end)
-            else:
-                ro = cim.region_offset(region.combined_index, start)
-                store.known[object_key(size, dg)] = ro
-                store.bytes_stored += size
-        return cim.Stream(ro, size)
-
-    def drain(self) -> None:
-        with self._idle:
-            while self.pending:
-                self._idle.wait()
-        if self.error is not None:
-            e, self.error = self.error, None
-            raise e
-
-    def stop(self) -> None:
-        self.jobs.put(None)
-        self._thread.join()
-
-
 # ====================================================================== tree
 def _unpacked(record) -> cim.FileRecord:
     return cim.unpack_file_record(record) if isinstance(record, bytes) else record
+
+
+def _set_stream(node: "_Node", stream: cim.Stream) -> None:
+    node.record = cim.record_with(node.record, stream=stream)
 
 
 def _with_stream(record, stream: cim.Stream) -> bytes:
@@ -526,7 +150,7 @@ class StreamWriter:
         self.closed = False
         self._small = size <= SMALL_DATA_MAX
         self._buf = bytearray() if self._small else None
-        self._region: _RegionWriter | None = None
+        self._region: RegionWriter | None = None
         self._start = 0
         self._previous_end = 0
         self._hash = None
@@ -550,7 +174,7 @@ class StreamWriter:
                 self._start = self._region.reserve(self.size)
                 self._hash = hashlib.sha256()
             self._hash.update(data)
-            if not (n >= _HOLE_MIN and _all_zero(data)):
+            if not (n >= HOLE_MIN and all_zero(data)):
                 try:
                     self._region.write_at(data, self._start + self.written)
                 except OSError as e:
@@ -573,8 +197,8 @@ class StreamWriter:
         h = self._hash
         remaining = size - self.written
         while remaining:
-            chunk = min(remaining, len(_ZERO_CHUNK))
-            h.update(memoryview(_ZERO_CHUNK)[:chunk])
+            chunk = min(remaining, len(ZERO_CHUNK))
+            h.update(memoryview(ZERO_CHUNK)[:chunk])
             remaining -= chunk
         dg = h.digest()[: cim.DIGEST_SIZE]
         store.bytes_logical += size
@@ -615,7 +239,8 @@ class StreamWriter:
 class ImageWriter:
     """A new image, a fork of ``base`` or an extension of it (``base == name``)."""
 
-    def __init__(self, containing_dir: str | os.PathLike, name: str | None, base: str | None = None, *, sync: bool = True):
+    def __init__(self, containing_dir: str | os.PathLike, name: str | None, base: str | None = None, *, sync: bool = True,
+                 data_process: bool = True):
         directory = os.fspath(containing_dir)
         if not name and not base:
             raise CimError(E_INVALIDARG, "neither an existing nor a new image name was given", directory)
@@ -640,11 +265,13 @@ class ImageWriter:
         self._sync = sync
         self._lock = DirectoryLock(self.directory)
         self._base: _reader.Image | None = None
-        self._store: _ObjectStore | None = None
+        self._store: ObjectStore | None = None
         self._committed = False
         self._closed = False
         self._open_stream: StreamWriter | None = None
-        self._pump: _DataPump | None = None
+        self._pump: DataPump | None = None
+        self._process: DataProcess | None = None
+        self._use_process = data_process
         try:
             if base:
                 base_path = os.path.join(self.directory, base)
@@ -657,7 +284,7 @@ class ImageWriter:
                 # [choice] CimCreateImage with only a new name that exists: refuse
                 # rather than silently replace an image others may fork from.
                 raise CimError(ERROR_FILE_EXISTS, "an image of that name already exists", self.path)
-            self._store = _ObjectStore(self.directory, self._base, sync)
+            self._store = ObjectStore(self.directory, self._base, sync)
             self._base_nodes: dict[int, _Node] = {}
             self._parent_cache: tuple[str, _Node] | None = None
             if self._base is not None:
@@ -777,8 +404,17 @@ class ImageWriter:
     # ------------------------------------------------------------ Win32-shaped operations
     def create_file(self, path: str, metadata: FileMetadata | None = None) -> StreamWriter:
         """Add (or overwrite) a file or directory; returns its stream, to be written and closed."""
-        self._check_open()
         meta = metadata or FileMetadata()
+        node, size = self._create(path, meta)
+        writer = StreamWriter(self, node, None, size, path)
+        if size:
+            node.open_stream = True
+            self._open_stream = writer
+        return writer
+
+    def _create(self, path: str, meta: FileMetadata) -> tuple[_Node, int]:
+        """The node ``create_file`` makes or updates, and its stream's size (0 for a directory)."""
+        self._check_open()
         size = 0 if meta.is_dir else meta.file_size
         if not isinstance(size, int) or not 0 <= size <= cim.MAX_STREAM_LENGTH:
             raise CimError(E_INVALIDARG, f"file size {size} is out of range (0 to 2^48-1)", path)
@@ -788,7 +424,7 @@ class ImageWriter:
                 raise CimError(E_INVALIDARG, "the root can only be a directory", path)
             node = self._root
             self._update_dir(node, self._record_for(meta, path))
-            return StreamWriter(self, node, None, 0, path)
+            return node, 0
         record = self._record_for(meta, path)
         if existing is not None:
             old = existing[1]
@@ -797,17 +433,13 @@ class ImageWriter:
                 self._touch(parent)
                 children = self._children(parent)
                 children[key] = (parts[-1], old)  # the name's case follows the caller
-                return StreamWriter(self, old, None, 0, path)
+                return old, 0
             if old.is_dir and self._children(old):
                 raise CimError(ERROR_DIR_NOT_EMPTY, "a non-empty directory cannot be replaced by a file", path)
             self._unlink(parent, key)
         node = _Node(record)
         self._link(parent, key, parts[-1], node)
-        writer = StreamWriter(self, node, None, size, path)
-        if size:
-            node.open_stream = True
-            self._open_stream = writer
-        return writer
+        return node, size
 
     def _update_dir(self, node: _Node, record: cim.FileRecord) -> None:
         self._children(node)
@@ -916,11 +548,20 @@ class ImageWriter:
                 raise CimError(ERROR_ALREADY_EXISTS, "already exists", path)
         self.create_file(path, meta).close()
 
-    def add_file(self, path: str, data: bytes | BinaryIO = b"", metadata: FileMetadata | None = None) -> None:
-        """Add a file from bytes or a binary file object (read to its end)."""
+    def add_file(self, path: str, data: "bytes | BinaryIO | os.PathLike" = b"", metadata: FileMetadata | None = None) -> None:
+        """Add a file from bytes, a binary file object (read to its end) or a
+        local file given by path (``os.PathLike``; not a symlink).
+
+        Regular files are copied on the writer's data thread: a read or
+        vanished source is reported by a later call or by :meth:`commit`,
+        naming ``path``.  ``metadata.file_size``, when set, is how many
+        bytes to take (a source that turns out shorter is an error)."""
         meta = metadata or FileMetadata()
         if meta.is_dir:
             raise CimError(E_INVALIDARG, "use mkdir() for directories", path)
+        if isinstance(data, os.PathLike):
+            self._add_local_file(path, os.fspath(data), meta)
+            return
         if isinstance(data, (bytes, bytearray, memoryview)):
             if not meta.file_size:
                 meta = FileMetadata(**{**meta.__dict__, "file_size": len(data)})
@@ -944,15 +585,57 @@ class ImageWriter:
     def _add_file_async(self, path: str, meta: FileMetadata, src, fd: int) -> None:
         """The contents of a regular file go through the data pump; the node
         gets its stream when the copy is done (at the latest before commit)."""
-        self._check_pump()
-        size = meta.file_size
         pos = src.tell()
-        node = self.create_file(path, FileMetadata(**{**meta.__dict__, "file_size": 0}))._node
+        self._submit(path, meta, os.dup(fd), pos)
+        src.seek(pos + meta.file_size)
+
+    def _add_local_file(self, path: str, src, meta: FileMetadata) -> None:
+        if isinstance(src, bytes):
+            src = os.fsdecode(src)
+        if not meta.file_size:
+            try:
+                st = os.lstat(src)
+            except OSError as e:
+                raise CimError(hresult_from_oserror(e), f"cannot stat the source {src!r}: {e.strerror}", path) from None
+            if not stat.S_ISREG(st.st_mode):
+                raise CimError(E_INVALIDARG, f"source {src!r} is not a regular file", path)
+            if not st.st_size:
+                self.create_file(path, meta).close()
+                return
+            meta = FileMetadata(**{**meta.__dict__, "file_size": st.st_size})
+        if self._process is None and self._use_process and DataProcess.available():
+            self._process = DataProcess(self._store)
+        if self._process is not None and not self._process.done:
+            if self._process.failed.value:
+                self._finish_copies()  # raises the copy's error now, not at commit
+            node, size = self._create(path, meta)
+            node.record = _with_stream(node.record, cim.Stream(0, size, cim.STREAM_TYPE_DATA, sparse=True))
+            self._process.submit(node, src, size, path)
+        elif meta.file_size <= SMALL_DATA_MAX:
+            # No data process: a thread would only contend for the GIL over a small file.
+            fd = open_source(src, path)
+            try:
+                data = read_exactly(fd, 0, meta.file_size, path)
+            finally:
+                os.close(fd)
+            self.add_file(path, data, meta)
+        else:
+            self._submit(path, meta, src, 0)
+
+    def _submit(self, path: str, meta: FileMetadata, source: int | str, pos: int) -> None:
+        """A file whose contents the data pump copies from ``source``; until it
+        has, its stream reads as zeros (the pump is drained before commit)."""
+        try:
+            self._check_pump()
+            node, size = self._create(path, meta)
+        except BaseException:
+            if isinstance(source, int):
+                os.close(source)
+            raise
         node.record = _with_stream(node.record, cim.Stream(0, size, cim.STREAM_TYPE_DATA, sparse=True))
         if self._pump is None:
-            self._pump = _DataPump(self._store)
-        self._pump.submit(node, os.dup(fd), pos, size, path)
-        src.seek(pos + size)
+            self._pump = DataPump(self._store)
+        self._pump.submit(node, source, pos, size, path)
 
     def _check_pump(self) -> None:
         if self._pump is not None and self._pump.error is not None:
@@ -961,6 +644,12 @@ class ImageWriter:
     def _drain(self) -> None:
         if self._pump is not None:
             self._pump.drain()
+
+    def _finish_copies(self) -> None:
+        """Every file's contents in place: the data thread drained, the data process finished."""
+        self._drain()
+        if self._process is not None and not self._process.done:
+            self._process.finish(_set_stream)
 
     def add_stream(self, path: str, data: bytes | BinaryIO) -> None:
         """Add an alternate stream ``file:stream`` from bytes or a file object."""
@@ -974,7 +663,7 @@ class ImageWriter:
         """Write the image (crash-safely) and return the ``.cim`` path."""
         self._check_open()
         try:
-            self._drain()
+            self._finish_copies()
             self._commit()
         except PermissionError as e:
             raise CimError(E_ACCESSDENIED, e.strerror or "permission denied", e.filename or self.path) from None
@@ -1096,7 +785,7 @@ class ImageWriter:
 
     def _publish(self, data: bytes) -> None:
         tmp = os.path.join(self.directory, f".{self.name}.{secrets.token_hex(6)}.tmp")
-        _write_file(tmp, data, self._sync, exclusive=True)
+        write_file(tmp, data, self._sync, exclusive=True)
         try:
             if self.extending:
                 os.replace(tmp, self.path)
@@ -1132,6 +821,8 @@ class ImageWriter:
             if self._pump is not None:
                 self._pump.stop()
                 self._pump = None
+            if self._process is not None and not self._process.done:
+                self._process.abandon()  # before its region files are removed
             if not self._committed and self._store is not None:
                 self._store.abandon()
         finally:
@@ -1160,12 +851,6 @@ class ImageWriter:
     def stats(self) -> dict:
         s = self._store
         return {"bytes_logical": s.bytes_logical, "bytes_stored": s.bytes_stored, "region_files": len(s.regions)}
-
-
-def _all_zero(data) -> bool:
-    view = memoryview(data).cast("B")
-    step = len(_ZERO_CHUNK)
-    return all(view[i: i + step] == _ZERO_CHUNK[: len(view[i: i + step])] for i in range(0, len(view), step))
 
 
 def _regular_file_fd(f) -> int | None:
@@ -1212,13 +897,18 @@ def _copy_into(src, stream: StreamWriter) -> None:
         remaining -= n
 
 
-def create(containing_dir: str | os.PathLike, name: str, base: str | os.PathLike | None = None, *, sync: bool = True) -> ImageWriter:
+def create(containing_dir: str | os.PathLike, name: str, base: str | os.PathLike | None = None, *, sync: bool = True,
+           data_process: bool = True) -> ImageWriter:
     """A writer for the image ``name`` in ``containing_dir``; with ``base`` a fork
     of that image (or its extension when ``base == name``).  As a context
     manager it commits on a clean exit and discards everything on an exception.
 
     ``base`` is a name in ``containing_dir`` (a path to it is accepted): a fork
     shares its parent's region files, so both live in one directory.
+
+    Local files added by path are copied by a forked data process (when the
+    caller runs no other thread); ``data_process=False`` copies them in this
+    process instead.
     """
     if base is not None:
         base = os.fspath(base)
@@ -1226,4 +916,4 @@ def create(containing_dir: str | os.PathLike, name: str, base: str | os.PathLike
             if os.path.abspath(os.path.dirname(base)) != os.path.abspath(os.fspath(containing_dir)):
                 raise CimError(E_INVALIDARG, "a fork's parent must be in the same directory as the fork", base)
             base = os.path.basename(base)
-    return ImageWriter(containing_dir, name, base, sync=sync)
+    return ImageWriter(containing_dir, name, base, sync=sync, data_process=data_process)

@@ -305,14 +305,19 @@ def pack_file_record(r: FileRecord) -> bytes:
     )
 
 
+_RECORD_STREAM_AT = 40  # u64 offset + u64 length/type word of the default stream
 _RECORD_STREAM_TABLE_AT = 80  # u64 stream table offset
 _RECORD_PARENT_AT = 88  # u32 parent FileID
 _U64 = struct.Struct("<Q")
 
 
-def record_with(packed: bytes, *, parent_file_id: int | None = None, stream_table_offset: int | None = None) -> bytes:
-    """A packed file record with its parent FileID and/or stream table offset replaced."""
+def record_with(packed: bytes, *, parent_file_id: int | None = None, stream_table_offset: int | None = None,
+                stream: "Stream | None" = None) -> bytes:
+    """A packed file record with its parent FileID, stream table offset and/or
+    default stream replaced (a million records are patched, not re-packed)."""
     buf = bytearray(packed)
+    if stream is not None:
+        STREAM.pack_into(buf, _RECORD_STREAM_AT, stream.offset, stream.packed_length())
     if parent_file_id is not None:
         U32.pack_into(buf, _RECORD_PARENT_AT, parent_file_id)
     if stream_table_offset is not None:

@@ -1,0 +1,660 @@
+"""The content store of an image being written: its region files, each
+object stored once, and the copying of file contents into them.
+
+:class:`ObjectStore` appends objects (file contents, metadata blobs, tables)
+to the new region set, de-duplicated by SHA-256 against this image and, for
+forks, against the parent chain's object ID files (spec §4), and writes the
+object ID files at the end.  :class:`DataPump` copies file contents on a
+worker thread so reading, hashing and writing overlap the caller's work.
+The tree, the records and the commit are :mod:`cimfs.writer`'s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import threading
+import uuid
+
+from . import reader as _reader
+from .errors import E_FAIL, E_INVALIDARG, CimError, CimFormatError, hresult_from_oserror
+from .layout import cim
+
+# [choice] Contents shorter than this go to the small-data region (8-byte
+# aligned); longer ones to a data region (4096-byte aligned).  32 KiB keeps the
+# alignment padding of a typical source tree near 1 % of its size while large
+# files stay page-aligned for mmap and the page cache.
+SMALL_DATA_MAX = 32 * 1024
+# [choice] A region file is closed and a new one of its type started once it
+# passes this size (a single larger object still goes in whole).
+REGION_SOFT_CAP = 4 << 30
+# Appends to metadata/small-data regions are buffered up to this many bytes.
+_FLUSH_BYTES = 4 << 20
+ZERO_CHUNK = bytes(1 << 20)
+HOLE_MIN = 64 * 1024  # all-zero writes at least this long become holes in the region file
+# [choice] After this many look-ups in one parent object ID file, load it into
+# a dict instead of binary-searching the file every time.
+_INDEX_LOAD_AFTER = 256
+
+
+def object_key(length: int, digest: bytes) -> bytes:
+    """In-memory key that sorts like object ID entries: by (length, digest)."""
+    return length.to_bytes(8, "big") + digest
+
+
+def digest_of(data) -> bytes:
+    """[choice] object digest: the first 24 bytes of SHA-256 (spec §4)."""
+    return hashlib.sha256(data).digest()[: cim.DIGEST_SIZE]
+
+
+def all_zero(data) -> bool:
+    view = memoryview(data).cast("B")
+    step = len(ZERO_CHUNK)
+    return all(view[i: i + step] == ZERO_CHUNK[: len(view[i: i + step])] for i in range(0, len(view), step))
+
+
+def write_file(path: str, data: bytes, sync: bool, exclusive: bool = False) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ====================================================================== regions
+class RegionWriter:
+    """One region file being appended to."""
+
+    def __init__(self, directory: str, set_id: uuid.UUID, index: int, combined_index: int, region_type: int):
+        self.name = cim.RegionSet(set_id, 0).file_name("region", index)
+        self.path = os.path.join(directory, self.name)
+        self.index = index
+        self.combined_index = combined_index
+        self.region_type = region_type
+        self.alignment = cim.REGION_ALIGNMENT[region_type]
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        header = cim.pack_region_header(index, region_type)
+        os.pwrite(self.fd, header, 0)
+        self.flushed = self.end = len(header)
+        self.buf = bytearray()
+
+    def full(self, size: int) -> bool:
+        return self.end > cim.REGION_HEADER.size and self.end + size > REGION_SOFT_CAP
+
+    def append(self, data) -> int:
+        start = cim.align(self.end, self.alignment)
+        if start != self.end:
+            self.buf += bytes(start - self.end)
+        self.buf += data
+        self.end = start + len(data)
+        if len(self.buf) >= _FLUSH_BYTES:
+            self.flush()
+        return start
+
+    def flush(self) -> None:
+        if self.buf:
+            os.pwrite(self.fd, self.buf, self.flushed)
+            self.flushed += len(self.buf)
+            self.buf.clear()
+
+    def reserve(self, size: int) -> int:
+        """Room for an object written piecewise with :meth:`write_at`."""
+        self.flush()
+        start = cim.align(self.end, self.alignment)
+        self.flushed = self.end = start + size
+        return start
+
+    def write_at(self, data, pos: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, pos)
+            view = view[n:]
+            pos += n
+
+    def release_tail(self, start: int, previous_end: int) -> None:
+        """Give back a reserved object (its content was a duplicate)."""
+        self.flushed = self.end = previous_end
+        os.ftruncate(self.fd, previous_end)
+
+    def finish(self, sync: bool) -> None:
+        self.flush()
+        os.ftruncate(self.fd, self.end)
+        if sync:
+            os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+
+    def abandon(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class ParentObjectIndex:
+    """Dedup look-ups in the object ID files of the parent chain (spec §4)."""
+
+    def __init__(self, base: _reader.Image):
+        self.base = base
+        self.files: list[tuple[int, str]] = []  # (combined region index, objectid path)
+        for combined, (name, _) in enumerate(base.region_names):
+            oid = _reader.find_region_file(base.directory, "objectid" + name[len("region"):])
+            if oid:
+                self.files.append((combined, oid))
+        self._maps: dict[int, tuple] = {}
+        self._lookups = 0
+        self._dict: dict[bytes, int] | None = None
+
+    def _entries(self, combined: int, path: str):
+        m = self._maps.get(combined)
+        if m is None:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+                table, count = cim.unpack_objectid_header(data, path)
+            except (OSError, CimFormatError):
+                data, table, count = b"", 0, 0  # an unreadable index only costs dedup
+            m = self._maps[combined] = (data, table, count)
+        return m
+
+    def _load_all(self) -> dict[bytes, int]:
+        d: dict[bytes, int] = {}
+        for combined, path in self.files:
+            data, table, count = self._entries(combined, path)
+            for length, dg, off in cim.OBJECTID_ENTRY.iter_unpack(memoryview(data)[table: table + count * cim.OBJECTID_ENTRY.size]):
+                d.setdefault(object_key(length, dg), cim.region_offset(combined, off))
+        return d
+
+    def find(self, length: int, dg: bytes, verify) -> int:
+        """RegionOffset of an identical object in the parent chain, or 0."""
+        self._lookups += 1
+        if self._dict is None and self._lookups > _INDEX_LOAD_AFTER:
+            self._dict = self._load_all()
+        if self._dict is not None:
+            ro = self._dict.get(object_key(length, dg), 0)
+            return ro if ro and verify(ro, length, dg) else 0
+        want = (length, dg)
+        size = cim.OBJECTID_ENTRY.size
+        for combined, path in self.files:
+            data, table, count = self._entries(combined, path)
+            lo, hi = 0, count
+            while lo < hi:
+                mid = (lo + hi) // 2
+                n, d, off = cim.OBJECTID_ENTRY.unpack_from(data, table + mid * size)
+                if (n, d) < want:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo < count:
+                n, d, off = cim.OBJECTID_ENTRY.unpack_from(data, table + lo * size)
+                if (n, d) == want:
+                    ro = cim.region_offset(combined, off)
+                    if verify(ro, length, dg):
+                        return ro
+        return 0
+
+
+class ObjectStore:
+    """Appends objects to the image's own region set, storing each content once."""
+
+    def __init__(self, directory: str, base: _reader.Image | None, sync: bool):
+        self.directory = directory
+        self.set_id = uuid.uuid4()
+        self.base = base
+        self.first_combined = len(base.region_names) if base else 0
+        self.regions: list[RegionWriter] = []
+        self.current: dict[int, RegionWriter] = {}
+        self.known: dict[bytes, int] = {}  # object_key -> RegionOffset, own objects
+        self.blobs: dict[bytes, int] = {}  # metadata blob bytes -> RegionOffset
+        self.parent_index = ParentObjectIndex(base) if base else None
+        self.sync = sync
+        self.lock = threading.RLock()  # the data pump and the owner share regions and the index
+        self.bytes_logical = 0  # bytes callers asked to store
+        self.bytes_stored = 0  # bytes actually written
+        # Region numbers, shared with a DataProcess once one runs (both add regions to the set).
+        self._next_region: list[int] | None = [0]
+        self._shared_next = None
+
+    def share_region_numbers(self, ctx) -> None:
+        """From now on region numbers come from a counter in shared memory."""
+        self._shared_next = ctx.Value("i", self._next_region[0])
+        self._next_region = None
+
+    def _new_region_index(self) -> int:
+        if self._shared_next is None:
+            index = self._next_region[0]
+            self._next_region[0] += 1
+            return index
+        with self._shared_next.get_lock():
+            index = self._shared_next.value
+            self._shared_next.value += 1
+            return index
+
+    def region_count(self) -> int:
+        """Regions in the set, this store's and a data process's."""
+        return self._next_region[0] if self._shared_next is None else self._shared_next.value
+
+    def twin(self) -> "ObjectStore":
+        """This store as a forked data process starts it: the same region set,
+        dedup index and parent chain, none of the owner's open regions."""
+        t = object.__new__(ObjectStore)
+        t.__dict__.update(self.__dict__)
+        t.regions, t.current, t.blobs = [], {}, {}
+        t.lock = threading.RLock()
+        t.bytes_logical = t.bytes_stored = 0
+        return t
+
+    def region(self, region_type: int, size: int) -> RegionWriter:
+        r = self.current.get(region_type)
+        if r is None or r.full(size):
+            if r is not None:
+                r.flush()
+            index = self._new_region_index()
+            if self.first_combined + index >= cim.MAX_REGIONS:
+                raise CimError(E_INVALIDARG, f"image would need more than {cim.MAX_REGIONS} region files", self.directory)
+            r = RegionWriter(self.directory, self.set_id, index, self.first_combined + index, region_type)
+            self.regions.append(r)
+            self.current[region_type] = r
+        return r
+
+    def _verify_parent(self, ro: int, length: int, dg: bytes) -> bool:
+        try:
+            return digest_of(self.base._view(ro, length, "parent object")) == dg
+        except CimError:
+            return False
+
+    def lookup(self, length: int, dg: bytes) -> int:
+        key = object_key(length, dg)
+        ro = self.known.get(key, 0)
+        if not ro and self.parent_index is not None:
+            ro = self.parent_index.find(length, dg, self._verify_parent)
+            if ro:
+                self.known[key] = ro
+        return ro
+
+    def put_blob(self, data: bytes) -> int:
+        """A metadata blob (SD, EA, reparse buffer): most files share a few, so
+        they are looked up by their bytes before anything is hashed."""
+        ro = self.blobs.get(data)
+        if ro is None:
+            ro = self.blobs[data] = self.put(cim.REGION_METADATA, data)
+        else:
+            self.bytes_logical += len(data)
+        return ro
+
+    def put(self, region_type: int, data, dg: bytes | None = None) -> int:
+        """Store ``data`` once; returns its RegionOffset."""
+        if dg is None:
+            dg = digest_of(data)  # outside the lock: the data pump stores concurrently
+        with self.lock:
+            return self._put(region_type, data, dg)
+
+    def _put(self, region_type: int, data, dg: bytes | None) -> int:
+        length = len(data)
+        self.bytes_logical += length
+        if dg is None:
+            dg = digest_of(data)
+        ro = self.lookup(length, dg)
+        if ro:
+            return ro
+        r = self.region(region_type, length)
+        ro = cim.region_offset(r.combined_index, r.append(data))
+        self.known[object_key(length, dg)] = ro
+        self.bytes_stored += length
+        return ro
+
+    def put_unique(self, data) -> int:
+        """A metadata object no other can share (tables): not indexed."""
+        with self.lock:
+            return self._put_unique(data)
+
+    def _put_unique(self, data) -> int:
+        r = self.region(cim.REGION_METADATA, len(data))
+        self.bytes_stored += len(data)
+        return cim.region_offset(r.combined_index, r.append(data))
+
+    def own_region_offsets(self):
+        """(region, iterator of (length, digest, byte offset)) for each own
+        region, for the object ID files.  Object keys sort like object ID
+        entries, so one sorted list of references serves every region."""
+        keys = sorted(self.known)
+        known = self.known
+        split = cim.split_region_offset
+
+        def entries(index: int):
+            for key in keys:
+                idx, off = split(known[key])
+                if idx == index:
+                    yield int.from_bytes(key[:8], "big"), key[8:], off
+
+        for r in self.regions:
+            yield r, entries(r.combined_index)
+
+    def finish(self) -> cim.RegionSet:
+        for r in self.regions:
+            r.finish(self.sync)
+        for r, entries in self.own_region_offsets():
+            path = os.path.join(self.directory, cim.RegionSet(self.set_id, 0).file_name("objectid", r.index))
+            write_file(path, cim.pack_objectid_file(r.index, r.region_type, entries), self.sync, exclusive=True)
+        return cim.RegionSet(self.set_id, self.region_count())
+
+    def abandon(self) -> None:
+        for r in self.regions:
+            r.abandon()
+        names = cim.RegionSet(self.set_id, 0)
+        for index in range(self.region_count()):  # a data process's regions too
+            for kind in ("region", "objectid"):
+                try:
+                    os.unlink(os.path.join(self.directory, names.file_name(kind, index)))
+                except FileNotFoundError:
+                    pass
+        self.regions.clear()
+        self.current.clear()
+
+
+# ====================================================================== copying file contents
+class DataPump:
+    """Copies file contents into the image on a worker thread.
+
+    Reading, hashing and writing release the GIL, so on two cores the copy of
+    one file overlaps the Python work of adding the next ones.  A job's source
+    is a duplicated descriptor (a caller's open file) or the path of a local
+    file, which the worker opens itself: for a tree of small files the open,
+    read and close are most of the cost.  Jobs are handed over in batches (a
+    queue round trip per file would cost as much as a small file's copy).
+    Only the worker appends file contents while it runs; the owner drains it
+    before it writes contents itself and before commit.
+    """
+
+    _QUEUE_DEPTH = 8  # batches
+    _BATCH_JOBS = 256
+    _BATCH_BYTES = 8 << 20  # a large file is handed over at once
+
+    def __init__(self, store: "ObjectStore"):
+        import queue
+
+        self.store = store
+        self.jobs: "queue.Queue" = queue.Queue(self._QUEUE_DEPTH)
+        self.error: BaseException | None = None
+        self.pending = 0  # batches handed over and not yet done
+        self._batch: list = []
+        self._batch_bytes = 0
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="cimfs-data", daemon=True)
+        self._thread.start()
+
+    def submit(self, node, source: int | str, pos: int, size: int, path: str) -> None:
+        """Copy ``size`` bytes at ``pos`` of ``source`` (a descriptor the pump
+        closes, or a local path) into ``node``'s default stream."""
+        self._batch.append((node, source, pos, size, path))
+        self._batch_bytes += size
+        if len(self._batch) >= self._BATCH_JOBS or self._batch_bytes >= self._BATCH_BYTES:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._batch:
+            with self._idle:
+                self.pending += 1
+            self.jobs.put(self._batch)
+            self._batch = []
+            self._batch_bytes = 0
+
+    def _run(self) -> None:
+        buf = bytearray(1 << 20)
+        while True:
+            batch = self.jobs.get()
+            if batch is None:
+                return
+            for node, source, pos, size, path in batch:
+                try:
+                    if self.error is None:
+                        fd = source if isinstance(source, int) else open_source(source, path)
+                        try:
+                            stream = self._copy(buf, fd, pos, size, path)
+                        finally:
+                            if not isinstance(source, int):
+                                os.close(fd)
+                        node.record = cim.record_with(node.record, stream=stream)
+                except BaseException as e:  # reported to the owner at its next call
+                    if self.error is None:
+                        self.error = e
+                finally:
+                    if isinstance(source, int):
+                        os.close(source)
+            with self._idle:
+                self.pending -= 1
+                self._idle.notify_all()
+
+    def _copy(self, buf: bytearray, fd: int, pos: int, size: int, path: str) -> cim.Stream:
+        return copy_content(self.store, buf, fd, pos, size, path)
+
+    def drain(self) -> None:
+        self._hand_over()
+        with self._idle:
+            while self.pending:
+                self._idle.wait()
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e
+
+    def stop(self) -> None:
+        self._batch = []  # not handed over: their nodes are never committed
+        self.jobs.put(None)
+        self._thread.join()
+
+
+def copy_content(store: ObjectStore, buf: bytearray, fd: int, pos: int, size: int, path: str) -> cim.Stream:
+    """Store ``size`` bytes at ``pos`` of ``fd`` once; ``buf`` is scratch space."""
+    if size <= SMALL_DATA_MAX:
+        data = read_exactly(fd, pos, size, path)
+        return cim.Stream(store.put(cim.REGION_SMALL_DATA, data, digest_of(data)), size)
+    with store.lock:
+        region = store.region(cim.REGION_DATA, size)
+        previous_end = region.end
+        start = region.reserve(size)
+    h = hashlib.sha256()
+    view = memoryview(buf)
+    done = 0
+    while done < size:
+        try:
+            n = os.preadv(fd, [view[: min(len(buf), size - done)]], pos + done)
+        except OSError as e:
+            raise CimError(hresult_from_oserror(e), f"cannot read the source: {e.strerror}", path) from None
+        if n == 0:
+            raise CimError(E_INVALIDARG, f"source ended {size - done} bytes before its size (did it shrink?)", path)
+        chunk = view[:n]
+        h.update(chunk)
+        if not (n >= HOLE_MIN and all_zero(chunk)):
+            region.write_at(chunk, start + done)
+        done += n
+    dg = h.digest()[: cim.DIGEST_SIZE]
+    with store.lock:
+        store.bytes_logical += size
+        ro = store.lookup(size, dg)
+        if ro:
+            region.release_tail(start, previous_end)
+        else:
+            ro = cim.region_offset(region.combined_index, start)
+            store.known[object_key(size, dg)] = ro
+            store.bytes_stored += size
+    return cim.Stream(ro, size)
+
+
+_SOURCE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def open_source(src: str, path: str) -> int:
+    """Open a local file to copy.  Not through a symlink and only a regular
+    file: the tree may change between the scan and the copy, and a FIFO put
+    in a file's place must not hang the writer."""
+    try:
+        try:
+            fd = os.open(src, _SOURCE_FLAGS | getattr(os, "O_NOATIME", 0))  # leave atimes alone when allowed
+        except PermissionError:
+            fd = os.open(src, _SOURCE_FLAGS)
+    except OSError as e:
+        raise CimError(hresult_from_oserror(e), f"cannot open the source {src!r}: {e.strerror}", path) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CimError(E_INVALIDARG, f"source {src!r} is no longer a regular file", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_exactly(fd: int, pos: int, size: int, path: str) -> bytes:
+    try:
+        data = os.pread(fd, size, pos)
+        while len(data) < size:
+            more = os.pread(fd, size - len(data), pos + len(data))
+            if not more:
+                raise CimError(E_INVALIDARG, f"source ended {size - len(data)} bytes before its size (did it shrink?)", path)
+            data += more
+    except OSError as e:
+        raise CimError(hresult_from_oserror(e), f"cannot read the source: {e.strerror}", path) from None
+    return data
+
+
+class DataProcess:
+    """Copies local files into the image from a forked process.
+
+    Two threads of one interpreter share one GIL: for a tree of small files
+    the Python around each open, read and hash is as much work as the owner's
+    for the entry itself, so a data *thread* only trades places with it.  A
+    forked process has its own interpreter: it owns data and small-data
+    regions of the same region set (numbered from a shared counter), its own
+    dedup index (a copy of the owner's at the fork, plus the parent chain's),
+    writes their object ID files, and at :meth:`finish` sends back where each
+    file's contents went.  Jobs go over a pipe in batches; nothing comes back
+    before the end, so neither side can block the other.  The process is
+    forked only while the owner runs no other thread (a fork copies a
+    thread's held locks without the thread).
+    """
+
+    _BATCH_JOBS = 512
+    _BATCH_BYTES = 16 << 20
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(os, "fork") and threading.active_count() == 1
+
+    def __init__(self, store: ObjectStore):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        self.store = store
+        store.share_region_numbers(ctx)
+        self.failed = ctx.Value("b", 0, lock=False)  # set by the process at its first error: fail early
+        jobs_r, self._jobs = ctx.Pipe(duplex=False)
+        self._results, results_w = ctx.Pipe(duplex=False)
+        self._nodes: list = []
+        self._sizes: list[int] = []
+        self._batch: list = []
+        self._batch_bytes = 0
+        self._proc = ctx.Process(target=_data_process_main, args=(store, jobs_r, results_w, self.failed),
+                                 name="cimfs-data", daemon=True)
+        self._proc.start()
+        jobs_r.close()
+        results_w.close()
+        self.done = False
+
+    def submit(self, node, src: str, size: int, path: str) -> None:
+        """Copy the local file ``src`` (``size`` bytes) into ``node``'s default stream."""
+        self._nodes.append(node)
+        self._sizes.append(size)
+        self._batch.append((src, size, path))
+        self._batch_bytes += size
+        if len(self._batch) >= self._BATCH_JOBS or self._batch_bytes >= self._BATCH_BYTES:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._batch:
+            try:
+                self._jobs.send(self._batch)
+            except OSError:  # the process is gone; finish() says why
+                pass
+            self._batch = []
+            self._batch_bytes = 0
+
+    def finish(self, set_stream) -> None:
+        """Wait for every copy, then ``set_stream(node, stream)`` for each file;
+        raises the first copy error.  The process's regions are then complete
+        on disk (flushed, synced when the store syncs, object ID files written)."""
+        self._hand_over()
+        self.done = True
+        try:
+            self._jobs.send(None)
+            offsets, error, logical, stored = self._results.recv()
+        except (EOFError, OSError):
+            self._proc.join()
+            raise CimError(E_FAIL, f"the data process ended unexpectedly (exit code {self._proc.exitcode})",
+                           self.store.directory) from None
+        finally:
+            self._jobs.close()
+            self._results.close()
+        self._proc.join()
+        if error is not None:
+            raise CimError(*error)
+        for node, size, ro in zip(self._nodes, self._sizes, offsets):
+            set_stream(node, cim.Stream(ro, size))
+        self._nodes, self._sizes = [], []
+        self.store.bytes_logical += logical
+        self.store.bytes_stored += stored
+
+    def abandon(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc.join()
+        self._jobs.close()
+        self._results.close()
+        self.done = True
+
+
+def _data_process_main(owner: ObjectStore, jobs, results, failed) -> None:
+    import array
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle; it ends us by closing the pipe
+    store = owner.twin()
+    buf = bytearray(1 << 20)
+    offsets = array.array("Q")
+    error = None
+    while True:
+        try:
+            batch = jobs.recv()
+        except (EOFError, OSError):  # the owner went away: leave, it removes what was written
+            os._exit(1)
+        if batch is None:
+            break
+        for src, size, path in batch:
+            ro = 0
+            if error is None:
+                try:
+                    fd = open_source(src, path)
+                    try:
+                        ro = copy_content(store, buf, fd, 0, size, path).offset
+                    finally:
+                        os.close(fd)
+                except CimError as e:
+                    error = (e.hresult, e.strerror, e.filename)
+                except OSError as e:
+                    error = (hresult_from_oserror(e), f"writing the image failed: {e.strerror}", path)
+                if error is not None:
+                    failed.value = 1
+            offsets.append(ro)
+    if error is None:
+        try:
+            store.finish()
+        except OSError as e:
+            error = (hresult_from_oserror(e), f"finishing the data regions failed: {e.strerror}", store.directory)
+    results.send((offsets, error, store.bytes_logical, store.bytes_stored))
