@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import cimfs
+
+from .layout import ntfs
 from .names import fold_name
 from .errors import (
     E_INVALIDARG,
@@ -116,7 +118,6 @@ FMT_OF_KIND = {v: k for k, v in _KIND_OF_FMT.items()}
 
 
 def _ntfs():
-    from .layout import ntfs  # imported lazily: written alongside this module
     return ntfs
 
 
@@ -368,6 +369,10 @@ def _scan_entry(ent: os.DirEntry, full: str, groups: dict) -> Node:
         st = ent.stat(follow_symlinks=False)
     except OSError as e:
         raise _oserror(e, full) from None
+    return _node_from_entry(ent, st, full, groups)
+
+
+def _node_from_entry(ent: os.DirEntry, st: os.stat_result, full: str, groups: dict) -> Node:
     node = _node_from_stat(st, full)
     if node.kind == SYMLINK:
         try:
@@ -392,12 +397,18 @@ def _stat_root(src_dir: str) -> Node:
     return _node_from_stat(st, src_dir)
 
 
-def _sorted_listing(path: str) -> list[os.DirEntry]:
+def _sorted_listing(path: "str | int", where: str | None = None) -> list[os.DirEntry]:
+    """A directory's entries by name; ``path`` may be an open directory
+    descriptor (the entries' stat() then resolve relative to it)."""
     try:
         with os.scandir(path) as it:
-            return sorted(it, key=lambda e: e.name)
+            return sorted(it, key=_entry_name)
     except OSError as e:
-        raise _oserror(e, path) from None
+        raise _oserror(e, where or path) from None
+
+
+def _entry_name(e: os.DirEntry) -> str:
+    return e.name
 
 
 def scan_directory(src_dir: str, tree: Tree) -> Tree:
@@ -584,26 +595,27 @@ def _lx_ea_buffer(mode: int, uid: int, gid: int, rdev: tuple | None) -> bytes:
     return ea
 
 
+_FA_DIRECTORY, _FA_SPARSE_FILE, _FA_REPARSE_POINT = 0x10, 0x200, 0x400  # plain ints: IntFlag math is slow per entry
+
+
 def node_metadata(node: Node) -> "cimfs.FileMetadata":
-    n = _ntfs()
-    FA = cimfs.FileAttributes
     attrs = 0
     reparse = b""
     rdev = tuple(node.rdev) if node.kind in (CHR, BLK) else None
     eas = _lx_ea_buffer(node.mode, node.uid, node.gid, rdev)
     if node.kind == DIR:
-        attrs |= FA.DIRECTORY
+        attrs = _FA_DIRECTORY
     elif node.kind == SYMLINK:
-        reparse = n.pack_lx_symlink_reparse(node.target)
+        reparse = ntfs.pack_lx_symlink_reparse(node.target)
     elif node.kind in (FIFO, CHR, BLK, SOCK):
-        reparse = n.pack_lx_special_reparse(_special_tags()[node.kind])
+        reparse = ntfs.pack_lx_special_reparse(SPECIAL_TAGS[node.kind])
     if reparse:
-        attrs |= FA.REPARSE_POINT
+        attrs |= _FA_REPARSE_POINT
     if node.kind == FILE and node.sparse:
-        attrs |= FA.SPARSE_FILE
+        attrs |= _FA_SPARSE_FILE
     mt = ns_to_filetime(node.mtime_ns)
     return cimfs.FileMetadata(
-        attributes=int(attrs),
+        attributes=attrs,
         file_size=node.size if node.kind == FILE else 0,
         creation_time=ns_to_filetime(node.btime_ns) if node.btime_ns is not None else mt,
         last_write_time=mt,
@@ -927,50 +939,79 @@ class DirectoryImporter:
         self.groups: dict = {}   # (st_dev, st_ino) -> _Group, files with st_nlink > 1 only
         self.entries = 0
 
-    def _place(self, node: Node, taken: dict, dir_path: str) -> str | None:
-        """The image name of ``node`` in a directory whose names so far are
-        ``taken`` (folded name -> source path), or None to skip it."""
-        check_image_name(node.name, node.src)
-        k = fold(node.name)
+    def _place_name(self, name: str, src: str, taken: dict, dir_path: str) -> str | None:
+        """The image name for ``name`` (from ``src``) in a directory whose
+        names so far are ``taken`` (folded name -> source path), or None to skip it."""
+        check_image_name(name, src)
+        k = fold(name)
         first = taken.get(k)
         if first is None:
-            taken[k] = node.src
-            return node.name
+            taken[k] = src
+            return name
         if self.on_collision == "error":
             raise CimError(ERROR_FILE_EXISTS,
-                           f"collides case-insensitively with {first!r} (use --on-collision rename|skip)", node.src)
+                           f"collides case-insensitively with {first!r} (use --on-collision rename|skip)", src)
         if self.on_collision == "skip":
-            self.report(f"skipped {node.src} (collides case-insensitively with {first})")
+            self.report(f"skipped {src} (collides case-insensitively with {first})")
             return None
-        cand = free_name(node.name, taken)
-        check_image_name(cand, node.src)
-        self.report(f"renamed {node.src} to {_join(dir_path, name_from_image(cand))} "
+        cand = free_name(name, taken)
+        check_image_name(cand, src)
+        self.report(f"renamed {src} to {_join(dir_path, name_from_image(cand))} "
                     f"(collides case-insensitively with {first})")
-        taken[fold(cand)] = node.src
+        taken[fold(cand)] = src
         return cand
 
     def run(self) -> None:
         w = self.w
         w.mkdir("", node_metadata(_stat_root(self.src_dir)), exist_ok=True)
         stack: list[tuple[str, str, str]] = [(self.src_dir, "", "")]   # (local, image path, POSIX path)
+        FileMetadata = cimfs.FileMetadata
+        add_file = w.add_file
+        progress = self.progress
         while stack:
             local, image_dir, posix_dir = stack.pop()
             taken: dict[str, str] = {}
             subdirs = []
-            for ent in _sorted_listing(local):
-                full = os.path.join(local, ent.name)
-                node = _scan_entry(ent, full, self.groups)
-                node.name = name_to_image(ent.name)
-                name = self._place(node, taken, posix_dir)
-                if name is None:
-                    continue
-                path = _join(image_dir, name)
-                self.entries += 1
-                if node.kind == DIR:
-                    w.mkdir(path, node_metadata(node))
-                    subdirs.append((full, path, _join(posix_dir, name_from_image(name))))
-                else:
-                    write_node(w, node, path, self.progress)
+            prefix = local + "/" if not local.endswith("/") else local
+            image_prefix = image_dir + "/" if image_dir else ""
+            try:
+                dfd = os.open(local, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                raise _oserror(e, local) from None
+            try:
+                for ent in _sorted_listing(dfd, local):   # stat()s are relative to dfd: no path walks
+                    full = prefix + ent.name
+                    try:
+                        st = ent.stat(follow_symlinks=False)
+                    except OSError as e:
+                        raise _oserror(e, full) from None
+                    if S.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_blocks * 512 >= st.st_size:
+                        # The bulk of any tree: a plain file, straight from its stat.
+                        name = self._place_name(name_to_image(ent.name), full, taken, posix_dir)
+                        if name is None:
+                            continue
+                        self.entries += 1
+                        mt = st.st_mtime_ns // 100 + FILETIME_UNIX_EPOCH
+                        add_file(image_prefix + name, _LocalFile(full) if st.st_size else b"", FileMetadata(
+                            0, st.st_size, mt, mt, st.st_ctime_ns // 100 + FILETIME_UNIX_EPOCH,
+                            st.st_atime_ns // 100 + FILETIME_UNIX_EPOCH, b"", b"",
+                            _lx_ea_buffer(st.st_mode, st.st_uid, st.st_gid, None)))
+                        progress(st.st_size)
+                        continue
+                    node = _node_from_entry(ent, st, full, self.groups)
+                    name = self._place_name(name_to_image(ent.name), full, taken, posix_dir)
+                    if name is None:
+                        continue
+                    node.name = name
+                    path = image_prefix + name
+                    self.entries += 1
+                    if node.kind == DIR:
+                        w.mkdir(path, node_metadata(node))
+                        subdirs.append((full, path, _join(posix_dir, name_from_image(name))))
+                    else:
+                        write_node(w, node, path, progress)
+            finally:
+                os.close(dfd)
             stack.extend(reversed(subdirs))
 
 

@@ -31,6 +31,8 @@ SMALL_DATA_MAX = 32 * 1024
 REGION_SOFT_CAP = 4 << 30
 # Appends to metadata/small-data regions are buffered up to this many bytes.
 _FLUSH_BYTES = 4 << 20
+_PADDING = bytes(max(cim.REGION_ALIGNMENT.values()))
+_IOV_MAX = 1024  # pwritev takes at most this many buffers (Linux UIO_MAXIOV)
 ZERO_CHUNK = bytes(1 << 20)
 HOLE_MIN = 64 * 1024  # all-zero writes at least this long become holes in the region file
 # [choice] After this many look-ups in one parent object ID file, load it into
@@ -82,26 +84,38 @@ class RegionWriter:
         header = cim.pack_region_header(index, region_type)
         os.pwrite(self.fd, header, 0)
         self.flushed = self.end = len(header)
-        self.buf = bytearray()
+        # Appended objects wait here and go out in one pwritev: no copy into a buffer.
+        self.pending: list[bytes] = []
 
     def full(self, size: int) -> bool:
         return self.end > cim.REGION_HEADER.size and self.end + size > REGION_SOFT_CAP
 
     def append(self, data) -> int:
         start = cim.align(self.end, self.alignment)
+        pending = self.pending
         if start != self.end:
-            self.buf += bytes(start - self.end)
-        self.buf += data
+            pending.append(_PADDING[: start - self.end])
+        pending.append(data if type(data) is bytes else bytes(data))  # a caller's buffer may change
         self.end = start + len(data)
-        if len(self.buf) >= _FLUSH_BYTES:
+        if self.end - self.flushed >= _FLUSH_BYTES or len(pending) >= _IOV_MAX:
             self.flush()
         return start
 
     def flush(self) -> None:
-        if self.buf:
-            os.pwrite(self.fd, self.buf, self.flushed)
-            self.flushed += len(self.buf)
-            self.buf.clear()
+        pending = self.pending
+        if not pending:
+            return
+        pos = self.flushed
+        for i in range(0, len(pending), _IOV_MAX):
+            part = pending[i: i + _IOV_MAX]
+            size = sum(map(len, part))
+            n = os.pwritev(self.fd, part, pos)
+            if n < size:  # a short write (a signal, a nearly full disk): write the rest plainly
+                self.write_at(memoryview(b"".join(part))[n:], pos + n)
+            pos += size
+        assert pos == self.end
+        self.flushed = pos
+        pending.clear()
 
     def reserve(self, size: int) -> int:
         """Room for an object written piecewise with :meth:`write_at`."""
@@ -490,22 +504,24 @@ def copy_content(store: ObjectStore, buf: bytearray, fd: int, pos: int, size: in
 
 
 _SOURCE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
 
 
-def open_source(src: str, path: str) -> int:
-    """Open a local file to copy.  Not through a symlink and only a regular
-    file: the tree may change between the scan and the copy, and a FIFO put
-    in a file's place must not hang the writer."""
+def open_source(src: str, path: str, dir_fd: int | None = None, shown: str | None = None) -> int:
+    """Open a local file to copy (``src`` relative to ``dir_fd`` if given).
+    Not through a symlink and only a regular file: the tree may change
+    between the scan and the copy, and a FIFO put in a file's place must not
+    hang the writer."""
     try:
         try:
-            fd = os.open(src, _SOURCE_FLAGS | getattr(os, "O_NOATIME", 0))  # leave atimes alone when allowed
+            fd = os.open(src, _SOURCE_FLAGS | _O_NOATIME, dir_fd=dir_fd)  # leave atimes alone when allowed
         except PermissionError:
-            fd = os.open(src, _SOURCE_FLAGS)
+            fd = os.open(src, _SOURCE_FLAGS, dir_fd=dir_fd)
     except OSError as e:
-        raise CimError(hresult_from_oserror(e), f"cannot open the source {src!r}: {e.strerror}", path) from None
+        raise CimError(hresult_from_oserror(e), f"cannot open the source {shown or src!r}: {e.strerror}", path) from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CimError(E_INVALIDARG, f"source {src!r} is no longer a regular file", path)
+            raise CimError(E_INVALIDARG, f"source {shown or src!r} is no longer a regular file", path)
     except BaseException:
         os.close(fd)
         raise
@@ -629,6 +645,7 @@ def _data_process_main(owner: ObjectStore, jobs, results, failed) -> None:
     buf = bytearray(1 << 20)
     offsets = array.array("Q")
     error = None
+    dir_path, dir_fd = None, -1  # files arrive directory by directory: open each by name in it
     while True:
         try:
             batch = jobs.recv()
@@ -640,7 +657,18 @@ def _data_process_main(owner: ObjectStore, jobs, results, failed) -> None:
             ro = 0
             if error is None:
                 try:
-                    fd = open_source(src, path)
+                    parent, _, name = src.rpartition("/")
+                    parent = parent or ("/" if src.startswith("/") else ".")
+                    if parent != dir_path:
+                        if dir_fd >= 0:
+                            os.close(dir_fd)
+                            dir_fd = -1
+                        try:
+                            dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                        except OSError as e:
+                            raise CimError(hresult_from_oserror(e), f"cannot open the source {src!r}: {e.strerror}", path) from None
+                        dir_path = parent
+                    fd = open_source(name, path, dir_fd, src)
                     try:
                         ro = copy_content(store, buf, fd, 0, size, path).offset
                     finally:

@@ -374,7 +374,7 @@ class ImageWriter:
         node.dirty = True
 
     # ------------------------------------------------------------ metadata
-    def _record_for(self, meta: FileMetadata, path: str) -> cim.FileRecord:
+    def _record_for(self, meta: FileMetadata, path: str, stream: cim.Stream | None = None) -> cim.FileRecord:
         store = self._store
         sd, ea, rp = meta.security_descriptor or b"", meta.ea_buffer or b"", meta.reparse_data or b""
         if len(sd) > 0xFFFF or len(ea) > 0xFFFF or len(rp) > 0xFFFF:
@@ -384,21 +384,22 @@ class ImageWriter:
             if len(rp) < 8:
                 raise CimError(E_INVALIDARG, f"reparse data of {len(rp)} bytes is shorter than its 8-byte header", path)
             tag = struct.unpack_from("<I", rp)[0]
-        for t in (meta.creation_time, meta.last_write_time, meta.change_time, meta.last_access_time):
-            if not 0 <= t < 1 << 64:
-                raise CimError(E_INVALIDARG, f"time {t} is not a FILETIME", path)
+        times = (meta.creation_time, meta.last_write_time, meta.change_time, meta.last_access_time)
+        try:
+            bad = (times[0] | times[1] | times[2] | times[3]) >> 64  # nonzero if any is negative or too large
+        except TypeError:
+            bad = True
+        if bad:
+            for t in times:
+                if not (isinstance(t, int) and 0 <= t < 1 << 64):
+                    raise CimError(E_INVALIDARG, f"time {t!r} is not a FILETIME", path)
+        if stream is None:
+            stream = _DIR_STREAM if meta.is_dir else cim.EMPTY_STREAM
         return cim.FileRecord(
-            flags=cim.attributes_to_flags(meta.attributes),
-            ea_length=len(ea),
-            reparse_tag=tag,
-            creation_time=meta.creation_time,
-            last_write_time=meta.last_write_time,
-            change_time=meta.change_time,
-            last_access_time=meta.last_access_time,
-            stream=_DIR_STREAM if meta.is_dir else cim.EMPTY_STREAM,
-            security_descriptor_offset=store.put_blob(cim.pack_blob(sd)) if sd else 0,
-            ea_offset=store.put_blob(bytes(ea)) if ea else 0,
-            reparse_offset=store.put_blob(cim.pack_blob(rp)) if rp else 0,
+            cim.attributes_to_flags(meta.attributes), len(ea), tag, *times, stream,
+            store.put_blob(cim.pack_blob(sd)) if sd else 0,
+            store.put_blob(bytes(ea)) if ea else 0,
+            store.put_blob(cim.pack_blob(rp)) if rp else 0,
         )
 
     # ------------------------------------------------------------ Win32-shaped operations
@@ -412,8 +413,9 @@ class ImageWriter:
             self._open_stream = writer
         return writer
 
-    def _create(self, path: str, meta: FileMetadata) -> tuple[_Node, int]:
-        """The node ``create_file`` makes or updates, and its stream's size (0 for a directory)."""
+    def _create(self, path: str, meta: FileMetadata, stream: cim.Stream | None = None) -> tuple[_Node, int]:
+        """The node ``create_file`` makes or updates, and its stream's size (0
+        for a directory).  ``stream``: a new file's default stream, if known."""
         self._check_open()
         size = 0 if meta.is_dir else meta.file_size
         if not isinstance(size, int) or not 0 <= size <= cim.MAX_STREAM_LENGTH:
@@ -425,7 +427,7 @@ class ImageWriter:
             node = self._root
             self._update_dir(node, self._record_for(meta, path))
             return node, 0
-        record = self._record_for(meta, path)
+        record = self._record_for(meta, path, None if meta.is_dir else stream)
         if existing is not None:
             old = existing[1]
             if old.is_dir and meta.is_dir:
@@ -608,8 +610,10 @@ class ImageWriter:
         if self._process is not None and not self._process.done:
             if self._process.failed.value:
                 self._finish_copies()  # raises the copy's error now, not at commit
-            node, size = self._create(path, meta)
-            node.record = _with_stream(node.record, cim.Stream(0, size, cim.STREAM_TYPE_DATA, sparse=True))
+            # Until the process is done the stream is a placeholder of the right size.
+            size = meta.file_size
+            node, _ = self._create(path, meta, cim.Stream(0, size, cim.STREAM_TYPE_DATA, sparse=True))
+            node.record = cim.pack_file_record(node.record)
             self._process.submit(node, src, size, path)
         elif meta.file_size <= SMALL_DATA_MAX:
             # No data process: a thread would only contend for the GIL over a small file.
@@ -663,7 +667,7 @@ class ImageWriter:
         """Write the image (crash-safely) and return the ``.cim`` path."""
         self._check_open()
         try:
-            self._finish_copies()
+            self._drain()  # the data thread sets records; the commit patches them next
             self._commit()
         except PermissionError as e:
             raise CimError(E_ACCESSDENIED, e.strerror or "permission denied", e.filename or self.path) from None
@@ -735,8 +739,33 @@ class ImageWriter:
                 tables.append(None)
             tables[current] = cim.FileTableEntry(store.put_unique(bytes(buf[: total * size])), total, size)
 
-        written = bytearray(cap)
+        # Link and stream tables first: they do not depend on file contents,
+        # so they are built while a data process may still be copying.
+        all_changes: list[dict | None] = []
         for node in changed:
+            changes = None
+            # children/streams of None: a parent's directory or stream table
+            # nobody touched (or a new node without alternate streams).
+            if node.is_dir and node.children is not None:
+                items = sorted(node.children.items())
+                if items:
+                    table = cim.pack_link_table([n for _, (n, _) in items], [struct.pack("<I", c.file_id) for _, (_, c) in items])
+                    changes = {"stream": cim.Stream(store.put_unique(table), len(table), cim.STREAM_TYPE_LINK_TABLE)}
+                else:
+                    changes = {"stream": _DIR_STREAM}
+            if node.streams is not None:
+                items = sorted(node.streams.items())
+                changes = changes or {}
+                if items:
+                    table = cim.pack_stream_table([n for _, (n, _) in items], [s for _, (_, s) in items])
+                    changes["stream_table_offset"] = store.put_unique(table)
+                else:
+                    changes["stream_table_offset"] = 0
+            all_changes.append(changes)
+        self._finish_copies()  # every file's stream is final from here on
+
+        written = bytearray(cap)
+        for node, changes in zip(changed, all_changes):
             t, slot = divmod(node.file_id - 1, cap)
             if t != current:
                 if current >= 0:
@@ -744,23 +773,6 @@ class ImageWriter:
                 current, count = t, 0
                 buf = bytearray(cap * size)
                 written = bytearray(cap)
-            changes = {}
-            # children/streams of None: a parent's directory or stream table
-            # nobody touched (or a new node without alternate streams).
-            if node.is_dir and node.children is not None:
-                items = sorted(node.children.items())
-                if items:
-                    table = cim.pack_link_table([n for _, (n, _) in items], [struct.pack("<I", c.file_id) for _, (_, c) in items])
-                    changes["stream"] = cim.Stream(store.put_unique(table), len(table), cim.STREAM_TYPE_LINK_TABLE)
-                else:
-                    changes["stream"] = _DIR_STREAM
-            if node.streams is not None:
-                items = sorted(node.streams.items())
-                if items:
-                    table = cim.pack_stream_table([n for _, (n, _) in items], [s for _, (_, s) in items])
-                    changes["stream_table_offset"] = store.put_unique(table)
-                else:
-                    changes["stream_table_offset"] = 0
             record = node.record
             if isinstance(record, bytes):
                 if changes:
