@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import stat
 import struct
 import sys
@@ -101,11 +102,11 @@ def build(src: str, image_dir: str, name: str, posix: bool = True, sync: bool = 
                             w.link(prefix + f, first)
                             continue
                         inodes[(st.st_dev, st.st_ino)] = prefix + f
-                    with open(p, "rb") as fh:
-                        w.add_file(prefix + f, fh, metadata(st, posix, file_size=st.st_size,
-                                                             attributes=FileAttributes.ARCHIVE))
+                    # By path: the writer's data process opens, hashes and copies it.
+                    w.add_file(prefix + f, pathlib.Path(p) if st.st_size else b"",
+                               metadata(st, posix, file_size=st.st_size, attributes=FileAttributes.ARCHIVE))
                     n_files += 1
-        stats = w.stats()
+    stats = w.stats()  # after the commit: asked before, it would wait for the copies first
     stats.update(files=n_files, dirs=n_dirs, symlinks=n_links)
     return stats
 

@@ -861,8 +861,12 @@ class ImageWriter:
 
     # ------------------------------------------------------------ statistics
     def stats(self) -> dict:
+        """Bytes callers stored, bytes written after dedup, region files.
+        Before commit this waits for the contents still being copied."""
+        if not self._committed and not self._closed:
+            self._finish_copies()
         s = self._store
-        return {"bytes_logical": s.bytes_logical, "bytes_stored": s.bytes_stored, "region_files": len(s.regions)}
+        return {"bytes_logical": s.bytes_logical, "bytes_stored": s.bytes_stored, "region_files": s.region_count()}
 
 
 def _regular_file_fd(f) -> int | None:
