@@ -641,7 +641,8 @@ def _data_process_main(owner: ObjectStore, jobs, results, failed) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle; it ends us by closing the pipe
-    store = owner.twin()
+    store = owner.twin()  # this process has no other thread: its store's lock is not needed
+    sha256, digest_size = hashlib.sha256, cim.DIGEST_SIZE
     buf = bytearray(1 << 20)
     offsets = array.array("Q")
     error = None
@@ -670,7 +671,15 @@ def _data_process_main(owner: ObjectStore, jobs, results, failed) -> None:
                         dir_path = parent
                     fd = open_source(name, path, dir_fd, src)
                     try:
-                        ro = copy_content(store, buf, fd, 0, size, path).offset
+                        if size <= SMALL_DATA_MAX:
+                            # Most files of a tree: one read, hashed and appended
+                            # without the layers copy_content goes through.
+                            data = os.read(fd, size)
+                            if len(data) < size:
+                                data = read_exactly(fd, 0, size, path)
+                            ro = store._put(cim.REGION_SMALL_DATA, data, sha256(data).digest()[:digest_size])
+                        else:
+                            ro = copy_content(store, buf, fd, 0, size, path).offset
                     finally:
                         os.close(fd)
                 except CimError as e:
