@@ -542,7 +542,7 @@ def read_exactly(fd: int, pos: int, size: int, path: str) -> bytes:
 
 
 class DataProcess:
-    """Copies local files into the image from a forked process.
+    """Copies local files into the image from forked processes.
 
     Two threads of one interpreter share one GIL: for a tree of small files
     the Python around each open, read and hash is as much work as the owner's
@@ -551,10 +551,14 @@ class DataProcess:
     regions of the same region set (numbered from a shared counter), its own
     dedup index (a copy of the owner's at the fork, plus the parent chain's),
     writes their object ID files, and at :meth:`finish` sends back where each
-    file's contents went.  Jobs go over a pipe in batches; nothing comes back
-    before the end, so neither side can block the other.  The process is
-    forked only while the owner runs no other thread (a fork copies a
-    thread's held locks without the thread).
+    file's contents went.  With two or more cores there are two such workers
+    and a file goes to the one its *size* picks (small files to one, large
+    ones to the other): identical contents have equal sizes, so they always
+    meet the same index and are stored once.
+    Jobs go over a pipe in batches; nothing comes back before the end, so
+    neither side can block the other.  The workers are forked only while the
+    owner runs no other thread (a fork copies a thread's held locks without
+    the thread).
     """
 
     _BATCH_JOBS = 512
@@ -564,83 +568,119 @@ class DataProcess:
     def available() -> bool:
         return hasattr(os, "fork") and threading.active_count() == 1
 
-    def __init__(self, store: ObjectStore):
+    def __init__(self, store: ObjectStore, workers: int | None = None):
         import multiprocessing
 
         ctx = multiprocessing.get_context("fork")
         self.store = store
         store.share_region_numbers(ctx)
-        self.failed = ctx.Value("b", 0, lock=False)  # set by the process at its first error: fail early
-        jobs_r, self._jobs = ctx.Pipe(duplex=False)
-        self._results, results_w = ctx.Pipe(duplex=False)
-        self._nodes: list = []
-        self._sizes: list[int] = []
-        self._batch: list = []
-        self._batch_bytes = 0
-        self._proc = ctx.Process(target=_data_process_main, args=(store, jobs_r, results_w, self.failed),
-                                 name="cimfs-data", daemon=True)
-        self._proc.start()
-        jobs_r.close()
-        results_w.close()
+        if workers is None:
+            workers = 2 if (os.cpu_count() or 1) >= 2 else 1
+        self._workers: list[_Worker] = []
+        for _ in range(workers):
+            # A worker must not hold the others' pipe ends: it closes them first.
+            inherited = [c for w in self._workers for c in (w.jobs, w.results)]
+            self._workers.append(_Worker(ctx, store, inherited))
         self.done = False
+
+    def failed(self) -> bool:
+        """A worker has met an error (finish() raises it): stop early."""
+        return any(w.failed.value for w in self._workers)
 
     def submit(self, node, src: str, size: int, path: str) -> None:
         """Copy the local file ``src`` (``size`` bytes) into ``node``'s default stream."""
-        self._nodes.append(node)
-        self._sizes.append(size)
-        self._batch.append((src, size, path))
-        self._batch_bytes += size
-        if len(self._batch) >= self._BATCH_JOBS or self._batch_bytes >= self._BATCH_BYTES:
-            self._hand_over()
-
-    def _hand_over(self) -> None:
-        if self._batch:
-            try:
-                self._jobs.send(self._batch)
-            except OSError:  # the process is gone; finish() says why
-                pass
-            self._batch = []
-            self._batch_bytes = 0
+        workers = self._workers
+        # Small files to the first worker, large ones spread by size over the
+        # rest: a tree of small files keeps one data process (two would only
+        # share the second core), a tree of large ones gets two.
+        w = workers[0] if size <= SMALL_DATA_MAX or len(workers) == 1 else workers[1 + size % (len(workers) - 1)]
+        w.nodes.append(node)
+        w.sizes.append(size)
+        w.batch.append((src, size, path))
+        w.batch_bytes += size
+        if len(w.batch) >= self._BATCH_JOBS or w.batch_bytes >= self._BATCH_BYTES:
+            w.hand_over()
 
     def finish(self, set_stream) -> None:
         """Wait for every copy, then ``set_stream(node, stream)`` for each file;
-        raises the first copy error.  The process's regions are then complete
+        raises the first copy error.  The workers' regions are then complete
         on disk (flushed, synced when the store syncs, object ID files written)."""
-        self._hand_over()
         self.done = True
-        try:
-            self._jobs.send(None)
-            offsets, error, logical, stored = self._results.recv()
-        except (EOFError, OSError):
-            self._proc.join()
-            raise CimError(E_FAIL, f"the data process ended unexpectedly (exit code {self._proc.exitcode})",
-                           self.store.directory) from None
-        finally:
-            self._jobs.close()
-            self._results.close()
-        self._proc.join()
+        for w in self._workers:
+            w.hand_over()
+            try:
+                w.jobs.send(None)
+            except OSError:
+                pass
+        error = None
+        for w in self._workers:
+            try:
+                offsets, werror, logical, stored = w.results.recv()
+            except (EOFError, OSError):
+                w.proc.join()
+                werror = (E_FAIL, f"the data process ended unexpectedly (exit code {w.proc.exitcode})",
+                          self.store.directory)
+                offsets, logical, stored = [], 0, 0
+            finally:
+                w.jobs.close()
+                w.results.close()
+            w.proc.join()
+            error = error or werror
+            if werror is None:
+                for node, size, ro in zip(w.nodes, w.sizes, offsets):
+                    set_stream(node, cim.Stream(ro, size))
+            w.nodes, w.sizes = [], []
+            self.store.bytes_logical += logical
+            self.store.bytes_stored += stored
         if error is not None:
             raise CimError(*error)
-        for node, size, ro in zip(self._nodes, self._sizes, offsets):
-            set_stream(node, cim.Stream(ro, size))
-        self._nodes, self._sizes = [], []
-        self.store.bytes_logical += logical
-        self.store.bytes_stored += stored
 
     def abandon(self) -> None:
-        if self._proc.is_alive():
-            self._proc.kill()
-        self._proc.join()
-        self._jobs.close()
-        self._results.close()
+        for w in self._workers:
+            if w.proc.is_alive():
+                w.proc.kill()
+        for w in self._workers:
+            w.proc.join()
+            w.jobs.close()
+            w.results.close()
         self.done = True
 
 
-def _data_process_main(owner: ObjectStore, jobs, results, failed) -> None:
+class _Worker:
+    """One data process and the owner's side of it."""
+
+    def __init__(self, ctx, store: ObjectStore, inherited: list):
+        self.failed = ctx.Value("b", 0, lock=False)  # set by the process at its first error
+        jobs_r, self.jobs = ctx.Pipe(duplex=False)
+        self.results, results_w = ctx.Pipe(duplex=False)
+        self.nodes: list = []
+        self.sizes: list[int] = []
+        self.batch: list = []
+        self.batch_bytes = 0
+        self.proc = ctx.Process(target=_data_process_main,
+                                args=(store, jobs_r, results_w, self.failed, inherited + [self.jobs, self.results]),
+                                name="cimfs-data", daemon=True)
+        self.proc.start()
+        jobs_r.close()
+        results_w.close()
+
+    def hand_over(self) -> None:
+        if self.batch:
+            try:
+                self.jobs.send(self.batch)
+            except OSError:  # the process is gone; finish() says why
+                pass
+            self.batch = []
+            self.batch_bytes = 0
+
+
+def _data_process_main(owner: ObjectStore, jobs, results, failed, owner_ends: list) -> None:
     import array
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle; it ends us by closing the pipe
+    for c in owner_ends:  # the owner's ends of this and earlier workers' pipes: EOF must mean the owner is gone
+        c.close()
     store = owner.twin()  # this process has no other thread: its store's lock is not needed
     sha256, digest_size = hashlib.sha256, cim.DIGEST_SIZE
     buf = bytearray(1 << 20)

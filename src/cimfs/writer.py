@@ -608,7 +608,7 @@ class ImageWriter:
         if self._process is None and self._use_process and DataProcess.available():
             self._process = DataProcess(self._store)
         if self._process is not None and not self._process.done:
-            if self._process.failed.value:
+            if self._process.failed():
                 self._finish_copies()  # raises the copy's error now, not at commit
             # Until the process is done the stream is a placeholder of the right size.
             size = meta.file_size
