@@ -87,9 +87,12 @@ _TO_IMAGE = {ord(c): 0xF000 + ord(c) for c in _ESCAPED}
 _FROM_IMAGE = {v: k for k, v in _TO_IMAGE.items()}
 
 
+_NEEDS_ESCAPE = re.compile("[" + re.escape(_ESCAPED) + "]")
+
+
 def name_to_image(name: str) -> str:
     """A POSIX file name as stored in an image (WSL private-use escaping)."""
-    return name.translate(_TO_IMAGE)
+    return name.translate(_TO_IMAGE) if _NEEDS_ESCAPE.search(name) else name
 
 
 def name_from_image(name: str) -> str:
@@ -99,6 +102,8 @@ def name_from_image(name: str) -> str:
 def check_image_name(name: str, where: str) -> None:
     if name in ("", ".", ".."):
         raise CimError(ERROR_INVALID_NAME, f"invalid name {name!r}", where)
+    if len(name) <= 255 and name.isascii():
+        return  # the common case: short enough in any encoding
     try:
         units = len(name.encode("utf-16-le")) // 2
     except UnicodeEncodeError:

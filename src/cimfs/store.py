@@ -582,10 +582,17 @@ class DataProcess:
             inherited = [c for w in self._workers for c in (w.jobs, w.results)]
             self._workers.append(_Worker(ctx, store, inherited))
         self.done = False
+        self._handed_over = self._checked = 0
+        self._failed = False
 
     def failed(self) -> bool:
-        """A worker has met an error (finish() raises it): stop early."""
-        return any(w.failed.value for w in self._workers)
+        """A worker has met an error (finish() raises it): stop early.  Read
+        from shared memory only when a batch was handed over since the last
+        call (once per file would cost as much as the rest of submit)."""
+        if self._handed_over != self._checked:
+            self._checked = self._handed_over
+            self._failed = any(w.failed.value for w in self._workers)
+        return self._failed
 
     def submit(self, node, src: str, size: int, path: str) -> None:
         """Copy the local file ``src`` (``size`` bytes) into ``node``'s default stream."""
@@ -600,6 +607,7 @@ class DataProcess:
         w.batch_bytes += size
         if len(w.batch) >= self._BATCH_JOBS or w.batch_bytes >= self._BATCH_BYTES:
             w.hand_over()
+            self._handed_over += 1
 
     def finish(self, set_stream) -> None:
         """Wait for every copy, then ``set_stream(node, stream)`` for each file;

@@ -123,13 +123,14 @@ class _Node:
         self.record = record
         self.file_id = file_id
         self.from_base = from_base
-        self.children: dict[str, tuple[str, _Node]] | None = {} if (record.is_dir and not from_base) else None
+        is_dir = record.is_dir
+        self.children: dict[str, tuple[str, _Node]] | None = {} if (is_dir and not from_base) else None
         # None: no alternate streams yet (new node) or the parent's stream table, not loaded
         self.streams: dict[str, tuple[str, cim.Stream]] | None = None
         self.dirty = not from_base
         self.nlink = 0
         self.open_stream = False
-        self.is_dir = record.is_dir  # fixed for a node's life: replacing a file by a directory makes a new node
+        self.is_dir = is_dir  # fixed for a node's life: replacing a file by a directory makes a new node
         self.seen = False  # visited by the commit's walk (hard links reach a node more than once)
 
 
@@ -361,7 +362,8 @@ class ImageWriter:
                 check_name(tail, path)
                 parent = cached[1]
                 key = self._folder.key(tail)
-                return parent, key, self._children(parent).get(key), None, [tail]
+                children = parent.children if parent.children is not None else self._children(parent)
+                return parent, key, children.get(key), None, [tail]
         parts, stream = split_path(path, allow_stream)
         if not parts:
             return None, "", ("", self._root), stream, parts
@@ -417,20 +419,21 @@ class ImageWriter:
         """The node ``create_file`` makes or updates, and its stream's size (0
         for a directory).  ``stream``: a new file's default stream, if known."""
         self._check_open()
-        size = 0 if meta.is_dir else meta.file_size
+        is_dir = meta.is_dir
+        size = 0 if is_dir else meta.file_size
         if not isinstance(size, int) or not 0 <= size <= cim.MAX_STREAM_LENGTH:
             raise CimError(E_INVALIDARG, f"file size {size} is out of range (0 to 2^48-1)", path)
         parent, key, existing, _, parts = self._find(path)
         if parent is None:
-            if not meta.is_dir:
+            if not is_dir:
                 raise CimError(E_INVALIDARG, "the root can only be a directory", path)
             node = self._root
             self._update_dir(node, self._record_for(meta, path))
             return node, 0
-        record = self._record_for(meta, path, None if meta.is_dir else stream)
+        record = self._record_for(meta, path, None if is_dir else stream)
         if existing is not None:
             old = existing[1]
-            if old.is_dir and meta.is_dir:
+            if old.is_dir and is_dir:
                 self._update_dir(old, record)
                 self._touch(parent)
                 children = self._children(parent)
