@@ -186,3 +186,25 @@ def test_killed_commit_leaves_earlier_images_intact(tmp_path, mode):
             if (tmp_path / "child.cim").exists():
                 assert "marker" in full_read(tmp_path / "child.cim")
                 os.unlink(tmp_path / "child.cim")
+
+
+def test_posix_fork_into_existing_directories_does_not_walk_the_parent(tmp_path):
+    """Adding files under existing directories stats those directories only:
+    no link count of the whole parent tree (which a file's stat needs), so a
+    fork's cost follows the change (the CLI fork of workload 4 took 0.54 s
+    instead of 0.19 s while it counted every link of the stdlib image)."""
+    from cimfs import posix
+
+    with cimfs.create(tmp_path, "base.cim") as w:
+        for i in range(50):
+            w.mkdir(f"d{i}/sub", parents=True)
+            w.add_file(f"d{i}/sub/f", b"x%d" % i)
+    new = tmp_path / "new.txt"
+    new.write_bytes(b"added")
+    with cimfs.create(tmp_path, "fork.cim", base="base.cim") as w, cimfs.open(tmp_path / "base.cim") as base:
+        node = posix.scan_single(str(new), posix.Tree())
+        posix.Importer(w, node, base=base, at="d7/sub/new.txt").run()
+        assert base._nlinks is None, "the fork's plan counted every link of the parent"
+    with cimfs.open(tmp_path / "fork.cim") as im:
+        assert im.read_bytes("d7/sub/new.txt") == b"added" and im.read_bytes("d7/sub/f") == b"x7"
+        assert im.stat("d7").nlink == 1 and im.stat("d7/sub/f").nlink == 1

@@ -452,9 +452,11 @@ class Image:
                 raise CimError(ERROR_FILE_NOT_FOUND, "no such alternate stream", path)
         what = f"FileID {fid}"
         reparse = self._blob(rec.reparse_offset, f"reparse buffer of {what}")
-        nlink = 1 if fid == self.root_id else self._link_counts().get(fid, 1)
-        if rec.is_dir:
-            nlink = max(nlink, 1)
+        # The format keeps no link counts: a file's takes one walk of the whole
+        # tree (then cached).  A directory has exactly one name (a second one
+        # is corrupt, which walk() and check() report), so stat() of a
+        # directory, as a fork's planning does along its paths, costs no walk.
+        nlink = 1 if rec.is_dir else self._link_counts().get(fid, 1)
         return Stat(
             file_id=fid,
             attributes=rec.attributes(),
