@@ -558,3 +558,25 @@ def test_regions_written_back_early_read_back_exactly(tmp_path):
         assert im.read_bytes("a") == big == im.read_bytes("b")
         assert im.read_bytes("c") == big[::-1]
         assert all(im.read_bytes(f"s{i}") == b for i, b in enumerate(smalls))
+
+
+def test_a_data_process_killed_fails_the_image_cleanly(tmp_path):
+    """A data process that dies (the OOM killer, a signal) fails the image
+    with a CimError naming what happened; nothing is left in the directory."""
+    import multiprocessing
+    import signal as sig
+
+    src = tmp_path / "f"
+    src.write_bytes(os.urandom(100_000))
+    (tmp_path / "img").mkdir()
+    with pytest.raises(CimError) as e:
+        with cimfs.create(tmp_path / "img", "t.cim") as w:
+            w.add_file("a", src)
+            worker = w._process._workers[-1]  # white box: the worker large files go to
+            os.kill(worker.proc.pid, sig.SIGKILL)
+            worker.proc.join()
+            for i in range(600):  # more files after the death: hand-overs must not raise a bare OSError
+                w.add_file(f"b{i}", src)
+    assert "data process" in str(e.value) and "-9" in str(e.value)
+    assert os.listdir(tmp_path / "img") == []
+    assert not multiprocessing.active_children()
