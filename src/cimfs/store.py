@@ -11,6 +11,7 @@ The tree, the records and the commit are :mod:`cimfs.writer`'s.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import os
 import stat
@@ -670,7 +671,7 @@ class DataProcess:
             if werror is None:
                 for node, size, ro in zip(w.nodes, w.sizes, offsets):
                     set_stream(node, cim.Stream(ro, size))
-            w.nodes, w.sizes = [], []
+            w.nodes, w.sizes = [], array.array("Q")
             self.store.bytes_logical += logical
             self.store.bytes_stored += stored
         if error is not None:
@@ -695,7 +696,7 @@ class _Worker:
         jobs_r, self.jobs = ctx.Pipe(duplex=False)
         self.results, results_w = ctx.Pipe(duplex=False)
         self.nodes: list = []
-        self.sizes: list[int] = []
+        self.sizes = array.array("Q")  # 8 bytes per file, not an int object
         self.batch: list = []
         self.batch_bytes = 0
         self.proc = ctx.Process(target=_data_process_main,
@@ -716,7 +717,6 @@ class _Worker:
 
 
 def _data_process_main(owner: ObjectStore, jobs, results, failed, owner_ends: list) -> None:
-    import array
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle; it ends us by closing the pipe
