@@ -415,10 +415,10 @@ class DataPump:
 
     Reading, hashing and writing release the GIL, so on two cores the copy of
     one file overlaps the Python work of adding the next ones.  A job's source
-    is a duplicated descriptor (a caller's open file) or the path of a local
-    file, which the worker opens itself: for a tree of small files the open,
-    read and close are most of the cost.  Jobs are handed over in batches (a
-    queue round trip per file would cost as much as a small file's copy).
+    is a duplicated descriptor (a caller's open file) or the path of a large
+    local file when no :class:`DataProcess` runs (small ones are cheaper read
+    on the owner's thread than contended for over the GIL).  Jobs are handed
+    over in batches: a queue round trip costs as much as a small copy.
     Only the worker appends file contents while it runs; the owner drains it
     before it writes contents itself and before commit.
     """
