@@ -580,3 +580,24 @@ def test_a_data_process_killed_fails_the_image_cleanly(tmp_path):
     assert "data process" in str(e.value) and "-9" in str(e.value)
     assert os.listdir(tmp_path / "img") == []
     assert not multiprocessing.active_children()
+
+
+def test_relative_source_paths_survive_a_chdir(tmp_path, monkeypatch):
+    """A relative path is the caller's current directory's at add_file time,
+    even though the data process opens it later."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "f").write_bytes(b"from a" * 10_000)
+    (tmp_path / "b" / "f").write_bytes(b"from b" * 10_000)
+    (tmp_path / "img").mkdir()
+    import pathlib
+
+    monkeypatch.chdir(tmp_path / "a")
+    with cimfs.create(tmp_path / "img", "t.cim") as w:
+        w.add_file("x", pathlib.Path("f"))
+        w.add_file("y", pathlib.Path("f"))  # after the data process started
+        os.chdir(tmp_path / "b")
+        w.add_file("z", pathlib.Path("f"))
+    with cimfs.open(tmp_path / "img" / "t.cim") as im:
+        assert im.read_bytes("x") == im.read_bytes("y") == b"from a" * 10_000
+        assert im.read_bytes("z") == b"from b" * 10_000

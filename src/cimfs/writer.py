@@ -617,6 +617,8 @@ class ImageWriter:
             size = meta.file_size
             node, _ = self._create(path, meta, cim.Stream(0, size, cim.STREAM_TYPE_DATA, sparse=True))
             node.record = cim.pack_file_record(node.record)
+            if not os.path.isabs(src):  # the process opens it later: the caller may chdir meanwhile
+                src = os.path.join(os.getcwd(), src)
             self._process.submit(node, src, size, path)
         elif meta.file_size <= SMALL_DATA_MAX:
             # No data process: a thread would only contend for the GIL over a small file.
