@@ -122,10 +122,6 @@ _KIND_OF_FMT = {S.S_IFDIR: DIR, S.S_IFREG: FILE, S.S_IFLNK: SYMLINK, S.S_IFIFO: 
 FMT_OF_KIND = {v: k for k, v in _KIND_OF_FMT.items()}
 
 
-def _ntfs():
-    return ntfs
-
-
 # Reparse tags of spec §18/§19 (fixed numbers; the blobs are packed by cimfs.layout.ntfs).
 TAG_MOUNT_POINT = 0xA0000003
 TAG_SYMLINK = 0xA000000C
@@ -136,10 +132,6 @@ TAG_LX_CHR = 0x80000025
 TAG_LX_BLK = 0x80000026
 SPECIAL_TAGS = {FIFO: TAG_LX_FIFO, CHR: TAG_LX_CHR, BLK: TAG_LX_BLK, SOCK: TAG_AF_UNIX}
 _KIND_OF_TAG = {v: k for k, v in SPECIAL_TAGS.items()}
-
-
-def _special_tags():
-    return SPECIAL_TAGS
 
 
 # --------------------------------------------------------------------- source tree
@@ -192,6 +184,23 @@ def _default_dir(name: str, src: str, like: Node | None = None) -> Node:
     now = time.time_ns() if like is None else like.mtime_ns
     return Node(name=name, src=src, kind=DIR, mode=S.S_IFDIR | 0o755,
                 atime_ns=now, mtime_ns=now, ctime_ns=now, implied=True)
+
+
+def resolve_collision(policy: str, report: Callable[[str], None], name: str, src: str, first: str,
+                      taken, dir_path: str) -> str | None:
+    """``name`` (from ``src``) folds like ``first``, already in a directory
+    whose folded names are ``taken``: fail, skip (None) or the renamed name,
+    as --on-collision says.  ``dir_path`` is where the message says it went."""
+    if policy == "error":
+        raise CimError(ERROR_FILE_EXISTS,
+                       f"collides case-insensitively with {first!r} (use --on-collision rename|skip)", src)
+    if policy == "skip":
+        report(f"skipped {src} (collides case-insensitively with {first})")
+        return None
+    cand = free_name(name, taken)
+    check_image_name(cand, src)
+    report(f"renamed {src} to {_join(dir_path, name_from_image(cand))} (collides case-insensitively with {first})")
+    return cand
 
 
 def free_name(name: str, taken) -> str:
@@ -279,17 +288,10 @@ class Tree:
             node.parent = parent
             parent.children[k] = node
             return node
-        a, b = old.src, node.src
-        if self.on_collision == "error":
-            raise CimError(ERROR_FILE_EXISTS,
-                           f"collides case-insensitively with {a!r} (use --on-collision rename|skip)", b)
-        if self.on_collision == "skip":
-            self.report(f"skipped {b} (collides case-insensitively with {a})")
+        cand = resolve_collision(self.on_collision, self.report, node.name, node.src, old.src,
+                                 parent.children, parent.path() if parent.parent is not None else "")
+        if cand is None:
             return None
-        cand = free_name(node.name, parent.children)
-        check_image_name(cand, node.src)
-        new_path = (parent.path() + "/" if parent.parent is not None else "") + name_from_image(cand)
-        self.report(f"renamed {b} to {new_path} (collides case-insensitively with {a})")
         node.name = cand
         node.parent = parent
         parent.children[fold(cand)] = node
@@ -592,7 +594,7 @@ def _lx_ea_buffer(mode: int, uid: int, gid: int, rdev: tuple | None) -> bytes:
     key = (mode, uid, gid, rdev)
     ea = _EA_CACHE.get(key)
     if ea is None:
-        n = _ntfs()
+        n = ntfs
         kw = dict(mode=mode, uid=uid, gid=gid)
         if rdev is not None:
             kw.update(rdev_major=rdev[0], rdev_minor=rdev[1])
@@ -601,6 +603,14 @@ def _lx_ea_buffer(mode: int, uid: int, gid: int, rdev: tuple | None) -> bytes:
 
 
 _FA_DIRECTORY, _FA_SPARSE_FILE, _FA_REPARSE_POINT = 0x10, 0x200, 0x400  # plain ints: IntFlag math is slow per entry
+
+
+def plain_file_metadata(st: os.stat_result) -> "cimfs.FileMetadata":
+    """What :func:`node_metadata` gives a regular, not sparse, file scanned
+    with this stat, without building its Node (the bulk of any tree)."""
+    mt = ns_to_filetime(st.st_mtime_ns)
+    return cimfs.FileMetadata(0, st.st_size, mt, mt, ns_to_filetime(st.st_ctime_ns), ns_to_filetime(st.st_atime_ns),
+                              b"", b"", _lx_ea_buffer(st.st_mode, st.st_uid, st.st_gid, None))
 
 
 def node_metadata(node: Node) -> "cimfs.FileMetadata":
@@ -677,7 +687,7 @@ def _link_target(n, st) -> str | None:
 
 def posix_info(st) -> PosixInfo:
     """How an image entry appears as a POSIX file (type, mode, owner, device, times)."""
-    n = _ntfs()
+    n = ntfs
     lx = None
     if st.ea_buffer:
         try:
@@ -953,24 +963,15 @@ class DirectoryImporter:
         if first is None:
             taken[k] = src
             return name
-        if self.on_collision == "error":
-            raise CimError(ERROR_FILE_EXISTS,
-                           f"collides case-insensitively with {first!r} (use --on-collision rename|skip)", src)
-        if self.on_collision == "skip":
-            self.report(f"skipped {src} (collides case-insensitively with {first})")
-            return None
-        cand = free_name(name, taken)
-        check_image_name(cand, src)
-        self.report(f"renamed {src} to {_join(dir_path, name_from_image(cand))} "
-                    f"(collides case-insensitively with {first})")
-        taken[fold(cand)] = src
+        cand = resolve_collision(self.on_collision, self.report, name, src, first, taken, dir_path)
+        if cand is not None:
+            taken[fold(cand)] = src
         return cand
 
     def run(self) -> None:
         w = self.w
         w.mkdir("", node_metadata(_stat_root(self.src_dir)), exist_ok=True)
         stack: list[tuple[str, str, str]] = [(self.src_dir, "", "")]   # (local, image path, POSIX path)
-        FileMetadata = cimfs.FileMetadata
         add_file = w.add_file
         progress = self.progress
         while stack:
@@ -996,11 +997,7 @@ class DirectoryImporter:
                         if name is None:
                             continue
                         self.entries += 1
-                        mt = st.st_mtime_ns // 100 + FILETIME_UNIX_EPOCH
-                        add_file(image_prefix + name, _LocalFile(full) if st.st_size else b"", FileMetadata(
-                            0, st.st_size, mt, mt, st.st_ctime_ns // 100 + FILETIME_UNIX_EPOCH,
-                            st.st_atime_ns // 100 + FILETIME_UNIX_EPOCH, b"", b"",
-                            _lx_ea_buffer(st.st_mode, st.st_uid, st.st_gid, None)))
+                        add_file(image_prefix + name, _LocalFile(full) if st.st_size else b"", plain_file_metadata(st))
                         progress(st.st_size)
                         continue
                     node = _node_from_entry(ent, st, full, self.groups)

@@ -467,7 +467,7 @@ class DataPump:
                     if self.error is None:
                         fd = source if isinstance(source, int) else open_source(source, path)
                         try:
-                            stream = self._copy(buf, fd, pos, size, path)
+                            stream = copy_content(self.store, buf, fd, pos, size, path)
                         finally:
                             if not isinstance(source, int):
                                 os.close(fd)
@@ -481,9 +481,6 @@ class DataPump:
             with self._idle:
                 self.pending -= 1
                 self._idle.notify_all()
-
-    def _copy(self, buf: bytearray, fd: int, pos: int, size: int, path: str) -> cim.Stream:
-        return copy_content(self.store, buf, fd, pos, size, path)
 
     def drain(self) -> None:
         self._hand_over()
