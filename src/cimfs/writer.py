@@ -557,9 +557,9 @@ class ImageWriter:
         """Add a file from bytes, a binary file object (read to its end) or a
         local file given by path (``os.PathLike``; not a symlink).
 
-        Regular files are copied on the writer's data thread: a read or
-        vanished source is reported by a later call or by :meth:`commit`,
-        naming ``path``.  ``metadata.file_size``, when set, is how many
+        Regular files are copied by the writer's data process (or data
+        thread): a read error or a vanished source is reported by a later
+        call or by :meth:`commit`, naming ``path``.  ``metadata.file_size``, when set, is how many
         bytes to take (a source that turns out shorter is an error)."""
         meta = metadata or FileMetadata()
         if meta.is_dir:
@@ -613,10 +613,7 @@ class ImageWriter:
         if self._process is not None and not self._process.done:
             if self._process.failed():
                 self._finish_copies()  # raises the copy's error now, not at commit
-            # Until the process is done the stream is a placeholder of the right size.
-            size = meta.file_size
-            node, _ = self._create(path, meta, cim.Stream(0, size, cim.STREAM_TYPE_DATA, sparse=True))
-            node.record = cim.pack_file_record(node.record)
+            node, size = self._create_copied(path, meta)
             if not os.path.isabs(src):  # the process opens it later: the caller may chdir meanwhile
                 src = os.path.join(os.getcwd(), src)
             self._process.submit(node, src, size, path)
@@ -631,17 +628,25 @@ class ImageWriter:
         else:
             self._submit(path, meta, src, 0)
 
+    def _create_copied(self, path: str, meta: FileMetadata) -> tuple[_Node, int]:
+        """A new file whose contents a data thread or process copies later:
+        until then its stream is a placeholder of the right size (reads as
+        zeros), and its record is kept packed."""
+        size = meta.file_size
+        node, _ = self._create(path, meta, cim.Stream(0, size, cim.STREAM_TYPE_DATA, sparse=True))
+        node.record = cim.pack_file_record(node.record)
+        return node, size
+
     def _submit(self, path: str, meta: FileMetadata, source: int | str, pos: int) -> None:
         """A file whose contents the data pump copies from ``source``; until it
         has, its stream reads as zeros (the pump is drained before commit)."""
         try:
             self._check_pump()
-            node, size = self._create(path, meta)
+            node, size = self._create_copied(path, meta)
         except BaseException:
             if isinstance(source, int):
                 os.close(source)
             raise
-        node.record = _with_stream(node.record, cim.Stream(0, size, cim.STREAM_TYPE_DATA, sparse=True))
         if self._pump is None:
             self._pump = DataPump(self._store)
         self._pump.submit(node, source, pos, size, path)
