@@ -119,11 +119,13 @@ class _Node:
 
     __slots__ = ("file_id", "record", "from_base", "children", "streams", "dirty", "nlink", "open_stream", "is_dir", "seen")
 
-    def __init__(self, record: cim.FileRecord, file_id: int = 0, from_base: bool = False):
+    def __init__(self, record: "cim.FileRecord | bytes", file_id: int = 0, from_base: bool = False,
+                 is_dir: bool | None = None):
         self.record = record
         self.file_id = file_id
         self.from_base = from_base
-        is_dir = record.is_dir
+        if is_dir is None:
+            is_dir = record.is_dir
         self.children: dict[str, tuple[str, _Node]] | None = {} if (is_dir and not from_base) else None
         # None: no alternate streams yet (new node) or the parent's stream table, not loaded
         self.streams: dict[str, tuple[str, cim.Stream]] | None = None
@@ -376,7 +378,10 @@ class ImageWriter:
         node.dirty = True
 
     # ------------------------------------------------------------ metadata
-    def _record_for(self, meta: FileMetadata, path: str, stream: cim.Stream | None = None) -> cim.FileRecord:
+    def _record_for(self, meta: FileMetadata, path: str, stream: cim.Stream | None = None,
+                    placeholder: bool = False) -> "cim.FileRecord | bytes":
+        """The record of ``meta``; ``placeholder``: a new file whose contents
+        are copied later, packed at once (see :meth:`_create_copied`)."""
         store = self._store
         sd, ea, rp = meta.security_descriptor or b"", meta.ea_buffer or b"", meta.reparse_data or b""
         if len(sd) > 0xFFFF or len(ea) > 0xFFFF or len(rp) > 0xFFFF:
@@ -395,14 +400,17 @@ class ImageWriter:
             for t in times:
                 if not (isinstance(t, int) and 0 <= t < 1 << 64):
                     raise CimError(E_INVALIDARG, f"time {t!r} is not a FILETIME", path)
+        sd_offset = store.put_blob(cim.pack_blob(sd)) if sd else 0
+        ea_offset = store.put_blob(bytes(ea)) if ea else 0
+        rp_offset = store.put_blob(cim.pack_blob(rp)) if rp else 0
+        if placeholder:
+            return cim.pack_new_file_record(cim.attributes_to_flags(meta.attributes), len(ea), tag, *times,
+                                            0, cim.placeholder_stream_word(meta.file_size),
+                                            sd_offset, ea_offset, rp_offset)
         if stream is None:
             stream = _DIR_STREAM if meta.is_dir else cim.EMPTY_STREAM
-        return cim.FileRecord(
-            cim.attributes_to_flags(meta.attributes), len(ea), tag, *times, stream,
-            store.put_blob(cim.pack_blob(sd)) if sd else 0,
-            store.put_blob(bytes(ea)) if ea else 0,
-            store.put_blob(cim.pack_blob(rp)) if rp else 0,
-        )
+        return cim.FileRecord(cim.attributes_to_flags(meta.attributes), len(ea), tag, *times, stream,
+                              sd_offset, ea_offset, rp_offset)
 
     # ------------------------------------------------------------ Win32-shaped operations
     def create_file(self, path: str, metadata: FileMetadata | None = None) -> StreamWriter:
@@ -415,9 +423,9 @@ class ImageWriter:
             self._open_stream = writer
         return writer
 
-    def _create(self, path: str, meta: FileMetadata, stream: cim.Stream | None = None) -> tuple[_Node, int]:
+    def _create(self, path: str, meta: FileMetadata, placeholder: bool = False) -> tuple[_Node, int]:
         """The node ``create_file`` makes or updates, and its stream's size (0
-        for a directory).  ``stream``: a new file's default stream, if known."""
+        for a directory).  ``placeholder``: see :meth:`_create_copied`."""
         self._check_open()
         is_dir = meta.is_dir
         size = 0 if is_dir else meta.file_size
@@ -430,7 +438,7 @@ class ImageWriter:
             node = self._root
             self._update_dir(node, self._record_for(meta, path))
             return node, 0
-        record = self._record_for(meta, path, None if is_dir else stream)
+        record = self._record_for(meta, path, None, placeholder and not is_dir)
         if existing is not None:
             old = existing[1]
             if old.is_dir and is_dir:
@@ -442,7 +450,7 @@ class ImageWriter:
             if old.is_dir and self._children(old):
                 raise CimError(ERROR_DIR_NOT_EMPTY, "a non-empty directory cannot be replaced by a file", path)
             self._unlink(parent, key)
-        node = _Node(record)
+        node = _Node(record, is_dir=is_dir)
         self._link(parent, key, parts[-1], node)
         return node, size
 
@@ -614,7 +622,7 @@ class ImageWriter:
             if self._process.failed():
                 self._finish_copies()  # raises the copy's error now, not at commit
             node, size = self._create_copied(path, meta)
-            if not os.path.isabs(src):  # the process opens it later: the caller may chdir meanwhile
+            if src[:1] != "/":  # the process opens it later: the caller may chdir meanwhile (POSIX: fork)
                 src = os.path.join(os.getcwd(), src)
             self._process.submit(node, src, size, path)
         elif meta.file_size <= SMALL_DATA_MAX:
@@ -632,10 +640,7 @@ class ImageWriter:
         """A new file whose contents a data thread or process copies later:
         until then its stream is a placeholder of the right size (reads as
         zeros), and its record is kept packed."""
-        size = meta.file_size
-        node, _ = self._create(path, meta, cim.Stream(0, size, cim.STREAM_TYPE_DATA, sparse=True))
-        node.record = cim.pack_file_record(node.record)
-        return node, size
+        return self._create(path, meta, placeholder=True)
 
     def _submit(self, path: str, meta: FileMetadata, source: int | str, pos: int) -> None:
         """A file whose contents the data pump copies from ``source``; until it

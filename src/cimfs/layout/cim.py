@@ -253,6 +253,12 @@ class Stream(NamedTuple):
         return self.length | (self.type << 48) | (int(self.sparse) << 56)
 
 
+def placeholder_stream_word(length: int) -> int:
+    """The packed length word of ``Stream(0, length, STREAM_TYPE_DATA, sparse=True)``:
+    a file whose contents are still being copied reads as zeros until then."""
+    return length | (STREAM_TYPE_DATA << 48) | (1 << 56)
+
+
 EMPTY_STREAM = Stream(0, 0)
 
 
@@ -303,6 +309,17 @@ def pack_file_record(r: FileRecord) -> bytes:
         r.last_access_time, s.offset, s.packed_length(), r.security_descriptor_offset, r.ea_offset,
         r.reparse_offset, r.stream_table_offset, r.parent_file_id, 0, 0,
     )
+
+
+def pack_new_file_record(flags: int, ea_length: int, reparse_tag: int, creation_time: int, last_write_time: int,
+                         change_time: int, last_access_time: int, stream_offset: int, stream_word: int,
+                         security_descriptor_offset: int, ea_offset: int, reparse_offset: int) -> bytes:
+    """A new file's record from its fields, with no stream table and its
+    parent FileID still 0 (both patched by :func:`record_with`): the hot path
+    of an import packs without building a FileRecord and a Stream first."""
+    return FILE_RECORD.pack(flags, ea_length, reparse_tag, creation_time, last_write_time, change_time,
+                            last_access_time, stream_offset, stream_word, security_descriptor_offset, ea_offset,
+                            reparse_offset, 0, 0, 0, 0)
 
 
 _RECORD_STREAM_AT = 40  # u64 offset + u64 length/type word of the default stream
