@@ -35,6 +35,7 @@ from typing import Callable, Iterable
 
 import cimfs
 
+from .bulk import paused_gc
 from .layout import ntfs
 from .names import fold_name
 from .errors import (
@@ -868,8 +869,9 @@ class Importer:
             write_node(w, node, path, self.progress)
 
     def run(self) -> None:
-        self.plan()
-        self.execute()
+        with paused_gc():
+            self.plan()
+            self.execute()
 
 
 def write_node(w, node: Node, path: str, progress: Callable[[int], None]) -> None:
@@ -969,6 +971,10 @@ class DirectoryImporter:
         return cand
 
     def run(self) -> None:
+        with paused_gc():
+            self._run()
+
+    def _run(self) -> None:
         w = self.w
         w.mkdir("", node_metadata(_stat_root(self.src_dir)), exist_ok=True)
         stack: list[tuple[str, str, str]] = [(self.src_dir, "", "")]   # (local, image path, POSIX path)

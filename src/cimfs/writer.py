@@ -37,6 +37,7 @@ from .errors import (
     CimError,
     hresult_from_oserror,
 )
+from .bulk import paused_gc
 from .layout import cim
 from .metadata import FileAttributes, FileMetadata
 from .names import NameFolder, check_name, join_path, split_path
@@ -683,7 +684,8 @@ class ImageWriter:
         self._check_open()
         try:
             self._drain()  # the data thread sets records; the commit patches them next
-            self._commit()
+            with paused_gc():
+                self._commit()
         except PermissionError as e:
             raise CimError(E_ACCESSDENIED, e.strerror or "permission denied", e.filename or self.path) from None
         except OSError as e:
