@@ -625,7 +625,7 @@ class DataProcess:
             self._failed = any(w.failed.value for w in self._workers)
         return self._failed
 
-    def submit(self, node, src: str, size: int, path: str) -> None:
+    def submit(self, node, src: str, size: int) -> None:
         """Copy the local file ``src`` (``size`` bytes) into ``node``'s default stream."""
         workers = self._workers
         # Small files to the first worker, large ones spread by size over the
@@ -634,16 +634,19 @@ class DataProcess:
         w = workers[0] if size <= SMALL_DATA_MAX or len(workers) == 1 else workers[1 + size % (len(workers) - 1)]
         w.nodes.append(node)
         w.sizes.append(size)
-        w.batch.append((src, size, path))
+        # A job is its source path and size, nothing else: an error comes back
+        # with the job's index and the owner names the image path from its node.
+        w.batch.append(src)
         w.batch_bytes += size
         if len(w.batch) >= self._BATCH_JOBS or w.batch_bytes >= self._BATCH_BYTES:
             w.hand_over()
             self._handed_over += 1
 
-    def finish(self, set_stream) -> None:
+    def finish(self, set_stream, path_of) -> None:
         """Wait for every copy, then ``set_stream(node, stream)`` for each file;
-        raises the first copy error.  The workers' regions are then complete
-        on disk (flushed, synced when the store syncs, object ID files written)."""
+        raises the first copy error, naming ``path_of(node)``.  The workers'
+        regions are then complete on disk (flushed, synced when the store
+        syncs, object ID files written)."""
         self.done = True
         for w in self._workers:
             w.hand_over()
@@ -660,6 +663,9 @@ class DataProcess:
                 werror = (E_FAIL, f"the data process ended unexpectedly (exit code {w.proc.exitcode})",
                           self.store.directory)
                 offsets, logical, stored = [], 0, 0
+            else:
+                if werror is not None and len(werror) == 4:  # (hresult, message, source, index of the job)
+                    werror = (werror[0], werror[1], path_of(w.nodes[werror[3]]) or werror[2])
             finally:
                 w.jobs.close()
                 w.results.close()
@@ -707,7 +713,7 @@ class _Worker:
         self.results, results_w = ctx.Pipe(duplex=False)
         self.nodes: list = []
         self.sizes = array.array("Q")  # 8 bytes per file, not an int object
-        self.batch: list = []
+        self.batch: list[str] = []  # source paths; their sizes are the tail of `sizes`
         self.batch_bytes = 0
         self.proc = ctx.Process(target=_data_process_main,
                                 args=(store, jobs_r, results_w, self.failed, inherited + [self.jobs, self.results]),
@@ -717,9 +723,10 @@ class _Worker:
         results_w.close()
 
     def hand_over(self) -> None:
-        if self.batch:
+        batch = self.batch
+        if batch:
             try:
-                self.jobs.send(self.batch)
+                self.jobs.send((batch, self.sizes[len(self.sizes) - len(batch):]))
             except OSError:  # the process is gone; finish() says why
                 pass
             self.batch = []
@@ -745,9 +752,11 @@ def _data_process_main(owner: ObjectStore, jobs, results, failed, owner_ends: li
             os._exit(1)
         if batch is None:
             break
-        for src, size, path in batch:
+        srcs, sizes = batch
+        for src, size in zip(srcs, sizes):
             ro = 0
             if error is None:
+                path = None  # errors name the image path from the job's index (DataProcess.finish)
                 try:
                     parent, _, name = src.rpartition("/")
                     parent = parent or ("/" if src.startswith("/") else ".")
@@ -774,9 +783,9 @@ def _data_process_main(owner: ObjectStore, jobs, results, failed, owner_ends: li
                     finally:
                         os.close(fd)
                 except CimError as e:
-                    error = (e.hresult, e.strerror, e.filename)
+                    error = (e.hresult, e.strerror, e.filename, len(offsets))
                 except OSError as e:
-                    error = (hresult_from_oserror(e), f"writing the image failed: {e.strerror}", path)
+                    error = (hresult_from_oserror(e), f"writing the image failed: {e.strerror}", None, len(offsets))
                 if error is not None:
                     failed.value = 1
             offsets.append(ro)

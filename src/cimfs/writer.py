@@ -375,6 +375,19 @@ class ImageWriter:
         key = self._folder.key(parts[-1])
         return parent, key, self._children(parent).get(key), stream, parts
 
+    def _path_of(self, target: _Node) -> str | None:
+        """The image path of a node (for an error message: a walk of the loaded
+        tree), or None once it is no longer linked."""
+        queue = [(self._root, "")]
+        for node, path in queue:  # grows while iterating
+            for name, child in (node.children or {}).values():
+                child_path = f"{path}\\{name}" if path else name
+                if child is target:
+                    return child_path
+                if child.is_dir:
+                    queue.append((child, child_path))
+        return None
+
     def _touch(self, node: _Node) -> None:
         node.dirty = True
 
@@ -625,7 +638,7 @@ class ImageWriter:
             node, size = self._create_copied(path, meta)
             if src[:1] != "/":  # the process opens it later: the caller may chdir meanwhile (POSIX: fork)
                 src = os.path.join(os.getcwd(), src)
-            self._process.submit(node, src, size, path)
+            self._process.submit(node, src, size)
         elif meta.file_size <= SMALL_DATA_MAX:
             # No data process: a thread would only contend for the GIL over a small file.
             fd = open_source(src, path)
@@ -669,7 +682,7 @@ class ImageWriter:
         """Every file's contents in place: the data thread drained, the data process finished."""
         self._drain()
         if self._process is not None and not self._process.done:
-            self._process.finish(_set_stream)
+            self._process.finish(_set_stream, self._path_of)
 
     def add_stream(self, path: str, data: bytes | BinaryIO) -> None:
         """Add an alternate stream ``file:stream`` from bytes or a file object."""

@@ -7,6 +7,7 @@ them untrusted bytes.
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 import uuid
@@ -363,16 +364,26 @@ def pack_link_table(names: list[str], values: list[bytes]) -> bytes:
     count = len(names)
     value_bytes = b"".join(values)
     name_base = 8 + len(value_bytes) + 4 * count
-    offsets = []
-    chunks = []
-    pos = name_base
-    for name in names:
-        raw = encode_name(name)
-        offsets.append(pos)
-        chunks.append(U16.pack(len(raw) // 2))
-        chunks.append(raw)
-        pos += 2 + len(raw)
-    body = value_bytes + struct.pack(f"<{count}I", *offsets) + b"".join(chunks)
+    # Each name is its length in UTF-16 units (u16), then the units: written
+    # as one string, the length as a character, encoded in one call.  That
+    # holds while every character is one unit; a name beyond the BMP (two
+    # units per character) takes the per-name path.
+    text = "".join([chr(len(name)) + name for name in names])
+    name_bytes = text.encode("utf-16-le", "surrogatepass")
+    if len(name_bytes) == 2 * len(text):
+        offsets = list(itertools.accumulate([2 + 2 * len(name) for name in names[:-1]], initial=name_base))
+    else:
+        offsets = []
+        chunks = []
+        pos = name_base
+        for name in names:
+            raw = encode_name(name)
+            offsets.append(pos)
+            chunks.append(U16.pack(len(raw) // 2))
+            chunks.append(raw)
+            pos += 2 + len(raw)
+        name_bytes = b"".join(chunks)
+    body = value_bytes + struct.pack(f"<{count}I", *offsets[:count]) + name_bytes
     return LINK_TABLE_HEADER.pack(8 + len(body), count) + body
 
 
