@@ -643,11 +643,13 @@ class DataProcess:
             w.hand_over()
             self._handed_over += 1
 
-    def finish(self, set_stream, path_of) -> None:
-        """Wait for every copy, then ``set_stream(node, stream)`` for each file;
-        raises the first copy error, naming ``path_of(node)``.  The workers'
-        regions are then complete on disk (flushed, synced when the store
-        syncs, object ID files written)."""
+    def finish(self, path_of) -> dict:
+        """Wait for every copy; returns {node: RegionOffset of its contents}
+        (a node's record still holds its placeholder stream: see
+        :func:`cim.fill_copied_stream`).  Raises the first copy error, naming
+        ``path_of(node)``.  The workers' regions are then complete on disk
+        (flushed, synced when the store syncs, object ID files written)."""
+        copied: dict = {}
         self.done = True
         for w in self._workers:
             w.hand_over()
@@ -673,13 +675,13 @@ class DataProcess:
             w.proc.join()
             error = error or werror
             if werror is None:
-                for node, size, ro in zip(w.nodes, w.sizes, offsets):
-                    set_stream(node, cim.Stream(ro, size))
+                copied.update(zip(w.nodes, offsets))
             w.nodes, w.sizes = [], array.array("Q")
             self.store.bytes_logical += logical
             self.store.bytes_stored += stored
         if error is not None:
             raise CimError(*error)
+        return copied
 
     def abandon(self) -> None:
         for w in self._workers:

@@ -99,10 +99,6 @@ def _unpacked(record) -> cim.FileRecord:
     return cim.unpack_file_record(record) if isinstance(record, bytes) else record
 
 
-def _set_stream(node: "_Node", stream: cim.Stream) -> None:
-    node.record = cim.record_with(node.record, stream=stream)
-
-
 def _with_stream(record, stream: cim.Stream) -> bytes:
     """A file's record once its default stream is final, kept packed: 129
     bytes instead of a tuple of a dozen ints (about 400), which is what a
@@ -275,6 +271,7 @@ class ImageWriter:
         self._open_stream: StreamWriter | None = None
         self._pump: DataPump | None = None
         self._process: DataProcess | None = None
+        self._copied: dict = {}  # node -> RegionOffset of contents a data process copied (see _commit)
         self._use_process = data_process
         try:
             if base:
@@ -682,7 +679,9 @@ class ImageWriter:
         """Every file's contents in place: the data thread drained, the data process finished."""
         self._drain()
         if self._process is not None and not self._process.done:
-            self._process.finish(_set_stream, self._path_of)
+            # Records get these offsets as the commit writes its file tables
+            # (the serial tail of a commit: no per-file record copy here).
+            self._copied = self._process.finish(self._path_of)
 
     def add_stream(self, path: str, data: bytes | BinaryIO) -> None:
         """Add an alternate stream ``file:stream`` from bytes or a file object."""
@@ -793,6 +792,7 @@ class ImageWriter:
                     changes["stream_table_offset"] = 0
             all_changes.append(changes)
         self._finish_copies()  # every file's stream is final from here on
+        copied = self._copied
 
         written = bytearray(cap)
         for node, changes in zip(changed, all_changes):
@@ -810,6 +810,10 @@ class ImageWriter:
             else:
                 record = cim.pack_file_record(record._replace(**changes) if changes else record)
             buf[slot * size:(slot + 1) * size] = record
+            if copied:
+                offset = copied.get(node)
+                if offset is not None:
+                    cim.fill_copied_stream(buf, slot * size, offset)
             written[slot] = 1
             count = max(count, slot + 1)
         if current >= 0:

@@ -343,6 +343,14 @@ def record_with(packed: bytes, *, parent_file_id: int | None = None, stream_tabl
     return bytes(buf)
 
 
+def fill_copied_stream(buf: bytearray, at: int, offset: int) -> None:
+    """The record packed at ``at`` in ``buf`` gets its contents: its
+    placeholder stream (:func:`placeholder_stream_word`) now points at
+    ``offset`` and is no longer sparse."""
+    word = _U64.unpack_from(buf, at + _RECORD_STREAM_AT + 8)[0]
+    STREAM.pack_into(buf, at + _RECORD_STREAM_AT, offset, word & ~(1 << 56))
+
+
 def unpack_file_record(buf) -> FileRecord:
     """``buf`` holds at least 96 bytes (shorter records are zero-filled by the caller)."""
     f = FILE_RECORD.unpack_from(buf, 0)
