@@ -19,7 +19,7 @@ class FileAttributes(enum.IntFlag):
     REPARSE_POINT = 0x400
 
 
-@dataclass
+@dataclass(slots=True)  # one per file of an import: no __dict__ to build
 class FileMetadata:
     """The metadata argument of ``CimCreateFile`` (``CIMFS_FILE_METADATA``).
 

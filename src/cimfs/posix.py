@@ -609,9 +609,10 @@ _FA_DIRECTORY, _FA_SPARSE_FILE, _FA_REPARSE_POINT = 0x10, 0x200, 0x400  # plain 
 def plain_file_metadata(st: os.stat_result) -> "cimfs.FileMetadata":
     """What :func:`node_metadata` gives a regular, not sparse, file scanned
     with this stat, without building its Node (the bulk of any tree)."""
-    mt = ns_to_filetime(st.st_mtime_ns)
-    return cimfs.FileMetadata(0, st.st_size, mt, mt, ns_to_filetime(st.st_ctime_ns), ns_to_filetime(st.st_atime_ns),
-                              b"", b"", _lx_ea_buffer(st.st_mode, st.st_uid, st.st_gid, None))
+    mt = st.st_mtime_ns // 100 + FILETIME_UNIX_EPOCH  # ns_to_filetime, inline: once per file of a tree
+    ea = _EA_CACHE.get((st.st_mode, st.st_uid, st.st_gid, None)) or _lx_ea_buffer(st.st_mode, st.st_uid, st.st_gid, None)
+    return cimfs.FileMetadata(0, st.st_size, mt, mt, st.st_ctime_ns // 100 + FILETIME_UNIX_EPOCH,
+                              st.st_atime_ns // 100 + FILETIME_UNIX_EPOCH, b"", b"", ea)
 
 
 def node_metadata(node: Node) -> "cimfs.FileMetadata":
@@ -979,6 +980,8 @@ class DirectoryImporter:
         w.mkdir("", node_metadata(_stat_root(self.src_dir)), exist_ok=True)
         stack: list[tuple[str, str, str]] = [(self.src_dir, "", "")]   # (local, image path, POSIX path)
         add_file = w.add_file
+        add_files = w.add_local_files
+        files: list = []
         progress = self.progress
         while stack:
             local, image_dir, posix_dir = stack.pop()
@@ -998,14 +1001,22 @@ class DirectoryImporter:
                     except OSError as e:
                         raise _oserror(e, full) from None
                     if S.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_blocks * 512 >= st.st_size:
-                        # The bulk of any tree: a plain file, straight from its stat.
+                        # The bulk of any tree: a plain file, straight from its stat,
+                        # added with the others of its directory in one call.
                         name = self._place_name(name_to_image(ent.name), full, taken, posix_dir)
                         if name is None:
                             continue
                         self.entries += 1
-                        add_file(image_prefix + name, _LocalFile(full) if st.st_size else b"", plain_file_metadata(st))
+                        if st.st_size:
+                            files.append((name, full, plain_file_metadata(st)))
+                        else:
+                            add_files(image_dir, files)
+                            files.clear()
+                            add_file(image_prefix + name, b"", plain_file_metadata(st))
                         progress(st.st_size)
                         continue
+                    add_files(image_dir, files)  # in order: file IDs follow the scan
+                    files.clear()
                     node = _node_from_entry(ent, st, full, self.groups)
                     name = self._place_name(name_to_image(ent.name), full, taken, posix_dir)
                     if name is None:
@@ -1018,6 +1029,8 @@ class DirectoryImporter:
                         subdirs.append((full, path, _join(posix_dir, name_from_image(name))))
                     else:
                         write_node(w, node, path, progress)
+                add_files(image_dir, files)
+                files.clear()
             finally:
                 os.close(dfd)
             stack.extend(reversed(subdirs))

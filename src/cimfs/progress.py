@@ -33,9 +33,6 @@ class Progress:
         self._start = time.monotonic()
         self._drawn = False
 
-    def __call__(self, n: int) -> None:
-        self.update(n)
-
     def update(self, n: int) -> None:
         self.done += n
         if not self.enabled:
@@ -44,6 +41,8 @@ class Progress:
         if now - self._last >= 0.1:
             self._last = now
             self._draw()
+
+    __call__ = update  # an importer calls it once per file: no extra call layer
 
     def _draw(self) -> None:
         try:

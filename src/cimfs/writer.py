@@ -14,6 +14,7 @@ written again, so committing a fork costs what changed, not the parent's size.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -40,7 +41,7 @@ from .errors import (
 from .bulk import paused_gc
 from .layout import cim
 from .metadata import FileAttributes, FileMetadata
-from .names import NameFolder, check_name, join_path, split_path
+from .names import NameFolder, check_name, join_path, name_is_valid, split_path
 from .store import (
     HOLE_MIN,
     SMALL_DATA_MAX,
@@ -393,35 +394,37 @@ class ImageWriter:
                     placeholder: bool = False) -> "cim.FileRecord | bytes":
         """The record of ``meta``; ``placeholder``: a new file whose contents
         are copied later, packed at once (see :meth:`_create_copied`)."""
-        store = self._store
         sd, ea, rp = meta.security_descriptor or b"", meta.ea_buffer or b"", meta.reparse_data or b""
-        if len(sd) > 0xFFFF or len(ea) > 0xFFFF or len(rp) > 0xFFFF:
-            raise CimError(E_INVALIDARG, "security descriptor, EA buffer and reparse data are each limited to 65535 bytes", path)
         tag = 0
-        if rp:
-            if len(rp) < 8:
-                raise CimError(E_INVALIDARG, f"reparse data of {len(rp)} bytes is shorter than its 8-byte header", path)
-            tag = struct.unpack_from("<I", rp)[0]
-        times = (meta.creation_time, meta.last_write_time, meta.change_time, meta.last_access_time)
+        if sd or rp or ea:  # all checked before any is stored
+            if len(sd) > 0xFFFF or len(ea) > 0xFFFF or len(rp) > 0xFFFF:
+                raise CimError(E_INVALIDARG, "security descriptor, EA buffer and reparse data are each limited to 65535 bytes", path)
+            if rp:
+                if len(rp) < 8:
+                    raise CimError(E_INVALIDARG, f"reparse data of {len(rp)} bytes is shorter than its 8-byte header", path)
+                tag = struct.unpack_from("<I", rp)[0]
+        ct, wt, cht, at = meta.creation_time, meta.last_write_time, meta.change_time, meta.last_access_time
         try:
-            bad = (times[0] | times[1] | times[2] | times[3]) >> 64  # nonzero if any is negative or too large
+            bad = (ct | wt | cht | at) >> 64  # nonzero if any is negative or too large
         except TypeError:
             bad = True
         if bad:
-            for t in times:
+            for t in (ct, wt, cht, at):
                 if not (isinstance(t, int) and 0 <= t < 1 << 64):
                     raise CimError(E_INVALIDARG, f"time {t!r} is not a FILETIME", path)
+        store = self._store
         sd_offset = store.put_blob(cim.pack_blob(sd)) if sd else 0
-        ea_offset = store.put_blob(bytes(ea)) if ea else 0
+        ea_offset = store.put_blob(ea if type(ea) is bytes else bytes(ea)) if ea else 0
         rp_offset = store.put_blob(cim.pack_blob(rp)) if rp else 0
+        attributes = meta.attributes
+        flags = cim.attributes_to_flags(attributes) if attributes else 0
         if placeholder:
-            return cim.pack_new_file_record(cim.attributes_to_flags(meta.attributes), len(ea), tag, *times,
+            return cim.pack_new_file_record(flags, len(ea), tag, ct, wt, cht, at,
                                             0, cim.placeholder_stream_word(meta.file_size),
                                             sd_offset, ea_offset, rp_offset)
         if stream is None:
             stream = _DIR_STREAM if meta.is_dir else cim.EMPTY_STREAM
-        return cim.FileRecord(cim.attributes_to_flags(meta.attributes), len(ea), tag, *times, stream,
-                              sd_offset, ea_offset, rp_offset)
+        return cim.FileRecord(flags, len(ea), tag, ct, wt, cht, at, stream, sd_offset, ea_offset, rp_offset)
 
     # ------------------------------------------------------------ Win32-shaped operations
     def create_file(self, path: str, metadata: FileMetadata | None = None) -> StreamWriter:
@@ -559,14 +562,15 @@ class ImageWriter:
     def mkdir(self, path: str, metadata: FileMetadata | None = None, *, exist_ok: bool = False, parents: bool = False) -> None:
         meta = metadata or FileMetadata()
         if not meta.is_dir:
-            meta = FileMetadata(**{**meta.__dict__, "attributes": meta.attributes | FileAttributes.DIRECTORY})
-        parts, _ = split_path(path)
+            meta = dataclasses.replace(meta, attributes=meta.attributes | FileAttributes.DIRECTORY)
         if parents:
+            parts, _ = split_path(path)
             for i in range(1, len(parts)):
                 if not self.is_dir(join_path(parts[:i])):
                     self.mkdir(join_path(parts[:i]), FileMetadata(attributes=FileAttributes.DIRECTORY))
-        if self.exists(path):
-            if exist_ok and self.is_dir(path) and metadata is None:
+        _, _, existing, _, _ = self._find(path)  # one look-up: importers make thousands of directories
+        if existing is not None:
+            if exist_ok and existing[1].is_dir and metadata is None:
                 return
             if not exist_ok:
                 raise CimError(ERROR_ALREADY_EXISTS, "already exists", path)
@@ -588,7 +592,7 @@ class ImageWriter:
             return
         if isinstance(data, (bytes, bytearray, memoryview)):
             if not meta.file_size:
-                meta = FileMetadata(**{**meta.__dict__, "file_size": len(data)})
+                meta = dataclasses.replace(meta, file_size=len(data))
             with self.create_file(path, meta) as s:
                 s.write(data)
             return
@@ -596,15 +600,61 @@ class ImageWriter:
             size = _size_of(data)
             if size is None:
                 data = data.read()
-                self.add_file(path, data, FileMetadata(**{**meta.__dict__, "file_size": len(data)}))
+                self.add_file(path, data, dataclasses.replace(meta, file_size=len(data)))
                 return
-            meta = FileMetadata(**{**meta.__dict__, "file_size": size})
+            meta = dataclasses.replace(meta, file_size=size)
         fd = _regular_file_fd(data) if meta.file_size > SMALL_DATA_MAX else None
         if fd is not None:
             self._add_file_async(path, meta, data, fd)
             return
         with self.create_file(path, meta) as s:
             _copy_into(data, s)
+
+    def add_local_files(self, directory: str, files: list) -> None:
+        """Add regular local files to the existing ``directory``: each of
+        ``files`` is ``(name, source path, metadata)``, ``metadata.file_size``
+        the bytes to take.  The same as ``add_file(directory\\name,
+        pathlib.Path(source), metadata)`` for each, errors included, but the
+        directory is looked up once and new names take a short path: an
+        importer makes one call per source directory."""
+        if not files:
+            return
+        prefix = directory.replace("/", "\\") + "\\" if directory else ""
+        process = self._process
+        if process is None and files and self._use_process and DataProcess.available():
+            process = self._process = DataProcess(self._store)
+        if process is None or process.done or self._closed or self._committed or self._open_stream is not None:
+            for name, src, meta in files:
+                self._add_local_file(prefix + name, os.fsdecode(src), meta)
+            return
+        if process.failed():
+            self._finish_copies()  # raises the copy's error now, not at commit
+        parent, _, existing, _, _ = self._find(directory)
+        if existing is None or not existing[1].is_dir:
+            raise CimError(ERROR_PATH_NOT_FOUND, "no such directory", directory)
+        parent = existing[1]
+        children = self._children(parent)
+        key_of = self._folder.key
+        record_for = self._record_for
+        submit = process.submit
+        cwd = None
+        for name, src, meta in files:
+            size = meta.file_size
+            if type(src) is not str:
+                src = os.fsdecode(src)
+            key = key_of(name) if type(name) is str else None
+            if (key is None or key in children or not name_is_valid(name) or type(size) is not int
+                    or not 0 < size <= cim.MAX_STREAM_LENGTH or meta.attributes & 0x10):
+                self._add_local_file(prefix + name, src, meta)  # replacing, an error, an empty file: the checked path
+                continue
+            node = _Node(record_for(meta, prefix + name, None, True), is_dir=False)
+            children[key] = (name, node)
+            node.nlink = 1
+            if src[:1] != "/":  # the process opens it later: the caller may chdir meanwhile
+                cwd = cwd or os.getcwd()
+                src = os.path.join(cwd, src)
+            submit(node, src, size)
+        parent.dirty = True
 
     def _add_file_async(self, path: str, meta: FileMetadata, src, fd: int) -> None:
         """The contents of a regular file go through the data pump; the node
@@ -626,7 +676,7 @@ class ImageWriter:
             if not st.st_size:
                 self.create_file(path, meta).close()
                 return
-            meta = FileMetadata(**{**meta.__dict__, "file_size": st.st_size})
+            meta = dataclasses.replace(meta, file_size=st.st_size)
         if self._process is None and self._use_process and DataProcess.available():
             self._process = DataProcess(self._store)
         if self._process is not None and not self._process.done:
