@@ -601,3 +601,37 @@ def test_relative_source_paths_survive_a_chdir(tmp_path, monkeypatch):
     with cimfs.open(tmp_path / "img" / "t.cim") as im:
         assert im.read_bytes("x") == im.read_bytes("y") == b"from a" * 10_000
         assert im.read_bytes("z") == b"from b" * 10_000
+
+
+@pytest.mark.parametrize("data_process", [True, False])
+def test_add_local_files_is_add_file_for_a_whole_directory(tmp_path, monkeypatch, data_process):
+    """add_local_files(dir, [(name, source, metadata)]) gives what add_file
+    per file gives: contents, metadata, replacement of an existing name,
+    a relative source taken from the cwd of the call, errors naming the path."""
+    src = tmp_path / "src"
+    src.mkdir()
+    blobs = {"a.txt": b"alpha", "big.bin": os.urandom(100_000), "same.bin": b"alpha", "rel": b"relative"}
+    for name, data in blobs.items():
+        (src / name).write_bytes(data)
+    meta = {n: FileMetadata(file_size=len(d), last_write_time=10 ** 17 + i) for i, (n, d) in enumerate(blobs.items())}
+    (tmp_path / "img").mkdir()
+    monkeypatch.chdir(src)
+    with cimfs.create(tmp_path / "img", "t.cim", data_process=data_process) as w:
+        w.mkdir("d")
+        w.add_file("d\\A.TXT", b"to be replaced")
+        w.add_local_files("d", [(n, str(src / n) if n != "rel" else "rel", meta[n]) for n in blobs])
+        w.add_local_files("d", [])
+        assert (w._process is not None) == data_process  # the short path (data process) or the checked one
+        monkeypatch.chdir(tmp_path)  # the relative source was resolved at the call
+        with pytest.raises(CimError) as e:
+            w.add_local_files("nowhere", [("x", str(src / "a.txt"), meta["a.txt"])])
+        assert e.value.hresult == errors.ERROR_PATH_NOT_FOUND
+        with pytest.raises(CimError) as e:
+            w.add_local_files("d", [("bad:name", str(src / "a.txt"), meta["a.txt"])])
+        assert e.value.hresult == errors.ERROR_INVALID_NAME and "bad:name" in str(e.value)
+    with cimfs.open(tmp_path / "img" / "t.cim") as im:
+        assert sorted(e.name for e in im.scandir("d")) == sorted(blobs)  # "A.TXT" replaced by "a.txt"
+        for name, data in blobs.items():
+            assert im.read_bytes(f"d\\{name}") == data
+            assert im.stat(f"d\\{name}").last_write_time == meta[name].last_write_time
+        assert im.record(im.lookup("d\\a.txt")).stream.offset == im.record(im.lookup("d\\same.bin")).stream.offset
