@@ -420,16 +420,19 @@ def test_local_files_added_by_path(tmp_path, data_process):
     assert sum(n.startswith("objectid_") for n in names) == sum(n.startswith("region_") for n in names)
 
 
+@pytest.mark.parametrize("size", [200_000, 2_000])  # a large file's copy path and a small one's
 @pytest.mark.parametrize("data_process", [True, False])
-def test_local_file_that_changes_fails_the_image(tmp_path, data_process):
+def test_local_file_that_changes_fails_the_image(tmp_path, data_process, size):
     """A source that vanishes, shrinks or becomes a FIFO before it is copied:
     a CimError naming the image path, no hang, and nothing left behind."""
     import multiprocessing
 
+    if not data_process and size <= 32 * 1024:
+        pytest.skip("without a data process a small file is read during add_file, before it changes")
     (tmp_path / "img").mkdir()
     for trouble in ("vanish", "shrink", "fifo"):
         victim = tmp_path / f"victim-{trouble}"
-        victim.write_bytes(os.urandom(200_000))
+        victim.write_bytes(os.urandom(size))
         with pytest.raises(CimError) as e:
             with cimfs.create(tmp_path / "img", "t.cim", data_process=data_process) as w:
                 w.mkdir("dir")
@@ -635,3 +638,29 @@ def test_add_local_files_is_add_file_for_a_whole_directory(tmp_path, monkeypatch
             assert im.read_bytes(f"d\\{name}") == data
             assert im.stat(f"d\\{name}").last_write_time == meta[name].last_write_time
         assert im.record(im.lookup("d\\a.txt")).stream.offset == im.record(im.lookup("d\\same.bin")).stream.offset
+
+
+def test_small_source_read_checks_the_file_type_only_when_needed(tmp_path):
+    """The data process reads a small file with one read of size + 1 bytes
+    and no fstat; anything but a regular file of at least the scanned size
+    still fails with the file-type error (a device reads too long, a FIFO
+    short, a directory not at all)."""
+    from cimfs.store import open_source, read_small_source
+
+    grown = tmp_path / "grown"
+    grown.write_bytes(b"0123456789")
+    fd = open_source(str(grown), "img\\grown", checked=False)
+    try:
+        assert read_small_source(fd, 4, str(grown), "img\\grown") == b"0123"  # the scanned size, as for large files
+    finally:
+        os.close(fd)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for source in ("/dev/zero", str(fifo), str(tmp_path)):
+        fd = open_source(source, "img\\x", checked=False)
+        try:
+            with pytest.raises(CimError) as e:
+                read_small_source(fd, 100, source, "img\\x")
+            assert "no longer a regular file" in str(e.value) and "img\\x" in str(e.value)
+        finally:
+            os.close(fd)

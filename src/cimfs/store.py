@@ -538,11 +538,13 @@ _SOURCE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | geta
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
 
 
-def open_source(src: str, path: str, dir_fd: int | None = None, shown: str | None = None) -> int:
+def open_source(src: str, path: str, dir_fd: int | None = None, shown: str | None = None,
+                checked: bool = True) -> int:
     """Open a local file to copy (``src`` relative to ``dir_fd`` if given).
     Not through a symlink and only a regular file: the tree may change
     between the scan and the copy, and a FIFO put in a file's place must not
-    hang the writer."""
+    hang the writer (it is opened non-blocking).  ``checked=False`` leaves
+    the regular-file check to the caller (:func:`read_small_source`)."""
     try:
         try:
             fd = os.open(src, _SOURCE_FLAGS | _O_NOATIME, dir_fd=dir_fd)  # leave atimes alone when allowed
@@ -550,13 +552,35 @@ def open_source(src: str, path: str, dir_fd: int | None = None, shown: str | Non
             fd = os.open(src, _SOURCE_FLAGS, dir_fd=dir_fd)
     except OSError as e:
         raise CimError(hresult_from_oserror(e), f"cannot open the source {shown or src!r}: {e.strerror}", path) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CimError(E_INVALIDARG, f"source {shown or src!r} is no longer a regular file", path)
-    except BaseException:
-        os.close(fd)
-        raise
+    if checked:
+        try:
+            _check_regular(fd, shown or src, path)
+        except BaseException:
+            os.close(fd)
+            raise
     return fd
+
+
+def _check_regular(fd: int, shown: str, path: str | None) -> None:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise CimError(E_INVALIDARG, f"source {shown!r} is no longer a regular file", path)
+
+
+def read_small_source(fd: int, size: int, shown: str, path: str | None) -> bytes:
+    """The ``size`` bytes of a source opened with ``open_source(checked=False)``.
+    One read of ``size + 1`` bytes: exactly ``size`` is a regular file as
+    scanned, so the fstat is only paid when something looks wrong (a FIFO
+    reads short, a device too long, a directory fails)."""
+    try:
+        data = os.read(fd, size + 1)
+        if len(data) == size:
+            return data
+    except OSError:
+        data = b""
+    _check_regular(fd, shown, path)
+    if len(data) > size:
+        return data[:size]  # a regular file that grew: its first size bytes, as with a large one
+    return read_exactly(fd, 0, size, path)
 
 
 def read_exactly(fd: int, pos: int, size: int, path: str) -> bytes:
@@ -794,14 +818,13 @@ def _data_process_main(owner: ObjectStore, jobs, results, failed, owner_ends: li
                         except OSError as e:
                             raise CimError(hresult_from_oserror(e), f"cannot open the source {src!r}: {e.strerror}", path) from None
                         dir_path = parent
-                    fd = open_source(name, path, dir_fd, src)
+                    small = size <= SMALL_DATA_MAX
+                    fd = open_source(name, path, dir_fd, src, checked=not small)
                     try:
-                        if size <= SMALL_DATA_MAX:
+                        if small:
                             # Most files of a tree: one read, hashed and appended
                             # without the layers copy_content goes through.
-                            data = os.read(fd, size)
-                            if len(data) < size:
-                                data = read_exactly(fd, 0, size, path)
+                            data = read_small_source(fd, size, src, path)
                             ro = store._put(cim.REGION_SMALL_DATA, data, sha256(data).digest()[:digest_size])
                         else:
                             ro = copy_content(store, buf, fd, 0, size, path).offset
