@@ -708,5 +708,24 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
+def entry_point() -> None:
+    """The ``cimfs`` program: :func:`main`, then the process ends at once.
+    Tearing the interpreter down would free, one by one, every object the
+    command built just before the system frees them all (a 60 000-file
+    create: ~70 ms of 1.6 s).  Output is flushed first; the data processes
+    and mounts have been waited for by the command itself."""
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                code = code or 1
+        os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    entry_point()
