@@ -634,6 +634,7 @@ class ImageWriter:
             raise CimError(ERROR_PATH_NOT_FOUND, "no such directory", directory)
         parent = existing[1]
         children = self._children(parent)
+        parent.dirty = True  # before the first link: a failure midway must not leave linked nodes unwritten
         key_of = self._folder.key
         record_for = self._record_for
         submit = process.submit
@@ -654,7 +655,6 @@ class ImageWriter:
                 cwd = cwd or os.getcwd()
                 src = os.path.join(cwd, src)
             submit(node, src, size)
-        parent.dirty = True
 
     def _add_file_async(self, path: str, meta: FileMetadata, src, fd: int) -> None:
         """The contents of a regular file go through the data pump; the node
