@@ -115,7 +115,8 @@ class RegionWriter:
         return self.end > cim.REGION_HEADER.size and self.end + size > REGION_SOFT_CAP
 
     def append(self, data) -> int:
-        start = cim.align(self.end, self.alignment)
+        a = self.alignment  # a power of two
+        start = (self.end + a - 1) & -a
         pending = self.pending
         if start != self.end:
             pending.append(_PADDING[: start - self.end])
@@ -347,16 +348,23 @@ class ObjectStore:
             return self._put(region_type, data, dg)
 
     def _put(self, region_type: int, data, dg: bytes | None) -> int:
+        # Once per small file of an import: lookup(), object_key() and
+        # region() inlined for the common case.
         length = len(data)
         self.bytes_logical += length
         if dg is None:
             dg = digest_of(data)
-        ro = self.lookup(length, dg)
+        key = length.to_bytes(8, "big") + dg  # object_key(length, dg)
+        ro = self.known.get(key)
+        if ro is None and self.parent_index is not None:
+            ro = self.lookup(length, dg)
         if ro:
             return ro
-        r = self.region(region_type, length)
+        r = self.current.get(region_type)
+        if r is None or r.full(length):
+            r = self.region(region_type, length)
         ro = cim.region_offset(r.combined_index, r.append(data))
-        self.known[object_key(length, dg)] = ro
+        self.known[key] = ro
         self.bytes_stored += length
         return ro
 
