@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import stat
 import struct
 import sys
@@ -79,6 +78,7 @@ def build(src: str, image_dir: str, name: str, posix: bool = True, sync: bool = 
         for dirpath, dirnames, filenames in os.walk(src):
             rel = os.path.relpath(dirpath, src)
             prefix = "" if rel == "." else rel + "/"
+            rel_dir = "" if rel == "." else rel
             for d in list(dirnames):
                 p = os.path.join(dirpath, d)
                 st = os.lstat(p)
@@ -88,6 +88,7 @@ def build(src: str, image_dir: str, name: str, posix: bool = True, sync: bool = 
                     continue
                 w.mkdir(prefix + d, metadata(st, posix, attributes=FileAttributes.DIRECTORY))
                 n_dirs += 1
+            plain = []  # this directory's regular files, added in one add_local_files() call
             for f in filenames:
                 p = os.path.join(dirpath, f)
                 st = os.lstat(p)
@@ -96,16 +97,22 @@ def build(src: str, image_dir: str, name: str, posix: bool = True, sync: bool = 
                                                           reparse_data=lx_symlink(os.readlink(p))))
                     n_links += 1
                 elif stat.S_ISREG(st.st_mode):
+                    meta = metadata(st, posix, file_size=st.st_size, attributes=FileAttributes.ARCHIVE)
                     if st.st_nlink > 1:
                         first = inodes.get((st.st_dev, st.st_ino))
                         if first is not None:
+                            w.add_local_files(rel_dir, plain)  # the first name may be among them
+                            plain.clear()
                             w.link(prefix + f, first)
                             continue
                         inodes[(st.st_dev, st.st_ino)] = prefix + f
                     # By path: the writer's data process opens, hashes and copies it.
-                    w.add_file(prefix + f, pathlib.Path(p) if st.st_size else b"",
-                               metadata(st, posix, file_size=st.st_size, attributes=FileAttributes.ARCHIVE))
+                    if st.st_size:
+                        plain.append((f, p, meta))
+                    else:
+                        w.add_file(prefix + f, b"", meta)
                     n_files += 1
+            w.add_local_files(rel_dir, plain)
     stats = w.stats()  # after the commit: asked before, it would wait for the copies first
     stats.update(files=n_files, dirs=n_dirs, symlinks=n_links)
     return stats
