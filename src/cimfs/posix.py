@@ -1010,13 +1010,9 @@ class DirectoryImporter:
                         if st.st_size:
                             files.append((name, full, plain_file_metadata(st)))
                         else:
-                            add_files(image_dir, files)
-                            files.clear()
                             add_file(image_prefix + name, b"", plain_file_metadata(st))
                         progress(st.st_size)
                         continue
-                    add_files(image_dir, files)  # in order: file IDs follow the scan
-                    files.clear()
                     node = _node_from_entry(ent, st, full, self.groups)
                     name = self._place_name(name_to_image(ent.name), full, taken, posix_dir)
                     if name is None:
@@ -1028,7 +1024,10 @@ class DirectoryImporter:
                         w.mkdir(path, node_metadata(node))
                         subdirs.append((full, path, _join(posix_dir, name_from_image(name))))
                     else:
+                        add_files(image_dir, files)  # contents are copied in scan order
+                        files.clear()
                         write_node(w, node, path, progress)
+                # Mostly one call per directory (subdirectories are visited after it).
                 add_files(image_dir, files)
                 files.clear()
             finally:
