@@ -621,7 +621,7 @@ class ImageWriter:
             return
         prefix = directory.replace("/", "\\") + "\\" if directory else ""
         process = self._process
-        if process is None and files and self._use_process and DataProcess.available():
+        if process is None and self._use_process and DataProcess.available():
             process = self._process = DataProcess(self._store)
         if process is None or process.done or self._closed or self._committed or self._open_stream is not None:
             for name, src, meta in files:
@@ -629,10 +629,10 @@ class ImageWriter:
             return
         if process.failed():
             self._finish_copies()  # raises the copy's error now, not at commit
-        parent, _, existing, _, _ = self._find(directory)
-        if existing is None or not existing[1].is_dir:
+        _, _, found, _, _ = self._find(directory)
+        if found is None or not found[1].is_dir:
             raise CimError(ERROR_PATH_NOT_FOUND, "no such directory", directory)
-        parent = existing[1]
+        parent = found[1]
         children = self._children(parent)
         parent.dirty = True  # before the first link: a failure midway must not leave linked nodes unwritten
         key_of = self._folder.key
