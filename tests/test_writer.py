@@ -664,3 +664,34 @@ def test_small_source_read_checks_the_file_type_only_when_needed(tmp_path):
             assert "no longer a regular file" in str(e.value) and "img\\x" in str(e.value)
         finally:
             os.close(fd)
+
+
+def test_closing_frees_the_tree_but_keeps_the_statistics(tmp_path):
+    """A caller may keep the handle after the commit; the 5 000 loaded nodes
+    must not stay with it."""
+    import gc
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        w = build(tmp_path)
+        for d in range(10):
+            w.mkdir(f"d{d}")
+        for i in range(5000):
+            w.add_file(f"d{i % 10}/f{i}", str(i).encode())
+        w.commit()
+        stats = w.stats()
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        w.close()
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert before - after > 5000 * 100, (before, after)  # records alone are larger than that
+    assert w.stats() == stats and stats["bytes_logical"] >= sum(len(str(i)) for i in range(5000))
+    with pytest.raises(CimError) as e:
+        w.add_file("late", b"x")
+    assert e.value.hresult == errors.E_HANDLE
+    with cimfs.open(tmp_path / "t.cim") as img:
+        assert img.read_bytes("d3/f4993") == b"4993"

@@ -12,6 +12,7 @@ import click
 
 import cimfs
 from . import posix, tools
+from .bulk import paused_gc
 from .errors import E_INVALIDARG, ERROR_FILE_EXISTS, ERROR_FILE_NOT_FOUND, CimError
 from .progress import Progress
 
@@ -149,7 +150,9 @@ def create(src, image, parent, extend, fmt, on_collision):
         if base_name is None:
             # A new image: written while the directory is scanned (bounded
             # memory; the total is not known up front, so progress counts up).
-            with Progress(0, "create") as bar, cimfs.create(directory, name) as w:
+            # One GC pause from the scan to the tree's release after the
+            # commit: in between, the first collection would scan every node.
+            with paused_gc(), Progress(0, "create") as bar, cimfs.create(directory, name) as w:
                 posix.DirectoryImporter(w, src, on_collision=on_collision, report=_warn, progress=bar).run()
             return
         tree = posix.scan_directory(src, posix.Tree(on_collision, report=_warn))

@@ -902,6 +902,13 @@ class ImageWriter:
 
     # ------------------------------------------------------------ close
     def _release(self) -> None:
+        # The loaded tree goes now, not with the handle: a caller may keep the
+        # handle (stats()), and while the cyclic GC is paused (paused_gc) the
+        # nodes are freed by reference counting instead of all being scanned
+        # by the first collection after it (~60 ms for 60 000 files).
+        self._root = self._parent_cache = None
+        self._base_nodes = {}
+        self._copied = {}
         if self._base is not None:
             self._base.close()
             self._base = None
@@ -928,13 +935,14 @@ class ImageWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None and not self._committed and not self._closed:
-                if self._open_stream is not None:
-                    self._open_stream.close()
-                self.commit()
-        finally:
-            self.close()
+        with paused_gc():  # commit and free the tree in one pause (see _release)
+            try:
+                if exc_type is None and not self._committed and not self._closed:
+                    if self._open_stream is not None:
+                        self._open_stream.close()
+                    self.commit()
+            finally:
+                self.close()
 
     def __del__(self):
         if not getattr(self, "_closed", True):
