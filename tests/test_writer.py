@@ -695,3 +695,28 @@ def test_closing_frees_the_tree_but_keeps_the_statistics(tmp_path):
     assert e.value.hresult == errors.E_HANDLE
     with cimfs.open(tmp_path / "t.cim") as img:
         assert img.read_bytes("d3/f4993") == b"4993"
+
+
+@pytest.mark.parametrize("data_process", [True, False])
+def test_a_failed_commit_cannot_be_retried_into_a_broken_image(tmp_path, data_process):
+    """After a source vanished the other files' contents may never have been
+    written: a second commit must refuse, not publish records without them."""
+    (tmp_path / "img").mkdir()
+    sources = []
+    for i in range(3):
+        sources.append(tmp_path / f"f{i}")
+        sources[-1].write_bytes(os.urandom(100_000 + i))
+    w = cimfs.create(tmp_path / "img", "t.cim", data_process=data_process)
+    for i, src in enumerate(sources):
+        w.add_file(f"f{i}", src)
+    sources[1].unlink()
+    with pytest.raises(CimError) as first:
+        w.commit()
+    assert "f1" in str(first.value)
+    for retry in (w.commit, lambda: w.add_file("late", b"x")):
+        with pytest.raises(CimError) as again:
+            retry()
+        assert again.value.hresult == errors.E_FAIL
+        assert "earlier commit failed" in str(again.value) and "f1" in str(again.value)
+    w.close()
+    assert os.listdir(tmp_path / "img") == []

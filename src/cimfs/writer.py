@@ -26,6 +26,7 @@ from typing import BinaryIO
 from . import reader as _reader
 from .errors import (
     E_ACCESSDENIED,
+    E_FAIL,
     E_HANDLE,
     E_INVALIDARG,
     ERROR_ALREADY_EXISTS,
@@ -268,6 +269,7 @@ class ImageWriter:
         self._base: _reader.Image | None = None
         self._store: ObjectStore | None = None
         self._committed = False
+        self._commit_error: str | None = None
         self._closed = False
         self._open_stream: StreamWriter | None = None
         self._pump: DataPump | None = None
@@ -309,6 +311,11 @@ class ImageWriter:
             raise CimError(E_HANDLE, "image handle is closed", self.path)
         if mutating and self._committed:
             raise CimError(E_INVALIDARG, "image is already committed; no further change is allowed", self.path)
+        if mutating and self._commit_error is not None:
+            # The data processes are gone and the store may be half finished:
+            # another commit would publish records whose contents were never written.
+            raise CimError(E_FAIL, f"an earlier commit failed ({self._commit_error}); close the image and start again",
+                           self.path)
         if mutating and self._open_stream is not None:
             raise CimError(ERROR_SHARING_VIOLATION, f"a stream is still open on {self._open_stream.path!r}", self.path)
 
@@ -745,15 +752,19 @@ class ImageWriter:
         """Write the image (crash-safely) and return the ``.cim`` path."""
         self._check_open()
         try:
-            self._drain()  # the data thread sets records; the commit patches them next
-            with paused_gc():
-                self._commit()
-        except PermissionError as e:
-            raise CimError(E_ACCESSDENIED, e.strerror or "permission denied", e.filename or self.path) from None
-        except OSError as e:
-            if isinstance(e, CimError):
-                raise
-            raise CimError(hresult_from_oserror(e), f"commit failed: {e.strerror or e}", e.filename or self.path) from None
+            try:
+                self._drain()  # the data thread sets records; the commit patches them next
+                with paused_gc():
+                    self._commit()
+            except PermissionError as e:
+                raise CimError(E_ACCESSDENIED, e.strerror or "permission denied", e.filename or self.path) from None
+            except OSError as e:
+                if isinstance(e, CimError):
+                    raise
+                raise CimError(hresult_from_oserror(e), f"commit failed: {e.strerror or e}", e.filename or self.path) from None
+        except BaseException as e:
+            self._commit_error = str(e) or type(e).__name__
+            raise
         self._committed = True
         return self.path
 
