@@ -720,3 +720,24 @@ def test_a_failed_commit_cannot_be_retried_into_a_broken_image(tmp_path, data_pr
         assert "earlier commit failed" in str(again.value) and "f1" in str(again.value)
     w.close()
     assert os.listdir(tmp_path / "img") == []
+
+
+@pytest.mark.parametrize("data_process", [True, False])
+def test_a_copied_file_deleted_or_replaced_before_the_commit(tmp_path, data_process):
+    """Contents still being copied for a file that is gone by the commit go
+    nowhere; its replacement and the files around it read back exactly."""
+    (tmp_path / "img").mkdir()
+    blobs = {name: os.urandom(n) for name, n in (("big", 300_000), ("small", 3_000), ("keep", 200_001), ("new", 5))}
+    for name, data in blobs.items():
+        (tmp_path / name).write_bytes(data)
+    with cimfs.create(tmp_path / "img", "t.cim", data_process=data_process) as w:
+        w.mkdir("d")
+        for name in ("big", "small", "keep"):
+            w.add_file(f"d/{name}", tmp_path / name)
+        w.delete("d/big")
+        w.delete("d/small")
+        w.add_file("d/small", tmp_path / "new")
+    with cimfs.open(tmp_path / "img" / "t.cim") as img:
+        assert sorted(img.listdir("d")) == ["keep", "small"]
+        assert img.read_bytes("d/keep") == blobs["keep"]
+        assert img.read_bytes("d/small") == blobs["new"]

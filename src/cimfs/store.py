@@ -646,7 +646,7 @@ class DataProcess:
             inherited = [c for w in self._workers for c in (w.jobs, w.results)]
             self._workers.append(_Worker(ctx, store, inherited))
         self._route: dict[int, _Worker] = {}  # file size -> the worker all files of that size go to
-        self.done = False
+        self.done = self._input_ended = False
         self._handed_over = self._checked = 0
         self._failed = False
 
@@ -675,6 +675,19 @@ class DataProcess:
             w.hand_over()
             self._handed_over += 1
 
+    def end_input(self) -> None:
+        """No more files: the last partial batches go out now and the workers
+        may finish their regions while the owner does other work."""
+        if self._input_ended:
+            return
+        self._input_ended = True
+        for w in self._workers:
+            w.hand_over()
+            try:
+                w.jobs.send(None)
+            except OSError:
+                pass
+
     def finish(self, path_of) -> dict:
         """Wait for every copy; returns {node: RegionOffset of its contents}
         (a node's record still holds its placeholder stream: see
@@ -682,13 +695,8 @@ class DataProcess:
         ``path_of(node)``.  The workers' regions are then complete on disk
         (flushed, synced when the store syncs, object ID files written)."""
         copied: dict = {}
+        self.end_input()
         self.done = True
-        for w in self._workers:
-            w.hand_over()
-            try:
-                w.jobs.send(None)
-            except OSError:
-                pass
         error = None
         for w in self._workers:
             try:
@@ -740,7 +748,9 @@ _JOB_COST = 8 << 10
 
 
 def _queued_work(w: "_Worker") -> int:
-    return w.work
+    # What it still has to do, from its own account of what it has done: a
+    # worker that got less CPU so far gets less of what comes next.
+    return w.work - w.completed.value
 
 
 def _widen_pipe(conn) -> None:
@@ -760,6 +770,7 @@ class _Worker:
 
     def __init__(self, ctx, store: ObjectStore, inherited: list):
         self.failed = ctx.Value("b", 0, lock=False)  # set by the process at its first error
+        self.completed = ctx.Value("q", 0, lock=False)  # work done, in the units of `work`; the process adds to it
         jobs_r, self.jobs = ctx.Pipe(duplex=False)
         _widen_pipe(self.jobs)
         self.results, results_w = ctx.Pipe(duplex=False)
@@ -769,7 +780,8 @@ class _Worker:
         self.batch_bytes = 0
         self.work = 0  # bytes (and _JOB_COST per file) routed here so far
         self.proc = ctx.Process(target=_data_process_main,
-                                args=(store, jobs_r, results_w, self.failed, inherited + [self.jobs, self.results]),
+                                args=(store, jobs_r, results_w, self.failed, self.completed,
+                                      inherited + [self.jobs, self.results]),
                                 name="cimfs-data", daemon=True)
         self.proc.start()
         jobs_r.close()
@@ -786,7 +798,7 @@ class _Worker:
             self.batch_bytes = 0
 
 
-def _data_process_main(owner: ObjectStore, jobs, results, failed, owner_ends: list) -> None:
+def _data_process_main(owner: ObjectStore, jobs, results, failed, completed, owner_ends: list) -> None:
     import signal
 
     try:
@@ -845,6 +857,7 @@ def _data_process_main(owner: ObjectStore, jobs, results, failed, owner_ends: li
                 if error is not None:
                     failed.value = 1
             offsets.append(ro)
+        completed.value += sum(sizes) + len(sizes) * _JOB_COST
     if error is None:
         try:
             store.finish()

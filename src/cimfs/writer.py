@@ -805,33 +805,23 @@ class ImageWriter:
     def _commit(self) -> None:
         store = self._store
         base = self._base
+        if self._process is not None:
+            # The last files' batches go out before the tables are packed: a
+            # data process that had caught up would wait for them meanwhile.
+            self._process.end_input()
         changed = self._assign_ids()
-        # Records go straight into their file table's buffer (one table of
-        # 1024 records at a time in memory): FileIDs ascend through `changed`
-        # once it is sorted, and new IDs were handed out contiguously.
         changed.sort(key=lambda n: n.file_id)
         cap = cim.FILE_TABLE_CAPACITY
         size = cim.FILE_RECORD_SIZE
         tables = list(base.file_tables) if base else []
-        current = -1
-        buf = bytearray()
-        count = 0
+        # File table t: (buffer of its records, which slots were written, slots used).
+        pending: dict[int, tuple[bytearray, bytearray, list[int]]] = {}
 
-        def flush() -> None:
-            first = current * cap + 1
-            base_count = tables[current].count if current < len(tables) and tables[current] is not None else 0
-            total = max(base_count, count)
-            for i in range(total):
-                if not written[i]:
-                    # a slot nobody changed keeps the parent's record
-                    buf[i * size:(i + 1) * size] = base.raw_record(first + i)
-            while len(tables) <= current:
-                tables.append(None)
-            tables[current] = cim.FileTableEntry(store.put_unique(bytes(buf[: total * size])), total, size)
-
-        # Link and stream tables first: they do not depend on file contents,
-        # so they are built while a data process may still be copying.
-        all_changes: list[dict | None] = []
+        # Everything but the copied contents is packed first, while the data
+        # processes may still be copying: after them only their offsets are
+        # filled in (the serial tail of a commit).  A record moves into its
+        # table's buffer and leaves its node: 96 bytes in a buffer instead of a
+        # bytes object of 129 (a failed commit poisons the handle, see commit()).
         for node in changed:
             changes = None
             # children/streams of None: a parent's directory or stream table
@@ -851,34 +841,40 @@ class ImageWriter:
                     changes["stream_table_offset"] = store.put_unique(table)
                 else:
                     changes["stream_table_offset"] = 0
-            all_changes.append(changes)
-        self._finish_copies()  # every file's stream is final from here on
-        copied = self._copied
-
-        written = bytearray(cap)
-        for node, changes in zip(changed, all_changes):
-            t, slot = divmod(node.file_id - 1, cap)
-            if t != current:
-                if current >= 0:
-                    flush()
-                current, count = t, 0
-                buf = bytearray(cap * size)
-                written = bytearray(cap)
             record = node.record
             if isinstance(record, bytes):
                 if changes:
                     record = cim.record_with(record, **changes)  # only a file's stream table can change here
             else:
                 record = cim.pack_file_record(record._replace(**changes) if changes else record)
+            t, slot = divmod(node.file_id - 1, cap)
+            entry = pending.get(t)
+            if entry is None:
+                entry = pending[t] = (bytearray(cap * size), bytearray(cap), [0])
+            buf, written, used = entry
             buf[slot * size:(slot + 1) * size] = record
-            if copied:
-                offset = copied.get(node)
-                if offset is not None:
-                    cim.fill_copied_stream(buf, slot * size, offset)
             written[slot] = 1
-            count = max(count, slot + 1)
-        if current >= 0:
-            flush()
+            if slot >= used[0]:
+                used[0] = slot + 1
+            node.record = None
+        self._finish_copies()  # every file's stream is final from here on
+        for node, offset in self._copied.items():
+            if node.file_id:  # not a file deleted again before the commit
+                t, slot = divmod(node.file_id - 1, cap)
+                cim.fill_copied_stream(pending[t][0], slot * size, offset)
+        self._copied = {}
+        for t in sorted(pending):
+            buf, written, used = pending.pop(t)
+            first = t * cap + 1
+            base_count = tables[t].count if t < len(tables) and tables[t] is not None else 0
+            total = max(base_count, used[0])
+            for i in range(total):
+                if not written[i]:
+                    # a slot nobody changed keeps the parent's record
+                    buf[i * size:(i + 1) * size] = base.raw_record(first + i)
+            while len(tables) <= t:
+                tables.append(None)
+            tables[t] = cim.FileTableEntry(store.put_unique(bytes(buf[: total * size])), total, size)
         if base is not None:
             upcase = base.filesystem.upcase_offset
         else:
