@@ -741,3 +741,41 @@ def test_a_copied_file_deleted_or_replaced_before_the_commit(tmp_path, data_proc
         assert sorted(img.listdir("d")) == ["keep", "small"]
         assert img.read_bytes("d/keep") == blobs["keep"]
         assert img.read_bytes("d/small") == blobs["new"]
+
+
+def test_directories_with_the_same_names_in_different_places(tmp_path):
+    """Paths are looked up through a cache of directories: equal names under
+    different parents, different spellings of one path, and a directory
+    deleted and made again must each land where the path says."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("one", "two", "three"):
+        (src / name).write_bytes(name.encode() * 20)
+    (tmp_path / "img").mkdir()
+    with cimfs.create(tmp_path / "img", "t.cim") as w:
+        for top in ("a", "b"):
+            w.mkdir(top)
+            w.mkdir(f"{top}/x")
+            w.mkdir(f"{top}\\x\\y")
+        w.add_local_files("b/x", [("f", src / "one", FileMetadata(file_size=60))])
+        w.add_local_files("a\\x", [("f", src / "two", FileMetadata(file_size=60))])
+        w.add_file("A/X/y/g", b"g in a/x/y")
+        w.add_file("/b/x/y/g", b"g in b/x/y")
+        with pytest.raises(CimError) as e:
+            w.add_file("x/nowhere", b"")  # no "x" at the top yet
+        assert e.value.hresult == errors.ERROR_PATH_NOT_FOUND
+        w.mkdir("x")  # the name of the directories above, at the top
+        w.mkdir("x/y")
+        w.add_file("x/y/top", b"top")
+        w.delete("a/x")
+        w.mkdir("a/x")
+        w.add_local_files("a/x", [("h", src / "three", FileMetadata(file_size=100))])
+        w.add_file("a/x/i", b"i")
+    with cimfs.open(tmp_path / "img" / "t.cim") as img:
+        files = {}
+        for dirpath, _, filenames in img.walk():
+            for f in filenames:
+                path = f"{dirpath}/{f}".replace("\\", "/").lstrip("/")
+                files[path] = img.read_bytes(path)
+    assert files == {"b/x/f": b"one" * 20, "b/x/y/g": b"g in b/x/y", "a/x/h": b"three" * 20, "a/x/i": b"i",
+                     "x/y/top": b"top"}

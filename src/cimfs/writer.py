@@ -136,6 +136,7 @@ class _Node:
 
 
 _DIR_STREAM = cim.Stream(0, 0, cim.STREAM_TYPE_LINK_TABLE)
+_DIR_CACHE_MAX = 1 << 16
 
 
 class StreamWriter:
@@ -290,7 +291,10 @@ class ImageWriter:
                 raise CimError(ERROR_FILE_EXISTS, "an image of that name already exists", self.path)
             self._store = ObjectStore(self.directory, self._base, sync)
             self._base_nodes: dict[int, _Node] = {}
-            self._parent_cache: tuple[str, _Node] | None = None
+            # Directories looked up by path ("a\\b" -> node), so importers adding
+            # to one directory after another do not walk from the root each time.
+            # Only _unlink removes nodes from the tree, and it empties this.
+            self._dir_cache: dict[str, _Node] = {}
             if self._base is not None:
                 self._folder = self._base._folder
                 self._root = self._base_node(self._base.root_id)
@@ -361,14 +365,12 @@ class ImageWriter:
 
     def _find(self, path: str, allow_stream: bool = False):
         """(parent node, key, (name, node) or None, stream name, parts)."""
-        # Importers add many files to one directory in a row: remember the last
-        # parent so only the last component needs checking and looking up.
+        # A known parent directory: only the last component is checked and looked up.
         if isinstance(path, str):
             head, _, tail = path.replace("/", "\\").rpartition("\\")
-            cached = self._parent_cache
-            if cached is not None and head == cached[0] and tail and ":" not in tail:
+            parent = self._dir_cache.get(head)
+            if parent is not None and tail and ":" not in tail:
                 check_name(tail, path)
-                parent = cached[1]
                 key = self._folder.key(tail)
                 children = parent.children if parent.children is not None else self._children(parent)
                 return parent, key, children.get(key), None, [tail]
@@ -376,7 +378,11 @@ class ImageWriter:
         if not parts:
             return None, "", ("", self._root), stream, parts
         parent = self._walk_to_parent(parts, path)
-        self._parent_cache = (path.replace("/", "\\").rpartition("\\")[0], parent) if stream is None else None
+        if stream is None:
+            cache = self._dir_cache
+            if len(cache) >= _DIR_CACHE_MAX:  # many spellings of paths: start over
+                cache.clear()
+            cache[path.replace("/", "\\").rpartition("\\")[0]] = parent
         key = self._folder.key(parts[-1])
         return parent, key, self._children(parent).get(key), stream, parts
 
@@ -473,6 +479,10 @@ class ImageWriter:
             self._unlink(parent, key)
         node = _Node(record, is_dir=is_dir)
         self._link(parent, key, parts[-1], node)
+        if is_dir and len(self._dir_cache) < _DIR_CACHE_MAX:
+            # Importers add to it next.  Its path as spelled resolved to it ("parts"
+            # is only the last name when the parent came from this cache).
+            self._dir_cache[path.replace("/", "\\")] = node
         return node, size
 
     def _update_dir(self, node: _Node, record: cim.FileRecord) -> None:
@@ -542,7 +552,7 @@ class ImageWriter:
         parent.dirty = True
 
     def _unlink(self, parent: _Node, key: str) -> None:
-        self._parent_cache = None  # the cached directory may be the one going away
+        self._dir_cache.clear()  # a cached directory may be the one going away, or below it
         name, node = self._children(parent).pop(key)
         node.nlink -= 1
         parent.dirty = True
@@ -636,10 +646,15 @@ class ImageWriter:
             return
         if process.failed():
             self._finish_copies()  # raises the copy's error now, not at commit
-        _, _, found, _, _ = self._find(directory)
-        if found is None or not found[1].is_dir:
-            raise CimError(ERROR_PATH_NOT_FOUND, "no such directory", directory)
-        parent = found[1]
+        dir_key = directory.replace("/", "\\")
+        parent = self._dir_cache.get(dir_key)
+        if parent is None:
+            _, _, found, _, _ = self._find(directory)
+            if found is None or not found[1].is_dir:
+                raise CimError(ERROR_PATH_NOT_FOUND, "no such directory", directory)
+            parent = found[1]
+            if len(self._dir_cache) < _DIR_CACHE_MAX:
+                self._dir_cache[dir_key] = parent
         children = self._children(parent)
         parent.dirty = True  # before the first link: a failure midway must not leave linked nodes unwritten
         key_of = self._folder.key
@@ -913,7 +928,8 @@ class ImageWriter:
         # handle (stats()), and while the cyclic GC is paused (paused_gc) the
         # nodes are freed by reference counting instead of all being scanned
         # by the first collection after it (~60 ms for 60 000 files).
-        self._root = self._parent_cache = None
+        self._root = None
+        self._dir_cache = {}
         self._base_nodes = {}
         self._copied = {}
         if self._base is not None:
