@@ -127,3 +127,22 @@ def test_parsers_only_raise_format_errors(seed):
                 parse(bytes(buf))
             except CimFormatError:
                 pass
+
+
+def test_describe_decodes_wsl_eas(tmp_path):
+    """`cimfs info` shows the $LX* values decoded; a value of the wrong size stays raw."""
+    import cimfs
+    from cimfs import FileMetadata, tools
+
+    eas = ntfs.pack_eas([
+        ntfs.EaEntry("$LXUID", (1000).to_bytes(4, "little")),
+        ntfs.EaEntry("$LXGID", (100).to_bytes(4, "little")),
+        ntfs.EaEntry("$LXMOD", (0o20640).to_bytes(4, "little")),
+        ntfs.EaEntry("$LXDEV", (4).to_bytes(4, "little") + (64).to_bytes(4, "little")),
+        ntfs.EaEntry("USER.X", b"abc"),
+    ])
+    with cimfs.create(tmp_path, "t.cim") as w:
+        w.add_file("tty", b"", FileMetadata(ea_buffer=eas))
+    with cimfs.open(tmp_path / "t.cim") as img:
+        decoded = {e["name"]: e.get("decoded") for e in tools.describe(img, "tty")["eas"]}
+    assert decoded == {"$LXUID": 1000, "$LXGID": 100, "$LXMOD": "20640 (crw-r-----)", "$LXDEV": [4, 64], "USER.X": None}

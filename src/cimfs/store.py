@@ -688,13 +688,14 @@ class DataProcess:
             except OSError:
                 pass
 
-    def finish(self, path_of) -> dict:
-        """Wait for every copy; returns {node: RegionOffset of its contents}
-        (a node's record still holds its placeholder stream: see
+    def finish(self, path_of) -> list:
+        """Wait for every copy; returns, per worker, (its nodes, the
+        RegionOffsets of their contents in the same order) (a node's record
+        still holds its placeholder stream: see
         :func:`cim.fill_copied_stream`).  Raises the first copy error, naming
         ``path_of(node)``.  The workers' regions are then complete on disk
         (flushed, synced when the store syncs, object ID files written)."""
-        copied: dict = {}
+        copied: list = []
         self.end_input()
         self.done = True
         error = None
@@ -715,7 +716,7 @@ class DataProcess:
             w.proc.join()
             error = error or werror
             if werror is None:
-                copied.update(zip(w.nodes, offsets))
+                copied.append((w.nodes, offsets))
             w.nodes, w.sizes = [], array.array("Q")
             self.store.bytes_logical += logical
             self.store.bytes_stored += stored

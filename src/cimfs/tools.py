@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import cimfs
 from .writer import DirectoryLock
 from . import posix
+from .layout import ntfs
 from .errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
 
 _ATTR_NAMES = [(0x1, "READONLY"), (0x2, "HIDDEN"), (0x4, "SYSTEM"), (0x10, "DIRECTORY"), (0x20, "ARCHIVE"),
@@ -39,16 +40,11 @@ def filetime_iso(ft: int) -> str:
     return d.strftime("%Y-%m-%dT%H:%M:%S") + f".{ticks:07d}Z"
 
 
-def _ntfs():
-    from .layout import ntfs
-    return ntfs
-
-
 def _tag_names() -> dict[int, str]:
     names = {posix.TAG_MOUNT_POINT: "MOUNT_POINT", posix.TAG_SYMLINK: "SYMLINK", posix.TAG_LX_SYMLINK: "LX_SYMLINK",
              posix.TAG_AF_UNIX: "AF_UNIX", posix.TAG_LX_FIFO: "LX_FIFO", posix.TAG_LX_CHR: "LX_CHR",
              posix.TAG_LX_BLK: "LX_BLK", 0xA000001F: "WCI_TOMBSTONE"}
-    n = _ntfs()
+    n = ntfs
     for k in dir(n):
         v = getattr(n, k)
         if k.startswith("IO_REPARSE_TAG_") and isinstance(v, int):
@@ -94,7 +90,7 @@ def describe(image, path: str) -> dict:
                   "gid": info.gid, "rdev": list(info.rdev) if info.kind in ("chr", "blk") else None,
                   "target": info.target},
     }
-    n = _ntfs()
+    n = ntfs
     # security descriptor
     if st.security_descriptor:
         sd = {"length": len(st.security_descriptor), "hex": st.security_descriptor.hex()}
@@ -154,13 +150,14 @@ def _s(v):
 
 
 def _decode_lx_ea(name: str, value: bytes):
-    import struct
-    if name in ("$LXUID", "$LXGID", "$LXMOD") and len(value) == 4:
-        v = struct.unpack("<I", value)[0]
-        return f"{v:o} ({S.filemode(v)})" if name == "$LXMOD" else v
-    if name == "$LXDEV" and len(value) == 8:
-        return list(struct.unpack("<II", value))
-    return None
+    if len(value) != {"$LXUID": 4, "$LXGID": 4, "$LXMOD": 4, "$LXDEV": 8}.get(name):
+        return None
+    lx = ntfs.parse_lx_eas([ntfs.EaEntry(name, value)])
+    if name == "$LXMOD":
+        return f"{lx.mode:o} ({S.filemode(lx.mode)})"
+    if name == "$LXDEV":
+        return [lx.rdev_major, lx.rdev_minor]
+    return lx.uid if name == "$LXUID" else lx.gid
 
 
 # --------------------------------------------------------------------- walking
@@ -339,7 +336,7 @@ def fsck(cim_path: str, progress: Callable[[int], None] | None = None) -> list[s
             if not os.path.exists(p):
                 findings.append(f"{r}: region file missing")
         findings.extend(image.check())
-        n = _ntfs()
+        n = ntfs
         fold = getattr(image, "fold", posix.fold)
         seen_dirs = {image.root_id}
         links: dict[int, int] = {}

@@ -20,7 +20,6 @@ import hashlib
 import os
 import secrets
 import stat
-import struct
 from typing import BinaryIO
 
 from . import reader as _reader
@@ -40,7 +39,7 @@ from .errors import (
     hresult_from_oserror,
 )
 from .bulk import paused_gc
-from .layout import cim
+from .layout import cim, ntfs
 from .metadata import FileAttributes, FileMetadata
 from .names import NameFolder, check_name, join_path, name_is_valid, split_path
 from .store import (
@@ -275,7 +274,7 @@ class ImageWriter:
         self._open_stream: StreamWriter | None = None
         self._pump: DataPump | None = None
         self._process: DataProcess | None = None
-        self._copied: dict = {}  # node -> RegionOffset of contents a data process copied (see _commit)
+        self._copied: list = []  # per data process: (nodes, RegionOffsets of their contents) (see _commit)
         self._use_process = data_process
         try:
             if base:
@@ -415,7 +414,7 @@ class ImageWriter:
             if rp:
                 if len(rp) < 8:
                     raise CimError(E_INVALIDARG, f"reparse data of {len(rp)} bytes is shorter than its 8-byte header", path)
-                tag = struct.unpack_from("<I", rp)[0]
+                tag = ntfs.reparse_tag(rp)
         ct, wt, cht, at = meta.creation_time, meta.last_write_time, meta.change_time, meta.last_access_time
         try:
             bad = (ct | wt | cht | at) >> 64  # nonzero if any is negative or too large
@@ -783,40 +782,6 @@ class ImageWriter:
         self._committed = True
         return self.path
 
-    def _assign_ids(self) -> list[_Node]:
-        """FileIDs for new nodes, breadth first so a directory's children sit
-        together in the file tables.  Returns the nodes whose record is written."""
-        base = self._base
-        next_id = base.max_file_id() + 1 if base else 1
-        root = self._root
-        if not root.file_id:
-            root.file_id = next_id
-            next_id += 1
-        changed = [root] if root.dirty else []
-        queue = [root]
-        root.seen = True
-        for node in queue:  # grows while iterating
-            if node.children is None:
-                continue  # a parent directory nobody touched: nothing new below it
-            for _, child in node.children.values():
-                if child.seen:
-                    continue
-                child.seen = True
-                if not child.file_id:
-                    child.file_id = next_id
-                    next_id += 1
-                    if isinstance(child.record, bytes):
-                        child.record = cim.record_with(child.record, parent_file_id=node.file_id)
-                    else:
-                        child.record = child.record._replace(parent_file_id=node.file_id)
-                if child.dirty:
-                    changed.append(child)
-                if child.is_dir and child.children is not None:
-                    queue.append(child)
-        if next_id - 1 > 0xFFFFFFFF:
-            raise CimError(E_INVALIDARG, "too many files for 32-bit FileIDs", self.path)
-        return changed
-
     def _commit(self) -> None:
         store = self._store
         base = self._base
@@ -824,27 +789,35 @@ class ImageWriter:
             # The last files' batches go out before the tables are packed: a
             # data process that had caught up would wait for them meanwhile.
             self._process.end_input()
-        changed = self._assign_ids()
-        changed.sort(key=lambda n: n.file_id)
         cap = cim.FILE_TABLE_CAPACITY
         size = cim.FILE_RECORD_SIZE
         tables = list(base.file_tables) if base else []
         # File table t: (buffer of its records, which slots were written, slots used).
         pending: dict[int, tuple[bytearray, bytearray, list[int]]] = {}
 
-        # Everything but the copied contents is packed first, while the data
-        # processes may still be copying: after them only their offsets are
-        # filled in (the serial tail of a commit).  A record moves into its
-        # table's buffer and leaves its node: 96 bytes in a buffer instead of a
-        # bytes object of 129 (a failed commit poisons the handle, see commit()).
-        for node in changed:
+        def place(node: _Node, record: bytes) -> int:
+            """Put a record in its table's buffer; returns its position there."""
+            t, slot = divmod(node.file_id - 1, cap)
+            entry = pending.get(t)
+            if entry is None:
+                entry = pending[t] = (bytearray(cap * size), bytearray(cap), [0])
+            buf, written, used = entry
+            at = slot * size
+            buf[at:at + size] = record
+            written[slot] = 1
+            if slot >= used[0]:
+                used[0] = slot + 1
+            return at
+
+        def write(node: _Node) -> None:
+            """A changed node's record with its link and stream tables."""
             changes = None
             # children/streams of None: a parent's directory or stream table
             # nobody touched (or a new node without alternate streams).
             if node.is_dir and node.children is not None:
                 items = sorted(node.children.items())
                 if items:
-                    table = cim.pack_link_table([n for _, (n, _) in items], [struct.pack("<I", c.file_id) for _, (_, c) in items])
+                    table = cim.pack_directory_table([n for _, (n, _) in items], [c.file_id for _, (_, c) in items])
                     changes = {"stream": cim.Stream(store.put_unique(table), len(table), cim.STREAM_TYPE_LINK_TABLE)}
                 else:
                     changes = {"stream": _DIR_STREAM}
@@ -862,22 +835,69 @@ class ImageWriter:
                     record = cim.record_with(record, **changes)  # only a file's stream table can change here
             else:
                 record = cim.pack_file_record(record._replace(**changes) if changes else record)
-            t, slot = divmod(node.file_id - 1, cap)
-            entry = pending.get(t)
-            if entry is None:
-                entry = pending[t] = (bytearray(cap * size), bytearray(cap), [0])
-            buf, written, used = entry
-            buf[slot * size:(slot + 1) * size] = record
-            written[slot] = 1
-            if slot >= used[0]:
-                used[0] = slot + 1
+            place(node, record)
             node.record = None
+
+        # One breadth-first walk hands out FileIDs to new nodes (a directory's
+        # children sit together in the file tables) and packs every changed
+        # record into its table's buffer, while the data processes may still
+        # be copying: after them only their offsets are filled in (the serial
+        # tail of a commit).  A directory is packed once its children have
+        # IDs (its link table lists them).  A record moves into the buffer and
+        # leaves its node: 96 bytes instead of a bytes object of 129 (a failed
+        # commit poisons the handle, see commit()).
+        next_id = base.max_file_id() + 1 if base else 1
+        root = self._root
+        if not root.file_id:
+            root.file_id = next_id
+            next_id += 1
+        queue = [root]
+        root.seen = True
+        set_parent = cim.set_record_parent
+        for node in queue:  # grows while iterating
+            children = node.children
+            if children is not None:  # else a parent's directory nobody touched: nothing new below it
+                parent_id = node.file_id
+                for _, child in children.values():
+                    if child.seen:
+                        continue  # another hard link to it
+                    child.seen = True
+                    new = not child.file_id
+                    if new:
+                        child.file_id = next_id
+                        next_id += 1
+                    if child.is_dir and child.children is not None:
+                        if new:
+                            child.record = (cim.record_with(child.record, parent_file_id=parent_id)
+                                            if isinstance(child.record, bytes)
+                                            else child.record._replace(parent_file_id=parent_id))
+                        queue.append(child)  # packed when its turn comes
+                    elif child.dirty:
+                        record = child.record
+                        if type(record) is bytes and child.streams is None:
+                            # The bulk of an import: a new file's record as it is, its parent patched in place.
+                            at = place(child, record)
+                            if new:
+                                set_parent(pending[(child.file_id - 1) // cap][0], at, parent_id)
+                            child.record = None
+                        else:
+                            if new:
+                                child.record = (cim.record_with(record, parent_file_id=parent_id)
+                                                if isinstance(record, bytes)
+                                                else record._replace(parent_file_id=parent_id))
+                            write(child)
+            if node.dirty:
+                write(node)
+        if next_id - 1 > 0xFFFFFFFF:
+            raise CimError(E_INVALIDARG, "too many files for 32-bit FileIDs", self.path)
         self._finish_copies()  # every file's stream is final from here on
-        for node, offset in self._copied.items():
-            if node.file_id:  # not a file deleted again before the commit
-                t, slot = divmod(node.file_id - 1, cap)
-                cim.fill_copied_stream(pending[t][0], slot * size, offset)
-        self._copied = {}
+        fill = cim.fill_copied_stream
+        for nodes, offsets in self._copied:
+            for node, offset in zip(nodes, offsets):
+                if node.file_id:  # not a file deleted again before the commit
+                    t, slot = divmod(node.file_id - 1, cap)
+                    fill(pending[t][0], slot * size, offset)
+        self._copied = []
         for t in sorted(pending):
             buf, written, used = pending.pop(t)
             first = t * cap + 1
@@ -931,7 +951,7 @@ class ImageWriter:
         self._root = None
         self._dir_cache = {}
         self._base_nodes = {}
-        self._copied = {}
+        self._copied = []
         if self._base is not None:
             self._base.close()
             self._base = None

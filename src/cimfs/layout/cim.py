@@ -327,6 +327,9 @@ _RECORD_STREAM_AT = 40  # u64 offset + u64 length/type word of the default strea
 _RECORD_STREAM_TABLE_AT = 80  # u64 stream table offset
 _RECORD_PARENT_AT = 88  # u32 parent FileID
 _U64 = struct.Struct("<Q")
+# The byte of a record holding its stream's sparse flag: bit 56 of the
+# little-endian length word is bit 0 of the word's byte 7.
+_RECORD_SPARSE_BYTE = _RECORD_STREAM_AT + 8 + 7
 
 
 def record_with(packed: bytes, *, parent_file_id: int | None = None, stream_table_offset: int | None = None,
@@ -343,12 +346,17 @@ def record_with(packed: bytes, *, parent_file_id: int | None = None, stream_tabl
     return bytes(buf)
 
 
+def set_record_parent(buf: bytearray, at: int, parent_file_id: int) -> None:
+    """The record packed at ``at`` in ``buf`` gets its parent FileID."""
+    U32.pack_into(buf, at + _RECORD_PARENT_AT, parent_file_id)
+
+
 def fill_copied_stream(buf: bytearray, at: int, offset: int) -> None:
     """The record packed at ``at`` in ``buf`` gets its contents: its
     placeholder stream (:func:`placeholder_stream_word`) now points at
     ``offset`` and is no longer sparse."""
-    word = _U64.unpack_from(buf, at + _RECORD_STREAM_AT + 8)[0]
-    STREAM.pack_into(buf, at + _RECORD_STREAM_AT, offset, word & ~(1 << 56))
+    _U64.pack_into(buf, at + _RECORD_STREAM_AT, offset)
+    buf[at + _RECORD_SPARSE_BYTE] &= 0xFE
 
 
 def unpack_file_record(buf) -> FileRecord:
@@ -367,10 +375,16 @@ def encode_name(name: str) -> bytes:
     return name.encode("utf-16-le", "surrogatepass")
 
 
-def pack_link_table(names: list[str], values: list[bytes]) -> bytes:
-    """``names`` already in the image's sort order; ``values`` packed (4 or 16 bytes each)."""
+def pack_directory_table(names: list[str], file_ids: list[int]) -> bytes:
+    """A directory's link table: ``names`` in the image's sort order and their FileIDs."""
+    return pack_link_table(names, struct.pack(f"<{len(file_ids)}I", *file_ids))
+
+
+def pack_link_table(names: list[str], values: "list[bytes] | bytes") -> bytes:
+    """``names`` already in the image's sort order; ``values`` packed (4 or 16
+    bytes each), as a list or already joined."""
     count = len(names)
-    value_bytes = b"".join(values)
+    value_bytes = values if type(values) is bytes else b"".join(values)
     name_base = 8 + len(value_bytes) + 4 * count
     # Each name is its length in UTF-16 units (u16), then the units: written
     # as one string, the length as a character, encoded in one call.  That

@@ -177,6 +177,11 @@ def pack_lx_special_reparse(tag: int) -> bytes:
     return pack_reparse(tag, b"")
 
 
+def reparse_tag(buf: bytes) -> int:
+    """The tag of a reparse buffer of at least 8 bytes (its header)."""
+    return _U32.unpack_from(buf, 0)[0]
+
+
 def parse_reparse(buf: bytes) -> ReparsePoint:
     if len(buf) < _REPARSE_HEADER.size:
         raise CimFormatError(f"reparse buffer of {len(buf)} bytes is shorter than its header")
