@@ -405,7 +405,7 @@ class ImageWriter:
     def _record_for(self, meta: FileMetadata, path: str, stream: cim.Stream | None = None,
                     placeholder: bool = False) -> "cim.FileRecord | bytes":
         """The record of ``meta``; ``placeholder``: a new file whose contents
-        are copied later, packed at once (see :meth:`_create_copied`)."""
+        are copied later (see :meth:`_create_copied`) or that has none, packed at once."""
         sd, ea, rp = meta.security_descriptor or b"", meta.ea_buffer or b"", meta.reparse_data or b""
         tag = 0
         if sd or rp or ea:  # all checked before any is stored
@@ -431,8 +431,9 @@ class ImageWriter:
         attributes = meta.attributes
         flags = cim.attributes_to_flags(attributes) if attributes else 0
         if placeholder:
+            size = meta.file_size
             return cim.pack_new_file_record(flags, len(ea), tag, ct, wt, cht, at,
-                                            0, cim.placeholder_stream_word(meta.file_size),
+                                            0, cim.placeholder_stream_word(size) if size else 0,  # 0: the empty stream
                                             sd_offset, ea_offset, rp_offset)
         if stream is None:
             stream = _DIR_STREAM if meta.is_dir else cim.EMPTY_STREAM
@@ -590,7 +591,7 @@ class ImageWriter:
                 return
             if not exist_ok:
                 raise CimError(ERROR_ALREADY_EXISTS, "already exists", path)
-        self.create_file(path, meta).close()
+        self._create(path, meta)  # create_file() and close() without a StreamWriter: a directory has no contents
 
     def add_file(self, path: str, data: "bytes | BinaryIO | os.PathLike" = b"", metadata: FileMetadata | None = None) -> None:
         """Add a file from bytes, a binary file object (read to its end) or a
@@ -607,6 +608,9 @@ class ImageWriter:
             self._add_local_file(path, os.fspath(data), meta)
             return
         if isinstance(data, (bytes, bytearray, memoryview)):
+            if not meta.file_size and not len(data):
+                self._create(path, meta, placeholder=True)  # an empty file: its record is final, packed at once
+                return
             if not meta.file_size:
                 meta = dataclasses.replace(meta, file_size=len(data))
             with self.create_file(path, meta) as s:
