@@ -616,11 +616,12 @@ class DataProcess:
     writes their object ID files, and at :meth:`finish` sends back where each
     file's contents went.  With two or more cores there are two such workers
     and a file goes to the one its *size* is routed to: the first file of a
-    size goes to the worker with the least work queued, later ones of that
-    size follow it.  Identical contents have equal sizes, so they always meet
-    the same index and are stored once, and both workers end together.
-    Jobs go over a pipe in batches; nothing comes back before the end, so
-    neither side can block the other.  The workers are forked only while the
+    size goes to the worker with the least work outstanding (routed to it
+    minus what it reports done), later ones of that size follow it.
+    Identical contents have equal sizes, so they always meet the same index
+    and are stored once, and both workers end together.  Jobs go over a pipe
+    in batches; nothing comes back before the end but a shared counter of
+    work done, so neither side can block the other.  The workers are forked only while the
     owner runs no other thread (a fork copies a thread's held locks without
     the thread).
     """
