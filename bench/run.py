@@ -888,6 +888,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-lib", action="store_true", help="skip the library-level create/fork")
     ap.add_argument("--nosync-variant", action="store_true", help="also time the library create without fsync")
     ap.add_argument("--keep", action="store_true", help="keep tarballs and erofs images after each workload")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing: rewrite the report from the saved JSON and NOTES.md")
     a = ap.parse_args(argv)
     a.runs = a.runs or (1 if a.quick else 3)
     wkeys = [k.strip() for k in a.workloads.split(",") if k.strip()]
@@ -901,7 +903,8 @@ def main(argv=None) -> int:
     suite = Suite(a, log=lambda *x: print(*x, flush=True))
     print(f"cimfs CLI: {' '.join(suite.cimfs) if suite.cimfs else 'not available'}; "
           f"subcommands: {', '.join(k for k, v in suite.cli.items() if v[0]) or 'none'}", flush=True)
-    suite.run(wkeys, ops)
+    if not a.report_only:
+        suite.run(wkeys, ops)
     if a.results:
         path = a.results
     else:
