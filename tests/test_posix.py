@@ -232,3 +232,65 @@ def test_directory_importer_collision_error_names_both(tmp_path):
             posix.DirectoryImporter(w, str(src)).run()
     assert "README" in str(e.value) and "Readme" in str(e.value)
     assert not (tmp_path / "x.cim").exists()
+
+
+# ------------------------------------------------------------------ extraction by file writer processes
+def _image_of(tmp_path, files: dict[str, bytes]):
+    import cimfs
+
+    src = tmp_path / "src"
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    os.utime(src / "d", ns=(1_000_000_000, 2_000_000_000))
+    (tmp_path / "img").mkdir()
+    with cimfs.create(tmp_path / "img", "t.cim") as w:
+        posix.DirectoryImporter(w, str(src)).run()
+    return tmp_path / "img" / "t.cim"
+
+
+def test_extract_with_file_writers(tmp_path, monkeypatch):
+    """Plain files are created by forked writers: contents, modes and the
+    directory times set after them come out as a one-process extraction's;
+    a file that cannot be created is a problem named by its path, the rest
+    still lands."""
+    import cimfs
+
+    if not posix._FileWriters.available():
+        pytest.skip("file writer processes need fork and two cores")
+    files = {f"d/f{i:03d}": os.urandom(i * 97) for i in range(300)}
+    files["d/sub/big"] = os.urandom(3 << 20)
+    files["top"] = b"top"
+    cim_path = _image_of(tmp_path, files)
+    out = tmp_path / "out"
+    (out / "d" / "f007").mkdir(parents=True)  # a non-empty directory where a file goes
+    (out / "d" / "f007" / "keep").write_bytes(b"")
+    started = []
+    real_init = posix._FileWriters.__init__
+    monkeypatch.setattr(posix._FileWriters, "__init__", lambda self, *a, **k: started.append(1) or real_init(self, *a, **k))
+    with cimfs.open(cim_path) as img:
+        report = posix.Extractor(img, str(out)).run()
+    assert started, "the writer processes were not used"
+    assert len(report.problems) == 1 and "d/f007" in report.problems[0], report.problems
+    for rel, data in files.items():
+        if rel != "d/f007":
+            assert (out / rel).read_bytes() == data, rel
+            assert S.S_IMODE(os.stat(out / rel).st_mode) == S.S_IMODE(os.stat(tmp_path / "src" / rel).st_mode)
+    assert os.stat(out / "d").st_mtime_ns == 2_000_000_000  # set after the writers created its files
+
+
+def test_extract_with_file_writers_stops_on_a_corrupt_image(tmp_path):
+    import cimfs
+    from cimfs.errors import CimFormatError
+
+    if not posix._FileWriters.available():
+        pytest.skip("file writer processes need fork and two cores")
+    cim_path = _image_of(tmp_path, {f"d/f{i}": os.urandom(100_000) for i in range(8)})
+    regions = sorted(p for p in (tmp_path / "img").iterdir() if p.name.startswith("region_"))
+    biggest = max(regions, key=lambda p: p.stat().st_size)
+    with cimfs.open(cim_path) as img:
+        os.truncate(biggest, biggest.stat().st_size // 2)  # after the reader checked the sizes
+        with pytest.raises(CimFormatError):
+            posix.Extractor(img, str(tmp_path / "out")).run()
+    import multiprocessing
+    assert not multiprocessing.active_children()
