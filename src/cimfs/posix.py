@@ -32,7 +32,7 @@ import stat as S
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import cimfs
 
@@ -687,15 +687,26 @@ def _link_target(n, st) -> str | None:
     return name.replace("\\", "/")
 
 
+_LX_OF_EAS: dict[bytes, "ntfs.LxMetadata | None"] = {}  # most entries of an image share a few EA buffers
+
+
+def _lx_of_eas(ea_buffer: bytes):
+    lx = _LX_OF_EAS.get(ea_buffer, _LX_OF_EAS)
+    if lx is _LX_OF_EAS:
+        try:
+            lx = ntfs.parse_lx_eas(ntfs.unpack_eas(ea_buffer))
+        except (ValueError, CimError):
+            lx = None
+        if len(_LX_OF_EAS) >= 4096:
+            _LX_OF_EAS.clear()
+        _LX_OF_EAS[bytes(ea_buffer)] = lx
+    return lx
+
+
 def posix_info(st) -> PosixInfo:
     """How an image entry appears as a POSIX file (type, mode, owner, device, times)."""
     n = ntfs
-    lx = None
-    if st.ea_buffer:
-        try:
-            lx = n.parse_lx_eas(n.unpack_eas(st.ea_buffer))
-        except (ValueError, CimError):
-            lx = None
+    lx = _lx_of_eas(st.ea_buffer) if st.ea_buffer else None
     tag = st.reparse_tag if st.reparse_data else 0
     target = None
     kind = DIR if st.is_dir else FILE
@@ -1068,6 +1079,19 @@ def _safe_local_name(name: str) -> str | None:
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+class _PlainFile(NamedTuple):
+    """What a file writer needs of an entry: the parts of its Stat and
+    PosixInfo that :meth:`Extractor._write_file` reads (it serves as both)."""
+    size: int
+    is_sparse: bool
+    attributes: int
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+
+
 class _FileWriters:
     """Forked processes that create an extraction's plain files.
 
@@ -1120,7 +1144,8 @@ class _FileWriters:
         if key != self._group_parts:
             self._end_group()
             self._group_parts = key
-        self._group.append((local, fid, st, info, rel))
+        self._group.append((local, fid, _PlainFile(st.size, st.is_sparse, st.attributes, info.mode, info.uid, info.gid,
+                                                   info.atime_ns, info.mtime_ns), rel))
         self._group_cost += st.size + self._FILE_COST
 
     def _end_group(self) -> None:
@@ -1212,9 +1237,9 @@ def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner
                     continue
             if dfd < 0:
                 continue
-            for local, fid, st, info, rel in files:
+            for local, fid, plain, rel in files:
                 try:
-                    extractor._write_file(dfd, local, fid, st, info, rel)
+                    extractor._write_file(dfd, local, fid, plain, plain, rel)
                 except cimfs.errors.CimFormatError as e:
                     fatal = str(e)
                     break
@@ -1385,17 +1410,28 @@ class Extractor:
             self.report.problem(msg)
         if fatal is not None:
             raise cimfs.errors.CimFormatError(fatal)
-        for parts, info in reversed(self._dir_meta):
-            try:
-                fd = self._open_parent(parts)
-            except OSError as e:
-                self.report.problem(f"{'/'.join(parts)}: {e.strerror or e}")
-                continue
-            try:
-                self._set_meta_fd(fd, info)
-            except OSError as e:
-                self.report.problem(f"{'/'.join(parts)}: {e.strerror or e}")
-            finally:
+        # Children come before their parent in the list (each was added once
+        # its subtree was done): keeping the open path between neighbours
+        # takes about one open per directory instead of a walk from DEST.
+        open_parts: list[str] = []
+        fds = [os.open(self.dest, _DIR_FLAGS)]
+        try:
+            for parts, info in self._dir_meta:
+                same = 0
+                while same < min(len(parts), len(open_parts)) and parts[same] == open_parts[same]:
+                    same += 1
+                while len(open_parts) > same:
+                    open_parts.pop()
+                    os.close(fds.pop())
+                try:
+                    for p in parts[same:]:
+                        fds.append(os.open(p, _DIR_FLAGS, dir_fd=fds[-1]))
+                        open_parts.append(p)
+                    self._set_meta_fd(fds[-1], info)
+                except OSError as e:
+                    self.report.problem(f"{'/'.join(parts)}: {e.strerror or e}")
+        finally:
+            for fd in fds:
                 os.close(fd)
         self._dir_meta.clear()
 
@@ -1488,10 +1524,13 @@ class Extractor:
         try:
             size = st.size
             if size and not st.is_sparse and not st.attributes & 0x200:
-                # copy_file_range inside the kernel; region file -> new file
+                # copy_file_range inside the kernel; region file -> new file,
+                # which then has its size: no ftruncate
                 n = self.image.copy_stream(fid, fd, progress=self.progress)
                 if n != size:
                     raise cimfs.errors.CimFormatError("stream shorter than its size", rel)
+                self._set_meta_fd(fd, info)
+                return
             elif size and not st.is_sparse:
                 # a file marked sparse keeps its holes: zero blocks are skipped
                 with self.image.open(fid) as src:
@@ -1505,7 +1544,8 @@ class Extractor:
                         self.progress(len(buf))
             elif size:
                 self.progress(size)
-            os.ftruncate(fd, size)
+            if size:  # holes at the end (or all of it) still count
+                os.ftruncate(fd, size)
             self._set_meta_fd(fd, info)
         finally:
             os.close(fd)
