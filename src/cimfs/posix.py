@@ -32,7 +32,7 @@ import stat as S
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable
 
 import cimfs
 
@@ -1079,27 +1079,15 @@ def _safe_local_name(name: str) -> str | None:
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class _PlainFile(NamedTuple):
-    """What a file writer needs of an entry: the parts of its Stat and
-    PosixInfo that :meth:`Extractor._write_file` reads (it serves as both)."""
-    size: int
-    is_sparse: bool
-    attributes: int
-    mode: int
-    uid: int
-    gid: int
-    atime_ns: int
-    mtime_ns: int
-
-
 class _FileWriters:
     """Forked processes that create an extraction's plain files.
 
     Creating a file is kernel work (inode allocation, the copy, chmod, times)
     that one process does one file at a time; two processes do it on two
     cores.  The extractor walks the image, makes the directories, links and
-    special files, and hands each plain file (one name, not sparse) to a
-    writer; a directory's files go to one writer together, which opens the
+    special files, and hands each plain file (one name, no reparse point, no
+    alternate streams, not sparse) to a writer, which reads its metadata and
+    writes it; a directory's files go to one writer together, which opens the
     directory from DEST with O_NOFOLLOW at every step as the extractor does.
     Problems come back at :meth:`finish`; a corrupt image ends the writer
     that meets it.  Forked only while the caller runs no other thread.
@@ -1139,14 +1127,13 @@ class _FileWriters:
         self._group_cost = 0
         self.done = False
 
-    def add(self, parts: list[str], local: str, fid: int, st, info, rel: str) -> None:
+    def add(self, parts: list[str], local: str, fid: int, size: int, rel: str) -> None:
         key = tuple(parts)
         if key != self._group_parts:
             self._end_group()
             self._group_parts = key
-        self._group.append((local, fid, _PlainFile(st.size, st.is_sparse, st.attributes, info.mode, info.uid, info.gid,
-                                                   info.atime_ns, info.mtime_ns), rel))
-        self._group_cost += st.size + self._FILE_COST
+        self._group.append((local, fid, rel))
+        self._group_cost += size + self._FILE_COST
 
     def _end_group(self) -> None:
         if not self._group:
@@ -1237,9 +1224,10 @@ def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner
                     continue
             if dfd < 0:
                 continue
-            for local, fid, plain, rel in files:
+            for local, fid, rel in files:
                 try:
-                    extractor._write_file(dfd, local, fid, plain, plain, rel)
+                    st = extractor.image.stat(fid)
+                    extractor._write_file(dfd, local, fid, st, posix_info(st), rel)
                 except cimfs.errors.CimFormatError as e:
                     fatal = str(e)
                     break
@@ -1443,6 +1431,14 @@ class Extractor:
                 self.report.problem(f"{rel}: unsafe name {ent.name!r}, not extracted")
                 continue
             try:
+                if self._writers is not None:
+                    # Told apart by the record alone: the writer reads the metadata.
+                    rec = self.image.record(ent.file_id)
+                    if (not rec.is_dir and not rec.reparse_offset and not rec.stream_table_offset
+                            and not rec.stream.sparse and self.image.nlink(ent.file_id) == 1):
+                        self._writers.add(parts, local, ent.file_id, rec.stream.length, rel)
+                        self.progress(rec.stream.length)
+                        continue
                 st = self.image.stat(ent.file_id)
                 self._extract_entry(dfd, local, ent.file_id, st, parts, rel, ancestors)
             except CimError as e:
@@ -1494,11 +1490,7 @@ class Extractor:
                 except OSError as e:
                     self.report.warning(f"{rel}: could not hard link ({e.strerror}); extracting a copy")
         if info.kind == FILE:
-            if self._writers is not None and st.nlink == 1:
-                self._writers.add(parts, local, fid, st, info, rel)
-                self.progress(st.size)
-            else:
-                self._write_file(dfd, local, fid, st, info, rel)
+            self._write_file(dfd, local, fid, st, info, rel)
         elif info.kind == SYMLINK:
             if info.link_has_children and self.image.scandir(fid):
                 self.report.warning(f"{rel}: is a link in the image; the entries below it are not extracted")

@@ -443,6 +443,13 @@ class Image:
         return self._nlinks
 
     # ------------------------------------------------------------ metadata
+    def nlink(self, path) -> int:
+        """How many names the entry has (``stat(path).nlink`` without the rest
+        of the stat): 1 for a directory; a file's count takes one walk of the
+        whole tree the first time (the format keeps none)."""
+        fid = path if isinstance(path, int) else self.lookup(path)
+        return 1 if self.record(fid).is_dir else self._link_counts().get(fid, 1)
+
     def stat(self, path="") -> Stat:
         fid, stream = self._resolve(path)
         rec = self.record(fid)
