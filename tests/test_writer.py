@@ -182,6 +182,7 @@ def test_hard_links(tmp_path):
         ids = {im.stat(p).file_id for p in ("a/f", "b/g", "h")}
         assert len(ids) == 1
         assert im.stat("h").nlink == 3 and im.read_bytes("b/g") == b"shared"
+        assert im.nlink("h") == 3 and im.nlink(im.lookup("b/g")) == 3 and im.nlink("b") == 1 and im.nlink("") == 1
         assert not im.exists("x")
 
 
