@@ -1103,11 +1103,24 @@ class _FileWriters:
         return hasattr(os, "fork") and (os.cpu_count() or 1) >= 2 and threading.active_count() == 1
 
     def __init__(self, extractor: "Extractor", dest_fd: int, count: int = 2):
+        self._extractor, self._dest_fd, self._count = extractor, dest_fd, count
+        self._procs, self._jobs, self._results = [], [], []
+        self._queued = [0] * count
+        self._batches: list[list] = [[] for _ in range(count)]
+        self._batch_files = [0] * count
+        self._group_parts: tuple | None = None
+        self._group: list = []
+        self._group_cost = 0
+        self.done = False
+
+    def _start(self) -> None:
+        """Fork the writers at the first file, not before: by then the image's
+        link counts (a walk of the whole tree) are known and are inherited."""
         import multiprocessing
 
         ctx = multiprocessing.get_context("fork")
-        self._procs, self._jobs, self._results = [], [], []
-        for _ in range(count):
+        extractor, dest_fd = self._extractor, self._dest_fd
+        for _ in range(self._count):
             jobs_r, jobs_w = ctx.Pipe(duplex=False)
             results_r, results_w = ctx.Pipe(duplex=False)
             owner_ends = self._jobs + self._results + [jobs_w, results_r]
@@ -1119,13 +1132,6 @@ class _FileWriters:
             self._procs.append(proc)
             self._jobs.append(jobs_w)
             self._results.append(results_r)
-        self._queued = [0] * count
-        self._batches: list[list] = [[] for _ in range(count)]
-        self._batch_files = [0] * count
-        self._group_parts: tuple | None = None
-        self._group: list = []
-        self._group_cost = 0
-        self.done = False
 
     def add(self, parts: list[str], local: str, fid: int, size: int, rel: str) -> None:
         key = tuple(parts)
@@ -1148,6 +1154,8 @@ class _FileWriters:
 
     def _send(self, i: int) -> None:
         if self._batches[i]:
+            if not self._procs:
+                self._start()
             try:
                 self._jobs[i].send(self._batches[i])
             except OSError:
@@ -1157,9 +1165,10 @@ class _FileWriters:
     def finish(self) -> tuple[list[str], str | None]:
         """Wait for every file; returns (problems, the corrupt image's message or None)."""
         self._end_group()
-        self.done = True
-        for i, jobs in enumerate(self._jobs):
+        for i in range(self._count):
             self._send(i)
+        self.done = True
+        for jobs in self._jobs:
             try:
                 jobs.send(None)
             except OSError:
