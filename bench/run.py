@@ -462,7 +462,8 @@ class Suite:
         return recs
 
     def op_extract(self, w) -> list[Record]:
-        d = self.wdir(w)
+        d = os.path.join(self.a.extract_dir, f"w{w.key}") if self.a.extract_dir else self.wdir(w)
+        os.makedirs(d, exist_ok=True)
         # Every run extracts into a directory of its own, and they are all
         # removed at the end: ext4 without a journal skips inodes freed in the
         # last minute or more when allocating (`recently_deleted`), so deleting
@@ -898,6 +899,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-lib", action="store_true", help="skip the library-level create/fork")
     ap.add_argument("--nosync-variant", action="store_true", help="also time the library create without fsync")
     ap.add_argument("--keep", action="store_true", help="keep tarballs and erofs images after each workload")
+    ap.add_argument("--extract-dir", default=None,
+                    help="where extractions go (default: the work directory); e.g. a journaled ext4")
     ap.add_argument("--report-only", action="store_true",
                     help="measure nothing: rewrite the report from the saved JSON and NOTES.md")
     a = ap.parse_args(argv)
