@@ -1133,12 +1133,12 @@ class _FileWriters:
             self._jobs.append(jobs_w)
             self._results.append(results_r)
 
-    def add(self, parts: list[str], local: str, fid: int, size: int, rel: str) -> None:
-        key = tuple(parts)
-        if key != self._group_parts:
+    def add(self, parts: tuple, local: str, fid: int, size: int, name: str) -> None:
+        """``name`` is the entry's name in the image (for messages)."""
+        if parts != self._group_parts:
             self._end_group()
-            self._group_parts = key
-        self._group.append((local, fid, rel))
+            self._group_parts = parts
+        self._group.append((local, fid, name))
         self._group_cost += size + self._FILE_COST
 
     def _end_group(self) -> None:
@@ -1233,7 +1233,8 @@ def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner
                     continue
             if dfd < 0:
                 continue
-            for local, fid, rel in files:
+            for local, fid, name in files:
+                rel = "/".join(parts + (name,))
                 try:
                     st = extractor.image.stat(fid)
                     extractor._write_file(dfd, local, fid, st, posix_info(st), rel)
@@ -1433,21 +1434,24 @@ class Extractor:
         self._dir_meta.clear()
 
     def _extract_dir(self, dfd: int, dir_id: int, parts: list[str], ancestors: set) -> None:
+        writers = self._writers
+        key = tuple(parts)
         for ent in self.image.scandir(dir_id):
-            rel = "/".join(parts + [ent.name])
             local = _safe_local_name(ent.name)
             if local is None:
-                self.report.problem(f"{rel}: unsafe name {ent.name!r}, not extracted")
+                self.report.problem(f"{'/'.join(parts + [ent.name])}: unsafe name {ent.name!r}, not extracted")
                 continue
+            rel = None
             try:
-                if self._writers is not None:
+                if writers is not None:
                     # Told apart by the record alone: the writer reads the metadata.
                     rec = self.image.record(ent.file_id)
                     if (not rec.is_dir and not rec.reparse_offset and not rec.stream_table_offset
                             and not rec.stream.sparse and self.image.nlink(ent.file_id) == 1):
-                        self._writers.add(parts, local, ent.file_id, rec.stream.length, rel)
+                        writers.add(key, local, ent.file_id, rec.stream.length, ent.name)
                         self.progress(rec.stream.length)
                         continue
+                rel = "/".join(parts + [ent.name])
                 st = self.image.stat(ent.file_id)
                 self._extract_entry(dfd, local, ent.file_id, st, parts, rel, ancestors)
             except CimError as e:
@@ -1455,7 +1459,7 @@ class Extractor:
                     raise
                 self.report.problem(str(e))
             except OSError as e:
-                self.report.problem(f"{rel}: {e.strerror or e}")
+                self.report.problem(f"{rel or '/'.join(parts + [ent.name])}: {e.strerror or e}")
 
     def _extract_entry(self, dfd, local, fid, st, parts, rel, ancestors) -> None:
         info = posix_info(st)

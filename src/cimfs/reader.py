@@ -451,37 +451,33 @@ class Image:
         return 1 if self.record(fid).is_dir else self._link_counts().get(fid, 1)
 
     def stat(self, path="") -> Stat:
-        fid, stream = self._resolve(path)
+        if type(path) is int:  # the bulk of callers (walks, extraction, the mount): no path to parse
+            fid, stream = path, None
+        else:
+            fid, stream = self._resolve(path)
         rec = self.record(fid)
         if stream is not None:
             s = self._find_stream(fid, stream, path)
             if s is None:
                 raise CimError(ERROR_FILE_NOT_FOUND, "no such alternate stream", path)
-        what = f"FileID {fid}"
-        reparse = self._blob(rec.reparse_offset, f"reparse buffer of {what}")
+        # Descriptions for errors are only built for the blobs there are.
+        reparse = self._blob(rec.reparse_offset, f"reparse buffer of FileID {fid}") if rec.reparse_offset else b""
+        sd = (self._blob(rec.security_descriptor_offset, f"security descriptor of FileID {fid}")
+              if rec.security_descriptor_offset else b"")
+        ea = (self._bytes(rec.ea_offset, rec.ea_length, f"EA buffer of FileID {fid}")
+              if rec.ea_offset and rec.ea_length else b"")
         # The format keeps no link counts: a file's takes one walk of the whole
         # tree (then cached).  A directory has exactly one name (a second one
         # is corrupt, which walk() and check() report), so stat() of a
         # directory, as a fork's planning does along its paths, costs no walk.
-        nlink = 1 if rec.is_dir else self._link_counts().get(fid, 1)
-        return Stat(
-            file_id=fid,
-            attributes=rec.attributes(),
-            size=0 if rec.is_dir else rec.stream.length,
-            creation_time=rec.creation_time,
-            last_write_time=rec.last_write_time,
-            change_time=rec.change_time,
-            last_access_time=rec.last_access_time,
-            security_descriptor=self._blob(rec.security_descriptor_offset, f"security descriptor of {what}"),
-            ea_buffer=self._bytes(rec.ea_offset, rec.ea_length, f"EA buffer of {what}") if rec.ea_offset and rec.ea_length else b"",
-            reparse_tag=rec.reparse_tag if reparse else 0,
-            reparse_data=reparse,
-            nlink=nlink,
-            is_dir=rec.is_dir,
-            is_sparse=rec.stream.sparse,
-            stream_count=len(self._stream_table(fid)[0]),
-            parent_file_id=rec.parent_file_id,
-        )
+        is_dir = rec.is_dir
+        nlink = 1 if is_dir else self._link_counts().get(fid, 1)
+        stream_count = len(self._stream_table(fid)[0]) if rec.stream_table_offset else 0
+        # Positional, in the order of Stat's fields (a walk builds one per entry).
+        return Stat(fid, rec.attributes(), 0 if is_dir else rec.stream.length, rec.creation_time,
+                    rec.last_write_time, rec.change_time, rec.last_access_time, sd, ea,
+                    rec.reparse_tag if reparse else 0, reparse, nlink, is_dir, rec.stream.sparse,
+                    stream_count, rec.parent_file_id)
 
     def _stream_table(self, file_id: int) -> tuple[list[str], list[cim.Stream]]:
         rec = self.record(file_id)
