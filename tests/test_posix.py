@@ -294,3 +294,20 @@ def test_extract_with_file_writers_stops_on_a_corrupt_image(tmp_path):
             posix.Extractor(img, str(tmp_path / "out")).run()
     import multiprocessing
     assert not multiprocessing.active_children()
+
+
+def test_extract_when_a_file_writer_dies(tmp_path, monkeypatch):
+    """A writer process that dies is a problem of the extraction, not a hang,
+    and leaves no process behind."""
+    import multiprocessing
+
+    import cimfs
+
+    if not posix._FileWriters.available():
+        pytest.skip("file writer processes need fork and two cores")
+    cim_path = _image_of(tmp_path, {f"d/f{i}": b"x" * i for i in range(1, 300)})
+    monkeypatch.setattr(posix, "_file_writer_main", lambda *args: os._exit(3))
+    with cimfs.open(cim_path) as img:
+        report = posix.Extractor(img, str(tmp_path / "out")).run()
+    assert any("ended unexpectedly (exit code 3)" in p for p in report.problems), report.problems
+    assert not multiprocessing.active_children()

@@ -1167,7 +1167,6 @@ class _FileWriters:
         self._end_group()
         for i in range(self._count):
             self._send(i)
-        self.done = True
         for jobs in self._jobs:
             try:
                 jobs.send(None)
@@ -1187,6 +1186,7 @@ class _FileWriters:
             proc.join()
         for c in self._jobs + self._results:
             c.close()
+        self.done = True  # only now: an interrupted wait leaves abandon() to kill them
         return problems, fatal
 
     def abandon(self) -> None:
