@@ -100,6 +100,13 @@ def _unpacked(record) -> cim.FileRecord:
     return cim.unpack_file_record(record) if isinstance(record, bytes) else record
 
 
+def _with_parent(record, parent_file_id: int):
+    """A new node's record (packed or not) with its parent's FileID."""
+    if isinstance(record, bytes):
+        return cim.record_with(record, parent_file_id=parent_file_id)
+    return record._replace(parent_file_id=parent_file_id)
+
+
 def _with_stream(record, stream: cim.Stream) -> bytes:
     """A file's record once its default stream is final, kept packed: 129
     bytes instead of a tuple of a dozen ints (about 400), which is what a
@@ -378,12 +385,16 @@ class ImageWriter:
             return None, "", ("", self._root), stream, parts
         parent = self._walk_to_parent(parts, path)
         if stream is None:
-            cache = self._dir_cache
-            if len(cache) >= _DIR_CACHE_MAX:  # many spellings of paths: start over
-                cache.clear()
-            cache[path.replace("/", "\\").rpartition("\\")[0]] = parent
+            self._cache_dir(path.replace("/", "\\").rpartition("\\")[0], parent)
         key = self._folder.key(parts[-1])
         return parent, key, self._children(parent).get(key), stream, parts
+
+    def _cache_dir(self, path: str, node: _Node) -> None:
+        """Remember a directory by a spelling of its path that resolved to it."""
+        cache = self._dir_cache
+        if len(cache) >= _DIR_CACHE_MAX:  # many spellings of paths: start over
+            cache.clear()
+        cache[path] = node
 
     def _path_of(self, target: _Node) -> str | None:
         """The image path of a node (for an error message: a walk of the loaded
@@ -479,10 +490,10 @@ class ImageWriter:
             self._unlink(parent, key)
         node = _Node(record, is_dir=is_dir)
         self._link(parent, key, parts[-1], node)
-        if is_dir and len(self._dir_cache) < _DIR_CACHE_MAX:
+        if is_dir:
             # Importers add to it next.  Its path as spelled resolved to it ("parts"
             # is only the last name when the parent came from this cache).
-            self._dir_cache[path.replace("/", "\\")] = node
+            self._cache_dir(path.replace("/", "\\"), node)
         return node, size
 
     def _update_dir(self, node: _Node, record: cim.FileRecord) -> None:
@@ -656,8 +667,7 @@ class ImageWriter:
             if found is None or not found[1].is_dir:
                 raise CimError(ERROR_PATH_NOT_FOUND, "no such directory", directory)
             parent = found[1]
-            if len(self._dir_cache) < _DIR_CACHE_MAX:
-                self._dir_cache[dir_key] = parent
+            self._cache_dir(dir_key, parent)
         children = self._children(parent)
         parent.dirty = True  # before the first link: a failure midway must not leave linked nodes unwritten
         key_of = self._folder.key
@@ -799,8 +809,8 @@ class ImageWriter:
         # File table t: (buffer of its records, which slots were written, slots used).
         pending: dict[int, tuple[bytearray, bytearray, list[int]]] = {}
 
-        def place(node: _Node, record: bytes) -> int:
-            """Put a record in its table's buffer; returns its position there."""
+        def place(node: _Node, record: bytes) -> tuple[bytearray, int]:
+            """Put a record in its table's buffer; returns the buffer and the record's position."""
             t, slot = divmod(node.file_id - 1, cap)
             entry = pending.get(t)
             if entry is None:
@@ -811,7 +821,7 @@ class ImageWriter:
             written[slot] = 1
             if slot >= used[0]:
                 used[0] = slot + 1
-            return at
+            return buf, at
 
         def write(node: _Node) -> None:
             """A changed node's record with its link and stream tables."""
@@ -872,23 +882,19 @@ class ImageWriter:
                         next_id += 1
                     if child.is_dir and child.children is not None:
                         if new:
-                            child.record = (cim.record_with(child.record, parent_file_id=parent_id)
-                                            if isinstance(child.record, bytes)
-                                            else child.record._replace(parent_file_id=parent_id))
+                            child.record = _with_parent(child.record, parent_id)
                         queue.append(child)  # packed when its turn comes
                     elif child.dirty:
                         record = child.record
                         if type(record) is bytes and child.streams is None:
                             # The bulk of an import: a new file's record as it is, its parent patched in place.
-                            at = place(child, record)
+                            buf, at = place(child, record)
                             if new:
-                                set_parent(pending[(child.file_id - 1) // cap][0], at, parent_id)
+                                set_parent(buf, at, parent_id)
                             child.record = None
                         else:
                             if new:
-                                child.record = (cim.record_with(record, parent_file_id=parent_id)
-                                                if isinstance(record, bytes)
-                                                else record._replace(parent_file_id=parent_id))
+                                child.record = _with_parent(record, parent_id)
                             write(child)
             if node.dirty:
                 write(node)
