@@ -1326,15 +1326,12 @@ class Extractor:
 
     def _open_parent(self, parts: list[str]) -> int:
         fd = os.open(self.dest, _DIR_FLAGS)
-        try:
-            for p in parts:
-                nfd = os.open(p, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = nfd
+        if not parts:
             return fd
-        except BaseException:
+        try:
+            return _open_below(fd, parts)
+        finally:
             os.close(fd)
-            raise
 
     # -- public
     def total_bytes(self, path: str = "") -> int:
@@ -1534,8 +1531,6 @@ class Extractor:
                 n = self.image.copy_stream(fid, fd, progress=self.progress)
                 if n != size:
                     raise cimfs.errors.CimFormatError("stream shorter than its size", rel)
-                self._set_meta_fd(fd, info)
-                return
             elif size and not st.is_sparse:
                 # a file marked sparse keeps its holes: zero blocks are skipped
                 with self.image.open(fid) as src:
@@ -1547,10 +1542,10 @@ class Extractor:
                         _write_sparse(fd, buf, pos)
                         pos += len(buf)
                         self.progress(len(buf))
+                os.ftruncate(fd, size)  # holes at the end still count
             elif size:
                 self.progress(size)
-            if size:  # holes at the end (or all of it) still count
-                os.ftruncate(fd, size)
+                os.ftruncate(fd, size)  # all of it a hole
             self._set_meta_fd(fd, info)
         finally:
             os.close(fd)
