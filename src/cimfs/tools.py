@@ -44,9 +44,8 @@ def _tag_names() -> dict[int, str]:
     names = {posix.TAG_MOUNT_POINT: "MOUNT_POINT", posix.TAG_SYMLINK: "SYMLINK", posix.TAG_LX_SYMLINK: "LX_SYMLINK",
              posix.TAG_AF_UNIX: "AF_UNIX", posix.TAG_LX_FIFO: "LX_FIFO", posix.TAG_LX_CHR: "LX_CHR",
              posix.TAG_LX_BLK: "LX_BLK", 0xA000001F: "WCI_TOMBSTONE"}
-    n = ntfs
-    for k in dir(n):
-        v = getattr(n, k)
+    for k in dir(ntfs):
+        v = getattr(ntfs, k)
         if k.startswith("IO_REPARSE_TAG_") and isinstance(v, int):
             names.setdefault(v, k[len("IO_REPARSE_TAG_"):])
     return names
@@ -90,16 +89,15 @@ def describe(image, path: str) -> dict:
                   "gid": info.gid, "rdev": list(info.rdev) if info.kind in ("chr", "blk") else None,
                   "target": info.target},
     }
-    n = ntfs
     # security descriptor
     if st.security_descriptor:
         sd = {"length": len(st.security_descriptor), "hex": st.security_descriptor.hex()}
         try:
-            sd["sddl"] = n.sd_to_sddl(st.security_descriptor)
+            sd["sddl"] = ntfs.sd_to_sddl(st.security_descriptor)
         except Exception as e:  # noqa: BLE001 - a bad blob is reported, not fatal
             sd["error"] = str(e)
         try:
-            sd["decoded"] = n.describe_sd(st.security_descriptor)
+            sd["decoded"] = ntfs.describe_sd(st.security_descriptor)
         except Exception as e:  # noqa: BLE001
             sd.setdefault("error", str(e))
         out["security_descriptor"] = sd
@@ -108,7 +106,7 @@ def describe(image, path: str) -> dict:
     # EAs
     if st.ea_buffer:
         try:
-            entries = n.unpack_eas(st.ea_buffer)
+            entries = ntfs.unpack_eas(st.ea_buffer)
             eas = []
             for e in entries:
                 d = {"name": _s(e.name), "flags": e.flags, "value_hex": bytes(e.value).hex()}
@@ -126,7 +124,7 @@ def describe(image, path: str) -> dict:
         rp = {"tag": f"{st.reparse_tag:#010x}", "tag_name": _tag_names().get(st.reparse_tag, "unknown"),
               "length": len(st.reparse_data)}
         try:
-            p = n.parse_reparse(st.reparse_data)
+            p = ntfs.parse_reparse(st.reparse_data)
             for k in ("substitute_name", "print_name", "relative", "target"):
                 v = getattr(p, k, None)
                 if v is not None:
@@ -336,7 +334,6 @@ def fsck(cim_path: str, progress: Callable[[int], None] | None = None) -> list[s
             if not os.path.exists(p):
                 findings.append(f"{r}: region file missing")
         findings.extend(image.check())
-        n = ntfs
         fold = getattr(image, "fold", posix.fold)
         seen_dirs = {image.root_id}
         links: dict[int, int] = {}
@@ -354,17 +351,17 @@ def fsck(cim_path: str, progress: Callable[[int], None] | None = None) -> list[s
             checked.add(fid)
             try:
                 if st.security_descriptor:
-                    n.describe_sd(st.security_descriptor)
+                    ntfs.describe_sd(st.security_descriptor)
             except Exception as e:  # noqa: BLE001
                 findings.append(f"{path}: bad security descriptor ({e})")
             try:
                 if st.ea_buffer:
-                    n.unpack_eas(st.ea_buffer)
+                    ntfs.unpack_eas(st.ea_buffer)
             except Exception as e:  # noqa: BLE001
                 findings.append(f"{path}: bad EA buffer ({e})")
             if st.reparse_data:
                 try:
-                    rp = n.parse_reparse(st.reparse_data)
+                    rp = ntfs.parse_reparse(st.reparse_data)
                     if rp.tag != st.reparse_tag:
                         findings.append(f"{path}: reparse tag {st.reparse_tag:#x} in the record, {rp.tag:#x} in the buffer")
                 except Exception as e:  # noqa: BLE001
