@@ -448,7 +448,14 @@ class Image:
         of the stat): 1 for a directory; a file's count takes one walk of the
         whole tree the first time (the format keeps none)."""
         fid = path if isinstance(path, int) else self.lookup(path)
-        return 1 if self.record(fid).is_dir else self._link_counts().get(fid, 1)
+        return self._nlink(fid, self.record(fid))
+
+    def _nlink(self, fid: int, rec: cim.FileRecord) -> int:
+        # The format keeps no link counts: a file's takes one walk of the whole
+        # tree (then cached).  A directory has exactly one name (a second one
+        # is corrupt, which walk() and check() report), so stat() of a
+        # directory, as a fork's planning does along its paths, costs no walk.
+        return 1 if rec.is_dir else self._link_counts().get(fid, 1)
 
     def stat(self, path="") -> Stat:
         if type(path) is int:  # the bulk of callers (walks, extraction, the mount): no path to parse
@@ -466,12 +473,8 @@ class Image:
               if rec.security_descriptor_offset else b"")
         ea = (self._bytes(rec.ea_offset, rec.ea_length, f"EA buffer of FileID {fid}")
               if rec.ea_offset and rec.ea_length else b"")
-        # The format keeps no link counts: a file's takes one walk of the whole
-        # tree (then cached).  A directory has exactly one name (a second one
-        # is corrupt, which walk() and check() report), so stat() of a
-        # directory, as a fork's planning does along its paths, costs no walk.
         is_dir = rec.is_dir
-        nlink = 1 if is_dir else self._link_counts().get(fid, 1)
+        nlink = self._nlink(fid, rec)
         stream_count = len(self._stream_table(fid)[0]) if rec.stream_table_offset else 0
         # Positional, in the order of Stat's fields (a walk builds one per entry).
         return Stat(fid, rec.attributes(), 0 if is_dir else rec.stream.length, rec.creation_time,
