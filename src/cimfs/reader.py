@@ -155,6 +155,7 @@ class Image:
         self._closed = False
         self._dirs: OrderedDict[int, _Directory] = OrderedDict()
         self._records: OrderedDict[int, cim.FileRecord] = OrderedDict()
+        self._table_views: list[memoryview | None] = []
         self._nlinks: dict[int, int] | None = None
         try:
             self._load_filesystem()
@@ -223,6 +224,7 @@ class Image:
         ndir = fs.file_table_count
         raw = self._view(fs.file_table_directory_offset, ndir * cim.FILE_TABLE_DIR_ENTRY.size, "file table directory")
         self.file_tables = cim.unpack_file_table_directory(raw, ndir)
+        self._table_views = [None] * ndir
         for i, t in enumerate(self.file_tables):
             if t.count > cim.FILE_TABLE_CAPACITY:
                 raise self._fail(f"file table {i} claims {t.count} records (at most {cim.FILE_TABLE_CAPACITY})")
@@ -236,6 +238,13 @@ class Image:
         with self._lock:
             self._closed = True
             regions, self._regions = self._regions, [None] * len(self._regions)
+            views, self._table_views = self._table_views, [None] * len(self._table_views)
+        for v in views:
+            if v is not None:
+                try:
+                    v.release()
+                except BufferError:
+                    pass
         for r in regions:
             if r is not None:
                 os.close(r.fd)
@@ -280,15 +289,30 @@ class Image:
         t = self.file_tables[table_index]
         if slot >= t.count:
             raise self._fail(f"FileID {file_id} beyond the {t.count} records of file table {table_index}")
-        n = min(t.entry_size, cim.FILE_RECORD_SIZE)
-        raw = self._bytes(t.offset + slot * t.entry_size, n, f"file record {file_id}")
-        if n < cim.FILE_RECORD_SIZE:
-            raw += bytes(cim.FILE_RECORD_SIZE - n)
-        rec = cim.unpack_file_record(raw)
+        view = self._table_views[table_index] or self._table_view(table_index)
+        pos = slot * t.entry_size
+        if t.entry_size >= cim.FILE_RECORD_SIZE and pos + cim.FILE_RECORD_SIZE <= len(view):
+            rec = cim.unpack_file_record(view, pos)
+        else:
+            n = min(t.entry_size, cim.FILE_RECORD_SIZE)
+            if pos + n > len(view):
+                raise self._fail(f"file record {file_id} lies outside the region file")
+            rec = cim.unpack_file_record(bytes(view[pos:pos + n]).ljust(cim.FILE_RECORD_SIZE, b"\0"))
         self._records[file_id] = rec
         if len(self._records) > _RECORD_CACHE_SIZE:
             self._records.popitem(last=False)
         return rec
+
+    def _table_view(self, index: int) -> memoryview:
+        """File table ``index`` as one view of its region file, cut at the
+        file's end (a record past it is reported when asked for): a record is
+        then unpacked in place instead of being located and copied."""
+        t = self.file_tables[index]
+        what = f"file table {index}"
+        region, off = self._locate(t.offset, 0, what)
+        view = memoryview(region.map)[off: min(region.size, off + t.count * t.entry_size)]
+        self._table_views[index] = view
+        return view
 
     def raw_record(self, file_id: int) -> bytes:
         """The record's bytes as stored (``min(entry size, 96)``), for copying into a fork."""

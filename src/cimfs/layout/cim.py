@@ -359,9 +359,9 @@ def fill_copied_stream(buf: bytearray, at: int, offset: int) -> None:
     buf[at + _RECORD_SPARSE_BYTE] &= 0xFE
 
 
-def unpack_file_record(buf) -> FileRecord:
-    """``buf`` holds at least 96 bytes (shorter records are zero-filled by the caller)."""
-    f = FILE_RECORD.unpack_from(buf, 0)
+def unpack_file_record(buf, offset: int = 0) -> FileRecord:
+    """``buf`` holds at least 96 bytes from ``offset`` (shorter records are zero-filled by the caller)."""
+    f = FILE_RECORD.unpack_from(buf, offset)
     return FileRecord(f[0], f[1], f[2], f[3], f[4], f[5], f[6], unpack_stream(f[7], f[8]), f[9], f[10], f[11], f[12], f[13])
 
 
