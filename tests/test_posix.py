@@ -311,3 +311,73 @@ def test_extract_when_a_file_writer_dies(tmp_path, monkeypatch):
         report = posix.Extractor(img, str(tmp_path / "out")).run()
     assert any("ended unexpectedly (exit code 3)" in p for p in report.problems), report.problems
     assert not multiprocessing.active_children()
+
+
+def _lx(mode: int, uid: int = 0, gid: int = 0):
+    import cimfs
+    from cimfs.layout import ntfs
+
+    return cimfs.FileMetadata(ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=mode, uid=uid, gid=gid)))
+
+
+def test_extract_hard_links_found_by_the_walk(tmp_path):
+    """Names of one FileID become hard links of the first name extracted;
+    when the first name cannot be extracted (a non-empty directory is in its
+    way here), the next one takes its place and the others link to it."""
+    import cimfs
+
+    with cimfs.create(tmp_path, "h.cim") as w:
+        for d in "abcde":
+            w.mkdir(d)
+        w.add_file("a/x", b"shared", _lx(0o100640))
+        w.link("b/second", "a/x")
+        w.link("c/third", "a/x")
+        w.link("c/fourth", "a/x")
+        w.add_file("d/plain", b"p" * 5000, _lx(0o100600))
+        w.link("d/plain-again", "d/plain")
+        for i in range(200):  # enough files for the writer processes to start
+            w.add_file(f"e/f{i}", bytes([i]) * i)
+    out = tmp_path / "out"
+    (out / "a" / "x").mkdir(parents=True)
+    (out / "a" / "x" / "keep").write_bytes(b"")
+    with cimfs.open(tmp_path / "h.cim") as img:
+        report = posix.Extractor(img, str(out)).run()
+    assert len(report.problems) == 1 and "a/x" in report.problems[0], report.problems
+    assert (out / "a" / "x" / "keep").exists()
+    group = [out / "b" / "second", out / "c" / "third", out / "c" / "fourth"]
+    assert {p.read_bytes() for p in group} == {b"shared"}
+    assert len({os.stat(p).st_ino for p in group}) == 1 and os.stat(group[0]).st_nlink == 3
+    assert S.S_IMODE(os.stat(group[0]).st_mode) == 0o640
+    assert os.stat(out / "d" / "plain").st_ino == os.stat(out / "d" / "plain-again").st_ino
+    assert (out / "d" / "plain-again").read_bytes() == b"p" * 5000
+    for i in range(200):
+        assert (out / "e" / f"f{i}").read_bytes() == bytes([i]) * i
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="owners and a foreign set-group-ID directory need root")
+def test_extract_modes_and_owners_exact_under_any_umask(tmp_path):
+    """Whatever the caller's umask, and inside a set-group-ID destination of
+    another group, every file gets the mode and owner the image gives it."""
+    import cimfs
+
+    want = {}
+    with cimfs.create(tmp_path, "m.cim") as w:
+        w.mkdir("d")
+        for i, (mode, uid, gid) in enumerate([(0o100644, 0, 0), (0o100444, 0, 0), (0o104755, 0, 0),
+                                               (0o102750, 7, 8), (0o100600, 1000, 1000), (0o101777, 0, 5)] * 40):
+            w.add_file(f"d/f{i}", b"x" * i, _lx(mode, uid, gid))
+            want[f"d/f{i}"] = (S.S_IMODE(mode), uid, gid)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chown(out, 0, 4321)
+    os.chmod(out, 0o2775)
+    old = os.umask(0o077)
+    try:
+        with cimfs.open(tmp_path / "m.cim") as img:
+            report = posix.Extractor(img, str(out)).run()
+    finally:
+        os.umask(old)
+    assert not report.problems, report.problems
+    for rel, (mode, uid, gid) in want.items():
+        st = os.stat(out / rel)
+        assert (S.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, uid, gid), rel

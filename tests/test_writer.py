@@ -163,7 +163,7 @@ def test_hard_links(tmp_path):
     with build(tmp_path) as w:
         w.mkdir("a")
         w.mkdir("b")
-        w.add_file("a/f", b"shared", FileMetadata(security_descriptor=SD))
+        w.add_file("a/f", b"shared", FileMetadata(security_descriptor=SD, ea_buffer=EA))
         w.link("b/g", "a/f")
         w.link("h", "a/f")
         w.link("x", "a/f")
@@ -184,6 +184,11 @@ def test_hard_links(tmp_path):
         assert im.stat("h").nlink == 3 and im.read_bytes("b/g") == b"shared"
         assert im.nlink("h") == 3 and im.nlink(im.lookup("b/g")) == 3 and im.nlink("b") == 1 and im.nlink("") == 1
         assert not im.exists("x")
+    with cimfs.open(tmp_path / "t.cim") as im:  # links=False: the rest of the stat, no count (and no walk)
+        quick = im.stat("h", links=False)
+        assert quick.nlink == 0 and im._nlinks is None
+        assert quick._replace(nlink=3) == im.stat("h")
+        assert im.ea_buffer("h") == EA and im.ea_buffer("b") == b""
 
 
 def test_walk_like_os_walk(tmp_path):

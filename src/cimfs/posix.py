@@ -1079,18 +1079,46 @@ def _safe_local_name(name: str) -> str | None:
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+class _DirChain:
+    """Directories below DEST, opened one step at a time with O_NOFOLLOW;
+    the open path is kept, so neighbours in a walk share their common part
+    (about one open per directory instead of a walk from DEST)."""
+
+    def __init__(self, dest_fd: int):
+        self._parts: list[str] = []
+        self._fds = [dest_fd]  # the caller's; never closed here
+
+    def open(self, parts) -> int:
+        mine = self._parts
+        same, n = 0, min(len(parts), len(mine))
+        while same < n and parts[same] == mine[same]:
+            same += 1
+        while len(mine) > same:
+            mine.pop()
+            os.close(self._fds.pop())
+        for p in parts[same:]:
+            self._fds.append(os.open(p, _DIR_FLAGS, dir_fd=self._fds[-1]))
+            mine.append(p)
+        return self._fds[-1]
+
+    def close(self) -> None:
+        for fd in self._fds[1:]:
+            os.close(fd)
+        del self._fds[1:], self._parts[:]
+
+
 class _FileWriters:
     """Forked processes that create an extraction's plain files.
 
-    Creating a file is kernel work (inode allocation, the copy, chmod, times)
-    that one process does one file at a time; two processes do it on two
-    cores.  The extractor walks the image, makes the directories, links and
-    special files, and hands each plain file (one name, no reparse point, no
-    alternate streams, not sparse) to a writer, which reads its metadata and
-    writes it; a directory's files go to one writer together, which opens the
-    directory from DEST with O_NOFOLLOW at every step as the extractor does.
-    Problems come back at :meth:`finish`; a corrupt image ends the writer
-    that meets it.  Forked only while the caller runs no other thread.
+    Creating a file is kernel work (inode allocation, the copy, times) that
+    one process does one file at a time; two processes do it on two cores.
+    The extractor walks the image, makes the directories and the other
+    entries, and hands each plain file (no reparse point, no alternate
+    streams, not stored sparse, its first name) to a writer, a directory's
+    files together; the writer opens the directory from DEST with O_NOFOLLOW
+    at every step as the extractor does.  Problems come back at
+    :meth:`finish`; a corrupt image ends the writer that meets it.  Forked
+    only while the caller runs no other thread.
     """
 
     _BATCH_FILES = 128
@@ -1108,14 +1136,9 @@ class _FileWriters:
         self._queued = [0] * count
         self._batches: list[list] = [[] for _ in range(count)]
         self._batch_files = [0] * count
-        self._group_parts: tuple | None = None
-        self._group: list = []
-        self._group_cost = 0
         self.done = False
 
     def _start(self) -> None:
-        """Fork the writers at the first file, not before: by then the image's
-        link counts (a walk of the whole tree) are known and are inherited."""
         import multiprocessing
 
         ctx = multiprocessing.get_context("fork")
@@ -1133,22 +1156,13 @@ class _FileWriters:
             self._jobs.append(jobs_w)
             self._results.append(results_r)
 
-    def add(self, parts: tuple, local: str, fid: int, size: int, name: str) -> None:
-        """``name`` is the entry's name in the image (for messages)."""
-        if parts != self._group_parts:
-            self._end_group()
-            self._group_parts = parts
-        self._group.append((local, fid, name))
-        self._group_cost += size + self._FILE_COST
-
-    def _end_group(self) -> None:
-        if not self._group:
-            return
-        i = min(range(len(self._queued)), key=self._queued.__getitem__)
-        self._queued[i] += self._group_cost
-        self._batches[i].append((self._group_parts, self._group))
-        self._batch_files[i] += len(self._group)
-        self._group, self._group_cost = [], 0
+    def add(self, parts: tuple, files: list, size: int) -> None:
+        """A directory's plain files, ``[(name in the image, FileID), ...]``,
+        to the writer with the least work queued."""
+        i = min(range(self._count), key=self._queued.__getitem__)
+        self._queued[i] += size + self._FILE_COST * len(files)
+        self._batches[i].append((parts, files))
+        self._batch_files[i] += len(files)
         if self._batch_files[i] >= self._BATCH_FILES:
             self._send(i)
 
@@ -1164,7 +1178,6 @@ class _FileWriters:
 
     def finish(self) -> tuple[list[str], str | None]:
         """Wait for every file; returns (problems, the corrupt image's message or None)."""
-        self._end_group()
         for i in range(self._count):
             self._send(i)
         for jobs in self._jobs:
@@ -1208,11 +1221,14 @@ def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the extractor's; it ends us by closing the pipe
     for c in owner_ends:
         c.close()
+    # Files are created with their final mode (one fchmod fewer each); this
+    # process creates nothing else.
+    os.umask(0)
     extractor.progress = lambda n: None  # counted by the extractor as it hands files out
     problems: list[str] = []
     fatal = None
-    dir_parts, dfd = None, -1
-    while True:
+    chain = _DirChain(dest_fd)
+    while fatal is None:
         try:
             batch = jobs.recv()
         except (EOFError, OSError):  # the extractor went away
@@ -1220,32 +1236,46 @@ def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner
         if batch is None:
             break
         for parts, files in batch:
-            if fatal is not None:
-                break
-            if parts != dir_parts:
-                if dfd >= 0 and dfd != dest_fd:
-                    os.close(dfd)
-                dir_parts, dfd = parts, -1
-                try:
-                    dfd = _open_below(dest_fd, parts)
-                except OSError as e:
-                    problems.append(f"{'/'.join(parts)}: {e.strerror or e}")
-                    continue
-            if dfd < 0:
+            try:
+                dfd = chain.open(parts)
+                target = _NewFiles(dfd)
+            except OSError as e:
+                problems.append(f"{'/'.join(parts)}: {e.strerror or e}")
                 continue
-            for local, fid, name in files:
-                rel = "/".join(parts + (name,))
+            for name, fid in files:
                 try:
-                    st = extractor.image.stat(fid)
-                    extractor._write_file(dfd, local, fid, st, posix_info(st), rel)
+                    extractor._write_plain(target, parts, name, fid)
                 except cimfs.errors.CimFormatError as e:
                     fatal = str(e)
                     break
                 except CimError as e:
                     problems.append(str(e))
                 except OSError as e:
-                    problems.append(f"{rel}: {e.strerror or e}")
+                    problems.append(f"{'/'.join(parts + (name,))}: {e.strerror or e}")
+            if fatal is not None:
+                break
+    chain.close()
     results.send((problems, fatal))
+
+
+class _NewFiles:
+    """A directory a writer process creates files in, and what a new file
+    there gets without being told: the writer's owner (the group of a set-
+    group-ID directory) and, under umask 0 and no default ACL, the mode given
+    to open().  Anything else takes an fchown or an fchmod."""
+
+    __slots__ = ("fd", "uid", "gid", "exact_mode")
+
+    def __init__(self, dfd: int):
+        self.fd = dfd
+        st = os.fstat(dfd)
+        self.uid = os.geteuid()
+        self.gid = st.st_gid if st.st_mode & S.S_ISGID else os.getegid()
+        try:
+            os.getxattr(dfd, "system.posix_acl_default")
+            self.exact_mode = False  # a default ACL, not the umask, shapes the mode
+        except OSError:
+            self.exact_mode = True
 
 
 def _open_below(dest_fd: int, parts) -> int:
@@ -1264,8 +1294,36 @@ def _open_below(dest_fd: int, parts) -> int:
         raise
 
 
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_PLAIN_OWNER: dict[tuple[bytes, bool], tuple[int, int, int]] = {}  # (EA buffer, read-only) -> (permissions, uid, gid)
+
+
+def _plain_owner(ea: bytes, readonly: bool) -> tuple[int, int, int]:
+    """What :func:`posix_info` gives a plain file with these EAs: its
+    permissions, uid and gid (cached: most files of an image share them)."""
+    key = (ea, readonly)
+    got = _PLAIN_OWNER.get(key)
+    if got is None:
+        lx = _lx_of_eas(ea) if ea else None
+        perm = 0o444 if readonly else 0o644
+        uid = gid = 0
+        if lx is not None:
+            if getattr(lx, "mode", None) is not None:
+                perm = lx.mode & 0o7777
+            uid = getattr(lx, "uid", None) or 0
+            gid = getattr(lx, "gid", None) or 0
+        if len(_PLAIN_OWNER) >= 4096:
+            _PLAIN_OWNER.clear()
+        got = _PLAIN_OWNER[key] = (perm, uid, gid)
+    return got
+
+
 class Extractor:
-    """Extract an image (or a subtree) into DEST without ever leaving DEST."""
+    """Extract an image (or a subtree) into DEST without ever leaving DEST.
+
+    Hard links are found as the walk meets a FileID a second time (the
+    format keeps no link counts) and made once every first name exists.
+    """
 
     def __init__(self, image, dest: str, *, restore_owner: bool | None = None,
                  progress: Callable[[int], None] | None = None, warn: Callable[[str], None] | None = None):
@@ -1274,11 +1332,14 @@ class Extractor:
         self.owner = (os.geteuid() == 0) if restore_owner is None else restore_owner
         self.progress = progress or (lambda n: None)
         self.report = ExtractReport(warn)
-        self.first_link: dict[int, list[str]] = {}   # file id -> local path parts of the first link
         self.streams_skipped = 0
-        # While file writer processes run, a directory's mode and times wait
-        # for them (a file created in it afterwards would change its mtime).
         self._writers: _FileWriters | None = None
+        self._first_dir: dict[int, int] = {}              # file FileID -> the directory of its first name
+        self._dir_parts: dict[int, tuple] = {}            # directory FileID -> its local path parts
+        self._links: list[tuple[tuple, str, int]] = []    # (parts, name, FileID) of later names
+        self._moved_first: dict[int, tuple[tuple, str]] = {}  # FileID -> (parts, local) where a copy stands in
+        # A directory's mode and times wait for everything in it (a file or
+        # link created in it afterwards would change its mtime).
         self._dir_meta: list[tuple[list[str], PosixInfo]] = []
 
     # -- helpers
@@ -1324,7 +1385,7 @@ class Extractor:
         finally:
             os.close(fd)
 
-    def _open_parent(self, parts: list[str]) -> int:
+    def _open_parent(self, parts) -> int:
         fd = os.open(self.dest, _DIR_FLAGS)
         if not parts:
             return fd
@@ -1346,7 +1407,7 @@ class Extractor:
     def _iter_stats(self, path):
         img = self.image
         root = img.lookup(path) if path else img.root_id
-        st = img.stat(root)
+        st = img.stat(root, links=False)
         yield root, st
         if not st.is_dir:
             return
@@ -1354,7 +1415,7 @@ class Extractor:
         while stack:
             d = stack.pop()
             for e in img.scandir(d):
-                st = img.stat(e.file_id)
+                st = img.stat(e.file_id, links=False)
                 yield e.file_id, st
                 if st.is_dir and e.file_id not in seen and posix_info(st).kind == DIR:
                     seen.add(e.file_id)
@@ -1363,7 +1424,7 @@ class Extractor:
     def run(self, path: str = "") -> ExtractReport:
         img = self.image
         fid = img.lookup(path) if path else img.root_id
-        st = img.stat(fid)
+        st = img.stat(fid, links=False)
         created = False
         if not os.path.lexists(self.dest):
             os.makedirs(self.dest)
@@ -1376,7 +1437,7 @@ class Extractor:
                     self._writers = _FileWriters(self, dfd)
                 try:
                     self._extract_dir(dfd, fid, [], {fid})
-                    self._finish_writers()
+                    self._finish(dfd)
                 finally:
                     if self._writers is not None:
                         self._writers.abandon()
@@ -1396,67 +1457,117 @@ class Extractor:
             self.report.warning(f"{self.streams_skipped} alternate data stream(s) not extracted (POSIX has none)")
         return self.report
 
-    def _finish_writers(self) -> None:
-        """Wait for the file writers, then give the directories their metadata, deepest first."""
-        if self._writers is None:
-            return
-        problems, fatal = self._writers.finish()
-        for msg in problems:
-            self.report.problem(msg)
-        if fatal is not None:
-            raise cimfs.errors.CimFormatError(fatal)
-        # Children come before their parent in the list (each was added once
-        # its subtree was done): keeping the open path between neighbours
-        # takes about one open per directory instead of a walk from DEST.
-        open_parts: list[str] = []
-        fds = [os.open(self.dest, _DIR_FLAGS)]
+    def _finish(self, dest_fd: int) -> None:
+        """Once the walk is done: wait for the file writers, make the hard
+        links, then give the directories their metadata, deepest first."""
+        if self._writers is not None:
+            problems, fatal = self._writers.finish()
+            for msg in problems:
+                self.report.problem(msg)
+            if fatal is not None:
+                raise cimfs.errors.CimFormatError(fatal)
+        chain = _DirChain(dest_fd)
         try:
+            for parts, name, fid in self._links:
+                self._make_link(chain, parts, name, fid)
+            self._links.clear()
+            # Children come before their parent in the list (each was added
+            # once its subtree was done).
             for parts, info in self._dir_meta:
-                same = 0
-                while same < min(len(parts), len(open_parts)) and parts[same] == open_parts[same]:
-                    same += 1
-                while len(open_parts) > same:
-                    open_parts.pop()
-                    os.close(fds.pop())
                 try:
-                    for p in parts[same:]:
-                        fds.append(os.open(p, _DIR_FLAGS, dir_fd=fds[-1]))
-                        open_parts.append(p)
-                    self._set_meta_fd(fds[-1], info)
+                    self._set_meta_fd(chain.open(parts), info)
                 except OSError as e:
                     self.report.problem(f"{'/'.join(parts)}: {e.strerror or e}")
+            self._dir_meta.clear()
         finally:
-            for fd in fds:
-                os.close(fd)
-        self._dir_meta.clear()
+            chain.close()
+
+    def _first_name(self, fid: int) -> tuple[tuple, str] | None:
+        """Where the first name of ``fid`` was extracted: (parts, local name)."""
+        moved = self._moved_first.get(fid)
+        if moved is not None:
+            return moved
+        dir_id = self._first_dir[fid]
+        for ent in self.image.scandir(dir_id):
+            if ent.file_id == fid:
+                local = _safe_local_name(ent.name)
+                return None if local is None else (self._dir_parts[dir_id], local)
+        return None
+
+    def _make_link(self, chain: _DirChain, parts: tuple, name: str, fid: int) -> None:
+        rel = "/".join(parts + (name,))
+        local = _safe_local_name(name)
+        if local is None:
+            self.report.problem(f"{rel}: unsafe name {name!r}, not extracted")
+            return
+        try:
+            dfd = chain.open(parts)
+            first = self._first_name(fid)
+            if first is not None:
+                try:
+                    sfd = self._open_parent(first[0])
+                    try:
+                        self._retry(lambda: os.link(first[1], local, src_dir_fd=sfd, dst_dir_fd=dfd,
+                                                    follow_symlinks=False), dfd, local, rel)
+                    finally:
+                        os.close(sfd)
+                    return
+                except OSError as e:
+                    self.report.warning(f"{rel}: could not hard link ({e.strerror}); extracting a copy")
+            # the first name was not extracted: this one takes its place
+            self._extract_entry(dfd, local, fid, self.image.stat(fid, links=False), list(parts), rel, set())
+            self._moved_first[fid] = (parts, local)
+        except CimError as e:
+            if isinstance(e, cimfs.errors.CimFormatError):
+                raise
+            self.report.problem(str(e))
+        except OSError as e:
+            self.report.problem(f"{rel}: {e.strerror or e}")
 
     def _extract_dir(self, dfd: int, dir_id: int, parts: list[str], ancestors: set) -> None:
-        writers = self._writers
+        image, writers, first_dir = self.image, self._writers, self._first_dir
         key = tuple(parts)
-        for ent in self.image.scandir(dir_id):
-            local = _safe_local_name(ent.name)
-            if local is None:
-                self.report.problem(f"{'/'.join(parts + [ent.name])}: unsafe name {ent.name!r}, not extracted")
-                continue
-            rel = None
+        self._dir_parts[dir_id] = key
+        plain: list[tuple[str, int]] = []
+        plain_bytes = 0
+        later: list = []
+        # Told apart by the record alone; a plain file's metadata is read by
+        # the writer that creates it.
+        for name, fid in image.scandir(dir_id):
             try:
-                if writers is not None:
-                    # Told apart by the record alone: the writer reads the metadata.
-                    rec = self.image.record(ent.file_id)
-                    if (not rec.is_dir and not rec.reparse_offset and not rec.stream_table_offset
-                            and not rec.stream.sparse and self.image.nlink(ent.file_id) == 1):
-                        writers.add(key, local, ent.file_id, rec.stream.length, ent.name)
-                        self.progress(rec.stream.length)
+                rec = image.record(fid)
+                if not rec.is_dir:
+                    if fid in first_dir:
+                        self._links.append((key, name, fid))
                         continue
-                rel = "/".join(parts + [ent.name])
-                st = self.image.stat(ent.file_id)
-                self._extract_entry(dfd, local, ent.file_id, st, parts, rel, ancestors)
+                    first_dir[fid] = dir_id
+                    if (writers is not None and not rec.reparse_offset and not rec.stream_table_offset
+                            and not rec.stream.sparse):
+                        plain.append((name, fid))
+                        plain_bytes += rec.stream.length
+                        continue
+                later.append((name, fid))
+            except CimError as e:
+                if isinstance(e, cimfs.errors.CimFormatError):
+                    raise
+                self.report.problem(str(e))
+        if plain:
+            writers.add(key, plain, plain_bytes)
+            self.progress(plain_bytes)
+        for name, fid in later:
+            rel = "/".join(parts + [name])
+            local = _safe_local_name(name)
+            if local is None:
+                self.report.problem(f"{rel}: unsafe name {name!r}, not extracted")
+                continue
+            try:
+                self._extract_entry(dfd, local, fid, image.stat(fid, links=False), parts, rel, ancestors)
             except CimError as e:
                 if isinstance(e, cimfs.errors.CimFormatError):
                     raise
                 self.report.problem(str(e))
             except OSError as e:
-                self.report.problem(f"{rel or '/'.join(parts + [ent.name])}: {e.strerror or e}")
+                self.report.problem(f"{rel}: {e.strerror or e}")
 
     def _extract_entry(self, dfd, local, fid, st, parts, rel, ancestors) -> None:
         info = posix_info(st)
@@ -1479,26 +1590,10 @@ class Extractor:
                 cfd = os.open(local, _DIR_FLAGS, dir_fd=dfd)
             try:
                 self._extract_dir(cfd, fid, parts + [local], ancestors | {fid})
-                if self._writers is not None:
-                    self._dir_meta.append((parts + [local], info))
-                else:
-                    self._set_meta_fd(cfd, info)
             finally:
                 os.close(cfd)
+            self._dir_meta.append((parts + [local], info))
             return
-        if st.nlink > 1:
-            first = self.first_link.get(fid)
-            if first is not None:
-                try:
-                    sfd = self._open_parent(first[:-1])
-                    try:
-                        self._retry(lambda: os.link(first[-1], local, src_dir_fd=sfd, dst_dir_fd=dfd,
-                                                    follow_symlinks=False), dfd, local, rel)
-                    finally:
-                        os.close(sfd)
-                    return
-                except OSError as e:
-                    self.report.warning(f"{rel}: could not hard link ({e.strerror}); extracting a copy")
         if info.kind == FILE:
             self._write_file(dfd, local, fid, st, info, rel)
         elif info.kind == SYMLINK:
@@ -1517,15 +1612,46 @@ class Extractor:
                 self.report.warning(f"{rel}: device nodes need root; not created")
                 return
             self._set_meta_path(dfd, local, info)
-        if st.nlink > 1:
-            self.first_link[fid] = parts + [local]
+
+    def _write_plain(self, target: _NewFiles, parts: tuple, name: str, fid: int) -> None:
+        """A plain file in a writer process (umask 0): created with its final
+        mode, then its data and times; owner and mode only where the new
+        file would not already have them."""
+        local = _safe_local_name(name)
+        if local is None:
+            raise CimError(ERROR_INVALID_NAME, f"unsafe name {name!r}, not extracted", "/".join(parts + (name,)))
+        image = self.image
+        rec = image.record(fid)
+        attrs = rec.attributes()
+        if attrs & _FA_SPARSE_FILE:  # its zero blocks become holes: the general path
+            st = image.stat(fid, links=False)
+            self._write_file(target.fd, local, fid, st, posix_info(st), "/".join(parts + (name,)))
+            return
+        perm, uid, gid = _plain_owner(image.ea_buffer(fid), bool(attrs & 0x1))
+        dfd = target.fd
+        try:
+            fd = os.open(local, _NEW_FILE_FLAGS, perm, dir_fd=dfd)
+        except FileExistsError:
+            self._remove(dfd, local, "/".join(parts + (name,)))
+            fd = os.open(local, _NEW_FILE_FLAGS, perm, dir_fd=dfd)
+        try:
+            length = rec.stream.length
+            if length and image.copy_stream(rec.stream, fd) != length:
+                raise cimfs.errors.CimFormatError("stream shorter than its size", "/".join(parts + (name,)))
+            chown = self.owner and (uid != target.uid or gid != target.gid)
+            if chown:
+                os.fchown(fd, uid, gid)
+            if not target.exact_mode or (chown and perm & 0o6000):  # chown clears set-ID bits
+                os.fchmod(fd, perm)
+            os.utime(fd, ns=(filetime_to_ns(rec.last_access_time), filetime_to_ns(rec.last_write_time)))
+        finally:
+            os.close(fd)
 
     def _write_file(self, dfd, local, fid, st, info, rel) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = self._retry(lambda: os.open(local, flags, 0o600, dir_fd=dfd), dfd, local, rel)
+        fd = self._retry(lambda: os.open(local, _NEW_FILE_FLAGS, 0o600, dir_fd=dfd), dfd, local, rel)
         try:
             size = st.size
-            if size and not st.is_sparse and not st.attributes & 0x200:
+            if size and not st.is_sparse and not st.attributes & _FA_SPARSE_FILE:
                 # copy_file_range inside the kernel; region file -> new file,
                 # which then has its size: no ftruncate
                 n = self.image.copy_stream(fid, fd, progress=self.progress)

@@ -481,7 +481,9 @@ class Image:
         # directory, as a fork's planning does along its paths, costs no walk.
         return 1 if rec.is_dir else self._link_counts().get(fid, 1)
 
-    def stat(self, path="") -> Stat:
+    def stat(self, path="", *, links: bool = True) -> Stat:
+        """``links=False`` leaves ``nlink`` 0 (not counted): the format keeps
+        no link counts, and the first count walks the whole tree."""
         if type(path) is int:  # the bulk of callers (walks, extraction, the mount): no path to parse
             fid, stream = path, None
         else:
@@ -498,13 +500,21 @@ class Image:
         ea = (self._bytes(rec.ea_offset, rec.ea_length, f"EA buffer of FileID {fid}")
               if rec.ea_offset and rec.ea_length else b"")
         is_dir = rec.is_dir
-        nlink = self._nlink(fid, rec)
+        nlink = self._nlink(fid, rec) if links else 0
         stream_count = len(self._stream_table(fid)[0]) if rec.stream_table_offset else 0
         # Positional, in the order of Stat's fields (a walk builds one per entry).
         return Stat(fid, rec.attributes(), 0 if is_dir else rec.stream.length, rec.creation_time,
                     rec.last_write_time, rec.change_time, rec.last_access_time, sd, ea,
                     rec.reparse_tag if reparse else 0, reparse, nlink, is_dir, rec.stream.sparse,
                     stream_count, rec.parent_file_id)
+
+    def ea_buffer(self, path) -> bytes:
+        """The entry's extended attributes as stored (``stat(path).ea_buffer`` alone)."""
+        fid = path if type(path) is int else self.lookup(path)
+        rec = self.record(fid)
+        if not (rec.ea_offset and rec.ea_length):
+            return b""
+        return self._bytes(rec.ea_offset, rec.ea_length, f"EA buffer of FileID {fid}")
 
     def _stream_table(self, file_id: int) -> tuple[list[str], list[cim.Stream]]:
         rec = self.record(file_id)
