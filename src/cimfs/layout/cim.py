@@ -428,9 +428,12 @@ def unpack_link_table(buf, value_size: int, what: str) -> tuple[list[str], list]
         raw = struct.unpack_from(f"<{2 * count}Q", buf, 8)
         values = [unpack_stream(raw[2 * i], raw[2 * i + 1]) for i in range(count)]
     offsets = struct.unpack_from(f"<{count}I", buf, 8 + value_size * count)
+    names = _names_in_one_decode(buf, offsets, length)
+    if names is not None:
+        return names, values
     mv = memoryview(buf)
     names = []
-    for off in offsets:
+    for off in offsets:  # one by one: finds and names what is wrong
         if off + 2 > length:
             raise CimFormatError(f"{what}: name offset {off} outside the link table")
         units = U16.unpack_from(buf, off)[0]
@@ -442,6 +445,35 @@ def unpack_link_table(buf, value_size: int, what: str) -> tuple[list[str], list]
             raise CimFormatError(f"{what}: stored name {name[:60]!r} is not a valid name")
         names.append(name)
     return names, values
+
+
+def _names_in_one_decode(buf, offsets, length: int) -> list[str] | None:
+    """The names of a well-formed link table, from one UTF-16 decode of its
+    name area (a directory's names are one run of length-prefixed strings),
+    each length read as the character it decodes to.  None when anything is
+    unusual (a bad offset or length, a name that is not valid, a surrogate
+    pair, an odd offset): the caller then reads name by name."""
+    if not offsets:
+        return []
+    base = min(offsets)
+    if max(offsets) + 2 > length:
+        return None
+    n = (length - base) & ~1
+    text = bytes(memoryview(buf)[base:base + n]).decode("utf-16-le", "surrogatepass")
+    if len(text) * 2 != n:  # a surrogate pair became one character: indexes would shift
+        return None
+    names = []
+    append = names.append
+    for off in offsets:
+        d = off - base
+        units = ord(text[d >> 1])
+        if d & 1 or off + 2 + 2 * units > length:
+            return None
+        i = (d >> 1) + 1
+        append(text[i:i + units])
+    if "" in names or "." in names or ".." in names or _BAD_STORED_NAME.search("".join(names)):
+        return None
+    return names
 
 
 # Names that would make a path ambiguous (separators, the stream colon, NUL)
