@@ -327,8 +327,9 @@ def test_extract_hard_links_found_by_the_walk(tmp_path):
     import cimfs
 
     with cimfs.create(tmp_path, "h.cim") as w:
-        for d in "abcde":
-            w.mkdir(d)
+        for i, d in enumerate("abcde"):
+            w.mkdir(d, cimfs.FileMetadata(attributes=0x10, last_write_time=EPOCH + (i + 1) * 10**7,
+                                          last_access_time=EPOCH + (i + 1) * 10**7))
         w.add_file("a/x", b"shared", _lx(0o100640))
         w.link("b/second", "a/x")
         w.link("c/third", "a/x")
@@ -352,6 +353,8 @@ def test_extract_hard_links_found_by_the_walk(tmp_path):
     assert (out / "d" / "plain-again").read_bytes() == b"p" * 5000
     for i in range(200):
         assert (out / "e" / f"f{i}").read_bytes() == bytes([i]) * i
+    for i, d in enumerate("bcde"):  # set after the links made in them
+        assert os.stat(out / d).st_mtime_ns == (i + 2) * 10**9, d
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="owners and a foreign set-group-ID directory need root")

@@ -37,7 +37,7 @@ from typing import Callable, Iterable
 import cimfs
 
 from .bulk import paused_gc
-from .layout import ntfs
+from .layout import cim, ntfs
 from .names import fold_name
 from .errors import (
     E_INVALIDARG,
@@ -604,6 +604,7 @@ def _lx_ea_buffer(mode: int, uid: int, gid: int, rdev: tuple | None) -> bytes:
 
 
 _FA_DIRECTORY, _FA_SPARSE_FILE, _FA_REPARSE_POINT = 0x10, 0x200, 0x400  # plain ints: IntFlag math is slow per entry
+_FLAG_READONLY, _FLAG_SPARSE = cim.FLAG_READONLY, cim.FLAG_SPARSE  # FileRecord.flags
 
 
 def plain_file_metadata(st: os.stat_result) -> "cimfs.FileMetadata":
@@ -1156,15 +1157,24 @@ class _FileWriters:
             self._jobs.append(jobs_w)
             self._results.append(results_r)
 
-    def add(self, parts: tuple, files: list, size: int) -> None:
+    def add(self, parts: tuple, files: list, size: int) -> int:
         """A directory's plain files, ``[(name in the image, FileID), ...]``,
-        to the writer with the least work queued."""
+        to the writer with the least work queued; returns which writer."""
         i = min(range(self._count), key=self._queued.__getitem__)
         self._queued[i] += size + self._FILE_COST * len(files)
         self._batches[i].append((parts, files))
         self._batch_files[i] += len(files)
         if self._batch_files[i] >= self._BATCH_FILES:
             self._send(i)
+        return i
+
+    def set_dir_meta(self, parts: tuple, info: PosixInfo, writer: int | None) -> None:
+        """A directory's owner, mode and times, set by ``writer`` (the one that
+        has its files: after them) once the extractor has made everything
+        else in it, instead of by the extractor at the end on one core."""
+        i = writer if writer is not None else min(range(self._count), key=self._queued.__getitem__)
+        self._queued[i] += self._FILE_COST
+        self._batches[i].append((parts, (info.uid, info.gid, info.mode & 0o7777, info.atime_ns, info.mtime_ns)))
 
     def _send(self, i: int) -> None:
         if self._batches[i]:
@@ -1236,6 +1246,17 @@ def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner
         if batch is None:
             break
         for parts, files in batch:
+            if type(files) is tuple:  # the directory's own metadata
+                uid, gid, perm, atime, mtime = files
+                try:
+                    dfd = chain.open(parts)
+                    if extractor.owner:
+                        os.fchown(dfd, uid, gid)
+                    os.fchmod(dfd, perm)
+                    os.utime(dfd, ns=(atime, mtime))
+                except OSError as e:
+                    problems.append(f"{'/'.join(parts)}: {e.strerror or e}")
+                continue
             try:
                 dfd = chain.open(parts)
                 target = _NewFiles(dfd)
@@ -1295,27 +1316,20 @@ def _open_below(dest_fd: int, parts) -> int:
 
 
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_PLAIN_OWNER: dict[tuple[bytes, bool], tuple[int, int, int]] = {}  # (EA buffer, read-only) -> (permissions, uid, gid)
 
 
 def _plain_owner(ea: bytes, readonly: bool) -> tuple[int, int, int]:
     """What :func:`posix_info` gives a plain file with these EAs: its
-    permissions, uid and gid (cached: most files of an image share them)."""
-    key = (ea, readonly)
-    got = _PLAIN_OWNER.get(key)
-    if got is None:
-        lx = _lx_of_eas(ea) if ea else None
-        perm = 0o444 if readonly else 0o644
-        uid = gid = 0
-        if lx is not None:
-            if getattr(lx, "mode", None) is not None:
-                perm = lx.mode & 0o7777
-            uid = getattr(lx, "uid", None) or 0
-            gid = getattr(lx, "gid", None) or 0
-        if len(_PLAIN_OWNER) >= 4096:
-            _PLAIN_OWNER.clear()
-        got = _PLAIN_OWNER[key] = (perm, uid, gid)
-    return got
+    permissions, uid and gid."""
+    lx = _lx_of_eas(ea) if ea else None
+    perm = 0o444 if readonly else 0o644
+    uid = gid = 0
+    if lx is not None:
+        if getattr(lx, "mode", None) is not None:
+            perm = lx.mode & 0o7777
+        uid = getattr(lx, "uid", None) or 0
+        gid = getattr(lx, "gid", None) or 0
+    return perm, uid, gid
 
 
 class Extractor:
@@ -1338,6 +1352,10 @@ class Extractor:
         self._dir_parts: dict[int, tuple] = {}            # directory FileID -> its local path parts
         self._links: list[tuple[tuple, str, int]] = []    # (parts, name, FileID) of later names
         self._moved_first: dict[int, tuple[tuple, str]] = {}  # FileID -> (parts, local) where a copy stands in
+        # (EA RegionOffset, length, read-only) -> (permissions, uid, gid): most
+        # files share a few EA buffers, stored once, so their place names them.
+        self._owners: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+        self._early_meta: dict[tuple, PosixInfo] = {}     # directories whose metadata the writers set
         # A directory's mode and times wait for everything in it (a file or
         # link created in it afterwards would change its mtime).
         self._dir_meta: list[tuple[list[str], PosixInfo]] = []
@@ -1468,8 +1486,12 @@ class Extractor:
                 raise cimfs.errors.CimFormatError(fatal)
         chain = _DirChain(dest_fd)
         try:
+            relinked = set()
             for parts, name, fid in self._links:
                 self._make_link(chain, parts, name, fid)
+                if parts in self._early_meta and parts not in relinked:
+                    relinked.add(parts)  # a new name changed its times
+                    self._dir_meta.append((list(parts), self._early_meta[parts]))
             self._links.clear()
             # Children come before their parent in the list (each was added
             # once its subtree was done).
@@ -1524,13 +1546,18 @@ class Extractor:
         except OSError as e:
             self.report.problem(f"{rel}: {e.strerror or e}")
 
-    def _extract_dir(self, dfd: int, dir_id: int, parts: list[str], ancestors: set) -> None:
+    def _extract_dir(self, dfd, dir_id: int, parts: list[str], ancestors: set) -> int | None:
+        """The entries of directory ``dir_id`` (extracted at ``parts``).
+        ``dfd`` is its open descriptor, or a function that opens it: a
+        directory holding only plain files, all made by the writers, is
+        never opened here.  Returns the writer that got its files."""
         image, writers, first_dir = self.image, self._writers, self._first_dir
         key = tuple(parts)
         self._dir_parts[dir_id] = key
         plain: list[tuple[str, int]] = []
         plain_bytes = 0
         later: list = []
+        writer = None
         # Told apart by the record alone; a plain file's metadata is read by
         # the writer that creates it.
         for name, fid in image.scandir(dir_id):
@@ -1552,22 +1579,32 @@ class Extractor:
                     raise
                 self.report.problem(str(e))
         if plain:
-            writers.add(key, plain, plain_bytes)
+            writer = writers.add(key, plain, plain_bytes)
             self.progress(plain_bytes)
-        for name, fid in later:
-            rel = "/".join(parts + [name])
-            local = _safe_local_name(name)
-            if local is None:
-                self.report.problem(f"{rel}: unsafe name {name!r}, not extracted")
-                continue
-            try:
-                self._extract_entry(dfd, local, fid, image.stat(fid, links=False), parts, rel, ancestors)
-            except CimError as e:
-                if isinstance(e, cimfs.errors.CimFormatError):
-                    raise
-                self.report.problem(str(e))
-            except OSError as e:
-                self.report.problem(f"{rel}: {e.strerror or e}")
+        if not later:
+            return writer
+        opened = None
+        if callable(dfd):
+            dfd = opened = dfd()
+        try:
+            for name, fid in later:
+                rel = "/".join(parts + [name])
+                local = _safe_local_name(name)
+                if local is None:
+                    self.report.problem(f"{rel}: unsafe name {name!r}, not extracted")
+                    continue
+                try:
+                    self._extract_entry(dfd, local, fid, image.stat(fid, links=False), parts, rel, ancestors)
+                except CimError as e:
+                    if isinstance(e, cimfs.errors.CimFormatError):
+                        raise
+                    self.report.problem(str(e))
+                except OSError as e:
+                    self.report.problem(f"{rel}: {e.strerror or e}")
+        finally:
+            if opened is not None:
+                os.close(opened)
+        return writer
 
     def _extract_entry(self, dfd, local, fid, st, parts, rel, ancestors) -> None:
         info = posix_info(st)
@@ -1577,22 +1614,31 @@ class Extractor:
             if fid in ancestors:
                 self.report.problem(f"{rel}: directory loop in the image, not followed")
                 return
+            child = parts + [local]
             try:
                 os.mkdir(local, 0o700, dir_fd=dfd)
+                cfd = functools.partial(os.open, local, _DIR_FLAGS, dir_fd=dfd)  # ours: opened if needed
             except FileExistsError:
-                pass
+                try:
+                    cfd = os.open(local, _DIR_FLAGS, dir_fd=dfd)
+                except OSError:
+                    # something that is not a directory (maybe a link) is in the way: replace it
+                    self._remove(dfd, local, rel)
+                    os.mkdir(local, 0o700, dir_fd=dfd)
+                    cfd = os.open(local, _DIR_FLAGS, dir_fd=dfd)
             try:
-                cfd = os.open(local, _DIR_FLAGS, dir_fd=dfd)
-            except OSError:
-                # something that is not a directory (maybe a link) is in the way: replace it
-                self._remove(dfd, local, rel)
-                os.mkdir(local, 0o700, dir_fd=dfd)
-                cfd = os.open(local, _DIR_FLAGS, dir_fd=dfd)
-            try:
-                self._extract_dir(cfd, fid, parts + [local], ancestors | {fid})
+                writer = self._extract_dir(cfd, fid, child, ancestors | {fid})
             finally:
-                os.close(cfd)
-            self._dir_meta.append((parts + [local], info))
+                if type(cfd) is int:
+                    os.close(cfd)
+            # Early, by a writer, where nothing is made in it later but hard
+            # links (its metadata is then set again) and its mode cannot stop
+            # the writers going through it or the links being made.
+            if self._writers is not None and (os.geteuid() == 0 or info.mode & 0o300 == 0o300):
+                self._writers.set_dir_meta(tuple(child), info, writer)
+                self._early_meta[tuple(child)] = info
+            else:
+                self._dir_meta.append((child, info))
             return
         if info.kind == FILE:
             self._write_file(dfd, local, fid, st, info, rel)
@@ -1622,12 +1668,17 @@ class Extractor:
             raise CimError(ERROR_INVALID_NAME, f"unsafe name {name!r}, not extracted", "/".join(parts + (name,)))
         image = self.image
         rec = image.record(fid)
-        attrs = rec.attributes()
-        if attrs & _FA_SPARSE_FILE:  # its zero blocks become holes: the general path
+        if rec.flags & _FLAG_SPARSE:  # its zero blocks become holes: the general path
             st = image.stat(fid, links=False)
             self._write_file(target.fd, local, fid, st, posix_info(st), "/".join(parts + (name,)))
             return
-        perm, uid, gid = _plain_owner(image.ea_buffer(fid), bool(attrs & 0x1))
+        key = (rec.ea_offset, rec.ea_length, rec.flags & _FLAG_READONLY)
+        owner = self._owners.get(key)
+        if owner is None:
+            if len(self._owners) >= 4096:
+                self._owners.clear()
+            owner = self._owners[key] = _plain_owner(image.ea_buffer(fid), bool(key[2]))
+        perm, uid, gid = owner
         dfd = target.fd
         try:
             fd = os.open(local, _NEW_FILE_FLAGS, perm, dir_fd=dfd)
