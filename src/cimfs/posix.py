@@ -1440,6 +1440,13 @@ class Extractor:
                     stack.append(e.file_id)
 
     def run(self, path: str = "") -> ExtractReport:
+        # The walk keeps a record per entry and makes no cycles: collections
+        # would only re-scan them (1.6 of 3.6 us per record read).  The
+        # writer processes inherit the pause.
+        with paused_gc():
+            return self._run(path)
+
+    def _run(self, path: str) -> ExtractReport:
         img = self.image
         fid = img.lookup(path) if path else img.root_id
         st = img.stat(fid, links=False)
