@@ -98,7 +98,7 @@ def name_to_image(name: str) -> str:
 
 
 def name_from_image(name: str) -> str:
-    return name.translate(_FROM_IMAGE)
+    return name if name.isascii() else name.translate(_FROM_IMAGE)  # the escapes are all U+F0xx
 
 
 def check_image_name(name: str, where: str) -> None:
@@ -1444,7 +1444,11 @@ class Extractor:
         # would only re-scan them (1.6 of 3.6 us per record read).  The
         # writer processes inherit the pause.
         with paused_gc():
-            return self._run(path)
+            try:
+                return self._run(path)
+            finally:
+                # dropped while paused: the first collection afterwards would scan them
+                self._first_dir, self._dir_parts, self._early_meta, self._owners = {}, {}, {}, {}
 
     def _run(self, path: str) -> ExtractReport:
         img = self.image
@@ -1693,15 +1697,16 @@ class Extractor:
             self._remove(dfd, local, "/".join(parts + (name,)))
             fd = os.open(local, _NEW_FILE_FLAGS, perm, dir_fd=dfd)
         try:
-            length = rec.stream.length
-            if length and image.copy_stream(rec.stream, fd) != length:
+            stream = rec.stream
+            if stream.length and image.copy_stream(stream, fd) != stream.length:
                 raise cimfs.errors.CimFormatError("stream shorter than its size", "/".join(parts + (name,)))
             chown = self.owner and (uid != target.uid or gid != target.gid)
             if chown:
                 os.fchown(fd, uid, gid)
             if not target.exact_mode or (chown and perm & 0o6000):  # chown clears set-ID bits
                 os.fchmod(fd, perm)
-            os.utime(fd, ns=(filetime_to_ns(rec.last_access_time), filetime_to_ns(rec.last_write_time)))
+            os.utime(fd, ns=((rec.last_access_time - FILETIME_UNIX_EPOCH) * 100,  # filetime_to_ns, inline
+                             (rec.last_write_time - FILETIME_UNIX_EPOCH) * 100))
         finally:
             os.close(fd)
 

@@ -407,7 +407,8 @@ class Image:
     def scandir(self, path="") -> list[DirEntry]:
         fid = path if isinstance(path, int) else self.lookup(path)
         d = self._directory(fid)
-        return [DirEntry(n, i) for n, i in zip(d.names, d.file_ids)]
+        new = tuple.__new__  # DirEntry's own __new__ is a Python function
+        return [new(DirEntry, e) for e in zip(d.names, d.file_ids)]
 
     def listdir(self, path="") -> list[str]:
         fid = path if isinstance(path, int) else self.lookup(path)
