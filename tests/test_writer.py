@@ -189,6 +189,11 @@ def test_hard_links(tmp_path):
         assert quick.nlink == 0 and im._nlinks is None
         assert quick._replace(nlink=3) == im.stat("h")
         assert im.ea_buffer("h") == EA and im.ea_buffer("b") == b""
+        ids = [e.file_id for e in im.scandir("")] + [im.lookup("a/f")]
+        assert im.records(ids) == [im.record(i) for i in ids]
+        for bad in (0, im.max_file_id() + 1, 1 << 40):
+            with pytest.raises(errors.CimFormatError):
+                im.records(ids + [bad])
 
 
 def test_walk_like_os_walk(tmp_path):

@@ -1157,12 +1157,14 @@ class _FileWriters:
             self._jobs.append(jobs_w)
             self._results.append(results_r)
 
-    def add(self, parts: tuple, files: list, size: int) -> int:
+    def add(self, parts: tuple, files: list, size: int, plain_dir: bool) -> int:
         """A directory's plain files, ``[(name in the image, FileID), ...]``,
-        to the writer with the least work queued; returns which writer."""
+        to the writer with the least work queued; returns which writer.
+        ``plain_dir``: the extractor made the directory where nothing
+        changes what a new file gets (see :func:`_dir_is_plain`)."""
         i = min(range(self._count), key=self._queued.__getitem__)
         self._queued[i] += size + self._FILE_COST * len(files)
-        self._batches[i].append((parts, files))
+        self._batches[i].append((parts, files, plain_dir))
         self._batch_files[i] += len(files)
         if self._batch_files[i] >= self._BATCH_FILES:
             self._send(i)
@@ -1234,6 +1236,7 @@ def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner
     # Files are created with their final mode (one fchmod fewer each); this
     # process creates nothing else.
     os.umask(0)
+    extractor._ids = (os.geteuid(), os.getegid())
     extractor.progress = lambda n: None  # counted by the extractor as it hands files out
     problems: list[str] = []
     fatal = None
@@ -1245,9 +1248,9 @@ def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner
             os._exit(1)
         if batch is None:
             break
-        for parts, files in batch:
-            if type(files) is tuple:  # the directory's own metadata
-                uid, gid, perm, atime, mtime = files
+        for item in batch:
+            if len(item) == 2:  # a directory's own metadata
+                parts, (uid, gid, perm, atime, mtime) = item
                 try:
                     dfd = chain.open(parts)
                     if extractor.owner:
@@ -1257,15 +1260,21 @@ def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner
                 except OSError as e:
                     problems.append(f"{'/'.join(parts)}: {e.strerror or e}")
                 continue
+            parts, files, plain_dir = item
             try:
                 dfd = chain.open(parts)
-                target = _NewFiles(dfd)
+                plain_dir = plain_dir or _dir_is_plain(dfd)
             except OSError as e:
                 problems.append(f"{'/'.join(parts)}: {e.strerror or e}")
                 continue
-            for name, fid in files:
+            try:
+                recs = extractor.image.records([fid for name, fid in files])
+            except cimfs.errors.CimFormatError as e:
+                fatal = str(e)
+                break
+            for (name, fid), rec in zip(files, recs):
                 try:
-                    extractor._write_plain(target, parts, name, fid)
+                    extractor._write_plain(dfd, plain_dir, parts, name, fid, rec)
                 except cimfs.errors.CimFormatError as e:
                     fatal = str(e)
                     break
@@ -1279,24 +1288,19 @@ def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner
     results.send((problems, fatal))
 
 
-class _NewFiles:
-    """A directory a writer process creates files in, and what a new file
-    there gets without being told: the writer's owner (the group of a set-
-    group-ID directory) and, under umask 0 and no default ACL, the mode given
-    to open().  Anything else takes an fchown or an fchmod."""
-
-    __slots__ = ("fd", "uid", "gid", "exact_mode")
-
-    def __init__(self, dfd: int):
-        self.fd = dfd
-        st = os.fstat(dfd)
-        self.uid = os.geteuid()
-        self.gid = st.st_gid if st.st_mode & S.S_ISGID else os.getegid()
-        try:
-            os.getxattr(dfd, "system.posix_acl_default")
-            self.exact_mode = False  # a default ACL, not the umask, shapes the mode
-        except OSError:
-            self.exact_mode = True
+def _dir_is_plain(fd: int) -> bool:
+    """Whether a file created in this directory gets exactly the mode given
+    to open() (under umask 0) and its creator's uid and gid: no default ACL
+    (it, not the umask, would shape the mode), no set-group-ID bit, the
+    creator's group (what ``grpid`` mounts hand down)."""
+    st = os.fstat(fd)
+    if st.st_mode & S.S_ISGID or st.st_gid != os.getegid():
+        return False
+    try:
+        os.getxattr(fd, "system.posix_acl_default")
+    except OSError:
+        return True
+    return False
 
 
 def _open_below(dest_fd: int, parts) -> int:
@@ -1465,7 +1469,7 @@ class Extractor:
                 if _FileWriters.available():
                     self._writers = _FileWriters(self, dfd)
                 try:
-                    self._extract_dir(dfd, fid, [], {fid})
+                    self._extract_dir(dfd, fid, [], {fid}, _dir_is_plain(dfd))
                     self._finish(dfd)
                 finally:
                     if self._writers is not None:
@@ -1557,11 +1561,12 @@ class Extractor:
         except OSError as e:
             self.report.problem(f"{rel}: {e.strerror or e}")
 
-    def _extract_dir(self, dfd, dir_id: int, parts: list[str], ancestors: set) -> int | None:
+    def _extract_dir(self, dfd, dir_id: int, parts: list[str], ancestors: set, plain_dir: bool = False) -> int | None:
         """The entries of directory ``dir_id`` (extracted at ``parts``).
         ``dfd`` is its open descriptor, or a function that opens it: a
         directory holding only plain files, all made by the writers, is
-        never opened here.  Returns the writer that got its files."""
+        never opened here.  ``plain_dir``: made here below a plain directory
+        (see :func:`_dir_is_plain`).  Returns the writer that got its files."""
         image, writers, first_dir = self.image, self._writers, self._first_dir
         key = tuple(parts)
         self._dir_parts[dir_id] = key
@@ -1571,26 +1576,21 @@ class Extractor:
         writer = None
         # Told apart by the record alone; a plain file's metadata is read by
         # the writer that creates it.
-        for name, fid in image.scandir(dir_id):
-            try:
-                rec = image.record(fid)
-                if not rec.is_dir:
-                    if fid in first_dir:
-                        self._links.append((key, name, fid))
-                        continue
-                    first_dir[fid] = dir_id
-                    if (writers is not None and not rec.reparse_offset and not rec.stream_table_offset
-                            and not rec.stream.sparse):
-                        plain.append((name, fid))
-                        plain_bytes += rec.stream.length
-                        continue
-                later.append((name, fid))
-            except CimError as e:
-                if isinstance(e, cimfs.errors.CimFormatError):
-                    raise
-                self.report.problem(str(e))
+        entries = image.scandir(dir_id)
+        for (name, fid), rec in zip(entries, image.records([e.file_id for e in entries])):
+            if not rec.is_dir:
+                if fid in first_dir:
+                    self._links.append((key, name, fid))
+                    continue
+                first_dir[fid] = dir_id
+                if (writers is not None and not rec.reparse_offset and not rec.stream_table_offset
+                        and not rec.stream.sparse):
+                    plain.append((name, fid))
+                    plain_bytes += rec.stream.length
+                    continue
+            later.append((name, fid))
         if plain:
-            writer = writers.add(key, plain, plain_bytes)
+            writer = writers.add(key, plain, plain_bytes, plain_dir)
             self.progress(plain_bytes)
         if not later:
             return writer
@@ -1605,7 +1605,7 @@ class Extractor:
                     self.report.problem(f"{rel}: unsafe name {name!r}, not extracted")
                     continue
                 try:
-                    self._extract_entry(dfd, local, fid, image.stat(fid, links=False), parts, rel, ancestors)
+                    self._extract_entry(dfd, local, fid, image.stat(fid, links=False), parts, rel, ancestors, plain_dir)
                 except CimError as e:
                     if isinstance(e, cimfs.errors.CimFormatError):
                         raise
@@ -1617,7 +1617,7 @@ class Extractor:
                 os.close(opened)
         return writer
 
-    def _extract_entry(self, dfd, local, fid, st, parts, rel, ancestors) -> None:
+    def _extract_entry(self, dfd, local, fid, st, parts, rel, ancestors, plain_dir: bool = False) -> None:
         info = posix_info(st)
         if st.stream_count:
             self.streams_skipped += st.stream_count
@@ -1630,6 +1630,7 @@ class Extractor:
                 os.mkdir(local, 0o700, dir_fd=dfd)
                 cfd = functools.partial(os.open, local, _DIR_FLAGS, dir_fd=dfd)  # ours: opened if needed
             except FileExistsError:
+                plain_dir = False  # not made here: a writer looks at it
                 try:
                     cfd = os.open(local, _DIR_FLAGS, dir_fd=dfd)
                 except OSError:
@@ -1638,7 +1639,7 @@ class Extractor:
                     os.mkdir(local, 0o700, dir_fd=dfd)
                     cfd = os.open(local, _DIR_FLAGS, dir_fd=dfd)
             try:
-                writer = self._extract_dir(cfd, fid, child, ancestors | {fid})
+                writer = self._extract_dir(cfd, fid, child, ancestors | {fid}, plain_dir)
             finally:
                 if type(cfd) is int:
                     os.close(cfd)
@@ -1670,7 +1671,7 @@ class Extractor:
                 return
             self._set_meta_path(dfd, local, info)
 
-    def _write_plain(self, target: _NewFiles, parts: tuple, name: str, fid: int) -> None:
+    def _write_plain(self, dfd: int, plain_dir: bool, parts: tuple, name: str, fid: int, rec) -> None:
         """A plain file in a writer process (umask 0): created with its final
         mode, then its data and times; owner and mode only where the new
         file would not already have them."""
@@ -1678,10 +1679,9 @@ class Extractor:
         if local is None:
             raise CimError(ERROR_INVALID_NAME, f"unsafe name {name!r}, not extracted", "/".join(parts + (name,)))
         image = self.image
-        rec = image.record(fid)
         if rec.flags & _FLAG_SPARSE:  # its zero blocks become holes: the general path
             st = image.stat(fid, links=False)
-            self._write_file(target.fd, local, fid, st, posix_info(st), "/".join(parts + (name,)))
+            self._write_file(dfd, local, fid, st, posix_info(st), "/".join(parts + (name,)))
             return
         key = (rec.ea_offset, rec.ea_length, rec.flags & _FLAG_READONLY)
         owner = self._owners.get(key)
@@ -1690,7 +1690,6 @@ class Extractor:
                 self._owners.clear()
             owner = self._owners[key] = _plain_owner(image.ea_buffer(fid), bool(key[2]))
         perm, uid, gid = owner
-        dfd = target.fd
         try:
             fd = os.open(local, _NEW_FILE_FLAGS, perm, dir_fd=dfd)
         except FileExistsError:
@@ -1700,10 +1699,10 @@ class Extractor:
             stream = rec.stream
             if stream.length and image.copy_stream(stream, fd) != stream.length:
                 raise cimfs.errors.CimFormatError("stream shorter than its size", "/".join(parts + (name,)))
-            chown = self.owner and (uid != target.uid or gid != target.gid)
+            chown = self.owner and ((uid, gid) != self._ids or not plain_dir)
             if chown:
                 os.fchown(fd, uid, gid)
-            if not target.exact_mode or (chown and perm & 0o6000):  # chown clears set-ID bits
+            if not plain_dir or (chown and perm & 0o6000):  # chown clears set-ID bits
                 os.fchmod(fd, perm)
             os.utime(fd, ns=((rec.last_access_time - FILETIME_UNIX_EPOCH) * 100,  # filetime_to_ns, inline
                              (rec.last_write_time - FILETIME_UNIX_EPOCH) * 100))

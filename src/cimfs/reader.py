@@ -303,6 +303,26 @@ class Image:
             self._records.popitem(last=False)
         return rec
 
+    def records(self, file_ids) -> list[cim.FileRecord]:
+        """``[record(i) for i in file_ids]`` for a directory's worth of
+        entries at once: records not cached already are unpacked in one loop
+        and not kept (a walk reads each once)."""
+        cache, tables, views = self._records, self.file_tables, self._table_views
+        cap, size, unpack = cim.FILE_TABLE_CAPACITY, cim.FILE_RECORD_SIZE, cim.unpack_file_record
+        out = []
+        for fid in file_ids:
+            rec = cache.get(fid)
+            if rec is None:
+                ti, slot = divmod(fid - 1, cap)
+                view = views[ti] if 0 <= ti < len(views) else None
+                t = tables[ti] if view is not None else None
+                if t is not None and slot < t.count and t.entry_size >= size and slot * t.entry_size + size <= len(view):
+                    rec = unpack(view, slot * t.entry_size)
+                else:
+                    rec = self.record(fid)  # the careful path: maps the table, says what is wrong
+            out.append(rec)
+        return out
+
     def _table_view(self, index: int) -> memoryview:
         """File table ``index`` as one view of its region file, cut at the
         file's end (a record past it is reported when asked for): a record is
