@@ -177,19 +177,37 @@ def size_of(path: str) -> int:
 
 
 def warm(path: str) -> None:
-    """Read a tree once so every contender starts with it in the page cache."""
+    """Read a file, or a tree once, so every contender starts with it in the page cache."""
     buf = bytearray(1 << 20)
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            try:
-                if not os.path.isfile(p) or os.path.islink(p):
-                    continue
-                with open(p, "rb", buffering=0) as fh:
-                    while fh.readinto(buf):
-                        pass
-            except OSError:
-                pass
+    if os.path.isfile(path):
+        paths = [path]
+    else:
+        paths = (os.path.join(dirpath, f) for dirpath, _, files in os.walk(path) for f in files)
+    for p in paths:
+        try:
+            if not os.path.isfile(p) or os.path.islink(p):
+                continue
+            with open(p, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+        except OSError:
+            pass
+
+
+def same_start(*inputs: str) -> None:
+    """Bring the page cache to the same state before a run that writes a
+    tree: previous runs' output written back and dropped (as root), the
+    inputs read back in.  Otherwise a run's speed depends on how many of the
+    earlier runs' pages still fill memory (on this VM, writing into pages
+    the host has to hand back costs several times the kernel time)."""
+    sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1")
+    except OSError:
+        pass  # not root: the state is as the previous runs left it
+    for p in inputs:
+        warm(p)
 
 
 # ---------------------------------------------------------------- mounts
@@ -487,17 +505,19 @@ class Suite:
         warm(os.path.dirname(img)) if img else None
         warm(sq)
 
+        inputs = [p for p in (os.path.dirname(img) if img else None, sq, tarf) if p]
+
         def ext(cmd):
             def f():
                 dest = next_dest()  # the tools create it
-                sync()
+                same_start(*inputs)
                 return run_measured([dest if a == "{dest}" else a for a in cmd])
             return f
 
         def tarx():
             dest = next_dest()
             os.makedirs(dest)
-            sync()
+            same_start(*inputs)
             return run_measured([self.tool("tar"), "xf", tarf, "-C", dest])
 
         cs = [
