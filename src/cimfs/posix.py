@@ -32,7 +32,7 @@ import stat as S
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import cimfs
 
@@ -1322,11 +1322,10 @@ def _open_below(dest_fd: int, parts) -> int:
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _plain_owner(ea: bytes, readonly: bool) -> tuple[int, int, int]:
-    """What :func:`posix_info` gives a plain file with these EAs: its
-    permissions, uid and gid."""
+def _plain_owner(ea: bytes, perm: int) -> tuple[int, int, int]:
+    """What :func:`posix_info` gives a plain file or directory with these
+    EAs: its permissions (``perm`` without a mode EA), uid and gid."""
     lx = _lx_of_eas(ea) if ea else None
-    perm = 0o444 if readonly else 0o644
     uid = gid = 0
     if lx is not None:
         if getattr(lx, "mode", None) is not None:
@@ -1334,6 +1333,16 @@ def _plain_owner(ea: bytes, readonly: bool) -> tuple[int, int, int]:
         uid = getattr(lx, "uid", None) or 0
         gid = getattr(lx, "gid", None) or 0
     return perm, uid, gid
+
+
+class _DirMeta(NamedTuple):
+    """What setting a plain directory's metadata needs of a PosixInfo."""
+
+    uid: int
+    gid: int
+    mode: int
+    atime_ns: int
+    mtime_ns: int
 
 
 class Extractor:
@@ -1588,7 +1597,7 @@ class Extractor:
                     plain.append((name, fid))
                     plain_bytes += rec.stream.length
                     continue
-            later.append((name, fid))
+            later.append((name, fid, rec))
         if plain:
             writer = writers.add(key, plain, plain_bytes, plain_dir)
             self.progress(plain_bytes)
@@ -1598,13 +1607,20 @@ class Extractor:
         if callable(dfd):
             dfd = opened = dfd()
         try:
-            for name, fid in later:
+            for name, fid, rec in later:
                 rel = "/".join(parts + [name])
                 local = _safe_local_name(name)
                 if local is None:
                     self.report.problem(f"{rel}: unsafe name {name!r}, not extracted")
                     continue
                 try:
+                    if rec.is_dir and not rec.reparse_offset and not rec.stream_table_offset:
+                        # a plain directory: what posix_info would say, from the record
+                        perm, uid, gid = self._owner(fid, rec, 0o755)
+                        meta = _DirMeta(uid, gid, S.S_IFDIR | perm, filetime_to_ns(rec.last_access_time),
+                                        filetime_to_ns(rec.last_write_time))
+                        self._extract_subdir(dfd, local, fid, meta, parts, rel, ancestors, plain_dir)
+                        continue
                     self._extract_entry(dfd, local, fid, image.stat(fid, links=False), parts, rel, ancestors, plain_dir)
                 except CimError as e:
                     if isinstance(e, cimfs.errors.CimFormatError):
@@ -1622,35 +1638,7 @@ class Extractor:
         if st.stream_count:
             self.streams_skipped += st.stream_count
         if info.kind == DIR:
-            if fid in ancestors:
-                self.report.problem(f"{rel}: directory loop in the image, not followed")
-                return
-            child = parts + [local]
-            try:
-                os.mkdir(local, 0o700, dir_fd=dfd)
-                cfd = functools.partial(os.open, local, _DIR_FLAGS, dir_fd=dfd)  # ours: opened if needed
-            except FileExistsError:
-                plain_dir = False  # not made here: a writer looks at it
-                try:
-                    cfd = os.open(local, _DIR_FLAGS, dir_fd=dfd)
-                except OSError:
-                    # something that is not a directory (maybe a link) is in the way: replace it
-                    self._remove(dfd, local, rel)
-                    os.mkdir(local, 0o700, dir_fd=dfd)
-                    cfd = os.open(local, _DIR_FLAGS, dir_fd=dfd)
-            try:
-                writer = self._extract_dir(cfd, fid, child, ancestors | {fid}, plain_dir)
-            finally:
-                if type(cfd) is int:
-                    os.close(cfd)
-            # Early, by a writer, where nothing is made in it later but hard
-            # links (its metadata is then set again) and its mode cannot stop
-            # the writers going through it or the links being made.
-            if self._writers is not None and (os.geteuid() == 0 or info.mode & 0o300 == 0o300):
-                self._writers.set_dir_meta(tuple(child), info, writer)
-                self._early_meta[tuple(child)] = info
-            else:
-                self._dir_meta.append((child, info))
+            self._extract_subdir(dfd, local, fid, info, parts, rel, ancestors, plain_dir)
             return
         if info.kind == FILE:
             self._write_file(dfd, local, fid, st, info, rel)
@@ -1671,6 +1659,17 @@ class Extractor:
                 return
             self._set_meta_path(dfd, local, info)
 
+    def _owner(self, fid: int, rec, perm: int) -> tuple[int, int, int]:
+        """(permissions, uid, gid) of a plain entry, looked up by where its EA
+        buffer is stored: most entries share a few, each stored once."""
+        key = (rec.ea_offset, rec.ea_length, perm)
+        owner = self._owners.get(key)
+        if owner is None:
+            if len(self._owners) >= 4096:
+                self._owners.clear()
+            owner = self._owners[key] = _plain_owner(self.image.ea_buffer(fid), perm)
+        return owner
+
     def _write_plain(self, dfd: int, plain_dir: bool, parts: tuple, name: str, fid: int, rec) -> None:
         """A plain file in a writer process (umask 0): created with its final
         mode, then its data and times; owner and mode only where the new
@@ -1683,13 +1682,7 @@ class Extractor:
             st = image.stat(fid, links=False)
             self._write_file(dfd, local, fid, st, posix_info(st), "/".join(parts + (name,)))
             return
-        key = (rec.ea_offset, rec.ea_length, rec.flags & _FLAG_READONLY)
-        owner = self._owners.get(key)
-        if owner is None:
-            if len(self._owners) >= 4096:
-                self._owners.clear()
-            owner = self._owners[key] = _plain_owner(image.ea_buffer(fid), bool(key[2]))
-        perm, uid, gid = owner
+        perm, uid, gid = self._owner(fid, rec, 0o444 if rec.flags & _FLAG_READONLY else 0o644)
         try:
             fd = os.open(local, _NEW_FILE_FLAGS, perm, dir_fd=dfd)
         except FileExistsError:
@@ -1708,6 +1701,39 @@ class Extractor:
                              (rec.last_write_time - FILETIME_UNIX_EPOCH) * 100))
         finally:
             os.close(fd)
+
+    def _extract_subdir(self, dfd, local: str, fid: int, info, parts, rel: str, ancestors: set, plain_dir: bool) -> None:
+        """A directory: made (or one in the way replaced), its entries, then
+        its metadata (``info``: a PosixInfo or _DirMeta)."""
+        if fid in ancestors:
+            self.report.problem(f"{rel}: directory loop in the image, not followed")
+            return
+        child = parts + [local]
+        try:
+            os.mkdir(local, 0o700, dir_fd=dfd)
+            cfd = functools.partial(os.open, local, _DIR_FLAGS, dir_fd=dfd)  # ours: opened if needed
+        except FileExistsError:
+            plain_dir = False  # not made here: a writer looks at it
+            try:
+                cfd = os.open(local, _DIR_FLAGS, dir_fd=dfd)
+            except OSError:
+                # something that is not a directory (maybe a link) is in the way: replace it
+                self._remove(dfd, local, rel)
+                os.mkdir(local, 0o700, dir_fd=dfd)
+                cfd = os.open(local, _DIR_FLAGS, dir_fd=dfd)
+        try:
+            writer = self._extract_dir(cfd, fid, child, ancestors | {fid}, plain_dir)
+        finally:
+            if type(cfd) is int:
+                os.close(cfd)
+        # Early, by a writer, where nothing is made in it later but hard
+        # links (its metadata is then set again) and its mode cannot stop
+        # the writers going through it or the links being made.
+        if self._writers is not None and (os.geteuid() == 0 or info.mode & 0o300 == 0o300):
+            self._writers.set_dir_meta(tuple(child), info, writer)
+            self._early_meta[tuple(child)] = info
+        else:
+            self._dir_meta.append((child, info))
 
     def _write_file(self, dfd, local, fid, st, info, rel) -> None:
         fd = self._retry(lambda: os.open(local, _NEW_FILE_FLAGS, 0o600, dir_fd=dfd), dfd, local, rel)
