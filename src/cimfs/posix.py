@@ -1356,7 +1356,8 @@ class Extractor:
                  progress: Callable[[int], None] | None = None, warn: Callable[[str], None] | None = None):
         self.image = image
         self.dest = dest
-        self.owner = (os.geteuid() == 0) if restore_owner is None else restore_owner
+        self._root = os.geteuid() == 0
+        self.owner = self._root if restore_owner is None else restore_owner
         self.progress = progress or (lambda n: None)
         self.report = ExtractReport(warn)
         self.streams_skipped = 0
@@ -1729,9 +1730,10 @@ class Extractor:
         # Early, by a writer, where nothing is made in it later but hard
         # links (its metadata is then set again) and its mode cannot stop
         # the writers going through it or the links being made.
-        if self._writers is not None and (os.geteuid() == 0 or info.mode & 0o300 == 0o300):
-            self._writers.set_dir_meta(tuple(child), info, writer)
-            self._early_meta[tuple(child)] = info
+        if self._writers is not None and (self._root or info.mode & 0o300 == 0o300):
+            key = tuple(child)
+            self._writers.set_dir_meta(key, info, writer)
+            self._early_meta[key] = info
         else:
             self._dir_meta.append((child, info))
 
