@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import itertools
 import re
+import os
 import struct
 import uuid
-from importlib import resources
 from typing import Iterable, NamedTuple
 
 from ..errors import CimFormatError
@@ -91,7 +91,10 @@ assert FILE_RECORD.size == FILE_RECORD_SIZE and FILESYSTEM_HEADER.size == 72
 
 def load_upcase_table() -> bytes:
     """The fixed upcase table cimfs writes into new images (spec §7 [choice])."""
-    data = resources.files(__package__).joinpath("upcase.bin").read_bytes()
+    # read beside this module, not through importlib.resources: that import
+    # (pathlib, zipfile, tempfile) was a fifth of every command's start-up
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "upcase.bin"), "rb") as f:
+        data = f.read()
     assert len(data) == UPCASE_TABLE_SIZE
     return data
 
