@@ -1176,7 +1176,7 @@ class _FileWriters:
         else in it, instead of by the extractor at the end on one core."""
         i = writer if writer is not None else min(range(self._count), key=self._queued.__getitem__)
         self._queued[i] += self._FILE_COST
-        self._batches[i].append((parts, (info.uid, info.gid, info.mode & 0o7777, info.atime_ns, info.mtime_ns)))
+        self._batches[i].append((parts, (info.uid, info.gid, info.mode, info.atime_ns, info.mtime_ns)))  # a _DirMeta
 
     def _send(self, i: int) -> None:
         if self._batches[i]:
@@ -1250,13 +1250,9 @@ def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner
             break
         for item in batch:
             if len(item) == 2:  # a directory's own metadata
-                parts, (uid, gid, perm, atime, mtime) = item
+                parts, meta = item
                 try:
-                    dfd = chain.open(parts)
-                    if extractor.owner:
-                        os.fchown(dfd, uid, gid)
-                    os.fchmod(dfd, perm)
-                    os.utime(dfd, ns=(atime, mtime))
+                    extractor._set_meta_fd(chain.open(parts), _DirMeta(*meta))
                 except OSError as e:
                     problems.append(f"{'/'.join(parts)}: {e.strerror or e}")
                 continue
