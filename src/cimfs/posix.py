@@ -1362,13 +1362,14 @@ class Extractor:
         self._dir_parts: dict[int, tuple] = {}            # directory FileID -> its local path parts
         self._links: list[tuple[tuple, str, int]] = []    # (parts, name, FileID) of later names
         self._moved_first: dict[int, tuple[tuple, str]] = {}  # FileID -> (parts, local) where a copy stands in
-        # (EA RegionOffset, length, read-only) -> (permissions, uid, gid): most
-        # files share a few EA buffers, stored once, so their place names them.
+        # (EA RegionOffset, length, permissions without a mode EA) -> (permissions,
+        # uid, gid): most entries share a few EA buffers, stored once, so
+        # their place names them.
         self._owners: dict[tuple[int, int, int], tuple[int, int, int]] = {}
-        self._early_meta: dict[tuple, PosixInfo] = {}     # directories whose metadata the writers set
+        self._early_meta: dict[tuple, PosixInfo | _DirMeta] = {}  # directories whose metadata the writers set
         # A directory's mode and times wait for everything in it (a file or
         # link created in it afterwards would change its mtime).
-        self._dir_meta: list[tuple[list[str], PosixInfo]] = []
+        self._dir_meta: list[tuple[list[str], PosixInfo | _DirMeta]] = []
 
     # -- helpers
     def _remove(self, dfd: int, name: str, rel: str) -> None:
