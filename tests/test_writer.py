@@ -191,7 +191,7 @@ def test_hard_links(tmp_path):
         assert im.ea_buffer("h") == EA and im.ea_buffer("b") == b""
         ids = [e.file_id for e in im.scandir("")] + [im.lookup("a/f")]
         assert im.records(ids) == [im.record(i) for i in ids]
-        for bad in (0, im.max_file_id() + 1, 1 << 40):
+        for bad in (0, -5, im.max_file_id() + 1, 1 << 40, "7"):
             with pytest.raises(errors.CimFormatError):
                 im.records(ids + [bad])
 

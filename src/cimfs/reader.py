@@ -313,10 +313,13 @@ class Image:
         for fid in file_ids:
             rec = cache.get(fid)
             if rec is None:
-                ti, slot = divmod(fid - 1, cap)
-                view = views[ti] if 0 <= ti < len(views) else None
-                t = tables[ti] if view is not None else None
-                if t is not None and slot < t.count and t.entry_size >= size and slot * t.entry_size + size <= len(view):
+                # record()'s common case inline: a table already mapped, a whole record in it
+                view = None
+                if type(fid) is int:
+                    ti, slot = divmod(fid - 1, cap)
+                    if 0 <= ti < len(views):
+                        view, t = views[ti], tables[ti]
+                if view is not None and slot < t.count and t.entry_size >= size and slot * t.entry_size + size <= len(view):
                     rec = unpack(view, slot * t.entry_size)
                 else:
                     rec = self.record(fid)  # the careful path: maps the table, says what is wrong
