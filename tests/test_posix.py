@@ -320,11 +320,18 @@ def _lx(mode: int, uid: int = 0, gid: int = 0):
     return cimfs.FileMetadata(ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=mode, uid=uid, gid=gid)))
 
 
-def test_extract_hard_links_found_by_the_walk(tmp_path):
+@pytest.mark.parametrize("writers", [True, False], ids=["writer-processes", "one-process"])
+def test_extract_hard_links_found_by_the_walk(tmp_path, monkeypatch, writers):
     """Names of one FileID become hard links of the first name extracted;
     when the first name cannot be extracted (a non-empty directory is in its
-    way here), the next one takes its place and the others link to it."""
+    way here), the next one takes its place and the others link to it.
+    The same with and without the writer processes."""
     import cimfs
+
+    if not writers:
+        monkeypatch.setattr(posix._FileWriters, "available", staticmethod(lambda: False))
+    elif not posix._FileWriters.available():
+        pytest.skip("file writer processes need fork and two cores")
 
     with cimfs.create(tmp_path, "h.cim") as w:
         for i, d in enumerate("abcde"):
@@ -358,10 +365,14 @@ def test_extract_hard_links_found_by_the_walk(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="owners and a foreign set-group-ID directory need root")
-def test_extract_modes_and_owners_exact_under_any_umask(tmp_path):
+@pytest.mark.parametrize("writers", [True, False], ids=["writer-processes", "one-process"])
+def test_extract_modes_and_owners_exact_under_any_umask(tmp_path, monkeypatch, writers):
     """Whatever the caller's umask, and inside a set-group-ID destination of
     another group, every file gets the mode and owner the image gives it."""
     import cimfs
+
+    if not writers:
+        monkeypatch.setattr(posix._FileWriters, "available", staticmethod(lambda: False))
 
     want = {}
     with cimfs.create(tmp_path, "m.cim") as w:
