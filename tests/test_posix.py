@@ -395,30 +395,3 @@ def test_extract_modes_and_owners_exact_under_any_umask(tmp_path, monkeypatch, w
     for rel, (mode, uid, gid) in want.items():
         st = os.stat(out / rel)
         assert (S.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, uid, gid), rel
-
-
-@pytest.mark.parametrize("cap", [150, 1 << 16])
-def test_extract_when_the_writers_pipes_stay_full(tmp_path, monkeypatch, cap):
-    """Batches a writer cannot take yet wait in the extractor (up to a cap,
-    then it waits for the writers) and all reach them by the end."""
-    import cimfs
-
-    if not posix._FileWriters.available():
-        pytest.skip("file writer processes need fork and two cores")
-
-    class NeverWritable:
-        def register(self, fd, events):
-            pass
-
-        def poll(self, timeout):
-            return []
-
-    monkeypatch.setattr(posix.select, "poll", NeverWritable)
-    monkeypatch.setattr(posix._FileWriters, "_MAX_PENDING_FILES", cap)
-    files = {f"d/s{i % 7}/f{i:04d}": os.urandom(i % 50) for i in range(1200)}
-    cim_path = _image_of(tmp_path, files)
-    with cimfs.open(cim_path) as img:
-        report = posix.Extractor(img, str(tmp_path / "out")).run()
-    assert not report.problems, report.problems
-    for rel, data in files.items():
-        assert (tmp_path / "out" / rel).read_bytes() == data, rel

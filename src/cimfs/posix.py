@@ -22,14 +22,12 @@ Conventions this module chooses (documented in docs/CLI.md):
 
 from __future__ import annotations
 
-import collections
 import errno
 import functools
 import io
 import operator
 import os
 import re
-import select
 import stat as S
 import tarfile
 import time
@@ -38,7 +36,7 @@ from typing import Callable, Iterable, NamedTuple
 
 import cimfs
 
-from .bulk import paused_gc
+from .bulk import paused_gc, widen_pipe
 from .layout import cim, ntfs
 from .names import fold_name
 from .errors import (
@@ -1139,14 +1137,6 @@ class _FileWriters:
         self._queued = [0] * count
         self._batches: list[list] = [[] for _ in range(count)]
         self._batch_files = [0] * count
-        # Batches a writer's full pipe could not take yet.  The walk goes on
-        # instead of blocking, and what it gets ahead by in parts with many
-        # files keeps the writers busy in parts with many small directories,
-        # where the walk is the slower side (measured: the walk blocked 0.3-0.4 s
-        # in sends, then each writer waited 0.13-0.23 s for work).
-        self._pending: list[collections.deque] = [collections.deque() for _ in range(count)]
-        self._pending_files = 0
-        self._writable: list = []
         self.done = False
 
     def _start(self) -> None:
@@ -1156,6 +1146,11 @@ class _FileWriters:
         extractor, dest_fd = self._extractor, self._dest_fd
         for _ in range(self._count):
             jobs_r, jobs_w = ctx.Pipe(duplex=False)
+            # The walk runs ahead where files dominate, and what it has sent
+            # keeps the writers busy where small directories do and the walk
+            # is the slower side (with a 64 KiB pipe the walk blocked 0.3-0.4 s
+            # in sends, then each writer waited 0.13-0.23 s for work).
+            widen_pipe(jobs_w)
             results_r, results_w = ctx.Pipe(duplex=False)
             owner_ends = self._jobs + self._results + [jobs_w, results_r]
             proc = ctx.Process(target=_file_writer_main, args=(extractor, dest_fd, jobs_r, results_w, owner_ends),
@@ -1166,9 +1161,6 @@ class _FileWriters:
             self._procs.append(proc)
             self._jobs.append(jobs_w)
             self._results.append(results_r)
-            poll = select.poll()
-            poll.register(jobs_w.fileno(), select.POLLOUT)
-            self._writable.append(poll)
 
     def add(self, parts: tuple, files: list, size: int, plain_dir: bool) -> int:
         """A directory's plain files, ``[(name in the image, FileID), ...]``,
@@ -1190,39 +1182,21 @@ class _FileWriters:
         i = writer if writer is not None else min(range(self._count), key=self._queued.__getitem__)
         self._queued[i] += self._FILE_COST
         self._batches[i].append((parts, (info.uid, info.gid, info.mode, info.atime_ns, info.mtime_ns)))  # a _DirMeta
-        if self._pending_files:
-            self._flush(block=False)
-
-    _MAX_PENDING_FILES = 1 << 16  # then the walk waits for the writers after all
 
     def _send(self, i: int) -> None:
         if self._batches[i]:
             if not self._procs:
                 self._start()
-            self._pending[i].append((self._batches[i], self._batch_files[i]))
-            self._pending_files += self._batch_files[i]
+            try:
+                self._jobs[i].send(self._batches[i])
+            except OSError:
+                pass  # the writer is gone; finish() says why
             self._batches[i], self._batch_files[i] = [], 0
-        self._flush(block=self._pending_files > self._MAX_PENDING_FILES)
-
-    def _flush(self, block: bool) -> None:
-        """Hand pending batches to writers whose pipe has room; with
-        ``block``, all of them, waiting as needed."""
-        for i, pending in enumerate(self._pending):
-            while pending and (block or self._writable[i].poll(0)):
-                batch, files = pending.popleft()
-                self._pending_files -= files
-                try:
-                    self._jobs[i].send(batch)
-                except OSError:  # the writer is gone; finish() says why
-                    self._pending_files -= sum(f for _, f in pending)
-                    pending.clear()
 
     def finish(self) -> tuple[list[str], str | None]:
         """Wait for every file; returns (problems, the corrupt image's message or None)."""
         for i in range(self._count):
             self._send(i)
-        if self._procs:
-            self._flush(block=True)
         for jobs in self._jobs:
             try:
                 jobs.send(None)

@@ -19,6 +19,7 @@ import threading
 import uuid
 
 from . import reader as _reader
+from .bulk import widen_pipe
 from .errors import E_FAIL, E_INVALIDARG, CimError, CimFormatError, hresult_from_oserror
 from .layout import cim
 
@@ -755,18 +756,6 @@ def _queued_work(w: "_Worker") -> int:
     return w.work - w.completed.value
 
 
-def _widen_pipe(conn) -> None:
-    """Room for many batches in the job pipe (Linux: 64 KiB, about one batch,
-    by default): the owner and a worker each run ahead of the other instead of
-    taking turns whenever one batch takes longer than the next one to build."""
-    try:
-        import fcntl
-
-        fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
-    except OSError:
-        pass  # a lower pipe-max-size: the default still works
-
-
 class _Worker:
     """One data process and the owner's side of it."""
 
@@ -774,7 +763,7 @@ class _Worker:
         self.failed = ctx.Value("b", 0, lock=False)  # set by the process at its first error
         self.completed = ctx.Value("q", 0, lock=False)  # work done, in the units of `work`; the process adds to it
         jobs_r, self.jobs = ctx.Pipe(duplex=False)
-        _widen_pipe(self.jobs)
+        widen_pipe(self.jobs)
         self.results, results_w = ctx.Pipe(duplex=False)
         self.nodes: list = []
         self.sizes = array.array("Q")  # 8 bytes per file, not an int object
