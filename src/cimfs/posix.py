@@ -1531,6 +1531,13 @@ class Extractor:
         finally:
             chain.close()
 
+    def _entry_failed(self, e: Exception, rel: str) -> None:
+        """One entry could not be made: a problem of the extraction, named by
+        its path; a corrupt image ends it."""
+        if isinstance(e, cimfs.errors.CimFormatError):
+            raise e
+        self.report.problem(str(e) if isinstance(e, CimError) else f"{rel}: {e.strerror or e}")
+
     def _first_name(self, fid: int) -> tuple[tuple, str] | None:
         """Where the first name of ``fid`` was extracted: (parts, local name)."""
         moved = self._moved_first.get(fid)
@@ -1566,12 +1573,8 @@ class Extractor:
             # the first name was not extracted: this one takes its place
             self._extract_entry(dfd, local, fid, self.image.stat(fid, links=False), list(parts), rel, set())
             self._moved_first[fid] = (parts, local)
-        except CimError as e:
-            if isinstance(e, cimfs.errors.CimFormatError):
-                raise
-            self.report.problem(str(e))
-        except OSError as e:
-            self.report.problem(f"{rel}: {e.strerror or e}")
+        except (CimError, OSError) as e:
+            self._entry_failed(e, rel)
 
     def _extract_dir(self, dfd, dir_id: int, parts: list[str], ancestors: set, plain_dir: bool = False) -> int | None:
         """The entries of directory ``dir_id`` (extracted at ``parts``).
@@ -1625,12 +1628,8 @@ class Extractor:
                         self._extract_subdir(dfd, local, fid, meta, parts, rel, ancestors, plain_dir)
                         continue
                     self._extract_entry(dfd, local, fid, image.stat(fid, links=False), parts, rel, ancestors, plain_dir)
-                except CimError as e:
-                    if isinstance(e, cimfs.errors.CimFormatError):
-                        raise
-                    self.report.problem(str(e))
-                except OSError as e:
-                    self.report.problem(f"{rel}: {e.strerror or e}")
+                except (CimError, OSError) as e:
+                    self._entry_failed(e, rel)
         finally:
             if opened is not None:
                 os.close(opened)
