@@ -1304,22 +1304,6 @@ def _dir_is_plain(fd: int) -> bool:
     return False
 
 
-def _open_below(dest_fd: int, parts) -> int:
-    """A directory below DEST, never through a link (O_NOFOLLOW at every step)."""
-    fd = dest_fd
-    try:
-        for p in parts:
-            nfd = os.open(p, _DIR_FLAGS, dir_fd=fd)
-            if fd != dest_fd:
-                os.close(fd)
-            fd = nfd
-        return fd
-    except BaseException:
-        if fd != dest_fd:
-            os.close(fd)
-        raise
-
-
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -1419,15 +1403,6 @@ class Extractor:
         finally:
             os.close(fd)
 
-    def _open_parent(self, parts) -> int:
-        fd = os.open(self.dest, _DIR_FLAGS)
-        if not parts:
-            return fd
-        try:
-            return _open_below(fd, parts)
-        finally:
-            os.close(fd)
-
     # -- public
     def total_bytes(self, path: str = "") -> int:
         total = 0
@@ -1511,11 +1486,11 @@ class Extractor:
                 self.report.problem(msg)
             if fatal is not None:
                 raise cimfs.errors.CimFormatError(fatal)
-        chain = _DirChain(dest_fd)
+        chain, sources = _DirChain(dest_fd), _DirChain(dest_fd)
         try:
             relinked = set()
             for parts, name, fid in self._links:
-                self._make_link(chain, parts, name, fid)
+                self._make_link(chain, sources, parts, name, fid)
                 if parts in self._early_meta and parts not in relinked:
                     relinked.add(parts)  # a new name changed its times
                     self._dir_meta.append((list(parts), self._early_meta[parts]))
@@ -1530,6 +1505,7 @@ class Extractor:
             self._dir_meta.clear()
         finally:
             chain.close()
+            sources.close()
 
     def _entry_failed(self, e: Exception, rel: str) -> None:
         """One entry could not be made: a problem of the extraction, named by
@@ -1550,7 +1526,8 @@ class Extractor:
                 return None if local is None else (self._dir_parts[dir_id], local)
         return None
 
-    def _make_link(self, chain: _DirChain, parts: tuple, name: str, fid: int) -> None:
+    def _make_link(self, chain: _DirChain, sources: _DirChain, parts: tuple, name: str, fid: int) -> None:
+        """``chain`` opens the new name's directory, ``sources`` the first name's."""
         rel = "/".join(parts + (name,))
         local = _safe_local_name(name)
         if local is None:
@@ -1561,12 +1538,9 @@ class Extractor:
             first = self._first_name(fid)
             if first is not None:
                 try:
-                    sfd = self._open_parent(first[0])
-                    try:
-                        self._retry(lambda: os.link(first[1], local, src_dir_fd=sfd, dst_dir_fd=dfd,
-                                                    follow_symlinks=False), dfd, local, rel)
-                    finally:
-                        os.close(sfd)
+                    sfd = sources.open(first[0])
+                    self._retry(lambda: os.link(first[1], local, src_dir_fd=sfd, dst_dir_fd=dfd,
+                                                follow_symlinks=False), dfd, local, rel)
                     return
                 except OSError as e:
                     self.report.warning(f"{rel}: could not hard link ({e.strerror}); extracting a copy")
