@@ -502,10 +502,7 @@ class Suite:
             na = str(e)
         sq = self.squash_image(w)
         tarf = self.tarball(w)
-        warm(os.path.dirname(img)) if img else None
-        warm(sq)
-
-        inputs = [p for p in (os.path.dirname(img) if img else None, sq, tarf) if p]
+        inputs = [p for p in (os.path.dirname(img) if img else None, sq, tarf) if p]  # read back before each run
 
         def ext(cmd):
             def f():
@@ -550,7 +547,6 @@ class Suite:
         return path
 
     def op_mounted(self, w, op) -> list[Record]:
-        d = self.wdir(w)
         mnt = os.path.join(self.work, "mnt")
         na = self.cli_na("mount")
         img = None
