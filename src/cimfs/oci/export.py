@@ -185,8 +185,12 @@ def _docker_archive(work: str, out: str, cbytes: bytes, cdigest: str, layers: li
     try:
         with open(tmp, "xb") as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+                written = set()
                 for d in layers:
                     hexd = d["diff_id"][7:]
+                    if hexd in written:  # the same layer twice: one copy serves both
+                        continue
+                    written.add(hexd)
                     tf.addfile(info(hexd, 0, tarfile.DIRTYPE))
                     blob = os.path.join(work, "blobs", "sha256", d["digest"][7:])
                     with open(blob, "rb") as b:

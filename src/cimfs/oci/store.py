@@ -229,8 +229,9 @@ class LayerStore:
             names = list(spec.refs)
             if reference:
                 names.append(reference)
-            for rec in refs["images"].values():  # a reference names one image: it moves
-                rec["refs"] = [r for r in rec.get("refs", []) if r not in names or rec is refs["images"].get(image_id)]
+            for key, rec in refs["images"].items():  # a reference names one image: it moves to this one
+                if key != image_id:
+                    rec["refs"] = [r for r in rec.get("refs", []) if r not in names]
             old = refs["images"].get(image_id, {})
             refs["images"][image_id] = {
                 "manifest_digest": spec.manifest_digest,
