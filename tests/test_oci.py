@@ -468,3 +468,60 @@ def test_round_trip_through_a_registry(app_layout, tmp_path, registry):
     r = json.loads(run("import-image", tmp_path / "pulled", tmp_path / "store2", "--json").stdout)
     assert r["refs"] == ["1.0"] and [x["status"] for x in r["layers"]] == ["new"] * 3
     assert_same_layers(store, "app:1.0", tmp_path / "store2", "1.0")
+
+
+# ------------------------------------------------------------------ malformed sources: a clear CimError, nothing stored
+def _mangle_index(layout):
+    (layout / "index.json").write_text("{not json")
+
+
+def _drop_manifest(layout):
+    index = json.load(open(layout / "index.json"))
+    os.unlink(_blob(layout, index["manifests"][0]["digest"]))
+
+
+def _config_mismatch(layout):
+    index = json.load(open(layout / "index.json"))
+    manifest = json.load(open(_blob(layout, index["manifests"][0]["digest"])))
+    with open(_blob(layout, manifest["config"]["digest"]), "ab") as f:
+        f.write(b" ")
+
+
+def _linux_image(layout):
+    index = json.load(open(layout / "index.json"))
+    index["manifests"][0]["platform"]["os"] = "linux"
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def _traversal_digest(layout):
+    index = json.load(open(layout / "index.json"))
+    index["manifests"][0]["digest"] = "sha256:../../../../etc/passwd"
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("mangle, message", [
+    (_mangle_index, "not valid JSON"),
+    (_drop_manifest, "not in the layout"),
+    (_config_mismatch, "digest mismatch"),
+    (_linux_image, "no image for any windows platform"),
+    (_traversal_digest, "not a sha256/sha512 digest"),
+])
+def test_malformed_layouts_are_clear_errors(tmp_path, mangle, message):
+    layout = tmp_path / "lay"
+    write_layout(layout, [layer_tar(base_entries())])
+    mangle(layout)
+    r = run("import-image", layout, tmp_path / "store", check=False)
+    assert r.returncode == 1 and r.stderr.decode().startswith("cimfs: ") and message in r.stderr.decode()
+    assert "Traceback" not in r.stderr.decode()
+    assert [n for n in os.listdir(tmp_path / "store" / "layers")] == []
+
+
+def test_docker_archive_without_manifest_and_garbage_on_stdin(tmp_path):
+    import tarfile
+    with tarfile.open(tmp_path / "empty.tar", "w") as tf:
+        tf.addfile(tarfile.TarInfo("repositories"))
+    r = run("import-image", tmp_path / "empty.tar", tmp_path / "store", check=False)
+    assert r.returncode == 1 and "manifest.json" in r.stderr.decode()
+    r = run("import-image", "-", tmp_path / "store", input=b"this is not a tar" * 100, check=False)
+    assert r.returncode == 1 and "docker archive" in r.stderr.decode() and "Traceback" not in r.stderr.decode()
+    assert not [n for n in os.listdir(tmp_path / "store") if n.startswith(".spool")]
