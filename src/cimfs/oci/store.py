@@ -282,7 +282,8 @@ class LayerStore:
         base_added: list[str] = []
         warnings: list[str] = []
         total = layer.size or 0
-        with Progress(total, label[:60], stream=progress_stream) as bar:
+        short = (layer.digest or layer.diff_id).split(":", 1)[-1][:12]
+        with Progress(total, f"layer {layer.index + 1}/{count} {short}", stream=progress_stream) as bar:
             stream = blobs.LayerStream(raw, compression, layer.digest, layer.size, layer.diff_id, label, bar)
             reader = blobs.Prefetch(stream) if jobs > 1 else stream
 
