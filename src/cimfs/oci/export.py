@@ -96,7 +96,7 @@ def export_image(store_dir: str, ref: str, out: str, *, fmt: str = "oci", compre
     key, rec = store.find(refs, ref)
     config = json.loads(store.read_blob(rec["config_digest"]))
     out = os.path.abspath(out)
-    if os.path.lexists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+    if os.path.lexists(out) and not (fmt == "oci" and os.path.isdir(out) and not os.listdir(out)):
         raise CimError(ERROR_FILE_EXISTS, "the output exists (give a new path or an empty directory)", out)
     parent_dir = os.path.dirname(out)
     work = os.path.join(parent_dir, f".{os.path.basename(out)}.{secrets.token_hex(6)}.tmp")
