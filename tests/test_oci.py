@@ -525,3 +525,61 @@ def test_docker_archive_without_manifest_and_garbage_on_stdin(tmp_path):
     r = run("import-image", "-", tmp_path / "store", input=b"this is not a tar" * 100, check=False)
     assert r.returncode == 1 and "docker archive" in r.stderr.decode() and "Traceback" not in r.stderr.decode()
     assert not [n for n in os.listdir(tmp_path / "store") if n.startswith(".spool")]
+
+
+def test_platform_from_a_nested_multi_platform_index(tmp_path):
+    """An index whose manifest list holds a linux and two windows images (two os.versions)."""
+    layout = tmp_path / "lay"
+    m_win, _ = write_layout(layout, [layer_tar(base_entries())], ref="unused")
+    index = json.load(open(layout / "index.json"))
+    win = index["manifests"][0]
+    del win["annotations"]
+
+    def put(obj) -> dict:
+        data = json.dumps(obj).encode()
+        d = sha(data)
+        (layout / "blobs" / "sha256" / d[7:]).write_bytes(data)
+        return {"digest": d, "size": len(data)}
+
+    # a second windows image (another os.version) and a linux one, sharing nothing
+    win2_layer = layer_tar(base_entries([("file", "Files/ltsc2019.txt", b"2019")]))
+    (layout / "blobs" / "sha256" / sha(win2_layer)[7:]).write_bytes(win2_layer)
+    cfg2 = put({"os": "windows", "architecture": "amd64", "os.version": "10.0.17763.1",
+                "rootfs": {"type": "layers", "diff_ids": [sha(win2_layer)]}})
+    man2 = put({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": dict(cfg2, mediaType="application/vnd.oci.image.config.v1+json"),
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha(win2_layer),
+                            "size": len(win2_layer)}]})
+    lin = put({"os": "linux", "architecture": "amd64", "rootfs": {"type": "layers", "diff_ids": []}})
+    man_lin = put({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                   "config": dict(lin, mediaType="application/vnd.oci.image.config.v1+json"), "layers": []})
+    inner = put({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+        dict(man_lin, mediaType="application/vnd.oci.image.manifest.v1+json",
+             platform={"os": "linux", "architecture": "amd64"}),
+        dict(win, platform={"os": "windows", "architecture": "amd64", "os.version": "10.0.20348.1"}),
+        dict(man2, mediaType="application/vnd.oci.image.manifest.v1+json",
+             platform={"os": "windows", "architecture": "amd64", "os.version": "10.0.17763.1"})]})
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        dict(inner, mediaType="application/vnd.oci.image.index.v1+json",
+             annotations={"org.opencontainers.image.ref.name": "multi"})]}))
+    r = run("import-image", layout, tmp_path / "s", check=False)
+    assert r.returncode == 1 and "several images match" in r.stderr.decode() and "10.0.17763.1" in r.stderr.decode()
+    r = json.loads(run("import-image", layout, tmp_path / "s", "--platform", "windows/amd64:10.0.17763", "--json").stdout)
+    assert r["manifest_digest"] == man2["digest"] and r["refs"] == ["multi"]
+    with cimfs.open(r["top"]) as img:
+        assert img.read_bytes("Files\\ltsc2019.txt") == b"2019"
+    r = json.loads(run("import-image", layout, tmp_path / "s2", "--platform", "windows/amd64:10.0.20348", "--json").stdout)
+    assert r["manifest_digest"] == m_win
+
+
+def test_foreign_layer_present_in_the_layout_is_imported(tmp_path):
+    layers = app_layers()
+    _, descs = write_layout(tmp_path / "lay", layers, foreign=0)
+    blob = os.path.join(tmp_path / "lay", "blobs", "sha256", descs[0]["digest"][7:])
+    import gzip
+    with open(blob, "wb") as f:  # what skopeo --preserve-digests / a pull of non-distributable layers puts there
+        f.write(gzip.compress(layers[0], mtime=0))
+    assert sha(open(blob, "rb").read()) == descs[0]["digest"]
+    r = oci.import_image(str(tmp_path / "lay"), tmp_path / "s")
+    assert [x["status"] for x in r["layers"]] == ["new"] * 3
+    assert r["layers"][0]["media_type"] == "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"

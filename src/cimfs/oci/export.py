@@ -23,7 +23,7 @@ from .. import winlayer
 from ..errors import E_INVALIDARG, ERROR_FILE_EXISTS, CimError
 from ..progress import Progress
 from . import blobs
-from .store import LayerStore, layer_image_name
+from .store import LayerStore, StoreLock, layer_image_name
 
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
@@ -92,6 +92,11 @@ def export_image(store_dir: str, ref: str, out: str, *, fmt: str = "oci", compre
     if compress not in blobs.OCI_LAYER:
         raise CimError(E_INVALIDARG, f"unknown compression {compress!r} (gzip, zstd or none)")
     store = LayerStore(store_dir)
+    with StoreLock(store.path, shared=True):
+        return _export(store, ref, out, fmt, compress, progress_stream)
+
+
+def _export(store, ref, out, fmt, compress, progress_stream) -> dict:
     refs = store.load_refs()
     key, rec = store.find(refs, ref)
     config = json.loads(store.read_blob(rec["config_digest"]))

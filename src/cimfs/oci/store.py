@@ -74,11 +74,16 @@ def layer_image_name(chain_id: str) -> str:
 
 
 class StoreLock:
-    """An exclusive ``flock`` on STORE_DIR/lock, waited for (imports queue up)."""
+    """A ``flock`` on STORE_DIR/lock, waited for: exclusive for what changes the
+    store (import, rmi: they queue up), shared for export (no rmi meanwhile)."""
 
-    def __init__(self, store: str):
+    def __init__(self, store: str, *, shared: bool = False):
         self.fd = os.open(os.path.join(store, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def __enter__(self):
         return self
