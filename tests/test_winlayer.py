@@ -944,3 +944,23 @@ def test_export_fork_difference_with_whiteouts_applies_back(tmp_path):
     with tarfile.open(tmp_path / "ex.tar") as tf:
         names = tf.getnames()
     assert "Files/keep/data.txt" in names and not any(n.startswith("Files/gone") or n.endswith("same.txt") for n in names)
+
+
+def test_export_fork_difference_of_a_deep_tree(tmp_path):
+    from cimfs import tools
+    d = str(tmp_path)
+    deep = "\\".join(["Files"] + ["d"] * 1500)
+    with cimfs.create(d, "base.cim") as w:
+        w.mkdir(deep, parents=True)
+        w.add_file(deep + "\\old", b"old")
+    with cimfs.create(d, "child.cim", base="base.cim") as w:
+        w.delete(deep + "\\old")
+        w.add_file(deep + "\\new", b"new")
+    winlayer.export_layer(os.path.join(d, "child.cim"), str(tmp_path / "l.tar"), parent=os.path.join(d, "base.cim"))
+    with tarfile.open(tmp_path / "l.tar") as tf:
+        names = tf.getnames()
+    prefix = deep.replace("\\", "/")
+    assert names == [f"{prefix}/.wh.old", f"{prefix}/new"]
+    winlayer.import_layer(str(tmp_path / "l.tar"), d, "again.cim", parent="base.cim")
+    with cimfs.open(os.path.join(d, "child.cim")) as a, cimfs.open(os.path.join(d, "again.cim")) as b:
+        assert tools.diff_images(a, b) == {"added": [], "removed": [], "changed": []}
