@@ -330,7 +330,8 @@ def test_export_is_deterministic_and_round_trips_through_skopeo(app_layout, tmp_
     assert info["Os"] == "windows" and info["Layers"] == [d["digest"] for d in manifest["layers"]]
     skopeo("copy", f"oci:{tmp_path / 'out1'}", f"docker-archive:{tmp_path / 'x.tar'}")
     skopeo("copy", f"oci:{tmp_path / 'out1'}", f"oci:{tmp_path / 'by-skopeo'}:app")
-    for i, src in enumerate([tmp_path / "x.tar", tmp_path / "by-skopeo", tmp_path / "out1"]):
+    skopeo("copy", f"oci:{tmp_path / 'out1'}", f"oci-archive:{tmp_path / 'oa.tar'}")
+    for i, src in enumerate([tmp_path / "x.tar", tmp_path / "by-skopeo", tmp_path / "out1", tmp_path / "oa.tar"]):
         s = tmp_path / f"re{i}"
         r = oci.import_image(str(src), s, reference="again")
         assert all(x["status"] == "new" for x in r["layers"])

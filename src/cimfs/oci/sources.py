@@ -170,11 +170,14 @@ class OciLayout:
             return None
         return lambda: open(p, "rb")
 
-    def resolve(self, platform: str | None) -> ImageSpec:
+    def read_index(self) -> tuple[dict, str]:
         index_path = os.path.join(self.path, "index.json")
-        index = _json(self._read_file(index_path, "index.json"), index_path)
+        return _json(self._read_file(index_path, "index.json"), index_path), index_path
+
+    def resolve(self, platform: str | None) -> ImageSpec:
+        index, where = self.read_index()
         candidates = []  # (descriptor, refs)
-        self._collect(index, [], candidates, index_path, 0)
+        self._collect(index, [], candidates, where, 0)
         return self._choose(candidates, platform)
 
     def _collect(self, index, refs, out, what, depth) -> None:
@@ -306,6 +309,8 @@ class DockerArchive:
         return None
 
     def resolve(self, platform: str | None) -> ImageSpec:
+        if "manifest.json" not in self.members and "index.json" in self.members:
+            return _ArchivedLayout(self).resolve(platform)  # an OCI layout in a tar (oci-archive)
         manifest = _json(self._read("manifest.json", "manifest"), f"{self.label}: manifest.json")
         if not isinstance(manifest, list) or not manifest:
             raise CimError(E_INVALIDARG, "manifest.json lists no images", self.label)
@@ -375,6 +380,42 @@ class DockerArchive:
             except FileNotFoundError:
                 pass
             self._spooled = None
+
+
+class _ArchivedLayout(OciLayout):
+    """An OCI image layout inside a tar (``skopeo copy ... oci-archive:``),
+    read from the archive's members in place."""
+
+    def __init__(self, archive: DockerArchive):
+        self.archive = archive
+        self.path = archive.label
+        layout = _json(archive._read(blobs.OCI_LAYOUT_FILE, "oci-layout"), f"{self.path}: oci-layout")
+        if not isinstance(layout, dict) or not str(layout.get("imageLayoutVersion", "")).startswith("1."):
+            raise CimError(E_INVALIDARG, f"unsupported imageLayoutVersion {layout.get('imageLayoutVersion')!r}",
+                           self.path)
+
+    def read_index(self) -> tuple[dict, str]:
+        where = f"{self.path}: index.json"
+        return _json(self.archive._read("index.json", "index"), where), where
+
+    @staticmethod
+    def _name(digest: str) -> str:
+        alg, hexd = blobs.parse_digest(digest)
+        return f"blobs/{alg}/{hexd}"
+
+    def read_blob(self, digest: str, what: str) -> bytes:
+        name = self._name(digest)
+        if self.archive._member(name, what) is None:
+            raise CimError(ERROR_FILE_NOT_FOUND, f"{what} blob {digest} is not in the layout", self.path)
+        data = self.archive._read(name, what)
+        _check_digest(data, digest, f"{what} {self.path}:{name}")
+        return data
+
+    def opener(self, digest: str):
+        m = self.archive._member(self._name(digest), "layer")
+        if m is None:
+            return None
+        return lambda: self.archive.tf.extractfile(m)
 
 
 def open_source(src, spool_dir: str):
