@@ -584,3 +584,21 @@ def test_foreign_layer_present_in_the_layout_is_imported(tmp_path):
     r = oci.import_image(str(tmp_path / "lay"), tmp_path / "s")
     assert [x["status"] for x in r["layers"]] == ["new"] * 3
     assert r["layers"][0]["media_type"] == "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+
+
+def test_compressed_docker_archive_file_and_stdin(app_layout, tmp_path):
+    import gzip
+    layout, _, _ = app_layout
+    store = tmp_path / "store"
+    oci.import_image(str(layout), store)
+    oci.export_image(str(store), "app:1.0", str(tmp_path / "d.tar"), fmt="docker-archive")
+    packed = gzip.compress((tmp_path / "d.tar").read_bytes())
+    (tmp_path / "d.tar.gz").write_bytes(packed)
+    run("import-image", tmp_path / "d.tar.gz", tmp_path / "s1", "--ref", "again")
+    assert_same_layers(store, "app:1.0", tmp_path / "s1", "again")
+    run("import-image", "-", tmp_path / "s2", "--ref", "again", input=packed)
+    assert_same_layers(store, "app:1.0", tmp_path / "s2", "again")
+    r = run("import-image", "-", tmp_path / "s3", input=packed[: len(packed) // 2], check=False)
+    assert r.returncode == 1 and "truncated" in r.stderr.decode()
+    assert sorted(os.listdir(tmp_path / "s3")) == ["blobs", "layers", "lock"]
+    assert os.listdir(tmp_path / "s3" / "layers") == []

@@ -7,9 +7,10 @@ the store through :mod:`.blobs`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
-import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -246,12 +247,35 @@ class DockerArchive:
     def __init__(self, src, spool_dir: str | None = None):
         self._spooled = None
         self.label = src if isinstance(src, str) else "<stdin>"
-        if not isinstance(src, str):
+        compressed = None
+        if isinstance(src, str):
+            with open(src, "rb") as f:
+                head = f.read(4)
+            compressed = "gzip" if head.startswith(blobs.GZIP_MAGIC) else \
+                "zstd" if head.startswith(blobs.ZSTD_MAGIC) else None
+        if not isinstance(src, str) or compressed:
+            # A stream, or a compressed archive (docker save | gzip): spooled once,
+            # decompressed, so that its members can be read in any order.
             fd, path = tempfile.mkstemp(prefix=".spool-", suffix=".tar", dir=spool_dir)
             self._spooled = path
             try:
-                with os.fdopen(fd, "wb") as f:
-                    shutil.copyfileobj(src, f, blobs.CHUNK)
+                with os.fdopen(fd, "wb") as f, \
+                        (open(src, "rb") if isinstance(src, str) else contextlib.nullcontext(src)) as raw:
+                    reader = raw
+                    if not isinstance(src, str):
+                        reader = io.BufferedReader(_Raw(raw), blobs.CHUNK)
+                        head = reader.peek(4)[:4]
+                        compressed = "gzip" if head.startswith(blobs.GZIP_MAGIC) else \
+                            "zstd" if head.startswith(blobs.ZSTD_MAGIC) else None
+                    if compressed == "gzip":
+                        reader = blobs._GzipReader(reader, self.label)
+                    elif compressed == "zstd":
+                        reader = blobs._ZstdStream(reader, self.label)
+                    while True:
+                        b = reader.read(blobs.CHUNK)
+                        if not b:
+                            break
+                        f.write(b)
             except BaseException:
                 self.close()
                 raise
@@ -425,5 +449,18 @@ def open_source(src, spool_dir: str):
             return OciLayout(src)
         if not os.path.exists(src):
             raise CimError(ERROR_FILE_NOT_FOUND, "no such OCI layout or image archive", src)
-        return DockerArchive(src)
+        return DockerArchive(src, spool_dir)
     return DockerArchive(src, spool_dir)
+
+
+class _Raw(io.RawIOBase):
+    def __init__(self, f):
+        self.f = f
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        data = self.f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
