@@ -22,7 +22,7 @@ from cimfs import oci, tools
 from cimfs.errors import CimError
 
 sys.path.insert(0, os.path.dirname(__file__))
-from ocihelp import HIVE_NAMES, base_entries, layer_tar, sha, write_layout  # noqa: E402
+from ocihelp import base_entries, layer_tar, sha, write_layout  # noqa: E402
 
 SKOPEO = shutil.which("skopeo")
 REGISTRY = shutil.which("docker-registry") or (

@@ -24,7 +24,6 @@ import io
 import json
 import os
 import secrets
-import sys
 import time
 
 from .. import tools, winlayer
