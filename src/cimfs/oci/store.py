@@ -270,8 +270,7 @@ class LayerStore:
             kind = "foreign layer" if layer.foreign else "layer"
             raise CimError(ERROR_FILE_NOT_FOUND,
                            f"{kind} {layer.digest or layer.diff_id} (layer {layer.index + 1} of {count}) is not in the "
-                           f"source; fetch it from {where} (e.g. skopeo copy --dest-... with foreign layers) first",
-                           spec.source)
+                           f"source: its blob must be fetched first, from {where}", spec.source)
         try:
             raw = layer.opener()
         except OSError as e:
