@@ -19,7 +19,7 @@ import threading
 import uuid
 
 from . import reader as _reader
-from .bulk import widen_pipe
+from .workers import Worker, abandon_all, can_fork, fork_context
 from .errors import E_FAIL, E_INVALIDARG, CimError, CimFormatError, hresult_from_oserror
 from .layout import cim
 
@@ -632,21 +632,17 @@ class DataProcess:
 
     @staticmethod
     def available() -> bool:
-        return hasattr(os, "fork") and threading.active_count() == 1
+        return can_fork()
 
     def __init__(self, store: ObjectStore, workers: int | None = None):
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("fork")
+        ctx = fork_context()
         self.store = store
         store.share_region_numbers(ctx)
         if workers is None:
             workers = 2 if (os.cpu_count() or 1) >= 2 else 1
         self._workers: list[_Worker] = []
         for _ in range(workers):
-            # A worker must not hold the others' pipe ends: it closes them first.
-            inherited = [c for w in self._workers for c in (w.jobs, w.results)]
-            self._workers.append(_Worker(ctx, store, inherited))
+            self._workers.append(_Worker(ctx, store, self._workers))
         self._route: dict[int, _Worker] = {}  # file size -> the worker all files of that size go to
         self.done = self._input_ended = False
         self._handed_over = self._checked = 0
@@ -685,10 +681,7 @@ class DataProcess:
         self._input_ended = True
         for w in self._workers:
             w.hand_over()
-            try:
-                w.jobs.send(None)
-            except OSError:
-                pass
+            w.end()
 
     def finish(self, path_of) -> list:
         """Wait for every copy; returns, per worker, (its nodes, the
@@ -702,20 +695,15 @@ class DataProcess:
         self.done = True
         error = None
         for w in self._workers:
-            try:
-                offsets, werror, logical, stored = w.results.recv()
-            except (EOFError, OSError):
-                w.proc.join()
+            result = w.result()
+            if result is None:
                 werror = (E_FAIL, f"the data process ended unexpectedly (exit code {w.proc.exitcode})",
                           self.store.directory)
                 offsets, logical, stored = [], 0, 0
             else:
+                offsets, werror, logical, stored = result
                 if werror is not None and len(werror) == 4:  # (hresult, message, source, index of the job)
                     werror = (werror[0], werror[1], path_of(w.nodes[werror[3]]) or werror[2])
-            finally:
-                w.jobs.close()
-                w.results.close()
-            w.proc.join()
             error = error or werror
             if werror is None:
                 copied.append((w.nodes, offsets))
@@ -727,13 +715,7 @@ class DataProcess:
         return copied
 
     def abandon(self) -> None:
-        for w in self._workers:
-            if w.proc.is_alive():
-                w.proc.kill()
-        for w in self._workers:
-            w.proc.join()
-            w.jobs.close()
-            w.results.close()
+        abandon_all(self._workers)
         self.done = True
 
 
@@ -756,62 +738,40 @@ def _queued_work(w: "_Worker") -> int:
     return w.work - w.completed.value
 
 
-class _Worker:
+class _Worker(Worker):
     """One data process and the owner's side of it."""
 
-    def __init__(self, ctx, store: ObjectStore, inherited: list):
+    def __init__(self, ctx, store: ObjectStore, others: list):
         self.failed = ctx.Value("b", 0, lock=False)  # set by the process at its first error
         self.completed = ctx.Value("q", 0, lock=False)  # work done, in the units of `work`; the process adds to it
-        jobs_r, self.jobs = ctx.Pipe(duplex=False)
-        widen_pipe(self.jobs)
-        self.results, results_w = ctx.Pipe(duplex=False)
         self.nodes: list = []
         self.sizes = array.array("Q")  # 8 bytes per file, not an int object
         self.batch: list[str] = []  # source paths; their sizes are the tail of `sizes`
         self.batch_bytes = 0
         self.work = 0  # bytes (and _JOB_COST per file) routed here so far
-        self.proc = ctx.Process(target=_data_process_main,
-                                args=(store, jobs_r, results_w, self.failed, self.completed,
-                                      inherited + [self.jobs, self.results]),
-                                name="cimfs-data", daemon=True)
-        self.proc.start()
-        jobs_r.close()
-        results_w.close()
+        super().__init__(ctx, _data_process_main, (store, self.failed, self.completed), name="cimfs-data",
+                         others=others)
 
     def hand_over(self) -> None:
         batch = self.batch
         if batch:
-            try:
-                self.jobs.send((batch, self.sizes[len(self.sizes) - len(batch):]))
-            except OSError:  # the process is gone; finish() says why
-                pass
+            self.send((batch, self.sizes[len(self.sizes) - len(batch):]))  # a process that is gone: finish() says why
             self.batch = []
             self.batch_bytes = 0
 
 
-def _data_process_main(owner: ObjectStore, jobs, results, failed, completed, owner_ends: list) -> None:
-    import signal
-
+def _data_process_main(owner: ObjectStore, failed, completed, batches) -> tuple:
     try:
         os.nice(DATA_PROCESS_NICENESS)
     except OSError:
         pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle; it ends us by closing the pipe
-    for c in owner_ends:  # the owner's ends of this and earlier workers' pipes: EOF must mean the owner is gone
-        c.close()
     store = owner.twin()  # this process has no other thread: its store's lock is not needed
     sha256, digest_size = hashlib.sha256, cim.DIGEST_SIZE
     buf = bytearray(1 << 20)
     offsets = array.array("Q")
     error = None
     dir_path, dir_fd = None, -1  # files arrive directory by directory: open each by name in it
-    while True:
-        try:
-            batch = jobs.recv()
-        except (EOFError, OSError):  # the owner went away: leave, it removes what was written
-            os._exit(1)
-        if batch is None:
-            break
+    for batch in batches:
         srcs, sizes = batch
         for src, size in zip(srcs, sizes):
             ro = 0
@@ -854,4 +814,4 @@ def _data_process_main(owner: ObjectStore, jobs, results, failed, completed, own
             store.finish()
         except OSError as e:
             error = (hresult_from_oserror(e), f"finishing the data regions failed: {e.strerror}", store.directory)
-    results.send((offsets, error, store.bytes_logical, store.bytes_stored))
+    return offsets, error, store.bytes_logical, store.bytes_stored

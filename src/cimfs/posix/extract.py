@@ -18,7 +18,8 @@ from typing import Callable, NamedTuple
 
 import cimfs
 
-from ..bulk import paused_gc, widen_pipe
+from .. import workers
+from ..bulk import paused_gc
 from ..errors import ERROR_FILE_EXISTS, ERROR_INVALID_NAME, CimError
 from .lx import (
     BLK,
@@ -115,40 +116,26 @@ class _FileWriters:
 
     @staticmethod
     def available() -> bool:
-        import threading
-
-        return hasattr(os, "fork") and (os.cpu_count() or 1) >= 2 and threading.active_count() == 1
+        return (os.cpu_count() or 1) >= 2 and workers.can_fork()
 
     def __init__(self, extractor: "Extractor", dest_fd: int, count: int = 2):
         self._extractor, self._dest_fd, self._count = extractor, dest_fd, count
-        self._procs, self._jobs, self._results = [], [], []
+        self._workers: list[workers.Worker] = []
         self._queued = [0] * count
         self._batches: list[list] = [[] for _ in range(count)]
         self._batch_files = [0] * count
         self.done = False
 
     def _start(self) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("fork")
-        extractor, dest_fd = self._extractor, self._dest_fd
+        ctx = workers.fork_context()
         for _ in range(self._count):
-            jobs_r, jobs_w = ctx.Pipe(duplex=False)
-            # The walk runs ahead where files dominate, and what it has sent
-            # keeps the writers busy where small directories do and the walk
-            # is the slower side (with a 64 KiB pipe the walk blocked 0.3-0.4 s
-            # in sends, then each writer waited 0.13-0.23 s for work).
-            widen_pipe(jobs_w)
-            results_r, results_w = ctx.Pipe(duplex=False)
-            owner_ends = self._jobs + self._results + [jobs_w, results_r]
-            proc = ctx.Process(target=_file_writer_main, args=(extractor, dest_fd, jobs_r, results_w, owner_ends),
-                               name="cimfs-extract", daemon=True)
-            proc.start()
-            jobs_r.close()
-            results_w.close()
-            self._procs.append(proc)
-            self._jobs.append(jobs_w)
-            self._results.append(results_r)
+            # Job pipes of 1 MiB: the walk runs ahead where files dominate,
+            # and what it has sent keeps the writers busy where small
+            # directories do and the walk is the slower side (with a 64 KiB
+            # pipe the walk blocked 0.3-0.4 s in sends, then each writer
+            # waited 0.13-0.23 s for work).
+            self._workers.append(workers.Worker(ctx, _file_writer_main, (self._extractor, self._dest_fd),
+                                                name="cimfs-extract", others=self._workers, pipe_size=1 << 20))
 
     def add(self, parts: tuple, files: list, size: int, plain_dir: bool) -> int:
         """A directory's plain files, ``[(name in the image, FileID), ...]``,
@@ -173,37 +160,27 @@ class _FileWriters:
 
     def _send(self, i: int) -> None:
         if self._batches[i]:
-            if not self._procs:
+            if not self._workers:
                 self._start()
-            try:
-                self._jobs[i].send(self._batches[i])
-            except OSError:
-                pass  # the writer is gone; finish() says why
+            self._workers[i].send(self._batches[i])  # a writer that is gone: finish() says why
             self._batches[i], self._batch_files[i] = [], 0
 
     def finish(self) -> tuple[list[str], str | None]:
         """Wait for every file; returns (problems, the corrupt image's message or None)."""
         for i in range(self._count):
             self._send(i)
-        for jobs in self._jobs:
-            try:
-                jobs.send(None)
-            except OSError:
-                pass
+        for w in self._workers:
+            w.end()
         problems: list[str] = []
         fatal = None
-        for proc, results in zip(self._procs, self._results):
-            try:
-                p, f = results.recv()
-            except (EOFError, OSError):
-                p, f = [], None
-                proc.join()
-                problems.append(f"a file writer process ended unexpectedly (exit code {proc.exitcode})")
+        for w in self._workers:
+            result = w.result()
+            if result is None:
+                problems.append(f"a file writer process ended unexpectedly (exit code {w.proc.exitcode})")
+                continue
+            p, f = result
             problems += p
             fatal = fatal or f
-            proc.join()
-        for c in self._jobs + self._results:
-            c.close()
         self.done = True  # only now: an interrupted wait leaves abandon() to kill them
         return problems, fatal
 
@@ -211,21 +188,10 @@ class _FileWriters:
         if self.done:
             return
         self.done = True
-        for proc in self._procs:
-            if proc.is_alive():
-                proc.kill()
-        for proc in self._procs:
-            proc.join()
-        for c in self._jobs + self._results:
-            c.close()
+        workers.abandon_all(self._workers)
 
 
-def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner_ends: list) -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the extractor's; it ends us by closing the pipe
-    for c in owner_ends:
-        c.close()
+def _file_writer_main(extractor: "Extractor", dest_fd: int, batches) -> tuple[list[str], str | None]:
     # Files are created with their final mode (one fchmod fewer each); this
     # process creates nothing else.
     os.umask(0)
@@ -234,13 +200,7 @@ def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner
     problems: list[str] = []
     fatal = None
     chain = _DirChain(dest_fd)
-    while fatal is None:
-        try:
-            batch = jobs.recv()
-        except (EOFError, OSError):  # the extractor went away
-            os._exit(1)
-        if batch is None:
-            break
+    for batch in batches:
         for item in batch:
             if len(item) == 2:  # a directory's own metadata
                 parts, meta = item
@@ -273,8 +233,10 @@ def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner
                     problems.append(f"{'/'.join(parts + (name,))}: {e.strerror or e}")
             if fatal is not None:
                 break
+        if fatal is not None:
+            break
     chain.close()
-    results.send((problems, fatal))
+    return problems, fatal
 
 
 def _dir_is_plain(fd: int) -> bool:
