@@ -25,7 +25,7 @@ import trio
 
 from .. import CimError, CimFormatError, FileAttributes, filetime_to_ns
 from ..layout import ntfs
-from .view import DAMAGED, Options, lx_metadata, map_symlink_target, ntfs_xattr, posix_view, symlink_target  # noqa: F401
+from .view import DAMAGED, Options, fs_name, lx_metadata, map_symlink_target, ntfs_xattr, posix_view, symlink_target  # noqa: F401
 
 log = logging.getLogger("cimfs.mount")
 
@@ -49,12 +49,7 @@ def _ns(filetime: int) -> int:
     return filetime_to_ns(filetime) if filetime else 0
 
 
-def _fs_name(name: str) -> bytes | None:
-    """A stored name as the bytes the kernel sees, or None when no POSIX
-    directory entry can carry it (a hostile image)."""
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
-        return None
-    return name.encode("utf-8", "surrogatepass")
+_fs_name = fs_name
 
 
 def _op(fn):

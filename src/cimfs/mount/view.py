@@ -17,6 +17,14 @@ from .. import CimError, FileAttributes
 from ..layout import ntfs
 
 
+def fs_name(name: str) -> bytes | None:
+    """A stored name as the bytes the kernel sees, or None when no POSIX
+    directory entry can carry it (a hostile image)."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        return None
+    return name.encode("utf-8", "surrogatepass")
+
+
 class Options:
     """``-o uid=,gid=,umask=`` apply to entries without WSL metadata."""
 
