@@ -14,6 +14,7 @@ _SYS_FSCONFIG = 431
 _SYS_FSMOUNT = 432
 
 FSOPEN_CLOEXEC = 0x1
+FSCONFIG_SET_FLAG = 0
 FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
 FSMOUNT_CLOEXEC = 0x1
@@ -59,6 +60,8 @@ def mount_fs(fstype: str, source: str, mountpoint: str, options: list[tuple[str,
     ``options`` are (key, string value) pairs given to fsconfig in order."""
     fd = _check(_syscall(_SYS_FSOPEN, fstype.encode(), FSOPEN_CLOEXEC), f"fsopen({fstype})")
     try:
+        # A read-only superblock: block devices are then opened for reading only.
+        _check(_syscall(_SYS_FSCONFIG, fd, FSCONFIG_SET_FLAG, b"ro", None, 0), "ro", fd)
         for key, value in [("source", source)] + list(options):
             _check(_syscall(_SYS_FSCONFIG, fd, FSCONFIG_SET_STRING, key.encode(), os.fsencode(value), 0),
                    f"{key}={value}", fd)
