@@ -288,17 +288,33 @@ def fork_chain(tmp_path_factory):
 def test_index_passes_fsck_and_addresses_data_in_place(kinds_image, tmp_path):
     _, image = kinds_image
     with cimfs.open(image) as im:
+        # new images align small objects to 512: everything is addressed in place
         info = erofs.write_index(im, tmp_path / "i.erofs")
+        assert info["block_size"] == 512 and info["copied_files"] == 0 and info["in_place_files"] >= 300
         regions = {os.path.basename(p) for p in info["devices"]}
         assert regions <= set(im.info()["region_files"]) and regions
-    assert info["block_size"] == 4096 and info["in_place_files"] >= 3
+        # 4096-byte blocks (what Debian's fsck.erofs reads): small objects are copied, tails inline
+        info4k = erofs.write_index(im, tmp_path / "i4k.erofs", block_bits=12)
+        assert info4k["block_size"] == 4096 and info4k["copied_files"] > 200 and info4k["in_place_files"] >= 2
     fsck(tmp_path / "i.erofs", info["devices"])
-    raw = (tmp_path / "i.erofs").read_bytes()
-    sb = L.unpack_super_block(raw)
-    assert sb["magic"] == L.MAGIC and sb["extra_devices"] == len(info["devices"]) and sb["inos"] == info["inodes"]
+    assert fsck(tmp_path / "i4k.erofs", info4k["devices"])
+    for path, i in ((tmp_path / "i.erofs", info), (tmp_path / "i4k.erofs", info4k)):
+        sb = L.unpack_super_block(path.read_bytes())
+        assert sb["magic"] == L.MAGIC and sb["extra_devices"] == len(i["devices"]) and sb["inos"] == i["inodes"]
+        assert 1 << sb["blkszbits"] == i["block_size"] == os.path.getsize(path) // sb["blocks"]
     # metadata only: far smaller than the contents it describes
     assert info["size"] < 1 << 20
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_directory_blocks_round_trip():
+    entries = sorted([(b".", 1, L.FT_DIR), (b"..", 1, L.FT_DIR)] +
+                     [(f"name-{i}-{'y' * (i % 50)}".encode(), 100 + i, L.FT_REG_FILE) for i in range(500)])
+    for bs in (512, 4096):
+        raw = L.pack_directory(entries, bs)
+        assert len(raw) == L.directory_size([len(e[0]) for e in entries], bs)
+        assert L.unpack_directory(raw, bs) == entries
+        assert len(raw) > bs  # several blocks, every one starting with its own dirents
 
 
 def test_standalone_image_extracts_to_the_source(kinds_image, tmp_path):
@@ -417,6 +433,9 @@ def test_fork_chain_kernel_mount_uses_every_region_set(fork_chain, mounted, tmp_
     assert os.getxattr(mnt / "linked", "user.s") == b"ads on a parent file"
     entry = next(e for e in cmount.mounts() if e["mountpoint"] == str(mnt))
     fsck(entry["index"], kernel.ensure_index(str(fork_chain), kernel.Options())[1])
+    with cimfs.open(fork_chain) as im:
+        info4k = erofs.write_index(im, tmp_path / "f4k.erofs", block_bits=12)
+    assert fsck(tmp_path / "f4k.erofs", info4k["devices"])
     devices = kernel.ensure_index(str(fork_chain), kernel.Options())[1]
     with cimfs.open(fork_chain) as im:
         sets = {str(rs.id) for rs in im.region_sets}

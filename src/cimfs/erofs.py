@@ -111,7 +111,8 @@ class _Builder:
         self.image = image
         self.options = options
         self.block_bits = block_bits
-        self.aligned: list[int] = []  # byte offsets of the data objects that could be addressed in place
+        self.aligned: list[int] = []
+        self._views: dict[tuple, object] = {}  # byte offsets of the data objects that could be addressed in place
         self.standalone = standalone
         self.ntfs_xattrs = ntfs_xattrs
         self.inodes: list[_Inode] = []
@@ -141,9 +142,12 @@ class _Builder:
                     self.info["skipped_names"] += 1
                     continue
                 node = by_fid.get(e.file_id)
+                if node is not None and node.children is None:
+                    node.nlink += 1
                 if node is None:
                     node = by_fid[e.file_id] = self._inode(e.file_id)
                     node.parent = d
+                    node.nlink = 1
                     queue.append(node)
                 elif node.children is not None:  # a directory with two names: corrupt
                     raise CimError(E_INVALIDARG, f"directory FileID {e.file_id} has more than one name", image.path)
@@ -157,16 +161,20 @@ class _Builder:
     def _inode(self, fid: int) -> _Inode:
         image = self.image
         node = _Inode(fid)
-        st = image.stat(fid)
+        st = image.stat(fid, links=False)  # links are counted by collect()'s walk
         node.record = st
-        try:
-            lx = lx_metadata(st.ea_buffer)
-        except DAMAGED:
-            lx = lx_metadata(b"")
-        view = posix_view(st, lx, self.options)
+        # Most entries share their EA buffer and attributes: map each combination once.
+        key = (st.ea_buffer, st.attributes, st.is_dir, st.reparse_tag if st.reparse_data else 0)
+        view = self._views.get(key)
+        if view is None:
+            try:
+                lx = lx_metadata(st.ea_buffer)
+            except DAMAGED:
+                lx = lx_metadata(b"")
+            view = self._views[key] = posix_view(st, lx, self.options)
         node.mode, node.uid, node.gid = view.mode, view.uid, view.gid
         node.rdev = L.encode_rdev(os.major(view.rdev), os.minor(view.rdev)) if view.rdev else 0
-        node.nlink = max(1, st.nlink)
+        node.nlink = 0
         node.mtime_ns = filetime_to_ns(st.last_write_time) if st.last_write_time else 0
         kind = S.S_IFMT(view.mode)
         node.size = 0
@@ -183,7 +191,7 @@ class _Builder:
             node.size = st.size
             self._plan_data(node)
         xattrs = []
-        for name in image.streams(fid):
+        for name in (image.streams(fid) if st.stream_count else ()):
             raw = name.encode("utf-8", "surrogatepass")
             if not raw or b"\0" in raw or len(raw) > L.XATTR_NAME_MAX:
                 continue
@@ -272,7 +280,10 @@ class _Builder:
         # Directory sizes depend on the names only (nids are fixed-size).
         for node in self.inodes:
             if node.children is not None:
-                node.size = len(L.pack_directory(self._dirents(node), bs))
+                node.children.append((b".", node))
+                node.children.append((b"..", node.parent))
+                node.children.sort(key=lambda e: e[0])
+                node.size = L.directory_size([len(name) for name, _ in node.children], bs)
         # Inode records: inode, inline xattrs, then chunk indexes or the inline
         # tail of flat data (which must not cross a block); 32-byte slots.
         pos = L.INODE_SLOT  # nid 0 would be inode number 0, which readdir callers skip
@@ -329,11 +340,9 @@ class _Builder:
         self.info["devices"] = list(self.devices)
         self.info["size"] = total_blocks * bs
 
-    def _dirents(self, node: _Inode) -> list:
-        entries = [(b".", node.nid or 0, L.FT_DIR), (b"..", node.parent.nid or 0, L.FT_DIR)]
-        entries += [(name, child.nid or 0, _FT[S.S_IFMT(child.mode)]) for name, child in node.children]
-        entries.sort(key=lambda e: e[0])
-        return entries
+    @staticmethod
+    def _dirents(node: _Inode) -> list:
+        return [(name, child.nid, _FT[S.S_IFMT(child.mode)]) for name, child in node.children]
 
     def _put_inode(self, fd: int, meta: bytearray, at: int, node: _Inode, ino: int) -> None:
         body, icount = node.shared

@@ -157,6 +157,17 @@ def pack_directory(entries, block_size: int) -> bytes:
     return b"".join(blocks)
 
 
+def directory_size(name_lengths, block_size: int) -> int:
+    """The size :func:`pack_directory` gives entries with these name lengths (same order)."""
+    full, used = 0, 0
+    for n in name_lengths:
+        if used + DIRENT.size + n > block_size:
+            full += 1
+            used = 0
+        used += DIRENT.size + n
+    return full * block_size + used
+
+
 def unpack_directory(data: bytes, block_size: int) -> list[tuple[bytes, int, int]]:
     """(name, nid, file type) of every entry in directory blocks (for checks)."""
     out = []
