@@ -36,14 +36,10 @@ from collections import Counter
 from .errors import E_INVALIDARG, CimError
 from .layout import erofs as L
 from .metadata import filetime_to_ns
-from .mount.view import DAMAGED, NTFS_XATTRS, Options, fs_name, lx_metadata, ntfs_xattr, posix_view, symlink_target
+from .mount.view import DAMAGED, Options, fs_name, lx_metadata, ntfs_xattrs_main, posix_view, symlink_target
 
 __all__ = ["write_index", "IndexInfo"]
 
-
-#: NTFS metadata xattrs kept, as trusted.* (FUSE name -> EROFS name suffix).
-_NTFS_KEPT = [(n, n[len(b"system."):]) for n in NTFS_XATTRS
-              if not n.endswith(b"_be") and n != b"system.ntfs_crtime"]
 
 _FT = {S.S_IFREG: L.FT_REG_FILE, S.S_IFDIR: L.FT_DIR, S.S_IFCHR: L.FT_CHRDEV, S.S_IFBLK: L.FT_BLKDEV,
        S.S_IFIFO: L.FT_FIFO, S.S_IFSOCK: L.FT_SOCK, S.S_IFLNK: L.FT_SYMLINK}
@@ -111,8 +107,8 @@ class _Builder:
         self.image = image
         self.options = options
         self.block_bits = block_bits
-        self.aligned: list[int] = []
-        self._views: dict[tuple, object] = {}  # byte offsets of the data objects that could be addressed in place
+        self.aligned: list[int] = []  # byte offsets of the data objects that could be addressed in place
+        self._views: dict[tuple, object] = {}
         self.standalone = standalone
         self.ntfs_xattrs = ntfs_xattrs
         self.inodes: list[_Inode] = []
@@ -199,15 +195,14 @@ class _Builder:
             if desc.length <= L.XATTR_VALUE_MAX:
                 xattrs.append((L.XATTR_INDEX_USER, raw, image.read_at(desc, 0, desc.length)))
         if self.ntfs_xattrs:
-            for fuse_name, suffix in _NTFS_KEPT:
-                value = ntfs_xattr(st, fuse_name)
-                if value is not None and len(value) <= L.XATTR_VALUE_MAX:
-                    xattrs.append((L.XATTR_INDEX_TRUSTED, suffix, value))
+            for fuse_name, value in ntfs_xattrs_main(st):
+                if len(value) <= L.XATTR_VALUE_MAX:
+                    xattrs.append((L.XATTR_INDEX_TRUSTED, fuse_name[7:], value))
         node.xattrs = xattrs
         return node
 
     def _plan_data(self, node: _Inode) -> None:
-        desc = self.image.stream_descriptor(node.fid)
+        desc = self.image.record(node.fid).stream
         node.where = desc
         if desc.sparse:
             node.plan = _HOLE

@@ -19,6 +19,7 @@ FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
 FSMOUNT_CLOEXEC = 0x1
 MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 AT_FDCWD = -100
@@ -55,9 +56,11 @@ def _check(ret: int, what: str, fd: int | None = None) -> int:
     return ret
 
 
-def mount_fs(fstype: str, source: str, mountpoint: str, options: list[tuple[str, str]], *, nodev: bool = True) -> None:
+def mount_fs(fstype: str, source: str, mountpoint: str, options: list[tuple[str, str]], *, trusted: bool = False) -> None:
     """Mount a read-only ``fstype`` file system from ``source`` at ``mountpoint``;
-    ``options`` are (key, string value) pairs given to fsconfig in order."""
+    ``options`` are (key, string value) pairs given to fsconfig in order.
+    Unless ``trusted``, it is ``nosuid,nodev`` like a FUSE mount: an image's
+    set-user-ID files and device nodes are shown, never honoured."""
     fd = _check(_syscall(_SYS_FSOPEN, fstype.encode(), FSOPEN_CLOEXEC), f"fsopen({fstype})")
     try:
         # A read-only superblock: block devices are then opened for reading only.
@@ -66,7 +69,7 @@ def mount_fs(fstype: str, source: str, mountpoint: str, options: list[tuple[str,
             _check(_syscall(_SYS_FSCONFIG, fd, FSCONFIG_SET_STRING, key.encode(), os.fsencode(value), 0),
                    f"{key}={value}", fd)
         _check(_syscall(_SYS_FSCONFIG, fd, FSCONFIG_CMD_CREATE, None, None, 0), f"cannot mount {source}", fd)
-        attrs = MOUNT_ATTR_RDONLY | (MOUNT_ATTR_NODEV if nodev else 0)
+        attrs = MOUNT_ATTR_RDONLY | (0 if trusted else MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
         mfd = _check(_syscall(_SYS_FSMOUNT, fd, FSMOUNT_CLOEXEC, attrs), "fsmount", fd)
     finally:
         os.close(fd)

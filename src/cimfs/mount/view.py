@@ -124,6 +124,25 @@ NTFS_XATTRS = (b"system.ntfs_attrib", b"system.ntfs_attrib_be", b"system.ntfs_cr
                b"system.ntfs_ea")
 
 
+_DIRECTORY = int(FileAttributes.DIRECTORY)
+
+
+def ntfs_xattrs_main(st) -> list[tuple[bytes, bytes]]:
+    """(name, value) of the NTFS metadata xattrs without the ``_be`` and
+    ``crtime`` forms (their bytes are in the others), absent ones left out:
+    ``ntfs_xattr(st, name)`` for those names, in one pass."""
+    out = [(b"system.ntfs_attrib", struct.pack("<I", int(st.attributes) | (_DIRECTORY if st.is_dir else 0))),
+           (b"system.ntfs_times", struct.pack("<4Q", st.creation_time, st.last_write_time, st.last_access_time,
+                                              st.change_time))]
+    if st.security_descriptor:
+        out.append((b"system.ntfs_acl", st.security_descriptor))
+    if st.reparse_data:
+        out.append((b"system.ntfs_reparse_data", st.reparse_data))
+    if st.ea_buffer:
+        out.append((b"system.ntfs_ea", st.ea_buffer))
+    return out
+
+
 def ntfs_xattr(st, name: bytes) -> bytes | None:
     """The value of the NTFS metadata xattr ``name`` (one of NTFS_XATTRS), or None."""
     attrib = st.attributes | (FileAttributes.DIRECTORY if st.is_dir else 0)
