@@ -599,3 +599,15 @@ def test_older_images_copy_unaligned_objects(old_image, tmp_path, bits):
         assert os.readlink(mnt / "link") == "d/f1"
     finally:
         _newmount.umount(str(mnt))
+
+
+def test_kernel_engine_refuses_non_root_and_auto_falls_back(tmp_path, monkeypatch):
+    with cimfs.create(tmp_path, "g.cim") as w:
+        w.add_file("f", b"x")
+    (tmp_path / "m").mkdir()
+    monkeypatch.setattr(kernel.os, "geteuid", lambda: 1000)
+    with pytest.raises(cimfs.CimError) as e:
+        cmount.mount(tmp_path / "g.cim", tmp_path / "m", engine="kernel")
+    assert e.value.errno == errno.EACCES and "root" in str(e.value)
+    assert kernel.check_engine("auto", "x") == "fuse"
+    assert not os.path.ismount(tmp_path / "m") and not os.path.exists(tmp_path / "cache")
