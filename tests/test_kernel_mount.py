@@ -611,3 +611,28 @@ def test_kernel_engine_refuses_non_root_and_auto_falls_back(tmp_path, monkeypatc
     assert e.value.errno == errno.EACCES and "root" in str(e.value)
     assert kernel.check_engine("auto", "x") == "fuse"
     assert not os.path.ismount(tmp_path / "m") and not os.path.exists(tmp_path / "cache")
+
+
+@needs_kernel
+def test_umount_without_a_registry_entry(tmp_path):
+    with cimfs.create(tmp_path, "g.cim") as w:
+        w.add_file("f", b"x" * 10_000)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    vid = cmount.mount(tmp_path / "g.cim", mnt, engine="kernel")
+    cmount.remove_entry(vid)  # as a reboot of /run, or another tool, would
+    assert cmount.mounts() == [] and os.path.ismount(mnt)
+    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "umount", str(mnt)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert not os.path.ismount(mnt)
+    # an EROFS mount that is not ours is not touched
+    other = tmp_path / "other.erofs"
+    with cimfs.open(tmp_path / "g.cim") as im:
+        erofs.write_index(im, other, standalone=True)
+    _newmount.mount_fs("erofs", str(other), str(mnt), [])
+    try:
+        with pytest.raises(cimfs.CimError):
+            cmount.unmount(mnt)
+        assert os.path.ismount(mnt)
+    finally:
+        _newmount.umount(str(mnt))

@@ -371,6 +371,11 @@ def unmount(target) -> None:
 
         kernel.unmount(entry)
         return
+    if entry is None and not isinstance(target, uuid.UUID):
+        from . import kernel
+
+        if kernel.unmount_orphan(os.fspath(target)):
+            return
     if entry is None:
         if isinstance(target, uuid.UUID) or not is_cimfs_mount(target):
             raise CimError(ERROR_FILE_NOT_FOUND, "no cimfs mount here (or with this volume id)", str(target))

@@ -206,6 +206,42 @@ def unmount(entry: dict) -> None:
     remove_entry(entry["volume_id"])
 
 
+def _mount_source(mountpoint: str) -> str | None:
+    """The source of the EROFS mount on ``mountpoint`` (a real path), from mountinfo."""
+    from . import _unescape_mountinfo
+
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields, rest = left.split(), right.split()
+                if len(fields) >= 5 and len(rest) >= 2 and rest[0] == FSTYPE and _unescape_mountinfo(fields[4]) == mountpoint:
+                    found = _unescape_mountinfo(rest[1])  # the topmost mount wins
+    except OSError:
+        return None
+    return found
+
+
+def unmount_orphan(mountpoint: str) -> bool:
+    """Unmount a file-backed kernel-engine mount whose registry entry is gone
+    (its source is an index in our cache); False when ``mountpoint`` holds no
+    such mount.  (A loop-device mount without its entry is left alone: which
+    loop devices were its region files is only in the entry.)"""
+    from . import ERROR_SHARING_VIOLATION
+
+    real = os.path.realpath(mountpoint)
+    index = _mount_source(real)
+    if not index or not index.endswith(".erofs") or os.path.dirname(index) != os.path.realpath(cache_dir()):
+        return False
+    try:
+        _newmount.umount(real)
+    except _newmount.MountError as e:
+        code = ERROR_SHARING_VIOLATION if e.errno == errno.EBUSY else E_FAIL
+        raise CimError(code, e.strerror, mountpoint) from None
+    return True
+
+
 def check_engine(engine: str, where: str) -> str:
     """``auto`` -> ``kernel`` when this process can mount EROFS, else ``fuse``."""
     if engine not in ("auto", "kernel", "fuse"):
