@@ -745,13 +745,18 @@ def _mount_options(opts: tuple[str, ...]) -> dict:
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("-f", "foreground", is_flag=True, help="Stay in the foreground until unmounted.")
 @click.option("-o", "options", multiple=True, metavar="uid=N,gid=N,umask=OOO,allow_other")
-def mount(image, mountpoint, foreground, options):
-    """Mount IMAGE read-only at MOUNTPOINT (FUSE; needs pyfuse3).
+@click.option("--engine", type=click.Choice(["fuse", "kernel", "auto"]), default="fuse", show_default=True,
+              help="fuse: the FUSE daemon; kernel: an EROFS index over the region files, served by the "
+                   "kernel (root only); auto: kernel when it can.")
+@click.option("--kernel", "kernel", is_flag=True, help="Same as --engine kernel.")
+def mount(image, mountpoint, foreground, options, engine, kernel):
+    """Mount IMAGE read-only at MOUNTPOINT (FUSE with pyfuse3, or the kernel's EROFS).
 
     \b
     Examples:
       cimfs mount app.cim /mnt/app
       cimfs mount app.cim /mnt/app -f -o uid=1000,gid=1000,umask=022
+      cimfs mount --kernel app.cim /mnt/app     # root: EROFS, no daemon
     """
     opts = _mount_options(options)
     if not os.path.exists(image):
@@ -761,7 +766,7 @@ def mount(image, mountpoint, foreground, options):
     except ImportError as e:
         raise CimError(E_INVALIDARG, f"mounting needs the 'mount' extra (pip install cimfs[mount]): {e}",
                        image) from None
-    vid = _mount.mount(image, mountpoint, foreground=foreground, **opts)
+    vid = _mount.mount(image, mountpoint, foreground=foreground, engine="kernel" if kernel else engine, **opts)
     if vid is not None and not foreground:
         click.echo(str(vid))
 
@@ -780,6 +785,39 @@ def umount(mountpoint):
     except ImportError as e:
         raise CimError(E_INVALIDARG, f"mounting needs the 'mount' extra: {e}", mountpoint) from None
     _mount.unmount(mountpoint)
+
+
+@cli.command("to-erofs", context_settings=CONTEXT)
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--standalone", is_flag=True, help="Copy all contents in: a self-contained EROFS image.")
+@click.option("--block-size", type=click.Choice(["auto", "512", "4096"]), default="auto", show_default=True,
+              help="EROFS block size (auto: 512 only when that addresses every object in place).")
+@click.option("-o", "options", multiple=True, metavar="uid=N,gid=N,umask=OOO",
+              help="Owner and umask of entries without WSL metadata (default: yours, 222).")
+def to_erofs(image, out, standalone, block_size, options):
+    """Write IMAGE as an EROFS image OUT: by default an index whose file
+    contents stay in IMAGE's region files (mount it with each region file
+    listed on stderr as a device=), with --standalone a self-contained image.
+
+    \b
+    Examples:
+      cimfs to-erofs app.cim app.erofs
+      cimfs to-erofs --standalone app.cim app.erofs && mount -t erofs -o loop app.erofs /mnt
+    """
+    from . import erofs
+    from .mount.view import Options
+
+    opts = _mount_options(options)
+    opts.pop("allow_other", None)
+    bits = {"auto": None, "512": 9, "4096": 12}[block_size]
+    with _open_image(image) as im:
+        info = erofs.write_index(im, out, standalone=standalone, options=Options(**opts), block_bits=bits)
+    click.echo(f"{out}: {info['size']} bytes, {info['inodes']} inodes, block size {info['block_size']}, "
+               f"{info['in_place_files']} files in place, {info['copied_files']} copied "
+               f"({info['copied_bytes']} bytes)", err=True)
+    for dev in info["devices"]:
+        click.echo(f"device={dev}", err=True)
 
 
 # ===================================================================== entry point

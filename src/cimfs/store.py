@@ -23,7 +23,7 @@ from .workers import Worker, abandon_all, can_fork, fork_context
 from .errors import E_FAIL, E_INVALIDARG, CimError, CimFormatError, hresult_from_oserror
 from .layout import cim
 
-# [choice] Contents shorter than this go to the small-data region (8-byte
+# [choice] Contents shorter than this go to the small-data region (512-byte
 # aligned); longer ones to a data region (4096-byte aligned).  32 KiB keeps the
 # alignment padding of a typical source tree near 1 % of its size while large
 # files stay page-aligned for mmap and the page cache.

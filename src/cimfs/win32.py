@@ -95,11 +95,13 @@ def CimCloseImage(image) -> None:
     w.close()
 
 
-def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint) -> uuid.UUID:
-    """Mount read-only with FUSE; returns the volume id (see :mod:`cimfs.mount`)."""
+def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint,
+                  engine: str = "fuse") -> uuid.UUID:
+    """Mount read-only with FUSE, or with ``engine="kernel"`` as EROFS served by
+    the kernel (``"auto"``: kernel when it can); returns the volume id (see :mod:`cimfs.mount`)."""
     from .mount import CimMountImage as _mount
 
-    return _mount(image_containing_path, image_name, flags, volume_id, mountpoint=mountpoint)
+    return _mount(image_containing_path, image_name, flags, volume_id, mountpoint=mountpoint, engine=engine)
 
 
 def CimDismountImage(volume_id: uuid.UUID) -> None:
