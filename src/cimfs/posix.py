@@ -182,6 +182,14 @@ class Node:
         self.implied = False
 
 
+def _walk_nodes(root: Node) -> Iterable[Node]:
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        yield n
+        stack.extend(n.children.values())
+
+
 def _default_dir(name: str, src: str, like: Node | None = None) -> Node:
     now = time.time_ns() if like is None else like.mtime_ns
     return Node(name=name, src=src, kind=DIR, mode=S.S_IFDIR | 0o755,
@@ -616,7 +624,22 @@ def plain_file_metadata(st: os.stat_result) -> "cimfs.FileMetadata":
                               st.st_atime_ns // 100 + FILETIME_UNIX_EPOCH, b"", b"", ea)
 
 
-def node_metadata(node: Node) -> "cimfs.FileMetadata":
+def plain_file_metadata_consistent(st: os.stat_result) -> "cimfs.FileMetadata":
+    """:func:`plain_file_metadata` for a consistent image (see :func:`node_metadata`)."""
+    mt = st.st_mtime_ns // 100 + FILETIME_UNIX_EPOCH
+    ea = _EA_CACHE.get((st.st_mode, st.st_uid, st.st_gid, None)) or _lx_ea_buffer(st.st_mode, st.st_uid, st.st_gid, None)
+    return cimfs.FileMetadata(0, st.st_size, mt, mt, mt, mt, b"", b"", ea)
+
+
+def _writes_consistent(w) -> bool:
+    return bool(getattr(w, "consistent", False))
+
+
+def node_metadata(node: Node, consistent: bool = False) -> "cimfs.FileMetadata":
+    """The image metadata of a scanned entry.  ``consistent``: [choice] for
+    a consistent image, change time and last access time are the last write
+    time: reading a tree moves atimes and ``touch -a``, chmod or a copy move
+    ctimes, so neither is the tree's content (mksquashfs keeps mtime alone)."""
     attrs = 0
     reparse = b""
     rdev = tuple(node.rdev) if node.kind in (CHR, BLK) else None
@@ -637,8 +660,8 @@ def node_metadata(node: Node) -> "cimfs.FileMetadata":
         file_size=node.size if node.kind == FILE else 0,
         creation_time=ns_to_filetime(node.btime_ns) if node.btime_ns is not None else mt,
         last_write_time=mt,
-        change_time=ns_to_filetime(node.ctime_ns),
-        last_access_time=ns_to_filetime(node.atime_ns),
+        change_time=mt if consistent else ns_to_filetime(node.ctime_ns),
+        last_access_time=mt if consistent else ns_to_filetime(node.atime_ns),
         ea_buffer=eas,
         reparse_data=reparse,
     )
@@ -775,10 +798,16 @@ class Importer:
         self.deletes: list[str] = []
         self.dirs: list[tuple[str, object, bool]] = []
         self.files: list[tuple[Node, str]] = []
+        self.consistent = _writes_consistent(writer)
+        if self.consistent and root.kind == DIR and root.implied and root.parent is None:
+            # [choice] A tar without an entry for its root: the root is as new
+            # as its newest entry, not the time of the import.
+            root.atime_ns = root.mtime_ns = root.ctime_ns = max(
+                (n.mtime_ns for n in _walk_nodes(root) if not n.implied), default=0)
 
     def _meta(self, node: Node):
         # Not cached: a FileMetadata per entry would double the memory of a large import.
-        return node_metadata(node)
+        return node_metadata(node, self.consistent)
 
     def _is_hidden(self, path: str) -> bool:
         if not self.hidden:
@@ -816,7 +845,9 @@ class Importer:
                     self.deletes.append(_join(path, child.name))
                     child = None
             if child is None and not last:
-                meta = node_metadata(_default_dir(p, cpath))
+                # A directory the import needs above its target: now, or in a
+                # consistent image the time of what is imported.
+                meta = node_metadata(_default_dir(p, cpath, self.root if self.consistent else None), self.consistent)
                 self.dirs.append((cpath, meta, False))
             base_id = child.file_id if child is not None else None
             path = cpath
@@ -893,7 +924,7 @@ def write_node(w, node: Node, path: str, progress: Callable[[int], None]) -> Non
     if node.group is not None and node.group.written is not None:
         w.link(path, node.group.written)
         return
-    meta = node_metadata(node)
+    meta = node_metadata(node, _writes_consistent(w))
     if node.kind == FILE and node.size:
         _copy_node(w, node, path, meta, progress)
     else:
@@ -989,7 +1020,9 @@ class DirectoryImporter:
 
     def _run(self) -> None:
         w = self.w
-        w.mkdir("", node_metadata(_stat_root(self.src_dir)), exist_ok=True)
+        consistent = _writes_consistent(w)
+        file_meta = plain_file_metadata_consistent if consistent else plain_file_metadata
+        w.mkdir("", node_metadata(_stat_root(self.src_dir), consistent), exist_ok=True)
         stack: list[tuple[str, str, str]] = [(self.src_dir, "", "")]   # (local, image path, POSIX path)
         add_file = w.add_file
         add_files = w.add_local_files
@@ -1020,9 +1053,9 @@ class DirectoryImporter:
                             continue
                         self.entries += 1
                         if st.st_size:
-                            files.append((name, full, plain_file_metadata(st)))
+                            files.append((name, full, file_meta(st)))
                         else:
-                            add_file(image_prefix + name, b"", plain_file_metadata(st))
+                            add_file(image_prefix + name, b"", file_meta(st))
                         progress(st.st_size)
                         continue
                     node = _node_from_entry(ent, st, full, self.groups)
@@ -1033,7 +1066,7 @@ class DirectoryImporter:
                     path = image_prefix + name
                     self.entries += 1
                     if node.kind == DIR:
-                        w.mkdir(path, node_metadata(node))
+                        w.mkdir(path, node_metadata(node, consistent))
                         subdirs.append((full, path, _join(posix_dir, name_from_image(name))))
                     else:
                         add_files(image_dir, files)  # contents are copied in scan order
