@@ -768,7 +768,8 @@ def _image_name(name) -> str:
     return name
 
 
-def import_layer(src, containing_dir, name, parent=None, progress=None) -> str:
+def import_layer(src, containing_dir, name, parent=None, progress=None, *, consistent: bool = False,
+                 clamp_time: int | None = None) -> str:
     """Import one Windows layer tar as the image ``name`` in ``containing_dir``.
 
     ``src`` is a path, a binary file object (read once, as a stream: stdin
@@ -776,7 +777,8 @@ def import_layer(src, containing_dir, name, parent=None, progress=None) -> str:
     With ``parent`` (a ``.cim`` name in the same directory) the image is a fork
     of it and the layer is applied on top, whiteouts deleting from the parent.
     Returns the new ``.cim`` path.  On any error a :class:`CimError` naming the
-    tar member is raised and nothing new is left behind.
+    tar member is raised and nothing new is left behind.  ``consistent`` and
+    ``clamp_time`` are :func:`cimfs.create`'s.
     """
     directory = os.fspath(containing_dir)
     name = _image_name(name)
@@ -785,7 +787,7 @@ def import_layer(src, containing_dir, name, parent=None, progress=None) -> str:
     report = _progress_adapter(progress)
     source = _TarSource(src)
     try:
-        with cimfs.create(directory, name, base=parent) as w:
+        with cimfs.create(directory, name, base=parent, consistent=consistent, clamp_time=clamp_time) as w:
             lower = cimfs.open(os.path.join(directory, os.path.basename(parent))) if parent is not None else None
             try:
                 _LayerImporter(w, source, lower, report).run()
