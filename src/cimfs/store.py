@@ -276,7 +276,7 @@ class ObjectStore:
         self.directory = directory
         # A consistent image writes under this random id and renames its
         # files to an id derived from their contents at finish().
-        self.set_id = uuid.uuid4()
+        self.set_id = self._written_id = uuid.uuid4()
         self.consistent = consistent
         self._owner = True  # False in a twin: the owner names the region set
         self._lanes: list | None = None  # consistent mode: per lane [region index, bytes routed to it]
@@ -500,7 +500,8 @@ class ObjectStore:
         self._final_names.clear()
         for r in self.regions:
             r.abandon()
-        names = cim.RegionSet(self.set_id, 0)
+        # The names written under, not a content-derived id another image may share.
+        names = cim.RegionSet(self._written_id, 0)
         for index in range(self.region_count()):  # a data process's regions too
             for kind in ("region", "objectid"):
                 try:
