@@ -5,9 +5,11 @@ copy the contents, whenever and wherever the image is written."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import subprocess
 import sys
+import tarfile
 import threading
 
 import pytest
@@ -263,3 +265,40 @@ def test_a_vanished_source_fails_the_consistent_image(tmp_path, data_process):
     assert e.value.hresult == errors.ERROR_FILE_NOT_FOUND
     assert "dir\\gone" in str(e.value)
     assert os.listdir(d) == []
+
+
+def write_tar(path, entries) -> None:
+    """A PAX tar: (name, data or None for a directory, pax headers)."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data, pax in entries:
+            ti = tarfile.TarInfo(name)
+            ti.mtime = 1_700_000_000
+            ti.pax_headers = dict(pax)
+            if data is None:
+                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+                tf.addfile(ti)
+            else:
+                ti.size, ti.mode = len(data), 0o644
+                tf.addfile(ti, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("kind", ["posix", "windows-layer"])
+def test_cli_create_from_a_tar_is_consistent(tmp_path, kind):
+    if kind == "posix":  # no entry for the root or for "a": implied, with no time of their own
+        entries = [("a/b/file.txt", b"x" * 100, {}), ("a/b/large.bin", bytes(range(256)) * 200, {}),
+                   ("c", None, {})]
+    else:
+        attr = {"MSWINDOWS.fileattr": "32"}
+        entries = [("Files", None, {"MSWINDOWS.fileattr": "16"}), ("Hives", None, {"MSWINDOWS.fileattr": "16"}),
+                   ("Files/f.txt", b"hello", attr), ("Files/big.bin", bytes(range(256)) * 200, attr)]
+    write_tar(tmp_path / "in.tar", entries)
+    results = []
+    for n in ("one", "two"):
+        (tmp_path / n).mkdir()
+        run_cli("create", "--format", kind, tmp_path / "in.tar", tmp_path / n / "a.cim")
+        results.append(image_files(tmp_path / n))
+    assert results[0] == results[1]
+    if kind == "posix":
+        with cimfs.open(tmp_path / "one" / "a.cim") as im:
+            newest = cimfs.filetime_from_ns(1_700_000_000 * 10**9)
+            assert im.stat("").last_write_time == im.stat("a").last_write_time == newest
