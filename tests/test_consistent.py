@@ -89,6 +89,31 @@ def test_same_tree_same_files_whatever_copies_the_contents(tmp_path):
         assert im.check() == []
 
 
+@pytest.mark.parametrize("slow_worker", [0, 1])
+def test_the_order_data_processes_finish_in_changes_nothing(tmp_path, monkeypatch, slow_worker):
+    """The copies of one of two data processes (the lanes it takes) are made
+    slow (the processes inherit the patch when forked), so the other one
+    finishes first."""
+    import time
+
+    from cimfs import store
+
+    src = tmp_path / "src"
+    make_source(str(src))
+    expected = build(tmp_path / "img-inline", src, data_process=False)
+
+    def slowed(original, size_at):
+        def copy(*args, **kw):
+            if lane_of(args[size_at]) % 2 == slow_worker:
+                time.sleep(0.003)
+            return original(*args, **kw)
+        return copy
+
+    monkeypatch.setattr(store, "read_small_source", slowed(store.read_small_source, 1))
+    monkeypatch.setattr(store, "copy_content", slowed(store.copy_content, 4))
+    assert build(tmp_path / "img-slow", src, data_process=2) == expected
+
+
 def test_default_api_images_keep_random_set_ids(tmp_path):
     """Without consistent=True (CimCreateImage) nothing changes: a fresh random id each time."""
     ids = []
