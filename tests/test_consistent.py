@@ -327,3 +327,23 @@ def test_cli_create_from_a_tar_is_consistent(tmp_path, kind):
         with cimfs.open(tmp_path / "one" / "a.cim") as im:
             newest = cimfs.filetime_from_ns(1_700_000_000 * 10**9)
             assert im.stat("").last_write_time == im.stat("a").last_write_time == newest
+
+
+def test_local_files_after_stats_stay_consistent(tmp_path):
+    """stats() waits for the copies; a large file added after it is copied by
+    the caller (never by a data thread whose region numbers follow timing)."""
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * 400)
+    results = []
+    for n, dp in (("a", False), ("b", 2)):
+        d = tmp_path / n
+        d.mkdir()
+        with cimfs.create(d, "x.cim", consistent=True, sync=False, data_process=dp) as w:
+            w.add_file("one", big)
+            assert w.stats()["bytes_logical"] == 102400
+            w.add_file("two", big)
+            w.add_file("three", b"bytes" * 10000)
+        results.append(image_files(d))
+        with cimfs.open(d / "x.cim") as im:
+            assert im.read_bytes("two") == big.read_bytes()
+    assert results[0] == results[1]

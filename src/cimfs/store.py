@@ -940,6 +940,8 @@ class LocalCopier:
         self.store.bytes_stored += lanes.bytes_stored
         if self._error is not None:
             hresult, message, src, index = self._error
+            for r in lanes.regions:  # the owner's abandon() removes them with the rest of the set
+                r.abandon()
             raise CimError(hresult, message, path_of(self._nodes[index]) or src)
         lanes.finish()
         copied = [(self._nodes, self._offsets)]

@@ -771,6 +771,11 @@ class ImageWriter:
     def _submit(self, path: str, meta: FileMetadata, source: int | str, pos: int) -> None:
         """A file whose contents the data pump copies from ``source``; until it
         has, its stream reads as zeros (the pump is drained before commit)."""
+        if self.consistent:
+            # No data thread: it would number its regions in whatever order
+            # it and this thread get to them.
+            self._copy_now(path, meta, source, pos)
+            return
         try:
             self._check_pump()
             node, size = self._create_copied(path, meta)
@@ -781,6 +786,21 @@ class ImageWriter:
         if self._pump is None:
             self._pump = DataPump(self._store)
         self._pump.submit(node, source, pos, size, path)
+
+    def _copy_now(self, path: str, meta: FileMetadata, source: int | str, pos: int) -> None:
+        fd = source
+        try:
+            if not isinstance(fd, int):
+                fd = open_source(source, path)
+            with self.create_file(path, meta) as s:
+                done = 0
+                while done < s.size:
+                    chunk = read_exactly(fd, pos + done, min(s.size - done, 1 << 20), path)
+                    s.write(chunk)
+                    done += len(chunk)
+        finally:
+            if isinstance(fd, int):
+                os.close(fd)
 
     def _check_pump(self) -> None:
         if self._pump is not None and self._pump.error is not None:
