@@ -102,7 +102,7 @@ def _write_options(consistent: bool) -> dict:
 _CONSISTENT_OPTION = click.option(
     "--consistent/--no-consistent", default=True, show_default=True,
     help="Write a consistent image (CONSISTENT_CIM): the same input gives the same files, byte for byte and "
-         "by name. Atimes and ctimes of a directory source are not stored (they equal the mtime). "
+         "by name. A POSIX source's atimes and ctimes are not stored (they equal the mtime). "
          "SOURCE_DATE_EPOCH, when set, caps every time.")
 
 

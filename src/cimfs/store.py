@@ -754,7 +754,9 @@ class DataProcess:
     in batches; nothing comes back before the end but a shared counter of
     work done, so neither side can block the other.  The workers are forked only while the
     owner runs no other thread (a fork copies a thread's held locks without
-    the thread).
+    the thread).  For a consistent image, a file goes by its size's lane
+    instead and the owner names the region with the job (CONSISTENT_LANES):
+    no shared counter, no balancing by progress.
     """
 
     _BATCH_JOBS = 512
