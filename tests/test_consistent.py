@@ -347,3 +347,22 @@ def test_local_files_after_stats_stay_consistent(tmp_path):
         with cimfs.open(d / "x.cim") as im:
             assert im.read_bytes("two") == big.read_bytes()
     assert results[0] == results[1]
+
+
+def test_consistent_fork_of_a_plain_parent_keeps_its_unchanged_entries(tmp_path):
+    src = tmp_path / "src"
+    make_source(str(src))
+    d = tmp_path / "img"
+    d.mkdir()
+    run_cli("create", "--no-consistent", src, d / "base.cim")
+    (src / "dir0" / "small0.txt").write_bytes(b"changed")
+    run_cli("create", src, d / "v2.cim", "--fork-from", d / "base.cim")
+    with cimfs.open(d / "base.cim") as base, cimfs.open(d / "v2.cim") as v2:
+        assert v2.stat("dir1/small4.txt") == base.stat("dir1/small4.txt")  # kept: its record, its atime
+        assert v2.read_bytes("dir0/small0.txt") == b"changed"
+        st = v2.stat("dir0/small0.txt")
+        assert st.last_access_time == st.last_write_time  # written by the consistent import
+        own = v2.header.region_set.id
+    own_bytes = sum(os.path.getsize(d / n) for n in os.listdir(d) if str(own) in n)
+    base_bytes = sum(os.path.getsize(d / n) for n in os.listdir(d) if n.startswith("region_") and str(own) not in n)
+    assert own_bytes < base_bytes // 4  # only what changed, not every record again

@@ -143,7 +143,7 @@ class Importer:
             self.dirs.append((path, meta, False))
         else:
             bst = self.base.stat(base_id)
-            if not metadata_matches(meta, bst):
+            if not metadata_matches(meta, bst, not self.consistent):
                 self.dirs.append((path, meta, True))
             base_children = self._base_entries(base_id, path)
         for key, child in node.children.items():
@@ -154,7 +154,7 @@ class Importer:
                 keep = (b.name == child.name and posix_info(bst).kind == child.kind
                         and (child.kind == DIR or (child.group is None and bst.nlink == 1
                                                    and bst.stream_count == 0
-                                                   and metadata_matches(self._meta(child), bst)
+                                                   and metadata_matches(self._meta(child), bst, not self.consistent)
                                                    and self._same_content(child, b.file_id))))
                 if not keep:
                     self.deletes.append(_join(path, b.name))

@@ -122,13 +122,16 @@ def node_metadata(node: Node, consistent: bool = False) -> "cimfs.FileMetadata":
 _ATTR_MASK = 0x1 | 0x2 | 0x4 | 0x10 | 0x20 | 0x200 | 0x400
 
 
-def metadata_matches(meta, st) -> bool:
-    """Whether an image entry (Stat) already holds exactly this metadata."""
+def metadata_matches(meta, st, scan_times: bool = True) -> bool:
+    """Whether an image entry (Stat) already holds exactly this metadata.
+    ``scan_times=False`` (a consistent import, which does not take them from
+    the source): change and last access times are not compared, so an entry
+    of a parent written otherwise is kept as it is."""
     return ((meta.attributes & _ATTR_MASK) == (st.attributes & _ATTR_MASK)
             and meta.creation_time == st.creation_time
             and meta.last_write_time == st.last_write_time
-            and meta.change_time == st.change_time
-            and meta.last_access_time == st.last_access_time
+            and (not scan_times or (meta.change_time == st.change_time
+                                    and meta.last_access_time == st.last_access_time))
             and bytes(meta.ea_buffer) == bytes(st.ea_buffer)
             and bytes(meta.reparse_data) == bytes(st.reparse_data)
             and bytes(meta.security_descriptor) == bytes(st.security_descriptor)
