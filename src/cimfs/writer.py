@@ -41,7 +41,16 @@ from .errors import (
 from .bulk import paused_gc
 from .layout import cim, ntfs
 from .metadata import FileAttributes, FileMetadata
-from .names import MAX_NAME_UNITS, MAX_PATH_UNITS, NameFolder, check_name, check_path_length, join_path, name_is_valid, split_path
+from .names import (
+    MAX_NAME_UNITS,
+    MAX_PATH_UNITS,
+    NameFolder,
+    check_name,
+    check_path_length,
+    join_path,
+    name_is_valid,
+    split_path,
+)
 from .store import (
     HOLE_MIN,
     SMALL_DATA_MAX,
