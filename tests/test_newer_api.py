@@ -198,10 +198,13 @@ def test_stat_basic_information(image, tmp_path):
     assert big.EndOfFile == 76800 and big.AllocationSize == 77824
     sparse = CimGetFileStatBasicInformation(image, "sparse")
     assert sparse.EndOfFile == 1 << 20 and sparse.AllocationSize == 0
+    ads = CimGetFileStatBasicInformation(image, "dir\\file.txt:Zone.Identifier")
+    assert (ads.FileId, ads.EndOfFile, ads.AllocationSize, ads.LastWriteTime) == (fid, 5, 4096, 22)
     link = CimGetFileStatBasicInformation(image, "link")
     assert link.ReparseTag == 0xA000001D and link.FileAttributes & A.REPARSE_POINT
     assert CimGetFileStatBasicInformation(image, "").FileAttributes & A.DIRECTORY
     assert hresult_of(CimGetFileStatBasicInformation, image, "dir\\none").hresult == errors.ERROR_FILE_NOT_FOUND
+    assert hresult_of(CimGetFileStatBasicInformation, image, "dir\\file.txt:none").hresult == errors.ERROR_FILE_NOT_FOUND
     assert hresult_of(CimGetFileStatBasicInformation, image, "no\\x").hresult == errors.ERROR_PATH_NOT_FOUND
     assert hresult_of(CimGetFileStatBasicInformation, str(tmp_path / "no.cim"), "x").hresult == errors.ERROR_FILE_NOT_FOUND
 

@@ -209,12 +209,16 @@ def CimReadFile(image_path, file_path: str, offset: int, buffer) -> tuple[int, i
 
 def CimGetFileStatBasicInformation(image_path, file_path: str) -> FILE_STAT_BASIC_INFORMATION:
     """The ``FILE_STAT_BASIC_INFORMATION`` of ``file_path`` in the image at
-    ``image_path``, without an image handle."""
+    ``image_path``, without an image handle; for ``file:stream`` the sizes
+    are the alternate stream's."""
     with _open_for_read(image_path) as image:
         st = image.stat(file_path)
+        size, sparse = (0, False) if st.is_dir else (st.size, st.is_sparse)
+        if ":" in file_path.replace("/", "\\").rpartition("\\")[2]:
+            desc = image.stream_descriptor(file_path)
+            size, sparse = desc.length, desc.sparse
         serial = int.from_bytes(image.header.region_set.id.bytes_le[:4], "little")
-    size = 0 if st.is_dir else st.size
-    allocation = 0 if st.is_sparse else -(-size // _ALLOCATION_UNIT) * _ALLOCATION_UNIT
+    allocation = 0 if sparse else -(-size // _ALLOCATION_UNIT) * _ALLOCATION_UNIT
     return FILE_STAT_BASIC_INFORMATION(
         st.file_id, st.creation_time, st.last_access_time, st.last_write_time, st.change_time,
         allocation, size, st.attributes, st.reparse_tag, st.nlink, FILE_DEVICE_DISK, FILE_READ_ONLY_DEVICE, 0,
