@@ -46,5 +46,7 @@ __all__ = [
     "fold_name", "CimFile", "DirEntry", "Image", "Stat", "open", "ImageWriter", "StreamWriter", "create",
     "CimCreateImage", "CimCreateFile", "CimWriteStream", "CimCloseStream", "CimCreateAlternateStream",
     "CimCreateHardLink", "CimDeletePath", "CimCommitImage", "CimCloseImage", "CimMountImage", "CimDismountImage",
-    "CimCreateImage2", "CimCreateFlags", "CimReadFile", "CimGetFileStatBasicInformation", "FILE_STAT_BASIC_INFORMATION",
 ]
+
+__all__ += ["CimCreateImage2", "CimCreateFlags", "CimReadFile", "CimGetFileStatBasicInformation",
+            "FILE_STAT_BASIC_INFORMATION"]

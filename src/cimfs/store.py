@@ -453,18 +453,17 @@ class ObjectStore:
         for r in self.regions:
             yield r, entries(r.combined_index)
 
-    def finish(self, identity: bytes = b"") -> cim.RegionSet:
+    def finish(self) -> cim.RegionSet:
         """Write out the regions and their object ID files.  A consistent
         owner then renames the whole set (a data process's regions too) to
-        an id derived from the contents and ``identity`` (what else the
-        ``.cim`` says: the filesystem offset, the parent sets)."""
+        an id derived from their contents (see content_set_id)."""
         for r in self.regions:
             r.finish(self.sync)
         for r, entries in self.own_region_offsets():
             path = os.path.join(self.directory, cim.RegionSet(self.set_id, 0).file_name("objectid", r.index))
             write_file(path, cim.pack_objectid_file(r.index, r.region_type, entries), self.sync, exclusive=True)
         if self.consistent and self._owner:
-            self._rename_set(content_set_id(self.directory, self.set_id, self.region_count(), identity))
+            self._rename_set(content_set_id(self.directory, self.set_id, self.region_count()))
         return cim.RegionSet(self.set_id, self.region_count())
 
     def _rename_set(self, new_id: uuid.UUID) -> None:
@@ -515,17 +514,17 @@ class ObjectStore:
 _CONSISTENT_ID_DOMAIN = b"cimfs consistent region set 1\0"
 
 
-def content_set_id(directory: str, set_id: uuid.UUID, count: int, identity: bytes) -> uuid.UUID:
+def content_set_id(directory: str, set_id: uuid.UUID, count: int) -> uuid.UUID:
     """[choice] The region set id of a consistent image: SHA-256 over the
     set's region headers and sizes, every object ID file (the length and
     digest of every content at its offset) and the whole of every metadata
-    region (tables, which no object ID file lists), plus ``identity``; its
-    first 16 bytes as an RFC 9562 version-8 UUID.  Data regions are not
-    read again: their object ID files already stand for their bytes."""
+    region (tables, which no object ID file lists); its first 16 bytes as an
+    RFC 9562 version-8 UUID.  Data regions are not read again: their object
+    ID files already stand for their bytes.  The id names these bytes and
+    nothing else: two images whose own regions are byte for byte the same
+    share them, whatever their parents (each ``.cim`` lists its own)."""
     h = hashlib.sha256(_CONSISTENT_ID_DOMAIN)
     h.update(count.to_bytes(4, "little"))
-    h.update(len(identity).to_bytes(4, "little"))
-    h.update(identity)
     names = cim.RegionSet(set_id, 0)
     for index in range(count):
         path = os.path.join(directory, names.file_name("region", index))

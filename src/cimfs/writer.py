@@ -285,6 +285,11 @@ class ImageWriter:
         self.path = os.path.join(self.directory, name)
         self.extending = bool(base) and base == name
         self._sync = sync
+        # data_process: True, as many data processes as the machine has cores; an int, that many (0: none).
+        self.consistent = bool(consistent)
+        if clamp_time is not None and not (isinstance(clamp_time, int) and 0 <= clamp_time < 1 << 63):
+            raise CimError(E_INVALIDARG, f"clamp time {clamp_time!r} is not a FILETIME", directory)
+        self._clamp_time = clamp_time
         self._lock = DirectoryLock(self.directory)
         self._base: _reader.Image | None = None
         self._store: ObjectStore | None = None
@@ -295,12 +300,7 @@ class ImageWriter:
         self._pump: DataPump | None = None
         self._process: DataProcess | None = None
         self._copied: list = []  # per data process: (nodes, RegionOffsets of their contents) (see _commit)
-        # True: data processes as the machine has cores; an int: that many (0: none).
         self._use_process = data_process
-        self.consistent = bool(consistent)
-        if clamp_time is not None and not (isinstance(clamp_time, int) and 0 <= clamp_time < 1 << 63):
-            raise CimError(E_INVALIDARG, f"clamp time {clamp_time!r} is not a FILETIME", directory)
-        self._clamp_time = clamp_time
         try:
             if base:
                 base_path = os.path.join(self.directory, base)
@@ -986,8 +986,8 @@ class ImageWriter:
         directory = cim.pack_file_table_directory(tables)
         fs = cim.FilesystemObject(upcase, store.put_unique(directory) if directory else 0, len(tables), self._root.file_id)
         fs_offset = store.put_unique(cim.pack_filesystem_object(fs))
+        own = store.finish()
         parents = list(base.header.parent_sets) + [base.header.region_set] if base else []
-        own = store.finish(fs_offset.to_bytes(8, "little") + b"".join(p.pack() for p in parents))
         self._publish(cim.pack_filesystem_header(own, fs_offset, parents))
 
     def _publish(self, data: bytes) -> None:
