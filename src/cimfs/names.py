@@ -15,6 +15,9 @@ from .errors import ERROR_INVALID_NAME, CimError
 
 MAX_NAME_UNITS = 255
 MAX_PATH_UNITS = 32767
+# A path of at most this many code points is short enough in UTF-16 (a code
+# point takes at most two units); only a longer one needs measuring.
+PATH_CHECK_FROM = MAX_PATH_UNITS // 2
 
 _SEPARATORS = re.compile(r"[\\/]+")
 # A surrogate code point in a str is a UTF-16 surrogate that is not part of a

@@ -43,7 +43,7 @@ from .layout import cim, ntfs
 from .metadata import FileAttributes, FileMetadata
 from .names import (
     MAX_NAME_UNITS,
-    MAX_PATH_UNITS,
+    PATH_CHECK_FROM as _PATH_CHECK_FROM,
     NameFolder,
     check_name,
     check_path_length,
@@ -152,9 +152,6 @@ class _Node:
 
 
 _DIR_STREAM = cim.Stream(0, 0, cim.STREAM_TYPE_LINK_TABLE)
-# A path of at most this many code points is short enough in UTF-16 (a code
-# point takes at most two units); only a longer one is measured.
-_PATH_CHECK_FROM = MAX_PATH_UNITS // 2
 _DIR_CACHE_MAX = 1 << 16
 
 

@@ -16,9 +16,9 @@ from typing import Callable
 
 from ..bulk import paused_gc
 from ..errors import E_INVALIDARG, CimError
-from .lx import (DIR, FILE, metadata_matches, node_metadata, plain_file_metadata, plain_file_metadata_consistent,
-                 posix_info, writes_consistent)
+from .lx import DIR, FILE, metadata_matches, node_metadata, plain_file_metadata, posix_info
 from .names import _join, _split, check_image_name, fold, name_from_image, name_to_image
+from .lx import plain_file_metadata_consistent, writes_consistent
 from .scan import (
     CHUNK,
     TAR_READ_ERRORS,
