@@ -83,10 +83,10 @@ def _detect_format(fmt: str, tf: tarfile.TarFile) -> str:
         return "posix"
 
 
-def _write_options(consistent: bool) -> dict:
+def _write_options() -> dict:
     """cimfs.create() options of create/fork: consistent images unless
     --no-consistent, times clamped to SOURCE_DATE_EPOCH when it is set."""
-    options = {"consistent": consistent}
+    options = {"consistent": click.get_current_context().meta.get("cimfs.consistent", True)}
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if epoch is not None and epoch.strip():
         try:
@@ -99,8 +99,13 @@ def _write_options(consistent: bool) -> dict:
     return options
 
 
+def _remember_consistent(ctx, param, value):
+    ctx.meta["cimfs.consistent"] = value
+
+
 _CONSISTENT_OPTION = click.option(
-    "--consistent/--no-consistent", default=True, show_default=True,
+    "--consistent/--no-consistent", default=True, show_default=True, expose_value=False,
+    callback=_remember_consistent,
     help="Write a consistent image (CONSISTENT_CIM): the same input gives the same files, byte for byte and "
          "by name. A POSIX source's atimes and ctimes are not stored (they equal the mtime). "
          "SOURCE_DATE_EPOCH, when set, caps every time.")
@@ -121,6 +126,7 @@ def _import_posix(directory, name, base_name, tree, *, mirror: bool, options: di
 
 
 @cli.command(context_settings=CONTEXT)
+@_CONSISTENT_OPTION
 @click.argument("src")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--fork-from", "parent", metavar="PARENT.cim",
@@ -130,8 +136,7 @@ def _import_posix(directory, name, base_name, tree, *, mirror: bool, options: di
               show_default=True, help="How to read a tar SRC.")
 @click.option("--on-collision", type=click.Choice(["error", "rename", "skip"]), default="error", show_default=True,
               help="Names that differ only in case: fail, rename the later one (name~2), or skip it.")
-@_CONSISTENT_OPTION
-def create(src, image, parent, extend, fmt, on_collision, consistent):
+def create(src, image, parent, extend, fmt, on_collision):
     """Build IMAGE from SRC: a directory, a tar file (any compression), or - for a tar on stdin.
 
     For a directory or POSIX tar the image mirrors SRC exactly: contents, symlinks,
@@ -167,7 +172,7 @@ def create(src, image, parent, extend, fmt, on_collision, consistent):
         raise CimError(ERROR_FILE_EXISTS, "already exists (remove it with 'cimfs rm' or use --extend)", image)
     if not os.path.isdir(directory):
         raise CimError(ERROR_FILE_NOT_FOUND, "directory does not exist", directory)
-    options = _write_options(consistent)
+    options = _write_options()
 
     if src != "-" and os.path.isdir(src):
         if fmt == "windows-layer":
@@ -211,6 +216,7 @@ def _split_add(spec: str) -> tuple[str, str | None]:
 
 
 @cli.command(context_settings=CONTEXT)
+@_CONSISTENT_OPTION
 @click.argument("parent", type=click.Path(dir_okay=False))
 @click.argument("new", type=click.Path(dir_okay=False))
 @click.option("--add", "adds", multiple=True, metavar="SRC[:IMAGE_PATH]",
@@ -219,8 +225,7 @@ def _split_add(spec: str) -> tuple[str, str | None]:
 @click.option("--delete", "deletes", multiple=True, metavar="IMAGE_PATH",
               help="Delete a file or directory (recursively). Repeatable; applied before the additions.")
 @click.option("--on-collision", type=click.Choice(["error", "rename", "skip"]), default="error", show_default=True)
-@_CONSISTENT_OPTION
-def fork(parent, new, adds, deletes, on_collision, consistent):
+def fork(parent, new, adds, deletes, on_collision):
     """Create NEW as a fork of PARENT plus the given additions and deletions.
 
     NEW shares PARENT's region files (both must be in one directory) and stores
@@ -258,7 +263,7 @@ def fork(parent, new, adds, deletes, on_collision, consistent):
             node = posix.scan_single(src, tree)
             plans.append((node, dest, node.size))
     total = sum(t for _, _, t in plans)
-    options = _write_options(consistent)
+    options = _write_options()
     with Progress(total, "fork") as bar, cimfs.create(directory, name, base=pname, **options) as w, \
             cimfs.open(os.path.join(directory, pname)) as base:
         hidden = set()
