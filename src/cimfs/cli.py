@@ -663,8 +663,8 @@ def gc(directory, dry_run, verbose):
 def import_image(src, store_dir, platform, jobs, reference, as_json):
     """Import a Windows container image into the layer store STORE_DIR.
 
-    SRC is an OCI image layout directory, a `docker save` archive, or - for an
-    archive on stdin.  Each layer becomes one image named by its chain ID, a fork
+    SRC is an OCI image layout directory, a `docker save` archive, an OCI
+    archive (a layout in a tar), or - for an archive on stdin.  Each layer becomes one image named by its chain ID, a fork
     of the layer below; layers already in the store are reused.  Every blob is
     checked against its digest and every layer against its diff ID while it is
     imported: on a mismatch the store is left as it was.
