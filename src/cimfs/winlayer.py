@@ -768,7 +768,8 @@ def _image_name(name) -> str:
     return name
 
 
-def import_layer(src, containing_dir, name, parent=None, progress=None, *, before_commit=None) -> str:
+def import_layer(src, containing_dir, name, parent=None, progress=None, *, before_commit=None,
+                 consistent: bool = False, clamp_time: int | None = None) -> str:
     """Import one Windows layer tar as the image ``name`` in ``containing_dir``.
 
     ``src`` is a path, a binary file object (read once, as a stream: stdin
@@ -781,7 +782,8 @@ def import_layer(src, containing_dir, name, parent=None, progress=None, *, befor
     ``before_commit(writer)``, when given, is called after the last member was
     read and before the image is committed: it may add to the image (base
     layer processing) or check what was read (digests); an exception from it
-    discards the image.
+    discards the image.  ``consistent`` and ``clamp_time`` are
+    :func:`cimfs.create`'s.
     """
     directory = os.fspath(containing_dir)
     name = _image_name(name)
@@ -790,7 +792,7 @@ def import_layer(src, containing_dir, name, parent=None, progress=None, *, befor
     report = _progress_adapter(progress)
     source = _TarSource(src)
     try:
-        with cimfs.create(directory, name, base=parent) as w:
+        with cimfs.create(directory, name, base=parent, consistent=consistent, clamp_time=clamp_time) as w:
             lower = cimfs.open(os.path.join(directory, os.path.basename(parent))) if parent is not None else None
             try:
                 _LayerImporter(w, source, lower, report).run()
