@@ -318,8 +318,9 @@ class LayerStore:
                 _write_atomic(os.path.join(self.layers, name[:-4] + ".json"), _dump(record))
 
             try:
+                # consistent: the same layer on the same parent gives the same files, on any machine
                 winlayer.import_layer(reader, self.layers, name, parent=parent, progress=on_member,
-                                      before_commit=before_commit)
+                                      before_commit=before_commit, consistent=True)
             except BaseException:
                 _unlink_quiet(os.path.join(self.layers, name[:-4] + ".json"))
                 raise
