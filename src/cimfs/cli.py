@@ -15,6 +15,7 @@ from . import posix, tools
 from .bulk import paused_gc
 from .errors import E_INVALIDARG, ERROR_FILE_EXISTS, ERROR_FILE_NOT_FOUND, CimError
 from .progress import Progress
+from .remote import is_url
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -39,10 +40,15 @@ def _image_location(image: str) -> tuple[str, str]:
     return directory, name
 
 
+def _check_image_exists(path: str) -> None:
+    """A missing local image is named before anything else; a URL is checked by opening it."""
+    if not is_url(path) and not os.path.exists(path):
+        raise CimError(ERROR_FILE_NOT_FOUND, "no such image", path)
+
+
 @contextlib.contextmanager
 def _open_image(path: str):
-    if not os.path.exists(path):
-        raise CimError(ERROR_FILE_NOT_FOUND, "no such image", path)
+    _check_image_exists(path)
     with cimfs.open(path) as img:
         yield img
 
@@ -571,8 +577,7 @@ def fsck(image):
     Example:
       cimfs fsck app.cim && echo clean
     """
-    if not os.path.exists(image):
-        raise CimError(ERROR_FILE_NOT_FOUND, "no such image", image)
+    _check_image_exists(image)
     findings = tools.fsck(image)
     for f in findings:
         click.echo(f"{image}: {f}", err=True)
@@ -644,17 +649,24 @@ def _mount_options(opts: tuple[str, ...]) -> dict:
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("-f", "foreground", is_flag=True, help="Stay in the foreground until unmounted.")
 @click.option("-o", "options", multiple=True, metavar="uid=N,gid=N,umask=OOO,allow_other")
-def mount(image, mountpoint, foreground, options):
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Keep the blocks of a remote IMAGE fetched by reads in this local directory.")
+def mount(image, mountpoint, foreground, options, cache_dir):
     """Mount IMAGE read-only at MOUNTPOINT (FUSE; needs pyfuse3).
+
+    IMAGE may be an fsspec URL (s3://..., https://...): the mount is lazy,
+    fetching contents when they are read.
 
     \b
     Examples:
       cimfs mount app.cim /mnt/app
       cimfs mount app.cim /mnt/app -f -o uid=1000,gid=1000,umask=022
+      cimfs mount s3://bucket/layers/app.cim /mnt/app --cache-dir ~/.cache/cimfs
     """
     opts = _mount_options(options)
-    if not os.path.exists(image):
-        raise CimError(ERROR_FILE_NOT_FOUND, "no such image", image)
+    _check_image_exists(image)
+    if cache_dir is not None:
+        opts["cache_dir"] = cache_dir
     try:
         from . import mount as _mount
     except ImportError as e:

@@ -374,13 +374,7 @@ class CimFs(pyfuse3.Operations):
     @_op
     def statfs(self, ctx=None):
         s = pyfuse3.StatvfsData()
-        total = 0
-        files = [os.path.basename(self.image.path)] + list(self.image.info().get("region_files", []))
-        for name in files:
-            try:
-                total += os.stat(os.path.join(self.image.directory, name)).st_size
-            except OSError:
-                pass
+        total = sum(size for size, _ in self.image.stored_sizes().values())
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = (total + 4095) // 4096
         s.f_bfree = s.f_bavail = 0
