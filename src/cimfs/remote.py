@@ -75,7 +75,7 @@ def storage_error(e: BaseException, url: str, doing: str) -> CimError:
         return e
     if isinstance(e, FileNotFoundError):
         return CimError(ERROR_FILE_NOT_FOUND, f"{doing}: no such object", url)
-    if isinstance(e, PermissionError):
+    if isinstance(e, PermissionError) or getattr(e, "status", None) in (401, 403):
         return CimError(E_ACCESSDENIED, f"{doing}: access denied ({_one_line(e)})", url)
     return CimError(E_FAIL, f"{doing}: {type(e).__name__}: {_one_line(e)}", url)
 
@@ -230,7 +230,14 @@ class RemoteStorage:
         size = self._sizes.get(path)
         if size is None:
             url = self.url_of(path)
-            info = self._call(url, "cannot stat", self.fs.info, path)
+            try:
+                info = self._call(url, "cannot stat", self.fs.info, path)
+            except CimError as e:
+                if e.hresult == ERROR_FILE_NOT_FOUND:
+                    # Some backends (HTTP) say "not found" for any failed stat: a
+                    # one-byte read tells access denied (or a server error) apart.
+                    self._call(url, "cannot read", self.fs.cat_file, path, start=0, end=1)
+                raise
             self._count(0)
             if info.get("type") == "directory":
                 raise CimError(E_INVALIDARG, "is a directory, not an object", url)
