@@ -80,6 +80,22 @@ def storage_error(e: BaseException, url: str, doing: str) -> CimError:
     return CimError(E_FAIL, f"{doing}: {type(e).__name__}: {_one_line(e)}", url)
 
 
+#: botocore's retries for S3 unless the caller configures them: its default
+#: (legacy, 5 attempts with back-off) takes ~8 s to give up on an unreachable
+#: endpoint, on every request.
+S3_RETRIES = {"mode": "standard", "total_max_attempts": 3}
+
+
+def _bounded_retries(url: str, options: dict) -> dict:
+    if "::" in url or not url.lower().startswith(("s3://", "s3a://")):
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    if "retries" in config:
+        return options
+    config["retries"] = dict(S3_RETRIES)
+    return {**options, "config_kwargs": config}
+
+
 class BlockCache:
     """A bounded LRU of blocks, keyed by (region, block index); thread-safe."""
 
@@ -180,7 +196,7 @@ class RemoteStorage:
                 raise CimError(E_INVALIDARG, f"reading URLs needs the 'remote' extra (pip install 'cimfs[remote]'): {e}",
                                url) from None
             try:
-                self.fs, self.path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+                self.fs, self.path = fsspec.core.url_to_fs(url, **_bounded_retries(url, storage_options or {}))
             except ImportError as e:
                 raise CimError(E_INVALIDARG, f"no fsspec filesystem for this URL is installed: {_one_line(e)}", url) from None
             except Exception as e:  # noqa: BLE001 - a backend's own error for a bad URL or option
