@@ -296,8 +296,11 @@ def ls(image, path, long, recursive, as_json):
       cimfs ls base.cim -R --json
     """
     path = _image_path_arg(path)
+    # Link counts cost a walk of the whole tree (the format keeps none): only
+    # for the outputs that show them (on a remote image, a fetch of every directory).
+    links = long or as_json
     with _open_image(image) as img:
-        st = img.stat(path)
+        st = img.stat(path, links=links)
         rows = []
         if not st.is_dir:
             rows.append((path.rsplit("/", 1)[-1], path, st))
@@ -309,7 +312,7 @@ def ls(image, path, long, recursive, as_json):
                 rows.append((rel, p, cst))
         else:
             for e in img.scandir(path):
-                rows.append((e.name, f"{path}/{e.name}" if path else e.name, img.stat(e.file_id)))
+                rows.append((e.name, f"{path}/{e.name}" if path else e.name, img.stat(e.file_id, links=links)))
         if as_json:
             _json([_entry_json(p, s) for _, p, s in rows])
             return
@@ -331,7 +334,7 @@ def cat(image, path):
     path = path.replace("\\", "/").lstrip("/")
     with _open_image(image) as img:
         fpath, stream = tools.split_stream(path)
-        st = img.stat(fpath)
+        st = img.stat(fpath, links=False)
         if st.is_dir and stream is None:
             raise CimError(E_INVALIDARG, "is a directory", path)
         out = click.get_binary_stream("stdout")

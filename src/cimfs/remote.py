@@ -162,11 +162,15 @@ class DiskBlocks:
         return data if len(data) == length else None
 
     def put(self, block: int, data: bytes) -> None:
+        """Keep a block; a cache that cannot be written (disk full) is only a cache: the read goes on."""
         with self._lock:
             if block in self.held:
                 return
-            os.pwrite(self._data, data, block * BLOCK_SIZE)
-            os.write(self._list, block.to_bytes(4, "little"))
+            try:
+                os.pwrite(self._data, data, block * BLOCK_SIZE)
+                os.write(self._list, block.to_bytes(4, "little"))
+            except OSError:
+                return
             self.held.add(block)
 
     def close(self) -> None:
@@ -404,8 +408,11 @@ class RemoteRegion:
             else:
                 self._read_ahead = 0
             last_block = (self.size - 1) // BLOCK_SIZE
-            extra = min(self._read_ahead // BLOCK_SIZE, last_block - missing[-1])
-            wanted = missing + [missing[-1] + i for i in range(1, extra + 1)]
+            wanted = list(missing)
+            for b in range(missing[-1] + 1, min(last_block, missing[-1] + self._read_ahead // BLOCK_SIZE) + 1):
+                if cache.get((key, b)) is not None or (self.disk is not None and b in self.disk.held):
+                    break  # read ahead only up to what is here already
+                wanted.append(b)
             for lo, hi in _runs(wanted):
                 raw = self.storage.fetch(self._object, lo * BLOCK_SIZE, min(self.size, (hi + 1) * BLOCK_SIZE))
                 for b in range(lo, hi + 1):
