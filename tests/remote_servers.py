@@ -249,3 +249,36 @@ class S3Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def stop_fsspec_io() -> None:
+    """Stop fsspec's IO thread (async filesystems such as s3fs and HTTP start
+    it and leave it running) and forget the instances bound to its loop: the
+    library forks worker processes only while a process runs no other thread,
+    and later tests in this process expect that."""
+    import threading as _threading
+    import time as _time
+
+    import fsspec
+    import fsspec.asyn
+
+    for cls in list(fsspec.registry.values()):
+        try:
+            cls.clear_instance_cache()
+        except Exception:  # noqa: BLE001 - a class that keeps no cache
+            pass
+    lp, th = fsspec.asyn.loop[0], fsspec.asyn.iothread[0]
+    if lp is not None:
+        import asyncio
+
+        try:  # aiohttp resolves names in the loop's default executor: its threads go too
+            asyncio.run_coroutine_threadsafe(lp.shutdown_default_executor(), lp).result(10)
+        except Exception:  # noqa: BLE001
+            pass
+        lp.call_soon_threadsafe(lp.stop)
+        if th is not None:
+            th.join(10)
+        fsspec.asyn.reset_lock()
+    deadline = _time.monotonic() + 10  # the servers' last request threads end once their connections are cut
+    while _threading.active_count() > 1 and _time.monotonic() < deadline:
+        _time.sleep(0.05)

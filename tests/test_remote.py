@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -22,7 +23,7 @@ pytest.importorskip("moto.server", reason="moto[server] is not installed (the te
 import cimfs  # noqa: E402
 from cimfs import FileAttributes as A, FileMetadata  # noqa: E402
 from cimfs.fsspec_cim import CimFileSystem, ReadOnlyError  # noqa: E402
-from remote_servers import RangeHTTPServer, S3Server  # noqa: E402
+from remote_servers import RangeHTTPServer, S3Server, stop_fsspec_io  # noqa: E402
 
 BIG = 3 << 20 | 12345
 
@@ -51,6 +52,13 @@ def build_image(directory) -> dict[str, bytes]:
         w.link("Files\\alias.txt", "Files\\docs\\note03.txt")
         files["Files/alias.txt"] = files["Files/docs/note03.txt"]
     return files
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_thread_left():
+    yield
+    stop_fsspec_io()
+    assert threading.active_count() == 1, [t.name for t in threading.enumerate()]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
 
 import cimfs  # noqa: E402
 from cimfs import mount as cmount  # noqa: E402
-from remote_servers import S3Server  # noqa: E402
+from remote_servers import S3Server, stop_fsspec_io  # noqa: E402
 from test_remote import BIG, build_image, stored_bytes  # noqa: E402
 
 
@@ -38,6 +38,12 @@ def _daemons(tag: str) -> list[int]:
             if b"cimfs.mount.daemon" in cmd and os.fsencode(tag) in cmd:
                 out.append(int(pid))
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_thread_left():
+    yield
+    stop_fsspec_io()
 
 
 @pytest.fixture
