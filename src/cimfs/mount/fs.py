@@ -139,7 +139,9 @@ class CimFs(pyfuse3.Operations):
         self._open: dict[int, object] = {}  # open handle -> stream descriptor
         self._next_fh = 1
         self._logged = 0
-        self._push = True  # notify_store works (cleared on ENOSYS)
+        # notify_store works (cleared on ENOSYS).  Not for a remote image: the
+        # push reads in the event loop, which must not wait for the network.
+        self._push = getattr(image, "storage", None) is None
         self._pushed: set[int] = set()
         self._limiter = trio.CapacityLimiter(READ_THREADS)
         self._buf = bytearray(1 << 20)
