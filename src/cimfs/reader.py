@@ -130,6 +130,8 @@ class Image:
 
     def __init__(self, cim_path: str | os.PathLike, *, storage=None):
         self.storage = storage
+        # A remote region has no descriptor: copy_stream takes the read/write path.
+        self._copy_file_range = _HAVE_COPY_FILE_RANGE and storage is None
         if storage is not None:
             self.path = storage.url
             self.directory = None
@@ -684,9 +686,7 @@ class Image:
         if not length:
             return 0
         done = 0
-        # (A remote region has no descriptor: it takes the read/write path.)
-        if (desc.type == cim.STREAM_TYPE_DATA and not desc.sparse and _HAVE_COPY_FILE_RANGE
-                and self.storage is None):
+        if desc.type == cim.STREAM_TYPE_DATA and not desc.sparse and self._copy_file_range:
             region, off = self._check_stream(desc)
             while done < length:
                 try:
