@@ -716,10 +716,13 @@ class Image:
     def data_location(self, desc: cim.Stream) -> tuple[str, int, int] | None:
         """Where a plain data stream's bytes lie: (region file path, byte
         offset, region file size), checked to lie inside the file; None for
-        empty, sparse and PE-image streams (they have no one place)."""
+        empty, sparse and PE-image streams (they have no one place), and for
+        a remote image's streams (no local file)."""
         if desc.sparse or not desc.length or desc.type != cim.STREAM_TYPE_DATA:
             return None
         region, off = self._check_stream(desc)
+        if region.fd is None:
+            return None
         return region.path, off, region.size
 
     def _pe_image(self, desc: cim.Stream) -> cim.PeImage:
