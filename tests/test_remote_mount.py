@@ -132,3 +132,19 @@ def test_cli_mount_of_an_s3_url_with_a_cache_dir(s3_image, tmp_path):
         else:  # every block came from the cache directory
             assert server.counter.bytes < BIG / 10
     _wait_gone(str(tmp_path))
+
+
+def test_a_remote_image_is_never_given_to_the_kernel_engine(s3_image, tmp_path):
+    server, d, files = s3_image
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with pytest.raises(cimfs.CimError) as e:
+        cmount.mount("s3://bucket/layers/layer.cim", str(mnt), engine="kernel", storage_options=server.options())
+    assert "FUSE" in str(e.value) and not cmount.is_cimfs_mount(str(mnt))
+    cmount.mount("s3://bucket/layers/layer.cim", str(mnt), engine="auto", storage_options=server.options())
+    try:
+        assert (mnt / "Files/docs/note03.txt").read_bytes() == files["Files/docs/note03.txt"]
+        assert os.statvfs(mnt).f_blocks * 4096 >= stored_bytes(d) - 4096 * 8
+    finally:
+        cmount.unmount(str(mnt))
+    assert not cmount.is_cimfs_mount(str(mnt))
