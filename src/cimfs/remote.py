@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -44,6 +45,7 @@ MAX_READ_AHEAD = 1 << 20
 MEMORY_CACHE = 32 << 20
 #: Adjacent missing runs of blocks separated by at most this many cached blocks are fetched together.
 _MERGE_GAP = 2
+_HELD_ENTRY = struct.Struct("<I")  # a block number in a disk cache's list of held blocks
 #: Attempts per request (the backends retry inside each attempt too, boundedly).
 ATTEMPTS = 2
 _RETRY_PAUSE = 0.25
@@ -151,8 +153,8 @@ class DiskBlocks:
             if not chunk:
                 break
             raw += chunk
-        usable = len(raw) - len(raw) % 4
-        self.held = set(memoryview(raw[:usable]).cast("I"))
+        usable = len(raw) - len(raw) % 4  # a torn last entry (a crash mid-append) is dropped
+        self.held = {n for (n,) in _HELD_ENTRY.iter_unpack(raw[:usable])}
         self._lock = threading.Lock()
 
     def get(self, block: int, length: int) -> bytes | None:
@@ -168,7 +170,7 @@ class DiskBlocks:
                 return
             try:
                 os.pwrite(self._data, data, block * BLOCK_SIZE)
-                os.write(self._list, block.to_bytes(4, "little"))
+                os.write(self._list, _HELD_ENTRY.pack(block))
             except OSError:
                 return
             self.held.add(block)
