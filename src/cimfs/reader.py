@@ -24,7 +24,7 @@ from .errors import (
     CimFormatError,
     E_INVALIDARG,
 )
-from .layout import cim
+from .layout import cim, ntfs
 from .names import NameFolder, join_path, split_path
 
 # Reading a .cim never needs more than its header and 65535 parent sets.
@@ -472,6 +472,28 @@ class Image:
             d = self._directory(self.lookup(dirpath) if dirpath else self.root_id)
             for name, fid in zip(d.names, d.file_ids):
                 yield (f"{dirpath}\\{name}" if dirpath else name), fid
+
+    def tombstones(self) -> list[str]:
+        """Paths this image marks deleted from the layers below (``CimTombstoneFile``)."""
+        tag = ntfs.IO_REPARSE_TAG_WCI_TOMBSTONE
+        return [p for p, fid in self.iter_file_ids() if fid != self.root_id and self.record(fid).reparse_tag == tag]
+
+    def merge_links(self) -> list[tuple[str, str]]:
+        """(path, target in the layers below) of each ``CimCreateMergeLink`` of this image."""
+        return [(p, m[1]) for p, m in self._merge_markers() if m[0] == ntfs.MERGE_KIND_LINK]
+
+    def opaque_dirs(self) -> list[str]:
+        """Directories that replace, instead of merging with, the layers' below."""
+        return [p for p, m in self._merge_markers() if m[0] == ntfs.MERGE_KIND_OPAQUE_DIR]
+
+    def _merge_markers(self):
+        tag = ntfs.IO_REPARSE_TAG_CIMFS_MERGE
+        for p, fid in self.iter_file_ids():
+            rec = self.record(fid)
+            if rec.reparse_tag == tag and rec.reparse_offset:
+                m = ntfs.parse_merge_reparse(self._blob(rec.reparse_offset, f"reparse buffer of {p!r}"))
+                if m is not None:
+                    yield p, m
 
     def _link_counts(self) -> dict[int, int]:
         if self._nlinks is None:

@@ -283,6 +283,7 @@ class ImageWriter:
         self._process: DataProcess | None = None
         self._copied: list = []  # per data process: (nodes, RegionOffsets of their contents) (see _commit)
         self._use_process = data_process
+        self._merge_sources: list[str] = []  # a merged image's sources, top first (add_merge_source)
         try:
             if base:
                 base_path = os.path.join(self.directory, base)
@@ -316,9 +317,11 @@ class ImageWriter:
             raise
 
     # ------------------------------------------------------------ state
-    def _check_open(self, mutating: bool = True) -> None:
+    def _check_open(self, mutating: bool = True, committing: bool = False) -> None:
         if self._closed:
             raise CimError(E_HANDLE, "image handle is closed", self.path)
+        if mutating and self._merge_sources and not committing:
+            raise CimError(E_INVALIDARG, "a merged image has no changes of its own, only its sources", self.path)
         if mutating and self._committed:
             raise CimError(E_INVALIDARG, "image is already committed; no further change is allowed", self.path)
         if mutating and self._commit_error is not None:
@@ -568,6 +571,66 @@ class ImageWriter:
         node.nlink -= 1
         parent.dirty = True
 
+    # ------------------------------------------------------------ layers converted on their own
+    def tombstone(self, path: str) -> None:
+        """``CimTombstoneFile``: ``path`` is deleted from the layers below when
+        images are merged.  [choice] Stored as a zero-length file with the WCI
+        tombstone reparse point (as container layers mark deletions on NTFS);
+        what this image had at ``path`` goes."""
+        self._check_open()
+        parts, _ = split_path(path)
+        if not parts:
+            raise CimError(E_INVALIDARG, "the root cannot be tombstoned", path)
+        if self.exists(path):
+            self.delete(path)
+        self._create(path, FileMetadata(reparse_data=ntfs.pack_tombstone_reparse()))
+
+    def merge_link(self, new_path: str, existing_path: str) -> None:
+        """``CimCreateMergeLink``: ``new_path`` becomes a hard link to what
+        ``existing_path`` is in the layers below once images are merged.
+        [choice] Stored as a zero-length file with a cimfs merge marker
+        reparse point (``layout.ntfs.IO_REPARSE_TAG_CIMFS_MERGE``) holding the target path."""
+        self._check_open()
+        target, stream = split_path(existing_path)
+        if not target:
+            raise CimError(E_ACCESSDENIED, "the root cannot be hard-linked", existing_path)
+        if self.exists(new_path):
+            raise CimError(ERROR_ALREADY_EXISTS, "the new link's name already exists", new_path)
+        self._create(new_path, FileMetadata(reparse_data=ntfs.pack_merge_reparse(ntfs.MERGE_KIND_LINK, join_path(target))))
+
+    def make_opaque(self, path: str) -> None:
+        """Mark directory ``path`` opaque: when images are merged it replaces the
+        directory of the layers below instead of merging with it (an overlay
+        ``.wh..wh..opq``).  [choice] The directory carries a cimfs merge marker
+        reparse point, so it cannot have a reparse point of its own."""
+        self._check_open()
+        _, _, existing, _, _ = self._find(path)
+        if existing is None or not existing[1].is_dir:
+            raise CimError(ERROR_PATH_NOT_FOUND, "no such directory", path)
+        node = existing[1]
+        self._children(node)
+        record = _unpacked(node.record)
+        if record.reparse_offset and record.reparse_tag != ntfs.IO_REPARSE_TAG_CIMFS_MERGE:
+            raise CimError(E_INVALIDARG, "a directory with a reparse point of its own cannot be marked opaque", path)
+        marker = ntfs.pack_merge_reparse(ntfs.MERGE_KIND_OPAQUE_DIR)
+        node.record = record._replace(reparse_offset=self._store.put_blob(cim.pack_blob(marker)),
+                                      reparse_tag=ntfs.IO_REPARSE_TAG_CIMFS_MERGE)
+        node.dirty = True
+
+    def add_merge_source(self, path: str | os.PathLike, flags: int = 0) -> None:
+        """``CimAddFsToMergedImage2``: add a source image (in this image's
+        directory) to a merged image; sources added first win (top layer first)."""
+        from .merged import check_merge_flags, source_path
+
+        self._check_open(committing=True)
+        check_merge_flags(flags, os.fspath(path))
+        if self._base is not None or self._root.children or self._root.streams:
+            raise CimError(E_INVALIDARG, "only a new image without changes can be a merged image", self.path)
+        full = source_path(self.directory, path)
+        if full == self.path or full in self._merge_sources:
+            raise CimError(E_INVALIDARG, "an image is added to a merged image at most once, and not to itself", full)
+        self._merge_sources.append(full)
+
     # ------------------------------------------------------------ Pythonic conveniences
     def exists(self, path: str) -> bool:
         try:
@@ -778,12 +841,17 @@ class ImageWriter:
     # ------------------------------------------------------------ commit
     def commit(self) -> str:
         """Write the image (crash-safely) and return the ``.cim`` path."""
-        self._check_open()
+        self._check_open(committing=True)
         try:
             try:
                 self._drain()  # the data thread sets records; the commit patches them next
                 with paused_gc():
-                    self._commit()
+                    merged = None
+                    if self._merge_sources:
+                        from .merged import Merger
+
+                        merged = Merger(self, self._merge_sources).run()
+                    self._commit(merged)
             except PermissionError as e:
                 raise CimError(E_ACCESSDENIED, e.strerror or "permission denied", e.filename or self.path) from None
             except OSError as e:
@@ -796,7 +864,8 @@ class ImageWriter:
         self._committed = True
         return self.path
 
-    def _commit(self) -> None:
+    def _commit(self, merged: tuple[list, int] | None = None) -> None:
+        """``merged``: (the sources' region sets, the upcase table's offset) of a merged image."""
         store = self._store
         base = self._base
         if self._process is not None:
@@ -922,6 +991,8 @@ class ImageWriter:
             tables[t] = cim.FileTableEntry(store.put_unique(bytes(buf[: total * size])), total, size)
         if base is not None:
             upcase = base.filesystem.upcase_offset
+        elif merged is not None:
+            upcase = merged[1]
         else:
             upcase = store.put(cim.REGION_METADATA, cim.load_upcase_table())
         directory = cim.pack_file_table_directory(tables)
@@ -929,6 +1000,8 @@ class ImageWriter:
         fs_offset = store.put_unique(cim.pack_filesystem_object(fs))
         own = store.finish()
         parents = list(base.header.parent_sets) + [base.header.region_set] if base else []
+        if merged is not None:
+            parents = merged[0]
         self._publish(cim.pack_filesystem_header(own, fs_offset, parents))
 
     def _publish(self, data: bytes) -> None:

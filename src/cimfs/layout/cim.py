@@ -83,6 +83,7 @@ PE_IMAGE = struct.Struct("<QQIHH")  # 24
 PE_MAPPING = struct.Struct("<II")  # 8
 U16 = struct.Struct("<H")
 U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
 LINK_TABLE_HEADER = struct.Struct("<II")
 
 DIGEST_SIZE = 24
@@ -514,6 +515,12 @@ def unpack_pe_image(buf, what: str) -> PeImage:
     if any(mappings[i][0] > mappings[i + 1][0] for i in range(count - 1)):
         raise CimFormatError(f"{what}: PE image mappings are not in file-offset order")
     return PeImage(data_offset, data_length & ~(1 << 63), image_length, mappings)
+
+
+def pe_image_with_data_offset(buf, data_offset: int) -> bytes:
+    """A PE image object (header and mappings) pointing at ``data_offset``
+    instead (a merged image renumbers its sources' regions)."""
+    return U64.pack(data_offset) + bytes(buf[8:])
 
 
 def pe_image_object_size(count: int) -> int:

@@ -25,6 +25,17 @@ IO_REPARSE_TAG_LX_BLK = 0x80000026
 IO_REPARSE_TAG_WCI_TOMBSTONE = 0xA000001F
 SYMLINK_FLAG_RELATIVE = 1
 
+# [choice] Merge markers of a layer converted on its own (merge links, opaque
+# directories): a non-Microsoft reparse tag (bit 31 clear), which NTFS
+# requires to carry REPARSE_GUID_DATA_BUFFER (tag, length, reserved, a GUID
+# naming the owner, then data).  A marker is ours only if both the tag and
+# CIMFS_MERGE_GUID match, so data written by anybody else cannot be taken for
+# one; the data is u32 kind, then (merge link) the UTF-16LE target path.
+IO_REPARSE_TAG_CIMFS_MERGE = 0x0000C1F5
+CIMFS_MERGE_GUID = bytes.fromhex("5f8b3a8e0c1d4b6c9e2a71d40c1f5e13")
+MERGE_KIND_LINK = 1
+MERGE_KIND_OPAQUE_DIR = 2
+
 _REPARSE_HEADER = struct.Struct("<IHH")
 _NAMES = struct.Struct("<HHHH")
 _EA_HEADER = struct.Struct("<IBBH")
@@ -207,6 +218,27 @@ def parse_reparse(buf: bytes) -> ReparsePoint:
             raise CimFormatError("LX symlink reparse data is truncated")
         return ReparsePoint(tag, data, target=data[4:].decode("utf-8", "surrogateescape"))
     return ReparsePoint(tag, data)
+
+
+def pack_tombstone_reparse() -> bytes:
+    """A WCI tombstone: the name is deleted from the layers below (no data)."""
+    return pack_reparse(IO_REPARSE_TAG_WCI_TOMBSTONE, b"")
+
+
+def pack_merge_reparse(kind: int, target: str = "") -> bytes:
+    return pack_reparse(IO_REPARSE_TAG_CIMFS_MERGE,
+                        CIMFS_MERGE_GUID + _U32.pack(kind) + target.encode("utf-16-le", "surrogatepass"))
+
+
+def parse_merge_reparse(buf: bytes) -> tuple[int, str] | None:
+    """(kind, target) of a cimfs merge marker, or None for any other reparse buffer."""
+    if len(buf) < _REPARSE_HEADER.size + 20 or _U32.unpack_from(buf, 0)[0] != IO_REPARSE_TAG_CIMFS_MERGE:
+        return None
+    _, length, _ = _REPARSE_HEADER.unpack_from(buf, 0)
+    data = bytes(buf[_REPARSE_HEADER.size: _REPARSE_HEADER.size + length])
+    if len(data) < 20 or data[:16] != CIMFS_MERGE_GUID or len(data) % 2:
+        return None
+    return _U32.unpack_from(data, 16)[0], data[20:].decode("utf-16-le", "surrogatepass")
 
 
 # ====================================================================== security descriptors
