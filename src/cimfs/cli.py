@@ -107,7 +107,10 @@ def _import_posix(directory, name, base_name, tree, *, mirror: bool):
               show_default=True, help="How to read a tar SRC.")
 @click.option("--on-collision", type=click.Choice(["error", "rename", "skip"]), default="error", show_default=True,
               help="Names that differ only in case: fail, rename the later one (name~2), or skip it.")
-def create(src, image, parent, extend, fmt, on_collision):
+@click.option("--independent", is_flag=True,
+              help="Windows layer tar: convert the layer on its own, to be merged later ('cimfs merge'): "
+                   "whiteouts become tombstones, hard links to lower files merge links.")
+def create(src, image, parent, extend, fmt, on_collision, independent):
     """Build IMAGE from SRC: a directory, a tar file (any compression), or - for a tar on stdin.
 
     For a directory or POSIX tar the image mirrors SRC exactly: contents, symlinks,
@@ -127,6 +130,10 @@ def create(src, image, parent, extend, fmt, on_collision):
     directory, name = _image_location(image)
     if extend and parent:
         raise click.UsageError("--extend and --fork-from cannot be combined")
+    if independent and (parent or extend):
+        raise click.UsageError("--independent makes a layer without a parent: no --fork-from or --extend")
+    if independent and fmt == "posix":
+        raise click.UsageError("--independent is for Windows layer tars")
     base_name = None
     if parent:
         pdir, pname = _image_location(parent)
@@ -145,6 +152,8 @@ def create(src, image, parent, extend, fmt, on_collision):
         raise CimError(ERROR_FILE_NOT_FOUND, "directory does not exist", directory)
 
     if src != "-" and os.path.isdir(src):
+        if independent:
+            raise click.UsageError(f"{src}: --independent needs a Windows layer tar")
         if fmt == "windows-layer":
             raise click.UsageError(f"{src}: --format windows-layer needs a tar")
         if base_name is None:
@@ -168,13 +177,43 @@ def create(src, image, parent, extend, fmt, on_collision):
             with Progress(0, "create") as bar:
                 if src == "-":
                     tf.spool.seek(0)
-                    winlayer.import_layer(tf.spool, directory, name, parent=base_name, progress=bar)
+                    winlayer.import_layer(tf.spool, directory, name, parent=base_name, progress=bar,
+                                          independent=independent)
                 else:
-                    winlayer.import_layer(src, directory, name, parent=base_name, progress=bar)
+                    winlayer.import_layer(src, directory, name, parent=base_name, progress=bar,
+                                          independent=independent)
             return
+        if independent:
+            raise click.UsageError(f"{src}: --independent needs a Windows layer tar (this is a POSIX tar)")
         label = "stdin" if src == "-" else src
         tree = posix.scan_tar(tf, posix.Tree(on_collision, report=_warn), label)
         _import_posix(directory, name, base_name, tree, mirror=bool(parent))
+
+
+# ===================================================================== merge
+@cli.command(context_settings=CONTEXT)
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def merge(out, sources):
+    """Write OUT, the merged image of SOURCES (top layer first, base last).
+
+    OUT holds only metadata: its file tables point into the sources' region
+    files, so all images must be in one directory.  Tombstones hide what is
+    below them, merge links become hard links and directories merge.
+
+    \b
+    Examples:
+      cimfs merge merged.cim app.cim runtime.cim base.cim
+    """
+    directory, name = _image_location(out)
+    for src in sources:
+        if not os.path.exists(src):
+            raise CimError(ERROR_FILE_NOT_FOUND, "no such image", src)
+        if os.path.realpath(_image_location(src)[0]) != os.path.realpath(directory):
+            raise click.UsageError(f"{src}: the sources of a merged image must be in its directory")
+    if os.path.lexists(out):
+        raise CimError(ERROR_FILE_EXISTS, "already exists (remove it with 'cimfs rm')", out)
+    cimfs.merge(directory, name, [_image_location(s)[1] for s in sources])
 
 
 # ===================================================================== fork

@@ -73,6 +73,13 @@ def merged_region_sets(images: list) -> tuple[list[cim.RegionSet], list[list[int
     return sets, mappings
 
 
+def _descends(img, lower) -> bool:
+    """Whether ``img`` is a fork (or a fork's fork) of ``lower``: it lists all
+    of ``lower``'s region sets first, as a fork lists its parent's."""
+    n = len(lower.region_sets)
+    return len(img.region_sets) > n and img.region_sets[:n] == lower.region_sets
+
+
 class Merger:
     """Builds the tree of a merged image in an :class:`~cimfs.writer.ImageWriter`
     that has no changes of its own; :meth:`run` returns its parent region sets
@@ -94,12 +101,26 @@ class Merger:
             self.w._folder = top._folder  # the merged image sorts with the table it shares
             self.key = self.w._folder.key
             upcase = self._remap(top.filesystem.upcase_offset, mappings[0], top, "upcase table")
+            applied = []
             for img, mapping in reversed(list(zip(images, mappings))):
+                if applied and all(_descends(img, lower) for lower in applied):
+                    # A fork already holds the whole tree of the images it was forked
+                    # from (their deletions are absent names, not tombstones): it
+                    # replaces what they gave instead of lying over it.
+                    self._reset_root()
                 self._apply(img, mapping)
+                applied.append(img)
             return sets, upcase
         finally:
             for img in images:
                 img.close()
+
+    def _reset_root(self) -> None:
+        from .writer import _Node
+
+        root = _Node(cim.FileRecord(stream=_DIR_STREAM))
+        root.nlink = 1
+        self.w._root = root
 
     # ------------------------------------------------------------ offsets
     def _remap(self, ro: int, mapping: list[int], img, what: str) -> int:
@@ -148,7 +169,8 @@ class Merger:
         if rec.reparse_tag != ntfs.IO_REPARSE_TAG_CIMFS_MERGE or not rec.reparse_offset:
             return None
         marker = ntfs.parse_merge_reparse(img._blob(rec.reparse_offset, f"reparse buffer of {path}"))
-        if marker is not None and marker[0] not in (ntfs.MERGE_KIND_LINK, ntfs.MERGE_KIND_OPAQUE_DIR):
+        if marker is not None and marker[0] not in (ntfs.MERGE_KIND_LINK, ntfs.MERGE_KIND_OPAQUE_DIR,
+                                                    ntfs.MERGE_KIND_PARENT_ONLY_DIR):
             raise CimFormatError(f"{path}: unknown cimfs merge marker kind {marker[0]}", img.path)
         return marker
 
@@ -181,12 +203,13 @@ class Merger:
                     links.append((dir_node, k, name, marker[1], path))
                     continue
                 if rec.is_dir:
-                    opaque = marker is not None
-                    record = self._record(img, fid, rec, mapping, True, drop_reparse=opaque)
+                    opaque = marker is not None and marker[0] == ntfs.MERGE_KIND_OPAQUE_DIR
+                    record = self._record(img, fid, rec, mapping, True, drop_reparse=marker is not None)
                     if old is not None and old[1].is_dir and not opaque:
                         node = old[1]
-                        node.record = record
-                        children[k] = (name, node)  # the name's case follows the upper layer
+                        if marker is None:  # else only a parent: the lower directory's metadata and name stay
+                            node.record = record
+                            children[k] = (name, node)  # the name's case follows the upper layer
                     else:
                         if old is not None:
                             self._unlink(dir_node, k)
@@ -195,7 +218,7 @@ class Merger:
                     stack.append((fid, node, path))
                     continue
                 if marker is not None:
-                    raise CimFormatError(f"{path}: an opaque-directory marker on a file", img.path)
+                    raise CimFormatError(f"{path}: a directory merge marker on a file", img.path)
                 node = files.get(fid)
                 if node is None:
                     node = files[fid] = self._file_node(img, fid, rec, mapping)
@@ -207,7 +230,7 @@ class Merger:
             if node is None or node.is_dir:
                 what = "is not in the layers below" if node is None else "is a directory"
                 raise CimError(ERROR_FILE_NOT_FOUND if node is None else E_INVALIDARG,
-                               f"merge link {path!r}: its target {target!r} {what}", img.path)
+                               f"merge link '{path}': its target '{target}' {what}", img.path)
             if dir_node.children.get(k) is not None:
                 self._unlink(dir_node, k)
             self._link(dir_node, k, name, node)

@@ -506,10 +506,16 @@ def _check_sd(sd: bytes, member: str) -> None:
 
 # ------------------------------------------------------------------ import
 class _LayerImporter:
-    def __init__(self, writer, source: _TarSource, parent_image, progress):
+    def __init__(self, writer, source: _TarSource, parent_image, progress, independent: bool = False):
         self.w = writer
         self.src = source
         self.lower = parent_image  # reader of the parent image, or None
+        # A layer converted on its own (merged later): whiteouts become tombstones,
+        # hard links to lower files merge links, and directories record whether
+        # they replace (opaque) or only make way for (parent only) the lower ones.
+        self.independent = independent
+        self.tombstoned: set[str] = set()  # folded paths this layer tombstoned
+        self.opaque: set[str] = set()  # folded paths of this layer's opaque directories
         self.progress = progress
         self.fold = parent_image.fold if parent_image is not None else getattr(cimfs, "fold_name", str.upper)
         self.added: dict[str, bool] = {}  # folded image path -> is a directory (entries of this layer)
@@ -535,6 +541,8 @@ class _LayerImporter:
             if not self._exists(sub):
                 # [choice] a missing parent directory is created with default metadata.
                 self.w.mkdir(sub, FileMetadata(attributes=FileAttributes.DIRECTORY))
+                if self.independent:
+                    self.w.make_parent_only(sub)
             elif not self._is_dir(sub):
                 raise CimError(ERROR_PATH_NOT_FOUND, f"parent {sub!r} is not a directory", member)
             self.known_dirs.add(key)
@@ -602,6 +610,10 @@ class _LayerImporter:
             if not self._is_dir(path):
                 self._remove_existing(path)
             self.w.create_file(path, meta).close()
+            if self.independent and (key in self.tombstoned or key in self.opaque):
+                # a whiteout of the name, then the directory: nothing of the layers below stays in it
+                self.opaque.add(key)
+                self.w.make_opaque(path)
             self.added[key] = True
             self.known_dirs.add(key)
             self.last_file = path
@@ -676,6 +688,12 @@ class _LayerImporter:
         target = "\\".join(tparts)
         if self.fold(target) == self.fold(path):
             raise CimError(E_INVALIDARG, "hard link to itself", member)
+        if self.independent and self.fold(target) in self.tombstoned and self._exists(target):
+            raise CimError(ERROR_FILE_NOT_FOUND, f"hard link target {m.linkname!r} was deleted by this layer", member)
+        if self.independent and not self._exists(target):
+            self._remove_existing(path)
+            self.w.merge_link(path, target)  # a file of the layers below: resolved when merged
+            return
         if not self._exists(target):
             raise CimError(ERROR_FILE_NOT_FOUND, f"hard link target {m.linkname!r} is not in the image", member)
         if self._is_dir(target):
@@ -714,6 +732,11 @@ class _LayerImporter:
         _check_parts(dir_parts, member)
         if base == WHITEOUT_OPAQUE:
             # Opaque directory: hide everything the layers below have in it.
+            if self.independent and dir_parts:
+                self._ensure_parents(parts, member)
+                self.opaque.add(self._key(dir_parts))
+                self.w.make_opaque("\\".join(dir_parts))
+                return
             self.prune_lower(dir_parts)
             return
         if base.startswith(WHITEOUT_META_PREFIX):
@@ -721,6 +744,9 @@ class _LayerImporter:
         name = base[len(WHITEOUT_PREFIX):]
         _check_parts([name], member, "whiteout name")
         target = dir_parts + [name]
+        if self.independent:
+            self.independent_whiteout(target, member)
+            return
         if self.lower is None:
             return  # nothing below a base layer; this layer's own names stay
         key = self._key(target)
@@ -735,6 +761,19 @@ class _LayerImporter:
         except CimError as e:
             if e.hresult not in (ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND):
                 raise
+
+    def independent_whiteout(self, target: list[str], member: str) -> None:
+        key = self._key(target)
+        path = "\\".join(target)
+        if key in self.added:
+            # The name is this layer's own: only what the layers below had under it goes.
+            if self.added[key]:
+                self.opaque.add(key)
+                self.w.make_opaque(path)
+            return
+        self._ensure_parents(target, member)
+        self.w.tombstone(path)
+        self.tombstoned.add(key)
 
     def prune_lower(self, parts: list[str]) -> None:
         """Delete what the parent image has under directory ``parts`` and this layer did not add."""
@@ -768,7 +807,8 @@ def _image_name(name) -> str:
     return name
 
 
-def import_layer(src, containing_dir, name, parent=None, progress=None, *, before_commit=None) -> str:
+def import_layer(src, containing_dir, name, parent=None, progress=None, *, before_commit=None,
+                 independent: bool = False) -> str:
     """Import one Windows layer tar as the image ``name`` in ``containing_dir``.
 
     ``src`` is a path, a binary file object (read once, as a stream: stdin
@@ -782,9 +822,15 @@ def import_layer(src, containing_dir, name, parent=None, progress=None, *, befor
     read and before the image is committed: it may add to the image (base
     layer processing) or check what was read (digests); an exception from it
     discards the image.
+
+    ``independent``: the layer is converted on its own, to be merged later
+    (:func:`cimfs.merge`): whiteouts become tombstones, hard links to files of
+    the layers below merge links, an opaque directory is marked so; no parent.
     """
     directory = os.fspath(containing_dir)
     name = _image_name(name)
+    if independent and parent is not None:
+        raise CimError(E_INVALIDARG, "an independent layer has no parent image", os.fspath(parent))
     if parent is not None:
         parent = os.fspath(parent)  # cimfs.create checks it is in the same directory
     report = _progress_adapter(progress)
@@ -793,7 +839,7 @@ def import_layer(src, containing_dir, name, parent=None, progress=None, *, befor
         with cimfs.create(directory, name, base=parent) as w:
             lower = cimfs.open(os.path.join(directory, os.path.basename(parent))) if parent is not None else None
             try:
-                _LayerImporter(w, source, lower, report).run()
+                _LayerImporter(w, source, lower, report, independent).run()
             finally:
                 if lower is not None:
                     lower.close()

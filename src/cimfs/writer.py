@@ -603,6 +603,15 @@ class ImageWriter:
         directory of the layers below instead of merging with it (an overlay
         ``.wh..wh..opq``).  [choice] The directory carries a cimfs merge marker
         reparse point, so it cannot have a reparse point of its own."""
+        self._mark_dir(path, ntfs.MERGE_KIND_OPAQUE_DIR)
+
+    def make_parent_only(self, path: str) -> None:
+        """Mark directory ``path`` as only a parent of this image's entries:
+        when images are merged, the metadata of a directory of the layers below
+        at that path stays (a layer tar that lists ``a/b`` but not ``a/``)."""
+        self._mark_dir(path, ntfs.MERGE_KIND_PARENT_ONLY_DIR)
+
+    def _mark_dir(self, path: str, kind: int) -> None:
         self._check_open()
         _, _, existing, _, _ = self._find(path)
         if existing is None or not existing[1].is_dir:
@@ -611,9 +620,9 @@ class ImageWriter:
         self._children(node)
         record = _unpacked(node.record)
         if record.reparse_offset and record.reparse_tag != ntfs.IO_REPARSE_TAG_CIMFS_MERGE:
-            raise CimError(E_INVALIDARG, "a directory with a reparse point of its own cannot be marked opaque", path)
-        marker = ntfs.pack_merge_reparse(ntfs.MERGE_KIND_OPAQUE_DIR)
-        node.record = record._replace(reparse_offset=self._store.put_blob(cim.pack_blob(marker)),
+            raise CimError(E_INVALIDARG, "a directory with a reparse point of its own cannot carry a merge marker", path)
+        marker = cim.pack_blob(ntfs.pack_merge_reparse(kind))
+        node.record = record._replace(reparse_offset=self._store.put_blob(marker),
                                       reparse_tag=ntfs.IO_REPARSE_TAG_CIMFS_MERGE)
         node.dirty = True
 
