@@ -426,3 +426,66 @@ def test_sigterm_unmounts_and_errors_leave_nothing(tmp_path):
     with pytest.raises(cimfs.CimError):
         cmount.mount(tmp_path / "t.cim", tmp_path / "missing")
     assert os.listdir(cmount.registry_dir()) == []
+
+
+def _mounted_tree(mnt) -> dict:
+    out = {}
+    for dirpath, dirs, files in os.walk(mnt):
+        rel = os.path.relpath(dirpath, mnt)
+        for d in dirs:
+            out[os.path.normpath(os.path.join(rel, d))] = None
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[os.path.normpath(os.path.join(rel, f))] = (open(p, "rb").read(), os.stat(p).st_ino)
+    return out
+
+
+def test_merge_mount_of_layers_in_two_directories(tmp_path, own_registry):
+    """CimMergeMountImage / cimfs mount TOP ... BASE: the merged view, nothing written next to the images."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    upper.mkdir()
+    with cimfs.create(lower, "base.cim") as w:
+        w.mkdir("a")
+        w.add_file("a\\x", b"x" * 70000)
+        w.add_file("a\\y", b"old y")
+        w.mkdir("gone")
+        w.add_file("gone\\f", b"f")
+    with cimfs.create(upper, "top.cim") as w:
+        w.mkdir("a")
+        w.add_file("a\\y", b"new y")
+        w.tombstone("gone")
+        w.merge_link("a\\x-link", "a\\x")
+    before = {str(p) for d in (lower, upper) for p in d.iterdir()}
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    vid = cimfs.CimMergeMountImage([str(upper / "top.cim"), str(lower / "base.cim")], 0, mountpoint=str(mnt))
+    try:
+        tree = _mounted_tree(mnt)
+        assert sorted(tree) == ["a", "a/x", "a/x-link", "a/y"]
+        assert tree["a/y"][0] == b"new y" and tree["a/x-link"][0] == b"x" * 70000
+        assert tree["a/x"][1] == tree["a/x-link"][1]  # the merge link is a hard link
+        # no merged image next to the sources, and the private directory is gone already
+        assert {str(p) for d in (lower, upper) for p in d.iterdir()} == before
+        assert not [n for n in os.listdir(own_registry) if n.startswith("merged-")]
+    finally:
+        cimfs.CimDismountImage(vid)
+    assert not os.path.ismount(mnt)
+    with pytest.raises(cimfs.CimError) as e:
+        cimfs.CimMergeMountImage([str(upper / "top.cim")], 0x10, mountpoint=str(mnt))
+    assert e.value.hresult == 0x80004001
+    with pytest.raises(cimfs.CimError) as e:
+        cimfs.CimMergeMountImage([str(upper / "top.cim")], 0x1000, mountpoint=str(mnt))
+    assert e.value.hresult == 0x80070057
+    # the command line: several images, then the mount point
+    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", str(upper / "top.cim"), str(lower / "base.cim"),
+                          str(mnt)], capture_output=True, text=True, timeout=120)
+    try:
+        assert out.returncode == 0, out.stderr
+        assert (mnt / "a" / "y").read_bytes() == b"new y" and not (mnt / "gone").exists()
+    finally:
+        out = subprocess.run([sys.executable, "-m", "cimfs.cli", "umount", str(mnt)], capture_output=True, text=True,
+                             timeout=60)
+        _force_unmount(mnt, "-")
+    assert out.returncode == 0, out.stderr
+    assert not [n for n in os.listdir(own_registry) if n.startswith("merged-")]

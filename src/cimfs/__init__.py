@@ -25,6 +25,7 @@ from .win32 import (
     CimAddFsToMergedImage,
     CimAddFsToMergedImage2,
     CimCreateMergeLink,
+    CimMergeMountImage,
     CimTombstoneFile,
     CimCloseImage,
     CimCloseStream,
@@ -47,4 +48,5 @@ __all__ = [
     "CimCreateImage", "CimCreateFile", "CimWriteStream", "CimCloseStream", "CimCreateAlternateStream",
     "CimCreateHardLink", "CimDeletePath", "CimCommitImage", "CimCloseImage", "CimMountImage", "CimDismountImage",
     "CimTombstoneFile", "CimCreateMergeLink", "CimAddFsToMergedImage", "CimAddFsToMergedImage2", "merge",
+    "CimMergeMountImage",
 ]

@@ -780,27 +780,35 @@ def _mount_options(opts: tuple[str, ...]) -> dict:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("-f", "foreground", is_flag=True, help="Stay in the foreground until unmounted.")
 @click.option("-o", "options", multiple=True, metavar="uid=N,gid=N,umask=OOO,allow_other")
-def mount(image, mountpoint, foreground, options):
+def mount(images, mountpoint, foreground, options):
     """Mount IMAGE read-only at MOUNTPOINT (FUSE; needs pyfuse3).
+
+    With several images (top layer first, base last) the merged view of them
+    is mounted, as 'cimfs merge' would build it, without writing a merged image.
 
     \b
     Examples:
       cimfs mount app.cim /mnt/app
       cimfs mount app.cim /mnt/app -f -o uid=1000,gid=1000,umask=022
+      cimfs mount top.cim mid.cim base.cim /mnt/layers
     """
     opts = _mount_options(options)
-    if not os.path.exists(image):
-        raise CimError(ERROR_FILE_NOT_FOUND, "no such image", image)
+    for image in images:
+        if not os.path.exists(image):
+            raise CimError(ERROR_FILE_NOT_FOUND, "no such image", image)
     try:
         from . import mount as _mount
     except ImportError as e:
         raise CimError(E_INVALIDARG, f"mounting needs the 'mount' extra (pip install cimfs[mount]): {e}",
-                       image) from None
-    vid = _mount.mount(image, mountpoint, foreground=foreground, **opts)
+                       images[0]) from None
+    if len(images) > 1:
+        vid = _mount.mount_merged(list(images), mountpoint, foreground=foreground, **opts)
+    else:
+        vid = _mount.mount(images[0], mountpoint, foreground=foreground, **opts)
     if vid is not None and not foreground:
         click.echo(str(vid))
 

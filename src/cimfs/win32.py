@@ -121,6 +121,13 @@ def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: 
     return _mount(image_containing_path, image_name, flags, volume_id, mountpoint=mountpoint)
 
 
+def CimMergeMountImage(paths, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint) -> uuid.UUID:
+    """Mount the merged view of ``paths`` (top layer first); see :mod:`cimfs.mount`."""
+    from .mount import CimMergeMountImage as _merge_mount
+
+    return _merge_mount(paths, flags, volume_id, mountpoint=mountpoint)
+
+
 def CimDismountImage(volume_id: uuid.UUID) -> None:
     from .mount import CimDismountImage as _dismount
 

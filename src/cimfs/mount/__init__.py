@@ -33,7 +33,8 @@ from ..errors import (
     CimFormatError,
 )
 
-__all__ = ["mount", "unmount", "mounts", "CimMountImage", "CimDismountImage", "registry_dir"]
+__all__ = ["mount", "mount_merged", "unmount", "mounts", "CimMountImage", "CimMergeMountImage", "CimDismountImage",
+           "registry_dir"]
 
 E_FAIL = 0x80004005
 _READY_TIMEOUT = 60.0
@@ -170,8 +171,10 @@ def _remove(path: str) -> None:
 
 
 # ===================================================================== mount
-def _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other) -> list[str]:
+def _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, remove_dir=None) -> list[str]:
     args = [sys.executable, "-m", "cimfs.mount.daemon", cim_path, mountpoint, "--volume-id", str(volume_id)]
+    if remove_dir is not None:
+        args += ["--remove-dir", remove_dir]
     for flag, value in (("--uid", uid), ("--gid", gid), ("--umask", None if umask is None else format(umask, "o"))):
         if value is not None:
             args += [flag, str(value)]
@@ -190,7 +193,8 @@ def _check_pyfuse3(where: str) -> None:
 
 
 def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = None, gid: int | None = None,
-          umask: int | None = None, allow_other: bool = False, volume_id: uuid.UUID | None = None) -> uuid.UUID:
+          umask: int | None = None, allow_other: bool = False, volume_id: uuid.UUID | None = None,
+          _remove_dir: str | None = None) -> uuid.UUID:
     """Mount ``cim_path`` read-only at ``mountpoint``; returns the volume id.
 
     In the background (the default) this returns once the mount is live; with
@@ -215,12 +219,12 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
         raise CimError(E_INVALIDARG, "fusermount3 not found (install the fuse3 package)", mountpoint)
     _check_pyfuse3(cim_path)
     if foreground:
-        return _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other)
+        return _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, _remove_dir)
     read_end, write_end = os.pipe()
     try:
         with open(_log_path(volume_id), "ab") as log:
             proc = subprocess.Popen(
-                _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other)
+                _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, _remove_dir)
                 + ["--ready-fd", str(write_end), "--detach"],
                 pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True, close_fds=True,
@@ -253,10 +257,11 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
     raise CimError(E_FAIL, message + (f" ({detail})" if detail else ""), cim_path)
 
 
-def _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other) -> uuid.UUID:
+def _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, remove_dir=None) -> uuid.UUID:
     from .daemon import prepare, serve
 
-    image, _ = prepare(cim_path, mountpoint, uid=uid, gid=gid, umask=umask, allow_other=allow_other)
+    image, _ = prepare(cim_path, mountpoint, uid=uid, gid=gid, umask=umask, allow_other=allow_other,
+                       remove_dir=remove_dir)
     write_entry(volume_id, mountpoint, cim_path, os.getpid())
     serve(image, volume_id, mountpoint)
     return volume_id
@@ -318,6 +323,56 @@ def _stop(pid: int | None, mountpoint: str) -> None:
             return
 
 
+# ===================================================================== merged views
+def _merged_view(paths: list) -> tuple[str, str]:
+    """A private directory holding the merged image of ``paths`` (top first):
+    links to each source ``.cim`` and to every region file they list (sources
+    may live in different directories), and the merged image's own metadata
+    region.  Returns (directory, merged .cim path)."""
+    from ..merged import merge
+    from ..reader import Image, find_region_file
+
+    if not paths:
+        raise CimError(E_INVALIDARG, "a merged mount needs at least one image")
+    directory = tempfile.mkdtemp(prefix="merged-", dir=registry_dir())
+    try:
+        names = []
+        for i, p in enumerate(paths):
+            src = os.path.abspath(os.fspath(p))
+            if not os.path.isfile(src):
+                raise CimError(ERROR_FILE_NOT_FOUND, "image not found", src)
+            name = f"layer{i}.cim"
+            os.symlink(src, os.path.join(directory, name))
+            with Image(src) as img:
+                for region, _ in img.region_names:
+                    link = os.path.join(directory, region)
+                    if os.path.lexists(link):
+                        continue  # a set shared by a fork chain
+                    found = find_region_file(img.directory, region)
+                    if found is None:
+                        raise CimFormatError(f"region file {region} is missing", src)
+                    os.symlink(os.path.abspath(found), link)
+            names.append(name)
+        return directory, merge(directory, "merged.cim", names, sync=False)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def mount_merged(paths: list, mountpoint, **kw) -> uuid.UUID:
+    """Mount the merged view of ``paths`` (top layer first) without writing a
+    merged image next to them.  [choice] The merged image is written to a
+    private directory in the runtime directory (links to the sources' region
+    files and its own metadata region); the daemon opens every region file
+    and removes that directory before it reports the mount ready, so nothing
+    is left behind whatever happens to it later."""
+    directory, cim_path = _merged_view(paths)
+    try:
+        return mount(cim_path, mountpoint, _remove_dir=directory, **kw)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 # ===================================================================== unmount
 def _find(target) -> dict | None:
     live = mounts()
@@ -375,6 +430,24 @@ def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: 
     if not os.path.isdir(os.fspath(image_containing_path)):
         raise CimError(ERROR_PATH_NOT_FOUND, "image containing path not found", os.fspath(image_containing_path))
     return mount(path, mountpoint, volume_id=volume_id)
+
+
+MOUNT_FLAG_BLOCK_DEVICE_CIM = 0x10
+MOUNT_FLAG_SINGLE_FILE_CIM = 0x20
+MOUNT_FLAG_VERIFIED_CIM = 0x80
+
+
+def CimMergeMountImage(paths: list, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint) -> uuid.UUID:
+    """Mount the merged view of ``paths`` (top layer first, base last) at
+    ``mountpoint`` with the rules of a merged image; returns the volume id."""
+    where = os.fspath(paths[0]) if paths else os.fspath(mountpoint)
+    layout_flags = MOUNT_FLAG_BLOCK_DEVICE_CIM | MOUNT_FLAG_SINGLE_FILE_CIM | MOUNT_FLAG_VERIFIED_CIM
+    if not isinstance(flags, int) or flags < 0 or flags & ~layout_flags:
+        raise CimError(E_INVALIDARG, f"unsupported mount flags {flags!r}", where)
+    if flags:
+        raise CimError(0x80004001, f"mount flags {flags:#x} (block, single-file or verified CIMs): their on-disk "
+                                   "layout is not public", where)
+    return mount_merged(list(paths), mountpoint, volume_id=volume_id)
 
 
 def CimDismountImage(volume_id: uuid.UUID) -> None:

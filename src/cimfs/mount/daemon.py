@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 
 from ..errors import CimError
@@ -27,8 +28,12 @@ def _escape_option(value: str) -> str:
     return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
-def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, allow_other=False):
+def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, allow_other=False, remove_dir=None):
     """Open and check the image, then mount it; raises CimError with a one-line reason.
+
+    ``remove_dir``: the private directory of a merged view (see
+    :func:`cimfs.mount.mount_merged`): every region file is opened, then the
+    directory is removed.
 
     Returns ``(image, fs)`` with the kernel mount in place (not yet served)."""
     import pyfuse3
@@ -43,6 +48,10 @@ def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, a
     except Exception as e:  # noqa: BLE001 - anything else is a damaged image too
         raise CimError(E_FAIL, f"cannot read the image: {e}", cim_path) from None
     try:
+        if remove_dir is not None:
+            for index in range(len(image.region_names)):
+                image._region(index)
+            shutil.rmtree(remove_dir, ignore_errors=True)
         fs = CimFs(image, Options(uid, gid, umask))
         # The root and its listing must be readable before anything is mounted.
         fs.entry(image.root_id)
@@ -165,6 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--gid", type=int)
     p.add_argument("--umask", type=lambda s: int(s, 8))
     p.add_argument("--allow-other", action="store_true")
+    p.add_argument("--remove-dir", help="a merged view's private directory: removed once every region file is open")
     p.add_argument("--ready-fd", type=int, required=True)
     p.add_argument("--detach", action="store_true", help="fork once more and leave the caller")
     a = p.parse_args(argv)
@@ -179,7 +189,8 @@ def main(argv=None) -> int:
     try:
         _write_line(fd, f"PID {os.getpid()}")
         try:
-            image, fs = prepare(a.image, a.mountpoint, uid=a.uid, gid=a.gid, umask=a.umask, allow_other=a.allow_other)
+            image, fs = prepare(a.image, a.mountpoint, uid=a.uid, gid=a.gid, umask=a.umask, allow_other=a.allow_other,
+                                remove_dir=a.remove_dir)
         except CimError as e:
             _write_line(fd, "ERR " + json.dumps({"hresult": e.hresult, "reason": e.strerror, "path": e.filename}))
             return 1
