@@ -191,6 +191,8 @@ def layer_tars(tmp_path):
         D("Files/whole"),
         D("Files/whole/deep"),
         F("Files/whole/deep/f", b"deep"),
+        D("Files/cleared", attrs=0x14),
+        F("Files/cleared/old", b"old"),
         D("Hives"),
         F("Hives/System_Delta", b"v1"),
     ])
@@ -203,6 +205,11 @@ def layer_tars(tmp_path):
         Entry("Files/opaque/.wh..wh..opq"),
         F("Files/opaque/new", b"new"),
         F("Files/dir/sub/z", b"z"),  # no entries for its parents: their metadata stays the lower one's
+        Entry("Files/cleared/.wh..wh..opq"),  # opaque, not listed itself: emptied, its metadata stays
+        F("Files/cleared/mine", b"mine"),
+        Entry("Files/nothere/.wh.x"),  # below a directory no layer has: nothing
+        Entry("Files/nothere2/.wh..wh..opq"),
+        F("Files/implicit/deeper/f", b"f"),  # new directories the tar does not list
         D("Files/newdir"),
         F("Files/newdir/n", b"n"),
         F("Hives/System_Delta", b"v2"),
@@ -232,10 +239,10 @@ def test_merged_independent_layers_equal_the_fork_chain(tmp_path):
                              capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
     with cimfs.open(d / "i1.cim") as img:
-        assert img.tombstones() == ["Files\\gone.txt"]
+        assert sorted(img.tombstones()) == ["Files\\gone.txt", "Files\\nothere\\x"]
         assert sorted(img.merge_links()) == [("Files\\big-link", "Files\\big.bin"),
                                              ("Files\\keep\\a-link", "Files\\keep\\a.txt")]
-        assert img.opaque_dirs() == ["Files\\opaque"]
+        assert sorted(img.opaque_dirs()) == ["Files\\cleared", "Files\\nothere2", "Files\\opaque"]
     with cimfs.open(d / "i2.cim") as img:
         assert sorted(img.tombstones()) == ["Files\\dir\\sub\\y", "Files\\nonexistent", "Files\\whole"]
         assert "Files\\replaced" in img.opaque_dirs()
@@ -250,6 +257,8 @@ def test_merged_independent_layers_equal_the_fork_chain(tmp_path):
         assert img.read_bytes("Files\\keep\\a-link") == b"a"
         assert img.stat("Files\\newdir\\n-link").file_id == img.stat("Files\\newdir\\n").file_id
         assert img.stat("Files\\dir").attributes & 0x2  # the base's metadata (hidden) stays
+        assert img.listdir("Files\\cleared") == ["mine"] and img.stat("Files\\cleared").attributes & 0x4
+        assert not img.exists("Files\\nothere") and not img.exists("Files\\nothere2")
     run = subprocess.run([sys.executable, "-m", "cimfs.cli", "fsck", str(d / "merged.cim")], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     own, sources = own_region_bytes(d / "merged.cim")
@@ -271,3 +280,26 @@ def test_cli_merge_refuses_sources_elsewhere(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode != 0 and "directory" in run.stderr
     assert not (other / "m.cim").exists()
+
+
+def test_merge_markers_are_recognised_only_with_the_cimfs_guid(tmp_path):
+    from cimfs.layout import ntfs
+
+    foreign = struct.pack("<IHH", ntfs.IO_REPARSE_TAG_CIMFS_MERGE, 24, 0) + bytes(16) + struct.pack("<II", 1, 0)
+    bad_kind = struct.pack("<IHH", ntfs.IO_REPARSE_TAG_CIMFS_MERGE, 20, 0) + ntfs.CIMFS_MERGE_GUID + struct.pack("<I", 7)
+    with cimfs.create(tmp_path, "base.cim") as w:
+        w.add_file("t", b"target")
+    with cimfs.create(tmp_path, "top.cim") as w:
+        w.add_file("foreign", b"", FileMetadata(reparse_data=foreign))
+    cimfs.merge(tmp_path, "m.cim", ["top.cim", "base.cim"])
+    with cimfs.open(tmp_path / "m.cim") as img:
+        st = img.stat("foreign")  # somebody else's reparse point with our tag: data, kept as it is
+        assert st.reparse_data == foreign and img.merge_links() == []
+    with cimfs.create(tmp_path, "bad.cim") as w:
+        w.add_file("x", b"", FileMetadata(reparse_data=bad_kind))
+    with pytest.raises(cimfs.CimFormatError) as e:
+        cimfs.merge(tmp_path, "m2.cim", ["bad.cim", "base.cim"])
+    assert "x" in str(e.value) and "kind 7" in str(e.value)
+    assert not (tmp_path / "m2.cim").exists()
+    with cimfs.open(tmp_path / "bad.cim") as img, pytest.raises(cimfs.CimFormatError):
+        img.merge_links()

@@ -168,10 +168,13 @@ class Merger:
     def _marker(self, img, rec: cim.FileRecord, path: str) -> tuple[int, str] | None:
         if rec.reparse_tag != ntfs.IO_REPARSE_TAG_CIMFS_MERGE or not rec.reparse_offset:
             return None
-        marker = ntfs.parse_merge_reparse(img._blob(rec.reparse_offset, f"reparse buffer of {path}"))
-        if marker is not None and marker[0] not in (ntfs.MERGE_KIND_LINK, ntfs.MERGE_KIND_OPAQUE_DIR,
-                                                    ntfs.MERGE_KIND_PARENT_ONLY_DIR):
-            raise CimFormatError(f"{path}: unknown cimfs merge marker kind {marker[0]}", img.path)
+        try:
+            marker = ntfs.parse_merge_reparse(img._blob(rec.reparse_offset, f"reparse buffer of {path}"))
+        except CimFormatError as e:
+            raise CimFormatError(f"{path}: {e.strerror}", img.path) from None
+        if marker is not None and (marker[0] == ntfs.MERGE_KIND_DIR) != rec.is_dir:
+            what = "a directory marker on a file" if not rec.is_dir else "a merge link marker on a directory"
+            raise CimFormatError(f"{path}: {what}", img.path)
         return marker
 
     def _apply(self, img, mapping) -> None:
@@ -183,6 +186,8 @@ class Merger:
         key = self.key
         files: dict[int, _Node] = {}  # FileID in this layer -> node (its hard links share it)
         links = []
+        made_for_children = []  # (parent, key, node): parent-only directories nothing below had
+        seen = {img.root_id}
         stack = [(img.root_id, root, "")]
         while stack:
             dir_id, dir_node, dir_path = stack.pop()
@@ -198,27 +203,34 @@ class Merger:
                     continue
                 marker = self._marker(img, rec, path)
                 if marker is not None and marker[0] == ntfs.MERGE_KIND_LINK:
-                    if rec.is_dir:
-                        raise CimFormatError(f"{path}: a merge link marker on a directory", img.path)
                     links.append((dir_node, k, name, marker[1], path))
                     continue
                 if rec.is_dir:
-                    opaque = marker is not None and marker[0] == ntfs.MERGE_KIND_OPAQUE_DIR
+                    if fid in seen:
+                        raise CimFormatError(f"{path}: directory FileID {fid} is reached twice (a cycle)", img.path)
+                    seen.add(fid)
+                    flags = marker[1] if marker is not None else 0
                     record = self._record(img, fid, rec, mapping, True, drop_reparse=marker is not None)
-                    if old is not None and old[1].is_dir and not opaque:
-                        node = old[1]
-                        if marker is None:  # else only a parent: the lower directory's metadata and name stay
+                    lower = old[1] if old is not None and old[1].is_dir else None
+                    parent_only = bool(flags & ntfs.MERGE_DIR_PARENT_ONLY)
+                    if lower is not None and not flags & ntfs.MERGE_DIR_OPAQUE:
+                        node = lower
+                        if not parent_only:  # else the lower directory's metadata and name stay
                             node.record = record
                             children[k] = (name, node)  # the name's case follows the upper layer
                     else:
                         if old is not None:
                             self._unlink(dir_node, k)
-                        node = _Node(record, is_dir=True)
-                        self._link(dir_node, k, name, node)
+                        if parent_only and lower is not None:
+                            node = _Node(lower.record, is_dir=True)  # opaque, with the lower one's metadata
+                            self._link(dir_node, k, old[0], node)
+                        else:
+                            node = _Node(record, is_dir=True)
+                            self._link(dir_node, k, name, node)
+                            if parent_only:
+                                made_for_children.append((dir_node, k, node))
                     stack.append((fid, node, path))
                     continue
-                if marker is not None:
-                    raise CimFormatError(f"{path}: a directory merge marker on a file", img.path)
                 node = files.get(fid)
                 if node is None:
                     node = files[fid] = self._file_node(img, fid, rec, mapping)
@@ -234,6 +246,12 @@ class Merger:
             if dir_node.children.get(k) is not None:
                 self._unlink(dir_node, k)
             self._link(dir_node, k, name, node)
+        # A parent-only directory the layers below did not have exists for its
+        # entries; one left with none (it held only tombstones) goes, as a
+        # fork chain would never have made it.  Children come after parents.
+        for dir_node, k, node in reversed(made_for_children):
+            if not node.children and dir_node.children.get(k, (None, None))[1] is node:
+                self._unlink(dir_node, k)
 
     def _lookup(self, path: str):
         parts, _ = split_path(path, strict=False)

@@ -484,14 +484,17 @@ class Image:
 
     def opaque_dirs(self) -> list[str]:
         """Directories that replace, instead of merging with, the layers' below."""
-        return [p for p, m in self._merge_markers() if m[0] == ntfs.MERGE_KIND_OPAQUE_DIR]
+        return [p for p, m in self._merge_markers() if m[0] == ntfs.MERGE_KIND_DIR and m[1] & ntfs.MERGE_DIR_OPAQUE]
 
     def _merge_markers(self):
         tag = ntfs.IO_REPARSE_TAG_CIMFS_MERGE
         for p, fid in self.iter_file_ids():
             rec = self.record(fid)
             if rec.reparse_tag == tag and rec.reparse_offset:
-                m = ntfs.parse_merge_reparse(self._blob(rec.reparse_offset, f"reparse buffer of {p!r}"))
+                try:
+                    m = ntfs.parse_merge_reparse(self._blob(rec.reparse_offset, f"reparse buffer of {p!r}"))
+                except CimFormatError as e:
+                    raise CimFormatError(f"{p}: {e.strerror}", self.path) from None
                 if m is not None:
                     yield p, m
 

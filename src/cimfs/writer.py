@@ -284,6 +284,7 @@ class ImageWriter:
         self._copied: list = []  # per data process: (nodes, RegionOffsets of their contents) (see _commit)
         self._use_process = data_process
         self._merge_sources: list[str] = []  # a merged image's sources, top first (add_merge_source)
+        self._merge_dir_flags: dict = {}  # directory node -> its merge marker's flags (make_opaque ...)
         try:
             if base:
                 base_path = os.path.join(self.directory, base)
@@ -596,22 +597,22 @@ class ImageWriter:
             raise CimError(E_ACCESSDENIED, "the root cannot be hard-linked", existing_path)
         if self.exists(new_path):
             raise CimError(ERROR_ALREADY_EXISTS, "the new link's name already exists", new_path)
-        self._create(new_path, FileMetadata(reparse_data=ntfs.pack_merge_reparse(ntfs.MERGE_KIND_LINK, join_path(target))))
+        self._create(new_path, FileMetadata(reparse_data=ntfs.pack_merge_link_reparse(join_path(target))))
 
     def make_opaque(self, path: str) -> None:
         """Mark directory ``path`` opaque: when images are merged it replaces the
         directory of the layers below instead of merging with it (an overlay
         ``.wh..wh..opq``).  [choice] The directory carries a cimfs merge marker
         reparse point, so it cannot have a reparse point of its own."""
-        self._mark_dir(path, ntfs.MERGE_KIND_OPAQUE_DIR)
+        self._mark_dir(path, ntfs.MERGE_DIR_OPAQUE)
 
     def make_parent_only(self, path: str) -> None:
         """Mark directory ``path`` as only a parent of this image's entries:
         when images are merged, the metadata of a directory of the layers below
         at that path stays (a layer tar that lists ``a/b`` but not ``a/``)."""
-        self._mark_dir(path, ntfs.MERGE_KIND_PARENT_ONLY_DIR)
+        self._mark_dir(path, ntfs.MERGE_DIR_PARENT_ONLY)
 
-    def _mark_dir(self, path: str, kind: int) -> None:
+    def _mark_dir(self, path: str, flag: int) -> None:
         self._check_open()
         _, _, existing, _, _ = self._find(path)
         if existing is None or not existing[1].is_dir:
@@ -621,7 +622,10 @@ class ImageWriter:
         record = _unpacked(node.record)
         if record.reparse_offset and record.reparse_tag != ntfs.IO_REPARSE_TAG_CIMFS_MERGE:
             raise CimError(E_INVALIDARG, "a directory with a reparse point of its own cannot carry a merge marker", path)
-        marker = cim.pack_blob(ntfs.pack_merge_reparse(kind))
+        # The flags it has so far, unless new metadata replaced the marker since.
+        flags = self._merge_dir_flags.get(node, 0) if record.reparse_offset else 0
+        flags = self._merge_dir_flags[node] = flags | flag
+        marker = cim.pack_blob(ntfs.pack_merge_dir_reparse(flags))
         node.record = record._replace(reparse_offset=self._store.put_blob(marker),
                                       reparse_tag=ntfs.IO_REPARSE_TAG_CIMFS_MERGE)
         node.dirty = True

@@ -30,12 +30,14 @@ SYMLINK_FLAG_RELATIVE = 1
 # requires to carry REPARSE_GUID_DATA_BUFFER (tag, length, reserved, a GUID
 # naming the owner, then data).  A marker is ours only if both the tag and
 # CIMFS_MERGE_GUID match, so data written by anybody else cannot be taken for
-# one; the data is u32 kind, then (merge link) the UTF-16LE target path.
+# one.  The data is u32 kind, then for a merge link (kind 1) the UTF-16LE
+# target path, for a directory (kind 2) u32 flags.
 IO_REPARSE_TAG_CIMFS_MERGE = 0x0000C1F5
 CIMFS_MERGE_GUID = bytes.fromhex("5f8b3a8e0c1d4b6c9e2a71d40c1f5e13")
 MERGE_KIND_LINK = 1
-MERGE_KIND_OPAQUE_DIR = 2
-MERGE_KIND_PARENT_ONLY_DIR = 3
+MERGE_KIND_DIR = 2
+MERGE_DIR_OPAQUE = 0x1  # replaces the lower directory instead of merging with it
+MERGE_DIR_PARENT_ONLY = 0x2  # only holds the layer's entries: a lower directory keeps its metadata
 
 _REPARSE_HEADER = struct.Struct("<IHH")
 _NAMES = struct.Struct("<HHHH")
@@ -226,20 +228,35 @@ def pack_tombstone_reparse() -> bytes:
     return pack_reparse(IO_REPARSE_TAG_WCI_TOMBSTONE, b"")
 
 
-def pack_merge_reparse(kind: int, target: str = "") -> bytes:
-    return pack_reparse(IO_REPARSE_TAG_CIMFS_MERGE,
-                        CIMFS_MERGE_GUID + _U32.pack(kind) + target.encode("utf-16-le", "surrogatepass"))
+def pack_merge_link_reparse(target: str) -> bytes:
+    return pack_reparse(IO_REPARSE_TAG_CIMFS_MERGE, CIMFS_MERGE_GUID + _U32.pack(MERGE_KIND_LINK)
+                        + target.encode("utf-16-le", "surrogatepass"))
 
 
-def parse_merge_reparse(buf: bytes) -> tuple[int, str] | None:
-    """(kind, target) of a cimfs merge marker, or None for any other reparse buffer."""
-    if len(buf) < _REPARSE_HEADER.size + 20 or _U32.unpack_from(buf, 0)[0] != IO_REPARSE_TAG_CIMFS_MERGE:
+def pack_merge_dir_reparse(flags: int) -> bytes:
+    return pack_reparse(IO_REPARSE_TAG_CIMFS_MERGE, CIMFS_MERGE_GUID + _U32.pack(MERGE_KIND_DIR) + _U32.pack(flags))
+
+
+def parse_merge_reparse(buf: bytes) -> tuple[int, "str | int"] | None:
+    """(MERGE_KIND_LINK, target) or (MERGE_KIND_DIR, flags) of a cimfs merge
+    marker; None for any other reparse buffer.  A marker of ours that does
+    not parse is a CimFormatError."""
+    if len(buf) < _REPARSE_HEADER.size + 16 or _U32.unpack_from(buf, 0)[0] != IO_REPARSE_TAG_CIMFS_MERGE:
         return None
     _, length, _ = _REPARSE_HEADER.unpack_from(buf, 0)
     data = bytes(buf[_REPARSE_HEADER.size: _REPARSE_HEADER.size + length])
-    if len(data) < 20 or data[:16] != CIMFS_MERGE_GUID or len(data) % 2:
+    if data[:16] != CIMFS_MERGE_GUID:
         return None
-    return _U32.unpack_from(data, 16)[0], data[20:].decode("utf-16-le", "surrogatepass")
+    if len(data) < 20:
+        raise CimFormatError("cimfs merge marker is truncated")
+    kind = _U32.unpack_from(data, 16)[0]
+    if kind == MERGE_KIND_LINK and len(data) > 20 and len(data) % 2 == 0:
+        return kind, data[20:].decode("utf-16-le", "surrogatepass")
+    if kind == MERGE_KIND_DIR and len(data) == 24:
+        flags = _U32.unpack_from(data, 20)[0]
+        if not flags & ~(MERGE_DIR_OPAQUE | MERGE_DIR_PARENT_ONLY):
+            return kind, flags
+    raise CimFormatError(f"cimfs merge marker of kind {kind} and {len(data) - 20} data bytes is not valid")
 
 
 # ====================================================================== security descriptors
