@@ -303,3 +303,12 @@ def test_merge_markers_are_recognised_only_with_the_cimfs_guid(tmp_path):
     assert not (tmp_path / "m2.cim").exists()
     with cimfs.open(tmp_path / "bad.cim") as img, pytest.raises(cimfs.CimFormatError):
         img.merge_links()
+
+
+def test_windows_order_merged_image_first_gives_the_merged_image(tmp_path):
+    d = _layers(tmp_path)
+    cimfs.merge(d, "m.cim", ["top.cim", "base.cim"])
+    cimfs.merge(d, "again.cim", ["m.cim", "top.cim", "base.cim"])
+    assert_same_images(d / "again.cim", d / "m.cim")
+    with cimfs.open(d / "again.cim") as img:
+        assert not img.exists("gone")  # the tombstone's effect is not undone by the layers below

@@ -74,10 +74,10 @@ def merged_region_sets(images: list) -> tuple[list[cim.RegionSet], list[list[int
 
 
 def _descends(img, lower) -> bool:
-    """Whether ``img`` is a fork (or a fork's fork) of ``lower``: it lists all
-    of ``lower``'s region sets first, as a fork lists its parent's."""
-    n = len(lower.region_sets)
-    return len(img.region_sets) > n and img.region_sets[:n] == lower.region_sets
+    """Whether ``img`` already holds ``lower``'s whole tree: it is a fork of it
+    (or of a fork of it), or a merged image over it.  Either lists every
+    region set of ``lower`` among its parent sets."""
+    return set(lower.region_sets) <= set(img.region_sets[:-1])
 
 
 class Merger:
@@ -104,9 +104,9 @@ class Merger:
             applied = []
             for img, mapping in reversed(list(zip(images, mappings))):
                 if applied and all(_descends(img, lower) for lower in applied):
-                    # A fork already holds the whole tree of the images it was forked
-                    # from (their deletions are absent names, not tombstones): it
-                    # replaces what they gave instead of lying over it.
+                    # A fork (or a merged image) already holds the whole tree of the
+                    # images below it (their deletions are absent names, not
+                    # tombstones): it replaces what they gave instead of lying over it.
                     self._reset_root()
                 self._apply(img, mapping)
                 applied.append(img)
