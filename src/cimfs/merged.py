@@ -144,24 +144,30 @@ class Merger:
         return s._replace(offset=self._remap(s.offset, mapping, img, what))
 
     def _record(self, img, fid: int, rec: cim.FileRecord, mapping, is_dir: bool, drop_reparse: bool = False):
+        """``rec`` with its offsets in the merged image's region list, no stream
+        table and no parent yet (both set at commit)."""
         what = f"FileID {fid}"
-        remap = self._remap
-        return rec._replace(
-            stream=_DIR_STREAM if is_dir else self._stream(rec.stream, mapping, img, what),
-            security_descriptor_offset=remap(rec.security_descriptor_offset, mapping, img, what),
-            ea_offset=remap(rec.ea_offset, mapping, img, what),
-            reparse_offset=0 if drop_reparse else remap(rec.reparse_offset, mapping, img, what),
-            reparse_tag=0 if drop_reparse else rec.reparse_tag,
-            stream_table_offset=0, parent_file_id=0)
+        sd, ea, rp = rec.security_descriptor_offset, rec.ea_offset, rec.reparse_offset
+        if drop_reparse:
+            rp = 0
+        if sd or ea or rp:
+            remap = self._remap
+            sd, ea, rp = remap(sd, mapping, img, what), remap(ea, mapping, img, what), remap(rp, mapping, img, what)
+        stream = _DIR_STREAM if is_dir else self._stream(rec.stream, mapping, img, what)
+        return cim.FileRecord(rec.flags, rec.ea_length, 0 if drop_reparse else rec.reparse_tag, rec.creation_time,
+                              rec.last_write_time, rec.change_time, rec.last_access_time, stream, sd, ea, rp, 0, 0)
 
     def _file_node(self, img, fid: int, rec: cim.FileRecord, mapping):
         from .writer import _Node
 
-        node = _Node(self._record(img, fid, rec, mapping, False), is_dir=False)
+        record = self._record(img, fid, rec, mapping, False)
+        if not rec.stream_table_offset:
+            # packed at once: the commit places it as it is (as an import's new files)
+            return _Node(cim.pack_file_record(record), is_dir=False)
+        node = _Node(record, is_dir=False)
         names, streams = img._stream_table(fid)
-        if names:
-            what = f"alternate stream of FileID {fid}"
-            node.streams = {self.key(n): (n, self._stream(s, mapping, img, what)) for n, s in zip(names, streams)}
+        what = f"alternate stream of FileID {fid}"
+        node.streams = {self.key(n): (n, self._stream(s, mapping, img, what)) for n, s in zip(names, streams)}
         return node
 
     # ------------------------------------------------------------ tree
