@@ -33,8 +33,13 @@ from .win32 import (
     CimCreateAlternateStream,
     CimCreateFile,
     CimCreateHardLink,
+    CimCreateFlags,
     CimCreateImage,
+    CimCreateImage2,
     CimDeletePath,
+    CimGetFileStatBasicInformation,
+    CimReadFile,
+    FILE_STAT_BASIC_INFORMATION,
     CimDismountImage,
     CimMountImage,
     CimWriteStream,
@@ -50,3 +55,6 @@ __all__ = [
     "CimTombstoneFile", "CimCreateMergeLink", "CimAddFsToMergedImage", "CimAddFsToMergedImage2", "merge",
     "CimMergeMountImage",
 ]
+
+__all__ += ["CimCreateImage2", "CimCreateFlags", "CimReadFile", "CimGetFileStatBasicInformation",
+            "FILE_STAT_BASIC_INFORMATION"]
