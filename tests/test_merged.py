@@ -312,3 +312,20 @@ def test_windows_order_merged_image_first_gives_the_merged_image(tmp_path):
     assert_same_images(d / "again.cim", d / "m.cim")
     with cimfs.open(d / "again.cim") as img:
         assert not img.exists("gone")  # the tombstone's effect is not undone by the layers below
+
+
+def test_merged_images_are_consistent(tmp_path):
+    d = _layers(tmp_path)
+    cimfs.merge(d, "m1.cim", ["top.cim", "base.cim"])
+    cimfs.merge(d, "m2.cim", ["top.cim", "base.cim"])
+    # the same sources give the same bytes, and so the same (shared) region set
+    assert (d / "m1.cim").read_bytes() == (d / "m2.cim").read_bytes()
+    h = cimfs.CimCreateImage2(d, cimfs.CimCreateFlags.CONSISTENT_CIM, None, "m3.cim")
+    cimfs.CimAddFsToMergedImage(h, "top.cim")
+    cimfs.CimAddFsToMergedImage(h, "base.cim")
+    cimfs.CimCommitImage(h)
+    cimfs.CimCloseImage(h)
+    assert (d / "m3.cim").read_bytes() == (d / "m1.cim").read_bytes()
+    cimfs.merge(d, "r.cim", ["top.cim", "base.cim"], consistent=False)
+    assert (d / "r.cim").read_bytes() != (d / "m1.cim").read_bytes()  # a random region set id
+    assert_same_images(d / "r.cim", d / "m1.cim")

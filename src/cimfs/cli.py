@@ -224,12 +224,15 @@ def create(src, image, parent, extend, fmt, on_collision, independent):
 @cli.command(context_settings=CONTEXT)
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.argument("sources", nargs=-1, required=True, type=click.Path(dir_okay=False))
-def merge(out, sources):
+@click.option("--no-consistent", "inconsistent", is_flag=True,
+              help="A random region set id instead of one derived from the contents.")
+def merge(out, sources, inconsistent):
     """Write OUT, the merged image of SOURCES (top layer first, base last).
 
     OUT holds only metadata: its file tables point into the sources' region
     files, so all images must be in one directory.  Tombstones hide what is
-    below them, merge links become hard links and directories merge.
+    below them, merge links become hard links and directories merge.  The
+    same sources give the same OUT, byte for byte (unless --no-consistent).
 
     \b
     Examples:
@@ -243,7 +246,7 @@ def merge(out, sources):
             raise click.UsageError(f"{src}: the sources of a merged image must be in its directory")
     if os.path.lexists(out):
         raise CimError(ERROR_FILE_EXISTS, "already exists (remove it with 'cimfs rm')", out)
-    cimfs.merge(directory, name, [_image_location(s)[1] for s in sources])
+    cimfs.merge(directory, name, [_image_location(s)[1] for s in sources], consistent=not inconsistent)
 
 
 # ===================================================================== fork

@@ -292,14 +292,16 @@ def source_path(directory: str, path) -> str:
     return full
 
 
-def merge(containing_dir, name: str, sources: list, *, sync: bool = True) -> str:
+def merge(containing_dir, name: str, sources: list, *, sync: bool = True, consistent: bool = True) -> str:
     """Write the merged image ``name`` of ``sources`` (``.cim`` names or paths in
-    ``containing_dir``, top layer first); returns its path."""
+    ``containing_dir``, top layer first); returns its path.  ``consistent``
+    (the default): the same sources give the same files (see
+    :func:`cimfs.create`)."""
     from .writer import ImageWriter
 
     if not sources:
         raise CimError(E_INVALIDARG, "a merged image needs at least one source", os.fspath(containing_dir))
-    w = ImageWriter(containing_dir, name, sync=sync, data_process=False)
+    w = ImageWriter(containing_dir, name, sync=sync, data_process=False, consistent=consistent)
     try:
         for s in sources:
             w.add_merge_source(s)
