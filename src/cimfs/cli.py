@@ -224,9 +224,10 @@ def create(src, image, parent, extend, fmt, on_collision, independent):
 @cli.command(context_settings=CONTEXT)
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.argument("sources", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--no-consistent", "inconsistent", is_flag=True,
-              help="A random region set id instead of one derived from the contents.")
-def merge(out, sources, inconsistent):
+@click.option("--consistent/--no-consistent", default=True, show_default=True,
+              help="The same sources give the same OUT, byte for byte (a region set id derived from the "
+                   "contents); --no-consistent: a random one.")
+def merge(out, sources, consistent):
     """Write OUT, the merged image of SOURCES (top layer first, base last).
 
     OUT holds only metadata: its file tables point into the sources' region
@@ -246,7 +247,7 @@ def merge(out, sources, inconsistent):
             raise click.UsageError(f"{src}: the sources of a merged image must be in its directory")
     if os.path.lexists(out):
         raise CimError(ERROR_FILE_EXISTS, "already exists (remove it with 'cimfs rm')", out)
-    cimfs.merge(directory, name, [_image_location(s)[1] for s in sources], consistent=not inconsistent)
+    cimfs.merge(directory, name, [_image_location(s)[1] for s in sources], consistent=consistent)
 
 
 # ===================================================================== fork
