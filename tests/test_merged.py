@@ -329,3 +329,34 @@ def test_merged_images_are_consistent(tmp_path):
     cimfs.merge(d, "r.cim", ["top.cim", "base.cim"], consistent=False)
     assert (d / "r.cim").read_bytes() != (d / "m1.cim").read_bytes()  # a random region set id
     assert_same_images(d / "r.cim", d / "m1.cim")
+
+
+def test_tombstone_and_merge_link_errors(tmp_path):
+    ERROR_PATH_NOT_FOUND, ERROR_ALREADY_EXISTS, E_HANDLE = 0x80070003, 0x800700B7, 0x80070006
+    ERROR_INVALID_NAME = 0x8007007B
+    h = cimfs.CimCreateImage(tmp_path, None, "l.cim")
+    try:
+        cimfs.CimCloseStream(cimfs.CimCreateFile(h, "f", FileMetadata()))
+        for call, args, hr in (
+            (cimfs.CimTombstoneFile, ("no\\such\\x",), ERROR_PATH_NOT_FOUND),
+            (cimfs.CimTombstoneFile, ("f:stream",), ERROR_INVALID_NAME),
+            (cimfs.CimTombstoneFile, ("a*b",), ERROR_INVALID_NAME),
+            (cimfs.CimCreateMergeLink, ("f", "lower\\x"), ERROR_ALREADY_EXISTS),
+            (cimfs.CimCreateMergeLink, ("no\\such", "lower\\x"), ERROR_PATH_NOT_FOUND),
+            (cimfs.CimCreateMergeLink, ("l", "lower\\x:s"), ERROR_INVALID_NAME),
+            (cimfs.CimCreateMergeLink, ("l", ""), 0x80070005),
+        ):
+            with pytest.raises(CimError) as e:
+                call(h, *args)
+            assert e.value.hresult == hr, (call.__name__, args, hex(e.value.hresult))
+        cimfs.CimCommitImage(h)
+        with pytest.raises(CimError) as e:
+            cimfs.CimTombstoneFile(h, "g")
+        assert e.value.hresult == E_INVALIDARG  # after commit
+    finally:
+        cimfs.CimCloseImage(h)
+    for call, args in ((cimfs.CimTombstoneFile, ("g",)), (cimfs.CimCreateMergeLink, ("a", "b")),
+                       (cimfs.CimAddFsToMergedImage, ("l.cim",)), (cimfs.CimAddFsToMergedImage2, ("l.cim", 0))):
+        with pytest.raises(CimError) as e:
+            call(h, *args)
+        assert e.value.hresult == E_HANDLE

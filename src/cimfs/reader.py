@@ -476,7 +476,12 @@ class Image:
     def tombstones(self) -> list[str]:
         """Paths this image marks deleted from the layers below (``CimTombstoneFile``)."""
         tag = ntfs.IO_REPARSE_TAG_WCI_TOMBSTONE
-        return [p for p, fid in self.iter_file_ids() if fid != self.root_id and self.record(fid).reparse_tag == tag]
+        out = []
+        for p, fid in self.iter_file_ids():
+            rec = self.record(fid)
+            if rec.reparse_tag == tag and not rec.is_dir:  # a merge treats only files as tombstones
+                out.append(p)
+        return out
 
     def merge_links(self) -> list[tuple[str, str]]:
         """(path, target in the layers below) of each ``CimCreateMergeLink`` of this image."""
