@@ -360,3 +360,25 @@ def test_tombstone_and_merge_link_errors(tmp_path):
         with pytest.raises(CimError) as e:
             call(h, *args)
         assert e.value.hresult == E_HANDLE
+
+
+def test_independent_layers_export_back_to_the_same_tars(tmp_path):
+    """Tombstones go out as whiteouts, merge links as hard link entries and marked
+    directories as they came in, so exporting and importing again changes nothing."""
+    tars = layer_tars(tmp_path)
+    d = tmp_path / "img"
+    d.mkdir()
+    winlayer.import_layers(tars, d, ["c0.cim", "c1.cim", "c2.cim"])
+    for i, tar in enumerate(tars):
+        winlayer.import_layer(tar, d, f"i{i}.cim", independent=True)
+        out = tmp_path / f"again{i}.tar"
+        winlayer.export_layer(str(d / f"i{i}.cim"), str(out))
+        winlayer.import_layer(str(out), d, f"j{i}.cim", independent=True)
+        assert_same_images(d / f"j{i}.cim", d / f"i{i}.cim")
+    with tarfile.open(tmp_path / "again1.tar") as tf:
+        links = {m.name: m.linkname for m in tf if m.islnk()}
+        assert links == {"Files/keep/a-link": "Files/keep/a.txt", "Files/big-link": "Files/big.bin"}
+        assert "Files/.wh.gone.txt" in tf.getnames() and "Files/opaque/.wh..wh..opq" in tf.getnames()
+    # the exported tars also import as a fork chain to the same tree
+    winlayer.import_layers([str(tmp_path / f"again{i}.tar") for i in range(3)], d, ["k0.cim", "k1.cim", "k2.cim"])
+    assert_same_images(d / "k2.cim", d / "c2.cim")

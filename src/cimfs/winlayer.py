@@ -1092,7 +1092,56 @@ class _Exporter:
             return None, False
         return target, st.reparse_tag == IO_REPARSE_TAG_MOUNT_POINT
 
+    def _merge_marker(self, parts, st):
+        """How an independent layer's entry goes back into a tar: ("whiteout",),
+        ("link", target), ("dir", flags) or None for an ordinary entry."""
+        ntfs = _ntfs()
+        if st.reparse_tag == ntfs.IO_REPARSE_TAG_WCI_TOMBSTONE and not st.is_dir:
+            return ("whiteout",)
+        if st.reparse_tag != ntfs.IO_REPARSE_TAG_CIMFS_MERGE:
+            return None
+        try:
+            marker = ntfs.parse_merge_reparse(st.reparse_data)
+        except CimError as e:
+            raise CimError(e.hresult, e.strerror, "\\".join(parts)) from None
+        return marker and (("link", marker[1]) if marker[0] == ntfs.MERGE_KIND_LINK else ("dir", marker[1]))
+
+    def _marked_entry(self, parts, st, marker) -> bool:
+        """Write what a merge marker stands for; False: the entry itself follows."""
+        ntfs = _ntfs()
+        if marker[0] == "whiteout":
+            ti = tarfile.TarInfo(self._tarname(parts[:-1] + [WHITEOUT_PREFIX + parts[-1]]))
+            ti.type, ti.mode = tarfile.REGTYPE, 0o644
+        elif marker[0] == "link":
+            ti = tarfile.TarInfo(self._tarname(parts))
+            ti.type = tarfile.LNKTYPE
+            ti.linkname = self._tarname(marker[1].split("\\"))
+        else:
+            return False
+        self.tf.addfile(ti)
+        self.report(0, ti.name)
+        return True
+
     def entry(self, parts, st) -> None:
+        marker = self._merge_marker(parts, st)
+        if marker is not None:
+            if self._marked_entry(parts, st, marker):
+                return
+            # A directory of an independent layer: its own metadata, then what the marker says.
+            flags = marker[1]
+            st = st._replace(reparse_data=b"", reparse_tag=0,
+                             attributes=st.attributes & ~FileAttributes.REPARSE_POINT)
+            if not flags & _ntfs().MERGE_DIR_PARENT_ONLY:
+                self._entry(parts, st)
+            if flags & _ntfs().MERGE_DIR_OPAQUE:
+                ti = tarfile.TarInfo(self._tarname(parts + [WHITEOUT_OPAQUE]))
+                ti.type, ti.mode = tarfile.REGTYPE, 0o644
+                self.tf.addfile(ti)
+                self.report(0, ti.name)
+            return
+        self._entry(parts, st)
+
+    def _entry(self, parts, st) -> None:
         name = self._tarname(parts)
         label = name
         fid = st.file_id
