@@ -372,13 +372,17 @@ def test_independent_layers_export_back_to_the_same_tars(tmp_path):
     for i, tar in enumerate(tars):
         winlayer.import_layer(tar, d, f"i{i}.cim", independent=True)
         out = tmp_path / f"again{i}.tar"
-        winlayer.export_layer(str(d / f"i{i}.cim"), str(out))
+        winlayer.export_layer(str(d / f"i{i}.cim"), str(out), independent=True)
         winlayer.import_layer(str(out), d, f"j{i}.cim", independent=True)
         assert_same_images(d / f"j{i}.cim", d / f"i{i}.cim")
     with tarfile.open(tmp_path / "again1.tar") as tf:
         links = {m.name: m.linkname for m in tf if m.islnk()}
         assert links == {"Files/keep/a-link": "Files/keep/a.txt", "Files/big-link": "Files/big.bin"}
         assert "Files/.wh.gone.txt" in tf.getnames() and "Files/opaque/.wh..wh..opq" in tf.getnames()
+    run = subprocess.run([sys.executable, "-m", "cimfs.cli", "export", str(d / "i2.cim"), str(tmp_path / "cli.tar"),
+                          "--format", "windows-layer", "--independent"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "cli.tar").read_bytes() == (tmp_path / "again2.tar").read_bytes()
     # the exported tars also import as a fork chain to the same tree
     winlayer.import_layers([str(tmp_path / f"again{i}.tar") for i in range(3)], d, ["k0.cim", "k1.cim", "k2.cim"])
     assert_same_images(d / "k2.cim", d / "c2.cim")

@@ -579,7 +579,10 @@ def _open_output(out: str):
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("out")
 @click.option("--format", "fmt", type=click.Choice(["posix", "windows-layer"]), default="posix", show_default=True)
-def export(image, out, fmt):
+@click.option("--independent", is_flag=True,
+              help="windows-layer: IMAGE was made with 'create --independent'; write its tombstones as whiteouts "
+                   "and its merge links as hard links.")
+def export(image, out, fmt, independent):
     """Write IMAGE as a tar (OUT, or - for stdout; .gz/.bz2/.xz compress).
 
     posix: a PAX tar with every type, mode, owner, time (100 ns) and sparse file.
@@ -590,6 +593,8 @@ def export(image, out, fmt):
       cimfs export base.cim rootfs.tar
       cimfs export layer.cim layer.tar.gz --format windows-layer
     """
+    if independent and fmt != "windows-layer":
+        raise click.UsageError("--independent goes with --format windows-layer")
     with _open_image(image) as img:
         f, finish = _open_output(out)
         ok = False
@@ -597,7 +602,7 @@ def export(image, out, fmt):
             if fmt == "windows-layer":
                 from . import winlayer
                 with Progress(0, "export") as bar:
-                    winlayer.export_layer(img, f, progress=bar)
+                    winlayer.export_layer(img, f, progress=bar, independent=independent)
                 report = None
             else:
                 with Progress(0, "export") as bar, \

@@ -917,7 +917,7 @@ _COMPRESSION = {".gz": "gz", ".tgz": "gz", ".bz2": "bz2", ".tbz2": "bz2", ".xz":
 
 
 def export_layer(image, out, progress=None, *, compression: str | None = None, parent=None,
-                 exclude: Iterable[str] = ()) -> None:
+                 exclude: Iterable[str] = (), independent: bool = False) -> None:
     """Write ``image`` (an open :class:`cimfs.Image` or a ``.cim`` path) as a
     Windows layer tar (PAX) to ``out`` (a path, written atomically, or a
     binary file object, written as a stream).
@@ -931,7 +931,15 @@ def export_layer(image, out, progress=None, *, compression: str | None = None, p
 
     ``compression`` is ``None``/``""`` (plain), ``"gz"``, ``"bz2"`` or ``"xz"``;
     for a path it defaults from the suffix (``.gz``, ``.bz2``, ``.xz``).
+
+    ``independent``: ``image`` is a layer converted on its own
+    (``import_layer(..., independent=True)``): its tombstones go out as
+    whiteouts, merge links as hard link entries, opaque directories with
+    ``.wh..wh..opq``, parent-only directories not at all.  (Otherwise such
+    entries are written as the reparse points they are stored as.)
     """
+    if independent and (parent is not None or exclude):
+        raise CimError(E_INVALIDARG, "an independent layer is exported whole (no parent, nothing excluded)")
     report = _progress_adapter(progress)
     own_image = not isinstance(image, cimfs.Image)
     img = cimfs.open(image) if own_image else image
@@ -948,7 +956,7 @@ def export_layer(image, out, progress=None, *, compression: str | None = None, p
             return _DiffExporter(img, tf, rep, lower, exclude)
     else:
         def make(tf, rep):
-            return _Exporter(img, tf, rep)
+            return _Exporter(img, tf, rep, independent)
     try:
         if isinstance(out, (str, bytes, os.PathLike)):
             path = os.fsdecode(out)
@@ -1009,8 +1017,9 @@ def _export(make_exporter, f, report, compression: str, label) -> None:
 
 
 class _Exporter:
-    def __init__(self, img, tf: tarfile.TarFile, report):
+    def __init__(self, img, tf: tarfile.TarFile, report, independent: bool = False):
         self.img, self.tf, self.report = img, tf, report
+        self.independent = independent
         self.first_name: dict[int, str] = {}
 
     def run(self) -> None:
@@ -1123,7 +1132,7 @@ class _Exporter:
         return True
 
     def entry(self, parts, st) -> None:
-        marker = self._merge_marker(parts, st)
+        marker = self._merge_marker(parts, st) if self.independent else None
         if marker is not None:
             if self._marked_entry(parts, st, marker):
                 return
