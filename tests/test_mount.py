@@ -468,6 +468,9 @@ def test_merge_mount_of_layers_in_two_directories(tmp_path, own_registry):
         # no merged image next to the sources, and the private directory is gone already
         assert {str(p) for d in (lower, upper) for p in d.iterdir()} == before
         assert not [n for n in os.listdir(own_registry) if n.startswith("merged-")]
+        entry = next(e for e in cmount.mounts() if e["volume_id"] == str(vid))
+        assert entry["sources"] == [str(upper / "top.cim"), str(lower / "base.cim")]
+        assert entry["image"] == str(upper / "top.cim")
     finally:
         cimfs.CimDismountImage(vid)
     assert not os.path.ismount(mnt)

@@ -67,9 +67,13 @@ def _log_path(volume_id) -> str:
     return os.path.join(registry_dir(), f"{volume_id}.log")
 
 
-def write_entry(volume_id, mountpoint: str, image: str, pid: int) -> None:
-    write_entry_data({"volume_id": str(volume_id), "mountpoint": os.path.abspath(mountpoint),
-                      "image": os.path.abspath(image), "pid": pid})
+def write_entry(volume_id, mountpoint: str, image: str, pid: int, sources: list | None = None) -> None:
+    """``sources``: the images of a merged view (top first); ``image`` is then the top one."""
+    entry = {"volume_id": str(volume_id), "mountpoint": os.path.abspath(mountpoint),
+             "image": os.path.abspath(sources[0] if sources else image), "pid": pid}
+    if sources:
+        entry["sources"] = [os.path.abspath(s) for s in sources]
+    write_entry_data(entry)
 
 
 def write_entry_data(entry: dict) -> None:
@@ -183,10 +187,13 @@ def _remove(path: str) -> None:
 
 
 # ===================================================================== mount
-def _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, remove_dir=None) -> list[str]:
+def _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, remove_dir=None,
+                 sources=None) -> list[str]:
     args = [sys.executable, "-m", "cimfs.mount.daemon", cim_path, mountpoint, "--volume-id", str(volume_id)]
     if remove_dir is not None:
         args += ["--remove-dir", remove_dir]
+    for s in sources or ():
+        args += ["--source", os.path.abspath(s)]
     for flag, value in (("--uid", uid), ("--gid", gid), ("--umask", None if umask is None else format(umask, "o"))):
         if value is not None:
             args += [flag, str(value)]
@@ -206,7 +213,7 @@ def _check_pyfuse3(where: str) -> None:
 
 def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = None, gid: int | None = None,
           umask: int | None = None, allow_other: bool = False, volume_id: uuid.UUID | None = None,
-          engine: str = "fuse", _remove_dir: str | None = None) -> uuid.UUID:
+          engine: str = "fuse", _remove_dir: str | None = None, _sources: list | None = None) -> uuid.UUID:
     """Mount ``cim_path`` read-only at ``mountpoint``; returns the volume id.
 
     ``engine``: ``"fuse"`` (the daemon), ``"kernel"`` (an EROFS index over the
@@ -244,12 +251,12 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
         raise CimError(E_INVALIDARG, "fusermount3 not found (install the fuse3 package)", mountpoint)
     _check_pyfuse3(cim_path)
     if foreground:
-        return _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, _remove_dir)
+        return _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, _remove_dir, _sources)
     read_end, write_end = os.pipe()
     try:
         with open(_log_path(volume_id), "ab") as log:
             proc = subprocess.Popen(
-                _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, _remove_dir)
+                _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, _remove_dir, _sources)
                 + ["--ready-fd", str(write_end), "--detach"],
                 pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True, close_fds=True,
@@ -282,12 +289,13 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
     raise CimError(E_FAIL, message + (f" ({detail})" if detail else ""), cim_path)
 
 
-def _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, remove_dir=None) -> uuid.UUID:
+def _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, remove_dir=None,
+                      sources=None) -> uuid.UUID:
     from .daemon import prepare, serve
 
     image, _ = prepare(cim_path, mountpoint, uid=uid, gid=gid, umask=umask, allow_other=allow_other,
                        remove_dir=remove_dir)
-    write_entry(volume_id, mountpoint, cim_path, os.getpid())
+    write_entry(volume_id, mountpoint, cim_path, os.getpid(), sources)
     serve(image, volume_id, mountpoint)
     return volume_id
 
@@ -396,7 +404,7 @@ def mount_merged(paths: list, mountpoint, **kw) -> uuid.UUID:
     kw["engine"] = "fuse"  # "auto" too: the private directory must stay open in a daemon
     directory, cim_path = _merged_view(paths)
     try:
-        return mount(cim_path, mountpoint, _remove_dir=directory, **kw)
+        return mount(cim_path, mountpoint, _remove_dir=directory, _sources=list(paths), **kw)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -175,6 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--umask", type=lambda s: int(s, 8))
     p.add_argument("--allow-other", action="store_true")
     p.add_argument("--remove-dir", help="a merged view's private directory: removed once every region file is open")
+    p.add_argument("--source", action="append", help="a merged view's images, top first (for the mount registry)")
     p.add_argument("--ready-fd", type=int, required=True)
     p.add_argument("--detach", action="store_true", help="fork once more and leave the caller")
     a = p.parse_args(argv)
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
             _write_line(fd, "ERR " + json.dumps({"hresult": e.hresult, "reason": e.strerror, "path": e.filename}))
             return 1
         try:
-            write_entry(a.volume_id, a.mountpoint, a.image, os.getpid())
+            write_entry(a.volume_id, a.mountpoint, a.image, os.getpid(), a.source)
         except OSError as e:
             import pyfuse3
 
