@@ -70,7 +70,7 @@ def _layers(tmp_path):
     d = tmp_path / "img"
     d.mkdir()
     with cimfs.create(d, "base.cim") as w:
-        w.mkdir("a")
+        w.mkdir("a", FileMetadata(attributes=0x12, last_write_time=133_000_000_000_000_000))
         w.add_file("a\\x.txt", BIG)
         w.add_file("a\\y.txt", b"old y")
         w.mkdir("gone")
@@ -338,11 +338,11 @@ def test_tombstone_and_merge_link_errors(tmp_path):
     try:
         cimfs.CimCloseStream(cimfs.CimCreateFile(h, "f", FileMetadata()))
         for call, args, hr in (
-            (cimfs.CimTombstoneFile, ("no\\such\\x",), ERROR_PATH_NOT_FOUND),
+            (cimfs.CimTombstoneFile, ("f\\x",), ERROR_PATH_NOT_FOUND),
             (cimfs.CimTombstoneFile, ("f:stream",), ERROR_INVALID_NAME),
             (cimfs.CimTombstoneFile, ("a*b",), ERROR_INVALID_NAME),
             (cimfs.CimCreateMergeLink, ("f", "lower\\x"), ERROR_ALREADY_EXISTS),
-            (cimfs.CimCreateMergeLink, ("no\\such", "lower\\x"), ERROR_PATH_NOT_FOUND),
+            (cimfs.CimCreateMergeLink, ("f\\y", "lower\\x"), ERROR_PATH_NOT_FOUND),
             (cimfs.CimCreateMergeLink, ("l", "lower\\x:s"), ERROR_INVALID_NAME),
             (cimfs.CimCreateMergeLink, ("l", ""), 0x80070005),
         ):
@@ -386,3 +386,22 @@ def test_independent_layers_export_back_to_the_same_tars(tmp_path):
     # the exported tars also import as a fork chain to the same tree
     winlayer.import_layers([str(tmp_path / f"again{i}.tar") for i in range(3)], d, ["k0.cim", "k1.cim", "k2.cim"])
     assert_same_images(d / "k2.cim", d / "c2.cim")
+
+
+def test_missing_parents_of_tombstones_and_merge_links_change_nothing_below(tmp_path):
+    d = _layers(tmp_path)
+    with cimfs.create(d, "thin.cim") as w:  # no directory entries of its own
+        w.tombstone("a\\y.txt")
+        w.merge_link("a\\deep\\x-again", "a\\x.txt")
+        w.tombstone("nowhere\\below\\z")
+    with cimfs.open(d / "thin.cim") as img:
+        assert sorted(img.tombstones()) == ["a\\y.txt", "nowhere\\below\\z"]
+    cimfs.merge(d, "m.cim", ["thin.cim", "base.cim"])
+    with cimfs.open(d / "m.cim") as img, cimfs.open(d / "base.cim") as base:
+        assert sorted(img.listdir("")) == ["a", "gone", "s"]  # no "nowhere"
+        assert sorted(img.listdir("a")) == ["deep", "x.txt"]
+        assert img.stat("a\\deep\\x-again").file_id == img.stat("a\\x.txt").file_id
+        a, b = img.stat("a"), base.stat("a")
+        assert b.attributes & 0x2 and b.last_write_time
+        assert (a.attributes, a.last_write_time, a.security_descriptor) == (b.attributes, b.last_write_time,
+                                                                             b.security_descriptor)

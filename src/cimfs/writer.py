@@ -598,24 +598,41 @@ class ImageWriter:
         """``CimTombstoneFile``: ``path`` is deleted from the layers below when
         images are merged.  [choice] Stored as a zero-length file with the WCI
         tombstone reparse point (as container layers mark deletions on NTFS);
-        what this image had at ``path`` goes."""
+        what this image had at ``path`` goes.  Missing parent directories are
+        made parent-only (:meth:`make_parent_only`), so they change nothing below."""
         self._check_open()
         parts, _ = split_path(path)
         if not parts:
             raise CimError(E_INVALIDARG, "the root cannot be tombstoned", path)
+        self._parent_only_parents(parts, path)
         if self.exists(path):
             self.delete(path)
         self._create(path, FileMetadata(reparse_data=ntfs.pack_tombstone_reparse()))
+
+    def _parent_only_parents(self, parts: list[str], path: str) -> None:
+        for i in range(1, len(parts)):
+            sub = join_path(parts[:i])
+            if self.is_dir(sub):
+                continue
+            if self.exists(sub):
+                raise CimError(ERROR_PATH_NOT_FOUND, f"parent {sub!r} is not a directory", path)
+            self.mkdir(sub)
+            self.make_parent_only(sub)
 
     def merge_link(self, new_path: str, existing_path: str) -> None:
         """``CimCreateMergeLink``: ``new_path`` becomes a hard link to what
         ``existing_path`` is in the layers below once images are merged.
         [choice] Stored as a zero-length file with a cimfs merge marker
-        reparse point (``layout.ntfs.IO_REPARSE_TAG_CIMFS_MERGE``) holding the target path."""
+        reparse point (``layout.ntfs.IO_REPARSE_TAG_CIMFS_MERGE``) holding the
+        target path; missing parent directories are made parent-only."""
         self._check_open()
         target, stream = split_path(existing_path)
         if not target:
             raise CimError(E_ACCESSDENIED, "the root cannot be hard-linked", existing_path)
+        parts, _ = split_path(new_path)
+        if not parts:
+            raise CimError(ERROR_ALREADY_EXISTS, "the root already exists", new_path)
+        self._parent_only_parents(parts, new_path)
         if self.exists(new_path):
             raise CimError(ERROR_ALREADY_EXISTS, "the new link's name already exists", new_path)
         self._create(new_path, FileMetadata(reparse_data=ntfs.pack_merge_link_reparse(join_path(target))))
