@@ -22,6 +22,7 @@ import tempfile
 import time
 import uuid
 
+from ..remote import is_url, local_path
 from ..errors import (
     E_INVALIDARG,
     ERROR_ALREADY_EXISTS,
@@ -37,6 +38,9 @@ __all__ = ["mount", "mount_merged", "unmount", "mounts", "CimMountImage", "CimMe
            "registry_dir"]
 
 E_FAIL = 0x80004005
+#: How the daemon gets a remote image's storage options (JSON): not on its
+#: command line, where every user could read credentials in them.
+STORAGE_OPTIONS_ENV = "CIMFS_MOUNT_STORAGE_OPTIONS"
 _READY_TIMEOUT = 60.0
 _EXIT_TIMEOUT = 20.0
 
@@ -69,8 +73,10 @@ def _log_path(volume_id) -> str:
 
 def write_entry(volume_id, mountpoint: str, image: str, pid: int, sources: list | None = None) -> None:
     """``sources``: the images of a merged view (top first); ``image`` is then the top one."""
+    if sources:
+        image = sources[0]
     entry = {"volume_id": str(volume_id), "mountpoint": os.path.abspath(mountpoint),
-             "image": os.path.abspath(sources[0] if sources else image), "pid": pid}
+             "image": image if is_url(image) else os.path.abspath(image), "pid": pid}
     if sources:
         entry["sources"] = [os.path.abspath(s) for s in sources]
     write_entry_data(entry)
@@ -187,9 +193,11 @@ def _remove(path: str) -> None:
 
 
 # ===================================================================== mount
-def _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, remove_dir=None,
+def _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, cache_dir=None, remove_dir=None,
                  sources=None) -> list[str]:
     args = [sys.executable, "-m", "cimfs.mount.daemon", cim_path, mountpoint, "--volume-id", str(volume_id)]
+    if cache_dir is not None:
+        args += ["--cache-dir", cache_dir]
     if remove_dir is not None:
         args += ["--remove-dir", remove_dir]
     for s in sources or ():
@@ -213,8 +221,14 @@ def _check_pyfuse3(where: str) -> None:
 
 def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = None, gid: int | None = None,
           umask: int | None = None, allow_other: bool = False, volume_id: uuid.UUID | None = None,
-          engine: str = "fuse", _remove_dir: str | None = None, _sources: list | None = None) -> uuid.UUID:
+          engine: str = "fuse", storage_options: dict | None = None, cache_dir: str | None = None,
+          _remove_dir: str | None = None, _sources: list | None = None) -> uuid.UUID:
     """Mount ``cim_path`` read-only at ``mountpoint``; returns the volume id.
+
+    ``cim_path`` may be an fsspec URL (``s3://bucket/layer.cim``): the mount is
+    then lazy, fetching contents when they are read (``storage_options`` go to
+    the URL's filesystem; ``cache_dir`` keeps fetched blocks on local disk).
+    Only the FUSE engine serves a remote image (``auto`` picks it).
 
     ``engine``: ``"fuse"`` (the daemon), ``"kernel"`` (an EROFS index over the
     region files, served by the kernel; root only, see
@@ -225,12 +239,19 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
     (``fusermount3 -u``, ``cimfs umount`` or a signal) and then returns.
     ``uid``/``gid``/``umask`` apply to entries without WSL ``$LX*`` metadata.
     """
-    cim_path = os.path.abspath(os.fspath(cim_path))
+    cim_path = os.fspath(cim_path)
+    if is_url(cim_path) and local_path(cim_path) is not None:
+        cim_path = local_path(cim_path)
+    remote = is_url(cim_path)
+    if not remote:
+        cim_path = os.path.abspath(cim_path)
+    if cache_dir is not None:
+        cache_dir = os.path.abspath(os.fspath(cache_dir))
     mountpoint = os.path.abspath(os.fspath(mountpoint))
     volume_id = uuid.uuid4() if volume_id is None else uuid.UUID(str(volume_id))
     if umask is not None and not 0 <= umask <= 0o777:
         raise CimError(E_INVALIDARG, f"umask {umask:o} is out of range", mountpoint)
-    if not os.path.isfile(cim_path):
+    if not remote and not os.path.isfile(cim_path):
         raise CimError(ERROR_FILE_NOT_FOUND, "image not found", cim_path)
     if not os.path.isdir(mountpoint):
         raise CimError(ERROR_PATH_NOT_FOUND, "mount point is not a directory", mountpoint)
@@ -240,7 +261,10 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
         raise CimError(ERROR_ALREADY_EXISTS, f"volume {volume_id} is already mounted", mountpoint)
     from . import kernel
 
-    if kernel.check_engine(engine, mountpoint) == "kernel":
+    if remote and engine == "kernel":
+        raise CimError(E_INVALIDARG, "the kernel engine reads local region files: a remote image mounts with FUSE",
+                       cim_path)
+    if not remote and kernel.check_engine(engine, mountpoint) == "kernel":
         if foreground:
             raise CimError(E_INVALIDARG, "the kernel engine has no foreground mode (nothing to serve)", mountpoint)
         from .view import Options
@@ -251,15 +275,21 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
         raise CimError(E_INVALIDARG, "fusermount3 not found (install the fuse3 package)", mountpoint)
     _check_pyfuse3(cim_path)
     if foreground:
-        return _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, _remove_dir, _sources)
+        return _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other,
+                                 storage_options, cache_dir, _remove_dir, _sources)
+    env = dict(os.environ)
+    env.pop(STORAGE_OPTIONS_ENV, None)
+    if storage_options:
+        env[STORAGE_OPTIONS_ENV] = json.dumps(storage_options)
     read_end, write_end = os.pipe()
     try:
         with open(_log_path(volume_id), "ab") as log:
             proc = subprocess.Popen(
-                _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, _remove_dir, _sources)
+                _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, cache_dir, _remove_dir,
+                             _sources)
                 + ["--ready-fd", str(write_end), "--detach"],
                 pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, close_fds=True,
+                start_new_session=True, close_fds=True, env=env,
             )
     except BaseException:
         os.close(read_end)
@@ -289,12 +319,12 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
     raise CimError(E_FAIL, message + (f" ({detail})" if detail else ""), cim_path)
 
 
-def _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, remove_dir=None,
-                      sources=None) -> uuid.UUID:
+def _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other,
+                      storage_options=None, cache_dir=None, remove_dir=None, sources=None) -> uuid.UUID:
     from .daemon import prepare, serve
 
     image, _ = prepare(cim_path, mountpoint, uid=uid, gid=gid, umask=umask, allow_other=allow_other,
-                       remove_dir=remove_dir)
+                       storage_options=storage_options, cache_dir=cache_dir, remove_dir=remove_dir)
     write_entry(volume_id, mountpoint, cim_path, os.getpid(), sources)
     serve(image, volume_id, mountpoint)
     return volume_id
@@ -401,6 +431,9 @@ def mount_merged(paths: list, mountpoint, **kw) -> uuid.UUID:
     is left behind whatever happens to it later."""
     if kw.get("engine", "fuse") == "kernel":
         raise CimError(E_INVALIDARG, "a merged view is mounted by the FUSE engine only", os.fspath(mountpoint))
+    for p in paths:
+        if is_url(os.fspath(p)):
+            raise CimError(E_INVALIDARG, "a merged view is made of local images (not URLs)", os.fspath(p))
     kw["engine"] = "fuse"  # "auto" too: the private directory must stay open in a daemon
     directory, cim_path = _merged_view(paths)
     try:
