@@ -405,3 +405,22 @@ def test_missing_parents_of_tombstones_and_merge_links_change_nothing_below(tmp_
         assert b.attributes & 0x2 and b.last_write_time
         assert (a.attributes, a.last_write_time, a.security_descriptor) == (b.attributes, b.last_write_time,
                                                                              b.security_descriptor)
+
+
+def test_merged_view_refusals_before_anything_is_made(tmp_path, monkeypatch):
+    from cimfs import mount as cmount
+
+    monkeypatch.setenv("CIMFS_RUNTIME_DIR", str(tmp_path / "registry"))
+    d = _layers(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for paths, kw in (([d / "top.cim", d / "base.cim"], {"engine": "kernel"}),
+                      (["https://example.invalid/top.cim", d / "base.cim"], {})):
+        with pytest.raises(CimError) as e:
+            cmount.mount_merged([str(p) for p in paths], str(mnt), **kw)
+        assert e.value.hresult == E_INVALIDARG
+    with pytest.raises(CimError) as e:
+        cmount.mount_merged([str(d / "top.cim"), str(d / "missing.cim")], str(mnt))
+    assert e.value.hresult == ERROR_FILE_NOT_FOUND
+    assert not [n for n in os.listdir(tmp_path / "registry") if n.startswith("merged-")]
+    assert os.listdir(mnt) == []
