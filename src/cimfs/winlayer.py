@@ -1117,7 +1117,6 @@ class _Exporter:
 
     def _marked_entry(self, parts, st, marker) -> bool:
         """Write what a merge marker stands for; False: the entry itself follows."""
-        ntfs = _ntfs()
         if marker[0] == "whiteout":
             ti = tarfile.TarInfo(self._tarname(parts[:-1] + [WHITEOUT_PREFIX + parts[-1]]))
             ti.type, ti.mode = tarfile.REGTYPE, 0o644
