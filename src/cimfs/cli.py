@@ -147,6 +147,7 @@ def create(src, image, parent, extend, fmt, on_collision):
     if src != "-" and os.path.isdir(src):
         if fmt == "windows-layer":
             raise click.UsageError(f"{src}: --format windows-layer needs a tar")
+        _refuse_output_inside(src, directory, image)
         if base_name is None:
             # A new image: written while the directory is scanned (bounded
             # memory; the total is not known up front, so progress counts up).
@@ -175,6 +176,16 @@ def create(src, image, parent, extend, fmt, on_collision):
         label = "stdin" if src == "-" else src
         tree = posix.scan_tar(tf, posix.Tree(on_collision, report=_warn), label)
         _import_posix(directory, name, base_name, tree, mirror=bool(parent))
+
+
+def _refuse_output_inside(src: str, directory: str, image: str) -> None:
+    """[choice] An image written inside the tree it is made of would read its
+    own region files as they grow: refused, rather than excluded (what to
+    leave out would be a guess: other images there are the user's files)."""
+    top, out = os.path.realpath(src), os.path.realpath(directory)
+    if out == top or out.startswith(top.rstrip(os.sep) + os.sep):
+        raise CimError(E_INVALIDARG, f"the image would be written inside the source directory {src!r}; "
+                                     "write it outside SRC", image)
 
 
 # ===================================================================== fork
@@ -586,14 +597,18 @@ def fsck(image):
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("-n", "--dry-run", is_flag=True, help="Only say what would be removed.")
 @click.option("-v", "--verbose", is_flag=True, help="List the files removed.")
-def rm(image, dry_run, verbose):
-    """Remove IMAGE and the region/object ID files no other .cim in its directory needs.
+@click.option("--force", is_flag=True, help="Remove IMAGE even while it is mounted.")
+def rm(image, dry_run, verbose, force):
+    """Remove IMAGE and the region/object ID files no other image in its directory needs.
+
+    Every file of the directory with a CIM image header counts as an image,
+    whatever its name. A mounted IMAGE is refused unless --force.
 
     \b
     Example:
       cimfs rm old.cim
     """
-    removed = tools.rm_image(image, dry_run=dry_run, warn=_warn)
+    removed = tools.rm_image(image, dry_run=dry_run, force=force, warn=_warn)
     if verbose or dry_run:
         for p, _ in removed:
             click.echo(p)
@@ -604,7 +619,10 @@ def rm(image, dry_run, verbose):
 @click.option("-n", "--dry-run", is_flag=True, help="Only say what would be removed.")
 @click.option("-v", "--verbose", is_flag=True, help="List the files removed.")
 def gc(directory, dry_run, verbose):
-    """Remove region/object ID files in DIRECTORY that no .cim there refers to.
+    """Remove region/object ID files in DIRECTORY that no image there refers to.
+
+    Every file with a CIM image header is an image, whatever its name; the
+    temporary files of commits that were killed are removed too.
 
     \b
     Example:
