@@ -45,3 +45,151 @@ def test_create_refuses_an_image_inside_its_source(tmp_path, where):
     cli("create", src, tmp_path / "src2" / "ok.cim")
     with cimfs.open(tmp_path / "src2" / "ok.cim") as img:
         assert sorted(e.name for e in img.scandir(img.root_id)) == ["file", "sub"]
+
+
+# ------------------------------------------------------------------ tar headers
+import io  # noqa: E402
+import tarfile  # noqa: E402
+
+from cimfs import tarbounds, winlayer  # noqa: E402
+
+
+class EndlessTar(io.RawIOBase):
+    """``head`` and then zeros forever; counts what was read."""
+
+    def __init__(self, head: bytes):
+        self.head = head
+        self.consumed = 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = len(b)
+        chunk = self.head[self.consumed:self.consumed + n]
+        b[:n] = chunk + bytes(n - len(chunk))
+        self.consumed += n
+        return n
+
+
+def header(name, type_, size, **pax) -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.type = type_
+    ti.size = size
+    return ti.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def pax_record(key: str, value: bytes) -> bytes:
+    body = f" {key}=".encode() + value + b"\n"
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n = len(str(n)) + len(body)
+    return str(n).encode() + body
+
+
+def pax_member(records: bytes, type_=tarfile.XHDTYPE) -> bytes:
+    pad = -len(records) % 512
+    return header("././@PaxHeader", type_, len(records)) + records + bytes(pad)
+
+
+@pytest.mark.parametrize("type_", [tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME,
+                                   tarfile.GNUTYPE_LONGLINK, tarfile.SOLARIS_XHDTYPE])
+def test_a_huge_extension_header_is_refused_before_it_is_read(type_):
+    src = EndlessTar(header("././@LongLink", type_, 1 << 30))
+    with pytest.raises(tarfile.ReadError, match="limit is 1048576"):
+        with tarfile.open(fileobj=io.BufferedReader(src), mode="r|", tarinfo=tarbounds.BoundedTarInfo) as tf:
+            tf.next()
+    assert src.consumed < 1 << 20  # the gigabyte was never read
+
+
+def test_header_limits_hold_for_chains_globals_and_sparse_maps():
+    def read_all(data):
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:", tarinfo=tarbounds.BoundedTarInfo) as tf:
+            return tf.getmembers()
+
+    member = header("f", tarfile.REGTYPE, 0)
+    long_name = header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 512) + b"n" * 512
+    # 16 extension headers in a row are allowed, 17 are not (tarfile recurses once per header)
+    assert [m.name for m in read_all(long_name * 16 + member + bytes(1024))] == ["n" * 512]
+    with pytest.raises(tarfile.ReadError, match="extension headers in a row"):
+        read_all(long_name * 17 + member + bytes(1024))
+    # global headers add up over the archive
+    g = pax_member(pax_record("comment", b"c" * 600_000), tarfile.XGLTYPE)
+    read_all(g + member + bytes(1024))
+    with pytest.raises(tarfile.ReadError, match="global PAX headers exceed"):
+        read_all(g + member + g + member + bytes(1024))
+    # a GNU 1.0 sparse map is read through the budget
+    sparse10 = pax_member(pax_record("GNU.sparse.major", b"1") + pax_record("GNU.sparse.minor", b"0")
+                          + pax_record("GNU.sparse.name", b"s") + pax_record("GNU.sparse.realsize", b"10"))
+    endless_map = b"9999999999\n" + b"1\n" * (600_000)
+    with pytest.raises(tarfile.ReadError, match="GNU sparse map"):
+        read_all(sparse10 + header("s", tarfile.REGTYPE, len(endless_map)) + endless_map + bytes(1024))
+
+
+@pytest.mark.parametrize("sparse_map", [b"x\n", b"2\n1\n", b"1\n", b""])
+def test_a_broken_gnu_sparse_map_is_a_read_error(sparse_map):
+    pax = pax_member(pax_record("GNU.sparse.major", b"1") + pax_record("GNU.sparse.minor", b"0")
+                     + pax_record("GNU.sparse.name", b"s") + pax_record("GNU.sparse.realsize", b"10"))
+    data = pax + header("s", tarfile.REGTYPE, 512) + sparse_map + bytes(512 - len(sparse_map))
+    for tail in (bytes(1024), b""):
+        with pytest.raises(tarfile.ReadError, match="malformed header at byte 0"):
+            with tarfile.open(fileobj=io.BytesIO(data + tail), mode="r:", tarinfo=tarbounds.BoundedTarInfo) as tf:
+                tf.getmembers()
+    # the 0.1 map (in the PAX header) too
+    pax01 = pax_member(pax_record("GNU.sparse.major", b"0") + pax_record("GNU.sparse.minor", b"1")
+                       + pax_record("GNU.sparse.map", b"1,x,2") + pax_record("GNU.sparse.name", b"s"))
+    with pytest.raises(tarfile.ReadError, match="malformed header"):
+        with tarfile.open(fileobj=io.BytesIO(pax01 + header("s", tarfile.REGTYPE, 0) + bytes(1024)), mode="r:",
+                          tarinfo=tarbounds.BoundedTarInfo) as tf:
+            tf.getmembers()
+
+
+# ------------------------------------------------------------------ Windows layers
+def _layer(symlink_target: str) -> bytes:
+    b = io.BytesIO()
+    with tarfile.open(fileobj=b, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name in ("Files", "Hives"):
+            ti = tarfile.TarInfo(name)
+            ti.type = tarfile.DIRTYPE
+            ti.pax_headers = {"MSWINDOWS.fileattr": "16"}
+            tf.addfile(ti)
+        ti = tarfile.TarInfo("Files/link")
+        ti.type = tarfile.SYMTYPE
+        ti.linkname = "placeholder"
+        ti.pax_headers = {"MSWINDOWS.fileattr": "32", "linkpath": symlink_target}
+        tf.addfile(ti)
+    return b.getvalue()
+
+
+@pytest.mark.parametrize("target,reason", [
+    ("a" * 40000, "too long for a reparse buffer"),
+    ("C:\\" + "b\\" * 20000, "too long for a reparse buffer"),
+    ("C:\\x\0y", "contains a NUL character"),
+    ("\0", "contains a NUL character"),
+])
+def test_windows_layer_bad_symlink_targets_name_the_entry(tmp_path, target, reason):
+    with pytest.raises(CimError, match=reason) as e:
+        winlayer.import_layer(io.BytesIO(_layer(target)), str(tmp_path), "l.cim")
+    assert "Files/link" in str(e.value) and len(str(e.value)) < 400
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "layer.tar").write_bytes(_layer(target))
+    p = cli("create", tmp_path / "layer.tar", tmp_path / "l.cim", "--format", "windows-layer", check=False)
+    assert reason in one_line_error(p)
+    assert os.listdir(tmp_path) == ["layer.tar"]
+
+
+def test_windows_layer_with_a_huge_pax_header_is_refused_early(tmp_path):
+    import gzip
+    # 64 MiB of PAX header compress to ~64 KiB; the limit stops it at the header
+    records = pax_record("MSWINDOWS.rawsd", b"A" * (64 << 20))
+    body = header("././@PaxHeader", tarfile.XHDTYPE, len(records)) + records
+    path = tmp_path / "layer.tar.gz"
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(body)
+    p = cli("create", path, tmp_path / "l.cim", "--format", "windows-layer", check=False)
+    assert "limit is 1048576" in one_line_error(p)
+    src = EndlessTar(body[:512])
+    with pytest.raises(CimError, match="limit is 1048576"):
+        winlayer.import_layer(io.BufferedReader(src), str(tmp_path), "l.cim")
+    assert src.consumed < 1 << 20
+    assert sorted(os.listdir(tmp_path)) == ["layer.tar.gz"]
