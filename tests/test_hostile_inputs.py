@@ -193,3 +193,58 @@ def test_windows_layer_with_a_huge_pax_header_is_refused_early(tmp_path):
         winlayer.import_layer(io.BufferedReader(src), str(tmp_path), "l.cim")
     assert src.consumed < 1 << 20
     assert sorted(os.listdir(tmp_path)) == ["layer.tar.gz"]
+
+
+# ------------------------------------------------------------------ POSIX tars
+def _posix_tar(path, body: bytes, compress=False):
+    import gzip
+    data = body + bytes(1024)
+    if compress:
+        with gzip.open(path, "wb", compresslevel=1) as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def test_posix_tar_with_a_huge_pax_header_is_refused_early(tmp_path):
+    records = pax_record("comment", b"A" * (64 << 20))
+    _posix_tar(tmp_path / "t.tar.gz", header("././@PaxHeader", tarfile.XHDTYPE, len(records)) + records, True)
+    p = cli("create", tmp_path / "t.tar.gz", tmp_path / "i.cim", check=False)
+    assert "limit is 1048576" in one_line_error(p)
+    assert sorted(os.listdir(tmp_path)) == ["t.tar.gz"]
+    from cimfs import posix
+    with pytest.raises(CimError, match="limit is 1048576"):
+        posix.open_tar(str(tmp_path / "t.tar.gz"))
+
+
+@pytest.mark.parametrize("sparse_map", [b"x\n", b"2\n1\n", b""])
+def test_posix_tar_with_a_broken_sparse_map_is_one_line(tmp_path, sparse_map):
+    pax = pax_member(pax_record("GNU.sparse.major", b"1") + pax_record("GNU.sparse.minor", b"0")
+                     + pax_record("GNU.sparse.name", b"s") + pax_record("GNU.sparse.realsize", b"10"))
+    _posix_tar(tmp_path / "t.tar", pax + header("s", tarfile.REGTYPE, 512) + sparse_map + bytes(512 - len(sparse_map)))
+    p = cli("create", tmp_path / "t.tar", tmp_path / "i.cim", check=False)
+    assert "malformed header" in one_line_error(p)
+    assert sorted(os.listdir(tmp_path)) == ["t.tar"]
+    # also when the broken member is not the first one
+    b = io.BytesIO()
+    with tarfile.open(fileobj=b, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(tarfile.TarInfo("first"))
+    good = b.getvalue()[:512]
+    _posix_tar(tmp_path / "t.tar", good + pax + header("s", tarfile.REGTYPE, 512) + sparse_map
+               + bytes(512 - len(sparse_map)))
+    p = cli("create", tmp_path / "t.tar", tmp_path / "i.cim", check=False)
+    assert "malformed" in one_line_error(p)
+
+
+def test_posix_tar_symlink_target_with_nul_names_the_member(tmp_path):
+    b = io.BytesIO()
+    with tarfile.open(fileobj=b, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("dir/evil")
+        ti.type = tarfile.SYMTYPE
+        ti.pax_headers = {"linkpath": "target\0../../etc"}
+        tf.addfile(ti)
+    (tmp_path / "t.tar").write_bytes(b.getvalue())
+    p = cli("create", tmp_path / "t.tar", tmp_path / "i.cim", check=False)
+    err = one_line_error(p)
+    assert "NUL" in err and "dir/evil" in err
+    assert sorted(os.listdir(tmp_path)) == ["t.tar"]

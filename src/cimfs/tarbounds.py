@@ -62,7 +62,22 @@ class _Budget:
 
 
 class BoundedTarInfo(tarfile.TarInfo):
-    """A TarInfo whose headers are bounded (see the module doc)."""
+    """A TarInfo whose headers are bounded (see the module doc).
+
+    An error is final: ``tarfile`` may have moved its position past the bad
+    member before the error, so every later read of the archive raises it
+    again instead of going on from there."""
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        failed = getattr(tf, "_cimfs_failed", None)
+        if failed is not None:
+            raise tarfile.ReadError(failed)
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.ReadError as e:
+            tf._cimfs_failed = str(e)
+            raise
 
     def _proc_member(self, tf):
         what = _EXTENSION_TYPES.get(self.type)
