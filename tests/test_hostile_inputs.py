@@ -45,6 +45,12 @@ def test_create_refuses_an_image_inside_its_source(tmp_path, where):
     cli("create", src, tmp_path / "src2" / "ok.cim")
     with cimfs.open(tmp_path / "src2" / "ok.cim") as img:
         assert sorted(e.name for e in img.scandir(img.root_id)) == ["file", "sub"]
+    # the API refuses it too, before anything is read
+    from cimfs import posix
+    with cimfs.create(str(src / where), "z.cim") as w:
+        with pytest.raises(CimError, match="inside the source directory"):
+            posix.DirectoryImporter(w, str(src))
+        w.add_file("marker", b"")
 
 
 # ------------------------------------------------------------------ tar headers
@@ -248,3 +254,58 @@ def test_posix_tar_symlink_target_with_nul_names_the_member(tmp_path):
     err = one_line_error(p)
     assert "NUL" in err and "dir/evil" in err
     assert sorted(os.listdir(tmp_path)) == ["t.tar"]
+
+
+# ------------------------------------------------------------------ fork --add over another kind
+@pytest.fixture
+def base_image(tmp_path):
+    src = tmp_path / "src"
+    (src / "d" / "sub").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"file f")
+    (src / "d" / "sub" / "keep").write_bytes(b"keep")
+    cli("create", src, tmp_path / "b.cim")
+    (tmp_path / "g").write_bytes(b"g data")
+    (tmp_path / "adddir" / "f").mkdir(parents=True)  # adddir/f is a directory, d/f a file
+    (tmp_path / "adddir" / "f" / "x").write_bytes(b"x")
+    return tmp_path
+
+
+def _tree(path) -> dict:
+    with cimfs.open(path) as img:
+        out = {}
+        for dirpath, dirs, files in img.walk():
+            dirpath = dirpath.replace("\\", "/")
+            for n in dirs:
+                out[f"{dirpath}/{n}".strip("/")] = "dir"
+            for n in files:
+                out[f"{dirpath}/{n}".strip("/")] = img.read_bytes(f"{dirpath}/{n}")
+        return out
+
+
+@pytest.mark.parametrize("spec", ["g:/d/f/g", "g:/d/f/deeper/g", "g:/d/sub", "adddir:/d"])
+def test_fork_add_never_changes_an_entrys_kind_unless_asked(base_image, spec):
+    d = base_image
+    src, _, dest = spec.partition(":")
+    p = cli("fork", d / "b.cim", d / "c.cim", "--add", f"{d / src}:{dest}", check=False)
+    err = one_line_error(p)
+    assert "--replace" in err and ("d/f" in err or "d/sub" in err)
+    assert not (d / "c.cim").exists()
+    before = _tree(d / "b.cim")
+    cli("fork", d / "b.cim", d / "c.cim", "--add", f"{d / src}:{dest}", "--replace")
+    after = _tree(d / "c.cim")
+    assert after != before
+    if spec.startswith("g:/d/f"):
+        assert after[dest.lstrip("/")] == b"g data" and after["d/f"] == "dir"
+    elif spec == "g:/d/sub":
+        assert after["d/sub"] == b"g data" and "d/sub/keep" not in after
+    else:
+        assert after["d/f"] == "dir" and after["d/f/x"] == b"x" and after["d/sub/keep"] == b"keep"
+
+
+def test_fork_add_same_kind_replaces_without_asking(base_image):
+    d = base_image
+    cli("fork", d / "b.cim", d / "c.cim", "--add", f"{d / 'g'}:/d/f")
+    assert _tree(d / "c.cim")["d/f"] == b"g data"
+    # and deleting first makes room for another kind
+    cli("fork", d / "b.cim", d / "e.cim", "--delete", "/d/f", "--add", f"{d / 'g'}:/d/f/g")
+    assert _tree(d / "e.cim")["d/f/g"] == b"g data"

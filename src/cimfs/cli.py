@@ -147,7 +147,7 @@ def create(src, image, parent, extend, fmt, on_collision):
     if src != "-" and os.path.isdir(src):
         if fmt == "windows-layer":
             raise click.UsageError(f"{src}: --format windows-layer needs a tar")
-        _refuse_output_inside(src, directory, image)
+        posix.check_output_outside(src, directory)
         if base_name is None:
             # A new image: written while the directory is scanned (bounded
             # memory; the total is not known up front, so progress counts up).
@@ -178,16 +178,6 @@ def create(src, image, parent, extend, fmt, on_collision):
         _import_posix(directory, name, base_name, tree, mirror=bool(parent))
 
 
-def _refuse_output_inside(src: str, directory: str, image: str) -> None:
-    """[choice] An image written inside the tree it is made of would read its
-    own region files as they grow: refused, rather than excluded (what to
-    leave out would be a guess: other images there are the user's files)."""
-    top, out = os.path.realpath(src), os.path.realpath(directory)
-    if out == top or out.startswith(top.rstrip(os.sep) + os.sep):
-        raise CimError(E_INVALIDARG, f"the image would be written inside the source directory {src!r}; "
-                                     "write it outside SRC", image)
-
-
 # ===================================================================== fork
 def _split_add(spec: str) -> tuple[str, str | None]:
     if os.path.lexists(spec) or ":" not in spec:
@@ -205,7 +195,10 @@ def _split_add(spec: str) -> tuple[str, str | None]:
 @click.option("--delete", "deletes", multiple=True, metavar="IMAGE_PATH",
               help="Delete a file or directory (recursively). Repeatable; applied before the additions.")
 @click.option("--on-collision", type=click.Choice(["error", "rename", "skip"]), default="error", show_default=True)
-def fork(parent, new, adds, deletes, on_collision):
+@click.option("--replace", is_flag=True,
+              help="Let an addition replace an entry of another kind: a file on the way to IMAGE_PATH becomes a "
+                   "directory, a directory becomes a file. Without it that is an error.")
+def fork(parent, new, adds, deletes, on_collision, replace):
     """Create NEW as a fork of PARENT plus the given additions and deletions.
 
     NEW shares PARENT's region files (both must be in one directory) and stores
@@ -253,7 +246,7 @@ def fork(parent, new, adds, deletes, on_collision):
             w.delete(p)
             hidden.add(posix.fold(p))
         for node, dest, _ in plans:
-            imp = posix.Importer(w, node, base=base, at=dest, progress=bar, hidden=hidden)
+            imp = posix.Importer(w, node, base=base, at=dest, progress=bar, hidden=hidden, replace_kind=replace)
             imp.run()
             hidden |= imp.written_keys()
 
