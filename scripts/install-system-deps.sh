@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What the FUSE mount (and its tests) need on Debian: fuse3 (fusermount3),
 # libfuse3-dev + pkg-config + a C compiler to build pyfuse3, then pyfuse3 and
-# trio from PyPI.  Idempotent: installs only what is missing.  Run as root.
+# trio from PyPI.  The image tests (tests/test_oci.py) use skopeo and
+# docker-registry (Debian's distribution registry) as real clients.  Idempotent: installs only what is missing.  Run as root.
 # PYTHON names the interpreter to install into (default: python3).
 # Known to work here: libfuse 3.14 (Debian 12), pyfuse3 3.5.0 with trio
 # 0.22.2 and 0.35.0, CPython 3.11.
@@ -10,7 +11,7 @@ PYTHON=${PYTHON:-python3}
 export DEBIAN_FRONTEND=noninteractive PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config gcc; do
+for pkg in fuse3 libfuse3-dev pkg-config gcc skopeo docker-registry; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 # pyfuse3 is built from source: the interpreter's own headers must exist.

@@ -778,7 +778,7 @@ def _image_name(name) -> str:
     return name
 
 
-def import_layer(src, containing_dir, name, parent=None, progress=None) -> str:
+def import_layer(src, containing_dir, name, parent=None, progress=None, *, before_commit=None) -> str:
     """Import one Windows layer tar as the image ``name`` in ``containing_dir``.
 
     ``src`` is a path, a binary file object (read once, as a stream: stdin
@@ -787,6 +787,11 @@ def import_layer(src, containing_dir, name, parent=None, progress=None) -> str:
     of it and the layer is applied on top, whiteouts deleting from the parent.
     Returns the new ``.cim`` path.  On any error a :class:`CimError` naming the
     tar member is raised and nothing new is left behind.
+
+    ``before_commit(writer)``, when given, is called after the last member was
+    read and before the image is committed: it may add to the image (base
+    layer processing) or check what was read (digests); an exception from it
+    discards the image.
     """
     directory = os.fspath(containing_dir)
     name = _image_name(name)
@@ -802,6 +807,8 @@ def import_layer(src, containing_dir, name, parent=None, progress=None) -> str:
             finally:
                 if lower is not None:
                     lower.close()
+            if before_commit is not None:
+                before_commit(w)
             return w.commit()
     finally:
         source.close()
@@ -872,10 +879,18 @@ class _CountingReader(io.RawIOBase):
 _COMPRESSION = {".gz": "gz", ".tgz": "gz", ".bz2": "bz2", ".tbz2": "bz2", ".xz": "xz", ".txz": "xz"}
 
 
-def export_layer(image, out, progress=None, *, compression: str | None = None) -> None:
+def export_layer(image, out, progress=None, *, compression: str | None = None, parent=None,
+                 exclude: Iterable[str] = ()) -> None:
     """Write ``image`` (an open :class:`cimfs.Image` or a ``.cim`` path) as a
     Windows layer tar (PAX) to ``out`` (a path, written atomically, or a
     binary file object, written as a stream).
+
+    With ``parent`` (an image or path, normally the image ``image`` was forked
+    from) only the differences are written: what is new or changed, and a
+    ``.wh.<name>`` whiteout for each name the parent has and ``image`` has not,
+    so that applying the tar on ``parent`` gives ``image``.  ``exclude`` names
+    image paths (``\\``-separated, compared case-insensitively) left out
+    with everything under them.
 
     ``compression`` is ``None``/``""`` (plain), ``"gz"``, ``"bz2"`` or ``"xz"``;
     for a path it defaults from the suffix (``.gz``, ``.bz2``, ``.xz``).
@@ -883,6 +898,20 @@ def export_layer(image, out, progress=None, *, compression: str | None = None) -
     report = _progress_adapter(progress)
     own_image = not isinstance(image, cimfs.Image)
     img = cimfs.open(image) if own_image else image
+    own_parent = parent is not None and not isinstance(parent, cimfs.Image)
+    try:
+        lower = cimfs.open(parent) if own_parent else parent
+    except BaseException:
+        if own_image:
+            img.close()
+        raise
+    exclude = frozenset(img.fold(e.replace("/", "\\").strip("\\")) for e in exclude)
+    if lower is not None or exclude:
+        def make(tf, rep):
+            return _DiffExporter(img, tf, rep, lower, exclude)
+    else:
+        def make(tf, rep):
+            return _Exporter(img, tf, rep)
     try:
         if isinstance(out, (str, bytes, os.PathLike)):
             path = os.fsdecode(out)
@@ -891,7 +920,7 @@ def export_layer(image, out, progress=None, *, compression: str | None = None) -
             tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
             try:
                 with open(tmp, "xb") as f:
-                    _export(img, f, report, compression, path)
+                    _export(make, f, report, compression, path)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
@@ -905,7 +934,7 @@ def export_layer(image, out, progress=None, *, compression: str | None = None) -
                 raise
         else:
             try:
-                _export(img, out, report, compression or "", getattr(out, "name", "<stream>"))
+                _export(make, out, report, compression or "", getattr(out, "name", "<stream>"))
             except OSError as e:
                 if isinstance(e, CimError):
                     raise
@@ -913,6 +942,8 @@ def export_layer(image, out, progress=None, *, compression: str | None = None) -
     finally:
         if own_image:
             img.close()
+        if own_parent:
+            lower.close()
 
 
 def _unlink_quiet(p: str) -> None:
@@ -922,14 +953,14 @@ def _unlink_quiet(p: str) -> None:
         pass
 
 
-def _export(img, f, report, compression: str, label) -> None:
+def _export(make_exporter, f, report, compression: str, label) -> None:
     if compression not in ("", "gz", "bz2", "xz"):
         raise CimError(E_INVALIDARG, f"unknown compression {compression!r} (gz, bz2 or xz)")
     tf = tarfile.open(fileobj=f, mode=f"w|{compression}", format=tarfile.PAX_FORMAT, encoding="utf-8")
     # Only a complete export gets its end-of-archive blocks: a reader of a
     # failed export (a pipe, say) sees a truncated tar, not a shorter valid one.
     try:
-        _Exporter(img, tf, report).run()
+        make_exporter(tf, report).run()
     except BaseException:
         # Abandon the tar without its end blocks (and without tarfile's
         # flush-on-garbage-collection writing into a closed file later).
@@ -1086,3 +1117,122 @@ class _Exporter:
                         self.tf.addfile(sti, _CountingReader(f, self.report, slabel))
                 else:
                     self.tf.addfile(sti)
+
+
+_UNCHANGED_FIELDS = ("attributes", "creation_time", "last_write_time", "change_time", "last_access_time",
+                     "security_descriptor", "ea_buffer", "reparse_data", "is_dir", "size", "is_sparse")
+
+
+class _DiffExporter(_Exporter):
+    """The differences of ``img`` from ``lower`` as a layer tar (whiteouts for
+    what is gone), or with ``lower=None`` the whole image; ``exclude`` holds
+    folded image paths left out with their subtrees.
+
+    Two passes: the first decides, for every path, whether it is written; the
+    second writes.  A new name of a file that keeps an unchanged name (a hard
+    link added on top of a lower layer's file) then becomes a link entry to
+    that name, whatever the order the names come in.
+    """
+
+    def __init__(self, img, tf, report, lower, exclude: frozenset):
+        super().__init__(img, tf, report)
+        self.lower = lower
+        self.exclude = exclude
+
+    def run(self) -> None:
+        plan: list[tuple[str, list[str], object]] = []  # ("entry" | "whiteout", parts, stat)
+        self._plan_dir([], self.img.root_id, self.lower.root_id if self.lower is not None else None, plan, 0)
+        for kind, parts, st in plan:
+            try:
+                if kind == "whiteout":
+                    self._whiteout(parts)
+                else:
+                    self.entry(parts, st)
+            except CimError as e:
+                if e.filename is None:
+                    raise CimError(e.hresult, e.strerror, "\\".join(parts)) from None
+                raise
+            except (UnicodeError, ValueError, tarfile.TarError) as e:
+                raise CimError(E_INVALIDARG, f"cannot write a tar entry for it: {e}", "\\".join(parts)) from None
+
+    def _excluded(self, parts) -> bool:
+        return bool(self.exclude) and self.img.fold("\\".join(parts)) in self.exclude
+
+    def _plan_dir(self, parts, did, lower_did, plan, depth) -> None:
+        if depth > 4096:
+            raise CimError(E_INVALIDARG, "directory tree deeper than 4096 levels (a loop?)", "\\".join(parts))
+        img, lower = self.img, self.lower
+        entries = img.scandir(did)
+        lower_entries = {}
+        if lower_did is not None:
+            lower_entries = {lower.fold(e.name): e for e in lower.scandir(lower_did)}
+            present = {img.fold(e.name) for e in entries}
+            for key, e in lower_entries.items():
+                if key not in present and not self._excluded(parts + [e.name]):
+                    plan.append(("whiteout", parts + [e.name], None))
+        for e in entries:
+            cparts = parts + [e.name]
+            if self._excluded(cparts):
+                continue
+            st = img.stat(e.file_id)
+            below = lower_entries.get(img.fold(e.name))
+            lst = lower.stat(below.file_id) if below is not None else None
+            if lst is None or below.name != e.name or lst.is_dir != st.is_dir:
+                plan.append(("entry", cparts, st))
+                if st.is_dir:
+                    self._plan_dir(cparts, e.file_id, None, plan, depth + 1)
+                continue
+            if st.is_dir:
+                if not self._same_meta(st, lst) or not self._same_streams(e.file_id, below.file_id):
+                    plan.append(("entry", cparts, st))
+                self._plan_dir(cparts, e.file_id, below.file_id, plan, depth + 1)
+            elif self._same_file(e.file_id, st, below.file_id, lst):
+                if st.nlink > 1:
+                    self.first_name.setdefault(st.file_id, self._tarname(cparts))
+            else:
+                plan.append(("entry", cparts, st))
+
+    @staticmethod
+    def _same_meta(a, b) -> bool:
+        return all(getattr(a, f) == getattr(b, f) for f in _UNCHANGED_FIELDS)
+
+    def _same_file(self, fid, st, lower_fid, lst) -> bool:
+        img, lower = self.img, self.lower
+        if fid == lower_fid and img.raw_record(fid) == lower.raw_record(lower_fid):
+            return True  # the fork kept the parent's record: same data, streams and metadata
+        if not self._same_meta(st, lst) or not self._same_data(fid, lower_fid, st.size, None):
+            return False
+        return self._same_streams(fid, lower_fid)
+
+    def _same_streams(self, fid, lower_fid) -> bool:
+        img, lower = self.img, self.lower
+        names = img.streams(fid)
+        if names != lower.streams(lower_fid):
+            return False
+        for n in names:
+            size = img.stream_size(fid, n)
+            if size != lower.stream_size(lower_fid, n) or not self._same_data(fid, lower_fid, size, n):
+                return False
+        return True
+
+    def _same_data(self, fid, lower_fid, size, stream) -> bool:
+        img, lower = self.img, self.lower
+        try:
+            if img.stream_descriptor(fid, stream) == lower.stream_descriptor(lower_fid, stream):
+                return True  # the same bytes of a shared region
+        except CimError:
+            pass
+        pos = 0
+        while pos < size:
+            n = min(CHUNK, size - pos)
+            if img.read_at(fid, pos, n, stream=stream) != lower.read_at(lower_fid, pos, n, stream=stream):
+                return False
+            pos += n
+        return True
+
+    def _whiteout(self, parts) -> None:
+        ti = tarfile.TarInfo(self._tarname(parts[:-1] + [WHITEOUT_PREFIX + parts[-1]]))
+        ti.type = tarfile.REGTYPE
+        ti.mode = 0o644
+        self.tf.addfile(ti)
+        self.report(0, ti.name)

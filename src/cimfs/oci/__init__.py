@@ -1,0 +1,39 @@
+"""Windows container images (OCI image layouts, ``docker save`` archives) in
+and out of a content-addressed store of CIM layers (docs/WINDOWS-LAYERS.md,
+*Images and the layer store*).
+
+    from cimfs import oci
+    report = oci.import_image("ubuntu-oci/", "store")          # or a docker archive, or sys.stdin.buffer
+    oci.list_images("store")
+    oci.export_image("store", "app:1.0", "out-oci", fmt="oci", compress="gzip")
+    oci.remove_image("store", "app:1.0")
+
+A client of the public library API and :mod:`cimfs.winlayer`.
+"""
+
+from __future__ import annotations
+
+from .blobs import chain_ids
+from .export import export_image
+from .store import LayerStore
+
+
+def import_image(src, store_dir, *, platform=None, jobs=1, warn=None, progress_stream=None, reference=None) -> dict:
+    """Import ``src`` (an OCI layout directory, a docker archive path, or a binary
+    stream holding a docker archive) into the store ``store_dir`` (created if
+    needed).  Returns a report (layers, digests, chain IDs, bytes, reused/new)."""
+    return LayerStore(store_dir, create=True).import_image(src, platform=platform, jobs=jobs, warn=warn,
+                                                           progress_stream=progress_stream, reference=reference)
+
+
+def list_images(store_dir) -> list[dict]:
+    return LayerStore(store_dir).images()
+
+
+def remove_image(store_dir, ref: str) -> dict:
+    """Remove a reference; when it was the image's last name (or ``ref`` is a
+    digest), the image and every layer no other image uses."""
+    return LayerStore(store_dir).remove(ref)
+
+
+__all__ = ["import_image", "export_image", "list_images", "remove_image", "chain_ids", "LayerStore"]

@@ -1,0 +1,388 @@
+"""Where images come from: an OCI image layout directory or a ``docker save``
+archive (a file, or a stream spooled once).  Both give :class:`ImageSpec`:
+the manifest, the config (verified) and the layers with a way to open each
+blob.  Only JSON and file names are handled here; the layer bytes are read by
+the store through :mod:`.blobs`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+
+from ..errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
+from . import blobs
+
+MAX_JSON = 64 << 20  # an index, manifest or config larger than this is not read
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
+@dataclass
+class LayerSpec:
+    index: int
+    media_type: str
+    compression: str          # "gzip" | "zstd" | "none" | "detect"
+    digest: str | None        # the blob digest, when the source names one
+    size: int | None
+    diff_id: str
+    urls: list = field(default_factory=list)
+    foreign: bool = False
+    opener: object = None     # () -> binary file object, or None if the blob is not present
+
+
+@dataclass
+class ImageSpec:
+    source: str
+    manifest_digest: str | None
+    manifest: dict | None
+    manifest_bytes: bytes | None
+    config_digest: str
+    config: dict
+    config_bytes: bytes
+    layers: list
+    refs: list
+    platform: str
+
+
+def _json(data: bytes, what: str) -> dict:
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeError) as e:
+        raise CimError(E_INVALIDARG, f"not valid JSON ({e})", what) from None
+    if not isinstance(obj, (dict, list)):
+        raise CimError(E_INVALIDARG, "not a JSON object", what)
+    return obj
+
+
+def _check_digest(data: bytes, digest: str, what: str) -> None:
+    alg, hexd = blobs.parse_digest(digest, f"{what}: digest")
+    got = blobs.digest_bytes(data, alg)
+    if got != digest:
+        raise CimError(E_INVALIDARG, f"digest mismatch: expected {digest}, read {got}", what)
+
+
+def platform_of(config: dict, descriptor_platform: dict | None = None) -> dict:
+    p = dict(descriptor_platform or {})
+    for k in ("os", "architecture", "variant", "os.version"):
+        if k not in p and isinstance(config.get(k), str):
+            p[k] = config[k]
+    return p
+
+
+def platform_text(p: dict) -> str:
+    s = f"{p.get('os', '?')}/{p.get('architecture', '?')}"
+    if p.get("variant"):
+        s += "/" + p["variant"]
+    if p.get("os.version"):
+        s += ":" + p["os.version"]
+    return s
+
+
+def platform_matches(p: dict, want: str | None) -> bool:
+    """``want`` is ``os[/arch[/variant]][:os.version prefix]``; None means any Windows."""
+    if want is None:
+        return p.get("os", "windows") == "windows"
+    spec, _, version = want.partition(":")
+    parts = spec.split("/")
+    keys = ("os", "architecture", "variant")
+    for k, v in zip(keys, parts):
+        if v and p.get(k, "") != v:
+            return False
+    return not version or str(p.get("os.version", "")).startswith(version)
+
+
+def _layers_from_manifest(manifest: dict, config: dict, what: str, opener_for) -> list[LayerSpec]:
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
+        raise CimError(E_INVALIDARG, "manifest has no layers list", what)
+    diff_ids = _diff_ids(config, what)
+    if len(diff_ids) != len(layers):
+        raise CimError(E_INVALIDARG, f"manifest lists {len(layers)} layers but the config has {len(diff_ids)} diff_ids",
+                       what)
+    out = []
+    for i, (d, diff_id) in enumerate(zip(layers, diff_ids)):
+        if not isinstance(d, dict):
+            raise CimError(E_INVALIDARG, f"layer {i}: not a descriptor", what)
+        mt = d.get("mediaType", "")
+        if mt not in blobs.LAYER_TYPES:
+            raise CimError(E_INVALIDARG, f"layer {i} ({d.get('digest')}): unsupported media type {mt!r}", what)
+        compression, foreign = blobs.LAYER_TYPES[mt]
+        digest = d.get("digest")
+        blobs.parse_digest(digest, f"{what}: layer {i} digest")
+        size = d.get("size")
+        if not isinstance(size, int) or size < 0:
+            raise CimError(E_INVALIDARG, f"layer {i} ({digest}): bad size {size!r}", what)
+        urls = d.get("urls") or []
+        out.append(LayerSpec(i, mt, compression, digest, size, diff_id, list(urls), foreign, opener_for(digest)))
+    return out
+
+
+def _diff_ids(config: dict, what: str) -> list[str]:
+    rootfs = config.get("rootfs")
+    if not isinstance(rootfs, dict) or rootfs.get("type") != "layers" or not isinstance(rootfs.get("diff_ids"), list):
+        raise CimError(E_INVALIDARG, "config has no rootfs of type 'layers' with diff_ids", what)
+    ids = rootfs["diff_ids"]
+    for d in ids:
+        blobs.parse_digest(d, f"{what}: diff_id")
+    return ids
+
+
+# ---------------------------------------------------------------- OCI layout
+class OciLayout:
+    def __init__(self, path: str):
+        self.path = path
+        layout = os.path.join(path, blobs.OCI_LAYOUT_FILE)
+        if not os.path.isfile(layout):
+            raise CimError(ERROR_FILE_NOT_FOUND, "not an OCI image layout (no oci-layout file)", path)
+        info = _json(self._read_file(layout, "oci-layout"), layout)
+        if not isinstance(info, dict) or not str(info.get("imageLayoutVersion", "")).startswith("1."):
+            raise CimError(E_INVALIDARG, f"unsupported imageLayoutVersion {info.get('imageLayoutVersion')!r}", layout)
+
+    def _read_file(self, path: str, what: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_JSON + 1)
+        except OSError as e:
+            raise CimError(ERROR_FILE_NOT_FOUND, f"cannot read {what}: {e.strerror or e}", path) from None
+        if len(data) > MAX_JSON:
+            raise CimError(E_INVALIDARG, f"{what} is larger than {MAX_JSON} bytes", path)
+        return data
+
+    def blob_path(self, digest: str) -> str:
+        alg, hexd = blobs.parse_digest(digest)
+        return os.path.join(self.path, "blobs", alg, hexd)
+
+    def read_blob(self, digest: str, what: str) -> bytes:
+        p = self.blob_path(digest)
+        if not os.path.isfile(p):
+            raise CimError(ERROR_FILE_NOT_FOUND, f"{what} blob {digest} is not in the layout", p)
+        data = self._read_file(p, what)
+        _check_digest(data, digest, f"{what} {p}")
+        return data
+
+    def opener(self, digest: str):
+        p = self.blob_path(digest)
+        if not os.path.isfile(p):
+            return None
+        return lambda: open(p, "rb")
+
+    def resolve(self, platform: str | None) -> ImageSpec:
+        index_path = os.path.join(self.path, "index.json")
+        index = _json(self._read_file(index_path, "index.json"), index_path)
+        candidates = []  # (descriptor, refs)
+        self._collect(index, [], candidates, index_path, 0)
+        return self._choose(candidates, platform)
+
+    def _collect(self, index, refs, out, what, depth) -> None:
+        if depth > 8:
+            raise CimError(E_INVALIDARG, "image indexes nested too deep", what)
+        manifests = index.get("manifests") if isinstance(index, dict) else None
+        if not isinstance(manifests, list):
+            raise CimError(E_INVALIDARG, "index has no manifests list", what)
+        for d in manifests:
+            if not isinstance(d, dict):
+                continue
+            names = list(refs)
+            ann = d.get("annotations") or {}
+            if isinstance(ann, dict) and isinstance(ann.get(REF_NAME), str):
+                names.append(ann[REF_NAME])
+            mt = d.get("mediaType")
+            if mt in blobs.INDEX_TYPES:
+                sub = _json(self.read_blob(d.get("digest"), "index"), f"index {d.get('digest')}")
+                self._collect(sub, names, out, f"index {d.get('digest')}", depth + 1)
+            elif mt in blobs.MANIFEST_TYPES:
+                out.append((d, names))
+
+    def _choose(self, candidates, platform) -> ImageSpec:
+        specs: dict[str, tuple] = {}
+        for d, names in candidates:
+            digest = d.get("digest")
+            if digest in specs:
+                specs[digest][1].extend(n for n in names if n not in specs[digest][1])
+                continue
+            specs[digest] = (d, list(names))
+        found = []
+        for digest, (d, names) in specs.items():
+            mbytes = self.read_blob(digest, "manifest")
+            manifest = _json(mbytes, f"manifest {digest}")
+            cdesc = manifest.get("config") if isinstance(manifest, dict) else None
+            if not isinstance(cdesc, dict):
+                raise CimError(E_INVALIDARG, "manifest has no config descriptor", f"manifest {digest}")
+            cbytes = self.read_blob(cdesc.get("digest"), "config")
+            config = _json(cbytes, f"config {cdesc.get('digest')}")
+            p = platform_of(config, d.get("platform"))
+            found.append((p, digest, mbytes, manifest, cdesc["digest"], cbytes, config, names))
+        matching = [f for f in found if platform_matches(f[0], platform)]
+        if not matching:
+            have = ", ".join(platform_text(f[0]) for f in found) or "none"
+            want = platform or "any windows platform"
+            raise CimError(E_INVALIDARG, f"no image for {want} (the layout has: {have})", self.path)
+        if len(matching) > 1:
+            have = ", ".join(platform_text(f[0]) + f" {f[1]}" for f in matching)
+            raise CimError(E_INVALIDARG, f"several images match; choose one with --platform os/arch[:os.version] ({have})",
+                           self.path)
+        p, digest, mbytes, manifest, cdigest, cbytes, config, names = matching[0]
+        layers = _layers_from_manifest(manifest, config, f"manifest {digest}", self.opener)
+        return ImageSpec(self.path, digest, manifest, mbytes, cdigest, config, cbytes, layers, names, platform_text(p))
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- docker save archive
+class DockerArchive:
+    """A ``docker save`` / ``skopeo copy ... docker-archive:`` tar: manifest.json,
+    a config per image and one tar (or blob) per layer.  Read in place from a
+    file (each layer is a region of the archive); a stream is first spooled to
+    ``spool_dir`` because the archive names its manifest last."""
+
+    def __init__(self, src, spool_dir: str | None = None):
+        self._spooled = None
+        self.label = src if isinstance(src, str) else "<stdin>"
+        if not isinstance(src, str):
+            fd, path = tempfile.mkstemp(prefix=".spool-", suffix=".tar", dir=spool_dir)
+            self._spooled = path
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    shutil.copyfileobj(src, f, blobs.CHUNK)
+            except BaseException:
+                self.close()
+                raise
+            src = path
+        try:
+            self.tf = tarfile.open(src, mode="r:")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            self.close()
+            raise CimError(E_INVALIDARG, f"not an OCI layout directory or an uncompressed docker archive ({e})",
+                           self.label) from None
+        self.members = {}
+        try:
+            for m in self.tf:
+                name = m.name
+                while name.startswith("./"):
+                    name = name[2:]
+                self.members[name] = m
+        except (tarfile.TarError, OSError, EOFError) as e:
+            self.close()
+            raise CimError(E_INVALIDARG, f"truncated or corrupt archive ({e})", self.label) from None
+
+    def _member(self, name: str, what: str):
+        m = self.members.get(name)
+        for _ in range(16):  # docker save links a layer shared by two images
+            if m is None or not (m.issym() or m.islnk()):
+                break
+            target = m.linkname if m.islnk() else os.path.normpath(os.path.join(os.path.dirname(name), m.linkname))
+            m, name = self.members.get(target), target
+        if m is None or not m.isfile():
+            return None
+        return m
+
+    def _read(self, name: str, what: str) -> bytes:
+        m = self._member(name, what)
+        if m is None:
+            raise CimError(ERROR_FILE_NOT_FOUND, f"{what} {name!r} is not in the archive", self.label)
+        if m.size > MAX_JSON:
+            raise CimError(E_INVALIDARG, f"{what} {name!r} is larger than {MAX_JSON} bytes", self.label)
+        try:
+            data = self.tf.extractfile(m).read()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise CimError(E_INVALIDARG, f"cannot read {name!r} ({e})", self.label) from None
+        if len(data) != m.size:
+            raise CimError(E_INVALIDARG, f"{name!r} is truncated", self.label)
+        return data
+
+    @staticmethod
+    def _digest_in_name(name: str) -> str | None:
+        """The digest a content-addressed member name carries: blobs/sha256/<hex>, or <hex>.json for a config."""
+        parts = name.split("/")
+        if len(parts) == 3 and parts[0] == "blobs" and parts[1] in ("sha256", "sha512"):
+            return f"{parts[1]}:{parts[2]}"
+        if len(parts) == 1 and name.endswith(".json") and len(name) == 69:
+            return f"sha256:{name[:-5]}"
+        return None
+
+    def resolve(self, platform: str | None) -> ImageSpec:
+        manifest = _json(self._read("manifest.json", "manifest"), f"{self.label}: manifest.json")
+        if not isinstance(manifest, list) or not manifest:
+            raise CimError(E_INVALIDARG, "manifest.json lists no images", self.label)
+        found = []
+        for entry in manifest:
+            if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str):
+                raise CimError(E_INVALIDARG, "manifest.json entry without Config", self.label)
+            cname = entry["Config"]
+            cbytes = self._read(cname, "config")
+            cdigest = self._digest_in_name(cname)
+            if cdigest is not None:
+                try:
+                    blobs.parse_digest(cdigest)
+                except CimError:
+                    cdigest = None
+            if cdigest is not None:
+                _check_digest(cbytes, cdigest, f"{self.label}: config {cname}")
+            else:
+                cdigest = blobs.digest_bytes(cbytes)
+            config = _json(cbytes, f"{self.label}: config {cname}")
+            found.append((platform_of(config), entry, cdigest, cbytes, config))
+        matching = [f for f in found if platform_matches(f[0], platform)]
+        if not matching:
+            have = ", ".join(platform_text(f[0]) for f in found)
+            raise CimError(E_INVALIDARG, f"no image for {platform or 'any windows platform'} (the archive has: {have})",
+                           self.label)
+        if len(matching) > 1:
+            raise CimError(E_INVALIDARG, "the archive holds several matching images; choose one with --platform",
+                           self.label)
+        p, entry, cdigest, cbytes, config = matching[0]
+        names = entry.get("Layers")
+        if not isinstance(names, list):
+            raise CimError(E_INVALIDARG, "manifest.json entry without Layers", self.label)
+        diff_ids = _diff_ids(config, f"{self.label}: config")
+        if len(diff_ids) != len(names):
+            raise CimError(E_INVALIDARG, f"manifest.json lists {len(names)} layers but the config has "
+                           f"{len(diff_ids)} diff_ids", self.label)
+        sources = entry.get("LayerSources") or {}
+        layers = []
+        for i, (name, diff_id) in enumerate(zip(names, diff_ids)):
+            foreign = sources.get(diff_id) if isinstance(sources, dict) else None
+            m = self._member(name, "layer") if isinstance(name, str) else None
+            digest = self._digest_in_name(name) if isinstance(name, str) else None
+            mt = "application/vnd.docker.image.rootfs.diff.tar"
+            urls: list = []
+            size = m.size if m is not None else None
+            if isinstance(foreign, dict):
+                mt = foreign.get("mediaType", mt)
+                urls = foreign.get("urls") or []
+                digest = foreign.get("digest", digest)
+                size = foreign.get("size", size)
+            opener = None
+            if m is not None:
+                opener = (lambda m=m: self.tf.extractfile(m))
+            layers.append(LayerSpec(i, mt, "detect", digest, size, diff_id, list(urls), foreign is not None, opener))
+        refs = [t for t in entry.get("RepoTags") or [] if isinstance(t, str)]
+        return ImageSpec(self.label, None, None, None, cdigest, config, cbytes, layers, refs, platform_text(p))
+
+    def close(self) -> None:
+        tf = getattr(self, "tf", None)
+        if tf is not None:
+            tf.close()
+            self.tf = None
+        if self._spooled is not None:
+            try:
+                os.unlink(self._spooled)
+            except FileNotFoundError:
+                pass
+            self._spooled = None
+
+
+def open_source(src, spool_dir: str):
+    """An OCI layout directory, a docker archive file, or a binary stream holding a docker archive."""
+    if isinstance(src, str) and src != "-":
+        if os.path.isdir(src):
+            return OciLayout(src)
+        if not os.path.exists(src):
+            raise CimError(ERROR_FILE_NOT_FOUND, "no such OCI layout or image archive", src)
+        return DockerArchive(src)
+    return DockerArchive(src, spool_dir)

@@ -1,0 +1,336 @@
+"""Writing a POSIX tree into an image.
+
+Owns :class:`Importer` (a scanned :class:`~cimfs.posix.scan.Tree` written
+into a new, forked or extended image, keeping what the base already holds
+unchanged) and :class:`DirectoryImporter` (a local directory streamed into a
+new image while it is scanned, in bounded memory), and the writing of one
+node's contents or hard link (:func:`write_node`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat as S
+from typing import Callable
+
+from ..bulk import paused_gc
+from ..errors import E_INVALIDARG, CimError
+from .lx import DIR, FILE, metadata_matches, node_metadata, plain_file_metadata, posix_info
+from .names import _join, _split, check_image_name, fold, name_from_image, name_to_image
+from .scan import (
+    CHUNK,
+    TAR_READ_ERRORS,
+    Node,
+    _default_dir,
+    _node_from_entry,
+    _oserror,
+    _sorted_listing,
+    _stat_root,
+    _tar_reason,
+    open_node,
+    resolve_collision,
+)
+
+class Importer:
+    """Write a :class:`Tree` into an open image writer.
+
+    ``base`` is a reader on the image the writer starts from (fork or extend),
+    or None for a new image.  The tree's root lands at ``at``.  With
+    ``delete_extra`` the result mirrors the tree exactly below ``at``;
+    otherwise the tree is merged over what is there.  Entries the base already
+    holds with the same name, metadata and content are left alone, so a fork
+    stores only what changed.
+    """
+
+    def __init__(self, writer, root: Node, *, base=None, at: str = "", delete_extra: bool = False,
+                 progress: Callable[[int], None] | None = None, hidden: set[str] | None = None):
+        self.w = writer
+        # folded paths (and everything below them) whose base entry no longer
+        # counts: deleted, or written by an earlier import into the same writer
+        self.hidden = hidden or set()
+        self.root = root
+        self.base = base
+        self.at = "/".join(_split(at))
+        self.delete_extra = delete_extra
+        self.progress = progress or (lambda n: None)
+        self.deletes: list[str] = []
+        self.dirs: list[tuple[str, object, bool]] = []
+        self.files: list[tuple[Node, str]] = []
+
+    def _meta(self, node: Node):
+        # Not cached: a FileMetadata per entry would double the memory of a large import.
+        return node_metadata(node)
+
+    def _is_hidden(self, path: str) -> bool:
+        if not self.hidden:
+            return False
+        parts = fold(path).split("/")
+        return any("/".join(parts[:i]) in self.hidden for i in range(1, len(parts) + 1))
+
+    def _base_entries(self, dir_id: int, path: str) -> dict:
+        return {fold(e.name): e for e in self.base.scandir(dir_id)
+                if not self._is_hidden(_join(path, e.name))}
+
+    def _base_child(self, dir_id: int | None, path: str, name: str):
+        if self.base is None or dir_id is None:
+            return None
+        return self._base_entries(dir_id, path).get(fold(name))
+
+    def written_keys(self) -> set[str]:
+        """Folded paths this import wrote (directories merged into are not included)."""
+        keys = {fold(p) for _, p in self.files}
+        keys |= {fold(p) for p, _, exists in self.dirs if not exists and p}
+        return keys
+
+    def plan(self) -> None:
+        parts = _split(self.at)
+        base_id = self.base.root_id if self.base is not None else None
+        path = ""
+        for i, p in enumerate(parts):
+            last = i == len(parts) - 1
+            cpath = _join(path, p)
+            child = self._base_child(base_id, path, p)
+            if child is not None:
+                keep = (child.name == p and (not last or self.root.kind == DIR)
+                        and posix_info(self.base.stat(child.file_id)).kind == DIR)
+                if not keep:
+                    self.deletes.append(_join(path, child.name))
+                    child = None
+            if child is None and not last:
+                meta = node_metadata(_default_dir(p, cpath))
+                self.dirs.append((cpath, meta, False))
+            base_id = child.file_id if child is not None else None
+            path = cpath
+        self._plan_node(self.root, path, base_id)
+
+    def _same_content(self, node: Node, fid: int) -> bool:
+        if node.size == 0:
+            return True
+        with open_node(node) as a, self.base.open(fid) as b:
+            left = node.size
+            while left:
+                x = a.read(min(CHUNK, left))
+                if not x or x != b.read(len(x)):
+                    return False
+                left -= len(x)
+        return True
+
+    def _plan_node(self, node: Node, path: str, base_id: int | None) -> None:
+        meta = self._meta(node)
+        if node.kind != DIR:
+            self.files.append((node, path))
+            return
+        base_children = {}
+        if base_id is None:
+            self.dirs.append((path, meta, False))
+        else:
+            bst = self.base.stat(base_id)
+            if not metadata_matches(meta, bst):
+                self.dirs.append((path, meta, True))
+            base_children = self._base_entries(base_id, path)
+        for key, child in node.children.items():
+            cpath = _join(path, child.name)
+            b = base_children.pop(key, None)
+            if b is not None:
+                bst = self.base.stat(b.file_id)
+                keep = (b.name == child.name and posix_info(bst).kind == child.kind
+                        and (child.kind == DIR or (child.group is None and bst.nlink == 1
+                                                   and bst.stream_count == 0
+                                                   and metadata_matches(self._meta(child), bst)
+                                                   and self._same_content(child, b.file_id))))
+                if not keep:
+                    self.deletes.append(_join(path, b.name))
+                    b = None
+                elif child.kind != DIR:
+                    continue
+            self._plan_node(child, cpath, b.file_id if b is not None else None)
+        if self.delete_extra:
+            for b in base_children.values():
+                self.deletes.append(_join(path, b.name))
+
+    def bytes_to_write(self) -> int:
+        return sum(n.size for n, _ in self.files if n.kind == FILE)
+
+    def execute(self) -> None:
+        w = self.w
+        for p in self.deletes:
+            if w.exists(p):
+                w.delete(p)
+        for path, meta, exists in self.dirs:
+            # exist_ok: an earlier import into the same writer may have made it
+            w.mkdir(path, meta, exist_ok=True)
+        for node, path in sorted(self.files, key=lambda t: t[0].order):
+            write_node(w, node, path, self.progress)
+
+    def run(self) -> None:
+        with paused_gc():
+            self.plan()
+            self.execute()
+
+
+def write_node(w, node: Node, path: str, progress: Callable[[int], None]) -> None:
+    """Write one non-directory node at ``path``: its contents, or a hard link
+    to the first name of its link group already written."""
+    if node.group is not None and node.group.written is not None:
+        w.link(path, node.group.written)
+        return
+    meta = node_metadata(node)
+    if node.kind == FILE and node.size:
+        _copy_node(w, node, path, meta, progress)
+    else:
+        w.add_file(path, b"", meta)
+    if node.group is not None:
+        node.group.written = path
+
+
+class _LocalFile(os.PathLike):
+    """A scanned file handed to the writer by path: its data thread opens,
+    reads and closes it (cheaper than a pathlib.Path per file)."""
+    __slots__ = ("path",)
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __fspath__(self) -> str:
+        return self.path
+
+
+def _copy_node(w, node: Node, path: str, meta, progress: Callable[[int], None]) -> None:
+    if node.opener is None:
+        w.add_file(path, _LocalFile(node.src), meta)
+        progress(node.size)
+        return
+    try:
+        src = open_node(node)
+    except OSError as e:
+        raise _oserror(e, node.src) from None
+    if _is_regular_file(src):
+        # The writer copies regular files on its own thread (read, hash and
+        # write overlap the next files' metadata work).
+        with src:
+            w.add_file(path, src, meta)
+        progress(node.size)
+        return
+    with src, w.create_file(path, meta) as out:
+        left = node.size
+        while left:
+            try:
+                buf = src.read(min(CHUNK, left))
+            except TAR_READ_ERRORS as e:
+                raise CimError(E_INVALIDARG, f"cannot read data ({_tar_reason(e)})", node.src) from None
+            if not buf:
+                raise CimError(E_INVALIDARG, "unexpected end of data (file shrank or archive truncated)", node.src)
+            out.write(buf)
+            left -= len(buf)
+            progress(len(buf))
+
+
+class DirectoryImporter:
+    """Write a local directory into a new image while it is scanned.
+
+    :class:`Tree` + :class:`Importer` hold the whole source tree before
+    writing (a tar must be read in order, a fork compares with its parent);
+    a new image from a directory needs neither, so this keeps only the
+    directories still to visit, one listing at a time and the link groups of
+    files with several links: a million-entry tree imports in bounded memory.
+    Entries are written in the same order (depth first, by name) and with the
+    same metadata and collision policy as ``Importer(scan_directory(...))``.
+    """
+
+    def __init__(self, writer, src_dir: str, *, on_collision: str = "error",
+                 report: Callable[[str], None] | None = None,
+                 progress: Callable[[int], None] | None = None):
+        if on_collision not in ("error", "rename", "skip"):
+            raise CimError(E_INVALIDARG, f"unknown collision policy {on_collision!r}")
+        self.w = writer
+        self.src_dir = src_dir
+        self.on_collision = on_collision
+        self.report = report or (lambda msg: None)
+        self.progress = progress or (lambda n: None)
+        self.groups: dict = {}   # (st_dev, st_ino) -> _Group, files with st_nlink > 1 only
+        self.entries = 0
+
+    def _place_name(self, name: str, src: str, taken: dict, dir_path: str) -> str | None:
+        """The image name for ``name`` (from ``src``) in a directory whose
+        names so far are ``taken`` (folded name -> source path), or None to skip it."""
+        check_image_name(name, src)
+        k = fold(name)
+        first = taken.get(k)
+        if first is None:
+            taken[k] = src
+            return name
+        cand = resolve_collision(self.on_collision, self.report, name, src, first, taken, dir_path)
+        if cand is not None:
+            taken[fold(cand)] = src
+        return cand
+
+    def run(self) -> None:
+        with paused_gc():
+            self._run()
+
+    def _run(self) -> None:
+        w = self.w
+        w.mkdir("", node_metadata(_stat_root(self.src_dir)), exist_ok=True)
+        stack: list[tuple[str, str, str]] = [(self.src_dir, "", "")]   # (local, image path, POSIX path)
+        add_file = w.add_file
+        add_files = w.add_local_files
+        files: list = []
+        progress = self.progress
+        while stack:
+            local, image_dir, posix_dir = stack.pop()
+            taken: dict[str, str] = {}
+            subdirs = []
+            prefix = local + "/" if not local.endswith("/") else local
+            image_prefix = image_dir + "/" if image_dir else ""
+            try:
+                dfd = os.open(local, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                raise _oserror(e, local) from None
+            try:
+                for ent in _sorted_listing(dfd, local):   # stat()s are relative to dfd: no path walks
+                    full = prefix + ent.name
+                    try:
+                        st = ent.stat(follow_symlinks=False)
+                    except OSError as e:
+                        raise _oserror(e, full) from None
+                    if S.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_blocks * 512 >= st.st_size:
+                        # The bulk of any tree: a plain file, straight from its stat,
+                        # added with the others of its directory in one call.
+                        name = self._place_name(name_to_image(ent.name), full, taken, posix_dir)
+                        if name is None:
+                            continue
+                        self.entries += 1
+                        if st.st_size:
+                            files.append((name, full, plain_file_metadata(st)))
+                        else:
+                            add_file(image_prefix + name, b"", plain_file_metadata(st))
+                        progress(st.st_size)
+                        continue
+                    node = _node_from_entry(ent, st, full, self.groups)
+                    name = self._place_name(name_to_image(ent.name), full, taken, posix_dir)
+                    if name is None:
+                        continue
+                    node.name = name
+                    path = image_prefix + name
+                    self.entries += 1
+                    if node.kind == DIR:
+                        w.mkdir(path, node_metadata(node))
+                        subdirs.append((full, path, _join(posix_dir, name_from_image(name))))
+                    else:
+                        add_files(image_dir, files)  # contents are copied in scan order
+                        files.clear()
+                        write_node(w, node, path, progress)
+                # Mostly one call per directory (subdirectories are visited after it).
+                add_files(image_dir, files)
+                files.clear()
+            finally:
+                os.close(dfd)
+            stack.extend(reversed(subdirs))
+
+
+def _is_regular_file(f) -> bool:
+    try:
+        return S.S_ISREG(os.fstat(f.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
