@@ -497,8 +497,10 @@ class _Directory:
                 self.leftovers.append(name)
                 continue
             try:
+                if not S.S_ISREG(os.stat(path).st_mode):
+                    continue  # directories, FIFOs, sockets, devices: never images
                 head = _read_head(path, cim.COMMON_HEADER.size)
-            except (IsADirectoryError, FileNotFoundError):
+            except FileNotFoundError:
                 continue
             except OSError as e:
                 # Unreadable: it may be an image; keep what any image may need.
