@@ -309,3 +309,18 @@ def test_fork_add_same_kind_replaces_without_asking(base_image):
     # and deleting first makes room for another kind
     cli("fork", d / "b.cim", d / "e.cim", "--delete", "/d/f", "--add", f"{d / 'g'}:/d/f/g")
     assert _tree(d / "e.cim")["d/f/g"] == b"g data"
+
+
+def test_docker_archive_headers_are_bounded_too(tmp_path):
+    from cimfs.oci.sources import DockerArchive
+    records = pax_record("comment", b"A" * (2 << 20))
+    (tmp_path / "a.tar").write_bytes(header("././@PaxHeader", tarfile.XHDTYPE, len(records)) + records
+                                      + bytes(-len(records) % 512) + header("manifest.json", tarfile.REGTYPE, 0)
+                                      + bytes(1024))
+    with pytest.raises(CimError, match="limit is 1048576"):
+        DockerArchive(str(tmp_path / "a.tar"))
+    pax = pax_member(pax_record("GNU.sparse.major", b"1") + pax_record("GNU.sparse.minor", b"0")
+                     + pax_record("GNU.sparse.name", b"s") + pax_record("GNU.sparse.realsize", b"10"))
+    (tmp_path / "b.tar").write_bytes(pax + header("s", tarfile.REGTYPE, 512) + b"x\n" + bytes(510) + bytes(1024))
+    with pytest.raises(CimError, match="malformed header"):
+        DockerArchive(str(tmp_path / "b.tar"))
