@@ -5,6 +5,11 @@ in the same run.  See bench/README.md.
     python bench/run.py                      # everything, 3 alternating runs, writes bench/RESULTS.md
     python bench/run.py --quick              # smoke run (small workloads, 1 run), results in the work dir
     python bench/run.py -w 1,3 -o create     # pick workloads / operations
+
+This module holds the operations (how each tool is run on a workload) and
+the command line; ``workloads.py`` makes the trees, ``peers.py`` finds the
+other tools, ``measure.py`` times a command and alternates the tools, and
+``report.py`` writes RESULTS.md and the README's speed figures.
 """
 
 from __future__ import annotations
@@ -13,349 +18,22 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import peers  # noqa: E402
 import workloads as wl  # noqa: E402
+from measure import Contender, Mount, Record, contest, last_line, rm, run_measured, same_start, sync, warm  # noqa: E402
+from report import merge, render, update_readme, write_report  # noqa: E402
+from workloads import OPS  # noqa: E402
 
 PY = sys.executable
-OPS = ("create", "extract", "read", "stat", "random", "fork")
-CMD_TIMEOUT = 4 * 3600
-
-# ---------------------------------------------------------------- targets
-# (workload key or "*", operation, cimfs tool, peer tool) -> highest acceptable ratio cimfs/peer
-TARGETS = {
-    ("1", "create", "*", "mksquashfs"): 1.0,
-    ("3", "create", "*", "mksquashfs"): 1.0,
-    ("2", "create", "*", "mksquashfs"): 1.5,
-    ("*", "extract", "cimfs extract", "unsquashfs"): 1.0,
-    ("*", "read", "cimfs mount", "squashfuse"): 1.0,
-    ("*", "stat", "cimfs mount", "squashfuse"): 1.0,
-    ("*", "random", "cimfs mount", "squashfuse"): 1.0,
-    ("4", "fork", "*", "cimfs create of (1)"): 0.1,
-}
-RSS_TARGET_KIB = {("5", "create"): 1 << 20}  # 1 GiB
-SIZE_TARGET = {"1": 0.05, "3": 0.05}  # |cimfs/squashfs - 1|
-
-CIMFS_TOOLS = ("cimfs create", "cimfs (library)", "cimfs extract", "cimfs mount", "cimfs fork", "cimfs fork (library)")
-
-
-def target_for(wkey: str, op: str, tool: str, peer: str):
-    for k in ((wkey, op, tool, peer), (wkey, op, "*", peer), ("*", op, tool, peer), ("*", op, "*", peer)):
-        if k in TARGETS:
-            return TARGETS[k]
-    return None
-
-
-# ---------------------------------------------------------------- measuring
-@dataclass
-class Sample:
-    wall: float
-    rss_kib: int  # peak RSS of the measured process (the mount daemon for mounted ops)
-    rc: int
-    out: str = ""
-
-
-def run_measured(cmd: list[str], timeout: float = CMD_TIMEOUT, cwd: str | None = None) -> Sample:
-    """Run ``cmd``; wall time and the child's own peak RSS.
-
-    ``ru_maxrss`` from ``wait4`` of a child forked from this (large) Python
-    process starts at this process's RSS, so when GNU time is installed the
-    command runs under ``/usr/bin/time -f %M``, whose own small process forks
-    the command: its figure is the command's alone."""
-    rss_file = None
-    if os.access("/usr/bin/time", os.X_OK):
-        fd, rss_file = tempfile.mkstemp(prefix="rss-")
-        os.close(fd)
-        cmd = ["/usr/bin/time", "-q", "-f", "%M", "-o", rss_file, *cmd]
-    tree_peak = [0]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd)
-        done = threading.Event()
-
-        def sample() -> None:
-            # RSS every 20 ms on a thread that sleeps in between: the timed
-            # wait below blocks in wait4, so the harness takes no CPU from
-            # the command (a 2 ms polling loop cost a few % of a core).
-            deadline = t0 + timeout
-            while not done.wait(0.02):
-                tree_peak[0] = max(tree_peak[0], tree_rss_kib(p.pid, skip_root=rss_file is not None))
-                if time.perf_counter() > deadline:
-                    p.kill()
-                    return
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        done.set()
-        sampler.join()
-        tree_peak = tree_peak[0]
-        p.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        text = out.read().decode(errors="replace")
-        etext = err.read().decode(errors="replace")
-    rss = ru.ru_maxrss
-    if rss_file:
-        try:
-            with open(rss_file) as f:
-                rss = int(f.read().split()[-1])
-        except (OSError, ValueError, IndexError):
-            pass
-        os.unlink(rss_file)
-    # GNU time's %M is the largest single process; a command that forks
-    # workers (cimfs create's data process) is charged the sum of its
-    # processes, sampled every 20 ms (pages they share are counted twice).
-    rss = max(rss, tree_peak)
-    s = Sample(wall, rss, p.returncode, text)
-    if p.returncode:
-        s.out = (text + etext)[-2000:]
-    return s
-
-
-def tree_rss_kib(pid: int, skip_root: bool = False) -> int:
-    """Resident KiB of ``pid`` and all its descendants (``skip_root``: not of
-    ``pid`` itself, the GNU time wrapper)."""
-    total = 0
-    stack = [pid]
-    while stack:
-        p = stack.pop()
-        if not (skip_root and p == pid):
-            try:
-                with open(f"/proc/{p}/statm") as f:
-                    total += int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
-            except (OSError, ValueError, IndexError):
-                continue
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    stack.extend(int(c) for c in f.read().split())
-        except (OSError, ValueError):
-            pass
-    return total
-
-
-def last_line(text: str, n: int = 160) -> str:
-    """The last non-empty line of an error output, fit for a table cell."""
-    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
-    return (lines[-1] if lines else "").replace("|", "/")[:n]
-
-
-def sync() -> None:
-    os.sync()
-
-
-def rm(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.unlink(path)
-
-
-def size_of(path: str) -> int:
-    """Apparent bytes of a file, or of every file in a directory."""
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            total += os.lstat(os.path.join(dirpath, f)).st_size
-    return total
-
-
-def warm(path: str) -> None:
-    """Read a file, or a tree once, so every contender starts with it in the page cache."""
-    buf = bytearray(1 << 20)
-    if os.path.isfile(path):
-        paths = [path]
-    else:
-        paths = (os.path.join(dirpath, f) for dirpath, _, files in os.walk(path) for f in files)
-    for p in paths:
-        try:
-            if not os.path.isfile(p) or os.path.islink(p):
-                continue
-            with open(p, "rb", buffering=0) as fh:
-                while fh.readinto(buf):
-                    pass
-        except OSError:
-            pass
-
-
-def same_start(*inputs: str) -> None:
-    """Bring the page cache to the same state before a run that writes a
-    tree: previous runs' output written back and dropped (as root), the
-    inputs read back in.  Otherwise a run's speed depends on how many of the
-    earlier runs' pages still fill memory (on this VM, writing into pages
-    the host has to hand back costs several times the kernel time)."""
-    sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1")
-    except OSError:
-        pass  # not root: the state is as the previous runs left it
-    for p in inputs:
-        warm(p)
-
-
-# ---------------------------------------------------------------- mounts
-def _pids_mentioning(arg: str) -> list[int]:
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if os.fsencode(arg) in argv:
-            pids.append(int(d))
-    return pids
-
-
-def _vm_hwm_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class Mount:
-    """A FUSE mount held for one measurement: started untimed, its daemon's peak
-    RSS read from /proc before unmounting."""
-
-    def __init__(self, cmd: list[str], mnt: str, umount: list[str], foreground: bool):
-        self.cmd, self.mnt, self.umount_cmd, self.foreground = cmd, mnt, umount, foreground
-        self.proc = None
-        self.pids: list[int] = []
-
-    def __enter__(self):
-        if os.path.ismount(self.mnt):
-            subprocess.run(["fusermount3", "-u", self.mnt], capture_output=True)
-        os.makedirs(self.mnt, exist_ok=True)
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while not os.path.ismount(self.mnt):
-            if (self.foreground and self.proc.poll() is not None) or time.time() > deadline:
-                self.log.seek(0)
-                msg = self.log.read().decode(errors="replace")[-600:]
-                self._kill()
-                raise RuntimeError(f"mount failed: {last_line(msg)}")
-            time.sleep(0.02)
-        self.pids = [self.proc.pid] if self.foreground else _pids_mentioning(self.mnt) or _pids_mentioning(os.path.abspath(self.mnt))
-        return self
-
-    def peak_rss(self) -> int:
-        return max((_vm_hwm_kib(p) for p in self.pids), default=0)
-
-    def _kill(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-    def __exit__(self, *exc):
-        subprocess.run(self.umount_cmd, capture_output=True)
-        if os.path.ismount(self.mnt):
-            subprocess.run(["fusermount3", "-u", "-z", self.mnt], capture_output=True)
-        if self.foreground and self.proc:
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self._kill()
-        elif self.proc:
-            self.proc.wait(30)
-        self.log.close()
-
-
-# ---------------------------------------------------------------- contests
-@dataclass
-class Contender:
-    tool: str
-    run: callable  # () -> Sample ; does its own untimed setup
-    na: str = ""  # "n/a" reason when it cannot run
-    output: str = ""  # image produced (for sizes)
-
-
-@dataclass
-class Record:
-    workload: str
-    op: str
-    tool: str
-    times: list = field(default_factory=list)
-    rss_kib: list = field(default_factory=list)
-    status: str = "ok"  # ok | n/a: reason | failed: reason
-    size: int = 0
-    note: str = ""
-    commit: str = ""
-    date: str = ""
-    quick: bool = False
-
-    @property
-    def median(self):
-        return statistics.median(self.times) if self.times else None
-
-    @property
-    def peak_rss(self):
-        return max(self.rss_kib) if self.rss_kib else None
-
-
-def contest(wkey: str, op: str, contenders: list[Contender], runs: int, log, meta: dict) -> list[Record]:
-    """Runs alternate: in run i every contender goes once, the order rotated by i."""
-    recs = {c.tool: Record(wkey, op, c.tool, **meta) for c in contenders}
-    live = []
-    for c in contenders:
-        if c.na:
-            recs[c.tool].status = f"n/a: {c.na}"
-        else:
-            live.append(c)
-    for i in range(runs):
-        order = live[i % len(live):] + live[: i % len(live)] if live else []
-        for c in order:
-            r = recs[c.tool]
-            if r.status != "ok":
-                continue
-            try:
-                s = c.run()
-            except Exception as e:  # a tool that cannot run is reported, not fatal
-                msg = last_line(str(e))
-                missing = any(x in msg for x in ("needs the 'mount' extra", "No such command", "not available"))
-                r.status = f"{'n/a' if missing else 'failed'}: {msg}"
-                log(f"    {c.tool}: {r.status}")
-                continue
-            if s.rc:
-                r.status = f"failed: exit {s.rc}: {last_line(s.out)}"
-                log(f"    {c.tool}: {r.status}")
-                continue
-            r.times.append(s.wall)
-            r.rss_kib.append(s.rss_kib)
-            if s.out.strip().startswith("{"):
-                r.note = s.out.strip().splitlines()[-1]
-            log(f"    run {i + 1}/{runs} {c.tool:24s} {s.wall:8.2f} s  {s.rss_kib / 1024:8.1f} MiB")
-    for c in contenders:
-        if c.output and recs[c.tool].status == "ok" and os.path.exists(c.output):
-            recs[c.tool].size = size_of(c.output)
-    return list(recs.values())
 
 
 class Suite:
@@ -365,7 +43,7 @@ class Suite:
         self.work = os.path.abspath(args.work_dir)
         self.out = os.path.join(self.work, "out")
         os.makedirs(self.out, exist_ok=True)
-        self.tools = peers.ensure(install=not args.no_install, log=log)
+        self.tools = peers.ensure(install=not (args.no_install or args.report_only), log=log)
         self.cimfs = peers.cimfs_command()
         self.cli = {}
         for sub in ("create", "extract", "fork", "mount", "umount"):
@@ -714,194 +392,6 @@ def git_commit() -> str:
         return "?"
 
 
-# ---------------------------------------------------------------- report
-def machine() -> dict:
-    m = {"platform": platform.platform(), "python": sys.version.split()[0]}
-    try:
-        with open("/proc/cpuinfo") as f:
-            m["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    except OSError:
-        pass
-    m["cores"] = os.cpu_count()
-    try:
-        with open("/proc/meminfo") as f:
-            m["memory"] = f"{int(f.readline().split()[1]) / (1 << 20):.1f} GiB"
-    except OSError:
-        pass
-    try:
-        r = subprocess.run(["df", "-T", HERE], capture_output=True, text=True)
-        parts = r.stdout.splitlines()[1].split()
-        m["filesystem"] = f"{parts[1]} on {parts[0]}"
-    except (OSError, IndexError):
-        pass
-    return m
-
-
-def merge(old: list[dict], new: list[Record]) -> list[dict]:
-    key = lambda r: (r["workload"], r["op"], r["tool"])  # noqa: E731
-    out = {key(r): r for r in old}
-    for r in new:
-        d = asdict(r)
-        if d["status"].startswith("n/a") and key(d) in out and out[key(d)]["status"] == "ok":
-            continue  # keep an earlier real measurement rather than a skip
-        out[key(d)] = d
-    return sorted(out.values(), key=lambda r: (r["workload"], OPS.index(r["op"]) if r["op"] in OPS else 99, r["tool"]))
-
-
-def fmt_s(x):
-    return "—" if x is None else (f"{x:.2f} s" if x >= 0.1 else f"{x * 1000:.0f} ms")
-
-
-def fmt_mib(kib):
-    return "—" if not kib else (f"{kib / 1024:.0f} MiB" if kib < 10 << 20 else f"{kib / (1 << 20):.1f} GiB")
-
-
-def fmt_bytes(n):
-    return "—" if not n else f"{n / 1e6:,.1f} MB"
-
-
-def paired_ratio(a: dict, b: dict):
-    """Median over runs of a[i]/b[i] (runs alternate, so pairs share conditions)."""
-    ta, tb = a["times"], b["times"]
-    n = min(len(ta), len(tb))
-    if not n:
-        return None
-    return statistics.median(ta[i] / tb[i] for i in range(n))
-
-
-def render(records: list[dict], wdesc: dict, mach: dict, vers: dict, runs_note: str) -> tuple[str, list]:
-    by = {}
-    for r in records:
-        by.setdefault((r["workload"], r["op"]), {})[r["tool"]] = r
-    lines = []
-    plot = []  # (label, ratio, target)
-    lines.append("| workload | operation | cimfs | cimfs time | peer | peer time | ratio cimfs/peer | target | cimfs peak RSS | peer peak RSS |")
-    lines.append("|---|---|---|---:|---|---:|---:|---:|---:|---:|")
-    fullcreate = None
-    if ("1", "create") in by:
-        for t in ("cimfs create", "cimfs (library)"):
-            r = by[("1", "create")].get(t)
-            if r and r["status"] == "ok":
-                fullcreate = r
-                break
-    for (wk, op), tools in sorted(by.items(), key=lambda kv: (kv[0][0], OPS.index(kv[0][1]) if kv[0][1] in OPS else 99)):
-        cims = [t for t in tools if t.startswith("cimfs")]
-        peers_ = [t for t in tools if not t.startswith("cimfs")]
-        if op == "fork" and fullcreate:
-            peers_ = ["cimfs create of (1)"] + peers_
-        for c in cims:
-            cr = tools[c]
-            for p in peers_ or ["—"]:
-                pr = fullcreate if p == "cimfs create of (1)" else tools.get(p)
-                ctime = statistics.median(cr["times"]) if cr["status"] == "ok" and cr["times"] else None
-                ptime = statistics.median(pr["times"]) if pr and pr["status"] == "ok" and pr["times"] else None
-                if p == "cimfs create of (1)":
-                    ratio = ctime / ptime if ctime and ptime else None
-                else:
-                    ratio = paired_ratio(cr, pr) if ctime and ptime else None
-                tgt = target_for(wk, op, c, p)
-                ctext = fmt_s(ctime) if cr["status"] == "ok" else cr["status"]
-                ptext = fmt_s(ptime) if pr and pr["status"] == "ok" else (pr["status"] if pr else "—")
-                if p == "cimfs create of (1)":
-                    ptext += f" ({pr['tool']})"
-                mark = ""
-                if ratio is not None and tgt is not None:
-                    mark = " ✅" if ratio <= tgt else " ❌"
-                rtext = f"{ratio:.2f}{mark}" if ratio is not None else "n/a"
-                lines.append(f"| {wk} {wdesc.get(wk, '')} | {op} | {c} | {ctext} | {p} | {ptext} | {rtext} | "
-                             f"{'≤ %.1f' % tgt if tgt is not None else ''} | {fmt_mib(max(cr['rss_kib']) if cr['rss_kib'] else 0)} | "
-                             f"{fmt_mib(max(pr['rss_kib']) if pr and pr.get('rss_kib') else 0)} |")
-                if ratio is not None and (tgt is not None or c in ("cimfs create", "cimfs (library)")):
-                    plot.append((f"{wk} {op}: {c.replace('cimfs ', '')} / {p}", ratio, tgt))
-    # sizes
-    size_lines = ["| workload | cimfs (CLI) | cimfs (library) | squashfs (uncompressed) | erofs | cimfs/squashfs | target |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-    for (wk, op), tools in sorted(by.items()):
-        if op != "create":
-            continue
-        g = lambda t: tools.get(t, {}).get("size", 0)  # noqa: E731
-        c = g("cimfs create") or g("cimfs (library)")
-        s = g("mksquashfs")
-        ratio = f"{c / s:.3f}" if c and s else "n/a"
-        tgt = SIZE_TARGET.get(wk)
-        if tgt is not None and c and s:
-            ratio += " ✅" if abs(c / s - 1) <= tgt else " ❌"
-        size_lines.append(f"| {wk} {wdesc.get(wk, '')} | {fmt_bytes(g('cimfs create'))} | {fmt_bytes(g('cimfs (library)'))} | "
-                          f"{fmt_bytes(s)} | {fmt_bytes(g('mkfs.erofs'))} | {ratio} | {'±%d %%' % (tgt * 100) if tgt else ''} |")
-    rss_lines = []
-    for (wk, op), kib in RSS_TARGET_KIB.items():
-        tools = by.get((wk, op), {})
-        for t in ("cimfs create", "cimfs (library)"):
-            r = tools.get(t)
-            if r and r["status"] == "ok" and r["rss_kib"]:
-                v = max(r["rss_kib"])
-                rss_lines.append(f"- workload {wk} {op}, {t}: peak RSS {fmt_mib(v)} (target ≤ {fmt_mib(kib)}) {'✅' if v <= kib else '❌'}")
-    return "\n".join(lines), size_lines, rss_lines, plot
-
-
-def svg_plot(plot: list, path: str) -> None:
-    """A horizontal bar chart of the ratios (log scale), target marks in red."""
-    import math
-
-    if not plot:
-        return
-    w, row, left, right = 900, 22, 330, 40
-    h = 50 + row * len(plot)
-    lo, hi = 0.01, max(10.0, max(r for _, r, _ in plot) * 1.2)
-    x = lambda v: left + (math.log10(max(v, lo)) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)) * (w - left - right)  # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{left}" y="16" font-weight="bold">time ratio cimfs / peer (log scale; red tick = target; &lt; 1 means cimfs is faster)</text>']
-    for v in (0.01, 0.1, 1, 10, 100):
-        if v <= hi:
-            out.append(f'<line x1="{x(v):.1f}" y1="24" x2="{x(v):.1f}" y2="{h - 8}" stroke="#ccc"/>'
-                       f'<text x="{x(v):.1f}" y="{h - 0}" text-anchor="middle" fill="#666">{v:g}</text>')
-    for i, (label, r, tgt) in enumerate(plot):
-        y = 30 + i * row
-        ok = tgt is None or r <= tgt
-        color = "#4a90d9" if tgt is None else ("#3a3" if ok else "#d33")
-        out.append(f'<text x="{left - 6}" y="{y + 14}" text-anchor="end">{label.replace("&", "&amp;").replace("<", "&lt;")}</text>')
-        out.append(f'<rect x="{x(lo):.1f}" y="{y + 3}" width="{x(r) - x(lo):.1f}" height="{row - 6}" fill="{color}"/>')
-        out.append(f'<text x="{x(r) + 4:.1f}" y="{y + 14}">{r:.2f}</text>')
-        if tgt is not None:
-            out.append(f'<line x1="{x(tgt):.1f}" y1="{y}" x2="{x(tgt):.1f}" y2="{y + row}" stroke="red" stroke-width="2"/>')
-    out.append("</svg>")
-    with open(path, "w") as f:
-        f.write("\n".join(out))
-
-
-def write_report(records: list[dict], path: str, suite: Suite, extra: str = "") -> None:
-    wdesc = {k: f"{w.name}" for k, w in suite.workloads.items()}
-    mach = machine()
-    vers = peers.versions(suite.tools)
-    table, sizes, rss, plot = render(records, wdesc, mach, vers, "")
-    svg = os.path.splitext(path)[0].lower().replace("results", "results") + ".svg"
-    svg_plot(plot, svg)
-    commits = sorted({r.get("commit", "?") for r in records})
-    dates = sorted({r.get("date", "?") for r in records})
-    md = [f"# cimfs benchmark results{' (quick)' if suite.a.quick else ''}", "",
-          "Generated by `python bench/run.py` (see `bench/README.md`). Times are medians of alternating runs; "
-          "the ratio is the median over runs of cimfs/peer from the same run (lower is better, < 1 means cimfs is faster). "
-          "Peak RSS is the measured command's: the larger of GNU time's `%M` and the sum over its processes sampled every 20 ms "
-          "(cimfs create forks data processes); for mounted operations it is the FUSE daemon's `VmHWM`.",
-          "",
-          f"- measured: {', '.join(dates)} at commit(s) {', '.join(commits)}",
-          "- machine: " + "; ".join(f"{k} {v}" for k, v in mach.items()),
-          "- tools: " + "; ".join(f"{v}" for v in vers.values()),
-          "", "## Workloads", ""]
-    for k, w in suite.workloads.items():
-        src = w.src if w.src else f"parent: image of ({w.fork_parent})"
-        md.append(f"{k}. **{w.name}**: {w.description} — `{src}`")
-    md += ["", "## Time", "", table, "", f"![ratios]({os.path.basename(svg)})", "", "## Image size (apparent bytes; cimfs = .cim + region + objectid files)", ""]
-    md += sizes
-    md += ["", "## Memory", ""] + (rss or ["- (workload 5 not measured yet)"])
-    if extra:
-        md += ["", extra]
-    md.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(md))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="cimfs benchmark suite")
     ap.add_argument("-w", "--workloads", default="1,2,3,4,5", help="comma-separated workload numbers (default all)")
@@ -951,9 +441,13 @@ def main(argv=None) -> int:
     if not a.quick and os.path.exists(notes_path):
         with open(notes_path) as f:
             extra = f.read()
+    wdesc = {k: w.name for k, w in suite.workloads.items()}
     write_report(merged, path, suite, extra)
     print(f"\nwrote {path} (+ {os.path.basename(jpath)}, .svg)\n")
-    table, sizes, rss, _ = render(merged, {k: w.name for k, w in suite.workloads.items()}, {}, {}, "")
+    readme = os.path.join(HERE, os.pardir, "README.md")
+    if not a.quick and not a.results and os.path.exists(readme) and update_readme(readme, merged, wdesc):
+        print(f"updated the speed figures in {os.path.normpath(readme)}\n")
+    table, sizes, rss, _ = render(merged, wdesc, {}, {}, "")
     print(table)
     print()
     print("\n".join(sizes))

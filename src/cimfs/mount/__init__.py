@@ -22,6 +22,7 @@ import tempfile
 import time
 import uuid
 
+from ..remote import is_url, local_path
 from ..errors import (
     E_INVALIDARG,
     ERROR_ALREADY_EXISTS,
@@ -37,6 +38,9 @@ __all__ = ["mount", "unmount", "mounts", "CimMountImage", "CimDismountImage", "r
 
 E_FAIL = 0x80004005
 MAX_ID = 0xFFFFFFFF  # uid/gid: 32-bit, and (uid_t)-1 is no id
+#: How the daemon gets a remote image's storage options (JSON): not on its
+#: command line, where every user could read credentials in them.
+STORAGE_OPTIONS_ENV = "CIMFS_MOUNT_STORAGE_OPTIONS"
 _READY_TIMEOUT = 60.0
 _EXIT_TIMEOUT = 20.0
 
@@ -68,11 +72,15 @@ def _log_path(volume_id) -> str:
 
 
 def write_entry(volume_id, mountpoint: str, image: str, pid: int) -> None:
-    path = _entry_path(volume_id)
+    write_entry_data({"volume_id": str(volume_id), "mountpoint": os.path.abspath(mountpoint),
+                      "image": image if is_url(image) else os.path.abspath(image), "pid": pid})
+
+
+def write_entry_data(entry: dict) -> None:
+    path = _entry_path(entry["volume_id"])
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"volume_id": str(volume_id), "mountpoint": os.path.abspath(mountpoint),
-                   "image": os.path.abspath(image), "pid": pid}, f)
+        json.dump(entry, f)
     os.replace(tmp, path)
 
 
@@ -146,6 +154,14 @@ def mounts() -> list[dict]:
                 entry = json.load(f)
         except (OSError, ValueError):
             continue
+        if entry.get("engine") == "kernel":  # no daemon: live while the kernel has the mount
+            from . import kernel
+
+            if kernel.is_live(entry, table):
+                out.append(entry)
+            else:
+                _remove(_entry_path(name[:-5]))
+            continue
         pid = entry.get("pid", -1)
         mp = os.path.realpath(entry.get("mountpoint", ""))
         if _alive(pid) and table.get(mp) == "fuse.cimfs":
@@ -171,8 +187,10 @@ def _remove(path: str) -> None:
 
 
 # ===================================================================== mount
-def _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other) -> list[str]:
+def _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, cache_dir=None) -> list[str]:
     args = [sys.executable, "-m", "cimfs.mount.daemon", cim_path, mountpoint, "--volume-id", str(volume_id)]
+    if cache_dir is not None:
+        args += ["--cache-dir", cache_dir]
     for flag, value in (("--uid", uid), ("--gid", gid), ("--umask", None if umask is None else format(umask, "o"))):
         if value is not None:
             args += [flag, str(value)]
@@ -191,15 +209,32 @@ def _check_pyfuse3(where: str) -> None:
 
 
 def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = None, gid: int | None = None,
-          umask: int | None = None, allow_other: bool = False, volume_id: uuid.UUID | None = None) -> uuid.UUID:
+          umask: int | None = None, allow_other: bool = False, volume_id: uuid.UUID | None = None,
+          engine: str = "fuse", storage_options: dict | None = None, cache_dir: str | None = None) -> uuid.UUID:
     """Mount ``cim_path`` read-only at ``mountpoint``; returns the volume id.
+
+    ``cim_path`` may be an fsspec URL (``s3://bucket/layer.cim``): the mount is
+    then lazy, fetching contents when they are read (``storage_options`` go to
+    the URL's filesystem; ``cache_dir`` keeps fetched blocks on local disk).
+    Only the FUSE engine serves a remote image (``auto`` picks it).
+
+    ``engine``: ``"fuse"`` (the daemon), ``"kernel"`` (an EROFS index over the
+    region files, served by the kernel; root only, see
+    :mod:`cimfs.mount.kernel`) or ``"auto"`` (kernel when it can, else FUSE).
 
     In the background (the default) this returns once the mount is live; with
     ``foreground`` it serves the mount in this process until it is unmounted
     (``fusermount3 -u``, ``cimfs umount`` or a signal) and then returns.
     ``uid``/``gid``/``umask`` apply to entries without WSL ``$LX*`` metadata.
     """
-    cim_path = os.path.abspath(os.fspath(cim_path))
+    cim_path = os.fspath(cim_path)
+    if is_url(cim_path) and local_path(cim_path) is not None:
+        cim_path = local_path(cim_path)
+    remote = is_url(cim_path)
+    if not remote:
+        cim_path = os.path.abspath(cim_path)
+    if cache_dir is not None:
+        cache_dir = os.path.abspath(os.fspath(cache_dir))
     mountpoint = os.path.abspath(os.fspath(mountpoint))
     volume_id = uuid.uuid4() if volume_id is None else uuid.UUID(str(volume_id))
     if umask is not None and (not isinstance(umask, int) or not 0 <= umask <= 0o777):
@@ -209,7 +244,7 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or not 0 <= value < MAX_ID):
             raise CimError(E_INVALIDARG, f"{what} {value!r} is not a valid id (0..{MAX_ID - 1})", mountpoint)
-    if not os.path.isfile(cim_path):
+    if not remote and not os.path.isfile(cim_path):
         raise CimError(ERROR_FILE_NOT_FOUND, "image not found", cim_path)
     if not os.path.isdir(mountpoint):
         raise CimError(ERROR_PATH_NOT_FOUND, "mount point is not a directory", mountpoint)
@@ -217,19 +252,36 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
         raise CimError(ERROR_ALREADY_EXISTS, "something is already mounted here", mountpoint)
     if any(e["volume_id"] == str(volume_id) for e in mounts()):
         raise CimError(ERROR_ALREADY_EXISTS, f"volume {volume_id} is already mounted", mountpoint)
+    from . import kernel
+
+    if remote and engine == "kernel":
+        raise CimError(E_INVALIDARG, "the kernel engine reads local region files: a remote image mounts with FUSE",
+                       cim_path)
+    if not remote and kernel.check_engine(engine, mountpoint) == "kernel":
+        if foreground:
+            raise CimError(E_INVALIDARG, "the kernel engine has no foreground mode (nothing to serve)", mountpoint)
+        from .view import Options
+
+        kernel.mount(cim_path, mountpoint, volume_id, Options(uid, gid, umask))
+        return volume_id
     if shutil.which("fusermount3") is None:
         raise CimError(E_INVALIDARG, "fusermount3 not found (install the fuse3 package)", mountpoint)
     _check_pyfuse3(cim_path)
     if foreground:
-        return _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other)
+        return _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other,
+                                 storage_options, cache_dir)
+    env = dict(os.environ)
+    env.pop(STORAGE_OPTIONS_ENV, None)
+    if storage_options:
+        env[STORAGE_OPTIONS_ENV] = json.dumps(storage_options)
     read_end, write_end = os.pipe()
     try:
         with open(_log_path(volume_id), "ab") as log:
             proc = subprocess.Popen(
-                _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other)
+                _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, cache_dir)
                 + ["--ready-fd", str(write_end), "--detach"],
                 pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, close_fds=True,
+                start_new_session=True, close_fds=True, env=env,
             )
     except BaseException:
         os.close(read_end)
@@ -259,10 +311,12 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
     raise CimError(E_FAIL, message + (f" ({detail})" if detail else ""), cim_path)
 
 
-def _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other) -> uuid.UUID:
+def _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other,
+                      storage_options=None, cache_dir=None) -> uuid.UUID:
     from .daemon import prepare, serve
 
-    image, _ = prepare(cim_path, mountpoint, uid=uid, gid=gid, umask=umask, allow_other=allow_other)
+    image, _ = prepare(cim_path, mountpoint, uid=uid, gid=gid, umask=umask, allow_other=allow_other,
+                       storage_options=storage_options, cache_dir=cache_dir)
     write_entry(volume_id, mountpoint, cim_path, os.getpid())
     serve(image, volume_id, mountpoint)
     return volume_id
@@ -346,6 +400,16 @@ def unmount(target) -> None:
     """Unmount by mount point or volume id; waits for the daemon to exit and
     drops the registry entry."""
     entry = _find(target)
+    if entry is not None and entry.get("engine") == "kernel":
+        from . import kernel
+
+        kernel.unmount(entry)
+        return
+    if entry is None and not isinstance(target, uuid.UUID):
+        from . import kernel
+
+        if kernel.unmount_orphan(os.fspath(target)):
+            return
     if entry is None:
         if isinstance(target, uuid.UUID) or not is_cimfs_mount(target):
             raise CimError(ERROR_FILE_NOT_FOUND, "no cimfs mount here (or with this volume id)", str(target))
@@ -372,15 +436,16 @@ def unmount(target) -> None:
 
 # ===================================================================== Win32 shape
 def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: uuid.UUID | None = None, *,
-                  mountpoint) -> uuid.UUID:
+                  mountpoint, engine: str = "fuse") -> uuid.UUID:
     """Mount ``image_name`` from ``image_containing_path`` at ``mountpoint``;
-    returns the volume id (a new one when ``volume_id`` is None)."""
+    returns the volume id (a new one when ``volume_id`` is None).  ``engine``
+    as for :func:`mount` (``"kernel"``: EROFS served by the kernel, root only)."""
     if flags:
         raise CimError(E_INVALIDARG, f"unsupported mount flags {flags:#x}", os.fspath(image_containing_path))
     path = os.path.join(os.fspath(image_containing_path), os.fspath(image_name))
     if not os.path.isdir(os.fspath(image_containing_path)):
         raise CimError(ERROR_PATH_NOT_FOUND, "image containing path not found", os.fspath(image_containing_path))
-    return mount(path, mountpoint, volume_id=volume_id)
+    return mount(path, mountpoint, volume_id=volume_id, engine=engine)
 
 
 def CimDismountImage(volume_id: uuid.UUID) -> None:
