@@ -492,3 +492,61 @@ def test_merge_mount_of_layers_in_two_directories(tmp_path, own_registry):
         _force_unmount(mnt, "-")
     assert out.returncode == 0, out.stderr
     assert not [n for n in os.listdir(own_registry) if n.startswith("merged-")]
+# ------------------------------------------------------------------ issue 17: ids, names, rm
+def _mount_source(mnt) -> str:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if cmount._unescape_mountinfo(left.split()[4]) == os.path.realpath(mnt):
+                return right.split()[1]
+    raise AssertionError(f"{mnt} is not mounted")
+
+
+def test_image_path_in_any_script_mounts(tmp_path, mounted):
+    d = tmp_path / "Bilder ä 画像 %"
+    d.mkdir()
+    with cimfs.create(str(d), "ïmage 😀.cim") as w:
+        w.add_file("f", b"content")
+    image = d / "ïmage 😀.cim"
+    mnt = mounted(image)
+    assert (mnt / "f").read_bytes() == b"content"
+    source = _mount_source(mnt).replace("\\040", " ")
+    # percent-encoded UTF-8, reversible to the path
+    assert source.isascii()
+    from urllib.parse import unquote_to_bytes
+    assert unquote_to_bytes(source) == os.fsencode(str(image))
+
+
+@pytest.mark.parametrize("option", ["uid=-1", "gid=-1", "uid=4294967295", "gid=99999999999", "umask=1000"])
+def test_invalid_ids_are_refused(tmp_path, option):
+    with cimfs.create(str(tmp_path), "i.cim") as w:
+        w.add_file("f", b"x")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", str(tmp_path / "i.cim"), str(mnt), "-o", option],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and p.stderr.strip() and len(p.stderr.strip().splitlines()) <= 3, p.stderr
+    assert "Traceback" not in p.stderr
+    assert not os.path.ismount(mnt) and cmount.mounts() == []
+    key, _, value = option.partition("=")
+    with pytest.raises(cimfs.CimError):
+        cmount.mount(tmp_path / "i.cim", mnt, **{key: int(value, 8 if key == "umask" else 10)})
+
+
+def test_rm_of_a_mounted_image_is_refused_unless_forced(tmp_path, mounted):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    with cimfs.create(str(d), "m.img") as w:
+        w.add_file("f", b"x" * 70000)
+    before = set(os.listdir(d))
+    mnt = mounted(d / "m.img")
+    p = subprocess.run([sys.executable, "-m", "cimfs.cli", "rm", str(d / "m.img")], capture_output=True, text=True)
+    assert p.returncode == 1 and "mounted at" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert set(os.listdir(d)) == before and (mnt / "f").read_bytes() == b"x" * 70000
+    from cimfs import tools
+    with pytest.raises(cimfs.CimError, match="mounted"):
+        tools.rm_image(str(d / "m.img"))
+    p = subprocess.run([sys.executable, "-m", "cimfs.cli", "rm", "--force", str(d / "m.img")], capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr
+    assert os.listdir(d) == []

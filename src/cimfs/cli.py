@@ -192,6 +192,7 @@ def create(src, image, parent, extend, fmt, on_collision, independent):
             raise click.UsageError(f"{src}: --independent needs a Windows layer tar")
         if fmt == "windows-layer":
             raise click.UsageError(f"{src}: --format windows-layer needs a tar")
+        posix.check_output_outside(src, directory)
         if base_name is None:
             # A new image: written while the directory is scanned (bounded
             # memory; the total is not known up front, so progress counts up).
@@ -274,7 +275,10 @@ def _split_add(spec: str) -> tuple[str, str | None]:
 @click.option("--delete", "deletes", multiple=True, metavar="IMAGE_PATH",
               help="Delete a file or directory (recursively). Repeatable; applied before the additions.")
 @click.option("--on-collision", type=click.Choice(["error", "rename", "skip"]), default="error", show_default=True)
-def fork(parent, new, adds, deletes, on_collision):
+@click.option("--replace", is_flag=True,
+              help="Let an addition replace an entry of another kind: a file on the way to IMAGE_PATH becomes a "
+                   "directory, a directory becomes a file. Without it that is an error.")
+def fork(parent, new, adds, deletes, on_collision, replace):
     """Create NEW as a fork of PARENT plus the given additions and deletions.
 
     NEW shares PARENT's region files (both must be in one directory) and stores
@@ -323,7 +327,7 @@ def fork(parent, new, adds, deletes, on_collision):
             w.delete(p)
             hidden.add(posix.fold(p))
         for node, dest, _ in plans:
-            imp = posix.Importer(w, node, base=base, at=dest, progress=bar, hidden=hidden)
+            imp = posix.Importer(w, node, base=base, at=dest, progress=bar, hidden=hidden, replace_kind=replace)
             imp.run()
             hidden |= imp.written_keys()
 
@@ -674,14 +678,18 @@ def fsck(image):
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("-n", "--dry-run", is_flag=True, help="Only say what would be removed.")
 @click.option("-v", "--verbose", is_flag=True, help="List the files removed.")
-def rm(image, dry_run, verbose):
-    """Remove IMAGE and the region/object ID files no other .cim in its directory needs.
+@click.option("--force", is_flag=True, help="Remove IMAGE even while it is mounted.")
+def rm(image, dry_run, verbose, force):
+    """Remove IMAGE and the region/object ID files no other image in its directory needs.
+
+    Every file of the directory with a CIM image header counts as an image,
+    whatever its name. A mounted IMAGE is refused unless --force.
 
     \b
     Example:
       cimfs rm old.cim
     """
-    removed = tools.rm_image(image, dry_run=dry_run, warn=_warn)
+    removed = tools.rm_image(image, dry_run=dry_run, force=force, warn=_warn)
     if verbose or dry_run:
         for p, _ in removed:
             click.echo(p)
@@ -692,7 +700,10 @@ def rm(image, dry_run, verbose):
 @click.option("-n", "--dry-run", is_flag=True, help="Only say what would be removed.")
 @click.option("-v", "--verbose", is_flag=True, help="List the files removed.")
 def gc(directory, dry_run, verbose):
-    """Remove region/object ID files in DIRECTORY that no .cim there refers to.
+    """Remove region/object ID files in DIRECTORY that no image there refers to.
+
+    Every file with a CIM image header is an image, whatever its name; the
+    temporary files of commits that were killed are removed too.
 
     \b
     Example:

@@ -54,6 +54,7 @@ from .errors import (
 )
 from .metadata import FileAttributes, FileMetadata
 from .names import check_name
+from .tarbounds import BoundedTarInfo
 
 __all__ = ["is_windows_layer", "import_layer", "import_layers", "export_layer",
            "parse_pax_time", "format_pax_time", "pax_time_to_filetime", "filetime_to_pax_time"]
@@ -222,9 +223,10 @@ def _is_stream(tf: tarfile.TarFile) -> bool:
     return stream_type is not None and isinstance(getattr(tf, "fileobj", None), stream_type)
 
 
-class _CheckedTarInfo(tarfile.TarInfo):
+class _CheckedTarInfo(BoundedTarInfo):
     """Records how header reading ended, so a tar cut at a header boundary
-    (which ``tarfile`` silently treats as the end) is reported as truncated."""
+    (which ``tarfile`` silently treats as the end) is reported as truncated.
+    Header sizes are bounded (:mod:`cimfs.tarbounds`)."""
 
     @classmethod
     def fromtarfile(cls, tf):
@@ -360,6 +362,11 @@ def _read_error_text(e: BaseException, where: str, member) -> str:
 
 
 # ------------------------------------------------------------------ names
+def _shown(text: str, limit: int = 80) -> str:
+    """``text`` for a one-line message: quoted, and cut when long."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _tar_parts(name: str, what: str, member: str) -> list[str]:
     """Components of a tar path, validated as CIM names (spec §15)."""
     if any("\ud800" <= c <= "\udfff" for c in name):
@@ -658,6 +665,9 @@ class _LayerImporter:
             raise CimError(E_INVALIDARG, "symlink entry has an empty target", member)
         if any("\ud800" <= c <= "\udfff" for c in target):
             raise CimError(E_INVALIDARG, "symlink target is not valid UTF-8", member)
+        if "\0" in target:
+            # A PAX linkpath may carry one; no Windows path does.
+            raise CimError(E_INVALIDARG, "symlink target contains a NUL character", member)
         attrs_dir = False
         if PAX_FILEATTR in h:
             try:
@@ -674,9 +684,9 @@ class _LayerImporter:
             try:
                 meta.reparse_data = ntfs.pack_mount_point_reparse(target) if mount else ntfs.pack_symlink_reparse(target)
             except CimError as e:
-                raise CimError(e.hresult, f"symlink target {target!r}: {e.strerror}", member) from None
+                raise CimError(e.hresult, f"symlink target {_shown(target)}: {e.strerror}", member) from None
             except (ValueError, TypeError, OverflowError) as e:
-                raise CimError(E_INVALIDARG, f"symlink target {target!r}: {e}", member) from None
+                raise CimError(E_INVALIDARG, f"symlink target {_shown(target)}: {e}", member) from None
         self._remove_existing(path)
         self.w.create_file(path, meta).close()
 

@@ -18,6 +18,7 @@ import dataclasses
 import fcntl
 import hashlib
 import os
+import re
 import secrets
 import stat
 from typing import BinaryIO
@@ -152,6 +153,11 @@ class _Node:
 
 
 _DIR_STREAM = cim.Stream(0, 0, cim.STREAM_TYPE_LINK_TABLE)
+
+#: Names of the temporary file a commit writes before renaming it into place
+#: (``.NAME.<12 hex digits>.tmp``).  One left by a writer killed mid-commit is
+#: never an image: ``gc`` removes it.
+COMMIT_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$", re.DOTALL)
 _DIR_CACHE_MAX = 1 << 16
 
 
@@ -277,6 +283,12 @@ class ImageWriter:
         for n in filter(None, (name, base)):
             if os.sep in n or (os.altsep and os.altsep in n) or n in (".", ".."):
                 raise CimError(ERROR_INVALID_NAME, "an image name is a file name, not a path", n)
+        if name != base and (cim.REGION_FILE_NAME.match(name) or COMMIT_TEMP_NAME.match(name)):
+            # gc/rm recognise images by their header whatever their name; a
+            # commit's leftover temporary file they remove, and a region
+            # file's name on an image would only mislead.
+            raise CimError(ERROR_INVALID_NAME, "the name of a region file or of a commit's temporary "
+                                               "file cannot name an image", name)
         self.directory = os.path.abspath(directory)
         self.name = name
         self.path = os.path.join(self.directory, name)
@@ -1091,7 +1103,7 @@ class ImageWriter:
         self._publish(cim.pack_filesystem_header(own, fs_offset, parents))
 
     def _publish(self, data: bytes) -> None:
-        tmp = os.path.join(self.directory, f".{self.name}.{secrets.token_hex(6)}.tmp")
+        tmp = os.path.join(self.directory, f".{self.name}.{secrets.token_hex(6)}.tmp")  # see COMMIT_TEMP_NAME
         write_file(tmp, data, self._sync, exclusive=True)
         try:
             if self.extending:

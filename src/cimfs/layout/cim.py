@@ -162,6 +162,26 @@ def pack_filesystem_header(own: RegionSet, filesystem_offset: int, parents: list
     return head + b"".join(p.pack() for p in parents)
 
 
+def sniff_file_type(buf: bytes) -> int | None:
+    """The file type (``FILE_TYPE_*``) of a file whose first bytes are ``buf``,
+    or None when they do not start like a CIM file (too short, other magic)."""
+    if len(buf) < COMMON_HEADER.size or buf[:len(MAGIC)] != MAGIC:
+        return None
+    return COMMON_HEADER.unpack_from(buf, 0)[2]
+
+
+def filesystem_header_length(buf: bytes) -> int:
+    """Bytes the filesystem header takes with its parent region sets, from its
+    fixed part (``buf`` holds at least ``FILESYSTEM_HEADER.size`` bytes)."""
+    if len(buf) < FILESYSTEM_HEADER.size:
+        raise CimFormatError(f"filesystem file is truncated ({len(buf)} bytes)")
+    return FILESYSTEM_HEADER.size + FILESYSTEM_HEADER.unpack_from(buf, 0)[15] * REGION_SET.size
+
+
+REGION_FILE_NAME = re.compile(r"^(region|objectid)_([0-9a-fA-F-]{36})_(\d+)$", re.IGNORECASE)
+"""Names of region and object ID files (spec §1): kind, set id, index."""
+
+
 def unpack_filesystem_header(buf: bytes) -> FilesystemHeader:
     version = _check_common(buf, FILE_TYPE_FILESYSTEM, "filesystem file")
     if len(buf) < FILESYSTEM_HEADER.size:

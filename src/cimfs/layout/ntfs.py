@@ -155,10 +155,18 @@ def _is_absolute(target: str) -> bool:
     return bool(re.match(r"^([A-Za-z]:[\\/]|[\\/]{2}|\\\?\?\\|[\\/])", target))
 
 
+#: The longest symlink or mount point target a reparse buffer holds: both
+#: names (substitute ``\??\``-prefixed, print name) in a 64 KiB buffer.
+MAX_LINK_TARGET_UNITS = (0xFFFF - 8 - 8 - 4 - 4 * 2 - 8 * 2) // 4
+
+
 def _name_buffer(substitute: str, print_name: str, nul: bool) -> tuple[bytes, bytes]:
     sub = substitute.encode("utf-16-le", "surrogatepass")
     prn = print_name.encode("utf-16-le", "surrogatepass")
     term = b"\0\0" if nul else b""
+    if 2 * len(term) + len(sub) + len(prn) > 0xFFFF - _REPARSE_HEADER.size - _NAMES.size - _U32.size:
+        raise CimError(E_INVALIDARG, f"link target of {len(print_name)} characters is too long for a reparse "
+                                     f"buffer (at most {MAX_LINK_TARGET_UNITS} UTF-16 units)")
     offsets = _NAMES.pack(0, len(sub), len(sub) + len(term), len(prn))
     return offsets, sub + term + prn + term
 

@@ -38,6 +38,7 @@ __all__ = ["mount", "mount_merged", "unmount", "mounts", "CimMountImage", "CimMe
            "registry_dir"]
 
 E_FAIL = 0x80004005
+MAX_ID = 0xFFFFFFFF  # uid/gid: 32-bit, and (uid_t)-1 is no id
 #: How the daemon gets a remote image's storage options (JSON): not on its
 #: command line, where every user could read credentials in them.
 STORAGE_OPTIONS_ENV = "CIMFS_MOUNT_STORAGE_OPTIONS"
@@ -249,8 +250,13 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
         cache_dir = os.path.abspath(os.fspath(cache_dir))
     mountpoint = os.path.abspath(os.fspath(mountpoint))
     volume_id = uuid.uuid4() if volume_id is None else uuid.UUID(str(volume_id))
-    if umask is not None and not 0 <= umask <= 0o777:
-        raise CimError(E_INVALIDARG, f"umask {umask:o} is out of range", mountpoint)
+    if umask is not None and (not isinstance(umask, int) or not 0 <= umask <= 0o777):
+        raise CimError(E_INVALIDARG, f"umask {umask!r} is not an octal mode 0..777", mountpoint)
+    for what, value in (("uid", uid), ("gid", gid)):
+        # (uid_t)-1 means "no change" to the kernel; nothing above it exists.
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not 0 <= value < MAX_ID):
+            raise CimError(E_INVALIDARG, f"{what} {value!r} is not a valid id (0..{MAX_ID - 1})", mountpoint)
     if not remote and not os.path.isfile(cim_path):
         raise CimError(ERROR_FILE_NOT_FOUND, "image not found", cim_path)
     if not os.path.isdir(mountpoint):

@@ -24,6 +24,15 @@ from ..errors import CimError
 E_FAIL = 0x80004005
 
 
+def fsname(cim_path: str) -> str:
+    """The mount's source (``fsname=``, the first column of ``mount``): the
+    image path with every byte outside printable ASCII, and ``%`` itself,
+    written ``%XX`` (URL style, so it decodes back to the path's bytes).
+    pyfuse3 hands options to libfuse as ASCII; a path in any other script
+    would fail the mount."""
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x25 else f"%{b:02X}" for b in os.fsencode(cim_path))
+
+
 def _escape_option(value: str) -> str:
     return value.replace("\\", "\\\\").replace(",", "\\,")
 
@@ -64,7 +73,7 @@ def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, a
     except Exception as e:  # noqa: BLE001
         image.close()
         raise CimError(E_FAIL, f"the image's root cannot be read: {e}", cim_path) from None
-    options = set(pyfuse3.default_options) | {"ro", "subtype=cimfs", f"fsname={_escape_option(cim_path)}"}
+    options = set(pyfuse3.default_options) | {"ro", "subtype=cimfs", f"fsname={_escape_option(fsname(cim_path))}"}
     if allow_other:
         options.add("allow_other")
     try:
