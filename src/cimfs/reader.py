@@ -13,8 +13,10 @@ import errno
 import io
 import mmap
 import os
+import stat
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Iterator, NamedTuple
 
 from .errors import (
@@ -87,6 +89,34 @@ _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 _COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
 
 
+def _open_regular(path: str, what: str, is_image: bool = False) -> int:
+    """A descriptor of ``path`` opened read-only, refused unless it is a
+    regular file.  ``O_NONBLOCK``: a FIFO (or device) put where an image's
+    file belongs must fail here, not block the reader -- or a mount daemon,
+    and with it every later request -- forever.  The .cim itself is the
+    caller's argument (CimError); a region file is part of the image
+    (CimFormatError)."""
+    def fail(code, reason):
+        return CimError(code, reason, path) if is_image else CimFormatError(reason, path)
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise fail(ERROR_FILE_NOT_FOUND, f"{what} not found") from None
+    except OSError as e:
+        raise fail(ERROR_FILE_NOT_FOUND, f"cannot open {what}: {e.strerror or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        os.close(fd)
+        raise fail(ERROR_FILE_NOT_FOUND, f"cannot stat {what}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise fail(E_INVALIDARG, f"{what} is {kind}")
+    return fd
+
+
 class _Region:
     """One region file: mapped for the small metadata objects, read with
     ``pread`` for file contents (so streaming a large file neither grows the
@@ -96,15 +126,15 @@ class _Region:
 
     def __init__(self, path: str, what: str):
         self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as e:
-            raise CimFormatError(f"cannot open region file: {e.strerror}", path) from None
+        self.fd = _open_regular(path, what)
         try:
             self.size = os.fstat(self.fd).st_size
             if self.size < cim.REGION_HEADER.size:
                 raise CimFormatError(f"{what} is truncated ({self.size} bytes)", path)
-            self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+            try:
+                self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError, OverflowError) as e:
+                raise CimFormatError(f"{what} of {self.size} bytes cannot be mapped ({e})", path) from None
             self.index, self.region_type = cim.unpack_region_header(self.map[: cim.REGION_HEADER.size], what)
         except BaseException:
             os.close(self.fd)
@@ -120,6 +150,45 @@ class _Region:
         return data
 
 
+class _FileTables(Sequence):
+    """The file table directory as a sequence, each entry unpacked (and
+    checked) when asked for: a count that passes the size check only because
+    the region file is sparse costs no memory up front."""
+
+    __slots__ = ("_raw", "_count", "_fail", "_cache")
+
+    def __init__(self, raw: memoryview, count: int, fail):
+        self._raw, self._count, self._fail, self._cache = raw, count, fail, {}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: int) -> cim.FileTableEntry:
+        t = self._cache.get(i)
+        if t is not None:
+            return t
+        if not 0 <= i < self._count:
+            if -self._count <= i < 0:
+                return self[i + self._count]
+            raise IndexError(i)
+        t = cim.unpack_file_table_entry(self._raw, i)
+        if t.count > cim.FILE_TABLE_CAPACITY:
+            raise self._fail(f"file table {i} claims {t.count} records (at most {cim.FILE_TABLE_CAPACITY})")
+        if t.count and t.entry_size == 0:
+            raise self._fail(f"file table {i} has entry size 0")
+        if len(self._cache) < 4096:
+            self._cache[i] = t
+        return t
+
+    def __iter__(self):
+        for i in range(self._count):
+            yield self[i]
+
+    def total_records(self) -> int:
+        """The records all tables claim (each count capped at a table's capacity)."""
+        return cim.file_table_record_total(self._raw, self._count)
+
+
 class Image:
     """A CIM image opened for reading.  Use as a context manager."""
 
@@ -127,13 +196,10 @@ class Image:
         self.path = os.fspath(cim_path)
         self.directory = os.path.dirname(os.path.abspath(self.path))
         self.name = os.path.basename(self.path)
+        fd = _open_regular(self.path, "image", is_image=True)
         try:
-            with io.open(self.path, "rb") as f:
+            with io.open(fd, "rb") as f:
                 raw = f.read(_MAX_FILESYSTEM_FILE)
-        except FileNotFoundError:
-            raise CimError(ERROR_FILE_NOT_FOUND, "image not found", self.path) from None
-        except IsADirectoryError:
-            raise CimError(E_INVALIDARG, "is a directory, not a .cim file", self.path) from None
         except OSError as e:
             raise CimError(ERROR_FILE_NOT_FOUND, e.strerror or str(e), self.path) from None
         try:
@@ -155,7 +221,7 @@ class Image:
         self._closed = False
         self._dirs: OrderedDict[int, _Directory] = OrderedDict()
         self._records: OrderedDict[int, cim.FileRecord] = OrderedDict()
-        self._table_views: list[memoryview | None] = []
+        self._table_views: dict[int, memoryview] = {}
         self._nlinks: dict[int, int] | None = None
         try:
             self._load_filesystem()
@@ -222,14 +288,11 @@ class Image:
         self.upcase_table = self._bytes(fs.upcase_offset, cim.UPCASE_TABLE_SIZE, "upcase table")
         self._folder = NameFolder.for_table(self.upcase_table)
         ndir = fs.file_table_count
+        if ndir > cim.MAX_FILE_TABLES:
+            raise self._fail(f"image claims {ndir} file tables (FileIDs are 32-bit: at most {cim.MAX_FILE_TABLES})")
         raw = self._view(fs.file_table_directory_offset, ndir * cim.FILE_TABLE_DIR_ENTRY.size, "file table directory")
-        self.file_tables = cim.unpack_file_table_directory(raw, ndir)
-        self._table_views = [None] * ndir
-        for i, t in enumerate(self.file_tables):
-            if t.count > cim.FILE_TABLE_CAPACITY:
-                raise self._fail(f"file table {i} claims {t.count} records (at most {cim.FILE_TABLE_CAPACITY})")
-            if t.count and t.entry_size == 0:
-                raise self._fail(f"file table {i} has entry size 0")
+        self.file_tables = _FileTables(raw, ndir, self._fail)
+        self._table_views = {}
         self.root_id = fs.root_file_id
         if not self.record(self.root_id).is_dir:
             raise self._fail(f"root FileID {self.root_id} is not a directory")
@@ -238,8 +301,8 @@ class Image:
         with self._lock:
             self._closed = True
             regions, self._regions = self._regions, [None] * len(self._regions)
-            views, self._table_views = self._table_views, [None] * len(self._table_views)
-        for v in views:
+            views, self._table_views = self._table_views, {}
+        for v in views.values():
             if v is not None:
                 try:
                     v.release()
@@ -270,7 +333,7 @@ class Image:
     @property
     def file_count(self) -> int:
         """Number of FileIDs the file tables hold (including unreferenced ones)."""
-        return sum(t.count for t in self.file_tables)
+        return self.file_tables.total_records()
 
     def max_file_id(self) -> int:
         if not self.file_tables:
@@ -289,7 +352,7 @@ class Image:
         t = self.file_tables[table_index]
         if slot >= t.count:
             raise self._fail(f"FileID {file_id} beyond the {t.count} records of file table {table_index}")
-        view = self._table_views[table_index] or self._table_view(table_index)
+        view = self._table_views.get(table_index) or self._table_view(table_index)
         pos = slot * t.entry_size
         if t.entry_size >= cim.FILE_RECORD_SIZE and pos + cim.FILE_RECORD_SIZE <= len(view):
             rec = cim.unpack_file_record(view, pos)
@@ -317,9 +380,8 @@ class Image:
                 view = None
                 if type(fid) is int:
                     ti, slot = divmod(fid - 1, cap)
-                    if 0 <= ti < len(views):
-                        view, t = views[ti], tables[ti]
-                if view is not None and slot < t.count and t.entry_size >= size and slot * t.entry_size + size <= len(view):
+                    view = views.get(ti)
+                if view is not None and fid > 0 and (t := tables[ti]) is not None and slot < t.count and t.entry_size >= size and slot * t.entry_size + size <= len(view):
                     rec = unpack(view, slot * t.entry_size)
                 else:
                     rec = self.record(fid)  # the careful path: maps the table, says what is wrong

@@ -38,6 +38,10 @@ MAX_REGIONS = 65536
 MAX_REGION_BYTE_OFFSET = (1 << 48) - 1
 MAX_STREAM_LENGTH = (1 << 48) - 1
 FILE_TABLE_CAPACITY = 1024
+#: FileIDs are 32-bit, so no image has more file tables than this.
+MAX_FILE_TABLES = ((1 << 32) - 1 + FILE_TABLE_CAPACITY - 1) // FILE_TABLE_CAPACITY
+#: A stored name (file or stream) is at most this many UTF-16 code units, as on NTFS.
+MAX_NAME_UNITS = 255
 FILE_RECORD_SIZE = 96
 UPCASE_TABLE_SIZE = 65536 * 2
 
@@ -235,6 +239,16 @@ class FileTableEntry(NamedTuple):
 
 def pack_file_table_directory(entries: list[FileTableEntry]) -> bytes:
     return b"".join(FILE_TABLE_DIR_ENTRY.pack(e.offset, e.count, e.entry_size, 0) for e in entries)
+
+
+def unpack_file_table_entry(buf, index: int) -> FileTableEntry:
+    return FileTableEntry(*FILE_TABLE_DIR_ENTRY.unpack_from(buf, index * FILE_TABLE_DIR_ENTRY.size)[:3])
+
+
+def file_table_record_total(buf, count: int) -> int:
+    """The sum of the record counts of ``count`` directory entries, each capped at FILE_TABLE_CAPACITY."""
+    cap = FILE_TABLE_CAPACITY
+    return sum(min(e[1], cap) for e in FILE_TABLE_DIR_ENTRY.iter_unpack(buf[: count * FILE_TABLE_DIR_ENTRY.size]))
 
 
 def unpack_file_table_directory(buf, count: int) -> list[FileTableEntry]:
@@ -437,6 +451,16 @@ def unpack_link_table(buf, value_size: int, what: str) -> tuple[list[str], list]
         raw = struct.unpack_from(f"<{2 * count}Q", buf, 8)
         values = [unpack_stream(raw[2 * i], raw[2 * i + 1]) for i in range(count)]
     offsets = struct.unpack_from(f"<{count}I", buf, 8 + value_size * count)
+    # Names are at most MAX_NAME_UNITS long and, as a writer lays them out,
+    # do not overlap: their lengths must then add up to no more than the
+    # table holds, so decoding a table never yields more text than its bytes
+    # (entries all pointing at one long name would otherwise be decoded into
+    # thousands of copies from a small image).
+    lengths = [buf[off] | buf[off + 1] << 8 if off + 2 <= length else 0 for off in offsets]
+    if lengths and max(lengths) > MAX_NAME_UNITS:
+        raise CimFormatError(f"{what}: a stored name of {max(lengths)} UTF-16 units (at most {MAX_NAME_UNITS})")
+    if 2 * (sum(lengths) + count) > length - 8 - (value_size + 4) * count:
+        raise CimFormatError(f"{what}: names overlap (their lengths add up to more than the link table holds)")
     names = _names_in_one_decode(buf, offsets, length)
     if names is not None:
         return names, values
