@@ -227,8 +227,9 @@ def test_random_field_values(tmp_path_factory, data):
     full_read(str(d / "x.cim"))
 
 
-def test_cycles_are_format_errors(tmp_path):
-    """A directory that lists its own parent: walk, nlink and check must stop."""
+def test_cycles_are_reported_and_skipped(tmp_path):
+    """A directory that lists its own parent: walk, nlink and check must stop
+    there, report it, and serve the rest (class 3 and 7 of issue 17)."""
     with cimfs.create(tmp_path, "c.cim") as w:
         w.mkdir("a/b", parents=True)
         w.add_file("a/b/f", b"x")
@@ -244,11 +245,15 @@ def test_cycles_are_format_errors(tmp_path):
     data[off + 8: off + 12] = struct.pack("<I", root)
     region.write_bytes(bytes(data))
     with cimfs.open(tmp_path / "c.cim") as im:
-        with pytest.raises(CimFormatError):
-            list(im.walk())
-        assert im.check()
-        with pytest.raises(CimFormatError):
-            im.stat("top").nlink  # a file's link count walks the tree
+        damage = []
+        walked = list(im.walk(onerror=damage.append))
+        # the loop is entered once, reported once, and the rest is served
+        assert [d for d, _, _ in walked] == ["", "a", "a\\b"]
+        assert len(damage) == 1 and isinstance(damage[0], CimFormatError) and "second name" in str(damage[0])
+        assert any("second name" in f for f in im.check())
+        assert im.stat("top").nlink == 1  # a file's link count walks the tree: the loop must not stop it
+        assert im.read_bytes("top") == b"y"
+        assert [p for p, _ in im.iter_file_ids()] == ["", "a", "top", "a\\b", "a\\b\\f"]  # "f" now names the root
     assert table
 
 

@@ -32,6 +32,8 @@ from .names import NameFolder, join_path, split_path
 # Reading a .cim never needs more than its header and 65535 parent sets.
 _MAX_FILESYSTEM_FILE = cim.FILESYSTEM_HEADER.size + 65535 * cim.REGION_SET.size
 _DIR_CACHE_SIZE = 4096
+#: Link-table bytes the decoded-directory cache may stand for.
+_DIR_CACHE_BYTES = 16 << 20
 _RECORD_CACHE_SIZE = 65536
 
 
@@ -63,6 +65,36 @@ class _Directory(NamedTuple):
     names: list[str]
     file_ids: list[int]
     keys: list  # folded names, computed lazily (None until needed)
+    size: int = 0  # bytes of its link table (what the cache is budgeted by)
+
+
+class _Visits:
+    """What a walk of the tree has entered, so that every walker visits each
+    directory once and does work bounded by the image's size: a directory
+    FileID met under a second name, two directories sharing one link table,
+    or link tables adding up to more bytes than the region files have (they
+    overlap) are damage, reported by the walker and not entered."""
+
+    __slots__ = ("dirs", "tables", "budget")
+
+    def __init__(self, image: "Image"):
+        self.dirs: set[int] = set()
+        self.tables: set[int] = set()
+        self.budget = image._region_bytes()
+
+    def admit(self, fid: int, rec: cim.FileRecord) -> str | None:
+        if fid in self.dirs:
+            return f"directory FileID {fid} has a second name (a cycle or a linked directory)"
+        s = rec.stream
+        if s.length:
+            if s.offset in self.tables:
+                return f"directory FileID {fid} shares its link table with another directory"
+            self.budget -= s.length
+            if self.budget < 0:
+                return f"directory FileID {fid}: link tables add up to more bytes than the region files hold (they overlap)"
+            self.tables.add(s.offset)
+        self.dirs.add(fid)
+        return None
 
 
 def find_region_file(directory: str, name: str) -> str | None:
@@ -220,6 +252,7 @@ class Image:
         self._lock = threading.Lock()
         self._closed = False
         self._dirs: OrderedDict[int, _Directory] = OrderedDict()
+        self._dir_bytes = 0
         self._records: OrderedDict[int, cim.FileRecord] = OrderedDict()
         self._table_views: dict[int, memoryview] = {}
         self._nlinks: dict[int, int] | None = None
@@ -318,6 +351,7 @@ class Image:
                     # the mapping goes away with the last reference.
                     pass
         self._dirs.clear()
+        self._dir_bytes = 0
         self._records.clear()
 
     def __enter__(self) -> "Image":
@@ -421,10 +455,13 @@ class Image:
         else:
             what = f"directory {file_id}"
             names, ids = cim.unpack_link_table(self._view(s.offset, s.length, what), 4, what)
-            d = _Directory(names, ids, [None])
+            d = _Directory(names, ids, [None], s.length)
+        # Bounded by count and by bytes: many FileIDs may claim one large
+        # link table, and the cache must not hold a decode of it for each.
         self._dirs[file_id] = d
-        if len(self._dirs) > _DIR_CACHE_SIZE:
-            self._dirs.popitem(last=False)
+        self._dir_bytes += d.size
+        while len(self._dirs) > 1 and (len(self._dirs) > _DIR_CACHE_SIZE or self._dir_bytes > _DIR_CACHE_BYTES):
+            self._dir_bytes -= self._dirs.popitem(last=False)[1].size
         return d
 
     def _keys(self, d: _Directory) -> list[str]:
@@ -499,20 +536,50 @@ class Image:
         fid = path if isinstance(path, int) else self.lookup(path)
         return list(self._directory(fid).names)
 
-    def walk(self, path: str = "") -> Iterator[tuple[str, list[str], list[str]]]:
+    def _region_bytes(self) -> int:
+        """The bytes of all region files that open (what a walk's link tables may add up to)."""
+        total = 0
+        for i in range(len(self._regions)):
+            try:
+                total += self._region(i).size
+            except CimError:
+                pass
+        return total
+
+    def walk(self, path: str = "", onerror=None) -> Iterator[tuple[str, list[str], list[str]]]:
         """Top-down like ``os.walk``; ``dirpath`` uses ``\\`` and the root is ``""``.
 
-        Directories may be pruned by editing ``dirnames`` in place.
+        Directories may be pruned by editing ``dirnames`` in place.  Damage
+        met on the way (a directory that cannot be read, an entry whose
+        record is bad, a directory under a second name) is passed to
+        ``onerror`` as a :class:`CimFormatError` (ignored without one) and
+        that part is skipped: the rest of the tree is still walked.  Each
+        directory is entered once, however many names lead to it.
         """
         top_id = self.lookup(path)
         top = join_path(split_path(path, strict=False)[0])
-        seen = {top_id}
+        visits = _Visits(self)
+        reason = visits.admit(top_id, self.record(top_id))
+        if reason is not None:
+            raise self._fail(reason)
         stack = [(top, top_id)]
         while stack:
             dirpath, fid = stack.pop()
+            try:
+                names, ids = self._directory(fid)[:2]
+            except CimFormatError as e:
+                if onerror is not None:
+                    onerror(e)
+                continue
             dirs, files, dir_ids = [], [], {}
-            for name, child in zip(*self._directory(fid)[:2]):
-                if self.record(child).is_dir:
+            for name, child in zip(names, ids):
+                try:
+                    is_dir = self.record(child).is_dir
+                except CimFormatError as e:
+                    if onerror is not None:
+                        onerror(CimFormatError(e.strerror, f"{dirpath}\\{name}" if dirpath else name))
+                    continue
+                if is_dir:
                     dirs.append(name)
                     dir_ids[name] = child
                 else:
@@ -522,33 +589,59 @@ class Image:
                 child = dir_ids.get(name)
                 if child is None:
                     continue
-                if child in seen:
-                    raise self._fail(f"directory FileID {child} appears twice in the tree (a cycle or a linked directory)")
-                seen.add(child)
-                stack.append((f"{dirpath}\\{name}" if dirpath else name, child))
+                sub = f"{dirpath}\\{name}" if dirpath else name
+                reason = visits.admit(child, self.record(child))
+                if reason is not None:
+                    if onerror is not None:
+                        onerror(CimFormatError(reason, sub))
+                    continue
+                stack.append((sub, child))
 
     def iter_file_ids(self) -> Iterator[tuple[str, int]]:
-        """Every (path, FileID) reachable from the root, the root first as ``""``."""
+        """Every (path, FileID) reachable from the root, the root first as
+        ``""`` (damaged parts skipped, each directory entered once)."""
         yield "", self.root_id
-        for dirpath, dirs, files in self.walk():
-            d = self._directory(self.lookup(dirpath) if dirpath else self.root_id)
-            for name, fid in zip(d.names, d.file_ids):
-                yield (f"{dirpath}\\{name}" if dirpath else name), fid
+        for path, fid, _rec, _reason in self._tree():
+            yield path, fid
+
+    def _tree(self) -> Iterator[tuple[str, int, cim.FileRecord | None, str | None]]:
+        """(path, FileID, record, damage) for every entry below the root,
+        parents before children, without recursion and without a path lookup
+        per entry.  ``record`` is None and ``damage`` says why when the entry
+        cannot be read or a directory is not entered; a directory that cannot
+        be listed is reported as (its path, its FileID, its record, reason)."""
+        visits = _Visits(self)
+        visits.admit(self.root_id, self.record(self.root_id))
+        stack = [("", self.root_id)]
+        while stack:
+            dirpath, fid = stack.pop()
+            try:
+                d = self._directory(fid)
+            except CimFormatError as e:
+                yield dirpath, fid, None, e.strerror
+                continue
+            sub = []
+            for name, child in zip(d.names, d.file_ids):
+                path = f"{dirpath}\\{name}" if dirpath else name
+                try:
+                    rec = self.record(child)
+                except CimFormatError as e:
+                    yield path, child, None, e.strerror
+                    continue
+                reason = visits.admit(child, rec) if rec.is_dir else None
+                yield path, child, rec, reason
+                if rec.is_dir and reason is None:
+                    sub.append((path, child))
+            stack.extend(reversed(sub))
 
     def _link_counts(self) -> dict[int, int]:
+        # Damage is skipped, not raised: one bad directory must not make the
+        # stat of every file fail.  Names in a skipped part are not counted.
         if self._nlinks is None:
             counts: dict[int, int] = {}
-            seen = {self.root_id}
-            stack = [self.root_id]
-            while stack:
-                fid = stack.pop()
-                for child in self._directory(fid).file_ids:
-                    counts[child] = counts.get(child, 0) + 1
-                    if self.record(child).is_dir:
-                        if child in seen:
-                            raise self._fail(f"directory FileID {child} appears twice in the tree")
-                        seen.add(child)
-                        stack.append(child)
+            for _path, fid, rec, _reason in self._tree():
+                if rec is not None and not rec.is_dir:
+                    counts[fid] = counts.get(fid, 0) + 1
             self._nlinks = counts
         return self._nlinks
 
@@ -819,26 +912,30 @@ class Image:
                     findings.append(f"{oid_name}: entry {k} ({length} bytes at {off}) lies outside {name}")
                     break
         reachable = {self.root_id}
-        try:
-            seen_dirs = {self.root_id}
-            stack = [(self.root_id, "")]
-            while stack:
-                fid, path = stack.pop()
+        checked = set()
+        for path, fid, rec, reason in self._tree():
+            reachable.add(fid)
+            if reason is not None:
+                findings.append(f"{path or '(root)'}: {reason}")
+            if rec is None or not rec.is_dir or reason is not None or fid in checked:
+                continue
+            checked.add(fid)
+            try:
                 d = self._directory(fid)
-                keys = self._keys(d)
-                for j in range(1, len(keys)):
-                    if not keys[j - 1] < keys[j]:
-                        what = "twice" if keys[j - 1] == keys[j] else "out of order"
-                        findings.append(f"{path or '(root)'}: entry {d.names[j]!r} is {what} in the link table")
-                for name, child in zip(d.names, d.file_ids):
-                    reachable.add(child)
-                    if self.record(child).is_dir:
-                        if child in seen_dirs:
-                            raise self._fail(f"directory FileID {child} appears twice in the tree")
-                        seen_dirs.add(child)
-                        stack.append((child, f"{path}\\{name}" if path else name))
-        except CimFormatError as e:
-            findings.append(e.strerror)
+            except CimFormatError:
+                continue  # _tree reports it when it lists the directory
+            keys = self._keys(d)
+            for j in range(1, len(keys)):
+                if not keys[j - 1] < keys[j]:
+                    what = "twice" if keys[j - 1] == keys[j] else "out of order"
+                    findings.append(f"{path or '(root)'}: entry {d.names[j]!r} is {what} in the link table")
+        try:
+            keys = self._keys(self._directory(self.root_id))
+            for j in range(1, len(keys)):
+                if not keys[j - 1] < keys[j]:
+                    findings.append(f"(root): entry {self._directory(self.root_id).names[j]!r} is out of order or twice in the link table")
+        except CimFormatError:
+            pass
         unreachable = self.file_count - len(reachable)
         if unreachable > 0 and not self.header.parent_sets:
             # Forks legitimately leave their parent's deleted records behind.
