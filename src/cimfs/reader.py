@@ -25,6 +25,7 @@ from .errors import (
     CimError,
     CimFormatError,
     E_INVALIDARG,
+    E_OUTOFMEMORY,
 )
 from .layout import cim
 from .names import NameFolder, join_path, split_path
@@ -75,14 +76,19 @@ class _Visits:
     or link tables adding up to more bytes than the region files have (they
     overlap) are damage, reported by the walker and not entered."""
 
-    __slots__ = ("dirs", "tables", "budget")
+    __slots__ = ("dirs", "tables", "budget", "image")
 
     def __init__(self, image: "Image"):
         self.dirs: set[int] = set()
         self.tables: set[int] = set()
         self.budget = image._region_bytes()
+        self.image = image
 
-    def admit(self, fid: int, rec: cim.FileRecord) -> str | None:
+    def admit(self, fid: int, rec: cim.FileRecord | None = None) -> str | None:
+        """None if the directory ``fid`` may be entered (it is then counted
+        as entered), else why not."""
+        if rec is None:
+            rec = self.image.record(fid)
         if fid in self.dirs:
             return f"directory FileID {fid} has a second name (a cycle or a linked directory)"
         s = rec.stream
@@ -112,6 +118,19 @@ def find_region_file(directory: str, name: str) -> str | None:
         return None
     return None
 
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 34
+
+
+#: The largest single read (``read_bytes``, ``read()``, ``read_at``) the
+#: reader attempts: the machine's physical memory.  Larger streams (sparse
+#: ones may claim up to 2^48 bytes) are read in pieces; a larger read gives
+#: ``CimError(E_OUTOFMEMORY)`` instead of a MemoryError or the OOM killer.
+MAX_READ_SIZE = _physical_memory()
 
 #: Bytes per copy_file_range / read-write step of :meth:`Image.copy_stream`.
 COPY_CHUNK = 8 << 20
@@ -546,6 +565,12 @@ class Image:
                 pass
         return total
 
+    def directory_guard(self) -> _Visits:
+        """For a walker outside this class: ``guard.admit(fid)`` is None when
+        directory ``fid`` may be entered, else the damage that forbids it
+        (a second name, a link table shared or overlapping)."""
+        return _Visits(self)
+
     def walk(self, path: str = "", onerror=None) -> Iterator[tuple[str, list[str], list[str]]]:
         """Top-down like ``os.walk``; ``dirpath`` uses ``\\`` and the root is ``""``.
 
@@ -842,8 +867,16 @@ class Image:
         if pos >= length or size <= 0:
             return b""
         end = min(length, pos + size)
+        if end - pos > MAX_READ_SIZE:
+            # A sparse length may be near 2^48 in a tiny image: one read of it
+            # all would fail (or be killed) allocating, not report it.
+            raise CimError(E_OUTOFMEMORY, f"a read of {end - pos} bytes is larger than memory "
+                           f"({MAX_READ_SIZE} bytes): read the stream in pieces (open(), read_at, copy_stream)", self.path)
         if desc.sparse:
-            return bytes(end - pos)
+            try:
+                return bytes(end - pos)
+            except MemoryError:
+                raise CimError(E_OUTOFMEMORY, f"no memory for a read of {end - pos} bytes: read the stream in pieces", self.path) from None
         if desc.type == cim.STREAM_TYPE_DATA:
             self._check_stream(desc)
             return self._data(desc.offset + pos, end - pos, "stream data")
