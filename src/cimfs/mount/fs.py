@@ -99,6 +99,16 @@ def _fs_name(name: str) -> bytes | None:
     return name.encode("utf-8", "surrogatepass")
 
 
+def _fs_bytes(text: str) -> bytes:
+    """A link target as bytes: an LX target's undecodable bytes
+    (surrogateescape) as they were, a lone UTF-16 surrogate of an NT target
+    as names are (surrogatepass)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
 def _op(fn):
     """Run one FUSE operation; turn every failure into an errno for that request."""
 
@@ -239,7 +249,7 @@ class CimFs(pyfuse3.Operations):
         except (CimError, ValueError, struct.error) as e:
             self._note(f"reparse buffer of FileID {fid}", e)
             return None
-        raw = target.encode("utf-8", "surrogateescape") if isinstance(target, str) else bytes(target)
+        raw = _fs_bytes(target) if isinstance(target, str) else bytes(target)
         if not raw or b"\0" in raw:
             return None
         return raw
