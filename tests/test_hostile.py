@@ -10,6 +10,8 @@ import resource
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 import traceback
 
 import pytest
@@ -296,3 +298,290 @@ def test_stored_names_windows_forbids_can_be_looked_up(tmp_path):
         with pytest.raises(CimError) as e:
             im.stat("dir/f\x00")
         assert e.value.hresult == errors.ERROR_INVALID_NAME
+
+
+# ---------------------------------------------------------------- issue 17, one test per class
+class Patch:
+    """Edits an image's region files in place, at RegionOffsets the reader reports."""
+
+    def __init__(self, cim_path):
+        self.cim = pathlib.Path(cim_path)
+        with cimfs.open(self.cim) as im:
+            self.names = [n for n, _ in im.region_names]
+
+    def _file(self, ro):
+        return pathlib.Path(find_region_file(str(self.cim.parent), self.names[ro >> 48])), ro & ((1 << 48) - 1)
+
+    def read(self, ro, n) -> bytes:
+        path, off = self._file(ro)
+        with open(path, "rb") as f:
+            f.seek(off)
+            return f.read(n)
+
+    def write(self, ro, data: bytes) -> None:
+        path, off = self._file(ro)
+        with open(path, "r+b") as f:
+            f.seek(off)
+            f.write(data)
+
+    def record(self, fid, **changes) -> None:
+        with cimfs.open(self.cim) as im:
+            t = im.file_tables[(fid - 1) // cim.FILE_TABLE_CAPACITY]
+            rec = im.record(fid)
+        ro = t.offset + ((fid - 1) % cim.FILE_TABLE_CAPACITY) * t.entry_size
+        self.write(ro, cim.pack_file_record(rec._replace(**changes))[: min(96, t.entry_size)])
+
+    def link_table(self, dir_fid):
+        """(RegionOffset, bytes) of a directory's link table."""
+        with cimfs.open(self.cim) as im:
+            s = im.record(dir_fid).stream
+        return s.offset, self.read(s.offset, s.length)
+
+
+def cli(*args, check_exit=None, report=False):
+    """Run the CLI; it must never print a traceback."""
+    p = subprocess.run([sys.executable, "-m", "cimfs.cli", *map(str, args)], capture_output=True, timeout=120,
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    out, err = p.stdout.decode("utf-8", "backslashreplace"), p.stderr.decode("utf-8", "backslashreplace")
+    assert "Traceback" not in err, err
+    if check_exit is not None:
+        assert p.returncode == check_exit, (p.returncode, out, err)
+    if p.returncode:  # an error is one line (a report, as fsck's, may have more)
+        assert p.returncode == 1 and (report or len(err.strip().splitlines()) == 1), (p.returncode, err)
+    return p.returncode, out, err
+
+
+def test_class4_long_stored_names_are_format_errors(tmp_path):
+    with cimfs.create(tmp_path, "n.cim") as w:
+        w.mkdir("d")
+        w.add_file("d/" + "x" * 255, b"longest allowed")
+    with cimfs.open(tmp_path / "n.cim") as im:
+        d = im.lookup("d")
+        assert im.read_bytes("d/" + "x" * 255) == b"longest allowed"
+    patch = Patch(tmp_path / "n.cim")
+    ro, table = patch.link_table(d)
+    (name_off,) = struct.unpack_from("<I", table, 12)
+    assert struct.unpack_from("<H", table, name_off) == (255,)
+    patch.write(ro + name_off, struct.pack("<H", 256))
+    with cimfs.open(tmp_path / "n.cim") as im:
+        with pytest.raises(CimFormatError, match="256 UTF-16 units"):
+            im.listdir("d")
+        assert im.listdir("") == ["d"]  # the rest is served
+    code, _, err = cli("ls", tmp_path / "n.cim", "d")
+    assert code == 1 and "256 UTF-16 units" in err
+
+
+def test_class4_link_entries_sharing_one_name_are_refused(tmp_path):
+    """Every entry pointing at one 255-unit name: refused before decoding
+    (decoded, a 420 KB image became gigabytes)."""
+    n = 2000
+    with cimfs.create(tmp_path, "s.cim") as w:
+        w.mkdir("d")
+        w.add_file("d/" + "a" * 255, b"x")
+        for i in range(n):
+            w.add_file(f"d/{i:05}", b"")
+    with cimfs.open(tmp_path / "s.cim") as im:
+        d = im.lookup("d")
+        assert len(im.listdir("d")) == n + 1
+    patch = Patch(tmp_path / "s.cim")
+    ro, table = patch.link_table(d)
+    length, count = struct.unpack_from("<II", table)
+    offsets = struct.unpack_from(f"<{count}I", table, 8 + 4 * count)
+    longest = max(offsets, key=lambda o: struct.unpack_from("<H", table, o)[0])
+    patch.write(ro + 8 + 4 * count, struct.pack(f"<{count}I", *[longest] * count))
+    with cimfs.open(tmp_path / "s.cim") as im:
+        with pytest.raises(CimFormatError, match="overlap"):
+            im.listdir("d")
+        assert any("overlap" in f for f in im.check())
+        assert [p for p, _ in im.iter_file_ids()] == ["", "d"]
+
+
+def test_class4_sparse_region_counts_are_bounded(tmp_path):
+    """A file-table count that passes the size check only because the region
+    file is sparse: bounded by 32-bit FileIDs, and what stays within that costs
+    memory only for what is read (measured in a child process)."""
+    with cimfs.create(tmp_path, "c.cim") as w:
+        w.add_file("f", b"intact")
+    with cimfs.open(tmp_path / "c.cim") as im:
+        fs_ro = im.header.filesystem_offset
+    patch = Patch(tmp_path / "c.cim")
+    region, _ = patch._file(fs_ro)
+    os.truncate(region, 1 << 40)  # sparse: every offset now "inside" the file
+    obj = bytearray(patch.read(fs_ro, cim.FILESYSTEM_OBJECT.size))
+    struct.pack_into("<I", obj, 16, cim.MAX_FILE_TABLES + 1)
+    patch.write(fs_ro, bytes(obj))
+    with pytest.raises(CimFormatError, match="32-bit"):
+        cimfs.open(tmp_path / "c.cim")
+    struct.pack_into("<I", obj, 16, cim.MAX_FILE_TABLES)
+    patch.write(fs_ro, bytes(obj))
+    code = (
+        "import resource, cimfs, sys\n"
+        "im = cimfs.open(sys.argv[1])\n"
+        "assert im.read_bytes('f') == b'intact'\n"
+        "assert im.listdir('') == ['f']\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    base = subprocess.run([sys.executable, "-c", "import resource, cimfs; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+                          capture_output=True, text=True, check=True)
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.cim")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    grown_kib = int(p.stdout) - int(base.stdout)
+    assert grown_kib < 64 << 10, f"opening grew the process by {grown_kib} KiB"  # 4M table entries unpacked would be ~400 MiB
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_class5_region_file_not_regular(tmp_path, kind):
+    with cimfs.create(tmp_path, "r.cim") as w:
+        w.add_file("f", b"data")
+    with cimfs.open(tmp_path / "r.cim") as im:
+        region = tmp_path / im.region_names[0][0]
+    region.unlink()
+    if kind == "fifo":
+        os.mkfifo(region)  # nobody writes it: a blocking open would hang
+    else:
+        region.mkdir()
+    code = "import cimfs, sys\ntry:\n    cimfs.open(sys.argv[1]).read_bytes('f')\nexcept cimfs.CimFormatError as e:\n    print(e)\n"
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.cim")], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert f"is {'a FIFO' if kind == 'fifo' else 'a directory'}" in p.stdout
+    code, _, err = cli("cat", tmp_path / "r.cim", "f")
+    assert code == 1 and "region file" in err
+    # the .cim itself as a FIFO: a CimError, no hang
+    os.rename(tmp_path / "r.cim", tmp_path / "moved")
+    os.mkfifo(tmp_path / "r.cim")
+    with pytest.raises(CimError, match="FIFO"):
+        cimfs.open(tmp_path / "r.cim")
+
+
+def _linked_twice(tmp_path):
+    """An image whose directory "a" is also named "b" (b's entry patched to a's FileID)."""
+    with cimfs.create(tmp_path, "t.cim") as w:
+        w.mkdir("a")
+        w.add_file("a/inner", b"in")
+        w.mkdir("b")
+        w.add_file("top", b"intact file")
+        w.link("top2", "top")
+    with cimfs.open(tmp_path / "t.cim") as im:
+        a, b, root = im.lookup("a"), im.lookup("b"), im.root_id
+    patch = Patch(tmp_path / "t.cim")
+    ro, table = patch.link_table(root)
+    length, count = struct.unpack_from("<II", table)
+    ids = list(struct.unpack_from(f"<{count}I", table, 8))
+    ids[ids.index(b)] = a
+    patch.write(ro + 8, struct.pack(f"<{count}I", *ids))
+    return tmp_path / "t.cim"
+
+
+def test_class7_one_bad_directory_does_not_hide_the_image(tmp_path):
+    path = _linked_twice(tmp_path)
+    with cimfs.open(path) as im:
+        assert im.listdir("") == ["a", "b", "top", "top2"]
+        assert im.read_bytes("top") == b"intact file"
+        assert im.stat("top").nlink == 2 and im.stat("").is_dir and im.stat("b").is_dir
+        assert im.info()["file_records"] >= 5
+        damage = []
+        assert [d for d, _, _ in im.walk(onerror=damage.append)] == ["", "a"]
+        assert ["b"] == [e.filename for e in damage]
+        assert any("b: directory FileID" in f and "second name" in f for f in im.check())
+    assert cli("ls", path, check_exit=0)[1].split() == ["a", "b", "top", "top2"]
+    assert cli("cat", path, "top", check_exit=0)[1] == "intact file"
+    assert "Links: 2" in cli("stat", path, "top", check_exit=0)[1]
+    cli("info", path, check_exit=0)
+    code, out, err = cli("fsck", path, report=True)
+    assert code == 1 and "second name" in out + err
+
+
+def test_class3_deep_trees_without_recursion_or_quadratic_work(tmp_path, monkeypatch):
+    """3000 levels (the recursion limit is 1000): every walker finishes, and
+    fsck looks up each entry once in its directory, not from the root."""
+    depth = 3000
+    with cimfs.create(tmp_path, "deep.cim") as w:
+        w.mkdir("\\".join(["d"] * depth), parents=True)
+        w.add_file("\\".join(["d"] * depth + ["leaf"]), b"bottom")
+    path = str(tmp_path / "deep.cim")
+    assert sys.getrecursionlimit() < depth
+    from cimfs import tools
+    from cimfs.reader import Image
+    calls = {"n": 0}
+    real_child = Image._child
+
+    def counting_child(self, dir_id, name):
+        calls["n"] += 1
+        return real_child(self, dir_id, name)
+    monkeypatch.setattr(Image, "_child", counting_child)
+    assert tools.fsck(path) == []
+    assert calls["n"] <= 3 * (depth + 2), f"fsck did {calls['n']} name lookups for {depth + 2} entries"
+    with cimfs.open(path) as im, cimfs.open(path) as im2:
+        assert sum(1 for _ in im.walk()) == depth + 1
+        assert len(list(im.iter_file_ids())) == depth + 2
+        assert im.check() == []
+        assert len(list(tools.iter_entries(im))) == depth + 2
+        assert tools.diff_images(im, im2) == {"added": [], "removed": [], "changed": []}
+        assert im.stat("\\".join(["d"] * depth + ["leaf"])).nlink == 1
+
+
+def test_class3_sparse_stream_near_2_48_is_not_read(tmp_path, monkeypatch):
+    size = (1 << 48) - 1
+    with cimfs.create(tmp_path, "a.cim") as w:
+        w.create_file("huge", FileMetadata(file_size=size)).close()
+        w.add_stream("huge:ads", b"s")
+    with cimfs.create(tmp_path, "b.cim") as w:
+        w.create_file("huge", FileMetadata(file_size=size)).close()
+        w.add_stream("huge:ads", b"s")
+    from cimfs import tools
+    from cimfs.reader import Image
+    read = {"bytes": 0}
+    real = Image._read_stream
+
+    def counting(self, desc, pos, n):
+        data = real(self, desc, pos, n)
+        read["bytes"] += len(data)
+        return data
+    monkeypatch.setattr(Image, "_read_stream", counting)
+    assert tools.fsck(str(tmp_path / "a.cim")) == []
+    with cimfs.open(tmp_path / "a.cim") as a, cimfs.open(tmp_path / "b.cim") as b:
+        assert tools.diff_images(a, b)["changed"] == []
+        assert read["bytes"] < 1 << 20, "holes were read"
+        with pytest.raises(CimError) as e:
+            a.read_bytes("huge")
+        assert e.value.hresult == errors.E_OUTOFMEMORY and "pieces" in str(e.value)
+        assert a.read_at("huge", size - 4, 100) == bytes(4)
+
+
+def _weird_names_image(tmp_path):
+    """Names and link targets with a lone surrogate, one target with a NUL,
+    one record whose reparse tag disagrees with its buffer."""
+    with cimfs.create(tmp_path, "w.cim") as w:
+        w.add_file("sQQ", b"lone surrogate name")
+        w.add_file("lnkQ", b"", FileMetadata(reparse_data=ntfs.pack_symlink_reparse("tQQ")))
+        w.add_file("nulQ", b"", FileMetadata(reparse_data=ntfs.pack_symlink_reparse("nQQ")))
+        w.add_file("tag", b"", FileMetadata(reparse_data=ntfs.pack_symlink_reparse("x")))
+        w.add_file("ok", b"fine")
+    with cimfs.open(tmp_path / "w.cim") as im:
+        tag_fid = im.lookup("tag")
+    for region in tmp_path.glob("region_*"):
+        data = region.read_bytes()
+        for old, new in (("sQQ", "s\ud800Q"), ("tQQ", "t\udc01Q"), ("nQQ", "n\0Q")):
+            data = data.replace(old.encode("utf-16-le"), new.encode("utf-16-le", "surrogatepass"))
+        region.write_bytes(data)
+    Patch(tmp_path / "w.cim").record(tag_fid, reparse_tag=ntfs.IO_REPARSE_TAG_LX_SYMLINK)
+    return tmp_path / "w.cim"
+
+
+def test_class2_surrogates_nul_targets_and_tag_mismatch(tmp_path):
+    path = _weird_names_image(tmp_path)
+    with cimfs.open(path) as im:
+        assert "s\ud800Q" in im.listdir("")
+        assert im.read_bytes("s\ud800Q") == b"lone surrogate name"
+        for name in im.listdir(""):
+            im.stat(name)  # the API serves every entry; what is wrong in a buffer is reported by its parser
+        with pytest.raises(CimFormatError, match="NUL"):
+            ntfs.parse_reparse(im.stat("nulQ").reparse_data)
+    out = cli("ls", path, check_exit=0)[1]
+    assert "s\\ud800Q" in out and "ok" in out
+    out = cli("ls", "-l", path, check_exit=0)[1]
+    assert "t\\udc01Q" in out
+    for name in ("lnkQ", "nulQ", "tag"):
+        cli("stat", path, name, check_exit=0)
+    cli("info", path, check_exit=0)
+    code, out, err = cli("fsck", path, report=True)
+    assert code == 1 and "NUL" in out + err and "reparse tag" in out + err

@@ -610,7 +610,8 @@ class Image:
                 else:
                     files.append(name)
             yield dirpath, dirs, files
-            for name in reversed(dirs):
+            subs = []
+            for name in dirs:  # in order: the first name of a directory is the one entered
                 child = dir_ids.get(name)
                 if child is None:
                     continue
@@ -620,21 +621,23 @@ class Image:
                     if onerror is not None:
                         onerror(CimFormatError(reason, sub))
                     continue
-                stack.append((sub, child))
+                subs.append((sub, child))
+            stack.extend(reversed(subs))
 
     def iter_file_ids(self) -> Iterator[tuple[str, int]]:
         """Every (path, FileID) reachable from the root, the root first as
         ``""`` (damaged parts skipped, each directory entered once)."""
         yield "", self.root_id
         for path, fid, _rec, _reason in self._tree():
-            yield path, fid
+            if fid is not None:
+                yield path, fid
 
     def _tree(self) -> Iterator[tuple[str, int, cim.FileRecord | None, str | None]]:
         """(path, FileID, record, damage) for every entry below the root,
         parents before children, without recursion and without a path lookup
         per entry.  ``record`` is None and ``damage`` says why when the entry
         cannot be read or a directory is not entered; a directory that cannot
-        be listed is reported as (its path, its FileID, its record, reason)."""
+        be listed is reported as (its path, None, None, reason)."""
         visits = _Visits(self)
         visits.admit(self.root_id, self.record(self.root_id))
         stack = [("", self.root_id)]
@@ -643,7 +646,7 @@ class Image:
             try:
                 d = self._directory(fid)
             except CimFormatError as e:
-                yield dirpath, fid, None, e.strerror
+                yield dirpath, None, None, e.strerror
                 continue
             sub = []
             for name, child in zip(d.names, d.file_ids):
@@ -947,7 +950,8 @@ class Image:
         reachable = {self.root_id}
         checked = set()
         for path, fid, rec, reason in self._tree():
-            reachable.add(fid)
+            if fid is not None:
+                reachable.add(fid)
             if reason is not None:
                 findings.append(f"{path or '(root)'}: {reason}")
             if rec is None or not rec.is_dir or reason is not None or fid in checked:
