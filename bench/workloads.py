@@ -28,6 +28,8 @@ import shutil
 import sysconfig
 from dataclasses import dataclass, field
 
+OPS = ("create", "extract", "read", "stat", "random", "fork")  # the operations, in the order run and reported
+
 FIXED_MTIME = 1_700_000_000  # 2023-11-14, every generated file and directory
 
 

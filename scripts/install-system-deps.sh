@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What the FUSE mount (and its tests) need on Debian: fuse3 (fusermount3),
+# What the mounts (and their tests) need on Debian: fuse3 (fusermount3),
+# erofs-utils (fsck.erofs checks the kernel engine's EROFS indexes),
 # libfuse3-dev + pkg-config + a C compiler to build pyfuse3, then pyfuse3 and
 # trio from PyPI.  The image tests (tests/test_oci.py) use skopeo and
 # docker-registry (Debian's distribution registry) as real clients.  Idempotent: installs only what is missing.  Run as root.
@@ -11,7 +12,7 @@ PYTHON=${PYTHON:-python3}
 export DEBIAN_FRONTEND=noninteractive PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config gcc skopeo docker-registry; do
+for pkg in fuse3 libfuse3-dev pkg-config gcc erofs-utils skopeo docker-registry; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 # pyfuse3 is built from source: the interpreter's own headers must exist.

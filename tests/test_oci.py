@@ -22,7 +22,7 @@ from cimfs import oci, tools
 from cimfs.errors import CimError
 
 sys.path.insert(0, os.path.dirname(__file__))
-from ocihelp import HIVE_NAMES, base_entries, layer_tar, sha, write_layout  # noqa: E402
+from ocihelp import base_entries, layer_tar, sha, write_layout  # noqa: E402
 
 SKOPEO = shutil.which("skopeo")
 REGISTRY = shutil.which("docker-registry") or (
@@ -330,7 +330,8 @@ def test_export_is_deterministic_and_round_trips_through_skopeo(app_layout, tmp_
     assert info["Os"] == "windows" and info["Layers"] == [d["digest"] for d in manifest["layers"]]
     skopeo("copy", f"oci:{tmp_path / 'out1'}", f"docker-archive:{tmp_path / 'x.tar'}")
     skopeo("copy", f"oci:{tmp_path / 'out1'}", f"oci:{tmp_path / 'by-skopeo'}:app")
-    for i, src in enumerate([tmp_path / "x.tar", tmp_path / "by-skopeo", tmp_path / "out1"]):
+    skopeo("copy", f"oci:{tmp_path / 'out1'}", f"oci-archive:{tmp_path / 'oa.tar'}")
+    for i, src in enumerate([tmp_path / "x.tar", tmp_path / "by-skopeo", tmp_path / "out1", tmp_path / "oa.tar"]):
         s = tmp_path / f"re{i}"
         r = oci.import_image(str(src), s, reference="again")
         assert all(x["status"] == "new" for x in r["layers"])
@@ -468,3 +469,136 @@ def test_round_trip_through_a_registry(app_layout, tmp_path, registry):
     r = json.loads(run("import-image", tmp_path / "pulled", tmp_path / "store2", "--json").stdout)
     assert r["refs"] == ["1.0"] and [x["status"] for x in r["layers"]] == ["new"] * 3
     assert_same_layers(store, "app:1.0", tmp_path / "store2", "1.0")
+
+
+# ------------------------------------------------------------------ malformed sources: a clear CimError, nothing stored
+def _mangle_index(layout):
+    (layout / "index.json").write_text("{not json")
+
+
+def _drop_manifest(layout):
+    index = json.load(open(layout / "index.json"))
+    os.unlink(_blob(layout, index["manifests"][0]["digest"]))
+
+
+def _config_mismatch(layout):
+    index = json.load(open(layout / "index.json"))
+    manifest = json.load(open(_blob(layout, index["manifests"][0]["digest"])))
+    with open(_blob(layout, manifest["config"]["digest"]), "ab") as f:
+        f.write(b" ")
+
+
+def _linux_image(layout):
+    index = json.load(open(layout / "index.json"))
+    index["manifests"][0]["platform"]["os"] = "linux"
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def _traversal_digest(layout):
+    index = json.load(open(layout / "index.json"))
+    index["manifests"][0]["digest"] = "sha256:../../../../etc/passwd"
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("mangle, message", [
+    (_mangle_index, "not valid JSON"),
+    (_drop_manifest, "not in the layout"),
+    (_config_mismatch, "digest mismatch"),
+    (_linux_image, "no image for any windows platform"),
+    (_traversal_digest, "not a sha256/sha512 digest"),
+])
+def test_malformed_layouts_are_clear_errors(tmp_path, mangle, message):
+    layout = tmp_path / "lay"
+    write_layout(layout, [layer_tar(base_entries())])
+    mangle(layout)
+    r = run("import-image", layout, tmp_path / "store", check=False)
+    assert r.returncode == 1 and r.stderr.decode().startswith("cimfs: ") and message in r.stderr.decode()
+    assert "Traceback" not in r.stderr.decode()
+    assert [n for n in os.listdir(tmp_path / "store" / "layers")] == []
+
+
+def test_docker_archive_without_manifest_and_garbage_on_stdin(tmp_path):
+    import tarfile
+    with tarfile.open(tmp_path / "empty.tar", "w") as tf:
+        tf.addfile(tarfile.TarInfo("repositories"))
+    r = run("import-image", tmp_path / "empty.tar", tmp_path / "store", check=False)
+    assert r.returncode == 1 and "manifest.json" in r.stderr.decode()
+    r = run("import-image", "-", tmp_path / "store", input=b"this is not a tar" * 100, check=False)
+    assert r.returncode == 1 and "docker archive" in r.stderr.decode() and "Traceback" not in r.stderr.decode()
+    assert not [n for n in os.listdir(tmp_path / "store") if n.startswith(".spool")]
+
+
+def test_platform_from_a_nested_multi_platform_index(tmp_path):
+    """An index whose manifest list holds a linux and two windows images (two os.versions)."""
+    layout = tmp_path / "lay"
+    m_win, _ = write_layout(layout, [layer_tar(base_entries())], ref="unused")
+    index = json.load(open(layout / "index.json"))
+    win = index["manifests"][0]
+    del win["annotations"]
+
+    def put(obj) -> dict:
+        data = json.dumps(obj).encode()
+        d = sha(data)
+        (layout / "blobs" / "sha256" / d[7:]).write_bytes(data)
+        return {"digest": d, "size": len(data)}
+
+    # a second windows image (another os.version) and a linux one, sharing nothing
+    win2_layer = layer_tar(base_entries([("file", "Files/ltsc2019.txt", b"2019")]))
+    (layout / "blobs" / "sha256" / sha(win2_layer)[7:]).write_bytes(win2_layer)
+    cfg2 = put({"os": "windows", "architecture": "amd64", "os.version": "10.0.17763.1",
+                "rootfs": {"type": "layers", "diff_ids": [sha(win2_layer)]}})
+    man2 = put({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": dict(cfg2, mediaType="application/vnd.oci.image.config.v1+json"),
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha(win2_layer),
+                            "size": len(win2_layer)}]})
+    lin = put({"os": "linux", "architecture": "amd64", "rootfs": {"type": "layers", "diff_ids": []}})
+    man_lin = put({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                   "config": dict(lin, mediaType="application/vnd.oci.image.config.v1+json"), "layers": []})
+    inner = put({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+        dict(man_lin, mediaType="application/vnd.oci.image.manifest.v1+json",
+             platform={"os": "linux", "architecture": "amd64"}),
+        dict(win, platform={"os": "windows", "architecture": "amd64", "os.version": "10.0.20348.1"}),
+        dict(man2, mediaType="application/vnd.oci.image.manifest.v1+json",
+             platform={"os": "windows", "architecture": "amd64", "os.version": "10.0.17763.1"})]})
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        dict(inner, mediaType="application/vnd.oci.image.index.v1+json",
+             annotations={"org.opencontainers.image.ref.name": "multi"})]}))
+    r = run("import-image", layout, tmp_path / "s", check=False)
+    assert r.returncode == 1 and "several images match" in r.stderr.decode() and "10.0.17763.1" in r.stderr.decode()
+    r = json.loads(run("import-image", layout, tmp_path / "s", "--platform", "windows/amd64:10.0.17763", "--json").stdout)
+    assert r["manifest_digest"] == man2["digest"] and r["refs"] == ["multi"]
+    with cimfs.open(r["top"]) as img:
+        assert img.read_bytes("Files\\ltsc2019.txt") == b"2019"
+    r = json.loads(run("import-image", layout, tmp_path / "s2", "--platform", "windows/amd64:10.0.20348", "--json").stdout)
+    assert r["manifest_digest"] == m_win
+
+
+def test_foreign_layer_present_in_the_layout_is_imported(tmp_path):
+    layers = app_layers()
+    _, descs = write_layout(tmp_path / "lay", layers, foreign=0)
+    blob = os.path.join(tmp_path / "lay", "blobs", "sha256", descs[0]["digest"][7:])
+    import gzip
+    with open(blob, "wb") as f:  # what skopeo --preserve-digests / a pull of non-distributable layers puts there
+        f.write(gzip.compress(layers[0], mtime=0))
+    assert sha(open(blob, "rb").read()) == descs[0]["digest"]
+    r = oci.import_image(str(tmp_path / "lay"), tmp_path / "s")
+    assert [x["status"] for x in r["layers"]] == ["new"] * 3
+    assert r["layers"][0]["media_type"] == "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+
+
+def test_compressed_docker_archive_file_and_stdin(app_layout, tmp_path):
+    import gzip
+    layout, _, _ = app_layout
+    store = tmp_path / "store"
+    oci.import_image(str(layout), store)
+    oci.export_image(str(store), "app:1.0", str(tmp_path / "d.tar"), fmt="docker-archive")
+    packed = gzip.compress((tmp_path / "d.tar").read_bytes())
+    (tmp_path / "d.tar.gz").write_bytes(packed)
+    run("import-image", tmp_path / "d.tar.gz", tmp_path / "s1", "--ref", "again")
+    assert_same_layers(store, "app:1.0", tmp_path / "s1", "again")
+    run("import-image", "-", tmp_path / "s2", "--ref", "again", input=packed)
+    assert_same_layers(store, "app:1.0", tmp_path / "s2", "again")
+    r = run("import-image", "-", tmp_path / "s3", input=packed[: len(packed) // 2], check=False)
+    assert r.returncode == 1 and "truncated" in r.stderr.decode()
+    assert sorted(os.listdir(tmp_path / "s3")) == ["blobs", "layers", "lock"]
+    assert os.listdir(tmp_path / "s3" / "layers") == []

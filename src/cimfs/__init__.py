@@ -27,8 +27,13 @@ from .win32 import (
     CimCreateAlternateStream,
     CimCreateFile,
     CimCreateHardLink,
+    CimCreateFlags,
     CimCreateImage,
+    CimCreateImage2,
     CimDeletePath,
+    CimGetFileStatBasicInformation,
+    CimReadFile,
+    FILE_STAT_BASIC_INFORMATION,
     CimDismountImage,
     CimMountImage,
     CimWriteStream,
@@ -42,3 +47,6 @@ __all__ = [
     "CimCreateImage", "CimCreateFile", "CimWriteStream", "CimCloseStream", "CimCreateAlternateStream",
     "CimCreateHardLink", "CimDeletePath", "CimCommitImage", "CimCloseImage", "CimMountImage", "CimDismountImage",
 ]
+
+__all__ += ["CimCreateImage2", "CimCreateFlags", "CimReadFile", "CimGetFileStatBasicInformation",
+            "FILE_STAT_BASIC_INFORMATION"]

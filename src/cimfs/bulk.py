@@ -24,15 +24,3 @@ def paused_gc():
         if was_enabled:
             gc.enable()
 
-
-def widen_pipe(conn) -> None:
-    """Room for many batches in a job pipe to a forked worker (Linux: 64 KiB,
-    about one batch, by default): the owner and the worker each run ahead of
-    the other instead of taking turns whenever one batch takes longer than
-    the next one to build."""
-    try:
-        import fcntl
-
-        fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
-    except OSError:
-        pass  # a lower pipe-max-size: the default still works

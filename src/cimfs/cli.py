@@ -84,11 +84,39 @@ def _detect_format(fmt: str, tf: tarfile.TarFile) -> str:
         return "posix"
 
 
-def _import_posix(directory, name, base_name, tree, *, mirror: bool):
+def _write_options() -> dict:
+    """cimfs.create() options of create/fork: consistent images unless
+    --no-consistent, times clamped to SOURCE_DATE_EPOCH when it is set."""
+    options = {"consistent": click.get_current_context().meta.get("cimfs.consistent", True)}
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is not None and epoch.strip():
+        try:
+            seconds = int(epoch.strip())
+            if seconds < 0:
+                raise ValueError
+        except ValueError:
+            raise click.UsageError(f"SOURCE_DATE_EPOCH={epoch!r} is not a count of seconds since 1970") from None
+        options["clamp_time"] = cimfs.filetime_from_ns(seconds * 1_000_000_000)
+    return options
+
+
+def _remember_consistent(ctx, param, value):
+    ctx.meta["cimfs.consistent"] = value
+
+
+_CONSISTENT_OPTION = click.option(
+    "--consistent/--no-consistent", default=True, show_default=True, expose_value=False,
+    callback=_remember_consistent,
+    help="Write a consistent image (CONSISTENT_CIM): the same input gives the same files, byte for byte and "
+         "by name. A POSIX source's atimes and ctimes are not stored (they equal the mtime). "
+         "SOURCE_DATE_EPOCH, when set, caps every time.")
+
+
+def _import_posix(directory, name, base_name, tree, *, mirror: bool, options: dict):
     base_reader = None
     total = tree.total_bytes()
     with Progress(total, "create") as bar:
-        with cimfs.create(directory, name, base=base_name) as w:
+        with cimfs.create(directory, name, base=base_name, **options) as w:
             if base_name is not None:
                 base_reader = cimfs.open(os.path.join(directory, base_name))
             try:
@@ -99,6 +127,7 @@ def _import_posix(directory, name, base_name, tree, *, mirror: bool):
 
 
 @cli.command(context_settings=CONTEXT)
+@_CONSISTENT_OPTION
 @click.argument("src")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--fork-from", "parent", metavar="PARENT.cim",
@@ -144,6 +173,7 @@ def create(src, image, parent, extend, fmt, on_collision):
         raise CimError(ERROR_FILE_EXISTS, "already exists (remove it with 'cimfs rm' or use --extend)", image)
     if not os.path.isdir(directory):
         raise CimError(ERROR_FILE_NOT_FOUND, "directory does not exist", directory)
+    options = _write_options()
 
     if src != "-" and os.path.isdir(src):
         if fmt == "windows-layer":
@@ -153,11 +183,11 @@ def create(src, image, parent, extend, fmt, on_collision):
             # memory; the total is not known up front, so progress counts up).
             # One GC pause from the scan to the tree's release after the
             # commit: in between, the first collection would scan every node.
-            with paused_gc(), Progress(0, "create") as bar, cimfs.create(directory, name) as w:
+            with paused_gc(), Progress(0, "create") as bar, cimfs.create(directory, name, **options) as w:
                 posix.DirectoryImporter(w, src, on_collision=on_collision, report=_warn, progress=bar).run()
             return
         tree = posix.scan_directory(src, posix.Tree(on_collision, report=_warn))
-        _import_posix(directory, name, base_name, tree, mirror=bool(parent))
+        _import_posix(directory, name, base_name, tree, mirror=bool(parent), options=options)
         return
     if src != "-" and not os.path.exists(src):
         raise CimError(ERROR_FILE_NOT_FOUND, "no such file or directory", src)
@@ -169,13 +199,13 @@ def create(src, image, parent, extend, fmt, on_collision):
             with Progress(0, "create") as bar:
                 if src == "-":
                     tf.spool.seek(0)
-                    winlayer.import_layer(tf.spool, directory, name, parent=base_name, progress=bar)
+                    winlayer.import_layer(tf.spool, directory, name, parent=base_name, progress=bar, **options)
                 else:
-                    winlayer.import_layer(src, directory, name, parent=base_name, progress=bar)
+                    winlayer.import_layer(src, directory, name, parent=base_name, progress=bar, **options)
             return
         label = "stdin" if src == "-" else src
         tree = posix.scan_tar(tf, posix.Tree(on_collision, report=_warn), label)
-        _import_posix(directory, name, base_name, tree, mirror=bool(parent))
+        _import_posix(directory, name, base_name, tree, mirror=bool(parent), options=options)
 
 
 # ===================================================================== fork
@@ -187,6 +217,7 @@ def _split_add(spec: str) -> tuple[str, str | None]:
 
 
 @cli.command(context_settings=CONTEXT)
+@_CONSISTENT_OPTION
 @click.argument("parent", type=click.Path(dir_okay=False))
 @click.argument("new", type=click.Path(dir_okay=False))
 @click.option("--add", "adds", multiple=True, metavar="SRC[:IMAGE_PATH]",
@@ -233,7 +264,8 @@ def fork(parent, new, adds, deletes, on_collision):
             node = posix.scan_single(src, tree)
             plans.append((node, dest, node.size))
     total = sum(t for _, _, t in plans)
-    with Progress(total, "fork") as bar, cimfs.create(directory, name, base=pname) as w, \
+    options = _write_options()
+    with Progress(total, "fork") as bar, cimfs.create(directory, name, base=pname, **options) as w, \
             cimfs.open(os.path.join(directory, pname)) as base:
         hidden = set()
         for d in deletes:
@@ -632,8 +664,8 @@ def gc(directory, dry_run, verbose):
 def import_image(src, store_dir, platform, jobs, reference, as_json):
     """Import a Windows container image into the layer store STORE_DIR.
 
-    SRC is an OCI image layout directory, a `docker save` archive, or - for an
-    archive on stdin.  Each layer becomes one image named by its chain ID, a fork
+    SRC is an OCI image layout directory, a `docker save` archive, an OCI
+    archive (a layout in a tar), or - for an archive on stdin.  Each layer becomes one image named by its chain ID, a fork
     of the layer below; layers already in the store are reused.  Every blob is
     checked against its digest and every layer against its diff ID while it is
     imported: on a mismatch the store is left as it was.
@@ -746,13 +778,18 @@ def _mount_options(opts: tuple[str, ...]) -> dict:
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("-f", "foreground", is_flag=True, help="Stay in the foreground until unmounted.")
 @click.option("-o", "options", multiple=True, metavar="uid=N,gid=N,umask=OOO,allow_other")
-def mount(image, mountpoint, foreground, options):
-    """Mount IMAGE read-only at MOUNTPOINT (FUSE; needs pyfuse3).
+@click.option("--engine", type=click.Choice(["fuse", "kernel", "auto"]), default="fuse", show_default=True,
+              help="fuse: the FUSE daemon; kernel: an EROFS index over the region files, served by the "
+                   "kernel (root only); auto: kernel when it can.")
+@click.option("--kernel", "kernel", is_flag=True, help="Same as --engine kernel.")
+def mount(image, mountpoint, foreground, options, engine, kernel):
+    """Mount IMAGE read-only at MOUNTPOINT (FUSE with pyfuse3, or the kernel's EROFS).
 
     \b
     Examples:
       cimfs mount app.cim /mnt/app
       cimfs mount app.cim /mnt/app -f -o uid=1000,gid=1000,umask=022
+      cimfs mount --kernel app.cim /mnt/app     # root: EROFS, no daemon
     """
     opts = _mount_options(options)
     if not os.path.exists(image):
@@ -762,7 +799,7 @@ def mount(image, mountpoint, foreground, options):
     except ImportError as e:
         raise CimError(E_INVALIDARG, f"mounting needs the 'mount' extra (pip install cimfs[mount]): {e}",
                        image) from None
-    vid = _mount.mount(image, mountpoint, foreground=foreground, **opts)
+    vid = _mount.mount(image, mountpoint, foreground=foreground, engine="kernel" if kernel else engine, **opts)
     if vid is not None and not foreground:
         click.echo(str(vid))
 
@@ -781,6 +818,39 @@ def umount(mountpoint):
     except ImportError as e:
         raise CimError(E_INVALIDARG, f"mounting needs the 'mount' extra: {e}", mountpoint) from None
     _mount.unmount(mountpoint)
+
+
+@cli.command("to-erofs", context_settings=CONTEXT)
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--standalone", is_flag=True, help="Copy all contents in: a self-contained EROFS image.")
+@click.option("--block-size", type=click.Choice(["auto", "512", "4096"]), default="auto", show_default=True,
+              help="EROFS block size (auto: 512 only when that addresses every object in place).")
+@click.option("-o", "options", multiple=True, metavar="uid=N,gid=N,umask=OOO",
+              help="Owner and umask of entries without WSL metadata (default: yours, 222).")
+def to_erofs(image, out, standalone, block_size, options):
+    """Write IMAGE as an EROFS image OUT: by default an index whose file
+    contents stay in IMAGE's region files (mount it with each region file
+    listed on stderr as a device=), with --standalone a self-contained image.
+
+    \b
+    Examples:
+      cimfs to-erofs app.cim app.erofs
+      cimfs to-erofs --standalone app.cim app.erofs && mount -t erofs -o loop app.erofs /mnt
+    """
+    from . import erofs
+    from .mount.view import Options
+
+    opts = _mount_options(options)
+    opts.pop("allow_other", None)
+    bits = {"auto": None, "512": 9, "4096": 12}[block_size]
+    with _open_image(image) as im:
+        info = erofs.write_index(im, out, standalone=standalone, options=Options(**opts), block_bits=bits)
+    click.echo(f"{out}: {info['size']} bytes, {info['inodes']} inodes, block size {info['block_size']}, "
+               f"{info['in_place_files']} files in place, {info['copied_files']} copied "
+               f"({info['copied_bytes']} bytes)", err=True)
+    for dev in info["devices"]:
+        click.echo(f"device={dev}", err=True)
 
 
 # ===================================================================== entry point

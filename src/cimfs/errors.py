@@ -45,6 +45,8 @@ _ERRNO = {
 
 
 E_FAIL = 0x80004005
+E_NOTIMPL = 0x80004001  # a newer CimFS feature whose on-disk layout is not public
+_ERRNO[E_NOTIMPL] = _errno.EOPNOTSUPP
 ERROR_DISK_FULL = HRESULT_FROM_WIN32(112)
 
 _FROM_ERRNO = {

@@ -15,9 +15,15 @@ from .errors import ERROR_INVALID_NAME, CimError
 
 MAX_NAME_UNITS = 255
 MAX_PATH_UNITS = 32767
+# A path of at most this many code points is short enough in UTF-16 (a code
+# point takes at most two units); only a longer one needs measuring.
+PATH_CHECK_FROM = MAX_PATH_UNITS // 2
 
 _SEPARATORS = re.compile(r"[\\/]+")
-_BAD_CHARS = re.compile(r'[\x00-\x1f\\/:*?"<>|]')
+# A surrogate code point in a str is a UTF-16 surrogate that is not part of a
+# pair (a pair is one code point): other readers cannot sort such a name, so
+# it would hide its neighbours in a link table.
+_BAD_CHARS = re.compile(r'[\x00-\x1f\\/:*?"<>|\ud800-\udfff]')
 
 
 def utf16_units(s: str) -> int:
@@ -38,9 +44,19 @@ def check_name(name: str, path: str, what: str = "name") -> None:
         raise CimError(ERROR_INVALID_NAME, f"{what} component {name!r} is not allowed", path)
     bad = _BAD_CHARS.search(name)
     if bad:
+        if "\ud800" <= bad.group() <= "\udfff":
+            raise CimError(ERROR_INVALID_NAME, f"{what} {name!r} contains the unpaired UTF-16 surrogate "
+                                               f"U+{ord(bad.group()):04X}", path)
         raise CimError(ERROR_INVALID_NAME, f"{what} {name!r} contains the invalid character {bad.group()!r}", path)
     if len(name) > MAX_NAME_UNITS // 2 and utf16_units(name) > MAX_NAME_UNITS:
         raise CimError(ERROR_INVALID_NAME, f"{what} {name[:40]!r}... is longer than {MAX_NAME_UNITS} UTF-16 units", path)
+
+
+def check_path_length(path: str) -> None:
+    """A whole path is at most MAX_PATH_UNITS UTF-16 units (spec §15): the
+    readers of other tools refuse longer ones."""
+    if utf16_units(path) > MAX_PATH_UNITS:
+        raise CimError(ERROR_INVALID_NAME, f"path is longer than {MAX_PATH_UNITS} UTF-16 units", path[:80] + "...")
 
 
 def split_path(path: str, allow_stream: bool = False, strict: bool = True) -> tuple[list[str], str | None]:
@@ -51,8 +67,8 @@ def split_path(path: str, allow_stream: bool = False, strict: bool = True) -> tu
     as they are stored, so it must be able to find them again by path."""
     if not isinstance(path, str):
         raise CimError(ERROR_INVALID_NAME, f"path must be a str, not {type(path).__name__}", repr(path))
-    if len(path) > MAX_PATH_UNITS // 2 and utf16_units(path) > MAX_PATH_UNITS:
-        raise CimError(ERROR_INVALID_NAME, f"path is longer than {MAX_PATH_UNITS} UTF-16 units", path[:80] + "...")
+    if len(path) > MAX_PATH_UNITS // 2:
+        check_path_length(path)
     parts = [p for p in _SEPARATORS.split(path) if p]
     check = check_name if strict else _check_lookup_name
     stream = None

@@ -859,6 +859,15 @@ class Image:
                 progress(len(buf))
         return done
 
+    def data_location(self, desc: cim.Stream) -> tuple[str, int, int] | None:
+        """Where a plain data stream's bytes lie: (region file path, byte
+        offset, region file size), checked to lie inside the file; None for
+        empty, sparse and PE-image streams (they have no one place)."""
+        if desc.sparse or not desc.length or desc.type != cim.STREAM_TYPE_DATA:
+            return None
+        region, off = self._check_stream(desc)
+        return region.path, off, region.size
+
     def _pe_image(self, desc: cim.Stream) -> cim.PeImage:
         what = "PE image object"
         head = self._view(desc.offset, cim.PE_IMAGE.size, what)

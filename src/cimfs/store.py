@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import array
 import hashlib
+import itertools
 import os
 import stat
 import threading
 import uuid
 
 from . import reader as _reader
-from .bulk import widen_pipe
+from .workers import Worker, abandon_all, can_fork, fork_context
 from .errors import E_FAIL, E_INVALIDARG, CimError, CimFormatError, hresult_from_oserror
 from .layout import cim
 
-# [choice] Contents shorter than this go to the small-data region (8-byte
+# [choice] Contents shorter than this go to the small-data region (512-byte
 # aligned); longer ones to a data region (4096-byte aligned).  32 KiB keeps the
 # alignment padding of a typical source tree near 1 % of its size while large
 # files stay page-aligned for mmap and the page cache.
@@ -31,6 +32,21 @@ SMALL_DATA_MAX = 32 * 1024
 # [choice] A region file is closed and a new one of its type started once it
 # passes this size (a single larger object still goes in whole).
 REGION_SOFT_CAP = 4 << 30
+# [choice] Consistent images (CimCreateImage2's CONSISTENT_CIM): the contents
+# of local files added by path go to a fixed number of lanes chosen by their
+# size alone (small or large, and one bit of a hash of the size), each lane
+# its own sequence of regions, filled in the order the files were added.  A
+# data process takes whole lanes (lane % workers), so where a content lands
+# depends on the input only, never on how many processes copy it or which
+# finishes first; equal contents have equal sizes, so dedup stays exact.
+CONSISTENT_LANES = 4
+
+
+def lane_of(size: int) -> int:
+    """The consistent-mode lane of a local file's contents of ``size`` bytes."""
+    return (2 if size > SMALL_DATA_MAX else 0) | ((size * 0x9E3779B97F4A7C15) >> 40) & 1
+
+
 # Appends to metadata/small-data regions are buffered up to this many bytes.
 _FLUSH_BYTES = 4 << 20
 _PADDING = bytes(max(cim.REGION_ALIGNMENT.values()))
@@ -94,13 +110,14 @@ class RegionWriter:
     """One region file being appended to."""
 
     def __init__(self, directory: str, set_id: uuid.UUID, index: int, combined_index: int, region_type: int,
-                 early_writeback: bool = False):
+                 early_writeback: bool = False, cap: int = REGION_SOFT_CAP):
         self.name = cim.RegionSet(set_id, 0).file_name("region", index)
         self.path = os.path.join(directory, self.name)
         self.index = index
         self.combined_index = combined_index
         self.region_type = region_type
         self.alignment = cim.REGION_ALIGNMENT[region_type]
+        self.cap = cap  # a lane's region (consistent mode) is closed by the owner's count, not here
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         header = cim.pack_region_header(index, region_type)
         os.pwrite(self.fd, header, 0)
@@ -113,7 +130,7 @@ class RegionWriter:
         self._written_back = 0
 
     def full(self, size: int) -> bool:
-        return self.end > cim.REGION_HEADER.size and self.end + size > REGION_SOFT_CAP
+        return self.end > cim.REGION_HEADER.size and self.end + size > self.cap
 
     def append(self, data) -> int:
         a = self.alignment  # a power of two
@@ -255,9 +272,16 @@ class ParentObjectIndex:
 class ObjectStore:
     """Appends objects to the image's own region set, storing each content once."""
 
-    def __init__(self, directory: str, base: _reader.Image | None, sync: bool):
+    def __init__(self, directory: str, base: _reader.Image | None, sync: bool, consistent: bool = False):
         self.directory = directory
-        self.set_id = uuid.uuid4()
+        # A consistent image writes under this random id and renames its
+        # files to an id derived from their contents at finish().
+        self.set_id = self._written_id = uuid.uuid4()
+        self.consistent = consistent
+        self._owner = True  # False in a twin: the owner names the region set
+        self._lanes: list | None = None  # consistent mode: per lane [region index, bytes routed to it]
+        self._by_index: dict[int, RegionWriter] = {}  # lane regions this store writes, by index
+        self._final_names: list[str] = []  # files finish() created under the content-derived id
         self.base = base
         self.first_combined = len(base.region_names) if base else 0
         self.regions: list[RegionWriter] = []
@@ -294,13 +318,46 @@ class ObjectStore:
 
     def twin(self) -> "ObjectStore":
         """This store as a forked data process starts it: the same region set,
-        dedup index and parent chain, none of the owner's open regions."""
+        dedup index and parent chain, none of the owner's open regions.  In
+        consistent mode its dedup index starts empty (lanes dedup among
+        themselves and against the parent chain only, however many
+        processes share them)."""
         t = object.__new__(ObjectStore)
         t.__dict__.update(self.__dict__)
         t.regions, t.current, t.blobs = [], {}, {}
         t.lock = threading.RLock()
         t.bytes_logical = t.bytes_stored = 0
+        t._owner = False
+        if self.consistent:
+            t.known, t._by_index = {}, {}
         return t
+
+    def lane_region(self, size: int) -> int:
+        """Consistent mode, on the owner: the region index the contents of a
+        local file of ``size`` bytes go to (see CONSISTENT_LANES).  A lane
+        moves to a new region once the bytes routed to it would pass the
+        soft cap, counted before dedup so that the owner can decide it."""
+        lanes = self._lanes
+        if lanes is None:
+            lanes = self._lanes = [[-1, 0] for _ in range(CONSISTENT_LANES)]
+        lane = lanes[lane_of(size)]
+        if lane[0] < 0 or (lane[1] and lane[1] + size > REGION_SOFT_CAP):
+            index = self._new_region_index()
+            if self.first_combined + index >= cim.MAX_REGIONS:
+                raise CimError(E_INVALIDARG, f"image would need more than {cim.MAX_REGIONS} region files", self.directory)
+            lane[0], lane[1] = index, 0
+        lane[1] += size
+        return lane[0]
+
+    def use_region(self, index: int, region_type: int) -> None:
+        """Consistent mode: append objects of ``region_type`` to the lane
+        region ``index`` (created at its first use) from now on."""
+        r = self._by_index.get(index)
+        if r is None:
+            r = self._by_index[index] = RegionWriter(self.directory, self.set_id, index, self.first_combined + index,
+                                                     region_type, early_writeback=self.sync, cap=1 << 62)
+            self.regions.append(r)
+        self.current[region_type] = r
 
     def region(self, region_type: int, size: int) -> RegionWriter:
         r = self.current.get(region_type)
@@ -397,17 +454,53 @@ class ObjectStore:
             yield r, entries(r.combined_index)
 
     def finish(self) -> cim.RegionSet:
+        """Write out the regions and their object ID files.  A consistent
+        owner then renames the whole set (a data process's regions too) to
+        an id derived from their contents (see content_set_id)."""
         for r in self.regions:
             r.finish(self.sync)
         for r, entries in self.own_region_offsets():
             path = os.path.join(self.directory, cim.RegionSet(self.set_id, 0).file_name("objectid", r.index))
             write_file(path, cim.pack_objectid_file(r.index, r.region_type, entries), self.sync, exclusive=True)
+        if self.consistent and self._owner:
+            self._rename_set(content_set_id(self.directory, self.set_id, self.region_count()))
         return cim.RegionSet(self.set_id, self.region_count())
 
+    def _rename_set(self, new_id: uuid.UUID) -> None:
+        old, new = cim.RegionSet(self.set_id, 0), cim.RegionSet(new_id, 0)
+        for index in range(self.region_count()):
+            for kind in ("region", "objectid"):
+                src = os.path.join(self.directory, old.file_name(kind, index))
+                dst = os.path.join(self.directory, new.file_name(kind, index))
+                try:
+                    os.link(src, dst)
+                except FileExistsError:
+                    # [choice] Another image of the same contents already has
+                    # this set: its files are these bytes (the name is their
+                    # digest), so both images share them, as forks do.
+                    pass
+                except OSError:  # a filesystem without hard links
+                    if os.path.exists(dst):
+                        raise
+                    os.rename(src, dst)
+                    self._final_names.append(dst)
+                    continue
+                else:
+                    self._final_names.append(dst)
+                os.unlink(src)
+        self.set_id = new_id
+
     def abandon(self) -> None:
+        for path in self._final_names:  # only what this writer created: never a set another image shares
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._final_names.clear()
         for r in self.regions:
             r.abandon()
-        names = cim.RegionSet(self.set_id, 0)
+        # The names written under, not a content-derived id another image may share.
+        names = cim.RegionSet(self._written_id, 0)
         for index in range(self.region_count()):  # a data process's regions too
             for kind in ("region", "objectid"):
                 try:
@@ -416,6 +509,42 @@ class ObjectStore:
                     pass
         self.regions.clear()
         self.current.clear()
+
+
+_CONSISTENT_ID_DOMAIN = b"cimfs consistent region set 1\0"
+
+
+def content_set_id(directory: str, set_id: uuid.UUID, count: int) -> uuid.UUID:
+    """[choice] The region set id of a consistent image: SHA-256 over the
+    set's region headers and sizes, every object ID file (the length and
+    digest of every content at its offset) and the whole of every metadata
+    region (tables, which no object ID file lists); its first 16 bytes as an
+    RFC 9562 version-8 UUID.  Data regions are not read again: their object
+    ID files already stand for their bytes.  The id names these bytes and
+    nothing else: two images whose own regions are byte for byte the same
+    share them, whatever their parents (each ``.cim`` lists its own)."""
+    h = hashlib.sha256(_CONSISTENT_ID_DOMAIN)
+    h.update(count.to_bytes(4, "little"))
+    names = cim.RegionSet(set_id, 0)
+    for index in range(count):
+        path = os.path.join(directory, names.file_name("region", index))
+        with open(path, "rb") as f:
+            header = f.read(cim.REGION_HEADER.size)
+            _, region_type = cim.unpack_region_header(header, path)
+            size = os.fstat(f.fileno()).st_size
+            h.update(header)
+            h.update(size.to_bytes(8, "little"))
+            if region_type == cim.REGION_METADATA:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        with open(os.path.join(directory, names.file_name("objectid", index)), "rb") as f:
+            data = f.read()
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    raw = bytearray(h.digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x80  # version 8 (custom)
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC variant
+    return uuid.UUID(bytes=bytes(raw))
 
 
 # ====================================================================== copying file contents
@@ -624,7 +753,9 @@ class DataProcess:
     in batches; nothing comes back before the end but a shared counter of
     work done, so neither side can block the other.  The workers are forked only while the
     owner runs no other thread (a fork copies a thread's held locks without
-    the thread).
+    the thread).  For a consistent image, a file goes by its size's lane
+    instead and the owner names the region with the job (CONSISTENT_LANES):
+    no shared counter, no balancing by progress.
     """
 
     _BATCH_JOBS = 512
@@ -632,22 +763,22 @@ class DataProcess:
 
     @staticmethod
     def available() -> bool:
-        return hasattr(os, "fork") and threading.active_count() == 1
+        return can_fork()
 
     def __init__(self, store: ObjectStore, workers: int | None = None):
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("fork")
+        ctx = fork_context()
         self.store = store
-        store.share_region_numbers(ctx)
+        if not store.consistent:  # a consistent store's owner numbers every region (lane_region)
+            store.share_region_numbers(ctx)
         if workers is None:
             workers = 2 if (os.cpu_count() or 1) >= 2 else 1
         self._workers: list[_Worker] = []
         for _ in range(workers):
-            # A worker must not hold the others' pipe ends: it closes them first.
-            inherited = [c for w in self._workers for c in (w.jobs, w.results)]
-            self._workers.append(_Worker(ctx, store, inherited))
+            self._workers.append(_Worker(ctx, store, self._workers))
         self._route: dict[int, _Worker] = {}  # file size -> the worker all files of that size go to
+        if store.consistent:
+            self._lane_workers = [self._workers[lane % workers] for lane in range(CONSISTENT_LANES)]
+            self.submit = self._submit_to_lane
         self.done = self._input_ended = False
         self._handed_over = self._checked = 0
         self._failed = False
@@ -677,6 +808,21 @@ class DataProcess:
             w.hand_over()
             self._handed_over += 1
 
+    def _submit_to_lane(self, node, src: str, size: int) -> None:
+        """:meth:`submit` of a consistent image: the file's lane (by size)
+        decides the worker and the owner the region (see CONSISTENT_LANES)."""
+        region = self.store.lane_region(size)
+        w = self._lane_workers[lane_of(size)]
+        w.work += size + _JOB_COST
+        w.nodes.append(node)
+        w.sizes.append(size)
+        w.regions.append(region)
+        w.batch.append(src)
+        w.batch_bytes += size
+        if len(w.batch) >= self._BATCH_JOBS or w.batch_bytes >= self._BATCH_BYTES:
+            w.hand_over()
+            self._handed_over += 1
+
     def end_input(self) -> None:
         """No more files: the last partial batches go out now and the workers
         may finish their regions while the owner does other work."""
@@ -685,10 +831,7 @@ class DataProcess:
         self._input_ended = True
         for w in self._workers:
             w.hand_over()
-            try:
-                w.jobs.send(None)
-            except OSError:
-                pass
+            w.end()
 
     def finish(self, path_of) -> list:
         """Wait for every copy; returns, per worker, (its nodes, the
@@ -702,24 +845,19 @@ class DataProcess:
         self.done = True
         error = None
         for w in self._workers:
-            try:
-                offsets, werror, logical, stored = w.results.recv()
-            except (EOFError, OSError):
-                w.proc.join()
+            result = w.result()
+            if result is None:
                 werror = (E_FAIL, f"the data process ended unexpectedly (exit code {w.proc.exitcode})",
                           self.store.directory)
                 offsets, logical, stored = [], 0, 0
             else:
+                offsets, werror, logical, stored = result
                 if werror is not None and len(werror) == 4:  # (hresult, message, source, index of the job)
                     werror = (werror[0], werror[1], path_of(w.nodes[werror[3]]) or werror[2])
-            finally:
-                w.jobs.close()
-                w.results.close()
-            w.proc.join()
             error = error or werror
             if werror is None:
                 copied.append((w.nodes, offsets))
-            w.nodes, w.sizes = [], array.array("Q")
+            w.nodes, w.sizes, w.regions = [], array.array("Q"), array.array("H")
             self.store.bytes_logical += logical
             self.store.bytes_stored += stored
         if error is not None:
@@ -727,14 +865,76 @@ class DataProcess:
         return copied
 
     def abandon(self) -> None:
-        for w in self._workers:
-            if w.proc.is_alive():
-                w.proc.kill()
-        for w in self._workers:
-            w.proc.join()
-            w.jobs.close()
-            w.results.close()
+        abandon_all(self._workers)
         self.done = True
+
+
+class LocalCopier:
+    """A consistent image's data processes, in this process: used when no
+    process can be forked (or none is wanted).  Local files' contents go to
+    the same lanes and regions in the same order (each copied as it is
+    submitted), so the image is the same byte for byte.  The interface is
+    :class:`DataProcess`'s: a copy error is reported by :meth:`finish`,
+    naming the image path."""
+
+    def __init__(self, store: ObjectStore):
+        self.store = store
+        self._lanes = store.twin()
+        self._buf = bytearray(1 << 20)
+        self._nodes: list = []
+        self._offsets = array.array("Q")
+        self._error = None
+        self.done = False
+
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def submit(self, node, src: str, size: int) -> None:
+        region = self.store.lane_region(size)
+        ro = 0
+        if self._error is None:
+            small = size <= SMALL_DATA_MAX
+            lanes = self._lanes
+            try:
+                lanes.use_region(region, cim.REGION_SMALL_DATA if small else cim.REGION_DATA)
+                fd = open_source(src, None, checked=not small)
+                try:
+                    if small:
+                        data = read_small_source(fd, size, src, None)
+                        ro = lanes._put(cim.REGION_SMALL_DATA, data, None)
+                    else:
+                        ro = copy_content(lanes, self._buf, fd, 0, size, None).offset
+                finally:
+                    os.close(fd)
+            except CimError as e:
+                self._error = (e.hresult, e.strerror, e.filename or src, len(self._offsets))
+            except OSError as e:
+                self._error = (hresult_from_oserror(e), f"writing the image failed: {e.strerror}", src, len(self._offsets))
+        self._nodes.append(node)
+        self._offsets.append(ro)
+
+    def end_input(self) -> None:
+        pass
+
+    def finish(self, path_of) -> list:
+        self.done = True
+        lanes = self._lanes
+        self.store.bytes_logical += lanes.bytes_logical
+        self.store.bytes_stored += lanes.bytes_stored
+        if self._error is not None:
+            hresult, message, src, index = self._error
+            for r in lanes.regions:  # the owner's abandon() removes them with the rest of the set
+                r.abandon()
+            raise CimError(hresult, message, path_of(self._nodes[index]) or src)
+        lanes.finish()
+        copied = [(self._nodes, self._offsets)]
+        self._nodes, self._offsets = [], array.array("Q")
+        return copied
+
+    def abandon(self) -> None:
+        self.done = True
+        for r in self._lanes.regions:
+            r.abandon()
 
 
 # [choice] The data processes run this much nicer than the caller.  The
@@ -756,64 +956,49 @@ def _queued_work(w: "_Worker") -> int:
     return w.work - w.completed.value
 
 
-class _Worker:
+class _Worker(Worker):
     """One data process and the owner's side of it."""
 
-    def __init__(self, ctx, store: ObjectStore, inherited: list):
+    def __init__(self, ctx, store: ObjectStore, others: list):
         self.failed = ctx.Value("b", 0, lock=False)  # set by the process at its first error
         self.completed = ctx.Value("q", 0, lock=False)  # work done, in the units of `work`; the process adds to it
-        jobs_r, self.jobs = ctx.Pipe(duplex=False)
-        widen_pipe(self.jobs)
-        self.results, results_w = ctx.Pipe(duplex=False)
         self.nodes: list = []
         self.sizes = array.array("Q")  # 8 bytes per file, not an int object
+        self.regions = array.array("H")  # consistent mode: the region index of each file's contents
         self.batch: list[str] = []  # source paths; their sizes are the tail of `sizes`
         self.batch_bytes = 0
         self.work = 0  # bytes (and _JOB_COST per file) routed here so far
-        self.proc = ctx.Process(target=_data_process_main,
-                                args=(store, jobs_r, results_w, self.failed, self.completed,
-                                      inherited + [self.jobs, self.results]),
-                                name="cimfs-data", daemon=True)
-        self.proc.start()
-        jobs_r.close()
-        results_w.close()
+        super().__init__(ctx, _data_process_main, (store, self.failed, self.completed), name="cimfs-data",
+                         others=others)
 
     def hand_over(self) -> None:
         batch = self.batch
         if batch:
-            try:
-                self.jobs.send((batch, self.sizes[len(self.sizes) - len(batch):]))
-            except OSError:  # the process is gone; finish() says why
-                pass
+            start = len(self.sizes) - len(batch)
+            if self.regions:
+                self.send((batch, self.sizes[start:], self.regions[start:]))  # a process that is gone: finish() says why
+            else:
+                self.send((batch, self.sizes[start:]))
             self.batch = []
             self.batch_bytes = 0
 
 
-def _data_process_main(owner: ObjectStore, jobs, results, failed, completed, owner_ends: list) -> None:
-    import signal
-
+def _data_process_main(owner: ObjectStore, failed, completed, batches) -> tuple:
     try:
         os.nice(DATA_PROCESS_NICENESS)
     except OSError:
         pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle; it ends us by closing the pipe
-    for c in owner_ends:  # the owner's ends of this and earlier workers' pipes: EOF must mean the owner is gone
-        c.close()
     store = owner.twin()  # this process has no other thread: its store's lock is not needed
     sha256, digest_size = hashlib.sha256, cim.DIGEST_SIZE
     buf = bytearray(1 << 20)
     offsets = array.array("Q")
     error = None
     dir_path, dir_fd = None, -1  # files arrive directory by directory: open each by name in it
-    while True:
-        try:
-            batch = jobs.recv()
-        except (EOFError, OSError):  # the owner went away: leave, it removes what was written
-            os._exit(1)
-        if batch is None:
-            break
-        srcs, sizes = batch
-        for src, size in zip(srcs, sizes):
+    for batch in batches:
+        srcs, sizes = batch[0], batch[1]
+        # Consistent mode: the owner chose each content's region (lane).
+        regions = batch[2] if len(batch) > 2 else itertools.repeat(-1)
+        for src, size, region in zip(srcs, sizes, regions):
             ro = 0
             if error is None:
                 path = None  # errors name the image path from the job's index (DataProcess.finish)
@@ -830,6 +1015,8 @@ def _data_process_main(owner: ObjectStore, jobs, results, failed, completed, own
                             raise CimError(hresult_from_oserror(e), f"cannot open the source {src!r}: {e.strerror}", path) from None
                         dir_path = parent
                     small = size <= SMALL_DATA_MAX
+                    if region >= 0:
+                        store.use_region(region, cim.REGION_SMALL_DATA if small else cim.REGION_DATA)
                     fd = open_source(name, path, dir_fd, src, checked=not small)
                     try:
                         if small:
@@ -854,4 +1041,4 @@ def _data_process_main(owner: ObjectStore, jobs, results, failed, completed, own
             store.finish()
         except OSError as e:
             error = (hresult_from_oserror(e), f"finishing the data regions failed: {e.strerror}", store.directory)
-    results.send((offsets, error, store.bytes_logical, store.bytes_stored))
+    return offsets, error, store.bytes_logical, store.bytes_stored

@@ -7,10 +7,14 @@ the HRESULT Windows would return.
 
 from __future__ import annotations
 
+import enum
+import functools
+import operator
 import os
 import uuid
+from typing import NamedTuple
 
-from .errors import E_HANDLE, E_INVALIDARG, CimError
+from .errors import E_HANDLE, E_INVALIDARG, E_NOTIMPL, CimError
 from .metadata import FileMetadata
 from .writer import ImageWriter, StreamWriter
 
@@ -95,14 +99,129 @@ def CimCloseImage(image) -> None:
     w.close()
 
 
-def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint) -> uuid.UUID:
-    """Mount read-only with FUSE; returns the volume id (see :mod:`cimfs.mount`)."""
+def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint,
+                  engine: str = "fuse") -> uuid.UUID:
+    """Mount read-only with FUSE, or with ``engine="kernel"`` as EROFS served by
+    the kernel (``"auto"``: kernel when it can); returns the volume id (see :mod:`cimfs.mount`)."""
     from .mount import CimMountImage as _mount
 
-    return _mount(image_containing_path, image_name, flags, volume_id, mountpoint=mountpoint)
+    return _mount(image_containing_path, image_name, flags, volume_id, mountpoint=mountpoint, engine=engine)
 
 
 def CimDismountImage(volume_id: uuid.UUID) -> None:
     from .mount import CimDismountImage as _dismount
 
     return _dismount(volume_id)
+
+
+# ---------------------------------------------------------------- newer calls: CimCreateImage2, the Windows 11 read API
+class CimCreateFlags(enum.IntFlag):
+    """``CimCreateImage2`` flags (values as hcsshim's ``pkg/cimfs`` defines them)."""
+
+    NONE = 0x0
+    DO_NOT_EXPAND_PE_IMAGES = 0x1
+    FIXED_SIZE_CHUNKS = 0x2
+    BLOCK_DEVICE_CIM = 0x4
+    SINGLE_FILE_CIM = 0x8
+    CONSISTENT_CIM = 0x10
+    VERIFIED_CIM = 0x40
+
+
+# Layouts Microsoft has not published: refused rather than imitated.
+_UNPUBLISHED_LAYOUTS = {
+    CimCreateFlags.FIXED_SIZE_CHUNKS: "fixed-size chunks",
+    CimCreateFlags.BLOCK_DEVICE_CIM: "block-device CIMs",
+    CimCreateFlags.SINGLE_FILE_CIM: "single-file CIMs",
+    CimCreateFlags.VERIFIED_CIM: "verified CIMs",
+}
+_ALL_CREATE_FLAGS = int(functools.reduce(operator.or_, CimCreateFlags))
+
+
+def CimCreateImage2(image_containing_path, flags, existing_image_name=None, new_image_name=None) -> CIMFS_IMAGE_HANDLE:
+    """``CimCreateImage`` with flags.  ``DO_NOT_EXPAND_PE_IMAGES`` is accepted
+    (cimfs never expands PE images); ``CONSISTENT_CIM`` writes a consistent
+    image (``cimfs.create(..., consistent=True)``); the block, single-file,
+    verified and fixed-size-chunk layouts are not public: ``E_NOTIMPL``."""
+    where = os.fspath(image_containing_path)
+    if not isinstance(flags, int) or isinstance(flags, bool) or flags < 0 or flags & ~_ALL_CREATE_FLAGS:
+        raise CimError(E_INVALIDARG, f"unknown CimCreateImage2 flags {flags!r}", where)
+    unpublished = [what for flag, what in _UNPUBLISHED_LAYOUTS.items() if flags & flag]
+    if unpublished:
+        raise CimError(E_NOTIMPL, f"{', '.join(unpublished)}: their on-disk layout is not public, so cimfs cannot "
+                                  "write them", where)
+    if not existing_image_name and not new_image_name:
+        raise CimError(E_INVALIDARG, "neither an existing nor a new image name was given", where)
+    return CIMFS_IMAGE_HANDLE(ImageWriter(image_containing_path, new_image_name or existing_image_name,
+                                          existing_image_name or None,
+                                          consistent=bool(flags & CimCreateFlags.CONSISTENT_CIM)))
+
+
+class FILE_STAT_BASIC_INFORMATION(NamedTuple):
+    """What ``CimGetFileStatBasicInformation`` returns (ntifs.h field names and order)."""
+
+    FileId: int
+    CreationTime: int
+    LastAccessTime: int
+    LastWriteTime: int
+    ChangeTime: int
+    AllocationSize: int
+    EndOfFile: int
+    FileAttributes: int
+    ReparseTag: int
+    NumberOfLinks: int
+    DeviceType: int
+    DeviceCharacteristics: int
+    Reserved: int
+    VolumeSerialNumber: int
+    FileId128: bytes
+
+
+# [choice] What an image reports where it has no NTFS volume behind it.
+FILE_DEVICE_DISK = 0x7
+FILE_READ_ONLY_DEVICE = 0x2
+_ALLOCATION_UNIT = 4096  # a data region's alignment
+
+
+def _open_for_read(image_path):
+    from . import reader
+
+    return reader.Image(image_path)
+
+
+def CimReadFile(image_path, file_path: str, offset: int, buffer) -> tuple[int, int]:
+    """Read ``file_path`` (``file:stream`` for an alternate stream) of the
+    image at ``image_path`` from ``offset`` into ``buffer`` (any writable
+    bytes-like object) without an image handle.  Returns ``(bytes_read,
+    bytes_remaining)``: remaining counts the bytes after what was read."""
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise CimError(E_INVALIDARG, f"offset {offset!r} is not a byte offset", file_path)
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise CimError(E_INVALIDARG, "buffer is not a bytes-like object", file_path) from None
+    if view.readonly:
+        raise CimError(E_INVALIDARG, "buffer is read-only", file_path)
+    if not view.c_contiguous:
+        raise CimError(E_INVALIDARG, "buffer is not contiguous", file_path)
+    with _open_for_read(image_path) as image:
+        desc = image.stream_descriptor(file_path)
+        n = image.readinto_at(desc, offset, view.cast("B"))
+        return n, max(desc.length - offset - n, 0)
+
+
+def CimGetFileStatBasicInformation(image_path, file_path: str) -> FILE_STAT_BASIC_INFORMATION:
+    """The ``FILE_STAT_BASIC_INFORMATION`` of ``file_path`` in the image at
+    ``image_path``, without an image handle; for ``file:stream`` the sizes
+    are the alternate stream's."""
+    with _open_for_read(image_path) as image:
+        st = image.stat(file_path)
+        size, sparse = (0, False) if st.is_dir else (st.size, st.is_sparse)
+        if ":" in file_path.replace("/", "\\").rpartition("\\")[2]:
+            desc = image.stream_descriptor(file_path)
+            size, sparse = desc.length, desc.sparse
+        serial = int.from_bytes(image.header.region_set.id.bytes_le[:4], "little")
+    allocation = 0 if sparse else -(-size // _ALLOCATION_UNIT) * _ALLOCATION_UNIT
+    return FILE_STAT_BASIC_INFORMATION(
+        st.file_id, st.creation_time, st.last_access_time, st.last_write_time, st.change_time,
+        allocation, size, st.attributes, st.reparse_tag, st.nlink, FILE_DEVICE_DISK, FILE_READ_ONLY_DEVICE, 0,
+        serial, st.file_id.to_bytes(16, "little"))

@@ -768,7 +768,8 @@ def _image_name(name) -> str:
     return name
 
 
-def import_layer(src, containing_dir, name, parent=None, progress=None, *, before_commit=None) -> str:
+def import_layer(src, containing_dir, name, parent=None, progress=None, *, before_commit=None,
+                 consistent: bool = False, clamp_time: int | None = None) -> str:
     """Import one Windows layer tar as the image ``name`` in ``containing_dir``.
 
     ``src`` is a path, a binary file object (read once, as a stream: stdin
@@ -781,7 +782,8 @@ def import_layer(src, containing_dir, name, parent=None, progress=None, *, befor
     ``before_commit(writer)``, when given, is called after the last member was
     read and before the image is committed: it may add to the image (base
     layer processing) or check what was read (digests); an exception from it
-    discards the image.
+    discards the image.  ``consistent`` and ``clamp_time`` are
+    :func:`cimfs.create`'s.
     """
     directory = os.fspath(containing_dir)
     name = _image_name(name)
@@ -790,7 +792,7 @@ def import_layer(src, containing_dir, name, parent=None, progress=None, *, befor
     report = _progress_adapter(progress)
     source = _TarSource(src)
     try:
-        with cimfs.create(directory, name, base=parent) as w:
+        with cimfs.create(directory, name, base=parent, consistent=consistent, clamp_time=clamp_time) as w:
             lower = cimfs.open(os.path.join(directory, os.path.basename(parent))) if parent is not None else None
             try:
                 _LayerImporter(w, source, lower, report).run()
@@ -1118,10 +1120,11 @@ class _DiffExporter(_Exporter):
     what is gone), or with ``lower=None`` the whole image; ``exclude`` holds
     folded image paths left out with their subtrees.
 
-    Two passes: the first decides, for every path, whether it is written; the
-    second writes.  A new name of a file that keeps an unchanged name (a hard
-    link added on top of a lower layer's file) then becomes a link entry to
-    that name, whatever the order the names come in.
+    With a parent, two passes: the first decides, for every path, whether it
+    is written (and keeps only the changes); the second writes.  A new name of
+    a file that keeps an unchanged name (a hard link added on top of a lower
+    layer's file) then becomes a link entry to that name, whatever the order
+    the names come in.  Without one, entries are written as they are walked.
     """
 
     def __init__(self, img, tf, report, lower, exclude: frozenset):
@@ -1130,27 +1133,68 @@ class _DiffExporter(_Exporter):
         self.exclude = exclude
 
     def run(self) -> None:
-        plan: list[tuple[str, list[str], object]] = []  # ("entry" | "whiteout", parts, stat)
-        self._plan_dir([], self.img.root_id, self.lower.root_id if self.lower is not None else None, plan, 0)
-        for kind, parts, st in plan:
-            try:
-                if kind == "whiteout":
-                    self._whiteout(parts)
-                else:
-                    self.entry(parts, st)
-            except CimError as e:
-                if e.filename is None:
-                    raise CimError(e.hresult, e.strerror, "\\".join(parts)) from None
-                raise
-            except (UnicodeError, ValueError, tarfile.TarError) as e:
-                raise CimError(E_INVALIDARG, f"cannot write a tar entry for it: {e}", "\\".join(parts)) from None
+        if self.lower is None:  # nothing to compare with: written as it is walked
+            self._plan_dir([], self.img.root_id, None, _WriteNow(self))
+            return
+        plan: list[tuple[str, list[str], object]] = []  # ("entry" | "whiteout", parts, stat): changes only
+        self._plan_dir([], self.img.root_id, self.lower.root_id, plan)
+        for item in plan:
+            self._write(*item)
+
+    def _write(self, kind, parts, st) -> None:
+        try:
+            if kind == "whiteout":
+                self._whiteout(parts)
+            else:
+                self.entry(parts, st)
+        except CimError as e:
+            if e.filename is None:
+                raise CimError(e.hresult, e.strerror, "\\".join(parts)) from None
+            raise
+        except (UnicodeError, ValueError, tarfile.TarError) as e:
+            raise CimError(E_INVALIDARG, f"cannot write a tar entry for it: {e}", "\\".join(parts)) from None
 
     def _excluded(self, parts) -> bool:
         return bool(self.exclude) and self.img.fold("\\".join(parts)) in self.exclude
 
-    def _plan_dir(self, parts, did, lower_did, plan, depth) -> None:
-        if depth > 4096:
-            raise CimError(E_INVALIDARG, "directory tree deeper than 4096 levels (a loop?)", "\\".join(parts))
+    def _plan_dir(self, parts, did, lower_did, plan) -> None:
+        """Pre-order, as the full export: each directory's whiteouts, then its
+        children in image order, each directory's own children right after it."""
+        img, lower = self.img, self.lower
+        stack = [self._open_dir(parts, did, lower_did, plan)]
+        seen = {did}
+        while stack:
+            parts, it, lower_entries = stack[-1]
+            e = next(it, None)
+            if e is None:
+                stack.pop()
+                continue
+            cparts = parts + [e.name]
+            if self._excluded(cparts):
+                continue
+            st = img.stat(e.file_id)
+            below = lower_entries.get(img.fold(e.name))
+            lst = lower.stat(below.file_id) if below is not None else None
+            descend = None  # (lower directory to compare with or None) when st is a directory
+            if lst is None or below.name != e.name or lst.is_dir != st.is_dir:
+                plan.append(("entry", cparts, st))
+                descend = (None,)
+            elif st.is_dir:
+                if not self._same_meta(st, lst) or not self._same_streams(e.file_id, below.file_id):
+                    plan.append(("entry", cparts, st))
+                descend = (below.file_id,)
+            elif self._same_file(e.file_id, st, below.file_id, lst):
+                if st.nlink > 1:
+                    self.first_name.setdefault(st.file_id, self._tarname(cparts))
+            else:
+                plan.append(("entry", cparts, st))
+            if st.is_dir and descend is not None:
+                if e.file_id in seen:
+                    raise CimError(E_INVALIDARG, "directory appears twice in the tree", "\\".join(cparts))
+                seen.add(e.file_id)
+                stack.append(self._open_dir(cparts, e.file_id, descend[0], plan))
+
+    def _open_dir(self, parts, did, lower_did, plan):
         img, lower = self.img, self.lower
         entries = img.scandir(did)
         lower_entries = {}
@@ -1160,27 +1204,7 @@ class _DiffExporter(_Exporter):
             for key, e in lower_entries.items():
                 if key not in present and not self._excluded(parts + [e.name]):
                     plan.append(("whiteout", parts + [e.name], None))
-        for e in entries:
-            cparts = parts + [e.name]
-            if self._excluded(cparts):
-                continue
-            st = img.stat(e.file_id)
-            below = lower_entries.get(img.fold(e.name))
-            lst = lower.stat(below.file_id) if below is not None else None
-            if lst is None or below.name != e.name or lst.is_dir != st.is_dir:
-                plan.append(("entry", cparts, st))
-                if st.is_dir:
-                    self._plan_dir(cparts, e.file_id, None, plan, depth + 1)
-                continue
-            if st.is_dir:
-                if not self._same_meta(st, lst) or not self._same_streams(e.file_id, below.file_id):
-                    plan.append(("entry", cparts, st))
-                self._plan_dir(cparts, e.file_id, below.file_id, plan, depth + 1)
-            elif self._same_file(e.file_id, st, below.file_id, lst):
-                if st.nlink > 1:
-                    self.first_name.setdefault(st.file_id, self._tarname(cparts))
-            else:
-                plan.append(("entry", cparts, st))
+        return parts, iter(entries), lower_entries
 
     @staticmethod
     def _same_meta(a, b) -> bool:
@@ -1226,3 +1250,13 @@ class _DiffExporter(_Exporter):
         ti.mode = 0o644
         self.tf.addfile(ti)
         self.report(0, ti.name)
+
+
+class _WriteNow:
+    """A plan that is carried out as it is made."""
+
+    def __init__(self, exporter: _DiffExporter):
+        self.exporter = exporter
+
+    def append(self, item) -> None:
+        self.exporter._write(*item)

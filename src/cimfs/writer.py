@@ -41,13 +41,23 @@ from .errors import (
 from .bulk import paused_gc
 from .layout import cim, ntfs
 from .metadata import FileAttributes, FileMetadata
-from .names import NameFolder, check_name, join_path, name_is_valid, split_path
+from .names import (
+    MAX_NAME_UNITS,
+    PATH_CHECK_FROM as _PATH_CHECK_FROM,
+    NameFolder,
+    check_name,
+    check_path_length,
+    join_path,
+    name_is_valid,
+    split_path,
+)
 from .store import (
     HOLE_MIN,
     SMALL_DATA_MAX,
     ZERO_CHUNK,
     DataPump,
     DataProcess,
+    LocalCopier,
     ObjectStore,
     RegionWriter,
     all_zero,
@@ -249,7 +259,7 @@ class ImageWriter:
     """A new image, a fork of ``base`` or an extension of it (``base == name``)."""
 
     def __init__(self, containing_dir: str | os.PathLike, name: str | None, base: str | None = None, *, sync: bool = True,
-                 data_process: bool = True):
+                 data_process: bool | int = True, consistent: bool = False, clamp_time: int | None = None):
         directory = os.fspath(containing_dir)
         if not name and not base:
             raise CimError(E_INVALIDARG, "neither an existing nor a new image name was given", directory)
@@ -272,6 +282,11 @@ class ImageWriter:
         self.path = os.path.join(self.directory, name)
         self.extending = bool(base) and base == name
         self._sync = sync
+        # data_process: True, as many data processes as the machine has cores; an int, that many (0: none).
+        self.consistent = bool(consistent)
+        if clamp_time is not None and not (isinstance(clamp_time, int) and 0 <= clamp_time < 1 << 63):
+            raise CimError(E_INVALIDARG, f"clamp time {clamp_time!r} is not a FILETIME", directory)
+        self._clamp_time = clamp_time
         self._lock = DirectoryLock(self.directory)
         self._base: _reader.Image | None = None
         self._store: ObjectStore | None = None
@@ -295,7 +310,7 @@ class ImageWriter:
                 # [choice] CimCreateImage with only a new name that exists: refuse
                 # rather than silently replace an image others may fork from.
                 raise CimError(ERROR_FILE_EXISTS, "an image of that name already exists", self.path)
-            self._store = ObjectStore(self.directory, self._base, sync)
+            self._store = ObjectStore(self.directory, self._base, sync, consistent=self.consistent)
             self._base_nodes: dict[int, _Node] = {}
             # Directories looked up by path ("a\\b" -> node), so importers adding
             # to one directory after another do not walk from the root each time.
@@ -377,6 +392,8 @@ class ImageWriter:
             parent = self._dir_cache.get(head)
             if parent is not None and tail and ":" not in tail:
                 check_name(tail, path)
+                if len(path) > _PATH_CHECK_FROM:
+                    check_path_length(path)
                 key = self._folder.key(tail)
                 children = parent.children if parent.children is not None else self._children(parent)
                 return parent, key, children.get(key), None, [tail]
@@ -428,13 +445,17 @@ class ImageWriter:
                 tag = ntfs.reparse_tag(rp)
         ct, wt, cht, at = meta.creation_time, meta.last_write_time, meta.change_time, meta.last_access_time
         try:
-            bad = (ct | wt | cht | at) >> 64  # nonzero if any is negative or too large
+            bad = (ct | wt | cht | at) >> 63  # nonzero if any is negative or too large
         except TypeError:
             bad = True
         if bad:
             for t in (ct, wt, cht, at):
-                if not (isinstance(t, int) and 0 <= t < 1 << 64):
-                    raise CimError(E_INVALIDARG, f"time {t!r} is not a FILETIME", path)
+                # FILETIME is signed (LARGE_INTEGER): 2^63 and above read back negative.
+                if not (isinstance(t, int) and 0 <= t < 1 << 63):
+                    raise CimError(E_INVALIDARG, f"time {t!r} is not a FILETIME (0 to 2^63-1)", path)
+        clamp = self._clamp_time
+        if clamp is not None:  # SOURCE_DATE_EPOCH: nothing newer than the build's date
+            ct, wt, cht, at = min(ct, clamp), min(wt, clamp), min(cht, clamp), min(at, clamp)
         store = self._store
         sd_offset = store.put_blob(cim.pack_blob(sd)) if sd else 0
         ea_offset = store.put_blob(ea if type(ea) is bytes else bytes(ea)) if ea else 0
@@ -634,7 +655,9 @@ class ImageWriter:
                 self.add_file(path, data, dataclasses.replace(meta, file_size=len(data)))
                 return
             meta = dataclasses.replace(meta, file_size=size)
-        fd = _regular_file_fd(data) if meta.file_size > SMALL_DATA_MAX else None
+        # Not in a consistent image: the data thread would number its regions
+        # in whatever order it and this thread get to them.
+        fd = _regular_file_fd(data) if meta.file_size > SMALL_DATA_MAX and not self.consistent else None
         if fd is not None:
             self._add_file_async(path, meta, data, fd)
             return
@@ -651,9 +674,10 @@ class ImageWriter:
         if not files:
             return
         prefix = directory.replace("/", "\\") + "\\" if directory else ""
-        process = self._process
-        if process is None and self._use_process and DataProcess.available():
-            process = self._process = DataProcess(self._store)
+        # Names are checked below (at most MAX_NAME_UNITS each): a directory
+        # this deep sends every file through the checked path, which measures it.
+        long_prefix = len(prefix) + MAX_NAME_UNITS > _PATH_CHECK_FROM
+        process = self._process or self._start_copier()
         if process is None or process.done or self._closed or self._committed or self._open_stream is not None:
             for name, src, meta in files:
                 self._add_local_file(prefix + name, os.fsdecode(src), meta)
@@ -679,7 +703,7 @@ class ImageWriter:
             if type(src) is not str:
                 src = os.fsdecode(src)
             key = key_of(name) if type(name) is str else None
-            if (key is None or key in children or not name_is_valid(name) or type(size) is not int
+            if (key is None or key in children or long_prefix or not name_is_valid(name) or type(size) is not int
                     or not 0 < size <= cim.MAX_STREAM_LENGTH or meta.attributes & 0x10):
                 self._add_local_file(prefix + name, src, meta)  # replacing, an error, an empty file: the checked path
                 continue
@@ -690,6 +714,18 @@ class ImageWriter:
                 cwd = cwd or os.getcwd()
                 src = os.path.join(cwd, src)
             submit(node, src, size)
+
+    def _start_copier(self):
+        """The data processes for local files, forked at the first one (None:
+        this process copies them).  A consistent image always has a copier:
+        its lanes decide where contents go (in-process when nothing can be
+        forked), whatever copies them."""
+        n = self._use_process
+        if n and DataProcess.available():
+            self._process = DataProcess(self._store, None if n is True else int(n))
+        elif self.consistent:
+            self._process = LocalCopier(self._store)
+        return self._process
 
     def _add_file_async(self, path: str, meta: FileMetadata, src, fd: int) -> None:
         """The contents of a regular file go through the data pump; the node
@@ -712,8 +748,8 @@ class ImageWriter:
                 self.create_file(path, meta).close()
                 return
             meta = dataclasses.replace(meta, file_size=st.st_size)
-        if self._process is None and self._use_process and DataProcess.available():
-            self._process = DataProcess(self._store)
+        if self._process is None:
+            self._start_copier()
         if self._process is not None and not self._process.done:
             if self._process.failed():
                 self._finish_copies()  # raises the copy's error now, not at commit
@@ -741,6 +777,11 @@ class ImageWriter:
     def _submit(self, path: str, meta: FileMetadata, source: int | str, pos: int) -> None:
         """A file whose contents the data pump copies from ``source``; until it
         has, its stream reads as zeros (the pump is drained before commit)."""
+        if self.consistent:
+            # No data thread: it would number its regions in whatever order
+            # it and this thread get to them.
+            self._copy_now(path, meta, source, pos)
+            return
         try:
             self._check_pump()
             node, size = self._create_copied(path, meta)
@@ -751,6 +792,21 @@ class ImageWriter:
         if self._pump is None:
             self._pump = DataPump(self._store)
         self._pump.submit(node, source, pos, size, path)
+
+    def _copy_now(self, path: str, meta: FileMetadata, source: int | str, pos: int) -> None:
+        fd = source
+        try:
+            if not isinstance(fd, int):
+                fd = open_source(source, path)
+            with self.create_file(path, meta) as s:
+                done = 0
+                while done < s.size:
+                    chunk = read_exactly(fd, pos + done, min(s.size - done, 1 << 20), path)
+                    s.write(chunk)
+                    done += len(chunk)
+        finally:
+            if isinstance(fd, int):
+                os.close(fd)
 
     def _check_pump(self) -> None:
         if self._pump is not None and self._pump.error is not None:
@@ -1059,7 +1115,7 @@ def _copy_into(src, stream: StreamWriter) -> None:
 
 
 def create(containing_dir: str | os.PathLike, name: str, base: str | os.PathLike | None = None, *, sync: bool = True,
-           data_process: bool = True) -> ImageWriter:
+           data_process: bool | int = True, consistent: bool = False, clamp_time: int | None = None) -> ImageWriter:
     """A writer for the image ``name`` in ``containing_dir``; with ``base`` a fork
     of that image (or its extension when ``base == name``).  As a context
     manager it commits on a clean exit and discards everything on an exception.
@@ -1069,7 +1125,11 @@ def create(containing_dir: str | os.PathLike, name: str, base: str | os.PathLike
 
     Local files added by path are copied by a forked data process (when the
     caller runs no other thread); ``data_process=False`` copies them in this
-    process instead.
+    process instead, an int sets how many processes.
+
+    ``consistent=True`` (``CONSISTENT_CIM``): the same calls give the same
+    files, byte for byte and by name, however the contents are copied.
+    ``clamp_time`` (FILETIME) caps every time stored (``SOURCE_DATE_EPOCH``).
     """
     if base is not None:
         base = os.fspath(base)
@@ -1077,4 +1137,5 @@ def create(containing_dir: str | os.PathLike, name: str, base: str | os.PathLike
             if os.path.abspath(os.path.dirname(base)) != os.path.abspath(os.fspath(containing_dir)):
                 raise CimError(E_INVALIDARG, "a fork's parent must be in the same directory as the fork", base)
             base = os.path.basename(base)
-    return ImageWriter(containing_dir, name, base, sync=sync, data_process=data_process)
+    return ImageWriter(containing_dir, name, base, sync=sync, data_process=data_process, consistent=consistent,
+                       clamp_time=clamp_time)

@@ -31,8 +31,11 @@ REGION_DATA = 1
 REGION_SMALL_DATA = 2
 REGION_TYPE_NAMES = {REGION_METADATA: "metadata", REGION_DATA: "data", REGION_SMALL_DATA: "small data"}
 
-# Alignment of objects inside each kind of region (spec §4).
-REGION_ALIGNMENT = {REGION_METADATA: 8, REGION_DATA: 4096, REGION_SMALL_DATA: 8}
+# Alignment of objects inside each kind of region (spec §4: data 4096, small
+# data 8).  [choice] Small data is 512-aligned (a multiple of 8), so an EROFS
+# index with 512-byte blocks addresses every object in place (cimfs.erofs);
+# the stdlib image grows 1.3 % (3.1 % over squashfs instead of 1.8 %).
+REGION_ALIGNMENT = {REGION_METADATA: 8, REGION_DATA: 4096, REGION_SMALL_DATA: 512}
 
 MAX_REGIONS = 65536
 MAX_REGION_BYTE_OFFSET = (1 << 48) - 1

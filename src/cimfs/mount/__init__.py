@@ -67,11 +67,15 @@ def _log_path(volume_id) -> str:
 
 
 def write_entry(volume_id, mountpoint: str, image: str, pid: int) -> None:
-    path = _entry_path(volume_id)
+    write_entry_data({"volume_id": str(volume_id), "mountpoint": os.path.abspath(mountpoint),
+                      "image": os.path.abspath(image), "pid": pid})
+
+
+def write_entry_data(entry: dict) -> None:
+    path = _entry_path(entry["volume_id"])
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"volume_id": str(volume_id), "mountpoint": os.path.abspath(mountpoint),
-                   "image": os.path.abspath(image), "pid": pid}, f)
+        json.dump(entry, f)
     os.replace(tmp, path)
 
 
@@ -145,6 +149,14 @@ def mounts() -> list[dict]:
                 entry = json.load(f)
         except (OSError, ValueError):
             continue
+        if entry.get("engine") == "kernel":  # no daemon: live while the kernel has the mount
+            from . import kernel
+
+            if kernel.is_live(entry, table):
+                out.append(entry)
+            else:
+                _remove(_entry_path(name[:-5]))
+            continue
         pid = entry.get("pid", -1)
         mp = os.path.realpath(entry.get("mountpoint", ""))
         if _alive(pid) and table.get(mp) == "fuse.cimfs":
@@ -190,8 +202,13 @@ def _check_pyfuse3(where: str) -> None:
 
 
 def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = None, gid: int | None = None,
-          umask: int | None = None, allow_other: bool = False, volume_id: uuid.UUID | None = None) -> uuid.UUID:
+          umask: int | None = None, allow_other: bool = False, volume_id: uuid.UUID | None = None,
+          engine: str = "fuse") -> uuid.UUID:
     """Mount ``cim_path`` read-only at ``mountpoint``; returns the volume id.
+
+    ``engine``: ``"fuse"`` (the daemon), ``"kernel"`` (an EROFS index over the
+    region files, served by the kernel; root only, see
+    :mod:`cimfs.mount.kernel`) or ``"auto"`` (kernel when it can, else FUSE).
 
     In the background (the default) this returns once the mount is live; with
     ``foreground`` it serves the mount in this process until it is unmounted
@@ -211,6 +228,15 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
         raise CimError(ERROR_ALREADY_EXISTS, "something is already mounted here", mountpoint)
     if any(e["volume_id"] == str(volume_id) for e in mounts()):
         raise CimError(ERROR_ALREADY_EXISTS, f"volume {volume_id} is already mounted", mountpoint)
+    from . import kernel
+
+    if kernel.check_engine(engine, mountpoint) == "kernel":
+        if foreground:
+            raise CimError(E_INVALIDARG, "the kernel engine has no foreground mode (nothing to serve)", mountpoint)
+        from .view import Options
+
+        kernel.mount(cim_path, mountpoint, volume_id, Options(uid, gid, umask))
+        return volume_id
     if shutil.which("fusermount3") is None:
         raise CimError(E_INVALIDARG, "fusermount3 not found (install the fuse3 package)", mountpoint)
     _check_pyfuse3(cim_path)
@@ -340,6 +366,16 @@ def unmount(target) -> None:
     """Unmount by mount point or volume id; waits for the daemon to exit and
     drops the registry entry."""
     entry = _find(target)
+    if entry is not None and entry.get("engine") == "kernel":
+        from . import kernel
+
+        kernel.unmount(entry)
+        return
+    if entry is None and not isinstance(target, uuid.UUID):
+        from . import kernel
+
+        if kernel.unmount_orphan(os.fspath(target)):
+            return
     if entry is None:
         if isinstance(target, uuid.UUID) or not is_cimfs_mount(target):
             raise CimError(ERROR_FILE_NOT_FOUND, "no cimfs mount here (or with this volume id)", str(target))
@@ -366,15 +402,16 @@ def unmount(target) -> None:
 
 # ===================================================================== Win32 shape
 def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: uuid.UUID | None = None, *,
-                  mountpoint) -> uuid.UUID:
+                  mountpoint, engine: str = "fuse") -> uuid.UUID:
     """Mount ``image_name`` from ``image_containing_path`` at ``mountpoint``;
-    returns the volume id (a new one when ``volume_id`` is None)."""
+    returns the volume id (a new one when ``volume_id`` is None).  ``engine``
+    as for :func:`mount` (``"kernel"``: EROFS served by the kernel, root only)."""
     if flags:
         raise CimError(E_INVALIDARG, f"unsupported mount flags {flags:#x}", os.fspath(image_containing_path))
     path = os.path.join(os.fspath(image_containing_path), os.fspath(image_name))
     if not os.path.isdir(os.fspath(image_containing_path)):
         raise CimError(ERROR_PATH_NOT_FOUND, "image containing path not found", os.fspath(image_containing_path))
-    return mount(path, mountpoint, volume_id=volume_id)
+    return mount(path, mountpoint, volume_id=volume_id, engine=engine)
 
 
 def CimDismountImage(volume_id: uuid.UUID) -> None:

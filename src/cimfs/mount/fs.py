@@ -25,6 +25,7 @@ import trio
 
 from .. import CimError, CimFormatError, FileAttributes, filetime_to_ns
 from ..layout import ntfs
+from .view import DAMAGED, Options, fs_name, lx_metadata, map_symlink_target, ntfs_xattr, posix_view, symlink_target  # noqa: F401
 
 log = logging.getLogger("cimfs.mount")
 
@@ -44,69 +45,11 @@ READ_THREADS = 8
 _MAX_LOGGED = 50
 
 
-class Options:
-    """``-o uid=,gid=,umask=`` apply to entries without WSL metadata."""
-
-    def __init__(self, uid: int | None = None, gid: int | None = None, umask: int | None = None):
-        self.uid = os.getuid() if uid is None else uid
-        self.gid = os.getgid() if gid is None else gid
-        self.umask = 0o222 if umask is None else umask
-
-
-def map_symlink_target(rp: ntfs.ReparsePoint) -> str:
-    """**[choice]** An NT symlink / mount point target as a POSIX path.
-
-    Relative targets keep their shape with ``/`` for ``\\``; a drive-absolute
-    ``C:\\x`` (with or without ``\\??\\``) becomes ``/mnt/c/x``, as WSL shows
-    Windows drives; UNC ``\\\\server\\share\\x`` (or ``\\??\\UNC\\server\\share\\x``)
-    becomes ``//server/share/x``; a rooted ``\\x`` becomes ``/x``.  LX symlinks
-    are returned exactly as stored.
-    """
-    target = rp.target or ""
-    if rp.tag == ntfs.IO_REPARSE_TAG_LX_SYMLINK:
-        return target
-    if target.startswith("\\??\\"):
-        target = target[4:]
-    if target.upper().startswith("UNC\\"):
-        target = "\\\\" + target[4:]
-    if len(target) >= 2 and target[1] == ":" and target[0].isascii() and target[0].isalpha():
-        rest = target[2:].lstrip("\\/")
-        return f"/mnt/{target[0].lower()}" + ("/" + rest.replace("\\", "/") if rest else "")
-    return target.replace("\\", "/")
-
-
-_KIND_OF_TAG = {
-    ntfs.IO_REPARSE_TAG_LX_FIFO: S.S_IFIFO,
-    ntfs.IO_REPARSE_TAG_LX_CHR: S.S_IFCHR,
-    ntfs.IO_REPARSE_TAG_LX_BLK: S.S_IFBLK,
-    ntfs.IO_REPARSE_TAG_AF_UNIX: S.S_IFSOCK,
-    ntfs.IO_REPARSE_TAG_LX_SYMLINK: S.S_IFLNK,
-    ntfs.IO_REPARSE_TAG_SYMLINK: S.S_IFLNK,
-    ntfs.IO_REPARSE_TAG_MOUNT_POINT: S.S_IFLNK,
-}
-_LX_SPECIAL_TYPES = (S.S_IFIFO, S.S_IFCHR, S.S_IFBLK, S.S_IFSOCK)
-
-
 def _ns(filetime: int) -> int:
     return filetime_to_ns(filetime) if filetime else 0
 
 
-def _fs_name(name: str) -> bytes | None:
-    """A stored name as the bytes the kernel sees, or None when no POSIX
-    directory entry can carry it (a hostile image)."""
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
-        return None
-    return name.encode("utf-8", "surrogatepass")
-
-
-def _fs_bytes(text: str) -> bytes:
-    """A link target as bytes: an LX target's undecodable bytes
-    (surrogateescape) as they were, a lone UTF-16 surrogate of an NT target
-    as names are (surrogatepass)."""
-    try:
-        return text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass")
+_fs_name = fs_name
 
 
 def _op(fn):
@@ -184,32 +127,17 @@ class CimFs(pyfuse3.Operations):
         return a
 
     def _lx(self, fid: int, ea_buffer: bytes) -> ntfs.LxMetadata:
-        if not ea_buffer:
-            return ntfs.LxMetadata()
         try:
-            return ntfs.parse_lx_eas(ntfs.unpack_eas(ea_buffer))
-        except (CimError, ValueError, struct.error) as e:
+            return lx_metadata(ea_buffer)
+        except DAMAGED as e:
             self._note(f"EA buffer of FileID {fid}", e)
             return ntfs.LxMetadata()
 
     def _make_entry(self, fid: int) -> pyfuse3.EntryAttributes:
         st = self.image.stat(fid)
         lx = self._lx(fid, st.ea_buffer)
-        tag = st.reparse_tag if st.reparse_data else 0
-        kind = _KIND_OF_TAG.get(tag)
-        if kind is None or (st.is_dir and kind != S.S_IFLNK):
-            kind = S.S_IFDIR if st.is_dir else S.S_IFREG
-        if kind == S.S_IFREG and lx.mode is not None and S.S_IFMT(lx.mode) in _LX_SPECIAL_TYPES:
-            kind = S.S_IFMT(lx.mode)  # WSL metadata naming a special file without its reparse tag
-        if kind == S.S_IFLNK:
-            mode = S.S_IFLNK | 0o777
-        elif lx.mode is not None:
-            mode = kind | (lx.mode & 0o7777)
-        else:
-            perm = (0o777 if kind == S.S_IFDIR else 0o666) & ~self.options.umask
-            if kind == S.S_IFREG and st.attributes & FileAttributes.READONLY:
-                perm &= ~0o222
-            mode = kind | perm
+        view = posix_view(st, lx, self.options)
+        mode, kind = view.mode, S.S_IFMT(view.mode)
         a = pyfuse3.EntryAttributes()
         a.st_ino = self._ino(fid)
         a.generation = 0
@@ -219,12 +147,7 @@ class CimFs(pyfuse3.Operations):
             a.st_nlink = 2 + sum(1 for e in self.image.scandir(fid) if _is_dir(self.image, e.file_id))
         else:
             a.st_nlink = max(1, st.nlink)
-        a.st_uid = self.options.uid if lx.uid is None else lx.uid
-        a.st_gid = self.options.gid if lx.gid is None else lx.gid
-        if kind in (S.S_IFCHR, S.S_IFBLK) and lx.rdev_major is not None:
-            a.st_rdev = os.makedev(lx.rdev_major & 0xFFFFFFFF, (lx.rdev_minor or 0) & 0xFFFFFFFF)
-        else:
-            a.st_rdev = 0
+        a.st_uid, a.st_gid, a.st_rdev = view.uid, view.gid, view.rdev
         if kind == S.S_IFLNK:
             target = self._target(fid, st.reparse_data)
             a.st_size = len(target) if target is not None else 0
@@ -245,14 +168,10 @@ class CimFs(pyfuse3.Operations):
 
     def _target(self, fid: int, reparse_data: bytes) -> bytes | None:
         try:
-            target = map_symlink_target(ntfs.parse_reparse(reparse_data))
-        except (CimError, ValueError, struct.error) as e:
+            return symlink_target(reparse_data)
+        except DAMAGED as e:
             self._note(f"reparse buffer of FileID {fid}", e)
             return None
-        raw = _fs_bytes(target) if isinstance(target, str) else bytes(target)
-        if not raw or b"\0" in raw:
-            return None
-        return raw
 
     @_op
     def getattr(self, inode, ctx=None):
@@ -404,28 +323,7 @@ class CimFs(pyfuse3.Operations):
     # (user.*) only: the system.ntfs_* values are read by name, so cp -a,
     # rsync -X and tar --xattrs copy streams and do not trip over them.
     def _system_xattr(self, fid: int, name: bytes) -> bytes | None:
-        st = self.image.stat(fid)
-        attrib = st.attributes | (FileAttributes.DIRECTORY if st.is_dir else 0)
-        if name == b"system.ntfs_attrib":
-            return struct.pack("<I", attrib)
-        if name == b"system.ntfs_attrib_be":
-            return struct.pack(">I", attrib)
-        if name == b"system.ntfs_crtime":
-            return struct.pack("<Q", st.creation_time)
-        if name == b"system.ntfs_crtime_be":
-            return struct.pack(">Q", st.creation_time)
-        if name == b"system.ntfs_times":
-            # ntfs-3g's order: creation, last write, last access, change
-            return struct.pack("<4Q", st.creation_time, st.last_write_time, st.last_access_time, st.change_time)
-        if name == b"system.ntfs_times_be":
-            return struct.pack(">4Q", st.creation_time, st.last_write_time, st.last_access_time, st.change_time)
-        if name == b"system.ntfs_acl":
-            return st.security_descriptor or None
-        if name == b"system.ntfs_reparse_data":
-            return st.reparse_data or None
-        if name == b"system.ntfs_ea":
-            return st.ea_buffer or None
-        return None
+        return ntfs_xattr(self.image.stat(fid), name)
 
     @_op
     def listxattr(self, inode, ctx=None):

@@ -23,7 +23,7 @@ from .. import winlayer
 from ..errors import E_INVALIDARG, ERROR_FILE_EXISTS, CimError
 from ..progress import Progress
 from . import blobs
-from .store import LayerStore, layer_image_name
+from .store import LayerStore, StoreLock, layer_image_name
 
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
@@ -92,11 +92,16 @@ def export_image(store_dir: str, ref: str, out: str, *, fmt: str = "oci", compre
     if compress not in blobs.OCI_LAYER:
         raise CimError(E_INVALIDARG, f"unknown compression {compress!r} (gzip, zstd or none)")
     store = LayerStore(store_dir)
+    with StoreLock(store.path, shared=True):
+        return _export(store, ref, out, fmt, compress, progress_stream)
+
+
+def _export(store, ref, out, fmt, compress, progress_stream) -> dict:
     refs = store.load_refs()
     key, rec = store.find(refs, ref)
     config = json.loads(store.read_blob(rec["config_digest"]))
     out = os.path.abspath(out)
-    if os.path.lexists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+    if os.path.lexists(out) and not (fmt == "oci" and os.path.isdir(out) and not os.listdir(out)):
         raise CimError(ERROR_FILE_EXISTS, "the output exists (give a new path or an empty directory)", out)
     parent_dir = os.path.dirname(out)
     work = os.path.join(parent_dir, f".{os.path.basename(out)}.{secrets.token_hex(6)}.tmp")
@@ -185,8 +190,12 @@ def _docker_archive(work: str, out: str, cbytes: bytes, cdigest: str, layers: li
     try:
         with open(tmp, "xb") as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+                written = set()
                 for d in layers:
                     hexd = d["diff_id"][7:]
+                    if hexd in written:  # the same layer twice: one copy serves both
+                        continue
+                    written.add(hexd)
                     tf.addfile(info(hexd, 0, tarfile.DIRTYPE))
                     blob = os.path.join(work, "blobs", "sha256", d["digest"][7:])
                     with open(blob, "rb") as b:

@@ -7,9 +7,10 @@ the store through :mod:`.blobs`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
-import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -170,11 +171,14 @@ class OciLayout:
             return None
         return lambda: open(p, "rb")
 
-    def resolve(self, platform: str | None) -> ImageSpec:
+    def read_index(self) -> tuple[dict, str]:
         index_path = os.path.join(self.path, "index.json")
-        index = _json(self._read_file(index_path, "index.json"), index_path)
+        return _json(self._read_file(index_path, "index.json"), index_path), index_path
+
+    def resolve(self, platform: str | None) -> ImageSpec:
+        index, where = self.read_index()
         candidates = []  # (descriptor, refs)
-        self._collect(index, [], candidates, index_path, 0)
+        self._collect(index, [], candidates, where, 0)
         return self._choose(candidates, platform)
 
     def _collect(self, index, refs, out, what, depth) -> None:
@@ -243,12 +247,35 @@ class DockerArchive:
     def __init__(self, src, spool_dir: str | None = None):
         self._spooled = None
         self.label = src if isinstance(src, str) else "<stdin>"
-        if not isinstance(src, str):
+        compressed = None
+        if isinstance(src, str):
+            with open(src, "rb") as f:
+                head = f.read(4)
+            compressed = "gzip" if head.startswith(blobs.GZIP_MAGIC) else \
+                "zstd" if head.startswith(blobs.ZSTD_MAGIC) else None
+        if not isinstance(src, str) or compressed:
+            # A stream, or a compressed archive (docker save | gzip): spooled once,
+            # decompressed, so that its members can be read in any order.
             fd, path = tempfile.mkstemp(prefix=".spool-", suffix=".tar", dir=spool_dir)
             self._spooled = path
             try:
-                with os.fdopen(fd, "wb") as f:
-                    shutil.copyfileobj(src, f, blobs.CHUNK)
+                with os.fdopen(fd, "wb") as f, \
+                        (open(src, "rb") if isinstance(src, str) else contextlib.nullcontext(src)) as raw:
+                    reader = raw
+                    if not isinstance(src, str):
+                        reader = io.BufferedReader(_Raw(raw), blobs.CHUNK)
+                        head = reader.peek(4)[:4]
+                        compressed = "gzip" if head.startswith(blobs.GZIP_MAGIC) else \
+                            "zstd" if head.startswith(blobs.ZSTD_MAGIC) else None
+                    if compressed == "gzip":
+                        reader = blobs._GzipReader(reader, self.label)
+                    elif compressed == "zstd":
+                        reader = blobs._ZstdStream(reader, self.label)
+                    while True:
+                        b = reader.read(blobs.CHUNK)
+                        if not b:
+                            break
+                        f.write(b)
             except BaseException:
                 self.close()
                 raise
@@ -306,6 +333,8 @@ class DockerArchive:
         return None
 
     def resolve(self, platform: str | None) -> ImageSpec:
+        if "manifest.json" not in self.members and "index.json" in self.members:
+            return _ArchivedLayout(self).resolve(platform)  # an OCI layout in a tar (oci-archive)
         manifest = _json(self._read("manifest.json", "manifest"), f"{self.label}: manifest.json")
         if not isinstance(manifest, list) or not manifest:
             raise CimError(E_INVALIDARG, "manifest.json lists no images", self.label)
@@ -377,6 +406,42 @@ class DockerArchive:
             self._spooled = None
 
 
+class _ArchivedLayout(OciLayout):
+    """An OCI image layout inside a tar (``skopeo copy ... oci-archive:``),
+    read from the archive's members in place."""
+
+    def __init__(self, archive: DockerArchive):
+        self.archive = archive
+        self.path = archive.label
+        layout = _json(archive._read(blobs.OCI_LAYOUT_FILE, "oci-layout"), f"{self.path}: oci-layout")
+        if not isinstance(layout, dict) or not str(layout.get("imageLayoutVersion", "")).startswith("1."):
+            raise CimError(E_INVALIDARG, f"unsupported imageLayoutVersion {layout.get('imageLayoutVersion')!r}",
+                           self.path)
+
+    def read_index(self) -> tuple[dict, str]:
+        where = f"{self.path}: index.json"
+        return _json(self.archive._read("index.json", "index"), where), where
+
+    @staticmethod
+    def _name(digest: str) -> str:
+        alg, hexd = blobs.parse_digest(digest)
+        return f"blobs/{alg}/{hexd}"
+
+    def read_blob(self, digest: str, what: str) -> bytes:
+        name = self._name(digest)
+        if self.archive._member(name, what) is None:
+            raise CimError(ERROR_FILE_NOT_FOUND, f"{what} blob {digest} is not in the layout", self.path)
+        data = self.archive._read(name, what)
+        _check_digest(data, digest, f"{what} {self.path}:{name}")
+        return data
+
+    def opener(self, digest: str):
+        m = self.archive._member(self._name(digest), "layer")
+        if m is None:
+            return None
+        return lambda: self.archive.tf.extractfile(m)
+
+
 def open_source(src, spool_dir: str):
     """An OCI layout directory, a docker archive file, or a binary stream holding a docker archive."""
     if isinstance(src, str) and src != "-":
@@ -384,5 +449,18 @@ def open_source(src, spool_dir: str):
             return OciLayout(src)
         if not os.path.exists(src):
             raise CimError(ERROR_FILE_NOT_FOUND, "no such OCI layout or image archive", src)
-        return DockerArchive(src)
+        return DockerArchive(src, spool_dir)
     return DockerArchive(src, spool_dir)
+
+
+class _Raw(io.RawIOBase):
+    def __init__(self, f):
+        self.f = f
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        data = self.f.read(len(b))
+        b[:len(data)] = data
+        return len(data)

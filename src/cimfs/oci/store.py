@@ -24,7 +24,6 @@ import io
 import json
 import os
 import secrets
-import sys
 import time
 
 from .. import tools, winlayer
@@ -74,11 +73,16 @@ def layer_image_name(chain_id: str) -> str:
 
 
 class StoreLock:
-    """An exclusive ``flock`` on STORE_DIR/lock, waited for (imports queue up)."""
+    """A ``flock`` on STORE_DIR/lock, waited for: exclusive for what changes the
+    store (import, rmi: they queue up), shared for export (no rmi meanwhile)."""
 
-    def __init__(self, store: str):
+    def __init__(self, store: str, *, shared: bool = False):
         self.fd = os.open(os.path.join(store, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def __enter__(self):
         return self
@@ -229,8 +233,9 @@ class LayerStore:
             names = list(spec.refs)
             if reference:
                 names.append(reference)
-            for rec in refs["images"].values():  # a reference names one image: it moves
-                rec["refs"] = [r for r in rec.get("refs", []) if r not in names or rec is refs["images"].get(image_id)]
+            for key, rec in refs["images"].items():  # a reference names one image: it moves to this one
+                if key != image_id:
+                    rec["refs"] = [r for r in rec.get("refs", []) if r not in names]
             old = refs["images"].get(image_id, {})
             refs["images"][image_id] = {
                 "manifest_digest": spec.manifest_digest,
@@ -281,7 +286,8 @@ class LayerStore:
         base_added: list[str] = []
         warnings: list[str] = []
         total = layer.size or 0
-        with Progress(total, label[:60], stream=progress_stream) as bar:
+        short = (layer.digest or layer.diff_id).split(":", 1)[-1][:12]
+        with Progress(total, f"layer {layer.index + 1}/{count} {short}", stream=progress_stream) as bar:
             stream = blobs.LayerStream(raw, compression, layer.digest, layer.size, layer.diff_id, label, bar)
             reader = blobs.Prefetch(stream) if jobs > 1 else stream
 

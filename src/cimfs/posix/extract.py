@@ -18,7 +18,8 @@ from typing import Callable, NamedTuple
 
 import cimfs
 
-from ..bulk import paused_gc, widen_pipe
+from .. import workers
+from ..bulk import paused_gc
 from ..errors import ERROR_FILE_EXISTS, ERROR_INVALID_NAME, CimError
 from .lx import (
     BLK,
@@ -115,40 +116,26 @@ class _FileWriters:
 
     @staticmethod
     def available() -> bool:
-        import threading
+        return (os.cpu_count() or 1) >= 2 and workers.can_fork()
 
-        return hasattr(os, "fork") and (os.cpu_count() or 1) >= 2 and threading.active_count() == 1
-
-    def __init__(self, extractor: "Extractor", dest_fd: int, count: int = 2):
-        self._extractor, self._dest_fd, self._count = extractor, dest_fd, count
-        self._procs, self._jobs, self._results = [], [], []
+    def __init__(self, maker: "_EntryMaker", dest_fd: int, count: int = 2):
+        self._maker, self._dest_fd, self._count = maker, dest_fd, count
+        self._workers: list[workers.Worker] = []
         self._queued = [0] * count
         self._batches: list[list] = [[] for _ in range(count)]
         self._batch_files = [0] * count
         self.done = False
 
     def _start(self) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("fork")
-        extractor, dest_fd = self._extractor, self._dest_fd
+        ctx = workers.fork_context()
         for _ in range(self._count):
-            jobs_r, jobs_w = ctx.Pipe(duplex=False)
-            # The walk runs ahead where files dominate, and what it has sent
-            # keeps the writers busy where small directories do and the walk
-            # is the slower side (with a 64 KiB pipe the walk blocked 0.3-0.4 s
-            # in sends, then each writer waited 0.13-0.23 s for work).
-            widen_pipe(jobs_w)
-            results_r, results_w = ctx.Pipe(duplex=False)
-            owner_ends = self._jobs + self._results + [jobs_w, results_r]
-            proc = ctx.Process(target=_file_writer_main, args=(extractor, dest_fd, jobs_r, results_w, owner_ends),
-                               name="cimfs-extract", daemon=True)
-            proc.start()
-            jobs_r.close()
-            results_w.close()
-            self._procs.append(proc)
-            self._jobs.append(jobs_w)
-            self._results.append(results_r)
+            # Job pipes of 1 MiB: the walk runs ahead where files dominate,
+            # and what it has sent keeps the writers busy where small
+            # directories do and the walk is the slower side (with a 64 KiB
+            # pipe the walk blocked 0.3-0.4 s in sends, then each writer
+            # waited 0.13-0.23 s for work).
+            self._workers.append(workers.Worker(ctx, _file_writer_main, (self._maker, self._dest_fd),
+                                                name="cimfs-extract", others=self._workers, pipe_size=1 << 20))
 
     def add(self, parts: tuple, files: list, size: int, plain_dir: bool) -> int:
         """A directory's plain files, ``[(name in the image, FileID), ...]``,
@@ -173,37 +160,27 @@ class _FileWriters:
 
     def _send(self, i: int) -> None:
         if self._batches[i]:
-            if not self._procs:
+            if not self._workers:
                 self._start()
-            try:
-                self._jobs[i].send(self._batches[i])
-            except OSError:
-                pass  # the writer is gone; finish() says why
+            self._workers[i].send(self._batches[i])  # a writer that is gone: finish() says why
             self._batches[i], self._batch_files[i] = [], 0
 
     def finish(self) -> tuple[list[str], str | None]:
         """Wait for every file; returns (problems, the corrupt image's message or None)."""
         for i in range(self._count):
             self._send(i)
-        for jobs in self._jobs:
-            try:
-                jobs.send(None)
-            except OSError:
-                pass
+        for w in self._workers:
+            w.end()
         problems: list[str] = []
         fatal = None
-        for proc, results in zip(self._procs, self._results):
-            try:
-                p, f = results.recv()
-            except (EOFError, OSError):
-                p, f = [], None
-                proc.join()
-                problems.append(f"a file writer process ended unexpectedly (exit code {proc.exitcode})")
+        for w in self._workers:
+            result = w.result()
+            if result is None:
+                problems.append(f"a file writer process ended unexpectedly (exit code {w.proc.exitcode})")
+                continue
+            p, f = result
             problems += p
             fatal = fatal or f
-            proc.join()
-        for c in self._jobs + self._results:
-            c.close()
         self.done = True  # only now: an interrupted wait leaves abandon() to kill them
         return problems, fatal
 
@@ -211,41 +188,23 @@ class _FileWriters:
         if self.done:
             return
         self.done = True
-        for proc in self._procs:
-            if proc.is_alive():
-                proc.kill()
-        for proc in self._procs:
-            proc.join()
-        for c in self._jobs + self._results:
-            c.close()
+        workers.abandon_all(self._workers)
 
 
-def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner_ends: list) -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the extractor's; it ends us by closing the pipe
-    for c in owner_ends:
-        c.close()
+def _file_writer_main(maker: "_EntryMaker", dest_fd: int, batches) -> tuple[list[str], str | None]:
     # Files are created with their final mode (one fchmod fewer each); this
     # process creates nothing else.
     os.umask(0)
-    extractor._ids = (os.geteuid(), os.getegid())
-    extractor.progress = lambda n: None  # counted by the extractor as it hands files out
+    maker.progress = lambda n: None  # counted by the extractor as it hands files out
     problems: list[str] = []
     fatal = None
     chain = _DirChain(dest_fd)
-    while fatal is None:
-        try:
-            batch = jobs.recv()
-        except (EOFError, OSError):  # the extractor went away
-            os._exit(1)
-        if batch is None:
-            break
+    for batch in batches:
         for item in batch:
             if len(item) == 2:  # a directory's own metadata
                 parts, meta = item
                 try:
-                    extractor._set_meta_fd(chain.open(parts), _DirMeta(*meta))
+                    maker.set_meta_fd(chain.open(parts), _DirMeta(*meta))
                 except OSError as e:
                     problems.append(f"{'/'.join(parts)}: {e.strerror or e}")
                 continue
@@ -257,13 +216,13 @@ def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner
                 problems.append(f"{'/'.join(parts)}: {e.strerror or e}")
                 continue
             try:
-                recs = extractor.image.records([fid for name, fid in files])
+                recs = maker.image.records([fid for name, fid in files])
             except cimfs.errors.CimFormatError as e:
                 fatal = str(e)
                 break
             for (name, fid), rec in zip(files, recs):
                 try:
-                    extractor._write_plain(dfd, plain_dir, parts, name, fid, rec)
+                    maker.write_plain(dfd, plain_dir, parts, name, fid, rec)
                 except cimfs.errors.CimFormatError as e:
                     fatal = str(e)
                     break
@@ -273,8 +232,10 @@ def _file_writer_main(extractor: "Extractor", dest_fd: int, jobs, results, owner
                     problems.append(f"{'/'.join(parts + (name,))}: {e.strerror or e}")
             if fatal is not None:
                 break
+        if fatal is not None:
+            break
     chain.close()
-    results.send((problems, fatal))
+    return problems, fatal
 
 
 def _dir_is_plain(fd: int) -> bool:
@@ -318,38 +279,25 @@ class _DirMeta(NamedTuple):
     mtime_ns: int
 
 
-class Extractor:
-    """Extract an image (or a subtree) into DEST without ever leaving DEST.
+class _EntryMaker:
+    """Makes one entry of the image in an open local directory and gives it
+    its metadata, never following a link: a file with its data (holes kept
+    where the image marks it sparse), a symlink or a special file, replacing
+    what is in the way.  The extractor's walk decides what goes where; this
+    makes it, in the walk and (plain files, directory metadata) in the
+    writer processes."""
 
-    Hard links are found as the walk meets a FileID a second time (the
-    format keeps no link counts) and made once every first name exists.
-    """
-
-    def __init__(self, image, dest: str, *, restore_owner: bool | None = None,
-                 progress: Callable[[int], None] | None = None, warn: Callable[[str], None] | None = None):
+    def __init__(self, image, owner: bool, progress: Callable[[int], None]):
         self.image = image
-        self.dest = dest
-        self._root = os.geteuid() == 0
-        self.owner = self._root if restore_owner is None else restore_owner
-        self.progress = progress or (lambda n: None)
-        self.report = ExtractReport(warn)
-        self.streams_skipped = 0
-        self._writers: _FileWriters | None = None
-        self._first_dir: dict[int, int] = {}              # file FileID -> the directory of its first name
-        self._dir_parts: dict[int, tuple] = {}            # directory FileID -> its local path parts
-        self._links: list[tuple[tuple, str, int]] = []    # (parts, name, FileID) of later names
-        self._moved_first: dict[int, tuple[tuple, str]] = {}  # FileID -> (parts, local) where a copy stands in
+        self.owner = owner  # restore owners
+        self.progress = progress
+        self._ids = (os.geteuid(), os.getegid())
         # (EA RegionOffset, length, permissions without a mode EA) -> (permissions,
         # uid, gid): most entries share a few EA buffers, stored once, so
         # their place names them.
         self._owners: dict[tuple[int, int, int], tuple[int, int, int]] = {}
-        self._early_meta: dict[tuple, PosixInfo | _DirMeta] = {}  # directories whose metadata the writers set
-        # A directory's mode and times wait for everything in it (a file or
-        # link created in it afterwards would change its mtime).
-        self._dir_meta: list[tuple[list[str], PosixInfo | _DirMeta]] = []
 
-    # -- helpers
-    def _remove(self, dfd: int, name: str, rel: str) -> None:
+    def remove(self, dfd: int, name: str, rel: str) -> None:
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         if S.S_ISDIR(st.st_mode):
             try:
@@ -359,20 +307,20 @@ class Extractor:
         else:
             os.unlink(name, dir_fd=dfd)
 
-    def _retry(self, fn, dfd: int, name: str, rel: str):
+    def retry(self, fn, dfd: int, name: str, rel: str):
         try:
             return fn()
         except FileExistsError:
-            self._remove(dfd, name, rel)
+            self.remove(dfd, name, rel)
             return fn()
 
-    def _set_meta_fd(self, fd: int, info: PosixInfo) -> None:
+    def set_meta_fd(self, fd: int, info: PosixInfo) -> None:
         if self.owner:
             os.fchown(fd, info.uid, info.gid)
         os.fchmod(fd, info.mode & 0o7777)
         os.utime(fd, ns=(info.atime_ns, info.mtime_ns))
 
-    def _set_meta_path(self, dfd: int, name: str, info: PosixInfo) -> None:
+    def set_meta_path(self, dfd: int, name: str, info: PosixInfo) -> None:
         """Metadata of a symlink or special file, never following a link."""
         if info.kind == SYMLINK:
             if self.owner:
@@ -390,6 +338,109 @@ class Extractor:
             os.utime(proc, ns=(info.atime_ns, info.mtime_ns))
         finally:
             os.close(fd)
+
+    def owner_of(self, fid: int, rec, perm: int) -> tuple[int, int, int]:
+        """(permissions, uid, gid) of a plain entry, looked up by where its EA
+        buffer is stored: most entries share a few, each stored once."""
+        key = (rec.ea_offset, rec.ea_length, perm)
+        owner = self._owners.get(key)
+        if owner is None:
+            if len(self._owners) >= 4096:
+                self._owners.clear()
+            owner = self._owners[key] = _plain_owner(self.image.ea_buffer(fid), perm)
+        return owner
+
+    def write_plain(self, dfd: int, plain_dir: bool, parts: tuple, name: str, fid: int, rec) -> None:
+        """A plain file in a writer process (umask 0): created with its final
+        mode, then its data and times; owner and mode only where the new
+        file would not already have them."""
+        local = _safe_local_name(name)
+        if local is None:
+            raise CimError(ERROR_INVALID_NAME, f"unsafe name {name!r}, not extracted", "/".join(parts + (name,)))
+        image = self.image
+        if rec.flags & _FLAG_SPARSE:  # its zero blocks become holes: the general path
+            st = image.stat(fid, links=False)
+            self.write_file(dfd, local, fid, st, posix_info(st), "/".join(parts + (name,)))
+            return
+        perm, uid, gid = self.owner_of(fid, rec, 0o444 if rec.flags & _FLAG_READONLY else 0o644)
+        try:
+            fd = os.open(local, _NEW_FILE_FLAGS, perm, dir_fd=dfd)
+        except FileExistsError:
+            self.remove(dfd, local, "/".join(parts + (name,)))
+            fd = os.open(local, _NEW_FILE_FLAGS, perm, dir_fd=dfd)
+        try:
+            stream = rec.stream
+            if stream.length and image.copy_stream(stream, fd) != stream.length:
+                raise cimfs.errors.CimFormatError("stream shorter than its size", "/".join(parts + (name,)))
+            chown = self.owner and ((uid, gid) != self._ids or not plain_dir)
+            if chown:
+                os.fchown(fd, uid, gid)
+            if not plain_dir or (chown and perm & 0o6000):  # chown clears set-ID bits
+                os.fchmod(fd, perm)
+            os.utime(fd, ns=((rec.last_access_time - FILETIME_UNIX_EPOCH) * 100,  # filetime_to_ns, inline
+                             (rec.last_write_time - FILETIME_UNIX_EPOCH) * 100))
+        finally:
+            os.close(fd)
+
+    def write_file(self, dfd, local, fid, st, info, rel) -> None:
+        fd = self.retry(lambda: os.open(local, _NEW_FILE_FLAGS, 0o600, dir_fd=dfd), dfd, local, rel)
+        try:
+            size = st.size
+            if size and not st.is_sparse and not st.attributes & _FA_SPARSE_FILE:
+                # copy_file_range inside the kernel; region file -> new file,
+                # which then has its size: no ftruncate
+                n = self.image.copy_stream(fid, fd, progress=self.progress)
+                if n != size:
+                    raise cimfs.errors.CimFormatError("stream shorter than its size", rel)
+            elif size and not st.is_sparse:
+                # a file marked sparse keeps its holes: zero blocks are skipped
+                with self.image.open(fid) as src:
+                    pos = 0
+                    while pos < size:
+                        buf = src.read(min(CHUNK, size - pos))
+                        if not buf:
+                            raise cimfs.errors.CimFormatError("stream shorter than its size", rel)
+                        _write_sparse(fd, buf, pos)
+                        pos += len(buf)
+                        self.progress(len(buf))
+                os.ftruncate(fd, size)  # holes at the end still count
+            elif size:
+                self.progress(size)
+                os.ftruncate(fd, size)  # all of it a hole
+            self.set_meta_fd(fd, info)
+        finally:
+            os.close(fd)
+
+
+class Extractor:
+    """Extract an image (or a subtree) into DEST without ever leaving DEST.
+
+    The walk decides what is made where and when; an :class:`_EntryMaker`
+    makes each entry, here or in the file writers.  Hard links are found as
+    the walk meets a FileID a second time (the format keeps no link counts)
+    and made once every first name exists; a directory's metadata is set
+    once everything in it is made.
+    """
+
+    def __init__(self, image, dest: str, *, restore_owner: bool | None = None,
+                 progress: Callable[[int], None] | None = None, warn: Callable[[str], None] | None = None):
+        self.image = image
+        self.dest = dest
+        self._root = os.geteuid() == 0
+        self.owner = self._root if restore_owner is None else restore_owner
+        self.progress = progress or (lambda n: None)
+        self.report = ExtractReport(warn)
+        self.streams_skipped = 0
+        self._writers: _FileWriters | None = None
+        self._first_dir: dict[int, int] = {}              # file FileID -> the directory of its first name
+        self._dir_parts: dict[int, tuple] = {}            # directory FileID -> its local path parts
+        self._links: list[tuple[tuple, str, int]] = []    # (parts, name, FileID) of later names
+        self._moved_first: dict[int, tuple[tuple, str]] = {}  # FileID -> (parts, local) where a copy stands in
+        self._make: _EntryMaker | None = None  # for one run()
+        self._early_meta: dict[tuple, PosixInfo | _DirMeta] = {}  # directories whose metadata the writers set
+        # A directory's mode and times wait for everything in it (a file or
+        # link created in it afterwards would change its mtime).
+        self._dir_meta: list[tuple[list[str], PosixInfo | _DirMeta]] = []
 
     # -- public
     def total_bytes(self, path: str = "") -> int:
@@ -423,11 +474,12 @@ class Extractor:
         # would only re-scan them (1.6 of 3.6 us per record read).  The
         # writer processes inherit the pause.
         with paused_gc():
+            self._make = _EntryMaker(self.image, self.owner, self.progress)
             try:
                 return self._run(path)
             finally:
                 # dropped while paused: the first collection afterwards would scan them
-                self._first_dir, self._dir_parts, self._early_meta, self._owners = {}, {}, {}, {}
+                self._first_dir, self._dir_parts, self._early_meta, self._make = {}, {}, {}, None
 
     def _run(self, path: str) -> ExtractReport:
         img = self.image
@@ -442,7 +494,7 @@ class Extractor:
             info = posix_info(st)
             if st.is_dir and info.kind == DIR:
                 if _FileWriters.available():
-                    self._writers = _FileWriters(self, dfd)
+                    self._writers = _FileWriters(self._make, dfd)
                 try:
                     self._extract_dir(dfd, fid, [], {fid}, _dir_is_plain(dfd))
                     self._finish(dfd)
@@ -451,7 +503,7 @@ class Extractor:
                         self._writers.abandon()
                         self._writers = None
                 if created:
-                    self._set_meta_fd(dfd, info)
+                    self._make.set_meta_fd(dfd, info)
             else:
                 name = _split(path)[-1] if path else ""
                 local = _safe_local_name(name)
@@ -487,7 +539,7 @@ class Extractor:
             # once its subtree was done).
             for parts, info in self._dir_meta:
                 try:
-                    self._set_meta_fd(chain.open(parts), info)
+                    self._make.set_meta_fd(chain.open(parts), info)
                 except OSError as e:
                     self.report.problem(f"{'/'.join(parts)}: {e.strerror or e}")
             self._dir_meta.clear()
@@ -527,7 +579,7 @@ class Extractor:
             if first is not None:
                 try:
                     sfd = sources.open(first[0])
-                    self._retry(lambda: os.link(first[1], local, src_dir_fd=sfd, dst_dir_fd=dfd,
+                    self._make.retry(lambda: os.link(first[1], local, src_dir_fd=sfd, dst_dir_fd=dfd,
                                                 follow_symlinks=False), dfd, local, rel)
                     return
                 except OSError as e:
@@ -584,7 +636,7 @@ class Extractor:
                 try:
                     if rec.is_dir and not rec.reparse_offset and not rec.stream_table_offset:
                         # a plain directory: what posix_info would say, from the record
-                        perm, uid, gid = self._owner(fid, rec, 0o755)
+                        perm, uid, gid = self._make.owner_of(fid, rec, 0o755)
                         meta = _DirMeta(uid, gid, S.S_IFDIR | perm, filetime_to_ns(rec.last_access_time),
                                         filetime_to_ns(rec.last_write_time))
                         self._extract_subdir(dfd, local, fid, meta, parts, rel, ancestors, plain_dir)
@@ -605,66 +657,23 @@ class Extractor:
             self._extract_subdir(dfd, local, fid, info, parts, rel, ancestors, plain_dir)
             return
         if info.kind == FILE:
-            self._write_file(dfd, local, fid, st, info, rel)
+            self._make.write_file(dfd, local, fid, st, info, rel)
         elif info.kind == SYMLINK:
             if info.link_has_children and self.image.scandir(fid):
                 self.report.warning(f"{rel}: is a link in the image; the entries below it are not extracted")
-            self._retry(lambda: os.symlink(info.target, local, dir_fd=dfd), dfd, local, rel)
-            self._set_meta_path(dfd, local, info)
+            self._make.retry(lambda: os.symlink(info.target, local, dir_fd=dfd), dfd, local, rel)
+            self._make.set_meta_path(dfd, local, info)
         elif info.kind in (FIFO, SOCK):
-            self._retry(lambda: os.mknod(local, FMT_OF_KIND[info.kind] | 0o600, dir_fd=dfd), dfd, local, rel)
-            self._set_meta_path(dfd, local, info)
+            self._make.retry(lambda: os.mknod(local, FMT_OF_KIND[info.kind] | 0o600, dir_fd=dfd), dfd, local, rel)
+            self._make.set_meta_path(dfd, local, info)
         elif info.kind in (CHR, BLK):
             try:
-                self._retry(lambda: os.mknod(local, FMT_OF_KIND[info.kind] | 0o600, os.makedev(*info.rdev),
+                self._make.retry(lambda: os.mknod(local, FMT_OF_KIND[info.kind] | 0o600, os.makedev(*info.rdev),
                                              dir_fd=dfd), dfd, local, rel)
             except PermissionError:
                 self.report.warning(f"{rel}: device nodes need root; not created")
                 return
-            self._set_meta_path(dfd, local, info)
-
-    def _owner(self, fid: int, rec, perm: int) -> tuple[int, int, int]:
-        """(permissions, uid, gid) of a plain entry, looked up by where its EA
-        buffer is stored: most entries share a few, each stored once."""
-        key = (rec.ea_offset, rec.ea_length, perm)
-        owner = self._owners.get(key)
-        if owner is None:
-            if len(self._owners) >= 4096:
-                self._owners.clear()
-            owner = self._owners[key] = _plain_owner(self.image.ea_buffer(fid), perm)
-        return owner
-
-    def _write_plain(self, dfd: int, plain_dir: bool, parts: tuple, name: str, fid: int, rec) -> None:
-        """A plain file in a writer process (umask 0): created with its final
-        mode, then its data and times; owner and mode only where the new
-        file would not already have them."""
-        local = _safe_local_name(name)
-        if local is None:
-            raise CimError(ERROR_INVALID_NAME, f"unsafe name {name!r}, not extracted", "/".join(parts + (name,)))
-        image = self.image
-        if rec.flags & _FLAG_SPARSE:  # its zero blocks become holes: the general path
-            st = image.stat(fid, links=False)
-            self._write_file(dfd, local, fid, st, posix_info(st), "/".join(parts + (name,)))
-            return
-        perm, uid, gid = self._owner(fid, rec, 0o444 if rec.flags & _FLAG_READONLY else 0o644)
-        try:
-            fd = os.open(local, _NEW_FILE_FLAGS, perm, dir_fd=dfd)
-        except FileExistsError:
-            self._remove(dfd, local, "/".join(parts + (name,)))
-            fd = os.open(local, _NEW_FILE_FLAGS, perm, dir_fd=dfd)
-        try:
-            stream = rec.stream
-            if stream.length and image.copy_stream(stream, fd) != stream.length:
-                raise cimfs.errors.CimFormatError("stream shorter than its size", "/".join(parts + (name,)))
-            chown = self.owner and ((uid, gid) != self._ids or not plain_dir)
-            if chown:
-                os.fchown(fd, uid, gid)
-            if not plain_dir or (chown and perm & 0o6000):  # chown clears set-ID bits
-                os.fchmod(fd, perm)
-            os.utime(fd, ns=((rec.last_access_time - FILETIME_UNIX_EPOCH) * 100,  # filetime_to_ns, inline
-                             (rec.last_write_time - FILETIME_UNIX_EPOCH) * 100))
-        finally:
-            os.close(fd)
+            self._make.set_meta_path(dfd, local, info)
 
     def _extract_subdir(self, dfd, local: str, fid: int, info, parts, rel: str, ancestors: set, plain_dir: bool) -> None:
         """A directory: made (or one in the way replaced), its entries, then
@@ -682,7 +691,7 @@ class Extractor:
                 cfd = os.open(local, _DIR_FLAGS, dir_fd=dfd)
             except OSError:
                 # something that is not a directory (maybe a link) is in the way: replace it
-                self._remove(dfd, local, rel)
+                self._make.remove(dfd, local, rel)
                 os.mkdir(local, 0o700, dir_fd=dfd)
                 cfd = os.open(local, _DIR_FLAGS, dir_fd=dfd)
         try:
@@ -700,34 +709,6 @@ class Extractor:
         else:
             self._dir_meta.append((child, info))
 
-    def _write_file(self, dfd, local, fid, st, info, rel) -> None:
-        fd = self._retry(lambda: os.open(local, _NEW_FILE_FLAGS, 0o600, dir_fd=dfd), dfd, local, rel)
-        try:
-            size = st.size
-            if size and not st.is_sparse and not st.attributes & _FA_SPARSE_FILE:
-                # copy_file_range inside the kernel; region file -> new file,
-                # which then has its size: no ftruncate
-                n = self.image.copy_stream(fid, fd, progress=self.progress)
-                if n != size:
-                    raise cimfs.errors.CimFormatError("stream shorter than its size", rel)
-            elif size and not st.is_sparse:
-                # a file marked sparse keeps its holes: zero blocks are skipped
-                with self.image.open(fid) as src:
-                    pos = 0
-                    while pos < size:
-                        buf = src.read(min(CHUNK, size - pos))
-                        if not buf:
-                            raise cimfs.errors.CimFormatError("stream shorter than its size", rel)
-                        _write_sparse(fd, buf, pos)
-                        pos += len(buf)
-                        self.progress(len(buf))
-                os.ftruncate(fd, size)  # holes at the end still count
-            elif size:
-                self.progress(size)
-                os.ftruncate(fd, size)  # all of it a hole
-            self._set_meta_fd(fd, info)
-        finally:
-            os.close(fd)
 
 
 def _write_sparse(fd: int, buf: bytes, pos: int) -> None:

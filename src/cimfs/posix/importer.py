@@ -18,6 +18,7 @@ from ..bulk import paused_gc
 from ..errors import E_INVALIDARG, CimError
 from .lx import DIR, FILE, metadata_matches, node_metadata, plain_file_metadata, posix_info
 from .names import _join, _split, check_image_name, fold, name_from_image, name_to_image
+from .lx import plain_file_metadata_consistent, writes_consistent
 from .scan import (
     CHUNK,
     TAR_READ_ERRORS,
@@ -31,6 +32,14 @@ from .scan import (
     open_node,
     resolve_collision,
 )
+
+def _walk_nodes(root: Node):
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        yield n
+        stack.extend(n.children.values())
+
 
 class Importer:
     """Write a :class:`Tree` into an open image writer.
@@ -57,10 +66,16 @@ class Importer:
         self.deletes: list[str] = []
         self.dirs: list[tuple[str, object, bool]] = []
         self.files: list[tuple[Node, str]] = []
+        self.consistent = writes_consistent(writer)
+        if self.consistent and root.kind == DIR and root.implied and root.parent is None:
+            # [choice] A tar without an entry for its root: the root is as new
+            # as its newest entry, not the time of the import.
+            root.atime_ns = root.mtime_ns = root.ctime_ns = max(
+                (n.mtime_ns for n in _walk_nodes(root) if not n.implied), default=0)
 
     def _meta(self, node: Node):
         # Not cached: a FileMetadata per entry would double the memory of a large import.
-        return node_metadata(node)
+        return node_metadata(node, self.consistent)
 
     def _is_hidden(self, path: str) -> bool:
         if not self.hidden:
@@ -98,7 +113,9 @@ class Importer:
                     self.deletes.append(_join(path, child.name))
                     child = None
             if child is None and not last:
-                meta = node_metadata(_default_dir(p, cpath))
+                # A directory the import needs above its target: now, or in a
+                # consistent image the time of what is imported.
+                meta = node_metadata(_default_dir(p, cpath, self.root if self.consistent else None), self.consistent)
                 self.dirs.append((cpath, meta, False))
             base_id = child.file_id if child is not None else None
             path = cpath
@@ -126,7 +143,7 @@ class Importer:
             self.dirs.append((path, meta, False))
         else:
             bst = self.base.stat(base_id)
-            if not metadata_matches(meta, bst):
+            if not metadata_matches(meta, bst, not self.consistent):
                 self.dirs.append((path, meta, True))
             base_children = self._base_entries(base_id, path)
         for key, child in node.children.items():
@@ -137,7 +154,7 @@ class Importer:
                 keep = (b.name == child.name and posix_info(bst).kind == child.kind
                         and (child.kind == DIR or (child.group is None and bst.nlink == 1
                                                    and bst.stream_count == 0
-                                                   and metadata_matches(self._meta(child), bst)
+                                                   and metadata_matches(self._meta(child), bst, not self.consistent)
                                                    and self._same_content(child, b.file_id))))
                 if not keep:
                     self.deletes.append(_join(path, b.name))
@@ -175,7 +192,7 @@ def write_node(w, node: Node, path: str, progress: Callable[[int], None]) -> Non
     if node.group is not None and node.group.written is not None:
         w.link(path, node.group.written)
         return
-    meta = node_metadata(node)
+    meta = node_metadata(node, writes_consistent(w))
     if node.kind == FILE and node.size:
         _copy_node(w, node, path, meta, progress)
     else:
@@ -271,7 +288,9 @@ class DirectoryImporter:
 
     def _run(self) -> None:
         w = self.w
-        w.mkdir("", node_metadata(_stat_root(self.src_dir)), exist_ok=True)
+        consistent = writes_consistent(w)
+        file_meta = plain_file_metadata_consistent if consistent else plain_file_metadata
+        w.mkdir("", node_metadata(_stat_root(self.src_dir), consistent), exist_ok=True)
         stack: list[tuple[str, str, str]] = [(self.src_dir, "", "")]   # (local, image path, POSIX path)
         add_file = w.add_file
         add_files = w.add_local_files
@@ -302,9 +321,9 @@ class DirectoryImporter:
                             continue
                         self.entries += 1
                         if st.st_size:
-                            files.append((name, full, plain_file_metadata(st)))
+                            files.append((name, full, file_meta(st)))
                         else:
-                            add_file(image_prefix + name, b"", plain_file_metadata(st))
+                            add_file(image_prefix + name, b"", file_meta(st))
                         progress(st.st_size)
                         continue
                     node = _node_from_entry(ent, st, full, self.groups)
@@ -315,7 +334,7 @@ class DirectoryImporter:
                     path = image_prefix + name
                     self.entries += 1
                     if node.kind == DIR:
-                        w.mkdir(path, node_metadata(node))
+                        w.mkdir(path, node_metadata(node, consistent))
                         subdirs.append((full, path, _join(posix_dir, name_from_image(name))))
                     else:
                         add_files(image_dir, files)  # contents are copied in scan order

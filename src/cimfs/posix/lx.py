@@ -75,7 +75,23 @@ def plain_file_metadata(st: os.stat_result) -> "cimfs.FileMetadata":
                               st.st_atime_ns // 100 + FILETIME_UNIX_EPOCH, b"", b"", ea)
 
 
-def node_metadata(node: Node) -> "cimfs.FileMetadata":
+def plain_file_metadata_consistent(st: os.stat_result) -> "cimfs.FileMetadata":
+    """:func:`plain_file_metadata` for a consistent image (see :func:`node_metadata`)."""
+    mt = st.st_mtime_ns // 100 + FILETIME_UNIX_EPOCH
+    ea = _EA_CACHE.get((st.st_mode, st.st_uid, st.st_gid, None)) or _lx_ea_buffer(st.st_mode, st.st_uid, st.st_gid, None)
+    return cimfs.FileMetadata(0, st.st_size, mt, mt, mt, mt, b"", b"", ea)
+
+
+def writes_consistent(w) -> bool:
+    """Whether the writer ``w`` makes a consistent image (``cimfs.create(..., consistent=True)``)."""
+    return bool(getattr(w, "consistent", False))
+
+
+def node_metadata(node: Node, consistent: bool = False) -> "cimfs.FileMetadata":
+    """The image metadata of a scanned entry.  ``consistent``: [choice] for
+    a consistent image, change time and last access time are the last write
+    time: reading a tree moves atimes and ``touch -a``, chmod or a copy move
+    ctimes, so neither is the tree's content (mksquashfs keeps mtime alone)."""
     attrs = 0
     reparse = b""
     rdev = tuple(node.rdev) if node.kind in (CHR, BLK) else None
@@ -96,8 +112,8 @@ def node_metadata(node: Node) -> "cimfs.FileMetadata":
         file_size=node.size if node.kind == FILE else 0,
         creation_time=ns_to_filetime(node.btime_ns) if node.btime_ns is not None else mt,
         last_write_time=mt,
-        change_time=ns_to_filetime(node.ctime_ns),
-        last_access_time=ns_to_filetime(node.atime_ns),
+        change_time=mt if consistent else ns_to_filetime(node.ctime_ns),
+        last_access_time=mt if consistent else ns_to_filetime(node.atime_ns),
         ea_buffer=eas,
         reparse_data=reparse,
     )
@@ -106,13 +122,16 @@ def node_metadata(node: Node) -> "cimfs.FileMetadata":
 _ATTR_MASK = 0x1 | 0x2 | 0x4 | 0x10 | 0x20 | 0x200 | 0x400
 
 
-def metadata_matches(meta, st) -> bool:
-    """Whether an image entry (Stat) already holds exactly this metadata."""
+def metadata_matches(meta, st, scan_times: bool = True) -> bool:
+    """Whether an image entry (Stat) already holds exactly this metadata.
+    ``scan_times=False`` (a consistent import, which does not take them from
+    the source): change and last access times are not compared, so an entry
+    of a parent written otherwise is kept as it is."""
     return ((meta.attributes & _ATTR_MASK) == (st.attributes & _ATTR_MASK)
             and meta.creation_time == st.creation_time
             and meta.last_write_time == st.last_write_time
-            and meta.change_time == st.change_time
-            and meta.last_access_time == st.last_access_time
+            and (not scan_times or (meta.change_time == st.change_time
+                                    and meta.last_access_time == st.last_access_time))
             and bytes(meta.ea_buffer) == bytes(st.ea_buffer)
             and bytes(meta.reparse_data) == bytes(st.reparse_data)
             and bytes(meta.security_descriptor) == bytes(st.security_descriptor)

@@ -5,7 +5,7 @@ Owns :class:`Node` and :class:`Tree` (case-insensitive placement with the
 ``--on-collision`` policy, hard-link groups), the scanning of a local
 directory or single file into them (stat, link targets, holes), the opening
 and scanning of tar archives (PAX times, truncation checks), the opening of
-a node's contents, and the mapping of local ``OSError``\ s to ``CimError``.
+a node's contents, and the mapping of a local ``OSError`` to a ``CimError``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,638 @@
+"""The kernel engine: EROFS indexes of images, checked by fsck.erofs, mounted
+by the kernel and compared with the library reader and the FUSE mount."""
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+import cimfs
+from cimfs import FileAttributes as A, FileMetadata
+from cimfs import erofs
+from cimfs.layout import erofs as L
+from cimfs.layout import ntfs
+
+from cimfs import mount as cmount  # noqa: E402
+from cimfs.mount import _newmount, kernel  # noqa: E402
+
+FSCK = shutil.which("fsck.erofs")
+needs_kernel = pytest.mark.skipif(not kernel.available(), reason="the kernel engine needs root and EROFS")
+
+
+def have_fuse():
+    try:
+        import pyfuse3  # noqa: F401
+    except ImportError:
+        return False
+    return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+
+
+def fsck(index, devices=()):
+    """fsck.erofs of an index (and extraction of every file, which reads all data)."""
+    if FSCK is None:
+        pytest.fail("fsck.erofs is missing (scripts/install-system-deps.sh installs erofs-utils)")
+    args = [FSCK] + [f"--device={d}" for d in devices] + [str(index)]
+    out = subprocess.run(args, capture_output=True, text=True)
+    if "blksize 512 isn't supported" in out.stderr:
+        return False  # erofs-utils 1.5 (Debian 12) reads 4096-byte blocks only
+    assert out.returncode == 0, out.stderr
+    return True
+
+
+def loops_of(tmp_path):
+    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(tmp_path) in line]
+
+
+def erofs_mounts_under(tmp_path):
+    with open("/proc/self/mountinfo") as f:
+        return [line for line in f if " - erofs " in line and str(tmp_path) in line]
+
+
+@pytest.fixture(autouse=True)
+def own_dirs(tmp_path, monkeypatch):
+    """Our own registry and index cache; at the end nothing may be left:
+    no mount, no loop device, no registry entry."""
+    monkeypatch.setenv("CIMFS_RUNTIME_DIR", str(tmp_path / "registry"))
+    monkeypatch.setenv("CIMFS_CACHE_DIR", str(tmp_path / "cache"))
+    yield
+    left = cmount.mounts()
+    for e in left:
+        try:
+            cmount.unmount(e["mountpoint"])
+        except cimfs.CimError:
+            pass
+    for line in erofs_mounts_under(tmp_path):
+        _newmount.umount(line.split()[4], detach=True)
+    for line in loops_of(tmp_path):
+        subprocess.run(["losetup", "-d", line.split(":")[0]])
+    assert not left, f"mounts left behind: {left}"
+    assert not erofs_mounts_under(tmp_path) and not loops_of(tmp_path)
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    live = []
+
+    def do_mount(image, **kw):
+        mnt = tmp_path / f"mnt{len(live)}"
+        mnt.mkdir()
+        vid = cmount.mount(image, mnt, **kw)
+        live.append(mnt)
+        return mnt
+
+    yield do_mount
+    for mnt in live:
+        if os.path.ismount(mnt):
+            cmount.unmount(mnt)
+        assert not os.path.ismount(mnt) and os.listdir(mnt) == []
+
+
+def stored(rel):
+    """A source path as the POSIX importer stores it (WSL's private-use characters)."""
+    return rel.replace("\n", "\uf00a").replace("\\", "\uf05c")
+
+
+def tree_of(root, *, xattr_names=None, skip=("sparse.vhd",)):
+    """{relative path: what a POSIX reader sees} plus hard-link groups (the
+    contents of the names in ``skip`` are not read)."""
+    out, inodes = {}, {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, root)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and name in skip:
+                what = None
+            elif stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    what = hashlib.sha256(f.read()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                try:
+                    what = os.readlink(p)
+                except OSError as e:
+                    what = f"errno {e.errno}"
+            else:
+                what = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else None
+            xattrs = {}
+            for x in xattr_names(p, st) if xattr_names else []:
+                try:
+                    xattrs[x] = os.getxattr(p, x, follow_symlinks=False)
+                except OSError as e:
+                    xattrs[x] = f"errno {e.errno}"
+            out[rel] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_nlink, what, xattrs)
+            if not stat.S_ISDIR(st.st_mode):
+                inodes.setdefault(st.st_ino, []).append(rel)
+    return out, sorted(sorted(g) for g in inodes.values() if len(g) > 1)
+
+
+def user_xattrs(p, st):
+    return sorted(x for x in os.listxattr(p, follow_symlinks=False) if x.startswith("user."))
+
+
+NTFS_NAMES = ["ntfs_attrib", "ntfs_times", "ntfs_acl", "ntfs_reparse_data", "ntfs_ea"]
+
+
+def kernel_xattrs(p, st):
+    return user_xattrs(p, st) + [f"trusted.{n}" for n in NTFS_NAMES]
+
+
+def fuse_xattrs(p, st):
+    return user_xattrs(p, st) + [f"system.{n}" for n in NTFS_NAMES]
+
+
+def same_names(tree):
+    """FUSE's system.ntfs_* as the kernel's trusted.ntfs_*."""
+    t, links = tree
+    return {k: v[:-1] + ({x.replace("system.", "trusted."): y for x, y in v[-1].items()},) for k, v in t.items()}, links
+
+
+def assert_same_view(fuse_tree, kernel_tree):
+    """Equal but for a directory's st_size (FUSE: 0; EROFS: its directory
+    blocks), streams too long for an EROFS xattr (FUSE lists them, E2BIG) and
+    a damaged symlink (FUSE: readlink fails with EIO; EROFS: an empty target)."""
+    (f, flinks), (k, klinks) = same_names(fuse_tree), kernel_tree
+    assert sorted(f) == sorted(k)
+    for rel in f:
+        a, b = f[rel], k[rel]
+        a = a[:-1] + ({x: v for x, v in a[-1].items() if v != f"errno {errno.E2BIG}"},)
+        if stat.S_ISDIR(a[0]):
+            a, b = a[:3] + a[4:], b[:3] + b[4:]
+        if stat.S_ISLNK(a[0]) and a[6] == f"errno {errno.EIO}" and b[6] == "":
+            a = a[:6] + ("",) + a[7:]
+        assert a == b, rel
+    assert flinks == klinks
+
+
+def reader_tree(image_path, uid, gid):
+    """What the library reader says about names, sizes, contents and times."""
+    out = {}
+    with cimfs.open(image_path) as im:
+        for dirpath, dirs, files in im.walk():
+            for name in dirs + files:
+                p = f"{dirpath}\\{name}" if dirpath else name
+                st = im.stat(p)
+                data = None
+                if not st.is_dir and not st.reparse_data and name != "sparse.vhd":
+                    data = hashlib.sha256(im.read_bytes(p)).hexdigest()
+                out[p.replace("\\", "/")] = (st.size if data else None, data,
+                                             cimfs.filetime_to_ns(st.last_write_time) if st.last_write_time else 0)
+    return out
+
+
+def assert_matches_reader(mnt, image_path):
+    want = reader_tree(image_path, 0, 0)
+    got, _ = tree_of(mnt)
+    assert sorted(got) == sorted(want)
+    for rel, (size, data, mtime) in want.items():
+        mode, _, _, gsize, gmtime, _, what, _ = got[rel]
+        assert gmtime == mtime, rel
+        if data is not None and stat.S_ISREG(mode):
+            assert (gsize, what) == (size, data), rel
+
+
+# ===================================================================== images
+@pytest.fixture(scope="module")
+def kinds_image(tmp_path_factory):
+    """Every metadata kind and some hostile names, from a POSIX tree and from Windows metadata."""
+    root = tmp_path_factory.mktemp("kinds")
+    src = root / "src"
+    (src / "dir" / "sub").mkdir(parents=True)
+    (src / "dir" / "a.txt").write_bytes(b"alpha\n")
+    (src / "Ünïcödé 😀.txt").write_text("unicode")
+    (src / "new\nline").write_bytes(b"newline name")
+    (src / "back\\slash").write_bytes(b"backslash name")
+    (src / " lead and trail ").write_bytes(b"spaces")
+    (src / ("ü" * 127)).write_bytes(b"254 bytes of name")
+    (src / "-dash").write_bytes(b"sorts before the dots")
+    (src / "big.bin").write_bytes(random.Random(1).randbytes(3 << 20))
+    (src / "page.bin").write_bytes(random.Random(2).randbytes(40960))
+    (src / "empty").write_bytes(b"")
+    os.link(src / "dir" / "a.txt", src / "hard.txt")
+    os.link(src / "dir" / "a.txt", src / "dir" / "sub" / "hard2")
+    os.symlink("dir/a.txt", src / "link")
+    os.symlink("/" + "x" * 3000, src / "longlink")
+    os.mkfifo(src / "fifo")
+    os.mknod(src / "null", stat.S_IFCHR | 0o644, os.makedev(1, 3))
+    os.mknod(src / "sda1", stat.S_IFBLK | 0o600, os.makedev(8, 1))
+    os.mknod(src / "bigdev", stat.S_IFCHR | 0o600, os.makedev(300, 70000))
+    os.chown(src / "dir" / "a.txt", 1234, 5678)
+    os.chmod(src / "dir" / "sub", 0o750)
+    os.chmod(src / "page.bin", 0o4755)
+    with open(src / "sparse", "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(1 << 20)
+        f.write(b"data in a hole")
+    for i in range(300):  # a directory spanning several blocks
+        (src / "dir" / f"many-{i:04d}-{'x' * (i % 40)}").write_bytes(str(i).encode())
+    subprocess.run([sys.executable, "-m", "cimfs.cli", "create", str(src), str(root / "img.cim")], check=True)
+    return src, root / "img.cim"
+
+
+@pytest.fixture(scope="module")
+def windows_image(tmp_path_factory):
+    root = tmp_path_factory.mktemp("win")
+    sd = ntfs.sddl_to_sd("O:BAG:SYD:(A;;FA;;;SY)")
+    with cimfs.create(root, "w.cim") as w:
+        w.mkdir("Windows", FileMetadata(attributes=A.DIRECTORY | A.SYSTEM))
+        w.add_file("Windows/notepad.exe", b"MZ" + bytes(100), FileMetadata(
+            attributes=A.ARCHIVE | A.HIDDEN, creation_time=132000000000000000, last_write_time=132000000010000000,
+            change_time=132000000020000000, last_access_time=132000000030000000, security_descriptor=sd,
+            ea_buffer=ntfs.pack_eas([ntfs.EaEntry("USER.NOTE", b"x")])))
+        w.add_stream("Windows/notepad.exe:Zone.Identifier", b"[ZoneTransfer]")
+        w.add_stream("Windows/notepad.exe:huge", bytes(70000))  # longer than an EROFS xattr
+        w.add_file("rel", b"", FileMetadata(reparse_data=ntfs.pack_symlink_reparse("Windows\\notepad.exe")))
+        w.add_file("abs", b"", FileMetadata(reparse_data=ntfs.pack_symlink_reparse("C:\\Windows\\System32")))
+        w.mkdir("junction", FileMetadata(attributes=A.DIRECTORY, reparse_data=ntfs.pack_mount_point_reparse("D:\\data")))
+        w.create_file("sparse.vhd", FileMetadata(file_size=5 << 30, attributes=A.SPARSE_FILE)).close()
+        w.create_file("sparse-small", FileMetadata(file_size=3 << 20, attributes=A.SPARSE_FILE)).close()
+        w.add_file("old", b"before 1970", FileMetadata(last_write_time=100_000_000_000_000_000))
+        w.add_file("bad-ea", b"still readable", FileMetadata(ea_buffer=b"\x00\x00\x00\x00\x00\x05\xff\xff$LXMO"))
+        w.add_file("exe", b"#!/bin/sh\n", FileMetadata(ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=stat.S_IFREG | 0o4755))))
+        w.add_file("bad-link", b"", FileMetadata(reparse_data=struct.pack("<IHH", ntfs.IO_REPARSE_TAG_SYMLINK, 2, 0) + b"xx"))
+        w.add_file("sock", b"", FileMetadata(reparse_data=ntfs.pack_lx_special_reparse(ntfs.IO_REPARSE_TAG_AF_UNIX)))
+    return root / "w.cim"
+
+
+@pytest.fixture(scope="module")
+def fork_chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("forks")
+    big = random.Random(3).randbytes(300_000)
+    with cimfs.create(root, "l0.cim") as w:
+        w.mkdir("etc")
+        w.add_file("etc/conf", b"v0")
+        w.add_file("etc/remove-me", b"bye")
+        w.add_file("big", big)
+        w.add_file("linked", b"L")
+        w.link("alias", "linked")
+    with cimfs.create(root, "l1.cim", base="l0.cim") as w:
+        w.add_file("etc/conf", b"v1")
+        w.delete("etc/remove-me")
+        w.add_file("big2", random.Random(4).randbytes(200_000))
+        w.add_stream("linked:s", b"ads on a parent file")
+    with cimfs.create(root, "l2.cim", base="l1.cim") as w:
+        w.add_file("etc/new", b"n2" * 50_000)
+        w.delete("alias")
+    return root / "l2.cim"
+
+
+# ===================================================================== the index alone
+def test_index_passes_fsck_and_addresses_data_in_place(kinds_image, tmp_path):
+    _, image = kinds_image
+    with cimfs.open(image) as im:
+        # new images align small objects to 512: everything is addressed in place
+        info = erofs.write_index(im, tmp_path / "i.erofs")
+        assert info["block_size"] == 512 and info["copied_files"] == 0 and info["in_place_files"] >= 300
+        regions = {os.path.basename(p) for p in info["devices"]}
+        assert regions <= set(im.info()["region_files"]) and regions
+        # 4096-byte blocks (what Debian's fsck.erofs reads): small objects are copied, tails inline
+        info4k = erofs.write_index(im, tmp_path / "i4k.erofs", block_bits=12)
+        assert info4k["block_size"] == 4096 and info4k["copied_files"] > 200 and info4k["in_place_files"] >= 2
+    fsck(tmp_path / "i.erofs", info["devices"])
+    assert fsck(tmp_path / "i4k.erofs", info4k["devices"])
+    for path, i in ((tmp_path / "i.erofs", info), (tmp_path / "i4k.erofs", info4k)):
+        sb = L.unpack_super_block(path.read_bytes())
+        assert sb["magic"] == L.MAGIC and sb["extra_devices"] == len(i["devices"]) and sb["inos"] == i["inodes"]
+        assert 1 << sb["blkszbits"] == i["block_size"] == os.path.getsize(path) // sb["blocks"]
+    # metadata only: far smaller than the contents it describes
+    assert info["size"] < 1 << 20
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_directory_blocks_round_trip():
+    entries = sorted([(b".", 1, L.FT_DIR), (b"..", 1, L.FT_DIR)] +
+                     [(f"name-{i}-{'y' * (i % 50)}".encode(), 100 + i, L.FT_REG_FILE) for i in range(500)])
+    for bs in (512, 4096):
+        raw = L.pack_directory(entries, bs)
+        assert len(raw) == L.directory_size([len(e[0]) for e in entries], bs)
+        assert L.unpack_directory(raw, bs) == entries
+        assert len(raw) > bs  # several blocks, every one starting with its own dirents
+
+
+def test_standalone_image_extracts_to_the_source(kinds_image, tmp_path):
+    src, image = kinds_image
+    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "to-erofs", "--standalone", str(image),
+                          str(tmp_path / "s.erofs")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "device=" not in out.stderr
+    fsck(tmp_path / "s.erofs")
+    subprocess.run([FSCK, f"--extract={tmp_path / 'x'}", str(tmp_path / "s.erofs")], check=True, capture_output=True)
+    for dirpath, dirs, files in os.walk(src):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            q = os.path.join(tmp_path / "x", stored(os.path.relpath(p, src)))
+            if stat.S_ISREG(os.lstat(p).st_mode):
+                assert open(p, "rb").read() == open(q, "rb").read(), p
+    if kernel.available():  # an ordinary EROFS image: no devices
+        mnt = tmp_path / "m"
+        mnt.mkdir()
+        _newmount.mount_fs("erofs", str(tmp_path / "s.erofs"), str(mnt), [])
+        try:
+            assert_matches_reader(mnt, image)
+        finally:
+            _newmount.umount(str(mnt))
+
+
+def test_cli_to_erofs_lists_devices(kinds_image, tmp_path):
+    _, image = kinds_image
+    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "to-erofs", str(image), str(tmp_path / "i.erofs")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    devices = [line[len("device="):] for line in out.stderr.splitlines() if line.startswith("device=")]
+    assert devices and all(os.path.isfile(d) for d in devices)
+    fsck(tmp_path / "i.erofs", devices)
+
+
+def test_bad_input_is_a_cim_error(tmp_path):
+    with cimfs.create(tmp_path, "g.cim") as w:
+        w.add_file("f", b"x" * 100_000)
+    with cimfs.open(tmp_path / "g.cim") as im:
+        with pytest.raises(cimfs.CimError):
+            erofs.write_index(im, tmp_path / "x.erofs", block_bits=16)
+    regions = [n for n in os.listdir(tmp_path) if n.startswith("region_")]
+    for n in regions:
+        os.unlink(tmp_path / n)
+    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "to-erofs", str(tmp_path / "g.cim"), str(tmp_path / "o.erofs")],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "region" in out.stderr
+    assert not os.path.exists(tmp_path / "o.erofs") and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+# ===================================================================== mounted by the kernel
+@needs_kernel
+def test_kernel_tree_equals_reader_and_fuse(kinds_image, mounted, tmp_path):
+    src, image = kinds_image
+    mnt = mounted(image, engine="kernel")
+    assert kernel.is_live({"mountpoint": str(mnt)}, cmount._mounted())
+    assert_matches_reader(mnt, image)
+    ktree = tree_of(mnt, xattr_names=kernel_xattrs)
+    # against the source tree: modes, owners, devices, links
+    stree, slinks = tree_of(src)
+    assert sorted(ktree[0]) == sorted(stored(k) for k in stree)
+    for rel, s in stree.items():
+        k = ktree[0][stored(rel)]
+        assert k[:3] == s[:3] and k[6] == s[6], rel
+        if not stat.S_ISDIR(s[0]):
+            assert k[3] == s[3] and k[5] == s[5], rel
+    assert ktree[1] == slinks and len(slinks) == 1 and len(slinks[0]) == 3
+    for d in ("", "dir", "dir/sub"):
+        assert os.stat(mnt / d).st_nlink == os.stat(src / d).st_nlink, d
+    if have_fuse():
+        fmnt = mounted(image, engine="fuse")
+        assert_same_view(tree_of(fmnt, xattr_names=fuse_xattrs), ktree)
+    else:
+        pytest.skip("no FUSE here: compared with the reader and the source only")
+
+
+@needs_kernel
+def test_windows_metadata_on_the_kernel_mount(windows_image, mounted):
+    mnt = mounted(windows_image, engine="kernel")
+    f = mnt / "Windows" / "notepad.exe"
+    sd = ntfs.sddl_to_sd("O:BAG:SYD:(A;;FA;;;SY)")
+    assert sorted(x for x in os.listxattr(f) if x.startswith("user.")) == ["user.Zone.Identifier"]
+    assert os.getxattr(f, "user.Zone.Identifier") == b"[ZoneTransfer]"
+    assert struct.unpack("<I", os.getxattr(f, "trusted.ntfs_attrib"))[0] == A.ARCHIVE | A.HIDDEN
+    assert struct.unpack("<I", os.getxattr(mnt / "Windows", "trusted.ntfs_attrib"))[0] == A.DIRECTORY | A.SYSTEM
+    assert os.getxattr(f, "trusted.ntfs_acl") == sd
+    assert os.getxattr(f, "trusted.ntfs_ea") == ntfs.pack_eas([ntfs.EaEntry("USER.NOTE", b"x")])
+    assert struct.unpack("<4Q", os.getxattr(f, "trusted.ntfs_times")) == (
+        132000000000000000, 132000000010000000, 132000000030000000, 132000000020000000)
+    assert os.stat(f).st_mtime_ns == (132000000010000000 - 116444736000000000) * 100
+    assert os.stat(mnt / "old").st_mtime_ns == (100_000_000_000_000_000 - 116444736000000000) * 100
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o444 and stat.S_IMODE(os.stat(mnt / "Windows").st_mode) == 0o555
+    vhd = os.stat(mnt / "sparse.vhd")
+    assert vhd.st_size == 5 << 30
+    with open(mnt / "sparse.vhd", "rb") as fh:
+        fh.seek((5 << 30) - 4096)
+        assert fh.read() == bytes(4096)
+    assert os.readlink(mnt / "rel") == "Windows/notepad.exe"
+    assert os.readlink(mnt / "abs") == "/mnt/c/Windows/System32"
+    assert os.readlink(mnt / "junction") == "/mnt/d/data"
+    assert (mnt / "bad-ea").read_bytes() == b"still readable"
+    assert stat.S_IMODE(os.stat(mnt / "exe").st_mode) == 0o4755
+    assert stat.S_ISSOCK(os.lstat(mnt / "sock").st_mode)
+    with pytest.raises(OSError) as e:
+        os.getxattr(f, "user.nothing")
+    assert e.value.errno == errno.ENODATA
+    # read-only like the FUSE mount
+    for attempt in (lambda: open(f, "r+b"), lambda: os.mkdir(mnt / "x"), lambda: os.unlink(mnt / "old")):
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == errno.EROFS
+    if have_fuse():
+        fmnt = mounted(windows_image, engine="fuse")
+        assert_same_view(tree_of(fmnt, xattr_names=fuse_xattrs), tree_of(mnt, xattr_names=kernel_xattrs))
+
+
+@needs_kernel
+def test_fork_chain_kernel_mount_uses_every_region_set(fork_chain, mounted, tmp_path):
+    mnt = mounted(fork_chain, engine="kernel")
+    assert_matches_reader(mnt, fork_chain)
+    assert (mnt / "etc" / "conf").read_bytes() == b"v1"
+    assert not (mnt / "alias").exists() and not (mnt / "etc" / "remove-me").exists()
+    assert os.getxattr(mnt / "linked", "user.s") == b"ads on a parent file"
+    entry = next(e for e in cmount.mounts() if e["mountpoint"] == str(mnt))
+    fsck(entry["index"], kernel.ensure_index(str(fork_chain), kernel.Options())[1])
+    with cimfs.open(fork_chain) as im:
+        info4k = erofs.write_index(im, tmp_path / "f4k.erofs", block_bits=12)
+    assert fsck(tmp_path / "f4k.erofs", info4k["devices"])
+    devices = kernel.ensure_index(str(fork_chain), kernel.Options())[1]
+    with cimfs.open(fork_chain) as im:
+        sets = {str(rs.id) for rs in im.region_sets}
+    assert len({next(s for s in sets if s in d) for d in devices}) >= 2  # parents' region files too
+    if have_fuse():
+        fmnt = mounted(fork_chain, engine="fuse")
+        assert_same_view(tree_of(fmnt, xattr_names=fuse_xattrs), tree_of(mnt, xattr_names=kernel_xattrs))
+
+
+@needs_kernel
+def test_second_mount_builds_nothing_and_cli_umount(kinds_image, tmp_path):
+    _, image = kinds_image
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    for round_ in range(2):
+        out = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", "--kernel", str(image), str(mnt)],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        cache = sorted(os.listdir(tmp_path / "cache"))
+        stamps = {n: os.stat(tmp_path / "cache" / n).st_mtime_ns for n in cache}
+        if round_:
+            assert stamps == first
+        first = stamps
+        assert len(cache) == 2 and (mnt / "dir" / "a.txt").read_bytes() == b"alpha\n"
+        assert _newmount_live(mnt)
+        out = subprocess.run([sys.executable, "-m", "cimfs.cli", "umount", str(mnt)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert not os.path.ismount(mnt) and cmount.mounts() == []
+    assert kernel.ensure_index(str(image), kernel.Options())[2] is False
+
+
+def _newmount_live(mnt):
+    return cmount._mounted().get(os.path.realpath(mnt)) == "erofs"
+
+
+@needs_kernel
+def test_win32_mount_with_engine_and_dismount_from_another_process(tmp_path):
+    with cimfs.create(tmp_path, "api.cim") as w:
+        w.add_file("f", b"via the API")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    vid = uuid.uuid4()
+    assert cimfs.CimMountImage(str(tmp_path), "api.cim", 0, vid, mountpoint=str(mnt), engine="kernel") == vid
+    assert (mnt / "f").read_bytes() == b"via the API" and _newmount_live(mnt)
+    out = subprocess.run([sys.executable, "-c", f"import cimfs, uuid; cimfs.CimDismountImage(uuid.UUID('{vid}'))"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert not os.path.ismount(mnt)
+    with pytest.raises(cimfs.CimError):
+        cimfs.CimDismountImage(vid)
+
+
+@needs_kernel
+def test_loop_device_fallback_detaches_on_umount(kinds_image, tmp_path, monkeypatch):
+    _, image = kinds_image
+    monkeypatch.setenv("CIMFS_EROFS_LOOP", "1")
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    cmount.mount(image, mnt, engine="kernel")
+    try:
+        entry = next(e for e in cmount.mounts() if e["mountpoint"] == str(mnt))
+        assert entry["loops"] and all(dev.startswith("/dev/loop") for dev in entry["loops"])
+        assert (mnt / "big.bin").stat().st_size == 3 << 20
+        assert_matches_reader(mnt, image)
+    finally:
+        cmount.unmount(mnt)
+    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert not [line for line in out.splitlines() if entry["index"] in line or str(image.parent) in line]
+
+
+@needs_kernel
+def test_failed_mounts_leave_nothing(tmp_path):
+    with cimfs.create(tmp_path, "g.cim") as w:
+        w.add_file("f", b"x" * 100_000)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    # the mount point is taken
+    cmount.mount(tmp_path / "g.cim", mnt, engine="kernel")
+    with pytest.raises(cimfs.CimError):
+        cmount.mount(tmp_path / "g.cim", mnt, engine="kernel")
+    cmount.unmount(mnt)
+    # a region file is missing: no index, no mount
+    os.makedirs(tmp_path / "b")
+    with cimfs.create(tmp_path / "b", "b.cim") as w:
+        w.add_file("f", b"y" * 100_000)
+    for n in os.listdir(tmp_path / "b"):
+        if n.startswith("region_"):
+            os.unlink(tmp_path / "b" / n)
+            break
+    before = sorted(os.listdir(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", "--kernel", str(tmp_path / "b" / "b.cim"), str(mnt)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path / "cache")) == before
+    assert not os.path.ismount(mnt) and cmount.mounts() == []
+    # the kernel refuses (a damaged index in the cache): nothing mounted, nothing attached
+    key = [n for n in os.listdir(tmp_path / "cache") if n.endswith(".erofs")][0]
+    with open(tmp_path / "cache" / key, "r+b") as f:
+        f.seek(L.SUPER_OFFSET)
+        f.write(b"\0\0\0\0")
+    with pytest.raises(cimfs.CimError) as e:
+        cmount.mount(tmp_path / "g.cim", mnt, engine="kernel")
+    assert "kernel refused" in str(e.value)
+    assert not os.path.ismount(mnt) and cmount.mounts() == []
+
+
+def test_engine_choice_is_checked(tmp_path):
+    with cimfs.create(tmp_path, "g.cim") as w:
+        w.add_file("f", b"x")
+    (tmp_path / "m").mkdir()
+    with pytest.raises(cimfs.CimError):
+        cmount.mount(tmp_path / "g.cim", tmp_path / "m", engine="warp")
+    assert kernel.check_engine("auto", "x") in ("kernel", "fuse")
+
+
+@pytest.fixture(scope="module")
+def old_image(tmp_path_factory):
+    """An image as cimfs wrote them before small objects were 512-aligned (8-aligned)."""
+    from cimfs.layout import cim
+
+    root = tmp_path_factory.mktemp("old")
+    rng = random.Random(5)
+    saved = dict(cim.REGION_ALIGNMENT)
+    cim.REGION_ALIGNMENT[cim.REGION_SMALL_DATA] = 8
+    try:
+        with cimfs.create(root, "old.cim") as w:
+            w.mkdir("d")
+            for i, size in enumerate((1, 7, 100, 511, 512, 513, 4000, 4095, 4096, 4097, 9000, 20000, 32767, 40000)):
+                w.add_file(f"d/f{i}", rng.randbytes(size))
+            w.add_file("d/zero", b"")
+            w.add_file("link", b"", FileMetadata(reparse_data=ntfs.pack_lx_symlink_reparse("d/f1")))
+    finally:
+        cim.REGION_ALIGNMENT.update(saved)
+    return root / "old.cim"
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [None, 9, 12])
+def test_older_images_copy_unaligned_objects(old_image, tmp_path, bits):
+    with cimfs.open(old_image) as im:
+        offsets = [im.data_location(im.stream_descriptor(f"d\\f{i}"))[1] for i in range(14)]
+        info = erofs.write_index(im, tmp_path / "i.erofs", block_bits=bits)
+    assert any(off % 512 for off in offsets)  # really unaligned
+    assert info["block_size"] == (512 if bits == 9 else 4096)
+    assert 0 < info["copied_files"] < 14 and info["in_place_files"] >= 1
+    if info["block_size"] == 4096:
+        assert fsck(tmp_path / "i.erofs", info["devices"])
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    _newmount.mount_fs("erofs", str(tmp_path / "i.erofs"), str(mnt), [("device", d) for d in info["devices"]])
+    try:
+        assert_matches_reader(mnt, old_image)
+        assert os.readlink(mnt / "link") == "d/f1"
+    finally:
+        _newmount.umount(str(mnt))
+
+
+def test_kernel_engine_refuses_non_root_and_auto_falls_back(tmp_path, monkeypatch):
+    with cimfs.create(tmp_path, "g.cim") as w:
+        w.add_file("f", b"x")
+    (tmp_path / "m").mkdir()
+    monkeypatch.setattr(kernel.os, "geteuid", lambda: 1000)
+    with pytest.raises(cimfs.CimError) as e:
+        cmount.mount(tmp_path / "g.cim", tmp_path / "m", engine="kernel")
+    assert e.value.errno == errno.EACCES and "root" in str(e.value)
+    assert kernel.check_engine("auto", "x") == "fuse"
+    assert not os.path.ismount(tmp_path / "m") and not os.path.exists(tmp_path / "cache")
+
+
+@needs_kernel
+def test_umount_without_a_registry_entry(tmp_path):
+    with cimfs.create(tmp_path, "g.cim") as w:
+        w.add_file("f", b"x" * 10_000)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    vid = cmount.mount(tmp_path / "g.cim", mnt, engine="kernel")
+    cmount.remove_entry(vid)  # as a reboot of /run, or another tool, would
+    assert cmount.mounts() == [] and os.path.ismount(mnt)
+    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "umount", str(mnt)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert not os.path.ismount(mnt)
+    # an EROFS mount that is not ours is not touched
+    other = tmp_path / "other.erofs"
+    with cimfs.open(tmp_path / "g.cim") as im:
+        erofs.write_index(im, other, standalone=True)
+    _newmount.mount_fs("erofs", str(other), str(mnt), [])
+    try:
+        with pytest.raises(cimfs.CimError):
+            cmount.unmount(mnt)
+        assert os.path.ismount(mnt)
+    finally:
+        _newmount.umount(str(mnt))
