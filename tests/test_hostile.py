@@ -27,6 +27,11 @@ VECTORS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "vectors"
 SD = ntfs.sddl_to_sd("O:BAG:SYD:(A;;FA;;;SY)(A;OICI;FR;;;BU)")
 LOOKUP_MISSES = (errors.ERROR_FILE_NOT_FOUND, errors.ERROR_PATH_NOT_FOUND)
 CHUNK = 1 << 16
+#: The mutation process's address-space limit, the resident set it must stay
+#: under, and the seconds one mutated image may take to read in full.
+RSS_LIMIT = 3 << 30
+RSS_PEAK = 400 << 20
+CASE_SECONDS = 20
 
 
 def build_seeds(root: pathlib.Path) -> list[pathlib.Path]:
@@ -58,15 +63,20 @@ def build_seeds(root: pathlib.Path) -> list[pathlib.Path]:
 
 
 def full_read(cim_path: str) -> None:
-    """Everything a user could ask of an image, in bounded reads."""
+    """Everything a user could ask of an image, in bounded reads: a damaged
+    entry may fail (CimFormatError), the rest must still be served."""
+    from cimfs import posix, tools
     try:
         with cimfs.open(cim_path) as im:
             im.check()
-            for dirpath, dirs, files in im.walk():
+            im.info()
+            for dirpath, dirs, files in im.walk(onerror=lambda e: None):
                 for name in dirs + files:
                     p = f"{dirpath}\\{name}" if dirpath else name
                     try:
                         st = im.stat(p)
+                        posix.posix_info(st)
+                        tools.describe(im, p)
                         im.exists(p.upper())
                         for s in ([] if st.is_dir else [None]) + im.streams(p):
                             with im.open(p, stream=s) as f:
@@ -74,10 +84,13 @@ def full_read(cim_path: str) -> None:
                                     f.seek(off)
                                     f.read(CHUNK)
                     except CimError as e:
-                        if isinstance(e, CimFormatError) or e.hresult not in LOOKUP_MISSES:
+                        if not isinstance(e, CimFormatError) and e.hresult not in LOOKUP_MISSES:
                             raise
+            for _ in tools.iter_entries(im):
+                pass
     except CimFormatError:
         pass
+    tools.fsck(cim_path)  # a report, never an exception
 
 
 # ---------------------------------------------------------------- mutations
@@ -119,7 +132,78 @@ def targets(cim_path: pathlib.Path):
     return out
 
 
+def structural(cim_path: pathlib.Path) -> list[tuple[str, str, int, bytes, int]]:
+    """Edits that reproduce each class of issue 17 somewhere in the image:
+    (class, file name, offset, new bytes, size to extend the file to sparsely
+    or 0).  The mutation runs apply them alone and mixed with random ones, so
+    a new variant of a known class is found, not only the example."""
+    edits = []
+    with cimfs.open(cim_path) as im:
+        def at(ro):
+            on_disk = os.path.basename(find_region_file(str(cim_path.parent), im.region_names[ro >> 48][0]))
+            return on_disk, ro & ((1 << 48) - 1)
+
+        dirs, files, tables = [], [], []
+        for path, fid in im.iter_file_ids():
+            rec = im.record(fid)
+            t = im.file_tables[(fid - 1) // cim.FILE_TABLE_CAPACITY]
+            rec_at = at(t.offset + ((fid - 1) % cim.FILE_TABLE_CAPACITY) * t.entry_size)
+            size = min(96, t.entry_size)
+            (dirs if rec.is_dir else files).append((fid, rec, rec_at, size))
+            if rec.is_dir and rec.stream.length:
+                tables.append((at(rec.stream.offset), im._bytes(rec.stream.offset, rec.stream.length, "t"), 4))
+            if rec.stream_table_offset:
+                n = struct.unpack("<I", im._bytes(rec.stream_table_offset, 4, "s"))[0]
+                tables.append((at(rec.stream_table_offset + 4), im._bytes(rec.stream_table_offset + 4, n, "s"), 16))
+        for (f, off), table, vsize in tables:
+            count = struct.unpack_from("<I", table, 4)[0]
+            if not count:
+                continue
+            offsets = struct.unpack_from(f"<{count}I", table, 8 + vsize * count)
+            for o in offsets[:4]:
+                for units in (256, 0xFFFF, 0):  # class 4: long names (and empty ones)
+                    edits.append(("long name", f, off + o, struct.pack("<H", units), 0))
+                for unit in (0xD800, 0xDC00, 0, 0x5C, 0x3A):  # class 2: surrogates, NUL, separators
+                    edits.append(("bad unit", f, off + o + 2, struct.pack("<H", unit), 0))
+            longest = max(offsets, key=lambda o: struct.unpack_from("<H", table, o)[0])
+            edits.append(("shared name", f, off + 8 + vsize * count, struct.pack(f"<{count}I", *[longest] * count), 0))
+            if vsize == 4 and dirs:  # class 3/7: a directory under a second name, or a cycle
+                for k in range(min(count, 4)):
+                    for fid, *_ in dirs[:3]:
+                        edits.append(("second name", f, off + 8 + 4 * k, struct.pack("<I", fid), 0))
+        for fid, rec, (f, off), size in dirs[1:4]:  # class 3/4: two directories, one link table
+            for _, other, *_ in dirs[:3]:
+                if other.stream != rec.stream:
+                    edits.append(("shared table", f, off, cim.pack_file_record(rec._replace(stream=other.stream))[:size], 0))
+        for fid, rec, (f, off), size in files[:6]:
+            # class 3: a sparse stream near 2^48 (and a plain one the region cannot hold)
+            for sparse in (True, False):
+                huge = cim.Stream(rec.stream.offset, cim.MAX_STREAM_LENGTH, rec.stream.type, sparse)
+                edits.append(("huge stream", f, off, cim.pack_file_record(rec._replace(stream=huge))[:size], 0))
+            # class 2: a reparse tag that disagrees with the buffer
+            if rec.reparse_offset:
+                for tag in (ntfs.IO_REPARSE_TAG_LX_SYMLINK, ntfs.IO_REPARSE_TAG_MOUNT_POINT, ntfs.IO_REPARSE_TAG_SYMLINK,
+                            ntfs.IO_REPARSE_TAG_LX_FIFO, 0x12345678):
+                    edits.append(("reparse tag", f, off, cim.pack_file_record(rec._replace(reparse_tag=tag))[:size], 0))
+                rf, roff = at(rec.reparse_offset)
+                for delta in (2 + 8 + 12, 2 + 8 + 14):  # into the target's first units: NUL, lone surrogate
+                    for unit in (0, 0xD800):
+                        edits.append(("reparse target", rf, roff + delta, struct.pack("<H", unit), 0))
+        # class 4: counts that pass size checks only because the region file is sparse
+        f, off = at(im.header.filesystem_offset)
+        for n in (cim.MAX_FILE_TABLES, cim.MAX_FILE_TABLES + 1, 1 << 20, 0xFFFFFFFF):
+            edits.append(("sparse count", f, off + 16, struct.pack("<I", n), 256 << 20))
+    return edits
+
+
 BOUNDARY = [0, 1, 0xFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 1 << 31, 1 << 47, (1 << 48) - 1, (1 << 63), (1 << 64) - 1]
+
+
+def mutate_structure(files: dict, edits: list, rng: random.Random) -> tuple[str, bytes, int]:
+    _cls, name, off, new, extend = rng.choice(edits)
+    data = bytearray(files[name])
+    data[off:off + len(new)] = new[: max(0, len(data) - off)]
+    return name, bytes(data), extend
 
 
 def mutate(files: dict, names: list, fields: list, rng: random.Random) -> tuple[str, bytes]:
@@ -153,11 +237,12 @@ def mutate(files: dict, names: list, fields: list, rng: random.Random) -> tuple[
 
 
 def run_mutations(seed_path: str, seed: int, count: int, conn) -> None:
-    """Child process: bounded address space, a watchdog per image."""
-    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+    """Child process: bounded address space, a watchdog per image; sends
+    the findings and the largest resident set it had."""
+    resource.setrlimit(resource.RLIMIT_AS, (RSS_LIMIT, RSS_LIMIT))
 
     def on_alarm(*_):
-        raise TimeoutError("reading a mutated image took over 20 s (a hang?)")
+        raise TimeoutError(f"reading a mutated image took over {CASE_SECONDS} s (a hang?)")
 
     signal.signal(signal.SIGALRM, on_alarm)
     failures = []
@@ -167,11 +252,18 @@ def run_mutations(seed_path: str, seed: int, count: int, conn) -> None:
         names = [p.name for p in d.iterdir() if p.is_file() and (p.name.endswith(".cim") or p.name.lower().startswith(("region_", "objectid_")))]
         files = {n: (d / n).read_bytes() for n in names}
         fields = targets(seed_path)
+        edits = structural(seed_path)
         rng = random.Random(seed)
         for i in range(count):
-            name, data = mutate(files, names, fields, rng)
+            extend = 0
+            if edits and i % 3 == 0:  # every class of issue 17, alone
+                name, data, extend = mutate_structure(files, edits, rng)
+            else:
+                name, data = mutate(files, names, fields, rng)
             (d / name).write_bytes(data)
-            signal.alarm(20)
+            if extend > len(data):
+                os.truncate(d / name, extend)
+            signal.alarm(CASE_SECONDS)
             try:
                 full_read(str(seed_path))
             except BaseException as e:  # noqa: BLE001 - anything but CimFormatError is a finding
@@ -183,7 +275,7 @@ def run_mutations(seed_path: str, seed: int, count: int, conn) -> None:
                 break
     except BaseException as e:  # noqa: BLE001
         failures.append(f"driver: {type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}")
-    conn.send(failures)
+    conn.send((failures, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10))
     conn.close()
 
 
@@ -199,13 +291,15 @@ def test_mutated_images_only_raise_format_errors(seeds, index):
     full_read(str(seeds[index]))  # the unmutated seed reads cleanly
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=run_mutations, args=(str(seeds[index]), 1000 + index, 900, child))
+    p = ctx.Process(target=run_mutations, args=(str(seeds[index]), 1000 + index, 500, child))
     p.start()
     child.close()
-    failures = parent.recv() if parent.poll(600) else ["no answer from the mutation process in 600 s"]
+    failures, peak = parent.recv() if parent.poll(600) else (["no answer from the mutation process in 600 s"], 0)
     p.join(30)
     assert p.exitcode == 0, f"mutation process died with exit code {p.exitcode}"
     assert not failures, "\n".join(failures)
+    # Images of under 1 MB: a reader within O(image size + what is read) stays far below this.
+    assert peak < RSS_PEAK, f"the mutation process reached {peak >> 20} MiB resident"
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
