@@ -435,6 +435,9 @@ def pack_link_table(names: list[str], values: "list[bytes] | bytes") -> bytes:
     return LINK_TABLE_HEADER.pack(8 + len(body), count) + body
 
 
+_NAME_SLICE = 4096
+
+
 def unpack_link_table(buf, value_size: int, what: str) -> tuple[list[str], list]:
     """Returns (names, raw values) with every offset and length checked.
 
@@ -448,22 +451,33 @@ def unpack_link_table(buf, value_size: int, what: str) -> tuple[list[str], list]
         raise CimFormatError(f"{what}: link table claims {length} bytes, {size} available")
     if count > (length - 8) // (value_size + 4):
         raise CimFormatError(f"{what}: link table claims {count} entries, more than its {length} bytes hold")
+    # Names first, a slice of offsets at a time, before anything per entry is
+    # built: a count that fits only because the region file is sparse meets
+    # an empty name (a hole) in its first slice, at no cost.  Names are at
+    # most MAX_NAME_UNITS long and, as a writer lays them out, do not overlap:
+    # their lengths must add up to no more than the table holds, so decoding
+    # a table never yields more text than its bytes (entries all pointing at
+    # one long name would otherwise decode into thousands of copies).
+    offsets_at = 8 + value_size * count
+    room = length - offsets_at - 4 * count
+    total = 0
+    for first in range(0, count, _NAME_SLICE):
+        k = min(_NAME_SLICE, count - first)
+        for off in struct.unpack_from(f"<{k}I", buf, offsets_at + 4 * first):
+            if off + 2 > length:
+                raise CimFormatError(f"{what}: name offset {off} outside the link table")
+            units = buf[off] | buf[off + 1] << 8
+            if units == 0 or units > MAX_NAME_UNITS:
+                raise CimFormatError(f"{what}: a stored name of {units} UTF-16 units (1 to {MAX_NAME_UNITS})")
+            total += 2 + 2 * units
+        if total > room:
+            raise CimFormatError(f"{what}: names overlap (their lengths add up to more than the link table holds)")
     if value_size == 4:
         values = list(struct.unpack_from(f"<{count}I", buf, 8))
     else:
         raw = struct.unpack_from(f"<{2 * count}Q", buf, 8)
         values = [unpack_stream(raw[2 * i], raw[2 * i + 1]) for i in range(count)]
-    offsets = struct.unpack_from(f"<{count}I", buf, 8 + value_size * count)
-    # Names are at most MAX_NAME_UNITS long and, as a writer lays them out,
-    # do not overlap: their lengths must then add up to no more than the
-    # table holds, so decoding a table never yields more text than its bytes
-    # (entries all pointing at one long name would otherwise be decoded into
-    # thousands of copies from a small image).
-    lengths = [buf[off] | buf[off + 1] << 8 if off + 2 <= length else 0 for off in offsets]
-    if lengths and max(lengths) > MAX_NAME_UNITS:
-        raise CimFormatError(f"{what}: a stored name of {max(lengths)} UTF-16 units (at most {MAX_NAME_UNITS})")
-    if 2 * (sum(lengths) + count) > length - 8 - (value_size + 4) * count:
-        raise CimFormatError(f"{what}: names overlap (their lengths add up to more than the link table holds)")
+    offsets = struct.unpack_from(f"<{count}I", buf, offsets_at)
     names = _names_in_one_decode(buf, offsets, length)
     if names is not None:
         return names, values
