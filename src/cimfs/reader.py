@@ -33,6 +33,10 @@ from .names import NameFolder, join_path, split_path
 # Reading a .cim never needs more than its header and 65535 parent sets.
 _MAX_FILESYSTEM_FILE = cim.FILESYSTEM_HEADER.size + 65535 * cim.REGION_SET.size
 _DIR_CACHE_SIZE = 4096
+#: File table directories up to this many entries (4 M FileIDs) are unpacked
+#: at open; longer ones (which only a sparse region file makes cheap to
+#: claim) entry by entry as they are used.
+_EAGER_FILE_TABLES = 4096
 #: Link-table bytes the decoded-directory cache may stand for.
 _DIR_CACHE_BYTES = 16 << 20
 _RECORD_CACHE_SIZE = 65536
@@ -201,6 +205,11 @@ class _Region:
         return data
 
 
+class _TableList(list):
+    def total_records(self) -> int:
+        return sum(t.count for t in self)
+
+
 class _FileTables(Sequence):
     """The file table directory as a sequence, each entry unpacked (and
     checked) when asked for: a count that passes the size check only because
@@ -343,7 +352,11 @@ class Image:
         if ndir > cim.MAX_FILE_TABLES:
             raise self._fail(f"image claims {ndir} file tables (FileIDs are 32-bit: at most {cim.MAX_FILE_TABLES})")
         raw = self._view(fs.file_table_directory_offset, ndir * cim.FILE_TABLE_DIR_ENTRY.size, "file table directory")
-        self.file_tables = _FileTables(raw, ndir, self._fail)
+        if ndir <= _EAGER_FILE_TABLES:
+            # The common case, unpacked once: record() indexes a list.
+            self.file_tables = _TableList(_FileTables(raw, ndir, self._fail))
+        else:
+            self.file_tables = _FileTables(raw, ndir, self._fail)
         self._table_views = {}
         self.root_id = fs.root_file_id
         if not self.record(self.root_id).is_dir:
