@@ -43,7 +43,7 @@ class Suite:
         self.work = os.path.abspath(args.work_dir)
         self.out = os.path.join(self.work, "out")
         os.makedirs(self.out, exist_ok=True)
-        self.tools = peers.ensure(install=not args.no_install, log=log)
+        self.tools = peers.ensure(install=not (args.no_install or args.report_only), log=log)
         self.cimfs = peers.cimfs_command()
         self.cli = {}
         for sub in ("create", "extract", "fork", "mount", "umount"):

@@ -7,8 +7,8 @@ export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 if [ -f scripts/install-system-deps.sh ]; then
     bash scripts/install-system-deps.sh
 fi
-if ! python3 -m pip install -q -e ".[test,mount,oci]"; then
+if ! python3 -m pip install -q -e ".[test,mount,oci,remote]"; then
     echo "warning: the FUSE extra (pyfuse3) did not install; mount tests will be skipped" >&2
-    python3 -m pip install -q -e ".[test,oci]"
+    python3 -m pip install -q -e ".[test,oci,remote]"
 fi
 exec python3 -m pytest -q "$@"

@@ -602,3 +602,11 @@ def test_compressed_docker_archive_file_and_stdin(app_layout, tmp_path):
     assert r.returncode == 1 and "truncated" in r.stderr.decode()
     assert sorted(os.listdir(tmp_path / "s3")) == ["blobs", "layers", "lock"]
     assert os.listdir(tmp_path / "s3" / "layers") == []
+
+
+def test_two_stores_get_byte_identical_layer_images(app_layout, tmp_path):
+    layout, _, _ = app_layout
+    oci.import_image(str(layout), tmp_path / "s1")
+    oci.import_image(str(layout), tmp_path / "s2", jobs=2)
+    a, b = snapshot(tmp_path / "s1" / "layers"), snapshot(tmp_path / "s2" / "layers")
+    assert a == b and len([n for n in a if n.endswith(".cim")]) == 3

@@ -16,6 +16,7 @@ from . import posix, tools
 from .bulk import paused_gc
 from .errors import E_INVALIDARG, ERROR_FILE_EXISTS, ERROR_FILE_NOT_FOUND, CimError
 from .progress import Progress
+from .remote import is_url
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -40,10 +41,15 @@ def _image_location(image: str) -> tuple[str, str]:
     return directory, name
 
 
+def _check_image_exists(path: str) -> None:
+    """A missing local image is named before anything else; a URL is checked by opening it."""
+    if not is_url(path) and not os.path.exists(path):
+        raise CimError(ERROR_FILE_NOT_FOUND, "no such image", path)
+
+
 @contextlib.contextmanager
 def _open_image(path: str):
-    if not os.path.exists(path):
-        raise CimError(ERROR_FILE_NOT_FOUND, "no such image", path)
+    _check_image_exists(path)
     with cimfs.open(path) as img:
         yield img
 
@@ -323,8 +329,11 @@ def ls(image, path, long, recursive, as_json):
       cimfs ls base.cim -R --json
     """
     path = _image_path_arg(path)
+    # Link counts cost a walk of the whole tree (the format keeps none): only
+    # for the outputs that show them (on a remote image, a fetch of every directory).
+    links = long or as_json
     with _open_image(image) as img:
-        st = img.stat(path)
+        st = img.stat(path, links=links)
         rows = []
         if not st.is_dir:
             rows.append((path.rsplit("/", 1)[-1], path, st))
@@ -336,7 +345,7 @@ def ls(image, path, long, recursive, as_json):
                 rows.append((rel, p, cst))
         else:
             for e in img.scandir(path):
-                rows.append((e.name, f"{path}/{e.name}" if path else e.name, img.stat(e.file_id)))
+                rows.append((e.name, f"{path}/{e.name}" if path else e.name, img.stat(e.file_id, links=links)))
         if as_json:
             _json([_entry_json(p, s) for _, p, s in rows])
             return
@@ -358,7 +367,7 @@ def cat(image, path):
     path = path.replace("\\", "/").lstrip("/")
     with _open_image(image) as img:
         fpath, stream = tools.split_stream(path)
-        st = img.stat(fpath)
+        st = img.stat(fpath, links=False)
         if st.is_dir and stream is None:
             raise CimError(E_INVALIDARG, "is a directory", path)
         out = click.get_binary_stream("stdout")
@@ -604,8 +613,7 @@ def fsck(image):
     Example:
       cimfs fsck app.cim && echo clean
     """
-    if not os.path.exists(image):
-        raise CimError(ERROR_FILE_NOT_FOUND, "no such image", image)
+    _check_image_exists(image)
     findings = tools.fsck(image)
     for f in findings:
         click.echo(f"{image}: {f}", err=True)
@@ -782,18 +790,25 @@ def _mount_options(opts: tuple[str, ...]) -> dict:
               help="fuse: the FUSE daemon; kernel: an EROFS index over the region files, served by the "
                    "kernel (root only); auto: kernel when it can.")
 @click.option("--kernel", "kernel", is_flag=True, help="Same as --engine kernel.")
-def mount(image, mountpoint, foreground, options, engine, kernel):
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Keep the blocks of a remote IMAGE fetched by reads in this local directory.")
+def mount(image, mountpoint, foreground, options, engine, kernel, cache_dir):
     """Mount IMAGE read-only at MOUNTPOINT (FUSE with pyfuse3, or the kernel's EROFS).
+
+    IMAGE may be an fsspec URL (s3://..., https://...): a lazy FUSE mount,
+    fetching contents when they are read.
 
     \b
     Examples:
       cimfs mount app.cim /mnt/app
       cimfs mount app.cim /mnt/app -f -o uid=1000,gid=1000,umask=022
       cimfs mount --kernel app.cim /mnt/app     # root: EROFS, no daemon
+      cimfs mount s3://bucket/layers/app.cim /mnt/app --cache-dir ~/.cache/cimfs
     """
     opts = _mount_options(options)
-    if not os.path.exists(image):
-        raise CimError(ERROR_FILE_NOT_FOUND, "no such image", image)
+    _check_image_exists(image)
+    if cache_dir is not None:
+        opts["cache_dir"] = cache_dir
     try:
         from . import mount as _mount
     except ImportError as e:

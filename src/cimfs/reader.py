@@ -27,6 +27,7 @@ from .errors import (
     E_INVALIDARG,
     E_OUTOFMEMORY,
 )
+from . import remote
 from .layout import cim
 from .names import NameFolder, join_path, split_path
 
@@ -250,18 +251,31 @@ class _FileTables(Sequence):
 
 
 class Image:
-    """A CIM image opened for reading.  Use as a context manager."""
+    """A CIM image opened for reading.  Use as a context manager.
 
-    def __init__(self, cim_path: str | os.PathLike):
-        self.path = os.fspath(cim_path)
-        self.directory = os.path.dirname(os.path.abspath(self.path))
-        self.name = os.path.basename(self.path)
-        fd = _open_regular(self.path, "image", is_image=True)
-        try:
-            with io.open(fd, "rb") as f:
-                raw = f.read(_MAX_FILESYSTEM_FILE)
-        except OSError as e:
-            raise CimError(ERROR_FILE_NOT_FOUND, e.strerror or str(e), self.path) from None
+    ``storage`` (a :class:`cimfs.remote.RemoteStorage`) reads the image and its
+    region files through fsspec; without it they are local files.
+    """
+
+    def __init__(self, cim_path: str | os.PathLike, *, storage=None):
+        self.storage = storage
+        # A remote region has no descriptor: copy_stream takes the read/write path.
+        self._copy_file_range = _HAVE_COPY_FILE_RANGE and storage is None
+        if storage is not None:
+            self.path = storage.url
+            self.directory = None
+            self.name = storage.name
+            raw = storage.read_cim(_MAX_FILESYSTEM_FILE)
+        else:
+            self.path = os.fspath(cim_path)
+            self.directory = os.path.dirname(os.path.abspath(self.path))
+            self.name = os.path.basename(self.path)
+            fd = _open_regular(self.path, "image", is_image=True)
+            try:
+                with io.open(fd, "rb") as f:
+                    raw = f.read(_MAX_FILESYSTEM_FILE)
+            except OSError as e:
+                raise CimError(ERROR_FILE_NOT_FOUND, e.strerror or str(e), self.path) from None
         try:
             self.header = cim.unpack_filesystem_header(raw)
         except CimFormatError as e:
@@ -305,6 +319,9 @@ class Image:
                     if self._closed:
                         raise CimError(E_INVALIDARG, "image is closed", self.path)
                     name, _ = self.region_names[index]
+                    if self.storage is not None:
+                        region = self._regions[index] = self.storage.open_region(name, f"region file {name}")
+                        return region
                     path = find_region_file(self.directory, name)
                     if path is None:
                         raise self._fail(f"region file {name} is missing")
@@ -323,6 +340,8 @@ class Image:
     def _view(self, ro: int, length: int, what: str) -> memoryview:
         """Bytes [offset, offset+length) of the object at RegionOffset ``ro``, checked."""
         region, off = self._locate(ro, length, what)
+        if region.map is None:  # a remote region: fetched through its block cache
+            return memoryview(region.pread(off, length))
         return memoryview(region.map)[off: off + length]
 
     def _data(self, ro: int, length: int, what: str) -> bytes:
@@ -374,7 +393,9 @@ class Image:
                 except BufferError:
                     pass
         for r in regions:
-            if r is not None:
+            if r is not None and r.fd is None:
+                r.close()
+            elif r is not None:
                 os.close(r.fd)
                 try:
                     r.map.close()
@@ -385,6 +406,8 @@ class Image:
         self._dirs.clear()
         self._dir_bytes = 0
         self._records.clear()
+        if self.storage is not None:
+            self.storage.close()
 
     def __enter__(self) -> "Image":
         return self
@@ -418,8 +441,16 @@ class Image:
         t = self.file_tables[table_index]
         if slot >= t.count:
             raise self._fail(f"FileID {file_id} beyond the {t.count} records of file table {table_index}")
-        view = self._table_views.get(table_index) or self._table_view(table_index)
         pos = slot * t.entry_size
+        if self.storage is not None:  # no mapping: fetch this record alone (through the block cache)
+            n = min(t.entry_size, cim.FILE_RECORD_SIZE)
+            raw = self._bytes(t.offset + pos, n, f"file record {file_id}")
+            rec = cim.unpack_file_record(raw.ljust(cim.FILE_RECORD_SIZE, b"\0"))
+            self._records[file_id] = rec
+            if len(self._records) > _RECORD_CACHE_SIZE:
+                self._records.popitem(last=False)
+            return rec
+        view = self._table_views.get(table_index) or self._table_view(table_index)
         if t.entry_size >= cim.FILE_RECORD_SIZE and pos + cim.FILE_RECORD_SIZE <= len(view):
             rec = cim.unpack_file_record(view, pos)
         else:
@@ -809,6 +840,12 @@ class Image:
             view[: len(data)] = data
             return len(data)
         region, off = self._check_stream(desc)
+        if region.fd is None:  # a remote region: no page cache to ask, no descriptor to read into
+            if nowait:
+                return 0
+            data = self._data(desc.offset + offset, n, "stream data")
+            view[:n] = data
+            return n
         if nowait:
             if _RWF_NOWAIT is None:
                 return 0
@@ -845,7 +882,7 @@ class Image:
         if not length:
             return 0
         done = 0
-        if desc.type == cim.STREAM_TYPE_DATA and not desc.sparse and _HAVE_COPY_FILE_RANGE:
+        if desc.type == cim.STREAM_TYPE_DATA and not desc.sparse and self._copy_file_range:
             region, off = self._check_stream(desc)
             while done < length:
                 try:
@@ -875,10 +912,13 @@ class Image:
     def data_location(self, desc: cim.Stream) -> tuple[str, int, int] | None:
         """Where a plain data stream's bytes lie: (region file path, byte
         offset, region file size), checked to lie inside the file; None for
-        empty, sparse and PE-image streams (they have no one place)."""
+        empty, sparse and PE-image streams (they have no one place), and for
+        a remote image's streams (no local file)."""
         if desc.sparse or not desc.length or desc.type != cim.STREAM_TYPE_DATA:
             return None
         region, off = self._check_stream(desc)
+        if region.fd is None:
+            return None
         return region.path, off, region.size
 
     def _pe_image(self, desc: cim.Stream) -> cim.PeImage:
@@ -949,13 +989,12 @@ class Image:
             if region.region_type not in cim.REGION_TYPE_NAMES:
                 findings.append(f"{name}: unknown region type {region.region_type}")
             oid_name = "objectid" + name[len("region"):]
-            oid = find_region_file(self.directory, oid_name)
+            oid = self._find_file(oid_name)
             if oid is None:
                 findings.append(f"{oid_name}: object ID file missing (forks of this image cannot deduplicate against it)")
                 continue
             try:
-                with io.open(oid, "rb") as f:
-                    data = f.read()
+                data = self._read_file(oid)
                 table, count = cim.unpack_objectid_header(data, oid_name)
             except (OSError, CimFormatError) as e:
                 findings.append(f"{oid_name}: {e.strerror or e}")
@@ -1000,6 +1039,37 @@ class Image:
             # Forks legitimately leave their parent's deleted records behind.
             findings.append(f"{unreachable} file records are not reachable from the root")
         return findings
+
+    def _find_file(self, name: str) -> str | None:
+        """A file beside the ``.cim`` (local path or object path), or None."""
+        if self.storage is not None:
+            return self.storage.find(name)
+        return find_region_file(self.directory, name)
+
+    def _read_file(self, path: str) -> bytes:
+        if self.storage is not None:
+            return self.storage.read_object(path)
+        with io.open(path, "rb") as f:
+            return f.read()
+
+    def stored_sizes(self) -> dict[str, tuple[int, int]]:
+        """``{file name: (bytes, bytes allocated)}`` of the ``.cim`` and each
+        region file that exists (a remote object's allocation is its size)."""
+        out: dict[str, tuple[int, int]] = {}
+        for name in [self.name] + [n for n, _ in self.region_names]:
+            try:
+                path = self._find_file(name)
+                if path is None:
+                    continue
+                if self.storage is not None:
+                    size = self.storage.size(path)
+                    out[name] = (size, size)
+                else:
+                    st = os.stat(path)
+                    out[name] = (st.st_size, st.st_blocks * 512)
+            except (CimError, OSError):
+                continue
+        return out
 
     # ------------------------------------------------------------ summary
     def info(self) -> dict:
@@ -1078,6 +1148,22 @@ class CimFile(io.RawIOBase):
         return n
 
 
-def open(cim_path: str | os.PathLike) -> Image:  # noqa: A001 - mirrors zipfile/tarfile.open
-    """Open the image ``cim_path`` (a ``.cim`` file) for reading."""
+def open(cim_path: str | os.PathLike, storage_options: dict | None = None, *,  # noqa: A001 - mirrors zipfile/tarfile.open
+         cache_dir: str | None = None) -> Image:
+    """Open the image ``cim_path`` for reading: a ``.cim`` file, or an fsspec
+    URL of one (``s3://bucket/dir/layer.cim``, ``https://...``, a ``::``
+    chain) whose region files lie beside it.  ``storage_options`` go to the
+    URL's filesystem; ``cache_dir`` keeps a remote image's fetched blocks on
+    local disk.  Local paths (and plain ``file://`` URLs) are mapped and read
+    directly."""
+    if remote.is_url(cim_path):
+        local = remote.local_path(cim_path)
+        if local is None:
+            storage = remote.RemoteStorage(cim_path, storage_options, cache_dir=cache_dir)
+            try:
+                return Image(cim_path, storage=storage)
+            except BaseException:
+                storage.close()
+                raise
+        cim_path = local
     return Image(cim_path)

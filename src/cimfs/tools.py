@@ -189,17 +189,10 @@ def _region_files(image) -> list[str]:
     return list(image.info().get("region_files", []))
 
 
-def _file_sizes(directory: str, names: list[str]) -> tuple[int, int]:
-    apparent = allocated = 0
-    for n in names:
-        p = n if os.path.isabs(n) else os.path.join(directory, n)
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue
-        apparent += st.st_size
-        allocated += st.st_blocks * 512
-    return apparent, allocated
+def _file_sizes(sizes: dict[str, tuple[int, int]], names: list[str]) -> tuple[int, int]:
+    """Total (bytes, bytes allocated) of the files ``names`` among ``Image.stored_sizes()``."""
+    found = [sizes[n] for n in names if n in sizes]
+    return sum(a for a, _ in found), sum(b for _, b in found)
 
 
 def image_info(image) -> dict:
@@ -238,16 +231,13 @@ def image_info(image) -> dict:
     if unique_objects or logical == 0:
         info["bytes_unique_content"] = sum(unique_objects.values())
         info["dedup_savings"] = max(0, logical - info["bytes_unique_content"])
-    directory = os.path.dirname(os.path.abspath(info.get("path") or image.path))
     regions = _region_files(image)
     own_id = (info.get("region_set") or {}).get("id", "")
     own = [r for r in regions if own_id and own_id.lower() in os.path.basename(r).lower()]
-    app, alloc = _file_sizes(directory, regions)
-    own_app, own_alloc = _file_sizes(directory, own)
-    try:
-        cim_size = os.path.getsize(image.path)
-    except (OSError, AttributeError):
-        cim_size = 0
+    sizes = image.stored_sizes()
+    app, alloc = _file_sizes(sizes, regions)
+    own_app, own_alloc = _file_sizes(sizes, own)
+    cim_size = sizes.get(image.name, (0, 0))[0]
     info["bytes_stored"] = {"all_regions": app, "all_regions_allocated": alloc,
                             "own_regions": own_app, "own_regions_allocated": own_alloc, "cim_file": cim_size}
     return info
@@ -332,23 +322,23 @@ def diff_images(a, b) -> dict:
 _BAD_NAME = re.compile(r'[\x00-\x1f\\/:*?"<>|]')
 
 
-def fsck(cim_path: str, progress: Callable[[int], None] | None = None) -> list[str]:
-    """Check every structure reachable from the root and read every byte; returns findings."""
+def fsck(cim_path: str, progress: Callable[[int], None] | None = None, storage_options: dict | None = None) -> list[str]:
+    """Check every structure reachable from the root and read every byte; returns findings.
+    ``cim_path`` may be an fsspec URL (see :func:`cimfs.open`)."""
     progress = progress or (lambda n: None)
     findings: list[str] = []
     try:
-        image = cimfs.open(cim_path)
+        image = cimfs.open(cim_path, storage_options)
     except CimError as e:
         return [str(e)]
     with image:
-        directory = os.path.dirname(os.path.abspath(cim_path))
         try:
             info = image.info()
         except CimError as e:
             return [str(e)]
+        present = image.stored_sizes()
         for r in info.get("region_files", []):
-            p = r if os.path.isabs(r) else os.path.join(directory, r)
-            if not os.path.exists(p):
+            if r not in present:
                 findings.append(f"{r}: region file missing")
         findings.extend(image.check())
         fold = getattr(image, "fold", posix.fold)

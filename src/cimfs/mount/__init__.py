@@ -22,6 +22,7 @@ import tempfile
 import time
 import uuid
 
+from ..remote import is_url, local_path
 from ..errors import (
     E_INVALIDARG,
     ERROR_ALREADY_EXISTS,
@@ -36,6 +37,9 @@ from ..errors import (
 __all__ = ["mount", "unmount", "mounts", "CimMountImage", "CimDismountImage", "registry_dir"]
 
 E_FAIL = 0x80004005
+#: How the daemon gets a remote image's storage options (JSON): not on its
+#: command line, where every user could read credentials in them.
+STORAGE_OPTIONS_ENV = "CIMFS_MOUNT_STORAGE_OPTIONS"
 _READY_TIMEOUT = 60.0
 _EXIT_TIMEOUT = 20.0
 
@@ -68,7 +72,7 @@ def _log_path(volume_id) -> str:
 
 def write_entry(volume_id, mountpoint: str, image: str, pid: int) -> None:
     write_entry_data({"volume_id": str(volume_id), "mountpoint": os.path.abspath(mountpoint),
-                      "image": os.path.abspath(image), "pid": pid})
+                      "image": image if is_url(image) else os.path.abspath(image), "pid": pid})
 
 
 def write_entry_data(entry: dict) -> None:
@@ -182,8 +186,10 @@ def _remove(path: str) -> None:
 
 
 # ===================================================================== mount
-def _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other) -> list[str]:
+def _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, cache_dir=None) -> list[str]:
     args = [sys.executable, "-m", "cimfs.mount.daemon", cim_path, mountpoint, "--volume-id", str(volume_id)]
+    if cache_dir is not None:
+        args += ["--cache-dir", cache_dir]
     for flag, value in (("--uid", uid), ("--gid", gid), ("--umask", None if umask is None else format(umask, "o"))):
         if value is not None:
             args += [flag, str(value)]
@@ -203,8 +209,13 @@ def _check_pyfuse3(where: str) -> None:
 
 def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = None, gid: int | None = None,
           umask: int | None = None, allow_other: bool = False, volume_id: uuid.UUID | None = None,
-          engine: str = "fuse") -> uuid.UUID:
+          engine: str = "fuse", storage_options: dict | None = None, cache_dir: str | None = None) -> uuid.UUID:
     """Mount ``cim_path`` read-only at ``mountpoint``; returns the volume id.
+
+    ``cim_path`` may be an fsspec URL (``s3://bucket/layer.cim``): the mount is
+    then lazy, fetching contents when they are read (``storage_options`` go to
+    the URL's filesystem; ``cache_dir`` keeps fetched blocks on local disk).
+    Only the FUSE engine serves a remote image (``auto`` picks it).
 
     ``engine``: ``"fuse"`` (the daemon), ``"kernel"`` (an EROFS index over the
     region files, served by the kernel; root only, see
@@ -215,12 +226,19 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
     (``fusermount3 -u``, ``cimfs umount`` or a signal) and then returns.
     ``uid``/``gid``/``umask`` apply to entries without WSL ``$LX*`` metadata.
     """
-    cim_path = os.path.abspath(os.fspath(cim_path))
+    cim_path = os.fspath(cim_path)
+    if is_url(cim_path) and local_path(cim_path) is not None:
+        cim_path = local_path(cim_path)
+    remote = is_url(cim_path)
+    if not remote:
+        cim_path = os.path.abspath(cim_path)
+    if cache_dir is not None:
+        cache_dir = os.path.abspath(os.fspath(cache_dir))
     mountpoint = os.path.abspath(os.fspath(mountpoint))
     volume_id = uuid.uuid4() if volume_id is None else uuid.UUID(str(volume_id))
     if umask is not None and not 0 <= umask <= 0o777:
         raise CimError(E_INVALIDARG, f"umask {umask:o} is out of range", mountpoint)
-    if not os.path.isfile(cim_path):
+    if not remote and not os.path.isfile(cim_path):
         raise CimError(ERROR_FILE_NOT_FOUND, "image not found", cim_path)
     if not os.path.isdir(mountpoint):
         raise CimError(ERROR_PATH_NOT_FOUND, "mount point is not a directory", mountpoint)
@@ -230,7 +248,10 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
         raise CimError(ERROR_ALREADY_EXISTS, f"volume {volume_id} is already mounted", mountpoint)
     from . import kernel
 
-    if kernel.check_engine(engine, mountpoint) == "kernel":
+    if remote and engine == "kernel":
+        raise CimError(E_INVALIDARG, "the kernel engine reads local region files: a remote image mounts with FUSE",
+                       cim_path)
+    if not remote and kernel.check_engine(engine, mountpoint) == "kernel":
         if foreground:
             raise CimError(E_INVALIDARG, "the kernel engine has no foreground mode (nothing to serve)", mountpoint)
         from .view import Options
@@ -241,15 +262,20 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
         raise CimError(E_INVALIDARG, "fusermount3 not found (install the fuse3 package)", mountpoint)
     _check_pyfuse3(cim_path)
     if foreground:
-        return _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other)
+        return _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other,
+                                 storage_options, cache_dir)
+    env = dict(os.environ)
+    env.pop(STORAGE_OPTIONS_ENV, None)
+    if storage_options:
+        env[STORAGE_OPTIONS_ENV] = json.dumps(storage_options)
     read_end, write_end = os.pipe()
     try:
         with open(_log_path(volume_id), "ab") as log:
             proc = subprocess.Popen(
-                _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other)
+                _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, cache_dir)
                 + ["--ready-fd", str(write_end), "--detach"],
                 pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, close_fds=True,
+                start_new_session=True, close_fds=True, env=env,
             )
     except BaseException:
         os.close(read_end)
@@ -279,10 +305,12 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
     raise CimError(E_FAIL, message + (f" ({detail})" if detail else ""), cim_path)
 
 
-def _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other) -> uuid.UUID:
+def _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other,
+                      storage_options=None, cache_dir=None) -> uuid.UUID:
     from .daemon import prepare, serve
 
-    image, _ = prepare(cim_path, mountpoint, uid=uid, gid=gid, umask=umask, allow_other=allow_other)
+    image, _ = prepare(cim_path, mountpoint, uid=uid, gid=gid, umask=umask, allow_other=allow_other,
+                       storage_options=storage_options, cache_dir=cache_dir)
     write_entry(volume_id, mountpoint, cim_path, os.getpid())
     serve(image, volume_id, mountpoint)
     return volume_id

@@ -27,7 +27,8 @@ def _escape_option(value: str) -> str:
     return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
-def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, allow_other=False):
+def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, allow_other=False,
+            storage_options=None, cache_dir=None):
     """Open and check the image, then mount it; raises CimError with a one-line reason.
 
     Returns ``(image, fs)`` with the kernel mount in place (not yet served)."""
@@ -37,7 +38,7 @@ def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, a
     from .fs import CimFs, Options
 
     try:
-        image = open_image(cim_path)
+        image = open_image(cim_path, storage_options, cache_dir=cache_dir)
     except CimError:
         raise
     except Exception as e:  # noqa: BLE001 - anything else is a damaged image too
@@ -166,6 +167,7 @@ def main(argv=None) -> int:
     p.add_argument("--umask", type=lambda s: int(s, 8))
     p.add_argument("--allow-other", action="store_true")
     p.add_argument("--ready-fd", type=int, required=True)
+    p.add_argument("--cache-dir", help="keep a remote image's fetched blocks here")
     p.add_argument("--detach", action="store_true", help="fork once more and leave the caller")
     a = p.parse_args(argv)
     fd = a.ready_fd
@@ -179,7 +181,10 @@ def main(argv=None) -> int:
     try:
         _write_line(fd, f"PID {os.getpid()}")
         try:
-            image, fs = prepare(a.image, a.mountpoint, uid=a.uid, gid=a.gid, umask=a.umask, allow_other=a.allow_other)
+            from . import STORAGE_OPTIONS_ENV
+            options = os.environ.pop(STORAGE_OPTIONS_ENV, None)
+            image, fs = prepare(a.image, a.mountpoint, uid=a.uid, gid=a.gid, umask=a.umask, allow_other=a.allow_other,
+                                storage_options=json.loads(options) if options else None, cache_dir=a.cache_dir)
         except CimError as e:
             _write_line(fd, "ERR " + json.dumps({"hresult": e.hresult, "reason": e.strerror, "path": e.filename}))
             return 1

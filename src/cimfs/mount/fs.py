@@ -92,7 +92,9 @@ class CimFs(pyfuse3.Operations):
         self._open: dict[int, object] = {}  # open handle -> stream descriptor
         self._next_fh = 1
         self._logged = 0
-        self._push = True  # notify_store works (cleared on ENOSYS)
+        # notify_store works (cleared on ENOSYS).  Not for a remote image: the
+        # push reads in the event loop, which must not wait for the network.
+        self._push = getattr(image, "storage", None) is None
         self._pushed: set[int] = set()
         self._limiter = trio.CapacityLimiter(READ_THREADS)
         self._buf = bytearray(1 << 20)
@@ -303,13 +305,7 @@ class CimFs(pyfuse3.Operations):
     @_op
     def statfs(self, ctx=None):
         s = pyfuse3.StatvfsData()
-        total = 0
-        files = [os.path.basename(self.image.path)] + list(self.image.info().get("region_files", []))
-        for name in files:
-            try:
-                total += os.stat(os.path.join(self.image.directory, name)).st_size
-            except OSError:
-                pass
+        total = sum(size for size, _ in self.image.stored_sizes().values())
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = (total + 4095) // 4096
         s.f_bfree = s.f_bavail = 0

@@ -118,25 +118,37 @@ class DigestReader:
 
 
 class _GzipReader:
-    """gzip (any number of members) decompressed as a stream."""
+    """gzip (any number of members) decompressed as a stream.
+
+    Input is decompressed a chunk at a time into an output buffer that small
+    reads are served from (asking zlib for a few KiB at a time would copy the
+    rest of the input chunk on every call)."""
 
     def __init__(self, raw, label: str):
         self.raw, self.label = raw, label
         self.d = zlib.decompressobj(31)
         self.pending = b""
+        self.out = memoryview(b"")
         self.done = False
         self.started = False
 
     def read(self, n: int = -1) -> bytes:
-        try:
-            return self._read(CHUNK if n is None or n < 0 else n)
-        except zlib.error as e:
-            raise CimError(E_INVALIDARG, f"damaged gzip stream ({e})", self.label) from None
+        n = CHUNK if n is None or n < 0 else n
+        if not self.out:
+            try:
+                self.out = memoryview(self._produce())
+            except zlib.error as e:
+                raise CimError(E_INVALIDARG, f"damaged gzip stream ({e})", self.label) from None
+        if n >= len(self.out):
+            b, self.out = bytes(self.out), memoryview(b"")
+            return b
+        b, self.out = bytes(self.out[:n]), self.out[n:]
+        return b
 
-    def _read(self, n: int) -> bytes:
+    def _produce(self) -> bytes:
         while True:
             if self.pending:
-                out = self.d.decompress(self.pending, n)
+                out = self.d.decompress(self.pending, 4 * CHUNK)
                 self.pending = self.d.unconsumed_tail
                 if self.d.eof:
                     rest = self.d.unused_data + self.pending

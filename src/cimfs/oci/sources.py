@@ -117,8 +117,9 @@ def _layers_from_manifest(manifest: dict, config: dict, what: str, opener_for) -
         size = d.get("size")
         if not isinstance(size, int) or size < 0:
             raise CimError(E_INVALIDARG, f"layer {i} ({digest}): bad size {size!r}", what)
-        urls = d.get("urls") or []
-        out.append(LayerSpec(i, mt, compression, digest, size, diff_id, list(urls), foreign, opener_for(digest)))
+        urls = d.get("urls")
+        urls = [u for u in urls if isinstance(u, str)] if isinstance(urls, list) else []
+        out.append(LayerSpec(i, mt, compression, digest, size, diff_id, urls, foreign, opener_for(digest)))
     return out
 
 
@@ -382,10 +383,13 @@ class DockerArchive:
             urls: list = []
             size = m.size if m is not None else None
             if isinstance(foreign, dict):
-                mt = foreign.get("mediaType", mt)
-                urls = foreign.get("urls") or []
-                digest = foreign.get("digest", digest)
-                size = foreign.get("size", size)
+                mt = foreign.get("mediaType", mt) if isinstance(foreign.get("mediaType"), str) else mt
+                urls = [u for u in foreign.get("urls") or [] if isinstance(u, str)] \
+                    if isinstance(foreign.get("urls"), list) else []
+                if isinstance(foreign.get("digest"), str):
+                    digest = foreign["digest"]
+                if isinstance(foreign.get("size"), int):
+                    size = foreign["size"]
             opener = None
             if m is not None:
                 opener = (lambda m=m: self.tf.extractfile(m))

@@ -151,12 +151,13 @@ class LayerStore:
             raise CimError(E_INVALIDARG, "stored blob does not match its digest", p)
         return data
 
-    def _put_blob(self, data: bytes, digest: str) -> None:
+    def _put_blob(self, data: bytes, digest: str, written: list) -> None:
         alg, hexd = blobs.parse_digest(digest)
         d = os.path.join(self.path, "blobs", alg)
         os.makedirs(d, exist_ok=True)
         p = os.path.join(d, hexd)
         if not os.path.exists(p):
+            written.append(p)
             _write_atomic(p, data)
 
     def images(self) -> list[dict]:
@@ -200,6 +201,7 @@ class LayerStore:
         report_layers = []
         warnings: list[str] = []
         committed: list[str] = []
+        new_blobs: list[str] = []
         refs = self.load_refs()
         parent = None
         try:
@@ -227,9 +229,9 @@ class LayerStore:
                 report_layers.append(entry)
                 parent = name
             image_id = spec.manifest_digest or spec.config_digest
-            self._put_blob(spec.config_bytes, spec.config_digest)
+            self._put_blob(spec.config_bytes, spec.config_digest, new_blobs)
             if spec.manifest_bytes is not None:
-                self._put_blob(spec.manifest_bytes, spec.manifest_digest)
+                self._put_blob(spec.manifest_bytes, spec.manifest_digest, new_blobs)
             names = list(spec.refs)
             if reference:
                 names.append(reference)
@@ -250,6 +252,8 @@ class LayerStore:
         except BaseException:
             for name in reversed(committed):
                 self._remove_layer(name)
+            for p in new_blobs:
+                _unlink_quiet(p)
             raise
         return {"id": image_id, "refs": refs["images"][image_id]["refs"], "manifest_digest": spec.manifest_digest,
                 "config_digest": spec.config_digest, "platform": spec.platform,
@@ -270,8 +274,7 @@ class LayerStore:
             kind = "foreign layer" if layer.foreign else "layer"
             raise CimError(ERROR_FILE_NOT_FOUND,
                            f"{kind} {layer.digest or layer.diff_id} (layer {layer.index + 1} of {count}) is not in the "
-                           f"source; fetch it from {where} (e.g. skopeo copy --dest-... with foreign layers) first",
-                           spec.source)
+                           f"source: its blob must be fetched first, from {where}", spec.source)
         try:
             raw = layer.opener()
         except OSError as e:
@@ -315,8 +318,9 @@ class LayerStore:
                 _write_atomic(os.path.join(self.layers, name[:-4] + ".json"), _dump(record))
 
             try:
+                # consistent: the same layer on the same parent gives the same files, on any machine
                 winlayer.import_layer(reader, self.layers, name, parent=parent, progress=on_member,
-                                      before_commit=before_commit)
+                                      before_commit=before_commit, consistent=True)
             except BaseException:
                 _unlink_quiet(os.path.join(self.layers, name[:-4] + ".json"))
                 raise
