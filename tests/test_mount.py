@@ -550,3 +550,48 @@ def test_rm_of_a_mounted_image_is_refused_unless_forced(tmp_path, mounted):
                        text=True)
     assert p.returncode == 0, p.stderr
     assert os.listdir(d) == []
+def test_region_file_that_is_a_fifo_fails_one_read_not_the_daemon(tmp_path, mounted):
+    """Issue 17 class 5: a FIFO where a region file belongs blocked open()
+    forever, and every later request and the umount with it."""
+    with cimfs.create(tmp_path, "f.cim") as w:
+        w.add_file("big", os.urandom(200_000))  # the data region
+        w.add_file("small", b"metadata-side")
+    with cimfs.open(tmp_path / "f.cim") as im:
+        big_region = im.region_names[im.record(im.lookup("big")).stream.offset >> 48][0]
+        small_region = im.region_names[im.record(im.lookup("small")).stream.offset >> 48][0]
+    assert big_region != small_region
+    (tmp_path / big_region).unlink()
+    os.mkfifo(tmp_path / big_region)  # nobody ever writes it
+    mnt = mounted(tmp_path / "f.cim")
+    assert sorted(os.listdir(mnt)) == ["big", "small"]
+    with pytest.raises(OSError) as e:
+        (mnt / "big").read_bytes()
+    assert e.value.errno == errno.EIO
+    assert (mnt / "small").read_bytes() == b"metadata-side"
+    assert os.stat(mnt / "big").st_size == 200_000  # the daemon still answers
+
+
+def test_directory_under_two_names_does_not_hide_the_mount(tmp_path, mounted):
+    """Issue 17 class 7: ls of the root and cat of an intact file work."""
+    with cimfs.create(tmp_path, "t.cim") as w:
+        w.mkdir("a")
+        w.add_file("a/inner", b"in")
+        w.mkdir("b")
+        w.add_file("top", b"intact file")
+        w.link("top2", "top")
+    with cimfs.open(tmp_path / "t.cim") as im:
+        a, b, root = im.lookup("a"), im.lookup("b"), im.root_id
+        s = im.record(root).stream
+        table = im._bytes(s.offset, s.length, "root")
+        region = tmp_path / im.region_names[s.offset >> 48][0]
+    count = struct.unpack_from("<I", table, 4)[0]
+    ids = list(struct.unpack_from(f"<{count}I", table, 8))
+    ids[ids.index(b)] = a
+    with open(region, "r+b") as f:
+        f.seek((s.offset & ((1 << 48) - 1)) + 8)
+        f.write(struct.pack(f"<{count}I", *ids))
+    mnt = mounted(tmp_path / "t.cim")
+    assert sorted(os.listdir(mnt)) == ["a", "b", "top", "top2"]
+    assert (mnt / "top").read_bytes() == b"intact file"
+    assert os.stat(mnt / "top").st_nlink == 2
+    assert os.listdir(mnt / "b") == ["inner"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import os
@@ -349,7 +350,7 @@ def _long_line(name: str, st) -> str:
     if info.kind in ("chr", "blk"):
         size = f"{info.rdev[0]}, {info.rdev[1]}"
     elif info.kind == "symlink" and info.target is not None:
-        size = str(len(os.fsencode(info.target)))
+        size = str(len(info.target.encode("utf-8", "cimfs-escape")))
     else:
         size = str(st.size)
     when = tools.filetime_iso(st.last_write_time)[:19].replace("T", " ")
@@ -936,7 +937,32 @@ def to_erofs(image, out, standalone, block_size, options):
 
 
 # ===================================================================== entry point
+def _escape_unprintable(e: UnicodeEncodeError):
+    """Bytes a host name could not decode (surrogateescape) go out as they
+    were; any other unencodable character -- a lone UTF-16 surrogate in an
+    image's name -- as a ``\\udXXX`` escape."""
+    chunk = e.object[e.start:e.end]
+    if all(0xDC80 <= ord(c) <= 0xDCFF for c in chunk):
+        return codecs.lookup_error("surrogateescape")(e)
+    return codecs.lookup_error("backslashreplace")(e)
+
+
+codecs.register_error("cimfs-escape", _escape_unprintable)
+
+
+def _tolerant_output() -> None:
+    """Names in an image may hold a lone UTF-16 surrogate (NTFS allows it),
+    which no encoding can print: the command must write it escaped, not end
+    with a UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(Exception):
+                reconfigure(errors="cimfs-escape")
+
+
 def main(argv: list[str] | None = None) -> None:
+    _tolerant_output()
     try:
         rv = cli.main(args=argv, prog_name="cimfs", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
