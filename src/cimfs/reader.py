@@ -13,8 +13,10 @@ import errno
 import io
 import mmap
 import os
+import stat
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Iterator, NamedTuple
 
 from .errors import (
@@ -23,14 +25,21 @@ from .errors import (
     CimError,
     CimFormatError,
     E_INVALIDARG,
+    E_OUTOFMEMORY,
 )
 from . import remote
-from .layout import cim
+from .layout import cim, ntfs
 from .names import NameFolder, join_path, split_path
 
 # Reading a .cim never needs more than its header and 65535 parent sets.
 _MAX_FILESYSTEM_FILE = cim.FILESYSTEM_HEADER.size + 65535 * cim.REGION_SET.size
 _DIR_CACHE_SIZE = 4096
+#: File table directories up to this many entries (4 M FileIDs) are unpacked
+#: at open; longer ones (which only a sparse region file makes cheap to
+#: claim) entry by entry as they are used.
+_EAGER_FILE_TABLES = 4096
+#: Link-table bytes the decoded-directory cache may stand for.
+_DIR_CACHE_BYTES = 16 << 20
 _RECORD_CACHE_SIZE = 65536
 
 
@@ -62,6 +71,41 @@ class _Directory(NamedTuple):
     names: list[str]
     file_ids: list[int]
     keys: list  # folded names, computed lazily (None until needed)
+    size: int = 0  # bytes of its link table (what the cache is budgeted by)
+
+
+class _Visits:
+    """What a walk of the tree has entered, so that every walker visits each
+    directory once and does work bounded by the image's size: a directory
+    FileID met under a second name, two directories sharing one link table,
+    or link tables adding up to more bytes than the region files have (they
+    overlap) are damage, reported by the walker and not entered."""
+
+    __slots__ = ("dirs", "tables", "budget", "image")
+
+    def __init__(self, image: "Image"):
+        self.dirs: set[int] = set()
+        self.tables: set[int] = set()
+        self.budget = image._region_bytes()
+        self.image = image
+
+    def admit(self, fid: int, rec: cim.FileRecord | None = None) -> str | None:
+        """None if the directory ``fid`` may be entered (it is then counted
+        as entered), else why not."""
+        if rec is None:
+            rec = self.image.record(fid)
+        if fid in self.dirs:
+            return f"directory FileID {fid} has a second name (a cycle or a linked directory)"
+        s = rec.stream
+        if s.length:
+            if s.offset in self.tables:
+                return f"directory FileID {fid} shares its link table with another directory"
+            self.budget -= s.length
+            if self.budget < 0:
+                return f"directory FileID {fid}: link tables add up to more bytes than the region files hold (they overlap)"
+            self.tables.add(s.offset)
+        self.dirs.add(fid)
+        return None
 
 
 def find_region_file(directory: str, name: str) -> str | None:
@@ -80,12 +124,53 @@ def find_region_file(directory: str, name: str) -> str | None:
     return None
 
 
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 34
+
+
+#: The largest single read (``read_bytes``, ``read()``, ``read_at``) the
+#: reader attempts: the machine's physical memory.  Larger streams (sparse
+#: ones may claim up to 2^48 bytes) are read in pieces; a larger read gives
+#: ``CimError(E_OUTOFMEMORY)`` instead of a MemoryError or the OOM killer.
+MAX_READ_SIZE = _physical_memory()
+
 #: Bytes per copy_file_range / read-write step of :meth:`Image.copy_stream`.
 COPY_CHUNK = 8 << 20
 _HAVE_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 #: copy_file_range refusals that mean "not between these files": copy by hand.
 _COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
+
+
+def _open_regular(path: str, what: str, is_image: bool = False) -> int:
+    """A descriptor of ``path`` opened read-only, refused unless it is a
+    regular file.  ``O_NONBLOCK``: a FIFO (or device) put where an image's
+    file belongs must fail here, not block the reader -- or a mount daemon,
+    and with it every later request -- forever.  The .cim itself is the
+    caller's argument (CimError); a region file is part of the image
+    (CimFormatError)."""
+    def fail(code, reason):
+        return CimError(code, reason, path) if is_image else CimFormatError(reason, path)
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise fail(ERROR_FILE_NOT_FOUND, f"{what} not found") from None
+    except OSError as e:
+        raise fail(ERROR_FILE_NOT_FOUND, f"cannot open {what}: {e.strerror or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        os.close(fd)
+        raise fail(ERROR_FILE_NOT_FOUND, f"cannot stat {what}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise fail(E_INVALIDARG, f"{what} is {kind}")
+    return fd
 
 
 class _Region:
@@ -97,15 +182,15 @@ class _Region:
 
     def __init__(self, path: str, what: str):
         self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as e:
-            raise CimFormatError(f"cannot open region file: {e.strerror}", path) from None
+        self.fd = _open_regular(path, what)
         try:
             self.size = os.fstat(self.fd).st_size
             if self.size < cim.REGION_HEADER.size:
                 raise CimFormatError(f"{what} is truncated ({self.size} bytes)", path)
-            self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+            try:
+                self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError, OverflowError) as e:
+                raise CimFormatError(f"{what} of {self.size} bytes cannot be mapped ({e})", path) from None
             self.index, self.region_type = cim.unpack_region_header(self.map[: cim.REGION_HEADER.size], what)
         except BaseException:
             os.close(self.fd)
@@ -119,6 +204,50 @@ class _Region:
                 raise CimFormatError(f"region file ended at {offset + len(data)} (was it truncated?)", self.path)
             data += more
         return data
+
+
+class _TableList(list):
+    def total_records(self) -> int:
+        return sum(t.count for t in self)
+
+
+class _FileTables(Sequence):
+    """The file table directory as a sequence, each entry unpacked (and
+    checked) when asked for: a count that passes the size check only because
+    the region file is sparse costs no memory up front."""
+
+    __slots__ = ("_raw", "_count", "_fail", "_cache")
+
+    def __init__(self, raw: memoryview, count: int, fail):
+        self._raw, self._count, self._fail, self._cache = raw, count, fail, {}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: int) -> cim.FileTableEntry:
+        t = self._cache.get(i)
+        if t is not None:
+            return t
+        if not 0 <= i < self._count:
+            if -self._count <= i < 0:
+                return self[i + self._count]
+            raise IndexError(i)
+        t = cim.unpack_file_table_entry(self._raw, i)
+        if t.count > cim.FILE_TABLE_CAPACITY:
+            raise self._fail(f"file table {i} claims {t.count} records (at most {cim.FILE_TABLE_CAPACITY})")
+        if t.count and t.entry_size == 0:
+            raise self._fail(f"file table {i} has entry size 0")
+        if len(self._cache) < 4096:
+            self._cache[i] = t
+        return t
+
+    def __iter__(self):
+        for i in range(self._count):
+            yield self[i]
+
+    def total_records(self) -> int:
+        """The records all tables claim (each count capped at a table's capacity)."""
+        return cim.file_table_record_total(self._raw, self._count)
 
 
 class Image:
@@ -141,13 +270,10 @@ class Image:
             self.path = os.fspath(cim_path)
             self.directory = os.path.dirname(os.path.abspath(self.path))
             self.name = os.path.basename(self.path)
+            fd = _open_regular(self.path, "image", is_image=True)
             try:
-                with io.open(self.path, "rb") as f:
+                with io.open(fd, "rb") as f:
                     raw = f.read(_MAX_FILESYSTEM_FILE)
-            except FileNotFoundError:
-                raise CimError(ERROR_FILE_NOT_FOUND, "image not found", self.path) from None
-            except IsADirectoryError:
-                raise CimError(E_INVALIDARG, "is a directory, not a .cim file", self.path) from None
             except OSError as e:
                 raise CimError(ERROR_FILE_NOT_FOUND, e.strerror or str(e), self.path) from None
         try:
@@ -168,8 +294,9 @@ class Image:
         self._lock = threading.Lock()
         self._closed = False
         self._dirs: OrderedDict[int, _Directory] = OrderedDict()
+        self._dir_bytes = 0
         self._records: OrderedDict[int, cim.FileRecord] = OrderedDict()
-        self._table_views: list[memoryview | None] = []
+        self._table_views: dict[int, memoryview] = {}
         self._nlinks: dict[int, int] | None = None
         try:
             self._load_filesystem()
@@ -241,14 +368,15 @@ class Image:
         self.upcase_table = self._bytes(fs.upcase_offset, cim.UPCASE_TABLE_SIZE, "upcase table")
         self._folder = NameFolder.for_table(self.upcase_table)
         ndir = fs.file_table_count
+        if ndir > cim.MAX_FILE_TABLES:
+            raise self._fail(f"image claims {ndir} file tables (FileIDs are 32-bit: at most {cim.MAX_FILE_TABLES})")
         raw = self._view(fs.file_table_directory_offset, ndir * cim.FILE_TABLE_DIR_ENTRY.size, "file table directory")
-        self.file_tables = cim.unpack_file_table_directory(raw, ndir)
-        self._table_views = [None] * ndir
-        for i, t in enumerate(self.file_tables):
-            if t.count > cim.FILE_TABLE_CAPACITY:
-                raise self._fail(f"file table {i} claims {t.count} records (at most {cim.FILE_TABLE_CAPACITY})")
-            if t.count and t.entry_size == 0:
-                raise self._fail(f"file table {i} has entry size 0")
+        if ndir <= _EAGER_FILE_TABLES:
+            # The common case, unpacked once: record() indexes a list.
+            self.file_tables = _TableList(_FileTables(raw, ndir, self._fail))
+        else:
+            self.file_tables = _FileTables(raw, ndir, self._fail)
+        self._table_views = {}
         self.root_id = fs.root_file_id
         if not self.record(self.root_id).is_dir:
             raise self._fail(f"root FileID {self.root_id} is not a directory")
@@ -257,8 +385,8 @@ class Image:
         with self._lock:
             self._closed = True
             regions, self._regions = self._regions, [None] * len(self._regions)
-            views, self._table_views = self._table_views, [None] * len(self._table_views)
-        for v in views:
+            views, self._table_views = self._table_views, {}
+        for v in views.values():
             if v is not None:
                 try:
                     v.release()
@@ -276,6 +404,7 @@ class Image:
                     # the mapping goes away with the last reference.
                     pass
         self._dirs.clear()
+        self._dir_bytes = 0
         self._records.clear()
         if self.storage is not None:
             self.storage.close()
@@ -293,7 +422,7 @@ class Image:
     @property
     def file_count(self) -> int:
         """Number of FileIDs the file tables hold (including unreferenced ones)."""
-        return sum(t.count for t in self.file_tables)
+        return self.file_tables.total_records()
 
     def max_file_id(self) -> int:
         if not self.file_tables:
@@ -321,7 +450,7 @@ class Image:
             if len(self._records) > _RECORD_CACHE_SIZE:
                 self._records.popitem(last=False)
             return rec
-        view = self._table_views[table_index] or self._table_view(table_index)
+        view = self._table_views.get(table_index) or self._table_view(table_index)
         if t.entry_size >= cim.FILE_RECORD_SIZE and pos + cim.FILE_RECORD_SIZE <= len(view):
             rec = cim.unpack_file_record(view, pos)
         else:
@@ -348,9 +477,8 @@ class Image:
                 view = None
                 if type(fid) is int:
                     ti, slot = divmod(fid - 1, cap)
-                    if 0 <= ti < len(views):
-                        view, t = views[ti], tables[ti]
-                if view is not None and slot < t.count and t.entry_size >= size and slot * t.entry_size + size <= len(view):
+                    view = views.get(ti)
+                if view is not None and fid > 0 and (t := tables[ti]) is not None and slot < t.count and t.entry_size >= size and slot * t.entry_size + size <= len(view):
                     rec = unpack(view, slot * t.entry_size)
                 else:
                     rec = self.record(fid)  # the careful path: maps the table, says what is wrong
@@ -390,10 +518,13 @@ class Image:
         else:
             what = f"directory {file_id}"
             names, ids = cim.unpack_link_table(self._view(s.offset, s.length, what), 4, what)
-            d = _Directory(names, ids, [None])
+            d = _Directory(names, ids, [None], s.length)
+        # Bounded by count and by bytes: many FileIDs may claim one large
+        # link table, and the cache must not hold a decode of it for each.
         self._dirs[file_id] = d
-        if len(self._dirs) > _DIR_CACHE_SIZE:
-            self._dirs.popitem(last=False)
+        self._dir_bytes += d.size
+        while len(self._dirs) > 1 and (len(self._dirs) > _DIR_CACHE_SIZE or self._dir_bytes > _DIR_CACHE_BYTES):
+            self._dir_bytes -= self._dirs.popitem(last=False)[1].size
         return d
 
     def _keys(self, d: _Directory) -> list[str]:
@@ -468,56 +599,151 @@ class Image:
         fid = path if isinstance(path, int) else self.lookup(path)
         return list(self._directory(fid).names)
 
-    def walk(self, path: str = "") -> Iterator[tuple[str, list[str], list[str]]]:
+    def _region_bytes(self) -> int:
+        """The bytes of all region files that open (what a walk's link tables may add up to)."""
+        total = 0
+        for i in range(len(self._regions)):
+            try:
+                total += self._region(i).size
+            except CimError:
+                pass
+        return total
+
+    def directory_guard(self) -> _Visits:
+        """For a walker outside this class: ``guard.admit(fid)`` is None when
+        directory ``fid`` may be entered, else the damage that forbids it
+        (a second name, a link table shared or overlapping)."""
+        return _Visits(self)
+
+    def walk(self, path: str = "", onerror=None) -> Iterator[tuple[str, list[str], list[str]]]:
         """Top-down like ``os.walk``; ``dirpath`` uses ``\\`` and the root is ``""``.
 
-        Directories may be pruned by editing ``dirnames`` in place.
+        Directories may be pruned by editing ``dirnames`` in place.  Damage
+        met on the way (a directory that cannot be read, an entry whose
+        record is bad, a directory under a second name) is passed to
+        ``onerror`` as a :class:`CimFormatError` (ignored without one) and
+        that part is skipped: the rest of the tree is still walked.  Each
+        directory is entered once, however many names lead to it.
         """
         top_id = self.lookup(path)
         top = join_path(split_path(path, strict=False)[0])
-        seen = {top_id}
+        visits = _Visits(self)
+        reason = visits.admit(top_id, self.record(top_id))
+        if reason is not None:
+            raise self._fail(reason)
         stack = [(top, top_id)]
         while stack:
             dirpath, fid = stack.pop()
+            try:
+                names, ids = self._directory(fid)[:2]
+            except CimFormatError as e:
+                if onerror is not None:
+                    onerror(e)
+                continue
             dirs, files, dir_ids = [], [], {}
-            for name, child in zip(*self._directory(fid)[:2]):
-                if self.record(child).is_dir:
+            for name, child in zip(names, ids):
+                try:
+                    is_dir = self.record(child).is_dir
+                except CimFormatError as e:
+                    if onerror is not None:
+                        onerror(CimFormatError(e.strerror, f"{dirpath}\\{name}" if dirpath else name))
+                    continue
+                if is_dir:
                     dirs.append(name)
                     dir_ids[name] = child
                 else:
                     files.append(name)
             yield dirpath, dirs, files
-            for name in reversed(dirs):
+            subs = []
+            for name in dirs:  # in order: the first name of a directory is the one entered
                 child = dir_ids.get(name)
                 if child is None:
                     continue
-                if child in seen:
-                    raise self._fail(f"directory FileID {child} appears twice in the tree (a cycle or a linked directory)")
-                seen.add(child)
-                stack.append((f"{dirpath}\\{name}" if dirpath else name, child))
+                sub = f"{dirpath}\\{name}" if dirpath else name
+                reason = visits.admit(child, self.record(child))
+                if reason is not None:
+                    if onerror is not None:
+                        onerror(CimFormatError(reason, sub))
+                    continue
+                subs.append((sub, child))
+            stack.extend(reversed(subs))
 
     def iter_file_ids(self) -> Iterator[tuple[str, int]]:
-        """Every (path, FileID) reachable from the root, the root first as ``""``."""
+        """Every (path, FileID) reachable from the root, the root first as
+        ``""`` (damaged parts skipped, each directory entered once)."""
         yield "", self.root_id
-        for dirpath, dirs, files in self.walk():
-            d = self._directory(self.lookup(dirpath) if dirpath else self.root_id)
-            for name, fid in zip(d.names, d.file_ids):
-                yield (f"{dirpath}\\{name}" if dirpath else name), fid
+        for path, fid, _rec, _reason in self._tree():
+            if fid is not None:
+                yield path, fid
+
+    def _tree(self) -> Iterator[tuple[str, int, cim.FileRecord | None, str | None]]:
+        """(path, FileID, record, damage) for every entry below the root,
+        parents before children, without recursion and without a path lookup
+        per entry.  ``record`` is None and ``damage`` says why when the entry
+        cannot be read or a directory is not entered; a directory that cannot
+        be listed is reported as (its path, None, None, reason)."""
+        visits = _Visits(self)
+        visits.admit(self.root_id, self.record(self.root_id))
+        stack = [("", self.root_id)]
+        while stack:
+            dirpath, fid = stack.pop()
+            try:
+                d = self._directory(fid)
+            except CimFormatError as e:
+                yield dirpath, None, None, e.strerror
+                continue
+            sub = []
+            for name, child in zip(d.names, d.file_ids):
+                path = f"{dirpath}\\{name}" if dirpath else name
+                try:
+                    rec = self.record(child)
+                except CimFormatError as e:
+                    yield path, child, None, e.strerror
+                    continue
+                reason = visits.admit(child, rec) if rec.is_dir else None
+                yield path, child, rec, reason
+                if rec.is_dir and reason is None:
+                    sub.append((path, child))
+            stack.extend(reversed(sub))
+
+    def tombstones(self) -> list[str]:
+        """Paths this image marks deleted from the layers below (``CimTombstoneFile``)."""
+        tag = ntfs.IO_REPARSE_TAG_WCI_TOMBSTONE
+        out = []
+        for p, fid in self.iter_file_ids():
+            rec = self.record(fid)
+            if rec.reparse_tag == tag and not rec.is_dir:  # a merge treats only files as tombstones
+                out.append(p)
+        return out
+
+    def merge_links(self) -> list[tuple[str, str]]:
+        """(path, target in the layers below) of each ``CimCreateMergeLink`` of this image."""
+        return [(p, m[1]) for p, m in self._merge_markers() if m[0] == ntfs.MERGE_KIND_LINK]
+
+    def opaque_dirs(self) -> list[str]:
+        """Directories that replace, instead of merging with, the layers' below."""
+        return [p for p, m in self._merge_markers() if m[0] == ntfs.MERGE_KIND_DIR and m[1] & ntfs.MERGE_DIR_OPAQUE]
+
+    def _merge_markers(self):
+        tag = ntfs.IO_REPARSE_TAG_CIMFS_MERGE
+        for p, fid in self.iter_file_ids():
+            rec = self.record(fid)
+            if rec.reparse_tag == tag and rec.reparse_offset:
+                try:
+                    m = ntfs.parse_merge_reparse(self._blob(rec.reparse_offset, f"reparse buffer of {p!r}"))
+                except CimFormatError as e:
+                    raise CimFormatError(f"{p}: {e.strerror}", self.path) from None
+                if m is not None:
+                    yield p, m
 
     def _link_counts(self) -> dict[int, int]:
+        # Damage is skipped, not raised: one bad directory must not make the
+        # stat of every file fail.  Names in a skipped part are not counted.
         if self._nlinks is None:
             counts: dict[int, int] = {}
-            seen = {self.root_id}
-            stack = [self.root_id]
-            while stack:
-                fid = stack.pop()
-                for child in self._directory(fid).file_ids:
-                    counts[child] = counts.get(child, 0) + 1
-                    if self.record(child).is_dir:
-                        if child in seen:
-                            raise self._fail(f"directory FileID {child} appears twice in the tree")
-                        seen.add(child)
-                        stack.append(child)
+            for _path, fid, rec, _reason in self._tree():
+                if rec is not None and not rec.is_dir:
+                    counts[fid] = counts.get(fid, 0) + 1
             self._nlinks = counts
         return self._nlinks
 
@@ -736,8 +962,16 @@ class Image:
         if pos >= length or size <= 0:
             return b""
         end = min(length, pos + size)
+        if end - pos > MAX_READ_SIZE:
+            # A sparse length may be near 2^48 in a tiny image: one read of it
+            # all would fail (or be killed) allocating, not report it.
+            raise CimError(E_OUTOFMEMORY, f"a read of {end - pos} bytes is larger than memory "
+                           f"({MAX_READ_SIZE} bytes): read the stream in pieces (open(), read_at, copy_stream)", self.path)
         if desc.sparse:
-            return bytes(end - pos)
+            try:
+                return bytes(end - pos)
+            except MemoryError:
+                raise CimError(E_OUTOFMEMORY, f"no memory for a read of {end - pos} bytes: read the stream in pieces", self.path) from None
         if desc.type == cim.STREAM_TYPE_DATA:
             self._check_stream(desc)
             return self._data(desc.offset + pos, end - pos, "stream data")
@@ -805,26 +1039,31 @@ class Image:
                     findings.append(f"{oid_name}: entry {k} ({length} bytes at {off}) lies outside {name}")
                     break
         reachable = {self.root_id}
-        try:
-            seen_dirs = {self.root_id}
-            stack = [(self.root_id, "")]
-            while stack:
-                fid, path = stack.pop()
+        checked = set()
+        for path, fid, rec, reason in self._tree():
+            if fid is not None:
+                reachable.add(fid)
+            if reason is not None:
+                findings.append(f"{path or '(root)'}: {reason}")
+            if rec is None or not rec.is_dir or reason is not None or fid in checked:
+                continue
+            checked.add(fid)
+            try:
                 d = self._directory(fid)
-                keys = self._keys(d)
-                for j in range(1, len(keys)):
-                    if not keys[j - 1] < keys[j]:
-                        what = "twice" if keys[j - 1] == keys[j] else "out of order"
-                        findings.append(f"{path or '(root)'}: entry {d.names[j]!r} is {what} in the link table")
-                for name, child in zip(d.names, d.file_ids):
-                    reachable.add(child)
-                    if self.record(child).is_dir:
-                        if child in seen_dirs:
-                            raise self._fail(f"directory FileID {child} appears twice in the tree")
-                        seen_dirs.add(child)
-                        stack.append((child, f"{path}\\{name}" if path else name))
-        except CimFormatError as e:
-            findings.append(e.strerror)
+            except CimFormatError:
+                continue  # _tree reports it when it lists the directory
+            keys = self._keys(d)
+            for j in range(1, len(keys)):
+                if not keys[j - 1] < keys[j]:
+                    what = "twice" if keys[j - 1] == keys[j] else "out of order"
+                    findings.append(f"{path or '(root)'}: entry {d.names[j]!r} is {what} in the link table")
+        try:
+            keys = self._keys(self._directory(self.root_id))
+            for j in range(1, len(keys)):
+                if not keys[j - 1] < keys[j]:
+                    findings.append(f"(root): entry {self._directory(self.root_id).names[j]!r} is out of order or twice in the link table")
+        except CimFormatError:
+            pass
         unreachable = self.file_count - len(reachable)
         if unreachable > 0 and not self.header.parent_sets:
             # Forks legitimately leave their parent's deleted records behind.

@@ -41,6 +41,10 @@ MAX_REGIONS = 65536
 MAX_REGION_BYTE_OFFSET = (1 << 48) - 1
 MAX_STREAM_LENGTH = (1 << 48) - 1
 FILE_TABLE_CAPACITY = 1024
+#: FileIDs are 32-bit, so no image has more file tables than this.
+MAX_FILE_TABLES = ((1 << 32) - 1 + FILE_TABLE_CAPACITY - 1) // FILE_TABLE_CAPACITY
+#: A stored name (file or stream) is at most this many UTF-16 code units, as on NTFS.
+MAX_NAME_UNITS = 255
 FILE_RECORD_SIZE = 96
 UPCASE_TABLE_SIZE = 65536 * 2
 
@@ -86,6 +90,7 @@ PE_IMAGE = struct.Struct("<QQIHH")  # 24
 PE_MAPPING = struct.Struct("<II")  # 8
 U16 = struct.Struct("<H")
 U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
 LINK_TABLE_HEADER = struct.Struct("<II")
 
 DIGEST_SIZE = 24
@@ -159,6 +164,26 @@ def pack_filesystem_header(own: RegionSet, filesystem_offset: int, parents: list
         own.id.bytes_le, own.count, 0, 0, filesystem_offset, 0, 0, len(parents),
     )
     return head + b"".join(p.pack() for p in parents)
+
+
+def sniff_file_type(buf: bytes) -> int | None:
+    """The file type (``FILE_TYPE_*``) of a file whose first bytes are ``buf``,
+    or None when they do not start like a CIM file (too short, other magic)."""
+    if len(buf) < COMMON_HEADER.size or buf[:len(MAGIC)] != MAGIC:
+        return None
+    return COMMON_HEADER.unpack_from(buf, 0)[2]
+
+
+def filesystem_header_length(buf: bytes) -> int:
+    """Bytes the filesystem header takes with its parent region sets, from its
+    fixed part (``buf`` holds at least ``FILESYSTEM_HEADER.size`` bytes)."""
+    if len(buf) < FILESYSTEM_HEADER.size:
+        raise CimFormatError(f"filesystem file is truncated ({len(buf)} bytes)")
+    return FILESYSTEM_HEADER.size + FILESYSTEM_HEADER.unpack_from(buf, 0)[15] * REGION_SET.size
+
+
+REGION_FILE_NAME = re.compile(r"^(region|objectid)_([0-9a-fA-F-]{36})_(\d+)$", re.IGNORECASE)
+"""Names of region and object ID files (spec §1): kind, set id, index."""
 
 
 def unpack_filesystem_header(buf: bytes) -> FilesystemHeader:
@@ -238,6 +263,16 @@ class FileTableEntry(NamedTuple):
 
 def pack_file_table_directory(entries: list[FileTableEntry]) -> bytes:
     return b"".join(FILE_TABLE_DIR_ENTRY.pack(e.offset, e.count, e.entry_size, 0) for e in entries)
+
+
+def unpack_file_table_entry(buf, index: int) -> FileTableEntry:
+    return FileTableEntry(*FILE_TABLE_DIR_ENTRY.unpack_from(buf, index * FILE_TABLE_DIR_ENTRY.size)[:3])
+
+
+def file_table_record_total(buf, count: int) -> int:
+    """The sum of the record counts of ``count`` directory entries, each capped at FILE_TABLE_CAPACITY."""
+    cap = FILE_TABLE_CAPACITY
+    return sum(min(e[1], cap) for e in FILE_TABLE_DIR_ENTRY.iter_unpack(buf[: count * FILE_TABLE_DIR_ENTRY.size]))
 
 
 def unpack_file_table_directory(buf, count: int) -> list[FileTableEntry]:
@@ -421,6 +456,11 @@ def pack_link_table(names: list[str], values: "list[bytes] | bytes") -> bytes:
     return LINK_TABLE_HEADER.pack(8 + len(body), count) + body
 
 
+_NAME_SLICE = 4096
+#: Link tables longer than this have their names checked before their entries are built.
+_PRECHECK_BYTES = 1 << 20
+
+
 def unpack_link_table(buf, value_size: int, what: str) -> tuple[list[str], list]:
     """Returns (names, raw values) with every offset and length checked.
 
@@ -434,21 +474,51 @@ def unpack_link_table(buf, value_size: int, what: str) -> tuple[list[str], list]
         raise CimFormatError(f"{what}: link table claims {length} bytes, {size} available")
     if count > (length - 8) // (value_size + 4):
         raise CimFormatError(f"{what}: link table claims {count} entries, more than its {length} bytes hold")
+    # Names are at most MAX_NAME_UNITS long and, as a writer lays them out,
+    # do not overlap: their lengths must add up to no more than the table
+    # holds, so decoding a table never yields more text than its bytes
+    # (entries all pointing at one long name would otherwise decode into
+    # thousands of copies from a small image).
+    offsets_at = 8 + value_size * count
+    room = length - offsets_at - 4 * count
+    if length > _PRECHECK_BYTES:
+        # A large table is checked a slice of offsets at a time before
+        # anything per entry is built: a count that fits only because the
+        # region file is sparse meets an empty name (a hole) in its first
+        # slice, at no cost.  (A small table costs little either way.)
+        total = 0
+        for first in range(0, count, _NAME_SLICE):
+            k = min(_NAME_SLICE, count - first)
+            for off in struct.unpack_from(f"<{k}I", buf, offsets_at + 4 * first):
+                if off + 2 > length:
+                    raise CimFormatError(f"{what}: name offset {off} outside the link table")
+                units = buf[off] | buf[off + 1] << 8
+                if units == 0 or units > MAX_NAME_UNITS:
+                    raise CimFormatError(f"{what}: a stored name of {units} UTF-16 units (1 to {MAX_NAME_UNITS})")
+                total += 2 + 2 * units
+            if total > room:
+                raise CimFormatError(f"{what}: names overlap (their lengths add up to more than the link table holds)")
     if value_size == 4:
         values = list(struct.unpack_from(f"<{count}I", buf, 8))
     else:
         raw = struct.unpack_from(f"<{2 * count}Q", buf, 8)
         values = [unpack_stream(raw[2 * i], raw[2 * i + 1]) for i in range(count)]
-    offsets = struct.unpack_from(f"<{count}I", buf, 8 + value_size * count)
-    names = _names_in_one_decode(buf, offsets, length)
+    offsets = struct.unpack_from(f"<{count}I", buf, offsets_at)
+    names = _names_in_one_decode(buf, offsets, length, room)
     if names is not None:
         return names, values
     mv = memoryview(buf)
     names = []
+    total = 0
     for off in offsets:  # one by one: finds and names what is wrong
         if off + 2 > length:
             raise CimFormatError(f"{what}: name offset {off} outside the link table")
         units = U16.unpack_from(buf, off)[0]
+        if units > MAX_NAME_UNITS:
+            raise CimFormatError(f"{what}: a stored name of {units} UTF-16 units (1 to {MAX_NAME_UNITS})")
+        total += 2 + 2 * units
+        if total > room:
+            raise CimFormatError(f"{what}: names overlap (their lengths add up to more than the link table holds)")
         end = off + 2 + 2 * units
         if end > length:
             raise CimFormatError(f"{what}: name at {off} runs past the link table")
@@ -459,7 +529,7 @@ def unpack_link_table(buf, value_size: int, what: str) -> tuple[list[str], list]
     return names, values
 
 
-def _names_in_one_decode(buf, offsets, length: int) -> list[str] | None:
+def _names_in_one_decode(buf, offsets, length: int, room: int) -> list[str] | None:
     """The names of a well-formed link table, from one UTF-16 decode of its
     name area (a directory's names are one run of length-prefixed strings),
     each length read as the character it decodes to.  None when anything is
@@ -485,6 +555,8 @@ def _names_in_one_decode(buf, offsets, length: int) -> list[str] | None:
         append(text[i:i + units])
     if "" in names or "." in names or ".." in names or _BAD_STORED_NAME.search("".join(names)):
         return None
+    if 2 * (sum(map(len, names)) + len(names)) > room or max(map(len, names)) > MAX_NAME_UNITS:
+        return None  # overlapping or too long: the careful path says which
     return names
 
 
@@ -517,6 +589,12 @@ def unpack_pe_image(buf, what: str) -> PeImage:
     if any(mappings[i][0] > mappings[i + 1][0] for i in range(count - 1)):
         raise CimFormatError(f"{what}: PE image mappings are not in file-offset order")
     return PeImage(data_offset, data_length & ~(1 << 63), image_length, mappings)
+
+
+def pe_image_with_data_offset(buf, data_offset: int) -> bytes:
+    """A PE image object (header and mappings) pointing at ``data_offset``
+    instead (a merged image renumbers its sources' regions)."""
+    return U64.pack(data_offset) + bytes(buf[8:])
 
 
 def pe_image_object_size(count: int) -> int:

@@ -108,11 +108,20 @@ def posix_view(st, lx: ntfs.LxMetadata, options: Options) -> PosixView:
     return PosixView(mode, uid, gid, rdev)
 
 
+def _target_bytes(text: str) -> bytes:
+    """An LX target's undecodable bytes (surrogateescape) as they were; a
+    lone UTF-16 surrogate of an NT target as names are (surrogatepass)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
 def symlink_target(reparse_data: bytes) -> bytes | None:
     """The symlink target as bytes, or None when no POSIX symlink can carry it;
     raises CimError/ValueError/struct.error when the reparse buffer is damaged."""
     target = map_symlink_target(ntfs.parse_reparse(reparse_data))
-    raw = target.encode("utf-8", "surrogateescape") if isinstance(target, str) else bytes(target)
+    raw = _target_bytes(target) if isinstance(target, str) else bytes(target)
     if not raw or b"\0" in raw:
         return None
     return raw
