@@ -99,6 +99,9 @@ def export_image(store_dir: str, ref: str, out: str, *, fmt: str = "oci", compre
 def _export(store, ref, out, fmt, compress, progress_stream) -> dict:
     refs = store.load_refs()
     key, rec = store.find(refs, ref)
+    if rec.get("mode") == "independent":
+        raise CimError(E_INVALIDARG, "exporting an image imported with --independent is not supported yet "
+                       "(import it without --independent to export it)", ref)
     config = json.loads(store.read_blob(rec["config_digest"]))
     out = os.path.abspath(out)
     if os.path.lexists(out) and not (fmt == "oci" and os.path.isdir(out) and not os.listdir(out)):
