@@ -146,7 +146,10 @@ class LayerStore:
         raise CimError(ERROR_FILE_NOT_FOUND, "no such image in the store", ref)
 
     def layer_info(self, chain_id: str) -> dict:
-        p = os.path.join(self.layers, layer_image_name(chain_id)[:-4] + ".json")
+        return self.layer_info_of(layer_image_name(chain_id))
+
+    def layer_info_of(self, image_name: str) -> dict:
+        p = os.path.join(self.layers, image_name[:-4] + ".json")
         try:
             with open(p, "rb") as f:
                 return json.loads(f.read())
