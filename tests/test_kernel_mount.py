@@ -766,6 +766,11 @@ def test_failed_kernel_merged_mounts_leave_nothing(fork_chain, tmp_path, monkeyp
         cmount.mount_merged(paths[:1] + [str(tmp_path / "missing.cim")], mnt, engine="kernel")
     assert e.value.hresult == ERROR_FILE_NOT_FOUND
     nothing_left([])
+    # the merge itself fails (a merge link whose target is not below): nothing built
+    with pytest.raises(cimfs.CimError) as e:
+        cmount.mount_merged([paths[0], paths[2]], mnt, engine="kernel")
+    assert e.value.hresult == ERROR_FILE_NOT_FOUND and "merge link" in str(e.value)
+    nothing_left([])
     # a region file of the middle layer is missing: no index, no private directory
     mid_dir = layers[1].parent
     region = next(n for n in os.listdir(mid_dir) if n.startswith("region_"))
