@@ -861,7 +861,8 @@ def mount(images, mountpoint, foreground, options, engine, kernel, cache_dir):
     fetching contents when they are read.
 
     With several images (top layer first, base last) the merged view of them
-    is mounted, as 'cimfs merge' would build it, without writing a merged image.
+    is mounted, as 'cimfs merge' would build it, without writing a merged image
+    (with either engine).
 
     \b
     Examples:
@@ -869,6 +870,7 @@ def mount(images, mountpoint, foreground, options, engine, kernel, cache_dir):
       cimfs mount app.cim /mnt/app -f -o uid=1000,gid=1000,umask=022
       cimfs mount top.cim mid.cim base.cim /mnt/layers
       cimfs mount --kernel app.cim /mnt/app     # root: EROFS, no daemon
+      cimfs mount --kernel top.cim base.cim /mnt/layers
       cimfs mount s3://bucket/layers/app.cim /mnt/app --cache-dir ~/.cache/cimfs
     """
     opts = _mount_options(options)
