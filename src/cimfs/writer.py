@@ -1,11 +1,12 @@
 """Writing CIM images: the one core behind :func:`cimfs.create` and the Win32 facade.
 
-An :class:`ImageWriter` holds the containing directory locked, streams file
-contents straight into a new region set as they arrive (de-duplicated by
-SHA-256 against this image and, for forks, against the parent chain's object
-ID files), keeps the directory tree in memory, and at commit writes link
-tables, file tables and the filesystem object, then the ``.cim`` itself,
-crash-safely (spec §16).
+This module owns editing an image's tree.  An :class:`ImageWriter` holds the
+containing directory locked, keeps the directory tree in memory (files,
+directories, hard links, alternate streams, deletions, tombstones and merge
+links), and streams file contents straight into a new region set as they
+arrive (de-duplicated by SHA-256 against this image and, for forks, against
+the parent chain's object ID files).  Its commit hands the finished tree to
+:class:`cimfs.commit.ImageCommit`, which serialises and publishes it.
 
 A fork or an extension loads its parent lazily: only the directories a change
 touches are read, and only the file tables holding a changed record are
@@ -18,8 +19,6 @@ import dataclasses
 import fcntl
 import hashlib
 import os
-import re
-import secrets
 import stat
 from typing import BinaryIO
 
@@ -40,6 +39,7 @@ from .errors import (
     hresult_from_oserror,
 )
 from .bulk import paused_gc
+from .commit import COMMIT_TEMP_NAME, EMPTY_DIR_STREAM as _DIR_STREAM, ImageCommit
 from .layout import cim, ntfs
 from .metadata import FileAttributes, FileMetadata
 from .names import (
@@ -65,7 +65,6 @@ from .store import (
     open_source,
     read_exactly,
     object_key,
-    write_file,
 )
 
 # ====================================================================== locking
@@ -97,25 +96,9 @@ class DirectoryLock:
         self.release()
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-
 # ====================================================================== tree
 def _unpacked(record) -> cim.FileRecord:
     return cim.unpack_file_record(record) if isinstance(record, bytes) else record
-
-
-def _with_parent(record, parent_file_id: int):
-    """A new node's record (packed or not) with its parent's FileID."""
-    if isinstance(record, bytes):
-        return cim.record_with(record, parent_file_id=parent_file_id)
-    return record._replace(parent_file_id=parent_file_id)
 
 
 def _with_stream(record, stream: cim.Stream) -> bytes:
@@ -152,12 +135,6 @@ class _Node:
         self.seen = False  # visited by the commit's walk (hard links reach a node more than once)
 
 
-_DIR_STREAM = cim.Stream(0, 0, cim.STREAM_TYPE_LINK_TABLE)
-
-#: Names of the temporary file a commit writes before renaming it into place
-#: (``.NAME.<12 hex digits>.tmp``).  One left by a writer killed mid-commit is
-#: never an image: ``gc`` removes it.
-COMMIT_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$", re.DOTALL)
 _DIR_CACHE_MAX = 1 << 16
 
 
@@ -964,164 +941,18 @@ class ImageWriter:
 
     def _commit(self, merged: tuple[list, int] | None = None) -> None:
         """``merged``: (the sources' region sets, the upcase table's offset) of a merged image."""
-        store = self._store
-        base = self._base
         if self._process is not None:
             # The last files' batches go out before the tables are packed: a
             # data process that had caught up would wait for them meanwhile.
             self._process.end_input()
-        cap = cim.FILE_TABLE_CAPACITY
-        size = cim.FILE_RECORD_SIZE
-        tables = list(base.file_tables) if base else []
-        # File table t: (buffer of its records, which slots were written, slots used).
-        pending: dict[int, tuple[bytearray, bytearray, list[int]]] = {}
+        ImageCommit(self.directory, self.name, root=self._root, base=self._base, store=self._store,
+                    extending=self.extending, sync=self._sync).run(self._copies_done, merged)
 
-        def place(node: _Node, record: bytes) -> tuple[bytearray, int]:
-            """Put a record in its table's buffer; returns the buffer and the record's position."""
-            t, slot = divmod(node.file_id - 1, cap)
-            entry = pending.get(t)
-            if entry is None:
-                entry = pending[t] = (bytearray(cap * size), bytearray(cap), [0])
-            buf, written, used = entry
-            at = slot * size
-            buf[at:at + size] = record
-            written[slot] = 1
-            if slot >= used[0]:
-                used[0] = slot + 1
-            return buf, at
-
-        def write(node: _Node) -> None:
-            """A changed node's record with its link and stream tables."""
-            changes = None
-            # children/streams of None: a parent's directory or stream table
-            # nobody touched (or a new node without alternate streams).
-            if node.is_dir and node.children is not None:
-                items = sorted(node.children.items())
-                if items:
-                    table = cim.pack_directory_table([n for _, (n, _) in items], [c.file_id for _, (_, c) in items])
-                    changes = {"stream": cim.Stream(store.put_unique(table), len(table), cim.STREAM_TYPE_LINK_TABLE)}
-                else:
-                    changes = {"stream": _DIR_STREAM}
-            if node.streams is not None:
-                items = sorted(node.streams.items())
-                changes = changes or {}
-                if items:
-                    table = cim.pack_stream_table([n for _, (n, _) in items], [s for _, (_, s) in items])
-                    changes["stream_table_offset"] = store.put_unique(table)
-                else:
-                    changes["stream_table_offset"] = 0
-            record = node.record
-            if isinstance(record, bytes):
-                if changes:
-                    record = cim.record_with(record, **changes)  # only a file's stream table can change here
-            else:
-                record = cim.pack_file_record(record._replace(**changes) if changes else record)
-            place(node, record)
-            node.record = None
-
-        # One breadth-first walk hands out FileIDs to new nodes (a directory's
-        # children sit together in the file tables) and packs every changed
-        # record into its table's buffer, while the data processes may still
-        # be copying: after them only their offsets are filled in (the serial
-        # tail of a commit).  A directory is packed once its children have
-        # IDs (its link table lists them).  A record moves into the buffer and
-        # leaves its node: 96 bytes instead of a bytes object of 129 (a failed
-        # commit poisons the handle, see commit()).
-        next_id = base.max_file_id() + 1 if base else 1
-        root = self._root
-        if not root.file_id:
-            root.file_id = next_id
-            next_id += 1
-        queue = [root]
-        root.seen = True
-        set_parent = cim.set_record_parent
-        for node in queue:  # grows while iterating
-            children = node.children
-            if children is not None:  # else a parent's directory nobody touched: nothing new below it
-                parent_id = node.file_id
-                for _, child in children.values():
-                    if child.seen:
-                        continue  # another hard link to it
-                    child.seen = True
-                    new = not child.file_id
-                    if new:
-                        child.file_id = next_id
-                        next_id += 1
-                    if child.is_dir and child.children is not None:
-                        if new:
-                            child.record = _with_parent(child.record, parent_id)
-                        queue.append(child)  # packed when its turn comes
-                    elif child.dirty:
-                        record = child.record
-                        if type(record) is bytes and child.streams is None:
-                            # The bulk of an import: a new file's record as it is, its parent patched in place.
-                            buf, at = place(child, record)
-                            if new:
-                                set_parent(buf, at, parent_id)
-                            child.record = None
-                        else:
-                            if new:
-                                child.record = _with_parent(record, parent_id)
-                            write(child)
-            if node.dirty:
-                write(node)
-        if next_id - 1 > 0xFFFFFFFF:
-            raise CimError(E_INVALIDARG, "too many files for 32-bit FileIDs", self.path)
-        self._finish_copies()  # every file's stream is final from here on
-        fill = cim.fill_copied_stream
-        for nodes, offsets in self._copied:
-            for node, offset in zip(nodes, offsets):
-                if node.file_id:  # not a file deleted again before the commit
-                    t, slot = divmod(node.file_id - 1, cap)
-                    fill(pending[t][0], slot * size, offset)
-        self._copied = []
-        for t in sorted(pending):
-            buf, written, used = pending.pop(t)
-            first = t * cap + 1
-            base_count = tables[t].count if t < len(tables) and tables[t] is not None else 0
-            total = max(base_count, used[0])
-            for i in range(total):
-                if not written[i]:
-                    # a slot nobody changed keeps the parent's record
-                    buf[i * size:(i + 1) * size] = base.raw_record(first + i)
-            while len(tables) <= t:
-                tables.append(None)
-            tables[t] = cim.FileTableEntry(store.put_unique(bytes(buf[: total * size])), total, size)
-        if base is not None:
-            upcase = base.filesystem.upcase_offset
-        elif merged is not None:
-            upcase = merged[1]
-        else:
-            upcase = store.put(cim.REGION_METADATA, cim.load_upcase_table())
-        directory = cim.pack_file_table_directory(tables)
-        fs = cim.FilesystemObject(upcase, store.put_unique(directory) if directory else 0, len(tables), self._root.file_id)
-        fs_offset = store.put_unique(cim.pack_filesystem_object(fs))
-        own = store.finish()
-        parents = list(base.header.parent_sets) + [base.header.region_set] if base else []
-        if merged is not None:
-            parents = merged[0]
-        self._publish(cim.pack_filesystem_header(own, fs_offset, parents))
-
-    def _publish(self, data: bytes) -> None:
-        tmp = os.path.join(self.directory, f".{self.name}.{secrets.token_hex(6)}.tmp")  # see COMMIT_TEMP_NAME
-        write_file(tmp, data, self._sync, exclusive=True)
-        try:
-            if self.extending:
-                os.replace(tmp, self.path)
-            else:
-                try:
-                    os.link(tmp, self.path)  # fails if the name appeared meanwhile
-                except FileExistsError:
-                    raise CimError(ERROR_FILE_EXISTS, "the new image already exists", self.path) from None
-                os.unlink(tmp)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        if self._sync:
-            _fsync_dir(self.directory)
+    def _copies_done(self) -> list:
+        """Wait for the contents still being copied; per data process, (nodes, RegionOffsets)."""
+        self._finish_copies()
+        copied, self._copied = self._copied, []
+        return copied
 
     # ------------------------------------------------------------ close
     def _release(self) -> None:
