@@ -428,6 +428,128 @@ def test_sigterm_unmounts_and_errors_leave_nothing(tmp_path):
     assert os.listdir(cmount.registry_dir()) == []
 
 
+def _mounted_tree(mnt) -> dict:
+    out = {}
+    for dirpath, dirs, files in os.walk(mnt):
+        rel = os.path.relpath(dirpath, mnt)
+        for d in dirs:
+            out[os.path.normpath(os.path.join(rel, d))] = None
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[os.path.normpath(os.path.join(rel, f))] = (open(p, "rb").read(), os.stat(p).st_ino)
+    return out
+
+
+def test_merge_mount_of_layers_in_two_directories(tmp_path, own_registry):
+    """CimMergeMountImage / cimfs mount TOP ... BASE: the merged view, nothing written next to the images."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    upper.mkdir()
+    with cimfs.create(lower, "base.cim") as w:
+        w.mkdir("a")
+        w.add_file("a\\x", b"x" * 70000)
+        w.add_file("a\\y", b"old y")
+        w.mkdir("gone")
+        w.add_file("gone\\f", b"f")
+    with cimfs.create(upper, "top.cim") as w:
+        w.mkdir("a")
+        w.add_file("a\\y", b"new y")
+        w.tombstone("gone")
+        w.merge_link("a\\x-link", "a\\x")
+    before = {str(p) for d in (lower, upper) for p in d.iterdir()}
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    vid = cimfs.CimMergeMountImage([str(upper / "top.cim"), str(lower / "base.cim")], 0, mountpoint=str(mnt))
+    try:
+        tree = _mounted_tree(mnt)
+        assert sorted(tree) == ["a", "a/x", "a/x-link", "a/y"]
+        assert tree["a/y"][0] == b"new y" and tree["a/x-link"][0] == b"x" * 70000
+        assert tree["a/x"][1] == tree["a/x-link"][1]  # the merge link is a hard link
+        # no merged image next to the sources, and the private directory is gone already
+        assert {str(p) for d in (lower, upper) for p in d.iterdir()} == before
+        assert not [n for n in os.listdir(own_registry) if n.startswith("merged-")]
+        entry = next(e for e in cmount.mounts() if e["volume_id"] == str(vid))
+        assert entry["sources"] == [str(upper / "top.cim"), str(lower / "base.cim")]
+        assert entry["image"] == str(upper / "top.cim")
+    finally:
+        cimfs.CimDismountImage(vid)
+    assert not os.path.ismount(mnt)
+    with pytest.raises(cimfs.CimError) as e:
+        cimfs.CimMergeMountImage([str(upper / "top.cim")], 0x10, mountpoint=str(mnt))
+    assert e.value.hresult == 0x80004001
+    with pytest.raises(cimfs.CimError) as e:
+        cimfs.CimMergeMountImage([str(upper / "top.cim")], 0x1000, mountpoint=str(mnt))
+    assert e.value.hresult == 0x80070057
+    # the command line: several images, then the mount point
+    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", str(upper / "top.cim"), str(lower / "base.cim"),
+                          str(mnt)], capture_output=True, text=True, timeout=120)
+    try:
+        assert out.returncode == 0, out.stderr
+        assert (mnt / "a" / "y").read_bytes() == b"new y" and not (mnt / "gone").exists()
+    finally:
+        out = subprocess.run([sys.executable, "-m", "cimfs.cli", "umount", str(mnt)], capture_output=True, text=True,
+                             timeout=60)
+        _force_unmount(mnt, "-")
+    assert out.returncode == 0, out.stderr
+    assert not [n for n in os.listdir(own_registry) if n.startswith("merged-")]
+# ------------------------------------------------------------------ issue 17: ids, names, rm
+def _mount_source(mnt) -> str:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if cmount._unescape_mountinfo(left.split()[4]) == os.path.realpath(mnt):
+                return right.split()[1]
+    raise AssertionError(f"{mnt} is not mounted")
+
+
+def test_image_path_in_any_script_mounts(tmp_path, mounted):
+    d = tmp_path / "Bilder ä 画像 %"
+    d.mkdir()
+    with cimfs.create(str(d), "ïmage 😀.cim") as w:
+        w.add_file("f", b"content")
+    image = d / "ïmage 😀.cim"
+    mnt = mounted(image)
+    assert (mnt / "f").read_bytes() == b"content"
+    source = _mount_source(mnt).replace("\\040", " ")
+    # percent-encoded UTF-8, reversible to the path
+    assert source.isascii()
+    from urllib.parse import unquote_to_bytes
+    assert unquote_to_bytes(source) == os.fsencode(str(image))
+
+
+@pytest.mark.parametrize("option", ["uid=-1", "gid=-1", "uid=4294967295", "gid=99999999999", "umask=1000"])
+def test_invalid_ids_are_refused(tmp_path, option):
+    with cimfs.create(str(tmp_path), "i.cim") as w:
+        w.add_file("f", b"x")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", str(tmp_path / "i.cim"), str(mnt), "-o", option],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and p.stderr.strip() and len(p.stderr.strip().splitlines()) <= 3, p.stderr
+    assert "Traceback" not in p.stderr
+    assert not os.path.ismount(mnt) and cmount.mounts() == []
+    key, _, value = option.partition("=")
+    with pytest.raises(cimfs.CimError):
+        cmount.mount(tmp_path / "i.cim", mnt, **{key: int(value, 8 if key == "umask" else 10)})
+
+
+def test_rm_of_a_mounted_image_is_refused_unless_forced(tmp_path, mounted):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    with cimfs.create(str(d), "m.img") as w:
+        w.add_file("f", b"x" * 70000)
+    before = set(os.listdir(d))
+    mnt = mounted(d / "m.img")
+    p = subprocess.run([sys.executable, "-m", "cimfs.cli", "rm", str(d / "m.img")], capture_output=True, text=True)
+    assert p.returncode == 1 and "mounted at" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert set(os.listdir(d)) == before and (mnt / "f").read_bytes() == b"x" * 70000
+    from cimfs import tools
+    with pytest.raises(cimfs.CimError, match="mounted"):
+        tools.rm_image(str(d / "m.img"))
+    p = subprocess.run([sys.executable, "-m", "cimfs.cli", "rm", "--force", str(d / "m.img")], capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr
+    assert os.listdir(d) == []
 def test_region_file_that_is_a_fifo_fails_one_read_not_the_daemon(tmp_path, mounted):
     """Issue 17 class 5: a FIFO where a region file belongs blocked open()
     forever, and every later request and the umount with it."""

@@ -610,3 +610,19 @@ def test_two_stores_get_byte_identical_layer_images(app_layout, tmp_path):
     oci.import_image(str(layout), tmp_path / "s2", jobs=2)
     a, b = snapshot(tmp_path / "s1" / "layers"), snapshot(tmp_path / "s2" / "layers")
     assert a == b and len([n for n in a if n.endswith(".cim")]) == 3
+
+
+def test_images_listing_and_rmi_by_digest_prefix(tmp_path):
+    write_layout(tmp_path / "lay", [layer_tar(base_entries())], ref="one:1")
+    store = tmp_path / "store"
+    r = oci.import_image(str(tmp_path / "lay"), store, reference="other:2")
+    assert r["refs"] == ["one:1", "other:2"]
+    text = run("images", store).stdout.decode()
+    assert r["id"][:19] in text and "one:1,other:2" in text and "windows/amd64" in text
+    run("rmi", store, "one:1")  # one name of two: the image stays
+    assert [i["refs"] for i in oci.list_images(store)] == [["other:2"]]
+    assert run("rmi", store, "sha256:", check=False).returncode == 1  # too short a prefix to name anything
+    out = run("rmi", store, r["id"].split(":")[1][:12], "-v").stdout.decode().split()
+    assert out == [r["layers"][0]["chain_id"]]
+    assert oci.list_images(store) == [] and os.listdir(store / "layers") == []
+    assert os.listdir(store / "blobs" / "sha256") == []

@@ -20,7 +20,13 @@ from .metadata import FileAttributes, FileMetadata, filetime_from_ns, filetime_t
 from .names import fold_name
 from .reader import CimFile, DirEntry, Image, Stat, open
 from .writer import ImageWriter, StreamWriter, create
+from .merged import merge
 from .win32 import (
+    CimAddFsToMergedImage,
+    CimAddFsToMergedImage2,
+    CimCreateMergeLink,
+    CimMergeMountImage,
+    CimTombstoneFile,
     CimCloseImage,
     CimCloseStream,
     CimCommitImage,
@@ -46,6 +52,8 @@ __all__ = [
     "fold_name", "CimFile", "DirEntry", "Image", "Stat", "open", "ImageWriter", "StreamWriter", "create",
     "CimCreateImage", "CimCreateFile", "CimWriteStream", "CimCloseStream", "CimCreateAlternateStream",
     "CimCreateHardLink", "CimDeletePath", "CimCommitImage", "CimCloseImage", "CimMountImage", "CimDismountImage",
+    "CimTombstoneFile", "CimCreateMergeLink", "CimAddFsToMergedImage", "CimAddFsToMergedImage2", "merge",
+    "CimMergeMountImage",
 ]
 
 __all__ += ["CimCreateImage2", "CimCreateFlags", "CimReadFile", "CimGetFileStatBasicInformation",

@@ -143,7 +143,10 @@ def _import_posix(directory, name, base_name, tree, *, mirror: bool, options: di
               show_default=True, help="How to read a tar SRC.")
 @click.option("--on-collision", type=click.Choice(["error", "rename", "skip"]), default="error", show_default=True,
               help="Names that differ only in case: fail, rename the later one (name~2), or skip it.")
-def create(src, image, parent, extend, fmt, on_collision):
+@click.option("--independent", is_flag=True,
+              help="Windows layer tar: convert the layer on its own, to be merged later ('cimfs merge'): "
+                   "whiteouts become tombstones, hard links to lower files merge links.")
+def create(src, image, parent, extend, fmt, on_collision, independent):
     """Build IMAGE from SRC: a directory, a tar file (any compression), or - for a tar on stdin.
 
     For a directory or POSIX tar the image mirrors SRC exactly: contents, symlinks,
@@ -163,6 +166,10 @@ def create(src, image, parent, extend, fmt, on_collision):
     directory, name = _image_location(image)
     if extend and parent:
         raise click.UsageError("--extend and --fork-from cannot be combined")
+    if independent and (parent or extend):
+        raise click.UsageError("--independent makes a layer without a parent: no --fork-from or --extend")
+    if independent and fmt == "posix":
+        raise click.UsageError("--independent is for Windows layer tars")
     base_name = None
     if parent:
         pdir, pname = _image_location(parent)
@@ -182,8 +189,11 @@ def create(src, image, parent, extend, fmt, on_collision):
     options = _write_options()
 
     if src != "-" and os.path.isdir(src):
+        if independent:
+            raise click.UsageError(f"{src}: --independent needs a Windows layer tar")
         if fmt == "windows-layer":
             raise click.UsageError(f"{src}: --format windows-layer needs a tar")
+        posix.check_output_outside(src, directory)
         if base_name is None:
             # A new image: written while the directory is scanned (bounded
             # memory; the total is not known up front, so progress counts up).
@@ -205,13 +215,47 @@ def create(src, image, parent, extend, fmt, on_collision):
             with Progress(0, "create") as bar:
                 if src == "-":
                     tf.spool.seek(0)
-                    winlayer.import_layer(tf.spool, directory, name, parent=base_name, progress=bar, **options)
+                    winlayer.import_layer(tf.spool, directory, name, parent=base_name, progress=bar,
+                                          independent=independent, **options)
                 else:
-                    winlayer.import_layer(src, directory, name, parent=base_name, progress=bar, **options)
+                    winlayer.import_layer(src, directory, name, parent=base_name, progress=bar,
+                                          independent=independent, **options)
             return
+        if independent:
+            raise click.UsageError(f"{src}: --independent needs a Windows layer tar (this is a POSIX tar)")
         label = "stdin" if src == "-" else src
         tree = posix.scan_tar(tf, posix.Tree(on_collision, report=_warn), label)
         _import_posix(directory, name, base_name, tree, mirror=bool(parent), options=options)
+
+
+# ===================================================================== merge
+@cli.command(context_settings=CONTEXT)
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--consistent/--no-consistent", default=True, show_default=True,
+              help="The same sources give the same OUT, byte for byte (a region set id derived from the "
+                   "contents); --no-consistent: a random one.")
+def merge(out, sources, consistent):
+    """Write OUT, the merged image of SOURCES (top layer first, base last).
+
+    OUT holds only metadata: its file tables point into the sources' region
+    files, so all images must be in one directory.  Tombstones hide what is
+    below them, merge links become hard links and directories merge.  The
+    same sources give the same OUT, byte for byte (unless --no-consistent).
+
+    \b
+    Examples:
+      cimfs merge merged.cim app.cim runtime.cim base.cim
+    """
+    directory, name = _image_location(out)
+    for src in sources:
+        if not os.path.exists(src):
+            raise CimError(ERROR_FILE_NOT_FOUND, "no such image", src)
+        if os.path.realpath(_image_location(src)[0]) != os.path.realpath(directory):
+            raise click.UsageError(f"{src}: the sources of a merged image must be in its directory")
+    if os.path.lexists(out):
+        raise CimError(ERROR_FILE_EXISTS, "already exists (remove it with 'cimfs rm')", out)
+    cimfs.merge(directory, name, [_image_location(s)[1] for s in sources], consistent=consistent)
 
 
 # ===================================================================== fork
@@ -232,7 +276,10 @@ def _split_add(spec: str) -> tuple[str, str | None]:
 @click.option("--delete", "deletes", multiple=True, metavar="IMAGE_PATH",
               help="Delete a file or directory (recursively). Repeatable; applied before the additions.")
 @click.option("--on-collision", type=click.Choice(["error", "rename", "skip"]), default="error", show_default=True)
-def fork(parent, new, adds, deletes, on_collision):
+@click.option("--replace", is_flag=True,
+              help="Let an addition replace an entry of another kind: a file on the way to IMAGE_PATH becomes a "
+                   "directory, a directory becomes a file. Without it that is an error.")
+def fork(parent, new, adds, deletes, on_collision, replace):
     """Create NEW as a fork of PARENT plus the given additions and deletions.
 
     NEW shares PARENT's region files (both must be in one directory) and stores
@@ -281,7 +328,7 @@ def fork(parent, new, adds, deletes, on_collision):
             w.delete(p)
             hidden.add(posix.fold(p))
         for node, dest, _ in plans:
-            imp = posix.Importer(w, node, base=base, at=dest, progress=bar, hidden=hidden)
+            imp = posix.Importer(w, node, base=base, at=dest, progress=bar, hidden=hidden, replace_kind=replace)
             imp.run()
             hidden |= imp.written_keys()
 
@@ -546,7 +593,10 @@ def _open_output(out: str):
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("out")
 @click.option("--format", "fmt", type=click.Choice(["posix", "windows-layer"]), default="posix", show_default=True)
-def export(image, out, fmt):
+@click.option("--independent", is_flag=True,
+              help="windows-layer: IMAGE was made with 'create --independent'; write its tombstones as whiteouts "
+                   "and its merge links as hard links.")
+def export(image, out, fmt, independent):
     """Write IMAGE as a tar (OUT, or - for stdout; .gz/.bz2/.xz compress).
 
     posix: a PAX tar with every type, mode, owner, time (100 ns) and sparse file.
@@ -557,6 +607,8 @@ def export(image, out, fmt):
       cimfs export base.cim rootfs.tar
       cimfs export layer.cim layer.tar.gz --format windows-layer
     """
+    if independent and fmt != "windows-layer":
+        raise click.UsageError("--independent goes with --format windows-layer")
     with _open_image(image) as img:
         f, finish = _open_output(out)
         ok = False
@@ -564,7 +616,7 @@ def export(image, out, fmt):
             if fmt == "windows-layer":
                 from . import winlayer
                 with Progress(0, "export") as bar:
-                    winlayer.export_layer(img, f, progress=bar)
+                    winlayer.export_layer(img, f, progress=bar, independent=independent)
                 report = None
             else:
                 with Progress(0, "export") as bar, \
@@ -627,14 +679,18 @@ def fsck(image):
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("-n", "--dry-run", is_flag=True, help="Only say what would be removed.")
 @click.option("-v", "--verbose", is_flag=True, help="List the files removed.")
-def rm(image, dry_run, verbose):
-    """Remove IMAGE and the region/object ID files no other .cim in its directory needs.
+@click.option("--force", is_flag=True, help="Remove IMAGE even while it is mounted.")
+def rm(image, dry_run, verbose, force):
+    """Remove IMAGE and the region/object ID files no other image in its directory needs.
+
+    Every file of the directory with a CIM image header counts as an image,
+    whatever its name. A mounted IMAGE is refused unless --force.
 
     \b
     Example:
       cimfs rm old.cim
     """
-    removed = tools.rm_image(image, dry_run=dry_run, warn=_warn)
+    removed = tools.rm_image(image, dry_run=dry_run, force=force, warn=_warn)
     if verbose or dry_run:
         for p, _ in removed:
             click.echo(p)
@@ -645,7 +701,10 @@ def rm(image, dry_run, verbose):
 @click.option("-n", "--dry-run", is_flag=True, help="Only say what would be removed.")
 @click.option("-v", "--verbose", is_flag=True, help="List the files removed.")
 def gc(directory, dry_run, verbose):
-    """Remove region/object ID files in DIRECTORY that no .cim there refers to.
+    """Remove region/object ID files in DIRECTORY that no image there refers to.
+
+    Every file with a CIM image header is an image, whatever its name; the
+    temporary files of commits that were killed are removed too.
 
     \b
     Example:
@@ -782,7 +841,7 @@ def _mount_options(opts: tuple[str, ...]) -> dict:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("-f", "foreground", is_flag=True, help="Stay in the foreground until unmounted.")
 @click.option("-o", "options", multiple=True, metavar="uid=N,gid=N,umask=OOO,allow_other")
@@ -792,29 +851,38 @@ def _mount_options(opts: tuple[str, ...]) -> dict:
 @click.option("--kernel", "kernel", is_flag=True, help="Same as --engine kernel.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Keep the blocks of a remote IMAGE fetched by reads in this local directory.")
-def mount(image, mountpoint, foreground, options, engine, kernel, cache_dir):
+def mount(images, mountpoint, foreground, options, engine, kernel, cache_dir):
     """Mount IMAGE read-only at MOUNTPOINT (FUSE with pyfuse3, or the kernel's EROFS).
 
     IMAGE may be an fsspec URL (s3://..., https://...): a lazy FUSE mount,
     fetching contents when they are read.
 
+    With several images (top layer first, base last) the merged view of them
+    is mounted, as 'cimfs merge' would build it, without writing a merged image.
+
     \b
     Examples:
       cimfs mount app.cim /mnt/app
       cimfs mount app.cim /mnt/app -f -o uid=1000,gid=1000,umask=022
+      cimfs mount top.cim mid.cim base.cim /mnt/layers
       cimfs mount --kernel app.cim /mnt/app     # root: EROFS, no daemon
       cimfs mount s3://bucket/layers/app.cim /mnt/app --cache-dir ~/.cache/cimfs
     """
     opts = _mount_options(options)
-    _check_image_exists(image)
+    for image in images:
+        _check_image_exists(image)
     if cache_dir is not None:
         opts["cache_dir"] = cache_dir
     try:
         from . import mount as _mount
     except ImportError as e:
         raise CimError(E_INVALIDARG, f"mounting needs the 'mount' extra (pip install cimfs[mount]): {e}",
-                       image) from None
-    vid = _mount.mount(image, mountpoint, foreground=foreground, engine="kernel" if kernel else engine, **opts)
+                       images[0]) from None
+    engine = "kernel" if kernel else engine
+    if len(images) > 1:
+        vid = _mount.mount_merged(list(images), mountpoint, foreground=foreground, engine=engine, **opts)
+    else:
+        vid = _mount.mount(images[0], mountpoint, foreground=foreground, engine=engine, **opts)
     if vid is not None and not foreground:
         click.echo(str(vid))
 

@@ -28,7 +28,7 @@ from .errors import (
     E_OUTOFMEMORY,
 )
 from . import remote
-from .layout import cim
+from .layout import cim, ntfs
 from .names import NameFolder, join_path, split_path
 
 # Reading a .cim never needs more than its header and 65535 parent sets.
@@ -722,6 +722,36 @@ class Image:
                 if rec.is_dir and reason is None:
                     sub.append((path, child))
             stack.extend(reversed(sub))
+
+    def tombstones(self) -> list[str]:
+        """Paths this image marks deleted from the layers below (``CimTombstoneFile``)."""
+        tag = ntfs.IO_REPARSE_TAG_WCI_TOMBSTONE
+        out = []
+        for p, fid in self.iter_file_ids():
+            rec = self.record(fid)
+            if rec.reparse_tag == tag and not rec.is_dir:  # a merge treats only files as tombstones
+                out.append(p)
+        return out
+
+    def merge_links(self) -> list[tuple[str, str]]:
+        """(path, target in the layers below) of each ``CimCreateMergeLink`` of this image."""
+        return [(p, m[1]) for p, m in self._merge_markers() if m[0] == ntfs.MERGE_KIND_LINK]
+
+    def opaque_dirs(self) -> list[str]:
+        """Directories that replace, instead of merging with, the layers' below."""
+        return [p for p, m in self._merge_markers() if m[0] == ntfs.MERGE_KIND_DIR and m[1] & ntfs.MERGE_DIR_OPAQUE]
+
+    def _merge_markers(self):
+        tag = ntfs.IO_REPARSE_TAG_CIMFS_MERGE
+        for p, fid in self.iter_file_ids():
+            rec = self.record(fid)
+            if rec.reparse_tag == tag and rec.reparse_offset:
+                try:
+                    m = ntfs.parse_merge_reparse(self._blob(rec.reparse_offset, f"reparse buffer of {p!r}"))
+                except CimFormatError as e:
+                    raise CimFormatError(f"{p}: {e.strerror}", self.path) from None
+                if m is not None:
+                    yield p, m
 
     def _link_counts(self) -> dict[int, int]:
         # Damage is skipped, not raised: one bad directory must not make the

@@ -797,15 +797,7 @@ class DataProcess:
         w = self._route.get(size)
         if w is None:
             w = self._route[size] = min(self._workers, key=_queued_work)
-        w.work += size + _JOB_COST
-        w.nodes.append(node)
-        w.sizes.append(size)
-        # A job is its source path and size, nothing else: an error comes back
-        # with the job's index and the owner names the image path from its node.
-        w.batch.append(src)
-        w.batch_bytes += size
-        if len(w.batch) >= self._BATCH_JOBS or w.batch_bytes >= self._BATCH_BYTES:
-            w.hand_over()
+        if w.queue(node, src, size):
             self._handed_over += 1
 
     def _submit_to_lane(self, node, src: str, size: int) -> None:
@@ -813,14 +805,8 @@ class DataProcess:
         decides the worker and the owner the region (see CONSISTENT_LANES)."""
         region = self.store.lane_region(size)
         w = self._lane_workers[lane_of(size)]
-        w.work += size + _JOB_COST
-        w.nodes.append(node)
-        w.sizes.append(size)
         w.regions.append(region)
-        w.batch.append(src)
-        w.batch_bytes += size
-        if len(w.batch) >= self._BATCH_JOBS or w.batch_bytes >= self._BATCH_BYTES:
-            w.hand_over()
+        if w.queue(node, src, size):
             self._handed_over += 1
 
     def end_input(self) -> None:
@@ -970,6 +956,20 @@ class _Worker(Worker):
         self.work = 0  # bytes (and _JOB_COST per file) routed here so far
         super().__init__(ctx, _data_process_main, (store, self.failed, self.completed), name="cimfs-data",
                          others=others)
+
+    def queue(self, node, src: str, size: int) -> bool:
+        """One file for this process; True if that filled the batch, which then went out."""
+        self.work += size + _JOB_COST
+        self.nodes.append(node)
+        self.sizes.append(size)
+        # A job is its source path and size, nothing else: an error comes back
+        # with the job's index and the owner names the image path from its node.
+        self.batch.append(src)
+        self.batch_bytes += size
+        if len(self.batch) >= DataProcess._BATCH_JOBS or self.batch_bytes >= DataProcess._BATCH_BYTES:
+            self.hand_over()
+            return True
+        return False
 
     def hand_over(self) -> None:
         batch = self.batch

@@ -11,10 +11,11 @@ import stat as S
 from typing import Callable, Iterator
 
 import cimfs
-from .writer import DirectoryLock
+from .writer import COMMIT_TEMP_NAME, DirectoryLock
 from . import posix
-from .layout import ntfs
-from .errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
+from .layout import cim, ntfs
+from .errors import (E_INVALIDARG, ERROR_FILE_NOT_FOUND, ERROR_SHARING_VIOLATION, CimError, CimFormatError,
+                     hresult_from_oserror)
 
 _ATTR_NAMES = [(0x1, "READONLY"), (0x2, "HIDDEN"), (0x4, "SYSTEM"), (0x10, "DIRECTORY"), (0x20, "ARCHIVE"),
                (0x80, "NORMAL"), (0x200, "SPARSE_FILE"), (0x400, "REPARSE_POINT")]
@@ -447,89 +448,173 @@ def fsck(cim_path: str, progress: Callable[[int], None] | None = None, storage_o
 
 
 # --------------------------------------------------------------------- rm / gc
-_REGION_RE = re.compile(r"^(region|objectid)_([0-9a-fA-F-]{36})_(\d+)$", re.IGNORECASE)
-
+# [choice] The project's rule for what is an image: every regular file of the
+# directory whose header is a CIM filesystem header, whatever its name
+# (``base.img``, ``child``).  Only the header is read (own and parent region
+# sets), so even an image damaged past its header keeps its region files.  A
+# file that starts like a CIM file but whose header cannot be read counts as
+# an image that may need anything.  Files named like region files are region
+# files unless their header says image; a commit's leftover temporary file
+# (writer.COMMIT_TEMP_NAME) is never an image: gc removes it.
 
 # rm and gc take the writers' own lock, so they never race an image being written.
 DirLock = DirectoryLock
 
-
-def _sets_of(cim_path: str) -> set[str]:
-    with cimfs.open(cim_path) as img:
-        info = img.info()
-    ids = {info["region_set"]["id"].lower()}
-    ids.update(p["id"].lower() for p in info.get("parent_region_sets", []))
-    return ids
+_UNKNOWN = None  # the region sets of an image whose header cannot be read
 
 
-def _cims(directory: str) -> list[str]:
-    return sorted(n for n in os.listdir(directory)
-                  if n.lower().endswith(".cim") and os.path.isfile(os.path.join(directory, n)))
-
-
-def _needed(directory: str, exclude: str | None, warn) -> set[str] | None:
-    needed: set[str] = set()
-    for n in _cims(directory):
-        if exclude is not None and n == exclude:
-            continue
-        try:
-            needed |= _sets_of(os.path.join(directory, n))
-        except CimError as e:
-            warn(f"{os.path.join(directory, n)}: cannot read ({e.strerror}); keeping every region file")
+def _read_head(path: str, size: int) -> bytes | None:
+    """The first ``size`` bytes of ``path``, or None when it is not a regular
+    file.  Non-blocking open: a FIFO never hangs the scan."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not S.S_ISREG(os.fstat(fd).st_mode):
             return None
-    return needed
+        return os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
 
 
-def _remove_sets(directory: str, sets: set[str], dry_run: bool) -> list[tuple[str, int]]:
+def image_region_sets(path: str) -> set[str] | None:
+    """The region set ids (lower-case) an image file refers to, its own and
+    its parents', read from its header alone.  Raises CimFormatError when the
+    file starts like a CIM filesystem file but its header cannot be read, and
+    CimError when it is no image at all or cannot be read."""
+    try:
+        head = _read_head(path, cim.FILESYSTEM_HEADER.size)
+        if head is not None and cim.sniff_file_type(head) == cim.FILE_TYPE_FILESYSTEM:
+            head = _read_head(path, cim.filesystem_header_length(head))
+            header = cim.unpack_filesystem_header(head or b"")
+            return {str(s.id).lower() for s in (header.region_set, *header.parent_sets)}
+    except CimError:
+        raise
+    except OSError as e:
+        raise CimError(hresult_from_oserror(e), f"cannot read ({e.strerror})", path) from None
+    raise CimError(E_INVALIDARG, "not a CIM image (no CIM filesystem header)", path)
+
+
+class _Directory:
+    """What a directory of images holds: images (name -> region sets, or
+    _UNKNOWN), region/object ID files (name -> set id) and leftovers of
+    killed commits."""
+
+    def __init__(self, directory: str, warn):
+        self.images: dict[str, set[str] | None] = {}
+        self.regions: dict[str, str] = {}
+        self.leftovers: list[str] = []
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if COMMIT_TEMP_NAME.match(name):
+                self.leftovers.append(name)
+                continue
+            try:
+                if not S.S_ISREG(os.stat(path).st_mode):
+                    continue  # directories, FIFOs, sockets, devices: never images
+                head = _read_head(path, cim.COMMON_HEADER.size)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                # Unreadable: it may be an image; keep what any image may need.
+                warn(f"{path}: cannot read ({e.strerror}); it may be an image, so every region file is kept")
+                self.images[name] = _UNKNOWN
+                continue
+            if head is None:
+                continue
+            kind = cim.sniff_file_type(head)
+            region = cim.REGION_FILE_NAME.match(name)
+            if region and kind != cim.FILE_TYPE_FILESYSTEM:
+                self.regions[name] = region.group(2).lower()
+            elif kind is not None and kind not in (cim.FILE_TYPE_REGION, cim.FILE_TYPE_OBJECTID):
+                try:
+                    self.images[name] = image_region_sets(path)
+                except CimError as e:
+                    warn(f"{path}: an image whose header cannot be read ({e.strerror}); every region file is kept")
+                    self.images[name] = _UNKNOWN
+
+    def needed(self, exclude: str | None = None) -> set[str] | None:
+        """Region sets some image (other than ``exclude``) refers to; None when
+        an image's header cannot be read (then every set may be needed)."""
+        out: set[str] = set()
+        for name, sets in self.images.items():
+            if name == exclude:
+                continue
+            if sets is _UNKNOWN:
+                return None
+            out |= sets
+        return out
+
+
+def _remove(directory: str, names, dry_run: bool) -> list[tuple[str, int]]:
     removed = []
-    for n in sorted(os.listdir(directory)):
-        m = _REGION_RE.match(n)
-        if m and m.group(2).lower() in sets:
-            p = os.path.join(directory, n)
-            size = os.path.getsize(p)
+    for n in sorted(names):
+        p = os.path.join(directory, n)
+        try:
+            size = os.lstat(p).st_size
             if not dry_run:
                 os.unlink(p)
-            removed.append((p, size))
+        except FileNotFoundError:
+            continue
+        removed.append((p, size))
     return removed
 
 
-def rm_image(cim_path: str, *, dry_run: bool = False, warn=lambda m: None) -> list[tuple[str, int]]:
-    """Remove an image and the region/object ID files no other image in its directory needs."""
+def _mounted_at(cim_path: str) -> list[str]:
+    """Mount points where this user's live mounts serve ``cim_path``."""
+    from . import mount as _mount  # the registry needs no pyfuse3
+
+    out = []
+    for entry in _mount.mounts():
+        try:
+            if os.path.samefile(entry.get("image", ""), cim_path):
+                out.append(entry.get("mountpoint", "?"))
+        except (OSError, TypeError, ValueError):
+            continue
+    return out
+
+
+def rm_image(cim_path: str, *, dry_run: bool = False, force: bool = False,
+             warn=lambda m: None) -> list[tuple[str, int]]:
+    """Remove an image and the region/object ID files no other image in its
+    directory refers to.  An image that is mounted is refused unless ``force``."""
     directory = os.path.dirname(os.path.abspath(cim_path))
     name = os.path.basename(cim_path)
     if not os.path.isfile(cim_path):
         raise CimError(ERROR_FILE_NOT_FOUND, "no such image", cim_path)
     with DirLock(directory):
         try:
-            mine = _sets_of(cim_path)
-        except CimError as e:
-            warn(f"{cim_path}: cannot read ({e.strerror}); removing only the .cim file (then run gc)")
+            mine = image_region_sets(cim_path)
+        except CimFormatError as e:
+            warn(f"{cim_path}: cannot read ({e.strerror}); removing only the image file (then run gc)")
             mine = set()
-        needed = _needed(directory, name, warn)
+        if not force:
+            where = _mounted_at(cim_path)
+            if where:
+                raise CimError(ERROR_SHARING_VIOLATION, f"the image is mounted at {', '.join(where)} "
+                                                        "(unmount it first, or force)", cim_path)
+        contents = _Directory(directory, warn)
+        needed = contents.needed(exclude=name)
         removable = set() if needed is None else mine - needed
         size = os.path.getsize(cim_path)
         if not dry_run:
             os.unlink(cim_path)
             _fsync_dir(directory)
         removed = [(os.path.abspath(cim_path), size)]
-        removed += _remove_sets(directory, removable, dry_run)
+        removed += _remove(directory, [n for n, s in contents.regions.items() if s in removable], dry_run)
         return removed
 
 
 def gc(directory: str, *, dry_run: bool = False, warn=lambda m: None) -> list[tuple[str, int]]:
-    """Remove every region/object ID file that no ``.cim`` in ``directory`` refers to."""
+    """Remove every region/object ID file that no image in ``directory``
+    refers to, and the temporary files of commits that were killed."""
     if not os.path.isdir(directory):
         raise CimError(ERROR_FILE_NOT_FOUND, "no such directory", directory)
     with DirLock(directory):
-        needed = _needed(directory, None, warn)
+        contents = _Directory(directory, warn)
+        needed = contents.needed()
         if needed is None:
             raise CimError(E_INVALIDARG, "an image in the directory cannot be read; nothing removed", directory)
-        present = set()
-        for n in os.listdir(directory):
-            m = _REGION_RE.match(n)
-            if m:
-                present.add(m.group(2).lower())
-        return _remove_sets(directory, present - needed, dry_run)
+        unused = [n for n, s in contents.regions.items() if s not in needed]
+        return _remove(directory, unused + contents.leftovers, dry_run)
 
 
 def _fsync_dir(directory: str) -> None:

@@ -99,6 +99,25 @@ def CimCloseImage(image) -> None:
     w.close()
 
 
+def CimTombstoneFile(image, image_relative_path: str) -> None:
+    """Mark ``path`` deleted from the layers below (see :meth:`ImageWriter.tombstone`)."""
+    _writer(image).tombstone(image_relative_path)
+
+
+def CimCreateMergeLink(image, image_relative_path: str, existing_image_relative_path: str) -> None:
+    """A hard link to a file of the layers below, resolved when images are merged."""
+    _writer(image).merge_link(image_relative_path, existing_image_relative_path)
+
+
+def CimAddFsToMergedImage(image, image_path) -> None:
+    """Add a source (top layer first) to a merged image made by ``CimCreateImage(dir, None, name)``."""
+    _writer(image).add_merge_source(image_path, 0)
+
+
+def CimAddFsToMergedImage2(image, image_path, flags: int = 0) -> None:
+    _writer(image).add_merge_source(image_path, flags)
+
+
 def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint,
                   engine: str = "fuse") -> uuid.UUID:
     """Mount read-only with FUSE, or with ``engine="kernel"`` as EROFS served by
@@ -106,6 +125,13 @@ def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: 
     from .mount import CimMountImage as _mount
 
     return _mount(image_containing_path, image_name, flags, volume_id, mountpoint=mountpoint, engine=engine)
+
+
+def CimMergeMountImage(paths, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint) -> uuid.UUID:
+    """Mount the merged view of ``paths`` (top layer first); see :mod:`cimfs.mount`."""
+    from .mount import CimMergeMountImage as _merge_mount
+
+    return _merge_mount(paths, flags, volume_id, mountpoint=mountpoint)
 
 
 def CimDismountImage(volume_id: uuid.UUID) -> None:

@@ -54,6 +54,7 @@ from .errors import (
 )
 from .metadata import FileAttributes, FileMetadata
 from .names import check_name
+from .tarbounds import BoundedTarInfo
 
 __all__ = ["is_windows_layer", "import_layer", "import_layers", "export_layer",
            "parse_pax_time", "format_pax_time", "pax_time_to_filetime", "filetime_to_pax_time"]
@@ -222,9 +223,10 @@ def _is_stream(tf: tarfile.TarFile) -> bool:
     return stream_type is not None and isinstance(getattr(tf, "fileobj", None), stream_type)
 
 
-class _CheckedTarInfo(tarfile.TarInfo):
+class _CheckedTarInfo(BoundedTarInfo):
     """Records how header reading ended, so a tar cut at a header boundary
-    (which ``tarfile`` silently treats as the end) is reported as truncated."""
+    (which ``tarfile`` silently treats as the end) is reported as truncated.
+    Header sizes are bounded (:mod:`cimfs.tarbounds`)."""
 
     @classmethod
     def fromtarfile(cls, tf):
@@ -360,6 +362,11 @@ def _read_error_text(e: BaseException, where: str, member) -> str:
 
 
 # ------------------------------------------------------------------ names
+def _shown(text: str, limit: int = 80) -> str:
+    """``text`` for a one-line message: quoted, and cut when long."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _tar_parts(name: str, what: str, member: str) -> list[str]:
     """Components of a tar path, validated as CIM names (spec §15)."""
     if any("\ud800" <= c <= "\udfff" for c in name):
@@ -506,10 +513,16 @@ def _check_sd(sd: bytes, member: str) -> None:
 
 # ------------------------------------------------------------------ import
 class _LayerImporter:
-    def __init__(self, writer, source: _TarSource, parent_image, progress):
+    def __init__(self, writer, source: _TarSource, parent_image, progress, independent: bool = False):
         self.w = writer
         self.src = source
         self.lower = parent_image  # reader of the parent image, or None
+        # A layer converted on its own (merged later): whiteouts become tombstones,
+        # hard links to lower files merge links, and directories record whether
+        # they replace (opaque) or only make way for (parent only) the lower ones.
+        self.independent = independent
+        self.tombstoned: set[str] = set()  # folded paths this layer tombstoned
+        self.opaque: set[str] = set()  # folded paths of this layer's opaque directories
         self.progress = progress
         self.fold = parent_image.fold if parent_image is not None else getattr(cimfs, "fold_name", str.upper)
         self.added: dict[str, bool] = {}  # folded image path -> is a directory (entries of this layer)
@@ -535,6 +548,8 @@ class _LayerImporter:
             if not self._exists(sub):
                 # [choice] a missing parent directory is created with default metadata.
                 self.w.mkdir(sub, FileMetadata(attributes=FileAttributes.DIRECTORY))
+                if self.independent:
+                    self.w.make_parent_only(sub)
             elif not self._is_dir(sub):
                 raise CimError(ERROR_PATH_NOT_FOUND, f"parent {sub!r} is not a directory", member)
             self.known_dirs.add(key)
@@ -602,6 +617,10 @@ class _LayerImporter:
             if not self._is_dir(path):
                 self._remove_existing(path)
             self.w.create_file(path, meta).close()
+            if self.independent and (key in self.tombstoned or key in self.opaque):
+                # a whiteout of the name, then the directory: nothing of the layers below stays in it
+                self.opaque.add(key)
+                self.w.make_opaque(path)
             self.added[key] = True
             self.known_dirs.add(key)
             self.last_file = path
@@ -646,6 +665,9 @@ class _LayerImporter:
             raise CimError(E_INVALIDARG, "symlink entry has an empty target", member)
         if any("\ud800" <= c <= "\udfff" for c in target):
             raise CimError(E_INVALIDARG, "symlink target is not valid UTF-8", member)
+        if "\0" in target:
+            # A PAX linkpath may carry one; no Windows path does.
+            raise CimError(E_INVALIDARG, "symlink target contains a NUL character", member)
         attrs_dir = False
         if PAX_FILEATTR in h:
             try:
@@ -662,9 +684,9 @@ class _LayerImporter:
             try:
                 meta.reparse_data = ntfs.pack_mount_point_reparse(target) if mount else ntfs.pack_symlink_reparse(target)
             except CimError as e:
-                raise CimError(e.hresult, f"symlink target {target!r}: {e.strerror}", member) from None
+                raise CimError(e.hresult, f"symlink target {_shown(target)}: {e.strerror}", member) from None
             except (ValueError, TypeError, OverflowError) as e:
-                raise CimError(E_INVALIDARG, f"symlink target {target!r}: {e}", member) from None
+                raise CimError(E_INVALIDARG, f"symlink target {_shown(target)}: {e}", member) from None
         self._remove_existing(path)
         self.w.create_file(path, meta).close()
 
@@ -676,6 +698,12 @@ class _LayerImporter:
         target = "\\".join(tparts)
         if self.fold(target) == self.fold(path):
             raise CimError(E_INVALIDARG, "hard link to itself", member)
+        if self.independent and self.fold(target) in self.tombstoned and self._exists(target):
+            raise CimError(ERROR_FILE_NOT_FOUND, f"hard link target {m.linkname!r} was deleted by this layer", member)
+        if self.independent and not self._exists(target):
+            self._remove_existing(path)
+            self.w.merge_link(path, target)  # a file of the layers below: resolved when merged
+            return
         if not self._exists(target):
             raise CimError(ERROR_FILE_NOT_FOUND, f"hard link target {m.linkname!r} is not in the image", member)
         if self._is_dir(target):
@@ -714,6 +742,11 @@ class _LayerImporter:
         _check_parts(dir_parts, member)
         if base == WHITEOUT_OPAQUE:
             # Opaque directory: hide everything the layers below have in it.
+            if self.independent and dir_parts:
+                self._ensure_parents(parts, member)
+                self.opaque.add(self._key(dir_parts))
+                self.w.make_opaque("\\".join(dir_parts))
+                return
             self.prune_lower(dir_parts)
             return
         if base.startswith(WHITEOUT_META_PREFIX):
@@ -721,6 +754,9 @@ class _LayerImporter:
         name = base[len(WHITEOUT_PREFIX):]
         _check_parts([name], member, "whiteout name")
         target = dir_parts + [name]
+        if self.independent:
+            self.independent_whiteout(target, member)
+            return
         if self.lower is None:
             return  # nothing below a base layer; this layer's own names stay
         key = self._key(target)
@@ -735,6 +771,19 @@ class _LayerImporter:
         except CimError as e:
             if e.hresult not in (ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND):
                 raise
+
+    def independent_whiteout(self, target: list[str], member: str) -> None:
+        key = self._key(target)
+        path = "\\".join(target)
+        if key in self.added:
+            # The name is this layer's own: only what the layers below had under it goes.
+            if self.added[key]:
+                self.opaque.add(key)
+                self.w.make_opaque(path)
+            return
+        self._ensure_parents(target, member)
+        self.w.tombstone(path)
+        self.tombstoned.add(key)
 
     def prune_lower(self, parts: list[str]) -> None:
         """Delete what the parent image has under directory ``parts`` and this layer did not add."""
@@ -769,7 +818,7 @@ def _image_name(name) -> str:
 
 
 def import_layer(src, containing_dir, name, parent=None, progress=None, *, before_commit=None,
-                 consistent: bool = False, clamp_time: int | None = None) -> str:
+                 consistent: bool = False, clamp_time: int | None = None, independent: bool = False) -> str:
     """Import one Windows layer tar as the image ``name`` in ``containing_dir``.
 
     ``src`` is a path, a binary file object (read once, as a stream: stdin
@@ -784,9 +833,15 @@ def import_layer(src, containing_dir, name, parent=None, progress=None, *, befor
     layer processing) or check what was read (digests); an exception from it
     discards the image.  ``consistent`` and ``clamp_time`` are
     :func:`cimfs.create`'s.
+
+    ``independent``: the layer is converted on its own, to be merged later
+    (:func:`cimfs.merge`): whiteouts become tombstones, hard links to files of
+    the layers below merge links, an opaque directory is marked so; no parent.
     """
     directory = os.fspath(containing_dir)
     name = _image_name(name)
+    if independent and parent is not None:
+        raise CimError(E_INVALIDARG, "an independent layer has no parent image", os.fspath(parent))
     if parent is not None:
         parent = os.fspath(parent)  # cimfs.create checks it is in the same directory
     report = _progress_adapter(progress)
@@ -795,7 +850,7 @@ def import_layer(src, containing_dir, name, parent=None, progress=None, *, befor
         with cimfs.create(directory, name, base=parent, consistent=consistent, clamp_time=clamp_time) as w:
             lower = cimfs.open(os.path.join(directory, os.path.basename(parent))) if parent is not None else None
             try:
-                _LayerImporter(w, source, lower, report).run()
+                _LayerImporter(w, source, lower, report, independent).run()
             finally:
                 if lower is not None:
                     lower.close()
@@ -872,7 +927,7 @@ _COMPRESSION = {".gz": "gz", ".tgz": "gz", ".bz2": "bz2", ".tbz2": "bz2", ".xz":
 
 
 def export_layer(image, out, progress=None, *, compression: str | None = None, parent=None,
-                 exclude: Iterable[str] = ()) -> None:
+                 exclude: Iterable[str] = (), independent: bool = False) -> None:
     """Write ``image`` (an open :class:`cimfs.Image` or a ``.cim`` path) as a
     Windows layer tar (PAX) to ``out`` (a path, written atomically, or a
     binary file object, written as a stream).
@@ -886,7 +941,15 @@ def export_layer(image, out, progress=None, *, compression: str | None = None, p
 
     ``compression`` is ``None``/``""`` (plain), ``"gz"``, ``"bz2"`` or ``"xz"``;
     for a path it defaults from the suffix (``.gz``, ``.bz2``, ``.xz``).
+
+    ``independent``: ``image`` is a layer converted on its own
+    (``import_layer(..., independent=True)``): its tombstones go out as
+    whiteouts, merge links as hard link entries, opaque directories with
+    ``.wh..wh..opq``, parent-only directories not at all.  (Otherwise such
+    entries are written as the reparse points they are stored as.)
     """
+    if independent and (parent is not None or exclude):
+        raise CimError(E_INVALIDARG, "an independent layer is exported whole (no parent, nothing excluded)")
     report = _progress_adapter(progress)
     own_image = not isinstance(image, cimfs.Image)
     img = cimfs.open(image) if own_image else image
@@ -903,7 +966,7 @@ def export_layer(image, out, progress=None, *, compression: str | None = None, p
             return _DiffExporter(img, tf, rep, lower, exclude)
     else:
         def make(tf, rep):
-            return _Exporter(img, tf, rep)
+            return _Exporter(img, tf, rep, independent)
     try:
         if isinstance(out, (str, bytes, os.PathLike)):
             path = os.fsdecode(out)
@@ -964,8 +1027,9 @@ def _export(make_exporter, f, report, compression: str, label) -> None:
 
 
 class _Exporter:
-    def __init__(self, img, tf: tarfile.TarFile, report):
+    def __init__(self, img, tf: tarfile.TarFile, report, independent: bool = False):
         self.img, self.tf, self.report = img, tf, report
+        self.independent = independent
         self.first_name: dict[int, str] = {}
 
     def run(self) -> None:
@@ -1047,7 +1111,55 @@ class _Exporter:
             return None, False
         return target, st.reparse_tag == IO_REPARSE_TAG_MOUNT_POINT
 
+    def _merge_marker(self, parts, st):
+        """How an independent layer's entry goes back into a tar: ("whiteout",),
+        ("link", target), ("dir", flags) or None for an ordinary entry."""
+        ntfs = _ntfs()
+        if st.reparse_tag == ntfs.IO_REPARSE_TAG_WCI_TOMBSTONE and not st.is_dir:
+            return ("whiteout",)
+        if st.reparse_tag != ntfs.IO_REPARSE_TAG_CIMFS_MERGE:
+            return None
+        try:
+            marker = ntfs.parse_merge_reparse(st.reparse_data)
+        except CimError as e:
+            raise CimError(e.hresult, e.strerror, "\\".join(parts)) from None
+        return marker and (("link", marker[1]) if marker[0] == ntfs.MERGE_KIND_LINK else ("dir", marker[1]))
+
+    def _marked_entry(self, parts, st, marker) -> bool:
+        """Write what a merge marker stands for; False: the entry itself follows."""
+        if marker[0] == "whiteout":
+            ti = tarfile.TarInfo(self._tarname(parts[:-1] + [WHITEOUT_PREFIX + parts[-1]]))
+            ti.type, ti.mode = tarfile.REGTYPE, 0o644
+        elif marker[0] == "link":
+            ti = tarfile.TarInfo(self._tarname(parts))
+            ti.type = tarfile.LNKTYPE
+            ti.linkname = self._tarname(marker[1].split("\\"))
+        else:
+            return False
+        self.tf.addfile(ti)
+        self.report(0, ti.name)
+        return True
+
     def entry(self, parts, st) -> None:
+        marker = self._merge_marker(parts, st) if self.independent else None
+        if marker is not None:
+            if self._marked_entry(parts, st, marker):
+                return
+            # A directory of an independent layer: its own metadata, then what the marker says.
+            flags = marker[1]
+            st = st._replace(reparse_data=b"", reparse_tag=0,
+                             attributes=st.attributes & ~FileAttributes.REPARSE_POINT)
+            if not flags & _ntfs().MERGE_DIR_PARENT_ONLY:
+                self._entry(parts, st)
+            if flags & _ntfs().MERGE_DIR_OPAQUE:
+                ti = tarfile.TarInfo(self._tarname(parts + [WHITEOUT_OPAQUE]))
+                ti.type, ti.mode = tarfile.REGTYPE, 0o644
+                self.tf.addfile(ti)
+                self.report(0, ti.name)
+            return
+        self._entry(parts, st)
+
+    def _entry(self, parts, st) -> None:
         name = self._tarname(parts)
         label = name
         fid = st.file_id

@@ -18,6 +18,7 @@ import dataclasses
 import fcntl
 import hashlib
 import os
+import re
 import secrets
 import stat
 from typing import BinaryIO
@@ -152,6 +153,11 @@ class _Node:
 
 
 _DIR_STREAM = cim.Stream(0, 0, cim.STREAM_TYPE_LINK_TABLE)
+
+#: Names of the temporary file a commit writes before renaming it into place
+#: (``.NAME.<12 hex digits>.tmp``).  One left by a writer killed mid-commit is
+#: never an image: ``gc`` removes it.
+COMMIT_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$", re.DOTALL)
 _DIR_CACHE_MAX = 1 << 16
 
 
@@ -277,6 +283,12 @@ class ImageWriter:
         for n in filter(None, (name, base)):
             if os.sep in n or (os.altsep and os.altsep in n) or n in (".", ".."):
                 raise CimError(ERROR_INVALID_NAME, "an image name is a file name, not a path", n)
+        if name != base and (cim.REGION_FILE_NAME.match(name) or COMMIT_TEMP_NAME.match(name)):
+            # gc/rm recognise images by their header whatever their name; a
+            # commit's leftover temporary file they remove, and a region
+            # file's name on an image would only mislead.
+            raise CimError(ERROR_INVALID_NAME, "the name of a region file or of a commit's temporary "
+                                               "file cannot name an image", name)
         self.directory = os.path.abspath(directory)
         self.name = name
         self.path = os.path.join(self.directory, name)
@@ -298,6 +310,8 @@ class ImageWriter:
         self._process: DataProcess | None = None
         self._copied: list = []  # per data process: (nodes, RegionOffsets of their contents) (see _commit)
         self._use_process = data_process
+        self._merge_sources: list[str] = []  # a merged image's sources, top first (add_merge_source)
+        self._merge_dir_flags: dict = {}  # directory node -> its merge marker's flags (make_opaque ...)
         try:
             if base:
                 base_path = os.path.join(self.directory, base)
@@ -331,9 +345,11 @@ class ImageWriter:
             raise
 
     # ------------------------------------------------------------ state
-    def _check_open(self, mutating: bool = True) -> None:
+    def _check_open(self, mutating: bool = True, committing: bool = False) -> None:
         if self._closed:
             raise CimError(E_HANDLE, "image handle is closed", self.path)
+        if mutating and self._merge_sources and not committing:
+            raise CimError(E_INVALIDARG, "a merged image has no changes of its own, only its sources", self.path)
         if mutating and self._committed:
             raise CimError(E_INVALIDARG, "image is already committed; no further change is allowed", self.path)
         if mutating and self._commit_error is not None:
@@ -589,6 +605,95 @@ class ImageWriter:
         node.nlink -= 1
         parent.dirty = True
 
+    # ------------------------------------------------------------ layers converted on their own
+    def tombstone(self, path: str) -> None:
+        """``CimTombstoneFile``: ``path`` is deleted from the layers below when
+        images are merged.  [choice] Stored as a zero-length file with the WCI
+        tombstone reparse point (as container layers mark deletions on NTFS);
+        what this image had at ``path`` goes.  Missing parent directories are
+        made parent-only (:meth:`make_parent_only`), so they change nothing below."""
+        self._check_open()
+        parts, _ = split_path(path)
+        if not parts:
+            raise CimError(E_INVALIDARG, "the root cannot be tombstoned", path)
+        self._parent_only_parents(parts, path)
+        if self.exists(path):
+            self.delete(path)
+        self._create(path, FileMetadata(reparse_data=ntfs.pack_tombstone_reparse()))
+
+    def _parent_only_parents(self, parts: list[str], path: str) -> None:
+        for i in range(1, len(parts)):
+            sub = join_path(parts[:i])
+            if self.is_dir(sub):
+                continue
+            if self.exists(sub):
+                raise CimError(ERROR_PATH_NOT_FOUND, f"parent {sub!r} is not a directory", path)
+            self.mkdir(sub)
+            self.make_parent_only(sub)
+
+    def merge_link(self, new_path: str, existing_path: str) -> None:
+        """``CimCreateMergeLink``: ``new_path`` becomes a hard link to what
+        ``existing_path`` is in the layers below once images are merged.
+        [choice] Stored as a zero-length file with a cimfs merge marker
+        reparse point (``layout.ntfs.IO_REPARSE_TAG_CIMFS_MERGE``) holding the
+        target path; missing parent directories are made parent-only."""
+        self._check_open()
+        target, stream = split_path(existing_path)
+        if not target:
+            raise CimError(E_ACCESSDENIED, "the root cannot be hard-linked", existing_path)
+        parts, _ = split_path(new_path)
+        if not parts:
+            raise CimError(ERROR_ALREADY_EXISTS, "the root already exists", new_path)
+        self._parent_only_parents(parts, new_path)
+        if self.exists(new_path):
+            raise CimError(ERROR_ALREADY_EXISTS, "the new link's name already exists", new_path)
+        self._create(new_path, FileMetadata(reparse_data=ntfs.pack_merge_link_reparse(join_path(target))))
+
+    def make_opaque(self, path: str) -> None:
+        """Mark directory ``path`` opaque: when images are merged it replaces the
+        directory of the layers below instead of merging with it (an overlay
+        ``.wh..wh..opq``).  [choice] The directory carries a cimfs merge marker
+        reparse point, so it cannot have a reparse point of its own."""
+        self._mark_dir(path, ntfs.MERGE_DIR_OPAQUE)
+
+    def make_parent_only(self, path: str) -> None:
+        """Mark directory ``path`` as only a parent of this image's entries:
+        when images are merged, the metadata of a directory of the layers below
+        at that path stays (a layer tar that lists ``a/b`` but not ``a/``)."""
+        self._mark_dir(path, ntfs.MERGE_DIR_PARENT_ONLY)
+
+    def _mark_dir(self, path: str, flag: int) -> None:
+        self._check_open()
+        _, _, existing, _, _ = self._find(path)
+        if existing is None or not existing[1].is_dir:
+            raise CimError(ERROR_PATH_NOT_FOUND, "no such directory", path)
+        node = existing[1]
+        self._children(node)
+        record = _unpacked(node.record)
+        if record.reparse_offset and record.reparse_tag != ntfs.IO_REPARSE_TAG_CIMFS_MERGE:
+            raise CimError(E_INVALIDARG, "a directory with a reparse point of its own cannot carry a merge marker", path)
+        # The flags it has so far, unless new metadata replaced the marker since.
+        flags = self._merge_dir_flags.get(node, 0) if record.reparse_offset else 0
+        flags = self._merge_dir_flags[node] = flags | flag
+        marker = cim.pack_blob(ntfs.pack_merge_dir_reparse(flags))
+        node.record = record._replace(reparse_offset=self._store.put_blob(marker),
+                                      reparse_tag=ntfs.IO_REPARSE_TAG_CIMFS_MERGE)
+        node.dirty = True
+
+    def add_merge_source(self, path: str | os.PathLike, flags: int = 0) -> None:
+        """``CimAddFsToMergedImage2``: add a source image (in this image's
+        directory) to a merged image; sources added first win (top layer first)."""
+        from .merged import check_merge_flags, source_path
+
+        self._check_open(committing=True)
+        check_merge_flags(flags, os.fspath(path))
+        if self._base is not None or self._root.children or self._root.streams:
+            raise CimError(E_INVALIDARG, "only a new image without changes can be a merged image", self.path)
+        full = source_path(self.directory, path)
+        if full == self.path or full in self._merge_sources:
+            raise CimError(E_INVALIDARG, "an image is added to a merged image at most once, and not to itself", full)
+        self._merge_sources.append(full)
+
     # ------------------------------------------------------------ Pythonic conveniences
     def exists(self, path: str) -> bool:
         try:
@@ -834,12 +939,17 @@ class ImageWriter:
     # ------------------------------------------------------------ commit
     def commit(self) -> str:
         """Write the image (crash-safely) and return the ``.cim`` path."""
-        self._check_open()
+        self._check_open(committing=True)
         try:
             try:
                 self._drain()  # the data thread sets records; the commit patches them next
                 with paused_gc():
-                    self._commit()
+                    merged = None
+                    if self._merge_sources:
+                        from .merged import Merger
+
+                        merged = Merger(self, self._merge_sources).run()
+                    self._commit(merged)
             except PermissionError as e:
                 raise CimError(E_ACCESSDENIED, e.strerror or "permission denied", e.filename or self.path) from None
             except OSError as e:
@@ -852,7 +962,8 @@ class ImageWriter:
         self._committed = True
         return self.path
 
-    def _commit(self) -> None:
+    def _commit(self, merged: tuple[list, int] | None = None) -> None:
+        """``merged``: (the sources' region sets, the upcase table's offset) of a merged image."""
         store = self._store
         base = self._base
         if self._process is not None:
@@ -978,6 +1089,8 @@ class ImageWriter:
             tables[t] = cim.FileTableEntry(store.put_unique(bytes(buf[: total * size])), total, size)
         if base is not None:
             upcase = base.filesystem.upcase_offset
+        elif merged is not None:
+            upcase = merged[1]
         else:
             upcase = store.put(cim.REGION_METADATA, cim.load_upcase_table())
         directory = cim.pack_file_table_directory(tables)
@@ -985,10 +1098,12 @@ class ImageWriter:
         fs_offset = store.put_unique(cim.pack_filesystem_object(fs))
         own = store.finish()
         parents = list(base.header.parent_sets) + [base.header.region_set] if base else []
+        if merged is not None:
+            parents = merged[0]
         self._publish(cim.pack_filesystem_header(own, fs_offset, parents))
 
     def _publish(self, data: bytes) -> None:
-        tmp = os.path.join(self.directory, f".{self.name}.{secrets.token_hex(6)}.tmp")
+        tmp = os.path.join(self.directory, f".{self.name}.{secrets.token_hex(6)}.tmp")  # see COMMIT_TEMP_NAME
         write_file(tmp, data, self._sync, exclusive=True)
         try:
             if self.extending:

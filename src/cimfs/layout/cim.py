@@ -90,6 +90,7 @@ PE_IMAGE = struct.Struct("<QQIHH")  # 24
 PE_MAPPING = struct.Struct("<II")  # 8
 U16 = struct.Struct("<H")
 U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
 LINK_TABLE_HEADER = struct.Struct("<II")
 
 DIGEST_SIZE = 24
@@ -163,6 +164,26 @@ def pack_filesystem_header(own: RegionSet, filesystem_offset: int, parents: list
         own.id.bytes_le, own.count, 0, 0, filesystem_offset, 0, 0, len(parents),
     )
     return head + b"".join(p.pack() for p in parents)
+
+
+def sniff_file_type(buf: bytes) -> int | None:
+    """The file type (``FILE_TYPE_*``) of a file whose first bytes are ``buf``,
+    or None when they do not start like a CIM file (too short, other magic)."""
+    if len(buf) < COMMON_HEADER.size or buf[:len(MAGIC)] != MAGIC:
+        return None
+    return COMMON_HEADER.unpack_from(buf, 0)[2]
+
+
+def filesystem_header_length(buf: bytes) -> int:
+    """Bytes the filesystem header takes with its parent region sets, from its
+    fixed part (``buf`` holds at least ``FILESYSTEM_HEADER.size`` bytes)."""
+    if len(buf) < FILESYSTEM_HEADER.size:
+        raise CimFormatError(f"filesystem file is truncated ({len(buf)} bytes)")
+    return FILESYSTEM_HEADER.size + FILESYSTEM_HEADER.unpack_from(buf, 0)[15] * REGION_SET.size
+
+
+REGION_FILE_NAME = re.compile(r"^(region|objectid)_([0-9a-fA-F-]{36})_(\d+)$", re.IGNORECASE)
+"""Names of region and object ID files (spec §1): kind, set id, index."""
 
 
 def unpack_filesystem_header(buf: bytes) -> FilesystemHeader:
@@ -568,6 +589,12 @@ def unpack_pe_image(buf, what: str) -> PeImage:
     if any(mappings[i][0] > mappings[i + 1][0] for i in range(count - 1)):
         raise CimFormatError(f"{what}: PE image mappings are not in file-offset order")
     return PeImage(data_offset, data_length & ~(1 << 63), image_length, mappings)
+
+
+def pe_image_with_data_offset(buf, data_offset: int) -> bytes:
+    """A PE image object (header and mappings) pointing at ``data_offset``
+    instead (a merged image renumbers its sources' regions)."""
+    return U64.pack(data_offset) + bytes(buf[8:])
 
 
 def pe_image_object_size(count: int) -> int:

@@ -25,6 +25,20 @@ IO_REPARSE_TAG_LX_BLK = 0x80000026
 IO_REPARSE_TAG_WCI_TOMBSTONE = 0xA000001F
 SYMLINK_FLAG_RELATIVE = 1
 
+# [choice] Merge markers of a layer converted on its own (merge links, opaque
+# directories): a non-Microsoft reparse tag (bit 31 clear), which NTFS
+# requires to carry REPARSE_GUID_DATA_BUFFER (tag, length, reserved, a GUID
+# naming the owner, then data).  A marker is ours only if both the tag and
+# CIMFS_MERGE_GUID match, so data written by anybody else cannot be taken for
+# one.  The data is u32 kind, then for a merge link (kind 1) the UTF-16LE
+# target path, for a directory (kind 2) u32 flags.
+IO_REPARSE_TAG_CIMFS_MERGE = 0x0000C1F5
+CIMFS_MERGE_GUID = bytes.fromhex("5f8b3a8e0c1d4b6c9e2a71d40c1f5e13")
+MERGE_KIND_LINK = 1
+MERGE_KIND_DIR = 2
+MERGE_DIR_OPAQUE = 0x1  # replaces the lower directory instead of merging with it
+MERGE_DIR_PARENT_ONLY = 0x2  # only holds the layer's entries: a lower directory keeps its metadata
+
 _REPARSE_HEADER = struct.Struct("<IHH")
 _NAMES = struct.Struct("<HHHH")
 _EA_HEADER = struct.Struct("<IBBH")
@@ -141,10 +155,18 @@ def _is_absolute(target: str) -> bool:
     return bool(re.match(r"^([A-Za-z]:[\\/]|[\\/]{2}|\\\?\?\\|[\\/])", target))
 
 
+#: The longest symlink or mount point target a reparse buffer holds: both
+#: names (substitute ``\??\``-prefixed, print name) in a 64 KiB buffer.
+MAX_LINK_TARGET_UNITS = (0xFFFF - 8 - 8 - 4 - 4 * 2 - 8 * 2) // 4
+
+
 def _name_buffer(substitute: str, print_name: str, nul: bool) -> tuple[bytes, bytes]:
     sub = substitute.encode("utf-16-le", "surrogatepass")
     prn = print_name.encode("utf-16-le", "surrogatepass")
     term = b"\0\0" if nul else b""
+    if 2 * len(term) + len(sub) + len(prn) > 0xFFFF - _REPARSE_HEADER.size - _NAMES.size - _U32.size:
+        raise CimError(E_INVALIDARG, f"link target of {len(print_name)} characters is too long for a reparse "
+                                     f"buffer (at most {MAX_LINK_TARGET_UNITS} UTF-16 units)")
     offsets = _NAMES.pack(0, len(sub), len(sub) + len(term), len(prn))
     return offsets, sub + term + prn + term
 
@@ -211,6 +233,42 @@ def parse_reparse(buf: bytes) -> ReparsePoint:
             raise CimFormatError("LX symlink target contains NUL")
         return ReparsePoint(tag, data, target=data[4:].decode("utf-8", "surrogateescape"))
     return ReparsePoint(tag, data)
+
+
+def pack_tombstone_reparse() -> bytes:
+    """A WCI tombstone: the name is deleted from the layers below (no data)."""
+    return pack_reparse(IO_REPARSE_TAG_WCI_TOMBSTONE, b"")
+
+
+def pack_merge_link_reparse(target: str) -> bytes:
+    return pack_reparse(IO_REPARSE_TAG_CIMFS_MERGE, CIMFS_MERGE_GUID + _U32.pack(MERGE_KIND_LINK)
+                        + target.encode("utf-16-le", "surrogatepass"))
+
+
+def pack_merge_dir_reparse(flags: int) -> bytes:
+    return pack_reparse(IO_REPARSE_TAG_CIMFS_MERGE, CIMFS_MERGE_GUID + _U32.pack(MERGE_KIND_DIR) + _U32.pack(flags))
+
+
+def parse_merge_reparse(buf: bytes) -> tuple[int, "str | int"] | None:
+    """(MERGE_KIND_LINK, target) or (MERGE_KIND_DIR, flags) of a cimfs merge
+    marker; None for any other reparse buffer.  A marker of ours that does
+    not parse is a CimFormatError."""
+    if len(buf) < _REPARSE_HEADER.size + 16 or _U32.unpack_from(buf, 0)[0] != IO_REPARSE_TAG_CIMFS_MERGE:
+        return None
+    _, length, _ = _REPARSE_HEADER.unpack_from(buf, 0)
+    data = bytes(buf[_REPARSE_HEADER.size: _REPARSE_HEADER.size + length])
+    if data[:16] != CIMFS_MERGE_GUID:
+        return None
+    if len(data) < 20:
+        raise CimFormatError("cimfs merge marker is truncated")
+    kind = _U32.unpack_from(data, 16)[0]
+    if kind == MERGE_KIND_LINK and len(data) > 20 and len(data) % 2 == 0:
+        return kind, data[20:].decode("utf-16-le", "surrogatepass")
+    if kind == MERGE_KIND_DIR and len(data) == 24:
+        flags = _U32.unpack_from(data, 20)[0]
+        if not flags & ~(MERGE_DIR_OPAQUE | MERGE_DIR_PARENT_ONLY):
+            return kind, flags
+    raise CimFormatError(f"cimfs merge marker of kind {kind} and {len(data) - 20} data bytes is not valid")
 
 
 # ====================================================================== security descriptors

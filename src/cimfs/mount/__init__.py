@@ -34,9 +34,11 @@ from ..errors import (
     CimFormatError,
 )
 
-__all__ = ["mount", "unmount", "mounts", "CimMountImage", "CimDismountImage", "registry_dir"]
+__all__ = ["mount", "mount_merged", "unmount", "mounts", "CimMountImage", "CimMergeMountImage", "CimDismountImage",
+           "registry_dir"]
 
 E_FAIL = 0x80004005
+MAX_ID = 0xFFFFFFFF  # uid/gid: 32-bit, and (uid_t)-1 is no id
 #: How the daemon gets a remote image's storage options (JSON): not on its
 #: command line, where every user could read credentials in them.
 STORAGE_OPTIONS_ENV = "CIMFS_MOUNT_STORAGE_OPTIONS"
@@ -70,9 +72,15 @@ def _log_path(volume_id) -> str:
     return os.path.join(registry_dir(), f"{volume_id}.log")
 
 
-def write_entry(volume_id, mountpoint: str, image: str, pid: int) -> None:
-    write_entry_data({"volume_id": str(volume_id), "mountpoint": os.path.abspath(mountpoint),
-                      "image": image if is_url(image) else os.path.abspath(image), "pid": pid})
+def write_entry(volume_id, mountpoint: str, image: str, pid: int, sources: list | None = None) -> None:
+    """``sources``: the images of a merged view (top first); ``image`` is then the top one."""
+    if sources:
+        image = sources[0]
+    entry = {"volume_id": str(volume_id), "mountpoint": os.path.abspath(mountpoint),
+             "image": image if is_url(image) else os.path.abspath(image), "pid": pid}
+    if sources:
+        entry["sources"] = [os.path.abspath(s) for s in sources]
+    write_entry_data(entry)
 
 
 def write_entry_data(entry: dict) -> None:
@@ -186,10 +194,15 @@ def _remove(path: str) -> None:
 
 
 # ===================================================================== mount
-def _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, cache_dir=None) -> list[str]:
+def _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, cache_dir=None, remove_dir=None,
+                 sources=None) -> list[str]:
     args = [sys.executable, "-m", "cimfs.mount.daemon", cim_path, mountpoint, "--volume-id", str(volume_id)]
     if cache_dir is not None:
         args += ["--cache-dir", cache_dir]
+    if remove_dir is not None:
+        args += ["--remove-dir", remove_dir]
+    for s in sources or ():
+        args += ["--source", os.path.abspath(s)]
     for flag, value in (("--uid", uid), ("--gid", gid), ("--umask", None if umask is None else format(umask, "o"))):
         if value is not None:
             args += [flag, str(value)]
@@ -209,7 +222,8 @@ def _check_pyfuse3(where: str) -> None:
 
 def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = None, gid: int | None = None,
           umask: int | None = None, allow_other: bool = False, volume_id: uuid.UUID | None = None,
-          engine: str = "fuse", storage_options: dict | None = None, cache_dir: str | None = None) -> uuid.UUID:
+          engine: str = "fuse", storage_options: dict | None = None, cache_dir: str | None = None,
+          _remove_dir: str | None = None, _sources: list | None = None) -> uuid.UUID:
     """Mount ``cim_path`` read-only at ``mountpoint``; returns the volume id.
 
     ``cim_path`` may be an fsspec URL (``s3://bucket/layer.cim``): the mount is
@@ -236,8 +250,13 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
         cache_dir = os.path.abspath(os.fspath(cache_dir))
     mountpoint = os.path.abspath(os.fspath(mountpoint))
     volume_id = uuid.uuid4() if volume_id is None else uuid.UUID(str(volume_id))
-    if umask is not None and not 0 <= umask <= 0o777:
-        raise CimError(E_INVALIDARG, f"umask {umask:o} is out of range", mountpoint)
+    if umask is not None and (not isinstance(umask, int) or not 0 <= umask <= 0o777):
+        raise CimError(E_INVALIDARG, f"umask {umask!r} is not an octal mode 0..777", mountpoint)
+    for what, value in (("uid", uid), ("gid", gid)):
+        # (uid_t)-1 means "no change" to the kernel; nothing above it exists.
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not 0 <= value < MAX_ID):
+            raise CimError(E_INVALIDARG, f"{what} {value!r} is not a valid id (0..{MAX_ID - 1})", mountpoint)
     if not remote and not os.path.isfile(cim_path):
         raise CimError(ERROR_FILE_NOT_FOUND, "image not found", cim_path)
     if not os.path.isdir(mountpoint):
@@ -263,7 +282,7 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
     _check_pyfuse3(cim_path)
     if foreground:
         return _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other,
-                                 storage_options, cache_dir)
+                                 storage_options, cache_dir, _remove_dir, _sources)
     env = dict(os.environ)
     env.pop(STORAGE_OPTIONS_ENV, None)
     if storage_options:
@@ -272,7 +291,8 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
     try:
         with open(_log_path(volume_id), "ab") as log:
             proc = subprocess.Popen(
-                _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, cache_dir)
+                _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, cache_dir, _remove_dir,
+                             _sources)
                 + ["--ready-fd", str(write_end), "--detach"],
                 pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True, close_fds=True, env=env,
@@ -306,12 +326,12 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
 
 
 def _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other,
-                      storage_options=None, cache_dir=None) -> uuid.UUID:
+                      storage_options=None, cache_dir=None, remove_dir=None, sources=None) -> uuid.UUID:
     from .daemon import prepare, serve
 
     image, _ = prepare(cim_path, mountpoint, uid=uid, gid=gid, umask=umask, allow_other=allow_other,
-                       storage_options=storage_options, cache_dir=cache_dir)
-    write_entry(volume_id, mountpoint, cim_path, os.getpid())
+                       storage_options=storage_options, cache_dir=cache_dir, remove_dir=remove_dir)
+    write_entry(volume_id, mountpoint, cim_path, os.getpid(), sources)
     serve(image, volume_id, mountpoint)
     return volume_id
 
@@ -370,6 +390,62 @@ def _stop(pid: int | None, mountpoint: str) -> None:
             time.sleep(0.02)
         if not _alive(pid):
             return
+
+
+# ===================================================================== merged views
+def _merged_view(paths: list) -> tuple[str, str]:
+    """A private directory holding the merged image of ``paths`` (top first):
+    links to each source ``.cim`` and to every region file they list (sources
+    may live in different directories), and the merged image's own metadata
+    region.  Returns (directory, merged .cim path)."""
+    from ..merged import merge
+    from ..reader import Image, find_region_file
+
+    if not paths:
+        raise CimError(E_INVALIDARG, "a merged mount needs at least one image")
+    directory = tempfile.mkdtemp(prefix="merged-", dir=registry_dir())
+    try:
+        names = []
+        for i, p in enumerate(paths):
+            src = os.path.abspath(os.fspath(p))
+            if not os.path.isfile(src):
+                raise CimError(ERROR_FILE_NOT_FOUND, "image not found", src)
+            name = f"layer{i}.cim"
+            os.symlink(src, os.path.join(directory, name))
+            with Image(src) as img:
+                for region, _ in img.region_names:
+                    link = os.path.join(directory, region)
+                    if os.path.lexists(link):
+                        continue  # a set shared by a fork chain
+                    found = find_region_file(img.directory, region)
+                    if found is None:
+                        raise CimFormatError(f"region file {region} is missing", src)
+                    os.symlink(os.path.abspath(found), link)
+            names.append(name)
+        return directory, merge(directory, "merged.cim", names, sync=False)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def mount_merged(paths: list, mountpoint, **kw) -> uuid.UUID:
+    """Mount the merged view of ``paths`` (top layer first) without writing a
+    merged image next to them.  [choice] The merged image is written to a
+    private directory in the runtime directory (links to the sources' region
+    files and its own metadata region); the daemon opens every region file
+    and removes that directory before it reports the mount ready, so nothing
+    is left behind whatever happens to it later."""
+    if kw.get("engine", "fuse") == "kernel":
+        raise CimError(E_INVALIDARG, "a merged view is mounted by the FUSE engine only", os.fspath(mountpoint))
+    for p in paths:
+        if is_url(os.fspath(p)):
+            raise CimError(E_INVALIDARG, "a merged view is made of local images (not URLs)", os.fspath(p))
+    kw["engine"] = "fuse"  # "auto" too: the private directory must stay open in a daemon
+    directory, cim_path = _merged_view(paths)
+    try:
+        return mount(cim_path, mountpoint, _remove_dir=directory, _sources=list(paths), **kw)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # ===================================================================== unmount
@@ -440,6 +516,24 @@ def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: 
     if not os.path.isdir(os.fspath(image_containing_path)):
         raise CimError(ERROR_PATH_NOT_FOUND, "image containing path not found", os.fspath(image_containing_path))
     return mount(path, mountpoint, volume_id=volume_id, engine=engine)
+
+
+MOUNT_FLAG_BLOCK_DEVICE_CIM = 0x10
+MOUNT_FLAG_SINGLE_FILE_CIM = 0x20
+MOUNT_FLAG_VERIFIED_CIM = 0x80
+
+
+def CimMergeMountImage(paths: list, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint) -> uuid.UUID:
+    """Mount the merged view of ``paths`` (top layer first, base last) at
+    ``mountpoint`` with the rules of a merged image; returns the volume id."""
+    where = os.fspath(paths[0]) if paths else os.fspath(mountpoint)
+    layout_flags = MOUNT_FLAG_BLOCK_DEVICE_CIM | MOUNT_FLAG_SINGLE_FILE_CIM | MOUNT_FLAG_VERIFIED_CIM
+    if not isinstance(flags, int) or flags < 0 or flags & ~layout_flags:
+        raise CimError(E_INVALIDARG, f"unsupported mount flags {flags!r}", where)
+    if flags:
+        raise CimError(0x80004001, f"mount flags {flags:#x} (block, single-file or verified CIMs): their on-disk "
+                                   "layout is not public", where)
+    return mount_merged(list(paths), mountpoint, volume_id=volume_id)
 
 
 def CimDismountImage(volume_id: uuid.UUID) -> None:

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 
 from ..errors import CimError
@@ -23,13 +24,26 @@ from ..errors import CimError
 E_FAIL = 0x80004005
 
 
+def fsname(cim_path: str) -> str:
+    """The mount's source (``fsname=``, the first column of ``mount``): the
+    image path with every byte outside printable ASCII, and ``%`` itself,
+    written ``%XX`` (URL style, so it decodes back to the path's bytes).
+    pyfuse3 hands options to libfuse as ASCII; a path in any other script
+    would fail the mount."""
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x25 else f"%{b:02X}" for b in os.fsencode(cim_path))
+
+
 def _escape_option(value: str) -> str:
     return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
 def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, allow_other=False,
-            storage_options=None, cache_dir=None):
+            storage_options=None, cache_dir=None, remove_dir=None):
     """Open and check the image, then mount it; raises CimError with a one-line reason.
+
+    ``remove_dir``: the private directory of a merged view (see
+    :func:`cimfs.mount.mount_merged`): every region file is opened, then the
+    directory is removed.
 
     Returns ``(image, fs)`` with the kernel mount in place (not yet served)."""
     import pyfuse3
@@ -44,6 +58,10 @@ def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, a
     except Exception as e:  # noqa: BLE001 - anything else is a damaged image too
         raise CimError(E_FAIL, f"cannot read the image: {e}", cim_path) from None
     try:
+        if remove_dir is not None:
+            for index in range(len(image.region_names)):
+                image._region(index)
+            shutil.rmtree(remove_dir, ignore_errors=True)
         fs = CimFs(image, Options(uid, gid, umask))
         # The root and its listing must be readable before anything is mounted.
         fs.entry(image.root_id)
@@ -55,7 +73,7 @@ def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, a
     except Exception as e:  # noqa: BLE001
         image.close()
         raise CimError(E_FAIL, f"the image's root cannot be read: {e}", cim_path) from None
-    options = set(pyfuse3.default_options) | {"ro", "subtype=cimfs", f"fsname={_escape_option(cim_path)}"}
+    options = set(pyfuse3.default_options) | {"ro", "subtype=cimfs", f"fsname={_escape_option(fsname(cim_path))}"}
     if allow_other:
         options.add("allow_other")
     try:
@@ -166,6 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--gid", type=int)
     p.add_argument("--umask", type=lambda s: int(s, 8))
     p.add_argument("--allow-other", action="store_true")
+    p.add_argument("--remove-dir", help="a merged view's private directory: removed once every region file is open")
+    p.add_argument("--source", action="append", help="a merged view's images, top first (for the mount registry)")
     p.add_argument("--ready-fd", type=int, required=True)
     p.add_argument("--cache-dir", help="keep a remote image's fetched blocks here")
     p.add_argument("--detach", action="store_true", help="fork once more and leave the caller")
@@ -184,12 +204,13 @@ def main(argv=None) -> int:
             from . import STORAGE_OPTIONS_ENV
             options = os.environ.pop(STORAGE_OPTIONS_ENV, None)
             image, fs = prepare(a.image, a.mountpoint, uid=a.uid, gid=a.gid, umask=a.umask, allow_other=a.allow_other,
-                                storage_options=json.loads(options) if options else None, cache_dir=a.cache_dir)
+                                storage_options=json.loads(options) if options else None, cache_dir=a.cache_dir,
+                                remove_dir=a.remove_dir)
         except CimError as e:
             _write_line(fd, "ERR " + json.dumps({"hresult": e.hresult, "reason": e.strerror, "path": e.filename}))
             return 1
         try:
-            write_entry(a.volume_id, a.mountpoint, a.image, os.getpid())
+            write_entry(a.volume_id, a.mountpoint, a.image, os.getpid(), a.source)
         except OSError as e:
             import pyfuse3
 

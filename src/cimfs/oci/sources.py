@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from ..errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
+from ..tarbounds import BoundedTarInfo
 from . import blobs
 
 MAX_JSON = 64 << 20  # an index, manifest or config larger than this is not read
@@ -282,7 +283,7 @@ class DockerArchive:
                 raise
             src = path
         try:
-            self.tf = tarfile.open(src, mode="r:")
+            self.tf = tarfile.open(src, mode="r:", tarinfo=BoundedTarInfo)
         except (tarfile.TarError, OSError, EOFError) as e:
             self.close()
             raise CimError(E_INVALIDARG, f"not an OCI layout directory or an uncompressed docker archive ({e})",

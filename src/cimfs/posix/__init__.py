@@ -30,7 +30,7 @@ Conventions this package chooses (documented in docs/CLI.md):
 
 from .extract import SPARSE_BLOCK, ExtractReport, Extractor
 from .extract import _FileWriters, _write_sparse  # noqa: F401  (private; the tests reach them here)
-from .importer import DirectoryImporter, Importer, write_node
+from .importer import DirectoryImporter, Importer, check_output_outside, write_node
 from .lx import (
     BLK,
     CHR,
@@ -86,7 +86,7 @@ __all__ = [
     "SPARSE_BLOCK", "SPECIAL_TAGS", "SYMLINK", "TAG_AF_UNIX", "TAG_LX_BLK", "TAG_LX_CHR",
     "TAG_LX_FIFO", "TAG_LX_SYMLINK", "TAG_MOUNT_POINT", "TAG_SYMLINK", "TAR_READ_ERRORS",
     "DirectoryImporter", "ExtractReport", "Extractor", "Importer", "Node", "PosixInfo", "Tree",
-    "check_image_name", "export_tar", "filetime_to_ns", "fold", "format_pax_time", "free_name",
+    "check_image_name", "check_output_outside", "export_tar", "filetime_to_ns", "fold", "format_pax_time", "free_name",
     "members", "metadata_matches", "name_from_image", "name_to_image", "node_metadata",
     "ns_to_filetime", "open_node", "open_tar", "parse_pax_time", "plain_file_metadata",
     "posix_info", "resolve_collision", "scan_directory", "scan_single", "scan_tar", "write_node",

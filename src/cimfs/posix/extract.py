@@ -11,6 +11,7 @@ exists, directory metadata set last, and sparse files written with holes.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import stat as S
@@ -20,7 +21,7 @@ import cimfs
 
 from .. import workers
 from ..bulk import paused_gc
-from ..errors import ERROR_FILE_EXISTS, ERROR_INVALID_NAME, CimError
+from ..errors import E_INVALIDARG, ERROR_FILE_EXISTS, ERROR_INVALID_NAME, CimError
 from .lx import (
     BLK,
     CHR,
@@ -60,10 +61,34 @@ class ExtractReport:
 
 
 def _safe_local_name(name: str) -> str | None:
+    """The local name of an image name, or None when it cannot be one.
+
+    [choice] A name with a lone UTF-16 surrogate (NTFS allows them) has no
+    UTF-8 form; any byte form chosen for it would not come back the same
+    through ``cimfs create`` (which takes UTF-8 names only), so the entry is
+    skipped and reported, never mapped to bytes."""
     local = name_from_image(name)
     if local in ("", ".", "..") or "/" in local or "\0" in local:
         return None
+    if not local.isascii():
+        try:
+            local.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
     return local
+
+
+def _local_target(target: str, rel: str) -> str:
+    """A symlink target as a local path, or a CimError naming the entry."""
+    if "\0" in target:
+        raise CimError(E_INVALIDARG, "symlink target contains a NUL character; not extracted", rel)
+    if not target.isascii():
+        try:
+            target.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CimError(E_INVALIDARG, f"symlink target {target!r} has a lone surrogate with no local form; "
+                                         "not extracted", rel) from None
+    return target
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -72,29 +97,48 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 class _DirChain:
     """Directories below DEST, opened one step at a time with O_NOFOLLOW;
     the open path is kept, so neighbours in a walk share their common part
-    (about one open per directory instead of a walk from DEST)."""
+    (about one open per directory instead of a walk from DEST).  At most
+    ``_OPEN`` descriptors are held whatever the depth: the shallowest are
+    closed, and opened again from DEST when the walk comes back to them."""
+
+    _OPEN = 64
 
     def __init__(self, dest_fd: int):
         self._parts: list[str] = []
-        self._fds = [dest_fd]  # the caller's; never closed here
+        self._fds: list[int | None] = [dest_fd]  # the caller's; never closed here
+        self._closed = 0  # _fds[1:_closed + 1] are closed (None); the rest are open
 
     def open(self, parts) -> int:
-        mine = self._parts
+        mine, fds = self._parts, self._fds
         same, n = 0, min(len(parts), len(mine))
         while same < n and parts[same] == mine[same]:
             same += 1
         while len(mine) > same:
             mine.pop()
-            os.close(self._fds.pop())
+            fd = fds.pop()
+            if fd is not None:
+                os.close(fd)
+        if self._closed >= len(fds):
+            self._closed = len(fds) - 1
+        if fds[-1] is None:
+            # the common part ends in a closed directory: open it again from DEST
+            del fds[1:], mine[:]
+            self._closed = same = 0
         for p in parts[same:]:
-            self._fds.append(os.open(p, _DIR_FLAGS, dir_fd=self._fds[-1]))
+            fds.append(os.open(p, _DIR_FLAGS, dir_fd=fds[-1]))
             mine.append(p)
-        return self._fds[-1]
+            if len(fds) - 1 - self._closed > self._OPEN:
+                self._closed += 1
+                os.close(fds[self._closed])
+                fds[self._closed] = None
+        return fds[-1]
 
     def close(self) -> None:
         for fd in self._fds[1:]:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         del self._fds[1:], self._parts[:]
+        self._closed = 0
 
 
 class _FileWriters:
@@ -375,7 +419,9 @@ class _EntryMaker:
             chown = self.owner and ((uid, gid) != self._ids or not plain_dir)
             if chown:
                 os.fchown(fd, uid, gid)
-            if not plain_dir or (chown and perm & 0o6000):  # chown clears set-ID bits
+            # The set-ID bits given to open() are gone once data is written
+            # (without CAP_FSETID) or the owner changes: set them again.
+            if not plain_dir or perm & 0o6000:
                 os.fchmod(fd, perm)
             os.utime(fd, ns=((rec.last_access_time - FILETIME_UNIX_EPOCH) * 100,  # filetime_to_ns, inline
                              (rec.last_write_time - FILETIME_UNIX_EPOCH) * 100))
@@ -412,6 +458,26 @@ class _EntryMaker:
             os.close(fd)
 
 
+class _Frame:
+    """A directory of an extraction's walk: where it is, what is left of it."""
+
+    __slots__ = ("parts", "info", "plain_dir", "later", "next", "fd", "own", "writer")
+
+    def __init__(self, parts: list[str], info, plain_dir: bool):
+        self.parts, self.info, self.plain_dir = parts, info, plain_dir
+        self.later: list = []
+        self.next = 0
+        self.fd: int | None = None
+        self.own = True
+        self.writer: int | None = None
+
+    def close(self) -> None:
+        if self.fd is not None and self.own:
+            os.close(self.fd)
+        if self.own:
+            self.fd = None
+
+
 class Extractor:
     """Extract an image (or a subtree) into DEST without ever leaving DEST.
 
@@ -435,6 +501,7 @@ class Extractor:
         self._first_dir: dict[int, int] = {}              # file FileID -> the directory of its first name
         self._dir_parts: dict[int, tuple] = {}            # directory FileID -> its local path parts
         self._links: list[tuple[tuple, str, int]] = []    # (parts, name, FileID) of later names
+        self._first_names: dict[int, dict[int, str]] = {}  # directory FileID -> {FileID: first name}, link pass
         self._moved_first: dict[int, tuple[tuple, str]] = {}  # FileID -> (parts, local) where a copy stands in
         self._make: _EntryMaker | None = None  # for one run()
         self._early_meta: dict[tuple, PosixInfo | _DirMeta] = {}  # directories whose metadata the writers set
@@ -480,6 +547,7 @@ class Extractor:
             finally:
                 # dropped while paused: the first collection afterwards would scan them
                 self._first_dir, self._dir_parts, self._early_meta, self._make = {}, {}, {}, None
+                self._first_names = {}
 
     def _run(self, path: str) -> ExtractReport:
         img = self.image
@@ -496,7 +564,7 @@ class Extractor:
                 if _FileWriters.available():
                     self._writers = _FileWriters(self._make, dfd)
                 try:
-                    self._extract_dir(dfd, fid, [], {fid}, _dir_is_plain(dfd))
+                    self._walk(dfd, fid, _dir_is_plain(dfd))
                     self._finish(dfd)
                 finally:
                     if self._writers is not None:
@@ -510,7 +578,7 @@ class Extractor:
                 if local is None:
                     self.report.problem(f"{path}: unsafe name, not extracted")
                 else:
-                    self._extract_entry(dfd, local, fid, st, [], path, set())
+                    self._extract_entry(dfd, local, fid, st, [], path)
         finally:
             os.close(dfd)
         if self.streams_skipped:
@@ -560,11 +628,17 @@ class Extractor:
         if moved is not None:
             return moved
         dir_id = self._first_dir[fid]
-        for ent in self.image.scandir(dir_id):
-            if ent.file_id == fid:
-                local = _safe_local_name(ent.name)
-                return None if local is None else (self._dir_parts[dir_id], local)
-        return None
+        names = self._first_names.get(dir_id)
+        if names is None:
+            # Each directory holding first names is listed once for the whole
+            # link pass: 100 000 links to the files of one directory cost one
+            # listing, not one each.
+            names = self._first_names[dir_id] = {}
+            for ent in self.image.scandir(dir_id):
+                names.setdefault(ent.file_id, ent.name)
+        name = names.get(fid)
+        local = None if name is None else _safe_local_name(name)
+        return None if local is None else (self._dir_parts[dir_id], local)
 
     def _make_link(self, chain: _DirChain, sources: _DirChain, parts: tuple, name: str, fid: int) -> None:
         """``chain`` opens the new name's directory, ``sources`` the first name's."""
@@ -585,24 +659,88 @@ class Extractor:
                 except OSError as e:
                     self.report.warning(f"{rel}: could not hard link ({e.strerror}); extracting a copy")
             # the first name was not extracted: this one takes its place
-            self._extract_entry(dfd, local, fid, self.image.stat(fid, links=False), list(parts), rel, set())
+            self._extract_entry(dfd, local, fid, self.image.stat(fid, links=False), list(parts), rel)
             self._moved_first[fid] = (parts, local)
         except (CimError, OSError) as e:
             self._entry_failed(e, rel)
 
-    def _extract_dir(self, dfd, dir_id: int, parts: list[str], ancestors: set, plain_dir: bool = False) -> int | None:
-        """The entries of directory ``dir_id`` (extracted at ``parts``).
+    def _walk(self, dest_fd: int, root_id: int, plain_dir: bool) -> None:
+        """Extract directory ``root_id`` into ``dest_fd``, depth first, with
+        an explicit stack: no recursion, so any depth works.  A frame keeps
+        its directory open while it has entries left; at most
+        ``_OPEN_FRAMES`` do (the shallowest are closed and reopened from
+        their nearest open ancestor, one O_NOFOLLOW step at a time)."""
+        stack = [self._open_dir(dest_fd, root_id, [], plain_dir, None)]
+        stack[0].own = False  # DEST is the caller's
+        held: collections.deque = collections.deque()  # frames below DEST holding a descriptor, shallowest first
+        try:
+            while stack:
+                frame = stack[-1]
+                if frame.next < len(frame.later):
+                    entry = frame.later[frame.next]
+                    frame.next += 1
+                    if frame.fd is None:
+                        self._reopen(stack)
+                        held.append(frame)
+                    child = self._later_entry(frame, *entry)
+                    if child is None:
+                        continue
+                    if frame.next == len(frame.later) and frame.own:
+                        # nothing left in it: a chain holds one descriptor, not one per level
+                        frame.close()
+                        held.pop()  # it was the deepest
+                    stack.append(child)
+                    if child.fd is not None:
+                        held.append(child)
+                        if len(held) > self._OPEN_FRAMES:
+                            held.popleft().close()
+                    continue
+                stack.pop()
+                if frame.fd is not None and frame.own:
+                    frame.close()
+                    held.pop()
+                if frame.info is not None:
+                    self._dir_done(frame)
+        finally:
+            for frame in stack:
+                frame.close()
+
+    _OPEN_FRAMES = 64
+
+    def _reopen(self, stack: list) -> None:
+        """Open the top frame's directory again from its nearest open ancestor."""
+        frame = stack[-1]
+        i = len(stack) - 2
+        while stack[i].fd is None:
+            i -= 1
+        fd = stack[i].fd
+        try:
+            for p in frame.parts[len(stack[i].parts):]:
+                nfd = os.open(p, _DIR_FLAGS, dir_fd=fd)
+                if fd != stack[i].fd:
+                    os.close(fd)
+                fd = nfd
+        except BaseException:
+            if fd != stack[i].fd:
+                os.close(fd)
+            raise
+        frame.fd = fd
+
+    def _open_dir(self, dfd, dir_id: int, parts: list[str], plain_dir: bool, info) -> "_Frame":
+        """Start directory ``dir_id`` (extracted at ``parts``): its plain
+        files go to the writers at once, the rest wait in the frame.
         ``dfd`` is its open descriptor, or a function that opens it: a
         directory holding only plain files, all made by the writers, is
         never opened here.  ``plain_dir``: made here below a plain directory
-        (see :func:`_dir_is_plain`).  Returns the writer that got its files."""
+        (see :func:`_dir_is_plain`).  ``info``: its metadata, set once
+        everything in it is done (None for DEST)."""
         image, writers, first_dir = self.image, self._writers, self._first_dir
         key = tuple(parts)
         self._dir_parts[dir_id] = key
         plain: list[tuple[str, int]] = []
         plain_bytes = 0
         later: list = []
-        writer = None
+        frame = _Frame(parts, info, plain_dir)
         # Told apart by the record alone; a plain file's metadata is read by
         # the writer that creates it.
         entries = image.scandir(dir_id)
@@ -619,49 +757,52 @@ class Extractor:
                     continue
             later.append((name, fid, rec))
         if plain:
-            writer = writers.add(key, plain, plain_bytes, plain_dir)
+            frame.writer = writers.add(key, plain, plain_bytes, plain_dir)
             self.progress(plain_bytes)
-        if not later:
-            return writer
-        opened = None
-        if callable(dfd):
-            dfd = opened = dfd()
-        try:
-            for name, fid, rec in later:
-                rel = "/".join(parts + [name])
-                local = _safe_local_name(name)
-                if local is None:
-                    self.report.problem(f"{rel}: unsafe name {name!r}, not extracted")
-                    continue
-                try:
-                    if rec.is_dir and not rec.reparse_offset and not rec.stream_table_offset:
-                        # a plain directory: what posix_info would say, from the record
-                        perm, uid, gid = self._make.owner_of(fid, rec, 0o755)
-                        meta = _DirMeta(uid, gid, S.S_IFDIR | perm, filetime_to_ns(rec.last_access_time),
-                                        filetime_to_ns(rec.last_write_time))
-                        self._extract_subdir(dfd, local, fid, meta, parts, rel, ancestors, plain_dir)
-                        continue
-                    self._extract_entry(dfd, local, fid, image.stat(fid, links=False), parts, rel, ancestors, plain_dir)
-                except (CimError, OSError) as e:
-                    self._entry_failed(e, rel)
-        finally:
-            if opened is not None:
-                os.close(opened)
-        return writer
+        if later:
+            frame.later = later
+            frame.fd = dfd() if callable(dfd) else dfd
+        elif not callable(dfd):
+            frame.fd = dfd
+        return frame
 
-    def _extract_entry(self, dfd, local, fid, st, parts, rel, ancestors, plain_dir: bool = False) -> None:
+    def _later_entry(self, frame: "_Frame", name: str, fid: int, rec) -> "_Frame | None":
+        """One entry of ``frame`` that is not a plain file for the writers;
+        returns the frame of a directory to go into."""
+        parts = frame.parts
+        rel = "/".join(parts + [name])
+        local = _safe_local_name(name)
+        if local is None:
+            self.report.problem(f"{rel}: unsafe name {name!r}, not extracted")
+            return None
+        try:
+            if rec.is_dir and not rec.reparse_offset and not rec.stream_table_offset:
+                # a plain directory: what posix_info would say, from the record
+                perm, uid, gid = self._make.owner_of(fid, rec, 0o755)
+                meta = _DirMeta(uid, gid, S.S_IFDIR | perm, filetime_to_ns(rec.last_access_time),
+                                filetime_to_ns(rec.last_write_time))
+                return self._enter_subdir(frame.fd, local, fid, meta, parts, rel, frame.plain_dir)
+            return self._extract_entry(frame.fd, local, fid, self.image.stat(fid, links=False), parts, rel,
+                                       frame.plain_dir)
+        except (CimError, OSError) as e:
+            self._entry_failed(e, rel)
+        return None
+
+    def _extract_entry(self, dfd, local, fid, st, parts, rel, plain_dir: bool = False) -> "_Frame | None":
+        """One entry; a directory is made and its frame returned (the caller
+        walks it)."""
         info = posix_info(st)
         if st.stream_count:
             self.streams_skipped += st.stream_count
         if info.kind == DIR:
-            self._extract_subdir(dfd, local, fid, info, parts, rel, ancestors, plain_dir)
-            return
+            return self._enter_subdir(dfd, local, fid, info, parts, rel, plain_dir)
         if info.kind == FILE:
             self._make.write_file(dfd, local, fid, st, info, rel)
         elif info.kind == SYMLINK:
             if info.link_has_children and self.image.scandir(fid):
                 self.report.warning(f"{rel}: is a link in the image; the entries below it are not extracted")
-            self._make.retry(lambda: os.symlink(info.target, local, dir_fd=dfd), dfd, local, rel)
+            target = _local_target(info.target, rel)
+            self._make.retry(lambda: os.symlink(target, local, dir_fd=dfd), dfd, local, rel)
             self._make.set_meta_path(dfd, local, info)
         elif info.kind in (FIFO, SOCK):
             self._make.retry(lambda: os.mknod(local, FMT_OF_KIND[info.kind] | 0o600, dir_fd=dfd), dfd, local, rel)
@@ -675,12 +816,21 @@ class Extractor:
                 return
             self._make.set_meta_path(dfd, local, info)
 
-    def _extract_subdir(self, dfd, local: str, fid: int, info, parts, rel: str, ancestors: set, plain_dir: bool) -> None:
-        """A directory: made (or one in the way replaced), its entries, then
-        its metadata (``info``: a PosixInfo or _DirMeta)."""
-        if fid in ancestors:
-            self.report.problem(f"{rel}: directory loop in the image, not followed")
-            return
+    def _enter_subdir(self, dfd, local: str, fid: int, info, parts, rel: str, plain_dir: bool) -> "_Frame | None":
+        """A directory: made (or one in the way replaced) and started; its
+        metadata (``info``: a PosixInfo or _DirMeta) is set by
+        :meth:`_dir_done` once its entries are.  A directory met a second
+        time (linked under two names, or a loop) is extracted once: the
+        second name is reported, not followed."""
+        first = self._dir_parts.get(fid)
+        if first is not None:
+            where = "/".join(first) or "."
+            if tuple(parts[:len(first)]) == first:
+                self.report.problem(f"{rel}: directory loop in the image (back to {where}), not followed")
+            else:
+                self.report.problem(f"{rel}: the same directory as {where} (linked under two names); "
+                                    "extracted once, there")
+            return None
         child = parts + [local]
         try:
             os.mkdir(local, 0o700, dir_fd=dfd)
@@ -695,20 +845,24 @@ class Extractor:
                 os.mkdir(local, 0o700, dir_fd=dfd)
                 cfd = os.open(local, _DIR_FLAGS, dir_fd=dfd)
         try:
-            writer = self._extract_dir(cfd, fid, child, ancestors | {fid}, plain_dir)
-        finally:
+            return self._open_dir(cfd, fid, child, plain_dir, info)
+        except BaseException:
             if type(cfd) is int:
                 os.close(cfd)
+            raise
+
+    def _dir_done(self, frame: "_Frame") -> None:
+        """Everything in the directory is made (or handed to the writers)."""
+        info, child = frame.info, frame.parts
         # Early, by a writer, where nothing is made in it later but hard
         # links (its metadata is then set again) and its mode cannot stop
         # the writers going through it or the links being made.
         if self._writers is not None and (self._root or info.mode & 0o300 == 0o300):
             key = tuple(child)
-            self._writers.set_dir_meta(key, info, writer)
+            self._writers.set_dir_meta(key, info, frame.writer)
             self._early_meta[key] = info
         else:
             self._dir_meta.append((child, info))
-
 
 
 def _write_sparse(fd: int, buf: bytes, pos: int) -> None:

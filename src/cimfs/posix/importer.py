@@ -15,7 +15,7 @@ import stat as S
 from typing import Callable
 
 from ..bulk import paused_gc
-from ..errors import E_INVALIDARG, CimError
+from ..errors import E_INVALIDARG, ERROR_ALREADY_EXISTS, CimError
 from .lx import DIR, FILE, metadata_matches, node_metadata, plain_file_metadata, posix_info
 from .names import _join, _split, check_image_name, fold, name_from_image, name_to_image
 from .lx import plain_file_metadata_consistent, writes_consistent
@@ -50,11 +50,20 @@ class Importer:
     otherwise the tree is merged over what is there.  Entries the base already
     holds with the same name, metadata and content are left alone, so a fork
     stores only what changed.
+
+    An entry of the base that is a directory where the tree has something
+    else, or the other way round (also on the way to ``at``: a file where
+    the tree needs a directory), is replaced only with ``replace_kind``;
+    otherwise that is a CimError naming it.  It defaults to ``delete_extra``:
+    a mirror replaces anything, a merge never turns a file into a directory
+    or removes a directory by surprise.
     """
 
     def __init__(self, writer, root: Node, *, base=None, at: str = "", delete_extra: bool = False,
-                 progress: Callable[[int], None] | None = None, hidden: set[str] | None = None):
+                 progress: Callable[[int], None] | None = None, hidden: set[str] | None = None,
+                 replace_kind: bool | None = None):
         self.w = writer
+        self.replace_kind = delete_extra if replace_kind is None else replace_kind
         # folded paths (and everything below them) whose base entry no longer
         # counts: deleted, or written by an earlier import into the same writer
         self.hidden = hidden or set()
@@ -107,8 +116,9 @@ class Importer:
             cpath = _join(path, p)
             child = self._base_child(base_id, path, p)
             if child is not None:
-                keep = (child.name == p and (not last or self.root.kind == DIR)
-                        and posix_info(self.base.stat(child.file_id)).kind == DIR)
+                is_dir = posix_info(self.base.stat(child.file_id)).kind == DIR
+                self._check_kind(_join(path, child.name), is_dir, not last or self.root.kind == DIR)
+                keep = child.name == p and (not last or self.root.kind == DIR) and is_dir
                 if not keep:
                     self.deletes.append(_join(path, child.name))
                     child = None
@@ -120,6 +130,12 @@ class Importer:
             base_id = child.file_id if child is not None else None
             path = cpath
         self._plan_node(self.root, path, base_id)
+
+    def _check_kind(self, path: str, was_dir: bool, is_dir: bool) -> None:
+        if was_dir != is_dir and not self.replace_kind:
+            what = ("a directory", "something else") if was_dir else ("not a directory", "a directory")
+            raise CimError(ERROR_ALREADY_EXISTS, f"is {what[0]} in the image and the addition would make it "
+                                                 f"{what[1]} (an explicit replace allows it: --replace)", path)
 
     def _same_content(self, node: Node, fid: int) -> bool:
         if node.size == 0:
@@ -151,6 +167,7 @@ class Importer:
             b = base_children.pop(key, None)
             if b is not None:
                 bst = self.base.stat(b.file_id)
+                self._check_kind(_join(path, b.name), posix_info(bst).kind == DIR, child.kind == DIR)
                 keep = (b.name == child.name and posix_info(bst).kind == child.kind
                         and (child.kind == DIR or (child.group is None and bst.nlink == 1
                                                    and bst.stream_count == 0
@@ -243,6 +260,18 @@ def _copy_node(w, node: Node, path: str, meta, progress: Callable[[int], None]) 
             progress(len(buf))
 
 
+def check_output_outside(src_dir: str, image_dir: str | None) -> None:
+    """[choice] An image written inside the tree it is made of would read its
+    own region files as they grow: refused, rather than excluded (what to
+    leave out would be a guess: other images there are the user's files)."""
+    if image_dir is None:
+        return
+    top, out = os.path.realpath(src_dir), os.path.realpath(image_dir)
+    if out == top or out.startswith(top.rstrip(os.sep) + os.sep):
+        raise CimError(E_INVALIDARG, f"the image would be written inside the source directory {src_dir!r}; "
+                                     "write it outside the source", image_dir)
+
+
 class DirectoryImporter:
     """Write a local directory into a new image while it is scanned.
 
@@ -260,6 +289,7 @@ class DirectoryImporter:
                  progress: Callable[[int], None] | None = None):
         if on_collision not in ("error", "rename", "skip"):
             raise CimError(E_INVALIDARG, f"unknown collision policy {on_collision!r}")
+        check_output_outside(src_dir, getattr(writer, "directory", None))
         self.w = writer
         self.src_dir = src_dir
         self.on_collision = on_collision

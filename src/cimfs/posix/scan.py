@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from ..tarbounds import BoundedTarInfo
 from ..errors import (
     E_INVALIDARG,
     ERROR_FILE_EXISTS,
@@ -370,11 +371,11 @@ def open_tar(path: str, stdin=None):
                     break
                 spool.write(buf)
             spool.seek(0)
-            tf = tarfile.open(fileobj=spool, mode="r:*")
+            tf = tarfile.open(fileobj=spool, mode="r:*", tarinfo=BoundedTarInfo)
             tf.spool = spool      # the raw bytes, for a second reader
             return tf
-        return tarfile.open(path, mode="r:*")
-    except (tarfile.TarError, EOFError) as e:
+        return tarfile.open(path, mode="r:*", tarinfo=BoundedTarInfo)
+    except (tarfile.TarError, EOFError, ValueError) as e:
         raise CimError(E_INVALIDARG, f"not a readable tar archive ({_tar_reason(e)})", path) from None
     except OSError as e:
         raise _oserror(e, path) from None
@@ -383,9 +384,14 @@ def open_tar(path: str, stdin=None):
 def _tar_reason(e: BaseException) -> str:
     """tarfile's reason in one line (``r:*`` lists every method it tried)."""
     text = str(e)
-    m = re.search(r"method tar: \w+\((['\"])(.*?)\1\)", text)
-    if m:
-        text = m.group(2)
+    tried = re.findall(r"- method (\w+): \w+\((['\"])(.*?)\2\)", text)
+    if tried:
+        # The decompressor that recognised its format has the real reason;
+        # the others only say the bytes are not theirs.
+        past_magic = [why for method, _, why in tried
+                      if method != "tar" and not re.match(r"not an? \w+ file", why)]
+        plain = [why for method, _, why in tried if method == "tar"]
+        text = (past_magic or plain or [text])[0]
     return " ".join(text.split()) or type(e).__name__
 
 
@@ -467,6 +473,8 @@ def scan_tar(tf: tarfile.TarFile, tree: Tree, label: str = "-") -> Tree:
             node.sparse = m.sparse is not None
             node.opener = (lambda m=m: tf.extractfile(m))
         elif m.issym():
+            if "\0" in m.linkname:  # a PAX linkpath may carry one; no POSIX path does
+                raise CimError(E_INVALIDARG, "symlink target contains a NUL character", where)
             node.kind = SYMLINK
             node.target = m.linkname
         elif m.ischr() or m.isblk():

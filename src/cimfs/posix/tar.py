@@ -11,7 +11,8 @@ from __future__ import annotations
 import io
 import tarfile
 
-from .extract import SPARSE_BLOCK, ExtractReport, _safe_local_name
+from ..errors import CimError
+from .extract import SPARSE_BLOCK, ExtractReport, _local_target, _safe_local_name
 from .lx import BLK, CHR, DIR, FIFO, FILE, SYMLINK, posix_info
 from .names import format_pax_time
 from .scan import CHUNK
@@ -134,6 +135,11 @@ def export_tar(image, out: tarfile.TarFile, *, progress=None, warn=None) -> Extr
             ti.type = tarfile.REGTYPE
             ti.size = info.size
         elif info.kind == SYMLINK:
+            try:
+                _local_target(info.target, name)
+            except CimError as e:
+                report.problem(str(e).replace("not extracted", "not exported"))
+                return None
             ti.type = tarfile.SYMTYPE
             ti.linkname = info.target
             if info.link_has_children and image.scandir(st.file_id):
@@ -154,7 +160,10 @@ def export_tar(image, out: tarfile.TarFile, *, progress=None, warn=None) -> Extr
             return
         if ti.type == tarfile.REGTYPE and ti.size:
             if st.is_sparse or st.attributes & 0x200:
-                extents = _data_map(image, st.file_id, ti.size)
+                # Stored sparse: nothing is stored, all of it is a hole (a
+                # length near 2^48 must cost nothing); marked sparse: the
+                # zero blocks of what is stored.
+                extents = [(ti.size, 0)] if st.is_sparse else _data_map(image, st.file_id, ti.size)
                 body = _SparseReader(image, st.file_id, extents, progress)
                 real = ti.name
                 ti.pax_headers.update({"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
