@@ -19,6 +19,7 @@ from cimfs import FileAttributes as A, FileMetadata
 from cimfs import erofs
 from cimfs.layout import erofs as L
 from cimfs.layout import ntfs
+from cimfs.errors import E_INVALIDARG, ERROR_ALREADY_EXISTS, ERROR_FILE_NOT_FOUND
 
 from cimfs import mount as cmount  # noqa: E402
 from cimfs.mount import _newmount, kernel  # noqa: E402
@@ -636,3 +637,189 @@ def test_umount_without_a_registry_entry(tmp_path):
         assert os.path.ismount(mnt)
     finally:
         _newmount.umount(str(mnt))
+
+
+# ===================================================================== merged views
+def _merge_layers(root, base):
+    """A top and a middle layer, each in its own directory, over ``base`` (a
+    fork chain): new files, replaced files, tombstones, merge links, modes, times."""
+    mid_src, mid_dir, top_dir = root / "mid-src", root / "mid", root / "top"
+    for d in (mid_src / "etc", mid_dir, top_dir):
+        d.mkdir(parents=True)
+    (mid_src / "etc" / "conf").write_bytes(b"mid conf")
+    (mid_src / "tool").write_bytes(random.Random(5).randbytes(150_000))
+    (mid_src / "doomed").write_bytes(b"removed by the top")
+    os.chmod(mid_src / "tool", 0o751)
+    os.utime(mid_src / "tool", ns=(1_500_000_000_123_456_700, 1_500_000_000_123_456_700))
+    subprocess.run([sys.executable, "-m", "cimfs.cli", "create", str(mid_src), str(mid_dir / "mid.cim")], check=True)
+    when = cimfs.filetime_from_ns(1_600_000_000_000_000_000)
+    with cimfs.create(top_dir, "top.cim") as w:
+        w.mkdir("etc")
+        w.add_file("etc/new", b"top new", FileMetadata(last_write_time=when, creation_time=when))
+        w.tombstone("doomed")
+        w.tombstone("big2")
+        w.merge_link("tool-again", "tool")
+        w.merge_link("etc/big-link", "big")
+    return [top_dir / "top.cim", mid_dir / "mid.cim", base]
+
+
+def _cache_files(tmp_path):
+    return sorted(os.listdir(tmp_path / "cache")) if (tmp_path / "cache").exists() else []
+
+
+def _private_dirs(tmp_path):
+    return [n for n in os.listdir(tmp_path / "registry") if n.startswith("merged-")]
+
+
+@needs_kernel
+def test_kernel_merged_view_equals_fuse_merged_view(fork_chain, tmp_path):
+    layers = _merge_layers(tmp_path, fork_chain)
+    before = {str(p) for d in {p.parent for p in layers} for p in d.iterdir()}
+    kmnt = tmp_path / "k"
+    kmnt.mkdir()
+    vid = cimfs.CimMergeMountImage([str(p) for p in layers], 0, mountpoint=str(kmnt), engine="kernel")
+    try:
+        assert kernel.is_live({"mountpoint": str(kmnt)}, cmount._mounted())
+        entry = next(e for e in cmount.mounts() if e["volume_id"] == str(vid))
+        assert entry["engine"] == "kernel" and entry["sources"] == [str(p) for p in layers]
+        assert entry["image"] == str(layers[0])
+        assert not _private_dirs(tmp_path)  # gone before the mount was reported
+        assert {str(p) for d in {p.parent for p in layers} for p in d.iterdir()} == before
+        # the index's devices are the sources' own region files (fork chain: several sets)
+        with open(entry["index"][:-6] + ".json") as f:
+            devices = __import__("json").load(f)["devices"]
+        assert devices and all(os.path.realpath(d) == d and os.path.dirname(d) in
+                               {str(p.parent) for p in layers} for d in devices)
+        assert {os.path.dirname(d) for d in devices} == {str(p.parent) for p in layers}
+        # what the merge rules say, independently of any engine
+        assert (kmnt / "etc" / "conf").read_bytes() == b"mid conf"
+        assert (kmnt / "etc" / "new").read_bytes() == b"top new"
+        assert (kmnt / "etc" / "new").stat().st_mtime_ns == 1_600_000_000_000_000_000
+        assert (kmnt / "etc" / "big-link").read_bytes() == random.Random(3).randbytes(300_000)
+        assert os.path.samestat((kmnt / "etc" / "big-link").stat(), (kmnt / "big").stat())
+        assert os.path.samestat((kmnt / "tool-again").stat(), (kmnt / "tool").stat())
+        st = (kmnt / "tool").stat()
+        assert stat.S_IMODE(st.st_mode) == 0o751 and st.st_mtime_ns == 1_500_000_000_123_456_700
+        assert st.st_nlink == 2
+        for gone in ("doomed", "big2", "alias", "etc/remove-me"):
+            assert not (kmnt / gone).exists(), gone
+        assert (kmnt / "etc" / "new").exists() and (kmnt / "linked").read_bytes() == b"L"
+        ktree = tree_of(kmnt, xattr_names=kernel_xattrs)
+        if have_fuse():
+            fmnt = tmp_path / "f"
+            fmnt.mkdir()
+            fvid = cmount.mount_merged([str(p) for p in layers], fmnt, engine="fuse")
+            try:
+                assert_same_view(tree_of(fmnt, xattr_names=fuse_xattrs), ktree)
+            finally:
+                cimfs.CimDismountImage(fvid)
+    finally:
+        cimfs.CimDismountImage(vid)
+    assert not os.path.ismount(kmnt) and cmount.mounts() == []
+    # the command line, "auto" as root, and the cache: a second mount builds nothing
+    cached = _cache_files(tmp_path)
+    assert len(cached) == 2
+    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", "--kernel"] + [str(p) for p in layers] + [str(kmnt)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    try:
+        assert (kmnt / "etc" / "conf").read_bytes() == b"mid conf" and not (kmnt / "doomed").exists()
+        assert _cache_files(tmp_path) == cached and not _private_dirs(tmp_path)
+    finally:
+        out = subprocess.run([sys.executable, "-m", "cimfs.cli", "umount", str(kmnt)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    assert not os.path.ismount(kmnt)
+    cmount.mount_merged([str(p) for p in layers], kmnt, engine="auto")
+    try:
+        assert [e["engine"] for e in cmount.mounts()] == ["kernel"]
+    finally:
+        cmount.unmount(kmnt)
+    # other sources are another view, another index
+    cmount.mount_merged([str(layers[1]), str(layers[2])], kmnt, engine="kernel")
+    try:
+        assert (kmnt / "doomed").read_bytes() == b"removed by the top"  # no tombstone above it now
+        assert (kmnt / "big2").exists() and not (kmnt / "tool-again").exists()
+    finally:
+        cmount.unmount(kmnt)
+    assert len(_cache_files(tmp_path)) == 4
+
+
+@needs_kernel
+def test_failed_kernel_merged_mounts_leave_nothing(fork_chain, tmp_path, monkeypatch):
+    layers = _merge_layers(tmp_path, fork_chain)
+    paths = [str(p) for p in layers]
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    (tmp_path / "registry").mkdir(exist_ok=True)
+
+    def nothing_left(cache_before):
+        assert not os.path.ismount(mnt) and os.listdir(mnt) == [] and cmount.mounts() == []
+        assert not _private_dirs(tmp_path) and _cache_files(tmp_path) == cache_before
+        assert not erofs_mounts_under(tmp_path) and not loops_of(tmp_path)
+        assert not [n for n in os.listdir(tmp_path / "registry") if n.endswith(".json")]
+
+    # no foreground mode; a missing source
+    with pytest.raises(cimfs.CimError) as e:
+        cmount.mount_merged(paths, mnt, engine="kernel", foreground=True)
+    assert e.value.hresult == E_INVALIDARG
+    with pytest.raises(cimfs.CimError) as e:
+        cmount.mount_merged(paths[:1] + [str(tmp_path / "missing.cim")], mnt, engine="kernel")
+    assert e.value.hresult == ERROR_FILE_NOT_FOUND
+    nothing_left([])
+    # the merge itself fails (a merge link whose target is not below): nothing built
+    with pytest.raises(cimfs.CimError) as e:
+        cmount.mount_merged([paths[0], paths[2]], mnt, engine="kernel")
+    assert e.value.hresult == ERROR_FILE_NOT_FOUND and "merge link" in str(e.value)
+    nothing_left([])
+    # a region file of the middle layer is missing: no index, no private directory
+    mid_dir = layers[1].parent
+    region = next(n for n in os.listdir(mid_dir) if n.startswith("region_"))
+    os.rename(mid_dir / region, tmp_path / region)
+    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", "--kernel"] + paths + [str(mnt)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    nothing_left([])
+    os.rename(tmp_path / region, mid_dir / region)
+    # the mount point is taken: refused before anything is built
+    other = tmp_path / "other"
+    other.mkdir()
+    cmount.mount(fork_chain, mnt, engine="kernel")
+    cached = _cache_files(tmp_path)
+    with pytest.raises(cimfs.CimError) as e:
+        cmount.mount_merged(paths, mnt, engine="kernel")
+    assert e.value.hresult == ERROR_ALREADY_EXISTS
+    assert _cache_files(tmp_path) == cached and not _private_dirs(tmp_path)
+    cmount.unmount(mnt)
+    # the kernel refuses (a damaged index in the cache), on files and on loop devices
+    cmount.mount_merged(paths, mnt, engine="kernel")
+    index = next(e for e in cmount.mounts())["index"]
+    cmount.unmount(mnt)
+    cached = _cache_files(tmp_path)
+    with open(index, "r+b") as f:
+        f.seek(L.SUPER_OFFSET)
+        f.write(b"\0\0\0\0")
+    for loop in ("0", "1"):
+        monkeypatch.setenv("CIMFS_EROFS_LOOP", loop)
+        with pytest.raises(cimfs.CimError) as e:
+            cmount.mount_merged(paths, mnt, engine="kernel")
+        assert "kernel refused" in str(e.value)
+        nothing_left(cached)
+
+
+@needs_kernel
+def test_kernel_merged_view_on_loop_devices(fork_chain, tmp_path, monkeypatch):
+    layers = _merge_layers(tmp_path, fork_chain)
+    monkeypatch.setenv("CIMFS_EROFS_LOOP", "1")
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    vid = cmount.mount_merged([str(p) for p in layers], mnt, engine="kernel")
+    try:
+        entry = next(e for e in cmount.mounts() if e["volume_id"] == str(vid))
+        assert len(entry["loops"]) >= 3 and not _private_dirs(tmp_path)
+        assert (mnt / "etc" / "big-link").read_bytes() == random.Random(3).randbytes(300_000)
+        assert (mnt / "tool").read_bytes() == random.Random(5).randbytes(150_000)
+    finally:
+        cimfs.CimDismountImage(vid)
+    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert not [line for line in out.splitlines() if entry["index"] in line]
+    assert not loops_of(tmp_path)

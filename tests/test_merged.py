@@ -414,7 +414,7 @@ def test_merged_view_refusals_before_anything_is_made(tmp_path, monkeypatch):
     d = _layers(tmp_path)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    for paths, kw in (([d / "top.cim", d / "base.cim"], {"engine": "kernel"}),
+    for paths, kw in (([d / "top.cim", d / "base.cim"], {"engine": "warp"}),
                       (["https://example.invalid/top.cim", d / "base.cim"], {})):
         with pytest.raises(CimError) as e:
             cmount.mount_merged([str(p) for p in paths], str(mnt), **kw)

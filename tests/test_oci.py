@@ -626,3 +626,38 @@ def test_images_listing_and_rmi_by_digest_prefix(tmp_path):
     assert out == [r["layers"][0]["chain_id"]]
     assert oci.list_images(store) == [] and os.listdir(store / "layers") == []
     assert os.listdir(store / "blobs" / "sha256") == []
+
+
+def test_independent_layers_share_across_images_and_merge_to_the_fork_chain(app_layout, tmp_path):
+    layout, _, _ = app_layout
+    chain_store, store = tmp_path / "chain", tmp_path / "store"
+    oci.import_image(str(layout), chain_store)
+    r = json.loads(run("import-image", layout, store, "--independent", "--json").stdout)
+    diff_ids = [sha(t) for t in app_layers()]
+    assert r["mode"] == "independent" and r["merged"] == "new"
+    assert [x["image"] for x in r["layers"]] == ["base-" + diff_ids[0][7:] + ".cim"] + \
+        ["ind-" + d[7:] + ".cim" for d in diff_ids[1:]]
+    with cimfs.open(r["top"]) as merged, cimfs.open(layer_images(chain_store, "app:1.0")[-1]) as top:
+        assert tools.diff_images(top, merged) == {"added": [], "removed": [], "changed": []}
+        assert merged.read_bytes("layout") == b"vhd-with-hives\n"
+        assert merged.stat("Hives\\SAM_BASE").file_id == merged.stat("Files\\Windows\\System32\\config\\SAM").file_id
+    with cimfs.open(store / "layers" / r["layers"][2]["image"]) as third:  # converted on its own: no parent
+        assert not third.info().get("parent_region_sets") and not third.exists("Files\\Windows")
+    # another image with the same upper layer on another base shares that layer's image
+    other = [layer_tar(base_entries([("file", "Files/other.txt", b"o")]))] + app_layers()[1:]
+    write_layout(tmp_path / "other", other, ref="other:1")
+    r2 = oci.import_image(str(tmp_path / "other"), store, independent=True)
+    assert [x["status"] for x in r2["layers"]] == ["new", "reused", "reused"] and r2["merged"] == "new"
+    with cimfs.open(r2["top"]) as merged:
+        assert merged.read_bytes("Files\\other.txt") == b"o" and merged.read_bytes("Files\\data\\c") == b"c" * 40000
+    # exported (tombstones as whiteouts, merge links as hard links) and imported as a fork chain: the same layers
+    run("export-image", store, "app:1.0", tmp_path / "x")
+    oci.import_image(str(tmp_path / "x"), tmp_path / "again", reference="again")
+    assert_same_layers(chain_store, "app:1.0", tmp_path / "again", "again")
+    run("rmi", store, "app:1.0")
+    left = sorted(n for n in os.listdir(store / "layers") if n.endswith(".cim"))
+    assert left == sorted([x["image"] for x in r2["layers"]] + [os.path.basename(r2["top"])])
+    with cimfs.open(r2["top"]) as merged:
+        assert merged.read_bytes("Files\\app.exe")[:2] == b"MZ"
+    run("rmi", store, "other:1")
+    assert os.listdir(store / "layers") == []

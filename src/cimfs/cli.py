@@ -727,8 +727,10 @@ def gc(directory, dry_run, verbose):
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Threads: with 2 or more, each layer is read, decompressed and verified ahead of its import.")
 @click.option("--ref", "reference", metavar="NAME", help="Also name the image NAME in the store.")
+@click.option("--independent", is_flag=True,
+              help="Each layer an independent image (named by diff ID, shared by any image), plus a merged top.")
 @click.option("--json", "as_json", is_flag=True, help="Report layers, digests, chain IDs, bytes, reused/new.")
-def import_image(src, store_dir, platform, jobs, reference, as_json):
+def import_image(src, store_dir, platform, jobs, reference, independent, as_json):
     """Import a Windows container image into the layer store STORE_DIR.
 
     SRC is an OCI image layout directory, a `docker save` archive, an OCI
@@ -745,7 +747,8 @@ def import_image(src, store_dir, platform, jobs, reference, as_json):
     """
     from . import oci
     stream = click.get_binary_stream("stdin") if src == "-" else src
-    report = oci.import_image(stream, store_dir, platform=platform, jobs=jobs, warn=_warn, reference=reference)
+    report = oci.import_image(stream, store_dir, platform=platform, jobs=jobs, warn=_warn, reference=reference,
+                              independent=independent)
     if as_json:
         _json(report)
         return
@@ -858,7 +861,8 @@ def mount(images, mountpoint, foreground, options, engine, kernel, cache_dir):
     fetching contents when they are read.
 
     With several images (top layer first, base last) the merged view of them
-    is mounted, as 'cimfs merge' would build it, without writing a merged image.
+    is mounted, as 'cimfs merge' would build it, without writing a merged image
+    (with either engine).
 
     \b
     Examples:
@@ -866,6 +870,7 @@ def mount(images, mountpoint, foreground, options, engine, kernel, cache_dir):
       cimfs mount app.cim /mnt/app -f -o uid=1000,gid=1000,umask=022
       cimfs mount top.cim mid.cim base.cim /mnt/layers
       cimfs mount --kernel app.cim /mnt/app     # root: EROFS, no daemon
+      cimfs mount --kernel top.cim base.cim /mnt/layers
       cimfs mount s3://bucket/layers/app.cim /mnt/app --cache-dir ~/.cache/cimfs
     """
     opts = _mount_options(options)

@@ -127,11 +127,13 @@ def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: 
     return _mount(image_containing_path, image_name, flags, volume_id, mountpoint=mountpoint, engine=engine)
 
 
-def CimMergeMountImage(paths, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint) -> uuid.UUID:
-    """Mount the merged view of ``paths`` (top layer first); see :mod:`cimfs.mount`."""
+def CimMergeMountImage(paths, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint,
+                       engine: str = "fuse") -> uuid.UUID:
+    """Mount the merged view of ``paths`` (top layer first), with FUSE or
+    (``engine="kernel"``/``"auto"``) as EROFS; see :mod:`cimfs.mount`."""
     from .mount import CimMergeMountImage as _merge_mount
 
-    return _merge_mount(paths, flags, volume_id, mountpoint=mountpoint)
+    return _merge_mount(paths, flags, volume_id, mountpoint=mountpoint, engine=engine)
 
 
 def CimDismountImage(volume_id: uuid.UUID) -> None:

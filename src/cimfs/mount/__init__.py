@@ -223,7 +223,8 @@ def _check_pyfuse3(where: str) -> None:
 def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = None, gid: int | None = None,
           umask: int | None = None, allow_other: bool = False, volume_id: uuid.UUID | None = None,
           engine: str = "fuse", storage_options: dict | None = None, cache_dir: str | None = None,
-          _remove_dir: str | None = None, _sources: list | None = None) -> uuid.UUID:
+          _remove_dir: str | None = None, _sources: list | None = None,
+          _kernel_merge: list | None = None) -> uuid.UUID:
     """Mount ``cim_path`` read-only at ``mountpoint``; returns the volume id.
 
     ``cim_path`` may be an fsspec URL (``s3://bucket/layer.cim``): the mount is
@@ -275,7 +276,7 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
             raise CimError(E_INVALIDARG, "the kernel engine has no foreground mode (nothing to serve)", mountpoint)
         from .view import Options
 
-        kernel.mount(cim_path, mountpoint, volume_id, Options(uid, gid, umask))
+        kernel.mount(cim_path, mountpoint, volume_id, Options(uid, gid, umask), sources=_kernel_merge)
         return volume_id
     if shutil.which("fusermount3") is None:
         raise CimError(E_INVALIDARG, "fusermount3 not found (install the fuse3 package)", mountpoint)
@@ -432,15 +433,29 @@ def mount_merged(paths: list, mountpoint, **kw) -> uuid.UUID:
     """Mount the merged view of ``paths`` (top layer first) without writing a
     merged image next to them.  [choice] The merged image is written to a
     private directory in the runtime directory (links to the sources' region
-    files and its own metadata region); the daemon opens every region file
-    and removes that directory before it reports the mount ready, so nothing
-    is left behind whatever happens to it later."""
-    if kw.get("engine", "fuse") == "kernel":
-        raise CimError(E_INVALIDARG, "a merged view is mounted by the FUSE engine only", os.fspath(mountpoint))
+    files and its own metadata region).  FUSE: the daemon opens every region
+    file and removes that directory before it reports the mount ready, so
+    nothing is left behind whatever happens to it later.  Kernel
+    (``engine="kernel"``, or ``"auto"`` as root): the EROFS index is built from
+    it (its devices are the sources' region files, by real path), the
+    directory removed, then the index mounted (see
+    :func:`cimfs.mount.kernel.ensure_merged_index`)."""
+    where = os.fspath(mountpoint)
+    if not paths:
+        raise CimError(E_INVALIDARG, "a merged mount needs at least one image", where)
     for p in paths:
         if is_url(os.fspath(p)):
             raise CimError(E_INVALIDARG, "a merged view is made of local images (not URLs)", os.fspath(p))
-    kw["engine"] = "fuse"  # "auto" too: the private directory must stay open in a daemon
+    from . import kernel
+
+    if kernel.check_engine(kw.get("engine", "fuse"), where) == "kernel":
+        kw["engine"] = "kernel"
+        for p in paths:
+            if not os.path.isfile(os.fspath(p)):
+                raise CimError(ERROR_FILE_NOT_FOUND, "image not found", os.path.abspath(os.fspath(p)))
+        return mount(paths[0], mountpoint,
+                     _kernel_merge=[os.path.abspath(os.fspath(p)) for p in paths], **kw)
+    kw["engine"] = "fuse"
     directory, cim_path = _merged_view(paths)
     try:
         return mount(cim_path, mountpoint, _remove_dir=directory, _sources=list(paths), **kw)
@@ -523,9 +538,11 @@ MOUNT_FLAG_SINGLE_FILE_CIM = 0x20
 MOUNT_FLAG_VERIFIED_CIM = 0x80
 
 
-def CimMergeMountImage(paths: list, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint) -> uuid.UUID:
+def CimMergeMountImage(paths: list, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint,
+                       engine: str = "fuse") -> uuid.UUID:
     """Mount the merged view of ``paths`` (top layer first, base last) at
-    ``mountpoint`` with the rules of a merged image; returns the volume id."""
+    ``mountpoint`` with the rules of a merged image; returns the volume id.
+    ``engine`` as for :func:`mount`."""
     where = os.fspath(paths[0]) if paths else os.fspath(mountpoint)
     layout_flags = MOUNT_FLAG_BLOCK_DEVICE_CIM | MOUNT_FLAG_SINGLE_FILE_CIM | MOUNT_FLAG_VERIFIED_CIM
     if not isinstance(flags, int) or flags < 0 or flags & ~layout_flags:
@@ -533,7 +550,7 @@ def CimMergeMountImage(paths: list, flags: int = 0, volume_id: uuid.UUID | None 
     if flags:
         raise CimError(0x80004001, f"mount flags {flags:#x} (block, single-file or verified CIMs): their on-disk "
                                    "layout is not public", where)
-    return mount_merged(list(paths), mountpoint, volume_id=volume_id)
+    return mount_merged(list(paths), mountpoint, volume_id=volume_id, engine=engine)
 
 
 def CimDismountImage(volume_id: uuid.UUID) -> None:

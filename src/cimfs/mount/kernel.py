@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import uuid
 
@@ -78,25 +79,88 @@ def ensure_index(cim_path: str, options: Options) -> tuple[str, list[str], bool]
     from ..erofs import write_index
 
     with open_image(cim_path) as image:
-        key = image_key(image, options)
-        d = cache_dir()
-        index = os.path.join(d, f"{key}.erofs")
-        meta = os.path.join(d, f"{key}.json")
+        real = os.path.realpath(cim_path)
+        return _cached_index(image_key(image, options), real,
+                             lambda out: write_index(image, out, options=options), cim_path)
+
+
+def merged_key(paths: list[str], options: Options) -> str:
+    """The identity of the merged view of ``paths`` (top first): the identities
+    of its sources, in order (the merged image itself is a function of them)."""
+    from .. import open as open_image
+
+    h = hashlib.sha256(f"merged v{INDEX_VERSION}\0".encode())
+    for p in paths:
+        with open_image(p) as image:
+            h.update(image_key(image, options).encode() + b"\0")
+    return h.hexdigest()[:32]
+
+
+def ensure_merged_index(paths: list[str], options: Options) -> tuple[str, list[str], bool]:
+    """(index path, device paths, built now?) for the merged view of ``paths``
+    (top first).  [choice] Cached like a single image's index, keyed by the
+    sources' identities.  On a miss the merged image is built in a private
+    directory (as for the FUSE engine), indexed, and the directory removed at
+    once: the merged image holds only metadata (copied into the index), so
+    the index's devices are the sources' own region files, by real path."""
+    from .. import open as open_image
+    from ..erofs import write_index
+    from . import _merged_view
+
+    paths = [os.path.realpath(p) for p in paths]
+
+    def build(out: str) -> dict:
+        directory, cim_path = _merged_view(paths)
         try:
-            with open(meta) as f:
-                devices = json.load(f)["devices"]
-            if os.path.isfile(index):
-                return index, devices, False
-        except (OSError, ValueError, KeyError):
-            pass
-        info = write_index(image, index, options=options)
-        _drop_stale(d, os.path.realpath(cim_path), key)
-        tmp = f"{meta}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"image": os.path.realpath(cim_path), "devices": info["devices"],
+            with open_image(cim_path) as image:
+                info = write_index(image, out, options=options)
+            private = os.path.realpath(directory) + os.sep
+            devices = [os.path.realpath(d) for d in info["devices"]]
+            inside = [d for d in devices if d.startswith(private)]
+            if inside:  # the merged image's own region holds no file data: never expected
+                raise CimError(E_FAIL, f"the merged image holds file data of its own ({inside[0]})", paths[0])
+            info["devices"] = devices
+            return info
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    tag = "merged:" + "\0".join(paths)
+    return _cached_index(merged_key(paths, options), tag, build, paths[0])
+
+
+def _cached_index(key: str, tag: str, build, where: str) -> tuple[str, list[str], bool]:
+    """The cached index ``key`` or, when missing, one ``build(path)`` writes
+    (to a temporary name first: a failed build leaves no partial index).
+    ``tag`` names what was indexed (older indexes with the same tag are
+    dropped)."""
+    d = cache_dir()
+    index = os.path.join(d, f"{key}.erofs")
+    meta = os.path.join(d, f"{key}.json")
+    try:
+        with open(meta) as f:
+            devices = json.load(f)["devices"]
+        if os.path.isfile(index):
+            return index, devices, False
+    except (OSError, ValueError, KeyError):
+        pass
+    tmp_index = f"{index}.{os.getpid()}.tmp"
+    tmp_meta = f"{meta}.{os.getpid()}.tmp"
+    try:
+        info = build(tmp_index)
+        with open(tmp_meta, "w") as f:
+            json.dump({"image": tag, "devices": info["devices"],
                        "block_size": info["block_size"], "copied_bytes": info["copied_bytes"]}, f)
-        os.replace(tmp, meta)
-        return index, info["devices"], True
+        os.replace(tmp_index, index)
+        os.replace(tmp_meta, meta)
+    except BaseException:
+        for p in (tmp_index, tmp_meta):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        raise
+    _drop_stale(d, tag, key)
+    return index, info["devices"], True
 
 
 def _drop_stale(d: str, image: str, keep: str) -> None:
@@ -144,15 +208,21 @@ def _mount_with_loops(index: str, devices: list[str], mountpoint: str) -> list[s
 
 
 # ===================================================================== mount / unmount
-def mount(cim_path: str, mountpoint: str, volume_id: uuid.UUID, options: Options) -> dict:
+def mount(cim_path: str, mountpoint: str, volume_id: uuid.UUID, options: Options,
+          sources: list[str] | None = None) -> dict:
     """Mount with the kernel; returns the registry entry written for it.
-    On any failure nothing stays mounted or attached."""
+    ``sources`` (top first): mount the merged view of these images instead
+    (``cim_path`` is then the top one).  On any failure nothing stays
+    mounted or attached."""
     if os.geteuid() != 0:
         raise CimError(E_ACCESSDENIED, "the kernel engine needs root (mounting is CAP_SYS_ADMIN)", mountpoint)
     from . import write_entry_data
 
     try:
-        index, devices, _ = ensure_index(cim_path, options)
+        if sources:
+            index, devices, _ = ensure_merged_index(sources, options)
+        else:
+            index, devices, _ = ensure_index(cim_path, options)
     except CimError:
         raise
     except OSError as e:
@@ -171,6 +241,8 @@ def mount(cim_path: str, mountpoint: str, volume_id: uuid.UUID, options: Options
             raise CimError(E_FAIL, f"the kernel refused the EROFS mount on loop devices: {e2.strerror}", mountpoint) from None
     entry = {"volume_id": str(volume_id), "mountpoint": os.path.abspath(mountpoint), "image": os.path.abspath(cim_path),
              "pid": 0, "engine": "kernel", "index": index, "loops": loops}
+    if sources:
+        entry["sources"] = [os.path.abspath(s) for s in sources]
     try:
         write_entry_data(entry)
     except BaseException:

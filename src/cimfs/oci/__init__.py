@@ -18,12 +18,14 @@ from .export import export_image
 from .store import LayerStore
 
 
-def import_image(src, store_dir, *, platform=None, jobs=1, warn=None, progress_stream=None, reference=None) -> dict:
+def import_image(src, store_dir, *, platform=None, jobs=1, warn=None, progress_stream=None, reference=None,
+                 independent=False) -> dict:
     """Import ``src`` (an OCI layout directory, a docker archive path, or a binary
     stream holding a docker archive) into the store ``store_dir`` (created if
     needed).  Returns a report (layers, digests, chain IDs, bytes, reused/new)."""
     return LayerStore(store_dir, create=True).import_image(src, platform=platform, jobs=jobs, warn=warn,
-                                                           progress_stream=progress_stream, reference=reference)
+                                                           progress_stream=progress_stream, reference=reference,
+                                                           independent=independent)
 
 
 def list_images(store_dir) -> list[dict]:

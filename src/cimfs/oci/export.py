@@ -109,15 +109,23 @@ def _export(store, ref, out, fmt, compress, progress_stream) -> dict:
     try:
         layers = []
         chains = rec["layers"]
+        independent = rec.get("mode") == "independent"
         for i, chain in enumerate(chains):
-            info = store.layer_info(chain)
-            image = os.path.join(store.layers, layer_image_name(chain))
-            parent = os.path.join(store.layers, layer_image_name(chains[i - 1])) if i else None
+            if independent:
+                name = rec["independent_layers"][i]
+                info = store.layer_info_of(name)
+                # an independent layer is its own changes; the base is written as it is
+                how = {"independent": True} if i else {"exclude": info.get("base_processing") or ()}
+            else:
+                name = layer_image_name(chain)
+                info = store.layer_info(chain)
+                how = {"parent": os.path.join(store.layers, layer_image_name(chains[i - 1])) if i else None,
+                       "exclude": info.get("base_processing") or ()}
+            image = os.path.join(store.layers, name)
             tmp = os.path.join(work, f"layer{i}.tmp")
             with open(tmp, "wb") as f, Progress(0, f"export layer {i + 1}/{len(chains)}", stream=progress_stream) as bar:
                 w = _BlobWriter(f, compress)
-                winlayer.export_layer(image, w, progress=bar, parent=parent,
-                                      exclude=info.get("base_processing") or ())
+                winlayer.export_layer(image, w, progress=bar, **how)
                 w.close()
             digest = "sha256:" + w.blob.hexdigest()
             diff_id = "sha256:" + w.diff.hexdigest()

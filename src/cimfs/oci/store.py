@@ -72,6 +72,17 @@ def layer_image_name(chain_id: str) -> str:
     return blobs.parse_digest(chain_id, "chain ID")[1] + ".cim"
 
 
+def independent_image_name(diff_id: str, base: bool) -> str:
+    """An independent layer depends on its own bytes only: named by diff ID
+    (a base layer, which gets the hive processing, apart from the same layer
+    higher up)."""
+    return ("base-" if base else "ind-") + blobs.parse_digest(diff_id, "diff ID")[1] + ".cim"
+
+
+def merged_image_name(top_chain_id: str) -> str:
+    return "merged-" + blobs.parse_digest(top_chain_id, "chain ID")[1] + ".cim"
+
+
 class StoreLock:
     """A ``flock`` on STORE_DIR/lock, waited for: exclusive for what changes the
     store (import, rmi: they queue up), shared for export (no rmi meanwhile)."""
@@ -135,7 +146,10 @@ class LayerStore:
         raise CimError(ERROR_FILE_NOT_FOUND, "no such image in the store", ref)
 
     def layer_info(self, chain_id: str) -> dict:
-        p = os.path.join(self.layers, layer_image_name(chain_id)[:-4] + ".json")
+        return self.layer_info_of(layer_image_name(chain_id))
+
+    def layer_info_of(self, image_name: str) -> dict:
+        p = os.path.join(self.layers, image_name[:-4] + ".json")
         try:
             with open(p, "rb") as f:
                 return json.loads(f.read())
@@ -166,7 +180,7 @@ class LayerStore:
 
     # ------------------------------------------------------------ import
     def import_image(self, src, *, platform: str | None = None, jobs: int = 1, warn=None,
-                     progress_stream=None, reference: str | None = None) -> dict:
+                     progress_stream=None, reference: str | None = None, independent: bool = False) -> dict:
         warn = warn or (lambda m: None)
         jobs = max(1, int(jobs))
         with StoreLock(self.path):
@@ -174,7 +188,7 @@ class LayerStore:
             source = open_source(src, spool_dir=self.path)
             try:
                 spec = source.resolve(platform)
-                return self._import(spec, jobs, warn, progress_stream, reference)
+                return self._import(spec, jobs, warn, progress_stream, reference, independent)
             finally:
                 source.close()
 
@@ -191,7 +205,7 @@ class LayerStore:
             if n.startswith(".spool-"):
                 os.unlink(os.path.join(self.path, n))
 
-    def _import(self, spec, jobs, warn, progress_stream, reference) -> dict:
+    def _import(self, spec, jobs, warn, progress_stream, reference, independent=False) -> dict:
         config = spec.config
         if config.get("os") not in (None, "windows"):
             raise CimError(E_INVALIDARG, f"the image is for os {config.get('os')!r}, not windows", spec.source)
@@ -204,9 +218,12 @@ class LayerStore:
         new_blobs: list[str] = []
         refs = self.load_refs()
         parent = None
+        own_layers: list[str] = []  # independent mode: the layer images, bottom first
         try:
             for layer, chain in zip(spec.layers, chains):
-                name = layer_image_name(chain)
+                name = independent_image_name(layer.diff_id, layer.index == 0) if independent \
+                    else layer_image_name(chain)
+                own_layers.append(name)
                 entry = {"index": layer.index, "digest": layer.digest, "media_type": layer.media_type,
                          "size": layer.size, "diff_id": layer.diff_id, "chain_id": chain, "image": name}
                 if os.path.exists(os.path.join(self.layers, name)):
@@ -215,8 +232,9 @@ class LayerStore:
                     entry["warnings"] = info.get("warnings", [])
                 else:
                     t0 = time.monotonic()
-                    info = self._import_layer(spec, layer, chain, name, parent, jobs, created_at, warn,
-                                              progress_stream, len(spec.layers))
+                    info = self._import_layer(spec, layer, chain, name, None if independent else parent, jobs,
+                                              created_at, warn, progress_stream, len(spec.layers),
+                                              independent=independent)
                     committed.append(name)
                     entry.update(status="new", uncompressed_bytes=info["uncompressed_bytes"],
                                  seconds=round(time.monotonic() - t0, 3), warnings=info["warnings"])
@@ -228,6 +246,16 @@ class LayerStore:
                     warnings.append(w)
                 report_layers.append(entry)
                 parent = name
+            merged_status = None
+            if independent and own_layers:
+                parent = merged_image_name(chains[-1])
+                merged_status = "reused"
+                if not os.path.exists(os.path.join(self.layers, parent)):
+                    import cimfs
+
+                    cimfs.merge(self.layers, parent, list(reversed(own_layers)))
+                    committed.append(parent)
+                    merged_status = "new"
             image_id = spec.manifest_digest or spec.config_digest
             self._put_blob(spec.config_bytes, spec.config_digest, new_blobs)
             if spec.manifest_bytes is not None:
@@ -247,6 +275,9 @@ class LayerStore:
                 "layers": chains,
                 "top": parent,
             }
+            if independent:
+                refs["images"][image_id]["mode"] = "independent"
+                refs["images"][image_id]["independent_layers"] = own_layers
             refs["version"] = STORE_VERSION
             self.save_refs(refs)
         except BaseException:
@@ -255,10 +286,14 @@ class LayerStore:
             for p in new_blobs:
                 _unlink_quiet(p)
             raise
-        return {"id": image_id, "refs": refs["images"][image_id]["refs"], "manifest_digest": spec.manifest_digest,
-                "config_digest": spec.config_digest, "platform": spec.platform,
-                "top": os.path.join(self.layers, parent) if parent else None,
-                "layers": report_layers, "warnings": warnings}
+        report = {"id": image_id, "refs": refs["images"][image_id]["refs"], "manifest_digest": spec.manifest_digest,
+                  "config_digest": spec.config_digest, "platform": spec.platform,
+                  "top": os.path.join(self.layers, parent) if parent else None,
+                  "layers": report_layers, "warnings": warnings}
+        if independent:
+            report["mode"] = "independent"
+            report["merged"] = merged_status
+        return report
 
     def _layer_record(self, chain: str) -> dict:
         try:
@@ -267,7 +302,7 @@ class LayerStore:
             return {}
 
     def _import_layer(self, spec, layer, chain, name, parent, jobs, created_at, warn, progress_stream,
-                      count) -> dict:
+                      count, independent=False) -> dict:
         label = f"layer {layer.index + 1}/{count} {layer.digest or layer.diff_id}"
         if layer.opener is None:
             where = ", ".join(layer.urls) if layer.urls else "no URL given"
@@ -300,7 +335,7 @@ class LayerStore:
 
             def before_commit(w):
                 reader.finish()
-                if parent is None:
+                if layer.index == 0:
                     added, missing = hives.process_base_layer(w, created_at)
                     base_added.extend(added)
                     if not added and missing:
@@ -311,7 +346,8 @@ class LayerStore:
                         f"{label}: registry hive deltas ({', '.join(sorted(set(delta_members)))}) stored as they "
                         f"are; hcsshim would merge them into the parent's base hives with the offline registry "
                         f"API, which does not exist here")
-                record = {"chain_id": chain, "diff_id": layer.diff_id, "digest": layer.digest,
+                record = {"chain_id": None if independent else chain, "independent": independent,
+                          "diff_id": layer.diff_id, "digest": layer.digest,
                           "media_type": layer.media_type, "size": layer.size, "parent": parent,
                           "uncompressed_bytes": reader.uncompressed_bytes, "base_processing": base_added,
                           "hive_deltas": sorted(set(delta_members)), "warnings": warnings}
@@ -319,8 +355,9 @@ class LayerStore:
 
             try:
                 # consistent: the same layer on the same parent gives the same files, on any machine
+                extra = {"independent": True} if independent else {}
                 winlayer.import_layer(reader, self.layers, name, parent=parent, progress=on_member,
-                                      before_commit=before_commit, consistent=True)
+                                      before_commit=before_commit, consistent=True, **extra)
             except BaseException:
                 _unlink_quiet(os.path.join(self.layers, name[:-4] + ".json"))
                 raise
@@ -352,14 +389,23 @@ class LayerStore:
                 self.save_refs(refs)
                 return {"untagged": [ref], "removed_image": None, "removed_layers": []}
             del refs["images"][key]
-            needed = {c for r in refs["images"].values() for c in r.get("layers", [])}
+            needed = {c for r in refs["images"].values() if r.get("mode") != "independent" for c in r.get("layers", [])}
+            needed_images = {n for r in refs["images"].values() if r.get("mode") == "independent"
+                             for n in r.get("independent_layers", []) + [r.get("top")]}
             blobs_needed = {d for r in refs["images"].values() for d in (r.get("manifest_digest"), r.get("config_digest"))}
             # Write the refs first: a store never names a layer that is gone.
             self.save_refs(refs)
-            for chain in reversed(rec.get("layers", [])):
-                if chain not in needed:
-                    self._remove_layer(layer_image_name(chain))
-                    removed_layers.append(chain)
+            if rec.get("mode") == "independent":
+                # the merged image first: it lists the layers' region files as its own parents
+                for name in [rec.get("top")] + list(reversed(rec.get("independent_layers", []))):
+                    if name and name not in needed_images:
+                        self._remove_layer(name)
+                        removed_layers.append(name)
+            else:
+                for chain in reversed(rec.get("layers", [])):
+                    if chain not in needed:
+                        self._remove_layer(layer_image_name(chain))
+                        removed_layers.append(chain)
             for d in (rec.get("manifest_digest"), rec.get("config_digest")):
                 if d and d not in blobs_needed:
                     alg, hexd = blobs.parse_digest(d)
