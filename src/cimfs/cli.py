@@ -356,7 +356,7 @@ def _long_line(name: str, st) -> str:
     when = tools.filetime_iso(st.last_write_time)[:19].replace("T", " ")
     line = f"{tools.mode_string(info.mode)} {st.nlink:>3} {info.uid:>5} {info.gid:>5} {size:>10} {when} {name}"
     if info.target is not None:
-        line += f" -> {info.target}"
+        line += f" -> {info.target}".replace("\0", "\\0")
     return line
 
 

@@ -33,6 +33,7 @@ import stat as S
 import uuid as _uuid
 from collections import Counter
 
+from .atomic import replacing
 from .errors import E_INVALIDARG, CimError
 from .layout import erofs as L
 from .metadata import filetime_to_ns
@@ -82,21 +83,13 @@ def write_index(image, out_path, *, standalone: bool = False, options: Options |
     options = options or Options()
     b = _Builder(image, options, block_bits, standalone, ntfs_xattrs)
     b.collect()
-    tmp = f"{out_path}.{os.getpid()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    with replacing(out_path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             b.write(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return b.info
 
 

@@ -81,13 +81,24 @@ class _Visits:
     or link tables adding up to more bytes than the region files have (they
     overlap) are damage, reported by the walker and not entered."""
 
-    __slots__ = ("dirs", "tables", "budget", "image")
+    __slots__ = ("dirs", "tables", "budget", "image", "counted")
+
+    def _count_regions(self, open_all: bool) -> None:
+        for i, size in self.image._region_sizes(open_all):
+            if i not in self.counted:
+                self.counted.add(i)
+                self.budget += size
 
     def __init__(self, image: "Image"):
         self.dirs: set[int] = set()
         self.tables: set[int] = set()
-        self.budget = image._region_bytes()
+        # The region files already open (link tables sit in metadata regions);
+        # all of them are counted only if that runs out, so a walk does not
+        # open every data region (a request each, for a remote image).
         self.image = image
+        self.counted: set[int] = set()
+        self.budget = 0
+        self._count_regions(open_all=False)
 
     def admit(self, fid: int, rec: cim.FileRecord | None = None) -> str | None:
         """None if the directory ``fid`` may be entered (it is then counted
@@ -101,6 +112,8 @@ class _Visits:
             if s.offset in self.tables:
                 return f"directory FileID {fid} shares its link table with another directory"
             self.budget -= s.length
+            if self.budget < 0:
+                self._count_regions(open_all=True)
             if self.budget < 0:
                 return f"directory FileID {fid}: link tables add up to more bytes than the region files hold (they overlap)"
             self.tables.add(s.offset)
@@ -599,15 +612,19 @@ class Image:
         fid = path if isinstance(path, int) else self.lookup(path)
         return list(self._directory(fid).names)
 
-    def _region_bytes(self) -> int:
-        """The bytes of all region files that open (what a walk's link tables may add up to)."""
-        total = 0
+    def _region_sizes(self, open_all: bool) -> list[tuple[int, int]]:
+        """(index, size) of the region files already open, or of all that open."""
+        out = []
         for i in range(len(self._regions)):
-            try:
-                total += self._region(i).size
-            except CimError:
-                pass
-        return total
+            region = self._regions[i]
+            if region is None and open_all:
+                try:
+                    region = self._region(i)
+                except CimError:
+                    continue
+            if region is not None:
+                out.append((i, region.size))
+        return out
 
     def directory_guard(self) -> _Visits:
         """For a walker outside this class: ``guard.admit(fid)`` is None when

@@ -373,6 +373,8 @@ def fsck(cim_path: str, progress: Callable[[int], None] | None = None, storage_o
                     rp = ntfs.parse_reparse(st.reparse_data)
                     if rp.tag != st.reparse_tag:
                         findings.append(f"{path}: reparse tag {st.reparse_tag:#x} in the record, {rp.tag:#x} in the buffer")
+                    if rp.target and "\0" in rp.target:  # no path can hold one: extract and the mount skip it
+                        findings.append(f"{path}: link target contains NUL")
                 except Exception as e:  # noqa: BLE001
                     findings.append(f"{path}: bad reparse buffer ({e})")
             streams = [None]

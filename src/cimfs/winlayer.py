@@ -37,7 +37,6 @@ import inspect
 import io
 import os
 import re
-import secrets
 import tarfile
 import zlib
 from typing import Callable, Iterable
@@ -52,6 +51,7 @@ from .errors import (
     CimError,
     hresult_from_oserror,
 )
+from .atomic import replacing
 from .metadata import FileAttributes, FileMetadata
 from .names import check_name
 from .tarbounds import BoundedTarInfo
@@ -972,21 +972,15 @@ def export_layer(image, out, progress=None, *, compression: str | None = None, p
             path = os.fsdecode(out)
             if compression is None:
                 compression = _COMPRESSION.get(os.path.splitext(path)[1].lower(), "")
-            tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
             try:
-                with open(tmp, "xb") as f:
+                with replacing(path) as tmp, open(tmp, "xb") as f:
                     _export(make, f, report, compression, path)
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except OSError as e:
-                _unlink_quiet(tmp)
-                if isinstance(e, CimError):
-                    raise
-                raise CimError(hresult_from_oserror(e), f"cannot write the tar: {e.strerror or e}", path) from None
-            except BaseException:
-                _unlink_quiet(tmp)
+            except CimError:
                 raise
+            except OSError as e:
+                raise CimError(hresult_from_oserror(e), f"cannot write the tar: {e.strerror or e}", path) from None
         else:
             try:
                 _export(make, out, report, compression or "", getattr(out, "name", "<stream>"))
@@ -999,13 +993,6 @@ def export_layer(image, out, progress=None, *, compression: str | None = None, p
             img.close()
         if own_parent:
             lower.close()
-
-
-def _unlink_quiet(p: str) -> None:
-    try:
-        os.unlink(p)
-    except FileNotFoundError:
-        pass
 
 
 def _export(make_exporter, f, report, compression: str, label) -> None:

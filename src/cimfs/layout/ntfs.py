@@ -222,15 +222,11 @@ def parse_reparse(buf: bytes) -> ReparsePoint:
             raise CimFormatError("reparse name offsets lie outside the path buffer")
         sub = path[so: so + sl].decode("utf-16-le", "surrogatepass")
         prn = path[po: po + pl].decode("utf-16-le", "surrogatepass")
-        if "\0" in sub or "\0" in prn:
-            raise CimFormatError(f"reparse target of tag {tag:#x} contains NUL")
         target = prn or (sub[4:] if sub.startswith("\\??\\") else sub)
         return ReparsePoint(tag, data, sub, prn, relative if tag == IO_REPARSE_TAG_SYMLINK else None, target)
     if tag == IO_REPARSE_TAG_LX_SYMLINK:
         if len(data) < 4:
             raise CimFormatError("LX symlink reparse data is truncated")
-        if b"\0" in data[4:]:
-            raise CimFormatError("LX symlink target contains NUL")
         return ReparsePoint(tag, data, target=data[4:].decode("utf-8", "surrogateescape"))
     return ReparsePoint(tag, data)
 

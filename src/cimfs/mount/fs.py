@@ -17,7 +17,6 @@ import functools
 import logging
 import os
 import stat as S
-import struct
 from collections import OrderedDict
 
 import pyfuse3

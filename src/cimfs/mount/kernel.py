@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import uuid
 
+from ..atomic import remove_quietly
 from ..errors import E_ACCESSDENIED, E_FAIL, E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
 from . import _newmount
 from .view import Options
@@ -154,10 +155,7 @@ def _cached_index(key: str, tag: str, build, where: str) -> tuple[str, list[str]
         os.replace(tmp_meta, meta)
     except BaseException:
         for p in (tmp_index, tmp_meta):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
+            remove_quietly(p)
         raise
     _drop_stale(d, tag, key)
     return index, info["devices"], True

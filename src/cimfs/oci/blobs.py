@@ -6,6 +6,7 @@ layer is imported, with no temporary copy.
 from __future__ import annotations
 
 import hashlib
+import io
 import queue
 import re
 import threading
@@ -48,6 +49,42 @@ LAYER_TYPES = {
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class _RawReader(io.RawIOBase):
+    """Any object with ``read(n)`` as a raw stream, so that a BufferedReader
+    can peek at it; closing it closes the object only if asked to."""
+
+    def __init__(self, f, close_source: bool):
+        self.f = f
+        self.close_source = close_source
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        data = self.f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self):
+        try:
+            if self.close_source and not self.closed:
+                self.f.close()
+        finally:
+            super().close()
+
+
+def sniff_compression(f, *, close_source: bool) -> tuple[io.BufferedReader, str]:
+    """``f`` buffered, and its compression (``gzip``, ``zstd`` or ``none``)
+    told by its first bytes; nothing is consumed."""
+    reader = io.BufferedReader(_RawReader(f, close_source), CHUNK)
+    return reader, compression_of(reader.peek(4)[:4])
+
+
+def compression_of(head: bytes) -> str:
+    """``gzip``, ``zstd`` or ``none``, from a stream's first four bytes."""
+    return "gzip" if head.startswith(GZIP_MAGIC) else "zstd" if head.startswith(ZSTD_MAGIC) else "none"
 
 # ---------------------------------------------------------------- digests
 _DIGEST = re.compile(r"(sha256|sha512):([0-9a-f]+)")

@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import tarfile
 import zlib
 
 from .. import winlayer
+from ..atomic import replacing, temp_name
 from ..errors import E_INVALIDARG, ERROR_FILE_EXISTS, CimError
 from ..progress import Progress
 from . import blobs
@@ -103,8 +103,7 @@ def _export(store, ref, out, fmt, compress, progress_stream) -> dict:
     out = os.path.abspath(out)
     if os.path.lexists(out) and not (fmt == "oci" and os.path.isdir(out) and not os.listdir(out)):
         raise CimError(ERROR_FILE_EXISTS, "the output exists (give a new path or an empty directory)", out)
-    parent_dir = os.path.dirname(out)
-    work = os.path.join(parent_dir, f".{os.path.basename(out)}.{secrets.token_hex(6)}.tmp")
+    work = temp_name(out)
     os.makedirs(os.path.join(work, "blobs", "sha256"))
     try:
         layers = []
@@ -182,8 +181,6 @@ def _put(work: str, data: bytes, digest: str) -> None:
 
 def _docker_archive(work: str, out: str, cbytes: bytes, cdigest: str, layers: list, tags: list) -> None:
     """``docker save`` layout: <config hex>.json, <diff ID hex>/layer.tar per layer, manifest.json."""
-    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{secrets.token_hex(6)}.tmp")
-
     def info(name: str, size: int, kind=tarfile.REGTYPE) -> tarfile.TarInfo:
         ti = tarfile.TarInfo(name)
         ti.size, ti.type, ti.mtime = size, kind, 0
@@ -195,7 +192,7 @@ def _docker_archive(work: str, out: str, cbytes: bytes, cdigest: str, layers: li
     cname = f"{cdigest[7:]}.json"
     manifest = [{"Config": cname, "RepoTags": tags or None,
                  "Layers": [f"{d['diff_id'][7:]}/layer.tar" for d in layers]}]
-    try:
+    with replacing(out) as tmp:
         with open(tmp, "xb") as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
                 written = set()
@@ -213,13 +210,6 @@ def _docker_archive(work: str, out: str, cbytes: bytes, cdigest: str, layers: li
                 tf.addfile(info("manifest.json", len(mbytes)), _BytesReader(mbytes))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 class _BytesReader:

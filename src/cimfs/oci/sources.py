@@ -8,7 +8,6 @@ the store through :mod:`.blobs`.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import tarfile
@@ -249,13 +248,11 @@ class DockerArchive:
     def __init__(self, src, spool_dir: str | None = None):
         self._spooled = None
         self.label = src if isinstance(src, str) else "<stdin>"
-        compressed = None
+        compressed = "none"
         if isinstance(src, str):
             with open(src, "rb") as f:
-                head = f.read(4)
-            compressed = "gzip" if head.startswith(blobs.GZIP_MAGIC) else \
-                "zstd" if head.startswith(blobs.ZSTD_MAGIC) else None
-        if not isinstance(src, str) or compressed:
+                compressed = blobs.compression_of(f.read(4))
+        if not isinstance(src, str) or compressed != "none":
             # A stream, or a compressed archive (docker save | gzip): spooled once,
             # decompressed, so that its members can be read in any order.
             fd, path = tempfile.mkstemp(prefix=".spool-", suffix=".tar", dir=spool_dir)
@@ -265,10 +262,7 @@ class DockerArchive:
                         (open(src, "rb") if isinstance(src, str) else contextlib.nullcontext(src)) as raw:
                     reader = raw
                     if not isinstance(src, str):
-                        reader = io.BufferedReader(_Raw(raw), blobs.CHUNK)
-                        head = reader.peek(4)[:4]
-                        compressed = "gzip" if head.startswith(blobs.GZIP_MAGIC) else \
-                            "zstd" if head.startswith(blobs.ZSTD_MAGIC) else None
+                        reader, compressed = blobs.sniff_compression(raw, close_source=False)
                     if compressed == "gzip":
                         reader = blobs._GzipReader(reader, self.label)
                     elif compressed == "zstd":
@@ -456,16 +450,3 @@ def open_source(src, spool_dir: str):
             raise CimError(ERROR_FILE_NOT_FOUND, "no such OCI layout or image archive", src)
         return DockerArchive(src, spool_dir)
     return DockerArchive(src, spool_dir)
-
-
-class _Raw(io.RawIOBase):
-    def __init__(self, f):
-        self.f = f
-
-    def readable(self):
-        return True
-
-    def readinto(self, b):
-        data = self.f.read(len(b))
-        b[:len(data)] = data
-        return len(data)

@@ -20,13 +20,12 @@ killed at any point is simply run again (it reuses what was committed and
 from __future__ import annotations
 
 import fcntl
-import io
 import json
 import os
-import secrets
 import time
 
 from .. import tools, winlayer
+from ..atomic import fsync_dir, remove_quietly, replacing
 from ..errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
 from ..progress import Progress
 from . import blobs, hives
@@ -40,28 +39,11 @@ STORE_VERSION = 1
 
 # ---------------------------------------------------------------- small file helpers
 def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.{secrets.token_hex(6)}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(os.path.dirname(path))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with replacing(path) as tmp, open(tmp, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(os.path.dirname(path))
 
 
 def _dump(obj) -> bytes:
@@ -284,7 +266,7 @@ class LayerStore:
             for name in reversed(committed):
                 self._remove_layer(name)
             for p in new_blobs:
-                _unlink_quiet(p)
+                remove_quietly(p)
             raise
         report = {"id": image_id, "refs": refs["images"][image_id]["refs"], "manifest_digest": spec.manifest_digest,
                   "config_digest": spec.config_digest, "platform": spec.platform,
@@ -316,10 +298,7 @@ class LayerStore:
             raise CimError(ERROR_FILE_NOT_FOUND, f"cannot open {label}: {e.strerror or e}", spec.source) from None
         compression = layer.compression
         if compression == "detect":
-            raw = io.BufferedReader(_RawAdapter(raw), blobs.CHUNK)
-            head = raw.peek(4)[:4]
-            compression = "gzip" if head.startswith(blobs.GZIP_MAGIC) else \
-                "zstd" if head.startswith(blobs.ZSTD_MAGIC) else "none"
+            raw, compression = blobs.sniff_compression(raw, close_source=True)
         delta_members: list[str] = []
         base_added: list[str] = []
         warnings: list[str] = []
@@ -359,7 +338,7 @@ class LayerStore:
                 winlayer.import_layer(reader, self.layers, name, parent=parent, progress=on_member,
                                       before_commit=before_commit, consistent=True, **extra)
             except BaseException:
-                _unlink_quiet(os.path.join(self.layers, name[:-4] + ".json"))
+                remove_quietly(os.path.join(self.layers, name[:-4] + ".json"))
                 raise
             finally:
                 if reader is not stream:
@@ -376,7 +355,7 @@ class LayerStore:
             tools.rm_image(os.path.join(self.layers, name))
         except CimError:
             pass
-        _unlink_quiet(os.path.join(self.layers, name[:-4] + ".json"))
+        remove_quietly(os.path.join(self.layers, name[:-4] + ".json"))
 
     # ------------------------------------------------------------ rmi
     def remove(self, ref: str) -> dict:
@@ -409,31 +388,5 @@ class LayerStore:
             for d in (rec.get("manifest_digest"), rec.get("config_digest")):
                 if d and d not in blobs_needed:
                     alg, hexd = blobs.parse_digest(d)
-                    _unlink_quiet(os.path.join(self.path, "blobs", alg, hexd))
+                    remove_quietly(os.path.join(self.path, "blobs", alg, hexd))
             return {"untagged": rec.get("refs", []), "removed_image": key, "removed_layers": removed_layers}
-
-
-class _RawAdapter(io.RawIOBase):
-    def __init__(self, f):
-        self.f = f
-
-    def readable(self):
-        return True
-
-    def readinto(self, b):
-        data = self.f.read(len(b))
-        b[:len(data)] = data
-        return len(data)
-
-    def close(self):
-        try:
-            self.f.close()
-        finally:
-            super().close()
-
-
-def _unlink_quiet(p: str) -> None:
-    try:
-        os.unlink(p)
-    except FileNotFoundError:
-        pass
