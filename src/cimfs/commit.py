@@ -17,6 +17,7 @@ import re
 import secrets
 from typing import Callable
 
+from .atomic import fsync_dir
 from .errors import E_INVALIDARG, ERROR_FILE_EXISTS, CimError
 from .layout import cim
 from .store import ObjectStore, write_file
@@ -28,14 +29,6 @@ EMPTY_DIR_STREAM = cim.Stream(0, 0, cim.STREAM_TYPE_LINK_TABLE)
 #: (``.NAME.<12 hex digits>.tmp``).  One left by a writer killed mid-commit is
 #: never an image: ``gc`` removes it.
 COMMIT_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$", re.DOTALL)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def with_parent(record, parent_file_id: int):

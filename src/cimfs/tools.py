@@ -11,6 +11,7 @@ import stat as S
 from typing import Callable, Iterator
 
 import cimfs
+from .atomic import fsync_dir
 from .writer import COMMIT_TEMP_NAME, DirectoryLock
 from . import posix
 from .layout import cim, ntfs
@@ -599,7 +600,7 @@ def rm_image(cim_path: str, *, dry_run: bool = False, force: bool = False,
         size = os.path.getsize(cim_path)
         if not dry_run:
             os.unlink(cim_path)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         removed = [(os.path.abspath(cim_path), size)]
         removed += _remove(directory, [n for n, s in contents.regions.items() if s in removable], dry_run)
         return removed
@@ -617,11 +618,3 @@ def gc(directory: str, *, dry_run: bool = False, warn=lambda m: None) -> list[tu
             raise CimError(E_INVALIDARG, "an image in the directory cannot be read; nothing removed", directory)
         unused = [n for n, s in contents.regions.items() if s not in needed]
         return _remove(directory, unused + contents.leftovers, dry_run)
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
