@@ -1032,14 +1032,7 @@ class _Exporter:
                 continue
             cparts = parts + [entry.name]
             st = img.stat(entry.file_id)
-            try:
-                self.entry(cparts, st)
-            except CimError as e:
-                if e.filename is None:
-                    raise CimError(e.hresult, e.strerror, "\\".join(cparts)) from None
-                raise
-            except (UnicodeError, ValueError, tarfile.TarError) as e:
-                raise CimError(E_INVALIDARG, f"cannot write a tar entry for it: {e}", "\\".join(cparts)) from None
+            self._write("entry", cparts, st)
             if st.is_dir:
                 if entry.file_id in seen_dirs:
                     raise CimError(E_INVALIDARG, "directory appears twice in the tree", "\\".join(cparts))
@@ -1209,6 +1202,20 @@ class _Exporter:
                 else:
                     self.tf.addfile(sti)
 
+    def _write(self, kind, parts, st) -> None:
+        """One tar entry (or a whiteout); a failure names the entry's path."""
+        try:
+            if kind == "whiteout":
+                self._whiteout(parts)
+            else:
+                self.entry(parts, st)
+        except CimError as e:
+            if e.filename is None:
+                raise CimError(e.hresult, e.strerror, "\\".join(parts)) from None
+            raise
+        except (UnicodeError, ValueError, tarfile.TarError) as e:
+            raise CimError(E_INVALIDARG, f"cannot write a tar entry for it: {e}", "\\".join(parts)) from None
+
 
 _UNCHANGED_FIELDS = ("attributes", "creation_time", "last_write_time", "change_time", "last_access_time",
                      "security_descriptor", "ea_buffer", "reparse_data", "is_dir", "size", "is_sparse")
@@ -1239,19 +1246,6 @@ class _DiffExporter(_Exporter):
         self._plan_dir([], self.img.root_id, self.lower.root_id, plan)
         for item in plan:
             self._write(*item)
-
-    def _write(self, kind, parts, st) -> None:
-        try:
-            if kind == "whiteout":
-                self._whiteout(parts)
-            else:
-                self.entry(parts, st)
-        except CimError as e:
-            if e.filename is None:
-                raise CimError(e.hresult, e.strerror, "\\".join(parts)) from None
-            raise
-        except (UnicodeError, ValueError, tarfile.TarError) as e:
-            raise CimError(E_INVALIDARG, f"cannot write a tar entry for it: {e}", "\\".join(parts)) from None
 
     def _excluded(self, parts) -> bool:
         return bool(self.exclude) and self.img.fold("\\".join(parts)) in self.exclude
