@@ -24,13 +24,15 @@ if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
     pytest.skip("no /dev/fuse or fusermount3 on this machine", allow_module_level=True)
 
 from cimfs import mount as cmount  # noqa: E402
+from test_hostile import _linked_twice  # noqa: E402
 
 
 _TAG = None  # this test's tmp_path: daemons of other users of the machine are not ours
 
 
-def daemons():
-    """Mount daemons serving something under this test's tmp_path."""
+def daemons(tag: str | None = None):
+    """Mount daemons serving something under ``tag`` (default: this test's tmp_path)."""
+    tag = tag or _TAG
     out = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -39,7 +41,7 @@ def daemons():
                     cmd = f.read()
             except OSError:
                 continue
-            if b"cimfs.mount.daemon" in cmd and (_TAG is None or os.fsencode(_TAG) in cmd):
+            if b"cimfs.mount.daemon" in cmd and (tag is None or os.fsencode(tag) in cmd):
                 out.append(int(pid))
     return out
 
@@ -573,24 +575,7 @@ def test_region_file_that_is_a_fifo_fails_one_read_not_the_daemon(tmp_path, moun
 
 def test_directory_under_two_names_does_not_hide_the_mount(tmp_path, mounted):
     """Issue 17 class 7: ls of the root and cat of an intact file work."""
-    with cimfs.create(tmp_path, "t.cim") as w:
-        w.mkdir("a")
-        w.add_file("a/inner", b"in")
-        w.mkdir("b")
-        w.add_file("top", b"intact file")
-        w.link("top2", "top")
-    with cimfs.open(tmp_path / "t.cim") as im:
-        a, b, root = im.lookup("a"), im.lookup("b"), im.root_id
-        s = im.record(root).stream
-        table = im._bytes(s.offset, s.length, "root")
-        region = tmp_path / im.region_names[s.offset >> 48][0]
-    count = struct.unpack_from("<I", table, 4)[0]
-    ids = list(struct.unpack_from(f"<{count}I", table, 8))
-    ids[ids.index(b)] = a
-    with open(region, "r+b") as f:
-        f.seek((s.offset & ((1 << 48) - 1)) + 8)
-        f.write(struct.pack(f"<{count}I", *ids))
-    mnt = mounted(tmp_path / "t.cim")
+    mnt = mounted(_linked_twice(tmp_path))
     assert sorted(os.listdir(mnt)) == ["a", "b", "top", "top2"]
     assert (mnt / "top").read_bytes() == b"intact file"
     assert os.stat(mnt / "top").st_nlink == 2

@@ -23,21 +23,8 @@ if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
 import cimfs  # noqa: E402
 from cimfs import mount as cmount  # noqa: E402
 from remote_servers import S3Server, stop_fsspec_io  # noqa: E402
+from test_mount import daemons  # noqa: E402
 from test_remote import BIG, build_image, stored_bytes  # noqa: E402
-
-
-def _daemons(tag: str) -> list[int]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except OSError:
-                continue
-            if b"cimfs.mount.daemon" in cmd and os.fsencode(tag) in cmd:
-                out.append(int(pid))
-    return out
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,12 +51,12 @@ def s3_image(tmp_path, monkeypatch):
             except ProcessLookupError:
                 pass
             cmount.remove_entry(e["volume_id"])
-        assert not _daemons(str(tmp_path)), "a mount daemon was left running"
+        assert not daemons(str(tmp_path)), "a mount daemon was left running"
 
 
 def _wait_gone(tag: str) -> None:
     for _ in range(100):
-        if not _daemons(tag):
+        if not daemons(tag):
             return
         time.sleep(0.1)
 
@@ -109,7 +96,7 @@ def test_lazy_mount_network_failure_is_eio_and_the_mount_survives(s3_image, tmp_
     assert not cmount.is_cimfs_mount(str(mnt))
     assert not any(e["volume_id"] == str(vid) for e in cmount.mounts())
     _wait_gone(str(tmp_path))
-    assert not _daemons(str(tmp_path))
+    assert not daemons(str(tmp_path))
 
 
 def test_cli_mount_of_an_s3_url_with_a_cache_dir(s3_image, tmp_path):
