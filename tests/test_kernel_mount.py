@@ -516,7 +516,7 @@ def test_loop_device_fallback_detaches_on_umount(kinds_image, tmp_path, monkeypa
 
 
 @needs_kernel
-def test_failed_mounts_leave_nothing(tmp_path):
+def test_failed_mounts_leave_nothing(tmp_path, monkeypatch):
     with cimfs.create(tmp_path, "g.cim") as w:
         w.add_file("f", b"x" * 100_000)
     mnt = tmp_path / "m"
@@ -540,15 +540,19 @@ def test_failed_mounts_leave_nothing(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path / "cache")) == before
     assert not os.path.ismount(mnt) and cmount.mounts() == []
-    # the kernel refuses (a damaged index in the cache): nothing mounted, nothing attached
-    key = [n for n in os.listdir(tmp_path / "cache") if n.endswith(".erofs")][0]
-    with open(tmp_path / "cache" / key, "r+b") as f:
-        f.seek(L.SUPER_OFFSET)
-        f.write(b"\0\0\0\0")
+    # the kernel refuses (the index damaged after it was checked): nothing mounted, nothing attached
+    monkeypatch.setattr(kernel, "_before_mount", damage_index)
     with pytest.raises(cimfs.CimError) as e:
         cmount.mount(tmp_path / "g.cim", mnt, engine="kernel")
-    assert "kernel refused" in str(e.value)
+    assert "kernel refused" in str(e.value) and "/proc/self/fd" not in str(e.value)
     assert not os.path.ismount(mnt) and cmount.mounts() == []
+
+
+def damage_index(prepared):
+    """Zero the index's magic through the very descriptor the kernel is about to be given."""
+    with open(f"/proc/self/fd/{prepared.index_fd}", "r+b") as f:
+        f.seek(L.SUPER_OFFSET)
+        f.write(b"\0\0\0\0")
 
 
 def test_engine_choice_is_checked(tmp_path):
@@ -687,7 +691,7 @@ def test_kernel_merged_view_equals_fuse_merged_view(fork_chain, tmp_path):
         assert {str(p) for d in {p.parent for p in layers} for p in d.iterdir()} == before
         # the index's devices are the sources' own region files (fork chain: several sets)
         with open(entry["index"][:-6] + ".json") as f:
-            devices = __import__("json").load(f)["devices"]
+            devices = __import__("json").load(f)["paths"]
         assert devices and all(os.path.realpath(d) == d and os.path.dirname(d) in
                                {str(p.parent) for p in layers} for d in devices)
         assert {os.path.dirname(d) for d in devices} == {str(p.parent) for p in layers}
@@ -790,14 +794,11 @@ def test_failed_kernel_merged_mounts_leave_nothing(fork_chain, tmp_path, monkeyp
     assert e.value.hresult == ERROR_ALREADY_EXISTS
     assert _cache_files(tmp_path) == cached and not _private_dirs(tmp_path)
     cmount.unmount(mnt)
-    # the kernel refuses (a damaged index in the cache), on files and on loop devices
+    # the kernel refuses (the index damaged after it was checked), on files and on loop devices
     cmount.mount_merged(paths, mnt, engine="kernel")
-    index = next(e for e in cmount.mounts())["index"]
     cmount.unmount(mnt)
     cached = _cache_files(tmp_path)
-    with open(index, "r+b") as f:
-        f.seek(L.SUPER_OFFSET)
-        f.write(b"\0\0\0\0")
+    monkeypatch.setattr(kernel, "_before_mount", damage_index)
     for loop in ("0", "1"):
         monkeypatch.setenv("CIMFS_EROFS_LOOP", loop)
         with pytest.raises(cimfs.CimError) as e:

@@ -14,27 +14,35 @@ the index and region files are attached to read-only loop devices, which
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import subprocess
 import uuid
 
-from ..atomic import remove_quietly
+from ..atomic import open_new, replacing
 from ..errors import E_ACCESSDENIED, E_FAIL, E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
+from ..layout import erofs as L
 from . import _newmount
 from .view import Options
 
-#: Bumped whenever the index layout changes, so old cached indexes are not reused.
-INDEX_VERSION = 1
+#: Bumped whenever the index layout or the cache entry changes, so old cached indexes are not reused.
+INDEX_VERSION = 2
 FSTYPE = "erofs"
+#: A cache entry's JSON is a few hundred bytes per region file: anything near this is not ours.
+_MAX_ENTRY = 1 << 20
+#: FS_IOC_GETFSUUID (_IOR(0x15, 0, struct fsuuid2 {u8 len; u8 uuid[16]})): the mounted EROFS's UUID.
+_FS_IOC_GETFSUUID = 0x80111500
+_UUID_AT = L.SUPER_OFFSET + 0x30
 
 
-def cache_dir() -> str:
-    """Where indexes are kept: ``$CIMFS_CACHE_DIR``, else ``$XDG_CACHE_HOME/cimfs/erofs``,
-    else ``/var/cache/cimfs/erofs`` for root, else ``~/.cache/cimfs/erofs``."""
+def _cache_path() -> str:
     d = os.environ.get("CIMFS_CACHE_DIR")
     if not d:
         if os.environ.get("XDG_CACHE_HOME"):
@@ -43,7 +51,62 @@ def cache_dir() -> str:
             d = "/var/cache/cimfs/erofs"
         else:
             d = os.path.join(os.path.expanduser("~"), ".cache", "cimfs", "erofs")
-    os.makedirs(d, mode=0o700, exist_ok=True)
+    return os.path.abspath(d)
+
+
+def _untrusted(st: os.stat_result) -> str | None:
+    """Why a cache directory or file with this stat is not the caller's alone (None: it is)."""
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        return f"owned by uid {st.st_uid}, not by uid {uid}"
+    if st.st_mode & 0o022:
+        who = "group and others" if st.st_mode & 0o022 == 0o022 else "group" if st.st_mode & 0o020 else "others"
+        return f"writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _open_cache_dir() -> tuple[str, int]:
+    """(path, descriptor) of the index cache, created 0700 where missing.
+    [choice] Refused unless it is owned by the caller and writable by no one
+    else (as ssh refuses a group-writable key): whoever can write it could
+    plant an index the kernel would mount.  Every later step goes through the
+    descriptor, so renaming a parent directory cannot redirect it."""
+    d = _cache_path()
+    missing = []
+    p = d
+    while not os.path.lexists(p) and os.path.dirname(p) != p:
+        missing.append(p)
+        p = os.path.dirname(p)
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: the checks below decide
+        except OSError as e:
+            raise CimError(E_ACCESSDENIED, f"cannot create the index cache directory: {e.strerror}", p) from None
+        st = os.lstat(p)
+        why = None if stat.S_ISDIR(st.st_mode) else "not a directory"
+        why = why or _untrusted(st)
+        if why:
+            raise CimError(E_ACCESSDENIED, f"refusing the index cache directory created here: {why}", p)
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CimError(E_ACCESSDENIED, f"cannot open the index cache directory: {e.strerror}", d) from None
+    why = _untrusted(os.fstat(fd))
+    if why:
+        os.close(fd)
+        raise CimError(E_ACCESSDENIED, f"refusing the kernel engine's index cache: {why} "
+                       "(another user could plant an index the kernel would mount; set CIMFS_CACHE_DIR)", d)
+    return d, fd
+
+
+def cache_dir() -> str:
+    """Where indexes are kept (checked and created, see :func:`_open_cache_dir`):
+    ``$CIMFS_CACHE_DIR``, else ``$XDG_CACHE_HOME/cimfs/erofs``, else
+    ``/var/cache/cimfs/erofs`` for root, else ``~/.cache/cimfs/erofs``."""
+    d, fd = _open_cache_dir()
+    os.close(fd)
     return d
 
 
@@ -52,139 +115,319 @@ def available() -> bool:
     return os.geteuid() == 0 and _newmount.available()
 
 
-def image_key(image, options: Options) -> str:
-    """The identity of an open image as the index cache sees it: the .cim's
-    bytes and path, every region file's (path, device, inode, size, mtime),
-    the owner options and the index version."""
-    from ..reader import find_region_file
-
-    h = hashlib.sha256()
-    h.update(f"v{INDEX_VERSION} {options.uid} {options.gid} {options.umask}\0".encode())
-    real = os.path.realpath(image.path)
-    h.update(os.fsencode(real) + b"\0")
-    with open(real, "rb") as f:
-        h.update(f.read())
-    for name in image.info()["region_files"]:
-        path = find_region_file(image.directory, name)
-        if path is None:
-            raise CimError(ERROR_FILE_NOT_FOUND, f"region file {name} is missing", image.path)
-        st = os.stat(path)
-        h.update(f"\0{os.path.realpath(path)}\0{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns}".encode(
-            "utf-8", "surrogateescape"))
-    return h.hexdigest()[:32]
+def _fd_path(fd: int) -> str:
+    """The name under which the kernel opens exactly the file behind ``fd``."""
+    return f"/proc/self/fd/{fd}"
 
 
-def ensure_index(cim_path: str, options: Options) -> tuple[str, list[str], bool]:
-    """(index path, device paths, built now?) for the image, from the cache or built into it."""
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes whenever a file's bytes may have: ctime moves on every
+    write and no one but the kernel can set it (an in-place rewrite with its
+    size and mtime put back still changes it)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+class _Pinned:
+    """The region files the kernel will read, each opened once (``O_NOFOLLOW``,
+    a regular file, the very file the reader parsed), by region file name."""
+
+    def __init__(self):
+        self.fds: dict[str, int] = {}
+        self.paths: dict[str, str] = {}
+        self.ids: dict[str, tuple] = {}
+
+    def add(self, image) -> list[tuple[str, tuple]]:
+        """Pin every region file of ``image``: [(name, identity)] in the image's order."""
+        out = []
+        for i, (name, _) in enumerate(image.region_names):
+            region = image._region(i)
+            if name not in self.fds:
+                fd = self._open(region.path, name)
+                self.fds[name], self.paths[name] = fd, region.path
+                self.ids[name] = _identity(os.fstat(fd))
+            self._same_file(image, i, name)
+            out.append((name, self.ids[name]))
+        return out
+
+    @staticmethod
+    def _open(path: str, name: str) -> int:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise CimError(E_ACCESSDENIED, f"region file {name} is a symbolic link (the kernel engine mounts "
+                               "an image's own files only)", path) from None
+            raise CimError(ERROR_FILE_NOT_FOUND, f"cannot open region file {name}: {e.strerror}", path) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CimError(E_INVALIDARG, f"region file {name} is not a regular file", path)
+        return fd
+
+    def _same_file(self, image, i: int, name: str) -> None:
+        """The reader's descriptor of region ``i`` is the pinned file: what the
+        index says about it was read from the file the kernel gets."""
+        region = image._regions[i]
+        if region is None or region.fd is None:
+            return
+        a, b = os.fstat(region.fd), os.fstat(self.fds[name])
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+            raise CimError(E_ACCESSDENIED, f"region file {name} was replaced while the image was opened",
+                           self.paths[name])
+
+    def check(self, image) -> None:
+        """Every region file ``image`` (a merged image over pinned sources) read is a pinned one."""
+        for i, (name, _) in enumerate(image.region_names):
+            if name in self.fds:
+                self._same_file(image, i, name)
+
+    def unchanged(self) -> None:
+        """No pinned file was written while it was read (else the index may mix old and new)."""
+        for name, fd in self.fds.items():
+            if _identity(os.fstat(fd)) != self.ids[name]:
+                raise CimError(E_FAIL, f"region file {name} changed while it was indexed", self.paths[name])
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+class Prepared:
+    """An index ready to mount: ``index_fd`` (the checked index), ``devices``
+    ([(region file name, descriptor, path)] in the index's device order),
+    ``index`` (its path in the cache) and ``built`` (made now)."""
+
+    def __init__(self, index: str, index_fd: int, devices: list, built: bool):
+        self.index, self.index_fd, self.devices, self.built = index, index_fd, devices, built
+
+
+def _read_cim(path: str) -> bytes:
+    from ..reader import _MAX_FILESYSTEM_FILE, _open_regular
+
+    fd = _open_regular(path, "image", is_image=True)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(_MAX_FILESYSTEM_FILE)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def prepared(paths: list[str], options: Options, merged: bool = False):
+    """The index of the image ``paths[0]`` (or of the merged view of ``paths``,
+    top first), from the cache once verified, else built into it.  The
+    descriptors stay open inside the ``with``: mount through them.
+
+    [choice] The cache key is a digest of every source's .cim bytes and of
+    every region file's (name, device, inode, size, mtime, ctime) as fstat
+    gives them for the pinned descriptors, with the owner options and the
+    index version.  Building reads every metadata object (0.5 s for 20 000
+    files); verifying a cached entry costs an fstat per region file and a
+    SHA-256 of the index (metadata only: 3 ms for those 20 000 files)."""
     from .. import open as open_image
-    from ..erofs import write_index
 
-    with open_image(cim_path) as image:
-        real = os.path.realpath(cim_path)
-        return _cached_index(image_key(image, options), real,
-                             lambda out: write_index(image, out, options=options), cim_path)
+    paths = [os.path.realpath(p) for p in paths]
+    pinned = _Pinned()
+    images = []
+    dfd = index_fd = None
+    try:
+        h = hashlib.sha256(f"{'merged ' if merged else ''}v{INDEX_VERSION} {options.uid} {options.gid} "
+                           f"{options.umask}\0".encode())
+        raws = []
+        for p in paths:
+            raws.append(_read_cim(p))
+            images.append(open_image(p))
+            h.update(os.fsencode(p) + b"\0" + len(raws[-1]).to_bytes(8, "little") + raws[-1])
+            for name, ident in pinned.add(images[-1]):
+                h.update(f"{name} {ident}\0".encode())
+        key = h.hexdigest()[:32]
+        d, dfd = _open_cache_dir()
+        found = _load_entry(dfd, key, pinned)
+        built = found is None
+        if built:
+            tag = "merged:" + "\0".join(paths) if merged else paths[0]
+            found = _build_entry(dfd, key, tag, pinned, lambda fd: _build(images, paths, fd, options, pinned, merged))
+            _drop_stale(dfd, tag, key)
+        index_fd, regions = found
+        for p, raw in zip(paths, raws):
+            if _read_cim(p) != raw:
+                raise CimError(E_FAIL, "the image changed while it was indexed", p)
+        pinned.unchanged()
+        yield Prepared(os.path.join(d, f"{key}.erofs"), index_fd,
+                       [(n, pinned.fds[n], pinned.paths[n]) for n in regions], built)
+    finally:
+        for fd in (index_fd, dfd):
+            if fd is not None:
+                os.close(fd)
+        for image in images:
+            image.close()
+        pinned.close()
 
 
-def merged_key(paths: list[str], options: Options) -> str:
-    """The identity of the merged view of ``paths`` (top first): the identities
-    of its sources, in order (the merged image itself is a function of them)."""
-    from .. import open as open_image
-
-    h = hashlib.sha256(f"merged v{INDEX_VERSION}\0".encode())
-    for p in paths:
-        with open_image(p) as image:
-            h.update(image_key(image, options).encode() + b"\0")
-    return h.hexdigest()[:32]
-
-
-def ensure_merged_index(paths: list[str], options: Options) -> tuple[str, list[str], bool]:
-    """(index path, device paths, built now?) for the merged view of ``paths``
-    (top first).  [choice] Cached like a single image's index, keyed by the
-    sources' identities.  On a miss the merged image is built in a private
-    directory (as for the FUSE engine), indexed, and the directory removed at
-    once: the merged image holds only metadata (copied into the index), so
-    the index's devices are the sources' own region files, by real path."""
+def _build(images, paths, fd: int, options: Options, pinned: _Pinned, merged: bool) -> tuple[dict, list[str]]:
+    """Write the index to ``fd``: (write_index's info, the region file name of each device)."""
     from .. import open as open_image
     from ..erofs import write_index
     from . import _merged_view
 
-    paths = [os.path.realpath(p) for p in paths]
-
-    def build(out: str) -> dict:
-        directory, cim_path = _merged_view(paths)
-        try:
-            with open_image(cim_path) as image:
-                info = write_index(image, out, options=options)
-            private = os.path.realpath(directory) + os.sep
-            devices = [os.path.realpath(d) for d in info["devices"]]
-            inside = [d for d in devices if d.startswith(private)]
-            if inside:  # the merged image's own region holds no file data: never expected
-                raise CimError(E_FAIL, f"the merged image holds file data of its own ({inside[0]})", paths[0])
-            info["devices"] = devices
-            return info
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-
-    tag = "merged:" + "\0".join(paths)
-    return _cached_index(merged_key(paths, options), tag, build, paths[0])
-
-
-def _cached_index(key: str, tag: str, build, where: str) -> tuple[str, list[str], bool]:
-    """The cached index ``key`` or, when missing, one ``build(path)`` writes
-    (to a temporary name first: a failed build leaves no partial index).
-    ``tag`` names what was indexed (older indexes with the same tag are
-    dropped)."""
-    d = cache_dir()
-    index = os.path.join(d, f"{key}.erofs")
-    meta = os.path.join(d, f"{key}.json")
+    if not merged:
+        image = images[0]
+        info = write_index(image, fd, options=options)
+        return info, _device_names(image, info, pinned)
+    # [choice] The merged image is built in a private directory (as for the
+    # FUSE engine), indexed and removed at once: it holds only metadata
+    # (copied into the index), so the devices are the sources' pinned files.
+    directory, cim_path = _merged_view(paths)
     try:
-        with open(meta) as f:
-            devices = json.load(f)["devices"]
-        if os.path.isfile(index):
-            return index, devices, False
-    except (OSError, ValueError, KeyError):
+        with open_image(cim_path) as image:
+            info = write_index(image, fd, options=options)
+            pinned.check(image)
+            return info, _device_names(image, info, pinned)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _device_names(image, info: dict, pinned: _Pinned) -> list[str]:
+    by_path = {r.path: name for (name, _), r in zip(image.region_names, image._regions) if r is not None}
+    names = []
+    for path in info["devices"]:
+        name = by_path.get(path)
+        if name not in pinned.fds:  # a merged image's own region holds no file data: never expected
+            raise CimError(E_FAIL, f"the index addresses a file that is not a source's region file ({path})", image.path)
+        names.append(name)
+    return names
+
+
+def _digest(fd: int) -> tuple[str, int]:
+    h = hashlib.sha256()
+    at = 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, at)
+        if not chunk:
+            return h.hexdigest(), at
+        h.update(chunk)
+        at += len(chunk)
+
+
+class _Untrusted(Exception):
+    """A cache entry that is not what this process wrote: dropped and rebuilt."""
+
+
+def _open_entry_file(name: str, dfd: int) -> int:
+    """A cache file opened without following a link, checked to be a regular file only the caller could write."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dfd)
+    st = os.fstat(fd)
+    why = "not a regular file" if not stat.S_ISREG(st.st_mode) else _untrusted(st)
+    if why:
+        os.close(fd)
+        raise _Untrusted(f"{name}: {why}")
+    return fd
+
+
+def _read_entry(name: str, dfd: int) -> dict:
+    fd = _open_entry_file(name, dfd)
+    try:
+        raw = os.pread(fd, _MAX_ENTRY + 1, 0)
+    finally:
+        os.close(fd)
+    if len(raw) > _MAX_ENTRY:
+        raise _Untrusted(f"{name}: too large")
+    meta = json.loads(raw)
+    if not isinstance(meta, dict):
+        raise _Untrusted(f"{name}: not an object")
+    return meta
+
+
+def _load_entry(dfd: int, key: str, pinned: _Pinned) -> tuple[int, list[str]] | None:
+    """(index descriptor, device region names) of the cached entry ``key``
+    once it checks out: its JSON names only region files of this image and
+    the SHA-256 of the index, which is hashed from the descriptor the kernel
+    will get.  A damaged, foreign or stale entry is removed: None."""
+    index_fd = None
+    try:
+        meta = _read_entry(f"{key}.json", dfd)
+        regions, digest, size = meta.get("regions"), meta.get("index_sha256"), meta.get("index_size")
+        if meta.get("version") != INDEX_VERSION or meta.get("key") != key:
+            raise _Untrusted("another key or version")
+        if not isinstance(regions, list) or not all(isinstance(n, str) and n in pinned.fds for n in regions):
+            raise _Untrusted("devices that are not this image's region files")
+        index_fd = _open_entry_file(f"{key}.erofs", dfd)
+        if (digest, size) != _digest(index_fd):
+            raise _Untrusted("the index is not the one recorded")
+        return index_fd, regions
+    except FileNotFoundError:
+        pass  # no entry (or half of one: rebuilt below)
+    except (OSError, ValueError, TypeError, RecursionError, _Untrusted):
         pass
-    tmp_index = f"{index}.{os.getpid()}.tmp"
-    tmp_meta = f"{meta}.{os.getpid()}.tmp"
+    if index_fd is not None:
+        os.close(index_fd)
+    for name in (f"{key}.json", f"{key}.erofs"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dfd)
+    return None
+
+
+def _build_entry(dfd: int, key: str, tag: str, pinned: _Pinned, build) -> tuple[int, list[str]]:
+    """Build the index into the cache (temporary names, ``O_EXCL``: a failed
+    build leaves nothing, a planted name is never written through) and
+    record it; (index descriptor, device region names)."""
+    fd = None
     try:
-        info = build(tmp_index)
-        with open(tmp_meta, "w") as f:
-            json.dump({"image": tag, "devices": info["devices"],
-                       "block_size": info["block_size"], "copied_bytes": info["copied_bytes"]}, f)
-        os.replace(tmp_index, index)
-        os.replace(tmp_meta, meta)
+        with replacing(f"{key}.erofs", dir_fd=dfd) as tmp:
+            fd = open_new(tmp, 0o600, dir_fd=dfd, readable=True)
+            info, regions = build(fd)
+            digest, size = _digest(fd)
+        meta = {"version": INDEX_VERSION, "key": key, "image": tag, "regions": regions,
+                "paths": [pinned.paths[n] for n in regions], "index_sha256": digest, "index_size": size,
+                "block_size": info["block_size"], "copied_bytes": info["copied_bytes"]}
+        with replacing(f"{key}.json", dir_fd=dfd) as tmp:
+            mfd = open_new(tmp, 0o600, dir_fd=dfd)
+            try:
+                os.write(mfd, json.dumps(meta).encode())
+                os.fsync(mfd)
+            finally:
+                os.close(mfd)
+        return fd, regions
     except BaseException:
-        for p in (tmp_index, tmp_meta):
-            remove_quietly(p)
+        if fd is not None:
+            os.close(fd)
         raise
-    _drop_stale(d, tag, key)
-    return index, info["devices"], True
 
 
-def _drop_stale(d: str, image: str, keep: str) -> None:
+def ensure_index(cim_path: str, options: Options) -> tuple[str, list[str], bool]:
+    """(index path, device paths, built now?) for the image, from the cache or built into it."""
+    with prepared([cim_path], options) as p:
+        return p.index, [path for _, _, path in p.devices], p.built
+
+
+def ensure_merged_index(paths: list[str], options: Options) -> tuple[str, list[str], bool]:
+    """(index path, device paths, built now?) for the merged view of ``paths`` (top first)."""
+    with prepared(paths, options, merged=True) as p:
+        return p.index, [path for _, _, path in p.devices], p.built
+
+
+def _drop_stale(dfd: int, image: str, keep: str) -> None:
     """Forget older indexes of the same .cim path (the image changed since)."""
-    for name in os.listdir(d):
+    for name in os.listdir(dfd):
         if not name.endswith(".json") or name.startswith(keep):
             continue
-        path = os.path.join(d, name)
         try:
-            with open(path) as f:
-                if json.load(f).get("image") != image:
-                    continue
-        except (OSError, ValueError, AttributeError):
+            if _read_entry(name, dfd).get("image") != image:
+                continue
+        except (OSError, ValueError, RecursionError, _Untrusted):
             continue
-        for p in (path, path[:-5] + ".erofs"):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
+        for n in (name, name[:-5] + ".erofs"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(n, dir_fd=dfd)
 
 
 # ===================================================================== loop devices
-def _attach_loop(path: str) -> str:
-    r = subprocess.run(["losetup", "--find", "--show", "--read-only", path], capture_output=True, text=True)
+def _attach_loop(fd: int, shown: str) -> str:
+    # losetup opens the file through the descriptor it inherits: the checked file, not a path.
+    r = subprocess.run(["losetup", "--find", "--show", "--read-only", _fd_path(fd)], capture_output=True, text=True,
+                       pass_fds=(fd,))
     if r.returncode != 0:
-        raise CimError(E_FAIL, f"losetup failed: {r.stderr.strip()}", path)
+        raise CimError(E_FAIL, f"losetup failed: {r.stderr.strip()}", shown)
     return r.stdout.strip()
 
 
@@ -193,11 +436,11 @@ def _detach_loops(loops) -> None:
         subprocess.run(["losetup", "--detach", dev], capture_output=True)
 
 
-def _mount_with_loops(index: str, devices: list[str], mountpoint: str) -> list[str]:
+def _mount_with_loops(p: Prepared, mountpoint: str) -> list[str]:
     loops: list[str] = []
     try:
-        for path in [index] + devices:
-            loops.append(_attach_loop(path))
+        for fd, shown in [(p.index_fd, p.index)] + [(fd, path) for _, fd, path in p.devices]:
+            loops.append(_attach_loop(fd, shown))
         _newmount.mount_fs(FSTYPE, loops[0], mountpoint, [("device", dev) for dev in loops[1:]])
         return loops
     except BaseException:
@@ -205,38 +448,33 @@ def _mount_with_loops(index: str, devices: list[str], mountpoint: str) -> list[s
         raise
 
 
+#: Called with the prepared index just before the kernel is asked to mount it (tests race it here).
+_before_mount = None
+
+
 # ===================================================================== mount / unmount
 def mount(cim_path: str, mountpoint: str, volume_id: uuid.UUID, options: Options,
           sources: list[str] | None = None) -> dict:
     """Mount with the kernel; returns the registry entry written for it.
     ``sources`` (top first): mount the merged view of these images instead
-    (``cim_path`` is then the top one).  On any failure nothing stays
-    mounted or attached."""
+    (``cim_path`` is then the top one).  The kernel is given the index and
+    region files as ``/proc/self/fd/N`` of the descriptors that were checked
+    (see :func:`prepared`), never a path it would resolve again.  On any
+    failure nothing stays mounted or attached."""
     if os.geteuid() != 0:
         raise CimError(E_ACCESSDENIED, "the kernel engine needs root (mounting is CAP_SYS_ADMIN)", mountpoint)
     from . import write_entry_data
 
     try:
-        if sources:
-            index, devices, _ = ensure_merged_index(sources, options)
-        else:
-            index, devices, _ = ensure_index(cim_path, options)
+        with prepared(sources or [cim_path], options, merged=bool(sources)) as p:
+            if _before_mount is not None:
+                _before_mount(p)
+            loops = _mount_prepared(p, mountpoint)
+            index = p.index
     except CimError:
         raise
     except OSError as e:
-        raise CimError(E_FAIL, f"cannot build the EROFS index: {e}", cim_path) from None
-    loops: list[str] = []
-    try:
-        if os.environ.get("CIMFS_EROFS_LOOP") == "1":  # testing knob: the loop-device path
-            raise _newmount.MountError(errno.ENOTBLK, "loop devices requested")
-        _newmount.mount_fs(FSTYPE, index, mountpoint, [("device", dev) for dev in devices])
-    except _newmount.MountError as e:
-        if e.errno != errno.ENOTBLK:
-            raise CimError(E_FAIL, f"the kernel refused the EROFS mount: {e.strerror}", mountpoint) from None
-        try:
-            loops = _mount_with_loops(index, devices, mountpoint)
-        except _newmount.MountError as e2:
-            raise CimError(E_FAIL, f"the kernel refused the EROFS mount on loop devices: {e2.strerror}", mountpoint) from None
+        raise CimError(E_FAIL, f"cannot build the EROFS index: {e.strerror or e}", cim_path) from None
     entry = {"volume_id": str(volume_id), "mountpoint": os.path.abspath(mountpoint), "image": os.path.abspath(cim_path),
              "pid": 0, "engine": "kernel", "index": index, "loops": loops}
     if sources:
@@ -247,6 +485,30 @@ def mount(cim_path: str, mountpoint: str, volume_id: uuid.UUID, options: Options
         _undo(mountpoint, loops)
         raise
     return entry
+
+
+def _mount_prepared(p: Prepared, mountpoint: str) -> list[str]:
+    """Mount ``p`` file-backed, else on loop devices; the loop devices attached."""
+    try:
+        if os.environ.get("CIMFS_EROFS_LOOP") == "1":  # testing knob: the loop-device path
+            raise _newmount.MountError(errno.ENOTBLK, "loop devices requested")
+        _newmount.mount_fs(FSTYPE, _fd_path(p.index_fd), mountpoint,
+                           [("device", _fd_path(fd)) for _, fd, _ in p.devices])
+        return []
+    except _newmount.MountError as e:
+        if e.errno != errno.ENOTBLK:
+            raise CimError(E_FAIL, f"the kernel refused the EROFS mount: {_named(e.strerror, p)}", mountpoint) from None
+    try:
+        return _mount_with_loops(p, mountpoint)
+    except _newmount.MountError as e2:
+        raise CimError(E_FAIL, f"the kernel refused the EROFS mount on loop devices: {_named(e2.strerror, p)}",
+                       mountpoint) from None
+
+
+def _named(message: str, p: Prepared) -> str:
+    """``message`` with each ``/proc/self/fd/N`` of ``p`` replaced by the file's path."""
+    names = {p.index_fd: p.index, **{fd: path for _, fd, path in p.devices}}
+    return re.sub(r"/proc/self/fd/(\d+)", lambda m: names.get(int(m.group(1)), m.group(0)), message)
 
 
 def _undo(mountpoint: str, loops) -> None:
@@ -293,16 +555,66 @@ def _mount_source(mountpoint: str) -> str | None:
     return found
 
 
+def _mounted_uuid(mountpoint: str) -> bytes | None:
+    """The UUID of the file system mounted on ``mountpoint`` (FS_IOC_GETFSUUID), or None."""
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        buf = bytearray(17)
+        buf[0] = 16
+        fcntl.ioctl(fd, _FS_IOC_GETFSUUID, buf)
+        return bytes(buf[1:1 + buf[0]]) if buf[0] == 16 else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _is_cached_index(source: str, mountpoint: str) -> bool:
+    """Whether the EROFS mount of ``source`` on ``mountpoint`` serves an index of our cache.
+    The source reads ``/proc/self/fd/N`` (the mounting process's descriptor,
+    long closed): the mounted superblock's UUID, set at random for each
+    index built, is compared with those of the cached indexes.  (Mounts made
+    before indexes were passed by descriptor name the index by path.)"""
+    try:
+        d, dfd = _open_cache_dir()
+    except CimError:
+        return False
+    try:
+        if not source.startswith("/proc/self/fd/"):
+            return source.endswith(".erofs") and os.path.dirname(source) == os.path.realpath(d)
+        wanted = _mounted_uuid(mountpoint)
+        if wanted is None:
+            return False
+        for name in os.listdir(dfd):
+            if not name.endswith(".erofs"):
+                continue
+            try:
+                fd = _open_entry_file(name, dfd)
+            except (OSError, _Untrusted):
+                continue
+            try:
+                if os.pread(fd, 16, _UUID_AT) == wanted:
+                    return True
+            finally:
+                os.close(fd)
+        return False
+    finally:
+        os.close(dfd)
+
+
 def unmount_orphan(mountpoint: str) -> bool:
     """Unmount a file-backed kernel-engine mount whose registry entry is gone
-    (its source is an index in our cache); False when ``mountpoint`` holds no
+    (it serves an index in our cache); False when ``mountpoint`` holds no
     such mount.  (A loop-device mount without its entry is left alone: which
     loop devices were its region files is only in the entry.)"""
     from . import ERROR_SHARING_VIOLATION
 
     real = os.path.realpath(mountpoint)
-    index = _mount_source(real)
-    if not index or not index.endswith(".erofs") or os.path.dirname(index) != os.path.realpath(cache_dir()):
+    source = _mount_source(real)
+    if not source or not _is_cached_index(source, real):
         return False
     try:
         _newmount.umount(real)
