@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 
 
 def remove_quietly(path: str) -> None:
@@ -62,6 +63,14 @@ def replacing(path: str, *, dir_fd: int | None = None):
         yield tmp
         os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=dir_fd)
+        _remove_own(tmp, dir_fd)
         raise
+
+
+def _remove_own(path: str, dir_fd: int | None) -> None:
+    """Remove a temporary file this process may have made: not a symlink or
+    another user's file planted at its name (creating it failed then)."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path, dir_fd=dir_fd)
+        if not stat.S_ISLNK(st.st_mode) and st.st_uid == os.geteuid():
+            os.unlink(path, dir_fd=dir_fd)
