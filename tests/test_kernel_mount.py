@@ -898,7 +898,7 @@ def test_cache_dirs_created_private(tmp_path, monkeypatch):
     image, data, _, _ = _trust_image(tmp_path / "img")
     monkeypatch.delenv("CIMFS_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg" / "cache"))
-    os.umask(old := os.umask(0o002))  # a permissive umask must not leak into the cache's modes
+    old = os.umask(0o002)  # a permissive umask must not leak into the cache's modes
     try:
         mnt = tmp_path / "m"
         mnt.mkdir()
