@@ -903,7 +903,10 @@ def test_cache_dirs_created_private(tmp_path, monkeypatch):
         mnt = tmp_path / "m"
         mnt.mkdir()
         cmount.mount(image, mnt, engine="kernel")
-        cmount.unmount(mnt)
+        try:
+            assert (mnt / "f").read_bytes() == data
+        finally:
+            cmount.unmount(mnt)
     finally:
         os.umask(old)
     for d in ("xdg", "xdg/cache", "xdg/cache/cimfs", "xdg/cache/cimfs/erofs"):
@@ -939,7 +942,10 @@ def test_planted_symlinks_at_temporary_names_are_not_followed(tmp_path, monkeypa
     except cimfs.CimError as e:
         assert "exists" in str(e)  # the planted name is refused, not written through
     else:
-        cmount.unmount(mnt)
+        try:
+            assert (mnt / "f").read_bytes() == data
+        finally:
+            cmount.unmount(mnt)
     assert victim.read_bytes() == b"root's file" and stat.S_ISREG(os.lstat(victim).st_mode)
     assert not os.path.ismount(mnt) and cmount.mounts() == []
 
@@ -965,25 +971,34 @@ def test_publishing_helper_never_writes_through_a_planted_name(tmp_path, monkeyp
 
 
 @needs_kernel
-def test_region_file_swapped_for_a_symlink_after_the_check(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backing", ["file", "loop"])
+def test_region_file_swapped_for_a_symlink_after_the_check(tmp_path, monkeypatch, backing):
     image, data, region, off = _trust_image(tmp_path / "img")
     # a file of root's shaped like the region file, holding other bytes where f's data is
     secret = tmp_path / "secret-region"
-    raw = bytearray(open(region, "rb").read())
+    with open(region, "rb") as f:
+        raw = bytearray(f.read())
     raw[off:] = b"S" * (len(raw) - off)
     secret.write_bytes(raw)
     os.chmod(secret, 0o600)
     real_mount = _newmount.mount_fs
     swapped = []
 
-    def racing_mount(*args, **kw):
-        # the attacker wins the race: between cimfs's checks and the kernel opening the files
+    def swap(*_):
         os.rename(region, region + ".orig")
         os.symlink(secret, region)
         swapped.append(True)
+
+    def racing_mount(*args, **kw):
+        # the attacker wins the race: between cimfs's checks and the kernel opening the files
+        swap()
         return real_mount(*args, **kw)
 
-    monkeypatch.setattr(_newmount, "mount_fs", racing_mount)
+    if backing == "file":
+        monkeypatch.setattr(_newmount, "mount_fs", racing_mount)
+    else:  # before losetup opens the files
+        monkeypatch.setenv("CIMFS_EROFS_LOOP", "1")
+        monkeypatch.setattr(kernel, "_before_mount", swap)
     mnt = tmp_path / "m"
     mnt.mkdir()
     try:
@@ -998,6 +1013,7 @@ def test_region_file_swapped_for_a_symlink_after_the_check(tmp_path, monkeypatch
             os.rename(region + ".orig", region)
     # a region file that is a symlink when cimfs looks: refused, one line
     monkeypatch.setattr(_newmount, "mount_fs", real_mount)
+    monkeypatch.setattr(kernel, "_before_mount", None)
     os.rename(region, region + ".orig")
     os.symlink(region + ".orig", region)
     out = _cli_mount(image, mnt)
@@ -1036,7 +1052,7 @@ def test_region_rewritten_in_place_with_mtime_put_back_is_reindexed(tmp_path):
 @needs_kernel
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "foreign-devices", "foreign-owner", "not-json", "symlink"])
 def test_damaged_or_planted_cache_entry_is_rebuilt(tmp_path, damage):
-    image, data, region, off = _trust_image(tmp_path / "img")
+    image, data, region, _ = _trust_image(tmp_path / "img")
     mnt = tmp_path / "m"
     mnt.mkdir()
     cache = tmp_path / "cache"
