@@ -580,3 +580,19 @@ def test_directory_under_two_names_does_not_hide_the_mount(tmp_path, mounted):
     assert (mnt / "top").read_bytes() == b"intact file"
     assert os.stat(mnt / "top").st_nlink == 2
     assert os.listdir(mnt / "b") == ["inner"]
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) is not installed")
+def test_link_entries_sharing_one_long_name_fail_one_listing_not_the_daemon(tmp_path, mounted):
+    """Issue 22 item 18: the daemon, held to 1 GiB of address space, answers
+    the damaged directory with EIO and goes on serving the rest."""
+    from test_hostile import _shared_long_name
+    mnt = mounted(_shared_long_name(tmp_path))
+    pid = next(e["pid"] for e in cmount.mounts() if e["mountpoint"] == str(mnt))
+    subprocess.run(["prlimit", f"--pid={pid}", f"--as={1 << 30}"], check=True)
+    assert os.listdir(mnt) == ["top"]  # a directory whose attributes cannot be read is left out
+    with pytest.raises(OSError) as e:
+        os.listdir(mnt / "d")
+    assert e.value.errno == errno.EIO
+    assert (mnt / "top").read_bytes() == b"intact file"
+    assert pid in daemons() and os.path.ismount(mnt)
