@@ -78,8 +78,11 @@ def _safe_local_name(name: str) -> str | None:
     return local
 
 
-def _local_target(target: str, rel: str) -> str:
+def _local_target(target: str | None, rel: str) -> str:
     """A symlink target as a local path, or a CimError naming the entry."""
+    if not target:  # None: the reparse buffer holds no target (its tag is not a link's)
+        reason = "is empty" if target == "" else "could not be read from its reparse buffer"
+        raise CimError(E_INVALIDARG, f"symlink target {reason}; not extracted", rel)
     if "\0" in target:
         raise CimError(E_INVALIDARG, "symlink target contains a NUL character; not extracted", rel)
     if not target.isascii():
