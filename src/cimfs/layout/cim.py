@@ -98,7 +98,9 @@ assert FILE_RECORD.size == FILE_RECORD_SIZE and FILESYSTEM_HEADER.size == 72
 
 
 def load_upcase_table() -> bytes:
-    """The fixed upcase table cimfs writes into new images (spec §7 [choice])."""
+    """The fixed upcase table cimfs writes into new images and sorts their names
+    with: Windows' own (``RtlUpcaseUnicodeChar``; spec §7 [choice], made by
+    tools/gen_upcase.py).  An image read or forked uses the table it stores."""
     # read beside this module, not through importlib.resources: that import
     # (pathlib, zipfile, tempfile) was a fifth of every command's start-up
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "upcase.bin"), "rb") as f:
