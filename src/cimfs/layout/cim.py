@@ -555,9 +555,11 @@ def _names_in_one_decode(buf, offsets, length: int, room: int) -> list[str] | No
     lengths = [ord(text[i]) for i in starts]
     if max(lengths) > MAX_NAME_UNITS or 2 * (sum(lengths) + len(lengths)) > room:
         return None  # overlapping or too long: the careful path says which
-    if any(off & 1 for off in offsets) or max(offsets) + 2 + 2 * MAX_NAME_UNITS > length and any(
-            off + 2 + 2 * units > length for off, units in zip(offsets, lengths)):
+    if any(off & 1 for off in offsets):
         return None
+    if max(offsets) + 2 + 2 * MAX_NAME_UNITS > length:  # only a name near the end can run past it
+        if any(off + 2 + 2 * units > length for off, units in zip(offsets, lengths)):
+            return None
     names = [text[i + 1:i + 1 + units] for i, units in zip(starts, lengths)]
     if "" in names or "." in names or ".." in names or _BAD_STORED_NAME.search("".join(names)):
         return None
