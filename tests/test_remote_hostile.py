@@ -220,6 +220,11 @@ def test_a_trickling_server_times_out_by_the_options(served):
     with pytest.raises(cimfs.CimError) as e:
         cimfs.open(url, {"connect_timeout": 1, "read_timeout": 1, "request_timeout": 1.5})
     assert "timed out" in str(e.value) and url in str(e.value) and "request_timeout=1.5s" in str(e.value)
+    from cimfs.fsspec_cim import CimFileSystem
+
+    with pytest.raises(cimfs.CimError) as e:
+        CimFileSystem(fo=url, target_protocol="http", target_options={"request_timeout": 1.5})
+    assert "timed out" in str(e.value) and "request_timeout=1.5s" in str(e.value)
     p = run_cli("ls", url, env={"CIMFS_REQUEST_TIMEOUT": "1.5"}, timeout=60)
     err = one_line_error(p)
     assert "timed out" in err and url in err

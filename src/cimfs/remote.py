@@ -12,7 +12,9 @@ is also kept on local disk and never fetched again.
 
 Every failure of the storage becomes a :class:`CimError` naming the URL
 (``CimFormatError`` for an object shorter than the image says); requests are
-retried a bounded number of times on top of the backend's own retries.
+retried a bounded number of times on top of the backend's own retries, except
+timed-out ones.  What is fetched, how each answer is checked against the
+object's version and the time limits are :mod:`cimfs.remote_fetch`'s.
 """
 
 from __future__ import annotations
@@ -287,8 +289,9 @@ class RemoteStorage:
                 raise
             except Exception as e:  # noqa: BLE001 - botocore, aiohttp, timeouts...: never past this layer
                 if is_timeout(e):  # the whole time allowed was spent already: not again
-                    raise CimError(E_FAIL, f"{doing}: timed out ({_one_line(e)}; "
-                                           f"{self.transport.timeouts.describe()})", url) from None
+                    why = _one_line(e) if str(e).strip() else "no complete answer within request_timeout"
+                    raise CimError(E_FAIL, f"{doing}: timed out ({why}; {self.transport.timeouts.describe()})",
+                                   url) from None
                 if isinstance(e, _FINAL) or attempt + 1 == ATTEMPTS:
                     raise storage_error(e, url, doing) from None
             time.sleep(_RETRY_PAUSE * (attempt + 1))

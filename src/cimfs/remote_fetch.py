@@ -52,7 +52,7 @@ MAX_REQUEST = 16 << 20
 #: endpoint, on every request.
 S3_RETRIES = {"mode": "standard", "total_max_attempts": 3}
 
-_TIMEOUT_OPTIONS = {"connect_timeout": ("connect", "CIMFS_CONNECT_TIMEOUT"),
+TIMEOUT_OPTIONS = {"connect_timeout": ("connect", "CIMFS_CONNECT_TIMEOUT"),
                     "read_timeout": ("read", "CIMFS_READ_TIMEOUT"),
                     "request_timeout": ("request", "CIMFS_REQUEST_TIMEOUT")}
 
@@ -92,7 +92,7 @@ def split_options(url: str, options: dict | None) -> tuple[Timeouts, dict]:
     the backend's own settings unless the caller set them there."""
     options = dict(options or {})
     limits = {}
-    for key, (field, env) in _TIMEOUT_OPTIONS.items():
+    for key, (field, env) in TIMEOUT_OPTIONS.items():
         if key in options:
             limits[field] = _seconds(options.pop(key), key, url)
         elif os.environ.get(env):
