@@ -91,6 +91,7 @@ def test_http_object_replaced_between_reads_is_an_error(served, conditions):
         with pytest.raises(cimfs.CimError) as e:
             img.read_bytes("Files/bin/Big.BIN")
     assert CHANGED in str(e.value) and f"{server.url}/layers/{region}" in str(e.value)
+    assert type(e.value) is cimfs.CimError  # the storage's failure, not damage in the image
     assert "412" in str(e.value) if conditions else "ETag" in str(e.value)
 
 
@@ -126,6 +127,7 @@ def test_s3_object_replaced_mid_read(image_dir):
             with pytest.raises(cimfs.CimError) as e:
                 img.read_bytes("Files/bin/Big.BIN")
         assert CHANGED in str(e.value) and f"s3://plain/layers/{region}" in str(e.value)
+        assert type(e.value) is cimfs.CimError
 
         # A versioned bucket: the read stays on the version first seen, whole.
         client = s3.client()

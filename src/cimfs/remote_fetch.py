@@ -61,6 +61,9 @@ TIMEOUT_OPTIONS = {"connect_timeout": ("connect", "CIMFS_CONNECT_TIMEOUT"),
 VERSION_KEYS = ("ETag", "etag", "VersionId", "generation", "md5Hash", "Last-Modified", "LastModified",
                 "last_modified", "mtime", "created")
 
+#: The caller's s3fs settings that a GetObject takes too (server-side encryption keys, requester pays...).
+_GET_OBJECT_OPTIONS = ("SSECustomerAlgorithm", "SSECustomerKey", "SSECustomerKeyMD5", "RequestPayer",
+                       "ExpectedBucketOwner", "ChecksumMode")
 _CONTENT_RANGE = re.compile(r"\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.IGNORECASE)
 _CHUNK = 1 << 20
 
@@ -208,7 +211,8 @@ class HTTPTransport(Transport):
         headers["Accept-Encoding"] = "identity"  # ranges of an encoded body are not ranges of the object
         kwargs.pop("allow_redirects", None)
         t = self.timeouts
-        kwargs["timeout"] = aiohttp.ClientTimeout(total=t.request, sock_connect=t.connect, sock_read=t.read)
+        if "timeout" not in (getattr(self.fs, "client_kwargs", None) or {}):  # else the caller's session timeout
+            kwargs["timeout"] = aiohttp.ClientTimeout(total=t.request, sock_connect=t.connect, sock_read=t.read)
         return headers, kwargs
 
     @staticmethod
@@ -331,7 +335,9 @@ class S3Transport(Transport):
         bucket, key, version = fs.split_path(path)
         await fs.set_session()
         client = await fs.get_s3(bucket)
-        kwargs = {**getattr(fs, "req_kw", {}), "Bucket": bucket, "Key": key, "Range": f"bytes={start}-{end - 1}"}
+        extra = {**(getattr(fs, "s3_additional_kwargs", None) or {}), **(getattr(fs, "req_kw", None) or {})}
+        kwargs = {k: v for k, v in extra.items() if k in _GET_OBJECT_OPTIONS}
+        kwargs.update(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
         if info.get("ETag"):
             kwargs["IfMatch"] = info["ETag"]
         if version or info.get("VersionId"):
