@@ -12,7 +12,6 @@ import re
 import socket
 import sys
 import threading
-import time
 import urllib.parse
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")

@@ -147,7 +147,7 @@ def cache_files(cache, suffix):
 
 
 def test_disk_cache_never_serves_planted_or_foreign_blocks(served, tmp_path):
-    server, d, files = served
+    server, _, files = served
     url = f"{server.url}/layers/layer.cim"
     cache = tmp_path / "cache"
     big = files["Files/bin/Big.BIN"]
@@ -237,7 +237,7 @@ def test_a_trickling_server_times_out_by_the_options(served):
 
 # ===================================================================== item 11: a server that ignores Range
 def test_a_server_that_ignores_range_is_refused_unread(served):
-    server, d, files = served
+    server, d, _ = served
     region = big_region(d)
     os.truncate(d / region, os.path.getsize(d / region) + (400 << 20))  # a 400 MB object (sparse on disk)
     server.ignore_range.add(region)

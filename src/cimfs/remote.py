@@ -35,7 +35,14 @@ from .errors import (
     CimFormatError,
 )
 from .layout import cim
-from .remote_fetch import MAX_REQUEST, Transport, is_timeout, split_options, transport_for, version_of
+from .remote_fetch import (
+    MAX_REQUEST,
+    Transport,
+    is_timeout,
+    split_options,
+    transport_for,
+    version_of,
+)
 
 E_FAIL = 0x80004005
 

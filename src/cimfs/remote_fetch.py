@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ def _seconds(value, name: str, where: str) -> float:
         seconds = float(value)
     except (TypeError, ValueError):
         seconds = -1.0
-    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+    if not (seconds > 0 and math.isfinite(seconds)):
         raise CimError(E_INVALIDARG, f"{name} must be a positive number of seconds, not {value!r}", where)
     return seconds
 
