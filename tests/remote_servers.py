@@ -99,7 +99,8 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
     ``server.conditions`` is off).  Names listed in ``server.forbidden`` get
     403; names in ``server.ignore_range`` are sent whole, streamed, whatever
     the ``Range`` asked; ``server.trickle`` (seconds) sends every answer one
-    byte at a time; ``server.before_get(name)`` runs before each GET."""
+    byte at a time; ``server.before_get(name)`` runs before each GET;
+    ``server.no_head`` answers every HEAD 405."""
 
     protocol_version = "HTTP/1.1"
 
@@ -152,6 +153,8 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def do_HEAD(self):
+        if self.server.no_head:  # as a URL signed for GET only answers
+            return self._status(405)
         path, size = self._file()
         if path is None or path == "forbidden":
             return self._status(404 if path is None else 403)
@@ -240,6 +243,7 @@ class RangeHTTPServer:
         self._httpd.conditions = True
         self._httpd.trickle = 0.0
         self._httpd.before_get = None
+        self._httpd.no_head = False
         self._httpd.stopped = threading.Event()
         self.forbidden = self._httpd.forbidden
         self.ignore_range = self._httpd.ignore_range
@@ -249,7 +253,7 @@ class RangeHTTPServer:
         self._thread.start()
 
     def __setattr__(self, name, value):
-        if name in ("versions", "conditions", "trickle", "before_get"):  # settings the handlers read
+        if name in ("versions", "conditions", "trickle", "before_get", "no_head"):  # settings the handlers read
             setattr(self._httpd, name, value)
         else:
             super().__setattr__(name, value)

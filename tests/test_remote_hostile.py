@@ -141,6 +141,34 @@ def test_s3_object_replaced_mid_read(image_dir):
     stop_fsspec_io()
 
 
+def test_memory_object_replaced_between_reads_is_an_error(image_dir):
+    d, files = image_dir
+    mem = fsspec.filesystem("memory")
+    region = big_region(d)
+    for n in os.listdir(d):
+        mem.pipe_file(f"/replaced/{n}", (d / n).read_bytes())
+    try:
+        with cimfs.open("memory://replaced/layer.cim") as img:
+            assert img.read_at("Files/bin/Big.BIN", 0, 1000) == files["Files/bin/Big.BIN"][:1000]
+            mem.pipe_file(f"/replaced/{region}", (d / region).read_bytes())  # same bytes, a new object
+            with pytest.raises(cimfs.CimError) as e:
+                img.read_bytes("Files/bin/Big.BIN")
+        assert CHANGED in str(e.value) and region in str(e.value)
+    finally:
+        mem.rm("/replaced", recursive=True)
+
+
+def test_a_server_refusing_head_is_read_through_ranged_gets(served):
+    server, _, files = served
+    server.no_head = True
+    with cimfs.open(f"{server.url}/layers/layer.cim") as img:
+        assert img.read_bytes("Files/bin/Big.BIN") == files["Files/bin/Big.BIN"]
+        assert img.read_bytes("Files/empty") == b""
+    log = server.counter.log
+    assert [m for m, _, _ in log].count("HEAD") >= 3  # refused: each size came from a one-byte ranged GET
+    assert [n for m, _, n in log if m == "GET"].count(1) >= 3
+
+
 # ===================================================================== item 6: the disk cache
 def cache_files(cache, suffix):
     return sorted(cache / n for n in os.listdir(cache) if n.endswith(suffix))
