@@ -363,6 +363,8 @@ class Image:
         try:
             return region.pread(off, length)
         except OSError as e:
+            if type(e) is CimError:  # a remote storage's failure (changed, timed out...): not damage, names its URL
+                raise
             raise self._fail(f"{what}: cannot read {region.path}: {e.strerror}") from None
 
     def _bytes(self, ro: int, length: int, what: str) -> bytes:
