@@ -75,6 +75,11 @@ def merged_image_name(top_chain_id: str) -> str:
     return "merged-" + blobs.parse_digest(top_chain_id, "chain ID")[1] + ".cim"
 
 
+def is_store(path: str) -> bool:
+    """A layer store: refs.json, or the journal of a first import that was killed."""
+    return any(os.path.lexists(os.path.join(path, n)) for n in (REFS_FILE, JOURNAL_FILE))
+
+
 class StoreLock:
     """A ``flock`` on STORE_DIR/lock, waited for: exclusive for what changes the
     store (import, rmi: they queue up), shared for export (no rmi meanwhile)."""
@@ -107,7 +112,7 @@ class LayerStore:
         if create:
             os.makedirs(self.layers, exist_ok=True)
             os.makedirs(os.path.join(self.path, "blobs", "sha256"), exist_ok=True)
-        elif not os.path.isfile(os.path.join(self.path, REFS_FILE)):
+        elif not is_store(self.path):
             raise CimError(ERROR_FILE_NOT_FOUND, "not an image store (no refs.json)", self.path)
 
     # ------------------------------------------------------------ refs
