@@ -102,10 +102,6 @@ def test_rmi_never_removes_outside_the_store(layout, tmp_path, field):
 
 
 # ------------------------------------------------------------------ 16: refs.json of the wrong shape
-def _deep(refs):
-    refs["images"][next(iter(refs["images"]))]["platform"] = "X"  # replaced as text below
-
-
 MANGLED = {
     "images a list": lambda r: r.update(images=[]),
     "record a list": lambda r: r["images"].update({k: [] for k in r["images"]}),
@@ -267,3 +263,240 @@ def test_independent_import_of_a_repeated_layer_matches_the_fork_chain(tmp_path)
         assert tools.diff_images(top, a) == {"added": [], "removed": [], "changed": []}
     assert run("rmi", store, "rep:1").returncode == 0
     assert os.listdir(store / "layers") == []
+
+
+# ------------------------------------------------------------------ sources: builders
+def docker_archive(layer_tars, repo_tags, *, manifest_bytes=None, config_bytes=None) -> bytes:
+    """A ``docker save`` archive of one windows image, by hand."""
+    config = {"architecture": "amd64", "os": "windows",
+              "rootfs": {"type": "layers", "diff_ids": [sha(t) for t in layer_tars]}}
+    cbytes = config_bytes if config_bytes is not None else json.dumps(config).encode()
+    cname = hashlib.sha256(cbytes).hexdigest() + ".json"
+    manifest = [{"Config": cname, "RepoTags": repo_tags, "Layers": [sha(t)[7:] + "/layer.tar" for t in layer_tars]}]
+    mbytes = manifest_bytes if manifest_bytes is not None else json.dumps(manifest).encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        def add(name, data):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        for t in layer_tars:
+            add(sha(t)[7:] + "/layer.tar", t)
+        add(cname, cbytes)
+        add("manifest.json", mbytes)
+    return buf.getvalue()
+
+
+def zstd_stream(*parts, zeros=0) -> bytes:
+    """zstd of ``parts`` then ``zeros`` zero bytes (compressed as they come: a bomb of a few KB)."""
+    import zstandard
+    c = zstandard.ZstdCompressor(level=3).compressobj()
+    out = [c.compress(p) for p in parts]
+    chunk = bytes(1 << 20)
+    for _ in range(zeros >> 20):
+        out.append(c.compress(chunk))
+    out.append(c.flush())
+    return b"".join(out)
+
+
+# ------------------------------------------------------------------ 7: RepoTags as text
+def test_repo_tags_as_text_is_refused_and_takes_no_reference(layout, tmp_path):
+    store = tmp_path / "store"
+    oci.import_image(str(layout), store, reference="a")
+    arc = tmp_path / "app.tar"
+    arc.write_bytes(docker_archive(small_layers()[:1], "ab:1"))
+    one_line_error(run("import-image", arc, store), "RepoTags", "not a list")
+    assert [r["refs"] for r in oci.list_images(store)] == [["a", "app:1"]]
+    arc.write_bytes(docker_archive(small_layers()[:1], None))  # null: no tags, as docker writes it
+    r = oci.import_image(str(arc), store)
+    assert r["refs"] == [] and len(oci.list_images(store)) == 2
+    arc.write_bytes(docker_archive(small_layers()[:1], ["x:1", 5]))
+    one_line_error(run("import-image", arc, store), "RepoTags[1]")
+
+
+# ------------------------------------------------------------------ 8, 9: index fan-out
+def _index_desc(digest, size, mt="application/vnd.oci.image.index.v1+json", name=None):
+    d = {"mediaType": mt, "digest": digest, "size": size}
+    if name is not None:
+        d["annotations"] = {"org.opencontainers.image.ref.name": name}
+    return d
+
+
+def nested_layout(path, depth, fanout, top_names=None):
+    """An image whose index.json reaches its manifest through ``depth`` nested
+    indexes, each listing the next ``fanout`` times."""
+    mdigest, _ = write_layout(path, small_layers()[:1], ref="inner")
+    msize = os.path.getsize(os.path.join(path, "blobs", "sha256", mdigest[7:]))
+    desc = _index_desc(mdigest, msize, "application/vnd.oci.image.manifest.v1+json")
+    for _ in range(depth):
+        data = json.dumps({"schemaVersion": 2, "manifests": [desc] * fanout}).encode()
+        with open(os.path.join(path, "blobs", "sha256", sha(data)[7:]), "wb") as f:
+            f.write(data)
+        desc = _index_desc(sha(data), len(data))
+    names = top_names or [None] * fanout
+    index = {"schemaVersion": 2, "manifests": [dict(desc, annotations={"org.opencontainers.image.ref.name": n})
+                                               if n else desc for n in names]}
+    with open(os.path.join(path, "index.json"), "w") as f:
+        json.dump(index, f)
+
+
+def test_nested_index_bomb_is_refused_at_once(tmp_path):
+    nested_layout(tmp_path / "bomb", 8, 10)
+    assert sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(tmp_path / "bomb") for n in ns) < 200_000
+    p = run("import-image", tmp_path / "bomb", tmp_path / "store", timeout=30, memory=1 << 30)
+    one_line_error(p, "more than 10000 manifests")
+
+
+def test_nested_indexes_within_the_bounds_resolve_each_blob_once(tmp_path):
+    nested_layout(tmp_path / "ok", 3, 9, top_names=["one", "two"])  # 2 + 18 + 162 + 1458 descriptors
+    r = oci.import_image(str(tmp_path / "ok"), tmp_path / "store")
+    assert r["refs"] == ["one", "two"] and len(r["layers"]) == 1
+    nested_layout(tmp_path / "deep", 9, 1)
+    one_line_error(run("import-image", tmp_path / "deep", tmp_path / "store"), "nested more than 8 deep")
+
+
+@pytest.mark.parametrize("count", [5_000, 150_000])
+def test_one_manifest_listed_many_times(tmp_path, count):
+    mdigest, _ = write_layout(tmp_path / "lay", small_layers()[:1], ref="first")
+    msize = os.path.getsize(tmp_path / "lay" / "blobs" / "sha256" / mdigest[7:])
+    index = {"schemaVersion": 2, "manifests": [
+        _index_desc(mdigest, msize, "application/vnd.oci.image.manifest.v1+json", f"t{i}") for i in range(count)]}
+    with open(tmp_path / "lay" / "index.json", "w") as f:
+        json.dump(index, f)
+    p = run("import-image", tmp_path / "lay", tmp_path / "store", "--json", timeout=30, memory=2 << 30)
+    if count > 10_000:
+        one_line_error(p, "more than 10000 manifests")
+    else:
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["refs"] == sorted(f"t{i}" for i in range(count))
+
+
+# ------------------------------------------------------------------ 12: spooling stdin
+def test_stdin_zstd_bomb_after_the_archive_end_is_not_spooled(tmp_path):
+    layers = small_layers()
+    bomb = zstd_stream(docker_archive(layers, ["app:1"]), zeros=256 << 20)
+    assert len(bomb) < 100_000
+    store = tmp_path / "store"
+    cmd = ["prlimit", "--fsize=67108864", "--", sys.executable, "-m", "cimfs.cli", "import-image", "-", str(store),
+           "--json"]
+    p = subprocess.run(cmd, input=bomb, capture_output=True, timeout=TIMEOUT)
+    assert p.returncode == 0, (p.returncode, p.stderr)
+    assert json.loads(p.stdout)["refs"] == ["app:1"]
+    assert not [n for n in os.listdir(store) if n.startswith(".spool-")]
+
+
+def test_stdin_member_larger_than_the_free_space_is_refused(tmp_path):
+    huge = tarfile.TarInfo("abc/layer.tar")
+    huge.size = 1 << 50  # 1 PiB: more than any test machine has free
+    bomb = zstd_stream(huge.tobuf(format=tarfile.GNU_FORMAT), zeros=256 << 20)
+    store = tmp_path / "store"
+    cmd = ["prlimit", "--fsize=67108864", "--", sys.executable, "-m", "cimfs.cli", "import-image", "-", str(store)]
+    p = subprocess.run(cmd, input=bomb, capture_output=True, timeout=TIMEOUT)
+    one_line_error(p, "<stdin>", "declares 1125899906842624 bytes", "free")
+    assert not [n for n in os.listdir(store) if n.startswith(".spool-")]
+
+
+# ------------------------------------------------------------------ 13: FIFOs
+@pytest.mark.parametrize("which", ["index.json", "oci-layout", "manifest", "config", "layer"])
+def test_fifo_in_a_layout_is_refused_not_waited_for(tmp_path, which):
+    mdigest, descs = write_layout(tmp_path / "lay", small_layers()[:1])
+    manifest = json.loads((tmp_path / "lay" / "blobs" / "sha256" / mdigest[7:]).read_bytes())
+    path = {"index.json": tmp_path / "lay" / "index.json", "oci-layout": tmp_path / "lay" / "oci-layout",
+            "manifest": tmp_path / "lay" / "blobs" / "sha256" / mdigest[7:],
+            "config": tmp_path / "lay" / "blobs" / "sha256" / manifest["config"]["digest"][7:],
+            "layer": tmp_path / "lay" / "blobs" / "sha256" / descs[0]["digest"][7:]}[which]
+    os.unlink(path)
+    os.mkfifo(path)
+    store = tmp_path / "store"
+    one_line_error(run("import-image", tmp_path / "lay", store, timeout=20), "not a regular file")
+    assert not (store / "refs.json").exists() and os.listdir(store / "layers") == []
+
+
+def test_archive_given_as_a_fifo_is_read_as_a_stream(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    data = docker_archive(small_layers(), ["app:1"])
+    p = subprocess.Popen([sys.executable, "-m", "cimfs.cli", "import-image", str(fifo), str(tmp_path / "store"),
+                          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with open(fifo, "wb") as w:
+        w.write(data)
+    out, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 0, err
+    assert json.loads(out)["refs"] == ["app:1"]
+
+
+# ------------------------------------------------------------------ 16: a source's JSON
+DEEP = b"{\"a\":" * 50_000 + b"1" + b"}" * 50_000
+
+
+def _layout_file(lay, which):
+    index = json.loads((lay / "index.json").read_bytes())
+    mdigest = index["manifests"][0]["digest"]
+    manifest = json.loads((lay / "blobs" / "sha256" / mdigest[7:]).read_bytes())
+    return {"index": lay / "index.json", "manifest": lay / "blobs" / "sha256" / mdigest[7:],
+            "config": lay / "blobs" / "sha256" / manifest["config"]["digest"][7:]}[which]
+
+
+def _replace_blob(lay, which, data):
+    """Put ``data`` in place of a blob and fix every digest that names it up to index.json."""
+    index = json.loads((lay / "index.json").read_bytes())
+    mpath = _layout_file(lay, "manifest")
+    manifest = json.loads(mpath.read_bytes())
+    if which == "config":
+        (lay / "blobs" / "sha256" / sha(data)[7:]).write_bytes(data)
+        manifest["config"].update(digest=sha(data), size=len(data))
+        data = json.dumps(manifest).encode()
+    (lay / "blobs" / "sha256" / sha(data)[7:]).write_bytes(data)
+    index["manifests"][0].update(digest=sha(data), size=len(data))
+    (lay / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("which", ["index", "manifest", "config"])
+def test_deeply_nested_source_json_is_one_line(tmp_path, which):
+    lay = tmp_path / "lay"
+    write_layout(lay, small_layers()[:1])
+    if which == "index":
+        (lay / "index.json").write_bytes(DEEP)
+    else:
+        _replace_blob(lay, which, DEEP)
+    one_line_error(run("import-image", lay, tmp_path / "store"), "nested deeper", which)
+
+
+MANGLED_SOURCE = {
+    "platform text": ("index", lambda j: j["manifests"][0].update(platform="windows")),
+    "platform a number": ("index", lambda j: j["manifests"][0].update(platform=5)),
+    "annotations ref a list": ("index", lambda j: j["manifests"][0].update(
+        annotations={"org.opencontainers.image.ref.name": ["x"]})),
+    "layer media type a list": ("manifest", lambda j: j["layers"][0].update(mediaType=["x"])),
+    "config a list": ("config", lambda j: [j]),
+    "manifest a list": ("manifest", lambda j: [j]),
+}
+
+
+@pytest.mark.parametrize("mangle", sorted(MANGLED_SOURCE))
+def test_source_json_of_the_wrong_shape_is_one_line_or_ignored(tmp_path, mangle):
+    lay = tmp_path / "lay"
+    write_layout(lay, small_layers()[:1])
+    which, change = MANGLED_SOURCE[mangle]
+    path = _layout_file(lay, which)
+    j = json.loads(path.read_bytes())
+    j = change(j) or j
+    if which == "index":
+        path.write_text(json.dumps(j))
+    else:
+        _replace_blob(lay, which, json.dumps(j).encode())
+    p = run("import-image", lay, tmp_path / "store")
+    if mangle.startswith("platform"):  # a descriptor's platform that is not an object is ignored: the config says it
+        assert p.returncode == 0, p.stderr
+    else:
+        one_line_error(p)
+
+
+@pytest.mark.parametrize("what", ["manifest.json", "config"])
+def test_docker_archive_json_nested_or_of_the_wrong_shape(tmp_path, what):
+    arc = tmp_path / "a.tar"
+    for bad in (DEEP, b"[" * 50_000 + b"]" * 50_000, b'{"x": 1}' if what == "manifest.json" else b"[1]"):
+        kw = {"manifest_bytes": bad} if what == "manifest.json" else {"config_bytes": bad}
+        arc.write_bytes(docker_archive(small_layers()[:1], ["a:1"], **kw))
+        one_line_error(run("import-image", arc, tmp_path / "store"), what)
+        one_line_error(run("import-image", "-", tmp_path / "store", input=arc.read_bytes()), "<stdin>", what)
