@@ -2,7 +2,10 @@
 archive (a file, or a stream spooled once).  Both give :class:`ImageSpec`:
 the manifest, the config (verified) and the layers with a way to open each
 blob.  Only JSON and file names are handled here; the layer bytes are read by
-the store through :mod:`.blobs`.
+the store through :mod:`.blobs`.  A source is not trusted: its files must be
+regular, its JSON is checked (:mod:`.checked`), resolving is bounded (index
+depth, descriptors visited, JSON read) and a spooled stream holds only what its
+tar headers declare, within the free space.
 """
 
 from __future__ import annotations
@@ -323,6 +326,7 @@ class DockerArchive:
             try:
                 tin = tarfile.open(fileobj=reader, mode="r|", tarinfo=BoundedTarInfo)  # noqa: SIM115
                 with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tout:
+                    tout.copybufsize = blobs.CHUNK
                     for n, m in enumerate(tin):
                         if n >= MAX_MEMBERS:
                             raise CimError(E_INVALIDARG, f"the archive has more than {MAX_MEMBERS} members (the "
