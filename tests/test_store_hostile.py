@@ -114,6 +114,18 @@ def test_rmi_never_removes_outside_the_store(layout, tmp_path, field):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_journal_naming_files_outside_the_store_is_refused(layout, tmp_path):
+    store = tmp_path / "store"
+    oci.import_image(str(layout), store)
+    victim = tmp_path / "precious.cim"
+    shutil.copy(store / "layers" / the_record(refs_of(store))["top"], victim)
+    (store / "journal.json").write_text(json.dumps({"images": ["../../precious.cim"], "blobs": []}))
+    for call in (lambda: oci.remove_image(store, "app:1"), lambda: oci.import_image(str(layout), store),
+                 lambda: oci.prune(store)):  # every change settles the journal first
+        library_error(call, "journal.json", "not a layer image name")
+    assert victim.exists() and oci.list_images(store)[0]["refs"] == ["app:1"]
+
+
 # ------------------------------------------------------------------ 16: refs.json of the wrong shape
 MANGLED = {
     "images a list": lambda r: r.update(images=[]),
