@@ -704,13 +704,20 @@ def gc(directory, dry_run, verbose):
     """Remove region/object ID files in DIRECTORY that no image there refers to.
 
     Every file with a CIM image header is an image, whatever its name; the
-    temporary files of commits that were killed are removed too.
+    temporary files of commits that were killed are removed too.  In a layer
+    store (an import-image STORE_DIR) it removes the layer images and blobs no
+    image of the store reaches, then their region files.
 
     \b
     Example:
       cimfs gc ./images
+      cimfs gc ./store
     """
-    removed = tools.gc(directory, dry_run=dry_run, warn=_warn)
+    from . import oci
+    if oci.is_store(directory):
+        removed = oci.prune(directory, dry_run=dry_run, warn=_warn)
+    else:
+        removed = tools.gc(directory, dry_run=dry_run, warn=_warn)
     if verbose or dry_run:
         for p, _ in removed:
             click.echo(p)

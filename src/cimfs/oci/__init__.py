@@ -7,6 +7,7 @@ and out of a content-addressed store of CIM layers (docs/WINDOWS-LAYERS.md,
     oci.list_images("store")
     oci.export_image("store", "app:1.0", "out-oci", fmt="oci", compress="gzip")
     oci.remove_image("store", "app:1.0")
+    oci.prune("store")                                          # what no image reaches
 
 A client of the public library API and :mod:`cimfs.winlayer`.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from .blobs import chain_ids
 from .export import export_image
-from .store import LayerStore
+from .store import LayerStore, is_store
 
 
 def import_image(src, store_dir, *, platform=None, jobs=1, warn=None, progress_stream=None, reference=None,
@@ -38,4 +39,13 @@ def remove_image(store_dir, ref: str) -> dict:
     return LayerStore(store_dir).remove(ref)
 
 
-__all__ = ["import_image", "export_image", "list_images", "remove_image", "chain_ids", "LayerStore"]
+def prune(store_dir, *, dry_run=False, warn=None) -> list[tuple[str, int]]:
+    """Remove every layer image and blob that no image of the store reaches (left
+    by a killed run of an older cimfs, or by hand), then the region files no layer
+    image needs; first ends a killed import (rolled back) or rmi (finished).
+    Returns [(path, bytes)] removed, or that would be with ``dry_run``."""
+    return LayerStore(store_dir).prune(dry_run=dry_run, warn=warn)
+
+
+__all__ = ["import_image", "export_image", "list_images", "remove_image", "prune", "is_store", "chain_ids",
+           "LayerStore"]
