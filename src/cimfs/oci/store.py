@@ -28,7 +28,8 @@ from .. import tools, winlayer
 from ..atomic import fsync_dir, remove_quietly, replacing
 from ..errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
 from ..progress import Progress
-from . import blobs, hives
+from ..winlayer import hives
+from . import blobs
 from .sources import open_source
 
 REFS_FILE = "refs.json"
