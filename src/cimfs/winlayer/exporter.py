@@ -16,6 +16,7 @@ import cimfs
 from ..atomic import replacing
 from ..errors import E_INVALIDARG, ERROR_INVALID_NAME, CimError, hresult_from_oserror
 from ..metadata import FileAttributes
+from . import hives
 from .pax import (
     CHUNK,
     FILETIME_UNIX_EPOCH,
@@ -80,6 +81,13 @@ def export_layer(image, out, progress=None, *, compression: str | None = None, p
     whiteouts, merge links as hard link entries, opaque directories with
     ``.wh..wh..opq``, parent-only directories not at all.  (Otherwise such
     entries are written as the reparse points they are stored as.)
+
+    A non-base layer (``parent`` given, or ``independent``) is written without
+    the ``Hives\\<X>_BASE`` its import generated from its ``Hives\\<X>_DELTA``
+    (:mod:`.hives`): the tar holds the layer's own files, and importing it on
+    the same parent makes the same base hive again.  When that base hive
+    differs from the parent's, the delta is written even if the parent has
+    the same bytes.  A whole-image export keeps every file.
     """
     if independent and (parent is not None or exclude):
         raise CimError(E_INVALIDARG, "an independent layer is exported whole (no parent, nothing excluded)")
@@ -94,12 +102,20 @@ def export_layer(image, out, progress=None, *, compression: str | None = None, p
             img.close()
         raise
     exclude = frozenset(img.fold(e.replace("/", "\\").strip("\\")) for e in exclude)
+    try:
+        derived = hives.derived_bases(img) if lower is not None or independent else {}
+    except BaseException:
+        if own_image:
+            img.close()
+        if own_parent:
+            lower.close()
+        raise
     if lower is not None or exclude:
         def make(tf, rep):
-            return _DiffExporter(img, tf, rep, lower, exclude)
+            return _DiffExporter(img, tf, rep, lower, exclude, derived)
     else:
         def make(tf, rep):
-            return _Exporter(img, tf, rep, independent)
+            return _Exporter(img, tf, rep, independent, derived)
     try:
         if isinstance(out, (str, bytes, os.PathLike)):
             path = os.fsdecode(out)
@@ -147,10 +163,12 @@ def _export(make_exporter, f, report, compression: str, label) -> None:
 
 
 class _Exporter:
-    def __init__(self, img, tf: tarfile.TarFile, report, independent: bool = False):
+    def __init__(self, img, tf: tarfile.TarFile, report, independent: bool = False, derived=None):
         self.img, self.tf, self.report = img, tf, report
         self.independent = independent
         self.first_name: dict[int, str] = {}
+        # folded paths of generated base hives (left out) -> their delta's parts
+        self.derived: dict[str, list[str]] = derived or {}
 
     def run(self) -> None:
         """Pre-order: each directory right before its children, children in image order."""
@@ -164,6 +182,8 @@ class _Exporter:
                 stack.pop()
                 continue
             cparts = parts + [entry.name]
+            if self.derived and img.fold("\\".join(cparts)) in self.derived:
+                continue
             st = img.stat(entry.file_id)
             self._write("entry", cparts, st)
             if st.is_dir:
@@ -366,8 +386,8 @@ class _DiffExporter(_Exporter):
     the names come in.  Without one, entries are written as they are walked.
     """
 
-    def __init__(self, img, tf, report, lower, exclude: frozenset):
-        super().__init__(img, tf, report)
+    def __init__(self, img, tf, report, lower, exclude: frozenset, derived=None):
+        super().__init__(img, tf, report, derived=derived)
         self.lower = lower
         self.exclude = exclude
 
@@ -377,11 +397,35 @@ class _DiffExporter(_Exporter):
             return
         plan: list[tuple[str, list[str], object]] = []  # ("entry" | "whiteout", parts, stat): changes only
         self._plan_dir([], self.img.root_id, self.lower.root_id, plan)
+        plan += self._deltas_needed(plan)
         for item in plan:
             self._write(*item)
 
     def _excluded(self, parts) -> bool:
-        return bool(self.exclude) and self.img.fold("\\".join(parts)) in self.exclude
+        if not (self.exclude or self.derived):
+            return False
+        key = self.img.fold("\\".join(parts))
+        return key in self.exclude or key in self.derived
+
+    def _deltas_needed(self, plan) -> list:
+        """The deltas of generated base hives that differ from the parent's but
+        are not in the plan (the same bytes as the parent's delta): without
+        them the tar would not make the same base hive again."""
+        img, lower = self.img, self.lower
+        planned = {img.fold("\\".join(parts)) for kind, parts, _ in plan if kind == "entry"}
+        extra = []
+        for base_key, delta_parts in self.derived.items():
+            if img.fold("\\".join(delta_parts)) in planned:
+                continue
+            base_path = "\\".join([delta_parts[0], base_key.split("\\")[-1]])
+            st = img.stat(base_path)
+            try:
+                lst = lower.stat(base_path)
+            except CimError:
+                lst = None
+            if lst is None or lst.is_dir or not self._same_file(st.file_id, st, lst.file_id, lst):
+                extra.append(("entry", delta_parts, img.stat("\\".join(delta_parts))))
+        return extra
 
     def _plan_dir(self, parts, did, lower_did, plan) -> None:
         """Pre-order, as the full export: each directory's whiteouts, then its

@@ -12,12 +12,22 @@ internal/wclayer/legacy.go ``RegFilesPath``/``HivesPath``):
 hcsshim stamps the new directory and file with the current time; here they get
 the image's ``created`` time (FILETIME 0 without one), so importing an image
 twice gives identical layer images.
+
+And the processing of a non-base layer (process.go ``processNonBaseLayer``,
+registry.go ``mergeHive``): for each hive whose ``Hives\\<X>_DELTA`` the layer
+brings (found case-insensitively: real layers spell it ``System_Delta``,
+``system_Delta``), ``Hives\\<X>_BASE`` = the parent's ``Hives\\<X>_BASE``
+flattened with the delta (offreg's ``ORMergeHives([base, delta])``, here
+:func:`cimfs.regf.merge`), a file with attributes NORMAL and the same times as
+the base-layer processing's.  The delta stays.
 """
 
 from __future__ import annotations
 
 import re
+import tempfile
 
+from ..errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND, CimError
 from ..metadata import FileAttributes, FileMetadata
 
 REG_FILES_PATH = "Files\\Windows\\System32\\config"
@@ -86,3 +96,138 @@ def process_base_layer(writer, when: int) -> tuple[list[str], list[str]]:
         writer.add_file(LAYOUT_FILE, LAYOUT_CONTENT, FileMetadata(attributes=FileAttributes.NORMAL, **times))
         added.append(LAYOUT_FILE)
     return added, missing
+
+
+# ------------------------------------------------------------------ non-base layers
+DELTA_SPOOL_IN_MEMORY = 64 << 20  # a delta larger than this is spooled to a temporary file while the layer is read
+
+
+def delta_kind(parts: list[str]) -> tuple[str, str] | None:
+    """(base hive name, delta hive name) when image path ``parts`` is ``Hives\\<X>_DELTA``, else None."""
+    if len(parts) != 2 or parts[0].casefold() != HIVES_PATH.casefold():
+        return None
+    folded = parts[1].casefold()
+    for _name, base, delta in HIVES:
+        if folded == delta.casefold():
+            return base, delta
+    return None
+
+
+class DeltaSpool:
+    """The bytes of one ``Hives\\<X>_DELTA`` member, kept while the layer is
+    written (the image writer has no read-back): in memory up to 64 MiB, then
+    in a temporary file."""
+
+    def __init__(self, path: str):
+        self.path = path  # the image path as the layer spells it
+        self.file = tempfile.SpooledTemporaryFile(max_size=DELTA_SPOOL_IN_MEMORY)
+
+    def write(self, data) -> int:
+        return self.file.write(data)
+
+    def hive_bytes(self) -> bytes:
+        self.file.seek(0)
+        return self.file.read()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _parent_base(parents, base: str):
+    """The bytes of ``Hives\\<base>`` in the nearest of ``parents`` (open
+    :class:`cimfs.Image` readers or image paths, nearest first) that has
+    the name, or None.  A tombstone or a directory there counts as missing."""
+    import cimfs  # the public reader; imported late as in the rest of the package
+
+    path = f"{HIVES_PATH}\\{base}"
+    for parent in parents:
+        own = not isinstance(parent, cimfs.Image)
+        img = cimfs.open(parent) if own else parent
+        try:
+            try:
+                st = img.stat(path)
+            except CimError as e:
+                if e.hresult in (ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND):
+                    continue
+                raise
+            if st.is_dir or st.reparse_data:
+                return None  # a tombstone, merge marker or directory: no base hive to merge with
+            with img.open(path) as f:
+                return f.read()
+        finally:
+            if own:
+                img.close()
+    return None
+
+
+def process_non_base_layer(writer, deltas: dict[str, DeltaSpool], parents, when: int, label: str) -> list[str]:
+    """Write ``Hives\\<X>_BASE`` = merge(the parent's ``<X>_BASE``, this layer's
+    ``<X>_DELTA``) for each delta in ``deltas`` (base hive name -> spooled
+    delta), in the order of :data:`HIVES`.  ``parents``: the images the
+    parent's base hives are read from, nearest first (the parent of a fork; the
+    layer images below an independent layer).  Returns the paths written.
+
+    A missing parent base hive or a delta that is not a valid hive raises a
+    one-line :class:`CimError` naming the layer (``label``), the hive and the
+    reason."""
+    if not deltas:
+        return []
+    from .. import regf  # imported late: only layers with hive deltas need the hive package
+
+    made: list[str] = []
+    times = dict(creation_time=when, last_write_time=when, change_time=when, last_access_time=when)
+    for _name, base, _delta in HIVES:
+        spool = deltas.get(base)
+        if spool is None:
+            continue
+        delta_path = spool.path
+        try:
+            # [choice] a plain (not layered) hive in a delta's place is merged as a layer
+            # whose keys all merge (semantics 0), as ORMergeHives takes any hive in its array.
+            delta = regf.open_hive(spool.hive_bytes(), name=delta_path)
+        except CimError as e:
+            raise CimError(e.hresult, f"registry hive {base[:-5]}: {delta_path} is not a valid hive ({e.strerror})",
+                           label) from None
+        parent_bytes = _parent_base(parents, base)
+        if parent_bytes is None:
+            raise CimError(ERROR_FILE_NOT_FOUND,
+                           f"registry hive {base[:-5]}: the layer has {delta_path} but its parent layer has no "
+                           f"{HIVES_PATH}\\{base} to merge it into", label)
+        try:
+            parent_hive = regf.open_hive(parent_bytes, name=f"parent {HIVES_PATH}\\{base}")
+            merged = regf.merge(parent_hive, [delta])
+        except CimError as e:
+            raise CimError(e.hresult, f"registry hive {base[:-5]}: cannot merge {delta_path} into the parent's "
+                           f"{HIVES_PATH}\\{base} ({e.strerror})", label) from None
+        except (ValueError, OverflowError, RecursionError, MemoryError) as e:
+            raise CimError(E_INVALIDARG, f"registry hive {base[:-5]}: cannot merge {delta_path} into the parent's "
+                           f"{HIVES_PATH}\\{base} ({e})", label) from None
+        out = f"{HIVES_PATH}\\{base}"
+        if writer.exists(out):
+            writer.delete(out)  # the parent's, inherited by the fork (or a link to its config\\<X>)
+        writer.add_file(out, merged, FileMetadata(attributes=FileAttributes.NORMAL, **times))
+        made.append(out)
+    return made
+
+
+def derived_bases(img) -> dict[str, list[str]]:
+    """The generated base hives of a non-base layer image ``img`` (an open
+    :class:`cimfs.Image`): folded ``Hives\\<X>_BASE`` -> the parts of the
+    ``Hives\\<X>_DELTA`` it was made from, for each X that has both."""
+    found: dict[str, list[str]] = {}
+    try:
+        st = img.stat(HIVES_PATH)
+    except CimError:
+        return found
+    if not st.is_dir:
+        return found
+    names = {e.name.casefold(): e for e in img.scandir(st.file_id)}
+    for _name, base, delta in HIVES:
+        d, b = names.get(delta.casefold()), names.get(base.casefold())
+        if d is None or b is None:
+            continue
+        dst = img.stat(d.file_id)
+        if dst.is_dir or dst.reparse_data:
+            continue  # a tombstone or merge marker of an independent layer: no delta of its own
+        found[img.fold(f"{HIVES_PATH}\\{b.name}")] = [HIVES_PATH, d.name]
+    return found

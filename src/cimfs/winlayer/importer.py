@@ -20,6 +20,7 @@ from ..errors import (
     CimError,
 )
 from ..metadata import FileAttributes, FileMetadata
+from . import hives
 from .pax import (
     CHUNK,
     PAX_FILEATTR,
@@ -46,7 +47,8 @@ from .tarsource import (
 
 # ------------------------------------------------------------------ import
 class _LayerImporter:
-    def __init__(self, writer, source: _TarSource, parent_image, progress, independent: bool = False):
+    def __init__(self, writer, source: _TarSource, parent_image, progress, independent: bool = False,
+                 keep_deltas: bool = False):
         self.w = writer
         self.src = source
         self.lower = parent_image  # reader of the parent image, or None
@@ -61,6 +63,9 @@ class _LayerImporter:
         self.added: dict[str, bool] = {}  # folded image path -> is a directory (entries of this layer)
         self.known_dirs: set[str] = set()
         self.last_file: str | None = None  # image path of the last file/dir entry (ADS owner)
+        # A non-base layer: the bytes of its Hives\<X>_DELTA files, by base hive name, for the hive merge.
+        self.keep_deltas = keep_deltas
+        self.deltas: dict[str, hives.DeltaSpool] = {}
 
     # -- helpers
     def _key(self, parts) -> str:
@@ -92,7 +97,7 @@ class _LayerImporter:
             self.w.delete(path)
             self.known_dirs.clear()
 
-    def _copy(self, m: tarfile.TarInfo, stream, size: int, member: str) -> None:
+    def _copy(self, m: tarfile.TarInfo, stream, size: int, member: str, tee=None) -> None:
         f = self.src.tf.extractfile(m)
         if f is None:
             raise CimError(E_INVALIDARG, "entry has no data", member)
@@ -102,6 +107,8 @@ class _LayerImporter:
             if not chunk:
                 raise CimError(E_INVALIDARG, f"truncated tar: data ends {remaining} bytes early", member)
             stream.write(chunk)
+            if tee is not None:
+                tee.write(chunk)
             remaining -= len(chunk)
             self.progress(len(chunk), member)
 
@@ -142,6 +149,9 @@ class _LayerImporter:
         path = "\\".join(parts)
         self._ensure_parents(parts, member)
         key = self._key(parts)
+        kind = hives.delta_kind(parts) if self.keep_deltas else None
+        if kind is not None:
+            self._drop_delta(kind[0])  # replaced by this entry
         if m.isdir():
             meta = _metadata(m, member, is_dir=True)
             raw = self._raw_reparse(m, member)
@@ -172,14 +182,34 @@ class _LayerImporter:
                 meta.reparse_data = raw
             meta.file_size = m.size
             self._remove_existing(path)
+            spool = None
+            if kind is not None:
+                spool = self.deltas[kind[0]] = hives.DeltaSpool(path)
             with self.w.create_file(path, meta) as s:
-                self._copy(m, s, m.size, member)
+                self._copy(m, s, m.size, member, spool)
             self.added[key] = False
             self.last_file = path
         else:
             kind = {tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device",
                     tarfile.FIFOTYPE: "FIFO"}.get(m.type, f"type {m.type!r}")
             raise CimError(E_INVALIDARG, f"a {kind} entry has no meaning in a Windows layer", member)
+
+    def _drop_delta(self, base: str) -> None:
+        spool = self.deltas.pop(base, None)
+        if spool is not None:
+            spool.close()
+
+    def layer_deltas(self) -> dict[str, "hives.DeltaSpool"]:
+        """The layer's hive deltas still in the image after its last member
+        (a later whiteout may have deleted one)."""
+        for base, spool in list(self.deltas.items()):
+            if not self._exists(spool.path) or self._is_dir(spool.path):
+                self._drop_delta(base)
+        return self.deltas
+
+    def close(self) -> None:
+        for base in list(self.deltas):
+            self._drop_delta(base)
 
     def _raw_reparse(self, m, member) -> bytes:
         v = m.pax_headers.get(PAX_RAWREPARSE)
@@ -351,7 +381,8 @@ def _image_name(name) -> str:
 
 
 def import_layer(src, containing_dir, name, parent=None, progress=None, *, before_commit=None,
-                 consistent: bool = False, clamp_time: int | None = None, independent: bool = False) -> str:
+                 consistent: bool = False, clamp_time: int | None = None, independent: bool = False,
+                 hive_parents=None, hive_time: int = 0, label: str | None = None, on_hive_bases=None) -> str:
     """Import one Windows layer tar as the image ``name`` in ``containing_dir``.
 
     ``src`` is a path, a binary file object (read once, as a stream: stdin
@@ -370,6 +401,15 @@ def import_layer(src, containing_dir, name, parent=None, progress=None, *, befor
     ``independent``: the layer is converted on its own, to be merged later
     (:func:`cimfs.merge`): whiteouts become tombstones, hard links to files of
     the layers below merge links, an opaque directory is marked so; no parent.
+
+    Registry hives (hcsshim's non-base layer processing, :mod:`.hives`): a
+    layer with a parent, or an independent one given ``hive_parents`` (the
+    images below it, nearest first: paths or open images), gets for each
+    ``Hives\\<X>_DELTA`` it brings a ``Hives\\<X>_BASE`` = the parent's
+    ``<X>_BASE`` merged with the delta, stamped with ``hive_time`` (FILETIME).
+    ``on_hive_bases(paths)`` is told the paths written, before
+    ``before_commit``.  ``label`` names the layer in error messages (default:
+    the tar's path or name).
     """
     directory = os.fspath(containing_dir)
     name = _image_name(name)
@@ -378,13 +418,21 @@ def import_layer(src, containing_dir, name, parent=None, progress=None, *, befor
     if parent is not None:
         parent = os.fspath(parent)  # cimfs.create checks it is in the same directory
     report = _progress_adapter(progress)
-    source = _TarSource(src)
+    source = _TarSource(src, label)
     try:
         with cimfs.create(directory, name, base=parent, consistent=consistent, clamp_time=clamp_time) as w:
             lower = cimfs.open(os.path.join(directory, os.path.basename(parent))) if parent is not None else None
+            non_base = lower is not None or (independent and hive_parents is not None)
+            importer = _LayerImporter(w, source, lower, report, independent, keep_deltas=non_base)
             try:
-                _LayerImporter(w, source, lower, report, independent).run()
+                importer.run()
+                if non_base:
+                    parents = [lower] if lower is not None else list(hive_parents)
+                    made = hives.process_non_base_layer(w, importer.layer_deltas(), parents, hive_time, source.label)
+                    if on_hive_bases is not None:
+                        on_hive_bases(made)
             finally:
+                importer.close()
                 if lower is not None:
                     lower.close()
             if before_commit is not None:
