@@ -1,6 +1,6 @@
 """Reading a Windows layer tar: detecting one (:func:`is_windows_layer`),
 opening it as a stream with checked, bounded headers (:class:`_TarSource`),
-turning read failures into one-line :class:`CimError`\ s, validating member
+turning read failures into one-line :class:`CimError` errors, validating member
 names as CIM names, and mapping a member's PAX records to
 :class:`cimfs.metadata.FileMetadata`.
 """
