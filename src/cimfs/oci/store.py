@@ -214,6 +214,8 @@ class LayerStore:
                     entry["status"] = "reused"
                     info = self._layer_record(chain)
                     entry["warnings"] = info.get("warnings", [])
+                    if info.get("hive_bases"):
+                        entry["hive_bases"] = info["hive_bases"]
                 else:
                     t0 = time.monotonic()
                     info = self._import_layer(spec, layer, chain, name, None if independent else parent, jobs,
