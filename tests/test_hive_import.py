@@ -24,7 +24,7 @@ import pytest
 
 import cimfs
 from cimfs import regf, winlayer
-from cimfs.errors import CimError
+from cimfs.errors import CimError, CimFormatError
 from cimfs.regf import NewKey, NewValue
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -225,6 +225,11 @@ def test_missing_parent_base_hive_fails_and_leaves_nothing(tmp_path):
         winlayer.import_layer(str(tar), d, "l1.cim", parent="base.cim")
     text = str(e.value)
     assert "\n" not in text and "sam.tar" in text and "SAM" in text and "SAM_BASE" in text
+    assert tree_snapshot(d) == before
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(build_tar([D("Hives"), F("Hives/SYSTEM_DELTA", b"regf" + b"\xff" * 8000)]))
+    with pytest.raises(CimFormatError, match="SYSTEM.*not a valid hive"):  # damage in a hive: a CimFormatError
+        winlayer.import_layer(str(bad), d, "l1.cim", parent="base.cim")
     assert tree_snapshot(d) == before
     # import_layers removes what it made before the failing layer
     layers = [io.BytesIO(build_tar(delta_layers()[0])), io.BytesIO(build_tar([D("Hives"), F("Hives/sam_delta",

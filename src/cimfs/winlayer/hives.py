@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import tempfile
 
-from ..errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND, CimError
+from ..errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND, CimError, CimFormatError
 from ..metadata import FileAttributes, FileMetadata
 
 REG_FILES_PATH = "Files\\Windows\\System32\\config"
@@ -160,6 +160,16 @@ def _parent_base(parents, base: str):
     return None
 
 
+def _again(e: CimError, reason: str, label: str) -> CimError:
+    """``e`` reworded to name the layer, keeping its kind (damage in a hive stays a CimFormatError)."""
+    if isinstance(e, CimFormatError):
+        err: CimError = CimFormatError(reason, label, e.hresult)
+    else:
+        err = CimError(e.hresult, reason, label)
+    err.__suppress_context__ = True
+    return err
+
+
 def process_non_base_layer(writer, deltas: dict[str, DeltaSpool], parents, when: int, label: str) -> list[str]:
     """Write ``Hives\\<X>_BASE`` = merge(the parent's ``<X>_BASE``, this layer's
     ``<X>_DELTA``) for each delta in ``deltas`` (base hive name -> spooled
@@ -186,8 +196,7 @@ def process_non_base_layer(writer, deltas: dict[str, DeltaSpool], parents, when:
             # whose keys all merge (semantics 0), as ORMergeHives takes any hive in its array.
             delta = regf.open_hive(spool.hive_bytes(), name=delta_path)
         except CimError as e:
-            raise CimError(e.hresult, f"registry hive {base[:-5]}: {delta_path} is not a valid hive ({e.strerror})",
-                           label) from None
+            raise _again(e, f"registry hive {base[:-5]}: {delta_path} is not a valid hive ({e.strerror})", label)
         parent_bytes = _parent_base(parents, base)
         if parent_bytes is None:
             raise CimError(ERROR_FILE_NOT_FOUND,
@@ -197,8 +206,8 @@ def process_non_base_layer(writer, deltas: dict[str, DeltaSpool], parents, when:
             parent_hive = regf.open_hive(parent_bytes, name=f"parent {HIVES_PATH}\\{base}")
             merged = regf.merge(parent_hive, [delta])
         except CimError as e:
-            raise CimError(e.hresult, f"registry hive {base[:-5]}: cannot merge {delta_path} into the parent's "
-                           f"{HIVES_PATH}\\{base} ({e.strerror})", label) from None
+            raise _again(e, f"registry hive {base[:-5]}: cannot merge {delta_path} into the parent's "
+                            f"{HIVES_PATH}\\{base} ({e.strerror})", label)
         except (ValueError, OverflowError, RecursionError, MemoryError) as e:
             raise CimError(E_INVALIDARG, f"registry hive {base[:-5]}: cannot merge {delta_path} into the parent's "
                            f"{HIVES_PATH}\\{base} ({e})", label) from None
