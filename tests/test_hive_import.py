@@ -547,7 +547,11 @@ def test_hive_merge_matches_the_rules_and_hivex_reads_it(tmp_path):
 def test_hive_commands_read_inside_an_image_and_from_a_url(tmp_path, hive_file):
     d = tmp_path / "img"
     d.mkdir()
-    winlayer.import_layer(io.BytesIO(build_tar([D("Hives"), F("Hives/SOFTWARE_BASE", cli_hive())])), d, "app.cim")
+    winlayer.import_layer(io.BytesIO(build_tar([D("Hives"), F("Hives/SOFTWARE_BASE", cli_hive()),
+                                                F("Hives/SYSTEM_BASE", base_system()),
+                                                F("Hives/System_Delta", system_delta(1))])), d, "app.cim")
+    cli("hive", "merge", "--image", d / "app.cim", "Hives/SYSTEM_BASE", "hives\\system_delta", "-o", tmp_path / "m")
+    assert (tmp_path / "m").read_bytes() == hand_merge(tmp_path, base_system(), system_delta(1), "im")
     key = "Microsoft\\Windows NT\\CurrentVersion"
     local = cli("hive", "ls", hive_file, key, "-l").stdout
     assert cli("hive", "ls", "--image", d / "app.cim", "Hives/SOFTWARE_BASE", key, "-l").stdout == local
