@@ -239,6 +239,20 @@ def test_missing_parent_base_hive_fails_and_leaves_nothing(tmp_path):
     assert tree_snapshot(d) == before
 
 
+def test_big_hives_go_through_temporary_files(tmp_path, monkeypatch):
+    from cimfs.winlayer import hives
+
+    monkeypatch.setattr(hives, "SPOOL_IN_MEMORY", 4096)  # every hive here is larger: mapped from a temporary file
+    d = tmp_path / "img"
+    d.mkdir()
+    tars = [io.BytesIO(build_tar(e)) for e in [api_base_entries()] + delta_layers()[:2]]
+    paths = winlayer.import_layers(tars, d, ["l0.cim", "l1.cim", "l2.cim"])
+    want = expected_bases(tmp_path)
+    with cimfs.open(paths[2]) as img:
+        assert img.read_bytes("Hives\\SYSTEM_BASE") == want[1]["SYSTEM"]
+        assert img.read_bytes("Hives\\SOFTWARE_BASE") == want[1]["SOFTWARE"]
+
+
 def test_whiteout_of_a_delta_in_the_same_layer_means_no_merge(tmp_path):
     d = tmp_path / "img"
     d.mkdir()

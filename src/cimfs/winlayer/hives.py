@@ -24,7 +24,9 @@ the base-layer processing's.  The delta stays.
 
 from __future__ import annotations
 
+import io
 import re
+import shutil
 import tempfile
 
 from ..errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND, CimError, CimFormatError
@@ -99,7 +101,7 @@ def process_base_layer(writer, when: int) -> tuple[list[str], list[str]]:
 
 
 # ------------------------------------------------------------------ non-base layers
-DELTA_SPOOL_IN_MEMORY = 64 << 20  # a delta larger than this is spooled to a temporary file while the layer is read
+SPOOL_IN_MEMORY = 64 << 20  # a hive larger than this is kept in a temporary file (mapped) instead of memory
 
 
 def delta_kind(parts: list[str]) -> tuple[str, str] | None:
@@ -115,28 +117,41 @@ def delta_kind(parts: list[str]) -> tuple[str, str] | None:
 
 class DeltaSpool:
     """The bytes of one ``Hives\\<X>_DELTA`` member, kept while the layer is
-    written (the image writer has no read-back): in memory up to 64 MiB, then
-    in a temporary file."""
+    written (the image writer has no read-back): in memory up to 64 MiB, past
+    that in a temporary file, which the hive reader maps instead of reading
+    (memory stays bounded whatever size a layer claims)."""
 
     def __init__(self, path: str):
         self.path = path  # the image path as the layer spells it
-        self.file = tempfile.SpooledTemporaryFile(max_size=DELTA_SPOOL_IN_MEMORY)
+        self._memory: io.BytesIO | None = io.BytesIO()
+        self._file = None
 
     def write(self, data) -> int:
-        return self.file.write(data)
+        if self._memory is not None and self._memory.tell() + len(data) > SPOOL_IN_MEMORY:
+            self._file = tempfile.TemporaryFile()
+            self._file.write(self._memory.getbuffer())
+            self._memory = None
+        return (self._file if self._memory is None else self._memory).write(data)
 
-    def hive_bytes(self) -> bytes:
-        self.file.seek(0)
-        return self.file.read()
+    def source(self):
+        """Bytes, or the temporary file (positioned at 0) for :func:`cimfs.regf.open_hive`."""
+        if self._memory is not None:
+            return self._memory.getvalue()
+        self._file.flush()
+        self._file.seek(0)
+        return self._file
 
     def close(self) -> None:
-        self.file.close()
+        if self._file is not None:
+            self._file.close()
+        self._memory = self._file = None
 
 
 def _parent_base(parents, base: str):
-    """The bytes of ``Hives\\<base>`` in the nearest of ``parents`` (open
-    :class:`cimfs.Image` readers or image paths, nearest first) that has
-    the name, or None.  A tombstone or a directory there counts as missing."""
+    """The nearest of ``parents`` (open :class:`cimfs.Image` readers or image
+    paths, nearest first) that has ``Hives\\<base>``: its bytes, or for one
+    over 64 MiB a temporary file holding them (the caller closes it); None
+    when none has it.  A tombstone or a directory there counts as missing."""
     import cimfs  # the public reader; imported late as in the rest of the package
 
     path = f"{HIVES_PATH}\\{base}"
@@ -153,7 +168,16 @@ def _parent_base(parents, base: str):
             if st.is_dir or st.reparse_data:
                 return None  # a tombstone, merge marker or directory: no base hive to merge with
             with img.open(path) as f:
-                return f.read()
+                if st.size <= SPOOL_IN_MEMORY:
+                    return f.read()
+                spool = tempfile.TemporaryFile()
+                try:
+                    shutil.copyfileobj(f, spool, 1 << 20)
+                    spool.seek(0)
+                except BaseException:
+                    spool.close()
+                    raise
+                return spool
         finally:
             if own:
                 img.close()
@@ -190,33 +214,42 @@ def process_non_base_layer(writer, deltas: dict[str, DeltaSpool], parents, when:
         spool = deltas.get(base)
         if spool is None:
             continue
-        delta_path = spool.path
-        try:
-            # [choice] a plain (not layered) hive in a delta's place is merged as a layer
-            # whose keys all merge (semantics 0), as ORMergeHives takes any hive in its array.
-            delta = regf.open_hive(spool.hive_bytes(), name=delta_path)
-        except CimError as e:
-            raise _again(e, f"registry hive {base[:-5]}: {delta_path} is not a valid hive ({e.strerror})", label)
-        parent_bytes = _parent_base(parents, base)
-        if parent_bytes is None:
-            raise CimError(ERROR_FILE_NOT_FOUND,
-                           f"registry hive {base[:-5]}: the layer has {delta_path} but its parent layer has no "
-                           f"{HIVES_PATH}\\{base} to merge it into", label)
-        try:
-            parent_hive = regf.open_hive(parent_bytes, name=f"parent {HIVES_PATH}\\{base}")
-            merged = regf.merge(parent_hive, [delta])
-        except CimError as e:
-            raise _again(e, f"registry hive {base[:-5]}: cannot merge {delta_path} into the parent's "
-                            f"{HIVES_PATH}\\{base} ({e.strerror})", label)
-        except (ValueError, OverflowError, RecursionError, MemoryError) as e:
-            raise CimError(E_INVALIDARG, f"registry hive {base[:-5]}: cannot merge {delta_path} into the parent's "
-                           f"{HIVES_PATH}\\{base} ({e})", label) from None
+        merged = _merge_one(regf, spool, parents, base, label)
         out = f"{HIVES_PATH}\\{base}"
         if writer.exists(out):
             writer.delete(out)  # the parent's, inherited by the fork (or a link to its config\\<X>)
         writer.add_file(out, merged, FileMetadata(attributes=FileAttributes.NORMAL, **times))
         made.append(out)
     return made
+
+
+def _merge_one(regf, spool: DeltaSpool, parents, base: str, label: str) -> bytes:
+    delta_path = spool.path
+    try:
+        # [choice] a plain (not layered) hive in a delta's place is merged as a layer
+        # whose keys all merge (semantics 0), as ORMergeHives takes any hive in its array.
+        delta = regf.open_hive(spool.source(), name=delta_path)
+    except CimError as e:
+        raise _again(e, f"registry hive {base[:-5]}: {delta_path} is not a valid hive ({e.strerror})", label)
+    parent_data = None
+    try:
+        parent_data = _parent_base(parents, base)
+        if parent_data is None:
+            raise CimError(ERROR_FILE_NOT_FOUND,
+                           f"registry hive {base[:-5]}: the layer has {delta_path} but its parent layer has no "
+                           f"{HIVES_PATH}\\{base} to merge it into", label)
+        why = f"registry hive {base[:-5]}: cannot merge {delta_path} into the parent's {HIVES_PATH}\\{base}"
+        try:
+            with regf.open_hive(parent_data, name=f"parent {HIVES_PATH}\\{base}") as parent_hive:
+                return regf.merge(parent_hive, [delta])
+        except CimError as e:
+            raise _again(e, f"{why} ({e.strerror})", label)
+        except (ValueError, OverflowError, RecursionError, MemoryError) as e:
+            raise CimError(E_INVALIDARG, f"{why} ({e})", label) from None
+    finally:
+        delta.close()
+        if parent_data is not None and not isinstance(parent_data, bytes):
+            parent_data.close()
 
 
 def derived_bases(img) -> dict[str, list[str]]:
