@@ -6,6 +6,9 @@ A HIVE argument is a local file, a URL (fsspec, as the other read commands
 take), or with ``--image IMAGE`` a path inside a CIM image, read through the
 library without extracting.  Errors are the ``cimfs: ...`` line of
 :func:`cimfs.cli.main`.
+
+The hive package, the image reader and fsspec are imported inside the
+commands: every ``cimfs`` command imports this module, so it stays light.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import re
 import shutil
 import tempfile
 
+import cimfs
 from ..errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND, CimError, CimFormatError
 from ..metadata import FileAttributes, FileMetadata
 
@@ -152,8 +153,6 @@ def _parent_base(parents, base: str):
     paths, nearest first) that has ``Hives\\<base>``: its bytes, or for one
     over 64 MiB a temporary file holding them (the caller closes it); None
     when none has it.  A tombstone or a directory there counts as missing."""
-    import cimfs  # the public reader; imported late as in the rest of the package
-
     path = f"{HIVES_PATH}\\{base}"
     for parent in parents:
         own = not isinstance(parent, cimfs.Image)
