@@ -16,6 +16,7 @@ NONE = 0xFFFFFFFF  # "no cell" in every offset field
 BASE_BLOCK_SIZE = 4096  # file offset of hive-bins data (rel offset 0)
 BIN_ALIGN = 4096
 HBIN_HEADER_SIZE = 32
+MAX_HIVE_BINS = 0x7FFFF000  # [choice] cell offsets stay below 2^31 (Windows' cell index keeps bit 31 for volatile)
 CELL_ALIGN = 8
 
 # ---- base block ----------------------------------------------------------------------------------------------

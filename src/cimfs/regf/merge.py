@@ -44,6 +44,7 @@ from .writer import HiveBuilder, deep_recursion
 
 _SEM, _INHERIT = L.LAYER_SEMANTICS_MASK, L.LAYER_INHERIT_CLASS
 _FL, _NAMELEN, _LAYER, _TIME, _SK = L.NKF_FLAGS, L.NKF_NAMELEN, L.NKF_LAYER, L.NKF_TIME, L.NKF_SK
+_INLINE_MASK = (0, 0xFF, 0xFFFF, 0xFFFFFF, 0xFFFFFFFF)  # inline bytes beyond the size are not copied
 
 
 def merge(base, deltas: Sequence = (), *, file_name: str = "") -> bytes:
@@ -137,21 +138,69 @@ class _Merger:
 
     def emit(self, off: int, name: str, top: _Node, parent: int, *, layer_nodes, entries, values, class_off,
              class_len, sk, root=False) -> tuple:
-        """Fill the nk at ``off``; returns the parent's list entry for it."""
+        """Fill the nk at ``off``; ``values`` is (vk offsets, MaxValueNameLen, MaxValueDataLen); returns the
+        parent's list entry for the key."""
         b = self.b
         raw, comp = encode_name(name)
         sublist = b.subkey_list(entries)
-        maxname = max((e[4] for e in entries), default=0)
-        maxclass = max((e[5] for e in entries), default=0)
-        vall = b.value_list([v[0] for v in values])
+        maxname = maxclass = 0
+        for e in entries:
+            if e[4] > maxname:
+                maxname = e[4]
+            if e[5] > maxclass:
+                maxclass = e[5]
+        voffs, maxvalname, maxvaldata = values
         flags = top.f[_FL] | L.ROOT_FLAGS if root else top.f[_FL] & ~L.KEY_HIVE_ENTRY
-        b.key(off, raw, comp, flags=flags, last_written=max(n.f[_TIME] for n in layer_nodes), layer=0,
-              parent=parent, nsub=len(entries), sublist=sublist, nval=len(values), vallist=vall, sk=sk,
-              class_off=class_off, class_len=class_len, maxname=maxname, user_flags=top.f[L.NKF_MAXNAME] >> 16,
-              maxclass=maxclass, maxvalname=max((v[1] for v in values), default=0),
-              maxvaldata=max((v[2] for v in values), default=0))
-        up = upcase(name)
-        return off, up, raw, comp, 2 * len(raw) if comp else len(raw), class_len
+        ts = top.f[_TIME]
+        for n in layer_nodes:
+            if n.f[_TIME] > ts:
+                ts = n.f[_TIME]
+        b.key(off, raw, comp, flags=flags, last_written=ts, layer=0, parent=parent, nsub=len(entries),
+              sublist=sublist, nval=len(voffs), vallist=b.value_list(voffs), sk=sk, class_off=class_off,
+              class_len=class_len, maxname=maxname, user_flags=top.f[L.NKF_MAXNAME] >> 16, maxclass=maxclass,
+              maxvalname=maxvalname, maxvaldata=maxvaldata)
+        return off, upcase(name), raw, comp, 2 * len(raw) if comp else len(raw), class_len
+
+    def copy_values(self, n: _Node) -> tuple[list, int, int]:
+        """The values of one node copied (tombstones dropped): (vk offsets, max name length, max data size).
+        The common case, inline data, is handled here without building a record per value."""
+        li = n.li
+        h, cov, b = self.hives[li], self.cov[li], self.b
+        buf, cell, unpack, pack, out = h._buf, h.cell, L.VK_HEAD.unpack_from, L.VK_HEAD.pack_into, b.buf
+        offs, maxn, maxd = [], 0, 0
+        for vo in h.value_offsets(n.f, n.off, cov):
+            s, cn = cell(vo, "value", cov)
+            if cn < L.VK_HEAD.size:
+                raise h.error(vo, "value: cell too small")
+            vf = unpack(buf, s)
+            sig, nl, raw, dfield, typ, flags, _ = vf
+            if sig != L.VK:
+                raise h.error(vo, f"expected a value ('vk'), found {bytes(sig)!r}")
+            if L.VK_HEAD.size + nl > cn:
+                raise h.error(vo, f"value name of {nl} bytes overruns its cell")
+            if flags & L.VALUE_TOMBSTONE:
+                continue
+            comp = flags & L.VALUE_COMP_NAME
+            nl16 = 2 * nl if comp else nl
+            if raw & L.DATA_INLINE:
+                size = raw & ~L.DATA_INLINE
+                if size > L.INLINE_MAX:
+                    raise h.error(vo, f"inline data of {size} bytes (at most 4 fit)")
+                o = b.alloc(L.VK_HEAD.size + nl)
+                at = L.BASE_BLOCK_SIZE + o + 4
+                pack(out, at, L.VK, nl, raw, dfield & _INLINE_MASK[size], typ, comp, 0)
+                at += L.VK_HEAD.size
+                out[at:at + nl] = buf[s + L.VK_HEAD.size:s + L.VK_HEAD.size + nl]
+            else:
+                parts = h.data_parts(vf, vo, cov)
+                size = sum(len(p) for p in parts)
+                o = b.value(buf[s + L.VK_HEAD.size:s + L.VK_HEAD.size + nl], comp, typ, parts)
+            offs.append(o)
+            if nl16 > maxn:
+                maxn = nl16
+            if size > maxd:
+                maxd = size
+        return offs, maxn, maxd
 
     # ---- a subtree one layer alone contributes -------------------------------------------------------------------
     def copy(self, n: _Node, parent: int, depth: int):
@@ -166,12 +215,7 @@ class _Merger:
             raise h.error(n.off, f"keys nested deeper than {L.MAX_DEPTH}")
         entries = [e for e in (self.copy(k, off, depth + 1) for k in kids) if e is not None]
         self._sort_entries(entries, h, n)
-        values = []
-        cov = self.cov[li]
-        for vo in h.value_offsets(n.f, n.off, cov):
-            vf, name_at = h.vk(vo, cov)
-            if not vf[L.VKF_FLAGS] & L.VALUE_TOMBSTONE:
-                values.append(self.copy_value(li, vo, vf, name_at))
+        values = self.copy_values(n)
         return self.emit(off, n.name, n, parent, layer_nodes=(n,), entries=entries, values=values,
                          class_off=class_off, class_len=class_len, sk=sk)
 
@@ -179,7 +223,8 @@ class _Merger:
     def _sort_entries(entries: list, h: Hive, n: _Node) -> None:
         ups = [e[1] for e in entries]
         k = order_key(ups)
-        entries.sort(key=(lambda e: e[1]) if k is None else (lambda e: k(e[1])))
+        if k is not None or any(a >= c for a, c in zip(ups, ups[1:])):
+            entries.sort(key=(lambda e: e[1]) if k is None else (lambda e: k(e[1])))
         for a, c in zip(entries, entries[1:]):
             if a[1] == c[1]:
                 raise h.error(n.off, f"two subkeys named {a[1]!r} (in Windows' case) under {n.name!r}")
@@ -284,4 +329,6 @@ class _Merger:
                 vf, name_at = h.vk(vo, cov)
                 name = h.name_at(vo, name_at, vf[L.VKF_NAMELEN], bool(vf[L.VKF_FLAGS] & L.VALUE_COMP_NAME))
                 slots[upcase(name)] = (n.li, vo, vf, name_at)
-        return [self.copy_value(*s) for s in slots.values() if not s[2][L.VKF_FLAGS] & L.VALUE_TOMBSTONE]
+        copied = [self.copy_value(*s) for s in slots.values() if not s[2][L.VKF_FLAGS] & L.VALUE_TOMBSTONE]
+        return ([c[0] for c in copied], max((c[1] for c in copied), default=0),
+                max((c[2] for c in copied), default=0))

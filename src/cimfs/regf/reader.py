@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import mmap
 import os
-from bisect import bisect_right
 
 from ..errors import ERROR_FILE_NOT_FOUND, CimError
 from . import layout as L
@@ -27,6 +26,8 @@ from .names import decode_name, lh_hash, upcase
 
 _MIN_NK_CELL = 4 + L.NK_HEAD.size  # the smallest cell an nk can live in; bounds subkey counts
 _MIN_VK_CELL = 4 + L.VK_HEAD.size
+_CELL_SIZE_UNPACK = L.CELL_SIZE.unpack_from
+_ONES = [b"\x01" * n for n in range(2048)]  # coverage marks of cells up to 16 KiB, prebuilt
 
 
 class HiveKeyNotFound(CimError, KeyError):
@@ -128,7 +129,13 @@ class Hive:
             starts.append(off)
             ends.append(off + size)
             off += size
-        self._starts, self._ends = starts, ends
+        # per 4096-byte page: the start and end of its bin (one entry per page, not per cell)
+        self._page_start, self._page_end = [], []
+        for a, z in zip(starts, ends):
+            n = (z - a) >> 12
+            self._page_start += [a + L.HBIN_HEADER_SIZE] * n
+            self._page_end += [z] * n
+        self._npages = len(self._page_end)
 
     # ---- context manager ---------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -156,20 +163,25 @@ class Hive:
         return HiveFormatError(self.name, cell, reason)
 
     def cell(self, off: int, what: str, cov: Coverage | None = None) -> tuple[int, int]:
-        """(data start, data length) of the allocated cell at rel offset ``off``, checked against its bin."""
-        i = bisect_right(self._starts, off) - 1
-        if i < 0 or off >= self._ends[i] or off < self._starts[i] + L.HBIN_HEADER_SIZE:
+        """(data start, data length) of the allocated cell at rel offset ``off``, checked against its bin;
+        with ``cov``, the cell is claimed for the traversal (refused if it overlaps a cell claimed before)."""
+        page = off >> 12
+        if off < 0 or page >= self._npages or off < self._page_start[page]:
             raise self.error(off, f"{what}: offset outside the hive's cells")
-        end = self._ends[i]
+        end = self._page_end[page]
         if end - off < 4:
             raise self.error(off, f"{what}: cell crosses the end of its bin")
-        size = -L.CELL_SIZE.unpack_from(self._buf, off)[0]
-        if size <= 0:
-            raise self.error(off, f"{what}: points to a free cell")
+        size = -_CELL_SIZE_UNPACK(self._buf, off)[0]
         if size < 8 or off + size > end:
+            if size <= 0:
+                raise self.error(off, f"{what}: points to a free cell")
             raise self.error(off, f"{what}: cell of {size} bytes crosses the end of its bin")
         if cov is not None:
-            cov.claim(off, size)
+            m = cov._map
+            a, b = off >> 3, (off + size + 7) >> 3
+            if m.find(1, a, b) >= 0:
+                raise self.error(off, "cell reached twice or overlapping another cell (a cycle or a shared cell)")
+            m[a:b] = _ONES[b - a] if b - a < len(_ONES) else b"\x01" * (b - a)
         return off + 4, size - 4
 
     def nk(self, off: int, cov: Coverage | None = None) -> tuple:

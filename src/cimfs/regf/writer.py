@@ -90,6 +90,8 @@ class HiveBuilder:
         self._close_bin()
         start = self.bin_end
         bin_size = max(L.BIN_ALIGN, (size + L.HBIN_HEADER_SIZE + L.BIN_ALIGN - 1) & ~(L.BIN_ALIGN - 1))
+        if start + bin_size > L.MAX_HIVE_BINS:
+            raise CimError(E_INVALIDARG, "the hive would be larger than a hive can be (2 GiB of bins)", self.name)
         if bin_size == L.BIN_ALIGN:
             self.buf += _ZERO_BIN
         else:
