@@ -213,7 +213,11 @@ class _Merger:
         kids = self.children(n)
         if kids and depth >= L.MAX_DEPTH:
             raise h.error(n.off, f"keys nested deeper than {L.MAX_DEPTH}")
-        entries = [e for e in (self.copy(k, off, depth + 1) for k in kids) if e is not None]
+        entries = []
+        for k in kids:  # a plain loop: one Python frame per key level
+            e = self.copy(k, off, depth + 1)
+            if e is not None:
+                entries.append(e)
         self._sort_entries(entries, h, n)
         values = self.copy_values(n)
         return self.emit(off, n.name, n, parent, layer_nodes=(n,), entries=entries, values=values,

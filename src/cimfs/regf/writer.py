@@ -235,7 +235,7 @@ class HiveBuilder:
 def deep_recursion():
     """Room for a recursion over MAX_DEPTH keys, whatever the caller's depth."""
     need = sys.getrecursionlimit()
-    want = len(_frames()) + 2 * L.MAX_DEPTH + 100
+    want = len(_frames()) + 3 * L.MAX_DEPTH + 100
     if want > need:
         sys.setrecursionlimit(want)
     try:
