@@ -948,6 +948,10 @@ def to_erofs(image, out, standalone, block_size, options):
         click.echo(f"device={dev}", err=True)
 
 
+from .hive_cli import hive  # noqa: E402 - the `hive` group, in its own module
+cli.add_command(hive)
+
+
 # ===================================================================== entry point
 def _escape_unprintable(e: UnicodeEncodeError):
     """Bytes a host name could not decode (surrogateescape) go out as they

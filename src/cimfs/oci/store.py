@@ -8,7 +8,8 @@ Layout of ``STORE_DIR``::
     layers/<chain hex>.cim   one image per layer, named by its chain ID, each a
                              fork of the layer below; with its region files
     layers/<chain hex>.json  what the store knows of that layer (diff ID, blob,
-                             paths the base-layer processing added); written
+                             paths the base-layer processing added, base hives
+                             merged from a non-base layer's deltas); written
                              before the .cim is committed
 
     journal.json             present while an import or rmi runs: the layer
@@ -37,7 +38,8 @@ from .. import tools, winlayer
 from ..atomic import fsync_dir, remove_quietly, replacing
 from ..errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
 from ..progress import Progress
-from . import blobs, checked, hives
+from ..winlayer import hives
+from . import blobs, checked
 from .sources import open_source
 
 REFS_FILE = "refs.json"
@@ -327,22 +329,26 @@ class LayerStore:
                             [d for d in digests if not os.path.exists(self._blob_path(d))])
         parent = None
         try:
-            for layer, chain, name in zip(spec.layers, chains, own_layers):
+            for position, (layer, chain, name) in enumerate(zip(spec.layers, chains, own_layers)):
                 entry = {"index": layer.index, "digest": layer.digest, "media_type": layer.media_type,
                          "size": layer.size, "diff_id": layer.diff_id, "chain_id": chain, "image": name}
                 if os.path.exists(os.path.join(self.layers, name)):
                     entry["status"] = "reused"
                     info = self._layer_record(name)
                     entry["warnings"] = info.get("warnings", [])
+                    if info.get("hive_bases"):
+                        entry["hive_bases"] = info["hive_bases"]
                 else:
                     t0 = time.monotonic()
                     info = self._import_layer(spec, layer, chain, name, None if independent else parent, jobs,
                                               created_at, warn, progress_stream, len(spec.layers),
-                                              independent=independent)
+                                              independent=independent, below=own_layers[:position][::-1])
                     entry.update(status="new", uncompressed_bytes=info["uncompressed_bytes"],
                                  seconds=round(time.monotonic() - t0, 3), warnings=info["warnings"])
                     if info["base_processing"]:
                         entry["base_processing"] = info["base_processing"]
+                    if info["hive_bases"]:
+                        entry["hive_bases"] = info["hive_bases"]
                 for w in entry["warnings"]:
                     if entry["status"] == "new":
                         warn(w)
@@ -403,7 +409,9 @@ class LayerStore:
             return {}
 
     def _import_layer(self, spec, layer, chain, name, parent, jobs, created_at, warn, progress_stream,
-                      count, independent=False) -> dict:
+                      count, independent=False, below=()) -> dict:
+        """One layer into the store.  ``below``: independent mode, the layer
+        images under this one, nearest first (where its parent's base hives are)."""
         label = f"layer {layer.index + 1}/{count} {layer.digest or layer.diff_id}"
         if layer.opener is None:
             where = ", ".join(layer.urls) if layer.urls else "no URL given"
@@ -420,6 +428,7 @@ class LayerStore:
             raw, compression = blobs.sniff_compression(raw, close_source=True)
         delta_members: list[str] = []
         base_added: list[str] = []
+        hive_bases: list[str] = []  # a non-base layer: the Hives\<X>_BASE merged from its deltas
         warnings: list[str] = []
         total = layer.size or 0
         short = (layer.digest or layer.diff_id).split(":", 1)[-1][:12]
@@ -439,23 +448,22 @@ class LayerStore:
                     if not added and missing:
                         warnings.append(f"{label}: base layer without registry hives under "
                                         f"{hives.REG_FILES_PATH}: no Hives links or layout file made")
-                elif delta_members:
-                    warnings.append(
-                        f"{label}: registry hive deltas ({', '.join(sorted(set(delta_members)))}) stored as they "
-                        f"are; hcsshim would merge them into the parent's base hives with the offline registry "
-                        f"API, which does not exist here")
                 record = {"chain_id": None if independent else chain, "independent": independent,
                           "diff_id": layer.diff_id, "digest": layer.digest,
                           "media_type": layer.media_type, "size": layer.size, "parent": parent,
                           "uncompressed_bytes": reader.uncompressed_bytes, "base_processing": base_added,
-                          "hive_deltas": sorted(set(delta_members)), "warnings": warnings}
+                          "hive_deltas": sorted(set(delta_members)), "hive_bases": hive_bases,
+                          "warnings": warnings}
                 _write_atomic(os.path.join(self.layers, name[:-4] + ".json"), _dump(record))
 
             try:
                 # consistent: the same layer on the same parent gives the same files, on any machine
                 extra = {"independent": True} if independent else {}
+                if independent and layer.index > 0:
+                    extra["hive_parents"] = [os.path.join(self.layers, n) for n in below]
                 winlayer.import_layer(reader, self.layers, name, parent=parent, progress=on_member,
-                                      before_commit=before_commit, consistent=True, **extra)
+                                      before_commit=before_commit, consistent=True, hive_time=created_at,
+                                      label=label, on_hive_bases=hive_bases.extend, **extra)
             except BaseException:
                 remove_quietly(os.path.join(self.layers, name[:-4] + ".json"))
                 raise
@@ -467,7 +475,7 @@ class LayerStore:
                 except Exception:  # noqa: BLE001
                     pass
         return {"uncompressed_bytes": stream.uncompressed_bytes, "warnings": warnings,
-                "base_processing": base_added}
+                "base_processing": base_added, "hive_bases": hive_bases}
 
     def _remove_layer(self, name: str, warn=None) -> None:
         p = os.path.join(self.layers, name)
