@@ -12,7 +12,6 @@ from typing import Callable, Iterator
 
 import cimfs
 from .atomic import fsync_dir
-from .writer import COMMIT_TEMP_NAME, DirectoryLock
 from . import posix
 from .layout import cim, ntfs
 from .errors import (E_INVALIDARG, ERROR_FILE_NOT_FOUND, ERROR_SHARING_VIOLATION, CimError, CimFormatError,
@@ -460,8 +459,13 @@ def fsck(cim_path: str, progress: Callable[[int], None] | None = None, storage_o
 # files unless their header says image; a commit's leftover temporary file
 # (writer.COMMIT_TEMP_NAME) is never an image: gc removes it.
 
-# rm and gc take the writers' own lock, so they never race an image being written.
-DirLock = DirectoryLock
+
+def _writers_lock(directory: str):
+    """rm and gc take the writers' own lock, so they never race an image being written."""
+    from .writer import DirectoryLock  # start-up time: the reading commands of this module need no writer
+
+    return DirectoryLock(directory)
+
 
 _UNKNOWN = None  # the region sets of an image whose header cannot be read
 
@@ -505,6 +509,8 @@ class _Directory:
         self.images: dict[str, set[str] | None] = {}
         self.regions: dict[str, str] = {}
         self.leftovers: list[str] = []
+        from .writer import COMMIT_TEMP_NAME  # start-up time, as in _writers_lock
+
         for name in sorted(os.listdir(directory)):
             path = os.path.join(directory, name)
             if COMMIT_TEMP_NAME.match(name):
@@ -583,7 +589,7 @@ def rm_image(cim_path: str, *, dry_run: bool = False, force: bool = False,
     name = os.path.basename(cim_path)
     if not os.path.isfile(cim_path):
         raise CimError(ERROR_FILE_NOT_FOUND, "no such image", cim_path)
-    with DirLock(directory):
+    with _writers_lock(directory):
         try:
             mine = image_region_sets(cim_path)
         except CimFormatError as e:
@@ -611,7 +617,7 @@ def gc(directory: str, *, dry_run: bool = False, warn=lambda m: None) -> list[tu
     refers to, and the temporary files of commits that were killed."""
     if not os.path.isdir(directory):
         raise CimError(ERROR_FILE_NOT_FOUND, "no such directory", directory)
-    with DirLock(directory):
+    with _writers_lock(directory):
         contents = _Directory(directory, warn)
         needed = contents.needed()
         if needed is None:

@@ -28,58 +28,48 @@ Conventions this package chooses (documented in docs/CLI.md):
   (an LX or NT symlink or a mount point that is also a directory) are skipped.
 """
 
-from .extract import SPARSE_BLOCK, ExtractReport, Extractor
-from .extract import _FileWriters, _write_sparse  # noqa: F401  (private; the tests reach them here)
-from .importer import DirectoryImporter, Importer, check_output_outside, write_node
-from .lx import (
-    BLK,
-    CHR,
-    DIR,
-    FIFO,
-    FILE,
-    FMT_OF_KIND,
-    SOCK,
-    SPECIAL_TAGS,
-    SYMLINK,
-    TAG_AF_UNIX,
-    TAG_LX_BLK,
-    TAG_LX_CHR,
-    TAG_LX_FIFO,
-    TAG_LX_SYMLINK,
-    TAG_MOUNT_POINT,
-    TAG_SYMLINK,
-    PosixInfo,
-    metadata_matches,
-    node_metadata,
-    plain_file_metadata,
-    posix_info,
-)
-from .names import (
-    FILETIME_UNIX_EPOCH,
-    check_image_name,
-    filetime_to_ns,
-    fold,
-    format_pax_time,
-    name_from_image,
-    name_to_image,
-    ns_to_filetime,
-    parse_pax_time,
-)
-from .scan import (
-    CHUNK,
-    TAR_READ_ERRORS,
-    Node,
-    Tree,
-    free_name,
-    members,
-    open_node,
-    open_tar,
-    resolve_collision,
-    scan_directory,
-    scan_single,
-    scan_tar,
-)
-from .tar import export_tar
+import importlib
+from typing import TYPE_CHECKING
+
+# The names are loaded from their module on first use (PEP 562): a reading
+# command that needs ``posix_info`` does not pay for the tar reader or the
+# extractor (start-up time, tests/test_startup.py).
+_EXPORTS = {
+    "extract": ("SPARSE_BLOCK", "ExtractReport", "Extractor",
+                "_FileWriters", "_write_sparse"),  # the private two: the tests reach them here
+    "importer": ("DirectoryImporter", "Importer", "check_output_outside", "write_node"),
+    "lx": ("BLK", "CHR", "DIR", "FIFO", "FILE", "FMT_OF_KIND", "SOCK", "SPECIAL_TAGS", "SYMLINK", "TAG_AF_UNIX",
+           "TAG_LX_BLK", "TAG_LX_CHR", "TAG_LX_FIFO", "TAG_LX_SYMLINK", "TAG_MOUNT_POINT", "TAG_SYMLINK", "PosixInfo",
+           "metadata_matches", "node_metadata", "plain_file_metadata", "posix_info"),
+    "names": ("FILETIME_UNIX_EPOCH", "check_image_name", "filetime_to_ns", "fold", "format_pax_time",
+              "name_from_image", "name_to_image", "ns_to_filetime", "parse_pax_time"),
+    "scan": ("CHUNK", "TAR_READ_ERRORS", "Node", "Tree", "free_name", "members", "open_node", "open_tar",
+             "resolve_collision", "scan_directory", "scan_single", "scan_tar"),
+    "tar": ("export_tar",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+if TYPE_CHECKING:  # the names as type checkers see them
+    from .extract import *  # noqa: F403
+    from .importer import *  # noqa: F403
+    from .lx import *  # noqa: F403
+    from .names import *  # noqa: F403
+    from .scan import *  # noqa: F403
+    from .tar import *  # noqa: F403
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULE_OF))
+
 
 __all__ = [
     "BLK", "CHR", "CHUNK", "DIR", "FIFO", "FILE", "FILETIME_UNIX_EPOCH", "FMT_OF_KIND", "SOCK",
