@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 
 
 def remove_quietly(path: str) -> None:
@@ -31,6 +30,8 @@ def fsync_dir(path: str) -> None:
 
 def temp_name(path: str) -> str:
     """A fresh hidden name in ``path``'s directory (same file system: rename is atomic)."""
+    import secrets  # start-up time (hashlib's OpenSSL): the reading commands import this module for fsync_dir
+
     path = os.path.abspath(path)
     return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
 

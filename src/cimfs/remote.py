@@ -17,7 +17,6 @@ retried a bounded number of times on top of the backend's own retries.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 import threading
@@ -139,6 +138,8 @@ class DiskBlocks:
     never served from an old cache."""
 
     def __init__(self, cache_dir: str, identity: str, size: int):
+        import hashlib  # start-up time: every reader imports this module, few use a cache directory
+
         os.makedirs(cache_dir, exist_ok=True)
         key = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:32]
         base = os.path.join(cache_dir, key)
