@@ -67,7 +67,8 @@ def _assert_light(loaded: set[str], bare: set[str], report: str, allowed=()) -> 
 def test_import_cli_is_light(bare):
     loaded, report = _loaded("import cimfs.cli")
     _assert_light(loaded, bare, report)
-    assert "click" in loaded and "cimfs.cli.reading" in loaded  # the check itself sees imports
+    assert "click" in loaded and "cimfs.cli.common" in loaded  # the check itself sees imports
+    assert not {m for m in loaded if m.startswith("cimfs.cli.")} - {"cimfs.cli.common"}  # no family yet
 
 
 @pytest.mark.parametrize("args", [["--version"], ["--help"], ["cat", "--help"], ["create", "--help"]])
@@ -96,6 +97,23 @@ def test_cat_loads_no_writer(bare, tmp_path):
     _assert_light(loaded, bare, report, allowed={"cimfs.reader", "cimfs.remote", "cimfs.tools", "cimfs.layout.cim",
                                                  "cimfs.layout.ntfs", "mmap", "dataclasses"})
     assert "cimfs.reader" in loaded
+    assert {m for m in loaded if m.startswith("cimfs.cli.")} == {"cimfs.cli.common", "cimfs.cli.reading"}
+
+
+def test_families_table_matches_the_modules():
+    """Every command of every family module is in cimfs.cli.FAMILIES, under its own module, and runs."""
+    import importlib
+
+    import click
+
+    from cimfs.cli import FAMILIES, cli
+
+    for family, names in FAMILIES.items():
+        module = importlib.import_module(f"cimfs.cli.{family}")
+        assert sorted(c.name for c in module.COMMANDS) == sorted(names), family
+        for c in module.COMMANDS:
+            assert cli.get_command(click.Context(cli), c.name) is c
+    assert cli.get_command(click.Context(cli), "no-such-command") is None
 
 
 def test_gc_loads_no_tar_or_worker_machinery(bare, tmp_path):

@@ -1,7 +1,7 @@
 """The ``cimfs`` command: build, fork, inspect, verify, extract and mount CimFS images.
 
-One module per command family, each a list of click commands (``COMMANDS``)
-that this package adds to the ``cimfs`` group:
+One module per command family, each a tuple of click commands (``COMMANDS``)
+that the ``cimfs`` group loads when one of them is run (:data:`FAMILIES`):
 
 * :mod:`.images` -- create, fork, merge, rm, gc;
 * :mod:`.reading` -- ls, cat, stat, info, diff, fsck, extract, export;
@@ -14,23 +14,23 @@ Start-up convention: a family module imports only click and light modules
 (errors, progress, bulk) at its top; the library modules a command needs
 (reader, writer, posix, tools, oci, mount, winlayer, tarfile, ...) are imported
 inside that command's function.  ``cimfs --version`` and ``--help`` then load
-no library module, and each command loads only what it uses: start-up time,
-checked by tests/test_startup.py.  ``import cimfs`` is itself lazy (PEP 562).
+no library module, and each command loads only its family and what it uses:
+start-up time, checked by tests/test_startup.py.  ``import cimfs`` is itself lazy (PEP 562).
 """
 
 from __future__ import annotations
 
-import importlib
-
 from .common import cli, entry_point, main
 
-# The command families, in this package.  A new family is one module with a
-# COMMANDS tuple and one name here (the hive commands go in as "hive").
-FAMILIES = ("images", "reading", "mounts", "layers")
+# The command families of this package and the commands each defines (its
+# COMMANDS tuple); a command's module is loaded when it is run or listed.  A
+# new family is one module and one line here (the hive commands: "hive": ("hive",)).
+FAMILIES = {
+    "images": ("create", "fork", "merge", "rm", "gc"),
+    "reading": ("ls", "cat", "stat", "info", "diff", "fsck", "extract", "export"),
+    "mounts": ("mount", "umount", "to-erofs"),
+    "layers": ("import-image", "images", "rmi", "export-image"),
+}
+cli.families.update({name: f"{__name__}.{family}" for family, names in FAMILIES.items() for name in names})
 
-for _family in FAMILIES:
-    for _command in importlib.import_module(f".{_family}", __name__).COMMANDS:
-        cli.add_command(_command)
-del _family, _command
-
-__all__ = ["cli", "main", "entry_point"]
+__all__ = ["cli", "main", "entry_point", "FAMILIES"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import importlib
 import os
 import sys
 
@@ -64,7 +65,27 @@ def _image_path_arg(path: str | None) -> str:
 
 
 # ===================================================================== the group
-@click.group(context_settings=CONTEXT)
+class FamilyGroup(click.Group):
+    """A group whose commands are loaded with their family module when first
+    asked for: ``cimfs cat`` loads :mod:`.reading` only, ``--version`` none
+    (``--help`` lists them all, so it loads every family)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.families: dict[str, str] = {}  # command name -> the module defining it (with a COMMANDS tuple)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(self.families))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = self.families.get(cmd_name)
+        if cmd_name not in self.commands and module is not None:
+            for command in importlib.import_module(module).COMMANDS:
+                self.add_command(command)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=FamilyGroup, context_settings=CONTEXT)
 @click.version_option(cimfs.__version__, "-V", "--version", prog_name="cimfs")
 def cli() -> None:
     """Build, fork, inspect, verify, extract and mount CimFS images.
