@@ -189,3 +189,30 @@ def test_cli_module_runs(tmp_path):
                        capture_output=True, text=True, env=env, timeout=60)
     assert a.returncode == b.returncode == 0
     assert a.stdout == b.stdout == f"cimfs, version {cimfs.__version__}\n"
+
+
+@pytest.mark.parametrize("exc", ["tar", "cim"])
+def test_failures_print_one_line(capsys, exc):
+    """The error printing of cimfs.cli.common: a tar error (tarfile imported by the command) and a
+    CimError each end the program with one 'cimfs: ...' line and status 1."""
+    import click
+
+    from cimfs.cli import cli, main
+    from cimfs.errors import E_INVALIDARG, CimError
+
+    @click.command("raise-for-test")
+    def raiser():
+        import tarfile
+
+        raise {"tar": tarfile.ReadError("bad  tar\nheader"), "cim": CimError(E_INVALIDARG, "broken", "x.cim")}[exc]
+
+    cli.add_command(raiser)
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["raise-for-test"])
+    finally:
+        cli.commands.pop("raise-for-test")
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cimfs: ") and err.count("\n") == 1, err
+    assert {"tar": "bad tar header", "cim": "broken"}[exc] in err
