@@ -216,3 +216,21 @@ def test_failures_print_one_line(capsys, exc):
     err = capsys.readouterr().err
     assert err.startswith("cimfs: ") and err.count("\n") == 1, err
     assert {"tar": "bad tar header", "cim": "broken"}[exc] in err
+
+
+@pytest.mark.parametrize("package", ["cimfs", "cimfs.posix"])
+def test_type_checking_imports_match_the_lazy_table(package):
+    """What type checkers see (the TYPE_CHECKING imports) is what __getattr__ serves, module for module."""
+    import ast
+    import importlib
+
+    module = importlib.import_module(package)
+    tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+    seen = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for imp in node.body:
+                assert isinstance(imp, ast.ImportFrom) and imp.level == 1
+                seen.update({alias.name: imp.module for alias in imp.names})
+    public = {name: mod for name, mod in module._MODULE_OF.items() if not name.startswith("_")}
+    assert seen == public
