@@ -93,8 +93,8 @@ def test_cat_loads_no_writer(bare, tmp_path):
         "sys.argv", f"sys.stdout = open({str(out)!r}, 'w')\nsys.argv", 1)
     loaded, report = _loaded(code)
     assert out.read_bytes() == data
-    # cat reads: the reader and its layout modules, and tools for the PATH:stream syntax
-    _assert_light(loaded, bare, report, allowed={"cimfs.reader", "cimfs.remote", "cimfs.tools", "cimfs.layout.cim",
+    # cat reads: the reader and the modules the reader is made of
+    _assert_light(loaded, bare, report, allowed={"cimfs.reader", "cimfs.remote", "cimfs.layout.cim",
                                                  "cimfs.layout.ntfs", "mmap", "dataclasses"})
     assert "cimfs.reader" in loaded
     assert {m for m in loaded if m.startswith("cimfs.cli.")} == {"cimfs.cli.common", "cimfs.cli.reading"}

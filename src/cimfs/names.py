@@ -84,6 +84,20 @@ def split_path(path: str, allow_stream: bool = False, strict: bool = True) -> tu
     return parts, stream
 
 
+def split_stream(path: str) -> tuple[str, str | None]:
+    """``dir/file:stream`` -> (``dir/file``, ``stream``); a path without a stream -> (path, None).
+    ``name:stream:$DATA`` is the fully qualified form of ``name:stream``."""
+    parts = path.replace("\\", "/").rstrip("/").split("/")
+    last = parts[-1]
+    if ":" in last:
+        name, _, stream = last.partition(":")
+        if stream.upper().endswith(":$DATA"):
+            stream = stream[:-6]
+        parts[-1] = name
+        return "/".join(parts), stream
+    return path, None
+
+
 def _check_lookup_name(name: str, path: str, what: str = "name") -> None:
     if not name or name in (".", ".."):
         check_name(name, path, what)  # raises: empty, "." and ".." never name an entry

@@ -14,6 +14,7 @@ import cimfs
 from .atomic import fsync_dir
 from . import posix
 from .layout import cim, ntfs
+from .names import split_stream  # noqa: F401  (lives with the path rules; callers import it here)
 from .errors import (E_INVALIDARG, ERROR_FILE_NOT_FOUND, ERROR_SHARING_VIOLATION, CimError, CimFormatError,
                      hresult_from_oserror)
 
@@ -54,18 +55,6 @@ def _tag_names() -> dict[int, str]:
 
 def mode_string(mode: int) -> str:
     return S.filemode(mode)
-
-
-def split_stream(path: str) -> tuple[str, str | None]:
-    parts = path.replace("\\", "/").rstrip("/").split("/")
-    last = parts[-1]
-    if ":" in last:
-        name, _, stream = last.partition(":")
-        if stream.upper().endswith(":$DATA"):
-            stream = stream[:-6]
-        parts[-1] = name
-        return "/".join(parts), stream
-    return path, None
 
 
 # --------------------------------------------------------------------- stat

@@ -2,7 +2,7 @@
 ``extract`` and ``export`` -- everything that reads an image and changes none.
 
 The library modules are imported inside the commands (start-up time, see
-:mod:`cimfs.cli`): ``cimfs cat`` loads the reader and nothing that writes."""
+:mod:`cimfs.cli`): ``cimfs cat`` loads the reader and nothing else."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def cat(image, path):
       cimfs cat base.cim /etc/os-release
       cimfs cat layer.cim 'Files/readme.txt:Zone.Identifier'
     """
-    from ..tools import split_stream
+    from ..names import split_stream
 
     path = path.replace("\\", "/").lstrip("/")
     with _open_image(image) as img:
