@@ -516,7 +516,7 @@ def test_loop_device_fallback_detaches_on_umount(kinds_image, tmp_path, monkeypa
 
 
 @needs_kernel
-def test_failed_mounts_leave_nothing(tmp_path):
+def test_failed_mounts_leave_nothing(tmp_path, monkeypatch):
     with cimfs.create(tmp_path, "g.cim") as w:
         w.add_file("f", b"x" * 100_000)
     mnt = tmp_path / "m"
@@ -540,15 +540,19 @@ def test_failed_mounts_leave_nothing(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path / "cache")) == before
     assert not os.path.ismount(mnt) and cmount.mounts() == []
-    # the kernel refuses (a damaged index in the cache): nothing mounted, nothing attached
-    key = [n for n in os.listdir(tmp_path / "cache") if n.endswith(".erofs")][0]
-    with open(tmp_path / "cache" / key, "r+b") as f:
-        f.seek(L.SUPER_OFFSET)
-        f.write(b"\0\0\0\0")
+    # the kernel refuses (the index damaged after it was checked): nothing mounted, nothing attached
+    monkeypatch.setattr(kernel, "_before_mount", damage_index)
     with pytest.raises(cimfs.CimError) as e:
         cmount.mount(tmp_path / "g.cim", mnt, engine="kernel")
-    assert "kernel refused" in str(e.value)
+    assert "kernel refused" in str(e.value) and "/proc/self/fd" not in str(e.value)
     assert not os.path.ismount(mnt) and cmount.mounts() == []
+
+
+def damage_index(prepared):
+    """Zero the index's magic through the very descriptor the kernel is about to be given."""
+    with open(f"/proc/self/fd/{prepared.index_fd}", "r+b") as f:
+        f.seek(L.SUPER_OFFSET)
+        f.write(b"\0\0\0\0")
 
 
 def test_engine_choice_is_checked(tmp_path):
@@ -687,7 +691,7 @@ def test_kernel_merged_view_equals_fuse_merged_view(fork_chain, tmp_path):
         assert {str(p) for d in {p.parent for p in layers} for p in d.iterdir()} == before
         # the index's devices are the sources' own region files (fork chain: several sets)
         with open(entry["index"][:-6] + ".json") as f:
-            devices = __import__("json").load(f)["devices"]
+            devices = __import__("json").load(f)["paths"]
         assert devices and all(os.path.realpath(d) == d and os.path.dirname(d) in
                                {str(p.parent) for p in layers} for d in devices)
         assert {os.path.dirname(d) for d in devices} == {str(p.parent) for p in layers}
@@ -790,14 +794,11 @@ def test_failed_kernel_merged_mounts_leave_nothing(fork_chain, tmp_path, monkeyp
     assert e.value.hresult == ERROR_ALREADY_EXISTS
     assert _cache_files(tmp_path) == cached and not _private_dirs(tmp_path)
     cmount.unmount(mnt)
-    # the kernel refuses (a damaged index in the cache), on files and on loop devices
+    # the kernel refuses (the index damaged after it was checked), on files and on loop devices
     cmount.mount_merged(paths, mnt, engine="kernel")
-    index = next(e for e in cmount.mounts())["index"]
     cmount.unmount(mnt)
     cached = _cache_files(tmp_path)
-    with open(index, "r+b") as f:
-        f.seek(L.SUPER_OFFSET)
-        f.write(b"\0\0\0\0")
+    monkeypatch.setattr(kernel, "_before_mount", damage_index)
     for loop in ("0", "1"):
         monkeypatch.setenv("CIMFS_EROFS_LOOP", loop)
         with pytest.raises(cimfs.CimError) as e:
@@ -823,3 +824,270 @@ def test_kernel_merged_view_on_loop_devices(fork_chain, tmp_path, monkeypatch):
     out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert not [line for line in out.splitlines() if entry["index"] in line]
     assert not loops_of(tmp_path)
+
+
+# ===================================================================== trust (issue 22)
+def _trust_image(root, size=(2 << 20) + 300_000, seed=7):
+    """An image whose file ``f`` ends its region file: the kernel reads its
+    head from the region file and its last chunk from a copy in the index."""
+    root.mkdir(parents=True, exist_ok=True)
+    data = random.Random(seed).randbytes(size)
+    with cimfs.create(root, "t.cim") as w:
+        w.add_file("f", data)
+    with cimfs.open(root / "t.cim") as im:
+        region, off, rsize = im.data_location(im.stream_descriptor("f"))
+    assert off + size == rsize  # really the end of the region file
+    return root / "t.cim", data, region, off
+
+
+def _secret_index(root):
+    """A standalone index of an image holding ``secret`` (what a planted index would serve)."""
+    with cimfs.create(root, "secret.cim") as w:
+        w.add_file("f", b"root's secret")
+    with cimfs.open(root / "secret.cim") as im:
+        erofs.write_index(im, root / "secret.erofs", standalone=True)
+    return (root / "secret.erofs").read_bytes()
+
+
+def _cli_mount(*args):
+    return subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", "--kernel", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+@needs_kernel
+@pytest.mark.parametrize("how", ["other-owner", "group-writable", "world-writable"])
+def test_cache_dir_others_can_write_is_refused(tmp_path, how):
+    image, data, _, _ = _trust_image(tmp_path / "img")
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    cache = tmp_path / "cache"
+    cmount.mount(image, mnt, engine="kernel")
+    cmount.unmount(mnt)
+    # plant: every cached index replaced by one serving another image, devices dropped
+    planted = _secret_index(tmp_path)
+    for n in os.listdir(cache):
+        if n.endswith(".erofs"):
+            (cache / n).write_bytes(planted)
+        elif n.endswith(".json"):
+            (cache / n).write_text('{"devices": [], "regions": []}')
+    if how == "other-owner":
+        os.chown(cache, 12345, 12345)
+        reason = "owned by uid 12345"
+    else:
+        os.chmod(cache, 0o770 if how == "group-writable" else 0o707)
+        reason = "writable by group" if how == "group-writable" else "writable by others"
+    out = _cli_mount(image, mnt)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and str(cache) in out.stderr and reason in out.stderr
+    with pytest.raises(cimfs.CimError) as e:
+        cmount.mount(image, mnt, engine="kernel")
+    assert e.value.filename == str(cache) and reason in str(e.value)
+    assert not os.path.ismount(mnt) and cmount.mounts() == []
+    os.chown(cache, 0, 0)
+    os.chmod(cache, 0o700)
+    # back in the caller's hands: the planted entry is found out and rebuilt
+    cmount.mount(image, mnt, engine="kernel")
+    try:
+        assert (mnt / "f").read_bytes() == data
+    finally:
+        cmount.unmount(mnt)
+
+
+@needs_kernel
+def test_cache_dirs_created_private(tmp_path, monkeypatch):
+    image, data, _, _ = _trust_image(tmp_path / "img")
+    monkeypatch.delenv("CIMFS_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg" / "cache"))
+    old = os.umask(0o002)  # a permissive umask must not leak into the cache's modes
+    try:
+        mnt = tmp_path / "m"
+        mnt.mkdir()
+        cmount.mount(image, mnt, engine="kernel")
+        try:
+            assert (mnt / "f").read_bytes() == data
+        finally:
+            cmount.unmount(mnt)
+    finally:
+        os.umask(old)
+    for d in ("xdg", "xdg/cache", "xdg/cache/cimfs", "xdg/cache/cimfs/erofs"):
+        st = os.lstat(tmp_path / d)
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == 0, d
+    for n in os.listdir(tmp_path / "xdg/cache/cimfs/erofs"):
+        assert stat.S_IMODE(os.stat(tmp_path / "xdg/cache/cimfs/erofs" / n).st_mode) & 0o022 == 0, n
+
+
+@needs_kernel
+def test_planted_symlinks_at_temporary_names_are_not_followed(tmp_path, monkeypatch):
+    import cimfs.atomic
+
+    image, data, _, _ = _trust_image(tmp_path / "img")
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    cache = tmp_path / "cache"
+    cmount.mount(image, mnt, engine="kernel")
+    cmount.unmount(mnt)
+    keys = {n.split(".")[0] for n in os.listdir(cache)}
+    for n in os.listdir(cache):
+        os.unlink(cache / n)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's file")
+    # the names a build would write first: <key>.<ext>.<pid>.tmp (before), .<key>.<ext>.<random>.tmp (now)
+    monkeypatch.setattr(cimfs.atomic.secrets, "token_hex", lambda n: "planted")
+    for key in keys:
+        for ext in ("erofs", "json"):
+            os.symlink(victim, cache / f"{key}.{ext}.{os.getpid()}.tmp")
+            os.symlink(victim, cache / f".{key}.{ext}.planted.tmp")
+    try:
+        cmount.mount(image, mnt, engine="kernel")
+    except cimfs.CimError as e:
+        assert "exists" in str(e)  # the planted name is refused, not written through
+    else:
+        try:
+            assert (mnt / "f").read_bytes() == data
+        finally:
+            cmount.unmount(mnt)
+    assert victim.read_bytes() == b"root's file" and stat.S_ISREG(os.lstat(victim).st_mode)
+    assert not os.path.ismount(mnt) and cmount.mounts() == []
+
+
+def test_publishing_helper_never_writes_through_a_planted_name(tmp_path, monkeypatch):
+    import cimfs.atomic
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched")
+    monkeypatch.setattr(cimfs.atomic.secrets, "token_hex", lambda n: "planted")
+    os.symlink(victim, tmp_path / ".out.planted.tmp")
+    with cimfs.create(tmp_path, "g.cim") as w:
+        w.add_file("f", b"x")
+    with cimfs.open(tmp_path / "g.cim") as im, pytest.raises(FileExistsError):
+        erofs.write_index(im, tmp_path / "out")
+    d = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileExistsError), cimfs.atomic.replacing("out", dir_fd=d) as tmp:
+            cimfs.atomic.open_new(tmp, dir_fd=d)
+    finally:
+        os.close(d)
+    assert victim.read_bytes() == b"untouched" and not (tmp_path / "out").exists()
+
+
+@needs_kernel
+@pytest.mark.parametrize("backing", ["file", "loop"])
+def test_region_file_swapped_for_a_symlink_after_the_check(tmp_path, monkeypatch, backing):
+    image, data, region, off = _trust_image(tmp_path / "img")
+    # a file of root's shaped like the region file, holding other bytes where f's data is
+    secret = tmp_path / "secret-region"
+    with open(region, "rb") as f:
+        raw = bytearray(f.read())
+    raw[off:] = b"S" * (len(raw) - off)
+    secret.write_bytes(raw)
+    os.chmod(secret, 0o600)
+    real_mount = _newmount.mount_fs
+    swapped = []
+
+    def swap(*_):
+        os.rename(region, region + ".orig")
+        os.symlink(secret, region)
+        swapped.append(True)
+
+    def racing_mount(*args, **kw):
+        # the attacker wins the race: between cimfs's checks and the kernel opening the files
+        swap()
+        return real_mount(*args, **kw)
+
+    if backing == "file":
+        monkeypatch.setattr(_newmount, "mount_fs", racing_mount)
+    else:  # before losetup opens the files
+        monkeypatch.setenv("CIMFS_EROFS_LOOP", "1")
+        monkeypatch.setattr(kernel, "_before_mount", swap)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    try:
+        cmount.mount(image, mnt, engine="kernel")
+        try:
+            assert swapped and (mnt / "f").read_bytes() == data  # the checked file's bytes, never the symlink's
+        finally:
+            cmount.unmount(mnt)
+    finally:
+        if os.path.islink(region):
+            os.unlink(region)
+            os.rename(region + ".orig", region)
+    # a region file that is a symlink when cimfs looks: refused, one line
+    monkeypatch.setattr(_newmount, "mount_fs", real_mount)
+    monkeypatch.setattr(kernel, "_before_mount", None)
+    os.rename(region, region + ".orig")
+    os.symlink(region + ".orig", region)
+    out = _cli_mount(image, mnt)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "symbolic link" in out.stderr and region in out.stderr
+    assert not os.path.ismount(mnt) and cmount.mounts() == []
+
+
+@needs_kernel
+def test_region_rewritten_in_place_with_mtime_put_back_is_reindexed(tmp_path):
+    image, data, region, off = _trust_image(tmp_path / "img")
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    cmount.mount(image, mnt, engine="kernel")
+    try:
+        assert (mnt / "f").read_bytes() == data
+    finally:
+        cmount.unmount(mnt)
+    new = random.Random(8).randbytes(len(data))
+    st = os.stat(region)
+    with open(region, "r+b") as f:
+        f.seek(off)
+        f.write(new)
+    os.utime(region, ns=(st.st_atime_ns, st.st_mtime_ns))
+    st2 = os.stat(region)
+    assert (st2.st_ino, st2.st_size, st2.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+    assert st2.st_ctime_ns != st.st_ctime_ns  # what gives the rewrite away
+    assert kernel.ensure_index(str(image), kernel.Options())[2] is True  # a new index, not the cached one
+    cmount.mount(image, mnt, engine="kernel")
+    try:
+        assert (mnt / "f").read_bytes() == new  # all of it: no chunk from the old index
+    finally:
+        cmount.unmount(mnt)
+
+
+@needs_kernel
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "foreign-devices", "foreign-owner", "not-json", "symlink"])
+def test_damaged_or_planted_cache_entry_is_rebuilt(tmp_path, damage):
+    image, data, region, _ = _trust_image(tmp_path / "img")
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    cache = tmp_path / "cache"
+    cmount.mount(image, mnt, engine="kernel")
+    cmount.unmount(mnt)
+    index = next(cache / n for n in os.listdir(cache) if n.endswith(".erofs"))
+    meta = index.with_suffix(".json")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"S" * os.path.getsize(region))
+    good = index.read_bytes()
+    if damage == "truncated":
+        os.truncate(index, 4096)
+    elif damage == "flipped":  # the copied tail of f: the kernel would serve it without complaint
+        raw = bytearray(good)
+        at = raw.rfind(data[-1000:])
+        assert at > 0
+        raw[at] ^= 0xFF
+        index.write_bytes(raw)
+    elif damage == "foreign-devices":  # the entry points the kernel at a file of root's
+        m = __import__("json").loads(meta.read_text())
+        m["devices"] = m["paths"] = [str(secret)]
+        m["regions"] = ["../secret"]
+        meta.write_text(__import__("json").dumps(m))
+    elif damage == "foreign-owner":
+        os.chown(index, 12345, 12345)
+    elif damage == "not-json":
+        meta.write_text("[" * 100_000)
+    elif damage == "symlink":
+        index.unlink()
+        os.symlink(tmp_path / "img" / "t.cim", index)
+    cmount.mount(image, mnt, engine="kernel")
+    try:
+        assert (mnt / "f").read_bytes() == data
+    finally:
+        cmount.unmount(mnt)
+    assert stat.S_ISREG(os.lstat(index).st_mode) and os.lstat(index).st_uid == 0
+    assert len(index.read_bytes()) == len(good)
+    assert kernel.ensure_index(str(image), kernel.Options())[2] is False  # the rebuilt entry checks out

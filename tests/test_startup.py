@@ -26,7 +26,8 @@ from cimfs.names import NameFolder
 # machinery) -- what the heavy commands need, not what --version needs.
 HEAVY_CIMFS = ["cimfs.reader", "cimfs.writer", "cimfs.store", "cimfs.commit", "cimfs.merged", "cimfs.win32",
                "cimfs.tools", "cimfs.remote", "cimfs.oci", "cimfs.winlayer", "cimfs.mount", "cimfs.erofs",
-               "cimfs.posix.extract", "cimfs.posix.importer", "cimfs.posix.scan", "cimfs.posix.tar",
+               "cimfs.posix.extract", "cimfs.posix.entries", "cimfs.posix.filewriters", "cimfs.posix.importer",
+               "cimfs.posix.scan", "cimfs.posix.tar",
                "cimfs.posix.lx", "cimfs.layout.cim", "cimfs.layout.ntfs", "cimfs.fsspec_cim", "cimfs.workers"]
 HEAVY_OTHER = ["tarfile", "lzma", "bz2", "zlib", "gzip", "mmap", "hashlib", "_hashlib", "secrets", "json",
                "multiprocessing", "ctypes", "dataclasses", "fsspec", "pyfuse3", "trio", "zstandard"]

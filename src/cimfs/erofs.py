@@ -33,7 +33,7 @@ import stat as S
 import uuid as _uuid
 from collections import Counter
 
-from .atomic import replacing
+from .atomic import open_new, replacing
 from .errors import E_INVALIDARG, CimError
 from .layout import erofs as L
 from .metadata import filetime_to_ns
@@ -77,14 +77,18 @@ def write_index(image, out_path, *, standalone: bool = False, options: Options |
                 block_bits: int | None = None, ntfs_xattrs: bool = True) -> IndexInfo:
     """Write the EROFS index of ``image`` (an open :class:`cimfs.Image`) to
     ``out_path`` (through a temporary name: nothing partial is ever left
-    there).  ``options`` sets owner and umask of entries without WSL metadata
-    (the FUSE mount's defaults otherwise)."""
-    out_path = os.fspath(out_path)
+    there), or to an open descriptor of an empty file (``out_path`` an int:
+    publishing it is the caller's).  ``options`` sets owner and umask of
+    entries without WSL metadata (the FUSE mount's defaults otherwise)."""
     options = options or Options()
     b = _Builder(image, options, block_bits, standalone, ntfs_xattrs)
     b.collect()
-    with replacing(out_path) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    if isinstance(out_path, int):
+        b.write(out_path)
+        os.fsync(out_path)
+        return b.info
+    with replacing(os.fspath(out_path)) as tmp:
+        fd = open_new(tmp)
         try:
             b.write(fd)
             os.fsync(fd)

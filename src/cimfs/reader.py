@@ -363,6 +363,8 @@ class Image:
         try:
             return region.pread(off, length)
         except OSError as e:
+            if type(e) is CimError:  # a remote storage's failure (changed, timed out...): not damage, names its URL
+                raise
             raise self._fail(f"{what}: cannot read {region.path}: {e.strerror}") from None
 
     def _bytes(self, ro: int, length: int, what: str) -> bytes:
@@ -530,7 +532,10 @@ class Image:
             d = _Directory([], [], [])
         else:
             what = f"directory {file_id}"
-            names, ids = cim.unpack_link_table(self._view(s.offset, s.length, what), 4, what)
+            try:
+                names, ids = cim.unpack_link_table(self._view(s.offset, s.length, what), 4, what)
+            except CimFormatError as e:  # the layout knows the table, not the image: name it
+                raise e if e.filename else self._fail(e.strerror) from None
             d = _Directory(names, ids, [None], s.length)
         # Bounded by count and by bytes: many FileIDs may claim one large
         # link table, and the cache must not hold a decode of it for each.
@@ -820,7 +825,10 @@ class Image:
             return [], []
         what = f"stream table of FileID {file_id}"
         (n,) = cim.U32.unpack(self._view(rec.stream_table_offset, 4, what))
-        names, streams = cim.unpack_link_table(self._view(rec.stream_table_offset + 4, n, what), 16, what)
+        try:
+            names, streams = cim.unpack_link_table(self._view(rec.stream_table_offset + 4, n, what), 16, what)
+        except CimFormatError as e:
+            raise e if e.filename else self._fail(e.strerror) from None
         return names, streams
 
     def streams(self, path) -> list[str]:

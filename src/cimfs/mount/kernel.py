@@ -4,7 +4,8 @@ The EROFS index (:func:`cimfs.erofs.write_index`) holds the metadata and
 points at the file contents inside the image's own region files, which the
 kernel gets as extra devices.  Indexes are kept in a cache directory keyed by
 the image's identity (its .cim bytes and the identity of every region file),
-so mounting the same image again builds nothing.
+so mounting the same image again builds nothing; :mod:`.kindex` owns that
+cache and the checks that make the kernel see only the files cimfs checked.
 
 The mount is file-backed through the new mount API (no loop device); where the
 kernel refuses regular files (``ENOTBLK``: no ``CONFIG_EROFS_FS_BACKED_BY_FILE``)
@@ -15,36 +16,28 @@ the index and region files are attached to read-only loop devices, which
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
+import fcntl
 import os
-import shutil
+import re
 import subprocess
 import uuid
 
-from ..atomic import remove_quietly
-from ..errors import E_ACCESSDENIED, E_FAIL, E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
+from ..errors import E_ACCESSDENIED, E_FAIL, E_INVALIDARG, CimError
+from ..layout import erofs as L
 from . import _newmount
+from .kindex import INDEX_VERSION, cache_dir, ensure_index, ensure_merged_index  # noqa: F401 - the engine's public names
+from .kindex import Prepared, _open_cache_dir, _open_entry_file, _Untrusted, prepared
 from .view import Options
 
-#: Bumped whenever the index layout changes, so old cached indexes are not reused.
-INDEX_VERSION = 1
 FSTYPE = "erofs"
+#: FS_IOC_GETFSUUID (_IOR(0x15, 0, struct fsuuid2 {u8 len; u8 uuid[16]})): the mounted EROFS's UUID.
+_FS_IOC_GETFSUUID = 0x80111500
+_UUID_AT = L.SUPER_OFFSET + 0x30
 
 
-def cache_dir() -> str:
-    """Where indexes are kept: ``$CIMFS_CACHE_DIR``, else ``$XDG_CACHE_HOME/cimfs/erofs``,
-    else ``/var/cache/cimfs/erofs`` for root, else ``~/.cache/cimfs/erofs``."""
-    d = os.environ.get("CIMFS_CACHE_DIR")
-    if not d:
-        if os.environ.get("XDG_CACHE_HOME"):
-            d = os.path.join(os.environ["XDG_CACHE_HOME"], "cimfs", "erofs")
-        elif os.geteuid() == 0:
-            d = "/var/cache/cimfs/erofs"
-        else:
-            d = os.path.join(os.path.expanduser("~"), ".cache", "cimfs", "erofs")
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    return d
+def _fd_path(fd: int) -> str:
+    """The name under which the kernel opens exactly the file behind ``fd``."""
+    return f"/proc/self/fd/{fd}"
 
 
 def available() -> bool:
@@ -52,139 +45,13 @@ def available() -> bool:
     return os.geteuid() == 0 and _newmount.available()
 
 
-def image_key(image, options: Options) -> str:
-    """The identity of an open image as the index cache sees it: the .cim's
-    bytes and path, every region file's (path, device, inode, size, mtime),
-    the owner options and the index version."""
-    from ..reader import find_region_file
-
-    h = hashlib.sha256()
-    h.update(f"v{INDEX_VERSION} {options.uid} {options.gid} {options.umask}\0".encode())
-    real = os.path.realpath(image.path)
-    h.update(os.fsencode(real) + b"\0")
-    with open(real, "rb") as f:
-        h.update(f.read())
-    for name in image.info()["region_files"]:
-        path = find_region_file(image.directory, name)
-        if path is None:
-            raise CimError(ERROR_FILE_NOT_FOUND, f"region file {name} is missing", image.path)
-        st = os.stat(path)
-        h.update(f"\0{os.path.realpath(path)}\0{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns}".encode(
-            "utf-8", "surrogateescape"))
-    return h.hexdigest()[:32]
-
-
-def ensure_index(cim_path: str, options: Options) -> tuple[str, list[str], bool]:
-    """(index path, device paths, built now?) for the image, from the cache or built into it."""
-    from .. import open as open_image
-    from ..erofs import write_index
-
-    with open_image(cim_path) as image:
-        real = os.path.realpath(cim_path)
-        return _cached_index(image_key(image, options), real,
-                             lambda out: write_index(image, out, options=options), cim_path)
-
-
-def merged_key(paths: list[str], options: Options) -> str:
-    """The identity of the merged view of ``paths`` (top first): the identities
-    of its sources, in order (the merged image itself is a function of them)."""
-    from .. import open as open_image
-
-    h = hashlib.sha256(f"merged v{INDEX_VERSION}\0".encode())
-    for p in paths:
-        with open_image(p) as image:
-            h.update(image_key(image, options).encode() + b"\0")
-    return h.hexdigest()[:32]
-
-
-def ensure_merged_index(paths: list[str], options: Options) -> tuple[str, list[str], bool]:
-    """(index path, device paths, built now?) for the merged view of ``paths``
-    (top first).  [choice] Cached like a single image's index, keyed by the
-    sources' identities.  On a miss the merged image is built in a private
-    directory (as for the FUSE engine), indexed, and the directory removed at
-    once: the merged image holds only metadata (copied into the index), so
-    the index's devices are the sources' own region files, by real path."""
-    from .. import open as open_image
-    from ..erofs import write_index
-    from . import _merged_view
-
-    paths = [os.path.realpath(p) for p in paths]
-
-    def build(out: str) -> dict:
-        directory, cim_path = _merged_view(paths)
-        try:
-            with open_image(cim_path) as image:
-                info = write_index(image, out, options=options)
-            private = os.path.realpath(directory) + os.sep
-            devices = [os.path.realpath(d) for d in info["devices"]]
-            inside = [d for d in devices if d.startswith(private)]
-            if inside:  # the merged image's own region holds no file data: never expected
-                raise CimError(E_FAIL, f"the merged image holds file data of its own ({inside[0]})", paths[0])
-            info["devices"] = devices
-            return info
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-
-    tag = "merged:" + "\0".join(paths)
-    return _cached_index(merged_key(paths, options), tag, build, paths[0])
-
-
-def _cached_index(key: str, tag: str, build, where: str) -> tuple[str, list[str], bool]:
-    """The cached index ``key`` or, when missing, one ``build(path)`` writes
-    (to a temporary name first: a failed build leaves no partial index).
-    ``tag`` names what was indexed (older indexes with the same tag are
-    dropped)."""
-    d = cache_dir()
-    index = os.path.join(d, f"{key}.erofs")
-    meta = os.path.join(d, f"{key}.json")
-    try:
-        with open(meta) as f:
-            devices = json.load(f)["devices"]
-        if os.path.isfile(index):
-            return index, devices, False
-    except (OSError, ValueError, KeyError):
-        pass
-    tmp_index = f"{index}.{os.getpid()}.tmp"
-    tmp_meta = f"{meta}.{os.getpid()}.tmp"
-    try:
-        info = build(tmp_index)
-        with open(tmp_meta, "w") as f:
-            json.dump({"image": tag, "devices": info["devices"],
-                       "block_size": info["block_size"], "copied_bytes": info["copied_bytes"]}, f)
-        os.replace(tmp_index, index)
-        os.replace(tmp_meta, meta)
-    except BaseException:
-        for p in (tmp_index, tmp_meta):
-            remove_quietly(p)
-        raise
-    _drop_stale(d, tag, key)
-    return index, info["devices"], True
-
-
-def _drop_stale(d: str, image: str, keep: str) -> None:
-    """Forget older indexes of the same .cim path (the image changed since)."""
-    for name in os.listdir(d):
-        if not name.endswith(".json") or name.startswith(keep):
-            continue
-        path = os.path.join(d, name)
-        try:
-            with open(path) as f:
-                if json.load(f).get("image") != image:
-                    continue
-        except (OSError, ValueError, AttributeError):
-            continue
-        for p in (path, path[:-5] + ".erofs"):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
-
-
 # ===================================================================== loop devices
-def _attach_loop(path: str) -> str:
-    r = subprocess.run(["losetup", "--find", "--show", "--read-only", path], capture_output=True, text=True)
+def _attach_loop(fd: int, shown: str) -> str:
+    # losetup opens the file through the descriptor it inherits: the checked file, not a path.
+    r = subprocess.run(["losetup", "--find", "--show", "--read-only", _fd_path(fd)], capture_output=True, text=True,
+                       pass_fds=(fd,))
     if r.returncode != 0:
-        raise CimError(E_FAIL, f"losetup failed: {r.stderr.strip()}", path)
+        raise CimError(E_FAIL, f"losetup failed: {r.stderr.strip()}", shown)
     return r.stdout.strip()
 
 
@@ -193,11 +60,11 @@ def _detach_loops(loops) -> None:
         subprocess.run(["losetup", "--detach", dev], capture_output=True)
 
 
-def _mount_with_loops(index: str, devices: list[str], mountpoint: str) -> list[str]:
+def _mount_with_loops(p: Prepared, mountpoint: str) -> list[str]:
     loops: list[str] = []
     try:
-        for path in [index] + devices:
-            loops.append(_attach_loop(path))
+        for fd, shown in [(p.index_fd, p.index)] + [(fd, path) for _, fd, path in p.devices]:
+            loops.append(_attach_loop(fd, shown))
         _newmount.mount_fs(FSTYPE, loops[0], mountpoint, [("device", dev) for dev in loops[1:]])
         return loops
     except BaseException:
@@ -205,38 +72,33 @@ def _mount_with_loops(index: str, devices: list[str], mountpoint: str) -> list[s
         raise
 
 
+#: Called with the prepared index just before the kernel is asked to mount it (tests race it here).
+_before_mount = None
+
+
 # ===================================================================== mount / unmount
 def mount(cim_path: str, mountpoint: str, volume_id: uuid.UUID, options: Options,
           sources: list[str] | None = None) -> dict:
     """Mount with the kernel; returns the registry entry written for it.
     ``sources`` (top first): mount the merged view of these images instead
-    (``cim_path`` is then the top one).  On any failure nothing stays
-    mounted or attached."""
+    (``cim_path`` is then the top one).  The kernel is given the index and
+    region files as ``/proc/self/fd/N`` of the descriptors that were checked
+    (see :func:`prepared`), never a path it would resolve again.  On any
+    failure nothing stays mounted or attached."""
     if os.geteuid() != 0:
         raise CimError(E_ACCESSDENIED, "the kernel engine needs root (mounting is CAP_SYS_ADMIN)", mountpoint)
     from . import write_entry_data
 
     try:
-        if sources:
-            index, devices, _ = ensure_merged_index(sources, options)
-        else:
-            index, devices, _ = ensure_index(cim_path, options)
+        with prepared(sources or [cim_path], options, merged=bool(sources)) as p:
+            if _before_mount is not None:
+                _before_mount(p)
+            loops = _mount_prepared(p, mountpoint)
+            index = p.index
     except CimError:
         raise
     except OSError as e:
-        raise CimError(E_FAIL, f"cannot build the EROFS index: {e}", cim_path) from None
-    loops: list[str] = []
-    try:
-        if os.environ.get("CIMFS_EROFS_LOOP") == "1":  # testing knob: the loop-device path
-            raise _newmount.MountError(errno.ENOTBLK, "loop devices requested")
-        _newmount.mount_fs(FSTYPE, index, mountpoint, [("device", dev) for dev in devices])
-    except _newmount.MountError as e:
-        if e.errno != errno.ENOTBLK:
-            raise CimError(E_FAIL, f"the kernel refused the EROFS mount: {e.strerror}", mountpoint) from None
-        try:
-            loops = _mount_with_loops(index, devices, mountpoint)
-        except _newmount.MountError as e2:
-            raise CimError(E_FAIL, f"the kernel refused the EROFS mount on loop devices: {e2.strerror}", mountpoint) from None
+        raise CimError(E_FAIL, f"cannot build the EROFS index: {e.strerror or e}", cim_path) from None
     entry = {"volume_id": str(volume_id), "mountpoint": os.path.abspath(mountpoint), "image": os.path.abspath(cim_path),
              "pid": 0, "engine": "kernel", "index": index, "loops": loops}
     if sources:
@@ -247,6 +109,30 @@ def mount(cim_path: str, mountpoint: str, volume_id: uuid.UUID, options: Options
         _undo(mountpoint, loops)
         raise
     return entry
+
+
+def _mount_prepared(p: Prepared, mountpoint: str) -> list[str]:
+    """Mount ``p`` file-backed, else on loop devices; the loop devices attached."""
+    try:
+        if os.environ.get("CIMFS_EROFS_LOOP") == "1":  # testing knob: the loop-device path
+            raise _newmount.MountError(errno.ENOTBLK, "loop devices requested")
+        _newmount.mount_fs(FSTYPE, _fd_path(p.index_fd), mountpoint,
+                           [("device", _fd_path(fd)) for _, fd, _ in p.devices])
+        return []
+    except _newmount.MountError as e:
+        if e.errno != errno.ENOTBLK:
+            raise CimError(E_FAIL, f"the kernel refused the EROFS mount: {_named(e.strerror, p)}", mountpoint) from None
+    try:
+        return _mount_with_loops(p, mountpoint)
+    except _newmount.MountError as e2:
+        raise CimError(E_FAIL, f"the kernel refused the EROFS mount on loop devices: {_named(e2.strerror, p)}",
+                       mountpoint) from None
+
+
+def _named(message: str, p: Prepared) -> str:
+    """``message`` with each ``/proc/self/fd/N`` of ``p`` replaced by the file's path."""
+    names = {p.index_fd: p.index, **{fd: path for _, fd, path in p.devices}}
+    return re.sub(r"/proc/self/fd/(\d+)", lambda m: names.get(int(m.group(1)), m.group(0)), message)
 
 
 def _undo(mountpoint: str, loops) -> None:
@@ -293,16 +179,66 @@ def _mount_source(mountpoint: str) -> str | None:
     return found
 
 
+def _mounted_uuid(mountpoint: str) -> bytes | None:
+    """The UUID of the file system mounted on ``mountpoint`` (FS_IOC_GETFSUUID), or None."""
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        buf = bytearray(17)
+        buf[0] = 16
+        fcntl.ioctl(fd, _FS_IOC_GETFSUUID, buf)
+        return bytes(buf[1:1 + buf[0]]) if buf[0] == 16 else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _is_cached_index(source: str, mountpoint: str) -> bool:
+    """Whether the EROFS mount of ``source`` on ``mountpoint`` serves an index of our cache.
+    The source reads ``/proc/self/fd/N`` (the mounting process's descriptor,
+    long closed): the mounted superblock's UUID, set at random for each
+    index built, is compared with those of the cached indexes.  (Mounts made
+    before indexes were passed by descriptor name the index by path.)"""
+    try:
+        d, dfd = _open_cache_dir()
+    except CimError:
+        return False
+    try:
+        if not source.startswith("/proc/self/fd/"):
+            return source.endswith(".erofs") and os.path.dirname(source) == os.path.realpath(d)
+        wanted = _mounted_uuid(mountpoint)
+        if wanted is None:
+            return False
+        for name in os.listdir(dfd):
+            if not name.endswith(".erofs"):
+                continue
+            try:
+                fd = _open_entry_file(name, dfd)
+            except (OSError, _Untrusted):
+                continue
+            try:
+                if os.pread(fd, 16, _UUID_AT) == wanted:
+                    return True
+            finally:
+                os.close(fd)
+        return False
+    finally:
+        os.close(dfd)
+
+
 def unmount_orphan(mountpoint: str) -> bool:
     """Unmount a file-backed kernel-engine mount whose registry entry is gone
-    (its source is an index in our cache); False when ``mountpoint`` holds no
+    (it serves an index in our cache); False when ``mountpoint`` holds no
     such mount.  (A loop-device mount without its entry is left alone: which
     loop devices were its region files is only in the entry.)"""
     from . import ERROR_SHARING_VIOLATION
 
     real = os.path.realpath(mountpoint)
-    index = _mount_source(real)
-    if not index or not index.endswith(".erofs") or os.path.dirname(index) != os.path.realpath(cache_dir()):
+    source = _mount_source(real)
+    if not source or not _is_cached_index(source, real):
         return False
     try:
         _newmount.umount(real)

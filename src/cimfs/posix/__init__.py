@@ -11,7 +11,10 @@ One module per concern; every public name is re-exported here:
 * :mod:`.lx` -- file kinds, reparse tags, ``$LX*`` metadata both ways (``PosixInfo``);
 * :mod:`.scan` -- ``Tree``/``Node``, scanning a directory or a tar;
 * :mod:`.importer` -- ``Importer`` and ``DirectoryImporter``;
-* :mod:`.extract` -- ``Extractor`` and its forked file writers;
+* :mod:`.extract` -- ``Extractor``: the walk of an extraction;
+* :mod:`.entries` -- making one entry on disk (files, directories, links,
+  nodes, their metadata);
+* :mod:`.filewriters` -- the forked processes that create the plain files;
 * :mod:`.tar` -- ``export_tar``.
 
 Conventions this package chooses (documented in docs/CLI.md):
@@ -35,8 +38,9 @@ from typing import TYPE_CHECKING
 # command that needs ``posix_info`` does not pay for the tar reader or the
 # extractor (start-up time, tests/test_startup.py).
 _EXPORTS = {
-    "extract": ("SPARSE_BLOCK", "ExtractReport", "Extractor",
-                "_FileWriters", "_write_sparse"),  # the private two: the tests reach them here
+    "extract": ("SPARSE_BLOCK", "ExtractReport", "Extractor"),
+    "entries": ("_write_sparse",),  # private: the tests reach it here
+    "filewriters": ("_FileWriters",),  # private: the tests reach it here
     "importer": ("DirectoryImporter", "Importer", "check_output_outside", "write_node"),
     "lx": ("BLK", "CHR", "DIR", "FIFO", "FILE", "FMT_OF_KIND", "SOCK", "SPECIAL_TAGS", "SYMLINK", "TAG_AF_UNIX",
            "TAG_LX_BLK", "TAG_LX_CHR", "TAG_LX_FIFO", "TAG_LX_SYMLINK", "TAG_MOUNT_POINT", "TAG_SYMLINK", "PosixInfo",
