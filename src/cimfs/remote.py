@@ -19,7 +19,6 @@ object's version and the time limits are :mod:`cimfs.remote_fetch`'s.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import struct
@@ -157,7 +156,10 @@ class DiskBlocks:
     The directory must be the caller's own (:func:`private_dir`)."""
 
     def __init__(self, cache_dir: str, identity: str, size: int):
+        import hashlib  # start-up time (OpenSSL): every reader imports this module, few use a cache directory
+
         private_dir(cache_dir)
+        self._sha256 = hashlib.sha256
         self._salt = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).digest()
         base = os.path.join(cache_dir, self._salt.hex()[:32])
         self._header = _INDEX_MAGIC + self._salt
@@ -191,7 +193,7 @@ class DiskBlocks:
         return held
 
     def _digest(self, block: int, data: bytes) -> bytes:
-        return hashlib.sha256(self._salt + block.to_bytes(8, "little") + data).digest()
+        return self._sha256(self._salt + block.to_bytes(8, "little") + data).digest()
 
     def get(self, block: int, length: int) -> bytes | None:
         digest = self.held.get(block)

@@ -8,20 +8,19 @@ library without extracting.  Errors are the ``cimfs: ...`` line of
 :func:`cimfs.cli.main`.
 
 The hive package, the image reader and fsspec are imported inside the
-commands: every ``cimfs`` command imports this module, so it stays light.
+commands (start-up time: the module is loaded whenever `cimfs hive` runs).
 """
 
 from __future__ import annotations
 
-import json
+# Function-local imports in this module defer the library (start-up time), as the package docstring says.
+
 import os
 
 import click
 
-from .errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError, hresult_from_oserror
-from .remote import is_url
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+from ..errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError, hresult_from_oserror
+from .common import CONTEXT
 MAX_DEPTH = 512  # keys nested deeper than this are refused (as the reader's walk does)
 BRIEF = 60  # characters of a value's data shown by `hive ls`
 # Default .reg roots by hive file name (Hives\<X>_BASE / _DELTA, config\<X>).
@@ -34,8 +33,14 @@ image_option = click.option("--image", "image", metavar="IMAGE",
 
 
 # ------------------------------------------------------------------ reading a hive
+def _dumps(obj, **kw) -> str:
+    import json  # start-up time: `cimfs --help` loads this module
+
+    return json.dumps(obj, **kw)
+
+
 def _read_url(url: str) -> bytes:
-    from .remote import storage_error
+    from ..remote import storage_error
 
     try:
         import fsspec
@@ -51,6 +56,8 @@ def _read_url(url: str) -> bytes:
 def _read_in_image(image: str, path: str) -> bytes:
     import cimfs
 
+    from ..remote import is_url  # start-up time: loaded by the command that needs it
+
     if not is_url(image) and not os.path.exists(image):
         raise CimError(ERROR_FILE_NOT_FOUND, "no such image", image)
     inner = path.replace("/", "\\").strip("\\")
@@ -64,7 +71,8 @@ def _read_in_image(image: str, path: str) -> bytes:
 
 def open_hive_arg(hive: str, image: str | None):
     """The hive named by a HIVE argument (and ``--image``), labelled for error messages."""
-    from . import regf
+    from .. import regf
+    from ..remote import is_url
 
     if image:
         return regf.open_hive(_read_in_image(image, hive), name=f"{image}:{hive}")
@@ -92,7 +100,7 @@ def _default_prefix(hive_arg: str, h) -> str:
 
 # ------------------------------------------------------------------ showing values
 def _type_name(type_: int) -> str:
-    from .regf import REG_TYPE_NAMES
+    from ..regf import REG_TYPE_NAMES
 
     return REG_TYPE_NAMES.get(type_, f"REG_0x{type_:x}")
 
@@ -141,20 +149,20 @@ def _brief(type_: int, data: bytes) -> str:
     if isinstance(v, int):
         text = f"0x{v:0{len(data) * 2}x} ({v})"
     elif _is_text(type_, data):
-        text = json.dumps(v, ensure_ascii=False)
+        text = _dumps(v, ensure_ascii=False)
     else:
         text = v
     return text if len(text) <= BRIEF else text[: BRIEF - 3] + "..."
 
 
 def _when(ft: int) -> str:
-    from .tools import filetime_iso
+    from ..tools import filetime_iso
 
     return filetime_iso(ft)[:19].replace("T", " ")
 
 
 def _layer_marks(key) -> str:
-    from .regf import LAYER_SEMANTICS_NAMES
+    from ..regf import LAYER_SEMANTICS_NAMES
 
     marks = [LAYER_SEMANTICS_NAMES.get(key.layer_semantics, str(key.layer_semantics))]
     if key.inherit_class:
@@ -171,20 +179,20 @@ def _key_row(key, layered: bool, long: bool) -> str:
         cols.append(_layer_marks(key))
     cls = key.class_name
     if cls:
-        cols.append(f"class={json.dumps(cls, ensure_ascii=False)}")
+        cols.append(f"class={_dumps(cls, ensure_ascii=False)}")
     return "  ".join(cols + [name])
 
 
 def _value_row(v, layered: bool, long: bool) -> str:
-    name = "(default)" if v.name == "" else json.dumps(v.name, ensure_ascii=False)
+    name = "(default)" if v.name == "" else _dumps(v.name, ensure_ascii=False)
     if v.tombstone:
         return f"{name}  [tombstone]"
     return f"{name}  {_type_name(v.type)}  {v.size}  {_brief(v.type, v.data)}"
 
 
 def _key_json(key, path: str, layered: bool) -> dict:
-    from .regf import LAYER_SEMANTICS_NAMES
-    from .tools import filetime_iso
+    from ..regf import LAYER_SEMANTICS_NAMES
+    from ..tools import filetime_iso
 
     d = {"kind": "key", "path": path, "name": key.name, "subkeys": key.subkey_count, "values": key.value_count,
          "class": key.class_name, "last_written": filetime_iso(key.last_written),
@@ -263,7 +271,7 @@ def ls(hive_path, key, long, recursive, as_json, image):
                         rows.append(_key_json(k, path, layered))
                 else:
                     rows.extend(_key_json(c, f"{path}\\{c.name}" if path else c.name, layered) for c in k.subkeys())
-            click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+            click.echo(_dumps(rows, indent=2, ensure_ascii=False))
             return
         first = True
         for path, k in keys:
@@ -301,7 +309,7 @@ def export(hive_path, key, out, prefix, encoding, image):
       cimfs hive export SOFTWARE -o software.reg
       cimfs hive export --image app.cim Hives/SYSTEM_BASE 'ControlSet001\\Services' --encoding utf-8
     """
-    from .regf import regtext
+    from ..regf import regtext
 
     with open_hive_arg(hive_path, image) as h:
         top = _find_key(h, key)
@@ -319,7 +327,7 @@ def export(hive_path, key, out, prefix, encoding, image):
 
 
 def _write_file(out: str, data: bytes) -> None:
-    from .atomic import replacing
+    from ..atomic import replacing
 
     try:
         with replacing(out) as tmp, open(tmp, "xb") as f:
@@ -344,7 +352,7 @@ def merge(base, deltas, out, image):
       cimfs hive merge SOFTWARE_BASE SOFTWARE_DELTA -o SOFTWARE
       cimfs hive merge --image app.cim Hives/SYSTEM_BASE Hives/System_Delta -o SYSTEM
     """
-    from . import regf
+    from .. import regf
 
     base_hive = open_hive_arg(base, image)
     opened = [base_hive]
@@ -356,3 +364,6 @@ def merge(base, deltas, out, image):
         for h in opened:
             h.close()
     _write_file(out, data)
+
+
+COMMANDS = (hive,)
