@@ -25,10 +25,11 @@ from cimfs.names import NameFolder
 # modules that cost a millisecond or more each (or load OpenSSL, ctypes, fork
 # machinery) -- what the heavy commands need, not what --version needs.
 HEAVY_CIMFS = ["cimfs.reader", "cimfs.writer", "cimfs.store", "cimfs.commit", "cimfs.merged", "cimfs.win32",
-               "cimfs.tools", "cimfs.remote", "cimfs.oci", "cimfs.winlayer", "cimfs.mount", "cimfs.erofs",
+               "cimfs.tools", "cimfs.remote", "cimfs.oci.store", "cimfs.oci.sources", "cimfs.winlayer", "cimfs.mount", "cimfs.erofs",
                "cimfs.posix.extract", "cimfs.posix.entries", "cimfs.posix.filewriters", "cimfs.posix.importer",
                "cimfs.posix.scan", "cimfs.posix.tar",
-               "cimfs.posix.lx", "cimfs.layout.cim", "cimfs.layout.ntfs", "cimfs.fsspec_cim", "cimfs.workers"]
+               "cimfs.posix.lx", "cimfs.layout.cim", "cimfs.layout.ntfs", "cimfs.fsspec_cim", "cimfs.workers",
+               "cimfs.regf.reader", "cimfs.regf.writer", "cimfs.regf.merge"]
 HEAVY_OTHER = ["tarfile", "lzma", "bz2", "zlib", "gzip", "mmap", "hashlib", "_hashlib", "secrets", "json",
                "multiprocessing", "ctypes", "dataclasses", "fsspec", "pyfuse3", "trio", "zstandard"]
 
@@ -120,7 +121,7 @@ def test_families_table_matches_the_modules():
 def test_gc_loads_no_tar_or_worker_machinery(bare, tmp_path):
     loaded, report = _loaded(_command("gc", str(tmp_path)))
     assert "cimfs.tools" in loaded and "cimfs.writer" in loaded  # the writers' lock
-    for m in ("tarfile", "cimfs.posix.extract", "cimfs.posix.scan", "cimfs.oci", "cimfs.winlayer", "cimfs.mount",
+    for m in ("tarfile", "cimfs.posix.extract", "cimfs.posix.scan", "cimfs.oci.store", "cimfs.winlayer", "cimfs.mount",
               "multiprocessing"):
         assert m not in loaded - bare, m
 

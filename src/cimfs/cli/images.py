@@ -350,11 +350,15 @@ def gc(directory, dry_run, verbose):
       cimfs gc ./images
       cimfs gc ./store
     """
-    from .. import oci, tools
+    from ..oci.storefiles import is_store
 
-    if oci.is_store(directory):
+    if is_store(directory):
+        from .. import oci
+
         removed = oci.prune(directory, dry_run=dry_run, warn=_warn)
     else:
+        from .. import tools
+
         removed = tools.gc(directory, dry_run=dry_run, warn=_warn)
     if verbose or dry_run:
         for p, _ in removed:

@@ -42,11 +42,7 @@ from ..winlayer import hives
 from . import blobs, checked
 from .sources import open_source
 
-REFS_FILE = "refs.json"
-LAYERS_DIR = "layers"
-LOCK_FILE = "lock"
-JOURNAL_FILE = "journal.json"
-STORE_VERSION = 1
+from .storefiles import JOURNAL_FILE, LAYERS_DIR, LOCK_FILE, REFS_FILE, STORE_VERSION, is_store
 
 
 # ---------------------------------------------------------------- small file helpers
@@ -75,11 +71,6 @@ def independent_image_name(diff_id: str, base: bool) -> str:
 
 def merged_image_name(top_chain_id: str) -> str:
     return "merged-" + blobs.parse_digest(top_chain_id, "chain ID")[1] + ".cim"
-
-
-def is_store(path: str) -> bool:
-    """A layer store: refs.json, or the journal of a first import that was killed."""
-    return any(os.path.lexists(os.path.join(path, n)) for n in (REFS_FILE, JOURNAL_FILE))
 
 
 class StoreLock:
