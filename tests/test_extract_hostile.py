@@ -319,3 +319,48 @@ def test_tar_export_skips_the_holes_of_a_sparse_stream_near_2_48(tmp_path, monke
         m = tf.getmember("huge")
         assert m.size == size and m.sparse == [(size, 0)]
         assert tf.extractfile("small").read() == b"abc"
+
+
+def test_symlinks_whose_target_decodes_to_nothing_are_skipped_and_reported(tmp_path):
+    """Issue 22 item 19: a link record whose reparse buffer yields no target
+    (its buffer's tag is not a link's) or an empty one stopped extract and
+    export with a TypeError; each is now reported by path and the rest made."""
+    with cimfs.create(tmp_path, "e.cim") as w:
+        w.add_file("none", b"", FileMetadata(reparse_data=ntfs.pack_reparse(0x8000_0099, b"\1\2")))
+        w.add_file("empty", b"", FileMetadata(reparse_data=ntfs.pack_symlink_reparse("")))
+        w.add_file("lx-empty", b"", FileMetadata(reparse_data=ntfs.pack_lx_symlink_reparse("")))
+        w.add_file("ok", b"fine")
+        w.add_file("link", b"", FileMetadata(reparse_data=ntfs.pack_lx_symlink_reparse("ok")))
+    with cimfs.open(tmp_path / "e.cim") as img:
+        none = img.lookup("none")
+        t = img.file_tables[(none - 1) // cim.FILE_TABLE_CAPACITY]
+        rec = img.record(none)
+        region = tmp_path / img.region_names[t.offset >> 48][0]
+        at = (t.offset & ((1 << 48) - 1)) + ((none - 1) % cim.FILE_TABLE_CAPACITY) * t.entry_size
+    with open(region, "r+b") as f:  # the record says LX symlink; its buffer says something else
+        f.seek(at)
+        f.write(cim.pack_file_record(rec._replace(reparse_tag=ntfs.IO_REPARSE_TAG_LX_SYMLINK))[:min(96, t.entry_size)])
+    with cimfs.open(tmp_path / "e.cim") as img:
+        assert posix.posix_info(img.stat("none")).target is None
+        report = posix.Extractor(img, str(tmp_path / "out")).run()
+        assert sorted(report.problems) == ["empty: symlink target is empty; not extracted",
+                                           "lx-empty: symlink target is empty; not extracted",
+                                           "none: symlink target could not be read from its reparse buffer; "
+                                           "not extracted"]
+        assert sorted(os.listdir(tmp_path / "out")) == ["link", "ok"]
+        assert os.readlink(tmp_path / "out" / "link") == "ok" and (tmp_path / "out" / "ok").read_bytes() == b"fine"
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            exported = posix.export_tar(img, tf)
+        assert sorted(p.split(":")[0] for p in exported.problems) == ["empty", "lx-empty", "none"]
+        buf.seek(0)
+        with tarfile.open(fileobj=buf) as tf:
+            assert sorted(m.name.strip("./") for m in tf.getmembers() if m.name.strip("./")) == ["link", "ok"]
+    for args in (("extract", tmp_path / "e.cim", tmp_path / "out2"), ("export", tmp_path / "e.cim", tmp_path / "e.tar")):
+        p = run_cli(*args)
+        err = p.stderr.decode()
+        assert p.returncode == 1 and "Traceback" not in err and len(err.splitlines()) == 3, err
+        assert "none: symlink target could not be read" in err
+    p = run_cli("fsck", tmp_path / "e.cim")
+    out = p.stdout.decode() + p.stderr.decode()
+    assert p.returncode == 1 and "empty: link target is empty" in out and "lx-empty: link target is empty" in out

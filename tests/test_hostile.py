@@ -11,6 +11,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import tarfile
 import sys
 import traceback
 
@@ -707,3 +708,61 @@ def test_class4_sparse_link_table_counts_cost_nothing(tmp_path):
             "else:\n    raise AssertionError('listed')\n")
     grown = _rss_growth_kib(code, tmp_path / "l.cim")
     assert grown < 32 << 10, f"listing grew the process by {grown} KiB"  # 25M FileIDs as ints: ~1 GiB
+
+
+def _shared_long_name(tmp_path, count: int = 20_000):
+    """An image whose directory "d" has a link table of ``count`` entries all
+    pointing at one stored name of 65 535 UTF-16 units (~300 KB of table):
+    decoded once per entry, it is gigabytes of text (issue 22 item 18)."""
+    with cimfs.create(tmp_path, "u.cim") as w:
+        w.mkdir("d")
+        w.add_file("d/f", b"in d")
+        w.add_file("top", b"intact file")
+    with cimfs.open(tmp_path / "u.cim") as im:
+        d, f = im.lookup("d"), im.lookup("d/f")
+        ri = im.record(d).stream.offset >> 48
+    patch = Patch(tmp_path / "u.cim")
+    region, _ = patch._file(ri << 48)
+    end = (region.stat().st_size + 7) & ~7
+    name_at = 8 + 8 * count
+    table = (struct.pack("<II", name_at + 2 + 2 * 65535, count) + struct.pack(f"<{count}I", *[f] * count)
+             + struct.pack(f"<{count}I", *[name_at] * count) + struct.pack("<H", 65535) + "n".encode("utf-16-le") * 65535)
+    with open(region, "r+b") as out:
+        out.seek(end)
+        out.write(table)
+    patch.record(d, stream=cim.Stream((ri << 48) | end, len(table), cim.STREAM_TYPE_LINK_TABLE))
+    return tmp_path / "u.cim"
+
+
+def limited_cli(*args, limit=1 << 30):
+    """The CLI under an address-space limit: (exit code, stdout, stderr); never a traceback."""
+    p = subprocess.run(["prlimit", f"--as={limit}", sys.executable, "-m", "cimfs.cli", *map(str, args)],
+                       capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    out, err = p.stdout.decode("utf-8", "backslashreplace"), p.stderr.decode("utf-8", "backslashreplace")
+    assert "Traceback" not in err and "MemoryError" not in out + err, err
+    assert p.returncode in (0, 1), (p.returncode, err)
+    return p.returncode, out, err
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) is not installed")
+def test_link_entries_sharing_one_long_name_are_refused_before_decoding(tmp_path):
+    """Issue 22 item 18: every command reads the damaged directory under 1 GiB
+    of address space and says what is wrong, the rest of the image intact."""
+    path = _shared_long_name(tmp_path)
+    with cimfs.open(path) as im:
+        with pytest.raises(CimFormatError, match="65535 UTF-16 units"):
+            im.listdir("d")
+        assert im.read_bytes("top") == b"intact file"
+    assert limited_cli("ls", path)[1].split() == ["d", "top"]
+    for args in (("ls", path, "d"), ("ls", "-l", path, "d")):
+        code, _, err = limited_cli(*args)
+        assert code == 1 and len(err.strip().splitlines()) == 1 and "65535 UTF-16 units" in err
+    code, out, err = limited_cli("fsck", path)
+    assert code == 1 and "65535 UTF-16 units" in out + err
+    code, out, err = limited_cli("info", path)  # counts every entry: the damage is its one-line error
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "65535 UTF-16 units" in err
+    for args in (("extract", path, tmp_path / "x"), ("export", path, tmp_path / "x.tar")):
+        code, _, err = limited_cli(*args)  # a corrupt directory ends an extraction
+        assert code == 1 and len(err.strip().splitlines()) == 1 and "65535 UTF-16 units" in err
+    code, _, err = limited_cli("extract", path, tmp_path / "top", "top")
+    assert code == 0 and (tmp_path / "top" / "top").read_bytes() == b"intact file"

@@ -424,3 +424,38 @@ def test_merged_view_refusals_before_anything_is_made(tmp_path, monkeypatch):
     assert e.value.hresult == ERROR_FILE_NOT_FOUND
     assert not [n for n in os.listdir(tmp_path / "registry") if n.startswith("merged-")]
     assert os.listdir(mnt) == []
+
+
+def test_failed_merged_view_names_the_users_source(tmp_path, monkeypatch):
+    """Issue 22 item 17: a source damaged where the merge reads it is named
+    by the path the user gave, never by the private (and already removed)
+    ``merged-XXXX/layerN.cim`` that stood for it."""
+    from cimfs import mount as cmount
+    from test_hostile import Patch
+
+    registry = tmp_path / "registry"
+    monkeypatch.setenv("CIMFS_RUNTIME_DIR", str(registry))
+    d = _layers(tmp_path)
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    with cimfs.open(d / "base.cim") as img:
+        own = str(img.region_sets[-1].id).lower()
+    for p in d.glob("*"):  # the base in a directory of its own
+        if p.name == "base.cim" or own in p.name.lower():
+            os.rename(p, lower / p.name)
+    with cimfs.open(lower / "base.cim") as img:
+        a = img.lookup("a")
+    patch = Patch(lower / "base.cim")
+    ro, table = patch.link_table(a)
+    patch.write(ro + 8, struct.pack("<I", 99_999))  # a's first entry names a FileID no table holds
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with pytest.raises(cimfs.CimFormatError) as e:
+        cmount.mount_merged([str(d / "top.cim"), str(lower / "base.cim")], str(mnt))
+    assert e.value.filename == str(lower / "base.cim") and "FileID 99999" in e.value.strerror
+    assert "merged-" not in str(e.value)
+    assert not [n for n in os.listdir(registry) if n.startswith("merged-")] and os.listdir(mnt) == []
+    p = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", d / "top.cim", lower / "base.cim", mnt],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "CIMFS_RUNTIME_DIR": str(registry)})
+    assert p.returncode == 1 and p.stderr.strip() == f"cimfs: {lower / 'base.cim'}: {e.value.strerror}", p.stderr
+

@@ -580,3 +580,47 @@ def test_directory_under_two_names_does_not_hide_the_mount(tmp_path, mounted):
     assert (mnt / "top").read_bytes() == b"intact file"
     assert os.stat(mnt / "top").st_nlink == 2
     assert os.listdir(mnt / "b") == ["inner"]
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) is not installed")
+def test_link_entries_sharing_one_long_name_fail_one_listing_not_the_daemon(tmp_path, mounted):
+    """Issue 22 item 18: the daemon, held to 1 GiB of address space, answers
+    the damaged directory with EIO and goes on serving the rest."""
+    from test_hostile import _shared_long_name
+    mnt = mounted(_shared_long_name(tmp_path))
+    pid = next(e["pid"] for e in cmount.mounts() if e["mountpoint"] == str(mnt))
+    subprocess.run(["prlimit", f"--pid={pid}", f"--as={1 << 30}"], check=True)
+    assert os.listdir(mnt) == ["top"]  # a directory whose attributes cannot be read is left out
+    with pytest.raises(OSError) as e:
+        os.listdir(mnt / "d")
+    assert e.value.errno == errno.EIO
+    assert (mnt / "top").read_bytes() == b"intact file"
+    assert pid in daemons() and os.path.ismount(mnt)
+
+
+def test_failed_merge_mount_names_the_source_not_the_private_view(tmp_path, own_registry):
+    """Issue 22 item 17: the daemon fails to open a region file of the base
+    (a FIFO): the one-line error names the base the user gave, not the
+    private ``merged-XXXX/merged.cim`` it was serving."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    upper.mkdir()
+    with cimfs.create(lower, "base.cim") as w:
+        w.add_file("big", os.urandom(200_000))  # the data region, which the merge never reads
+        w.add_file("small", b"metadata-side")
+    with cimfs.create(upper, "top.cim") as w:
+        w.add_file("t", b"top")
+    with cimfs.open(lower / "base.cim") as im:
+        big_region = im.region_names[im.record(im.lookup("big")).stream.offset >> 48][0]
+    (lower / big_region).unlink()
+    os.mkfifo(lower / big_region)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    before = set(daemons())
+    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", str(upper / "top.cim"), str(lower / "base.cim"),
+                          str(mnt)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith(f"cimfs: {lower / 'base.cim'}: ") and big_region in out.stderr, out.stderr
+    assert "merged-" not in out.stderr
+    assert not os.path.ismount(mnt) and set(daemons()) <= before
+    assert not [n for n in os.listdir(own_registry) if n.startswith("merged-")]

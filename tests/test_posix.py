@@ -306,7 +306,7 @@ def test_extract_when_a_file_writer_dies(tmp_path, monkeypatch):
     if not posix._FileWriters.available():
         pytest.skip("file writer processes need fork and two cores")
     cim_path = _image_of(tmp_path, {f"d/f{i}": b"x" * i for i in range(1, 300)})
-    monkeypatch.setattr(posix.extract, "_file_writer_main", lambda *args: os._exit(3))
+    monkeypatch.setattr(posix.filewriters, "_file_writer_main", lambda *args: os._exit(3))
     with cimfs.open(cim_path) as img:
         report = posix.Extractor(img, str(tmp_path / "out")).run()
     assert any("ended unexpectedly (exit code 3)" in p for p in report.problems), report.problems

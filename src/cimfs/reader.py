@@ -530,7 +530,10 @@ class Image:
             d = _Directory([], [], [])
         else:
             what = f"directory {file_id}"
-            names, ids = cim.unpack_link_table(self._view(s.offset, s.length, what), 4, what)
+            try:
+                names, ids = cim.unpack_link_table(self._view(s.offset, s.length, what), 4, what)
+            except CimFormatError as e:  # the layout knows the table, not the image: name it
+                raise e if e.filename else self._fail(e.strerror) from None
             d = _Directory(names, ids, [None], s.length)
         # Bounded by count and by bytes: many FileIDs may claim one large
         # link table, and the cache must not hold a decode of it for each.
@@ -820,7 +823,10 @@ class Image:
             return [], []
         what = f"stream table of FileID {file_id}"
         (n,) = cim.U32.unpack(self._view(rec.stream_table_offset, 4, what))
-        names, streams = cim.unpack_link_table(self._view(rec.stream_table_offset + 4, n, what), 16, what)
+        try:
+            names, streams = cim.unpack_link_table(self._view(rec.stream_table_offset + 4, n, what), 16, what)
+        except CimFormatError as e:
+            raise e if e.filename else self._fail(e.strerror) from None
         return names, streams
 
     def streams(self, path) -> list[str]:

@@ -321,6 +321,7 @@ def diff_images(a, b) -> dict:
 
 
 # --------------------------------------------------------------------- fsck
+_LINK_TAGS = (ntfs.IO_REPARSE_TAG_SYMLINK, ntfs.IO_REPARSE_TAG_MOUNT_POINT, ntfs.IO_REPARSE_TAG_LX_SYMLINK)
 _BAD_NAME = re.compile(r'[\x00-\x1f\\/:*?"<>|]')
 
 
@@ -376,6 +377,8 @@ def fsck(cim_path: str, progress: Callable[[int], None] | None = None, storage_o
                         findings.append(f"{path}: reparse tag {st.reparse_tag:#x} in the record, {rp.tag:#x} in the buffer")
                     if rp.target and "\0" in rp.target:  # no path can hold one: extract and the mount skip it
                         findings.append(f"{path}: link target contains NUL")
+                    elif rp.target == "" and rp.tag in _LINK_TAGS:  # no path is empty: extract skips it
+                        findings.append(f"{path}: link target is empty")
                 except Exception as e:  # noqa: BLE001
                     findings.append(f"{path}: bad reparse buffer ({e})")
             streams = [None]

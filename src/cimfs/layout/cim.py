@@ -98,7 +98,9 @@ assert FILE_RECORD.size == FILE_RECORD_SIZE and FILESYSTEM_HEADER.size == 72
 
 
 def load_upcase_table() -> bytes:
-    """The fixed upcase table cimfs writes into new images (spec §7 [choice])."""
+    """The fixed upcase table cimfs writes into new images and sorts their names
+    with: Windows' own (``RtlUpcaseUnicodeChar``; spec §7 [choice], made by
+    tools/gen_upcase.py).  An image read or forked uses the table it stores."""
     # read beside this module, not through importlib.resources: that import
     # (pathlib, zipfile, tempfile) was a fifth of every command's start-up
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "upcase.bin"), "rb") as f:
@@ -510,6 +512,7 @@ def unpack_link_table(buf, value_size: int, what: str) -> tuple[list[str], list]
     mv = memoryview(buf)
     names = []
     total = 0
+    decoded: dict[int, str] = {}  # by offset: a name several entries share is decoded once
     for off in offsets:  # one by one: finds and names what is wrong
         if off + 2 > length:
             raise CimFormatError(f"{what}: name offset {off} outside the link table")
@@ -522,9 +525,11 @@ def unpack_link_table(buf, value_size: int, what: str) -> tuple[list[str], list]
         end = off + 2 + 2 * units
         if end > length:
             raise CimFormatError(f"{what}: name at {off} runs past the link table")
-        name = bytes(mv[off + 2:end]).decode("utf-16-le", "surrogatepass")
-        if not name or name in (".", "..") or _BAD_STORED_NAME.search(name):
-            raise CimFormatError(f"{what}: stored name {name[:60]!r} is not a valid name")
+        name = decoded.get(off)
+        if name is None:
+            name = decoded[off] = bytes(mv[off + 2:end]).decode("utf-16-le", "surrogatepass")
+            if not name or name in (".", "..") or _BAD_STORED_NAME.search(name):
+                raise CimFormatError(f"{what}: stored name {name[:60]!r} is not a valid name")
         names.append(name)
     return names, values
 
@@ -544,19 +549,18 @@ def _names_in_one_decode(buf, offsets, length: int, room: int) -> list[str] | No
     text = bytes(memoryview(buf)[base:base + n]).decode("utf-16-le", "surrogatepass")
     if len(text) * 2 != n:  # a surrogate pair became one character: indexes would shift
         return None
-    names = []
-    append = names.append
-    for off in offsets:
-        d = off - base
-        units = ord(text[d >> 1])
-        if d & 1 or off + 2 + 2 * units > length:
-            return None
-        i = (d >> 1) + 1
-        append(text[i:i + units])
+    # Every length is checked before any name is cut out of the text: entries
+    # sharing one 65 535-unit name would otherwise copy it once per entry.
+    starts = [(off - base) >> 1 for off in offsets]
+    lengths = [ord(text[i]) for i in starts]
+    if max(lengths) > MAX_NAME_UNITS or 2 * (sum(lengths) + len(lengths)) > room:
+        return None  # overlapping or too long: the careful path says which
+    if any(off & 1 for off in offsets) or max(offsets) + 2 + 2 * MAX_NAME_UNITS > length and any(
+            off + 2 + 2 * units > length for off, units in zip(offsets, lengths)):
+        return None
+    names = [text[i + 1:i + 1 + units] for i, units in zip(starts, lengths)]
     if "" in names or "." in names or ".." in names or _BAD_STORED_NAME.search("".join(names)):
         return None
-    if 2 * (sum(map(len, names)) + len(names)) > room or max(map(len, names)) > MAX_NAME_UNITS:
-        return None  # overlapping or too long: the careful path says which
     return names
 
 

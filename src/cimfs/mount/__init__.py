@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -22,6 +23,7 @@ import tempfile
 import time
 import uuid
 
+from ..reader import Image, find_region_file
 from ..remote import is_url, local_path
 from ..errors import (
     E_INVALIDARG,
@@ -453,14 +455,60 @@ def mount_merged(paths: list, mountpoint, **kw) -> uuid.UUID:
         for p in paths:
             if not os.path.isfile(os.fspath(p)):
                 raise CimError(ERROR_FILE_NOT_FOUND, "image not found", os.path.abspath(os.fspath(p)))
-        return mount(paths[0], mountpoint,
-                     _kernel_merge=[os.path.abspath(os.fspath(p)) for p in paths], **kw)
+        try:
+            return mount(paths[0], mountpoint,
+                         _kernel_merge=[os.path.abspath(os.fspath(p)) for p in paths], **kw)
+        except CimError as e:
+            raise _in_user_terms(e, paths) from None
     kw["engine"] = "fuse"
-    directory, cim_path = _merged_view(paths)
     try:
-        return mount(cim_path, mountpoint, _remove_dir=directory, _sources=list(paths), **kw)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        directory, cim_path = _merged_view(paths)
+        try:
+            return mount(cim_path, mountpoint, _remove_dir=directory, _sources=list(paths), **kw)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+    except CimError as e:
+        raise _in_user_terms(e, paths) from None
+
+
+def _in_user_terms(e: CimError, paths: list) -> CimError:
+    """``e`` with every path inside a merged view's private directory (gone
+    by now, and never the user's) replaced by the source it stands for:
+    ``layerN.cim`` by the N-th source, a region file by the source's own, the
+    merged image by the source whose region file the reason names (else the
+    top source)."""
+    sources = [os.path.abspath(os.fspath(p)) for p in paths]
+    sep = re.escape(os.sep)
+    private = re.compile(re.escape(os.path.join(registry_dir(), "merged-")) + f"[^{sep}]+{sep}([^{sep}\\s:]+)")
+
+    def owner(region: str) -> str | None:
+        """The first source (top first) listing region file ``region``."""
+        for src in sources:
+            try:
+                with Image(src) as img:
+                    if any(n == region for n, _ in img.region_names):
+                        return src
+            except CimError:
+                continue
+        return None
+
+    def source_of(match: re.Match) -> str:
+        name = match.group(1)
+        layer = re.fullmatch(r"layer(\d+)\.cim", name)
+        if layer and int(layer.group(1)) < len(sources):
+            return sources[int(layer.group(1))]
+        if name.lower().startswith("region_"):
+            src = owner(name)
+            found = src and find_region_file(os.path.dirname(src), name)
+            return found or match.group(0)
+        named = re.search(r"region file (\S+)", e.strerror or "")
+        return (named and owner(named.group(1))) or sources[0]
+
+    if isinstance(e.filename, str):
+        e.filename = private.sub(source_of, e.filename)
+    if isinstance(e.strerror, str):
+        e.strerror = private.sub(source_of, e.strerror)
+    return e
 
 
 # ===================================================================== unmount

@@ -11,7 +11,10 @@ One module per concern; every public name is re-exported here:
 * :mod:`.lx` -- file kinds, reparse tags, ``$LX*`` metadata both ways (``PosixInfo``);
 * :mod:`.scan` -- ``Tree``/``Node``, scanning a directory or a tar;
 * :mod:`.importer` -- ``Importer`` and ``DirectoryImporter``;
-* :mod:`.extract` -- ``Extractor`` and its forked file writers;
+* :mod:`.extract` -- ``Extractor``: the walk of an extraction;
+* :mod:`.entries` -- making one entry on disk (files, directories, links,
+  nodes, their metadata);
+* :mod:`.filewriters` -- the forked processes that create the plain files;
 * :mod:`.tar` -- ``export_tar``.
 
 Conventions this package chooses (documented in docs/CLI.md):
@@ -29,7 +32,8 @@ Conventions this package chooses (documented in docs/CLI.md):
 """
 
 from .extract import SPARSE_BLOCK, ExtractReport, Extractor
-from .extract import _FileWriters, _write_sparse  # noqa: F401  (private; the tests reach them here)
+from .entries import _write_sparse  # noqa: F401  (private; the tests reach it here)
+from .filewriters import _FileWriters  # noqa: F401  (private; the tests reach it here)
 from .importer import DirectoryImporter, Importer, check_output_outside, write_node
 from .lx import (
     BLK,

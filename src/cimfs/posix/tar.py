@@ -12,7 +12,7 @@ import io
 import tarfile
 
 from ..errors import CimError
-from .extract import SPARSE_BLOCK, ExtractReport, _local_target, _safe_local_name
+from .entries import SPARSE_BLOCK, ExtractReport, _local_target, _safe_local_name
 from .lx import BLK, CHR, DIR, FIFO, FILE, SYMLINK, posix_info
 from .names import format_pax_time
 from .scan import CHUNK
