@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from .errors import E_HANDLE, E_INVALIDARG, E_NOTIMPL, CimError
 from .metadata import FileMetadata
+from . import merged
 from .writer import ImageWriter, StreamWriter
 
 
@@ -111,11 +112,11 @@ def CimCreateMergeLink(image, image_relative_path: str, existing_image_relative_
 
 def CimAddFsToMergedImage(image, image_path) -> None:
     """Add a source (top layer first) to a merged image made by ``CimCreateImage(dir, None, name)``."""
-    _writer(image).add_merge_source(image_path, 0)
+    merged.add_source(_writer(image), image_path, 0)
 
 
 def CimAddFsToMergedImage2(image, image_path, flags: int = 0) -> None:
-    _writer(image).add_merge_source(image_path, flags)
+    merged.add_source(_writer(image), image_path, flags)
 
 
 def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint,
