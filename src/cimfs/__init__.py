@@ -21,11 +21,11 @@ from .names import fold_name
 from .reader import CimFile, DirEntry, Image, Stat, open
 from .writer import ImageWriter, StreamWriter, create
 from .merged import merge
+from .mount import CimDismountImage, CimMergeMountImage, CimMountImage
 from .win32 import (
     CimAddFsToMergedImage,
     CimAddFsToMergedImage2,
     CimCreateMergeLink,
-    CimMergeMountImage,
     CimTombstoneFile,
     CimCloseImage,
     CimCloseStream,
@@ -40,8 +40,6 @@ from .win32 import (
     CimGetFileStatBasicInformation,
     CimReadFile,
     FILE_STAT_BASIC_INFORMATION,
-    CimDismountImage,
-    CimMountImage,
     CimWriteStream,
 )
 
