@@ -7,15 +7,41 @@ files and the :meth:`~ImageChecks.info` summary.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 from .errors import CimError, CimFormatError
 from .layout import cim
 from .regionfile import find_region_file
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from .reader import _Directory, _FileTables, _TableList
+    from .regionfile import _Region
+
 
 class ImageChecks:
     """The checking and summary methods of :class:`cimfs.reader.Image` (mixed
     into it: they use its regions, records and directory walk)."""
+
+    if TYPE_CHECKING:  # what Image provides (for the type checker only)
+        path: str
+        name: str
+        directory: str | None
+        storage: Any
+        header: cim.FilesystemHeader
+        version: tuple[int, int]
+        region_names: list[tuple[str, int]]
+        file_tables: _TableList | _FileTables
+        root_id: int
+
+        @property
+        def file_count(self) -> int: ...
+
+        def _region(self, index: int) -> _Region: ...
+        def _directory(self, file_id: int) -> _Directory: ...
+        def _keys(self, d: _Directory) -> list[str]: ...
+        def _tree(self) -> Iterator[tuple[str, int, cim.FileRecord | None, str | None]]: ...
 
     def check(self) -> list[str]:
         """Structural findings that reading paths and files does not surface:

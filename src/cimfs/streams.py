@@ -18,7 +18,7 @@ from .layout import cim
 from .regionfile import _physical_memory, _Region
 
 if TYPE_CHECKING:
-    from .reader import Image
+    from .errors import CimFormatError
 
 #: The largest single read (``read_bytes``, ``read()``, ``read_at``) the
 #: reader attempts: the machine's physical memory.  Larger streams (sparse
@@ -38,6 +38,16 @@ class StreamReading:
     """The stream-data methods of :class:`cimfs.reader.Image` (mixed into it:
     they use its ``_locate``, ``_view``, ``_data``, ``_fail`` and
     ``stream_descriptor``)."""
+
+    if TYPE_CHECKING:  # what Image provides (for the type checker only)
+        path: str
+        _copy_file_range: bool
+
+        def _fail(self, reason: str) -> CimFormatError: ...
+        def _locate(self, ro: int, length: int, what: str) -> tuple[_Region, int]: ...
+        def _view(self, ro: int, length: int, what: str) -> memoryview: ...
+        def _data(self, ro: int, length: int, what: str) -> bytes: ...
+        def stream_descriptor(self, path, stream: str | None = None) -> cim.Stream: ...
 
     def open(self, path, stream: str | None = None) -> "CimFile":
         desc = self.stream_descriptor(path, stream)
@@ -209,7 +219,7 @@ class StreamReading:
 class CimFile(io.RawIOBase):
     """A read-only, seekable view of one stream of an image."""
 
-    def __init__(self, image: "Image", desc: cim.Stream, name: str):
+    def __init__(self, image: StreamReading, desc: cim.Stream, name: str):
         super().__init__()
         self._image = image
         self._desc = desc

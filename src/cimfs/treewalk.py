@@ -14,7 +14,8 @@ from .layout import cim, ntfs
 from .names import join_path, split_path
 
 if TYPE_CHECKING:
-    from .reader import Image
+    from .reader import _Directory
+    from .regionfile import _Region
 
 
 class _Visits:
@@ -32,7 +33,7 @@ class _Visits:
                 self.counted.add(i)
                 self.budget += size
 
-    def __init__(self, image: "Image"):
+    def __init__(self, image: TreeWalking):
         self.dirs: set[int] = set()
         self.tables: set[int] = set()
         # The region files already open (link tables sit in metadata regions);
@@ -67,6 +68,19 @@ class _Visits:
 class TreeWalking:
     """The tree-walking methods of :class:`cimfs.reader.Image` (mixed into it:
     they use its records, directories and region files)."""
+
+    if TYPE_CHECKING:  # what Image provides (for the type checker only)
+        path: str
+        root_id: int
+        _regions: list[_Region | None]
+        _nlinks: dict[int, int] | None
+
+        def _fail(self, reason: str) -> CimFormatError: ...
+        def _region(self, index: int) -> _Region: ...
+        def _blob(self, ro: int, what: str) -> bytes: ...
+        def _directory(self, file_id: int) -> _Directory: ...
+        def record(self, file_id: int) -> cim.FileRecord: ...
+        def lookup(self, path) -> int: ...
 
     def _region_sizes(self, open_all: bool) -> list[tuple[int, int]]:
         """(index, size) of the region files already open, or of all that open."""
