@@ -25,11 +25,12 @@ if TYPE_CHECKING:  # the names as type checkers and editors see them; at run tim
     from .reader import CimFile, DirEntry, Image, Stat, open
     from .writer import ImageWriter, StreamWriter, create
     from .merged import merge
+    from .mount import CimDismountImage, CimMergeMountImage, CimMountImage
     from .win32 import (
-        CimAddFsToMergedImage, CimAddFsToMergedImage2, CimCreateMergeLink, CimMergeMountImage, CimTombstoneFile,
+        CimAddFsToMergedImage, CimAddFsToMergedImage2, CimCreateMergeLink, CimTombstoneFile,
         CimCloseImage, CimCloseStream, CimCommitImage, CimCreateAlternateStream, CimCreateFile, CimCreateHardLink,
         CimCreateFlags, CimCreateImage, CimCreateImage2, CimDeletePath, CimGetFileStatBasicInformation, CimReadFile,
-        FILE_STAT_BASIC_INFORMATION, CimDismountImage, CimMountImage, CimWriteStream,
+        FILE_STAT_BASIC_INFORMATION, CimWriteStream,
     )
 
 __version__ = "0.1.0"
@@ -44,11 +45,12 @@ _PUBLIC = {
     "reader": ("CimFile", "DirEntry", "Image", "Stat", "open"),
     "writer": ("ImageWriter", "StreamWriter", "create"),
     "merged": ("merge",),
-    "win32": ("CimAddFsToMergedImage", "CimAddFsToMergedImage2", "CimCreateMergeLink", "CimMergeMountImage",
+    "mount": ("CimMountImage", "CimMergeMountImage", "CimDismountImage"),
+    "win32": ("CimAddFsToMergedImage", "CimAddFsToMergedImage2", "CimCreateMergeLink",
               "CimTombstoneFile", "CimCloseImage", "CimCloseStream", "CimCommitImage", "CimCreateAlternateStream",
               "CimCreateFile", "CimCreateHardLink", "CimCreateFlags", "CimCreateImage", "CimCreateImage2",
               "CimDeletePath", "CimGetFileStatBasicInformation", "CimReadFile", "FILE_STAT_BASIC_INFORMATION",
-              "CimDismountImage", "CimMountImage", "CimWriteStream"),
+              "CimWriteStream"),
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
 
