@@ -195,7 +195,7 @@ def test_no_module_outgrows_the_limit():
     assert not unexplained, f"modules over {MAX_LINES} lines: {unexplained}"
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.endswith(".__main__")))  # __main__ runs
 def test_each_module_imports_on_its_own(module):
     p = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
                        cwd=ROOT, timeout=60)

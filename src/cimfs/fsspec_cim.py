@@ -73,10 +73,10 @@ class CimFileSystem(AbstractArchiveFileSystem):
             if target_protocol in _LOCAL_PROTOCOLS and not is_url(fo):
                 self.image = Image(fo)
             elif target_protocol in _LOCAL_PROTOCOLS:
-                from .reader import open as open_image
+                from .reader import open as open_image  # start-up time: fsspec imports this module to learn the protocol
                 self.image = open_image(fo, target_options, cache_dir=cache_dir)
             else:
-                import fsspec
+                import fsspec  # optional dependency (cimfs[remote])
                 limits = {k: v for k, v in (target_options or {}).items() if k in TIMEOUT_OPTIONS}
                 protocol = target_protocol if isinstance(target_protocol, str) else target_protocol[0]
                 _, backend_options = split_options(f"{protocol}://", target_options)

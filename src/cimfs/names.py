@@ -170,7 +170,7 @@ def fold_name(name: str) -> str:
     into new images: two names with equal keys collide in one directory."""
     global _default_folder
     if _default_folder is None:
-        from .layout.cim import load_upcase_table
+        from .layout.cim import load_upcase_table  # start-up time: loaded at the first non-ASCII name
 
         _default_folder = NameFolder.for_table(load_upcase_table())
     return _default_folder.key(name)

@@ -252,7 +252,7 @@ class RemoteStorage:
             self.url = filesystem.unstrip_protocol(self.path)
         else:
             try:
-                import fsspec.core
+                import fsspec.core  # optional dependency (cimfs[remote])
             except ImportError as e:
                 raise CimError(E_INVALIDARG, f"reading URLs needs the 'remote' extra (pip install 'cimfs[remote]'): {e}",
                                url) from None

@@ -114,7 +114,7 @@ def split_options(url: str, options: dict | None) -> tuple[Timeouts, dict]:
     elif scheme in ("http", "https"):
         client = dict(options.get("client_kwargs") or {})
         if "timeout" not in client:
-            import aiohttp
+            import aiohttp  # optional dependency (fsspec's HTTP backend)
 
             client["timeout"] = aiohttp.ClientTimeout(total=timeouts.request, sock_connect=timeouts.connect,
                                                       sock_read=timeouts.read)
@@ -173,13 +173,13 @@ class Transport:
         """``fs.name(*args, **kwargs)``, within ``request_timeout`` on async filesystems."""
         fs = self.fs
         if getattr(fs, "async_impl", False) and hasattr(fs, "_" + name) and getattr(fs, "loop", None) is not None:
-            from fsspec.asyn import sync
+            from fsspec.asyn import sync  # optional dependency (cimfs[remote])
 
             return sync(fs.loop, getattr(fs, "_" + name), *args, timeout=self.timeouts.request, **kwargs)
         return getattr(fs, name)(*args, **kwargs)
 
     def run(self, coroutine_function, *args):
-        from fsspec.asyn import sync
+        from fsspec.asyn import sync  # optional dependency (cimfs[remote])
 
         return sync(self.fs.loop, coroutine_function, *args, timeout=self.timeouts.request)
 
@@ -204,7 +204,7 @@ class HTTPTransport(Transport):
     """fsspec's HTTPFileSystem, with the HEAD and ranged GETs made here."""
 
     def _request(self, extra: dict) -> tuple[dict, dict]:
-        import aiohttp
+        import aiohttp  # optional dependency (fsspec's HTTP backend)
 
         kwargs = dict(self.fs.kwargs)
         headers = dict(kwargs.pop("headers", None) or {})
@@ -330,7 +330,7 @@ class S3Transport(Transport):
         return self.run(self._get, path, start, end, info, url)
 
     async def _get(self, path: str, start: int, end: int, info: dict, url: str) -> bytes:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError  # optional dependency (s3fs)
 
         fs = self.fs
         bucket, key, version = fs.split_path(path)

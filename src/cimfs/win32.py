@@ -189,7 +189,7 @@ _ALLOCATION_UNIT = 4096  # a data region's alignment
 
 
 def _open_for_read(image_path):
-    from . import reader
+    from . import reader  # start-up time: only the read calls need the reader
 
     return reader.Image(image_path)
 

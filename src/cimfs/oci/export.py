@@ -47,7 +47,7 @@ class _BlobWriter:
             self.compress, self.flush_ = c.compress, c.flush
         elif compression == "zstd":
             try:
-                import zstandard
+                import zstandard  # optional dependency (cimfs[oci])
             except ImportError:
                 raise CimError(E_INVALIDARG, "zstd needs the 'zstandard' package (pip install cimfs[oci])") from None
             c = zstandard.ZstdCompressor(level=3).compressobj()

@@ -350,7 +350,7 @@ class LayerStore:
             if independent and top:
                 merged_status = "reused"
                 if not os.path.exists(os.path.join(self.layers, top)):
-                    import cimfs
+                    import cimfs  # start-up time: the public API, only for the merged top of independent layers
 
                     # A layer listed twice is merged once, at its topmost place: applying a layer
                     # again above others gives what applying it only there gives (each path's last

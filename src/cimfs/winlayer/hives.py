@@ -52,7 +52,7 @@ _RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d+)
 
 def created_filetime(config: dict) -> int:
     """The config's ``created`` (RFC 3339) as FILETIME ticks; 0 when absent or unreadable."""
-    import datetime as dt
+    import datetime as dt  # start-up time: only an image config's time is parsed
 
     m = _RFC3339.fullmatch(str(config.get("created", "")).strip())
     if not m:

@@ -445,7 +445,7 @@ def import_layer(src, containing_dir, name, parent=None, progress=None, *, befor
 def _remove_committed(directory: str, name: str) -> None:
     """Undo a committed layer of a failed import_layers call: its .cim and the
     region files no other image needs (the same rule as ``cimfs rm``)."""
-    from ..tools import rm_image
+    from ..tools import rm_image  # start-up time: only a failed multi-layer import removes layers
 
     try:
         rm_image(os.path.join(directory, name))

@@ -220,7 +220,7 @@ def _after(m, label):
 
 def _is_codec_error(e: BaseException) -> bool:
     try:
-        import lzma
+        import lzma  # start-up time: only xz-compressed layers need it
 
         if isinstance(e, lzma.LZMAError):
             return True
