@@ -191,7 +191,20 @@ class _Merger:
                 pack(out, at, L.VK, nl, raw, dfield & _INLINE_MASK[size], typ, comp, 0)
                 at += L.VK_HEAD.size
                 out[at:at + nl] = buf[s + L.VK_HEAD.size:s + L.VK_HEAD.size + nl]
-            else:
+            elif L.INLINE_MAX < raw <= L.SEGMENT_BYTES:  # one data cell, copied as it is
+                ds, dn = cell(dfield, "value data", cov)
+                if raw > dn:
+                    raise h.error(dfield, f"value data of {raw} bytes overruns its {dn}-byte cell")
+                size = raw
+                d = b.alloc(raw)
+                at = L.BASE_BLOCK_SIZE + d + 4
+                out[at:at + raw] = buf[ds:ds + raw]
+                o = b.alloc(L.VK_HEAD.size + nl)
+                at = L.BASE_BLOCK_SIZE + o + 4
+                pack(out, at, L.VK, nl, raw, d, typ, comp, 0)
+                at += L.VK_HEAD.size
+                out[at:at + nl] = buf[s + L.VK_HEAD.size:s + L.VK_HEAD.size + nl]
+            else:  # big data, empty data, or short data stored in a cell (re-inlined by the writer)
                 parts = h.data_parts(vf, vo, cov)
                 size = sum(len(p) for p in parts)
                 o = b.value(buf[s + L.VK_HEAD.size:s + L.VK_HEAD.size + nl], comp, typ, parts)
