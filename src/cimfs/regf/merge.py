@@ -166,7 +166,8 @@ class _Merger:
         The common case, inline data, is handled here without building a record per value."""
         li = n.li
         h, cov, b = self.hives[li], self.cov[li], self.b
-        buf, cell, unpack, pack, out = h._buf, h.cell, L.VK_HEAD.unpack_from, L.VK_HEAD.pack_into, b.buf
+        buf, cell, unpack, pack, out = h._buf, h.cell, L.VK_HEAD.unpack_from, L.VK_CELL.pack_into, b.buf
+        put_size, BB, VKS = L.CELL_SIZE.pack_into, L.BASE_BLOCK_SIZE, L.VK_HEAD.size
         offs, maxn, maxd = [], 0, 0
         for vo in h.value_offsets(n.f, n.off, cov):
             s, cn = cell(vo, "value", cov)
@@ -186,24 +187,35 @@ class _Merger:
                 size = raw & ~L.DATA_INLINE
                 if size > L.INLINE_MAX:
                     raise h.error(vo, f"inline data of {size} bytes (at most 4 fit)")
-                o = b.alloc(L.VK_HEAD.size + nl)
-                at = L.BASE_BLOCK_SIZE + o + 4
-                pack(out, at, L.VK, nl, raw, dfield & _INLINE_MASK[size], typ, comp, 0)
-                at += L.VK_HEAD.size
-                out[at:at + nl] = buf[s + L.VK_HEAD.size:s + L.VK_HEAD.size + nl]
+                vsize = (VKS + nl + 11) & ~7
+                o = b.pos
+                if o + vsize <= b.bin_end:  # bump allocation inlined
+                    b.pos = o + vsize
+                else:  # the builder opens a new bin (and writes the same size field)
+                    o = b.alloc(VKS + nl)
+                at = BB + o
+                pack(out, at, -vsize, L.VK, nl, raw, dfield & _INLINE_MASK[size], typ, comp, 0)
+                at += 4 + VKS
+                out[at:at + nl] = buf[s + VKS:s + VKS + nl]
             elif L.INLINE_MAX < raw <= L.SEGMENT_BYTES:  # one data cell, copied as it is
                 ds, dn = cell(dfield, "value data", cov)
                 if raw > dn:
                     raise h.error(dfield, f"value data of {raw} bytes overruns its {dn}-byte cell")
                 size = raw
-                d = b.alloc(raw)
-                at = L.BASE_BLOCK_SIZE + d + 4
-                out[at:at + raw] = buf[ds:ds + raw]
-                o = b.alloc(L.VK_HEAD.size + nl)
-                at = L.BASE_BLOCK_SIZE + o + 4
-                pack(out, at, L.VK, nl, raw, d, typ, comp, 0)
-                at += L.VK_HEAD.size
-                out[at:at + nl] = buf[s + L.VK_HEAD.size:s + L.VK_HEAD.size + nl]
+                dsize, vsize = (raw + 11) & ~7, (VKS + nl + 11) & ~7
+                d = b.pos
+                if d + dsize + vsize <= b.bin_end:  # both cells fit the open bin: bump allocation inlined
+                    o = d + dsize
+                    b.pos = o + vsize
+                else:  # the builder opens new bins (it writes the same size fields)
+                    d = b.alloc(raw)
+                    o = b.alloc(VKS + nl)
+                put_size(out, BB + d, -dsize)
+                out[BB + d + 4:BB + d + 4 + raw] = buf[ds:ds + raw]
+                at = BB + o
+                pack(out, at, -vsize, L.VK, nl, raw, d, typ, comp, 0)
+                at += 4 + VKS
+                out[at:at + nl] = buf[s + VKS:s + VKS + nl]
             else:  # big data, empty data, or short data stored in a cell (re-inlined by the writer)
                 parts = h.data_parts(vf, vo, cov)
                 size = sum(len(p) for p in parts)
