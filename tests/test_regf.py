@@ -3,6 +3,7 @@ back by cimfs.regf, hivex and regipy."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -210,3 +211,23 @@ def test_siblings_beyond_the_bmp_sort_by_code_unit():
     check_structure(data)
     with open_hive(data) as h:
         assert [k.name for k in h.root.subkeys()] == ["\U0001F600", "\ue000", "\uffee"]
+
+
+def test_open_hive_sources(sample, tmp_path):
+    tree, data, path = sample
+    want = [(p, k.offset) for p, k in open_hive(data).walk()][:50]
+    with open(path, "rb") as f, open_hive(f) as h:  # a binary file: mapped, unmapped on close
+        assert [(p, k.offset) for p, k in h.walk()][:50] == want and h.name == str(path)
+    for source in (bytearray(data), memoryview(data), io.BytesIO(data)):
+        with open_hive(source, "label") as h:
+            assert [(p, k.offset) for p, k in h.walk()][:50] == want and h.name == "label"
+    with pytest.raises(cimfs.CimError) as e:
+        open_hive(tmp_path / "missing")
+    assert e.value.hresult == cimfs.errors.ERROR_FILE_NOT_FOUND and "missing" in str(e.value)
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(HiveFormatError, match="empty: truncated"):
+        open_hive(tmp_path / "empty")
+    h = open_hive(path)
+    keys = [k for _, k in h.walk()]
+    assert [k.path for k in keys[:3]] == ["", "level0", "level0\\level1"]  # depth first, in stored (sorted) order
+    h.close()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import mmap
 import os
 
-from ..errors import ERROR_FILE_NOT_FOUND, CimError
+from ..errors import ERROR_FILE_NOT_FOUND, CimError, hresult_from_oserror
 from . import layout as L
 from .errors import HiveFormatError
 from .names import decode_name, lh_hash, upcase
@@ -38,6 +38,15 @@ class HiveKeyNotFound(CimError, KeyError):
 
     def __str__(self) -> str:
         return CimError.__str__(self)
+
+    def __reduce__(self):
+        return (_key_not_found, (self.filename, self.strerror))
+
+
+def _key_not_found(hive: str, reason: str) -> HiveKeyNotFound:
+    e = HiveKeyNotFound(hive, "")
+    e.strerror = reason
+    return e
 
 
 class Coverage:
@@ -515,8 +524,7 @@ def open_hive(source, name: str | None = None) -> Hive:
         except OSError as e:
             if isinstance(e, CimError):
                 raise
-            raise CimError(ERROR_FILE_NOT_FOUND if isinstance(e, FileNotFoundError) else 0x80004005,
-                           e.strerror or str(e), label) from None
+            raise CimError(hresult_from_oserror(e), e.strerror or str(e), label) from None
     label = name or getattr(source, "name", None) or "<hive>"
     return _hive_of_file(source, str(label))
 
