@@ -74,8 +74,11 @@ def test_upcase_is_windows_table():
     rows = [line.split("\t") for line in open(os.path.join(os.path.dirname(cimfs.__file__), "regf",
                                                                 "windows-upcase.tsv")) if line[0] != "#"]
     assert len(rows) == 244
-    for cu, windows, _rule in rows:
+    rule = open(os.path.join(os.path.dirname(cimfs.__file__), "layout", "upcase.bin"), "rb").read()
+    for cu, windows, rule_up in rows:
         assert upcase(chr(int(cu, 16))) == chr(int(windows, 16)), cu
+        # the table the differences are relative to is the committed CIM one
+        assert int.from_bytes(rule[2 * int(cu, 16):2 * int(cu, 16) + 2], "little") == int(rule_up, 16)
     assert upcase("abcz\xe0\xfe\xff\xf7") == "ABCZ\xc0\xde\u0178\xf7"
     assert upcase("µıſǅςß") == "µıſǅςß"  # Windows leaves these alone (Python would not)
     assert upcase("\ud83d\ude00\U0001F600x") == "\ud83d\ude00\U0001F600X"  # surrogates map to themselves
