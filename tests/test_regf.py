@@ -135,6 +135,9 @@ def test_hivex_reads_the_writers_hive(sample):
     assert len(got) == len(exp)
     out = subprocess.run(["hivexget", str(path), "\\Many\\k09000", "i"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "9000"
+    out = subprocess.run(["hivexsh", str(path)], input="cd \\Names\nls\n", capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert sorted(out.stdout.splitlines()) == sorted(k.name for k in tree.subkeys[1].subkeys)
 
 
 def test_regipy_reads_the_writers_hive(sample):
