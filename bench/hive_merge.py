@@ -21,11 +21,20 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 
-from cimfs.regf import (REG_BINARY, REG_DWORD, REG_SZ, SUPERSEDE_LOCAL, SUPERSEDE_TREE, TOMBSTONE,  # noqa: E402
-                        NewKey, NewValue, write_hive)
-from cimfs.regf import layout as L  # noqa: E402
-from cimfs.regf.names import encode_name, order_key, upcase, utf16_bytes  # noqa: E402
-from cimfs.regf.writer import HiveBuilder  # noqa: E402
+from cimfs.regf import (
+    REG_BINARY,
+    REG_DWORD,
+    REG_SZ,
+    SUPERSEDE_LOCAL,
+    SUPERSEDE_TREE,
+    TOMBSTONE,
+    NewKey,
+    NewValue,
+    write_hive,
+)
+from cimfs.regf import layout as L
+from cimfs.regf.names import encode_name, order_key, upcase, utf16_bytes
+from cimfs.regf.writer import HiveBuilder
 
 FANOUT = (12, 40, 30, 36)  # 509 K keys in all (one depth-1 key has WIDE children instead of its subtree)
 WIDE = 20_000  # one CLSID-like key with this many children

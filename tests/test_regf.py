@@ -9,14 +9,33 @@ import subprocess
 import sys
 
 import pytest
+from regf_check import (
+    HIVEX,
+    as_hivexml,
+    check_structure,
+    hivexml_tree,
+    hivexregedit_values,
+    our_tree,
+    regipy_tree,
+)
 
 import cimfs
-from cimfs.regf import (REG_BINARY, REG_DWORD, REG_MULTI_SZ, REG_QWORD, REG_SZ, SUPERSEDE_TREE, TOMBSTONE,
-                        HiveFormatError, NewKey, NewValue, open_hive, upcase, write_hive)
+from cimfs.regf import (
+    REG_BINARY,
+    REG_DWORD,
+    REG_MULTI_SZ,
+    REG_QWORD,
+    REG_SZ,
+    SUPERSEDE_TREE,
+    TOMBSTONE,
+    HiveFormatError,
+    NewKey,
+    NewValue,
+    open_hive,
+    upcase,
+    write_hive,
+)
 from cimfs.regf import layout as L
-
-from regf_check import (HIVEX, as_hivexml, check_structure, hivexml_tree, hivexregedit_values, our_tree,
-                        regipy_tree)
 
 needs_hivex = pytest.mark.skipif(not HIVEX, reason="hivex tools (libhivex-bin, libwin-hivex-perl) not installed")
 K, V = NewKey, NewValue

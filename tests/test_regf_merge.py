@@ -8,12 +8,33 @@ import os
 import random
 
 import pytest
+from regf_check import (
+    HIVEX,
+    as_hivexml,
+    check_structure,
+    hivexml_tree,
+    our_tree,
+    regipy_tree,
+)
 
 import cimfs
-from cimfs.regf import (MERGE, REG_BINARY, REG_DWORD, REG_SZ, SUPERSEDE_LOCAL, SUPERSEDE_TREE, TOMBSTONE,
-                        HiveFormatError, NewKey, NewValue, merge, merge_files, open_hive, upcase, write_hive)
-
-from regf_check import HIVEX, as_hivexml, check_structure, hivexml_tree, our_tree, regipy_tree
+from cimfs.regf import (
+    MERGE,
+    REG_BINARY,
+    REG_DWORD,
+    REG_SZ,
+    SUPERSEDE_LOCAL,
+    SUPERSEDE_TREE,
+    TOMBSTONE,
+    HiveFormatError,
+    NewKey,
+    NewValue,
+    merge,
+    merge_files,
+    open_hive,
+    upcase,
+    write_hive,
+)
 
 K, V = NewKey, NewValue
 TOMB = dict(layer_semantics=TOMBSTONE)

@@ -38,8 +38,8 @@ from typing import Sequence
 
 from ..atomic import fsync_dir, replacing
 from . import layout as L
-from .reader import Coverage, Hive, open_hive
 from .names import encode_name, order_key, upcase
+from .reader import Coverage, Hive, open_hive
 from .writer import HiveBuilder, deep_recursion
 
 _SEM, _INHERIT = L.LAYER_SEMANTICS_MASK, L.LAYER_INHERIT_CLASS
@@ -231,7 +231,7 @@ class _Merger:
     def copy(self, n: _Node, parent: int, depth: int):
         if n.f[_LAYER] & _SEM == L.TOMBSTONE:
             return None
-        b, h, li = self.b, self.hives[n.li], n.li
+        b, h = self.b, self.hives[n.li]
         off = b.alloc(b.key_size(len(encode_name(n.name)[0])))
         sk = self.security(n)
         class_off, class_len = (L.NONE, 0) if n.f[_LAYER] & _INHERIT else self.class_of(n)

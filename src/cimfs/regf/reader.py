@@ -22,7 +22,7 @@ import os
 from ..errors import ERROR_FILE_NOT_FOUND, CimError, hresult_from_oserror
 from . import layout as L
 from .errors import HiveFormatError
-from .names import decode_name, lh_hash, upcase
+from .names import decode_name, upcase
 
 _MIN_NK_CELL = 4 + L.NK_HEAD.size  # the smallest cell an nk can live in; bounds subkey counts
 _MIN_VK_CELL = 4 + L.VK_HEAD.size
@@ -545,7 +545,3 @@ def _hive_of_file(f, label: str) -> Hive:
         h._closer = m
         return h
     return Hive(f.read(), label)
-
-
-def key_hash_matches(upname: str, stored: int) -> bool:
-    return lh_hash(upname) == stored
