@@ -137,11 +137,11 @@ class _Merger:
         return out, 2 * nl if comp else nl, size
 
     def emit(self, off: int, name: str, top: _Node, parent: int, *, layer_nodes, entries, values, class_off,
-             class_len, sk, root=False) -> tuple:
+             class_len, sk, root=False, stored=None) -> tuple:
         """Fill the nk at ``off``; ``values`` is (vk offsets, MaxValueNameLen, MaxValueDataLen); returns the
         parent's list entry for the key."""
         b = self.b
-        raw, comp = encode_name(name)
+        raw, comp = stored or encode_name(name)
         sublist = b.subkey_list(entries)
         maxname = maxclass = 0
         for e in entries:
@@ -232,7 +232,8 @@ class _Merger:
         if n.f[_LAYER] & _SEM == L.TOMBSTONE:
             return None
         b, h = self.b, self.hives[n.li]
-        off = b.alloc(b.key_size(len(encode_name(n.name)[0])))
+        stored = encode_name(n.name)
+        off = b.alloc(b.key_size(len(stored[0])))
         sk = self.security(n)
         class_off, class_len = (L.NONE, 0) if n.f[_LAYER] & _INHERIT else self.class_of(n)
         kids = self.children(n)
@@ -246,7 +247,7 @@ class _Merger:
         self._sort_entries(entries, h, n)
         values = self.copy_values(n)
         return self.emit(off, n.name, n, parent, layer_nodes=(n,), entries=entries, values=values,
-                         class_off=class_off, class_len=class_len, sk=sk)
+                         class_off=class_off, class_len=class_len, sk=sk, stored=stored)
 
     @staticmethod
     def _sort_entries(entries: list, h: Hive, n: _Node) -> None:

@@ -211,7 +211,9 @@ class Hive:
 
     def name_at(self, off: int, start: int, length: int, compressed: bool) -> str:
         try:
-            return decode_name(self._buf[start:start + length], compressed)
+            if compressed:
+                return str(self._buf[start:start + length], "latin-1")
+            return decode_name(self._buf[start:start + length], False)
         except UnicodeDecodeError:
             raise self.error(off, "UTF-16 name of an odd number of bytes") from None
 
