@@ -139,6 +139,9 @@ def test_reader_reads_back_what_was_written(sample):
         assert e.value.hresult == cimfs.errors.ERROR_FILE_NOT_FOUND
         depth = max(p.count("\\") for p, _ in h.walk())
         assert depth == 100  # level0 .. level99, leaf
+        sub = [p for p, _ in h.walk(r"level0\LEVEL1")]
+        assert sub[0] == "level0\\level1" and len(sub) == 100 and sub[-1].endswith("\\leaf")
+        assert [p for p, _ in h.walk("names")][:2] == ["Names", "Names\\Mixed ÿ"]
 
 
 @needs_hivex

@@ -366,12 +366,15 @@ class Hive:
             key = sub
         return key
 
-    def walk(self):
-        """(path, Key) for every key, depth first in stored order, the root (path "") first; refuses cycles,
-        keys reached twice and nesting deeper than 512."""
+    def walk(self, path: str = ""):
+        """(path, Key) for every key under ``path`` (default: the whole hive), depth first in stored order, the
+        starting key first; paths are from the root.  Refuses cycles, keys reached twice and nesting deeper
+        than 512."""
         cov = Coverage(self)
-        root = Key(self, self.root_offset, "", cov)
-        stack = [(root, 0)]
+        start = self.key(path) if path.strip("\\/") else None
+        depth = len(start.path.split("\\")) if start is not None else 0
+        top = Key(self, start.offset if start else self.root_offset, start.path if start else "", cov)
+        stack = [(top, depth)]
         while stack:
             key, depth = stack.pop()
             yield key.path, key
