@@ -212,6 +212,9 @@ def test_merge_files_is_atomic(layers, tmp_path):
     with pytest.raises(cimfs.CimError):
         merge_files(paths[0], [tmp_path / "missing"], out2)
     assert sorted(os.listdir(out.parent)) == ["SOFTWARE_BASE"]
+    with pytest.raises(cimfs.CimError) as e:  # an output directory that does not exist
+        merge_files(paths[0], paths[1:], tmp_path / "nowhere" / "out")
+    assert "nowhere" in str(e.value) and e.value.hresult == cimfs.errors.ERROR_FILE_NOT_FOUND
 
 
 def test_root_tombstone_is_refused(layers):

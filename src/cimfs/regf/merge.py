@@ -37,6 +37,7 @@ import os
 from typing import Sequence
 
 from ..atomic import fsync_dir, replacing
+from ..errors import CimError, hresult_from_oserror
 from . import layout as L
 from .names import encode_name, order_key, upcase
 from .reader import Coverage, Hive, open_hive
@@ -64,12 +65,16 @@ def merge_files(base_path, delta_paths: Sequence, out_path) -> None:
     finally:
         for h in hives:
             h.close()
-    with replacing(os.fspath(out_path)) as tmp:
-        with open(tmp, "wb") as f:
+    try:
+        with replacing(os.fspath(out_path)) as tmp, open(tmp, "wb") as f:
             f.write(out)
             f.flush()
             os.fsync(f.fileno())
-    fsync_dir(os.path.dirname(os.path.abspath(out_path)))
+        fsync_dir(os.path.dirname(os.path.abspath(out_path)))
+    except CimError:
+        raise
+    except OSError as e:
+        raise CimError(hresult_from_oserror(e), e.strerror or str(e), os.fspath(out_path)) from None
 
 
 def _as_hive(h, label: str) -> Hive:
