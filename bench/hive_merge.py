@@ -21,11 +21,20 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 
-from cimfs.regf import (REG_BINARY, REG_DWORD, REG_SZ, SUPERSEDE_LOCAL, SUPERSEDE_TREE, TOMBSTONE,  # noqa: E402
-                        NewKey, NewValue, write_hive)
-from cimfs.regf import layout as L  # noqa: E402
-from cimfs.regf.names import encode_name, order_key, upcase, utf16_bytes  # noqa: E402
-from cimfs.regf.writer import HiveBuilder  # noqa: E402
+from cimfs.regf import (
+    REG_BINARY,
+    REG_DWORD,
+    REG_SZ,
+    SUPERSEDE_LOCAL,
+    SUPERSEDE_TREE,
+    TOMBSTONE,
+    NewKey,
+    NewValue,
+    write_hive,
+)
+from cimfs.regf import layout as L
+from cimfs.regf.names import encode_name, order_key, upcase, utf16_bytes
+from cimfs.regf.writer import HiveBuilder
 
 FANOUT = (12, 40, 30, 36)  # 509 K keys in all (one depth-1 key has WIDE children instead of its subtree)
 WIDE = 20_000  # one CLSID-like key with this many children
@@ -191,10 +200,14 @@ def main() -> None:
         rows["merge"].append(timed(MERGE.format(src=src, base=base, delta=delta, out=out)))
         rows["walk"].append(timed(WALK.format(src=src, base=base)))
     print(f"base {os.path.getsize(base) / 1e6:.1f} MB, delta {os.path.getsize(delta) / 1e6:.2f} MB, "
-          f"merged {os.path.getsize(out) / 1e6:.1f} MB; best of {args.runs} runs (wall / CPU / max RSS):")
+          f"merged {os.path.getsize(out) / 1e6:.1f} MB; the run with the least CPU of {args.runs} (wall / CPU / max RSS):")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    best = {op: min(runs, key=lambda r: r["cpu"]) for op, runs in rows.items()}
     for op, runs in rows.items():
-        best = min(runs, key=lambda r: r["wall"])
-        print(f"| {op} | {best['wall']:.1f} s | {best['cpu']:.1f} s | {best['rss_mb']:.0f} MiB |")
+        b = best[op]
+        walls = ", ".join(f"{r['wall']:.1f}" for r in runs)
+        print(f"| {op} | {b['wall']:.1f} s | {b['cpu']:.1f} s | {b['rss_mb']:.0f} MiB | all walls: {walls} s |")
+    print(f"merge / walk (CPU): {best['merge']['cpu'] / best['walk']['cpu']:.2f}")
 
 
 if __name__ == "__main__":

@@ -185,7 +185,6 @@ def check_structure(data: bytes) -> dict:
     assert sorted(ring) == sorted(sk_users), "one ring holds every sk"
     for sk, users in sk_users.items():
         assert _u32(bins, sk + 16) == users, "sk reference count"
-        sdlen = _u32(bins, sk + 20)
         used[sk] = 1
     descs = [bins[sk + 24:sk + 24 + _u32(bins, sk + 20)] for sk in ring]
     assert len(set(descs)) == len(descs), "descriptors deduplicated"

@@ -3,19 +3,39 @@ back by cimfs.regf, hivex and regipy."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 
 import pytest
+from regf_check import (
+    HIVEX,
+    as_hivexml,
+    check_structure,
+    hivexml_tree,
+    hivexregedit_values,
+    our_tree,
+    regipy_tree,
+)
 
 import cimfs
-from cimfs.regf import (REG_BINARY, REG_DWORD, REG_MULTI_SZ, REG_QWORD, REG_SZ, SUPERSEDE_TREE, TOMBSTONE,
-                        HiveFormatError, NewKey, NewValue, open_hive, upcase, write_hive)
+from cimfs.regf import (
+    REG_BINARY,
+    REG_DWORD,
+    REG_MULTI_SZ,
+    REG_QWORD,
+    REG_SZ,
+    SUPERSEDE_TREE,
+    TOMBSTONE,
+    HiveFormatError,
+    NewKey,
+    NewValue,
+    open_hive,
+    upcase,
+    write_hive,
+)
 from cimfs.regf import layout as L
-
-from regf_check import (HIVEX, as_hivexml, check_structure, hivexml_tree, hivexregedit_values, our_tree,
-                        regipy_tree)
 
 needs_hivex = pytest.mark.skipif(not HIVEX, reason="hivex tools (libhivex-bin, libwin-hivex-perl) not installed")
 K, V = NewKey, NewValue
@@ -73,8 +93,11 @@ def test_upcase_is_windows_table():
     rows = [line.split("\t") for line in open(os.path.join(os.path.dirname(cimfs.__file__), "regf",
                                                                 "windows-upcase.tsv")) if line[0] != "#"]
     assert len(rows) == 244
-    for cu, windows, _rule in rows:
+    rule = open(os.path.join(os.path.dirname(cimfs.__file__), "layout", "upcase.bin"), "rb").read()
+    for cu, windows, rule_up in rows:
         assert upcase(chr(int(cu, 16))) == chr(int(windows, 16)), cu
+        # the table the differences are relative to is the committed CIM one
+        assert int.from_bytes(rule[2 * int(cu, 16):2 * int(cu, 16) + 2], "little") == int(rule_up, 16)
     assert upcase("abcz\xe0\xfe\xff\xf7") == "ABCZ\xc0\xde\u0178\xf7"
     assert upcase("µıſǅςß") == "µıſǅςß"  # Windows leaves these alone (Python would not)
     assert upcase("\ud83d\ude00\U0001F600x") == "\ud83d\ude00\U0001F600X"  # surrogates map to themselves
@@ -116,6 +139,9 @@ def test_reader_reads_back_what_was_written(sample):
         assert e.value.hresult == cimfs.errors.ERROR_FILE_NOT_FOUND
         depth = max(p.count("\\") for p, _ in h.walk())
         assert depth == 100  # level0 .. level99, leaf
+        sub = [p for p, _ in h.walk(r"level0\LEVEL1")]
+        assert sub[0] == "level0\\level1" and len(sub) == 100 and sub[-1].endswith("\\leaf")
+        assert [p for p, _ in h.walk("names")][:2] == ["Names", "Names\\Mixed ÿ"]
 
 
 @needs_hivex
@@ -131,6 +157,9 @@ def test_hivex_reads_the_writers_hive(sample):
     assert len(got) == len(exp)
     out = subprocess.run(["hivexget", str(path), "\\Many\\k09000", "i"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "9000"
+    out = subprocess.run(["hivexsh", str(path)], input="cd \\Names\nls\n", capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert sorted(out.stdout.splitlines()) == sorted(k.name for k in tree.subkeys[1].subkeys)
 
 
 def test_regipy_reads_the_writers_hive(sample):
@@ -153,7 +182,7 @@ def test_other_versions_and_list_kinds(tmp_path, minor, leaf):
         assert h.minor == minor and our_tree(h) == expected_tree(tree)
         lists = {bytes(h._buf[h.key("Many")._f[L.NKF_SUBLIST] + 4:][:2])}
         assert lists == {b"ri"}
-    if HIVEX and minor >= 4:  # hivex reads 1.3 big values as db, which 1.3 has not (notes §1.4)
+    if HIVEX:  # 1.3 keeps big data in one cell (no db), 1.4+ uses db
         path = tmp_path / "h"
         path.write_bytes(data)
         assert hivexml_tree(path)["Big"]["v"] == (3, bytes(range(256)) * 200)
@@ -210,3 +239,23 @@ def test_siblings_beyond_the_bmp_sort_by_code_unit():
     check_structure(data)
     with open_hive(data) as h:
         assert [k.name for k in h.root.subkeys()] == ["\U0001F600", "\ue000", "\uffee"]
+
+
+def test_open_hive_sources(sample, tmp_path):
+    tree, data, path = sample
+    want = [(p, k.offset) for p, k in open_hive(data).walk()][:50]
+    with open(path, "rb") as f, open_hive(f) as h:  # a binary file: mapped, unmapped on close
+        assert [(p, k.offset) for p, k in h.walk()][:50] == want and h.name == str(path)
+    for source in (bytearray(data), memoryview(data), io.BytesIO(data)):
+        with open_hive(source, "label") as h:
+            assert [(p, k.offset) for p, k in h.walk()][:50] == want and h.name == "label"
+    with pytest.raises(cimfs.CimError) as e:
+        open_hive(tmp_path / "missing")
+    assert e.value.hresult == cimfs.errors.ERROR_FILE_NOT_FOUND and "missing" in str(e.value)
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(HiveFormatError, match="empty: truncated"):
+        open_hive(tmp_path / "empty")
+    h = open_hive(path)
+    keys = [k for _, k in h.walk()]
+    assert [k.path for k in keys[:3]] == ["", "level0", "level0\\level1"]  # depth first, in stored (sorted) order
+    h.close()

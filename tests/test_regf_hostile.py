@@ -12,7 +12,16 @@ import textwrap
 
 import pytest
 
-from cimfs.regf import (REG_BINARY, REG_DWORD, HiveFormatError, NewKey, NewValue, merge, open_hive, write_hive)
+from cimfs.regf import (
+    REG_BINARY,
+    REG_DWORD,
+    HiveFormatError,
+    NewKey,
+    NewValue,
+    merge,
+    open_hive,
+    write_hive,
+)
 from cimfs.regf import layout as L
 from cimfs.regf.writer import HiveBuilder
 
@@ -47,9 +56,10 @@ def offsets(data: bytes) -> dict:
 def read_everything(data: bytes, name: str = "hostile") -> None:
     with open_hive(data, name) as h:
         for _, k in h.walk():
-            k.class_name, k.security
+            assert k.class_name is None or isinstance(k.class_name, str)
+            assert k.security
             for v in k.values():
-                v.data
+                assert len(v.data) == v.size or v.tombstone
         merge(h, [])
 
 

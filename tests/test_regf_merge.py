@@ -8,12 +8,33 @@ import os
 import random
 
 import pytest
+from regf_check import (
+    HIVEX,
+    as_hivexml,
+    check_structure,
+    hivexml_tree,
+    our_tree,
+    regipy_tree,
+)
 
 import cimfs
-from cimfs.regf import (MERGE, REG_BINARY, REG_DWORD, REG_SZ, SUPERSEDE_LOCAL, SUPERSEDE_TREE, TOMBSTONE,
-                        HiveFormatError, NewKey, NewValue, merge, merge_files, open_hive, upcase, write_hive)
-
-from regf_check import HIVEX, as_hivexml, check_structure, hivexml_tree, our_tree, regipy_tree
+from cimfs.regf import (
+    MERGE,
+    REG_BINARY,
+    REG_DWORD,
+    REG_SZ,
+    SUPERSEDE_LOCAL,
+    SUPERSEDE_TREE,
+    TOMBSTONE,
+    HiveFormatError,
+    NewKey,
+    NewValue,
+    merge,
+    merge_files,
+    open_hive,
+    upcase,
+    write_hive,
+)
 
 K, V = NewKey, NewValue
 TOMB = dict(layer_semantics=TOMBSTONE)
@@ -191,6 +212,9 @@ def test_merge_files_is_atomic(layers, tmp_path):
     with pytest.raises(cimfs.CimError):
         merge_files(paths[0], [tmp_path / "missing"], out2)
     assert sorted(os.listdir(out.parent)) == ["SOFTWARE_BASE"]
+    with pytest.raises(cimfs.CimError) as e:  # an output directory that does not exist
+        merge_files(paths[0], paths[1:], tmp_path / "nowhere" / "out")
+    assert "nowhere" in str(e.value) and e.value.hresult == cimfs.errors.ERROR_FILE_NOT_FOUND
 
 
 def test_root_tombstone_is_refused(layers):

@@ -8,18 +8,64 @@ Importing the package builds no table.
 """
 
 from .errors import HiveFormatError
-from .layout import (MERGE, REG_BINARY, REG_DWORD, REG_DWORD_BIG_ENDIAN, REG_DWORD_LITTLE_ENDIAN, REG_EXPAND_SZ,
-                     REG_FULL_RESOURCE_DESCRIPTOR, REG_LINK, REG_MULTI_SZ, REG_NONE, REG_QWORD,
-                     REG_QWORD_LITTLE_ENDIAN, REG_RESOURCE_LIST, REG_RESOURCE_REQUIREMENTS_LIST, REG_SZ,
-                     REG_TYPE_NAMES, SUPERSEDE_LOCAL, SUPERSEDE_TREE, TOMBSTONE, LAYER_SEMANTICS_NAMES)
+from .layout import (
+    LAYER_SEMANTICS_NAMES,
+    MERGE,
+    REG_BINARY,
+    REG_DWORD,
+    REG_DWORD_BIG_ENDIAN,
+    REG_DWORD_LITTLE_ENDIAN,
+    REG_EXPAND_SZ,
+    REG_FULL_RESOURCE_DESCRIPTOR,
+    REG_LINK,
+    REG_MULTI_SZ,
+    REG_NONE,
+    REG_QWORD,
+    REG_QWORD_LITTLE_ENDIAN,
+    REG_RESOURCE_LIST,
+    REG_RESOURCE_REQUIREMENTS_LIST,
+    REG_SZ,
+    REG_TYPE_NAMES,
+    SUPERSEDE_LOCAL,
+    SUPERSEDE_TREE,
+    TOMBSTONE,
+)
 from .merge import merge, merge_files
 from .names import upcase
 from .reader import Hive, HiveKeyNotFound, Key, Value, open_hive
 from .writer import NewKey, NewValue, write_hive
 
-__all__ = ["open_hive", "Hive", "Key", "Value", "HiveKeyNotFound", "NewKey", "NewValue", "write_hive", "merge",
-           "merge_files", "upcase", "HiveFormatError", "MERGE", "TOMBSTONE", "SUPERSEDE_LOCAL", "SUPERSEDE_TREE",
-           "LAYER_SEMANTICS_NAMES", "REG_TYPE_NAMES", "REG_NONE", "REG_SZ", "REG_EXPAND_SZ", "REG_BINARY",
-           "REG_DWORD", "REG_DWORD_LITTLE_ENDIAN", "REG_DWORD_BIG_ENDIAN", "REG_LINK", "REG_MULTI_SZ",
-           "REG_RESOURCE_LIST", "REG_FULL_RESOURCE_DESCRIPTOR", "REG_RESOURCE_REQUIREMENTS_LIST", "REG_QWORD",
-           "REG_QWORD_LITTLE_ENDIAN"]
+__all__ = [
+                     "LAYER_SEMANTICS_NAMES",
+                     "MERGE",
+                     "REG_BINARY",
+                     "REG_DWORD",
+                     "REG_DWORD_BIG_ENDIAN",
+                     "REG_DWORD_LITTLE_ENDIAN",
+                     "REG_EXPAND_SZ",
+                     "REG_FULL_RESOURCE_DESCRIPTOR",
+                     "REG_LINK",
+                     "REG_MULTI_SZ",
+                     "REG_NONE",
+                     "REG_QWORD",
+                     "REG_QWORD_LITTLE_ENDIAN",
+                     "REG_RESOURCE_LIST",
+                     "REG_RESOURCE_REQUIREMENTS_LIST",
+                     "REG_SZ",
+                     "REG_TYPE_NAMES",
+                     "SUPERSEDE_LOCAL",
+                     "SUPERSEDE_TREE",
+                     "TOMBSTONE",
+                     "Hive",
+                     "HiveFormatError",
+                     "HiveKeyNotFound",
+                     "Key",
+                     "NewKey",
+                     "NewValue",
+                     "Value",
+                     "merge",
+                     "merge_files",
+                     "open_hive",
+                     "upcase",
+                     "write_hive",
+]

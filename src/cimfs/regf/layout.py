@@ -80,6 +80,7 @@ LAYER_SEMANTICS_NAMES = {MERGE: "merge", TOMBSTONE: "tombstone", SUPERSEDE_LOCAL
 VK = b"vk"
 VK_HEAD = struct.Struct("<2sHIIIHH")  # sig, name length, data size, data offset/inline, type, flags, spare
 VKF_SIG, VKF_NAMELEN, VKF_SIZE, VKF_DATA, VKF_TYPE, VKF_FLAGS, VKF_SPARE = range(7)
+VK_CELL = struct.Struct("<i2sHIIIHH")  # a vk with its cell's size field in front (one pack per value written)
 VALUE_COMP_NAME = 0x1
 VALUE_TOMBSTONE = 0x2
 DATA_INLINE = 0x80000000

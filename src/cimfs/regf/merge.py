@@ -37,9 +37,10 @@ import os
 from typing import Sequence
 
 from ..atomic import fsync_dir, replacing
+from ..errors import CimError, hresult_from_oserror
 from . import layout as L
-from .reader import Coverage, Hive, open_hive
 from .names import encode_name, order_key, upcase
+from .reader import Coverage, Hive, open_hive
 from .writer import HiveBuilder, deep_recursion
 
 _SEM, _INHERIT = L.LAYER_SEMANTICS_MASK, L.LAYER_INHERIT_CLASS
@@ -64,12 +65,16 @@ def merge_files(base_path, delta_paths: Sequence, out_path) -> None:
     finally:
         for h in hives:
             h.close()
-    with replacing(os.fspath(out_path)) as tmp:
-        with open(tmp, "wb") as f:
+    try:
+        with replacing(os.fspath(out_path)) as tmp, open(tmp, "wb") as f:
             f.write(out)
             f.flush()
             os.fsync(f.fileno())
-    fsync_dir(os.path.dirname(os.path.abspath(out_path)))
+        fsync_dir(os.path.dirname(os.path.abspath(out_path)))
+    except CimError:
+        raise
+    except OSError as e:
+        raise CimError(hresult_from_oserror(e), e.strerror or str(e), os.fspath(out_path)) from None
 
 
 def _as_hive(h, label: str) -> Hive:
@@ -137,11 +142,11 @@ class _Merger:
         return out, 2 * nl if comp else nl, size
 
     def emit(self, off: int, name: str, top: _Node, parent: int, *, layer_nodes, entries, values, class_off,
-             class_len, sk, root=False) -> tuple:
+             class_len, sk, root=False, stored=None) -> tuple:
         """Fill the nk at ``off``; ``values`` is (vk offsets, MaxValueNameLen, MaxValueDataLen); returns the
         parent's list entry for the key."""
         b = self.b
-        raw, comp = encode_name(name)
+        raw, comp = stored or encode_name(name)
         sublist = b.subkey_list(entries)
         maxname = maxclass = 0
         for e in entries:
@@ -166,7 +171,8 @@ class _Merger:
         The common case, inline data, is handled here without building a record per value."""
         li = n.li
         h, cov, b = self.hives[li], self.cov[li], self.b
-        buf, cell, unpack, pack, out = h._buf, h.cell, L.VK_HEAD.unpack_from, L.VK_HEAD.pack_into, b.buf
+        buf, cell, unpack, pack, out = h._buf, h.cell, L.VK_HEAD.unpack_from, L.VK_CELL.pack_into, b.buf
+        put_size, BB, VKS = L.CELL_SIZE.pack_into, L.BASE_BLOCK_SIZE, L.VK_HEAD.size
         offs, maxn, maxd = [], 0, 0
         for vo in h.value_offsets(n.f, n.off, cov):
             s, cn = cell(vo, "value", cov)
@@ -186,12 +192,36 @@ class _Merger:
                 size = raw & ~L.DATA_INLINE
                 if size > L.INLINE_MAX:
                     raise h.error(vo, f"inline data of {size} bytes (at most 4 fit)")
-                o = b.alloc(L.VK_HEAD.size + nl)
-                at = L.BASE_BLOCK_SIZE + o + 4
-                pack(out, at, L.VK, nl, raw, dfield & _INLINE_MASK[size], typ, comp, 0)
-                at += L.VK_HEAD.size
-                out[at:at + nl] = buf[s + L.VK_HEAD.size:s + L.VK_HEAD.size + nl]
-            else:
+                vsize = (VKS + nl + 11) & ~7
+                o = b.pos
+                if o + vsize <= b.bin_end:  # bump allocation inlined
+                    b.pos = o + vsize
+                else:  # the builder opens a new bin (and writes the same size field)
+                    o = b.alloc(VKS + nl)
+                at = BB + o
+                pack(out, at, -vsize, L.VK, nl, raw, dfield & _INLINE_MASK[size], typ, comp, 0)
+                at += 4 + VKS
+                out[at:at + nl] = buf[s + VKS:s + VKS + nl]
+            elif L.INLINE_MAX < raw <= L.SEGMENT_BYTES:  # one data cell, copied as it is
+                ds, dn = cell(dfield, "value data", cov)
+                if raw > dn:
+                    raise h.error(dfield, f"value data of {raw} bytes overruns its {dn}-byte cell")
+                size = raw
+                dsize, vsize = (raw + 11) & ~7, (VKS + nl + 11) & ~7
+                d = b.pos
+                if d + dsize + vsize <= b.bin_end:  # both cells fit the open bin: bump allocation inlined
+                    o = d + dsize
+                    b.pos = o + vsize
+                else:  # the builder opens new bins (it writes the same size fields)
+                    d = b.alloc(raw)
+                    o = b.alloc(VKS + nl)
+                put_size(out, BB + d, -dsize)
+                out[BB + d + 4:BB + d + 4 + raw] = buf[ds:ds + raw]
+                at = BB + o
+                pack(out, at, -vsize, L.VK, nl, raw, d, typ, comp, 0)
+                at += 4 + VKS
+                out[at:at + nl] = buf[s + VKS:s + VKS + nl]
+            else:  # big data, empty data, or short data stored in a cell (re-inlined by the writer)
                 parts = h.data_parts(vf, vo, cov)
                 size = sum(len(p) for p in parts)
                 o = b.value(buf[s + L.VK_HEAD.size:s + L.VK_HEAD.size + nl], comp, typ, parts)
@@ -206,8 +236,9 @@ class _Merger:
     def copy(self, n: _Node, parent: int, depth: int):
         if n.f[_LAYER] & _SEM == L.TOMBSTONE:
             return None
-        b, h, li = self.b, self.hives[n.li], n.li
-        off = b.alloc(b.key_size(len(encode_name(n.name)[0])))
+        b, h = self.b, self.hives[n.li]
+        stored = encode_name(n.name)
+        off = b.alloc(b.key_size(len(stored[0])))
         sk = self.security(n)
         class_off, class_len = (L.NONE, 0) if n.f[_LAYER] & _INHERIT else self.class_of(n)
         kids = self.children(n)
@@ -221,7 +252,7 @@ class _Merger:
         self._sort_entries(entries, h, n)
         values = self.copy_values(n)
         return self.emit(off, n.name, n, parent, layer_nodes=(n,), entries=entries, values=values,
-                         class_off=class_off, class_len=class_len, sk=sk)
+                         class_off=class_off, class_len=class_len, sk=sk, stored=stored)
 
     @staticmethod
     def _sort_entries(entries: list, h: Hive, n: _Node) -> None:

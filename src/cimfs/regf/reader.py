@@ -19,10 +19,10 @@ from __future__ import annotations
 import mmap
 import os
 
-from ..errors import ERROR_FILE_NOT_FOUND, CimError
+from ..errors import ERROR_FILE_NOT_FOUND, CimError, hresult_from_oserror
 from . import layout as L
 from .errors import HiveFormatError
-from .names import decode_name, lh_hash, upcase
+from .names import decode_name, upcase
 
 _MIN_NK_CELL = 4 + L.NK_HEAD.size  # the smallest cell an nk can live in; bounds subkey counts
 _MIN_VK_CELL = 4 + L.VK_HEAD.size
@@ -38,6 +38,15 @@ class HiveKeyNotFound(CimError, KeyError):
 
     def __str__(self) -> str:
         return CimError.__str__(self)
+
+    def __reduce__(self):
+        return (_key_not_found, (self.filename, self.strerror))
+
+
+def _key_not_found(hive: str, reason: str) -> HiveKeyNotFound:
+    e = HiveKeyNotFound(hive, "")
+    e.strerror = reason
+    return e
 
 
 class Coverage:
@@ -202,7 +211,9 @@ class Hive:
 
     def name_at(self, off: int, start: int, length: int, compressed: bool) -> str:
         try:
-            return decode_name(self._buf[start:start + length], compressed)
+            if compressed:
+                return str(self._buf[start:start + length], "latin-1")
+            return decode_name(self._buf[start:start + length], False)
         except UnicodeDecodeError:
             raise self.error(off, "UTF-16 name of an odd number of bytes") from None
 
@@ -355,12 +366,15 @@ class Hive:
             key = sub
         return key
 
-    def walk(self):
-        """(path, Key) for every key, depth first in stored order, the root (path "") first; refuses cycles,
-        keys reached twice and nesting deeper than 512."""
+    def walk(self, path: str = ""):
+        """(path, Key) for every key under ``path`` (default: the whole hive), depth first in stored order, the
+        starting key first; paths are from the root.  Refuses cycles, keys reached twice and nesting deeper
+        than 512."""
         cov = Coverage(self)
-        root = Key(self, self.root_offset, "", cov)
-        stack = [(root, 0)]
+        start = self.key(path) if path.strip("\\/") else None
+        depth = len(start.path.split("\\")) if start is not None else 0
+        top = Key(self, start.offset if start else self.root_offset, start.path if start else "", cov)
+        stack = [(top, depth)]
         while stack:
             key, depth = stack.pop()
             yield key.path, key
@@ -515,8 +529,7 @@ def open_hive(source, name: str | None = None) -> Hive:
         except OSError as e:
             if isinstance(e, CimError):
                 raise
-            raise CimError(ERROR_FILE_NOT_FOUND if isinstance(e, FileNotFoundError) else 0x80004005,
-                           e.strerror or str(e), label) from None
+            raise CimError(hresult_from_oserror(e), e.strerror or str(e), label) from None
     label = name or getattr(source, "name", None) or "<hive>"
     return _hive_of_file(source, str(label))
 
@@ -537,7 +550,3 @@ def _hive_of_file(f, label: str) -> Hive:
         h._closer = m
         return h
     return Hive(f.read(), label)
-
-
-def key_hash_matches(upname: str, stored: int) -> bool:
-    return lh_hash(upname) == stored

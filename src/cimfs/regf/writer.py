@@ -332,6 +332,8 @@ class _TreeWriter:
                 raise self.bad(path, f"tombstone value {v.name!r} needs layered=True")
             if not 0 <= v.type <= 0xFFFFFFFF:
                 raise self.bad(path, f"value {v.name!r}: type {v.type} out of range")
+            if not isinstance(v.data, (bytes, bytearray, memoryview)):
+                raise self.bad(path, f"value {v.name!r}: data must be bytes, not {type(v.data).__name__}")
             vraw, vcomp = encode_name(v.name)
             data = b"" if v.tombstone else bytes(v.data)
             vals.append(b.value(vraw, vcomp, v.type, data, v.tombstone))
