@@ -1,38 +1,29 @@
 """Key and value names in hives: Windows' one-to-one upcase (``upcase``), the lh hash, name encodings
 (compressed Latin-1 or UTF-16LE) and the order of subkey lists.
 
-Windows sorts and compares hive names with RtlUpcaseUnicodeChar: one UTF-16 code unit in, one out.  The
-table is built once, at first use, from the project's committed CIM upcase table (``layout/upcase.bin``, the
-rule of tools/gen_upcase.py frozen with CPython 3.11's Unicode data) corrected at the code units listed in
-``windows-upcase.tsv`` (Windows 10's table; notes §1.6), so it does not depend on the running Python's
-Unicode database.  Code units outside the BMP (surrogate pairs) map to themselves, as in Windows.
+Windows sorts and compares hive names with RtlUpcaseUnicodeChar: one UTF-16 code unit in, one out.  That
+is the table new CIM images carry too (``layout/upcase.bin``, made by tools/gen_upcase.py from Windows 10's
+table; notes §1.6), so hives and images share one table, built into a translation map at first use and
+independent of the running Python's Unicode database.  Code units outside the BMP (surrogate pairs) map to
+themselves, as in Windows.
 """
 
 from __future__ import annotations
 
 import array
 import sys
-from importlib import resources
+
+from ..layout.cim import load_upcase_table
 
 _table: dict[int, int] | None = None
 
 
 def _build_table() -> dict[int, int]:
-    rule = array.array("H")
-    rule.frombytes(resources.files("cimfs.layout").joinpath("upcase.bin").read_bytes())
+    windows = array.array("H")
+    windows.frombytes(load_upcase_table())
     if sys.byteorder != "little":
-        rule.byteswap()
-    table = {cu: up for cu, up in enumerate(rule) if cu != up}
-    text = resources.files("cimfs.regf").joinpath("windows-upcase.tsv").read_text("ascii")
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        cu, windows, _rule = (int(field, 16) for field in line.split("\t"))
-        if cu == windows:
-            table.pop(cu, None)
-        else:
-            table[cu] = windows
-    return table
+        windows.byteswap()
+    return {cu: up for cu, up in enumerate(windows) if cu != up}
 
 
 def upcase(name: str) -> str:
