@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import sys
 import tarfile
 import threading
 
@@ -37,6 +38,8 @@ from ..winlayer.pax import CHUNK
 from . import blobs
 
 AHEAD_BYTES = 64 << 20  # received and not yet applied, at most (plus one batch)
+SWITCH_INTERVAL = 0.0005  # seconds, in the reader process
+PREFETCH_CHUNK = 4 << 20  # what the decompression thread hands over at a time (one zlib output)
 _BATCH_ITEMS = 512
 _BATCH_BYTES = 1 << 20
 
@@ -85,6 +88,10 @@ class _Batcher:
 
 
 def _reader_main(layers, feed, batches) -> None:
+    # The decompression thread needs the GIL for a moment per chunk while the
+    # tar thread holds it nearly all the time: waiting out the default 5 ms
+    # switch interval each time would starve it.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     out = _Batcher(feed)
     for position, layer in enumerate(layers):
         if not _read_layer(out, position, *layer):
@@ -108,7 +115,7 @@ def _read_layer(out: _Batcher, position: int, opener, compression, digest, size,
         if compression == "detect":
             raw, compression = blobs.sniff_compression(raw, close_source=True)
         stream = blobs.LayerStream(raw, compression, digest, size, diff_id, label, out.count)
-        reader = blobs.Prefetch(stream)  # decompression and digests on a second thread (they release the GIL)
+        reader = blobs.Prefetch(stream, depth=4, chunk=PREFETCH_CHUNK)  # decompression and digests on a second thread (they release the GIL)
         src = _TarSource(reader, label)
         try:
             for m in src.members():
