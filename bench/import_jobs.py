@@ -259,7 +259,7 @@ def main(argv=None) -> int:
                      + ", ".join(f"{x['wall']:.1f} / {x['cpu']:.1f} / {x['load']:.1f}" for x in runs[j]) + " |")
     lines += ["", f"- wall jobs2 / jobs1, median of the per-pair ratios: **{statistics.median(ratios):.2f}** "
                   f"({', '.join(f'{x:.2f}' for x in ratios)}; target ≤ 0.7)",
-              f"- CPU jobs2 / jobs1: {statistics.median(cpu_ratios):.2f} (the price of the second core)", END]
+              f"- CPU jobs2 / jobs1: {statistics.median(cpu_ratios):.2f} (both processes)", END]
     text = "\n".join(lines)
     print(text)
     old = open(args.out).read() if os.path.exists(args.out) else ""

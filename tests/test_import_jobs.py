@@ -148,3 +148,15 @@ def test_jobs_2_missing_blob_of_layer_2_fails_there(tmp_path):
     assert not os.path.exists(tmp_path / "store" / "journal.json")
     assert [n for n in os.listdir(tmp_path / "store" / "layers") if n.endswith(".cim")] == []
 
+
+
+def test_jobs_2_reads_an_archive_on_stdin_as_jobs_1(tmp_path):
+    """A source spooled from stdin (the reader process reads its layers from the spool)."""
+    write_layout(tmp_path / "lay", three_layers(), compression="gzip")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        tf.add(tmp_path / "lay", arcname=".")
+    for jobs in ("1", "2"):
+        cli("import-image", "-", tmp_path / f"s{jobs}", "--jobs", jobs, input=buf.getvalue())
+    same_tree(tmp_path / "s1", tmp_path / "s2")
+    assert not [n for n in os.listdir(tmp_path / "s2") if n.startswith(".spool-")]
