@@ -426,7 +426,12 @@ class LayerStore:
                 break
             todo.append((layer.opener, layer.compression, layer.digest, layer.size, layer.diff_id,
                          self._label(layer, len(spec.layers)), spec.source))
-        return readahead.LayerFeed(todo) if todo else None
+        if not todo:
+            return None
+        try:
+            return readahead.LayerFeed(todo)
+        except OSError:  # no process to be had (EAGAIN): read in this one
+            return None
 
     def _layer_record(self, name: str) -> dict:
         try:
