@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--boost", type=int, metavar="NICE",
                     help="set this session's autogroup niceness (e.g. -20, as root) for the runs: see below")
     args = ap.parse_args(argv)
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda m: print(m, file=sys.stderr, flush=True)
     os.makedirs(args.work_dir, exist_ok=True)
     layout = os.path.join(args.work_dir, "layout")
     log(f"layout of {args.mib} MiB of stdlib files ...")
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     shutil.rmtree(store, ignore_errors=True)
     ratios = [b["wall"] / a["wall"] for a, b in zip(runs["1"], runs["2"])]
     cpu_ratios = [b["cpu"] / a["cpu"] for a, b in zip(runs["1"], runs["2"])]
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     med = {j: statistics.median(x["wall"] for x in v) for j, v in runs.items()}
     cpu = {j: statistics.median(x["cpu"] for x in v) for j, v in runs.items()}
     loads = [x["load"] for v in runs.values() for x in v]

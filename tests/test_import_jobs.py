@@ -14,8 +14,8 @@ import tarfile
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from ocihelp import layer_tar, sha, write_layout  # noqa: E402
-from test_hive_import import (  # noqa: E402
+from ocihelp import layer_tar, sha, write_layout
+from test_hive_import import (
     BASE_HIVES,
     CONFIG,
     cli,
@@ -25,7 +25,7 @@ from test_hive_import import (  # noqa: E402
     tree_snapshot,
 )
 
-import cimfs  # noqa: E402
+import cimfs
 
 
 def big(seed: int, size: int) -> bytes:
@@ -58,7 +58,7 @@ def same_tree(a, b) -> None:
     names_b = sorted(os.path.relpath(os.path.join(r, n), b) for r, _, fs in os.walk(b) for n in fs)
     assert names_a == names_b
     names = [n for n in names_a if n != "lock"]
-    match, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
+    _same, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
     assert not mismatch and not errors, (mismatch, errors)
 
 

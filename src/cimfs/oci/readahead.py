@@ -33,8 +33,8 @@ import tarfile
 import threading
 
 from ..errors import E_FAIL, E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
-from ..workers import Worker, abandon_all, can_fork, fork_context
 from ..winlayer.pax import CHUNK
+from ..workers import Worker, abandon_all, can_fork, fork_context
 from . import blobs
 
 AHEAD_BYTES = 64 << 20  # received and not yet applied, at most (plus one batch)
@@ -115,7 +115,8 @@ def _read_layer(out: _Batcher, position: int, opener, compression, digest, size,
         if compression == "detect":
             raw, compression = blobs.sniff_compression(raw, close_source=True)
         stream = blobs.LayerStream(raw, compression, digest, size, diff_id, label, out.count)
-        reader = blobs.Prefetch(stream, depth=4, chunk=PREFETCH_CHUNK)  # decompression and digests on a second thread (they release the GIL)
+        # decompression and digests on a second thread (they release the GIL)
+        reader = blobs.Prefetch(stream, depth=4, chunk=PREFETCH_CHUNK)
         src = _TarSource(reader, label)
         try:
             for m in src.members():
@@ -137,7 +138,7 @@ def _read_layer(out: _Batcher, position: int, opener, compression, digest, size,
                 except CimError as e:
                     out.error(e)
                     return False
-                except Exception as e:  # noqa: BLE001 - what the importer turns into a message
+                except Exception as e:
                     if not _is_read_error(e):
                         raise
                     out.error(CimError(E_INVALIDARG, _read_error_text(e, "data", m), m.name))
@@ -213,7 +214,7 @@ class LayerFeed:
             self._cond.notify_all()
         return pickle.loads(data)
 
-    def layer(self, progress=None) -> "PipedLayer":
+    def layer(self, progress=None) -> PipedLayer:
         """The next layer of the feed (they come in the order given)."""
         position = self.position
         self.position += 1
@@ -279,7 +280,7 @@ class PipedLayer:
             elif kind != "d":  # "d": data of a member the importer did not read (as tarfile skips it)
                 raise CimError(E_FAIL, f"the layer reader sent {kind!r} inside the tar", self.label)
 
-    def extractfile(self, m) -> "_PipedData":
+    def extractfile(self, m) -> _PipedData:
         return _PipedData(self)
 
     def finish(self) -> None:
