@@ -231,13 +231,15 @@ def test_killed_rmi_is_finished_at_the_next_open(layout, tmp_path):
     assert oci.prune(store, dry_run=True) == []
 
 
-def test_killed_import_is_rolled_back_at_the_next_open(tmp_path):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_killed_import_is_rolled_back_at_the_next_open(tmp_path, jobs):
+    """With --jobs 2 the reader process, left alone, ends (it would hold the store's lock otherwise)."""
     big = os.urandom(24 << 20)
     layers = [layer_tar(base_entries()), layer_tar([("dir", "Files"), ("file", "Files/big.bin", big)])]
     write_layout(tmp_path / "lay", layers, compression="none")
     store = tmp_path / "store"
-    p = subprocess.Popen([sys.executable, "-m", "cimfs.cli", "import-image", str(tmp_path / "lay"), str(store)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen([sys.executable, "-m", "cimfs.cli", "import-image", str(tmp_path / "lay"), str(store),
+                          "--jobs", jobs], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base_cim = store / "layers" / (sha(layers[0])[7:] + ".cim")
     deadline = time.monotonic() + TIMEOUT
     try:

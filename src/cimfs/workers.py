@@ -3,7 +3,8 @@ extractor's file writers share.
 
 A :class:`Worker` is one forked process with two one-way pipes: batches of
 jobs go out (the pipe widened so the owner can run ahead), one result comes
-back once the owner has sent the end.  The child ignores Ctrl-C (the owner
+back once the owner has sent the end.  With ``feed=True`` a third pipe
+carries what the worker produces as it goes (the owner reads ``feed``).  The child ignores Ctrl-C (the owner
 handles it and ends the child by closing the pipe), closes every owner end
 it inherited (so that end-of-file on its job pipe means the owner is gone,
 and it then exits at once, leaving the clean-up to the owner), and sends
@@ -46,18 +47,29 @@ class Worker:
     """One forked process running ``main(*args, batches)``, where
     ``batches`` yields what the owner sends until it sends the end; what
     ``main`` returns comes back from :meth:`result`.  ``others``: workers
-    started earlier by the same owner, whose pipe ends the child closes too."""
+    started earlier by the same owner, whose pipe ends the child closes too.
+    ``feed``: ``main`` gets one more argument before ``batches``, the
+    writing end of a pipe whose reading end is the owner's ``feed``."""
 
-    def __init__(self, ctx, main, args: tuple, *, name: str, others=(), pipe_size: int = 1 << 20):
+    def __init__(self, ctx, main, args: tuple, *, name: str, others=(), pipe_size: int = 1 << 20,
+                 feed: bool = False):
         jobs_r, self.jobs = ctx.Pipe(duplex=False)
         widen_pipe(self.jobs, pipe_size)
         self.results, results_w = ctx.Pipe(duplex=False)
-        owner_ends = [c for w in others for c in (w.jobs, w.results)] + [self.jobs, self.results]
+        self.feed = feed_w = None
+        if feed:
+            self.feed, feed_w = ctx.Pipe(duplex=False)
+            widen_pipe(feed_w, pipe_size)
+            args = tuple(args) + (feed_w,)
+        owner_ends = [c for w in others for c in (w.jobs, w.results, w.feed) if c is not None]
+        owner_ends += [c for c in (self.jobs, self.results, self.feed) if c is not None]
         self.proc = ctx.Process(target=_child, args=(main, args, jobs_r, results_w, owner_ends),
                                 name=name, daemon=True)
         self.proc.start()
         jobs_r.close()
         results_w.close()
+        if feed_w is not None:
+            feed_w.close()
 
     def send(self, batch) -> None:
         try:
@@ -83,6 +95,8 @@ class Worker:
     def close(self) -> None:
         self.jobs.close()
         self.results.close()
+        if self.feed is not None:
+            self.feed.close()
 
 
 def abandon_all(workers) -> None:

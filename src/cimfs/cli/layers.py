@@ -22,7 +22,8 @@ from .common import CONTEXT, _json, _warn
 @click.option("--platform", metavar="OS/ARCH[:VERSION]",
               help="Which image of a multi-platform index (default: the only Windows one).")
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Threads: with 2 or more, each layer is read, decompressed and verified ahead of its import.")
+              help="With 2 or more, a second process reads, decompresses, verifies and parses the layers "
+                   "ahead of their import.")
 @click.option("--ref", "reference", metavar="NAME", help="Also name the image NAME in the store.")
 @click.option("--independent", is_flag=True,
               help="Each layer an independent image (named by diff ID, shared by any image), plus a merged top.")

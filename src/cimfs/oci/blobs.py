@@ -280,8 +280,9 @@ class Prefetch:
 
     _END = object()
 
-    def __init__(self, stream: LayerStream, depth: int = 8):
+    def __init__(self, stream: LayerStream, depth: int = 8, chunk: int = CHUNK):
         self.stream = stream
+        self.chunk = chunk  # bigger: fewer turns of the GIL between this thread and the reader's
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.buf = memoryview(b"")
         self.error: BaseException | None = None
@@ -306,7 +307,7 @@ class Prefetch:
     def _run(self) -> None:
         try:
             while True:
-                b = self.stream.read(CHUNK)
+                b = self.stream.read(self.chunk)
                 if not b:
                     break
                 if not self._put(b):

@@ -319,7 +319,9 @@ class LayerStore:
                              if n in old_images or not os.path.exists(os.path.join(self.layers, n))],
                             [d for d in digests if not os.path.exists(self._blob_path(d))])
         parent = None
+        feed = None
         try:
+            feed = self._read_ahead(spec, own_layers, jobs)
             for position, (layer, chain, name) in enumerate(zip(spec.layers, chains, own_layers)):
                 entry = {"index": layer.index, "digest": layer.digest, "media_type": layer.media_type,
                          "size": layer.size, "diff_id": layer.diff_id, "chain_id": chain, "image": name}
@@ -333,7 +335,8 @@ class LayerStore:
                     t0 = time.monotonic()
                     info = self._import_layer(spec, layer, chain, name, None if independent else parent, jobs,
                                               created_at, warn, progress_stream, len(spec.layers),
-                                              independent=independent, below=own_layers[:position][::-1])
+                                              independent=independent, below=own_layers[:position][::-1],
+                                              feed=feed)
                     entry.update(status="new", uncompressed_bytes=info["uncompressed_bytes"],
                                  seconds=round(time.monotonic() - t0, 3), warnings=info["warnings"])
                     if info["base_processing"]:
@@ -346,6 +349,9 @@ class LayerStore:
                     warnings.append(w)
                 report_layers.append(entry)
                 parent = name
+            if feed is not None:
+                feed.close()
+                feed = None
             merged_status = None
             if independent and top:
                 merged_status = "reused"
@@ -380,6 +386,8 @@ class LayerStore:
             refs["version"] = STORE_VERSION
             self.save_refs(refs)
         except BaseException:
+            if feed is not None:
+                feed.close()  # the reader process is killed: it only reads, nothing of it to remove
             with contextlib.suppress(Exception):  # the first error is the one to report
                 self._settle(warn)  # everything new goes; if this fails too, the next open does it
             raise
@@ -393,6 +401,38 @@ class LayerStore:
             report["merged"] = merged_status
         return report
 
+    @staticmethod
+    def _label(layer, count: int) -> str:
+        return f"layer {layer.index + 1}/{count} {layer.digest or layer.diff_id}"
+
+    def _read_ahead(self, spec, own_layers: list, jobs: int):
+        """--jobs 2 or more: a :class:`.readahead.LayerFeed` reading the layers
+        this import will make, in order, ahead of their import (None with
+        --jobs 1, nothing to read, or no process to fork).  The list stops
+        at the first layer whose blob is not in the source: the import
+        stops there too."""
+        if jobs < 2:
+            return None
+        from . import readahead
+
+        if not readahead.available():
+            return None
+        todo, seen = [], set()
+        for layer, name in zip(spec.layers, own_layers):
+            if name in seen or os.path.exists(os.path.join(self.layers, name)):
+                continue  # reused (a repeated independent layer: made once, by its first place)
+            seen.add(name)
+            if layer.opener is None:
+                break
+            todo.append((layer.opener, layer.compression, layer.digest, layer.size, layer.diff_id,
+                         self._label(layer, len(spec.layers)), spec.source))
+        if not todo:
+            return None
+        try:
+            return readahead.LayerFeed(todo)
+        except OSError:  # no process to be had (EAGAIN): read in this one
+            return None
+
     def _layer_record(self, name: str) -> dict:
         try:
             return self.layer_info_of(name)
@@ -400,23 +440,26 @@ class LayerStore:
             return {}
 
     def _import_layer(self, spec, layer, chain, name, parent, jobs, created_at, warn, progress_stream,
-                      count, independent=False, below=()) -> dict:
+                      count, independent=False, below=(), feed=None) -> dict:
         """One layer into the store.  ``below``: independent mode, the layer
-        images under this one, nearest first (where its parent's base hives are)."""
-        label = f"layer {layer.index + 1}/{count} {layer.digest or layer.diff_id}"
+        images under this one, nearest first (where its parent's base hives are).
+        ``feed``: the layer is read by that :class:`.readahead.LayerFeed`."""
+        label = self._label(layer, count)
         if layer.opener is None:
             where = ", ".join(layer.urls) if layer.urls else "no URL given"
             kind = "foreign layer" if layer.foreign else "layer"
             raise CimError(ERROR_FILE_NOT_FOUND,
                            f"{kind} {layer.digest or layer.diff_id} (layer {layer.index + 1} of {count}) is not in the "
                            f"source: its blob must be fetched first, from {where}", spec.source)
-        try:
-            raw = layer.opener()
-        except OSError as e:
-            raise CimError(ERROR_FILE_NOT_FOUND, f"cannot open {label}: {e.strerror or e}", spec.source) from None
-        compression = layer.compression
-        if compression == "detect":
-            raw, compression = blobs.sniff_compression(raw, close_source=True)
+        raw = None
+        if feed is None:
+            try:
+                raw = layer.opener()
+            except OSError as e:
+                raise CimError(ERROR_FILE_NOT_FOUND, f"cannot open {label}: {e.strerror or e}", spec.source) from None
+            compression = layer.compression
+            if compression == "detect":
+                raw, compression = blobs.sniff_compression(raw, close_source=True)
         delta_members: list[str] = []
         base_added: list[str] = []
         hive_bases: list[str] = []  # a non-base layer: the Hives\<X>_BASE merged from its deltas
@@ -424,8 +467,11 @@ class LayerStore:
         total = layer.size or 0
         short = (layer.digest or layer.diff_id).split(":", 1)[-1][:12]
         with Progress(total, f"layer {layer.index + 1}/{count} {short}", stream=progress_stream) as bar:
-            stream = blobs.LayerStream(raw, compression, layer.digest, layer.size, layer.diff_id, label, bar)
-            reader = blobs.Prefetch(stream) if jobs > 1 else stream
+            if feed is not None:  # read, decompressed and checked in the reader process
+                stream = reader = feed.layer(bar)
+            else:
+                stream = blobs.LayerStream(raw, compression, layer.digest, layer.size, layer.diff_id, label, bar)
+                reader = blobs.Prefetch(stream) if jobs > 1 else stream
 
             def on_member(n, member):
                 if member[:5].casefold() == "hives" and hives.is_delta_hive(member) and member not in delta_members:
@@ -462,7 +508,8 @@ class LayerStore:
                 if reader is not stream:
                     reader.close()
                 try:
-                    raw.close()
+                    if raw is not None:
+                        raw.close()
                 except Exception:  # noqa: BLE001
                     pass
         return {"uncompressed_bytes": stream.uncompressed_bytes, "warnings": warnings,

@@ -98,7 +98,7 @@ class _LayerImporter:
             self.known_dirs.clear()
 
     def _copy(self, m: tarfile.TarInfo, stream, size: int, member: str, tee=None) -> None:
-        f = self.src.tf.extractfile(m)
+        f = self.src.extractfile(m)
         if f is None:
             raise CimError(E_INVALIDARG, "entry has no data", member)
         remaining = size
@@ -409,7 +409,8 @@ def import_layer(src, containing_dir, name, parent=None, progress=None, *, befor
     ``<X>_BASE`` merged with the delta, stamped with ``hive_time`` (FILETIME).
     ``on_hive_bases(paths)`` is told the paths written, before
     ``before_commit``.  ``label`` names the layer in error messages (default:
-    the tar's path or name).
+    the tar's path or name).  ``src`` may also be a layer read elsewhere
+    (:class:`cimfs.oci.readahead.PipedLayer`: ``is_layer_source``).
     """
     directory = os.fspath(containing_dir)
     name = _image_name(name)
@@ -418,7 +419,7 @@ def import_layer(src, containing_dir, name, parent=None, progress=None, *, befor
     if parent is not None:
         parent = os.fspath(parent)  # cimfs.create checks it is in the same directory
     report = _progress_adapter(progress)
-    source = _TarSource(src, label)
+    source = src if getattr(src, "is_layer_source", False) else _TarSource(src, label)
     try:
         with cimfs.create(directory, name, base=parent, consistent=consistent, clamp_time=clamp_time) as w:
             lower = cimfs.open(os.path.join(directory, os.path.basename(parent))) if parent is not None else None

@@ -203,6 +203,9 @@ class _TarSource:
                 # million files need not (nothing looks members up by name).
                 tf.members.clear()
 
+    def extractfile(self, m: tarfile.TarInfo):
+        return self.tf.extractfile(m)
+
     def close(self) -> None:
         if self.tf is not None and self._own_file is not None:
             try:
