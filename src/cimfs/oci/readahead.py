@@ -34,6 +34,7 @@ import threading
 
 from ..errors import E_FAIL, E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
 from ..winlayer.pax import CHUNK
+from ..winlayer.tarsource import _is_read_error, _read_error_text, _TarSource
 from ..workers import Worker, abandon_all, can_fork, fork_context
 from . import blobs
 
@@ -102,8 +103,6 @@ def _reader_main(layers, feed, batches) -> None:
 
 def _read_layer(out: _Batcher, position: int, opener, compression, digest, size, diff_id, label: str,
                 source: str) -> bool:
-    from ..winlayer.tarsource import _is_read_error, _read_error_text, _TarSource
-
     out.add(("s", position))
     try:
         raw = opener()

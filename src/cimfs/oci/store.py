@@ -413,7 +413,7 @@ class LayerStore:
         stops there too."""
         if jobs < 2:
             return None
-        from . import readahead
+        from . import readahead  # start-up time: only --jobs 2 reads ahead
 
         if not readahead.available():
             return None
