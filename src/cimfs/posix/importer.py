@@ -18,7 +18,9 @@ from ..bulk import paused_gc
 from ..errors import E_INVALIDARG, ERROR_ALREADY_EXISTS, CimError
 from .lx import DIR, FILE, metadata_matches, node_metadata, plain_file_metadata, posix_info
 from .names import _join, _split, check_image_name, fold, name_from_image, name_to_image
-from .lx import plain_file_metadata_consistent, writes_consistent
+from .lx import _EA_CACHE, _lx_ea_buffer, plain_file_metadata_consistent, writes_consistent
+from .names import _NEEDS_ESCAPE, FILETIME_UNIX_EPOCH
+from ..names import fold_key
 from .scan import (
     CHUNK,
     TAR_READ_ERRORS,
@@ -323,15 +325,20 @@ class DirectoryImporter:
         w.mkdir("", node_metadata(_stat_root(self.src_dir), consistent), exist_ok=True)
         stack: list[tuple[str, str, str]] = [(self.src_dir, "", "")]   # (local, image path, POSIX path)
         add_file = w.add_file
-        add_files = w.add_local_files
+        add_files = w.add_scanned_files
         files: list = []
         progress = self.progress
+        key_of = fold_key()
+        ea_cache = _EA_CACHE
+        needs_escape = _NEEDS_ESCAPE.search
+        epoch = FILETIME_UNIX_EPOCH
         while stack:
             local, image_dir, posix_dir = stack.pop()
             taken: dict[str, str] = {}
             subdirs = []
             prefix = local + "/" if not local.endswith("/") else local
             image_prefix = image_dir + "/" if image_dir else ""
+            done = 0  # bytes of this directory's files, reported to progress at once
             try:
                 dfd = os.open(local, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError as e:
@@ -343,18 +350,37 @@ class DirectoryImporter:
                         st = ent.stat(follow_symlinks=False)
                     except OSError as e:
                         raise _oserror(e, full) from None
-                    if S.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_blocks * 512 >= st.st_size:
+                    mode = st.st_mode
+                    size = st.st_size
+                    if S.S_ISREG(mode) and st.st_nlink == 1 and st.st_blocks * 512 >= size:
                         # The bulk of any tree: a plain file, straight from its stat,
                         # added with the others of its directory in one call.
-                        name = self._place_name(name_to_image(ent.name), full, taken, posix_dir)
-                        if name is None:
-                            continue
+                        name = ent.name
+                        if needs_escape(name):
+                            name = name_to_image(name)
+                        if not name.isascii() or len(name) > 255:
+                            check_image_name(name, full)
+                        key = key_of(name)
+                        if key in taken:
+                            name = self._place_name(name, full, taken, posix_dir)
+                            if name is None:
+                                continue
+                            key = key_of(name)
+                        else:
+                            taken[key] = full
                         self.entries += 1
-                        if st.st_size:
-                            files.append((name, full, file_meta(st)))
+                        done += size
+                        if size:
+                            mt = st.st_mtime_ns // 100 + epoch  # ns_to_filetime, inline
+                            ea = (ea_cache.get((mode, st.st_uid, st.st_gid, None))
+                                  or _lx_ea_buffer(mode, st.st_uid, st.st_gid, None))
+                            if consistent:  # see node_metadata: change and access time are the write time
+                                files.append((name, key, full, size, mt, mt, mt, ea))
+                            else:
+                                files.append((name, key, full, size, mt, st.st_ctime_ns // 100 + epoch,
+                                              st.st_atime_ns // 100 + epoch, ea))
                         else:
                             add_file(image_prefix + name, b"", file_meta(st))
-                        progress(st.st_size)
                         continue
                     node = _node_from_entry(ent, st, full, self.groups)
                     name = self._place_name(name_to_image(ent.name), full, taken, posix_dir)
@@ -375,6 +401,8 @@ class DirectoryImporter:
                 files.clear()
             finally:
                 os.close(dfd)
+            if done:
+                progress(done)
             stack.extend(reversed(subdirs))
 
 
