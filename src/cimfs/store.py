@@ -334,15 +334,16 @@ class ObjectStore:
             t.known, t._by_index = {}, {}
         return t
 
-    def lane_region(self, size: int) -> int:
+    def lane_region(self, size: int, lane: int | None = None) -> int:
         """Consistent mode, on the owner: the region index the contents of a
         local file of ``size`` bytes go to (see CONSISTENT_LANES).  A lane
         moves to a new region once the bytes routed to it would pass the
-        soft cap, counted before dedup so that the owner can decide it."""
+        soft cap, counted before dedup so that the owner can decide it.
+        ``lane``: ``lane_of(size)``, when the caller has it already."""
         lanes = self._lanes
         if lanes is None:
             lanes = self._lanes = [[-1, 0] for _ in range(CONSISTENT_LANES)]
-        lane = lanes[lane_of(size)]
+        lane = lanes[lane_of(size) if lane is None else lane]
         if lane[0] < 0 or (lane[1] and lane[1] + size > REGION_SOFT_CAP):
             index = self._new_region_index()
             if self.first_combined + index >= cim.MAX_REGIONS:
@@ -439,21 +440,19 @@ class ObjectStore:
         return cim.region_offset(r.combined_index, r.append(data))
 
     def own_region_offsets(self):
-        """(region, iterator of (length, digest, byte offset)) for each own
+        """(region, list of (length, digest, byte offset)) for each own
         region, for the object ID files.  Object keys sort like object ID
-        entries, so one sorted list of references serves every region."""
-        keys = sorted(self.known)
+        entries, so one pass over the sorted keys fills every region's list."""
         known = self.known
+        per_region: dict[int, list] = {r.combined_index: [] for r in self.regions}
         split = cim.split_region_offset
-
-        def entries(index: int):
-            for key in keys:
-                idx, off = split(known[key])
-                if idx == index:
-                    yield int.from_bytes(key[:8], "big"), key[8:], off
-
+        for key in sorted(known):
+            index, offset = split(known[key])
+            entries = per_region.get(index)
+            if entries is not None:  # else a parent's object
+                entries.append((int.from_bytes(key[:8], "big"), key[8:], offset))
         for r in self.regions:
-            yield r, entries(r.combined_index)
+            yield r, per_region[r.combined_index]
 
     def finish(self) -> cim.RegionSet:
         """Write out the regions and their object ID files.  A consistent
@@ -835,9 +834,9 @@ class DataProcess:
     def _submit_to_lane(self, node, src: str, size: int) -> None:
         """:meth:`submit` of a consistent image: the file's lane (by size)
         decides the worker and the owner the region (see CONSISTENT_LANES)."""
-        region = self.store.lane_region(size)
-        w = self._lane_workers[lane_of(size)]
-        w.regions.append(region)
+        lane = lane_of(size)
+        w = self._lane_workers[lane]
+        w.regions.append(self.store.lane_region(size, lane))
         if w.queue(node, src, size):
             self._handed_over += 1
 

@@ -804,7 +804,7 @@ class ImageWriter:
         time, change time, last access time, EA buffer)``, times in FILETIME
         ticks, ``key`` the name folded by the default upcase table.  The file
         has no attributes, no security descriptor, and its creation time is
-        its last write time.  Its record is packed from these fields (no
+        its last write time.  An empty file's source is not opened.  Its record is packed from these fields (no
         FileMetadata per file: this is once per file of a directory import);
         anything unusual takes :meth:`add_local_files`' checked path."""
         if not files:
@@ -838,19 +838,20 @@ class ImageWriter:
             name, key, src, size, wt, ct, at, ea = f
             if clamp is not None:
                 wt, ct, at = min(wt, clamp), min(ct, clamp), min(at, clamp)
-            if (key in children or not 0 < size <= cim.MAX_STREAM_LENGTH or (wt | ct | at) >> 63
+            if (key in children or not 0 <= size <= cim.MAX_STREAM_LENGTH or (wt | ct | at) >> 63
                     or len(ea) > 0xFFFF):
                 # replacing, a time or size out of range: the checked path says what is wrong
                 self.add_local_files(directory, [_scanned_metadata(f)])
                 continue
-            node = Node(pack(0, len(ea), 0, wt, wt, ct, at, 0, placeholder | size, 0, put_blob(ea) if ea else 0, 0),
-                        is_dir=False)
+            node = Node(pack(0, len(ea), 0, wt, wt, ct, at, 0, placeholder | size if size else 0, 0,
+                             put_blob(ea) if ea else 0, 0), is_dir=False)
             children[key] = (name, node)
             node.nlink = 1
-            if src[:1] != "/":  # the process opens it later: the caller may chdir meanwhile
-                cwd = cwd or os.getcwd()
-                src = os.path.join(cwd, src)
-            submit(node, src, size)
+            if size:  # an empty file's record is final
+                if src[:1] != "/":  # the process opens it later: the caller may chdir meanwhile
+                    cwd = cwd or os.getcwd()
+                    src = os.path.join(cwd, src)
+                submit(node, src, size)
 
     def _start_copier(self):
         """The data processes for local files, forked at the first one (None:

@@ -16,9 +16,9 @@ from typing import Callable
 
 from ..bulk import paused_gc
 from ..errors import E_INVALIDARG, ERROR_ALREADY_EXISTS, CimError
-from .lx import DIR, FILE, metadata_matches, node_metadata, plain_file_metadata, posix_info
+from .lx import DIR, FILE, metadata_matches, node_metadata, posix_info
 from .names import _join, _split, check_image_name, fold, name_from_image, name_to_image
-from .lx import _EA_CACHE, _lx_ea_buffer, plain_file_metadata_consistent, writes_consistent
+from .lx import _EA_CACHE, _lx_ea_buffer, writes_consistent
 from .names import _NEEDS_ESCAPE, FILETIME_UNIX_EPOCH
 from ..names import fold_key
 from .scan import (
@@ -321,10 +321,8 @@ class DirectoryImporter:
     def _run(self) -> None:
         w = self.w
         consistent = writes_consistent(w)
-        file_meta = plain_file_metadata_consistent if consistent else plain_file_metadata
         w.mkdir("", node_metadata(_stat_root(self.src_dir), consistent), exist_ok=True)
         stack: list[tuple[str, str, str]] = [(self.src_dir, "", "")]   # (local, image path, POSIX path)
-        add_file = w.add_file
         add_files = w.add_scanned_files
         files: list = []
         progress = self.progress
@@ -370,17 +368,18 @@ class DirectoryImporter:
                             taken[key] = full
                         self.entries += 1
                         done += size
-                        if size:
-                            mt = st.st_mtime_ns // 100 + epoch  # ns_to_filetime, inline
-                            ea = (ea_cache.get((mode, st.st_uid, st.st_gid, None))
-                                  or _lx_ea_buffer(mode, st.st_uid, st.st_gid, None))
-                            if consistent:  # see node_metadata: change and access time are the write time
-                                files.append((name, key, full, size, mt, mt, mt, ea))
-                            else:
-                                files.append((name, key, full, size, mt, st.st_ctime_ns // 100 + epoch,
-                                              st.st_atime_ns // 100 + epoch, ea))
+                        mt = st.st_mtime_ns // 100 + epoch  # ns_to_filetime, inline
+                        ea = (ea_cache.get((mode, st.st_uid, st.st_gid, None))
+                              or _lx_ea_buffer(mode, st.st_uid, st.st_gid, None))
+                        if consistent:  # see node_metadata: change and access time are the write time
+                            entry = (name, key, full, size, mt, mt, mt, ea)
                         else:
-                            add_file(image_prefix + name, b"", file_meta(st))
+                            entry = (name, key, full, size, mt, st.st_ctime_ns // 100 + epoch,
+                                     st.st_atime_ns // 100 + epoch, ea)
+                        if size:
+                            files.append(entry)
+                        else:
+                            add_files(image_dir, [entry])  # now: an empty file is in the image at once
                         continue
                     node = _node_from_entry(ent, st, full, self.groups)
                     name = self._place_name(name_to_image(ent.name), full, taken, posix_dir)
