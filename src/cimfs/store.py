@@ -746,6 +746,11 @@ def read_small_source(fd: int, size: int, shown: str, path: str | None) -> bytes
             return data
     except OSError:
         data = b""
+    return small_source_mismatch(fd, data, size, shown, path)
+
+
+def small_source_mismatch(fd: int, data: bytes, size: int, shown: str, path: str | None) -> bytes:
+    """:func:`read_small_source` once its read gave ``data``, not ``size`` bytes."""
     _check_regular(fd, shown, path)
     if len(data) > size:
         return data[:size]  # a regular file that grew: its first size bytes, as with a large one
@@ -1029,6 +1034,8 @@ def _data_process_main(owner: ObjectStore, failed, completed, batches) -> tuple:
     small_type = cim.REGION_SMALL_DATA
     region_offset = cim.region_offset
     lanes = store.consistent
+    parent_index = store.parent_index
+    small_region = None if lanes else -1  # the lane region small contents go to now (consistent mode)
     flags_noatime = _SOURCE_FLAGS | _O_NOATIME
     error = None
     dir_path, dir_fd = None, -1  # files arrive directory by directory: open each by name in it
@@ -1071,15 +1078,21 @@ def _data_process_main(owner: ObjectStore, failed, completed, batches) -> tuple:
                     except OSError:
                         fd = open_source(name, path, dir_fd, src, checked=False)  # raises, with the message
                     try:
-                        data = read_small_source(fd, size, src, path)
+                        try:
+                            data = os.read(fd, size + 1)
+                        except OSError:
+                            data = b""
+                        if len(data) != size:  # not a regular file as scanned: the checked path
+                            data = small_source_mismatch(fd, data, size, src, path)
                     finally:
                         os.close(fd)
-                    if lanes:
+                    if region != small_region:
                         store.use_region(region, small_type)  # created at its first use, even by a duplicate
+                        small_region = region
                     key = size.to_bytes(8, "big") + sha256(data).digest()[:digest_size]  # object_key
                     store.bytes_logical += size
                     ro = known.get(key)
-                    if ro is None and store.parent_index is not None:
+                    if ro is None and parent_index is not None:
                         ro = store.lookup(size, key[8:])
                     if not ro:
                         r = current.get(small_type)

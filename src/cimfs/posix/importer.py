@@ -18,7 +18,7 @@ from ..bulk import paused_gc
 from ..errors import E_INVALIDARG, ERROR_ALREADY_EXISTS, CimError
 from .lx import DIR, FILE, metadata_matches, node_metadata, posix_info
 from .names import _join, _split, check_image_name, fold, name_from_image, name_to_image
-from .lx import _EA_CACHE, _lx_ea_buffer, writes_consistent
+from .lx import _lx_ea_buffer, writes_consistent
 from .names import _NEEDS_ESCAPE, FILETIME_UNIX_EPOCH
 from ..names import fold_key
 from .scan import (
@@ -327,9 +327,10 @@ class DirectoryImporter:
         files: list = []
         progress = self.progress
         key_of = fold_key()
-        ea_cache = _EA_CACHE
         needs_escape = _NEEDS_ESCAPE.search
         epoch = FILETIME_UNIX_EPOCH
+        plain = 0  # plain files added (self.entries counts them at the end)
+        last_owner, ea = None, b""
         while stack:
             local, image_dir, posix_dir = stack.pop()
             taken: dict[str, str] = {}
@@ -366,11 +367,13 @@ class DirectoryImporter:
                             key = key_of(name)
                         else:
                             taken[key] = full
-                        self.entries += 1
+                        plain += 1
                         done += size
                         mt = st.st_mtime_ns // 100 + epoch  # ns_to_filetime, inline
-                        ea = (ea_cache.get((mode, st.st_uid, st.st_gid, None))
-                              or _lx_ea_buffer(mode, st.st_uid, st.st_gid, None))
+                        owner = (mode, st.st_uid, st.st_gid)
+                        if owner != last_owner:  # most files of a directory share mode and owner
+                            ea = _lx_ea_buffer(mode, st.st_uid, st.st_gid, None)
+                            last_owner = owner
                         if consistent:  # see node_metadata: change and access time are the write time
                             entry = (name, key, full, size, mt, mt, mt, ea)
                         else:
@@ -403,6 +406,7 @@ class DirectoryImporter:
             if done:
                 progress(done)
             stack.extend(reversed(subdirs))
+        self.entries += plain
 
 
 def _is_regular_file(f) -> bool:
