@@ -397,7 +397,8 @@ def test_local_files_added_by_path(tmp_path, data_process):
     blobs = {f"s{i}": os.urandom(i * 1500) for i in range(1, 30)}
     blobs |= {f"L{i}": os.urandom(40_000 + i * 70_000) for i in range(5)}
     blobs["zeros"] = bytes(3 << 20)
-    blobs["dup-small"], blobs["dup-large"] = blobs["s7"], blobs["L3"]
+    blobs["huge"] = os.urandom(2_500_000)  # copied in pieces, hashed as it goes
+    blobs["dup-small"], blobs["dup-large"], blobs["dup-huge"] = blobs["s7"], blobs["L3"], blobs["huge"]
     for name, b in blobs.items():
         (src / name).write_bytes(b)
     (tmp_path / "img").mkdir()
@@ -416,6 +417,7 @@ def test_local_files_added_by_path(tmp_path, data_process):
         assert im.read_bytes("sized") == blobs["L1"][:1000]
         offset = lambda p: im.record(im.lookup(p)).stream.offset
         assert offset("dup-small") == offset("s7") and offset("dup-large") == offset("d/L3")
+        assert offset("dup-huge") == offset("huge")
         assert im.check() == []
     from cimfs.layout import cim
 
@@ -431,7 +433,7 @@ def test_local_files_added_by_path(tmp_path, data_process):
     assert sum(n.startswith("objectid_") for n in names) == sum(n.startswith("region_") for n in names)
 
 
-@pytest.mark.parametrize("size", [200_000, 2_000])  # a large file's copy path and a small one's
+@pytest.mark.parametrize("size", [3_000_000, 200_000, 2_000])  # a large file copied in pieces, one read whole, a small one
 @pytest.mark.parametrize("data_process", [True, False])
 def test_local_file_that_changes_fails_the_image(tmp_path, data_process, size):
     """A source that vanishes, shrinks or becomes a FIFO before it is copied:
