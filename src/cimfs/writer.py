@@ -475,15 +475,17 @@ class ImageWriter:
             self._open_stream = writer
         return writer
 
-    def _create(self, path: str, meta: FileMetadata, placeholder: bool = False) -> tuple[_Node, int]:
+    def _create(self, path: str, meta: FileMetadata, placeholder: bool = False, found: tuple | None = None
+                ) -> tuple[_Node, int]:
         """The node ``create_file`` makes or updates, and its stream's size (0
-        for a directory).  ``placeholder``: see :meth:`_create_copied`."""
+        for a directory).  ``placeholder``: see :meth:`_create_copied`;
+        ``found``: what ``_find(path)`` just returned, when the caller has it."""
         self._check_open()
         is_dir = meta.is_dir
         size = 0 if is_dir else meta.file_size
         if not isinstance(size, int) or not 0 <= size <= cim.MAX_STREAM_LENGTH:
             raise CimError(E_INVALIDARG, f"file size {size} is out of range (0 to 2^48-1)", path)
-        parent, key, existing, _, parts = self._find(path)
+        parent, key, existing, _, parts = found or self._find(path)
         if parent is None:
             if not is_dir:
                 raise CimError(E_INVALIDARG, "the root can only be a directory", path)
@@ -699,13 +701,15 @@ class ImageWriter:
             for i in range(1, len(parts)):
                 if not self.is_dir(join_path(parts[:i])):
                     self.mkdir(join_path(parts[:i]), FileMetadata(attributes=FileAttributes.DIRECTORY))
-        _, _, existing, _, _ = self._find(path)  # one look-up: importers make thousands of directories
+        found = self._find(path)  # one look-up: importers make thousands of directories
+        existing = found[2]
         if existing is not None:
             if exist_ok and existing[1].is_dir and metadata is None:
                 return
             if not exist_ok:
                 raise CimError(ERROR_ALREADY_EXISTS, "already exists", path)
-        self._create(path, meta)  # create_file() and close() without a StreamWriter: a directory has no contents
+        # create_file() and close() without a StreamWriter: a directory has no contents
+        self._create(path, meta, found=found)
 
     def add_file(self, path: str, data: "bytes | BinaryIO | os.PathLike" = b"", metadata: FileMetadata | None = None) -> None:
         """Add a file from bytes, a binary file object (read to its end) or a

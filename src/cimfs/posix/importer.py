@@ -18,7 +18,8 @@ from ..bulk import paused_gc
 from ..errors import E_INVALIDARG, ERROR_ALREADY_EXISTS, CimError
 from .lx import DIR, FILE, metadata_matches, node_metadata, posix_info
 from .names import _join, _split, check_image_name, fold, name_from_image, name_to_image
-from .lx import _lx_ea_buffer, writes_consistent
+from .lx import _FA_DIRECTORY, _lx_ea_buffer, writes_consistent
+from ..metadata import FileMetadata
 from .names import _NEEDS_ESCAPE, FILETIME_UNIX_EPOCH
 from ..names import fold_key
 from .scan import (
@@ -383,6 +384,19 @@ class DirectoryImporter:
                             files.append(entry)
                         else:
                             add_files(image_dir, [entry])  # now: an empty file is in the image at once
+                        continue
+                    if S.S_ISDIR(mode):
+                        # What node_metadata gives a scanned directory, without its Node.
+                        name = self._place_name(name_to_image(ent.name), full, taken, posix_dir)
+                        if name is None:
+                            continue
+                        path = image_prefix + name
+                        self.entries += 1
+                        mt = st.st_mtime_ns // 100 + epoch
+                        ct, at = (mt, mt) if consistent else (st.st_ctime_ns // 100 + epoch, st.st_atime_ns // 100 + epoch)
+                        w.mkdir(path, FileMetadata(_FA_DIRECTORY, 0, mt, mt, ct, at, b"", b"",
+                                                   _lx_ea_buffer(mode, st.st_uid, st.st_gid, None)))
+                        subdirs.append((full, path, _join(posix_dir, name_from_image(name))))
                         continue
                     node = _node_from_entry(ent, st, full, self.groups)
                     name = self._place_name(name_to_image(ent.name), full, taken, posix_dir)
