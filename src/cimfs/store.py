@@ -1050,13 +1050,13 @@ def _data_process_main(owner: ObjectStore, failed, completed, batches) -> tuple:
             path = None  # errors name the image path from the job's index (DataProcess.finish)
             try:
                 parent, _, name = src.rpartition("/")
+                parent = parent or ("/" if src.startswith("/") else ".")
                 if parent != dir_path:
                     if dir_fd >= 0:
                         os.close(dir_fd)
                         dir_fd = -1
                     try:
-                        dir_fd = os.open(parent or ("/" if src.startswith("/") else "."),
-                                         os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                     except OSError as e:
                         raise CimError(hresult_from_oserror(e), f"cannot open the source {src!r}: {e.strerror}", path) from None
                     dir_path = parent
@@ -1073,10 +1073,8 @@ def _data_process_main(owner: ObjectStore, failed, completed, batches) -> tuple:
                     # open_source, read_small_source and ObjectStore._put inlined.
                     try:
                         fd = os.open(name, flags_noatime, dir_fd=dir_fd)  # leave atimes alone when allowed
-                    except PermissionError:
+                    except OSError:  # not the owner (no O_NOATIME), or an error open_source words
                         fd = open_source(name, path, dir_fd, src, checked=False)
-                    except OSError:
-                        fd = open_source(name, path, dir_fd, src, checked=False)  # raises, with the message
                     try:
                         try:
                             data = os.read(fd, size + 1)

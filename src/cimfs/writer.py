@@ -808,9 +808,10 @@ class ImageWriter:
         time, change time, last access time, EA buffer)``, times in FILETIME
         ticks, ``key`` the name folded by the default upcase table.  The file
         has no attributes, no security descriptor, and its creation time is
-        its last write time.  An empty file's source is not opened.  Its record is packed from these fields (no
-        FileMetadata per file: this is once per file of a directory import);
-        anything unusual takes :meth:`add_local_files`' checked path."""
+        its last write time; an empty file's source is not opened.  Its
+        record is packed from these fields (no FileMetadata per file: this is
+        once per file of a directory import); anything unusual takes
+        :meth:`add_local_files`' checked path."""
         if not files:
             return
         process = self._process or self._start_copier()
