@@ -23,6 +23,7 @@ class Sample:
     rss_kib: int  # peak RSS of the measured process (the mount daemon for mounted ops)
     rc: int
     out: str = ""
+    cpu: float | None = None  # user + system seconds of the command and the processes it waited for
 
 
 def run_measured(cmd: list[str], timeout: float = CMD_TIMEOUT, cwd: str | None = None) -> Sample:
@@ -78,7 +79,10 @@ def run_measured(cmd: list[str], timeout: float = CMD_TIMEOUT, cwd: str | None =
     # workers (cimfs create's data process) is charged the sum of its
     # processes, sampled every 20 ms (pages they share are counted twice).
     rss = max(rss, tree_peak)
-    s = Sample(wall, rss, p.returncode, text)
+    # wait4's usage covers the command and every descendant it reaped (a
+    # forking tool's workers too): on a shared machine CPU time varies far
+    # less with the load than wall time does.
+    s = Sample(wall, rss, p.returncode, text, ru.ru_utime + ru.ru_stime)
     if p.returncode:
         s.out = (text + etext)[-2000:]
     return s
@@ -262,6 +266,8 @@ class Record:
     tool: str
     times: list = field(default_factory=list)
     rss_kib: list = field(default_factory=list)
+    cpu: list = field(default_factory=list)  # user + system seconds per run (None where not measured)
+    load: list = field(default_factory=list)  # 1-minute load average as each run started
     status: str = "ok"  # ok | n/a: reason | failed: reason
     size: int = 0
     note: str = ""
@@ -293,6 +299,7 @@ def contest(wkey: str, op: str, contenders: list[Contender], runs: int, log, met
             r = recs[c.tool]
             if r.status != "ok":
                 continue
+            load = os.getloadavg()[0]
             try:
                 s = c.run()
             except Exception as e:  # a tool that cannot run is reported, not fatal
@@ -307,9 +314,12 @@ def contest(wkey: str, op: str, contenders: list[Contender], runs: int, log, met
                 continue
             r.times.append(s.wall)
             r.rss_kib.append(s.rss_kib)
+            r.cpu.append(s.cpu)
+            r.load.append(round(load, 2))
             if s.out.strip().startswith("{"):
                 r.note = s.out.strip().splitlines()[-1]
-            log(f"    run {i + 1}/{runs} {c.tool:24s} {s.wall:8.2f} s  {s.rss_kib / 1024:8.1f} MiB")
+            cpu = f"  cpu {s.cpu:6.2f} s" if s.cpu is not None else ""
+            log(f"    run {i + 1}/{runs} {c.tool:24s} {s.wall:8.2f} s  {s.rss_kib / 1024:8.1f} MiB{cpu}  load {load:.1f}")
     for c in contenders:
         if c.output and recs[c.tool].status == "ok" and os.path.exists(c.output):
             recs[c.tool].size = size_of(c.output)

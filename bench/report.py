@@ -165,6 +165,34 @@ def render(records: list[dict], wdesc: dict, mach: dict, vers: dict, runs_note: 
     return "\n".join(lines), size_lines, rss_lines, plot
 
 
+def cpu_lines(records: list[dict]) -> list[str]:
+    """CPU time (user + system, the command's and its workers') beside wall
+    time and the machine's load, per row measured with them: on a shared
+    machine the CPU ratio says more than the wall ratio."""
+    by = {}
+    for r in records:
+        if r["status"] == "ok" and any(c is not None for c in r.get("cpu") or []):
+            by.setdefault((r["workload"], r["op"]), {})[r["tool"]] = r
+    if not by:
+        return []
+    out = ["| workload | operation | tool | wall (median) | CPU user+sys (median) | CPU / wall | CPU ratio cimfs/peer | 1-min load at the runs |",
+           "|---|---|---|---:|---:|---:|---:|---|"]
+    for (wk, op), tools in sorted(by.items(), key=lambda kv: (kv[0][0], OPS.index(kv[0][1]) if kv[0][1] in OPS else 99)):
+        cims = [t for t in tools if t.startswith("cimfs")]
+        for t, r in sorted(tools.items()):
+            cpu = [c for c in r["cpu"] if c is not None]
+            wall, c = statistics.median(r["times"]), statistics.median(cpu)
+            ratios = []
+            if not t.startswith("cimfs"):
+                for ct in cims:  # median over runs of cimfs/peer, runs paired as for time
+                    pairs = [(a, b) for a, b in zip(tools[ct]["cpu"], r["cpu"]) if a is not None and b]
+                    if pairs:
+                        ratios.append(f"{ct}: {statistics.median(a / b for a, b in pairs):.2f}")
+            out.append(f"| {wk} | {op} | {t} | {fmt_s(wall)} | {fmt_s(c)} | {c / wall:.2f} | {'; '.join(ratios)} | "
+                       f"{', '.join(f'{x:.1f}' for x in r.get('load') or [])} |")
+    return out
+
+
 def svg_plot(plot: list, path: str) -> None:
     """A horizontal bar chart of the ratios (log scale), target marks in red."""
     import math
@@ -221,6 +249,12 @@ def write_report(records: list[dict], path: str, suite, extra: str = "") -> None
     md += ["", "## Time", "", table, "", f"![ratios]({os.path.basename(svg)})", "", "## Image size (apparent bytes; cimfs = .cim + region + objectid files)", ""]
     md += sizes
     md += ["", "## Memory", ""] + (rss or ["- (workload 5 not measured yet)"])
+    cpu = cpu_lines(records)
+    if cpu:
+        md += ["", "## CPU time and load", "",
+               "User + system seconds of each command and the processes it waited for (`wait4`), for the rows "
+               "measured since CPU time was recorded; the load is the 1-minute load average as each run started "
+               "(the machine has 2 cores).", ""] + cpu
     if extra:
         md += ["", extra]
     md.append("")

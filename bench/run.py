@@ -5,6 +5,7 @@ in the same run.  See bench/README.md.
     python bench/run.py                      # everything, 3 alternating runs, writes bench/RESULTS.md
     python bench/run.py --quick              # smoke run (small workloads, 1 run), results in the work dir
     python bench/run.py -w 1,3 -o create     # pick workloads / operations
+    python bench/run.py --create             # cimfs create vs mksquashfs on workload 1 alone (~1 minute)
 
 This module holds the operations (how each tool is run on a workload) and
 the command line; ``workloads.py`` makes the trees, ``peers.py`` finds the
@@ -146,9 +147,10 @@ class Suite:
                       os.path.join(d, "lib")),
             Contender("mksquashfs", lambda: self.mk_squash(w, os.path.join(d, "squash.img")),
                       "" if self.tool("mksquashfs") else "mksquashfs not installed", os.path.join(d, "squash.img")),
-            Contender("mkfs.erofs", lambda: self.mk_erofs(w, os.path.join(d, "erofs.img")),
-                      "" if self.tool("mkfs.erofs") else "mkfs.erofs not installed", os.path.join(d, "erofs.img")),
         ]
+        if not self.a.create:  # --create: cimfs create against mksquashfs alone
+            cs.append(Contender("mkfs.erofs", lambda: self.mk_erofs(w, os.path.join(d, "erofs.img")),
+                                "" if self.tool("mkfs.erofs") else "mkfs.erofs not installed", os.path.join(d, "erofs.img")))
         if self.a.nosync_variant:
             cs.append(Contender("cimfs (library, no fsync)", lambda: self.mk_lib(w, os.path.join(d, "lib-nosync"), False),
                                 output=os.path.join(d, "lib-nosync")))
@@ -409,7 +411,13 @@ def main(argv=None) -> int:
                     help="where extractions go (default: the work directory); e.g. a journaled ext4")
     ap.add_argument("--report-only", action="store_true",
                     help="measure nothing: rewrite the report from the saved JSON and NOTES.md")
+    ap.add_argument("--create", action="store_true",
+                    help="only `cimfs create` of workload 1 against mksquashfs (= -w 1 -o create --no-lib, no mkfs.erofs); "
+                         "5 runs unless --runs")
     a = ap.parse_args(argv)
+    if a.create:
+        a.workloads, a.ops, a.no_lib = "1", "create", True
+        a.runs = a.runs or 5
     a.runs = a.runs or (1 if a.quick else 3)
     wkeys = [k.strip() for k in a.workloads.split(",") if k.strip()]
     ops = [o.strip() for o in a.ops.split(",") if o.strip()]

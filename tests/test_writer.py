@@ -397,7 +397,8 @@ def test_local_files_added_by_path(tmp_path, data_process):
     blobs = {f"s{i}": os.urandom(i * 1500) for i in range(1, 30)}
     blobs |= {f"L{i}": os.urandom(40_000 + i * 70_000) for i in range(5)}
     blobs["zeros"] = bytes(3 << 20)
-    blobs["dup-small"], blobs["dup-large"] = blobs["s7"], blobs["L3"]
+    blobs["huge"] = os.urandom(2_500_000)  # copied in pieces, hashed as it goes
+    blobs["dup-small"], blobs["dup-large"], blobs["dup-huge"] = blobs["s7"], blobs["L3"], blobs["huge"]
     for name, b in blobs.items():
         (src / name).write_bytes(b)
     (tmp_path / "img").mkdir()
@@ -416,6 +417,7 @@ def test_local_files_added_by_path(tmp_path, data_process):
         assert im.read_bytes("sized") == blobs["L1"][:1000]
         offset = lambda p: im.record(im.lookup(p)).stream.offset
         assert offset("dup-small") == offset("s7") and offset("dup-large") == offset("d/L3")
+        assert offset("dup-huge") == offset("huge")
         assert im.check() == []
     from cimfs.layout import cim
 
@@ -431,7 +433,7 @@ def test_local_files_added_by_path(tmp_path, data_process):
     assert sum(n.startswith("objectid_") for n in names) == sum(n.startswith("region_") for n in names)
 
 
-@pytest.mark.parametrize("size", [200_000, 2_000])  # a large file's copy path and a small one's
+@pytest.mark.parametrize("size", [3_000_000, 200_000, 2_000])  # a large file copied in pieces, one read whole, a small one
 @pytest.mark.parametrize("data_process", [True, False])
 def test_local_file_that_changes_fails_the_image(tmp_path, data_process, size):
     """A source that vanishes, shrinks or becomes a FIFO before it is copied:
@@ -648,6 +650,56 @@ def test_add_local_files_is_add_file_for_a_whole_directory(tmp_path, monkeypatch
         for name, data in blobs.items():
             assert im.read_bytes(f"d\\{name}") == data
             assert im.stat(f"d\\{name}").last_write_time == meta[name].last_write_time
+        assert im.record(im.lookup("d\\a.txt")).stream.offset == im.record(im.lookup("d\\same.bin")).stream.offset
+
+
+@pytest.mark.parametrize("data_process", [True, False])
+def test_add_scanned_files_is_add_local_files(tmp_path, monkeypatch, data_process):
+    """add_scanned_files(dir, [(name, key, source, size, write, change,
+    access time, EA)]) gives the image add_local_files gives for the same
+    files: contents, times (creation = last write), the EA, an empty file,
+    a name already there replaced, a relative source taken at the call, and
+    a time out of range refused naming the image path."""
+    from cimfs.names import fold_name
+    from cimfs.posix.lx import _lx_ea_buffer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    blobs = {"a.txt": b"alpha", "big.bin": os.urandom(100_000), "same.bin": b"alpha", "empty": b"", "rel": b"rel"}
+    for name, data in blobs.items():
+        (src / name).write_bytes(data)
+    ea = _lx_ea_buffer(0o100640, 1000, 1000, None)  # WSL's $LX* EAs of a plain file
+
+    def entry(i, n):
+        return (n, fold_name(n), str(src / n) if n != "rel" else "rel", len(blobs[n]),
+                10 ** 17 + i, 10 ** 17 + 100 + i, 10 ** 17 + 200 + i, ea)
+
+    entries = [entry(i, n) for i, n in enumerate(blobs)]
+    (tmp_path / "img").mkdir()
+    monkeypatch.chdir(src)
+    for image, scanned in (("scanned.cim", True), ("local.cim", False)):
+        with cimfs.create(tmp_path / "img", image, data_process=data_process) as w:
+            w.mkdir("d")
+            w.add_file("d\\A.TXT", b"to be replaced")
+            if scanned:
+                w.add_scanned_files("d", entries)
+                w.add_scanned_files("d", [])
+                monkeypatch.chdir(tmp_path)  # the relative source was resolved at the call
+                with pytest.raises(CimError) as e:
+                    w.add_scanned_files("d", [("neg", fold_name("neg"), str(src / "a.txt"), 5, -1, 0, 0, ea)])
+                assert e.value.hresult == errors.E_INVALIDARG and "neg" in str(e.value)
+                monkeypatch.chdir(src)
+            else:
+                w.add_local_files("d", [(n, p, FileMetadata(0, size, wt, wt, ct, at, b"", b"", e))
+                                        for n, _, p, size, wt, ct, at, e in entries])
+    with cimfs.open(tmp_path / "img" / "scanned.cim") as im, cimfs.open(tmp_path / "img" / "local.cim") as ref:
+        assert sorted(e.name for e in im.scandir("d")) == sorted(blobs)  # "A.TXT" replaced by "a.txt"
+        for i, (name, data) in enumerate(blobs.items()):
+            assert im.read_bytes(f"d\\{name}") == data
+            got, want = im.stat(f"d\\{name}"), ref.stat(f"d\\{name}")
+            assert (got.creation_time, got.last_write_time, got.change_time, got.last_access_time) == \
+                (10 ** 17 + i, 10 ** 17 + i, 10 ** 17 + 100 + i, 10 ** 17 + 200 + i)
+            assert got == want
         assert im.record(im.lookup("d\\a.txt")).stream.offset == im.record(im.lookup("d\\same.bin")).stream.offset
 
 

@@ -148,6 +148,7 @@ class ImageCommit:
         queue = [root]
         root.seen = True
         set_parent = cim.set_record_parent
+        last_table, buf, written, used = -1, None, None, None  # the file table the last plain file went to
         for node in queue:  # grows while iterating
             children = node.children
             if children is not None:  # else a parent's directory nobody touched: nothing new below it
@@ -167,8 +168,19 @@ class ImageCommit:
                     elif child.dirty:
                         record = child.record
                         if type(record) is bytes and child.streams is None:
-                            # The bulk of an import: a new file's record as it is, its parent patched in place.
-                            buf, at = place(child, record)
+                            # The bulk of an import: a new file's record as it is, its parent patched
+                            # in place (place() inlined while the table is the one of the last file).
+                            t, slot = divmod(child.file_id - 1, cap)
+                            if t == last_table:
+                                at = slot * size
+                                buf[at:at + size] = record
+                                written[slot] = 1
+                                if slot >= used[0]:
+                                    used[0] = slot + 1
+                            else:
+                                buf, at = place(child, record)
+                                last_table = t
+                                _, written, used = pending[t]
                             if new:
                                 set_parent(buf, at, parent_id)
                             child.record = None

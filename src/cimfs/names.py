@@ -165,12 +165,17 @@ class NameFolder:
 _default_folder: NameFolder | None = None
 
 
-def fold_name(name: str) -> str:
-    """The case-insensitive key of ``name`` under the upcase table cimfs writes
-    into new images: two names with equal keys collide in one directory."""
+def fold_key():
+    """:func:`fold_name` as a bound method (a loop over many names skips a call layer)."""
     global _default_folder
     if _default_folder is None:
         from .layout.cim import load_upcase_table  # start-up time: loaded at the first non-ASCII name
 
         _default_folder = NameFolder.for_table(load_upcase_table())
-    return _default_folder.key(name)
+    return _default_folder.key
+
+
+def fold_name(name: str) -> str:
+    """The case-insensitive key of ``name`` under the upcase table cimfs writes
+    into new images: two names with equal keys collide in one directory."""
+    return (_default_folder.key if _default_folder is not None else fold_key())(name)

@@ -87,9 +87,11 @@ def digest_of(data) -> bytes:
 
 
 def all_zero(data) -> bool:
+    # bytes.startswith is a memcmp; comparing a memoryview with bytes unpacks
+    # byte by byte (~4 ms per MiB when the first non-zero byte is late).
     view = memoryview(data).cast("B")
     step = len(ZERO_CHUNK)
-    return all(view[i: i + step] == ZERO_CHUNK[: len(view[i: i + step])] for i in range(0, len(view), step))
+    return all(ZERO_CHUNK.startswith(view[i: i + step]) for i in range(0, len(view), step))
 
 
 def write_file(path: str, data: bytes, sync: bool, exclusive: bool = False) -> None:
@@ -332,15 +334,16 @@ class ObjectStore:
             t.known, t._by_index = {}, {}
         return t
 
-    def lane_region(self, size: int) -> int:
+    def lane_region(self, size: int, lane: int | None = None) -> int:
         """Consistent mode, on the owner: the region index the contents of a
         local file of ``size`` bytes go to (see CONSISTENT_LANES).  A lane
         moves to a new region once the bytes routed to it would pass the
-        soft cap, counted before dedup so that the owner can decide it."""
+        soft cap, counted before dedup so that the owner can decide it.
+        ``lane``: ``lane_of(size)``, when the caller has it already."""
         lanes = self._lanes
         if lanes is None:
             lanes = self._lanes = [[-1, 0] for _ in range(CONSISTENT_LANES)]
-        lane = lanes[lane_of(size)]
+        lane = lanes[lane_of(size) if lane is None else lane]
         if lane[0] < 0 or (lane[1] and lane[1] + size > REGION_SOFT_CAP):
             index = self._new_region_index()
             if self.first_combined + index >= cim.MAX_REGIONS:
@@ -437,21 +440,19 @@ class ObjectStore:
         return cim.region_offset(r.combined_index, r.append(data))
 
     def own_region_offsets(self):
-        """(region, iterator of (length, digest, byte offset)) for each own
+        """(region, list of (length, digest, byte offset)) for each own
         region, for the object ID files.  Object keys sort like object ID
-        entries, so one sorted list of references serves every region."""
-        keys = sorted(self.known)
+        entries, so one pass over the sorted keys fills every region's list."""
         known = self.known
+        per_region: dict[int, list] = {r.combined_index: [] for r in self.regions}
         split = cim.split_region_offset
-
-        def entries(index: int):
-            for key in keys:
-                idx, off = split(known[key])
-                if idx == index:
-                    yield int.from_bytes(key[:8], "big"), key[8:], off
-
+        for key in sorted(known):
+            index, offset = split(known[key])
+            entries = per_region.get(index)
+            if entries is not None:  # else a parent's object
+                entries.append((int.from_bytes(key[:8], "big"), key[8:], offset))
         for r in self.regions:
-            yield r, entries(r.combined_index)
+            yield r, per_region[r.combined_index]
 
     def finish(self) -> cim.RegionSet:
         """Write out the regions and their object ID files.  A consistent
@@ -640,20 +641,33 @@ def copy_content(store: ObjectStore, buf: bytearray, fd: int, pos: int, size: in
     if size <= SMALL_DATA_MAX:
         data = read_exactly(fd, pos, size, path)
         return cim.Stream(store.put(cim.REGION_SMALL_DATA, data, digest_of(data)), size)
+    view = memoryview(buf)
+    if size <= len(buf):
+        # Whole in the buffer: hashed before it is written, so a duplicate
+        # is never written (nor its room given back).
+        _read_into(fd, view, pos, size, 0, path)
+        chunk = view[:size]
+        dg = hashlib.sha256(chunk).digest()[: cim.DIGEST_SIZE]
+        with store.lock:
+            store.bytes_logical += size
+            ro = store.lookup(size, dg)
+            if not ro:
+                region = store.region(cim.REGION_DATA, size)
+                start = region.reserve(size)
+                if not (size >= HOLE_MIN and all_zero(chunk)):
+                    region.write_at(chunk, start)
+                ro = cim.region_offset(region.combined_index, start)
+                store.known[object_key(size, dg)] = ro
+                store.bytes_stored += size
+        return cim.Stream(ro, size)
     with store.lock:
         region = store.region(cim.REGION_DATA, size)
         previous_end = region.end
         start = region.reserve(size)
     h = hashlib.sha256()
-    view = memoryview(buf)
     done = 0
     while done < size:
-        try:
-            n = os.preadv(fd, [view[: min(len(buf), size - done)]], pos + done)
-        except OSError as e:
-            raise CimError(hresult_from_oserror(e), f"cannot read the source: {e.strerror}", path) from None
-        if n == 0:
-            raise CimError(E_INVALIDARG, f"source ended {size - done} bytes before its size (did it shrink?)", path)
+        n = _read_into(fd, view, pos + done, min(len(buf), size - done), size - done, path)
         chunk = view[:n]
         h.update(chunk)
         if not (n >= HOLE_MIN and all_zero(chunk)):
@@ -670,6 +684,23 @@ def copy_content(store: ObjectStore, buf: bytearray, fd: int, pos: int, size: in
             store.known[object_key(size, dg)] = ro
             store.bytes_stored += size
     return cim.Stream(ro, size)
+
+
+def _read_into(fd: int, view: memoryview, pos: int, want: int, left: int, path: str) -> int:
+    """Fill ``view[:want]`` from ``pos`` of ``fd`` (a regular file reads short
+    only at its end, which is an error: the source has ``left`` (or ``want``)
+    bytes more to give)."""
+    got = 0
+    while got < want:
+        try:
+            n = os.preadv(fd, [view[got:want]], pos + got)
+        except OSError as e:
+            raise CimError(hresult_from_oserror(e), f"cannot read the source: {e.strerror}", path) from None
+        if n == 0:
+            raise CimError(E_INVALIDARG, f"source ended {(left or want) - got} bytes before its size (did it shrink?)",
+                           path)
+        got += n
+    return got
 
 
 _SOURCE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -715,6 +746,11 @@ def read_small_source(fd: int, size: int, shown: str, path: str | None) -> bytes
             return data
     except OSError:
         data = b""
+    return small_source_mismatch(fd, data, size, shown, path)
+
+
+def small_source_mismatch(fd: int, data: bytes, size: int, shown: str, path: str | None) -> bytes:
+    """:func:`read_small_source` once its read gave ``data``, not ``size`` bytes."""
     _check_regular(fd, shown, path)
     if len(data) > size:
         return data[:size]  # a regular file that grew: its first size bytes, as with a large one
@@ -803,9 +839,9 @@ class DataProcess:
     def _submit_to_lane(self, node, src: str, size: int) -> None:
         """:meth:`submit` of a consistent image: the file's lane (by size)
         decides the worker and the owner the region (see CONSISTENT_LANES)."""
-        region = self.store.lane_region(size)
-        w = self._lane_workers[lane_of(size)]
-        w.regions.append(region)
+        lane = lane_of(size)
+        w = self._lane_workers[lane]
+        w.regions.append(self.store.lane_region(size, lane))
         if w.queue(node, src, size):
             self._handed_over += 1
 
@@ -992,6 +1028,15 @@ def _data_process_main(owner: ObjectStore, failed, completed, batches) -> tuple:
     sha256, digest_size = hashlib.sha256, cim.DIGEST_SIZE
     buf = bytearray(1 << 20)
     offsets = array.array("Q")
+    append_offset = offsets.append
+    known = store.known
+    current = store.current
+    small_type = cim.REGION_SMALL_DATA
+    region_offset = cim.region_offset
+    lanes = store.consistent
+    parent_index = store.parent_index
+    small_region = None if lanes else -1  # the lane region small contents go to now (consistent mode)
+    flags_noatime = _SOURCE_FLAGS | _O_NOATIME
     error = None
     dir_path, dir_fd = None, -1  # files arrive directory by directory: open each by name in it
     for batch in batches:
@@ -999,42 +1044,69 @@ def _data_process_main(owner: ObjectStore, failed, completed, batches) -> tuple:
         # Consistent mode: the owner chose each content's region (lane).
         regions = batch[2] if len(batch) > 2 else itertools.repeat(-1)
         for src, size, region in zip(srcs, sizes, regions):
-            ro = 0
-            if error is None:
-                path = None  # errors name the image path from the job's index (DataProcess.finish)
-                try:
-                    parent, _, name = src.rpartition("/")
-                    parent = parent or ("/" if src.startswith("/") else ".")
-                    if parent != dir_path:
-                        if dir_fd >= 0:
-                            os.close(dir_fd)
-                            dir_fd = -1
-                        try:
-                            dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                        except OSError as e:
-                            raise CimError(hresult_from_oserror(e), f"cannot open the source {src!r}: {e.strerror}", path) from None
-                        dir_path = parent
-                    small = size <= SMALL_DATA_MAX
-                    if region >= 0:
-                        store.use_region(region, cim.REGION_SMALL_DATA if small else cim.REGION_DATA)
-                    fd = open_source(name, path, dir_fd, src, checked=not small)
+            if error is not None:
+                append_offset(0)
+                continue
+            path = None  # errors name the image path from the job's index (DataProcess.finish)
+            try:
+                parent, _, name = src.rpartition("/")
+                parent = parent or ("/" if src.startswith("/") else ".")
+                if parent != dir_path:
+                    if dir_fd >= 0:
+                        os.close(dir_fd)
+                        dir_fd = -1
                     try:
-                        if small:
-                            # Most files of a tree: one read, hashed and appended
-                            # without the layers copy_content goes through.
-                            data = read_small_source(fd, size, src, path)
-                            ro = store._put(cim.REGION_SMALL_DATA, data, sha256(data).digest()[:digest_size])
-                        else:
-                            ro = copy_content(store, buf, fd, 0, size, path).offset
+                        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    except OSError as e:
+                        raise CimError(hresult_from_oserror(e), f"cannot open the source {src!r}: {e.strerror}", path) from None
+                    dir_path = parent
+                if size > SMALL_DATA_MAX:
+                    if lanes:
+                        store.use_region(region, cim.REGION_DATA)
+                    fd = open_source(name, path, dir_fd, src)
+                    try:
+                        ro = copy_content(store, buf, fd, 0, size, path).offset
                     finally:
                         os.close(fd)
-                except CimError as e:
-                    error = (e.hresult, e.strerror, e.filename, len(offsets))
-                except OSError as e:
-                    error = (hresult_from_oserror(e), f"writing the image failed: {e.strerror}", None, len(offsets))
-                if error is not None:
-                    failed.value = 1
-            offsets.append(ro)
+                else:
+                    # Most files of a tree: one read, hashed and appended, with
+                    # open_source, read_small_source and ObjectStore._put inlined.
+                    try:
+                        fd = os.open(name, flags_noatime, dir_fd=dir_fd)  # leave atimes alone when allowed
+                    except OSError:  # not the owner (no O_NOATIME), or an error open_source words
+                        fd = open_source(name, path, dir_fd, src, checked=False)
+                    try:
+                        try:
+                            data = os.read(fd, size + 1)
+                        except OSError:
+                            data = b""
+                        if len(data) != size:  # not a regular file as scanned: the checked path
+                            data = small_source_mismatch(fd, data, size, src, path)
+                    finally:
+                        os.close(fd)
+                    if region != small_region:
+                        store.use_region(region, small_type)  # created at its first use, even by a duplicate
+                        small_region = region
+                    key = size.to_bytes(8, "big") + sha256(data).digest()[:digest_size]  # object_key
+                    store.bytes_logical += size
+                    ro = known.get(key)
+                    if ro is None and parent_index is not None:
+                        ro = store.lookup(size, key[8:])
+                    if not ro:
+                        r = current.get(small_type)
+                        if r is None or r.full(size):
+                            r = store.region(small_type, size)
+                        ro = known[key] = region_offset(r.combined_index, r.append(data))
+                        store.bytes_stored += size
+            except CimError as e:
+                error = (e.hresult, e.strerror, e.filename, len(offsets))
+                ro = 0
+            except OSError as e:
+                error = (hresult_from_oserror(e), f"writing the image failed: {e.strerror}", None, len(offsets))
+                ro = 0
+            if error is not None:
+                failed.value = 1
+            append_offset(ro)
         completed.value += sum(sizes) + len(sizes) * _JOB_COST
     if error is None:
         try:

@@ -478,15 +478,17 @@ class ImageWriter:
             self._open_stream = writer
         return writer
 
-    def _create(self, path: str, meta: FileMetadata, placeholder: bool = False) -> tuple[_Node, int]:
+    def _create(self, path: str, meta: FileMetadata, placeholder: bool = False, found: tuple | None = None
+                ) -> tuple[_Node, int]:
         """The node ``create_file`` makes or updates, and its stream's size (0
-        for a directory).  ``placeholder``: see :meth:`_create_copied`."""
+        for a directory).  ``placeholder``: see :meth:`_create_copied`;
+        ``found``: what ``_find(path)`` just returned, when the caller has it."""
         self._check_open()
         is_dir = meta.is_dir
         size = 0 if is_dir else meta.file_size
         if not isinstance(size, int) or not 0 <= size <= cim.MAX_STREAM_LENGTH:
             raise CimError(E_INVALIDARG, f"file size {size} is out of range (0 to 2^48-1)", path)
-        parent, key, existing, _, parts = self._find(path)
+        parent, key, existing, _, parts = found or self._find(path)
         if parent is None:
             if not is_dir:
                 raise CimError(E_INVALIDARG, "the root can only be a directory", path)
@@ -688,13 +690,15 @@ class ImageWriter:
             for i in range(1, len(parts)):
                 if not self.is_dir(join_path(parts[:i])):
                     self.mkdir(join_path(parts[:i]), FileMetadata(attributes=FileAttributes.DIRECTORY))
-        _, _, existing, _, _ = self._find(path)  # one look-up: importers make thousands of directories
+        found = self._find(path)  # one look-up: importers make thousands of directories
+        existing = found[2]
         if existing is not None:
             if exist_ok and existing[1].is_dir and metadata is None:
                 return
             if not exist_ok:
                 raise CimError(ERROR_ALREADY_EXISTS, "already exists", path)
-        self._create(path, meta)  # create_file() and close() without a StreamWriter: a directory has no contents
+        # create_file() and close() without a StreamWriter: a directory has no contents
+        self._create(path, meta, found=found)
 
     def add_file(self, path: str, data: "bytes | BinaryIO | os.PathLike" = b"", metadata: FileMetadata | None = None) -> None:
         """Add a file from bytes, a binary file object (read to its end) or a
@@ -785,6 +789,63 @@ class ImageWriter:
                 cwd = cwd or os.getcwd()
                 src = os.path.join(cwd, src)
             submit(node, src, size)
+
+    def add_scanned_files(self, directory: str, files: list) -> None:
+        """:meth:`add_local_files` for an importer that has the stat of each
+        file at hand and has already checked, escaped and folded its name:
+        each of ``files`` is ``(name, key, source path, size, last write
+        time, change time, last access time, EA buffer)``, times in FILETIME
+        ticks, ``key`` the name folded by the default upcase table.  The file
+        has no attributes, no security descriptor, and its creation time is
+        its last write time; an empty file's source is not opened.  Its
+        record is packed from these fields (no FileMetadata per file: this is
+        once per file of a directory import); anything unusual takes
+        :meth:`add_local_files`' checked path."""
+        if not files:
+            return
+        process = self._process or self._start_copier()
+        prefix = directory.replace("/", "\\") + "\\" if directory else ""
+        if (process is None or process.done or self._closed or self._committed or self._open_stream is not None
+                or self._base is not None or len(prefix) + MAX_NAME_UNITS > _PATH_CHECK_FROM):
+            self.add_local_files(directory, [_scanned_metadata(f) for f in files])
+            return
+        if process.failed():
+            self._finish_copies()  # raises the copy's error now, not at commit
+        dir_key = directory.replace("/", "\\")
+        parent = self._dir_cache.get(dir_key)
+        if parent is None:
+            _, _, found, _, _ = self._find(directory)
+            if found is None or not found[1].is_dir:
+                raise CimError(ERROR_PATH_NOT_FOUND, "no such directory", directory)
+            parent = found[1]
+            self._cache_dir(dir_key, parent)
+        children = self._children(parent)
+        parent.dirty = True  # before the first link: a failure midway must not leave linked nodes unwritten
+        put_blob = self._store.put_blob
+        pack = cim.pack_new_file_record
+        placeholder = cim.placeholder_stream_word(0)
+        clamp = self._clamp_time
+        submit = process.submit
+        Node = _Node
+        cwd = None
+        for f in files:
+            name, key, src, size, wt, ct, at, ea = f
+            if clamp is not None:
+                wt, ct, at = min(wt, clamp), min(ct, clamp), min(at, clamp)
+            if (key in children or not 0 <= size <= cim.MAX_STREAM_LENGTH or (wt | ct | at) >> 63
+                    or len(ea) > 0xFFFF):
+                # replacing, a time or size out of range: the checked path says what is wrong
+                self.add_local_files(directory, [_scanned_metadata(f)])
+                continue
+            node = Node(pack(0, len(ea), 0, wt, wt, ct, at, 0, placeholder | size if size else 0, 0,
+                             put_blob(ea) if ea else 0, 0), is_dir=False)
+            children[key] = (name, node)
+            node.nlink = 1
+            if size:  # an empty file's record is final
+                if src[:1] != "/":  # the process opens it later: the caller may chdir meanwhile
+                    cwd = cwd or os.getcwd()
+                    src = os.path.join(cwd, src)
+                submit(node, src, size)
 
     def _start_copier(self):
         """The data processes for local files, forked at the first one (None:
@@ -998,6 +1059,12 @@ class ImageWriter:
             self._finish_copies()
         s = self._store
         return {"bytes_logical": s.bytes_logical, "bytes_stored": s.bytes_stored, "region_files": s.region_count()}
+
+
+def _scanned_metadata(f: tuple) -> tuple:
+    """An :meth:`ImageWriter.add_scanned_files` entry as an :meth:`~ImageWriter.add_local_files` one."""
+    name, _, src, size, wt, ct, at, ea = f
+    return name, src, FileMetadata(0, size, wt, wt, ct, at, b"", b"", ea)
 
 
 def _regular_file_fd(f) -> int | None:

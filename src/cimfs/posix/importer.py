@@ -16,9 +16,12 @@ from typing import Callable
 
 from ..bulk import paused_gc
 from ..errors import E_INVALIDARG, ERROR_ALREADY_EXISTS, CimError
-from .lx import DIR, FILE, metadata_matches, node_metadata, plain_file_metadata, posix_info
+from .lx import DIR, FILE, metadata_matches, node_metadata, posix_info
 from .names import _join, _split, check_image_name, fold, name_from_image, name_to_image
-from .lx import plain_file_metadata_consistent, writes_consistent
+from .lx import _FA_DIRECTORY, _lx_ea_buffer, writes_consistent
+from ..metadata import FileMetadata
+from .names import _NEEDS_ESCAPE, FILETIME_UNIX_EPOCH
+from ..names import fold_key
 from .scan import (
     CHUNK,
     TAR_READ_ERRORS,
@@ -319,19 +322,23 @@ class DirectoryImporter:
     def _run(self) -> None:
         w = self.w
         consistent = writes_consistent(w)
-        file_meta = plain_file_metadata_consistent if consistent else plain_file_metadata
         w.mkdir("", node_metadata(_stat_root(self.src_dir), consistent), exist_ok=True)
         stack: list[tuple[str, str, str]] = [(self.src_dir, "", "")]   # (local, image path, POSIX path)
-        add_file = w.add_file
-        add_files = w.add_local_files
+        add_files = w.add_scanned_files
         files: list = []
         progress = self.progress
+        key_of = fold_key()
+        needs_escape = _NEEDS_ESCAPE.search
+        epoch = FILETIME_UNIX_EPOCH
+        plain = 0  # plain files added (self.entries counts them at the end)
+        last_owner, ea = None, b""
         while stack:
             local, image_dir, posix_dir = stack.pop()
             taken: dict[str, str] = {}
             subdirs = []
             prefix = local + "/" if not local.endswith("/") else local
             image_prefix = image_dir + "/" if image_dir else ""
+            done = 0  # bytes of this directory's files, reported to progress at once
             try:
                 dfd = os.open(local, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError as e:
@@ -343,18 +350,53 @@ class DirectoryImporter:
                         st = ent.stat(follow_symlinks=False)
                     except OSError as e:
                         raise _oserror(e, full) from None
-                    if S.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_blocks * 512 >= st.st_size:
+                    mode = st.st_mode
+                    size = st.st_size
+                    if S.S_ISREG(mode) and st.st_nlink == 1 and st.st_blocks * 512 >= size:
                         # The bulk of any tree: a plain file, straight from its stat,
                         # added with the others of its directory in one call.
+                        name = ent.name
+                        if needs_escape(name):
+                            name = name_to_image(name)
+                        if not name.isascii() or len(name) > 255:
+                            check_image_name(name, full)
+                        key = key_of(name)
+                        if key in taken:
+                            name = self._place_name(name, full, taken, posix_dir)
+                            if name is None:
+                                continue
+                            key = key_of(name)
+                        else:
+                            taken[key] = full
+                        plain += 1
+                        done += size
+                        mt = st.st_mtime_ns // 100 + epoch  # ns_to_filetime, inline
+                        owner = (mode, st.st_uid, st.st_gid)
+                        if owner != last_owner:  # most files of a directory share mode and owner
+                            ea = _lx_ea_buffer(mode, st.st_uid, st.st_gid, None)
+                            last_owner = owner
+                        if consistent:  # see node_metadata: change and access time are the write time
+                            entry = (name, key, full, size, mt, mt, mt, ea)
+                        else:
+                            entry = (name, key, full, size, mt, st.st_ctime_ns // 100 + epoch,
+                                     st.st_atime_ns // 100 + epoch, ea)
+                        if size:
+                            files.append(entry)
+                        else:
+                            add_files(image_dir, [entry])  # now: an empty file is in the image at once
+                        continue
+                    if S.S_ISDIR(mode):
+                        # What node_metadata gives a scanned directory, without its Node.
                         name = self._place_name(name_to_image(ent.name), full, taken, posix_dir)
                         if name is None:
                             continue
+                        path = image_prefix + name
                         self.entries += 1
-                        if st.st_size:
-                            files.append((name, full, file_meta(st)))
-                        else:
-                            add_file(image_prefix + name, b"", file_meta(st))
-                        progress(st.st_size)
+                        mt = st.st_mtime_ns // 100 + epoch
+                        ct, at = (mt, mt) if consistent else (st.st_ctime_ns // 100 + epoch, st.st_atime_ns // 100 + epoch)
+                        w.mkdir(path, FileMetadata(_FA_DIRECTORY, 0, mt, mt, ct, at, b"", b"",
+                                                   _lx_ea_buffer(mode, st.st_uid, st.st_gid, None)))
+                        subdirs.append((full, path, _join(posix_dir, name_from_image(name))))
                         continue
                     node = _node_from_entry(ent, st, full, self.groups)
                     name = self._place_name(name_to_image(ent.name), full, taken, posix_dir)
@@ -375,7 +417,10 @@ class DirectoryImporter:
                 files.clear()
             finally:
                 os.close(dfd)
+            if done:
+                progress(done)
             stack.extend(reversed(subdirs))
+        self.entries += plain
 
 
 def _is_regular_file(f) -> bool:
