@@ -8,7 +8,7 @@ import stat as S
 import tarfile
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 
 from cimfs import posix
 from cimfs.errors import CimError
@@ -43,7 +43,16 @@ def test_pax_time_parsing():
 # ------------------------------------------------------------------ names
 @given(st.text(min_size=1))
 def test_name_escaping_round_trip(name):
+    # WSL's escapes are private-use characters: a name that already holds one of
+    # them (U+F001...) reads back as the character it escapes, in WSL as here
+    # (test below), so the round trip holds for every other name.
+    assume(posix.name_from_image(name) == name)
     assert posix.name_from_image(posix.name_to_image(name)) == name
+
+
+def test_a_name_holding_an_escape_character_reads_back_as_wsl_reads_it():
+    assert posix.name_to_image("a\uf001") == "a\uf001"
+    assert posix.name_from_image("a\uf001") == "a\x01"
 
 
 def test_name_escaping_is_wsls():
