@@ -103,7 +103,7 @@ class _Merger:
     def __init__(self, hives: list[Hive], b: HiveBuilder):
         self.hives, self.b, self.top = hives, b, len(hives) - 1
         self.cov = [Coverage(h) for h in hives]
-        self.sk_out = [{} for _ in hives]
+        self.sk_out: list[dict[int, int]] = [{} for _ in hives]  # per layer: sk offset -> new sk offset
 
     # ---- shared pieces --------------------------------------------------------------------------------------------
     def node(self, li: int, off: int) -> _Node:
@@ -337,26 +337,26 @@ class _Merger:
                     raise self.hives[i].error(n.off, f"two subkeys named {up!r} (in Windows' case) under {n.name!r}")
                 by_name[up] = k
             per_layer[i] = by_name
-        union = set()
+        union: set[str] = set()
         for by_name in per_layer.values():
             union.update(by_name)
         order = sorted(union, key=order_key(union))
         entries = []
         for up in order:
-            stack = [None] * (self.top + 1)
+            stack: list[_Node | None] = [None] * (self.top + 1)
             present = 0
             for i, by_name in per_layer.items():
-                k = by_name.get(up)
-                if k is not None:
-                    stack[i] = k
+                node = by_name.get(up)
+                if node is not None:
+                    stack[i] = node
                     present += 1
-                    last = k
+                    last = node
             e = self.copy(last, parent, depth + 1) if present == 1 else self.merged(stack, tree_lo, parent, depth + 1)
             if e is not None:
                 entries.append(e)
         return entries
 
-    def _merged_values(self, own: list[_Node]) -> list:
+    def _merged_values(self, own: list[_Node]) -> tuple[list[int], int, int]:
         slots: dict[str, tuple] = {}
         for n in reversed(own):  # lowest first: a higher layer replaces a name in its slot
             h, cov = self.hives[n.li], self.cov[n.li]

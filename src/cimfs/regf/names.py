@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import sys
+from typing import Callable, Iterable
 
 from ..layout.cim import load_upcase_table
 
@@ -73,7 +74,7 @@ def utf16_bytes(name: str) -> int:
     return len(name.encode("utf-16-le", "surrogatepass"))
 
 
-def order_key(upnames) -> object:
+def order_key(upnames: Iterable[str]) -> Callable[[str], bytes] | None:
     """The sort key putting upper-cased names in code-unit order (Windows' list order).  Python compares
     code points, which differs from code-unit order only for characters beyond the BMP."""
     if all(u.isascii() or max(u, default="\0") < "\U00010000" for u in upnames):

@@ -75,9 +75,9 @@ class Hive:
         self.name = name
         self.notes: list[str] = []
         self._sk_cache: dict[int, bytes] = {}
-        self._root = None
-        self._closer = None
-        self._buf = None
+        self._root: Key | None = None
+        self._closer: mmap.mmap | None = None
+        self._buf = memoryview(b"")  # the bins, set by _open
         mv = memoryview(data)
         if mv.ndim != 1 or mv.itemsize != 1:
             flat = mv.cast("B")
@@ -394,7 +394,8 @@ class Key:
                  parent: "Key | None" = None):
         self._hive, self.offset = hive, offset
         self._f, self._name_at = hive.nk(offset, cov)
-        self._path, self._parent, self._name = path, parent, None
+        self._path, self._parent = path, parent
+        self._name: str | None = None
 
     @property
     def name(self) -> str:
@@ -408,6 +409,7 @@ class Key:
     def path(self) -> str:
         """The path from the root (the root's is ""), with the stored spelling."""
         if self._path is None:
+            assert self._parent is not None  # a key is made with its path or its parent
             pp = self._parent.path
             self._path = f"{pp}\\{self.name}" if pp else self.name
             self._parent = None

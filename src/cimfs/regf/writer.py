@@ -298,7 +298,8 @@ class _TreeWriter:
             if len(craw) > 0xFFFF:
                 raise self.bad(path, "class name longer than 32767 characters")
             class_off, class_len = b.put(craw), len(craw)
-        entries, seen = [], {}
+        entries: list[tuple[int, str, bytes, bool]] = []
+        seen: dict[str, str] = {}  # upper-cased name -> the name as given
         maxname = maxclass = 0
         for sub in key.subkeys:
             if not isinstance(sub, NewKey):
@@ -317,7 +318,8 @@ class _TreeWriter:
             if sub.class_name is not None:
                 maxclass = max(maxclass, len(sub.class_name.encode("utf-16-le", "surrogatepass")))
         sublist = b.subkey_list(entries)
-        vals, vseen = [], {}
+        vals: list[int] = []
+        vseen: dict[str, str] = {}
         maxvalname = maxvaldata = 0
         for v in key.values:
             if not isinstance(v, NewValue):
