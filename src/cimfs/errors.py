@@ -63,11 +63,13 @@ _FROM_ERRNO = {
 
 def hresult_from_oserror(e: OSError) -> int:
     """The HRESULT Windows would report for the failure behind an OSError."""
-    return _FROM_ERRNO.get(e.errno, E_FAIL)
+    return _FROM_ERRNO.get(e.errno or 0, E_FAIL)  # errno 0 and None: no mapping
 
 
 class CimError(OSError):
     """A failed CimFS operation: ``.hresult``, ``.filename`` (path) and ``.strerror`` (reason)."""
+
+    strerror: str  # always given (OSError's may be None)
 
     def __init__(self, hresult: int, reason: str, path: str | None = None):
         super().__init__(_ERRNO.get(hresult, _errno.EIO), reason, path)

@@ -98,7 +98,9 @@ class _LayerImporter:
             self.known_dirs.clear()
 
     def _copy(self, m: tarfile.TarInfo, stream, size: int, member: str, tee=None) -> None:
-        f = self.src.tf.extractfile(m)
+        tf = self.src.tf
+        assert tf is not None  # open from _TarSource() to its close()
+        f = tf.extractfile(m)
         if f is None:
             raise CimError(E_INVALIDARG, "entry has no data", member)
         remaining = size
@@ -190,9 +192,9 @@ class _LayerImporter:
             self.added[key] = False
             self.last_file = path
         else:
-            kind = {tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device",
+            what = {tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device",
                     tarfile.FIFOTYPE: "FIFO"}.get(m.type, f"type {m.type!r}")
-            raise CimError(E_INVALIDARG, f"a {kind} entry has no meaning in a Windows layer", member)
+            raise CimError(E_INVALIDARG, f"a {what} entry has no meaning in a Windows layer", member)
 
     def _drop_delta(self, base: str) -> None:
         spool = self.deltas.pop(base, None)
