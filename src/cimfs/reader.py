@@ -19,8 +19,8 @@ import io
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple, overload
 
 from . import remote
 from .errors import (
@@ -87,7 +87,7 @@ class _TableList(list):
         return sum(t.count for t in self)
 
 
-class _FileTables(Sequence):
+class _FileTables(Sequence[cim.FileTableEntry]):
     """The file table directory as a sequence, each entry unpacked (and
     checked) when asked for: a count that passes the size check only because
     the region file is sparse costs no memory up front."""
@@ -95,12 +95,21 @@ class _FileTables(Sequence):
     __slots__ = ("_raw", "_count", "_fail", "_cache")
 
     def __init__(self, raw: memoryview, count: int, fail):
-        self._raw, self._count, self._fail, self._cache = raw, count, fail, {}
+        self._raw, self._count, self._fail = raw, count, fail
+        self._cache: dict[int, cim.FileTableEntry] = {}
 
     def __len__(self) -> int:
         return self._count
 
-    def __getitem__(self, i: int) -> cim.FileTableEntry:
+    @overload
+    def __getitem__(self, i: int) -> cim.FileTableEntry: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[cim.FileTableEntry]: ...
+
+    def __getitem__(self, i: int | slice) -> cim.FileTableEntry | list[cim.FileTableEntry]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self._count))]
         t = self._cache.get(i)
         if t is not None:
             return t
@@ -117,7 +126,7 @@ class _FileTables(Sequence):
             self._cache[i] = t
         return t
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[cim.FileTableEntry]:
         for i in range(self._count):
             yield self[i]
 
@@ -198,6 +207,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
                     if self.storage is not None:
                         region = self._regions[index] = self.storage.open_region(name, f"region file {name}")
                         return region
+                    assert self.directory is not None  # a local image's
                     path = find_region_file(self.directory, name)
                     if path is None:
                         raise self._fail(f"region file {name} is missing")

@@ -143,16 +143,16 @@ class TreeWalking:
             yield dirpath, dirs, files
             subs = []
             for name in dirs:  # in order: the first name of a directory is the one entered
-                child = dir_ids.get(name)
-                if child is None:
+                dir_id = dir_ids.get(name)
+                if dir_id is None:
                     continue
                 sub = f"{dirpath}\\{name}" if dirpath else name
-                reason = visits.admit(child, self.record(child))
+                reason = visits.admit(dir_id, self.record(dir_id))
                 if reason is not None:
                     if onerror is not None:
                         onerror(CimFormatError(reason, sub))
                     continue
-                subs.append((sub, child))
+                subs.append((sub, dir_id))
             stack.extend(reversed(subs))
 
     def iter_file_ids(self) -> Iterator[tuple[str, int]]:
@@ -163,7 +163,7 @@ class TreeWalking:
             if fid is not None:
                 yield path, fid
 
-    def _tree(self) -> Iterator[tuple[str, int, cim.FileRecord | None, str | None]]:
+    def _tree(self) -> Iterator[tuple[str, int | None, cim.FileRecord | None, str | None]]:
         """(path, FileID, record, damage) for every entry below the root,
         parents before children, without recursion and without a path lookup
         per entry.  ``record`` is None and ``damage`` says why when the entry
@@ -229,7 +229,7 @@ class TreeWalking:
         if self._nlinks is None:
             counts: dict[int, int] = {}
             for _path, fid, rec, _reason in self._tree():
-                if rec is not None and not rec.is_dir:
+                if fid is not None and rec is not None and not rec.is_dir:  # a record comes with its FileID
                     counts[fid] = counts.get(fid, 0) + 1
             self._nlinks = counts
         return self._nlinks
