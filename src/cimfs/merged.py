@@ -66,7 +66,7 @@ def merged_region_sets(images: list) -> tuple[list[cim.RegionSet], list[list[int
                                      f"{cim.MAX_REGIONS - 1} of theirs", images[0].path)
     mappings = []
     for img in images:
-        mapping = []
+        mapping: list[int] = []
         for rs in img.region_sets:
             start = first[rs.id][0]
             mapping.extend(range(start, start + rs.count))
@@ -102,7 +102,7 @@ class Merger:
             self.w._folder = top._folder  # the merged image sorts with the table it shares
             self.key = self.w._folder.key
             upcase = self._remap(top.filesystem.upcase_offset, mappings[0], top, "upcase table")
-            applied = []
+            applied: list[_reader.Image] = []
             for img, mapping in reversed(list(zip(images, mappings))):
                 if applied and all(_descends(img, lower) for lower in applied):
                     # A fork (or a merged image) already holds the whole tree of the
@@ -168,7 +168,7 @@ class Merger:
         return node
 
     # ------------------------------------------------------------ tree
-    def _marker(self, img, rec: cim.FileRecord, path: str) -> tuple[int, str] | None:
+    def _marker(self, img, rec: cim.FileRecord, path: str) -> tuple[int, str | int] | None:
         if rec.reparse_tag != ntfs.IO_REPARSE_TAG_CIMFS_MERGE or not rec.reparse_offset:
             return None
         try:
@@ -204,13 +204,16 @@ class Merger:
                     continue
                 marker = self._marker(img, rec, path)
                 if marker is not None and marker[0] == ntfs.MERGE_KIND_LINK:
-                    links.append((dir_node, k, name, marker[1], path))
+                    target = marker[1]
+                    assert isinstance(target, str)  # a link marker holds its target's path
+                    links.append((dir_node, k, name, target, path))
                     continue
                 if rec.is_dir:
                     if fid in seen:
                         raise CimFormatError(f"{path}: directory FileID {fid} is reached twice (a cycle)", img.path)
                     seen.add(fid)
                     flags = marker[1] if marker is not None else 0
+                    assert isinstance(flags, int)  # _marker lets only a directory marker (its flags) onto a directory
                     record = self._record(img, fid, rec, mapping, True, drop_reparse=marker is not None)
                     lower = old[1] if old is not None and old[1].is_dir else None
                     parent_only = bool(flags & ntfs.MERGE_DIR_PARENT_ONLY)
