@@ -80,7 +80,7 @@ class CimError(OSError):
             return f"{self.filename}: {self.strerror}"
         return str(self.strerror)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[object, tuple]:
         return (type(self), (self.hresult, self.strerror, self.filename))
 
 
@@ -90,5 +90,5 @@ class CimFormatError(CimError):
     def __init__(self, reason: str, path: str | None = None, hresult: int = ERROR_FILE_CORRUPT):
         super().__init__(hresult, reason, path)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[object, tuple]:
         return (type(self), (self.strerror, self.filename, self.hresult))

@@ -59,7 +59,7 @@ def encode_name(name: str) -> tuple[bytes, bool]:
         return name.encode("utf-16-le", "surrogatepass"), False
 
 
-def decode_name(raw, compressed: bool) -> str:
+def decode_name(raw: bytes | bytearray | memoryview, compressed: bool) -> str:
     """A stored name as text; UTF-16 names keep unpaired surrogates (``surrogatepass``). Raises
     UnicodeDecodeError on an odd byte count (the caller turns it into a HiveFormatError)."""
     if compressed:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from typing import BinaryIO, Iterator
 
 from ..errors import ERROR_FILE_NOT_FOUND, CimError, hresult_from_oserror
 from . import layout as L
@@ -39,7 +40,7 @@ class HiveKeyNotFound(CimError, KeyError):
     def __str__(self) -> str:
         return CimError.__str__(self)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[object, tuple]:
         return (_key_not_found, (self.filename, self.strerror))
 
 
@@ -71,7 +72,7 @@ class Coverage:
 class Hive:
     """A registry hive read from ``data``; ``name`` labels it in errors (a file path or an image path)."""
 
-    def __init__(self, data, name: str = "<hive>"):
+    def __init__(self, data: bytes | bytearray | memoryview | mmap.mmap, name: str = "<hive>"):
         self.name = name
         self.notes: list[str] = []
         self._sk_cache: dict[int, bytes] = {}
@@ -161,7 +162,7 @@ class Hive:
     def __enter__(self) -> "Hive":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -305,7 +306,7 @@ class Hive:
             raise self.error(f[L.VKF_DATA], f"value data of {raw} bytes overruns its {n}-byte cell")
         return [buf[start:start + raw]]
 
-    def _big_parts(self, db_off: int, start: int, size: int, cov) -> list:
+    def _big_parts(self, db_off: int, start: int, size: int, cov: Coverage | None) -> list:
         _sig, count, list_off, _ = L.DB_HEAD.unpack_from(self._buf, start)
         if count == 0 or (count - 1) * L.SEGMENT_BYTES >= size or count * L.SEGMENT_BYTES < size:
             raise self.error(db_off, f"big data of {size} bytes in {count} segments")
@@ -366,7 +367,7 @@ class Hive:
             key = sub
         return key
 
-    def walk(self, path: str = ""):
+    def walk(self, path: str = "") -> Iterator[tuple[str, Key]]:
         """(path, Key) for every key under ``path`` (default: the whole hive), depth first in stored order, the
         starting key first; paths are from the root.  Refuses cycles, keys reached twice and nesting deeper
         than 512."""
@@ -518,7 +519,7 @@ class Value:
         return f"<Value {self.name!r} {kind} {self.size} bytes>"
 
 
-def open_hive(source, name: str | None = None) -> Hive:
+def open_hive(source: str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO, name: str | None = None) -> Hive:
     """A ``Hive`` from a path, bytes-like data or a binary file object; usable as a context manager
     (closing it unmaps the file)."""
     if isinstance(source, (bytes, bytearray, memoryview, mmap.mmap)):
@@ -536,7 +537,7 @@ def open_hive(source, name: str | None = None) -> Hive:
     return _hive_of_file(source, str(label))
 
 
-def _hive_of_file(f, label: str) -> Hive:
+def _hive_of_file(f: BinaryIO, label: str) -> Hive:
     try:
         fd = f.fileno()
         size = os.fstat(fd).st_size
