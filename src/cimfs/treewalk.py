@@ -6,7 +6,7 @@ damage reported and skipped (:class:`_Visits`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from .errors import CimError, CimFormatError
@@ -80,7 +80,7 @@ class TreeWalking:
         def _blob(self, ro: int, what: str) -> bytes: ...
         def _directory(self, file_id: int) -> _Directory: ...
         def record(self, file_id: int) -> cim.FileRecord: ...
-        def lookup(self, path) -> int: ...
+        def lookup(self, path: str | int) -> int: ...
 
     def _region_sizes(self, open_all: bool) -> list[tuple[int, int]]:
         """(index, size) of the region files already open, or of all that open."""
@@ -102,7 +102,7 @@ class TreeWalking:
         (a second name, a link table shared or overlapping)."""
         return _Visits(self)
 
-    def walk(self, path: str = "", onerror=None) -> Iterator[tuple[str, list[str], list[str]]]:
+    def walk(self, path: str = "", onerror: Callable[[CimFormatError], object] | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
         """Top-down like ``os.walk``; ``dirpath`` uses ``\\`` and the root is ``""``.
 
         Directories may be pruned by editing ``dirnames`` in place.  Damage
@@ -205,13 +205,14 @@ class TreeWalking:
 
     def merge_links(self) -> list[tuple[str, str]]:
         """(path, target in the layers below) of each ``CimCreateMergeLink`` of this image."""
-        return [(p, m[1]) for p, m in self._merge_markers() if m[0] == ntfs.MERGE_KIND_LINK]
+        return [(p, m[1]) for p, m in self._merge_markers() if m[0] == ntfs.MERGE_KIND_LINK and isinstance(m[1], str)]
 
     def opaque_dirs(self) -> list[str]:
         """Directories that replace, instead of merging with, the layers' below."""
-        return [p for p, m in self._merge_markers() if m[0] == ntfs.MERGE_KIND_DIR and m[1] & ntfs.MERGE_DIR_OPAQUE]
+        return [p for p, m in self._merge_markers()
+                if m[0] == ntfs.MERGE_KIND_DIR and isinstance(m[1], int) and m[1] & ntfs.MERGE_DIR_OPAQUE]
 
-    def _merge_markers(self):
+    def _merge_markers(self) -> Iterator[tuple[str, tuple[int, str | int]]]:
         tag = ntfs.IO_REPARSE_TAG_CIMFS_MERGE
         for p, fid in self.iter_file_ids():
             rec = self.record(fid)
