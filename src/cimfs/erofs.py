@@ -78,6 +78,7 @@ class _Inode:
     chunkbits: int
     nchunks: int
     shared: tuple[bytes, int]  # the xattr ibody and its icount
+    where: cim.Stream  # the contents' stream (regular files with data)
     start: tuple[int, int]  # (device, block) of contents addressed in place
 
     def __init__(self, fid: int):
@@ -85,7 +86,6 @@ class _Inode:
         self.children: list[tuple[bytes, "_Inode"]] | None = None
         self.data: bytes | None = None  # directory blocks or symlink target
         self.plan = _EMPTY
-        self.where: cim.Stream | None = None  # the contents' stream
         self.blkaddr = 0
         self.nid = 0  # set by write()
         self.tail = 0

@@ -16,6 +16,7 @@ path is once the layers below are merged.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from . import reader as _reader
 from .errors import E_INVALIDARG, E_NOTIMPL, ERROR_FILE_NOT_FOUND, CimError, CimFormatError
@@ -310,7 +311,8 @@ def add_source(writer: ImageWriter, path: str | os.PathLike, flags: int = 0) -> 
     writer._build_merged = Merger(writer, writer._merge_sources).run
 
 
-def merge(containing_dir: str | os.PathLike[str], name: str, sources: list[str | os.PathLike[str]], *, sync: bool = True, consistent: bool = True) -> str:
+def merge(containing_dir: str | os.PathLike[str], name: str, sources: Sequence[str | os.PathLike[str]], *,
+          sync: bool = True, consistent: bool = True) -> str:
     """Write the merged image ``name`` of ``sources`` (``.cim`` names or paths in
     ``containing_dir``, top layer first); returns its path.  ``consistent``
     (the default): the same sources give the same files (see
