@@ -17,7 +17,7 @@ import os
 import shutil
 import tarfile
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 from .. import winlayer
 from ..atomic import replacing, temp_name

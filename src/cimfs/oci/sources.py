@@ -11,8 +11,8 @@ tar headers declare, within the free space.
 from __future__ import annotations
 
 import errno
-import io
 import fcntl
+import io
 import os
 import stat
 import tarfile

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import array
 import sys
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from ..layout.cim import load_upcase_table
 

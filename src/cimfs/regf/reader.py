@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 from ..errors import ERROR_FILE_NOT_FOUND, CimError, hresult_from_oserror
 from . import layout as L

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from types import FrameType
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from types import FrameType
 
 from ..errors import E_INVALIDARG, CimError
 from . import layout as L

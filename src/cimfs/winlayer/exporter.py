@@ -10,9 +10,11 @@ import base64
 import io
 import os
 import tarfile
-from typing import Iterable, Iterator, Literal
+from collections.abc import Iterator
+from typing import Iterable, Literal
 
 import cimfs
+
 from ..atomic import replacing
 from ..errors import E_INVALIDARG, ERROR_INVALID_NAME, CimError, hresult_from_oserror
 from ..metadata import FileAttributes

@@ -13,7 +13,8 @@ import os
 import tarfile
 import weakref
 import zlib
-from typing import Iterable, Mapping
+from collections.abc import Mapping
+from typing import Iterable
 
 from ..errors import E_INVALIDARG, ERROR_INVALID_NAME, CimError, hresult_from_oserror
 from ..metadata import FileAttributes, FileMetadata
