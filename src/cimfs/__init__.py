@@ -16,7 +16,7 @@ The Win32-shaped API (``CimCreateImage`` ...) is a thin facade over the same cor
 """
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names as type checkers and editors see them; at run time __getattr__ loads them
     from .errors import CimError, CimFormatError
@@ -68,7 +68,7 @@ __all__ += ["CimCreateImage2", "CimCreateFlags", "CimReadFile", "CimGetFileStatB
             "FILE_STAT_BASIC_INFORMATION"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     module = _MODULE_OF.get(name)
     if module is not None:
         value = getattr(importlib.import_module(f".{module}", __name__), name)

@@ -32,12 +32,17 @@ import os
 import stat as S
 import uuid as _uuid
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from .atomic import open_new, replacing
 from .errors import E_INVALIDARG, CimError
+from .layout import cim
 from .layout import erofs as L
 from .metadata import filetime_to_ns
-from .mount.view import DAMAGED, Options, fs_name, lx_metadata, ntfs_xattrs_main, posix_view, symlink_target
+from .mount.view import DAMAGED, Options, PosixView, fs_name, lx_metadata, ntfs_xattrs_main, posix_view, symlink_target
+
+if TYPE_CHECKING:  # annotations only: this module is a client of the reader
+    from .reader import Image, Stat
 
 __all__ = ["write_index", "IndexInfo"]
 
@@ -58,23 +63,38 @@ class IndexInfo(dict):
 class _Inode:
     __slots__ = ("fid", "mode", "uid", "gid", "rdev", "nlink", "size", "mtime_ns", "xattrs", "plan", "where",
                  "children", "parent", "nid", "record", "blkaddr", "data", "chunkbits", "nchunks", "shared",
-                 "tail", "loc", "eof_tail", "desc")
+                 "tail", "loc", "eof_tail", "start")
+    # Set by _Builder._inode (the entry's view), collect() (links, parent) and write() (layout).
+    mode: int
+    uid: int
+    gid: int
+    rdev: int
+    nlink: int
+    size: int
+    mtime_ns: int
+    record: Stat
+    xattrs: list[tuple[int, bytes, bytes]]
+    parent: _Inode
+    chunkbits: int
+    nchunks: int
+    shared: tuple[bytes, int]  # the xattr ibody and its icount
+    where: cim.Stream  # the contents' stream (regular files with data)
+    start: tuple[int, int]  # (device, block) of contents addressed in place
 
     def __init__(self, fid: int):
         self.fid = fid
         self.children: list[tuple[bytes, "_Inode"]] | None = None
         self.data: bytes | None = None  # directory blocks or symlink target
         self.plan = _EMPTY
-        self.where = None
         self.blkaddr = 0
-        self.nid = None
+        self.nid = 0  # set by write()
         self.tail = 0
-        self.loc = None
+        self.loc: tuple[str, int, int] | None = None
         self.eof_tail = False  # the last block lies past the region file's end (a short read in the kernel)
 
 
-def write_index(image, out_path, *, standalone: bool = False, options: Options | None = None,
-                block_bits: int | None = None, ntfs_xattrs: bool = True) -> IndexInfo:
+def write_index(image: Image, out_path: str | os.PathLike[str] | int, *, standalone: bool = False,
+                options: Options | None = None, block_bits: int | None = None, ntfs_xattrs: bool = True) -> IndexInfo:
     """Write the EROFS index of ``image`` (an open :class:`cimfs.Image`) to
     ``out_path`` (through a temporary name: nothing partial is ever left
     there), or to an open descriptor of an empty file (``out_path`` an int:
@@ -98,14 +118,14 @@ def write_index(image, out_path, *, standalone: bool = False, options: Options |
 
 
 class _Builder:
-    def __init__(self, image, options: Options, block_bits: int | None, standalone: bool, ntfs_xattrs: bool):
+    def __init__(self, image: Image, options: Options, block_bits: int | None, standalone: bool, ntfs_xattrs: bool):
         if block_bits is not None and not 9 <= block_bits <= 12:
             raise CimError(E_INVALIDARG, f"EROFS block size 2^{block_bits} (9..12)", image.path)
         self.image = image
         self.options = options
         self.block_bits = block_bits
         self.aligned: list[int] = []  # byte offsets of the data objects that could be addressed in place
-        self._views: dict[tuple, object] = {}
+        self._views: dict[tuple, PosixView] = {}
         self.standalone = standalone
         self.ntfs_xattrs = ntfs_xattrs
         self.inodes: list[_Inode] = []
@@ -231,8 +251,7 @@ class _Builder:
                     self.devices[path] = len(self.devices) + 1
                     self.device_sizes[path] = size
                 node.plan = _IN_PLACE
-                node.desc = node.where
-                node.where = (self.devices[path], off // self.bs)
+                node.start = (self.devices[path], off // self.bs)
                 node.eof_tail = L.align(off + node.size, self.bs) > size
                 self.info["in_place_files"] += 1
             else:
@@ -334,6 +353,7 @@ class _Builder:
 
     @staticmethod
     def _dirents(node: _Inode) -> list:
+        assert node.children is not None  # called for directories only
         return [(name, child.nid, _FT[S.S_IFMT(child.mode)]) for name, child in node.children]
 
     def _put_inode(self, fd: int, meta: bytearray, at: int, node: _Inode, ino: int) -> None:
@@ -357,13 +377,13 @@ class _Builder:
             if node.plan == _HOLE:
                 chunks = [(0, L.NULL_ADDR)] * node.nchunks
             else:
-                dev, blk = node.where
+                dev, blk = node.start
                 step = 1 << (node.chunkbits - self.bits)
                 chunks = [(dev, blk + k * step) for k in range(node.nchunks)]
                 if node.eof_tail:
                     chunks[-1] = (0, node.blkaddr)
                     last = (node.nchunks - 1) << node.chunkbits
-                    os.pwrite(fd, self.image.read_at(node.desc, last, node.size - last), node.blkaddr * self.bs)
+                    os.pwrite(fd, self.image.read_at(node.where, last, node.size - last), node.blkaddr * self.bs)
             raw = L.pack_chunk_indexes(chunks)
             meta[at: at + len(raw)] = raw
             return

@@ -63,11 +63,13 @@ _FROM_ERRNO = {
 
 def hresult_from_oserror(e: OSError) -> int:
     """The HRESULT Windows would report for the failure behind an OSError."""
-    return _FROM_ERRNO.get(e.errno, E_FAIL)
+    return _FROM_ERRNO.get(e.errno or 0, E_FAIL)  # errno 0 and None: no mapping
 
 
 class CimError(OSError):
     """A failed CimFS operation: ``.hresult``, ``.filename`` (path) and ``.strerror`` (reason)."""
+
+    strerror: str  # always given (OSError's may be None)
 
     def __init__(self, hresult: int, reason: str, path: str | None = None):
         super().__init__(_ERRNO.get(hresult, _errno.EIO), reason, path)
@@ -78,7 +80,7 @@ class CimError(OSError):
             return f"{self.filename}: {self.strerror}"
         return str(self.strerror)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[object, tuple]:
         return (type(self), (self.hresult, self.strerror, self.filename))
 
 
@@ -88,5 +90,5 @@ class CimFormatError(CimError):
     def __init__(self, reason: str, path: str | None = None, hresult: int = ERROR_FILE_CORRUPT):
         super().__init__(hresult, reason, path)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[object, tuple]:
         return (type(self), (self.strerror, self.filename, self.hresult))

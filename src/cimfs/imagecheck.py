@@ -41,7 +41,7 @@ class ImageChecks:
         def _region(self, index: int) -> _Region: ...
         def _directory(self, file_id: int) -> _Directory: ...
         def _keys(self, d: _Directory) -> list[str]: ...
-        def _tree(self) -> Iterator[tuple[str, int, cim.FileRecord | None, str | None]]: ...
+        def _tree(self) -> Iterator[tuple[str, int | None, cim.FileRecord | None, str | None]]: ...
 
     def check(self) -> list[str]:
         """Structural findings that reading paths and files does not surface:
@@ -85,7 +85,7 @@ class ImageChecks:
                 reachable.add(fid)
             if reason is not None:
                 findings.append(f"{path or '(root)'}: {reason}")
-            if rec is None or not rec.is_dir or reason is not None or fid in checked:
+            if fid is None or rec is None or not rec.is_dir or reason is not None or fid in checked:
                 continue
             checked.add(fid)
             try:
@@ -114,6 +114,7 @@ class ImageChecks:
         """A file beside the ``.cim`` (local path or object path), or None."""
         if self.storage is not None:
             return self.storage.find(name)
+        assert self.directory is not None  # a local image's
         return find_region_file(self.directory, name)
 
     def _read_file(self, path: str) -> bytes:

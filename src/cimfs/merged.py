@@ -16,6 +16,7 @@ path is once the layers below are merged.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from . import reader as _reader
 from .errors import E_INVALIDARG, E_NOTIMPL, ERROR_FILE_NOT_FOUND, CimError, CimFormatError
@@ -66,7 +67,7 @@ def merged_region_sets(images: list) -> tuple[list[cim.RegionSet], list[list[int
                                      f"{cim.MAX_REGIONS - 1} of theirs", images[0].path)
     mappings = []
     for img in images:
-        mapping = []
+        mapping: list[int] = []
         for rs in img.region_sets:
             start = first[rs.id][0]
             mapping.extend(range(start, start + rs.count))
@@ -74,7 +75,7 @@ def merged_region_sets(images: list) -> tuple[list[cim.RegionSet], list[list[int
     return sets, mappings
 
 
-def _descends(img, lower) -> bool:
+def _descends(img: _reader.Image, lower: _reader.Image) -> bool:
     """Whether ``img`` already holds ``lower``'s whole tree: it is a fork of it
     (or of a fork of it), or a merged image over it.  Either lists every
     region set of ``lower`` among its parent sets."""
@@ -86,9 +87,10 @@ class Merger:
     that has no changes of its own; :meth:`run` returns its parent region sets
     and the RegionOffset of the upcase table it shares with the top source."""
 
-    def __init__(self, writer, sources: list[str]):
+    def __init__(self, writer: ImageWriter, sources: list[str]) -> None:
         self.w = writer
         self.sources = sources  # top first
+        assert writer._store is not None  # made by ImageWriter.__init__, kept until commit
         self.store = writer._store
 
     def run(self) -> tuple[list[cim.RegionSet], int]:
@@ -102,7 +104,7 @@ class Merger:
             self.w._folder = top._folder  # the merged image sorts with the table it shares
             self.key = self.w._folder.key
             upcase = self._remap(top.filesystem.upcase_offset, mappings[0], top, "upcase table")
-            applied = []
+            applied: list[_reader.Image] = []
             for img, mapping in reversed(list(zip(images, mappings))):
                 if applied and all(_descends(img, lower) for lower in applied):
                     # A fork (or a merged image) already holds the whole tree of the
@@ -122,7 +124,7 @@ class Merger:
         self.w._root = root
 
     # ------------------------------------------------------------ offsets
-    def _remap(self, ro: int, mapping: list[int], img, what: str) -> int:
+    def _remap(self, ro: int, mapping: list[int], img: _reader.Image, what: str) -> int:
         if not ro:
             return 0
         index, off = cim.split_region_offset(ro)
@@ -130,7 +132,7 @@ class Merger:
             raise CimFormatError(f"{what}: region index {index} out of range ({len(mapping)} region files)", img.path)
         return cim.region_offset(mapping[index], off)
 
-    def _stream(self, s: cim.Stream, mapping, img, what: str) -> cim.Stream:
+    def _stream(self, s: cim.Stream, mapping: list[int], img: _reader.Image, what: str) -> cim.Stream:
         if s.length == 0:
             return cim.EMPTY_STREAM
         if s.sparse:
@@ -142,7 +144,8 @@ class Merger:
             return s._replace(offset=self.store.put(cim.REGION_METADATA, moved))
         return s._replace(offset=self._remap(s.offset, mapping, img, what))
 
-    def _record(self, img, fid: int, rec: cim.FileRecord, mapping, is_dir: bool, drop_reparse: bool = False):
+    def _record(self, img: _reader.Image, fid: int, rec: cim.FileRecord, mapping: list[int], is_dir: bool,
+                drop_reparse: bool = False) -> cim.FileRecord:
         """``rec`` with its offsets in the merged image's region list, no stream
         table and no parent yet (both set at commit)."""
         what = f"FileID {fid}"
@@ -156,7 +159,7 @@ class Merger:
         return cim.FileRecord(rec.flags, rec.ea_length, 0 if drop_reparse else rec.reparse_tag, rec.creation_time,
                               rec.last_write_time, rec.change_time, rec.last_access_time, stream, sd, ea, rp, 0, 0)
 
-    def _file_node(self, img, fid: int, rec: cim.FileRecord, mapping):
+    def _file_node(self, img: _reader.Image, fid: int, rec: cim.FileRecord, mapping: list[int]) -> _Node:
         record = self._record(img, fid, rec, mapping, False)
         if not rec.stream_table_offset:
             # packed at once: the commit places it as it is (as an import's new files)
@@ -168,7 +171,7 @@ class Merger:
         return node
 
     # ------------------------------------------------------------ tree
-    def _marker(self, img, rec: cim.FileRecord, path: str) -> tuple[int, str] | None:
+    def _marker(self, img: _reader.Image, rec: cim.FileRecord, path: str) -> tuple[int, str | int] | None:
         if rec.reparse_tag != ntfs.IO_REPARSE_TAG_CIMFS_MERGE or not rec.reparse_offset:
             return None
         try:
@@ -180,7 +183,7 @@ class Merger:
             raise CimFormatError(f"{path}: {what}", img.path)
         return marker
 
-    def _apply(self, img, mapping) -> None:
+    def _apply(self, img: _reader.Image, mapping: list[int]) -> None:
         root = self.w._root
         root_rec = img.record(img.root_id)
         root.record = self._record(img, img.root_id, root_rec, mapping, True)
@@ -193,6 +196,7 @@ class Merger:
         while stack:
             dir_id, dir_node, dir_path = stack.pop()
             children = dir_node.children
+            assert children is not None  # only directories are stacked
             for name, fid in img.scandir(dir_id):
                 path = f"{dir_path}\\{name}" if dir_path else name
                 rec = img.record(fid)
@@ -204,13 +208,16 @@ class Merger:
                     continue
                 marker = self._marker(img, rec, path)
                 if marker is not None and marker[0] == ntfs.MERGE_KIND_LINK:
-                    links.append((dir_node, k, name, marker[1], path))
+                    target = marker[1]
+                    assert isinstance(target, str)  # a link marker holds its target's path
+                    links.append((dir_node, k, name, target, path))
                     continue
                 if rec.is_dir:
                     if fid in seen:
                         raise CimFormatError(f"{path}: directory FileID {fid} is reached twice (a cycle)", img.path)
                     seen.add(fid)
                     flags = marker[1] if marker is not None else 0
+                    assert isinstance(flags, int)  # _marker lets only a directory marker (its flags) onto a directory
                     record = self._record(img, fid, rec, mapping, True, drop_reparse=marker is not None)
                     lower = old[1] if old is not None and old[1].is_dir else None
                     parent_only = bool(flags & ntfs.MERGE_DIR_PARENT_ONLY)
@@ -222,7 +229,7 @@ class Merger:
                     else:
                         if old is not None:
                             self._unlink(dir_node, k)
-                        if parent_only and lower is not None:
+                        if parent_only and lower is not None and old is not None:  # (lower is old's node)
                             node = _Node(lower.record, is_dir=True)  # opaque, with the lower one's metadata
                             self._link(dir_node, k, old[0], node)
                         else:
@@ -232,29 +239,29 @@ class Merger:
                                 made_for_children.append((dir_node, k, node))
                     stack.append((fid, node, path))
                     continue
-                node = files.get(fid)
-                if node is None:
-                    node = files[fid] = self._file_node(img, fid, rec, mapping)
+                file_node = files.get(fid)
+                if file_node is None:
+                    file_node = files[fid] = self._file_node(img, fid, rec, mapping)
                 if old is not None:
                     self._unlink(dir_node, k)
-                self._link(dir_node, k, name, node)
+                self._link(dir_node, k, name, file_node)
         for dir_node, k, name, target, path in links:
-            node = self._lookup(target)
-            if node is None or node.is_dir:
-                what = "is not in the layers below" if node is None else "is a directory"
-                raise CimError(ERROR_FILE_NOT_FOUND if node is None else E_INVALIDARG,
+            found = self._lookup(target)
+            if found is None or found.is_dir:
+                what = "is not in the layers below" if found is None else "is a directory"
+                raise CimError(ERROR_FILE_NOT_FOUND if found is None else E_INVALIDARG,
                                f"merge link '{path}': its target '{target}' {what}", img.path)
-            if dir_node.children.get(k) is not None:
+            if dir_node.children and dir_node.children.get(k) is not None:
                 self._unlink(dir_node, k)
-            self._link(dir_node, k, name, node)
+            self._link(dir_node, k, name, found)
         # A parent-only directory the layers below did not have exists for its
         # entries; one left with none (it held only tombstones) goes, as a
         # fork chain would never have made it.  Children come after parents.
         for dir_node, k, node in reversed(made_for_children):
-            if not node.children and dir_node.children.get(k, (None, None))[1] is node:
+            if not node.children and dir_node.children and dir_node.children.get(k, (None, None))[1] is node:
                 self._unlink(dir_node, k)
 
-    def _lookup(self, path: str):
+    def _lookup(self, path: str) -> _Node | None:
         parts, _ = split_path(path, strict=False)
         node = self.w._root
         for part in parts:
@@ -266,16 +273,18 @@ class Merger:
             node = entry[1]
         return node
 
-    def _link(self, dir_node, k: str, name: str, node) -> None:
+    def _link(self, dir_node: _Node, k: str, name: str, node: _Node) -> None:
+        assert dir_node.children is not None  # a directory's
         dir_node.children[k] = (name, node)
         node.nlink += 1
 
-    def _unlink(self, dir_node, k: str) -> None:
+    def _unlink(self, dir_node: _Node, k: str) -> None:
+        assert dir_node.children is not None  # a directory's
         _, node = dir_node.children.pop(k)
         node.nlink -= 1
 
 
-def source_path(directory: str, path) -> str:
+def source_path(directory: str, path: str | os.PathLike[str]) -> str:
     """A merge source as a path in the merged image's directory (a bare name or a path)."""
     p = os.fspath(path)
     full = os.path.abspath(p if os.path.dirname(p) else os.path.join(directory, p))
@@ -302,7 +311,8 @@ def add_source(writer: ImageWriter, path: str | os.PathLike, flags: int = 0) -> 
     writer._build_merged = Merger(writer, writer._merge_sources).run
 
 
-def merge(containing_dir, name: str, sources: list, *, sync: bool = True, consistent: bool = True) -> str:
+def merge(containing_dir: str | os.PathLike[str], name: str, sources: Sequence[str | os.PathLike[str]], *,
+          sync: bool = True, consistent: bool = True) -> str:
     """Write the merged image ``name`` of ``sources`` (``.cim`` names or paths in
     ``containing_dir``, top layer first); returns its path.  ``consistent``
     (the default): the same sources give the same files (see

@@ -19,8 +19,8 @@ import io
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import NamedTuple, overload
 
 from . import remote
 from .errors import (
@@ -87,20 +87,29 @@ class _TableList(list):
         return sum(t.count for t in self)
 
 
-class _FileTables(Sequence):
+class _FileTables(Sequence[cim.FileTableEntry]):
     """The file table directory as a sequence, each entry unpacked (and
     checked) when asked for: a count that passes the size check only because
     the region file is sparse costs no memory up front."""
 
     __slots__ = ("_raw", "_count", "_fail", "_cache")
 
-    def __init__(self, raw: memoryview, count: int, fail):
-        self._raw, self._count, self._fail, self._cache = raw, count, fail, {}
+    def __init__(self, raw: memoryview, count: int, fail: Callable[[str], CimFormatError]):
+        self._raw, self._count, self._fail = raw, count, fail
+        self._cache: dict[int, cim.FileTableEntry] = {}
 
     def __len__(self) -> int:
         return self._count
 
-    def __getitem__(self, i: int) -> cim.FileTableEntry:
+    @overload
+    def __getitem__(self, i: int) -> cim.FileTableEntry: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[cim.FileTableEntry]: ...
+
+    def __getitem__(self, i: int | slice) -> cim.FileTableEntry | list[cim.FileTableEntry]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self._count))]
         t = self._cache.get(i)
         if t is not None:
             return t
@@ -117,7 +126,7 @@ class _FileTables(Sequence):
             self._cache[i] = t
         return t
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[cim.FileTableEntry]:
         for i in range(self._count):
             yield self[i]
 
@@ -133,7 +142,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
     region files through fsspec; without it they are local files.
     """
 
-    def __init__(self, cim_path: str | os.PathLike, *, storage=None):
+    def __init__(self, cim_path: str | os.PathLike, *, storage: remote.RemoteStorage | None = None):
         self.storage = storage
         # A remote region has no descriptor: copy_stream takes the read/write path.
         self._copy_file_range = _HAVE_COPY_FILE_RANGE and storage is None
@@ -198,6 +207,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
                     if self.storage is not None:
                         region = self._regions[index] = self.storage.open_region(name, f"region file {name}")
                         return region
+                    assert self.directory is not None  # a local image's
                     path = find_region_file(self.directory, name)
                     if path is None:
                         raise self._fail(f"region file {name} is missing")
@@ -290,7 +300,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
     def __enter__(self) -> "Image":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -341,7 +351,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
             self._records.popitem(last=False)
         return rec
 
-    def records(self, file_ids) -> list[cim.FileRecord]:
+    def records(self, file_ids: Iterable[int]) -> list[cim.FileRecord]:
         """``[record(i) for i in file_ids]`` for a directory's worth of
         entries at once: records not cached already are unpacked in one loop
         and not kept (a walk reads each once)."""
@@ -436,7 +446,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
             return d.file_ids[i]
         return None
 
-    def _resolve(self, path, allow_stream: bool = True) -> tuple[int, str | None]:
+    def _resolve(self, path: str | int, allow_stream: bool = True) -> tuple[int, str | None]:
         if isinstance(path, int):
             self.record(path)
             return path, None
@@ -453,12 +463,12 @@ class Image(StreamReading, TreeWalking, ImageChecks):
             fid = child
         return fid, stream
 
-    def lookup(self, path) -> int:
+    def lookup(self, path: str | int) -> int:
         """The FileID at ``path``."""
         fid, stream = self._resolve(path, allow_stream=False)
         return fid
 
-    def exists(self, path) -> bool:
+    def exists(self, path: str | int) -> bool:
         try:
             fid, stream = self._resolve(path)
             if stream is not None:
@@ -470,18 +480,18 @@ class Image(StreamReading, TreeWalking, ImageChecks):
             return False
 
     # ------------------------------------------------------------ directories
-    def scandir(self, path="") -> list[DirEntry]:
+    def scandir(self, path: str | int = "") -> list[DirEntry]:
         fid = path if isinstance(path, int) else self.lookup(path)
         d = self._directory(fid)
         new = tuple.__new__  # DirEntry's own __new__ is a Python function
         return [new(DirEntry, e) for e in zip(d.names, d.file_ids)]
 
-    def listdir(self, path="") -> list[str]:
+    def listdir(self, path: str | int = "") -> list[str]:
         fid = path if isinstance(path, int) else self.lookup(path)
         return list(self._directory(fid).names)
 
     # ------------------------------------------------------------ metadata
-    def nlink(self, path) -> int:
+    def nlink(self, path: str | int) -> int:
         """How many names the entry has (``stat(path).nlink`` without the rest
         of the stat): 1 for a directory; a file's count takes one walk of the
         whole tree the first time (the format keeps none)."""
@@ -495,7 +505,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
         # directory, as a fork's planning does along its paths, costs no walk.
         return 1 if rec.is_dir else self._link_counts().get(fid, 1)
 
-    def stat(self, path="", *, links: bool = True) -> Stat:
+    def stat(self, path: str | int = "", *, links: bool = True) -> Stat:
         """``links=False`` leaves ``nlink`` 0 (not counted): the format keeps
         no link counts, and the first count walks the whole tree."""
         if type(path) is int:  # the bulk of callers (walks, extraction, the mount): no path to parse
@@ -506,7 +516,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
         if stream is not None:
             s = self._find_stream(fid, stream, path)
             if s is None:
-                raise CimError(ERROR_FILE_NOT_FOUND, "no such alternate stream", path)
+                raise CimError(ERROR_FILE_NOT_FOUND, "no such alternate stream", str(path))
         # Descriptions for errors are only built for the blobs there are.
         reparse = self._blob(rec.reparse_offset, f"reparse buffer of FileID {fid}") if rec.reparse_offset else b""
         sd = (self._blob(rec.security_descriptor_offset, f"security descriptor of FileID {fid}")
@@ -522,7 +532,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
                     rec.reparse_tag if reparse else 0, reparse, nlink, is_dir, rec.stream.sparse,
                     stream_count, rec.parent_file_id)
 
-    def ea_buffer(self, path) -> bytes:
+    def ea_buffer(self, path: str | int) -> bytes:
         """The entry's extended attributes as stored (``stat(path).ea_buffer`` alone)."""
         fid = path if type(path) is int else self.lookup(path)
         rec = self.record(fid)
@@ -542,12 +552,12 @@ class Image(StreamReading, TreeWalking, ImageChecks):
             raise e if e.filename else self._fail(e.strerror) from None
         return names, streams
 
-    def streams(self, path) -> list[str]:
+    def streams(self, path: str | int) -> list[str]:
         """Names of the alternate data streams of ``path``."""
         fid = path if isinstance(path, int) else self.lookup(path)
         return list(self._stream_table(fid)[0])
 
-    def _find_stream(self, fid: int, name: str, path) -> cim.Stream | None:
+    def _find_stream(self, fid: int, name: str, path: str | int) -> cim.Stream | None:
         names, streams = self._stream_table(fid)
         k = self._folder.key(name)
         for n, s in zip(names, streams):
@@ -555,7 +565,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
                 return s
         return None
 
-    def stream_descriptor(self, path, stream: str | None = None) -> cim.Stream:
+    def stream_descriptor(self, path: str | int, stream: str | None = None) -> cim.Stream:
         fid, s = self._resolve(path)
         stream = stream if stream is not None else s
         if stream is None:
@@ -568,7 +578,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
             raise CimError(ERROR_FILE_NOT_FOUND, f"no alternate stream {stream!r}", str(path))
         return desc
 
-    def stream_size(self, path, stream: str | None = None) -> int:
+    def stream_size(self, path: str | int, stream: str | None = None) -> int:
         return self.stream_descriptor(path, stream).length
 
 def open(cim_path: str | os.PathLike, storage_options: dict | None = None, *,  # noqa: A001 - mirrors zipfile/tarfile.open

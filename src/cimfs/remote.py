@@ -25,6 +25,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from typing import TypeGuard
 
 from .errors import (
     E_ACCESSDENIED,
@@ -65,7 +66,7 @@ _RETRY_PAUSE = 0.25
 _FINAL = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
 
 
-def is_url(path) -> bool:
+def is_url(path: object) -> TypeGuard[str]:
     """Whether ``path`` names an fsspec URL (``proto://...`` or a ``::`` chain) rather than a local file."""
     return isinstance(path, str) and ("://" in path or "::" in path)
 
@@ -424,6 +425,7 @@ class RemoteRegion:
         self.disk: DiskBlocks | None = None
         identity = storage.identity(path) if storage.cache_dir else None
         if identity is not None:
+            assert storage.cache_dir is not None  # identity() needs one
             try:
                 self.disk = DiskBlocks(storage.cache_dir, identity, self.size)
             except OSError as e:

@@ -18,6 +18,10 @@ from .layout import cim
 from .regionfile import _physical_memory, _Region
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from _typeshed import WriteableBuffer
+
     from .errors import CimFormatError
 
 #: The largest single read (``read_bytes``, ``read()``, ``read_at``) the
@@ -47,21 +51,22 @@ class StreamReading:
         def _locate(self, ro: int, length: int, what: str) -> tuple[_Region, int]: ...
         def _view(self, ro: int, length: int, what: str) -> memoryview: ...
         def _data(self, ro: int, length: int, what: str) -> bytes: ...
-        def stream_descriptor(self, path, stream: str | None = None) -> cim.Stream: ...
+        def stream_descriptor(self, path: str | int, stream: str | None = None) -> cim.Stream: ...
 
-    def open(self, path, stream: str | None = None) -> "CimFile":
+    def open(self, path: str | int, stream: str | None = None) -> "CimFile":
         desc = self.stream_descriptor(path, stream)
         return CimFile(self, desc, str(path))
 
-    def read_bytes(self, path, stream: str | None = None) -> bytes:
+    def read_bytes(self, path: str | int, stream: str | None = None) -> bytes:
         with self.open(path, stream) as f:
             return f.read()
 
-    def read_at(self, path, offset: int, size: int, stream: str | None = None) -> bytes:
+    def read_at(self, path: str | int | cim.Stream, offset: int, size: int, stream: str | None = None) -> bytes:
         desc = path if isinstance(path, cim.Stream) else self.stream_descriptor(path, stream)
         return self._read_stream(desc, offset, size)
 
-    def readinto_at(self, path, offset: int, buffer, stream: str | None = None, *, nowait: bool = False) -> int:
+    def readinto_at(self, path: str | int | cim.Stream, offset: int, buffer: WriteableBuffer, stream: str | None = None, *,
+                    nowait: bool = False) -> int:
         """Fill ``buffer`` (a writable bytes-like object) from the stream at
         ``offset``; returns the count, short only at the end of the stream.
 
@@ -111,7 +116,8 @@ class StreamReading:
             done += k
         return done
 
-    def copy_stream(self, path, fd: int, stream: str | None = None, progress=None) -> int:
+    def copy_stream(self, path: str | int | cim.Stream, fd: int, stream: str | None = None,
+                    progress: Callable[[int], object] | None = None) -> int:
         """Write the whole stream to the file descriptor ``fd`` at its current
         position; returns the number of bytes written.
 
@@ -272,8 +278,9 @@ class CimFile(io.RawIOBase):
     def readall(self) -> bytes:
         return self.read(-1)
 
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
+    def readinto(self, b: WriteableBuffer) -> int:
+        mv = memoryview(b).cast("B")
+        data = self.read(len(mv))
         n = len(data)
-        memoryview(b).cast("B")[:n] = data
+        mv[:n] = data
         return n

@@ -8,7 +8,7 @@ import datetime as _dt
 import os
 import re
 import stat as S
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import cimfs
 from .atomic import fsync_dir
@@ -17,6 +17,9 @@ from .layout import cim, ntfs
 from .names import split_stream  # noqa: F401  (lives with the path rules; callers import it here)
 from .errors import (E_INVALIDARG, ERROR_FILE_NOT_FOUND, ERROR_SHARING_VIOLATION, CimError, CimFormatError,
                      hresult_from_oserror)
+
+if TYPE_CHECKING:  # annotations only
+    from .reader import Stat
 
 _ATTR_NAMES = [(0x1, "READONLY"), (0x2, "HIDDEN"), (0x4, "SYSTEM"), (0x10, "DIRECTORY"), (0x20, "ARCHIVE"),
                (0x80, "NORMAL"), (0x200, "SPARSE_FILE"), (0x400, "REPARSE_POINT")]
@@ -98,9 +101,9 @@ def describe(image, path: str) -> dict:
         try:
             entries = ntfs.unpack_eas(st.ea_buffer)
             eas = []
-            for e in entries:
-                d = {"name": _s(e.name), "flags": e.flags, "value_hex": bytes(e.value).hex()}
-                dec = _decode_lx_ea(_s(e.name), bytes(e.value))
+            for ea in entries:
+                d = {"name": _s(ea.name), "flags": ea.flags, "value_hex": bytes(ea.value).hex()}
+                dec = _decode_lx_ea(_s(ea.name), bytes(ea.value))
                 if dec is not None:
                     d["decoded"] = dec
                 eas.append(d)
@@ -142,6 +145,7 @@ def _decode_lx_ea(name: str, value: bytes):
         return None
     lx = ntfs.parse_lx_eas([ntfs.EaEntry(name, value)])
     if name == "$LXMOD":
+        assert lx.mode is not None  # a 4-byte $LXMOD always parses
         return f"{lx.mode:o} ({S.filemode(lx.mode)})"
     if name == "$LXDEV":
         return [lx.rdev_major, lx.rdev_minor]
@@ -149,7 +153,7 @@ def _decode_lx_ea(name: str, value: bytes):
 
 
 # --------------------------------------------------------------------- walking
-def iter_entries(image, path: str = "") -> Iterator[tuple[str, int, object]]:
+def iter_entries(image, path: str = "") -> Iterator[tuple[str, int, Stat]]:
     """(path, file_id, Stat) for ``path`` and everything below it, depth first, no loops."""
     fid = image.lookup(path) if path else image.root_id
     st = image.stat(fid)
@@ -320,13 +324,13 @@ def fsck(cim_path: str, progress: Callable[[int], None] | None = None, storage_o
     findings: list[str] = []
     try:
         image = cimfs.open(cim_path, storage_options)
-    except CimError as e:
-        return [str(e)]
+    except CimError as err:
+        return [str(err)]
     with image:
         try:
             info = image.info()
-        except CimError as e:
-            return [str(e)]
+        except CimError as err:
+            return [str(err)]
         present = image.stored_sizes()
         for r in info.get("region_files", []):
             if r not in present:
@@ -339,7 +343,7 @@ def fsck(cim_path: str, progress: Callable[[int], None] | None = None, storage_o
         checked: set[int] = set()
         stack = [(image.root_id, "")]
 
-        def check_entry(path: str, fid: int) -> object | None:
+        def check_entry(path: str, fid: int) -> Stat | None:
             try:
                 st = image.stat(fid)
             except CimError as e:
@@ -369,7 +373,7 @@ def fsck(cim_path: str, progress: Callable[[int], None] | None = None, storage_o
                         findings.append(f"{path}: link target is empty")
                 except Exception as e:  # noqa: BLE001
                     findings.append(f"{path}: bad reparse buffer ({e})")
-            streams = [None]
+            streams: list[str | None] = [None]
             try:
                 streams += image.streams(fid)
             except CimError as e:
@@ -401,8 +405,8 @@ def fsck(cim_path: str, progress: Callable[[int], None] | None = None, storage_o
             did, prefix = stack.pop()
             try:
                 entries = image.scandir(did)
-            except CimError as e:
-                findings.append(f"{prefix or '/'}: {e.strerror}")
+            except CimError as err:
+                findings.append(f"{prefix or '/'}: {err.strerror}")
                 continue
             prev = None
             for e in entries:
@@ -474,7 +478,7 @@ def _read_head(path: str, size: int) -> bytes | None:
         os.close(fd)
 
 
-def image_region_sets(path: str) -> set[str] | None:
+def image_region_sets(path: str) -> set[str]:
     """The region set ids (lower-case) an image file refers to, its own and
     its parents', read from its header alone.  Raises CimFormatError when the
     file starts like a CIM filesystem file but its header cannot be read, and

@@ -6,7 +6,7 @@ damage reported and skipped (:class:`_Visits`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from .errors import CimError, CimFormatError
@@ -80,7 +80,7 @@ class TreeWalking:
         def _blob(self, ro: int, what: str) -> bytes: ...
         def _directory(self, file_id: int) -> _Directory: ...
         def record(self, file_id: int) -> cim.FileRecord: ...
-        def lookup(self, path) -> int: ...
+        def lookup(self, path: str | int) -> int: ...
 
     def _region_sizes(self, open_all: bool) -> list[tuple[int, int]]:
         """(index, size) of the region files already open, or of all that open."""
@@ -102,7 +102,7 @@ class TreeWalking:
         (a second name, a link table shared or overlapping)."""
         return _Visits(self)
 
-    def walk(self, path: str = "", onerror=None) -> Iterator[tuple[str, list[str], list[str]]]:
+    def walk(self, path: str = "", onerror: Callable[[CimFormatError], object] | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
         """Top-down like ``os.walk``; ``dirpath`` uses ``\\`` and the root is ``""``.
 
         Directories may be pruned by editing ``dirnames`` in place.  Damage
@@ -143,16 +143,16 @@ class TreeWalking:
             yield dirpath, dirs, files
             subs = []
             for name in dirs:  # in order: the first name of a directory is the one entered
-                child = dir_ids.get(name)
-                if child is None:
+                dir_id = dir_ids.get(name)
+                if dir_id is None:
                     continue
                 sub = f"{dirpath}\\{name}" if dirpath else name
-                reason = visits.admit(child, self.record(child))
+                reason = visits.admit(dir_id, self.record(dir_id))
                 if reason is not None:
                     if onerror is not None:
                         onerror(CimFormatError(reason, sub))
                     continue
-                subs.append((sub, child))
+                subs.append((sub, dir_id))
             stack.extend(reversed(subs))
 
     def iter_file_ids(self) -> Iterator[tuple[str, int]]:
@@ -163,7 +163,7 @@ class TreeWalking:
             if fid is not None:
                 yield path, fid
 
-    def _tree(self) -> Iterator[tuple[str, int, cim.FileRecord | None, str | None]]:
+    def _tree(self) -> Iterator[tuple[str, int | None, cim.FileRecord | None, str | None]]:
         """(path, FileID, record, damage) for every entry below the root,
         parents before children, without recursion and without a path lookup
         per entry.  ``record`` is None and ``damage`` says why when the entry
@@ -205,13 +205,14 @@ class TreeWalking:
 
     def merge_links(self) -> list[tuple[str, str]]:
         """(path, target in the layers below) of each ``CimCreateMergeLink`` of this image."""
-        return [(p, m[1]) for p, m in self._merge_markers() if m[0] == ntfs.MERGE_KIND_LINK]
+        return [(p, m[1]) for p, m in self._merge_markers() if m[0] == ntfs.MERGE_KIND_LINK and isinstance(m[1], str)]
 
     def opaque_dirs(self) -> list[str]:
         """Directories that replace, instead of merging with, the layers' below."""
-        return [p for p, m in self._merge_markers() if m[0] == ntfs.MERGE_KIND_DIR and m[1] & ntfs.MERGE_DIR_OPAQUE]
+        return [p for p, m in self._merge_markers()
+                if m[0] == ntfs.MERGE_KIND_DIR and isinstance(m[1], int) and m[1] & ntfs.MERGE_DIR_OPAQUE]
 
-    def _merge_markers(self):
+    def _merge_markers(self) -> Iterator[tuple[str, tuple[int, str | int]]]:
         tag = ntfs.IO_REPARSE_TAG_CIMFS_MERGE
         for p, fid in self.iter_file_ids():
             rec = self.record(fid)
@@ -229,7 +230,7 @@ class TreeWalking:
         if self._nlinks is None:
             counts: dict[int, int] = {}
             for _path, fid, rec, _reason in self._tree():
-                if rec is not None and not rec.is_dir:
+                if fid is not None and rec is not None and not rec.is_dir:  # a record comes with its FileID
                     counts[fid] = counts.get(fid, 0) + 1
             self._nlinks = counts
         return self._nlinks

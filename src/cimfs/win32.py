@@ -13,12 +13,17 @@ import enum
 import functools
 import operator
 import os
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import E_HANDLE, E_INVALIDARG, E_NOTIMPL, CimError
 from .metadata import FileMetadata
 from . import merged
 from .writer import ImageWriter, StreamWriter
+
+if TYPE_CHECKING:  # annotations only
+    from _typeshed import WriteableBuffer
+
+    from .reader import Image
 
 
 class CIMFS_IMAGE_HANDLE:
@@ -43,19 +48,20 @@ class CIMFS_STREAM_HANDLE:
         return f"<CIMFS_STREAM_HANDLE {s.path if s else 'closed'}>"
 
 
-def _writer(image) -> ImageWriter:
+def _writer(image: object) -> ImageWriter:
     if not isinstance(image, CIMFS_IMAGE_HANDLE) or image._writer is None:
         raise CimError(E_HANDLE, "not an open image handle", repr(image))
     return image._writer
 
 
-def _stream(stream) -> StreamWriter:
+def _stream(stream: object) -> StreamWriter:
     if not isinstance(stream, CIMFS_STREAM_HANDLE) or stream._stream is None:
         raise CimError(E_HANDLE, "not an open stream handle", repr(stream))
     return stream._stream
 
 
-def CimCreateImage(image_containing_path, existing_image_name=None, new_image_name=None) -> CIMFS_IMAGE_HANDLE:
+def CimCreateImage(image_containing_path: str | os.PathLike[str], existing_image_name: str | None = None,
+                   new_image_name: str | None = None) -> CIMFS_IMAGE_HANDLE:
     """A new image (``existing`` None), an extension of ``existing`` (``new`` None
     or equal) or a fork of it (both given, different)."""
     if not existing_image_name and not new_image_name:
@@ -63,60 +69,60 @@ def CimCreateImage(image_containing_path, existing_image_name=None, new_image_na
     return CIMFS_IMAGE_HANDLE(ImageWriter(image_containing_path, new_image_name or existing_image_name, existing_image_name or None))
 
 
-def CimCreateFile(image, image_relative_path: str, metadata: FileMetadata) -> CIMFS_STREAM_HANDLE:
+def CimCreateFile(image: CIMFS_IMAGE_HANDLE, image_relative_path: str, metadata: FileMetadata) -> CIMFS_STREAM_HANDLE:
     if not isinstance(metadata, FileMetadata):
         raise CimError(E_INVALIDARG, "metadata must be a FileMetadata", image_relative_path)
     return CIMFS_STREAM_HANDLE(_writer(image).create_file(image_relative_path, metadata))
 
 
-def CimWriteStream(stream, data) -> None:
+def CimWriteStream(stream: CIMFS_STREAM_HANDLE, data: bytes | bytearray | memoryview) -> None:
     _stream(stream).write(data)
 
 
-def CimCloseStream(stream) -> None:
+def CimCloseStream(stream: CIMFS_STREAM_HANDLE) -> None:
     s = _stream(stream)
     stream._stream = None
     s.close()
 
 
-def CimCreateAlternateStream(image, image_relative_path: str, size: int) -> CIMFS_STREAM_HANDLE:
+def CimCreateAlternateStream(image: CIMFS_IMAGE_HANDLE, image_relative_path: str, size: int) -> CIMFS_STREAM_HANDLE:
     return CIMFS_STREAM_HANDLE(_writer(image).create_stream(image_relative_path, size))
 
 
-def CimCreateHardLink(image, image_relative_path: str, existing_image_relative_path: str) -> None:
+def CimCreateHardLink(image: CIMFS_IMAGE_HANDLE, image_relative_path: str, existing_image_relative_path: str) -> None:
     _writer(image).link(image_relative_path, existing_image_relative_path)
 
 
-def CimDeletePath(image, image_relative_path: str) -> None:
+def CimDeletePath(image: CIMFS_IMAGE_HANDLE, image_relative_path: str) -> None:
     _writer(image).delete(image_relative_path)
 
 
-def CimCommitImage(image) -> None:
+def CimCommitImage(image: CIMFS_IMAGE_HANDLE) -> None:
     _writer(image).commit()
 
 
-def CimCloseImage(image) -> None:
+def CimCloseImage(image: CIMFS_IMAGE_HANDLE) -> None:
     w = _writer(image)
     image._writer = None
     w.close()
 
 
-def CimTombstoneFile(image, image_relative_path: str) -> None:
+def CimTombstoneFile(image: CIMFS_IMAGE_HANDLE, image_relative_path: str) -> None:
     """Mark ``path`` deleted from the layers below (see :meth:`ImageWriter.tombstone`)."""
     _writer(image).tombstone(image_relative_path)
 
 
-def CimCreateMergeLink(image, image_relative_path: str, existing_image_relative_path: str) -> None:
+def CimCreateMergeLink(image: CIMFS_IMAGE_HANDLE, image_relative_path: str, existing_image_relative_path: str) -> None:
     """A hard link to a file of the layers below, resolved when images are merged."""
     _writer(image).merge_link(image_relative_path, existing_image_relative_path)
 
 
-def CimAddFsToMergedImage(image, image_path) -> None:
+def CimAddFsToMergedImage(image: CIMFS_IMAGE_HANDLE, image_path: str | os.PathLike[str]) -> None:
     """Add a source (top layer first) to a merged image made by ``CimCreateImage(dir, None, name)``."""
     merged.add_source(_writer(image), image_path, 0)
 
 
-def CimAddFsToMergedImage2(image, image_path, flags: int = 0) -> None:
+def CimAddFsToMergedImage2(image: CIMFS_IMAGE_HANDLE, image_path: str | os.PathLike[str], flags: int = 0) -> None:
     merged.add_source(_writer(image), image_path, flags)
 
 
@@ -143,7 +149,8 @@ _UNPUBLISHED_LAYOUTS = {
 _ALL_CREATE_FLAGS = int(functools.reduce(operator.or_, CimCreateFlags))
 
 
-def CimCreateImage2(image_containing_path, flags, existing_image_name=None, new_image_name=None) -> CIMFS_IMAGE_HANDLE:
+def CimCreateImage2(image_containing_path: str | os.PathLike[str], flags: int, existing_image_name: str | None = None,
+                    new_image_name: str | None = None) -> CIMFS_IMAGE_HANDLE:
     """``CimCreateImage`` with flags.  ``DO_NOT_EXPAND_PE_IMAGES`` is accepted
     (cimfs never expands PE images); ``CONSISTENT_CIM`` writes a consistent
     image (``cimfs.create(..., consistent=True)``); the block, single-file,
@@ -188,13 +195,14 @@ FILE_READ_ONLY_DEVICE = 0x2
 _ALLOCATION_UNIT = 4096  # a data region's alignment
 
 
-def _open_for_read(image_path):
+def _open_for_read(image_path: str | os.PathLike[str]) -> Image:
     from . import reader  # start-up time: only the read calls need the reader
 
     return reader.Image(image_path)
 
 
-def CimReadFile(image_path, file_path: str, offset: int, buffer) -> tuple[int, int]:
+def CimReadFile(image_path: str | os.PathLike[str], file_path: str, offset: int,
+                buffer: WriteableBuffer) -> tuple[int, int]:
     """Read ``file_path`` (``file:stream`` for an alternate stream) of the
     image at ``image_path`` from ``offset`` into ``buffer`` (any writable
     bytes-like object) without an image handle.  Returns ``(bytes_read,
@@ -215,7 +223,7 @@ def CimReadFile(image_path, file_path: str, offset: int, buffer) -> tuple[int, i
         return n, max(desc.length - offset - n, 0)
 
 
-def CimGetFileStatBasicInformation(image_path, file_path: str) -> FILE_STAT_BASIC_INFORMATION:
+def CimGetFileStatBasicInformation(image_path: str | os.PathLike[str], file_path: str) -> FILE_STAT_BASIC_INFORMATION:
     """The ``FILE_STAT_BASIC_INFORMATION`` of ``file_path`` in the image at
     ``image_path``, without an image handle; for ``file:stream`` the sizes
     are the alternate stream's."""

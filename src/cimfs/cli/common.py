@@ -70,7 +70,7 @@ class FamilyGroup(click.Group):
     asked for: ``cimfs cat`` loads :mod:`.reading` only, ``--version`` none
     (``--help`` lists them all, so it loads every family)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.families: dict[str, str] = {}  # command name -> the module defining it (with a COMMANDS tuple)
 
@@ -103,10 +103,11 @@ def cli() -> None:
 
 
 # ===================================================================== the end
-def _escape_unprintable(e: UnicodeEncodeError):
+def _escape_unprintable(e: UnicodeError) -> tuple[str | bytes, int]:
     """Bytes a host name could not decode (surrogateescape) go out as they
     were; any other unencodable character -- a lone UTF-16 surrogate in an
     image's name -- as a ``\\udXXX`` escape."""
+    assert isinstance(e, UnicodeEncodeError)  # the handler is used for encoding only
     chunk = e.object[e.start:e.end]
     if all(0xDC80 <= ord(c) <= 0xDCFF for c in chunk):
         return codecs.lookup_error("surrogateescape")(e)
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         code = 1
     except BrokenPipeError:
         with contextlib.suppress(OSError):
-            sys.stdout = None  # type: ignore[assignment]
+            sys.stdout = None
         code = 1
     except KeyboardInterrupt:
         click.echo("cimfs: interrupted", err=True)

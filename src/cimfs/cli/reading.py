@@ -258,6 +258,7 @@ def _open_output(out: str):
     """(binary file, finish(ok)) writing OUT atomically, compressed by its suffix."""
     import bz2
     import gzip
+    import io
     import lzma
 
     low = out.lower()
@@ -268,6 +269,7 @@ def _open_output(out: str):
         directory = os.path.dirname(os.path.abspath(out))
         tmp = os.path.join(directory, f".{os.path.basename(out)}.tmp{os.getpid()}")
         raw = open(tmp, "wb")
+    f: io.BufferedIOBase | None
     if low.endswith((".gz", ".tgz")):
         f = gzip.GzipFile(fileobj=raw, mode="wb")
     elif low.endswith((".bz2", ".tbz2")):

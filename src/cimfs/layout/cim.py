@@ -125,7 +125,7 @@ def align(n: int, alignment: int) -> int:
 # ---------------------------------------------------------------- headers
 class RegionSet(NamedTuple):
     id: uuid.UUID
-    count: int
+    count: int  # type: ignore[assignment]  # the format's name; it hides tuple.count, which nothing here calls
 
     def pack(self) -> bytes:
         return REGION_SET.pack(self.id.bytes_le, self.count, 0, 0)
@@ -259,7 +259,7 @@ def unpack_filesystem_object(buf) -> FilesystemObject:
 
 class FileTableEntry(NamedTuple):
     offset: int
-    count: int
+    count: int  # type: ignore[assignment]  # the format's name; it hides tuple.count, which nothing here calls
     entry_size: int
 
 
@@ -433,7 +433,7 @@ def pack_link_table(names: list[str], values: "list[bytes] | bytes") -> bytes:
     """``names`` already in the image's sort order; ``values`` packed (4 or 16
     bytes each), as a list or already joined."""
     count = len(names)
-    value_bytes = values if type(values) is bytes else b"".join(values)
+    value_bytes = values if isinstance(values, bytes) else b"".join(values)
     name_base = 8 + len(value_bytes) + 4 * count
     # Each name is its length in UTF-16 units (u16), then the units: written
     # as one string, the length as a character, encoded in one call.  That

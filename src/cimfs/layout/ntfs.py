@@ -417,6 +417,7 @@ def _pack_acl(aces: list[bytes]) -> bytes:
 
 def _parse_acl_text(text: str, where: str) -> tuple[int, list[bytes] | None]:
     m = re.match(r"^((?:P|AI|AR|NO_ACCESS_CONTROL)*)", text)
+    assert m is not None  # the pattern matches the empty string
     flag_text = m.group(1)
     flags = 0
     if "P" in flag_text.replace("NO_ACCESS_CONTROL", ""):

@@ -121,11 +121,11 @@ def _mount_prepared(p: Prepared, mountpoint: str) -> list[str]:
         return []
     except _newmount.MountError as e:
         if e.errno != errno.ENOTBLK:
-            raise CimError(E_FAIL, f"the kernel refused the EROFS mount: {_named(e.strerror, p)}", mountpoint) from None
+            raise CimError(E_FAIL, f"the kernel refused the EROFS mount: {_named(e.strerror or str(e), p)}", mountpoint) from None
     try:
         return _mount_with_loops(p, mountpoint)
     except _newmount.MountError as e2:
-        raise CimError(E_FAIL, f"the kernel refused the EROFS mount on loop devices: {_named(e2.strerror, p)}",
+        raise CimError(E_FAIL, f"the kernel refused the EROFS mount on loop devices: {_named(e2.strerror or str(e2), p)}",
                        mountpoint) from None
 
 
@@ -151,7 +151,7 @@ def unmount(entry: dict) -> None:
             _newmount.umount(mountpoint)
         except _newmount.MountError as e:
             code = ERROR_SHARING_VIOLATION if e.errno == errno.EBUSY else E_FAIL
-            raise CimError(code, e.strerror, mountpoint) from None
+            raise CimError(code, e.strerror or str(e), mountpoint) from None
     _detach_loops(entry.get("loops") or [])
     remove_entry(entry["volume_id"])
 
@@ -234,7 +234,7 @@ def unmount_orphan(mountpoint: str) -> bool:
         _newmount.umount(real)
     except _newmount.MountError as e:
         code = ERROR_SHARING_VIOLATION if e.errno == errno.EBUSY else E_FAIL
-        raise CimError(code, e.strerror, mountpoint) from None
+        raise CimError(code, e.strerror or str(e), mountpoint) from None
     return True
 
 

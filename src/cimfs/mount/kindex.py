@@ -111,7 +111,7 @@ class _Pinned:
     """The region files the kernel will read, each opened once (``O_NOFOLLOW``,
     a regular file, the very file the reader parsed), by region file name."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.fds: dict[str, int] = {}
         self.paths: dict[str, str] = {}
         self.ids: dict[str, tuple] = {}
@@ -220,7 +220,7 @@ def prepared(paths: list[str], options: Options, merged: bool = False):
         d, dfd = _open_cache_dir()
         found = _load_entry(dfd, key, pinned)
         built = found is None
-        if built:
+        if found is None:
             tag = "merged:" + "\0".join(paths) if merged else paths[0]
             found = _build_entry(dfd, key, tag, pinned, lambda fd: _build(images, paths, fd, options, pinned, merged))
             _drop_stale(dfd, tag, key)

@@ -41,6 +41,7 @@ def merged_view(paths: list) -> tuple[str, str]:
                     link = os.path.join(directory, region)
                     if os.path.lexists(link):
                         continue  # a set shared by a fork chain
+                    assert img.directory is not None  # a local image's
                     found = find_region_file(img.directory, region)
                     if found is None:
                         raise CimFormatError(f"region file {region} is missing", src)

@@ -178,6 +178,7 @@ def _remove(path: str) -> None:
 def find_entry(target) -> dict | None:
     """The live mount at mount point ``target``, or with volume id ``target``; None if there is none."""
     live = mounts()
+    vid: str | None
     if isinstance(target, uuid.UUID):
         vid = str(target)
     else:

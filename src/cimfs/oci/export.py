@@ -17,6 +17,7 @@ import os
 import shutil
 import tarfile
 import zlib
+from collections.abc import Callable
 
 from .. import winlayer
 from ..atomic import replacing, temp_name
@@ -42,6 +43,8 @@ class _BlobWriter:
         self.diff = hashlib.sha256()
         self.blob = hashlib.sha256()
         self.size = 0
+        self.compress: Callable[[bytes], bytes]
+        self.flush_: Callable[[], bytes]
         if compression == "gzip":
             c = zlib.compressobj(6, zlib.DEFLATED, 31)  # zlib's gzip header: mtime 0, no name
             self.compress, self.flush_ = c.compress, c.flush
@@ -50,8 +53,8 @@ class _BlobWriter:
                 import zstandard  # optional dependency (cimfs[oci])
             except ImportError:
                 raise CimError(E_INVALIDARG, "zstd needs the 'zstandard' package (pip install cimfs[oci])") from None
-            c = zstandard.ZstdCompressor(level=3).compressobj()
-            self.compress, self.flush_ = c.compress, c.flush
+            z = zstandard.ZstdCompressor(level=3).compressobj()
+            self.compress, self.flush_ = z.compress, z.flush
         elif compression == "none":
             self.compress, self.flush_ = (lambda b: b), (lambda: b"")
         else:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import os
 import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
+from typing import IO
 
 from ..errors import E_INVALIDARG, ERROR_DISK_FULL, ERROR_FILE_NOT_FOUND, CimError
 from ..tarbounds import BoundedTarInfo
@@ -262,9 +264,9 @@ class DockerArchive:
     ``spool_dir`` because the archive names its manifest last."""
 
     def __init__(self, src, spool_dir: str | None = None):
-        self._spooled = None
+        self._spooled: str | None = None
         self._file = None
-        self.tf = None
+        self.tf: tarfile.TarFile | None = None
         self.label = src if isinstance(src, str) else "<stdin>"
         try:
             stream = src
@@ -291,7 +293,7 @@ class DockerArchive:
         except BaseException:
             self.close()
             raise
-        self.members = {}
+        self.members: dict[str, tarfile.TarInfo] = {}
         try:
             for m in self.tf:
                 if len(self.members) >= MAX_MEMBERS:
@@ -317,6 +319,7 @@ class DockerArchive:
         where = spool_dir or tempfile.gettempdir()
         fd, path = tempfile.mkstemp(prefix=".spool-", suffix=".tar", dir=spool_dir)
         self._spooled = path
+        reader: io.BufferedReader | blobs._GzipReader | blobs._ZstdStream
         reader, compressed = blobs.sniff_compression(raw, close_source=False)
         if compressed == "gzip":
             reader = blobs._GzipReader(reader, self.label)
@@ -324,9 +327,11 @@ class DockerArchive:
             reader = blobs._ZstdStream(reader, self.label)
         with os.fdopen(fd, "w+b") as out:
             try:
-                tin = tarfile.open(fileobj=reader, mode="r|", tarinfo=BoundedTarInfo)  # noqa: SIM115
+                # Ignored below: a stream ("r|") tar only calls read() and close(); typeshed's
+                # _Fileobj asks for write/seek/tell too, which the decompressing readers do not have.
+                tin = tarfile.open(fileobj=reader, mode="r|", tarinfo=BoundedTarInfo)  # type: ignore[call-overload]  # noqa: SIM115
                 with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tout:
-                    tout.copybufsize = blobs.CHUNK
+                    tout.copybufsize = blobs.CHUNK  # type: ignore[attr-defined]  # set by TarFile.__init__; typeshed leaves it out
                     for n, m in enumerate(tin):
                         if n >= MAX_MEMBERS:
                             raise CimError(E_INVALIDARG, f"the archive has more than {MAX_MEMBERS} members (the "
@@ -362,7 +367,7 @@ class DockerArchive:
                                             f"{where} has {free} bytes free (a spool leaves {SPOOL_RESERVE})",
                            self.label)
 
-    def _member(self, name: str, what: str):
+    def _member(self, name: str, what: str) -> tarfile.TarInfo | None:
         m = self.members.get(name)
         for _ in range(16):  # docker save links a layer shared by two images
             if m is None or not (m.issym() or m.islnk()):
@@ -373,6 +378,12 @@ class DockerArchive:
             return None
         return m
 
+    def _extract(self, m: tarfile.TarInfo) -> IO[bytes]:
+        assert self.tf is not None  # open from __init__ to close()
+        f = self.tf.extractfile(m)
+        assert f is not None  # _member hands out regular files only
+        return f
+
     def _read(self, name: str, what: str) -> bytes:
         m = self._member(name, what)
         if m is None:
@@ -380,7 +391,7 @@ class DockerArchive:
         if m.size > MAX_JSON:
             raise CimError(E_INVALIDARG, f"{what} {name!r} is larger than {MAX_JSON} bytes", self.label)
         try:
-            data = self.tf.extractfile(m).read()
+            data = self._extract(m).read()
         except (tarfile.TarError, OSError, EOFError) as e:
             raise CimError(E_INVALIDARG, f"cannot read {name!r} ({e})", self.label) from None
         if len(data) != m.size:
@@ -456,7 +467,7 @@ class DockerArchive:
                     size = foreign["size"]
             opener = None
             if m is not None:
-                opener = (lambda m=m: self.tf.extractfile(m))
+                opener = (lambda m=m: self._extract(m))
             layers.append(LayerSpec(i, mt, "detect", digest, size, diff_id, list(urls), foreign is not None, opener))
         tags = entry.get("RepoTags")
         if tags is not None and not isinstance(tags, list):  # docker writes a list or null; text is not a tag list
@@ -546,7 +557,7 @@ class _ArchivedLayout(OciLayout):
         m = self.archive._member(self._name(digest), "layer")
         if m is None:
             return None
-        return lambda: self.archive.tf.extractfile(m)
+        return lambda: self.archive._extract(m)
 
 
 def open_source(src, spool_dir: str):

@@ -17,5 +17,5 @@ class HiveFormatError(CimFormatError):
         where = "" if cell is None else f"cell 0x{cell:x}: "
         super().__init__(where + reason.replace("\n", " "), hive, ERROR_FILE_CORRUPT)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[object, tuple]:
         return (type(self), (self.hive, self.cell, self.reason))

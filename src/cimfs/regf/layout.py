@@ -150,12 +150,12 @@ def inline_data(field: int, size: int) -> bytes:
     return _U32.pack(field)[:size]
 
 
-def inline_field(data: bytes) -> int:
+def inline_field(data: bytes | bytearray | memoryview) -> int:
     """The data-offset field holding ``data`` (<= 4 bytes) left-aligned."""
     return _U32.unpack(bytes(data).ljust(4, b"\0"))[0]
 
 
-def checksum(block) -> int:
+def checksum(block: bytes | bytearray | memoryview) -> int:
     """The base-block checksum over bytes 0..507, with Windows' 0 and 0xFFFFFFFF substitutions."""
     c = reduce(xor, u32_array(127).unpack_from(block, 0), 0)
     if c == 0xFFFFFFFF:
@@ -174,7 +174,7 @@ def pack_base_block(*, sequence: int, last_written: int, minor: int, root: int, 
     return block
 
 
-def unpack_base_block(block, name: str) -> tuple:
+def unpack_base_block(block: bytes | bytearray | memoryview, name: str) -> tuple:
     """The base block's fields; only the signature is checked here (the reader checks the rest)."""
     if len(block) < BASE_BLOCK_SIZE:
         raise HiveFormatError(name, None, f"truncated: {len(block)} bytes, shorter than the 4096-byte base block")

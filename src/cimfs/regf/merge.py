@@ -48,12 +48,13 @@ _FL, _NAMELEN, _LAYER, _TIME, _SK = L.NKF_FLAGS, L.NKF_NAMELEN, L.NKF_LAYER, L.N
 _INLINE_MASK = (0, 0xFF, 0xFFFF, 0xFFFFFF, 0xFFFFFFFF)  # inline bytes beyond the size are not copied
 
 
-def merge(base, deltas: Sequence = (), *, file_name: str = "") -> bytes:
+def merge(base: Hive | bytes | bytearray | memoryview, deltas: Sequence[Hive | bytes | bytearray | memoryview] = (), *, file_name: str = "") -> bytes:
     """The plain hive flattening ``base`` (a ``Hive`` or hive bytes) and ``deltas`` (each on top of the previous)."""
     return bytes(_merge_buffer(base, deltas, file_name))
 
 
-def merge_files(base_path, delta_paths: Sequence, out_path) -> None:
+def merge_files(base_path: str | os.PathLike[str], delta_paths: Sequence[str | os.PathLike[str]],
+                out_path: str | os.PathLike[str]) -> None:
     """Write ``merge(base, deltas)`` to ``out_path`` atomically (a temporary file renamed into place; nothing
     is left behind on failure)."""
     hives = []
@@ -77,11 +78,11 @@ def merge_files(base_path, delta_paths: Sequence, out_path) -> None:
         raise CimError(hresult_from_oserror(e), e.strerror or str(e), os.fspath(out_path)) from None
 
 
-def _as_hive(h, label: str) -> Hive:
+def _as_hive(h: Hive | bytes | bytearray | memoryview, label: str) -> Hive:
     return h if isinstance(h, Hive) else Hive(h, label)
 
 
-def _merge_buffer(base, deltas, file_name: str) -> bytearray:
+def _merge_buffer(base: Hive | bytes | bytearray | memoryview, deltas: Sequence[Hive | bytes | bytearray | memoryview], file_name: str) -> bytearray:
     hives = [_as_hive(base, "base hive")] + [_as_hive(d, f"delta hive {i + 1}") for i, d in enumerate(deltas)]
     b = HiveBuilder(hives[0].minor, name=file_name or "<merged hive>")
     m = _Merger(hives, b)
@@ -95,7 +96,7 @@ class _Node:
 
     __slots__ = ("li", "off", "f", "name_at", "name")
 
-    def __init__(self, li, off, f, name_at, name):
+    def __init__(self, li: int, off: int, f: tuple, name_at: int, name: str) -> None:
         self.li, self.off, self.f, self.name_at, self.name = li, off, f, name_at, name
 
 
@@ -103,7 +104,7 @@ class _Merger:
     def __init__(self, hives: list[Hive], b: HiveBuilder):
         self.hives, self.b, self.top = hives, b, len(hives) - 1
         self.cov = [Coverage(h) for h in hives]
-        self.sk_out = [{} for _ in hives]
+        self.sk_out: list[dict[int, int]] = [{} for _ in hives]  # per layer: sk offset -> new sk offset
 
     # ---- shared pieces --------------------------------------------------------------------------------------------
     def node(self, li: int, off: int) -> _Node:
@@ -141,8 +142,9 @@ class _Merger:
         out = self.b.value(h._buf[name_at:name_at + nl], comp, vf[L.VKF_TYPE], parts)
         return out, 2 * nl if comp else nl, size
 
-    def emit(self, off: int, name: str, top: _Node, parent: int, *, layer_nodes, entries, values, class_off,
-             class_len, sk, root=False, stored=None) -> tuple:
+    def emit(self, off: int, name: str, top: _Node, parent: int, *, layer_nodes: Sequence[_Node], entries: list,
+             values: tuple[list[int], int, int], class_off: int, class_len: int, sk: int, root: bool = False,
+             stored: tuple[bytes, bool] | None = None) -> tuple:
         """Fill the nk at ``off``; ``values`` is (vk offsets, MaxValueNameLen, MaxValueDataLen); returns the
         parent's list entry for the key."""
         b = self.b
@@ -233,7 +235,7 @@ class _Merger:
         return offs, maxn, maxd
 
     # ---- a subtree one layer alone contributes -------------------------------------------------------------------
-    def copy(self, n: _Node, parent: int, depth: int):
+    def copy(self, n: _Node, parent: int, depth: int) -> tuple | None:
         if n.f[_LAYER] & _SEM == L.TOMBSTONE:
             return None
         b, h = self.b, self.hives[n.li]
@@ -272,9 +274,11 @@ class _Merger:
             if n.f[_LAYER] & _SEM == L.TOMBSTONE:
                 raise h.error(n.off, "the root key is a tombstone")
             nodes.append(n)
-        return self.merged(nodes, 0, L.NONE, 0, root_name=nodes[0].name)[0]
+        entry = self.merged(nodes, 0, L.NONE, 0, root_name=nodes[0].name)
+        assert entry is not None  # only a tombstone is merged away, and a root tombstone was refused above
+        return entry[0]
 
-    def merged(self, nodes: list, lo: int, parent: int, depth: int, root_name: str | None = None):
+    def merged(self, nodes: list, lo: int, parent: int, depth: int, root_name: str | None = None) -> tuple | None:
         own: list[_Node] = []
         closed = False
         tree_lo = lo
@@ -337,26 +341,26 @@ class _Merger:
                     raise self.hives[i].error(n.off, f"two subkeys named {up!r} (in Windows' case) under {n.name!r}")
                 by_name[up] = k
             per_layer[i] = by_name
-        union = set()
+        union: set[str] = set()
         for by_name in per_layer.values():
             union.update(by_name)
         order = sorted(union, key=order_key(union))
         entries = []
         for up in order:
-            stack = [None] * (self.top + 1)
+            stack: list[_Node | None] = [None] * (self.top + 1)
             present = 0
             for i, by_name in per_layer.items():
-                k = by_name.get(up)
-                if k is not None:
-                    stack[i] = k
+                node = by_name.get(up)
+                if node is not None:
+                    stack[i] = node
                     present += 1
-                    last = k
+                    last = node
             e = self.copy(last, parent, depth + 1) if present == 1 else self.merged(stack, tree_lo, parent, depth + 1)
             if e is not None:
                 entries.append(e)
         return entries
 
-    def _merged_values(self, own: list[_Node]) -> list:
+    def _merged_values(self, own: list[_Node]) -> tuple[list[int], int, int]:
         slots: dict[str, tuple] = {}
         for n in reversed(own):  # lowest first: a higher layer replaces a name in its slot
             h, cov = self.hives[n.li], self.cov[n.li]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import sys
+from collections.abc import Callable, Iterable
 
 from ..layout.cim import load_upcase_table
 
@@ -58,7 +59,7 @@ def encode_name(name: str) -> tuple[bytes, bool]:
         return name.encode("utf-16-le", "surrogatepass"), False
 
 
-def decode_name(raw, compressed: bool) -> str:
+def decode_name(raw: bytes | bytearray | memoryview, compressed: bool) -> str:
     """A stored name as text; UTF-16 names keep unpaired surrogates (``surrogatepass``). Raises
     UnicodeDecodeError on an odd byte count (the caller turns it into a HiveFormatError)."""
     if compressed:
@@ -73,7 +74,7 @@ def utf16_bytes(name: str) -> int:
     return len(name.encode("utf-16-le", "surrogatepass"))
 
 
-def order_key(upnames) -> object:
+def order_key(upnames: Iterable[str]) -> Callable[[str], bytes] | None:
     """The sort key putting upper-cased names in code-unit order (Windows' list order).  Python compares
     code points, which differs from code-unit order only for characters beyond the BMP."""
     if all(u.isascii() or max(u, default="\0") < "\U00010000" for u in upnames):

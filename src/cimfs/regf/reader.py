@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Iterator
+from typing import BinaryIO
 
 from ..errors import ERROR_FILE_NOT_FOUND, CimError, hresult_from_oserror
 from . import layout as L
@@ -39,7 +41,7 @@ class HiveKeyNotFound(CimError, KeyError):
     def __str__(self) -> str:
         return CimError.__str__(self)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[object, tuple]:
         return (_key_not_found, (self.filename, self.strerror))
 
 
@@ -71,13 +73,13 @@ class Coverage:
 class Hive:
     """A registry hive read from ``data``; ``name`` labels it in errors (a file path or an image path)."""
 
-    def __init__(self, data, name: str = "<hive>"):
+    def __init__(self, data: bytes | bytearray | memoryview | mmap.mmap, name: str = "<hive>"):
         self.name = name
         self.notes: list[str] = []
         self._sk_cache: dict[int, bytes] = {}
-        self._root = None
-        self._closer = None
-        self._buf = None
+        self._root: Key | None = None
+        self._closer: mmap.mmap | None = None
+        self._buf = memoryview(b"")  # the bins, set by _open
         mv = memoryview(data)
         if mv.ndim != 1 or mv.itemsize != 1:
             flat = mv.cast("B")
@@ -161,7 +163,7 @@ class Hive:
     def __enter__(self) -> "Hive":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -305,7 +307,7 @@ class Hive:
             raise self.error(f[L.VKF_DATA], f"value data of {raw} bytes overruns its {n}-byte cell")
         return [buf[start:start + raw]]
 
-    def _big_parts(self, db_off: int, start: int, size: int, cov) -> list:
+    def _big_parts(self, db_off: int, start: int, size: int, cov: Coverage | None) -> list:
         _sig, count, list_off, _ = L.DB_HEAD.unpack_from(self._buf, start)
         if count == 0 or (count - 1) * L.SEGMENT_BYTES >= size or count * L.SEGMENT_BYTES < size:
             raise self.error(db_off, f"big data of {size} bytes in {count} segments")
@@ -366,7 +368,7 @@ class Hive:
             key = sub
         return key
 
-    def walk(self, path: str = ""):
+    def walk(self, path: str = "") -> Iterator[tuple[str, Key]]:
         """(path, Key) for every key under ``path`` (default: the whole hive), depth first in stored order, the
         starting key first; paths are from the root.  Refuses cycles, keys reached twice and nesting deeper
         than 512."""
@@ -394,7 +396,8 @@ class Key:
                  parent: "Key | None" = None):
         self._hive, self.offset = hive, offset
         self._f, self._name_at = hive.nk(offset, cov)
-        self._path, self._parent, self._name = path, parent, None
+        self._path, self._parent = path, parent
+        self._name: str | None = None
 
     @property
     def name(self) -> str:
@@ -408,6 +411,7 @@ class Key:
     def path(self) -> str:
         """The path from the root (the root's is ""), with the stored spelling."""
         if self._path is None:
+            assert self._parent is not None  # a key is made with its path or its parent
             pp = self._parent.path
             self._path = f"{pp}\\{self.name}" if pp else self.name
             self._parent = None
@@ -516,7 +520,7 @@ class Value:
         return f"<Value {self.name!r} {kind} {self.size} bytes>"
 
 
-def open_hive(source, name: str | None = None) -> Hive:
+def open_hive(source: str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO, name: str | None = None) -> Hive:
     """A ``Hive`` from a path, bytes-like data or a binary file object; usable as a context manager
     (closing it unmaps the file)."""
     if isinstance(source, (bytes, bytearray, memoryview, mmap.mmap)):
@@ -534,7 +538,7 @@ def open_hive(source, name: str | None = None) -> Hive:
     return _hive_of_file(source, str(label))
 
 
-def _hive_of_file(f, label: str) -> Hive:
+def _hive_of_file(f: BinaryIO, label: str) -> Hive:
     try:
         fd = f.fileno()
         size = os.fstat(fd).st_size

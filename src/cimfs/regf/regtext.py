@@ -31,10 +31,13 @@ The format, as regedit writes it:
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .errors import HiveFormatError
 from .layout import MAX_DEPTH, REG_BINARY, REG_DWORD, REG_SZ, TOMBSTONE
+
+if TYPE_CHECKING:  # annotations only
+    from .reader import Key
 
 HEADER = "Windows Registry Editor Version 5.00"
 WRAP_AT = 77  # regedit ends a hex line once it reaches this many columns
@@ -92,7 +95,7 @@ def value_line(name: str, type_: int, data: bytes, tombstone: bool = False) -> s
     return head + _hex(len(head), type_text, data)
 
 
-def key_lines(path: str, key) -> Iterator[str]:
+def key_lines(path: str, key: Key) -> Iterator[str]:
     """A key's block: ``[path]`` (``[-path]`` for a tombstone key), its values, a blank line."""
     if key.layer_semantics == TOMBSTONE:
         yield f"[-{path}]"
@@ -104,7 +107,7 @@ def key_lines(path: str, key) -> Iterator[str]:
     yield ""
 
 
-def export_lines(key, prefix: str, label: str = "<hive>") -> Iterator[str]:
+def export_lines(key: Key, prefix: str, label: str = "<hive>") -> Iterator[str]:
     """The .reg lines of ``key`` and everything below it; ``prefix`` is ``key``'s full path.  A key reached
     twice (a cycle in a damaged hive's lists) or nested deeper than 512 is a :class:`HiveFormatError`
     naming ``label``."""
@@ -138,6 +141,6 @@ def encode(lines: Iterable[str], encoding: str = "utf-16") -> Iterator[bytes]:
         yield (line + "\r\n").encode(codec, "surrogatepass")
 
 
-def export_reg(key, prefix: str, encoding: str = "utf-16") -> bytes:
+def export_reg(key: Key, prefix: str, encoding: str = "utf-16") -> bytes:
     """The whole .reg file of ``key``'s subtree as bytes."""
     return b"".join(encode(export_lines(key, prefix), encoding))

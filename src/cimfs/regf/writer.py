@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from types import FrameType
 
 from ..errors import E_INVALIDARG, CimError
 from . import layout as L
@@ -49,8 +51,9 @@ class NewKey:
     flags: int = 0
     user_flags: int = 0
 
-    def __init__(self, name, *, values=(), subkeys=(), class_name=None, last_written=0, security=None,
-                 layer_semantics=L.MERGE, inherit_class=False, flags=0, user_flags=0):
+    def __init__(self, name: str, *, values: Iterable[NewValue] = (), subkeys: Iterable[NewKey] = (),
+                 class_name: str | None = None, last_written: int = 0, security: bytes | None = None,
+                 layer_semantics: int = L.MERGE, inherit_class: bool = False, flags: int = 0, user_flags: int = 0) -> None:
         self.name, self.values, self.subkeys = name, list(values), list(subkeys)
         self.class_name, self.last_written, self.security = class_name, last_written, security
         self.layer_semantics, self.inherit_class, self.flags, self.user_flags = (
@@ -104,7 +107,7 @@ class HiveBuilder:
             L.CELL_SIZE.pack_into(self.buf, L.BASE_BLOCK_SIZE + self.pos, self.bin_end - self.pos)
             self.pos = self.bin_end
 
-    def put(self, data) -> int:
+    def put(self, data: bytes | bytearray | memoryview) -> int:
         """A cell holding ``data``."""
         off = self.alloc(len(data))
         at = L.BASE_BLOCK_SIZE + off + 4
@@ -125,7 +128,8 @@ class HiveBuilder:
             self.sk_refs[off] += 1
         return off
 
-    def value(self, name_raw, compressed: bool, type_: int, data, tombstone: bool = False) -> int:
+    def value(self, name_raw: bytes | bytearray | memoryview, compressed: bool, type_: int, data: bytes | bytearray | memoryview | list,
+              tombstone: bool = False) -> int:
         """A vk (and its data cells); ``name_raw`` is the stored name, ``data`` bytes-like or a list of parts."""
         if isinstance(data, list):
             data = data[0] if len(data) == 1 else b"".join(data)
@@ -148,7 +152,7 @@ class HiveBuilder:
         self.buf[at:at + len(name_raw)] = name_raw
         return off
 
-    def _big_data(self, data) -> int:
+    def _big_data(self, data: bytes | bytearray | memoryview) -> int:
         mv = memoryview(data)
         segs = []
         for i in range(0, len(mv), L.SEGMENT_BYTES):
@@ -160,10 +164,10 @@ class HiveBuilder:
         seg_list = self.put(L.u32_array(len(segs)).pack(*segs))
         return self.put(L.DB_HEAD.pack(L.DB, len(segs), seg_list, 0))
 
-    def value_list(self, offsets) -> int:
+    def value_list(self, offsets: list[int]) -> int:
         return self.put(L.u32_array(len(offsets)).pack(*offsets)) if offsets else L.NONE
 
-    def subkey_list(self, entries) -> int:
+    def subkey_list(self, entries: list[tuple[int, str, bytes, bool]]) -> int:
         """The list (a leaf, or an ri over leaves) of ``entries``: (nk offset, upcased name, stored name,
         compressed) already sorted by upcased name."""
         if not entries:
@@ -179,7 +183,7 @@ class HiveBuilder:
             leaves.append(self._leaf(entries[i * len(entries) // nleaves:(i + 1) * len(entries) // nleaves]))
         return self.put(L.LIST_HEAD.pack(L.RI, len(leaves)) + L.u32_array(len(leaves)).pack(*leaves))
 
-    def _leaf(self, entries) -> int:
+    def _leaf(self, entries: list[tuple[int, str, bytes, bool]]) -> int:
         kind = self.leaf
         if kind == L.LI:
             items = [e[0] for e in entries]
@@ -194,7 +198,7 @@ class HiveBuilder:
                 items += (e[0], L.inline_field(hint))
         return self.put(L.LIST_HEAD.pack(kind, len(entries)) + L.u32_array(len(items)).pack(*items))
 
-    def key(self, off: int, name_raw, compressed: bool, *, flags: int, last_written: int, layer: int, parent: int,
+    def key(self, off: int, name_raw: bytes | bytearray | memoryview, compressed: bool, *, flags: int, last_written: int, layer: int, parent: int,
             nsub: int, sublist: int, nval: int, vallist: int, sk: int, class_off: int, class_len: int,
             maxname: int, user_flags: int, maxclass: int, maxvalname: int, maxvaldata: int) -> None:
         """Fill the nk cell reserved at ``off`` (by ``alloc(key_size(len(name_raw)))``)."""
@@ -232,7 +236,7 @@ class HiveBuilder:
 
 
 @contextlib.contextmanager
-def deep_recursion():
+def deep_recursion() -> Iterator[None]:
     """Room for a recursion over MAX_DEPTH keys, whatever the caller's depth."""
     need = sys.getrecursionlimit()
     want = len(_frames()) + 3 * L.MAX_DEPTH + 100
@@ -245,8 +249,9 @@ def deep_recursion():
             sys.setrecursionlimit(need)
 
 
-def _frames():
-    f, out = sys._getframe(), []
+def _frames() -> list[FrameType]:
+    f: FrameType | None = sys._getframe()
+    out: list[FrameType] = []
     while f is not None:
         out.append(f)
         f = f.f_back
@@ -298,7 +303,8 @@ class _TreeWriter:
             if len(craw) > 0xFFFF:
                 raise self.bad(path, "class name longer than 32767 characters")
             class_off, class_len = b.put(craw), len(craw)
-        entries, seen = [], {}
+        entries: list[tuple[int, str, bytes, bool]] = []
+        seen: dict[str, str] = {}  # upper-cased name -> the name as given
         maxname = maxclass = 0
         for sub in key.subkeys:
             if not isinstance(sub, NewKey):
@@ -317,7 +323,8 @@ class _TreeWriter:
             if sub.class_name is not None:
                 maxclass = max(maxclass, len(sub.class_name.encode("utf-16-le", "surrogatepass")))
         sublist = b.subkey_list(entries)
-        vals, vseen = [], {}
+        vals: list[int] = []
+        vseen: dict[str, str] = {}
         maxvalname = maxvaldata = 0
         for v in key.values:
             if not isinstance(v, NewValue):
@@ -350,7 +357,7 @@ class _TreeWriter:
         return off
 
 
-def _first(key):
+def _first(key: Callable[[str], bytes] | None) -> Callable[[tuple[str, NewKey]], str | bytes]:
     if key is None:
         return lambda pair: pair[0]
     return lambda pair: key(pair[0])

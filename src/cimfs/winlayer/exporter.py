@@ -10,9 +10,11 @@ import base64
 import io
 import os
 import tarfile
-from typing import Iterable
+from collections.abc import Iterator
+from typing import Iterable, Literal
 
 import cimfs
+
 from ..atomic import replacing
 from ..errors import E_INVALIDARG, ERROR_INVALID_NAME, CimError, hresult_from_oserror
 from ..metadata import FileAttributes
@@ -144,10 +146,14 @@ def export_layer(image, out, progress=None, *, compression: str | None = None, p
             lower.close()
 
 
+_STREAM_MODES: dict[str, Literal["w|", "w|gz", "w|bz2", "w|xz"]] = {"": "w|", "gz": "w|gz", "bz2": "w|bz2", "xz": "w|xz"}
+
+
 def _export(make_exporter, f, report, compression: str, label) -> None:
-    if compression not in ("", "gz", "bz2", "xz"):
+    mode = _STREAM_MODES.get(compression)
+    if mode is None:
         raise CimError(E_INVALIDARG, f"unknown compression {compression!r} (gz, bz2 or xz)")
-    tf = tarfile.open(fileobj=f, mode=f"w|{compression}", format=tarfile.PAX_FORMAT, encoding="utf-8")
+    tf = tarfile.open(fileobj=f, mode=mode, format=tarfile.PAX_FORMAT, encoding="utf-8")
     # Only a complete export gets its end-of-archive blocks: a reader of a
     # failed export (a pipe, say) sees a truncated tar, not a shorter valid one.
     try:
@@ -155,9 +161,9 @@ def _export(make_exporter, f, report, compression: str, label) -> None:
     except BaseException:
         # Abandon the tar without its end blocks (and without tarfile's
         # flush-on-garbage-collection writing into a closed file later).
-        tf.closed = True
+        tf.closed = True  # type: ignore[attr-defined]  # set by TarFile.__init__; typeshed leaves it out
         if _is_stream(tf):
-            tf.fileobj.closed = True
+            tf.fileobj.closed = True  # type: ignore[attr-defined]  # a tarfile._Stream, whose .closed typeshed does not know
         raise
     tf.close()
 
@@ -174,7 +180,7 @@ class _Exporter:
         """Pre-order: each directory right before its children, children in image order."""
         img = self.img
         seen_dirs = {img.root_id}
-        stack = [([], iter(img.scandir(img.root_id)))]
+        stack: list[tuple[list[str], Iterator[cimfs.DirEntry]]] = [([], iter(img.scandir(img.root_id)))]
         while stack:
             parts, it = stack[-1]
             entry = next(it, None)
@@ -355,6 +361,13 @@ class _Exporter:
                 else:
                     self.tf.addfile(sti)
 
+    def _whiteout(self, parts) -> None:
+        ti = tarfile.TarInfo(self._tarname(parts[:-1] + [WHITEOUT_PREFIX + parts[-1]]))
+        ti.type = tarfile.REGTYPE
+        ti.mode = 0o644
+        self.tf.addfile(ti)
+        self.report(0, ti.name)
+
     def _write(self, kind, parts, st) -> None:
         """One tar entry (or a whiteout); a failure names the entry's path."""
         try:
@@ -513,13 +526,6 @@ class _DiffExporter(_Exporter):
                 return False
             pos += n
         return True
-
-    def _whiteout(self, parts) -> None:
-        ti = tarfile.TarInfo(self._tarname(parts[:-1] + [WHITEOUT_PREFIX + parts[-1]]))
-        ti.type = tarfile.REGTYPE
-        ti.mode = 0o644
-        self.tf.addfile(ti)
-        self.report(0, ti.name)
 
 
 class _WriteNow:

@@ -28,6 +28,7 @@ import io
 import re
 import shutil
 import tempfile
+from typing import IO, Any
 
 import cimfs
 from ..errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND, CimError, CimFormatError
@@ -85,7 +86,7 @@ def process_base_layer(writer, when: int) -> tuple[list[str], list[str]]:
     missing = [f"{REG_FILES_PATH}\\{h[0]}" for h in HIVES if h not in present]
     if not present:
         return added, missing
-    times = dict(creation_time=when, last_write_time=when, change_time=when, last_access_time=when)
+    times: dict[str, Any] = dict(creation_time=when, last_write_time=when, change_time=when, last_access_time=when)
     if not writer.exists(HIVES_PATH):
         writer.mkdir(HIVES_PATH, FileMetadata(attributes=FileAttributes.DIRECTORY, **times))
         added.append(HIVES_PATH)
@@ -125,14 +126,17 @@ class DeltaSpool:
     def __init__(self, path: str):
         self.path = path  # the image path as the layer spells it
         self._memory: io.BytesIO | None = io.BytesIO()
-        self._file = None
+        self._file: IO[bytes] | None = None
 
     def write(self, data) -> int:
         if self._memory is not None and self._memory.tell() + len(data) > SPOOL_IN_MEMORY:
-            self._file = tempfile.TemporaryFile()
-            self._file.write(self._memory.getbuffer())
+            spill = self._file = tempfile.TemporaryFile()
+            spill.write(self._memory.getbuffer())
             self._memory = None
-        return (self._file if self._memory is None else self._memory).write(data)
+        if self._memory is not None:
+            return self._memory.write(data)
+        assert self._file is not None  # the memory spilled into it
+        return self._file.write(data)
 
     def source(self):
         """Bytes, or the temporary file (positioned at 0) for :func:`cimfs.regf.open_hive`."""
@@ -208,7 +212,7 @@ def process_non_base_layer(writer, deltas: dict[str, DeltaSpool], parents, when:
     from .. import regf  # imported late: only layers with hive deltas need the hive package
 
     made: list[str] = []
-    times = dict(creation_time=when, last_write_time=when, change_time=when, last_access_time=when)
+    times: dict[str, Any] = dict(creation_time=when, last_write_time=when, change_time=when, last_access_time=when)
     for _name, base, _delta in HIVES:
         spool = deltas.get(base)
         if spool is None:

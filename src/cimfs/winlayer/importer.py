@@ -190,9 +190,9 @@ class _LayerImporter:
             self.added[key] = False
             self.last_file = path
         else:
-            kind = {tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device",
+            what = {tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device",
                     tarfile.FIFOTYPE: "FIFO"}.get(m.type, f"type {m.type!r}")
-            raise CimError(E_INVALIDARG, f"a {kind} entry has no meaning in a Windows layer", member)
+            raise CimError(E_INVALIDARG, f"a {what} entry has no meaning in a Windows layer", member)
 
     def _drop_delta(self, base: str) -> None:
         spool = self.deltas.pop(base, None)

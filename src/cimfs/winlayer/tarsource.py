@@ -11,7 +11,9 @@ import base64
 import binascii
 import os
 import tarfile
+import weakref
 import zlib
+from collections.abc import Mapping
 from typing import Iterable
 
 from ..errors import E_INVALIDARG, ERROR_INVALID_NAME, CimError, hresult_from_oserror
@@ -107,6 +109,10 @@ def _is_stream(tf: tarfile.TarFile) -> bool:
     return stream_type is not None and isinstance(getattr(tf, "fileobj", None), stream_type)
 
 
+# How each tar's header reading ended ("eof" or the HeaderError), for members().
+_HEADER_END: weakref.WeakKeyDictionary[tarfile.TarFile, object] = weakref.WeakKeyDictionary()
+
+
 class _CheckedTarInfo(BoundedTarInfo):
     """Records how header reading ended, so a tar cut at a header boundary
     (which ``tarfile`` silently treats as the end) is reported as truncated.
@@ -117,10 +123,10 @@ class _CheckedTarInfo(BoundedTarInfo):
         try:
             return super().fromtarfile(tf)
         except tarfile.EOFHeaderError:
-            tf._cimfs_end = "eof"
+            _HEADER_END[tf] = "eof"
             raise
         except tarfile.HeaderError as e:
-            tf._cimfs_end = e
+            _HEADER_END[tf] = e
             raise
 
 
@@ -133,9 +139,9 @@ class _TarSource:
         self.tf = None
         if isinstance(src, tarfile.TarFile):
             self.tf = src
-            self.label = label or (src.name or "<tar>")
+            self.label = label or (os.fsdecode(src.name) if src.name else "<tar>")
             src.tarinfo = _CheckedTarInfo  # later headers are checked
-            src._cimfs_end = None
+            _HEADER_END.pop(src, None)
             return
         if isinstance(src, (str, bytes, os.PathLike)):
             path = os.fsdecode(src)
@@ -161,7 +167,7 @@ class _TarSource:
             if isinstance(e, OSError):
                 raise CimError(hresult_from_oserror(e), f"cannot read the tar: {e.strerror or e}", self.label) from None
             raise
-        self.tf._cimfs_end = None
+        _HEADER_END.pop(self.tf, None)
         self._own_stream = True
 
     def members(self):
@@ -189,7 +195,7 @@ class _TarSource:
             if m is not None and id(m) in seen:
                 continue
             if m is None:
-                end = getattr(tf, "_cimfs_end", None)
+                end = _HEADER_END.get(tf)
                 if end == "eof" or (end is None and last is None):
                     return
                 why = "the archive ends without its end-of-archive blocks" if isinstance(end, tarfile.EmptyHeaderError) \
@@ -288,10 +294,10 @@ _OLD_FILETIMES = {"MSWINDOWS.createtime": PAX_CREATIONTIME, "MSWINDOWS.writetime
                   "MSWINDOWS.changetime": "ctime", "MSWINDOWS.accesstime": "atime"}
 
 
-def _normalize_headers(h: dict, member: str) -> dict:
+def _normalize_headers(h: Mapping[str, str], member: str) -> Mapping[str, str]:
     if not any(k.startswith(_SCHILY + "MSWINDOWS.") or k in _OLD_FILETIMES for k in h):
         return h
-    out = {}
+    out: dict[str, str] = {}
     for k, v in h.items():
         if k.startswith(_SCHILY + "MSWINDOWS."):
             plain = k[len(_SCHILY):]
