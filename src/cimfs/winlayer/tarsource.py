@@ -14,7 +14,7 @@ import tarfile
 import weakref
 import zlib
 from collections.abc import Mapping
-from typing import Iterable
+from typing import IO, Iterable
 
 from ..errors import E_INVALIDARG, ERROR_INVALID_NAME, CimError, hresult_from_oserror
 from ..metadata import FileAttributes, FileMetadata
@@ -209,7 +209,8 @@ class _TarSource:
                 # million files need not (nothing looks members up by name).
                 tf.members.clear()
 
-    def extractfile(self, m: tarfile.TarInfo):
+    def extractfile(self, m: tarfile.TarInfo) -> IO[bytes] | None:
+        assert self.tf is not None  # open from _TarSource() to its close()
         return self.tf.extractfile(m)
 
     def close(self) -> None:
