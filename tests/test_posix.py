@@ -279,6 +279,49 @@ def test_extract_with_file_writers(tmp_path, monkeypatch):
     assert os.stat(out / "d").st_mtime_ns == 2_000_000_000  # set after the writers created its files
 
 
+@pytest.mark.parametrize("refused", ["none", "copy_file_range", "both"])
+def test_extract_copies_where_the_kernel_refuses_a_way(tmp_path, monkeypatch, refused):
+    """The file writers copy in the kernel: copy_file_range, then sendfile
+    once the destination refuses it (EXDEV: DEST on another file system
+    than the image), then the reader's read/write path; every way gives the
+    same bytes, and the refused way is not tried again for every file."""
+    import errno
+
+    import cimfs
+
+    if not posix._FileWriters.available():
+        pytest.skip("file writer processes need fork and two cores")
+    files = {f"d/f{i:03d}": os.urandom(i * 331) for i in range(1, 200)}
+    files["d/big"] = os.urandom(9 << 20)
+    cim_path = _image_of(tmp_path, files)
+    calls = tmp_path / "calls"  # appended to by the writer processes
+    real = {"copy_file_range": os.copy_file_range, "sendfile": os.sendfile}
+
+    def way(name, refuse):
+        def call(*args):
+            with open(calls, "a") as f:
+                f.write(name + "\n")
+            if refuse:
+                raise OSError(errno.EXDEV if name == "copy_file_range" else errno.EINVAL, "refused")
+            return real[name](*args)
+        return call
+    monkeypatch.setattr(os, "copy_file_range", way("copy_file_range", refused != "none"))
+    monkeypatch.setattr(os, "sendfile", way("sendfile", refused == "both"))
+    with cimfs.open(cim_path) as img:
+        report = posix.Extractor(img, str(tmp_path / "out")).run()
+    assert not report.problems, report.problems
+    for rel, data in files.items():
+        assert (tmp_path / "out" / rel).read_bytes() == data, rel
+    made = calls.read_text().split()
+    if refused == "none":
+        assert set(made) == {"copy_file_range"}
+    elif refused == "copy_file_range":
+        # at most one refusal per writer process, then sendfile for every file
+        assert made.count("copy_file_range") <= 2 and made.count("sendfile") >= len(files)
+    else:
+        assert made.count("sendfile") <= 2  # then the reader's own path (it tries copy_file_range itself)
+
+
 def test_extract_with_file_writers_stops_on_a_corrupt_image(tmp_path):
     import cimfs
     from cimfs.errors import CimFormatError

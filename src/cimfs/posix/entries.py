@@ -14,6 +14,7 @@ when, is decided by the walk in :mod:`.extract`.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import stat as S
@@ -22,6 +23,7 @@ from typing import Callable, NamedTuple
 import cimfs
 
 from ..errors import E_INVALIDARG, ERROR_FILE_EXISTS, ERROR_INVALID_NAME, CimError
+from ..layout.cim import STREAM_TYPE_DATA
 from .lx import (
     BLK,
     CHR,
@@ -158,6 +160,14 @@ def _dir_is_plain(fd: int) -> bool:
 
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
+# How a writer copies a stream from its region file: copy_file_range (a
+# reflink where the file system shares extents) until the destination refuses
+# it (EXDEV: DEST on another file system than the image, the usual case),
+# then sendfile (the same page-cache copy inside the kernel, between any two
+# files), and the reader's read/write path where neither is possible.
+_COPY_RANGE, _SENDFILE, _BY_READER = 0, 1, 2
+_KERNEL_COPY_REFUSED = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
+
 
 def _plain_owner(ea: bytes, perm: int) -> tuple[int, int, int]:
     """What :func:`posix_info` gives a plain file or directory with these
@@ -199,6 +209,7 @@ class _EntryMaker:
         # uid, gid): most entries share a few EA buffers, stored once, so
         # their place names them.
         self._owners: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+        self._copy = _COPY_RANGE if hasattr(os, "copy_file_range") else _SENDFILE
 
     def remove(self, dfd: int, name: str, rel: str) -> None:
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
@@ -273,7 +284,7 @@ class _EntryMaker:
             fd = os.open(local, _NEW_FILE_FLAGS, perm, dir_fd=dfd)
         try:
             stream = rec.stream
-            if stream.length and image.copy_stream(stream, fd) != stream.length:
+            if stream.length and self._copy_data(stream, fd) != stream.length:
                 raise cimfs.errors.CimFormatError("stream shorter than its size", "/".join(parts + (name,)))
             chown = self.owner and ((uid, gid) != self._ids or not plain_dir)
             if chown:
@@ -286,6 +297,36 @@ class _EntryMaker:
                              (rec.last_write_time - FILETIME_UNIX_EPOCH) * 100))
         finally:
             os.close(fd)
+
+    def _copy_data(self, stream, fd: int) -> int:
+        """A plain data stream into the new file ``fd``, inside the kernel
+        (see ``_COPY_RANGE``): the bytes never pass through Python, and no
+        call is spent each file on a copy the destination refuses."""
+        length = stream.length
+        if self._copy != _BY_READER and stream.type == STREAM_TYPE_DATA:
+            region, off = self.image._check_stream(stream)  # the whole stream lies inside its region file
+            src = region.fd
+            if src is not None:  # None: a remote image's region
+                done = 0
+                while done < length:
+                    try:
+                        if self._copy == _COPY_RANGE:
+                            n = os.copy_file_range(src, fd, length - done, off + done)
+                        else:
+                            n = os.sendfile(fd, src, off + done, length - done)
+                    except OSError as e:
+                        if e.errno not in _KERNEL_COPY_REFUSED or done:
+                            raise
+                        self._copy += 1  # the next way, for this file and the rest
+                        if self._copy == _BY_READER:
+                            break
+                        continue
+                    if n <= 0:
+                        return done  # the region file ended early: the caller names the file
+                    done += n
+                if done == length:
+                    return done
+        return self.image.copy_stream(stream, fd)
 
     def write_file(self, dfd, local, fid, st, info, rel) -> None:
         fd = self.retry(lambda: os.open(local, _NEW_FILE_FLAGS, 0o600, dir_fd=dfd), dfd, local, rel)
