@@ -14,7 +14,6 @@ import os
 import cimfs
 
 from .. import workers
-from ..errors import CimError
 from .entries import _DirChain, _DirMeta, _dir_is_plain, _EntryMaker
 from .lx import PosixInfo
 
@@ -142,17 +141,10 @@ def _file_writer_main(maker: "_EntryMaker", dest_fd: int, batches) -> tuple[list
             except cimfs.errors.CimFormatError as e:
                 fatal = str(e)
                 break
-            for (name, fid), rec in zip(files, recs):
-                try:
-                    maker.write_plain(dfd, plain_dir, parts, name, fid, rec)
-                except cimfs.errors.CimFormatError as e:
-                    fatal = str(e)
-                    break
-                except CimError as e:
-                    problems.append(str(e))
-                except OSError as e:
-                    problems.append(f"{'/'.join(parts + (name,))}: {e.strerror or e}")
-            if fatal is not None:
+            try:
+                maker.write_plain_files(dfd, plain_dir, parts, files, recs, problems)
+            except cimfs.errors.CimFormatError as e:
+                fatal = str(e)
                 break
         if fatal is not None:
             break
