@@ -408,6 +408,51 @@ def test_extract_hard_links_found_by_the_walk(tmp_path, monkeypatch, writers):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="owners and a foreign set-group-ID directory need root")
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0])
+@pytest.mark.parametrize("writers", [True, False], ids=["writer-processes", "one-process"])
+def test_extract_directory_modes_owners_and_times_exact(tmp_path, monkeypatch, writers, umask):
+    """Directories made with their final mode where mkdir gives it (plain
+    destination, owner already right, nothing the umask takes) and those
+    that are not (other owners, set-ID and sticky bits, modes the umask
+    cuts, no write permission) all end with the image's mode, owner and
+    times, and hold their files."""
+    import cimfs
+
+    if not writers:
+        monkeypatch.setattr(posix._FileWriters, "available", staticmethod(lambda: False))
+    ids = (os.geteuid(), os.getegid())
+    kinds = [(0o755, *ids), (0o700, *ids), (0o777, *ids), (0o555, *ids), (0o2755, *ids), (0o1777, *ids),
+             (0o750, 7, 8), (0o711, ids[0], 5)]
+    if os.geteuid() != 0:
+        kinds = [k for k in kinds if (k[1], k[2]) == ids]
+    want = {}
+    with cimfs.create(tmp_path, "m.cim") as w:
+        for i, (mode, uid, gid) in enumerate(kinds):
+            for k, rel in enumerate((f"d{i}", f"d{i}/sub")):
+                meta = _lx(S.S_IFDIR | mode, uid, gid)
+                meta.last_write_time = meta.last_access_time = 133_000_000_000_000_000 + 10_000_000 * (2 * i + k)
+                w.mkdir(rel, meta)
+            for j in range(3):
+                w.add_file(f"d{i}/sub/f{j}", b"y" * j, _lx(0o100644, uid, gid))
+            want[f"d{i}"] = want[f"d{i}/sub"] = (mode, uid, gid)
+    with cimfs.open(tmp_path / "m.cim") as img:
+        times = {rel: img.stat(rel).last_write_time for rel in want}
+    out = tmp_path / "out"
+    old = os.umask(umask)
+    try:
+        with cimfs.open(tmp_path / "m.cim") as img:
+            report = posix.Extractor(img, str(out)).run()
+    finally:
+        os.umask(old)
+    assert not report.problems, report.problems
+    for rel, (mode, uid, gid) in want.items():
+        st = os.stat(out / rel)
+        assert (S.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, uid, gid), rel
+        assert posix.filetime_to_ns(times[rel]) == st.st_mtime_ns, rel
+    for i in range(len(kinds)):
+        assert sorted(os.listdir(out / f"d{i}" / "sub")) == ["f0", "f1", "f2"]
+
+
 @pytest.mark.parametrize("writers", [True, False], ids=["writer-processes", "one-process"])
 def test_extract_modes_and_owners_exact_under_any_umask(tmp_path, monkeypatch, writers):
     """Whatever the caller's umask, and inside a set-group-ID destination of

@@ -409,12 +409,13 @@ class _EntryMaker:
                 return
             self.set_meta_path(dfd, local, info)
 
-    def make_dir(self, dfd: int, local: str, rel: str) -> tuple["int | Callable[[], int]", bool]:
-        """A directory made (mode 0700 until its metadata is set), or the one
-        already there (anything else in the way is replaced): (its
-        descriptor, or a function that opens it when made here; made here?)."""
+    def make_dir(self, dfd: int, local: str, rel: str, mode: int = 0o700) -> tuple["int | Callable[[], int]", bool]:
+        """A directory made (``mode``: 0700 until its metadata is set, or its
+        final mode where that is what mkdir gives it), or the one already
+        there (anything else in the way is replaced): (its descriptor, or a
+        function that opens it when made here; made here?)."""
         try:
-            os.mkdir(local, 0o700, dir_fd=dfd)
+            os.mkdir(local, mode, dir_fd=dfd)
             return functools.partial(os.open, local, _DIR_FLAGS, dir_fd=dfd), True  # ours: opened if needed
         except FileExistsError:
             pass
