@@ -3,7 +3,9 @@
 # erofs-utils (fsck.erofs checks the kernel engine's EROFS indexes),
 # libfuse3-dev + pkg-config + a C compiler to build pyfuse3, then pyfuse3 and
 # trio from PyPI.  The image tests (tests/test_oci.py) use skopeo and
-# docker-registry (Debian's distribution registry) as real clients.  Idempotent: installs only what is missing.  Run as root.
+# docker-registry (Debian's distribution registry) as real clients.
+# The hive tests (tests/test_regf*.py) check cimfs.regf's output with hivex (libhivex-bin: hivexsh,
+# hivexget; libwin-hivex-perl: hivexregedit).  Idempotent: installs only what is missing.  Run as root.
 # PYTHON names the interpreter to install into (default: python3).
 # Known to work here: libfuse 3.14 (Debian 12), pyfuse3 3.5.0 with trio
 # 0.22.2 and 0.35.0, CPython 3.11.
@@ -12,7 +14,7 @@ PYTHON=${PYTHON:-python3}
 export DEBIAN_FRONTEND=noninteractive PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config gcc erofs-utils skopeo docker-registry; do
+for pkg in fuse3 libfuse3-dev pkg-config gcc erofs-utils skopeo docker-registry libhivex-bin libwin-hivex-perl; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 # pyfuse3 is built from source: the interpreter's own headers must exist.

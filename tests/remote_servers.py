@@ -5,10 +5,12 @@ they send."""
 
 from __future__ import annotations
 
+import email.utils
 import http.server
 import os
 import re
 import socket
+import sys
 import threading
 import urllib.parse
 
@@ -67,14 +69,73 @@ def _close_all(server) -> None:
             pass
 
 
+class _Trickle:
+    """A connection's output sent one byte per ``interval`` seconds (a slow
+    server), until the client hangs up or the server stops."""
+
+    def __init__(self, raw, interval: float, stopped: threading.Event):
+        self.raw, self.interval, self.stopped = raw, interval, stopped
+
+    def write(self, data) -> int:
+        for i in range(len(data)):
+            if self.stopped.is_set():
+                raise ConnectionAbortedError("server stopped")
+            self.raw.write(bytes(data[i: i + 1]))
+            self.raw.flush()
+            self.stopped.wait(self.interval)
+        return len(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
     """GET (whole or one ``Range: bytes=a-b``) and HEAD of the files of one
-    directory.  Names listed in ``server.forbidden`` get 403."""
+    directory, with ``ETag`` and ``Last-Modified`` (unless ``server.versions``
+    is off) and honouring ``If-Match``/``If-Unmodified-Since`` (unless
+    ``server.conditions`` is off).  Names listed in ``server.forbidden`` get
+    403; names in ``server.ignore_range`` are sent whole, streamed, whatever
+    the ``Range`` asked; ``server.trickle`` (seconds) sends every answer one
+    byte at a time; ``server.before_get(name)`` runs before each GET;
+    ``server.no_head`` answers every HEAD 405."""
 
     protocol_version = "HTTP/1.1"
 
     def log_message(self, *args):  # quiet
         pass
+
+    def setup(self):
+        super().setup()
+        if self.server.trickle:
+            self.wfile = _Trickle(self.wfile, self.server.trickle, self.server.stopped)
+
+    def _version_headers(self, path: str, size: int) -> None:
+        if self.server.versions:
+            st = os.stat(path)
+            self.send_header("ETag", f'"{st.st_mtime_ns:x}-{size:x}"')
+            self.send_header("Last-Modified", email.utils.formatdate(st.st_mtime, usegmt=True))
+
+    def _precondition_failed(self, path: str, size: int) -> bool:
+        """Whether the request's If-Match/If-Unmodified-Since exclude the file as it is now (RFC 9110 13.1)."""
+        if not self.server.conditions:
+            return False
+        st = os.stat(path)
+        match = self.headers.get("If-Match")
+        if match is not None:
+            current = f'"{st.st_mtime_ns:x}-{size:x}"'
+            tags = [t.strip() for t in match.split(",")]
+            return "*" not in tags and current not in tags  # strong comparison: a W/ tag never matches
+        since = self.headers.get("If-Unmodified-Since")
+        if since is not None:
+            try:
+                limit = email.utils.parsedate_to_datetime(since).timestamp()
+            except (TypeError, ValueError):
+                return False
+            return int(st.st_mtime) > limit
+        return False
 
     def _file(self):
         rel = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
@@ -92,6 +153,8 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def do_HEAD(self):
+        if self.server.no_head:  # as a URL signed for GET only answers
+            return self._status(405)
         path, size = self._file()
         if path is None or path == "forbidden":
             return self._status(404 if path is None else 403)
@@ -99,13 +162,20 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(size))
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", f'"{os.stat(path).st_mtime_ns:x}-{size:x}"')
+        self._version_headers(path, size)
         self.end_headers()
 
     def do_GET(self):
         path, size = self._file()
         if path is None or path == "forbidden":
             return self._status(404 if path is None else 403)
+        if self.server.before_get is not None:
+            self.server.before_get(os.path.basename(path))
+            size = os.path.getsize(path)
+        if self._precondition_failed(path, size):
+            return self._status(412)
+        if os.path.basename(path) in self.server.ignore_range:
+            return self._send_whole(path, size)
         start, end = 0, size  # [start, end)
         ranged = self.headers.get("Range")
         if ranged:
@@ -125,11 +195,37 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(206 if ranged else 200)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Accept-Ranges", "bytes")
+        self._version_headers(path, size)
         if ranged:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.server.counter.add("GET", self.path, len(body))
         self.end_headers()
         self.wfile.write(body)
+
+    def _send_whole(self, path: str, size: int) -> None:
+        """200 and the whole file, read and sent 256 KiB at a time (each piece
+        counted before it is sent), until the client hangs up."""
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self._version_headers(path, size)
+        self.end_headers()
+        with open(path, "rb") as f:
+            while True:
+                piece = f.read(256 << 10)
+                if not piece:
+                    break
+                self.server.counter.add("GET", self.path, len(piece))
+                try:
+                    self.wfile.write(piece)
+                except OSError:  # the client hung up: what it took is counted
+                    self.close_connection = True
+                    return
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a client that hung up is no error
+            super().handle_error(request, client_address)
 
 
 class RangeHTTPServer:
@@ -137,19 +233,34 @@ class RangeHTTPServer:
 
     def __init__(self, root):
         self.counter = Counter()
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _track(_RangeHandler))
+        self._httpd = _QuietServer(("127.0.0.1", 0), _track(_RangeHandler))
         self._httpd.daemon_threads = True
         self._httpd.root = os.fspath(root)
         self._httpd.forbidden = set()
+        self._httpd.ignore_range = set()
         self._httpd.counter = self.counter
+        self._httpd.versions = True
+        self._httpd.conditions = True
+        self._httpd.trickle = 0.0
+        self._httpd.before_get = None
+        self._httpd.no_head = False
+        self._httpd.stopped = threading.Event()
         self.forbidden = self._httpd.forbidden
+        self.ignore_range = self._httpd.ignore_range
         host, port = self._httpd.server_address[:2]
         self.url = f"http://{host}:{port}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
 
+    def __setattr__(self, name, value):
+        if name in ("versions", "conditions", "trickle", "before_get", "no_head"):  # settings the handlers read
+            setattr(self._httpd, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def stop(self) -> None:
         if self._thread is not None:
+            self._httpd.stopped.set()
             self._httpd.shutdown()
             self._httpd.server_close()
             _close_all(self._httpd)

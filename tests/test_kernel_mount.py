@@ -932,7 +932,9 @@ def test_planted_symlinks_at_temporary_names_are_not_followed(tmp_path, monkeypa
     victim = tmp_path / "victim"
     victim.write_bytes(b"root's file")
     # the names a build would write first: <key>.<ext>.<pid>.tmp (before), .<key>.<ext>.<random>.tmp (now)
-    monkeypatch.setattr(cimfs.atomic.secrets, "token_hex", lambda n: "planted")
+    import secrets  # cimfs.atomic imports it when it names a temporary file
+
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "planted")
     for key in keys:
         for ext in ("erofs", "json"):
             os.symlink(victim, cache / f"{key}.{ext}.{os.getpid()}.tmp")
@@ -955,7 +957,9 @@ def test_publishing_helper_never_writes_through_a_planted_name(tmp_path, monkeyp
 
     victim = tmp_path / "victim"
     victim.write_bytes(b"untouched")
-    monkeypatch.setattr(cimfs.atomic.secrets, "token_hex", lambda n: "planted")
+    import secrets  # cimfs.atomic imports it when it names a temporary file
+
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "planted")
     os.symlink(victim, tmp_path / ".out.planted.tmp")
     with cimfs.create(tmp_path, "g.cim") as w:
         w.add_file("f", b"x")

@@ -194,7 +194,7 @@ def layer_tars(tmp_path):
         D("Files/cleared", attrs=0x14),
         F("Files/cleared/old", b"old"),
         D("Hives"),
-        F("Hives/System_Delta", b"v1"),
+        F("Hives/notes.txt", b"v1"),  # not a hive delta: a fake one would fail the hive merge
     ])
     mid = write_tar(tmp_path / "mid.tar", [
         Entry("Files/.wh.gone.txt"),
@@ -212,7 +212,7 @@ def layer_tars(tmp_path):
         F("Files/implicit/deeper/f", b"f"),  # new directories the tar does not list
         D("Files/newdir"),
         F("Files/newdir/n", b"n"),
-        F("Hives/System_Delta", b"v2"),
+        F("Hives/notes.txt", b"v2"),
     ])
     top = write_tar(tmp_path / "top.tar", [
         Entry("Files/.wh.whole"),  # a whole directory of the base

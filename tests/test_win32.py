@@ -137,8 +137,8 @@ def test_sharing_violation_across_threads(tmp_path):
 
 CHILD = r"""
 import os, sys, cimfs
-from cimfs import errors
-if len(sys.argv) > 2:  # drop to an unprivileged user once the interpreter is loaded
+from cimfs import errors, CimCreateImage, CimCloseImage, CimError  # loaded now: cimfs loads names on first use
+if len(sys.argv) > 2:  # drop to an unprivileged user once the interpreter and the API are loaded
     os.setgroups([]); os.setgid(65534); os.setuid(65534)
 try:
     h = cimfs.CimCreateImage(sys.argv[1], None, "other.cim")

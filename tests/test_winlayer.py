@@ -407,7 +407,7 @@ def base_layer_entries():
         F("Files/becomes_file/inner", b"i"),
         F("Files/shared.dll", b"dll v1"),
         D("Hives"),
-        F("Hives/System_Delta", b"v1"),
+        F("Hives/notes.txt", b"v1"),  # not a hive delta: a fake one would fail the hive merge
     ]
 
 
@@ -430,7 +430,7 @@ def test_fork_applies_layer_with_whiteouts(tmp_path):
         F("Files/becomes_file", b"now a file"),
         F("Files/shared.dll", b"dll v2"),
         Entry("Files/keep/a-link", tarfile.LNKTYPE, linkname="Files/keep/a.txt"),  # link to a lower file
-        F("Hives/System_Delta", b"v2"),
+        F("Hives/notes.txt", b"v2"),
     ])
     d = tmp_path / "img"
     d.mkdir()
@@ -447,7 +447,7 @@ def test_fork_applies_layer_with_whiteouts(tmp_path):
         assert not img.stat("Files\\becomes_file").is_dir
         assert img.read_bytes("Files\\becomes_file") == b"now a file"
         assert img.read_bytes("Files\\shared.dll") == b"dll v2"
-        assert img.read_bytes("Hives\\System_Delta") == b"v2"
+        assert img.read_bytes("Hives\\notes.txt") == b"v2"
         assert img.stat("Files\\keep\\a-link").file_id == img.stat("Files\\keep\\a.txt").file_id
         assert img.stat("Files\\keep\\a.txt").nlink == 2
         assert not any(".wh." in p for p in names)

@@ -15,37 +15,45 @@ Writing (commits on a clean exit, discards on an exception)::
 The Win32-shaped API (``CimCreateImage`` ...) is a thin facade over the same core.
 """
 
-from .errors import CimError, CimFormatError
-from .metadata import FileAttributes, FileMetadata, filetime_from_ns, filetime_to_ns
-from .names import fold_name
-from .reader import CimFile, DirEntry, Image, Stat, open
-from .writer import ImageWriter, StreamWriter, create
-from .merged import merge
-from .win32 import (
-    CimAddFsToMergedImage,
-    CimAddFsToMergedImage2,
-    CimCreateMergeLink,
-    CimMergeMountImage,
-    CimTombstoneFile,
-    CimCloseImage,
-    CimCloseStream,
-    CimCommitImage,
-    CimCreateAlternateStream,
-    CimCreateFile,
-    CimCreateHardLink,
-    CimCreateFlags,
-    CimCreateImage,
-    CimCreateImage2,
-    CimDeletePath,
-    CimGetFileStatBasicInformation,
-    CimReadFile,
-    FILE_STAT_BASIC_INFORMATION,
-    CimDismountImage,
-    CimMountImage,
-    CimWriteStream,
-)
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the names as type checkers and editors see them; at run time __getattr__ loads them
+    from .errors import CimError, CimFormatError
+    from .metadata import FileAttributes, FileMetadata, filetime_from_ns, filetime_to_ns
+    from .names import fold_name
+    from .reader import CimFile, DirEntry, Image, Stat, open
+    from .writer import ImageWriter, StreamWriter, create
+    from .merged import merge
+    from .mount import CimDismountImage, CimMergeMountImage, CimMountImage
+    from .win32 import (
+        CimAddFsToMergedImage, CimAddFsToMergedImage2, CimCreateMergeLink, CimTombstoneFile,
+        CimCloseImage, CimCloseStream, CimCommitImage, CimCreateAlternateStream, CimCreateFile, CimCreateHardLink,
+        CimCreateFlags, CimCreateImage, CimCreateImage2, CimDeletePath, CimGetFileStatBasicInformation, CimReadFile,
+        FILE_STAT_BASIC_INFORMATION, CimWriteStream,
+    )
 
 __version__ = "0.1.0"
+
+# Public names are imported on first use (PEP 562): ``import cimfs`` -- and so
+# every ``cimfs`` command -- pays only for the modules it touches (start-up time,
+# tests/test_startup.py).  Each name maps to the module that defines it.
+_PUBLIC = {
+    "errors": ("CimError", "CimFormatError"),
+    "metadata": ("FileAttributes", "FileMetadata", "filetime_from_ns", "filetime_to_ns"),
+    "names": ("fold_name",),
+    "reader": ("CimFile", "DirEntry", "Image", "Stat", "open"),
+    "writer": ("ImageWriter", "StreamWriter", "create"),
+    "merged": ("merge",),
+    "mount": ("CimMountImage", "CimMergeMountImage", "CimDismountImage"),
+    "win32": ("CimAddFsToMergedImage", "CimAddFsToMergedImage2", "CimCreateMergeLink",
+              "CimTombstoneFile", "CimCloseImage", "CimCloseStream", "CimCommitImage", "CimCreateAlternateStream",
+              "CimCreateFile", "CimCreateHardLink", "CimCreateFlags", "CimCreateImage", "CimCreateImage2",
+              "CimDeletePath", "CimGetFileStatBasicInformation", "CimReadFile", "FILE_STAT_BASIC_INFORMATION",
+              "CimWriteStream"),
+}
+_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
+
 
 __all__ = [
     "CimError", "CimFormatError", "FileAttributes", "FileMetadata", "filetime_from_ns", "filetime_to_ns",
@@ -58,3 +66,24 @@ __all__ = [
 
 __all__ += ["CimCreateImage2", "CimCreateFlags", "CimReadFile", "CimGetFileStatBasicInformation",
             "FILE_STAT_BASIC_INFORMATION"]
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_"):
+        # ``cimfs.posix`` and the like worked without their own import when this
+        # file imported every module; a submodule is still found by attribute.
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULE_OF))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import stat
 
 
@@ -37,6 +36,8 @@ def temp_name(path: str, *, dir_fd: int | None = None) -> str:
     """A fresh hidden name in ``path``'s directory (same file system: rename
     is atomic); with ``dir_fd``, ``path`` is a plain name in that directory
     and so is the result."""
+    import secrets  # start-up time (hashlib's OpenSSL): the reading commands import this module for fsync_dir
+
     if dir_fd is not None:
         return f".{path}.{secrets.token_hex(6)}.tmp"
     path = os.path.abspath(path)

@@ -31,6 +31,7 @@ from .errors import ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND, CimError
 from .metadata import filetime_to_ns
 from .reader import Image
 from .remote import RemoteStorage, is_url
+from .remote_fetch import TIMEOUT_OPTIONS, split_options
 from .tools import split_stream
 
 _NOT_FOUND = (ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND)
@@ -52,6 +53,8 @@ class CimFileSystem(AbstractArchiveFileSystem):
     as its storage options), a path on ``target_protocol``'s filesystem, or an
     open :class:`cimfs.Image` (not closed by this filesystem).
     ``cache_dir`` keeps a remote image's fetched blocks on local disk.
+    ``target_options`` may carry the remote reads' time limits
+    (``connect_timeout``, ``read_timeout``, ``request_timeout``).
     """
 
     protocol = "cim"
@@ -70,12 +73,15 @@ class CimFileSystem(AbstractArchiveFileSystem):
             if target_protocol in _LOCAL_PROTOCOLS and not is_url(fo):
                 self.image = Image(fo)
             elif target_protocol in _LOCAL_PROTOCOLS:
-                from .reader import open as open_image
+                from .reader import open as open_image  # start-up time: fsspec imports this module to learn the protocol
                 self.image = open_image(fo, target_options, cache_dir=cache_dir)
             else:
-                import fsspec
-                target = fsspec.filesystem(target_protocol, **(target_options or {}))
-                storage = RemoteStorage(fo, filesystem=target, cache_dir=cache_dir)
+                import fsspec  # optional dependency (cimfs[remote])
+                limits = {k: v for k, v in (target_options or {}).items() if k in TIMEOUT_OPTIONS}
+                protocol = target_protocol if isinstance(target_protocol, str) else target_protocol[0]
+                _, backend_options = split_options(f"{protocol}://", target_options)
+                target = fsspec.filesystem(target_protocol, **backend_options)
+                storage = RemoteStorage(fo, limits, filesystem=target, cache_dir=cache_dir)
                 try:
                     self.image = Image(storage.url, storage=storage)
                 except BaseException:

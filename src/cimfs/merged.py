@@ -21,6 +21,7 @@ from . import reader as _reader
 from .errors import E_INVALIDARG, E_NOTIMPL, ERROR_FILE_NOT_FOUND, CimError, CimFormatError
 from .layout import cim, ntfs
 from .names import split_path
+from .writer import ImageWriter, _Node
 
 _DIR_STREAM = cim.Stream(0, 0, cim.STREAM_TYPE_LINK_TABLE)
 
@@ -116,8 +117,6 @@ class Merger:
                 img.close()
 
     def _reset_root(self) -> None:
-        from .writer import _Node
-
         root = _Node(cim.FileRecord(stream=_DIR_STREAM))
         root.nlink = 1
         self.w._root = root
@@ -158,8 +157,6 @@ class Merger:
                               rec.last_write_time, rec.change_time, rec.last_access_time, stream, sd, ea, rp, 0, 0)
 
     def _file_node(self, img, fid: int, rec: cim.FileRecord, mapping):
-        from .writer import _Node
-
         record = self._record(img, fid, rec, mapping, False)
         if not rec.stream_table_offset:
             # packed at once: the commit places it as it is (as an import's new files)
@@ -184,8 +181,6 @@ class Merger:
         return marker
 
     def _apply(self, img, mapping) -> None:
-        from .writer import _Node
-
         root = self.w._root
         root_rec = img.record(img.root_id)
         root.record = self._record(img, img.root_id, root_rec, mapping, True)
@@ -292,19 +287,32 @@ def source_path(directory: str, path) -> str:
     return full
 
 
+def add_source(writer: ImageWriter, path: str | os.PathLike, flags: int = 0) -> None:
+    """``CimAddFsToMergedImage2``: add a source image (in the writer's
+    directory) to the merged image ``writer`` makes; sources added first win
+    (top layer first).  The writer builds the merged tree at commit."""
+    writer._check_open(committing=True)
+    check_merge_flags(flags, os.fspath(path))
+    if writer._base is not None or writer._root.children or writer._root.streams:
+        raise CimError(E_INVALIDARG, "only a new image without changes can be a merged image", writer.path)
+    full = source_path(writer.directory, path)
+    if full == writer.path or full in writer._merge_sources:
+        raise CimError(E_INVALIDARG, "an image is added to a merged image at most once, and not to itself", full)
+    writer._merge_sources.append(full)
+    writer._build_merged = Merger(writer, writer._merge_sources).run
+
+
 def merge(containing_dir, name: str, sources: list, *, sync: bool = True, consistent: bool = True) -> str:
     """Write the merged image ``name`` of ``sources`` (``.cim`` names or paths in
     ``containing_dir``, top layer first); returns its path.  ``consistent``
     (the default): the same sources give the same files (see
     :func:`cimfs.create`)."""
-    from .writer import ImageWriter
-
     if not sources:
         raise CimError(E_INVALIDARG, "a merged image needs at least one source", os.fspath(containing_dir))
     w = ImageWriter(containing_dir, name, sync=sync, data_process=False, consistent=consistent)
     try:
         for s in sources:
-            w.add_merge_source(s)
+            add_source(w, s)
         return w.commit()
     finally:
         w.close()

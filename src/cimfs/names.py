@@ -84,6 +84,20 @@ def split_path(path: str, allow_stream: bool = False, strict: bool = True) -> tu
     return parts, stream
 
 
+def split_stream(path: str) -> tuple[str, str | None]:
+    """``dir/file:stream`` -> (``dir/file``, ``stream``); a path without a stream -> (path, None).
+    ``name:stream:$DATA`` is the fully qualified form of ``name:stream``."""
+    parts = path.replace("\\", "/").rstrip("/").split("/")
+    last = parts[-1]
+    if ":" in last:
+        name, _, stream = last.partition(":")
+        if stream.upper().endswith(":$DATA"):
+            stream = stream[:-6]
+        parts[-1] = name
+        return "/".join(parts), stream
+    return path, None
+
+
 def _check_lookup_name(name: str, path: str, what: str = "name") -> None:
     if not name or name in (".", ".."):
         check_name(name, path, what)  # raises: empty, "." and ".." never name an entry
@@ -110,10 +124,30 @@ class NameFolder:
         units.frombytes(table)
         if sys.byteorder != "little":
             units.byteswap()
-        self._map = {i: u for i, u in enumerate(units) if i != u}
+        self._table = bytes(table)  # little-endian, as stored
+        self._units = units
+        self._map: dict[int, int] | None = None  # built at the first name that needs it
         # ASCII names are by far the most common: fold them with str.upper's
         # fast path when the table agrees with it for ASCII.
         self._ascii_upper = all(units[c] == ord(chr(c).upper()) for c in range(128))
+
+    def _build_map(self) -> dict[int, int]:
+        """The units the table changes (~1 000 of 65 536, in ~20 blocks of
+        256), found a block at a time against the identity's bytes: a walk of
+        every unit took ~10 ms, paid by every command that opened an image,
+        even when all its names were ASCII."""
+        units = self._units
+        identity = bytearray(512)  # units hi*256 .. hi*256+255, little-endian
+        identity[0::2] = bytes(range(256))
+        changed: dict[int, int] = {}
+        for hi in range(min(256, (len(units) + 255) // 256)):
+            identity[1::2] = bytes((hi,)) * 256
+            chunk = self._table[hi * 512:hi * 512 + 512]
+            if chunk != identity[:len(chunk)]:
+                start = hi * 256
+                changed.update((start + i, u) for i, u in enumerate(units[start:start + 256]) if u != start + i)
+        self._map = changed
+        return changed
 
     @classmethod
     def for_table(cls, table: bytes) -> "NameFolder":
@@ -125,7 +159,7 @@ class NameFolder:
     def key(self, name: str) -> str:
         if self._ascii_upper and name.isascii():
             return name.upper()
-        return name.translate(self._map)
+        return name.translate(self._map if self._map is not None else self._build_map())
 
 
 _default_folder: NameFolder | None = None
@@ -136,7 +170,7 @@ def fold_name(name: str) -> str:
     into new images: two names with equal keys collide in one directory."""
     global _default_folder
     if _default_folder is None:
-        from .layout.cim import load_upcase_table
+        from .layout.cim import load_upcase_table  # start-up time: loaded at the first non-ASCII name
 
         _default_folder = NameFolder.for_table(load_upcase_table())
     return _default_folder.key(name)

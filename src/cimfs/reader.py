@@ -4,32 +4,40 @@ The reader trusts nothing in the image: every RegionOffset, length and count is
 checked against the files before it is used, so a corrupt or hostile image
 gives a :class:`CimFormatError` and never another exception, a hang or an
 allocation larger than the image's files.
+
+This module owns the image's metadata: opening it, records, directories,
+paths, the walk, stat and stream tables.  Region files are opened and read by
+:mod:`cimfs.regionfile`; stream bytes are read by :mod:`cimfs.streams` and the
+walks over the tree are :mod:`cimfs.treewalk` and the structural check and
+summary :mod:`cimfs.imagecheck`, each mixed into :class:`Image`.
 """
 
 from __future__ import annotations
 
 import bisect
-import errno
 import io
-import mmap
 import os
-import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
+from . import remote
 from .errors import (
+    E_INVALIDARG,
     ERROR_FILE_NOT_FOUND,
     ERROR_PATH_NOT_FOUND,
     CimError,
     CimFormatError,
-    E_INVALIDARG,
-    E_OUTOFMEMORY,
 )
-from . import remote
-from .layout import cim, ntfs
+from .imagecheck import ImageChecks
+from .layout import cim
 from .names import NameFolder, join_path, split_path
+
+# The region-file layer and the stream readers live in their own modules; their names stay importable from here.
+from .regionfile import _open_regular, _physical_memory, _Region, find_region_file  # noqa: F401
+from .streams import _HAVE_COPY_FILE_RANGE, COPY_CHUNK, MAX_READ_SIZE, CimFile, StreamReading  # noqa: F401
+from .treewalk import TreeWalking
 
 # Reading a .cim never needs more than its header and 65535 parent sets.
 _MAX_FILESYSTEM_FILE = cim.FILESYSTEM_HEADER.size + 65535 * cim.REGION_SET.size
@@ -72,151 +80,6 @@ class _Directory(NamedTuple):
     file_ids: list[int]
     keys: list  # folded names, computed lazily (None until needed)
     size: int = 0  # bytes of its link table (what the cache is budgeted by)
-
-
-class _Visits:
-    """What a walk of the tree has entered, so that every walker visits each
-    directory once and does work bounded by the image's size: a directory
-    FileID met under a second name, two directories sharing one link table,
-    or link tables adding up to more bytes than the region files have (they
-    overlap) are damage, reported by the walker and not entered."""
-
-    __slots__ = ("dirs", "tables", "budget", "image", "counted")
-
-    def _count_regions(self, open_all: bool) -> None:
-        for i, size in self.image._region_sizes(open_all):
-            if i not in self.counted:
-                self.counted.add(i)
-                self.budget += size
-
-    def __init__(self, image: "Image"):
-        self.dirs: set[int] = set()
-        self.tables: set[int] = set()
-        # The region files already open (link tables sit in metadata regions);
-        # all of them are counted only if that runs out, so a walk does not
-        # open every data region (a request each, for a remote image).
-        self.image = image
-        self.counted: set[int] = set()
-        self.budget = 0
-        self._count_regions(open_all=False)
-
-    def admit(self, fid: int, rec: cim.FileRecord | None = None) -> str | None:
-        """None if the directory ``fid`` may be entered (it is then counted
-        as entered), else why not."""
-        if rec is None:
-            rec = self.image.record(fid)
-        if fid in self.dirs:
-            return f"directory FileID {fid} has a second name (a cycle or a linked directory)"
-        s = rec.stream
-        if s.length:
-            if s.offset in self.tables:
-                return f"directory FileID {fid} shares its link table with another directory"
-            self.budget -= s.length
-            if self.budget < 0:
-                self._count_regions(open_all=True)
-            if self.budget < 0:
-                return f"directory FileID {fid}: link tables add up to more bytes than the region files hold (they overlap)"
-            self.tables.add(s.offset)
-        self.dirs.add(fid)
-        return None
-
-
-def find_region_file(directory: str, name: str) -> str | None:
-    """The path of ``name`` in ``directory``, matched case-insensitively when
-    the exact name is absent (images written on Windows may use upper case)."""
-    exact = os.path.join(directory, name)
-    if os.path.exists(exact):
-        return exact
-    lowered = name.lower()
-    try:
-        for entry in os.listdir(directory):
-            if entry.lower() == lowered:
-                return os.path.join(directory, entry)
-    except OSError:
-        return None
-    return None
-
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 34
-
-
-#: The largest single read (``read_bytes``, ``read()``, ``read_at``) the
-#: reader attempts: the machine's physical memory.  Larger streams (sparse
-#: ones may claim up to 2^48 bytes) are read in pieces; a larger read gives
-#: ``CimError(E_OUTOFMEMORY)`` instead of a MemoryError or the OOM killer.
-MAX_READ_SIZE = _physical_memory()
-
-#: Bytes per copy_file_range / read-write step of :meth:`Image.copy_stream`.
-COPY_CHUNK = 8 << 20
-_HAVE_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
-#: copy_file_range refusals that mean "not between these files": copy by hand.
-_COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
-
-
-def _open_regular(path: str, what: str, is_image: bool = False) -> int:
-    """A descriptor of ``path`` opened read-only, refused unless it is a
-    regular file.  ``O_NONBLOCK``: a FIFO (or device) put where an image's
-    file belongs must fail here, not block the reader -- or a mount daemon,
-    and with it every later request -- forever.  The .cim itself is the
-    caller's argument (CimError); a region file is part of the image
-    (CimFormatError)."""
-    def fail(code, reason):
-        return CimError(code, reason, path) if is_image else CimFormatError(reason, path)
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise fail(ERROR_FILE_NOT_FOUND, f"{what} not found") from None
-    except OSError as e:
-        raise fail(ERROR_FILE_NOT_FOUND, f"cannot open {what}: {e.strerror or e}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as e:
-        os.close(fd)
-        raise fail(ERROR_FILE_NOT_FOUND, f"cannot stat {what}: {e.strerror or e}") from None
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
-        raise fail(E_INVALIDARG, f"{what} is {kind}")
-    return fd
-
-
-class _Region:
-    """One region file: mapped for the small metadata objects, read with
-    ``pread`` for file contents (so streaming a large file neither grows the
-    process's resident set nor faults on a file truncated under it)."""
-
-    __slots__ = ("path", "size", "map", "region_type", "index", "fd")
-
-    def __init__(self, path: str, what: str):
-        self.path = path
-        self.fd = _open_regular(path, what)
-        try:
-            self.size = os.fstat(self.fd).st_size
-            if self.size < cim.REGION_HEADER.size:
-                raise CimFormatError(f"{what} is truncated ({self.size} bytes)", path)
-            try:
-                self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError, OverflowError) as e:
-                raise CimFormatError(f"{what} of {self.size} bytes cannot be mapped ({e})", path) from None
-            self.index, self.region_type = cim.unpack_region_header(self.map[: cim.REGION_HEADER.size], what)
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    def pread(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        while len(data) < length:  # short reads only at a (changed) end of file
-            more = os.pread(self.fd, length - len(data), offset + len(data))
-            if not more:
-                raise CimFormatError(f"region file ended at {offset + len(data)} (was it truncated?)", self.path)
-            data += more
-        return data
 
 
 class _TableList(list):
@@ -263,7 +126,7 @@ class _FileTables(Sequence):
         return cim.file_table_record_total(self._raw, self._count)
 
 
-class Image:
+class Image(StreamReading, TreeWalking, ImageChecks):
     """A CIM image opened for reading.  Use as a context manager.
 
     ``storage`` (a :class:`cimfs.remote.RemoteStorage`) reads the image and its
@@ -363,6 +226,8 @@ class Image:
         try:
             return region.pread(off, length)
         except OSError as e:
+            if type(e) is CimError:  # a remote storage's failure (changed, timed out...): not damage, names its URL
+                raise
             raise self._fail(f"{what}: cannot read {region.path}: {e.strerror}") from None
 
     def _bytes(self, ro: int, length: int, what: str) -> bytes:
@@ -615,158 +480,6 @@ class Image:
         fid = path if isinstance(path, int) else self.lookup(path)
         return list(self._directory(fid).names)
 
-    def _region_sizes(self, open_all: bool) -> list[tuple[int, int]]:
-        """(index, size) of the region files already open, or of all that open."""
-        out = []
-        for i in range(len(self._regions)):
-            region = self._regions[i]
-            if region is None and open_all:
-                try:
-                    region = self._region(i)
-                except CimError:
-                    continue
-            if region is not None:
-                out.append((i, region.size))
-        return out
-
-    def directory_guard(self) -> _Visits:
-        """For a walker outside this class: ``guard.admit(fid)`` is None when
-        directory ``fid`` may be entered, else the damage that forbids it
-        (a second name, a link table shared or overlapping)."""
-        return _Visits(self)
-
-    def walk(self, path: str = "", onerror=None) -> Iterator[tuple[str, list[str], list[str]]]:
-        """Top-down like ``os.walk``; ``dirpath`` uses ``\\`` and the root is ``""``.
-
-        Directories may be pruned by editing ``dirnames`` in place.  Damage
-        met on the way (a directory that cannot be read, an entry whose
-        record is bad, a directory under a second name) is passed to
-        ``onerror`` as a :class:`CimFormatError` (ignored without one) and
-        that part is skipped: the rest of the tree is still walked.  Each
-        directory is entered once, however many names lead to it.
-        """
-        top_id = self.lookup(path)
-        top = join_path(split_path(path, strict=False)[0])
-        visits = _Visits(self)
-        reason = visits.admit(top_id, self.record(top_id))
-        if reason is not None:
-            raise self._fail(reason)
-        stack = [(top, top_id)]
-        while stack:
-            dirpath, fid = stack.pop()
-            try:
-                names, ids = self._directory(fid)[:2]
-            except CimFormatError as e:
-                if onerror is not None:
-                    onerror(e)
-                continue
-            dirs, files, dir_ids = [], [], {}
-            for name, child in zip(names, ids):
-                try:
-                    is_dir = self.record(child).is_dir
-                except CimFormatError as e:
-                    if onerror is not None:
-                        onerror(CimFormatError(e.strerror, f"{dirpath}\\{name}" if dirpath else name))
-                    continue
-                if is_dir:
-                    dirs.append(name)
-                    dir_ids[name] = child
-                else:
-                    files.append(name)
-            yield dirpath, dirs, files
-            subs = []
-            for name in dirs:  # in order: the first name of a directory is the one entered
-                child = dir_ids.get(name)
-                if child is None:
-                    continue
-                sub = f"{dirpath}\\{name}" if dirpath else name
-                reason = visits.admit(child, self.record(child))
-                if reason is not None:
-                    if onerror is not None:
-                        onerror(CimFormatError(reason, sub))
-                    continue
-                subs.append((sub, child))
-            stack.extend(reversed(subs))
-
-    def iter_file_ids(self) -> Iterator[tuple[str, int]]:
-        """Every (path, FileID) reachable from the root, the root first as
-        ``""`` (damaged parts skipped, each directory entered once)."""
-        yield "", self.root_id
-        for path, fid, _rec, _reason in self._tree():
-            if fid is not None:
-                yield path, fid
-
-    def _tree(self) -> Iterator[tuple[str, int, cim.FileRecord | None, str | None]]:
-        """(path, FileID, record, damage) for every entry below the root,
-        parents before children, without recursion and without a path lookup
-        per entry.  ``record`` is None and ``damage`` says why when the entry
-        cannot be read or a directory is not entered; a directory that cannot
-        be listed is reported as (its path, None, None, reason)."""
-        visits = _Visits(self)
-        visits.admit(self.root_id, self.record(self.root_id))
-        stack = [("", self.root_id)]
-        while stack:
-            dirpath, fid = stack.pop()
-            try:
-                d = self._directory(fid)
-            except CimFormatError as e:
-                yield dirpath, None, None, e.strerror
-                continue
-            sub = []
-            for name, child in zip(d.names, d.file_ids):
-                path = f"{dirpath}\\{name}" if dirpath else name
-                try:
-                    rec = self.record(child)
-                except CimFormatError as e:
-                    yield path, child, None, e.strerror
-                    continue
-                reason = visits.admit(child, rec) if rec.is_dir else None
-                yield path, child, rec, reason
-                if rec.is_dir and reason is None:
-                    sub.append((path, child))
-            stack.extend(reversed(sub))
-
-    def tombstones(self) -> list[str]:
-        """Paths this image marks deleted from the layers below (``CimTombstoneFile``)."""
-        tag = ntfs.IO_REPARSE_TAG_WCI_TOMBSTONE
-        out = []
-        for p, fid in self.iter_file_ids():
-            rec = self.record(fid)
-            if rec.reparse_tag == tag and not rec.is_dir:  # a merge treats only files as tombstones
-                out.append(p)
-        return out
-
-    def merge_links(self) -> list[tuple[str, str]]:
-        """(path, target in the layers below) of each ``CimCreateMergeLink`` of this image."""
-        return [(p, m[1]) for p, m in self._merge_markers() if m[0] == ntfs.MERGE_KIND_LINK]
-
-    def opaque_dirs(self) -> list[str]:
-        """Directories that replace, instead of merging with, the layers' below."""
-        return [p for p, m in self._merge_markers() if m[0] == ntfs.MERGE_KIND_DIR and m[1] & ntfs.MERGE_DIR_OPAQUE]
-
-    def _merge_markers(self):
-        tag = ntfs.IO_REPARSE_TAG_CIMFS_MERGE
-        for p, fid in self.iter_file_ids():
-            rec = self.record(fid)
-            if rec.reparse_tag == tag and rec.reparse_offset:
-                try:
-                    m = ntfs.parse_merge_reparse(self._blob(rec.reparse_offset, f"reparse buffer of {p!r}"))
-                except CimFormatError as e:
-                    raise CimFormatError(f"{p}: {e.strerror}", self.path) from None
-                if m is not None:
-                    yield p, m
-
-    def _link_counts(self) -> dict[int, int]:
-        # Damage is skipped, not raised: one bad directory must not make the
-        # stat of every file fail.  Names in a skipped part are not counted.
-        if self._nlinks is None:
-            counts: dict[int, int] = {}
-            for _path, fid, rec, _reason in self._tree():
-                if rec is not None and not rec.is_dir:
-                    counts[fid] = counts.get(fid, 0) + 1
-            self._nlinks = counts
-        return self._nlinks
-
     # ------------------------------------------------------------ metadata
     def nlink(self, path) -> int:
         """How many names the entry has (``stat(path).nlink`` without the rest
@@ -857,349 +570,6 @@ class Image:
 
     def stream_size(self, path, stream: str | None = None) -> int:
         return self.stream_descriptor(path, stream).length
-
-    # ------------------------------------------------------------ data
-    def open(self, path, stream: str | None = None) -> "CimFile":
-        desc = self.stream_descriptor(path, stream)
-        return CimFile(self, desc, str(path))
-
-    def read_bytes(self, path, stream: str | None = None) -> bytes:
-        with self.open(path, stream) as f:
-            return f.read()
-
-    def read_at(self, path, offset: int, size: int, stream: str | None = None) -> bytes:
-        desc = path if isinstance(path, cim.Stream) else self.stream_descriptor(path, stream)
-        return self._read_stream(desc, offset, size)
-
-    def readinto_at(self, path, offset: int, buffer, stream: str | None = None, *, nowait: bool = False) -> int:
-        """Fill ``buffer`` (a writable bytes-like object) from the stream at
-        ``offset``; returns the count, short only at the end of the stream.
-
-        With ``nowait`` a plain data stream is read only as far as the page
-        cache holds it (``RWF_NOWAIT``): the count may then be short, and 0
-        means "would wait for the disk" (callers then read in a thread).
-        """
-        desc = path if isinstance(path, cim.Stream) else self.stream_descriptor(path, stream)
-        view = memoryview(buffer).cast("B")
-        length = desc.length
-        if offset >= length or not len(view):
-            return 0
-        n = min(len(view), length - offset)
-        if desc.sparse:
-            view[:n] = bytes(n)
-            return n
-        if desc.type != cim.STREAM_TYPE_DATA:
-            data = self._read_stream(desc, offset, n)
-            view[: len(data)] = data
-            return len(data)
-        region, off = self._check_stream(desc)
-        if region.fd is None:  # a remote region: no page cache to ask, no descriptor to read into
-            if nowait:
-                return 0
-            data = self._data(desc.offset + offset, n, "stream data")
-            view[:n] = data
-            return n
-        if nowait:
-            if _RWF_NOWAIT is None:
-                return 0
-            try:
-                return os.preadv(region.fd, [view[:n]], off + offset, _RWF_NOWAIT)
-            except BlockingIOError:
-                return 0
-            except OSError as e:
-                if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                    return 0
-                raise self._fail(f"stream data: cannot read {region.path}: {e.strerror}") from None
-        done = 0
-        while done < n:
-            try:
-                k = os.preadv(region.fd, [view[done:n]], off + offset + done)
-            except OSError as e:
-                raise self._fail(f"stream data: cannot read {region.path}: {e.strerror}") from None
-            if not k:
-                raise self._fail(f"region file ended at {off + offset + done} (was it truncated?)")
-            done += k
-        return done
-
-    def copy_stream(self, path, fd: int, stream: str | None = None, progress=None) -> int:
-        """Write the whole stream to the file descriptor ``fd`` at its current
-        position; returns the number of bytes written.
-
-        Plain data streams go region file -> ``fd`` with ``copy_file_range``
-        (no copy through Python, reflinks where the filesystem has them);
-        sparse and PE-image streams, and file systems that refuse the call,
-        take the ``read``/``write`` path.  ``progress(n)`` is called as bytes land.
-        """
-        desc = path if isinstance(path, cim.Stream) else self.stream_descriptor(path, stream)
-        length = desc.length
-        if not length:
-            return 0
-        done = 0
-        if desc.type == cim.STREAM_TYPE_DATA and not desc.sparse and self._copy_file_range:
-            region, off = self._check_stream(desc)
-            while done < length:
-                try:
-                    n = os.copy_file_range(region.fd, fd, min(COPY_CHUNK, length - done), off + done)
-                except OSError as e:
-                    if e.errno not in _COPY_FALLBACK_ERRNOS or done:
-                        raise
-                    break  # not between these two files: read and write below
-                if n <= 0:
-                    raise self._fail(f"region file ended at {off + done} (was it truncated?)")
-                done += n
-                if progress:
-                    progress(n)
-            else:
-                return done
-        while done < length:
-            buf = self._read_stream(desc, done, min(COPY_CHUNK, length - done))
-            view = memoryview(buf)
-            while view:
-                k = os.write(fd, view)
-                view = view[k:]
-            done += len(buf)
-            if progress:
-                progress(len(buf))
-        return done
-
-    def data_location(self, desc: cim.Stream) -> tuple[str, int, int] | None:
-        """Where a plain data stream's bytes lie: (region file path, byte
-        offset, region file size), checked to lie inside the file; None for
-        empty, sparse and PE-image streams (they have no one place), and for
-        a remote image's streams (no local file)."""
-        if desc.sparse or not desc.length or desc.type != cim.STREAM_TYPE_DATA:
-            return None
-        region, off = self._check_stream(desc)
-        if region.fd is None:
-            return None
-        return region.path, off, region.size
-
-    def _pe_image(self, desc: cim.Stream) -> cim.PeImage:
-        what = "PE image object"
-        head = self._view(desc.offset, cim.PE_IMAGE.size, what)
-        count = cim.U16.unpack_from(head, 20)[0]
-        return cim.unpack_pe_image(self._view(desc.offset, cim.pe_image_object_size(count), what), what)
-
-    def _read_stream(self, desc: cim.Stream, pos: int, size: int) -> bytes:
-        length = desc.length
-        if pos >= length or size <= 0:
-            return b""
-        end = min(length, pos + size)
-        if end - pos > MAX_READ_SIZE:
-            # A sparse length may be near 2^48 in a tiny image: one read of it
-            # all would fail (or be killed) allocating, not report it.
-            raise CimError(E_OUTOFMEMORY, f"a read of {end - pos} bytes is larger than memory "
-                           f"({MAX_READ_SIZE} bytes): read the stream in pieces (open(), read_at, copy_stream)", self.path)
-        if desc.sparse:
-            try:
-                return bytes(end - pos)
-            except MemoryError:
-                raise CimError(E_OUTOFMEMORY, f"no memory for a read of {end - pos} bytes: read the stream in pieces", self.path) from None
-        if desc.type == cim.STREAM_TYPE_DATA:
-            self._check_stream(desc)
-            return self._data(desc.offset + pos, end - pos, "stream data")
-        if desc.type == cim.STREAM_TYPE_PE_IMAGE:
-            return self._read_pe(desc, pos, end)
-        raise self._fail(f"stream of type {desc.type} cannot be read as data")
-
-    def _check_stream(self, desc: cim.Stream) -> tuple[_Region, int]:
-        # The whole stream must lie inside its region, so a reader never returns
-        # a short read in the middle of a file.
-        return self._locate(desc.offset, desc.length, "stream data")
-
-    def _read_pe(self, desc: cim.Stream, pos: int, end: int) -> bytes:
-        pe = self._pe_image(desc)
-        maps = pe.mappings
-        starts = [m[0] for m in maps]
-        out = []
-        while pos < end:
-            i = bisect.bisect_right(starts, pos) - 1
-            delta = maps[i][1] if i >= 0 else 0
-            seg_end = min(maps[i + 1][0] if i + 1 < len(maps) else end, end)
-            if seg_end <= pos:
-                raise self._fail("PE image mappings do not cover the stream")
-            src = pe.data_offset + pos + delta
-            if src < pe.data_offset:
-                raise self._fail("PE image mapping points before its data")
-            out.append(self._data(src, seg_end - pos, "PE image data"))
-            pos = seg_end
-        return b"".join(out)
-
-    # ------------------------------------------------------------ verification
-    def check(self) -> list[str]:
-        """Structural findings that reading paths and files does not surface:
-        region headers, object ID files, link-table order, unreachable records.
-        (Reading every stream is left to the caller; see ``cimfs fsck``.)"""
-        findings: list[str] = []
-        for i, (name, index_in_set) in enumerate(self.region_names):
-            try:
-                region = self._region(i)
-            except CimFormatError as e:
-                findings.append(e.strerror)
-                continue
-            if region.index != index_in_set:
-                findings.append(f"{name}: header says region index {region.index}, expected {index_in_set}")
-            if region.region_type not in cim.REGION_TYPE_NAMES:
-                findings.append(f"{name}: unknown region type {region.region_type}")
-            oid_name = "objectid" + name[len("region"):]
-            oid = self._find_file(oid_name)
-            if oid is None:
-                findings.append(f"{oid_name}: object ID file missing (forks of this image cannot deduplicate against it)")
-                continue
-            try:
-                data = self._read_file(oid)
-                table, count = cim.unpack_objectid_header(data, oid_name)
-            except (OSError, CimFormatError) as e:
-                findings.append(f"{oid_name}: {e.strerror or e}")
-                continue
-            previous = None
-            for k, (length, digest, off) in enumerate(cim.OBJECTID_ENTRY.iter_unpack(data[table: table + count * cim.OBJECTID_ENTRY.size])):
-                if previous is not None and (length, digest) < previous:
-                    findings.append(f"{oid_name}: entry {k} is out of (length, digest) order")
-                    break
-                previous = (length, digest)
-                if off < cim.REGION_HEADER.size or off + length > region.size:
-                    findings.append(f"{oid_name}: entry {k} ({length} bytes at {off}) lies outside {name}")
-                    break
-        reachable = {self.root_id}
-        checked = set()
-        for path, fid, rec, reason in self._tree():
-            if fid is not None:
-                reachable.add(fid)
-            if reason is not None:
-                findings.append(f"{path or '(root)'}: {reason}")
-            if rec is None or not rec.is_dir or reason is not None or fid in checked:
-                continue
-            checked.add(fid)
-            try:
-                d = self._directory(fid)
-            except CimFormatError:
-                continue  # _tree reports it when it lists the directory
-            keys = self._keys(d)
-            for j in range(1, len(keys)):
-                if not keys[j - 1] < keys[j]:
-                    what = "twice" if keys[j - 1] == keys[j] else "out of order"
-                    findings.append(f"{path or '(root)'}: entry {d.names[j]!r} is {what} in the link table")
-        try:
-            keys = self._keys(self._directory(self.root_id))
-            for j in range(1, len(keys)):
-                if not keys[j - 1] < keys[j]:
-                    findings.append(f"(root): entry {self._directory(self.root_id).names[j]!r} is out of order or twice in the link table")
-        except CimFormatError:
-            pass
-        unreachable = self.file_count - len(reachable)
-        if unreachable > 0 and not self.header.parent_sets:
-            # Forks legitimately leave their parent's deleted records behind.
-            findings.append(f"{unreachable} file records are not reachable from the root")
-        return findings
-
-    def _find_file(self, name: str) -> str | None:
-        """A file beside the ``.cim`` (local path or object path), or None."""
-        if self.storage is not None:
-            return self.storage.find(name)
-        return find_region_file(self.directory, name)
-
-    def _read_file(self, path: str) -> bytes:
-        if self.storage is not None:
-            return self.storage.read_object(path)
-        with io.open(path, "rb") as f:
-            return f.read()
-
-    def stored_sizes(self) -> dict[str, tuple[int, int]]:
-        """``{file name: (bytes, bytes allocated)}`` of the ``.cim`` and each
-        region file that exists (a remote object's allocation is its size)."""
-        out: dict[str, tuple[int, int]] = {}
-        for name in [self.name] + [n for n, _ in self.region_names]:
-            try:
-                path = self._find_file(name)
-                if path is None:
-                    continue
-                if self.storage is not None:
-                    size = self.storage.size(path)
-                    out[name] = (size, size)
-                else:
-                    st = os.stat(path)
-                    out[name] = (st.st_size, st.st_blocks * 512)
-            except (CimError, OSError):
-                continue
-        return out
-
-    # ------------------------------------------------------------ summary
-    def info(self) -> dict:
-        return {
-            "path": self.path,
-            "version": f"{self.version[0]}.{self.version[1]}",
-            "region_set": {"id": str(self.header.region_set.id), "count": self.header.region_set.count},
-            "parent_region_sets": [{"id": str(p.id), "count": p.count} for p in self.header.parent_sets],
-            "region_files": [n for n, _ in self.region_names],
-            "file_tables": len(self.file_tables),
-            "file_records": self.file_count,
-            "root_file_id": self.root_id,
-        }
-
-
-class CimFile(io.RawIOBase):
-    """A read-only, seekable view of one stream of an image."""
-
-    def __init__(self, image: Image, desc: cim.Stream, name: str):
-        super().__init__()
-        self._image = image
-        self._desc = desc
-        self.name = name
-        self._pos = 0
-        if desc.length and not desc.sparse:
-            if desc.type == cim.STREAM_TYPE_DATA:
-                image._check_stream(desc)
-            elif desc.type == cim.STREAM_TYPE_PE_IMAGE:
-                image._pe_image(desc)
-            else:
-                raise image._fail(f"{name}: stream type {desc.type} is not data")
-
-    @property
-    def size(self) -> int:
-        return self._desc.length
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            pos = offset
-        elif whence == io.SEEK_CUR:
-            pos = self._pos + offset
-        elif whence == io.SEEK_END:
-            pos = self._desc.length + offset
-        else:
-            raise ValueError(f"invalid whence {whence}")
-        if pos < 0:
-            raise ValueError("negative seek position")
-        self._pos = pos
-        return pos
-
-    def read(self, size: int = -1) -> bytes:
-        if self.closed:
-            raise ValueError("I/O operation on closed file")
-        if size is None or size < 0:
-            size = max(0, self._desc.length - self._pos)
-        data = self._image._read_stream(self._desc, self._pos, size)
-        self._pos += len(data)
-        return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        n = len(data)
-        memoryview(b).cast("B")[:n] = data
-        return n
-
 
 def open(cim_path: str | os.PathLike, storage_options: dict | None = None, *,  # noqa: A001 - mirrors zipfile/tarfile.open
          cache_dir: str | None = None) -> Image:

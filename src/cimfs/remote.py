@@ -12,13 +12,15 @@ is also kept on local disk and never fetched again.
 
 Every failure of the storage becomes a :class:`CimError` naming the URL
 (``CimFormatError`` for an object shorter than the image says); requests are
-retried a bounded number of times on top of the backend's own retries.
+retried a bounded number of times on top of the backend's own retries, except
+timed-out ones.  What is fetched, how each answer is checked against the
+object's version and the time limits are :mod:`cimfs.remote_fetch`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import stat
 import struct
 import threading
 import time
@@ -32,6 +34,14 @@ from .errors import (
     CimFormatError,
 )
 from .layout import cim
+from .remote_fetch import (
+    MAX_REQUEST,
+    Transport,
+    is_timeout,
+    split_options,
+    transport_for,
+    version_of,
+)
 
 E_FAIL = 0x80004005
 
@@ -45,7 +55,8 @@ MAX_READ_AHEAD = 1 << 20
 MEMORY_CACHE = 32 << 20
 #: Adjacent missing runs of blocks separated by at most this many cached blocks are fetched together.
 _MERGE_GAP = 2
-_HELD_ENTRY = struct.Struct("<I")  # a block number in a disk cache's list of held blocks
+_INDEX_MAGIC = b"CIMFSBC1"  # a disk cache index starts with this and its object's identity digest
+_INDEX_ENTRY = struct.Struct("<Q32s")  # a block number and the checksum of its bytes (as long as the header)
 #: Attempts per request (the backends retry inside each attempt too, boundedly).
 ATTEMPTS = 2
 _RETRY_PAUSE = 0.25
@@ -82,22 +93,6 @@ def storage_error(e: BaseException, url: str, doing: str) -> CimError:
     return CimError(E_FAIL, f"{doing}: {type(e).__name__}: {_one_line(e)}", url)
 
 
-#: botocore's retries for S3 unless the caller configures them: its default
-#: (legacy, 5 attempts with back-off) takes ~8 s to give up on an unreachable
-#: endpoint, on every request.
-S3_RETRIES = {"mode": "standard", "total_max_attempts": 3}
-
-
-def _bounded_retries(url: str, options: dict) -> dict:
-    if "::" in url or not url.lower().startswith(("s3://", "s3a://")):
-        return options
-    config = dict(options.get("config_kwargs") or {})
-    if "retries" in config:
-        return options
-    config["retries"] = dict(S3_RETRIES)
-    return {**options, "config_kwargs": config}
-
-
 class BlockCache:
     """A bounded LRU of blocks, keyed by (region, block index); thread-safe."""
 
@@ -131,56 +126,115 @@ class BlockCache:
             self._bytes = 0
 
 
+def private_dir(path: str) -> str:
+    """``path`` as a directory only the caller can write (made 0700 when
+    absent); refused when another user owns it or may write in it, since
+    whoever writes there chooses what is served as the image's bytes."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError as e:
+        raise CimError(E_FAIL, f"cannot use the cache directory: {e.strerror}", path) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CimError(E_INVALIDARG, "the cache directory is not a directory", path)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise CimError(E_ACCESSDENIED, "refusing the cache directory: another user owns it or may write in it "
+                                       "(it must be the caller's, not group- or world-writable)", path)
+    return path
+
+
 class DiskBlocks:
-    """The blocks of one region object kept in ``cache_dir``: a sparse file
-    of the object's size plus an append-only list of the blocks it holds
-    (written after the block, so a crash loses at most blocks, never marks
-    a hole as held).  Keyed by URL, size and ETag, so a changed object is
-    never served from an old cache."""
+    """The blocks of one version of one region object kept in ``cache_dir``:
+    a sparse file of the object's size (``<key>.blocks``) and an append-only
+    index (``<key>.index``) of the blocks it holds with the checksum of each.
+
+    The key and every checksum are derived from the object's identity (URL,
+    size and version), so a block is served only when its bytes hash to what
+    the index recorded for this very object: blocks of another object, of
+    another version, planted or damaged are fetched again, never served.  The
+    index entry is written after its block, so a crash loses at most blocks.
+    The directory must be the caller's own (:func:`private_dir`)."""
 
     def __init__(self, cache_dir: str, identity: str, size: int):
-        os.makedirs(cache_dir, exist_ok=True)
-        key = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        base = os.path.join(cache_dir, key)
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-        self._data = os.open(base + ".blocks", flags, 0o600)
-        self._list = os.open(base + ".held", flags | os.O_APPEND, 0o600)
+        import hashlib  # start-up time (OpenSSL): every reader imports this module, few use a cache directory
+
+        private_dir(cache_dir)
+        self._sha256 = hashlib.sha256
+        self._salt = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).digest()
+        base = os.path.join(cache_dir, self._salt.hex()[:32])
+        self._header = _INDEX_MAGIC + self._salt
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+        self._data = _own_file(base + ".blocks", flags)
+        try:
+            self._index = _own_file(base + ".index", flags | os.O_APPEND)
+        except BaseException:
+            os.close(self._data)
+            raise
         if os.fstat(self._data).st_size != size:
             os.ftruncate(self._data, size)
-        raw = b""
+        self.held = self._read_index()
+        self._lock = threading.Lock()
+
+    def _read_index(self) -> dict[int, bytes]:
+        raw = bytearray()
         while True:
-            chunk = os.read(self._list, 1 << 20)
+            chunk = os.read(self._index, 1 << 20)
             if not chunk:
                 break
             raw += chunk
-        usable = len(raw) - len(raw) % 4  # a torn last entry (a crash mid-append) is dropped
-        self.held = {n for (n,) in _HELD_ENTRY.iter_unpack(raw[:usable])}
-        self._lock = threading.Lock()
+        if raw[: len(self._header)] != self._header:  # new, or another object's index: start it again
+            os.ftruncate(self._index, 0)
+            os.write(self._index, self._header)
+            return {}
+        held = {}
+        usable = len(raw) - len(raw) % _INDEX_ENTRY.size  # a torn last entry (a crash mid-append) is dropped
+        for block, digest in _INDEX_ENTRY.iter_unpack(bytes(raw[len(self._header): usable])):
+            held[block] = digest  # the header written twice by two first openers reads as a block never asked for
+        return held
+
+    def _digest(self, block: int, data: bytes) -> bytes:
+        return self._sha256(self._salt + block.to_bytes(8, "little") + data).digest()
 
     def get(self, block: int, length: int) -> bytes | None:
-        if block not in self.held:
+        digest = self.held.get(block)
+        if digest is None:
             return None
         data = os.pread(self._data, length, block * BLOCK_SIZE)
-        return data if len(data) == length else None
+        if len(data) == length and self._digest(block, data) == digest:
+            return data
+        with self._lock:
+            self.held.pop(block, None)  # not what was kept: fetched again (and kept again)
+        return None
 
     def put(self, block: int, data: bytes) -> None:
         """Keep a block; a cache that cannot be written (disk full) is only a cache: the read goes on."""
         with self._lock:
             if block in self.held:
                 return
+            digest = self._digest(block, data)
             try:
                 os.pwrite(self._data, data, block * BLOCK_SIZE)
-                os.write(self._list, _HELD_ENTRY.pack(block))
+                os.write(self._index, _INDEX_ENTRY.pack(block, digest))
             except OSError:
                 return
-            self.held.add(block)
+            self.held[block] = digest
 
     def close(self) -> None:
-        for fd in (self._data, self._list):
+        for fd in (self._data, self._index):
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _own_file(path: str, flags: int) -> int:
+    """A regular file of the caller's, opened without following a symlink."""
+    fd = os.open(path, flags, 0o600)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise CimError(E_ACCESSDENIED, "refusing a cache file that is not a regular file of the caller's", path)
+    return fd
 
 
 class RemoteStorage:
@@ -192,21 +246,23 @@ class RemoteStorage:
         """``url`` with ``storage_options``; or, with ``filesystem`` (an fsspec
         filesystem instance), ``url`` is the image's path on it."""
         self.url = url
+        timeouts, backend_options = split_options(url, storage_options)
         if filesystem is not None:
             self.fs, self.path = filesystem, filesystem._strip_protocol(url)
             self.url = filesystem.unstrip_protocol(self.path)
         else:
             try:
-                import fsspec.core
+                import fsspec.core  # optional dependency (cimfs[remote])
             except ImportError as e:
                 raise CimError(E_INVALIDARG, f"reading URLs needs the 'remote' extra (pip install 'cimfs[remote]'): {e}",
                                url) from None
             try:
-                self.fs, self.path = fsspec.core.url_to_fs(url, **_bounded_retries(url, storage_options or {}))
+                self.fs, self.path = fsspec.core.url_to_fs(url, **backend_options)
             except ImportError as e:
                 raise CimError(E_INVALIDARG, f"no fsspec filesystem for this URL is installed: {_one_line(e)}", url) from None
             except Exception as e:  # noqa: BLE001 - a backend's own error for a bad URL or option
                 raise CimError(E_INVALIDARG, f"cannot use this URL: {_one_line(e)}", url) from None
+        self.transport = transport_for(self.fs, timeouts)
         self.name = self.path.rstrip("/").rsplit("/", 1)[-1]
         self.parent = self.fs._parent(self.path)
         self.cache = BlockCache(memory_cache)
@@ -240,10 +296,12 @@ class RemoteStorage:
                 return fn(*args, **kwargs)
             except CimError:
                 raise
-            except _FINAL as e:
-                raise storage_error(e, url, doing) from None
             except Exception as e:  # noqa: BLE001 - botocore, aiohttp, timeouts...: never past this layer
-                if attempt + 1 == ATTEMPTS:
+                if is_timeout(e):  # the whole time allowed was spent already: not again
+                    why = _one_line(e) if str(e).strip() else "no complete answer within request_timeout"
+                    raise CimError(E_FAIL, f"{doing}: timed out ({why}; {self.transport.timeouts.describe()})",
+                                   url) from None
+                if isinstance(e, _FINAL) or attempt + 1 == ATTEMPTS:
                     raise storage_error(e, url, doing) from None
             time.sleep(_RETRY_PAUSE * (attempt + 1))
         raise AssertionError("unreachable")
@@ -253,12 +311,12 @@ class RemoteStorage:
         if size is None:
             url = self.url_of(path)
             try:
-                info = self._call(url, "cannot stat", self.fs.info, path)
+                info = self._call(url, "cannot stat", self.transport.info, path)
             except CimError as e:
-                if e.hresult == ERROR_FILE_NOT_FOUND:
-                    # Some backends (HTTP) say "not found" for any failed stat: a
+                if e.hresult == ERROR_FILE_NOT_FOUND and type(self.transport) is Transport:
+                    # Some backends say "not found" for any failed stat: a
                     # one-byte read tells access denied (or a server error) apart.
-                    self._call(url, "cannot read", self.fs.cat_file, path, start=0, end=1)
+                    self._call(url, "cannot read", self.transport.call, "cat_file", path, start=0, end=1)
                 raise
             self._count(0)
             if info.get("type") == "directory":
@@ -270,18 +328,29 @@ class RemoteStorage:
             self._infos[path] = info
         return size
 
-    def identity(self, path: str) -> str:
-        """URL, size and version tag of an object (the key of its disk cache)."""
+    def identity(self, path: str) -> str | None:
+        """URL, size and version of an object (the key of its disk cache);
+        None when the storage reports no version (then nothing is cached on disk)."""
         self.size(path)
         info = self._infos[path]
-        tag = next((str(info[k]) for k in ("ETag", "etag", "VersionId", "LastModified", "mtime", "last_modified")
-                    if info.get(k)), "")
-        return f"{self.fs.unstrip_protocol(path)}\0{info.get('size')}\0{tag}"
+        version = version_of(info)
+        if version is None:
+            return None
+        return f"{self.fs.unstrip_protocol(path)}\0{info.get('size')}\0{version}"
 
     def fetch(self, path: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of the object ``path``: exactly those, or an error naming the URL."""
+        """Bytes [start, end) of the object ``path``, all of the version first
+        seen: exactly those, or an error naming the URL."""
+        self.size(path)
+        if end - start > MAX_REQUEST:
+            out = bytearray(end - start)
+            for at in range(start, end, MAX_REQUEST):
+                piece = self.fetch(path, at, min(end, at + MAX_REQUEST))
+                out[at - start: at - start + len(piece)] = piece
+            return bytes(out)
         url = self.url_of(path)
-        data = self._call(url, f"cannot read bytes {start}-{end}", self.fs.cat_file, path, start=start, end=end)
+        data = self._call(url, f"cannot read bytes {start}-{end}", self.transport.fetch, path, start, end,
+                          self._infos[path], url)
         self._count(len(data))
         if len(data) != end - start:
             raise CimFormatError(f"object ended at {start + len(data)}, where the image needs {end} bytes "
@@ -304,7 +373,8 @@ class RemoteStorage:
             if e.hresult != ERROR_FILE_NOT_FOUND:
                 raise
         try:
-            entries = self._call(self.url_of(self.parent), "cannot list", self.fs.ls, self.parent, detail=False)
+            entries = self._call(self.url_of(self.parent), "cannot list", self.transport.call, "ls", self.parent,
+                                 detail=False)
         except CimError as e:
             if e.hresult == ERROR_FILE_NOT_FOUND:
                 return None
@@ -352,9 +422,10 @@ class RemoteRegion:
         self._seq_end = -1
         self._read_ahead = 0
         self.disk: DiskBlocks | None = None
-        if storage.cache_dir:
+        identity = storage.identity(path) if storage.cache_dir else None
+        if identity is not None:
             try:
-                self.disk = DiskBlocks(storage.cache_dir, storage.identity(path), self.size)
+                self.disk = DiskBlocks(storage.cache_dir, identity, self.size)
             except OSError as e:
                 raise CimError(E_FAIL, f"cannot use the cache directory: {e.strerror}", storage.cache_dir) from None
         if self.size < cim.REGION_HEADER.size:

@@ -58,7 +58,7 @@ def _writeback_starter():
     range back without waiting (Linux; None elsewhere).  Advisory only: the
     fsync at the end is what makes the data durable."""
     try:
-        import ctypes
+        import ctypes  # start-up time: bound at the first use
 
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
@@ -566,7 +566,7 @@ class DataPump:
     _BATCH_BYTES = 8 << 20  # a large file is handed over at once
 
     def __init__(self, store: "ObjectStore"):
-        import queue
+        import queue  # start-up time: only the data thread uses it
 
         self.store = store
         self.jobs: "queue.Queue" = queue.Queue(self._QUEUE_DEPTH)

@@ -12,9 +12,9 @@ from typing import Callable, Iterator
 
 import cimfs
 from .atomic import fsync_dir
-from .writer import COMMIT_TEMP_NAME, DirectoryLock
 from . import posix
 from .layout import cim, ntfs
+from .names import split_stream  # noqa: F401  (lives with the path rules; callers import it here)
 from .errors import (E_INVALIDARG, ERROR_FILE_NOT_FOUND, ERROR_SHARING_VIOLATION, CimError, CimFormatError,
                      hresult_from_oserror)
 
@@ -55,18 +55,6 @@ def _tag_names() -> dict[int, str]:
 
 def mode_string(mode: int) -> str:
     return S.filemode(mode)
-
-
-def split_stream(path: str) -> tuple[str, str | None]:
-    parts = path.replace("\\", "/").rstrip("/").split("/")
-    last = parts[-1]
-    if ":" in last:
-        name, _, stream = last.partition(":")
-        if stream.upper().endswith(":$DATA"):
-            stream = stream[:-6]
-        parts[-1] = name
-        return "/".join(parts), stream
-    return path, None
 
 
 # --------------------------------------------------------------------- stat
@@ -463,8 +451,13 @@ def fsck(cim_path: str, progress: Callable[[int], None] | None = None, storage_o
 # files unless their header says image; a commit's leftover temporary file
 # (writer.COMMIT_TEMP_NAME) is never an image: gc removes it.
 
-# rm and gc take the writers' own lock, so they never race an image being written.
-DirLock = DirectoryLock
+
+def _writers_lock(directory: str):
+    """rm and gc take the writers' own lock, so they never race an image being written."""
+    from .writer import DirectoryLock  # start-up time: the reading commands of this module need no writer
+
+    return DirectoryLock(directory)
+
 
 _UNKNOWN = None  # the region sets of an image whose header cannot be read
 
@@ -508,6 +501,8 @@ class _Directory:
         self.images: dict[str, set[str] | None] = {}
         self.regions: dict[str, str] = {}
         self.leftovers: list[str] = []
+        from .writer import COMMIT_TEMP_NAME  # start-up time, as in _writers_lock
+
         for name in sorted(os.listdir(directory)):
             path = os.path.join(directory, name)
             if COMMIT_TEMP_NAME.match(name):
@@ -586,7 +581,7 @@ def rm_image(cim_path: str, *, dry_run: bool = False, force: bool = False,
     name = os.path.basename(cim_path)
     if not os.path.isfile(cim_path):
         raise CimError(ERROR_FILE_NOT_FOUND, "no such image", cim_path)
-    with DirLock(directory):
+    with _writers_lock(directory):
         try:
             mine = image_region_sets(cim_path)
         except CimFormatError as e:
@@ -614,7 +609,7 @@ def gc(directory: str, *, dry_run: bool = False, warn=lambda m: None) -> list[tu
     refers to, and the temporary files of commits that were killed."""
     if not os.path.isdir(directory):
         raise CimError(ERROR_FILE_NOT_FOUND, "no such directory", directory)
-    with DirLock(directory):
+    with _writers_lock(directory):
         contents = _Directory(directory, warn)
         needed = contents.needed()
         if needed is None:

@@ -1,4 +1,6 @@
-"""The Win32-shaped API of ``cimfs.h``: a thin facade over :mod:`cimfs.writer`.
+"""The Win32-shaped API of ``cimfs.h``: a thin facade over :mod:`cimfs.writer`
+(and :mod:`cimfs.merged`; the mount calls ``CimMountImage``, ``CimMergeMountImage``
+and ``CimDismountImage`` live with the mounts in :mod:`cimfs.mount`).
 
 Handles are opaque objects; every call checks that it got a live handle of the
 right kind (``E_HANDLE`` otherwise) and failures are :class:`CimError` carrying
@@ -11,11 +13,11 @@ import enum
 import functools
 import operator
 import os
-import uuid
 from typing import NamedTuple
 
 from .errors import E_HANDLE, E_INVALIDARG, E_NOTIMPL, CimError
 from .metadata import FileMetadata
+from . import merged
 from .writer import ImageWriter, StreamWriter
 
 
@@ -111,35 +113,11 @@ def CimCreateMergeLink(image, image_relative_path: str, existing_image_relative_
 
 def CimAddFsToMergedImage(image, image_path) -> None:
     """Add a source (top layer first) to a merged image made by ``CimCreateImage(dir, None, name)``."""
-    _writer(image).add_merge_source(image_path, 0)
+    merged.add_source(_writer(image), image_path, 0)
 
 
 def CimAddFsToMergedImage2(image, image_path, flags: int = 0) -> None:
-    _writer(image).add_merge_source(image_path, flags)
-
-
-def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint,
-                  engine: str = "fuse") -> uuid.UUID:
-    """Mount read-only with FUSE, or with ``engine="kernel"`` as EROFS served by
-    the kernel (``"auto"``: kernel when it can); returns the volume id (see :mod:`cimfs.mount`)."""
-    from .mount import CimMountImage as _mount
-
-    return _mount(image_containing_path, image_name, flags, volume_id, mountpoint=mountpoint, engine=engine)
-
-
-def CimMergeMountImage(paths, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint,
-                       engine: str = "fuse") -> uuid.UUID:
-    """Mount the merged view of ``paths`` (top layer first), with FUSE or
-    (``engine="kernel"``/``"auto"``) as EROFS; see :mod:`cimfs.mount`."""
-    from .mount import CimMergeMountImage as _merge_mount
-
-    return _merge_mount(paths, flags, volume_id, mountpoint=mountpoint, engine=engine)
-
-
-def CimDismountImage(volume_id: uuid.UUID) -> None:
-    from .mount import CimDismountImage as _dismount
-
-    return _dismount(volume_id)
+    merged.add_source(_writer(image), image_path, flags)
 
 
 # ---------------------------------------------------------------- newer calls: CimCreateImage2, the Windows 11 read API
@@ -211,7 +189,7 @@ _ALLOCATION_UNIT = 4096  # a data region's alignment
 
 
 def _open_for_read(image_path):
-    from . import reader
+    from . import reader  # start-up time: only the read calls need the reader
 
     return reader.Image(image_path)
 

@@ -24,7 +24,7 @@ def can_fork() -> bool:
 
 
 def fork_context():
-    import multiprocessing
+    import multiprocessing  # start-up time: only the first worker needs it
 
     return multiprocessing.get_context("fork")
 
@@ -35,7 +35,7 @@ def widen_pipe(conn, size: int = 1 << 20) -> None:
     the other instead of taking turns whenever one batch takes longer than
     the next one to build."""
     try:
-        import fcntl
+        import fcntl  # start-up time: only the first worker needs it
 
         fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
     except OSError:
@@ -96,7 +96,7 @@ def abandon_all(workers) -> None:
 
 
 def _child(main, args: tuple, jobs, results, owner_ends: list) -> None:
-    import signal
+    import signal  # start-up time: only stopping a worker needs it
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's; it ends us by closing the pipe
     for c in owner_ends:

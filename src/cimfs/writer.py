@@ -20,7 +20,7 @@ import fcntl
 import hashlib
 import os
 import stat
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from . import reader as _reader
 from .errors import (
@@ -287,7 +287,10 @@ class ImageWriter:
         self._process: DataProcess | None = None
         self._copied: list = []  # per data process: (nodes, RegionOffsets of their contents) (see _commit)
         self._use_process = data_process
-        self._merge_sources: list[str] = []  # a merged image's sources, top first (add_merge_source)
+        # A merged image's sources, top first, and what builds its tree at commit
+        # (both set by cimfs.merged.add_source: merging is a client of the writer).
+        self._merge_sources: list[str] = []
+        self._build_merged: Callable[[], tuple[list, int]] | None = None
         self._merge_dir_flags: dict = {}  # directory node -> its merge marker's flags (make_opaque ...)
         try:
             if base:
@@ -657,20 +660,6 @@ class ImageWriter:
                                       reparse_tag=ntfs.IO_REPARSE_TAG_CIMFS_MERGE)
         node.dirty = True
 
-    def add_merge_source(self, path: str | os.PathLike, flags: int = 0) -> None:
-        """``CimAddFsToMergedImage2``: add a source image (in this image's
-        directory) to a merged image; sources added first win (top layer first)."""
-        from .merged import check_merge_flags, source_path
-
-        self._check_open(committing=True)
-        check_merge_flags(flags, os.fspath(path))
-        if self._base is not None or self._root.children or self._root.streams:
-            raise CimError(E_INVALIDARG, "only a new image without changes can be a merged image", self.path)
-        full = source_path(self.directory, path)
-        if full == self.path or full in self._merge_sources:
-            raise CimError(E_INVALIDARG, "an image is added to a merged image at most once, and not to itself", full)
-        self._merge_sources.append(full)
-
     # ------------------------------------------------------------ Pythonic conveniences
     def exists(self, path: str) -> bool:
         try:
@@ -921,12 +910,7 @@ class ImageWriter:
             try:
                 self._drain()  # the data thread sets records; the commit patches them next
                 with paused_gc():
-                    merged = None
-                    if self._merge_sources:
-                        from .merged import Merger
-
-                        merged = Merger(self, self._merge_sources).run()
-                    self._commit(merged)
+                    self._commit(self._build_merged() if self._build_merged is not None else None)
             except PermissionError as e:
                 raise CimError(E_ACCESSDENIED, e.strerror or "permission denied", e.filename or self.path) from None
             except OSError as e:

@@ -17,11 +17,12 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 
-from ..errors import CimError
-
-E_FAIL = 0x80004005
+from ..errors import E_FAIL, CimError
+from ..reader import open as open_image
+from .registry import STORAGE_OPTIONS_ENV, remove_entry, write_entry
 
 
 def fsname(cim_path: str) -> str:
@@ -46,10 +47,9 @@ def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, a
     directory is removed.
 
     Returns ``(image, fs)`` with the kernel mount in place (not yet served)."""
-    import pyfuse3
+    import pyfuse3  # optional dependency (cimfs[mount]), as are trio and .fs, which needs both
 
-    from .. import open as open_image
-    from .fs import CimFs, Options
+    from .fs import CimFs, Options  # optional dependency: pyfuse3
 
     try:
         image = open_image(cim_path, storage_options, cache_dir=cache_dir)
@@ -91,7 +91,8 @@ READ_AHEAD_KB = 1024
 
 
 async def tune_read_ahead(mountpoint: str) -> None:
-    import trio
+    import trio  # optional dependency (cimfs[mount])
+
     # The kernel sets the read-ahead from the INIT reply; a stat through the
     # mount returns only after INIT was answered by the loop this runs beside.
     resolved = await trio.to_thread.run_sync(os.path.realpath, mountpoint)
@@ -136,12 +137,8 @@ def raise_read_ahead(resolved_mountpoint: str, kb: int = READ_AHEAD_KB) -> bool:
 
 def serve(image, volume_id, mountpoint: str) -> None:
     """Serve the mount until it is unmounted or a signal arrives, then clean up."""
-    import signal
-
-    import pyfuse3
-    import trio
-
-    from . import remove_entry
+    import pyfuse3  # optional dependency (cimfs[mount])
+    import trio  # optional dependency (cimfs[mount])
 
     unmounted_by_kernel = False
 
@@ -196,12 +193,9 @@ def main(argv=None) -> int:
             os._exit(0)  # the caller reaps this one at once; the grandchild serves
     os.chdir("/")  # hold no directory busy
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s cimfs-mount[%(process)d] %(levelname)s %(message)s")
-    from . import write_entry
-
     try:
         _write_line(fd, f"PID {os.getpid()}")
         try:
-            from . import STORAGE_OPTIONS_ENV
             options = os.environ.pop(STORAGE_OPTIONS_ENV, None)
             image, fs = prepare(a.image, a.mountpoint, uid=a.uid, gid=a.gid, umask=a.umask, allow_other=a.allow_other,
                                 storage_options=json.loads(options) if options else None, cache_dir=a.cache_dir,
@@ -212,7 +206,7 @@ def main(argv=None) -> int:
         try:
             write_entry(a.volume_id, a.mountpoint, a.image, os.getpid(), a.source)
         except OSError as e:
-            import pyfuse3
+            import pyfuse3  # optional dependency (cimfs[mount])
 
             pyfuse3.close(unmount=True)
             image.close()

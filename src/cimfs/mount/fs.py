@@ -22,8 +22,9 @@ from collections import OrderedDict
 import pyfuse3
 import trio
 
-from .. import CimError, CimFormatError, FileAttributes, filetime_to_ns
+from ..errors import CimError, CimFormatError
 from ..layout import ntfs
+from ..metadata import filetime_to_ns
 from .view import DAMAGED, Options, fs_name, lx_metadata, map_symlink_target, ntfs_xattr, posix_view, symlink_target  # noqa: F401
 
 log = logging.getLogger("cimfs.mount")

@@ -22,14 +22,16 @@ import re
 import subprocess
 import uuid
 
-from ..errors import E_ACCESSDENIED, E_FAIL, E_INVALIDARG, CimError
+from ..errors import E_ACCESSDENIED, E_FAIL, E_INVALIDARG, ERROR_SHARING_VIOLATION, CimError
 from ..layout import erofs as L
 from . import _newmount
 from .kindex import INDEX_VERSION, cache_dir, ensure_index, ensure_merged_index  # noqa: F401 - the engine's public names
 from .kindex import Prepared, _open_cache_dir, _open_entry_file, _Untrusted, prepared
+from .registry import KERNEL_FSTYPE as FSTYPE
+from .registry import _mounted, _unescape_mountinfo, remove_entry, write_entry_data
+from .registry import is_live_kernel_mount as is_live
 from .view import Options
 
-FSTYPE = "erofs"
 #: FS_IOC_GETFSUUID (_IOR(0x15, 0, struct fsuuid2 {u8 len; u8 uuid[16]})): the mounted EROFS's UUID.
 _FS_IOC_GETFSUUID = 0x80111500
 _UUID_AT = L.SUPER_OFFSET + 0x30
@@ -87,8 +89,6 @@ def mount(cim_path: str, mountpoint: str, volume_id: uuid.UUID, options: Options
     failure nothing stays mounted or attached."""
     if os.geteuid() != 0:
         raise CimError(E_ACCESSDENIED, "the kernel engine needs root (mounting is CAP_SYS_ADMIN)", mountpoint)
-    from . import write_entry_data
-
     try:
         with prepared(sources or [cim_path], options, merged=bool(sources)) as p:
             if _before_mount is not None:
@@ -143,14 +143,8 @@ def _undo(mountpoint: str, loops) -> None:
     _detach_loops(loops)
 
 
-def is_live(entry: dict, table: dict[str, str]) -> bool:
-    return table.get(os.path.realpath(entry.get("mountpoint", ""))) == FSTYPE
-
-
 def unmount(entry: dict) -> None:
     """Unmount a kernel-engine mount and detach its loop devices."""
-    from . import ERROR_SHARING_VIOLATION, _mounted, remove_entry
-
     mountpoint = entry["mountpoint"]
     if is_live(entry, _mounted()):
         try:
@@ -164,8 +158,6 @@ def unmount(entry: dict) -> None:
 
 def _mount_source(mountpoint: str) -> str | None:
     """The source of the EROFS mount on ``mountpoint`` (a real path), from mountinfo."""
-    from . import _unescape_mountinfo
-
     found = None
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
@@ -234,8 +226,6 @@ def unmount_orphan(mountpoint: str) -> bool:
     (it serves an index in our cache); False when ``mountpoint`` holds no
     such mount.  (A loop-device mount without its entry is left alone: which
     loop devices were its region files is only in the entry.)"""
-    from . import ERROR_SHARING_VIOLATION
-
     real = os.path.realpath(mountpoint)
     source = _mount_source(real)
     if not source or not _is_cached_index(source, real):

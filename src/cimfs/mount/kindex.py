@@ -19,7 +19,11 @@ import shutil
 import stat
 
 from ..atomic import open_new, replacing
+from ..erofs import write_index
 from ..errors import E_ACCESSDENIED, E_FAIL, E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
+from ..reader import _MAX_FILESYSTEM_FILE, _open_regular
+from ..reader import open as open_image
+from .mergedview import merged_view
 from .view import Options
 
 #: Bumped whenever the index layout or the cache entry changes, so old cached indexes are not reused.
@@ -178,8 +182,6 @@ class Prepared:
 
 
 def _read_cim(path: str) -> bytes:
-    from ..reader import _MAX_FILESYSTEM_FILE, _open_regular
-
     fd = _open_regular(path, "image", is_image=True)
     try:
         with os.fdopen(fd, "rb", closefd=False) as f:
@@ -200,8 +202,6 @@ def prepared(paths: list[str], options: Options, merged: bool = False):
     index version.  Building reads every metadata object (0.5 s for 20 000
     files); verifying a cached entry costs an fstat per region file and a
     SHA-256 of the index (metadata only: 3 ms for those 20 000 files)."""
-    from .. import open as open_image
-
     paths = [os.path.realpath(p) for p in paths]
     pinned = _Pinned()
     images = []
@@ -242,10 +242,6 @@ def prepared(paths: list[str], options: Options, merged: bool = False):
 
 def _build(images, paths, fd: int, options: Options, pinned: _Pinned, merged: bool) -> tuple[dict, list[str]]:
     """Write the index to ``fd``: (write_index's info, the region file name of each device)."""
-    from .. import open as open_image
-    from ..erofs import write_index
-    from . import _merged_view
-
     if not merged:
         image = images[0]
         info = write_index(image, fd, options=options)
@@ -253,7 +249,7 @@ def _build(images, paths, fd: int, options: Options, pinned: _Pinned, merged: bo
     # [choice] The merged image is built in a private directory (as for the
     # FUSE engine), indexed and removed at once: it holds only metadata
     # (copied into the index), so the devices are the sources' pinned files.
-    directory, cim_path = _merged_view(paths)
+    directory, cim_path = merged_view(paths)
     try:
         with open_image(cim_path) as image:
             info = write_index(image, fd, options=options)

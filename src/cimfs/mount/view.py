@@ -13,8 +13,9 @@ import stat as S
 import struct
 from typing import NamedTuple
 
-from .. import CimError, FileAttributes
+from ..errors import CimError
 from ..layout import ntfs
+from ..metadata import FileAttributes
 
 
 def fs_name(name: str) -> bytes | None:

@@ -210,7 +210,7 @@ class _GzipReader:
 class _ZstdStream:
     def __init__(self, raw, label: str):
         try:
-            import zstandard
+            import zstandard  # optional dependency (cimfs[oci])
         except ImportError:
             raise CimError(E_INVALIDARG, "a zstd layer needs the 'zstandard' package (pip install cimfs[oci])",
                            label) from None

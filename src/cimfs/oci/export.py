@@ -22,7 +22,7 @@ from .. import winlayer
 from ..atomic import replacing, temp_name
 from ..errors import E_INVALIDARG, ERROR_FILE_EXISTS, CimError
 from ..progress import Progress
-from . import blobs
+from . import blobs, checked
 from .store import LayerStore, StoreLock, layer_image_name
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -47,7 +47,7 @@ class _BlobWriter:
             self.compress, self.flush_ = c.compress, c.flush
         elif compression == "zstd":
             try:
-                import zstandard
+                import zstandard  # optional dependency (cimfs[oci])
             except ImportError:
                 raise CimError(E_INVALIDARG, "zstd needs the 'zstandard' package (pip install cimfs[oci])") from None
             c = zstandard.ZstdCompressor(level=3).compressobj()
@@ -99,7 +99,8 @@ def export_image(store_dir: str, ref: str, out: str, *, fmt: str = "oci", compre
 def _export(store, ref, out, fmt, compress, progress_stream) -> dict:
     refs = store.load_refs()
     key, rec = store.find(refs, ref)
-    config = json.loads(store.read_blob(rec["config_digest"]))
+    config = checked.parse_json(store.read_blob(rec["config_digest"]), f"{store.path}: config {rec['config_digest']}",
+                                dict)
     out = os.path.abspath(out)
     if os.path.lexists(out) and not (fmt == "oci" and os.path.isdir(out) and not os.listdir(out)):
         raise CimError(ERROR_FILE_EXISTS, "the output exists (give a new path or an empty directory)", out)

@@ -2,24 +2,35 @@
 archive (a file, or a stream spooled once).  Both give :class:`ImageSpec`:
 the manifest, the config (verified) and the layers with a way to open each
 blob.  Only JSON and file names are handled here; the layer bytes are read by
-the store through :mod:`.blobs`.
+the store through :mod:`.blobs`.  A source is not trusted: its files must be
+regular, its JSON is checked (:mod:`.checked`), resolving is bounded (index
+depth, descriptors visited, JSON read) and a spooled stream holds only what its
+tar headers declare, within the free space.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import errno
+import fcntl
 import os
+import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
 
-from ..errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
+from ..errors import E_INVALIDARG, ERROR_DISK_FULL, ERROR_FILE_NOT_FOUND, CimError
 from ..tarbounds import BoundedTarInfo
-from . import blobs
+from . import blobs, checked
 
-MAX_JSON = 64 << 20  # an index, manifest or config larger than this is not read
+MAX_JSON = checked.MAX_JSON  # an index, manifest or config larger than this is not read
 REF_NAME = "org.opencontainers.image.ref.name"
+# [choice] Bounds on resolving an image (docs/CLI.md, "Trust"): real layouts hold a few indexes and at most
+# hundreds of tags; a hostile one can list one index from another many times over.
+MAX_INDEX_DEPTH = 8           # image indexes nested in index.json
+MAX_DESCRIPTORS = 10_000      # manifest and index descriptors visited, each listing counted
+MAX_RESOLVE_BYTES = 256 << 20  # index, manifest and config JSON read in all (each blob read once)
+MAX_MEMBERS = 65_536          # members of a docker or OCI archive
+SPOOL_RESERVE = 64 << 20      # free space a spool leaves on its file system
 
 
 @dataclass
@@ -49,14 +60,8 @@ class ImageSpec:
     platform: str
 
 
-def _json(data: bytes, what: str) -> dict:
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeError) as e:
-        raise CimError(E_INVALIDARG, f"not valid JSON ({e})", what) from None
-    if not isinstance(obj, (dict, list)):
-        raise CimError(E_INVALIDARG, "not a JSON object", what)
-    return obj
+def _json(data: bytes, what: str, kind=dict):
+    return checked.parse_json(data, what, kind)
 
 
 def _check_digest(data: bytes, digest: str, what: str) -> None:
@@ -67,7 +72,9 @@ def _check_digest(data: bytes, digest: str, what: str) -> None:
 
 
 def platform_of(config: dict, descriptor_platform: dict | None = None) -> dict:
-    p = dict(descriptor_platform or {})
+    """The platform an image is for: the descriptor's text fields, else the config's."""
+    given = descriptor_platform if isinstance(descriptor_platform, dict) else {}
+    p = {k: v for k, v in given.items() if isinstance(v, str)}
     for k in ("os", "architecture", "variant", "os.version"):
         if k not in p and isinstance(config.get(k), str):
             p[k] = config[k]
@@ -109,7 +116,7 @@ def _layers_from_manifest(manifest: dict, config: dict, what: str, opener_for) -
         if not isinstance(d, dict):
             raise CimError(E_INVALIDARG, f"layer {i}: not a descriptor", what)
         mt = d.get("mediaType", "")
-        if mt not in blobs.LAYER_TYPES:
+        if not isinstance(mt, str) or mt not in blobs.LAYER_TYPES:
             raise CimError(E_INVALIDARG, f"layer {i} ({d.get('digest')}): unsupported media type {mt!r}", what)
         compression, foreign = blobs.LAYER_TYPES[mt]
         digest = d.get("digest")
@@ -138,21 +145,14 @@ class OciLayout:
     def __init__(self, path: str):
         self.path = path
         layout = os.path.join(path, blobs.OCI_LAYOUT_FILE)
-        if not os.path.isfile(layout):
+        if not os.path.lexists(layout):
             raise CimError(ERROR_FILE_NOT_FOUND, "not an OCI image layout (no oci-layout file)", path)
         info = _json(self._read_file(layout, "oci-layout"), layout)
         if not isinstance(info, dict) or not str(info.get("imageLayoutVersion", "")).startswith("1."):
             raise CimError(E_INVALIDARG, f"unsupported imageLayoutVersion {info.get('imageLayoutVersion')!r}", layout)
 
     def _read_file(self, path: str, what: str) -> bytes:
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_JSON + 1)
-        except OSError as e:
-            raise CimError(ERROR_FILE_NOT_FOUND, f"cannot read {what}: {e.strerror or e}", path) from None
-        if len(data) > MAX_JSON:
-            raise CimError(E_INVALIDARG, f"{what} is larger than {MAX_JSON} bytes", path)
-        return data
+        return checked.read_regular(path, what, MAX_JSON)
 
     def blob_path(self, digest: str) -> str:
         alg, hexd = blobs.parse_digest(digest)
@@ -160,7 +160,7 @@ class OciLayout:
 
     def read_blob(self, digest: str, what: str) -> bytes:
         p = self.blob_path(digest)
-        if not os.path.isfile(p):
+        if not os.path.lexists(p):
             raise CimError(ERROR_FILE_NOT_FOUND, f"{what} blob {digest} is not in the layout", p)
         data = self._read_file(p, what)
         _check_digest(data, digest, f"{what} {p}")
@@ -168,57 +168,73 @@ class OciLayout:
 
     def opener(self, digest: str):
         p = self.blob_path(digest)
-        if not os.path.isfile(p):
+        if not os.path.lexists(p):
             return None
-        return lambda: open(p, "rb")
+        return lambda: checked.open_regular(p, "a layer blob")
 
     def read_index(self) -> tuple[dict, str]:
         index_path = os.path.join(self.path, "index.json")
         return _json(self._read_file(index_path, "index.json"), index_path), index_path
 
+    def _read_json_blob(self, digest, what: str) -> tuple[bytes, dict]:
+        """A blob's bytes and JSON object, read and checked once per resolve
+        (a hostile layout lists one index from another many times over)."""
+        hit = self._blobs_read.get(digest) if isinstance(digest, str) else None
+        if hit is not None:
+            return hit
+        data = self.read_blob(digest, what)
+        self._bytes_left -= len(data)
+        if self._bytes_left < 0:
+            raise CimError(E_INVALIDARG, f"the image's indexes, manifests and configs hold more than "
+                                         f"{MAX_RESOLVE_BYTES} bytes of JSON (the limit)", self.path)
+        hit = (data, _json(data, f"{what} {digest}"))
+        self._blobs_read[digest] = hit
+        return hit
+
     def resolve(self, platform: str | None) -> ImageSpec:
         index, where = self.read_index()
-        candidates = []  # (descriptor, refs)
-        self._collect(index, [], candidates, where, 0)
+        self._blobs_read: dict = {}
+        self._bytes_left = MAX_RESOLVE_BYTES
+        self._visits = 0
+        candidates: dict = {}  # manifest digest -> (first descriptor, {ref name: None} in order)
+        self._collect(index, (), candidates, where, 0)
         return self._choose(candidates, platform)
 
     def _collect(self, index, refs, out, what, depth) -> None:
-        if depth > 8:
-            raise CimError(E_INVALIDARG, "image indexes nested too deep", what)
+        if depth > MAX_INDEX_DEPTH:
+            raise CimError(E_INVALIDARG, f"image indexes nested more than {MAX_INDEX_DEPTH} deep", what)
         manifests = index.get("manifests") if isinstance(index, dict) else None
         if not isinstance(manifests, list):
             raise CimError(E_INVALIDARG, "index has no manifests list", what)
         for d in manifests:
             if not isinstance(d, dict):
                 continue
-            names = list(refs)
+            self._visits += 1
+            if self._visits > MAX_DESCRIPTORS:
+                raise CimError(E_INVALIDARG, f"the indexes list more than {MAX_DESCRIPTORS} manifests and indexes, "
+                                             f"each listing counted (the limit)", self.path)
+            names = refs
             ann = d.get("annotations") or {}
-            if isinstance(ann, dict) and isinstance(ann.get(REF_NAME), str):
-                names.append(ann[REF_NAME])
+            if isinstance(ann, dict) and ann.get(REF_NAME) is not None:
+                names = refs + (checked.ref_name(ann[REF_NAME], what, f"the {REF_NAME} annotation"),)
             mt = d.get("mediaType")
             if mt in blobs.INDEX_TYPES:
-                sub = _json(self.read_blob(d.get("digest"), "index"), f"index {d.get('digest')}")
+                _, sub = self._read_json_blob(d.get("digest"), "index")
                 self._collect(sub, names, out, f"index {d.get('digest')}", depth + 1)
             elif mt in blobs.MANIFEST_TYPES:
-                out.append((d, names))
+                digest = d.get("digest")
+                blobs.parse_digest(digest, f"{what}: manifest digest")
+                out.setdefault(digest, (d, {}))[1].update(dict.fromkeys(names))
 
     def _choose(self, candidates, platform) -> ImageSpec:
-        specs: dict[str, tuple] = {}
-        for d, names in candidates:
-            digest = d.get("digest")
-            if digest in specs:
-                specs[digest][1].extend(n for n in names if n not in specs[digest][1])
-                continue
-            specs[digest] = (d, list(names))
         found = []
-        for digest, (d, names) in specs.items():
-            mbytes = self.read_blob(digest, "manifest")
-            manifest = _json(mbytes, f"manifest {digest}")
+        for digest, (d, names) in candidates.items():
+            mbytes, manifest = self._read_json_blob(digest, "manifest")
+            names = list(names)
             cdesc = manifest.get("config") if isinstance(manifest, dict) else None
             if not isinstance(cdesc, dict):
                 raise CimError(E_INVALIDARG, "manifest has no config descriptor", f"manifest {digest}")
-            cbytes = self.read_blob(cdesc.get("digest"), "config")
-            config = _json(cbytes, f"config {cdesc.get('digest')}")
+            cbytes, config = self._read_json_blob(cdesc.get("digest"), "config")
             p = platform_of(config, d.get("platform"))
             found.append((p, digest, mbytes, manifest, cdesc["digest"], cbytes, config, names))
         matching = [f for f in found if platform_matches(f[0], platform)]
@@ -247,51 +263,104 @@ class DockerArchive:
 
     def __init__(self, src, spool_dir: str | None = None):
         self._spooled = None
+        self._file = None
+        self.tf = None
         self.label = src if isinstance(src, str) else "<stdin>"
-        compressed = "none"
-        if isinstance(src, str):
-            with open(src, "rb") as f:
-                compressed = blobs.compression_of(f.read(4))
-        if not isinstance(src, str) or compressed != "none":
-            # A stream, or a compressed archive (docker save | gzip): spooled once,
-            # decompressed, so that its members can be read in any order.
-            fd, path = tempfile.mkstemp(prefix=".spool-", suffix=".tar", dir=spool_dir)
-            self._spooled = path
-            try:
-                with os.fdopen(fd, "wb") as f, \
-                        (open(src, "rb") if isinstance(src, str) else contextlib.nullcontext(src)) as raw:
-                    reader = raw
-                    if not isinstance(src, str):
-                        reader, compressed = blobs.sniff_compression(raw, close_source=False)
-                    if compressed == "gzip":
-                        reader = blobs._GzipReader(reader, self.label)
-                    elif compressed == "zstd":
-                        reader = blobs._ZstdStream(reader, self.label)
-                    while True:
-                        b = reader.read(blobs.CHUNK)
-                        if not b:
-                            break
-                        f.write(b)
-            except BaseException:
-                self.close()
-                raise
-            src = path
         try:
-            self.tf = tarfile.open(src, mode="r:", tarinfo=BoundedTarInfo)
+            stream = src
+            if isinstance(src, str):
+                self._file = stream = _open_archive(src)
+                if stat.S_ISREG(os.fstat(self._file.fileno()).st_mode) and \
+                        blobs.compression_of(os.pread(self._file.fileno(), 4, 0)) == "none":
+                    stream = None  # read in place
+            if stream is not None:
+                # A stream, a FIFO, or a compressed archive (docker save | gzip): spooled once,
+                # decompressed, so that its members can be read in any order.
+                spool = self._spool(stream, spool_dir)
+                if self._file is not None:
+                    self._file.close()
+                self._file = spool
+            self.tf = tarfile.open(fileobj=self._file, mode="r:", tarinfo=BoundedTarInfo)  # noqa: SIM115
+        except CimError:
+            self.close()
+            raise
         except (tarfile.TarError, OSError, EOFError) as e:
             self.close()
             raise CimError(E_INVALIDARG, f"not an OCI layout directory or an uncompressed docker archive ({e})",
                            self.label) from None
+        except BaseException:
+            self.close()
+            raise
         self.members = {}
         try:
             for m in self.tf:
+                if len(self.members) >= MAX_MEMBERS:
+                    raise CimError(E_INVALIDARG, f"the archive has more than {MAX_MEMBERS} members (the limit)",
+                                   self.label)
                 name = m.name
                 while name.startswith("./"):
                     name = name[2:]
                 self.members[name] = m
+        except CimError:
+            self.close()
+            raise
         except (tarfile.TarError, OSError, EOFError) as e:
             self.close()
             raise CimError(E_INVALIDARG, f"truncated or corrupt archive ({e})", self.label) from None
+
+    def _spool(self, raw, spool_dir: str | None):
+        """The archive read from ``raw`` (decompressed) into an uncompressed tar
+        in ``spool_dir``, member by member: reading stops at the end-of-archive
+        marker, each member takes the size its header declares, and a member
+        that would leave less than SPOOL_RESERVE free is refused before it is
+        copied (the free space is checked again as it is copied)."""
+        where = spool_dir or tempfile.gettempdir()
+        fd, path = tempfile.mkstemp(prefix=".spool-", suffix=".tar", dir=spool_dir)
+        self._spooled = path
+        reader, compressed = blobs.sniff_compression(raw, close_source=False)
+        if compressed == "gzip":
+            reader = blobs._GzipReader(reader, self.label)
+        elif compressed == "zstd":
+            reader = blobs._ZstdStream(reader, self.label)
+        with os.fdopen(fd, "w+b") as out:
+            try:
+                tin = tarfile.open(fileobj=reader, mode="r|", tarinfo=BoundedTarInfo)  # noqa: SIM115
+                with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tout:
+                    tout.copybufsize = blobs.CHUNK
+                    for n, m in enumerate(tin):
+                        if n >= MAX_MEMBERS:
+                            raise CimError(E_INVALIDARG, f"the archive has more than {MAX_MEMBERS} members (the "
+                                                         f"limit)", self.label)
+                        if not m.isreg():
+                            m.size = 0
+                            tout.addfile(m)
+                            continue
+                        if m.issparse():  # written out whole: the spool is read by offsets
+                            m.type, m.sparse = tarfile.REGTYPE, None
+                            m.pax_headers = {k: v for k, v in m.pax_headers.items() if not k.startswith("GNU.sparse")}
+                        self._room_for(where, m.size, m.name)
+                        tout.addfile(m, _SpaceChecked(tin.extractfile(m), m.size, lambda left, name=m.name:
+                                                      self._room_for(where, left, name)))
+            except OSError as e:
+                if isinstance(e, CimError):
+                    raise
+                raise CimError(ERROR_DISK_FULL if e.errno == errno.ENOSPC else E_INVALIDARG,
+                               f"cannot spool the archive to {where}: {e.strerror or e}", self.label) from None
+            except (tarfile.TarError, EOFError) as e:
+                raise CimError(E_INVALIDARG, f"not a docker archive, or a truncated one ({e})", self.label) from None
+            out.flush()
+            spool = open(path, "rb")  # noqa: SIM115 - the caller's
+        os.unlink(path)  # open, nothing left to remove
+        self._spooled = None
+        return spool
+
+    def _room_for(self, where: str, size: int, name: str) -> None:
+        st = os.statvfs(where)
+        free = st.f_bavail * st.f_frsize
+        if size + SPOOL_RESERVE > free:
+            raise CimError(ERROR_DISK_FULL, f"cannot spool the archive: member {name!r} declares {size} bytes and "
+                                            f"{where} has {free} bytes free (a spool leaves {SPOOL_RESERVE})",
+                           self.label)
 
     def _member(self, name: str, what: str):
         m = self.members.get(name)
@@ -331,7 +400,7 @@ class DockerArchive:
     def resolve(self, platform: str | None) -> ImageSpec:
         if "manifest.json" not in self.members and "index.json" in self.members:
             return _ArchivedLayout(self).resolve(platform)  # an OCI layout in a tar (oci-archive)
-        manifest = _json(self._read("manifest.json", "manifest"), f"{self.label}: manifest.json")
+        manifest = _json(self._read("manifest.json", "manifest"), f"{self.label}: manifest.json", list)
         if not isinstance(manifest, list) or not manifest:
             raise CimError(E_INVALIDARG, "manifest.json lists no images", self.label)
         found = []
@@ -389,7 +458,10 @@ class DockerArchive:
             if m is not None:
                 opener = (lambda m=m: self.tf.extractfile(m))
             layers.append(LayerSpec(i, mt, "detect", digest, size, diff_id, list(urls), foreign is not None, opener))
-        refs = [t for t in entry.get("RepoTags") or [] if isinstance(t, str)]
+        tags = entry.get("RepoTags")
+        if tags is not None and not isinstance(tags, list):  # docker writes a list or null; text is not a tag list
+            raise CimError(E_INVALIDARG, f"manifest.json: RepoTags is {type(tags).__name__}, not a list", self.label)
+        refs = [checked.ref_name(t, f"{self.label}: manifest.json", f"RepoTags[{i}]") for i, t in enumerate(tags or [])]
         return ImageSpec(self.label, None, None, None, cdigest, config, cbytes, layers, refs, platform_text(p))
 
     def close(self) -> None:
@@ -397,12 +469,48 @@ class DockerArchive:
         if tf is not None:
             tf.close()
             self.tf = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self._spooled is not None:
             try:
                 os.unlink(self._spooled)
             except FileNotFoundError:
                 pass
             self._spooled = None
+
+
+def _open_archive(path: str):
+    """An archive given by path: a regular file, or a FIFO or character device
+    (``<(docker save app)``) read as a stream; the open itself never blocks."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        raise CimError(ERROR_FILE_NOT_FOUND, f"cannot open the archive: {e.strerror or e}", path) from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+        os.close(fd)
+        raise CimError(E_INVALIDARG, "not an OCI layout directory, an archive file or a pipe", path)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return os.fdopen(fd, "rb")
+
+
+class _SpaceChecked:
+    """A member's data being spooled, with the free space checked every 64 MiB."""
+
+    EVERY = 64 << 20
+
+    def __init__(self, f, size: int, check):
+        self.f, self.left, self.check, self.since = f, size, check, 0
+
+    def read(self, n=-1):
+        b = self.f.read(n)
+        self.left -= len(b)
+        self.since += len(b)
+        if self.since >= self.EVERY:
+            self.since = 0
+            self.check(max(self.left, 0))
+        return b
 
 
 class _ArchivedLayout(OciLayout):

@@ -31,59 +31,53 @@ Conventions this package chooses (documented in docs/CLI.md):
   (an LX or NT symlink or a mount point that is also a directory) are skipped.
 """
 
-from .extract import SPARSE_BLOCK, ExtractReport, Extractor
-from .entries import _write_sparse  # noqa: F401  (private; the tests reach it here)
-from .filewriters import _FileWriters  # noqa: F401  (private; the tests reach it here)
-from .importer import DirectoryImporter, Importer, check_output_outside, write_node
-from .lx import (
-    BLK,
-    CHR,
-    DIR,
-    FIFO,
-    FILE,
-    FMT_OF_KIND,
-    SOCK,
-    SPECIAL_TAGS,
-    SYMLINK,
-    TAG_AF_UNIX,
-    TAG_LX_BLK,
-    TAG_LX_CHR,
-    TAG_LX_FIFO,
-    TAG_LX_SYMLINK,
-    TAG_MOUNT_POINT,
-    TAG_SYMLINK,
-    PosixInfo,
-    metadata_matches,
-    node_metadata,
-    plain_file_metadata,
-    posix_info,
-)
-from .names import (
-    FILETIME_UNIX_EPOCH,
-    check_image_name,
-    filetime_to_ns,
-    fold,
-    format_pax_time,
-    name_from_image,
-    name_to_image,
-    ns_to_filetime,
-    parse_pax_time,
-)
-from .scan import (
-    CHUNK,
-    TAR_READ_ERRORS,
-    Node,
-    Tree,
-    free_name,
-    members,
-    open_node,
-    open_tar,
-    resolve_collision,
-    scan_directory,
-    scan_single,
-    scan_tar,
-)
-from .tar import export_tar
+import importlib
+from typing import TYPE_CHECKING
+
+# The names are loaded from their module on first use (PEP 562): a reading
+# command that needs ``posix_info`` does not pay for the tar reader or the
+# extractor (start-up time, tests/test_startup.py).
+_EXPORTS = {
+    "extract": ("SPARSE_BLOCK", "ExtractReport", "Extractor"),
+    "entries": ("_write_sparse",),  # private: the tests reach it here
+    "filewriters": ("_FileWriters",),  # private: the tests reach it here
+    "importer": ("DirectoryImporter", "Importer", "check_output_outside", "write_node"),
+    "lx": ("BLK", "CHR", "DIR", "FIFO", "FILE", "FMT_OF_KIND", "SOCK", "SPECIAL_TAGS", "SYMLINK", "TAG_AF_UNIX",
+           "TAG_LX_BLK", "TAG_LX_CHR", "TAG_LX_FIFO", "TAG_LX_SYMLINK", "TAG_MOUNT_POINT", "TAG_SYMLINK", "PosixInfo",
+           "metadata_matches", "node_metadata", "plain_file_metadata", "posix_info"),
+    "names": ("FILETIME_UNIX_EPOCH", "check_image_name", "filetime_to_ns", "fold", "format_pax_time",
+              "name_from_image", "name_to_image", "ns_to_filetime", "parse_pax_time"),
+    "scan": ("CHUNK", "TAR_READ_ERRORS", "Node", "Tree", "free_name", "members", "open_node", "open_tar",
+             "resolve_collision", "scan_directory", "scan_single", "scan_tar"),
+    "tar": ("export_tar",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+if TYPE_CHECKING:  # the names as type checkers see them; at run time __getattr__ loads them
+    from .extract import SPARSE_BLOCK, ExtractReport, Extractor
+    from .importer import DirectoryImporter, Importer, check_output_outside, write_node
+    from .lx import (BLK, CHR, DIR, FIFO, FILE, FMT_OF_KIND, SOCK, SPECIAL_TAGS, SYMLINK, TAG_AF_UNIX, TAG_LX_BLK,
+                     TAG_LX_CHR, TAG_LX_FIFO, TAG_LX_SYMLINK, TAG_MOUNT_POINT, TAG_SYMLINK, PosixInfo,
+                     metadata_matches, node_metadata, plain_file_metadata, posix_info)
+    from .names import (FILETIME_UNIX_EPOCH, check_image_name, filetime_to_ns, fold, format_pax_time,
+                        name_from_image, name_to_image, ns_to_filetime, parse_pax_time)
+    from .scan import (CHUNK, TAR_READ_ERRORS, Node, Tree, free_name, members, open_node, open_tar,
+                       resolve_collision, scan_directory, scan_single, scan_tar)
+    from .tar import export_tar
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULE_OF))
+
 
 __all__ = [
     "BLK", "CHR", "CHUNK", "DIR", "FIFO", "FILE", "FILETIME_UNIX_EPOCH", "FMT_OF_KIND", "SOCK",

@@ -362,7 +362,7 @@ def open_tar(path: str, stdin=None):
     """Open a tar (any compression tarfile reads); ``-`` spools stdin to a temporary file."""
     try:
         if path == "-":
-            import tempfile
+            import tempfile  # start-up time: only a tar read from a stream spools
             spool = tempfile.TemporaryFile()
             src = stdin if stdin is not None else __import__("sys").stdin.buffer
             while True:
