@@ -288,6 +288,49 @@ def test_extract_with_file_writers(tmp_path, monkeypatch):
     assert os.stat(out / "d").st_mtime_ns == 2_000_000_000  # set after the writers created its files
 
 
+@pytest.mark.parametrize("refused", ["none", "copy_file_range", "both"])
+def test_extract_copies_where_the_kernel_refuses_a_way(tmp_path, monkeypatch, refused):
+    """The file writers copy in the kernel: copy_file_range, then sendfile
+    once the destination refuses it (EXDEV: DEST on another file system
+    than the image), then the reader's read/write path; every way gives the
+    same bytes, and the refused way is not tried again for every file."""
+    import errno
+
+    import cimfs
+
+    if not posix._FileWriters.available():
+        pytest.skip("file writer processes need fork and two cores")
+    files = {f"d/f{i:03d}": os.urandom(i * 331) for i in range(1, 200)}
+    files["d/big"] = os.urandom(9 << 20)
+    cim_path = _image_of(tmp_path, files)
+    calls = tmp_path / "calls"  # appended to by the writer processes
+    real = {"copy_file_range": os.copy_file_range, "sendfile": os.sendfile}
+
+    def way(name, refuse):
+        def call(*args):
+            with open(calls, "a") as f:
+                f.write(name + "\n")
+            if refuse:
+                raise OSError(errno.EXDEV if name == "copy_file_range" else errno.EINVAL, "refused")
+            return real[name](*args)
+        return call
+    monkeypatch.setattr(os, "copy_file_range", way("copy_file_range", refused != "none"))
+    monkeypatch.setattr(os, "sendfile", way("sendfile", refused == "both"))
+    with cimfs.open(cim_path) as img:
+        report = posix.Extractor(img, str(tmp_path / "out")).run()
+    assert not report.problems, report.problems
+    for rel, data in files.items():
+        assert (tmp_path / "out" / rel).read_bytes() == data, rel
+    made = calls.read_text().split()
+    if refused == "none":
+        assert set(made) == {"copy_file_range"}
+    elif refused == "copy_file_range":
+        # at most one refusal per writer process, then sendfile for every file
+        assert made.count("copy_file_range") <= 2 and made.count("sendfile") >= len(files)
+    else:
+        assert made.count("sendfile") <= 2  # then the reader's own path (it tries copy_file_range itself)
+
+
 def test_extract_with_file_writers_stops_on_a_corrupt_image(tmp_path):
     import cimfs
     from cimfs.errors import CimFormatError
@@ -374,6 +417,51 @@ def test_extract_hard_links_found_by_the_walk(tmp_path, monkeypatch, writers):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="owners and a foreign set-group-ID directory need root")
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0])
+@pytest.mark.parametrize("writers", [True, False], ids=["writer-processes", "one-process"])
+def test_extract_directory_modes_owners_and_times_exact(tmp_path, monkeypatch, writers, umask):
+    """Directories made with their final mode where mkdir gives it (plain
+    destination, owner already right, nothing the umask takes) and those
+    that are not (other owners, set-ID and sticky bits, modes the umask
+    cuts, no write permission) all end with the image's mode, owner and
+    times, and hold their files."""
+    import cimfs
+
+    if not writers:
+        monkeypatch.setattr(posix._FileWriters, "available", staticmethod(lambda: False))
+    ids = (os.geteuid(), os.getegid())
+    kinds = [(0o755, *ids), (0o700, *ids), (0o777, *ids), (0o555, *ids), (0o2755, *ids), (0o1777, *ids),
+             (0o750, 7, 8), (0o711, ids[0], 5)]
+    if os.geteuid() != 0:
+        kinds = [k for k in kinds if (k[1], k[2]) == ids]
+    want = {}
+    with cimfs.create(tmp_path, "m.cim") as w:
+        for i, (mode, uid, gid) in enumerate(kinds):
+            for k, rel in enumerate((f"d{i}", f"d{i}/sub")):
+                meta = _lx(S.S_IFDIR | mode, uid, gid)
+                meta.last_write_time = meta.last_access_time = 133_000_000_000_000_000 + 10_000_000 * (2 * i + k)
+                w.mkdir(rel, meta)
+            for j in range(3):
+                w.add_file(f"d{i}/sub/f{j}", b"y" * j, _lx(0o100644, uid, gid))
+            want[f"d{i}"] = want[f"d{i}/sub"] = (mode, uid, gid)
+    with cimfs.open(tmp_path / "m.cim") as img:
+        times = {rel: img.stat(rel).last_write_time for rel in want}
+    out = tmp_path / "out"
+    old = os.umask(umask)
+    try:
+        with cimfs.open(tmp_path / "m.cim") as img:
+            report = posix.Extractor(img, str(out)).run()
+    finally:
+        os.umask(old)
+    assert not report.problems, report.problems
+    for rel, (mode, uid, gid) in want.items():
+        st = os.stat(out / rel)
+        assert (S.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, uid, gid), rel
+        assert posix.filetime_to_ns(times[rel]) == st.st_mtime_ns, rel
+    for i in range(len(kinds)):
+        assert sorted(os.listdir(out / f"d{i}" / "sub")) == ["f0", "f1", "f2"]
+
+
 @pytest.mark.parametrize("writers", [True, False], ids=["writer-processes", "one-process"])
 def test_extract_modes_and_owners_exact_under_any_umask(tmp_path, monkeypatch, writers):
     """Whatever the caller's umask, and inside a set-group-ID destination of

@@ -36,10 +36,22 @@ from .names import _split, filetime_to_ns
 __all__ = ["Extractor", "ExtractReport", "SPARSE_BLOCK"]
 
 
+def _current_umask() -> int | None:
+    """This process's umask, read without changing it (Linux 4.7+), or None."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class _Frame:
     """A directory of an extraction's walk: where it is, what is left of it."""
 
-    __slots__ = ("parts", "info", "plain_dir", "later", "next", "fd", "own", "writer")
+    __slots__ = ("parts", "info", "plain_dir", "later", "next", "fd", "own", "writer", "times_only")
 
     def __init__(self, parts: list[str], info, plain_dir: bool):
         self.parts, self.info, self.plain_dir = parts, info, plain_dir
@@ -48,6 +60,7 @@ class _Frame:
         self.fd: int | None = None
         self.own = True
         self.writer: int | None = None
+        self.times_only = False  # made with its final mode and owner: only its times are left to set
 
     def close(self) -> None:
         if self.fd is not None and self.own:
@@ -86,6 +99,7 @@ class Extractor:
         # A directory's mode and times wait for everything in it (a file or
         # link created in it afterwards would change its mtime).
         self._dir_meta: list[tuple[list[str], PosixInfo | _DirMeta]] = []
+        self._umask: int | None = None  # for one run()
 
     # -- public
     def total_bytes(self, path: str = "") -> int:
@@ -120,6 +134,7 @@ class Extractor:
         # writer processes inherit the pause.
         with paused_gc():
             self._make = _EntryMaker(self.image, self.owner, self.progress)
+            self._umask = _current_umask()
             try:
                 return self._run(path)
             finally:
@@ -395,15 +410,33 @@ class Extractor:
                                     "extracted once, there")
             return None
         child = parts + [local]
-        cfd, made_here = self._make.make_dir(dfd, local, rel)
+        final = self._made_final(info) if plain_dir else None
+        cfd, made_here = self._make.make_dir(dfd, local, rel, 0o700 if final is None else final)
         if not made_here:
             plain_dir = False  # not made here: a writer looks at it
         try:
-            return self._open_dir(cfd, fid, child, plain_dir, info)
+            frame = self._open_dir(cfd, fid, child, plain_dir, info)
+            frame.times_only = made_here and final is not None
+            return frame
         except BaseException:
             if type(cfd) is int:
                 os.close(cfd)
             raise
+
+    def _made_final(self, info) -> int | None:
+        """The mode to give mkdir for a directory that then has all its
+        metadata but its times, or None.  That holds in a plain directory
+        (owner: ours; no default ACL or set-group-ID bit to change the new
+        one) when its owner is ours or owners are not restored, the umask
+        takes nothing from its mode, and the mode lets the extraction (not
+        root) read, create in and pass through it: the directory is then as
+        it ends up from the start, never looser.  Saves fchown and fchmod."""
+        perm = info.mode & 0o7777
+        if (self._umask is None or perm & 0o7000 or perm & self._umask
+                or (self.owner and (info.uid, info.gid) != self._make._ids)
+                or (not self._root and perm & 0o700 != 0o700)):
+            return None
+        return perm
 
     def _dir_done(self, frame: "_Frame") -> None:
         """Everything in the directory is made (or handed to the writers)."""
@@ -413,7 +446,7 @@ class Extractor:
         # the writers going through it or the links being made.
         if self._writers is not None and (self._root or info.mode & 0o300 == 0o300):
             key = tuple(child)
-            self._writers.set_dir_meta(key, info, frame.writer)
+            self._writers.set_dir_meta(key, info, frame.writer, frame.times_only)
             self._early_meta[key] = info
         else:
             self._dir_meta.append((child, info))

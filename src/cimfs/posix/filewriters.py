@@ -14,7 +14,6 @@ import os
 import cimfs
 
 from .. import workers
-from ..errors import CimError
 from .entries import _DirChain, _DirMeta, _dir_is_plain, _EntryMaker
 from .lx import PosixInfo
 
@@ -72,13 +71,17 @@ class _FileWriters:
             self._send(i)
         return i
 
-    def set_dir_meta(self, parts: tuple, info: PosixInfo, writer: int | None) -> None:
-        """A directory's owner, mode and times, set by ``writer`` (the one that
-        has its files: after them) once the extractor has made everything
-        else in it, instead of by the extractor at the end on one core."""
+    def set_dir_meta(self, parts: tuple, info: PosixInfo, writer: int | None, times_only: bool = False) -> None:
+        """A directory's owner, mode and times (``times_only``: it was made
+        with the rest), set by ``writer`` (the one that has its files: after
+        them) once the extractor has made everything else in it, instead of
+        by the extractor at the end on one core."""
         i = writer if writer is not None else min(range(self._count), key=self._queued.__getitem__)
         self._queued[i] += self._FILE_COST
-        self._batches[i].append((parts, (info.uid, info.gid, info.mode, info.atime_ns, info.mtime_ns)))  # a _DirMeta
+        if times_only:
+            self._batches[i].append((parts, (info.atime_ns, info.mtime_ns)))
+        else:
+            self._batches[i].append((parts, (info.uid, info.gid, info.mode, info.atime_ns, info.mtime_ns)))  # a _DirMeta
 
     def _send(self, i: int) -> None:
         if self._batches[i]:
@@ -126,7 +129,10 @@ def _file_writer_main(maker: "_EntryMaker", dest_fd: int, batches) -> tuple[list
             if len(item) == 2:  # a directory's own metadata
                 parts, meta = item
                 try:
-                    maker.set_meta_fd(chain.open(parts), _DirMeta(*meta))
+                    if len(meta) == 2:  # made with its final owner and mode
+                        os.utime(chain.open(parts), ns=meta)
+                    else:
+                        maker.set_meta_fd(chain.open(parts), _DirMeta(*meta))
                 except OSError as e:
                     problems.append(f"{'/'.join(parts)}: {e.strerror or e}")
                 continue
@@ -142,17 +148,10 @@ def _file_writer_main(maker: "_EntryMaker", dest_fd: int, batches) -> tuple[list
             except cimfs.errors.CimFormatError as e:
                 fatal = str(e)
                 break
-            for (name, fid), rec in zip(files, recs):
-                try:
-                    maker.write_plain(dfd, plain_dir, parts, name, fid, rec)
-                except cimfs.errors.CimFormatError as e:
-                    fatal = str(e)
-                    break
-                except CimError as e:
-                    problems.append(str(e))
-                except OSError as e:
-                    problems.append(f"{'/'.join(parts + (name,))}: {e.strerror or e}")
-            if fatal is not None:
+            try:
+                maker.write_plain_files(dfd, plain_dir, parts, files, recs, problems)
+            except cimfs.errors.CimFormatError as e:
+                fatal = str(e)
                 break
         if fatal is not None:
             break
