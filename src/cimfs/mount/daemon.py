@@ -65,7 +65,7 @@ def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, a
         fs = CimFs(image, Options(uid, gid, umask))
         # The root and its listing must be readable before anything is mounted.
         fs.entry(image.root_id)
-        for e in image.scandir(image.root_id):
+        for _entry in image.scandir(image.root_id):
             pass
     except CimError as e:
         image.close()

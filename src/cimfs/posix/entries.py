@@ -134,9 +134,13 @@ class _DirChain:
             mine.append(p)
             if len(fds) - 1 - self._closed > self._OPEN:
                 self._closed += 1
-                os.close(fds[self._closed])
+                closing = fds[self._closed]
+                assert closing is not None  # _fds[_closed + 1:] are open
+                os.close(closing)
                 fds[self._closed] = None
-        return fds[-1]
+        top = fds[-1]
+        assert top is not None  # the last is open: made so above
+        return top
 
     def close(self) -> None:
         for fd in self._fds[1:]:
@@ -233,7 +237,7 @@ class _EntryMaker:
             self.remove(dfd, name, rel)
             return fn()
 
-    def set_meta_fd(self, fd: int, info: PosixInfo) -> None:
+    def set_meta_fd(self, fd: int, info: PosixInfo | _DirMeta) -> None:
         if self.owner:
             os.fchown(fd, info.uid, info.gid)
         os.fchmod(fd, info.mode & 0o7777)

@@ -94,7 +94,8 @@ class Extractor:
         self._links: list[tuple[tuple, str, int]] = []    # (parts, name, FileID) of later names
         self._first_names: dict[int, dict[int, str]] = {}  # directory FileID -> {FileID: first name}, link pass
         self._moved_first: dict[int, tuple[tuple, str]] = {}  # FileID -> (parts, local) where a copy stands in
-        self._make: _EntryMaker | None = None  # for one run()
+        # Set by run() for its duration; no entry is made outside it.
+        self._make: _EntryMaker = None  # type: ignore[assignment]
         self._early_meta: dict[tuple, PosixInfo | _DirMeta] = {}  # directories whose metadata the writers set
         # A directory's mode and times wait for everything in it (a file or
         # link created in it afterwards would change its mtime).
@@ -139,7 +140,7 @@ class Extractor:
                 return self._run(path)
             finally:
                 # dropped while paused: the first collection afterwards would scan them
-                self._first_dir, self._dir_parts, self._early_meta, self._make = {}, {}, {}, None
+                self._first_dir, self._dir_parts, self._early_meta, self._make = {}, {}, {}, None  # type: ignore[assignment]
                 self._first_names = {}
 
     def _run(self, path: str) -> ExtractReport:
@@ -198,17 +199,17 @@ class Extractor:
             self._links.clear()
             # Children come before their parent in the list (each was added
             # once its subtree was done).
-            for parts, info in self._dir_meta:
+            for dir_parts, info in self._dir_meta:
                 try:
-                    self._make.set_meta_fd(chain.open(parts), info)
+                    self._make.set_meta_fd(chain.open(dir_parts), info)
                 except OSError as e:
-                    self.report.problem(f"{'/'.join(parts)}: {e.strerror or e}")
+                    self.report.problem(f"{'/'.join(dir_parts)}: {e.strerror or e}")
             self._dir_meta.clear()
         finally:
             chain.close()
             sources.close()
 
-    def _entry_failed(self, e: Exception, rel: str) -> None:
+    def _entry_failed(self, e: OSError, rel: str) -> None:
         """One entry could not be made: a problem of the extraction, named by
         its path; a corrupt image ends it."""
         if isinstance(e, cimfs.errors.CimFormatError):
@@ -350,6 +351,7 @@ class Extractor:
                     continue
             later.append((name, fid, rec))
         if plain:
+            assert writers is not None  # only writers take plain files
             frame.writer = writers.add(key, plain, plain_bytes, plain_dir)
             self.progress(plain_bytes)
         if later:
@@ -393,6 +395,7 @@ class Extractor:
             self._make.write_file(dfd, local, fid, st, info, rel)
         else:
             self._make.make_node(dfd, local, fid, info, rel, self.report.warning)
+        return None
 
     def _enter_subdir(self, dfd, local: str, fid: int, info, parts, rel: str, plain_dir: bool) -> "_Frame | None":
         """A directory: made (or one in the way replaced) and started; its
