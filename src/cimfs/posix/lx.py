@@ -99,6 +99,7 @@ def node_metadata(node: Node, consistent: bool = False) -> "cimfs.FileMetadata":
     if node.kind == DIR:
         attrs = _FA_DIRECTORY
     elif node.kind == SYMLINK:
+        assert node.target is not None  # a scanned symlink always has its target
         reparse = ntfs.pack_lx_symlink_reparse(node.target)
     elif node.kind in (FIFO, CHR, BLK, SOCK):
         reparse = ntfs.pack_lx_special_reparse(SPECIAL_TAGS[node.kind])
@@ -158,8 +159,7 @@ def _link_target(n, st) -> str | None:
     """The POSIX symlink target of an LX symlink, NT symlink or mount point."""
     rp = n.parse_reparse(st.reparse_data)
     if st.reparse_tag == TAG_LX_SYMLINK:
-        t = rp.target
-        return os.fsdecode(t) if isinstance(t, (bytes, bytearray)) else t
+        return rp.target  # parse_reparse decodes it (UTF-8, surrogateescape)
     name = rp.print_name or rp.substitute_name or ""
     if name.startswith("\\??\\"):
         name = name[4:]
