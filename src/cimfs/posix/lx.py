@@ -23,6 +23,7 @@ from ..layout import cim, ntfs
 from .names import FILETIME_UNIX_EPOCH, filetime_to_ns, ns_to_filetime
 
 if TYPE_CHECKING:
+    from ..reader import Stat
     from .scan import Node
 
 
@@ -123,7 +124,7 @@ def node_metadata(node: Node, consistent: bool = False) -> "cimfs.FileMetadata":
 _ATTR_MASK = 0x1 | 0x2 | 0x4 | 0x10 | 0x20 | 0x200 | 0x400
 
 
-def metadata_matches(meta, st, scan_times: bool = True) -> bool:
+def metadata_matches(meta: "cimfs.FileMetadata", st: Stat, scan_times: bool = True) -> bool:
     """Whether an image entry (Stat) already holds exactly this metadata.
     ``scan_times=False`` (a consistent import, which does not take them from
     the source): change and last access times are not compared, so an entry
@@ -182,7 +183,7 @@ def _lx_of_eas(ea_buffer: bytes):
     return lx
 
 
-def posix_info(st) -> PosixInfo:
+def posix_info(st: Stat) -> PosixInfo:
     """How an image entry appears as a POSIX file (type, mode, owner, device, times)."""
     n = ntfs
     lx = _lx_of_eas(st.ea_buffer) if st.ea_buffer else None

@@ -19,7 +19,7 @@ import stat as S
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import IO, Callable, Iterable, TypeVar, cast
+from typing import IO, Callable, Container, Iterable, TypeVar, cast
 
 from ..tarbounds import BoundedTarInfo
 from ..errors import (
@@ -89,7 +89,7 @@ def _default_dir(name: str, src: str, like: Node | None = None) -> Node:
 
 
 def resolve_collision(policy: str, report: Callable[[str], None], name: str, src: str, first: str,
-                      taken, dir_path: str) -> str | None:
+                      taken: Container[str], dir_path: str) -> str | None:
     """``name`` (from ``src``) folds like ``first``, already in a directory
     whose folded names are ``taken``: fail, skip (None) or the renamed name,
     as --on-collision says.  ``dir_path`` is where the message says it went."""
@@ -105,7 +105,7 @@ def resolve_collision(policy: str, report: Callable[[str], None], name: str, src
     return cand
 
 
-def free_name(name: str, taken) -> str:
+def free_name(name: str, taken: Container[str]) -> str:
     """``stem~N.ext``, the first N >= 2 whose folded form is not in ``taken``:
     how --on-collision rename names the later of two names that differ only in case."""
     stem, dot, ext = name.rpartition(".")
@@ -122,7 +122,7 @@ def free_name(name: str, taken) -> str:
 class Tree:
     """A POSIX tree to import, with case-insensitive collision handling."""
 
-    def __init__(self, on_collision: str = "error", report: Callable[[str], None] | None = None):
+    def __init__(self, on_collision: str = "error", report: Callable[[str], None] | None = None) -> None:
         if on_collision not in ("error", "rename", "skip"):
             raise CimError(E_INVALIDARG, f"unknown collision policy {on_collision!r}")
         self.on_collision = on_collision
@@ -251,7 +251,7 @@ def _file_opener(path: str):
     return functools.partial(_open_local, path)
 
 
-def open_node(node: "Node"):
+def open_node(node: "Node") -> IO[bytes]:
     """The contents of a FILE node: from its opener (tar members), else the
     local file it was scanned from (no per-file closure for a million files)."""
     return node.opener() if node.opener is not None else _open_local(node.src)

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import io
 import tarfile
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import CimError
 from .entries import SPARSE_BLOCK, ExtractReport, _local_target, _safe_local_name
 from .lx import BLK, CHR, DIR, FIFO, FILE, SYMLINK, posix_info
 from .names import format_pax_time
 from .scan import CHUNK
+
+if TYPE_CHECKING:
+    from ..reader import Image
 
 
 # --------------------------------------------------------------------- export to a POSIX tar
@@ -99,7 +103,8 @@ class _CountingReader(io.RawIOBase):
         return b
 
 
-def export_tar(image, out: tarfile.TarFile, *, progress=None, warn=None) -> ExtractReport:
+def export_tar(image: Image, out: tarfile.TarFile, *, progress: Callable[[int], None] | None = None,
+               warn: Callable[[str], None] | None = None) -> ExtractReport:
     """Write the whole image as a POSIX (PAX) tar: every type, mode, owner and time (to 100 ns)."""
     progress = progress or (lambda n: None)
     report = ExtractReport(warn)
