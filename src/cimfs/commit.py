@@ -148,10 +148,8 @@ class ImageCommit:
         queue = [root]
         root.seen = True
         set_parent = cim.set_record_parent
-        last_table = -1  # the file table the last plain file went to, and its buffers (bound by its place()):
-        buf: bytearray
-        written: bytearray
-        used: list[int]
+        last_table = -1  # the file table the last plain file went to
+        buf, written, used = bytearray(), bytearray(), [0]  # its buffers: placeholders until the first place()
         for node in queue:  # grows while iterating
             children = node.children
             if children is not None:  # else a parent's directory nobody touched: nothing new below it

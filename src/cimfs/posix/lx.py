@@ -124,7 +124,7 @@ def node_metadata(node: Node, consistent: bool = False) -> "cimfs.FileMetadata":
 _ATTR_MASK = 0x1 | 0x2 | 0x4 | 0x10 | 0x20 | 0x200 | 0x400
 
 
-def metadata_matches(meta: "cimfs.FileMetadata", st: Stat, scan_times: bool = True) -> bool:
+def metadata_matches(meta: cimfs.FileMetadata, st: Stat, scan_times: bool = True) -> bool:
     """Whether an image entry (Stat) already holds exactly this metadata.
     ``scan_times=False`` (a consistent import, which does not take them from
     the source): change and last access times are not compared, so an entry

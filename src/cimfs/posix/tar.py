@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import io
 import tarfile
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..errors import CimError
 from .entries import SPARSE_BLOCK, ExtractReport, _local_target, _safe_local_name
