@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from typing import Callable
+from typing import Any, Callable
 
 from .atomic import fsync_dir
 from .errors import E_INVALIDARG, ERROR_FILE_EXISTS, CimError
@@ -105,7 +105,7 @@ class ImageCommit:
 
         def write(node) -> None:
             """A changed node's record with its link and stream tables."""
-            changes = None
+            changes: dict[str, Any] | None = None
             # children/streams of None: a parent's directory or stream table
             # nobody touched (or a new node without alternate streams).
             if node.is_dir and node.children is not None:
@@ -148,7 +148,8 @@ class ImageCommit:
         queue = [root]
         root.seen = True
         set_parent = cim.set_record_parent
-        last_table, buf, written, used = -1, None, None, None  # the file table the last plain file went to
+        last_table = -1  # the file table the last plain file went to
+        buf, written, used = bytearray(), bytearray(), [0]  # its buffers: placeholders until the first place()
         for node in queue:  # grows while iterating
             children = node.children
             if children is not None:  # else a parent's directory nobody touched: nothing new below it

@@ -75,7 +75,7 @@ class _RawReader(io.RawIOBase):
             super().close()
 
 
-def sniff_compression(f, *, close_source: bool) -> tuple[io.BufferedReader, str]:
+def sniff_compression(f, *, close_source: bool) -> tuple[io.BufferedReader[_RawReader], str]:
     """``f`` buffered, and its compression (``gzip``, ``zstd`` or ``none``)
     told by its first bytes; nothing is consumed."""
     reader = io.BufferedReader(_RawReader(f, close_source), CHUNK)
@@ -235,6 +235,7 @@ class LayerStream:
         self.label = label
         self.blob = DigestReader(raw, digest, size, f"{label} (blob {digest})", progress) if digest else None
         src = self.blob if self.blob is not None else _Counting(raw, progress)
+        self.tar: _GzipReader | _ZstdStream | DigestReader | _Counting
         if compression == "gzip":
             self.tar = _GzipReader(src, label)
         elif compression == "zstd":

@@ -58,7 +58,7 @@ def available() -> bool:
 class _Batcher:
     """The worker's side: items go out in pickled batches."""
 
-    def __init__(self, conn):
+    def __init__(self, conn) -> None:
         self.conn = conn
         self.items: list = []
         self.bytes = 0
@@ -117,6 +117,7 @@ def _read_layer(out: _Batcher, position: int, opener, compression, digest, size,
         # decompression and digests on a second thread (they release the GIL)
         reader = blobs.Prefetch(stream, depth=4, chunk=PREFETCH_CHUNK)
         src = _TarSource(reader, label)
+        assert src.tf is not None  # _TarSource opens it or raises
         try:
             for m in src.members():
                 out.add(("h", m.name, m.type, m.size, m.linkname, m.mtime, m.pax_headers))
@@ -124,6 +125,7 @@ def _read_layer(out: _Batcher, position: int, opener, compression, digest, size,
                     continue
                 # the member's data, read as _LayerImporter._copy reads it
                 f = src.tf.extractfile(m)
+                assert f is not None  # a regular member's data
                 remaining = m.size
                 try:
                     while remaining:
@@ -182,6 +184,7 @@ class LayerFeed:
 
     def _receive(self) -> None:
         conn = self.worker.feed
+        assert conn is not None  # the worker was started with feed=True
         while True:
             try:
                 data = conn.recv_bytes()

@@ -33,6 +33,7 @@ import json
 import os
 import stat
 import time
+from typing import Any
 
 from .. import tools, winlayer
 from ..atomic import fsync_dir, remove_quietly, replacing
@@ -182,7 +183,8 @@ class LayerStore:
     # ------------------------------------------------------------ journal, recovery, prune
     def reached(self, refs: dict) -> tuple[set, set]:
         """(layer image names, blob digests) the images of ``refs`` use."""
-        images, digests = set(), set()
+        images: set[str] = set()
+        digests: set[str] = set()
         for rec in refs["images"].values():
             if rec.get("mode") == "independent":
                 images.update(rec["independent_layers"])
@@ -366,7 +368,7 @@ class LayerStore:
             self._put_blob(spec.config_bytes, spec.config_digest)
             if spec.manifest_bytes is not None:
                 self._put_blob(spec.manifest_bytes, spec.manifest_digest)
-            names = {}
+            names: dict[str, None] = {}
             for n in list(spec.refs) + ([reference] if reference else []):
                 names[n] = None
             for key, rec in refs["images"].items():  # a reference names one image: it moves to this one
@@ -495,7 +497,7 @@ class LayerStore:
 
             try:
                 # consistent: the same layer on the same parent gives the same files, on any machine
-                extra = {"independent": True} if independent else {}
+                extra: dict[str, Any] = {"independent": True} if independent else {}
                 if independent and layer.index > 0:
                     extra["hive_parents"] = [os.path.join(self.layers, n) for n in below]
                 winlayer.import_layer(reader, self.layers, name, parent=parent, progress=on_member,

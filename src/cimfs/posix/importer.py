@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 import stat as S
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..bulk import paused_gc
 from ..errors import E_INVALIDARG, ERROR_ALREADY_EXISTS, CimError
@@ -35,6 +35,10 @@ from .scan import (
     open_node,
     resolve_collision,
 )
+
+if TYPE_CHECKING:
+    from ..reader import Image
+    from ..writer import ImageWriter
 
 def _walk_nodes(root: Node):
     stack = [root]
@@ -62,9 +66,9 @@ class Importer:
     or removes a directory by surprise.
     """
 
-    def __init__(self, writer, root: Node, *, base=None, at: str = "", delete_extra: bool = False,
-                 progress: Callable[[int], None] | None = None, hidden: set[str] | None = None,
-                 replace_kind: bool | None = None):
+    def __init__(self, writer: ImageWriter, root: Node, *, base: Image | None = None, at: str = "",
+                 delete_extra: bool = False, progress: Callable[[int], None] | None = None,
+                 hidden: set[str] | None = None, replace_kind: bool | None = None) -> None:
         self.w = writer
         self.replace_kind = delete_extra if replace_kind is None else replace_kind
         # folded paths (and everything below them) whose base entry no longer
@@ -76,7 +80,7 @@ class Importer:
         self.delete_extra = delete_extra
         self.progress = progress or (lambda n: None)
         self.deletes: list[str] = []
-        self.dirs: list[tuple[str, object, bool]] = []
+        self.dirs: list[tuple[str, FileMetadata, bool]] = []
         self.files: list[tuple[Node, str]] = []
         self.consistent = writes_consistent(writer)
         if self.consistent and root.kind == DIR and root.implied and root.parent is None:
@@ -85,7 +89,7 @@ class Importer:
             root.atime_ns = root.mtime_ns = root.ctime_ns = max(
                 (n.mtime_ns for n in _walk_nodes(root) if not n.implied), default=0)
 
-    def _meta(self, node: Node):
+    def _meta(self, node: Node) -> FileMetadata:
         # Not cached: a FileMetadata per entry would double the memory of a large import.
         return node_metadata(node, self.consistent)
 
@@ -96,6 +100,7 @@ class Importer:
         return any("/".join(parts[:i]) in self.hidden for i in range(1, len(parts) + 1))
 
     def _base_entries(self, dir_id: int, path: str) -> dict:
+        assert self.base is not None  # a directory ID of the base
         return {fold(e.name): e for e in self.base.scandir(dir_id)
                 if not self._is_hidden(_join(path, e.name))}
 
@@ -118,7 +123,8 @@ class Importer:
             last = i == len(parts) - 1
             cpath = _join(path, p)
             child = self._base_child(base_id, path, p)
-            if child is not None:
+            if child is not None:  # found in the base
+                assert self.base is not None
                 is_dir = posix_info(self.base.stat(child.file_id)).kind == DIR
                 self._check_kind(_join(path, child.name), is_dir, not last or self.root.kind == DIR)
                 keep = child.name == p and (not last or self.root.kind == DIR) and is_dir
@@ -143,6 +149,7 @@ class Importer:
     def _same_content(self, node: Node, fid: int) -> bool:
         if node.size == 0:
             return True
+        assert self.base is not None  # fid is a file of the base
         with open_node(node) as a, self.base.open(fid) as b:
             left = node.size
             while left:
@@ -161,6 +168,7 @@ class Importer:
         if base_id is None:
             self.dirs.append((path, meta, False))
         else:
+            assert self.base is not None  # base_id is a directory of the base
             bst = self.base.stat(base_id)
             if not metadata_matches(meta, bst, not self.consistent):
                 self.dirs.append((path, meta, True))
@@ -168,7 +176,8 @@ class Importer:
         for key, child in node.children.items():
             cpath = _join(path, child.name)
             b = base_children.pop(key, None)
-            if b is not None:
+            if b is not None:  # an entry of the base
+                assert self.base is not None
                 bst = self.base.stat(b.file_id)
                 self._check_kind(_join(path, b.name), posix_info(bst).kind == DIR, child.kind == DIR)
                 keep = (b.name == child.name and posix_info(bst).kind == child.kind
@@ -206,7 +215,7 @@ class Importer:
             self.execute()
 
 
-def write_node(w, node: Node, path: str, progress: Callable[[int], None]) -> None:
+def write_node(w: ImageWriter, node: Node, path: str, progress: Callable[[int], None]) -> None:
     """Write one non-directory node at ``path``: its contents, or a hard link
     to the first name of its link group already written."""
     if node.group is not None and node.group.written is not None:
@@ -287,9 +296,9 @@ class DirectoryImporter:
     same metadata and collision policy as ``Importer(scan_directory(...))``.
     """
 
-    def __init__(self, writer, src_dir: str, *, on_collision: str = "error",
+    def __init__(self, writer: ImageWriter, src_dir: str, *, on_collision: str = "error",
                  report: Callable[[str], None] | None = None,
-                 progress: Callable[[int], None] | None = None):
+                 progress: Callable[[int], None] | None = None) -> None:
         if on_collision not in ("error", "rename", "skip"):
             raise CimError(E_INVALIDARG, f"unknown collision policy {on_collision!r}")
         check_output_outside(src_dir, getattr(writer, "directory", None))

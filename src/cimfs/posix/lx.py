@@ -23,6 +23,7 @@ from ..layout import cim, ntfs
 from .names import FILETIME_UNIX_EPOCH, filetime_to_ns, ns_to_filetime
 
 if TYPE_CHECKING:
+    from ..reader import Stat
     from .scan import Node
 
 
@@ -99,6 +100,7 @@ def node_metadata(node: Node, consistent: bool = False) -> "cimfs.FileMetadata":
     if node.kind == DIR:
         attrs = _FA_DIRECTORY
     elif node.kind == SYMLINK:
+        assert node.target is not None  # a scanned symlink always has its target
         reparse = ntfs.pack_lx_symlink_reparse(node.target)
     elif node.kind in (FIFO, CHR, BLK, SOCK):
         reparse = ntfs.pack_lx_special_reparse(SPECIAL_TAGS[node.kind])
@@ -122,7 +124,7 @@ def node_metadata(node: Node, consistent: bool = False) -> "cimfs.FileMetadata":
 _ATTR_MASK = 0x1 | 0x2 | 0x4 | 0x10 | 0x20 | 0x200 | 0x400
 
 
-def metadata_matches(meta, st, scan_times: bool = True) -> bool:
+def metadata_matches(meta: cimfs.FileMetadata, st: Stat, scan_times: bool = True) -> bool:
     """Whether an image entry (Stat) already holds exactly this metadata.
     ``scan_times=False`` (a consistent import, which does not take them from
     the source): change and last access times are not compared, so an entry
@@ -158,8 +160,7 @@ def _link_target(n, st) -> str | None:
     """The POSIX symlink target of an LX symlink, NT symlink or mount point."""
     rp = n.parse_reparse(st.reparse_data)
     if st.reparse_tag == TAG_LX_SYMLINK:
-        t = rp.target
-        return os.fsdecode(t) if isinstance(t, (bytes, bytearray)) else t
+        return rp.target  # parse_reparse decodes it (UTF-8, surrogateescape)
     name = rp.print_name or rp.substitute_name or ""
     if name.startswith("\\??\\"):
         name = name[4:]
@@ -182,7 +183,7 @@ def _lx_of_eas(ea_buffer: bytes):
     return lx
 
 
-def posix_info(st) -> PosixInfo:
+def posix_info(st: Stat) -> PosixInfo:
     """How an image entry appears as a POSIX file (type, mode, owner, device, times)."""
     n = ntfs
     lx = _lx_of_eas(st.ea_buffer) if st.ea_buffer else None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import io
 import operator
 import os
 import re
@@ -20,7 +19,7 @@ import stat as S
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import IO, Callable, Container, Iterable, TypeVar, cast
 
 from ..tarbounds import BoundedTarInfo
 from ..errors import (
@@ -42,7 +41,7 @@ class _Group:
     """Hard links to one file: the first one written carries the data."""
     __slots__ = ("written",)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.written: str | None = None
 
 
@@ -62,7 +61,7 @@ class Node:
     target: str | None = None      # symlink target
     rdev: tuple[int, int] = (0, 0)
     sparse: bool = False
-    opener: Callable[[], io.RawIOBase] | None = None
+    opener: Callable[[], IO[bytes]] | None = None
     order: int = 0
     parent: "Node | None" = None
     children: dict = field(default_factory=dict)   # fold(name) -> Node
@@ -90,7 +89,7 @@ def _default_dir(name: str, src: str, like: Node | None = None) -> Node:
 
 
 def resolve_collision(policy: str, report: Callable[[str], None], name: str, src: str, first: str,
-                      taken, dir_path: str) -> str | None:
+                      taken: Container[str], dir_path: str) -> str | None:
     """``name`` (from ``src``) folds like ``first``, already in a directory
     whose folded names are ``taken``: fail, skip (None) or the renamed name,
     as --on-collision says.  ``dir_path`` is where the message says it went."""
@@ -106,7 +105,7 @@ def resolve_collision(policy: str, report: Callable[[str], None], name: str, src
     return cand
 
 
-def free_name(name: str, taken) -> str:
+def free_name(name: str, taken: Container[str]) -> str:
     """``stem~N.ext``, the first N >= 2 whose folded form is not in ``taken``:
     how --on-collision rename names the later of two names that differ only in case."""
     stem, dot, ext = name.rpartition(".")
@@ -123,7 +122,7 @@ def free_name(name: str, taken) -> str:
 class Tree:
     """A POSIX tree to import, with case-insensitive collision handling."""
 
-    def __init__(self, on_collision: str = "error", report: Callable[[str], None] | None = None):
+    def __init__(self, on_collision: str = "error", report: Callable[[str], None] | None = None) -> None:
         if on_collision not in ("error", "rename", "skip"):
             raise CimError(E_INVALIDARG, f"unknown collision policy {on_collision!r}")
         self.on_collision = on_collision
@@ -252,13 +251,13 @@ def _file_opener(path: str):
     return functools.partial(_open_local, path)
 
 
-def open_node(node: "Node"):
+def open_node(node: "Node") -> IO[bytes]:
     """The contents of a FILE node: from its opener (tar members), else the
     local file it was scanned from (no per-file closure for a million files)."""
     return node.opener() if node.opener is not None else _open_local(node.src)
 
 
-_ERRNO_HRESULT = {
+_ERRNO_HRESULT: dict[int | None, int] = {  # an OSError's errno may be None
     errno.ENOENT: ERROR_FILE_NOT_FOUND,
     errno.ENOTDIR: ERROR_PATH_NOT_FOUND,
     errno.EACCES: 0x80070005,
@@ -314,7 +313,7 @@ def _sorted_listing(path: "str | int", where: str | None = None) -> list[os.DirE
         with os.scandir(path) as it:
             return sorted(it, key=_entry_name)
     except OSError as e:
-        raise _oserror(e, where or path) from None
+        raise _oserror(e, where or str(path)) from None
 
 
 _entry_name = operator.attrgetter("name")  # a sort key called once per entry: no Python frame
@@ -358,7 +357,12 @@ def scan_single(path: str, tree: Tree) -> Node:
 
 
 # --------------------------------------------------------------------- tars
-def open_tar(path: str, stdin=None):
+class OpenTar(tarfile.TarFile):
+    """A tar opened by :func:`open_tar`; one read from a stream keeps its spooled bytes in ``spool``."""
+    spool: IO[bytes]  # set only when the tar came from a stream (path "-")
+
+
+def open_tar(path: str, stdin: IO[bytes] | None = None) -> OpenTar:
     """Open a tar (any compression tarfile reads); ``-`` spools stdin to a temporary file."""
     try:
         if path == "-":
@@ -371,10 +375,10 @@ def open_tar(path: str, stdin=None):
                     break
                 spool.write(buf)
             spool.seek(0)
-            tf = tarfile.open(fileobj=spool, mode="r:*", tarinfo=BoundedTarInfo)
+            tf = OpenTar.open(fileobj=spool, mode="r:*", tarinfo=BoundedTarInfo)
             tf.spool = spool      # the raw bytes, for a second reader
             return tf
-        return tarfile.open(path, mode="r:*", tarinfo=BoundedTarInfo)
+        return OpenTar.open(path, mode="r:*", tarinfo=BoundedTarInfo)
     except (tarfile.TarError, EOFError, ValueError) as e:
         raise CimError(E_INVALIDARG, f"not a readable tar archive ({_tar_reason(e)})", path) from None
     except OSError as e:
@@ -406,7 +410,10 @@ def _tar_parts(name: str, where: str) -> list[str]:
     return parts
 
 
-def _tar_time(m: tarfile.TarInfo, key: str, default: int | None) -> int | None:
+_Default = TypeVar("_Default", int, None)
+
+
+def _tar_time(m: tarfile.TarInfo, key: str, default: _Default) -> int | _Default:
     v = m.pax_headers.get(key)
     if v is not None:
         try:
@@ -471,7 +478,7 @@ def scan_tar(tf: tarfile.TarFile, tree: Tree, label: str = "-") -> Tree:
             node.kind = FILE
             node.size = m.size
             node.sparse = m.sparse is not None
-            node.opener = (lambda m=m: tf.extractfile(m))
+            node.opener = cast("Callable[[], IO[bytes]]", lambda m=m: tf.extractfile(m))  # a regular member: never None
         elif m.issym():
             if "\0" in m.linkname:  # a PAX linkpath may carry one; no POSIX path does
                 raise CimError(E_INVALIDARG, "symlink target contains a NUL character", where)

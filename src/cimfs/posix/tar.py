@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..errors import CimError
 from .entries import SPARSE_BLOCK, ExtractReport, _local_target, _safe_local_name
 from .lx import BLK, CHR, DIR, FIFO, FILE, SYMLINK, posix_info
 from .names import format_pax_time
 from .scan import CHUNK
+
+if TYPE_CHECKING:
+    from ..reader import Image
 
 
 # --------------------------------------------------------------------- export to a POSIX tar
@@ -99,7 +104,8 @@ class _CountingReader(io.RawIOBase):
         return b
 
 
-def export_tar(image, out: tarfile.TarFile, *, progress=None, warn=None) -> ExtractReport:
+def export_tar(image: Image, out: tarfile.TarFile, *, progress: Callable[[int], None] | None = None,
+               warn: Callable[[str], None] | None = None) -> ExtractReport:
     """Write the whole image as a POSIX (PAX) tar: every type, mode, owner and time (to 100 ns)."""
     progress = progress or (lambda n: None)
     report = ExtractReport(warn)
@@ -136,12 +142,12 @@ def export_tar(image, out: tarfile.TarFile, *, progress=None, warn=None) -> Extr
             ti.size = info.size
         elif info.kind == SYMLINK:
             try:
-                _local_target(info.target, name)
+                linkname = _local_target(info.target, name)
             except CimError as e:
                 report.problem(str(e).replace("not extracted", "not exported"))
                 return None
             ti.type = tarfile.SYMTYPE
-            ti.linkname = info.target
+            ti.linkname = linkname
             if info.link_has_children and image.scandir(st.file_id):
                 report.warning(f"{name}: is a link in the image; the entries below it are not exported")
         elif info.kind == FIFO:
@@ -166,8 +172,8 @@ def export_tar(image, out: tarfile.TarFile, *, progress=None, warn=None) -> Extr
                 extents = [(ti.size, 0)] if st.is_sparse else _data_map(image, st.file_id, ti.size)
                 body = _SparseReader(image, st.file_id, extents, progress)
                 real = ti.name
-                ti.pax_headers.update({"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
-                                       "GNU.sparse.name": real, "GNU.sparse.realsize": str(ti.size)})
+                ti.pax_headers = {**ti.pax_headers, "GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                                  "GNU.sparse.name": real, "GNU.sparse.realsize": str(ti.size)}
                 head, _, tail = real.rpartition("/")
                 ti.name = f"{head + '/' if head else ''}GNUSparseFile.0/{tail}"
                 ti.size = body.size
