@@ -319,12 +319,12 @@ class DockerArchive:
         where = spool_dir or tempfile.gettempdir()
         fd, path = tempfile.mkstemp(prefix=".spool-", suffix=".tar", dir=spool_dir)
         self._spooled = path
-        reader: io.BufferedReader | blobs._GzipReader | blobs._ZstdStream
-        reader, compressed = blobs.sniff_compression(raw, close_source=False)
+        sniffed, compressed = blobs.sniff_compression(raw, close_source=False)
+        reader: io.BufferedReader | blobs._GzipReader | blobs._ZstdStream = sniffed
         if compressed == "gzip":
-            reader = blobs._GzipReader(reader, self.label)
+            reader = blobs._GzipReader(sniffed, self.label)
         elif compressed == "zstd":
-            reader = blobs._ZstdStream(reader, self.label)
+            reader = blobs._ZstdStream(sniffed, self.label)
         with os.fdopen(fd, "w+b") as out:
             try:
                 # Ignored below: a stream ("r|") tar only calls read() and close(); typeshed's
