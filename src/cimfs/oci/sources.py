@@ -18,7 +18,7 @@ import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from ..errors import E_INVALIDARG, ERROR_DISK_FULL, ERROR_FILE_NOT_FOUND, CimError
 from ..tarbounds import BoundedTarInfo
@@ -320,7 +320,7 @@ class DockerArchive:
         fd, path = tempfile.mkstemp(prefix=".spool-", suffix=".tar", dir=spool_dir)
         self._spooled = path
         sniffed, compressed = blobs.sniff_compression(raw, close_source=False)
-        reader: io.BufferedReader | blobs._GzipReader | blobs._ZstdStream = sniffed
+        reader: io.BufferedReader[Any] | blobs._GzipReader | blobs._ZstdStream = sniffed
         if compressed == "gzip":
             reader = blobs._GzipReader(sniffed, self.label)
         elif compressed == "zstd":
