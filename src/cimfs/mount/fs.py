@@ -24,6 +24,7 @@ import trio
 
 from .. import CimError, CimFormatError, FileAttributes, filetime_to_ns
 from ..layout import ntfs
+from . import opstats
 from .view import DAMAGED, Options, fs_name, lx_metadata, map_symlink_target, ntfs_xattr, posix_view, symlink_target  # noqa: F401
 
 log = logging.getLogger("cimfs.mount")
@@ -101,6 +102,7 @@ class CimFs(pyfuse3.Operations):
         neg.st_ino = 0  # a negative entry: the kernel remembers the name is absent
         neg.entry_timeout = CACHE_SECONDS
         self._negative = neg
+        opstats.install(self)
 
     def _note(self, op: str, e: BaseException) -> None:
         if self._logged < _MAX_LOGGED:
