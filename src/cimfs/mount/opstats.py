@@ -8,6 +8,9 @@ and FILE gets one JSON object when the daemon exits::
     {"requests": {"open": [count, wall_s, cpu_s], ...}, "read_bytes": N,
      "daemon_cpu_s": user+sys of the whole process}
 
+The wire engine (:mod:`cimfs.mount.wire`) counts requests by opcode instead
+(``{"opcodes": {"15": count, ...}}``): its handlers are not coroutines.
+
 Off (the default) it costs nothing: the handlers are not wrapped.
 """
 
@@ -66,3 +69,21 @@ def _counted(fn, row, totals):
         return out
 
     return wrapper
+
+
+def wire_counter() -> dict | None:
+    """A dict the wire engine counts requests in (opcode -> count), dumped at
+    exit; None when ``CIMFS_FUSE_STATS`` is unset."""
+    path = os.environ.get(ENV)
+    if not path:
+        return None
+    counts: dict[int, int] = {}
+
+    def dump():
+        cpu = os.times()
+        with open(path, "w") as f:
+            json.dump({"opcodes": {str(k): v for k, v in sorted(counts.items())},
+                       "daemon_cpu_s": cpu.user + cpu.system}, f, indent=1)
+
+    atexit.register(dump)
+    return counts
