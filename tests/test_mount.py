@@ -3,6 +3,7 @@ source tree and with the library reader."""
 
 import errno
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -121,7 +122,10 @@ def posix_image(tmp_path_factory):
     return src, root / "img.cim"
 
 
-def test_tree_matches_source_and_reader(posix_image, mounted):
+@pytest.mark.parametrize("loop", ["wire", "pyfuse3"])
+def test_tree_matches_source_and_reader(posix_image, mounted, monkeypatch, loop):
+    if loop == "pyfuse3":
+        monkeypatch.setenv("CIMFS_FUSE_LOOP", "pyfuse3")  # pyfuse3's request loop instead of mount/wire.py
     src, image = posix_image
     mnt = mounted(image)
     with cimfs.open(image) as im:
@@ -150,6 +154,32 @@ def test_tree_matches_source_and_reader(posix_image, mounted):
     assert (mnt / "ünïcödé 😀.TXT").read_text() == "unicode"
     assert "Ünïcödé 😀.txt" in os.listdir(mnt)
     assert os.statvfs(mnt).f_blocks > 0
+
+
+def test_small_files_read_in_listing_order_are_pushed_ahead_exactly(tmp_path, mounted, monkeypatch):
+    """A reader walking a directory's small files in listing order gets most of
+    them from the page cache, pushed ahead by the daemon: fewer READ requests
+    than files, and every byte as stored; a large file is read as usual."""
+    rng = random.Random(5)
+    contents = {f"f{i:03}": rng.randbytes(rng.randrange(1, 20000)) for i in range(200)}
+    contents["zbig"] = rng.randbytes(600_000)
+    contents["empty"] = b""
+    with cimfs.create(tmp_path, "p.cim") as w:
+        w.mkdir("d")
+        for name, data in contents.items():
+            w.add_file(f"d/{name}", data)
+    stats = tmp_path / "stats.json"
+    monkeypatch.setenv("CIMFS_FUSE_STATS", str(stats))
+    mnt = mounted(tmp_path / "p.cim")
+    names = os.listdir(mnt / "d")
+    assert sorted(names) == sorted(contents)
+    for name in names:
+        assert (mnt / "d" / name).read_bytes() == contents[name], name
+    for name in random.Random(6).sample(names, 50):  # again, in another order
+        assert (mnt / "d" / name).read_bytes() == contents[name], name
+    cmount.unmount(mnt)
+    reads = json.loads(stats.read_text())["opcodes"].get("15", 0)  # FUSE_READ
+    assert 0 < reads < 50
 
 
 def test_read_only(posix_image, mounted):

@@ -12,6 +12,12 @@ keep the page cache, cache directory listings" — READ carries the inode, which
 is all this file system needs.  A tree walk then costs one READDIRPLUS per page
 of a listing and one READ per small file.
 
+Small files a reader is about to read are pushed into the page cache ahead
+of it (NOTIFY_STORE): when READs arrive for files in listing order (tar, cp -r,
+a walk reading everything), the next small files of that directory are stored
+right after the reply, and their reads never reach the daemon.  Random access
+pushes nothing.
+
 Handlers run one at a time (a lock around the image's metadata); a READ's data
 copy runs outside it, so a read waiting for the disk or the network stalls
 only its own thread.
@@ -30,7 +36,7 @@ import pyfuse3
 
 from .. import CimError, CimFormatError
 from . import opstats
-from .fs import CACHE_SECONDS, CimFs
+from .fs import CACHE_SECONDS, PUSH_MAX, CimFs
 from .view import fs_name as _fs_name
 
 log = logging.getLogger("cimfs.mount")
@@ -63,6 +69,8 @@ INIT_OUT = struct.Struct("<IIIIHHIIHHI7I")
 KSTATFS = struct.Struct("<QQQQQIIII6I")
 GETXATTR_IN = struct.Struct("<II")
 GETXATTR_OUT = struct.Struct("<II")
+NOTIFY_STORE = 4
+NOTIFY_STORE_OUT = struct.Struct("<QQII")  # nodeid, offset, size, padding
 
 PROTOCOL_MINOR = 31  # what this module speaks: max_pages, no-open, no-opendir, cached symlinks
 MAX_PAGES_WANTED = 256  # 1 MiB READs
@@ -73,6 +81,13 @@ THREADS_REMOTE = 8  # reads of a remote image wait on the network
 _VALID = int(CACHE_SECONDS)
 _NS = 1_000_000_000
 _LISTINGS_KEPT = 4096
+_ENTRIES_KEPT = 200_000
+#: Read-ahead across files: how many small files, and how many bytes, are
+#: pushed at once; a READ at most this many entries past the last one read
+#: (or pushed) counts as walking the listing forward.
+PUSH_FILES = 32
+PUSH_BYTES = 2 << 20
+PUSH_SLACK = 8
 
 
 def _pad8(n: int) -> int:
@@ -97,7 +112,9 @@ class WireFs(CimFs):
 
     def __init__(self, image, options=None):
         super().__init__(image, options)
-        self._packed: dict[int, tuple[bytes, int]] = {}  # FileID -> (fuse_entry_out, mode)
+        self._packed: dict[int, tuple[bytes, int, int]] = {}  # FileID -> (fuse_entry_out, mode, size)
+        self._place: dict[int, tuple[int, int]] = {}  # FileID -> (directory FileID, index in its listing)
+        self._walks: dict[int, list[int]] = {}  # directory FileID -> [last index read, last index pushed]
         self._listings: dict[int, list[tuple[bytes, int]]] = {}  # directory FileID -> (name, FileID)
         self._descs: dict[int, object] = {}  # FileID -> stream descriptor of its data
         self._meta = threading.Lock()
@@ -113,7 +130,7 @@ class WireFs(CimFs):
         }
 
     # ------------------------------------------------------------ packed attributes
-    def _entry_of(self, fid: int) -> tuple[bytes, int]:
+    def _entry_of(self, fid: int) -> tuple[bytes, int, int]:
         got = self._packed.get(fid)
         if got is None:
             mode, nlink, uid, gid, rdev, size, blocks, atime, mtime, ctime, _ = self.attributes(fid)
@@ -123,7 +140,9 @@ class WireFs(CimFs):
             c_s, c_n = divmod(ctime, _NS)
             attr = ATTR.pack(ino, size, blocks, a_s, m_s, c_s, a_n, m_n, c_n, mode, nlink, uid & 0xFFFFFFFF,
                              gid & 0xFFFFFFFF, rdev & 0xFFFFFFFF, 4096, 0)
-            got = (ENTRY_PREFIX.pack(ino, 0, _VALID, _VALID, 0, 0) + attr, mode)
+            got = (ENTRY_PREFIX.pack(ino, 0, _VALID, _VALID, 0, 0) + attr, mode, size)
+            if len(self._packed) >= _ENTRIES_KEPT:
+                self._packed.clear()  # the kernel keeps its own copies
             self._packed[fid] = got
         return got
 
@@ -170,9 +189,14 @@ class WireFs(CimFs):
         entries = self._listings.get(fid)
         if entries is None:
             entries = []
+            place = self._place
+            if len(place) >= _ENTRIES_KEPT:
+                place.clear()
+                self._walks.clear()
             for e in self.image.scandir(fid):
                 raw = _fs_name(e.name)
                 if raw is not None:
+                    place[e.file_id] = (fid, len(entries))
                     entries.append((raw, e.file_id))
             if len(self._listings) >= _LISTINGS_KEPT:
                 self._listings.clear()  # the kernel caches listings itself; this only serves the pages of one
@@ -186,7 +210,7 @@ class WireFs(CimFs):
         for i in range(start, len(entries)):
             raw, fid = entries[i]
             try:
-                entry, mode = self._entry_of(fid)
+                entry, mode, _ = self._entry_of(fid)
             except Exception as e:  # noqa: BLE001 - a damaged entry is left out; the rest stays listed
                 self._note("readdir", e)
                 continue
@@ -234,7 +258,9 @@ class WireFs(CimFs):
         return self._sized(b"".join(n + b"\0" for n in CimFs.listxattr.__wrapped__(self, nodeid)), arg)
 
     def _descriptor(self, nodeid: int):
-        fid = self._fid(nodeid)
+        return self._descriptor_of(self._fid(nodeid))
+
+    def _descriptor_of(self, fid: int):
         desc = self._descs.get(fid)
         if desc is None:
             desc = self.image.stream_descriptor(fid)
@@ -242,6 +268,54 @@ class WireFs(CimFs):
                 self._descs.clear()
             self._descs[fid] = desc
         return desc
+
+    def _plan_push(self, nodeid: int) -> list[tuple[int, object, int]]:
+        """(inode, descriptor, size) of the small files to push after a READ
+        at offset 0 of ``nodeid``: the next ones in its directory's listing,
+        when the reads so far walk that listing forward."""
+        fid = self._fid(nodeid)
+        place = self._place.get(fid)
+        if place is None:
+            return []
+        d, i = place
+        walk = self._walks.get(d)
+        if walk is None:
+            self._walks[d] = [i, i]
+            return []
+        last, pushed = walk
+        walk[0] = i
+        if not last < i <= max(last, pushed) + PUSH_SLACK or pushed >= i + PUSH_FILES // 2:
+            return []
+        entries = self._listing(d)
+        out, total, j = [], 0, max(pushed, i) + 1
+        while j < len(entries) and len(out) < PUSH_FILES and total < PUSH_BYTES:
+            child = entries[j][1]
+            j += 1
+            try:
+                _, mode, size = self._entry_of(child)
+                if S.S_ISREG(mode) and 0 < size <= PUSH_MAX:
+                    out.append((self._ino(child), self._descriptor_of(child), size))
+                    total += size
+            except Exception:  # noqa: BLE001 - not pushed; its own READ reports the damage
+                continue
+        walk[1] = j - 1
+        return out
+
+    def _push_files(self, fd: int, batch, dview) -> None:
+        for ino, desc, size in batch:
+            try:
+                n = self.image.readinto_at(desc, 0, dview[:size])
+                os.writev(fd, [OUT_HEADER.pack(OUT_HEADER.size + NOTIFY_STORE_OUT.size + n, NOTIFY_STORE, 0),
+                               NOTIFY_STORE_OUT.pack(ino, 0, n, 0), dview[:n]])
+            except CimError:
+                continue  # its own READ reports it
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    continue  # the kernel has forgotten that inode
+                if e.errno != errno.ENODEV:
+                    self._push = False
+                    self._note("push", e)
+                return
 
     # ------------------------------------------------------------ the loop
     def handshake(self, fd: int) -> None:
@@ -301,12 +375,14 @@ class WireFs(CimFs):
             if opcode in _NO_REPLY:
                 continue
             arg = req[IN_HEADER.size:n]
-            err, payload = 0, b""
+            err, payload, push = 0, b"", None
             try:
                 if opcode == READ:
                     _, off, size = READ_IN.unpack_from(arg)
                     with meta:
                         desc = self._descriptor(nodeid)
+                        if off == 0 and self._push:
+                            push = self._plan_push(nodeid)
                     view = dview[:size] if size <= len(data) else memoryview(bytearray(size))
                     payload = view[: self.image.readinto_at(desc, off, view)]
                 else:
@@ -332,6 +408,8 @@ class WireFs(CimFs):
                 if e.errno == errno.ENODEV:
                     return
                 self._note("reply", e)
+            if push:
+                self._push_files(fd, push, dview)
 
     def run(self, fd: int, threads: int, stopped: threading.Event) -> list[threading.Thread]:
         """Answer INIT, then serve from ``threads`` threads; ``stopped`` is set when the first one ends."""
