@@ -15,7 +15,7 @@ of a listing and one READ per small file.
 Small files a reader is about to read are pushed into the page cache ahead
 of it (NOTIFY_STORE): when READs arrive for files in listing order (tar, cp -r,
 a walk reading everything), the next small files of that directory are stored
-right after the reply, and their reads never reach the daemon.  Random access
+before the reply, and their reads never reach the daemon.  Random access
 pushes nothing.
 
 Handlers run one at a time (a lock around the image's metadata); a READ's data
@@ -280,13 +280,16 @@ class WireFs(CimFs):
         d, i = place
         walk = self._walks.get(d)
         if walk is None:
-            self._walks[d] = [i, i]
-            return []
-        last, pushed = walk
-        walk[0] = i
-        if not last < i <= max(last, pushed) + PUSH_SLACK or pushed >= i + PUSH_FILES // 2:
-            return []
-        entries = self._listing(d)
+            # The first file read here: a walk starts at the listing's first file (an empty one is never read).
+            self._walks[d] = walk = [i, i]
+            if i != self._first_file(self._listing(d)):
+                return []
+        else:
+            last, pushed = walk
+            walk[0] = i
+            if not last < i <= max(last, pushed) + PUSH_SLACK or pushed >= i + PUSH_FILES // 2:
+                return []
+        pushed, entries = walk[1], self._listing(d)
         out, total, j = [], 0, max(pushed, i) + 1
         while j < len(entries) and len(out) < PUSH_FILES and total < PUSH_BYTES:
             child = entries[j][1]
@@ -296,10 +299,20 @@ class WireFs(CimFs):
                 if S.S_ISREG(mode) and 0 < size <= PUSH_MAX:
                     out.append((self._ino(child), self._descriptor_of(child), size))
                     total += size
-            except Exception:  # noqa: BLE001 - not pushed; its own READ reports the damage
+            except Exception:  # noqa: BLE001, S112 - not pushed; its own READ reports the damage
                 continue
         walk[1] = j - 1
         return out
+
+    def _first_file(self, entries) -> int:
+        for j, (_, child) in enumerate(entries):
+            try:
+                _, mode, size = self._entry_of(child)
+                if S.S_ISREG(mode) and size:
+                    return j
+            except Exception:  # noqa: BLE001, S112 - a damaged entry is no file to start at
+                continue
+        return -1
 
     def _push_files(self, fd: int, batch, dview) -> None:
         for ino, desc, size in batch:
@@ -322,7 +335,7 @@ class WireFs(CimFs):
         """Answer the kernel's INIT (the first request of a new mount)."""
         buf = bytearray(REQUEST_BUFFER)
         while True:
-            n = os.readv(fd, [buf])
+            os.readv(fd, [buf])
             _, opcode, unique = IN_HEADER.unpack_from(buf)[:3]
             if opcode != INIT:
                 self._reply(fd, unique, errno.EIO, b"")
@@ -339,7 +352,6 @@ class WireFs(CimFs):
             want = flags & (ASYNC_READ | EXPORT_SUPPORT | DO_READDIRPLUS | PARALLEL_DIROPS | MAX_PAGES | CACHE_SYMLINKS)
             self._reply(fd, unique, 0, INIT_OUT.pack(7, PROTOCOL_MINOR, max_readahead, want, 16, 12, MAX_WRITE, 1,
                                                      MAX_PAGES_WANTED, 0, 0, *[0] * 7))
-            del n
             return
 
     @staticmethod
@@ -359,6 +371,7 @@ class WireFs(CimFs):
         req = memoryview(buf)
         data = bytearray(MAX_PAGES_WANTED * 4096)
         dview = memoryview(data)
+        pview = memoryview(bytearray(PUSH_MAX)) if self._push else None
         handlers, meta, counts, reply = self._handlers, self._meta, self._counts, self._reply
         while True:
             try:
@@ -402,14 +415,15 @@ class WireFs(CimFs):
             except Exception as e:  # noqa: BLE001 - a bug or a hostile image must not stop the daemon
                 self._note(_name(opcode), e)
                 err = errno.EIO
+            if push:
+                # Before the reply: the reader's next open must find the next file stored.
+                self._push_files(fd, push, pview)
             try:
                 reply(fd, unique, err, payload)
             except OSError as e:
                 if e.errno == errno.ENODEV:
                     return
                 self._note("reply", e)
-            if push:
-                self._push_files(fd, push, dview)
 
     def run(self, fd: int, threads: int, stopped: threading.Event) -> list[threading.Thread]:
         """Answer INIT, then serve from ``threads`` threads; ``stopped`` is set when the first one ends."""
