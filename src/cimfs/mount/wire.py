@@ -73,6 +73,7 @@ NOTIFY_STORE = 4
 NOTIFY_STORE_OUT = struct.Struct("<QQII")  # nodeid, offset, size, padding
 
 PROTOCOL_MINOR = 31  # what this module speaks: max_pages, no-open, no-opendir, cached symlinks
+OLDEST_MINOR = 23  # 64-byte INIT reply; older features (no-open, max_pages) are used only when offered
 MAX_PAGES_WANTED = 256  # 1 MiB READs
 MAX_WRITE = 4096  # read-only: only bounds the request buffer the kernel insists on
 REQUEST_BUFFER = 68 * 1024  # a lookup name, an xattr name; SETXATTR values beyond it fail E2BIG (read-only anyway)
@@ -341,16 +342,17 @@ class WireFs(CimFs):
                 self._reply(fd, unique, errno.EIO, b"")
                 continue
             major, minor, max_readahead, flags = INIT_IN.unpack_from(buf, IN_HEADER.size)
-            if major < 7 or (major == 7 and minor < PROTOCOL_MINOR):
+            if major < 7 or (major == 7 and minor < OLDEST_MINOR):
                 self._reply(fd, unique, errno.EPROTO, b"")
-                raise OSError(errno.EPROTO, f"FUSE protocol {major}.{minor} is older than 7.{PROTOCOL_MINOR}")
+                raise OSError(errno.EPROTO, f"FUSE protocol {major}.{minor} is older than 7.{OLDEST_MINOR}")
             if major > 7:  # the kernel then sends INIT again, in our version
                 self._reply(fd, unique, 0, INIT_OUT.pack(7, PROTOCOL_MINOR, 0, 0, 0, 0, 0, 0, 0, 0, 0, *[0] * 7))
                 continue
             self._no_open = bool(flags & NO_OPEN_SUPPORT)
             self._no_opendir = bool(flags & NO_OPENDIR_SUPPORT)
             want = flags & (ASYNC_READ | EXPORT_SUPPORT | DO_READDIRPLUS | PARALLEL_DIROPS | MAX_PAGES | CACHE_SYMLINKS)
-            self._reply(fd, unique, 0, INIT_OUT.pack(7, PROTOCOL_MINOR, max_readahead, want, 16, 12, MAX_WRITE, 1,
+            minor = min(minor, PROTOCOL_MINOR)
+            self._reply(fd, unique, 0, INIT_OUT.pack(7, minor, max_readahead, want, 16, 12, MAX_WRITE, 1,
                                                      MAX_PAGES_WANTED, 0, 0, *[0] * 7))
             return
 
@@ -382,6 +384,8 @@ class WireFs(CimFs):
                 if e.errno == errno.ENODEV:
                     return
                 raise
+            if n < IN_HEADER.size:
+                return  # end of stream (only a socket standing in for /dev/fuse does that)
             _, opcode, unique, nodeid = IN_HEADER.unpack_from(buf)[:4]
             if counts is not None:
                 counts[opcode] = counts.get(opcode, 0) + 1
