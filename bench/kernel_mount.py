@@ -12,6 +12,13 @@ Measures, alternating the contenders within every run and reporting medians:
   on SRC itself; warm (each contender's tree read once before the timed
   runs) and cold (page cache dropped before each timed run).
 
+``--fuse`` instead compares the FUSE engine (``cimfs mount``) with
+``squashfuse`` (no root needed): ``tar cf - .`` through a fresh mount (the
+image files in the page cache, the mount new: the daemon serves every
+request) and a second tar on that mount ("warm"), contenders alternated,
+with the wall time, the daemon's CPU time (``/proc/PID/stat``) and tar's.
+``CIMFS_FUSE_LOOP=pyfuse3`` in the environment measures pyfuse3's loop.
+
 Prints a Markdown table; ``--out FILE`` writes it there too.
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -48,13 +56,112 @@ def tree_bytes(d: str, prefix: str = "") -> int:
     return sum(os.path.getsize(os.path.join(d, n)) for n in os.listdir(d) if n.startswith(prefix))
 
 
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tar_measured(d: str) -> tuple[float, float]:
+    """(wall, CPU of tar and cat) of ``tar cf - . | cat > /dev/null`` in ``d``."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    subprocess.run(["sh", "-c", "tar cf - . 2>/dev/null | cat > /dev/null"], cwd=d, check=True)
+    wall = time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
+def fuse_main(a, work: str, env: dict) -> str:
+    """The FUSE engine against squashfuse: tar through fresh and warm mounts."""
+    img_dir, sq = os.path.join(work, "img"), os.path.join(work, "sq.img")
+    image = os.path.join(img_dir, "i.cim")
+    if not os.path.exists(image):
+        os.makedirs(img_dir, exist_ok=True)
+        subprocess.run(CIMFS + ["create", a.src, image], check=True, env=env, stdout=subprocess.DEVNULL)
+    if not os.path.exists(sq):
+        subprocess.run(["mksquashfs", a.src, sq, "-noI", "-noD", "-noF", "-noX", "-no-xattrs", "-noappend",
+                        "-no-progress", "-quiet"], check=True)
+    for f in [sq] + [os.path.join(img_dir, n) for n in os.listdir(img_dir)]:
+        subprocess.run(["cat", f], check=True, stdout=subprocess.DEVNULL)  # both images start in the page cache
+    mnt = os.path.join(work, "fm")
+    os.makedirs(mnt, exist_ok=True)
+
+    def cimfs_mount():
+        before = {int(p) for p in os.listdir("/proc") if p.isdigit()}
+        subprocess.run(CIMFS + ["mount", image, mnt], check=True, env=env, stdout=subprocess.DEVNULL)
+        for p in sorted({int(p) for p in os.listdir("/proc") if p.isdigit()} - before):
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    if b"cimfs.mount.daemon" in f.read():
+                        return p, lambda: subprocess.run(CIMFS + ["umount", mnt], check=True, env=env)
+            except OSError:
+                continue
+        raise RuntimeError("no cimfs mount daemon found")
+
+    def squashfuse_mount():
+        proc = subprocess.Popen(["squashfuse", "-f", sq, mnt])
+        for _ in range(400):
+            if os.path.ismount(mnt):
+                break
+            time.sleep(0.05)
+
+        def stop():
+            subprocess.run(["fusermount3", "-u", mnt], check=True)
+            proc.wait()
+        return proc.pid, stop
+
+    contenders = {"cimfs mount": cimfs_mount, "squashfuse": squashfuse_mount}
+    rows: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for r in range(a.runs):
+        order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
+        for name in order:
+            pid, stop = contenders[name]()
+            try:
+                for state in ("fresh", "warm"):
+                    c0 = _cpu_s(pid)
+                    wall, client = _tar_measured(mnt)
+                    rows.setdefault((name, state), []).append((wall, _cpu_s(pid) - c0, client))
+            finally:
+                stop()
+            w, d, c = rows[(name, "fresh")][-1]
+            print(f"run {r} {name}: fresh wall {w:.2f} s daemon {d:.2f} s tar {c:.2f} s; warm wall "
+                  f"{rows[(name, 'warm')][-1][0]:.2f} s; load {os.getloadavg()[0]:.1f}", flush=True)
+    load = os.getloadavg()
+    out = [f"Source: `{a.src}`; {a.runs} alternating runs, medians (ratios: median of the per-run ratios); "
+           f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} CPUs; "
+           f"request loop: {os.environ.get('CIMFS_FUSE_LOOP') or 'wire'}.", "",
+           "| tar through the mount | cimfs wall | squashfuse wall | ratio (wall) | cimfs daemon CPU | squashfuse CPU "
+           "| ratio (daemon CPU) | tar+cat CPU (cimfs / squashfuse) |", "|---|---|---|---|---|---|---|---|"]
+    for state in ("fresh", "warm"):
+        c, s_ = rows[("cimfs mount", state)], rows[("squashfuse", state)]
+        med = statistics.median
+        out.append(f"| {state} | {med(x[0] for x in c):.2f} s | {med(x[0] for x in s_):.2f} s "
+                   f"| {med(x[0] / y[0] for x, y in zip(c, s_)):.2f} | {med(x[1] for x in c):.2f} s "
+                   f"| {med(x[1] for x in s_):.2f} s | {med(x[1] / max(y[1], 0.01) for x, y in zip(c, s_)):.2f} "
+                   f"| {med(x[2] for x in c):.2f} / {med(x[2] for x in s_):.2f} s |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--src", default=sysconfig.get_paths()["stdlib"])
     p.add_argument("--work", default=None)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out")
+    p.add_argument("--fuse", action="store_true", help="the FUSE engine against squashfuse (tar, fresh and warm)")
     a = p.parse_args()
+    if a.fuse:
+        work = a.work or tempfile.mkdtemp(prefix="cimfs-fbench-")
+        env = dict(os.environ, CIMFS_RUNTIME_DIR=os.path.join(work, "run"))
+        text = fuse_main(a, work, env)
+        print(text)
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(text)
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     if os.geteuid() != 0:
         sys.exit("kernel_mount.py: the kernel engine (and drop_caches) need root")
     work = a.work or tempfile.mkdtemp(prefix="cimfs-kbench-")

@@ -3,6 +3,7 @@ source tree and with the library reader."""
 
 import errno
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -121,7 +122,10 @@ def posix_image(tmp_path_factory):
     return src, root / "img.cim"
 
 
-def test_tree_matches_source_and_reader(posix_image, mounted):
+@pytest.mark.parametrize("loop", ["wire", "pyfuse3"])
+def test_tree_matches_source_and_reader(posix_image, mounted, monkeypatch, loop):
+    if loop == "pyfuse3":
+        monkeypatch.setenv("CIMFS_FUSE_LOOP", "pyfuse3")  # pyfuse3's request loop instead of mount/wire.py
     src, image = posix_image
     mnt = mounted(image)
     with cimfs.open(image) as im:
@@ -150,6 +154,90 @@ def test_tree_matches_source_and_reader(posix_image, mounted):
     assert (mnt / "ünïcödé 😀.TXT").read_text() == "unicode"
     assert "Ünïcödé 😀.txt" in os.listdir(mnt)
     assert os.statvfs(mnt).f_blocks > 0
+
+
+def test_small_files_read_in_listing_order_are_pushed_ahead_exactly(tmp_path, mounted, monkeypatch):
+    """A reader walking a directory's small files in listing order gets most of
+    them from the page cache, pushed ahead by the daemon: fewer READ requests
+    than files, and every byte as stored; a large file is read as usual."""
+    rng = random.Random(5)
+    contents = {f"f{i:03}": rng.randbytes(rng.randrange(1, 20000)) for i in range(200)}
+    contents["zbig"] = rng.randbytes(600_000)
+    contents["empty"] = b""
+    with cimfs.create(tmp_path, "p.cim") as w:
+        w.mkdir("d")
+        for name, data in contents.items():
+            w.add_file(f"d/{name}", data)
+    stats = tmp_path / "stats.json"
+    monkeypatch.setenv("CIMFS_FUSE_STATS", str(stats))
+    mnt = mounted(tmp_path / "p.cim")
+    names = os.listdir(mnt / "d")
+    assert sorted(names) == sorted(contents)
+    for name in names:
+        assert (mnt / "d" / name).read_bytes() == contents[name], name
+    for name in random.Random(6).sample(names, 50):  # again, in another order
+        assert (mnt / "d" / name).read_bytes() == contents[name], name
+    cmount.unmount(mnt)
+    reads = json.loads(stats.read_text())["opcodes"].get("15", 0)  # FUSE_READ
+    assert 0 < reads < 50
+
+
+def test_wire_protocol_over_a_socket_with_an_older_kernel(tmp_path):
+    """The request loop speaks FUSE over any message socket: INIT from a kernel
+    without no-open support (protocol 7.26) gets that minor and only offered
+    flags; OPEN is then answered (keep_cache), and LOOKUP, GETATTR, READ, a
+    missing name, a write and an unknown opcode get their replies."""
+    import socket
+
+    from cimfs.mount import wire
+
+    with cimfs.create(tmp_path, "w.cim") as w:
+        w.add_file("hello", b"hello wire")
+    image = cimfs.open(tmp_path / "w.cim")
+    fs = wire.WireFs(image)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    def ask(opcode, unique, nodeid, body=b""):
+        ours.send(wire.IN_HEADER.pack(wire.IN_HEADER.size + len(body), opcode, unique, nodeid, 0, 0, 0, 0, 0) + body)
+
+    def answer(unique):
+        out = ours.recv(1 << 16)
+        length, err, got = wire.OUT_HEADER.unpack_from(out)
+        assert got == unique and length == len(out)
+        return err, out[wire.OUT_HEADER.size:]
+
+    offered = wire.ASYNC_READ | wire.DO_READDIRPLUS | (1 << 1)  # (1 << 1): POSIX locks, not wanted
+    ask(wire.INIT, 1, 0, wire.INIT_IN.pack(7, 26, 131072, offered) + bytes(48))
+    fs.handshake(theirs.fileno())
+    err, body = answer(1)
+    assert err == 0 and struct.unpack_from("<IIII", body) == (7, 26, 131072, wire.ASYNC_READ | wire.DO_READDIRPLUS)
+    loop = threading.Thread(target=fs.serve_requests, args=(theirs.fileno(),))
+    loop.start()
+    try:
+        ask(wire.LOOKUP, 2, 1, b"HELLO\0")  # case-insensitive, as stored names are
+        err, entry = answer(2)
+        ino = struct.unpack_from("<Q", entry)[0]
+        assert err == 0 and ino > 1 and struct.unpack_from("<Q", entry, wire.ENTRY_PREFIX.size + 8)[0] == 10
+        ask(wire.GETATTR, 3, ino, bytes(16))
+        err, attr = answer(3)
+        assert err == 0 and stat.S_ISREG(struct.unpack_from("<I", attr, wire.ATTR_OUT_PREFIX.size + 60)[0])
+        ask(wire.OPEN, 4, ino, bytes(8))
+        assert answer(4) == (0, wire.OPEN_OUT.pack(0, wire.FOPEN_KEEP_CACHE, 0))
+        ask(wire.READ, 5, ino, wire.READ_IN.pack(0, 6, 100) + bytes(20))
+        assert answer(5) == (0, b"wire")
+        ask(wire.LOOKUP, 6, 1, b"missing\0")
+        err, entry = answer(6)
+        assert err == 0 and struct.unpack_from("<Q", entry)[0] == 0  # a negative entry the kernel may keep
+        ask(wire.MKDIR, 7, 1, bytes(8) + b"d\0")
+        assert answer(7) == (-errno.EROFS, b"")
+        ask(99, 8, 1)
+        assert answer(8) == (-errno.ENOSYS, b"")
+    finally:
+        ours.close()
+        loop.join(timeout=10)
+        theirs.close()
+        image.close()
+    assert not loop.is_alive()
 
 
 def test_read_only(posix_image, mounted):

@@ -50,6 +50,7 @@ def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, a
     import pyfuse3  # optional dependency (cimfs[mount]), as are trio and .fs, which needs both
 
     from .fs import CimFs, Options  # optional dependency: pyfuse3
+    from .wire import WireFs  # optional dependency: it serves a mount pyfuse3 made
 
     try:
         image = open_image(cim_path, storage_options, cache_dir=cache_dir)
@@ -62,7 +63,7 @@ def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, a
             for index in range(len(image.region_names)):
                 image._region(index)
             shutil.rmtree(remove_dir, ignore_errors=True)
-        fs = CimFs(image, Options(uid, gid, umask))
+        fs = (CimFs if os.environ.get(LOOP_ENV) == "pyfuse3" else WireFs)(image, Options(uid, gid, umask))
         # The root and its listing must be readable before anything is mounted.
         fs.entry(image.root_id)
         for _entry in image.scandir(image.root_id):
@@ -81,7 +82,14 @@ def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, a
     except Exception as e:  # noqa: BLE001 - libfuse printed its own reason on stderr
         image.close()
         raise CimError(E_FAIL, f"cannot mount (is it an existing directory, is /dev/fuse usable? {e})", mountpoint) from None
+    _prepared[id(image)] = fs
     return image, fs
+
+
+#: ``CIMFS_FUSE_LOOP=pyfuse3`` serves requests with pyfuse3's trio loop instead
+#: of answering them on /dev/fuse (:mod:`cimfs.mount.wire`): for comparison.
+LOOP_ENV = "CIMFS_FUSE_LOOP"
+_prepared: dict = {}  # id(image) -> the file system prepare() made for it, until serve() takes it
 
 
 #: Kernel read-ahead for the mount (the FUSE default is 128 KiB).  Sequential
@@ -138,8 +146,76 @@ def raise_read_ahead(resolved_mountpoint: str, kb: int = READ_AHEAD_KB) -> bool:
 def serve(image, volume_id, mountpoint: str) -> None:
     """Serve the mount until it is unmounted or a signal arrives, then clean up."""
     import pyfuse3  # optional dependency (cimfs[mount])
+
+    from .wire import WireFs, fuse_fd  # optional dependency: it serves a mount pyfuse3 made
+
+    fs = _prepared.pop(id(image), None)
+    unmounted = False
+    try:
+        fd = fuse_fd() if isinstance(fs, WireFs) else None
+        if fd is not None:
+            unmounted = _serve_wire(fs, fd, image, mountpoint)
+        else:
+            unmounted = _serve_pyfuse3(fs, mountpoint)
+    finally:
+        try:
+            pyfuse3.close(unmount=not unmounted)
+        finally:
+            remove_entry(volume_id)
+            image.close()
+
+
+def _serve_wire(fs, fd: int, image, mountpoint: str) -> bool:
+    """Answer the kernel on ``fd`` (:class:`cimfs.mount.wire.WireFs`); True once the mount is gone."""
+    import subprocess  # start-up time: only the daemon's request loop needs these
+    import threading  # start-up time: as above
+
+    from .wire import THREADS, THREADS_REMOTE  # optional dependency: as in serve()
+
+    stopped = threading.Event()
+    signalled = []
+
+    def on_signal(signum, frame):
+        signalled.append(signum)
+        stopped.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        pool = fs.run(fd, THREADS_REMOTE if getattr(image, "storage", None) is not None else THREADS, stopped)
+        threading.Thread(target=_tune_read_ahead_blocking, args=(mountpoint,), daemon=True).start()
+        while not stopped.wait(1.0):
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if not signalled:
+        # The kernel ended the session (unmounted), or a request loop failed
+        # (then the unmount below ends the others).
+        return not any(t.is_alive() for t in pool)
+    # Detach the mount so every loop's read ends (ENODEV) before libfuse closes the descriptor.
+    subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, check=False)
+    for t in pool:
+        t.join(timeout=5.0)
+    return True
+
+
+def _tune_read_ahead_blocking(mountpoint: str) -> None:
+    resolved = os.path.realpath(mountpoint)
+    try:
+        os.stat(resolved)  # returns once INIT was answered
+    except OSError:
+        return
+    raise_read_ahead(resolved)
+
+
+def _serve_pyfuse3(fs, mountpoint: str) -> bool:
+    import pyfuse3  # optional dependency (cimfs[mount])
     import trio  # optional dependency (cimfs[mount])
 
+    from . import opstats  # start-up time: only this loop counts requests here
+
+    if fs is not None:
+        opstats.install(fs)
     unmounted_by_kernel = False
 
     async def run():
@@ -160,12 +236,7 @@ def serve(image, volume_id, mountpoint: str) -> None:
         trio.run(run)
     except KeyboardInterrupt:
         pass
-    finally:
-        try:
-            pyfuse3.close(unmount=not unmounted_by_kernel)
-        finally:
-            remove_entry(volume_id)
-            image.close()
+    return unmounted_by_kernel
 
 
 def _write_line(fd: int, line: str) -> None:
