@@ -31,10 +31,11 @@ import os
 import stat as S
 import struct
 import threading
+from typing import Any
 
 import pyfuse3
 
-from .. import CimError, CimFormatError
+from ..errors import CimError, CimFormatError
 from . import opstats
 from .fs import CACHE_SECONDS, PUSH_MAX, CimFs
 from .view import fs_name as _fs_name
@@ -291,7 +292,8 @@ class WireFs(CimFs):
             if not last < i <= max(last, pushed) + PUSH_SLACK or pushed >= i + PUSH_FILES // 2:
                 return []
         pushed, entries = walk[1], self._listing(d)
-        out, total, j = [], 0, max(pushed, i) + 1
+        out: list[tuple[int, Any, int]] = []  # (inode, stream descriptor, size) of each file pushed
+        total, j = 0, max(pushed, i) + 1
         while j < len(entries) and len(out) < PUSH_FILES and total < PUSH_BYTES:
             child = entries[j][1]
             j += 1
@@ -392,7 +394,8 @@ class WireFs(CimFs):
             if opcode in _NO_REPLY:
                 continue
             arg = req[IN_HEADER.size:n]
-            err, payload, push = 0, b"", None
+            err, push = 0, None
+            payload: bytes | memoryview = b""
             try:
                 if opcode == READ:
                     _, off, size = READ_IN.unpack_from(arg)
