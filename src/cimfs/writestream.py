@@ -17,7 +17,7 @@ from .writetree import _with_stream
 
 if TYPE_CHECKING:
     from .store import RegionWriter
-    from .writer import ImageWriter
+    from .writeedit import TreeEditing
     from .writetree import _Node
 
 
@@ -25,7 +25,7 @@ class StreamWriter:
     """The open stream of a file or alternate stream: its size is fixed at creation,
     bytes arrive in order, and unwritten ranges read as zeros."""
 
-    def __init__(self, image: "ImageWriter", node: _Node, stream_name: str | None, size: int, path: str):
+    def __init__(self, image: TreeEditing, node: _Node, stream_name: str | None, size: int, path: str):
         self._image = image
         self._node = node
         self._stream_name = stream_name
