@@ -96,7 +96,7 @@ def test_the_order_data_processes_finish_in_changes_nothing(tmp_path, monkeypatc
     finishes first."""
     import time
 
-    from cimfs import store
+    from cimfs import dataprocess
 
     src = tmp_path / "src"
     make_source(str(src))
@@ -109,8 +109,8 @@ def test_the_order_data_processes_finish_in_changes_nothing(tmp_path, monkeypatc
             return original(*args, **kw)
         return copy
 
-    monkeypatch.setattr(store, "read_small_source", slowed(store.read_small_source, 1))
-    monkeypatch.setattr(store, "copy_content", slowed(store.copy_content, 4))
+    monkeypatch.setattr(dataprocess, "read_small_source", slowed(dataprocess.read_small_source, 1))
+    monkeypatch.setattr(dataprocess, "copy_content", slowed(dataprocess.copy_content, 4))
     assert build(tmp_path / "img-slow", src, data_process=2) == expected
 
 

@@ -24,7 +24,9 @@ from cimfs.names import NameFolder
 # The library's own modules no start-up may load, and the standard or extra
 # modules that cost a millisecond or more each (or load OpenSSL, ctypes, fork
 # machinery) -- what the heavy commands need, not what --version needs.
-HEAVY_CIMFS = ["cimfs.reader", "cimfs.writer", "cimfs.store", "cimfs.commit", "cimfs.merged", "cimfs.win32",
+HEAVY_CIMFS = ["cimfs.reader", "cimfs.writer", "cimfs.writetree", "cimfs.writeedit", "cimfs.writefiles",
+               "cimfs.writestream", "cimfs.store", "cimfs.storeregions", "cimfs.parentindex", "cimfs.storecopy",
+               "cimfs.dataprocess", "cimfs.commit", "cimfs.merged", "cimfs.win32",
                "cimfs.tools", "cimfs.remote", "cimfs.oci.store", "cimfs.oci.sources", "cimfs.winlayer", "cimfs.mount", "cimfs.erofs",
                "cimfs.posix.extract", "cimfs.posix.entries", "cimfs.posix.filewriters", "cimfs.posix.importer",
                "cimfs.posix.scan", "cimfs.posix.tar",

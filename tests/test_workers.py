@@ -6,7 +6,7 @@ import os
 import pytest
 
 import cimfs
-from cimfs import CimError, store, workers
+from cimfs import CimError, dataprocess, store, workers
 
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -81,7 +81,7 @@ def test_abandon_kills_and_reaps():
 def test_a_data_process_that_dies_fails_the_image(tmp_path, monkeypatch):
     if not store.DataProcess.available():
         pytest.skip("no data process here")
-    monkeypatch.setattr(store, "_data_process_main", lambda *args: os._exit(3))
+    monkeypatch.setattr(dataprocess, "_data_process_main", lambda *args: os._exit(3))
     src = tmp_path / "f"
     src.write_bytes(os.urandom(100_000))
     (tmp_path / "img").mkdir()
