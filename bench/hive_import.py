@@ -165,7 +165,7 @@ def one(mode: str, work: str) -> dict:
             with regf.open_hive(os.path.join(work, f"{h}_BASE")) as hv:
                 for _, k in hv.walk():
                     for v in k.values():
-                        v.data
+                        _ = v.data
         elapsed = time.perf_counter() - t0
     else:
         raise SystemExit(f"unknown mode {mode}")

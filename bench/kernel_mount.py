@@ -167,7 +167,6 @@ def main() -> int:
     work = a.work or tempfile.mkdtemp(prefix="cimfs-kbench-")
     env = dict(os.environ, CIMFS_CACHE_DIR=os.path.join(work, "cache"), CIMFS_RUNTIME_DIR=os.path.join(work, "run"))
     img_dir, sq = os.path.join(work, "img"), os.path.join(work, "sq.img")
-    rows: list[tuple[str, str, float, str]] = []
     times: dict[str, list[float]] = {}
 
     def note(key, t):

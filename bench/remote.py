@@ -20,7 +20,6 @@ Prints a Markdown table (paste into bench/NOTES.md).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess

@@ -11,16 +11,16 @@ import shutil
 import signal
 import struct
 import subprocess
-import tarfile
 import sys
 import traceback
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cimfs
-from cimfs import CimError, CimFormatError, FileAttributes as A, FileMetadata
-from cimfs import errors
+from cimfs import CimError, CimFormatError, FileMetadata, errors
+from cimfs import FileAttributes as A
 from cimfs.layout import cim, ntfs
 from cimfs.reader import find_region_file
 

@@ -15,13 +15,12 @@ import uuid
 import pytest
 
 import cimfs
-from cimfs import FileAttributes as A, FileMetadata
-from cimfs import erofs
+from cimfs import FileAttributes as A
+from cimfs import FileMetadata, erofs
+from cimfs import mount as cmount  # noqa: E402
+from cimfs.errors import E_INVALIDARG, ERROR_ALREADY_EXISTS, ERROR_FILE_NOT_FOUND
 from cimfs.layout import erofs as L
 from cimfs.layout import ntfs
-from cimfs.errors import E_INVALIDARG, ERROR_ALREADY_EXISTS, ERROR_FILE_NOT_FOUND
-
-from cimfs import mount as cmount  # noqa: E402
 from cimfs.mount import _newmount, kernel  # noqa: E402
 
 FSCK = shutil.which("fsck.erofs")
@@ -86,7 +85,7 @@ def mounted(tmp_path):
     def do_mount(image, **kw):
         mnt = tmp_path / f"mnt{len(live)}"
         mnt.mkdir()
-        vid = cmount.mount(image, mnt, **kw)
+        cmount.mount(image, mnt, **kw)
         live.append(mnt)
         return mnt
 
@@ -459,6 +458,7 @@ def test_second_mount_builds_nothing_and_cli_umount(kinds_image, tmp_path):
     _, image = kinds_image
     mnt = tmp_path / "m"
     mnt.mkdir()
+    first = None
     for round_ in range(2):
         out = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", "--kernel", str(image), str(mnt)],
                              capture_output=True, text=True)

@@ -10,11 +10,10 @@ import sys
 import tarfile
 
 import pytest
+from test_winlayer import D, Entry, F, assert_same_images, write_tar
 
 import cimfs
-from cimfs import CimError, FileMetadata
-from cimfs import tools, winlayer
-from test_winlayer import D, F, Entry, assert_same_images, write_tar
+from cimfs import CimError, FileMetadata, tools, winlayer
 
 E_INVALIDARG = 0x80070057
 E_NOTIMPL = 0x80004001
@@ -430,8 +429,9 @@ def test_failed_merged_view_names_the_users_source(tmp_path, monkeypatch):
     """Issue 22 item 17: a source damaged where the merge reads it is named
     by the path the user gave, never by the private (and already removed)
     ``merged-XXXX/layerN.cim`` that stood for it."""
-    from cimfs import mount as cmount
     from test_hostile import Patch
+
+    from cimfs import mount as cmount
 
     registry = tmp_path / "registry"
     monkeypatch.setenv("CIMFS_RUNTIME_DIR", str(registry))

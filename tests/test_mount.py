@@ -17,16 +17,17 @@ import uuid
 import pytest
 
 import cimfs
-from cimfs import FileAttributes as A, FileMetadata
+from cimfs import FileAttributes as A
+from cimfs import FileMetadata
 from cimfs.layout import ntfs
 
 pyfuse3 = pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed (scripts/install-system-deps.sh + the mount extra)")
 if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
     pytest.skip("no /dev/fuse or fusermount3 on this machine", allow_module_level=True)
 
-from cimfs import mount as cmount  # noqa: E402
 from test_hostile import _linked_twice  # noqa: E402
 
+from cimfs import mount as cmount  # noqa: E402
 
 _TAG = None  # this test's tmp_path: daemons of other users of the machine are not ours
 
@@ -398,7 +399,7 @@ def test_damaged_file_gives_eio_and_the_mount_stays_up(tmp_path, mounted):
         rec = im.record(im.lookup("bad"))
         t = im.file_tables[(im.lookup("bad") - 1) // 1024]
         slot = (im.lookup("bad") - 1) % 1024
-        idx, off = rec.stream.offset >> 48, (t.offset & ((1 << 48) - 1)) + slot * t.entry_size
+        _, off = rec.stream.offset >> 48, (t.offset & ((1 << 48) - 1)) + slot * t.entry_size
         region = im.region_names[t.offset >> 48][0]
     # make the stream claim far more bytes than its region holds
     with open(tmp_path / region, "r+b") as f:

@@ -24,10 +24,12 @@ from cimfs import (
     CimGetFileStatBasicInformation,
     CimReadFile,
     CimWriteStream,
-    FileAttributes as A,
     FileMetadata,
+    errors,
 )
-from cimfs import errors
+from cimfs import (
+    FileAttributes as A,
+)
 from cimfs.layout import ntfs
 
 E_NOTIMPL = 0x80004001

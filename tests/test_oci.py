@@ -368,8 +368,8 @@ def test_hard_link_across_layers_survives_export(tmp_path):
     oci.export_image(str(store), "test:1.0", str(tmp_path / "out"))
     # the second layer's tar holds link entries, not a second copy of the data
     import gzip
-    import tarfile
     import io
+    import tarfile
     index = json.load(open(tmp_path / "out" / "index.json"))
     manifest = json.load(open(_blob(tmp_path / "out", index["manifests"][0]["digest"])))
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(open(_blob(tmp_path / "out", manifest["layers"][1]["digest"]), "rb").read()))) as tf:

@@ -8,7 +8,8 @@ import stat as S
 import tarfile
 
 import pytest
-from hypothesis import assume, given, strategies as st
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from cimfs import posix
 from cimfs.errors import CimError

@@ -20,10 +20,12 @@ fsspec = pytest.importorskip("fsspec", reason="the remote extra (fsspec) is not 
 pytest.importorskip("s3fs", reason="s3fs is not installed (the test extra)")
 pytest.importorskip("moto.server", reason="moto[server] is not installed (the test extra)")
 
-import cimfs  # noqa: E402
-from cimfs import FileAttributes as A, FileMetadata  # noqa: E402
-from cimfs.fsspec_cim import CimFileSystem, ReadOnlyError  # noqa: E402
 from remote_servers import RangeHTTPServer, S3Server, stop_fsspec_io  # noqa: E402
+
+import cimfs  # noqa: E402
+from cimfs import FileAttributes as A  # noqa: E402
+from cimfs import FileMetadata  # noqa: E402
+from cimfs.fsspec_cim import CimFileSystem, ReadOnlyError  # noqa: E402
 
 BIG = 3 << 20 | 12345
 

@@ -18,9 +18,10 @@ fsspec = pytest.importorskip("fsspec", reason="the remote extra (fsspec) is not 
 pytest.importorskip("s3fs", reason="s3fs is not installed (the test extra)")
 pytest.importorskip("moto.server", reason="moto[server] is not installed (the test extra)")
 
-import cimfs  # noqa: E402
 from remote_servers import RangeHTTPServer, S3Server, stop_fsspec_io  # noqa: E402
 from test_remote import build_image  # noqa: E402
+
+import cimfs  # noqa: E402
 
 CHANGED = "changed while being read"
 

@@ -20,11 +20,12 @@ pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed (scripts/install
 if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
     pytest.skip("no /dev/fuse or fusermount3 on this machine", allow_module_level=True)
 
-import cimfs  # noqa: E402
-from cimfs import mount as cmount  # noqa: E402
 from remote_servers import S3Server, stop_fsspec_io  # noqa: E402
 from test_mount import daemons  # noqa: E402
 from test_remote import BIG, build_image, stored_bytes  # noqa: E402
+
+import cimfs  # noqa: E402
+from cimfs import mount as cmount  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -137,11 +137,12 @@ def test_every_public_name_of_cimfs():
         assert getattr(cimfs, name) is getattr(module, name), name
         assert name in dir(cimfs)
     assert set(cimfs.__all__) == set(cimfs._MODULE_OF)
-    from cimfs import CimWriteStream, open as cim_open  # noqa: F401
+    from cimfs import CimWriteStream  # noqa: F401
+    from cimfs import open as cim_open
     assert cim_open is cimfs.open
     assert cimfs.posix.fold("abc") == "ABC"  # a submodule by attribute, as when __init__ imported everything
     with pytest.raises(AttributeError):
-        cimfs.no_such_name
+        _ = cimfs.no_such_name
     with pytest.raises(ImportError):
         from cimfs import no_such_name  # noqa: F401
 
@@ -156,7 +157,7 @@ def test_every_name_of_posix():
     from cimfs.posix.extract import Extractor as direct
     assert Extractor is direct
     with pytest.raises(AttributeError):
-        posix.no_such_name
+        _ = posix.no_such_name
 
 
 def _full_map(table: bytes) -> dict[int, int]:

@@ -19,10 +19,12 @@ from cimfs import (
     CimDeletePath,
     CimError,
     CimWriteStream,
-    FileAttributes as A,
     FileMetadata,
+    errors,
 )
-from cimfs import errors
+from cimfs import (
+    FileAttributes as A,
+)
 
 
 def hresult_of(fn, *args):

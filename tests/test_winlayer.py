@@ -13,11 +13,12 @@ import struct
 import tarfile
 
 import pytest
-from hypothesis import given, settings, strategies as hs
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 import cimfs
-from cimfs import CimError, FileAttributes as A
-from cimfs import winlayer
+from cimfs import CimError, winlayer
+from cimfs import FileAttributes as A
 
 EPOCH = 116444736000000000
 
@@ -481,7 +482,7 @@ def test_import_layers_builds_a_fork_chain(tmp_path):
         assert b.read_bytes("Files\\two") == b"2" and not c.exists("Files\\two")
         assert c.read_bytes("Files\\three") == b"3" and c.read_bytes("Files\\keep\\a.txt") == b"a"
         # each is a fork of the one below: its parent sets are the lower layers' sets
-        ia, ib, ic = a.info(), b.info(), c.info()
+        ib, ic = b.info(), c.info()
         assert ic["parent_region_sets"][-1]["id"] == ib["region_set"]["id"] if isinstance(
             ic["parent_region_sets"][-1], dict) else True
         assert len(ic["parent_region_sets"]) == 2 and len(ib["parent_region_sets"]) == 1

@@ -8,7 +8,6 @@ import pytest
 import cimfs
 from cimfs import CimError, dataprocess, store, workers
 
-
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 
 

@@ -7,8 +7,8 @@ import random
 import pytest
 
 import cimfs
-from cimfs import CimError, FileAttributes as A, FileMetadata
-from cimfs import errors
+from cimfs import CimError, FileMetadata, errors
+from cimfs import FileAttributes as A
 
 SD = bytes.fromhex(
     "010004801400000024000000000000003000000001010000000000051200000001010000000000051200000002001c00"

@@ -20,18 +20,32 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names as type checkers and editors see them; at run time __getattr__ loads them
     from .errors import CimError, CimFormatError
+    from .merged import merge
     from .metadata import FileAttributes, FileMetadata, filetime_from_ns, filetime_to_ns
+    from .mount import CimDismountImage, CimMergeMountImage, CimMountImage
     from .names import fold_name
     from .reader import CimFile, DirEntry, Image, Stat, open
-    from .writer import ImageWriter, StreamWriter, create
-    from .merged import merge
-    from .mount import CimDismountImage, CimMergeMountImage, CimMountImage
     from .win32 import (
-        CimAddFsToMergedImage, CimAddFsToMergedImage2, CimCreateMergeLink, CimTombstoneFile,
-        CimCloseImage, CimCloseStream, CimCommitImage, CimCreateAlternateStream, CimCreateFile, CimCreateHardLink,
-        CimCreateFlags, CimCreateImage, CimCreateImage2, CimDeletePath, CimGetFileStatBasicInformation, CimReadFile,
-        FILE_STAT_BASIC_INFORMATION, CimWriteStream,
+        FILE_STAT_BASIC_INFORMATION,
+        CimAddFsToMergedImage,
+        CimAddFsToMergedImage2,
+        CimCloseImage,
+        CimCloseStream,
+        CimCommitImage,
+        CimCreateAlternateStream,
+        CimCreateFile,
+        CimCreateFlags,
+        CimCreateHardLink,
+        CimCreateImage,
+        CimCreateImage2,
+        CimCreateMergeLink,
+        CimDeletePath,
+        CimGetFileStatBasicInformation,
+        CimReadFile,
+        CimTombstoneFile,
+        CimWriteStream,
     )
+    from .writer import ImageWriter, StreamWriter, create
 
 __version__ = "0.1.0"
 

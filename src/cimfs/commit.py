@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .atomic import fsync_dir
 from .errors import E_INVALIDARG, ERROR_FILE_EXISTS, CimError

@@ -83,7 +83,7 @@ class _Inode:
 
     def __init__(self, fid: int):
         self.fid = fid
-        self.children: list[tuple[bytes, "_Inode"]] | None = None
+        self.children: list[tuple[bytes, _Inode]] | None = None
         self.data: bytes | None = None  # directory blocks or symlink target
         self.plan = _EMPTY
         self.blkaddr = 0

@@ -73,7 +73,9 @@ class CimFileSystem(AbstractArchiveFileSystem):
             if target_protocol in _LOCAL_PROTOCOLS and not is_url(fo):
                 self.image = Image(fo)
             elif target_protocol in _LOCAL_PROTOCOLS:
-                from .reader import open as open_image  # start-up time: fsspec imports this module to learn the protocol
+                from .reader import (
+                    open as open_image,  # start-up time: fsspec imports this module to learn the protocol
+                )
                 self.image = open_image(fo, target_options, cache_dir=cache_dir)
             else:
                 import fsspec  # optional dependency (cimfs[remote])

@@ -117,7 +117,7 @@ class NameFolder:
     spec §11 once BMP characters are mapped.
     """
 
-    _cache: dict[bytes, "NameFolder"] = {}
+    _cache: dict[bytes, NameFolder] = {}
 
     def __init__(self, table: bytes):
         units = array.array("H")
@@ -150,7 +150,7 @@ class NameFolder:
         return changed
 
     @classmethod
-    def for_table(cls, table: bytes) -> "NameFolder":
+    def for_table(cls, table: bytes) -> NameFolder:
         folder = cls._cache.get(table)
         if folder is None:
             folder = cls._cache[bytes(table)] = cls(table)

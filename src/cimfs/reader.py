@@ -15,7 +15,7 @@ summary :mod:`cimfs.imagecheck`, each mixed into :class:`Image`.
 from __future__ import annotations
 
 import bisect
-import io
+import builtins
 import os
 import threading
 from collections import OrderedDict
@@ -157,7 +157,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
             self.name = os.path.basename(self.path)
             fd = _open_regular(self.path, "image", is_image=True)
             try:
-                with io.open(fd, "rb") as f:
+                with builtins.open(fd, "rb") as f:
                     raw = f.read(_MAX_FILESYSTEM_FILE)
             except OSError as e:
                 raise CimError(ERROR_FILE_NOT_FOUND, e.strerror or str(e), self.path) from None
@@ -297,7 +297,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
         if self.storage is not None:
             self.storage.close()
 
-    def __enter__(self) -> "Image":
+    def __enter__(self) -> Image:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -396,7 +396,7 @@ class RemoteStorage:
     def read_object(self, path: str) -> bytes:
         return self.fetch(path, 0, self.size(path)) if self.size(path) else b""
 
-    def open_region(self, name: str, what: str) -> "RemoteRegion":
+    def open_region(self, name: str, what: str) -> RemoteRegion:
         path = self.find(name)
         if path is None:
             raise CimFormatError(f"{what} is missing", self.url_of(self._beside(name)))

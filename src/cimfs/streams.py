@@ -53,7 +53,7 @@ class StreamReading:
         def _data(self, ro: int, length: int, what: str) -> bytes: ...
         def stream_descriptor(self, path: str | int, stream: str | None = None) -> cim.Stream: ...
 
-    def open(self, path: str | int, stream: str | None = None) -> "CimFile":
+    def open(self, path: str | int, stream: str | None = None) -> CimFile:
         desc = self.stream_descriptor(path, stream)
         return CimFile(self, desc, str(path))
 

@@ -8,15 +8,23 @@ import datetime as _dt
 import os
 import re
 import stat as S
-from typing import TYPE_CHECKING, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import cimfs
-from .atomic import fsync_dir
+
 from . import posix
+from .atomic import fsync_dir
+from .errors import (
+    E_INVALIDARG,
+    ERROR_FILE_NOT_FOUND,
+    ERROR_SHARING_VIOLATION,
+    CimError,
+    CimFormatError,
+    hresult_from_oserror,
+)
 from .layout import cim, ntfs
 from .names import split_stream  # noqa: F401  (lives with the path rules; callers import it here)
-from .errors import (E_INVALIDARG, ERROR_FILE_NOT_FOUND, ERROR_SHARING_VIOLATION, CimError, CimFormatError,
-                     hresult_from_oserror)
 
 if TYPE_CHECKING:  # annotations only
     from .reader import Stat

@@ -15,9 +15,9 @@ import operator
 import os
 from typing import TYPE_CHECKING, NamedTuple
 
+from . import merged
 from .errors import E_HANDLE, E_INVALIDARG, E_NOTIMPL, CimError
 from .metadata import FileMetadata
-from . import merged
 from .writer import ImageWriter, StreamWriter
 
 if TYPE_CHECKING:  # annotations only

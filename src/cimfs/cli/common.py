@@ -18,6 +18,7 @@ import sys
 import click
 
 import cimfs
+
 from ..errors import ERROR_FILE_NOT_FOUND, CimError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

@@ -14,13 +14,13 @@ commands (start-up time: the module is loaded whenever `cimfs hive` runs).
 from __future__ import annotations
 
 # Function-local imports in this module defer the library (start-up time), as the package docstring says.
-
 import os
 
 import click
 
 from ..errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError, hresult_from_oserror
 from .common import CONTEXT
+
 MAX_DEPTH = 512  # keys nested deeper than this are refused (as the reader's walk does)
 BRIEF = 60  # characters of a value's data shown by `hive ls`
 # Default .reg roots by hive file name (Hives\<X>_BASE / _DELTA, config\<X>).

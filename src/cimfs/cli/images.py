@@ -7,12 +7,12 @@ The library modules are imported inside the commands (start-up time, see
 from __future__ import annotations
 
 # Function-local imports: a command imports the library modules it uses (start-up time, cli/__init__.py).
-
 import os
 
 import click
 
 import cimfs
+
 from ..bulk import paused_gc
 from ..errors import ERROR_FILE_EXISTS, ERROR_FILE_NOT_FOUND, CimError
 from ..progress import Progress

@@ -8,7 +8,6 @@ The library modules are imported inside the commands (start-up time, see
 from __future__ import annotations
 
 # Function-local imports: a command imports the library modules it uses (start-up time, cli/__init__.py).
-
 import os
 
 import click

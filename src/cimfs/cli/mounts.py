@@ -7,7 +7,6 @@ FUSE binding is an optional dependency: the 'mount' extra; see :mod:`cimfs.cli`)
 from __future__ import annotations
 
 # Function-local imports: a command imports the library modules it uses (start-up time, cli/__init__.py).
-
 import click
 
 from ..errors import E_INVALIDARG, CimError

@@ -7,7 +7,6 @@ The library modules are imported inside the commands (start-up time, see
 from __future__ import annotations
 
 # Function-local imports: a command imports the library modules it uses (start-up time, cli/__init__.py).
-
 import contextlib
 import os
 import sys
@@ -135,6 +134,7 @@ def stat(image, path, as_json):
       cimfs stat layer.cim Files/Windows --json
     """
     import json
+
     from .. import tools
 
     path = _image_path_arg(path)
@@ -315,6 +315,7 @@ def export(image, out, fmt, independent):
       cimfs export layer.cim layer.tar.gz --format windows-layer
     """
     import tarfile
+
     from .. import posix
 
     if independent and fmt != "windows-layer":

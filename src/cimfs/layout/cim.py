@@ -8,11 +8,12 @@ them untrusted bytes.
 from __future__ import annotations
 
 import itertools
-import re
 import os
+import re
 import struct
 import uuid
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from ..errors import CimFormatError
 
@@ -381,7 +382,7 @@ _RECORD_SPARSE_BYTE = _RECORD_STREAM_AT + 8 + 7
 
 
 def record_with(packed: bytes, *, parent_file_id: int | None = None, stream_table_offset: int | None = None,
-                stream: "Stream | None" = None) -> bytes:
+                stream: Stream | None = None) -> bytes:
     """A packed file record with its parent FileID, stream table offset and/or
     default stream replaced (a million records are patched, not re-packed)."""
     buf = bytearray(packed)
@@ -429,7 +430,7 @@ def pack_directory_table(names: list[str], file_ids: list[int]) -> bytes:
     return pack_link_table(names, struct.pack(f"<{len(file_ids)}I", *file_ids))
 
 
-def pack_link_table(names: list[str], values: "list[bytes] | bytes") -> bytes:
+def pack_link_table(names: list[str], values: list[bytes] | bytes) -> bytes:
     """``names`` already in the image's sort order; ``values`` packed (4 or 16
     bytes each), as a list or already joined."""
     count = len(names)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from ..errors import E_INVALIDARG, CimError, CimFormatError
 
@@ -245,7 +245,7 @@ def pack_merge_dir_reparse(flags: int) -> bytes:
     return pack_reparse(IO_REPARSE_TAG_CIMFS_MERGE, CIMFS_MERGE_GUID + _U32.pack(MERGE_KIND_DIR) + _U32.pack(flags))
 
 
-def parse_merge_reparse(buf: bytes) -> tuple[int, "str | int"] | None:
+def parse_merge_reparse(buf: bytes) -> tuple[int, str | int] | None:
     """(MERGE_KIND_LINK, target) or (MERGE_KIND_DIR, flags) of a cimfs merge
     marker; None for any other reparse buffer.  A marker of ours that does
     not parse is a CimFormatError."""

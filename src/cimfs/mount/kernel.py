@@ -25,8 +25,17 @@ import uuid
 from ..errors import E_ACCESSDENIED, E_FAIL, E_INVALIDARG, ERROR_SHARING_VIOLATION, CimError
 from ..layout import erofs as L
 from . import _newmount
-from .kindex import INDEX_VERSION, cache_dir, ensure_index, ensure_merged_index  # noqa: F401 - the engine's public names
-from .kindex import Prepared, _open_cache_dir, _open_entry_file, _Untrusted, prepared
+from .kindex import (  # noqa: F401 - the engine's public names
+    INDEX_VERSION,
+    Prepared,
+    _open_cache_dir,
+    _open_entry_file,
+    _Untrusted,
+    cache_dir,
+    ensure_index,
+    ensure_merged_index,
+    prepared,
+)
 from .registry import KERNEL_FSTYPE as FSTYPE
 from .registry import _mounted, _unescape_mountinfo, remove_entry, write_entry_data
 from .registry import is_live_kernel_mount as is_live

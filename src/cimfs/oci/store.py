@@ -42,7 +42,6 @@ from ..progress import Progress
 from ..winlayer import hives
 from . import blobs, checked
 from .sources import open_source
-
 from .storefiles import JOURNAL_FILE, LAYERS_DIR, LOCK_FILE, REFS_FILE, STORE_VERSION, is_store
 
 

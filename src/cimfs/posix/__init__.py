@@ -54,15 +54,56 @@ _EXPORTS = {
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 if TYPE_CHECKING:  # the names as type checkers see them; at run time __getattr__ loads them
-    from .extract import SPARSE_BLOCK, ExtractReport, Extractor
+    from .extract import SPARSE_BLOCK, Extractor, ExtractReport
     from .importer import DirectoryImporter, Importer, check_output_outside, write_node
-    from .lx import (BLK, CHR, DIR, FIFO, FILE, FMT_OF_KIND, SOCK, SPECIAL_TAGS, SYMLINK, TAG_AF_UNIX, TAG_LX_BLK,
-                     TAG_LX_CHR, TAG_LX_FIFO, TAG_LX_SYMLINK, TAG_MOUNT_POINT, TAG_SYMLINK, PosixInfo,
-                     metadata_matches, node_metadata, plain_file_metadata, posix_info)
-    from .names import (FILETIME_UNIX_EPOCH, check_image_name, filetime_to_ns, fold, format_pax_time,
-                        name_from_image, name_to_image, ns_to_filetime, parse_pax_time)
-    from .scan import (CHUNK, TAR_READ_ERRORS, Node, Tree, free_name, members, open_node, open_tar,
-                       resolve_collision, scan_directory, scan_single, scan_tar)
+    from .lx import (
+        BLK,
+        CHR,
+        DIR,
+        FIFO,
+        FILE,
+        FMT_OF_KIND,
+        SOCK,
+        SPECIAL_TAGS,
+        SYMLINK,
+        TAG_AF_UNIX,
+        TAG_LX_BLK,
+        TAG_LX_CHR,
+        TAG_LX_FIFO,
+        TAG_LX_SYMLINK,
+        TAG_MOUNT_POINT,
+        TAG_SYMLINK,
+        PosixInfo,
+        metadata_matches,
+        node_metadata,
+        plain_file_metadata,
+        posix_info,
+    )
+    from .names import (
+        FILETIME_UNIX_EPOCH,
+        check_image_name,
+        filetime_to_ns,
+        fold,
+        format_pax_time,
+        name_from_image,
+        name_to_image,
+        ns_to_filetime,
+        parse_pax_time,
+    )
+    from .scan import (
+        CHUNK,
+        TAR_READ_ERRORS,
+        Node,
+        Tree,
+        free_name,
+        members,
+        open_node,
+        open_tar,
+        resolve_collision,
+        scan_directory,
+        scan_single,
+        scan_tar,
+    )
     from .tar import export_tar
 
 

@@ -18,13 +18,17 @@ import errno
 import functools
 import os
 import stat as S
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import cimfs
 
 from ..errors import E_INVALIDARG, ERROR_FILE_EXISTS, ERROR_INVALID_NAME, CimError
 from ..layout.cim import MAX_REGION_BYTE_OFFSET, REGION_HEADER, STREAM_TYPE_DATA
 from .lx import (
+    _FA_SPARSE_FILE,
+    _FLAG_READONLY,
+    _FLAG_SPARSE,
     BLK,
     CHR,
     FIFO,
@@ -32,9 +36,6 @@ from .lx import (
     SOCK,
     SYMLINK,
     PosixInfo,
-    _FA_SPARSE_FILE,
-    _FLAG_READONLY,
-    _FLAG_SPARSE,
     _lx_of_eas,
     posix_info,
 )
@@ -413,7 +414,7 @@ class _EntryMaker:
                 return
             self.set_meta_path(dfd, local, info)
 
-    def make_dir(self, dfd: int, local: str, rel: str, mode: int = 0o700) -> tuple["int | Callable[[], int]", bool]:
+    def make_dir(self, dfd: int, local: str, rel: str, mode: int = 0o700) -> tuple[int | Callable[[], int], bool]:
         """A directory made (``mode``: 0700 until its metadata is set, or its
         final mode where that is what mkdir gives it), or the one already
         there (anything else in the way is replaced): (its descriptor, or a

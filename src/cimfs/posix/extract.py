@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import os
 import stat as S
-from typing import Callable
+from collections.abc import Callable
 
 import cimfs
 
@@ -23,10 +23,10 @@ from .entries import (
     _DIR_FLAGS,
     SPARSE_BLOCK,
     ExtractReport,
+    _dir_is_plain,
     _DirChain,
     _DirMeta,
     _EntryMaker,
-    _dir_is_plain,
     _safe_local_name,
 )
 from .filewriters import _FileWriters
@@ -320,7 +320,7 @@ class Extractor:
             raise
         frame.fd = fd
 
-    def _open_dir(self, dfd, dir_id: int, parts: list[str], plain_dir: bool, info) -> "_Frame":
+    def _open_dir(self, dfd, dir_id: int, parts: list[str], plain_dir: bool, info) -> _Frame:
         """Start directory ``dir_id`` (extracted at ``parts``): its plain
         files go to the writers at once, the rest wait in the frame.
         ``dfd`` is its open descriptor, or a function that opens it: a
@@ -361,7 +361,7 @@ class Extractor:
             frame.fd = dfd
         return frame
 
-    def _later_entry(self, frame: "_Frame", name: str, fid: int, rec) -> "_Frame | None":
+    def _later_entry(self, frame: _Frame, name: str, fid: int, rec) -> _Frame | None:
         """One entry of ``frame`` that is not a plain file for the writers;
         returns the frame of a directory to go into."""
         parts = frame.parts
@@ -383,7 +383,7 @@ class Extractor:
             self._entry_failed(e, rel)
         return None
 
-    def _extract_entry(self, dfd, local, fid, st, parts, rel, plain_dir: bool = False) -> "_Frame | None":
+    def _extract_entry(self, dfd, local, fid, st, parts, rel, plain_dir: bool = False) -> _Frame | None:
         """One entry; a directory is made and its frame returned (the caller
         walks it)."""
         info = posix_info(st)
@@ -397,7 +397,7 @@ class Extractor:
             self._make.make_node(dfd, local, fid, info, rel, self.report.warning)
         return None
 
-    def _enter_subdir(self, dfd, local: str, fid: int, info, parts, rel: str, plain_dir: bool) -> "_Frame | None":
+    def _enter_subdir(self, dfd, local: str, fid: int, info, parts, rel: str, plain_dir: bool) -> _Frame | None:
         """A directory: made (or one in the way replaced) and started; its
         metadata (``info``: a PosixInfo or _DirMeta) is set by
         :meth:`_dir_done` once its entries are.  A directory met a second
@@ -441,7 +441,7 @@ class Extractor:
             return None
         return perm
 
-    def _dir_done(self, frame: "_Frame") -> None:
+    def _dir_done(self, frame: _Frame) -> None:
         """Everything in the directory is made (or handed to the writers)."""
         info, child = frame.info, frame.parts
         # Early, by a writer, where nothing is made in it later but hard

@@ -14,7 +14,7 @@ import os
 import cimfs
 
 from .. import workers
-from .entries import _DirChain, _DirMeta, _dir_is_plain, _EntryMaker
+from .entries import _dir_is_plain, _DirChain, _DirMeta, _EntryMaker
 from .lx import PosixInfo
 
 
@@ -39,7 +39,7 @@ class _FileWriters:
     def available() -> bool:
         return (os.cpu_count() or 1) >= 2 and workers.can_fork()
 
-    def __init__(self, maker: "_EntryMaker", dest_fd: int, count: int = 2):
+    def __init__(self, maker: _EntryMaker, dest_fd: int, count: int = 2):
         self._maker, self._dest_fd, self._count = maker, dest_fd, count
         self._workers: list[workers.Worker] = []
         self._queued = [0] * count
@@ -116,7 +116,7 @@ class _FileWriters:
         workers.abandon_all(self._workers)
 
 
-def _file_writer_main(maker: "_EntryMaker", dest_fd: int, batches) -> tuple[list[str], str | None]:
+def _file_writer_main(maker: _EntryMaker, dest_fd: int, batches) -> tuple[list[str], str | None]:
     # Files are created with their final mode (one fchmod fewer each); this
     # process creates nothing else.
     os.umask(0)

@@ -12,16 +12,24 @@ from __future__ import annotations
 import io
 import os
 import stat as S
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..bulk import paused_gc
 from ..errors import E_INVALIDARG, ERROR_ALREADY_EXISTS, CimError
-from .lx import DIR, FILE, metadata_matches, node_metadata, posix_info
-from .names import _join, _split, check_image_name, fold, name_from_image, name_to_image
-from .lx import _FA_DIRECTORY, _lx_ea_buffer, writes_consistent
 from ..metadata import FileMetadata
-from .names import _NEEDS_ESCAPE, FILETIME_UNIX_EPOCH
 from ..names import fold_key
+from .lx import _FA_DIRECTORY, DIR, FILE, _lx_ea_buffer, metadata_matches, node_metadata, posix_info, writes_consistent
+from .names import (
+    _NEEDS_ESCAPE,
+    FILETIME_UNIX_EPOCH,
+    _join,
+    _split,
+    check_image_name,
+    fold,
+    name_from_image,
+    name_to_image,
+)
 from .scan import (
     CHUNK,
     TAR_READ_ERRORS,

@@ -67,7 +67,7 @@ _FA_DIRECTORY, _FA_SPARSE_FILE, _FA_REPARSE_POINT = 0x10, 0x200, 0x400  # plain 
 _FLAG_READONLY, _FLAG_SPARSE = cim.FLAG_READONLY, cim.FLAG_SPARSE  # FileRecord.flags
 
 
-def plain_file_metadata(st: os.stat_result) -> "cimfs.FileMetadata":
+def plain_file_metadata(st: os.stat_result) -> cimfs.FileMetadata:
     """What :func:`node_metadata` gives a regular, not sparse, file scanned
     with this stat, without building its Node (the bulk of any tree)."""
     mt = st.st_mtime_ns // 100 + FILETIME_UNIX_EPOCH  # ns_to_filetime, inline: once per file of a tree
@@ -76,7 +76,7 @@ def plain_file_metadata(st: os.stat_result) -> "cimfs.FileMetadata":
                               st.st_atime_ns // 100 + FILETIME_UNIX_EPOCH, b"", b"", ea)
 
 
-def plain_file_metadata_consistent(st: os.stat_result) -> "cimfs.FileMetadata":
+def plain_file_metadata_consistent(st: os.stat_result) -> cimfs.FileMetadata:
     """:func:`plain_file_metadata` for a consistent image (see :func:`node_metadata`)."""
     mt = st.st_mtime_ns // 100 + FILETIME_UNIX_EPOCH
     ea = _EA_CACHE.get((st.st_mode, st.st_uid, st.st_gid, None)) or _lx_ea_buffer(st.st_mode, st.st_uid, st.st_gid, None)
@@ -88,7 +88,7 @@ def writes_consistent(w) -> bool:
     return bool(getattr(w, "consistent", False))
 
 
-def node_metadata(node: Node, consistent: bool = False) -> "cimfs.FileMetadata":
+def node_metadata(node: Node, consistent: bool = False) -> cimfs.FileMetadata:
     """The image metadata of a scanned entry.  ``consistent``: [choice] for
     a consistent image, change time and last access time are the last write
     time: reading a tree moves atimes and ``touch -a``, chmod or a copy move
@@ -167,7 +167,7 @@ def _link_target(n, st) -> str | None:
     return name.replace("\\", "/")
 
 
-_LX_OF_EAS: dict[bytes, "ntfs.LxMetadata | None"] = {}  # most entries of an image share a few EA buffers
+_LX_OF_EAS: dict[bytes, ntfs.LxMetadata | None] = {}  # most entries of an image share a few EA buffers
 
 
 def _lx_of_eas(ea_buffer: bytes):

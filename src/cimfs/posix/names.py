@@ -14,7 +14,6 @@ import re
 from ..errors import ERROR_INVALID_NAME, CimError
 from ..names import fold_name
 
-
 # --------------------------------------------------------------------- times
 FILETIME_UNIX_EPOCH = 116444736000000000
 

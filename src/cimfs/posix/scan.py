@@ -18,10 +18,10 @@ import re
 import stat as S
 import tarfile
 import time
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
-from typing import IO, Callable, Container, Iterable, TypeVar, cast
+from typing import IO, TypeVar, cast
 
-from ..tarbounds import BoundedTarInfo
 from ..errors import (
     E_INVALIDARG,
     ERROR_FILE_EXISTS,
@@ -30,7 +30,8 @@ from ..errors import (
     ERROR_PATH_NOT_FOUND,
     CimError,
 )
-from .lx import BLK, CHR, DIR, FIFO, FILE, FMT_OF_KIND, SYMLINK, _KIND_OF_FMT
+from ..tarbounds import BoundedTarInfo
+from .lx import _KIND_OF_FMT, BLK, CHR, DIR, FIFO, FILE, FMT_OF_KIND, SYMLINK
 from .names import _join, check_image_name, fold, name_from_image, name_to_image, parse_pax_time
 
 CHUNK = 1 << 20  # the unit in which file data is read and copied
@@ -63,7 +64,7 @@ class Node:
     sparse: bool = False
     opener: Callable[[], IO[bytes]] | None = None
     order: int = 0
-    parent: "Node | None" = None
+    parent: Node | None = None
     children: dict = field(default_factory=dict)   # fold(name) -> Node
     group: _Group | None = None
     implied: bool = False
@@ -76,7 +77,7 @@ class Node:
             n = n.parent
         return "/".join(reversed(parts))
 
-    def copy_meta_from(self, other: "Node") -> None:
+    def copy_meta_from(self, other: Node) -> None:
         for f in ("mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "btime_ns"):
             setattr(self, f, getattr(other, f))
         self.implied = False
@@ -251,7 +252,7 @@ def _file_opener(path: str):
     return functools.partial(_open_local, path)
 
 
-def open_node(node: "Node") -> IO[bytes]:
+def open_node(node: Node) -> IO[bytes]:
     """The contents of a FILE node: from its opener (tar members), else the
     local file it was scanned from (no per-file closure for a million files)."""
     return node.opener() if node.opener is not None else _open_local(node.src)
@@ -306,7 +307,7 @@ def _stat_root(src_dir: str) -> Node:
     return _node_from_stat(st, src_dir)
 
 
-def _sorted_listing(path: "str | int", where: str | None = None) -> list[os.DirEntry]:
+def _sorted_listing(path: str | int, where: str | None = None) -> list[os.DirEntry]:
     """A directory's entries by name; ``path`` may be an open directory
     descriptor (the entries' stat() then resolve relative to it)."""
     try:

@@ -34,7 +34,7 @@ than its inputs.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..atomic import fsync_dir, replacing
 from ..errors import CimError, hresult_from_oserror

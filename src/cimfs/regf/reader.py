@@ -56,7 +56,7 @@ class Coverage:
 
     __slots__ = ("_map", "_hive")
 
-    def __init__(self, hive: "Hive"):
+    def __init__(self, hive: Hive):
         self._hive = hive
         self._map = bytearray((hive.length >> 3) + 1)
 
@@ -160,7 +160,7 @@ class Hive:
             self._closer.close()
             self._closer = None
 
-    def __enter__(self) -> "Hive":
+    def __enter__(self) -> Hive:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -351,12 +351,12 @@ class Hive:
 
     # ---- public navigation ----------------------------------------------------------------------------------------
     @property
-    def root(self) -> "Key":
+    def root(self) -> Key:
         if self._root is None:
             self._root = Key(self, self.root_offset, "")
         return self._root
 
-    def key(self, path: str) -> "Key":
+    def key(self, path: str) -> Key:
         """The key at ``path`` (``\\``-separated, relative to the root, case-insensitive as in Windows)."""
         key = self.root
         for part in path.replace("/", "\\").split("\\"):
@@ -393,7 +393,7 @@ class Key:
     __slots__ = ("_hive", "offset", "_f", "_name_at", "_path", "_parent", "_name")
 
     def __init__(self, hive: Hive, offset: int, path: str | None, cov: Coverage | None = None,
-                 parent: "Key | None" = None):
+                 parent: Key | None = None):
         self._hive, self.offset = hive, offset
         self._f, self._name_at = hive.nk(offset, cov)
         self._path, self._parent = path, parent
@@ -420,10 +420,10 @@ class Key:
     def __repr__(self) -> str:
         return f"<Key {self.path or '(root)'!r}>"
 
-    def subkeys(self) -> list["Key"]:
+    def subkeys(self) -> list[Key]:
         return [Key(self._hive, o, None, None, self) for o in self._hive.subkey_offsets(self._f, self.offset)]
 
-    def subkey(self, name: str) -> "Key | None":
+    def subkey(self, name: str) -> Key | None:
         """The subkey named ``name`` (case-insensitive with Windows' upcase), or None."""
         up = upcase(name)
         for k in self.subkeys():
@@ -431,11 +431,11 @@ class Key:
                 return k
         return None
 
-    def values(self) -> list["Value"]:
+    def values(self) -> list[Value]:
         h = self._hive
         return [Value(h, o) for o in h.value_offsets(self._f, self.offset)]
 
-    def value(self, name: str) -> "Value | None":
+    def value(self, name: str) -> Value | None:
         """The value named ``name`` ("" for the default value), case-insensitive, tombstones included."""
         up = upcase(name)
         for v in self.values():

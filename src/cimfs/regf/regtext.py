@@ -31,7 +31,8 @@ The format, as regedit writes it:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from .errors import HiveFormatError
 from .layout import MAX_DEPTH, REG_BINARY, REG_DWORD, REG_SZ, TOMBSTONE

@@ -10,8 +10,8 @@ import base64
 import io
 import os
 import tarfile
-from collections.abc import Iterator
-from typing import Iterable, Literal
+from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import cimfs
 

@@ -31,6 +31,7 @@ import tempfile
 from typing import IO, Any
 
 import cimfs
+
 from ..errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND, CimError, CimFormatError
 from ..metadata import FileAttributes, FileMetadata
 
@@ -233,7 +234,7 @@ def _merge_one(regf, spool: DeltaSpool, parents, base: str, label: str) -> bytes
         # whose keys all merge (semantics 0), as ORMergeHives takes any hive in its array.
         delta = regf.open_hive(spool.source(), name=delta_path)
     except CimError as e:
-        raise _again(e, f"registry hive {base[:-5]}: {delta_path} is not a valid hive ({e.strerror})", label)
+        raise _again(e, f"registry hive {base[:-5]}: {delta_path} is not a valid hive ({e.strerror})", label) from None
     parent_data = None
     try:
         parent_data = _parent_base(parents, base)
@@ -246,7 +247,7 @@ def _merge_one(regf, spool: DeltaSpool, parents, base: str, label: str) -> bytes
             with regf.open_hive(parent_data, name=f"parent {HIVES_PATH}\\{base}") as parent_hive:
                 return regf.merge(parent_hive, [delta])
         except CimError as e:
-            raise _again(e, f"{why} ({e.strerror})", label)
+            raise _again(e, f"{why} ({e.strerror})", label) from None
         except (ValueError, OverflowError, RecursionError, MemoryError) as e:
             raise CimError(E_INVALIDARG, f"{why} ({e})", label) from None
     finally:

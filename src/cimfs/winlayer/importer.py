@@ -11,6 +11,7 @@ import os
 import tarfile
 
 import cimfs
+
 from ..errors import (
     E_INVALIDARG,
     ERROR_FILE_EXISTS,
@@ -199,7 +200,7 @@ class _LayerImporter:
         if spool is not None:
             spool.close()
 
-    def layer_deltas(self) -> dict[str, "hives.DeltaSpool"]:
+    def layer_deltas(self) -> dict[str, hives.DeltaSpool]:
         """The layer's hive deltas still in the image after its last member
         (a later whiteout may have deleted one)."""
         for base, spool in list(self.deltas.items()):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Callable
+from collections.abc import Callable
 
 # ------------------------------------------------------------------ constants
 PAX_FILEATTR = "MSWINDOWS.fileattr"

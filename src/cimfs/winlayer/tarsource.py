@@ -13,8 +13,8 @@ import os
 import tarfile
 import weakref
 import zlib
-from collections.abc import Mapping
-from typing import IO, Iterable
+from collections.abc import Iterable, Mapping
+from typing import IO
 
 from ..errors import E_INVALIDARG, ERROR_INVALID_NAME, CimError, hresult_from_oserror
 from ..metadata import FileAttributes, FileMetadata
