@@ -312,7 +312,7 @@ class FileAdding(TreeEditing):
         fd = source
         try:
             if not isinstance(fd, int):
-                fd = open_source(source, path)
+                fd = open_source(fd, path)
             with self.create_file(path, meta) as s:
                 done = 0
                 while done < s.size:

@@ -90,7 +90,8 @@ class ImageWriter(FileAdding):
     def __init__(self, containing_dir: str | os.PathLike, name: str | None, base: str | None = None, *, sync: bool = True,
                  data_process: bool | int = True, consistent: bool = False, clamp_time: int | None = None):
         directory = os.fspath(containing_dir)
-        if not name and not base:
+        name = name or base
+        if not name:
             raise CimError(E_INVALIDARG, "neither an existing nor a new image name was given", directory)
         try:
             st = os.stat(directory)
@@ -102,7 +103,6 @@ class ImageWriter(FileAdding):
             raise CimError(ERROR_PATH_NOT_FOUND, "containing path is not a directory", directory)
         if not os.access(directory, os.W_OK | os.X_OK):
             raise CimError(E_ACCESSDENIED, "no write access to the containing directory", directory)
-        name = name or base
         for n in filter(None, (name, base)):
             if os.sep in n or (os.altsep and os.altsep in n) or n in (".", ".."):
                 raise CimError(ERROR_INVALID_NAME, "an image name is a file name, not a path", n)
@@ -124,7 +124,6 @@ class ImageWriter(FileAdding):
         self._clamp_time = clamp_time
         self._lock = DirectoryLock(self.directory)
         self._base: _reader.Image | None = None
-        self._store: ObjectStore | None = None
         self._committed = False
         self._commit_error: str | None = None
         self._closed = False
@@ -232,7 +231,7 @@ class ImageWriter(FileAdding):
         # handle (stats()), and while the cyclic GC is paused (paused_gc) the
         # nodes are freed by reference counting instead of all being scanned
         # by the first collection after it (~60 ms for 60 000 files).
-        self._root = None
+        self._root = None  # type: ignore[assignment]  # a released handle walks no tree (_check_open refuses)
         self._dir_cache = {}
         self._base_nodes = {}
         self._copied = []
@@ -253,8 +252,9 @@ class ImageWriter(FileAdding):
                 self._pump = None
             if self._process is not None and not self._process.done:
                 self._process.abandon()  # before its region files are removed
-            if not self._committed and self._store is not None:
-                self._store.abandon()
+            store = getattr(self, "_store", None)  # none if __init__ failed before making it
+            if not self._committed and store is not None:
+                store.abandon()
         finally:
             self._release()
 
