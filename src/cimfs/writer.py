@@ -27,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+from types import TracebackType
 from typing import Callable
 
 from . import reader as _reader
@@ -48,7 +49,7 @@ from .errors import (
 )
 from .layout import cim
 from .names import NameFolder
-from .store import DataProcess, DataPump, ObjectStore
+from .store import DataProcess, DataPump, LocalCopier, ObjectStore
 from .writefiles import FileAdding
 from .writestream import StreamWriter
 from .writetree import _Node
@@ -62,7 +63,7 @@ class DirectoryLock:
     same directory conflicts even inside one process.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,7 +80,8 @@ class DirectoryLock:
     def __enter__(self) -> "DirectoryLock":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.release()
 
 
@@ -88,7 +90,7 @@ class ImageWriter(FileAdding):
     """A new image, a fork of ``base`` or an extension of it (``base == name``)."""
 
     def __init__(self, containing_dir: str | os.PathLike, name: str | None, base: str | None = None, *, sync: bool = True,
-                 data_process: bool | int = True, consistent: bool = False, clamp_time: int | None = None):
+                 data_process: bool | int = True, consistent: bool = False, clamp_time: int | None = None) -> None:
         directory = os.fspath(containing_dir)
         name = name or base
         if not name:
@@ -129,7 +131,7 @@ class ImageWriter(FileAdding):
         self._closed = False
         self._open_stream: StreamWriter | None = None
         self._pump: DataPump | None = None
-        self._process: DataProcess | None = None
+        self._process: DataProcess | LocalCopier | None = None
         self._copied: list = []  # per data process: (nodes, RegionOffsets of their contents) (see _commit)
         self._use_process = data_process
         # A merged image's sources, top first, and what builds its tree at commit
@@ -261,7 +263,8 @@ class ImageWriter(FileAdding):
     def __enter__(self) -> "ImageWriter":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         with paused_gc():  # commit and free the tree in one pause (see _release)
             try:
                 if exc_type is None and not self._committed and not self._closed:
@@ -271,7 +274,7 @@ class ImageWriter(FileAdding):
             finally:
                 self.close()
 
-    def __del__(self):
+    def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             try:
                 self.close()

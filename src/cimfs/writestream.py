@@ -32,7 +32,7 @@ class StreamWriter:
     _buf: bytearray  # a small stream's bytes (size <= SMALL_DATA_MAX), from creation
     _hash: hashlib._Hash  # a large stream's digest so far, from its first write (with _region)
 
-    def __init__(self, image: TreeEditing, node: _Node, stream_name: str | None, size: int, path: str):
+    def __init__(self, image: TreeEditing, node: _Node, stream_name: str | None, size: int, path: str) -> None:
         self._image = image
         self._node = node
         self._stream_name = stream_name
