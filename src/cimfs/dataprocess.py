@@ -75,7 +75,8 @@ class DataProcess:
         self._route: dict[int, _Worker] = {}  # file size -> the worker all files of that size go to
         if store.consistent:
             self._lane_workers = [self._workers[lane % workers] for lane in range(CONSISTENT_LANES)]
-            self.submit = self._submit_to_lane
+            # Bound once here so that the per-file call does not test the mode.
+            self.submit = self._submit_to_lane  # type: ignore[method-assign]  # same signature, per instance
         self.done = self._input_ended = False
         self._handed_over = self._checked = 0
         self._failed = False
@@ -166,7 +167,7 @@ class LocalCopier:
         self._buf = bytearray(1 << 20)
         self._nodes: list = []
         self._offsets = array.array("Q")
-        self._error = None
+        self._error: tuple[int, str, str, int] | None = None  # (hresult, message, source, index of the job)
         self.done = False
 
     def failed(self) -> bool:
@@ -298,7 +299,7 @@ def _data_process_main(owner: ObjectStore, failed, completed, batches) -> tuple:
     parent_index = store.parent_index
     small_region = None if lanes else -1  # the lane region small contents go to now (consistent mode)
     flags_noatime = _SOURCE_FLAGS | _O_NOATIME
-    error = None
+    error: tuple | None = None  # (hresult, message, source[, index of the job]): see DataProcess.finish
     dir_path, dir_fd = None, -1  # files arrive directory by directory: open each by name in it
     for batch in batches:
         srcs, sizes = batch[0], batch[1]
@@ -350,8 +351,8 @@ def _data_process_main(owner: ObjectStore, failed, completed, batches) -> tuple:
                         small_region = region
                     key = size.to_bytes(8, "big") + sha256(data).digest()[:digest_size]  # object_key
                     store.bytes_logical += size
-                    ro = known.get(key)
-                    if ro is None and parent_index is not None:
+                    ro = known.get(key, 0)  # a RegionOffset is never 0
+                    if not ro and parent_index is not None:
                         ro = store.lookup(size, key[8:])
                     if not ro:
                         r = current.get(small_type)

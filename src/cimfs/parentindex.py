@@ -21,8 +21,10 @@ class ParentObjectIndex:
     def __init__(self, base: _reader.Image):
         self.base = base
         self.files: list[tuple[int, str]] = []  # (combined region index, objectid path)
+        directory = base.directory
+        assert directory is not None  # a fork's parent is a local image: it shares the fork's directory
         for combined, (name, _) in enumerate(base.region_names):
-            oid = _reader.find_region_file(base.directory, "objectid" + name[len("region"):])
+            oid = _reader.find_region_file(directory, "objectid" + name[len("region"):])
             if oid:
                 self.files.append((combined, oid))
         self._maps: dict[int, tuple] = {}

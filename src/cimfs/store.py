@@ -64,7 +64,7 @@ class ObjectStore:
         self.set_id = self._written_id = uuid.uuid4()
         self.consistent = consistent
         self._owner = True  # False in a twin: the owner names the region set
-        self._lanes: list | None = None  # consistent mode: per lane [region index, bytes routed to it]
+        self._lanes: list[list[int]] | None = None  # consistent mode: per lane [region index, bytes routed to it]
         self._by_index: dict[int, RegionWriter] = {}  # lane regions this store writes, by index
         self._final_names: list[str] = []  # files finish() created under the content-derived id
         self.base = base
@@ -84,13 +84,16 @@ class ObjectStore:
 
     def share_region_numbers(self, ctx) -> None:
         """From now on region numbers come from a counter in shared memory."""
+        assert self._next_region is not None, "region numbers are shared once"
         self._shared_next = ctx.Value("i", self._next_region[0])
         self._next_region = None
 
     def _new_region_index(self) -> int:
         if self._shared_next is None:
-            index = self._next_region[0]
-            self._next_region[0] += 1
+            counter = self._next_region
+            assert counter is not None  # only the shared counter replaces it
+            index = counter[0]
+            counter[0] += 1
             return index
         with self._shared_next.get_lock():
             index = self._shared_next.value
@@ -99,7 +102,10 @@ class ObjectStore:
 
     def region_count(self) -> int:
         """Regions in the set, this store's and a data process's."""
-        return self._next_region[0] if self._shared_next is None else self._shared_next.value
+        if self._shared_next is None:
+            assert self._next_region is not None  # only the shared counter replaces it
+            return self._next_region[0]
+        return self._shared_next.value
 
     def twin(self) -> "ObjectStore":
         """This store as a forked data process starts it: the same region set,
@@ -126,14 +132,14 @@ class ObjectStore:
         lanes = self._lanes
         if lanes is None:
             lanes = self._lanes = [[-1, 0] for _ in range(CONSISTENT_LANES)]
-        lane = lanes[lane_of(size) if lane is None else lane]
-        if lane[0] < 0 or (lane[1] and lane[1] + size > REGION_SOFT_CAP):
+        room = lanes[lane_of(size) if lane is None else lane]  # [region index, bytes routed to it]
+        if room[0] < 0 or (room[1] and room[1] + size > REGION_SOFT_CAP):
             index = self._new_region_index()
             if self.first_combined + index >= cim.MAX_REGIONS:
                 raise CimError(E_INVALIDARG, f"image would need more than {cim.MAX_REGIONS} region files", self.directory)
-            lane[0], lane[1] = index, 0
-        lane[1] += size
-        return lane[0]
+            room[0], room[1] = index, 0
+        room[1] += size
+        return room[0]
 
     def use_region(self, index: int, region_type: int) -> None:
         """Consistent mode: append objects of ``region_type`` to the lane
@@ -160,6 +166,7 @@ class ObjectStore:
         return r
 
     def _verify_parent(self, ro: int, length: int, dg: bytes) -> bool:
+        assert self.base is not None  # parent objects are looked up only in a fork
         try:
             return digest_of(self.base._view(ro, length, "parent object")) == dg
         except CimError:

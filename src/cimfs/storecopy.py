@@ -109,7 +109,7 @@ class DataPump:
         self._thread.join()
 
 
-def copy_content(store: ObjectStore, buf: bytearray, fd: int, pos: int, size: int, path: str) -> cim.Stream:
+def copy_content(store: ObjectStore, buf: bytearray, fd: int, pos: int, size: int, path: str | None) -> cim.Stream:
     """Store ``size`` bytes at ``pos`` of ``fd`` once; ``buf`` is scratch space."""
     if size <= SMALL_DATA_MAX:
         data = read_exactly(fd, pos, size, path)
@@ -159,7 +159,7 @@ def copy_content(store: ObjectStore, buf: bytearray, fd: int, pos: int, size: in
     return cim.Stream(ro, size)
 
 
-def _read_into(fd: int, view: memoryview, pos: int, want: int, left: int, path: str) -> int:
+def _read_into(fd: int, view: memoryview, pos: int, want: int, left: int, path: str | None) -> int:
     """Fill ``view[:want]`` from ``pos`` of ``fd`` (a regular file reads short
     only at its end, which is an error: the source has ``left`` (or ``want``)
     bytes more to give)."""
@@ -180,7 +180,7 @@ _SOURCE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | geta
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
 
 
-def open_source(src: str, path: str, dir_fd: int | None = None, shown: str | None = None,
+def open_source(src: str, path: str | None, dir_fd: int | None = None, shown: str | None = None,
                 checked: bool = True) -> int:
     """Open a local file to copy (``src`` relative to ``dir_fd`` if given).
     Not through a symlink and only a regular file: the tree may change
@@ -230,7 +230,7 @@ def small_source_mismatch(fd: int, data: bytes, size: int, shown: str, path: str
     return read_exactly(fd, 0, size, path)
 
 
-def read_exactly(fd: int, pos: int, size: int, path: str) -> bytes:
+def read_exactly(fd: int, pos: int, size: int, path: str | None) -> bytes:
     try:
         data = os.pread(fd, size, pos)
         while len(data) < size:

@@ -155,6 +155,7 @@ class RegionWriter:
             self._start_writeback(pos)
 
     def _start_writeback(self, upto: int) -> None:
+        assert self._writeback is not None  # called only with early writeback on
         self._writeback(self.fd, self._written_back, upto - self._written_back)
         self._written_back = upto
 

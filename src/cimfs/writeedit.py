@@ -88,11 +88,11 @@ class TreeEditing(WriterTree):
             self._cache_dir(path.replace("/", "\\"), node)
         return node, size
 
-    def _update_dir(self, node: _Node, record: cim.FileRecord) -> None:
+    def _update_dir(self, node: _Node, record: cim.FileRecord | bytes) -> None:
         self._children(node)
         # Metadata is replaced; children and alternate streams stay.
         old = _unpacked(node.record)
-        node.record = record._replace(stream=old.stream, parent_file_id=old.parent_file_id,
+        node.record = _unpacked(record)._replace(stream=old.stream, parent_file_id=old.parent_file_id,
                                       stream_table_offset=old.stream_table_offset)
         node.dirty = True
 

@@ -41,7 +41,7 @@ class FileAdding(TreeEditing):
         _closed: bool
         _committed: bool
         _pump: DataPump | None
-        _process: DataProcess | None
+        _process: DataProcess | LocalCopier | None
         _copied: list
         _use_process: bool | int
 
@@ -230,7 +230,7 @@ class FileAdding(TreeEditing):
                     src = os.path.join(cwd, src)
                 submit(node, src, size)
 
-    def _start_copier(self):
+    def _start_copier(self) -> DataProcess | LocalCopier | None:
         """The data processes for local files, forked at the first one (None:
         this process copies them).  A consistent image always has a copier:
         its lanes decide where contents go (in-process when nothing can be
@@ -242,14 +242,14 @@ class FileAdding(TreeEditing):
             self._process = LocalCopier(self._store)
         return self._process
 
-    def _add_file_async(self, path: str, meta: FileMetadata, src, fd: int) -> None:
+    def _add_file_async(self, path: str, meta: FileMetadata, src: BinaryIO, fd: int) -> None:
         """The contents of a regular file go through the data pump; the node
         gets its stream when the copy is done (at the latest before commit)."""
         pos = src.tell()
         self._submit(path, meta, os.dup(fd), pos)
         src.seek(pos + meta.file_size)
 
-    def _add_local_file(self, path: str, src, meta: FileMetadata) -> None:
+    def _add_local_file(self, path: str, src: str | bytes, meta: FileMetadata) -> None:
         if isinstance(src, bytes):
             src = os.fsdecode(src)
         if not meta.file_size:
@@ -312,7 +312,7 @@ class FileAdding(TreeEditing):
         fd = source
         try:
             if not isinstance(fd, int):
-                fd = open_source(source, path)
+                fd = open_source(fd, path)
             with self.create_file(path, meta) as s:
                 done = 0
                 while done < s.size:
@@ -353,7 +353,7 @@ def _scanned_metadata(f: tuple) -> tuple:
     return name, src, FileMetadata(0, size, wt, wt, ct, at, b"", b"", ea)
 
 
-def _regular_file_fd(f) -> int | None:
+def _regular_file_fd(f: BinaryIO) -> int | None:
     try:
         fd = f.fileno()
         return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
@@ -361,7 +361,7 @@ def _regular_file_fd(f) -> int | None:
         return None
 
 
-def _size_of(f) -> int | None:
+def _size_of(f: BinaryIO) -> int | None:
     try:
         fd = f.fileno()
         st = os.fstat(fd)
@@ -378,7 +378,7 @@ def _size_of(f) -> int | None:
         return None
 
 
-def _copy_into(src, stream: StreamWriter) -> None:
+def _copy_into(src: BinaryIO, stream: StreamWriter) -> None:
     remaining = stream.size
     buf = bytearray(min(remaining, 1 << 20) or 1)
     view = memoryview(buf)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+from types import TracebackType
 from typing import Callable
 
 from . import reader as _reader
@@ -48,7 +49,7 @@ from .errors import (
 )
 from .layout import cim
 from .names import NameFolder
-from .store import DataProcess, DataPump, ObjectStore
+from .store import DataProcess, DataPump, LocalCopier, ObjectStore
 from .writefiles import FileAdding
 from .writestream import StreamWriter
 from .writetree import _Node
@@ -62,7 +63,7 @@ class DirectoryLock:
     same directory conflicts even inside one process.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,7 +80,8 @@ class DirectoryLock:
     def __enter__(self) -> "DirectoryLock":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.release()
 
 
@@ -88,9 +90,10 @@ class ImageWriter(FileAdding):
     """A new image, a fork of ``base`` or an extension of it (``base == name``)."""
 
     def __init__(self, containing_dir: str | os.PathLike, name: str | None, base: str | None = None, *, sync: bool = True,
-                 data_process: bool | int = True, consistent: bool = False, clamp_time: int | None = None):
+                 data_process: bool | int = True, consistent: bool = False, clamp_time: int | None = None) -> None:
         directory = os.fspath(containing_dir)
-        if not name and not base:
+        name = name or base
+        if not name:
             raise CimError(E_INVALIDARG, "neither an existing nor a new image name was given", directory)
         try:
             st = os.stat(directory)
@@ -102,7 +105,6 @@ class ImageWriter(FileAdding):
             raise CimError(ERROR_PATH_NOT_FOUND, "containing path is not a directory", directory)
         if not os.access(directory, os.W_OK | os.X_OK):
             raise CimError(E_ACCESSDENIED, "no write access to the containing directory", directory)
-        name = name or base
         for n in filter(None, (name, base)):
             if os.sep in n or (os.altsep and os.altsep in n) or n in (".", ".."):
                 raise CimError(ERROR_INVALID_NAME, "an image name is a file name, not a path", n)
@@ -124,13 +126,12 @@ class ImageWriter(FileAdding):
         self._clamp_time = clamp_time
         self._lock = DirectoryLock(self.directory)
         self._base: _reader.Image | None = None
-        self._store: ObjectStore | None = None
         self._committed = False
         self._commit_error: str | None = None
         self._closed = False
         self._open_stream: StreamWriter | None = None
         self._pump: DataPump | None = None
-        self._process: DataProcess | None = None
+        self._process: DataProcess | LocalCopier | None = None
         self._copied: list = []  # per data process: (nodes, RegionOffsets of their contents) (see _commit)
         self._use_process = data_process
         # A merged image's sources, top first, and what builds its tree at commit
@@ -232,7 +233,7 @@ class ImageWriter(FileAdding):
         # handle (stats()), and while the cyclic GC is paused (paused_gc) the
         # nodes are freed by reference counting instead of all being scanned
         # by the first collection after it (~60 ms for 60 000 files).
-        self._root = None
+        self._root = None  # type: ignore[assignment]  # a released handle walks no tree (_check_open refuses)
         self._dir_cache = {}
         self._base_nodes = {}
         self._copied = []
@@ -253,15 +254,17 @@ class ImageWriter(FileAdding):
                 self._pump = None
             if self._process is not None and not self._process.done:
                 self._process.abandon()  # before its region files are removed
-            if not self._committed and self._store is not None:
-                self._store.abandon()
+            store = getattr(self, "_store", None)  # none if __init__ failed before making it
+            if not self._committed and store is not None:
+                store.abandon()
         finally:
             self._release()
 
     def __enter__(self) -> "ImageWriter":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         with paused_gc():  # commit and free the tree in one pause (see _release)
             try:
                 if exc_type is None and not self._committed and not self._closed:
@@ -271,7 +274,7 @@ class ImageWriter(FileAdding):
             finally:
                 self.close()
 
-    def __del__(self):
+    def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             try:
                 self.close()

@@ -8,6 +8,7 @@ content turns out to be a duplicate.
 from __future__ import annotations
 
 import hashlib
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 from .errors import E_HANDLE, E_INVALIDARG, CimError, hresult_from_oserror
@@ -16,6 +17,8 @@ from .store import HOLE_MIN, SMALL_DATA_MAX, ZERO_CHUNK, all_zero, object_key
 from .writetree import _with_stream
 
 if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
     from .store import RegionWriter
     from .writeedit import TreeEditing
     from .writetree import _Node
@@ -25,7 +28,11 @@ class StreamWriter:
     """The open stream of a file or alternate stream: its size is fixed at creation,
     bytes arrive in order, and unwritten ranges read as zeros."""
 
-    def __init__(self, image: TreeEditing, node: _Node, stream_name: str | None, size: int, path: str):
+    # Set for a phase of the stream's life, not in __init__:
+    _buf: bytearray  # a small stream's bytes (size <= SMALL_DATA_MAX), from creation
+    _hash: hashlib._Hash  # a large stream's digest so far, from its first write (with _region)
+
+    def __init__(self, image: TreeEditing, node: _Node, stream_name: str | None, size: int, path: str) -> None:
         self._image = image
         self._node = node
         self._stream_name = stream_name
@@ -34,16 +41,16 @@ class StreamWriter:
         self.written = 0
         self.closed = False
         self._small = size <= SMALL_DATA_MAX
-        self._buf = bytearray() if self._small else None
+        if self._small:
+            self._buf = bytearray()
         self._region: RegionWriter | None = None
         self._start = 0
         self._previous_end = 0
-        self._hash = None
 
-    def write(self, data) -> int:
+    def write(self, data: ReadableBuffer) -> int:
         if self.closed:
             raise CimError(E_HANDLE, "stream is closed", self.path)
-        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes  # type: ignore[arg-type]  # the buffers written (bytes, bytearray) have len()
         if self.written + n > self.size:
             raise CimError(E_INVALIDARG, f"write of {n} bytes at {self.written} goes past the stream's size {self.size}", self.path)
         if not n:
@@ -80,6 +87,8 @@ class StreamWriter:
             ro = store.put(cim.REGION_SMALL_DATA, bytes(self._buf))
             return cim.Stream(ro, size)
         h = self._hash
+        region = self._region
+        assert region is not None  # reserved by the first write of a large stream, and written > 0 here
         remaining = size - self.written
         while remaining:
             chunk = min(remaining, len(ZERO_CHUNK))
@@ -89,9 +98,9 @@ class StreamWriter:
         store.bytes_logical += size
         ro = store.lookup(size, dg)
         if ro:
-            self._region.release_tail(self._start, self._previous_end)
+            region.release_tail(self._start, self._previous_end)
         else:
-            ro = cim.region_offset(self._region.combined_index, self._start)
+            ro = cim.region_offset(region.combined_index, self._start)
             store.known[object_key(size, dg)] = ro
             store.bytes_stored += size
         return cim.Stream(ro, size)
@@ -116,5 +125,6 @@ class StreamWriter:
     def __enter__(self) -> "StreamWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()

@@ -49,7 +49,7 @@ class _Node:
         self.file_id = file_id
         self.from_base = from_base
         if is_dir is None:
-            is_dir = record.is_dir
+            is_dir = record.is_dir  # type: ignore[union-attr]  # callers that give no is_dir give a FileRecord
         self.children: dict[str, tuple[str, _Node]] | None = {} if (is_dir and not from_base) else None
         # None: no alternate streams yet (new node) or the parent's stream table, not loaded
         self.streams: dict[str, tuple[str, cim.Stream]] | None = None
@@ -68,8 +68,8 @@ class WriterTree:
     these methods use the state its ``__init__`` sets up)."""
 
     if TYPE_CHECKING:  # what ImageWriter sets up (for the type checker only)
-        _base: _reader.Image | None
-        _store: ObjectStore | None
+        _base: _reader.Image | None  # a fork's or an extension's parent; None for a new image
+        _store: ObjectStore  # from __init__ on (close() copes with a failed __init__ that made none)
         _root: _Node
         _folder: NameFolder
         _base_nodes: dict[int, _Node]
@@ -80,11 +80,13 @@ class WriterTree:
     def _base_node(self, file_id: int) -> _Node:
         node = self._base_nodes.get(file_id)
         if node is None:
+            assert self._base is not None  # a parent's FileIDs come only from a parent
             node = self._base_nodes[file_id] = _Node(self._base.record(file_id), file_id, from_base=True)
         return node
 
-    def _children(self, node: _Node) -> dict:
+    def _children(self, node: _Node) -> dict[str, tuple[str, _Node]]:
         if node.children is None:
+            assert self._base is not None  # only a parent's directories are loaded lazily
             children = {}
             key = self._folder.key
             for entry in self._base.scandir(node.file_id):
@@ -92,9 +94,10 @@ class WriterTree:
             node.children = children
         return node.children
 
-    def _streams(self, node: _Node) -> dict:
+    def _streams(self, node: _Node) -> dict[str, tuple[str, cim.Stream]]:
         if node.streams is None:
             if node.from_base:
+                assert self._base is not None
                 names, streams = self._base._stream_table(node.file_id)
                 key = self._folder.key
                 node.streams = {key(n): (n, s) for n, s in zip(names, streams)}
