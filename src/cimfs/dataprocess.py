@@ -234,7 +234,7 @@ DATA_PROCESS_NICENESS = 5
 _JOB_COST = 8 << 10
 
 
-def _queued_work(w: "_Worker") -> int:
+def _queued_work(w: _Worker) -> int:
     # What it still has to do, from its own account of what it has done: a
     # worker that got less CPU so far gets less of what comes next.
     return w.work - w.completed.value

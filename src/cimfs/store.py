@@ -107,7 +107,7 @@ class ObjectStore:
             return self._next_region[0]
         return self._shared_next.value
 
-    def twin(self) -> "ObjectStore":
+    def twin(self) -> ObjectStore:
         """This store as a forked data process starts it: the same region set,
         dedup index and parent chain, none of the owner's open regions.  In
         consistent mode its dedup index starts empty (lanes dedup among

@@ -39,11 +39,11 @@ class DataPump:
     _BATCH_JOBS = 256
     _BATCH_BYTES = 8 << 20  # a large file is handed over at once
 
-    def __init__(self, store: "ObjectStore"):
+    def __init__(self, store: ObjectStore):
         import queue  # start-up time: only the data thread uses it
 
         self.store = store
-        self.jobs: "queue.Queue" = queue.Queue(self._QUEUE_DEPTH)
+        self.jobs: queue.Queue = queue.Queue(self._QUEUE_DEPTH)
         self.error: BaseException | None = None
         self.pending = 0  # batches handed over and not yet done
         self._batch: list = []

@@ -83,7 +83,7 @@ class FileAdding(TreeEditing):
         # create_file() and close() without a StreamWriter: a directory has no contents
         self._create(path, meta, found=found)
 
-    def add_file(self, path: str, data: "bytes | BinaryIO | os.PathLike" = b"", metadata: FileMetadata | None = None) -> None:
+    def add_file(self, path: str, data: bytes | BinaryIO | os.PathLike = b"", metadata: FileMetadata | None = None) -> None:
         """Add a file from bytes, a binary file object (read to its end) or a
         local file given by path (``os.PathLike``; not a symlink).
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 from types import TracebackType
-from typing import Callable
 
 from . import reader as _reader
 from .bulk import paused_gc
@@ -77,7 +77,7 @@ class DirectoryLock:
             os.close(self.fd)  # closing the only descriptor drops the lock
             self.fd = -1
 
-    def __enter__(self) -> "DirectoryLock":
+    def __enter__(self) -> DirectoryLock:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -260,7 +260,7 @@ class ImageWriter(FileAdding):
         finally:
             self._release()
 
-    def __enter__(self) -> "ImageWriter":
+    def __enter__(self) -> ImageWriter:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -122,7 +122,7 @@ class StreamWriter:
         else:
             self._image._streams(node)[self._image._folder.key(self._stream_name)] = (self._stream_name, stream)
 
-    def __enter__(self) -> "StreamWriter":
+    def __enter__(self) -> StreamWriter:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

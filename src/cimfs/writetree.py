@@ -43,7 +43,7 @@ class _Node:
 
     __slots__ = ("file_id", "record", "from_base", "children", "streams", "dirty", "nlink", "open_stream", "is_dir", "seen")
 
-    def __init__(self, record: "cim.FileRecord | bytes", file_id: int = 0, from_base: bool = False,
+    def __init__(self, record: cim.FileRecord | bytes, file_id: int = 0, from_base: bool = False,
                  is_dir: bool | None = None):
         self.record = record
         self.file_id = file_id
@@ -162,7 +162,7 @@ class WriterTree:
 
     # ------------------------------------------------------------ metadata
     def _record_for(self, meta: FileMetadata, path: str, stream: cim.Stream | None = None,
-                    placeholder: bool = False) -> "cim.FileRecord | bytes":
+                    placeholder: bool = False) -> cim.FileRecord | bytes:
         """The record of ``meta``; ``placeholder``: a new file whose contents
         are copied later (see :meth:`_create_copied`) or that has none, packed at once."""
         sd, ea, rp = meta.security_descriptor or b"", meta.ea_buffer or b"", meta.reparse_data or b""
