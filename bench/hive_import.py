@@ -49,9 +49,11 @@ def make_base(keys: int, seed: int) -> bytes:
 
     def values(i):
         blob = rng.randbytes(rng.randrange(1000, 40000)) if rng.random() < 0.02 else rng.randbytes(rng.randrange(5, 40))
-        return [NewValue("Start", REG_DWORD, (i & 0xFFFFFFFF).to_bytes(4, "little")),
-                NewValue("DisplayName", REG_SZ, f"Display name {i}\0".encode("utf-16-le")),
-                NewValue("Data", REG_BINARY, blob)]
+        return [
+            NewValue("Start", REG_DWORD, (i & 0xFFFFFFFF).to_bytes(4, "little")),
+            NewValue("DisplayName", REG_SZ, f"Display name {i}\0".encode("utf-16-le")),
+            NewValue("Data", REG_BINARY, blob),
+        ]
 
     n = 0
     tops = []
@@ -91,11 +93,25 @@ def make_delta(keys: int, seed: int, target: int = 1 << 20) -> bytes:
                 elif r < 0.1:
                     leaves.append(NewKey(name, layer_semantics=TOMBSTONE))
                 elif r < 0.2:
-                    leaves.append(NewKey(name, layer_semantics=SUPERSEDE_TREE, inherit_class=True,
-                                         values=[NewValue("Start", REG_DWORD, b"\1\0\0\0")]))
+                    leaves.append(
+                        NewKey(
+                            name,
+                            layer_semantics=SUPERSEDE_TREE,
+                            inherit_class=True,
+                            values=[NewValue("Start", REG_DWORD, b"\1\0\0\0")],
+                        )
+                    )
                 else:
-                    leaves.append(NewKey(name, inherit_class=True, values=[
-                        NewValue("Start", REG_DWORD, b"\4\0\0\0"), NewValue("Data", 0, b"", tombstone=True)]))
+                    leaves.append(
+                        NewKey(
+                            name,
+                            inherit_class=True,
+                            values=[
+                                NewValue("Start", REG_DWORD, b"\4\0\0\0"),
+                                NewValue("Data", 0, b"", tombstone=True),
+                            ],
+                        )
+                    )
             ms.append(NewKey(f"M{m:03d}", inherit_class=True, subkeys=leaves))
         tops.append(NewKey(f"T{t:02d}", inherit_class=True, subkeys=ms))
     return write_hive(NewKey("ROOT", inherit_class=True, subkeys=tops), layered=True)
@@ -158,7 +174,9 @@ def one(mode: str, work: str) -> dict:
         tools.rm_image(os.path.join(work, name))
     elif mode == "merges":
         for h in HIVES:
-            regf.merge(regf.open_hive(os.path.join(work, f"{h}_BASE")), [regf.open_hive(os.path.join(work, f"{h}_DELTA"))])
+            regf.merge(
+                regf.open_hive(os.path.join(work, f"{h}_BASE")), [regf.open_hive(os.path.join(work, f"{h}_DELTA"))]
+            )
         elapsed = time.perf_counter() - t0
     elif mode == "read":
         for h in HIVES:
@@ -192,19 +210,37 @@ def main() -> None:
         print(json.dumps(one(args.one, args.work_dir)))
         return
     prepare(args.work_dir, args.keys)
-    sizes = {h: (os.path.getsize(os.path.join(args.work_dir, f"{h}_BASE")),
-                 os.path.getsize(os.path.join(args.work_dir, f"{h}_DELTA"))) for h in HIVES}
+    sizes = {
+        h: (
+            os.path.getsize(os.path.join(args.work_dir, f"{h}_BASE")),
+            os.path.getsize(os.path.join(args.work_dir, f"{h}_DELTA")),
+        )
+        for h in HIVES
+    }
     results = {}
     for mode in ("read", "merges", "without", "with"):
         runs = []
         for _ in range(args.runs):
-            p = subprocess.run([sys.executable, __file__, "--one", mode, "--work-dir", args.work_dir],
-                               capture_output=True, text=True, check=True)
+            p = subprocess.run(
+                [sys.executable, __file__, "--one", mode, "--work-dir", args.work_dir],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs.append(json.loads(p.stdout))
         results[mode] = {"seconds": min(r["seconds"] for r in runs), "max_rss_mib": max(r["max_rss_mib"] for r in runs)}
     ratio = results["with"]["seconds"] / (results["without"]["seconds"] + results["merges"]["seconds"])
-    print(json.dumps({"keys_per_base": args.keys, "hive_bytes": sizes, "results": results,
-                      "with_over_without_plus_merges": round(ratio, 3)}, indent=1))
+    print(
+        json.dumps(
+            {
+                "keys_per_base": args.keys,
+                "hive_bytes": sizes,
+                "results": results,
+                "with_over_without_plus_merges": round(ratio, 3),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

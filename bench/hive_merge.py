@@ -46,8 +46,10 @@ def key_name(depth: int, i: int) -> str:
 
 
 def values_of(rng: random.Random, path_id: int) -> list[tuple[str, int, bytes]]:
-    vals = [("Start", REG_DWORD, (path_id & 0xFFFFFFFF).to_bytes(4, "little")),
-            ("Name", REG_SZ, f"N{path_id}\0".encode("utf-16-le"))]
+    vals = [
+        ("Start", REG_DWORD, (path_id & 0xFFFFFFFF).to_bytes(4, "little")),
+        ("Name", REG_SZ, f"N{path_id}\0".encode("utf-16-le")),
+    ]
     r = rng.random()
     if r < 0.001:
         vals.append(("Blob", REG_BINARY, rng.randbytes(rng.randrange(1000, 40000))))
@@ -86,11 +88,27 @@ def generate_base(path: str) -> None:
             entries.sort(key=lambda e: ks(e[1]))
         vals = values_of(rng, pid) if depth else []
         voffs = [b.value(*encode_name(n), t, d) for n, t, d in vals]
-        b.key(off, raw, comp, flags=0, last_written=132_500_000_000_000_000 + pid, layer=0, parent=parent,
-              nsub=len(entries), sublist=b.subkey_list(entries), nval=len(voffs), vallist=b.value_list(voffs), sk=sk,
-              class_off=L.NONE, class_len=0, maxname=max((utf16_bytes(e[4]) for e in entries), default=0),
-              user_flags=0, maxclass=0, maxvalname=max((utf16_bytes(v[0]) for v in vals), default=0),
-              maxvaldata=max((len(v[2]) for v in vals), default=0))
+        b.key(
+            off,
+            raw,
+            comp,
+            flags=0,
+            last_written=132_500_000_000_000_000 + pid,
+            layer=0,
+            parent=parent,
+            nsub=len(entries),
+            sublist=b.subkey_list(entries),
+            nval=len(voffs),
+            vallist=b.value_list(voffs),
+            sk=sk,
+            class_off=L.NONE,
+            class_len=0,
+            maxname=max((utf16_bytes(e[4]) for e in entries), default=0),
+            user_flags=0,
+            maxclass=0,
+            maxvalname=max((utf16_bytes(v[0]) for v in vals), default=0),
+            maxvaldata=max((len(v[2]) for v in vals), default=0),
+        )
         return off, upcase(name), raw, comp, name
 
     root = write("ROOT", L.NONE, 0)[0]
@@ -118,8 +136,11 @@ def generate_delta(path: str) -> None:
         n = node(parts)
         r = rng.random()
         if r < 0.5:
-            for v in (NewValue("Start", REG_SZ, f"changed {rng.random()}\0".encode("utf-16-le")),
-                      NewValue("Data", 0, b"", tombstone=True), NewValue("New", REG_BINARY, rng.randbytes(200))):
+            for v in (
+                NewValue("Start", REG_SZ, f"changed {rng.random()}\0".encode("utf-16-le")),
+                NewValue("Data", 0, b"", tombstone=True),
+                NewValue("New", REG_BINARY, rng.randbytes(200)),
+            ):
                 n["__vals"][v.name] = v
         elif r < 0.8:
             n[f"NewKey{rng.randrange(10**6)}"] = {"__vals": {"v": NewValue("v", REG_DWORD, b"\1\0\0\0")}, "__sem": 0}
@@ -139,8 +160,13 @@ def generate_delta(path: str) -> None:
         kids = [build(k, v, sem == SUPERSEDE_TREE) for k, v in d.items() if not k.startswith("__")]
         if sem == TOMBSTONE:
             return NewKey(name, layer_semantics=TOMBSTONE)
-        return NewKey(name, values=list(d.get("__vals", {}).values()), subkeys=kids, layer_semantics=sem,
-                      inherit_class=sem != SUPERSEDE_TREE or not inherited_tree)
+        return NewKey(
+            name,
+            values=list(d.get("__vals", {}).values()),
+            subkeys=kids,
+            layer_semantics=sem,
+            inherit_class=sem != SUPERSEDE_TREE or not inherited_tree,
+        )
 
     data = write_hive(build("ROOT", top), minor=6, layered=True)
     with open(path + ".tmp", "wb") as f:
@@ -172,12 +198,16 @@ def timed(code: str) -> dict:
     r = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True, text=True)
     if r.returncode:
         sys.exit(r.stderr)
+
     def field(name):
         return re.search(rf"{re.escape(name)}: (.*)", r.stderr).group(1).strip()
+
     wall = field("Elapsed (wall clock) time (h:mm:ss or m:ss)").split(":")
-    return {"wall": sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall))),
-            "cpu": float(field("User time (seconds)")) + float(field("System time (seconds)")),
-            "rss_mb": int(field("Maximum resident set size (kbytes)")) / 1024}
+    return {
+        "wall": sum(float(x) * 60**i for i, x in enumerate(reversed(wall))),
+        "cpu": float(field("User time (seconds)")) + float(field("System time (seconds)")),
+        "rss_mb": int(field("Maximum resident set size (kbytes)")) / 1024,
+    }
 
 
 def main() -> None:
@@ -199,8 +229,10 @@ def main() -> None:
     for _ in range(args.runs):
         rows["merge"].append(timed(MERGE.format(src=src, base=base, delta=delta, out=out)))
         rows["walk"].append(timed(WALK.format(src=src, base=base)))
-    print(f"base {os.path.getsize(base) / 1e6:.1f} MB, delta {os.path.getsize(delta) / 1e6:.2f} MB, "
-          f"merged {os.path.getsize(out) / 1e6:.1f} MB; the run with the least CPU of {args.runs} (wall / CPU / max RSS):")
+    print(
+        f"base {os.path.getsize(base) / 1e6:.1f} MB, delta {os.path.getsize(delta) / 1e6:.2f} MB, "
+        f"merged {os.path.getsize(out) / 1e6:.1f} MB; the run with the least CPU of {args.runs} (wall / CPU / max RSS):"
+    )
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     best = {op: min(runs, key=lambda r: r["cpu"]) for op, runs in rows.items()}
     for op, runs in rows.items():

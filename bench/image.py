@@ -65,11 +65,13 @@ def _layer(path: str, index: int, total: int, rng: random.Random) -> tuple[str, 
 
     with open(tmp, "wb") as f:
         with tarfile.open(fileobj=Sink(), mode="w|", format=tarfile.PAX_FORMAT) as tf:
+
             def add_dir(name):
                 ti = tarfile.TarInfo(name)
                 ti.type = tarfile.DIRTYPE
                 ti.pax_headers = {"MSWINDOWS.fileattr": "16", "mtime": "1700000000.0"}
                 tf.addfile(ti)
+
             add_dir("Files")
             if index == 0:
                 add_dir("Files/Windows")
@@ -129,13 +131,36 @@ def make_layout(layout: str, scale: float, log) -> dict:
             f.write(data)
         return {"digest": "sha256:" + d, "size": len(data)}
 
-    config = put({"architecture": "amd64", "os": "windows", "created": "2024-01-01T00:00:00Z",
-                  "rootfs": {"type": "layers", "diff_ids": diff_ids}})
-    manifest = put({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "config": dict(config, mediaType="application/vnd.oci.image.config.v1+json"), "layers": layers})
+    config = put(
+        {
+            "architecture": "amd64",
+            "os": "windows",
+            "created": "2024-01-01T00:00:00Z",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    )
+    manifest = put(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": dict(config, mediaType="application/vnd.oci.image.config.v1+json"),
+            "layers": layers,
+        }
+    )
     with open(os.path.join(layout, "index.json"), "w") as f:
-        json.dump({"schemaVersion": 2, "manifests": [dict(manifest, mediaType="application/vnd.oci.image.manifest.v1+json",
-                                                          annotations={"org.opencontainers.image.ref.name": "bench"})]}, f)
+        json.dump(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    dict(
+                        manifest,
+                        mediaType="application/vnd.oci.image.manifest.v1+json",
+                        annotations={"org.opencontainers.image.ref.name": "bench"},
+                    )
+                ],
+            },
+            f,
+        )
     with open(os.path.join(layout, "oci-layout"), "w") as f:
         json.dump({"imageLayoutVersion": "1.0.0"}, f)
     info = {"layers": layers, "gzip_bytes": sum(x["size"] for x in layers)}
@@ -185,23 +210,32 @@ def main(argv=None) -> int:
     def b_by_hand():
         d, rootfs = os.path.join(scratch, "dir"), os.path.join(scratch, "rootfs")
         os.makedirs(rootfs)
-        return [["skopeo", "--insecure-policy", "copy", "-q", f"oci:{layout}", f"dir:{d}"]] + \
-            [["tar", "--warning=no-unknown-keyword", "-xzf", os.path.join(d, x["digest"][7:]), "-C", rootfs] for x in info["layers"]]
+        return [["skopeo", "--insecure-policy", "copy", "-q", f"oci:{layout}", f"dir:{d}"]] + [
+            ["tar", "--warning=no-unknown-keyword", "-xzf", os.path.join(d, x["digest"][7:]), "-C", rootfs]
+            for x in info["layers"]
+        ]
 
     def c_create():
         cmds, parent = [], None
         for i, x in enumerate(info["layers"]):
-            c = cimfs + ["create", os.path.join(blobs, x["digest"][7:]), os.path.join(scratch, f"l{i}.cim"),
-                         "--format", "windows-layer"]
+            c = cimfs + [
+                "create",
+                os.path.join(blobs, x["digest"][7:]),
+                os.path.join(scratch, f"l{i}.cim"),
+                "--format",
+                "windows-layer",
+            ]
             if parent:
                 c += ["--fork-from", parent]
             cmds.append(c)
             parent = os.path.join(scratch, f"l{i}.cim")
         return cmds
 
-    contenders = [("cimfs import-image --jobs %d" % args.jobs, a_import),
-                  ("skopeo copy + tar -xzf (by hand)", b_by_hand),
-                  ("cimfs create per layer", c_create)]
+    contenders = [
+        ("cimfs import-image --jobs %d" % args.jobs, a_import),
+        ("skopeo copy + tar -xzf (by hand)", b_by_hand),
+        ("cimfs create per layer", c_create),
+    ]
     times: dict[str, list[float]] = {n: [] for n, _ in contenders}
     for r in range(args.runs):
         order = contenders if r % 2 == 0 else contenders[::-1]
@@ -218,30 +252,50 @@ def main(argv=None) -> int:
     ratio_b = statistics.median(x / y for x, y in zip(times[a], times[b]))
     ratio_c = statistics.median(x / y for x, y in zip(times[a], times[c]))
     load = os.getloadavg()
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     sizes = ", ".join("%.0f" % (x["size"] / 2**20) for x in info["layers"])
     lines = [
-        "# Image import benchmark (bench/image.py)", "",
+        "# Image import benchmark (bench/image.py)",
+        "",
         f"- measured {_dt.datetime.now().isoformat(timespec='seconds')} at commit {commit}; "
         f"{os.cpu_count()} cores; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
         "(other work was running on the machine)",
-        f"- workload: 3 gzip layers, {info['gzip_bytes'] / 2**20:.0f} MiB of gzip "
-        f"({sizes} MiB), scale {args.scale}",
+        f"- workload: 3 gzip layers, {info['gzip_bytes'] / 2**20:.0f} MiB of gzip ({sizes} MiB), scale {args.scale}",
         f"- {args.runs} runs, contenders alternating (A B C, C B A, ...); inputs read once before each run; "
-        "each time includes a final `sync`", "",
-        "| contender | median | runs |", "|---|---:|---|",
+        "each time includes a final `sync`",
+        "",
+        "| contender | median | runs |",
+        "|---|---:|---|",
     ]
     for n, _ in contenders:
         lines.append(f"| {n} | {med[n]:.2f} s | {', '.join(f'{x:.2f}' for x in times[n])} |")
-    lines += ["", f"- import / by hand (median of per-run ratios): **{ratio_b:.2f}** (target ≤ 1.0)",
-              f"- import / cimfs create per layer: **{ratio_c:.2f}**", ""]
+    lines += [
+        "",
+        f"- import / by hand (median of per-run ratios): **{ratio_b:.2f}** (target ≤ 1.0)",
+        f"- import / cimfs create per layer: **{ratio_c:.2f}**",
+        "",
+    ]
     text = "\n".join(lines)
     print(text)
     with open(args.out, "w") as f:
         f.write(text)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"times": times, "median": med, "ratio_vs_by_hand": ratio_b, "ratio_vs_create": ratio_c,
-                   "commit": commit, "load": load, "gzip_bytes": info["gzip_bytes"], "scale": args.scale}, f, indent=1)
+        json.dump(
+            {
+                "times": times,
+                "median": med,
+                "ratio_vs_by_hand": ratio_b,
+                "ratio_vs_create": ratio_c,
+                "commit": commit,
+                "load": load,
+                "gzip_bytes": info["gzip_bytes"],
+                "scale": args.scale,
+            },
+            f,
+            indent=1,
+        )
     return 0
 
 

@@ -76,6 +76,7 @@ def _write_layer(blobs: str, index: int, files, whiteouts=()) -> tuple[dict, str
     tmp = os.path.join(blobs, f".layer{index}.tmp")
     size = 0
     with open(tmp, "wb") as out:
+
         class Sink:
             def write(self, b):
                 nonlocal size
@@ -110,6 +111,7 @@ def _write_layer(blobs: str, index: int, files, whiteouts=()) -> tuple[dict, str
                     ti.size = len(data)
                     ti.pax_headers = {"MSWINDOWS.fileattr": "32", "mtime": "1700000000.0"}
                     import io
+
                     tf.addfile(ti, io.BytesIO(data))
             for w in whiteouts:
                 d, _, base = w.rpartition("/")
@@ -127,8 +129,11 @@ def _write_layer(blobs: str, index: int, files, whiteouts=()) -> tuple[dict, str
         out.write(tail)
     digest = "sha256:" + blob.hexdigest()
     os.replace(tmp, os.path.join(blobs, digest[7:]))
-    desc = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest,
-            "size": os.path.getsize(os.path.join(blobs, digest[7:]))}
+    desc = {
+        "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+        "digest": digest,
+        "size": os.path.getsize(os.path.join(blobs, digest[7:])),
+    }
     return desc, "sha256:" + raw.hexdigest(), size
 
 
@@ -147,8 +152,10 @@ def make_layout(layout: str, mib: int, log) -> dict:
         # the second layer deletes a few of the first's files (whiteouts), as updates do
         wh = [name for _, name, _ in groups[0][:: max(1, len(groups[0]) // 5)]][:5] if i == 1 else ()
         desc, diff_id, size = _write_layer(blobs, i, g, wh)
-        log(f"  layer {i}: {len(g)} files, {size / 2**20:.0f} MiB tar, {desc['size'] / 2**20:.0f} MiB gzip "
-            f"({time.monotonic() - t0:.0f} s)")
+        log(
+            f"  layer {i}: {len(g)} files, {size / 2**20:.0f} MiB tar, {desc['size'] / 2**20:.0f} MiB gzip "
+            f"({time.monotonic() - t0:.0f} s)"
+        )
         layers.append(desc)
         diff_ids.append(diff_id)
         sizes.append(size)
@@ -160,13 +167,36 @@ def make_layout(layout: str, mib: int, log) -> dict:
             f.write(data)
         return {"digest": "sha256:" + d, "size": len(data)}
 
-    config = put({"architecture": "amd64", "os": "windows", "created": "2024-01-01T00:00:00Z",
-                  "rootfs": {"type": "layers", "diff_ids": diff_ids}})
-    manifest = put({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "config": dict(config, mediaType="application/vnd.oci.image.config.v1+json"), "layers": layers})
+    config = put(
+        {
+            "architecture": "amd64",
+            "os": "windows",
+            "created": "2024-01-01T00:00:00Z",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    )
+    manifest = put(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": dict(config, mediaType="application/vnd.oci.image.config.v1+json"),
+            "layers": layers,
+        }
+    )
     with open(os.path.join(layout, "index.json"), "w") as f:
-        json.dump({"schemaVersion": 2, "manifests": [dict(manifest, mediaType="application/vnd.oci.image.manifest.v1+json",
-                                                          annotations={"org.opencontainers.image.ref.name": "bench"})]}, f)
+        json.dump(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    dict(
+                        manifest,
+                        mediaType="application/vnd.oci.image.manifest.v1+json",
+                        annotations={"org.opencontainers.image.ref.name": "bench"},
+                    )
+                ],
+            },
+            f,
+        )
     with open(os.path.join(layout, "oci-layout"), "w") as f:
         json.dump({"imageLayoutVersion": "1.0.0"}, f)
     info = {"layers": layers, "tar_bytes": sizes, "files": [len(g) for g in groups]}
@@ -201,8 +231,12 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="pairs of runs (default 3)")
     ap.add_argument("--work-dir", default=os.path.join(HERE, "work", "import_jobs"))
     ap.add_argument("--out", default=os.path.join(HERE, "IMAGE-RESULTS.md"))
-    ap.add_argument("--boost", type=int, metavar="NICE",
-                    help="set this session's autogroup niceness (e.g. -20, as root) for the runs: see below")
+    ap.add_argument(
+        "--boost",
+        type=int,
+        metavar="NICE",
+        help="set this session's autogroup niceness (e.g. -20, as root) for the runs: see below",
+    )
     args = ap.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)
     os.makedirs(args.work_dir, exist_ok=True)
@@ -226,22 +260,28 @@ def main(argv=None) -> int:
             log(f"cannot set the autogroup niceness: {e}")
     runs: dict[str, list] = {"1": [], "2": []}
     for r in range(args.runs):
-        for jobs in (("1", "2") if r % 2 == 0 else ("2", "1")):
+        for jobs in ("1", "2") if r % 2 == 0 else ("2", "1"):
             shutil.rmtree(store, ignore_errors=True)
             warm(layout)
             load = os.getloadavg()[0]
-            wall, cpu = run_once([sys.executable, "-m", "cimfs.cli", "import-image", layout, store, "--jobs", jobs], env)
+            wall, cpu = run_once(
+                [sys.executable, "-m", "cimfs.cli", "import-image", layout, store, "--jobs", jobs], env
+            )
             runs[jobs].append({"wall": wall, "cpu": cpu, "load": load})
             log(f"pair {r + 1}: --jobs {jobs}: wall {wall:.2f} s, CPU {cpu:.2f} s, load {load:.1f}")
     shutil.rmtree(store, ignore_errors=True)
     ratios = [b["wall"] / a["wall"] for a, b in zip(runs["1"], runs["2"])]
     cpu_ratios = [b["cpu"] / a["cpu"] for a, b in zip(runs["1"], runs["2"])]
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     med = {j: statistics.median(x["wall"] for x in v) for j, v in runs.items()}
     cpu = {j: statistics.median(x["cpu"] for x in v) for j, v in runs.items()}
     loads = [x["load"] for v in runs.values() for x in v]
     lines = [
-        BEGIN, "## import-image --jobs 2 vs --jobs 1 (bench/import_jobs.py)", "",
+        BEGIN,
+        "## import-image --jobs 2 vs --jobs 1 (bench/import_jobs.py)",
+        "",
         f"- measured {_dt.datetime.now().isoformat(timespec='seconds')} at commit {commit}; {os.cpu_count()} cores; "
         f"1-minute load average before the runs {min(loads):.1f}–{max(loads):.1f} (other work was running)",
         f"- workload: 3 gzip layers of stdlib files ({', '.join(str(n) for n in info['files'])} files; "
@@ -249,28 +289,42 @@ def main(argv=None) -> int:
         f"{', '.join('%.0f' % (x['size'] / 2**20) for x in info['layers'])} MiB of gzip); the second layer has whiteouts",
         f"- {args.runs} pairs, alternating (1 2, 2 1, ...); a fresh store and warm inputs for each run; "
         "wall includes a final `sync`; CPU is user + sys of the import process and its children",
-        f"- the session's autogroup: {boost}" + (" (raised above the other sessions: the runs have both cores, "
-                                                  "as on an idle machine)" if boost != "none" else
-                                                  " (an equal share with the other sessions: see bench/NOTES.md)"), "",
-        "| --jobs | median wall | median CPU | runs (wall / CPU / load) |", "|---:|---:|---:|---|",
+        f"- the session's autogroup: {boost}"
+        + (
+            " (raised above the other sessions: the runs have both cores, as on an idle machine)"
+            if boost != "none"
+            else " (an equal share with the other sessions: see bench/NOTES.md)"
+        ),
+        "",
+        "| --jobs | median wall | median CPU | runs (wall / CPU / load) |",
+        "|---:|---:|---:|---|",
     ]
     for j in ("1", "2"):
-        lines.append(f"| {j} | {med[j]:.2f} s | {cpu[j]:.2f} s | "
-                     + ", ".join(f"{x['wall']:.1f} / {x['cpu']:.1f} / {x['load']:.1f}" for x in runs[j]) + " |")
-    lines += ["", f"- wall jobs2 / jobs1, median of the per-pair ratios: **{statistics.median(ratios):.2f}** "
-                  f"({', '.join(f'{x:.2f}' for x in ratios)}; target ≤ 0.7)",
-              f"- CPU jobs2 / jobs1: {statistics.median(cpu_ratios):.2f} (both processes)", END]
+        lines.append(
+            f"| {j} | {med[j]:.2f} s | {cpu[j]:.2f} s | "
+            + ", ".join(f"{x['wall']:.1f} / {x['cpu']:.1f} / {x['load']:.1f}" for x in runs[j])
+            + " |"
+        )
+    lines += [
+        "",
+        f"- wall jobs2 / jobs1, median of the per-pair ratios: **{statistics.median(ratios):.2f}** "
+        f"({', '.join(f'{x:.2f}' for x in ratios)}; target ≤ 0.7)",
+        f"- CPU jobs2 / jobs1: {statistics.median(cpu_ratios):.2f} (both processes)",
+        END,
+    ]
     text = "\n".join(lines)
     print(text)
     old = open(args.out).read() if os.path.exists(args.out) else ""
     if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
+        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) :]
     else:
         new = old.rstrip("\n") + ("\n\n" if old else "") + text + "\n"
     with open(args.out, "w") as f:
         f.write(new)
     with open(os.path.join(args.work_dir, "results.json"), "w") as f:
-        json.dump({"runs": runs, "ratios": ratios, "cpu_ratios": cpu_ratios, "commit": commit, "info": info}, f, indent=1)
+        json.dump(
+            {"runs": runs, "ratios": ratios, "cpu_ratios": cpu_ratios, "commit": commit, "info": info}, f, indent=1
+        )
     return 0
 
 

@@ -80,8 +80,22 @@ def fuse_main(a, work: str, env: dict) -> str:
         os.makedirs(img_dir, exist_ok=True)
         subprocess.run(CIMFS + ["create", a.src, image], check=True, env=env, stdout=subprocess.DEVNULL)
     if not os.path.exists(sq):
-        subprocess.run(["mksquashfs", a.src, sq, "-noI", "-noD", "-noF", "-noX", "-no-xattrs", "-noappend",
-                        "-no-progress", "-quiet"], check=True)
+        subprocess.run(
+            [
+                "mksquashfs",
+                a.src,
+                sq,
+                "-noI",
+                "-noD",
+                "-noF",
+                "-noX",
+                "-no-xattrs",
+                "-noappend",
+                "-no-progress",
+                "-quiet",
+            ],
+            check=True,
+        )
     for f in [sq] + [os.path.join(img_dir, n) for n in os.listdir(img_dir)]:
         subprocess.run(["cat", f], check=True, stdout=subprocess.DEVNULL)  # both images start in the page cache
     mnt = os.path.join(work, "fm")
@@ -109,6 +123,7 @@ def fuse_main(a, work: str, env: dict) -> str:
         def stop():
             subprocess.run(["fusermount3", "-u", mnt], check=True)
             proc.wait()
+
         return proc.pid, stop
 
     contenders = {"cimfs mount": cimfs_mount, "squashfuse": squashfuse_mount}
@@ -125,21 +140,30 @@ def fuse_main(a, work: str, env: dict) -> str:
             finally:
                 stop()
             w, d, c = rows[(name, "fresh")][-1]
-            print(f"run {r} {name}: fresh wall {w:.2f} s daemon {d:.2f} s tar {c:.2f} s; warm wall "
-                  f"{rows[(name, 'warm')][-1][0]:.2f} s; load {os.getloadavg()[0]:.1f}", flush=True)
+            print(
+                f"run {r} {name}: fresh wall {w:.2f} s daemon {d:.2f} s tar {c:.2f} s; warm wall "
+                f"{rows[(name, 'warm')][-1][0]:.2f} s; load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
     load = os.getloadavg()
-    out = [f"Source: `{a.src}`; {a.runs} alternating runs, medians (ratios: median of the per-run ratios); "
-           f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} CPUs; "
-           f"request loop: {os.environ.get('CIMFS_FUSE_LOOP') or 'wire'}.", "",
-           "| tar through the mount | cimfs wall | squashfuse wall | ratio (wall) | cimfs daemon CPU | squashfuse CPU "
-           "| ratio (daemon CPU) | tar+cat CPU (cimfs / squashfuse) |", "|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"Source: `{a.src}`; {a.runs} alternating runs, medians (ratios: median of the per-run ratios); "
+        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} CPUs; "
+        f"request loop: {os.environ.get('CIMFS_FUSE_LOOP') or 'wire'}.",
+        "",
+        "| tar through the mount | cimfs wall | squashfuse wall | ratio (wall) | cimfs daemon CPU | squashfuse CPU "
+        "| ratio (daemon CPU) | tar+cat CPU (cimfs / squashfuse) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for state in ("fresh", "warm"):
         c, s_ = rows[("cimfs mount", state)], rows[("squashfuse", state)]
         med = statistics.median
-        out.append(f"| {state} | {med(x[0] for x in c):.2f} s | {med(x[0] for x in s_):.2f} s "
-                   f"| {med(x[0] / y[0] for x, y in zip(c, s_)):.2f} | {med(x[1] for x in c):.2f} s "
-                   f"| {med(x[1] for x in s_):.2f} s | {med(x[1] / max(y[1], 0.01) for x, y in zip(c, s_)):.2f} "
-                   f"| {med(x[2] for x in c):.2f} / {med(x[2] for x in s_):.2f} s |")
+        out.append(
+            f"| {state} | {med(x[0] for x in c):.2f} s | {med(x[0] for x in s_):.2f} s "
+            f"| {med(x[0] / y[0] for x, y in zip(c, s_)):.2f} | {med(x[1] for x in c):.2f} s "
+            f"| {med(x[1] for x in s_):.2f} s | {med(x[1] / max(y[1], 0.01) for x, y in zip(c, s_)):.2f} "
+            f"| {med(x[2] for x in c):.2f} / {med(x[2] for x in s_):.2f} s |"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -179,11 +203,31 @@ def main() -> int:
         drop_caches()
         note("cimfs create", timed(CIMFS + ["create", a.src, os.path.join(img_dir, "i.cim")], env=env))
         drop_caches()
-        note("cimfs to-erofs", timed(CIMFS + ["to-erofs", os.path.join(img_dir, "i.cim"), os.path.join(work, "i.erofs")],
-                                     env=env, stderr=subprocess.DEVNULL))
+        note(
+            "cimfs to-erofs",
+            timed(
+                CIMFS + ["to-erofs", os.path.join(img_dir, "i.cim"), os.path.join(work, "i.erofs")],
+                env=env,
+                stderr=subprocess.DEVNULL,
+            ),
+        )
     if not os.path.exists(sq):
-        subprocess.run(["mksquashfs", a.src, sq, "-noI", "-noD", "-noF", "-noX", "-no-xattrs", "-noappend",
-                        "-no-progress", "-quiet"], check=True)
+        subprocess.run(
+            [
+                "mksquashfs",
+                a.src,
+                sq,
+                "-noI",
+                "-noD",
+                "-noF",
+                "-noX",
+                "-no-xattrs",
+                "-noappend",
+                "-no-progress",
+                "-quiet",
+            ],
+            check=True,
+        )
     image_size = tree_bytes(img_dir)
     index_size = os.path.getsize(os.path.join(work, "i.erofs"))
     sq_size = os.path.getsize(sq)
@@ -192,8 +236,12 @@ def main() -> int:
     km, sm = os.path.join(work, "km"), os.path.join(work, "sm")
     os.makedirs(km, exist_ok=True)
     os.makedirs(sm, exist_ok=True)
-    subprocess.run(CIMFS + ["mount", "--kernel", os.path.join(img_dir, "i.cim"), km], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        CIMFS + ["mount", "--kernel", os.path.join(img_dir, "i.cim"), km],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     subprocess.run(["squashfuse", sq, sm], check=True)
     try:
         trees = {"kernel mount": km, "squashfuse": sm, "source dir": a.src}
@@ -217,14 +265,18 @@ def main() -> int:
 
     med = {k: statistics.median(v) for k, v in times.items()}
     load = os.getloadavg()
-    out = [f"Source: `{a.src}`; {a.runs} alternating runs, medians; load average at the end "
-           f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} CPUs.", "",
-           "| measure | cimfs | peer | ratio |", "|---|---|---|---|",
-           f"| build: `cimfs to-erofs` vs `cimfs create` | {med['cimfs to-erofs']:.2f} s | {med['cimfs create']:.2f} s "
-           f"| {med['cimfs to-erofs'] / med['cimfs create']:.2f} |",
-           f"| size: index vs image | {index_size / 1e6:.1f} MB | {image_size / 1e6:.1f} MB | {index_size / image_size:.3f} |",
-           f"| size: image vs squashfs (uncompressed) | {image_size / 1e6:.1f} MB | {sq_size / 1e6:.1f} MB "
-           f"| {image_size / sq_size:.3f} |"]
+    out = [
+        f"Source: `{a.src}`; {a.runs} alternating runs, medians; load average at the end "
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} CPUs.",
+        "",
+        "| measure | cimfs | peer | ratio |",
+        "|---|---|---|---|",
+        f"| build: `cimfs to-erofs` vs `cimfs create` | {med['cimfs to-erofs']:.2f} s | {med['cimfs create']:.2f} s "
+        f"| {med['cimfs to-erofs'] / med['cimfs create']:.2f} |",
+        f"| size: index vs image | {index_size / 1e6:.1f} MB | {image_size / 1e6:.1f} MB | {index_size / image_size:.3f} |",
+        f"| size: image vs squashfs (uncompressed) | {image_size / 1e6:.1f} MB | {sq_size / 1e6:.1f} MB "
+        f"| {image_size / sq_size:.3f} |",
+    ]
     for op in ("tar", "stat"):
         for state in ("warm", "cold"):
             k = med[f"{op} {state}/kernel mount"]

@@ -45,11 +45,13 @@ def posix_ea(st: os.stat_result) -> bytes:
     key = (st.st_uid, st.st_gid, st.st_mode)
     ea = _ea_cache.get(key)
     if ea is None:
-        ea = _ea_cache[key] = _ea_chain([
-            (b"$LXUID", struct.pack("<I", st.st_uid)),
-            (b"$LXGID", struct.pack("<I", st.st_gid)),
-            (b"$LXMOD", struct.pack("<I", st.st_mode)),
-        ])
+        ea = _ea_cache[key] = _ea_chain(
+            [
+                (b"$LXUID", struct.pack("<I", st.st_uid)),
+                (b"$LXGID", struct.pack("<I", st.st_gid)),
+                (b"$LXMOD", struct.pack("<I", st.st_mode)),
+            ]
+        )
     return ea
 
 
@@ -93,8 +95,13 @@ def build(src: str, image_dir: str, name: str, posix: bool = True, sync: bool = 
                 p = os.path.join(dirpath, f)
                 st = os.lstat(p)
                 if stat.S_ISLNK(st.st_mode):
-                    w.add_file(prefix + f, b"", metadata(st, posix, attributes=FileAttributes.REPARSE_POINT,
-                                                          reparse_data=lx_symlink(os.readlink(p))))
+                    w.add_file(
+                        prefix + f,
+                        b"",
+                        metadata(
+                            st, posix, attributes=FileAttributes.REPARSE_POINT, reparse_data=lx_symlink(os.readlink(p))
+                        ),
+                    )
                     n_links += 1
                 elif stat.S_ISREG(st.st_mode):
                     meta = metadata(st, posix, file_size=st.st_size, attributes=FileAttributes.ARCHIVE)

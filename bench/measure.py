@@ -222,7 +222,11 @@ class Mount:
                 self._kill()
                 raise RuntimeError(f"mount failed: {last_line(msg)}")
             time.sleep(0.02)
-        self.pids = [self.proc.pid] if self.foreground else _pids_mentioning(self.mnt) or _pids_mentioning(os.path.abspath(self.mnt))
+        self.pids = (
+            [self.proc.pid]
+            if self.foreground
+            else _pids_mentioning(self.mnt) or _pids_mentioning(os.path.abspath(self.mnt))
+        )
         return self
 
     def peak_rss(self) -> int:
@@ -294,7 +298,7 @@ def contest(wkey: str, op: str, contenders: list[Contender], runs: int, log, met
         else:
             live.append(c)
     for i in range(runs):
-        order = live[i % len(live):] + live[: i % len(live)] if live else []
+        order = live[i % len(live) :] + live[: i % len(live)] if live else []
         for c in order:
             r = recs[c.tool]
             if r.status != "ok":
@@ -319,7 +323,9 @@ def contest(wkey: str, op: str, contenders: list[Contender], runs: int, log, met
             if s.out.strip().startswith("{"):
                 r.note = s.out.strip().splitlines()[-1]
             cpu = f"  cpu {s.cpu:6.2f} s" if s.cpu is not None else ""
-            log(f"    run {i + 1}/{runs} {c.tool:24s} {s.wall:8.2f} s  {s.rss_kib / 1024:8.1f} MiB{cpu}  load {load:.1f}")
+            log(
+                f"    run {i + 1}/{runs} {c.tool:24s} {s.wall:8.2f} s  {s.rss_kib / 1024:8.1f} MiB{cpu}  load {load:.1f}"
+            )
     for c in contenders:
         if c.output and recs[c.tool].status == "ok" and os.path.exists(c.output):
             recs[c.tool].size = size_of(c.output)

@@ -21,7 +21,8 @@ TOOLS = {
 
 def which(tool: str) -> str | None:
     return shutil.which(tool) or next(
-        (p for p in (f"/usr/bin/{tool}", f"/usr/sbin/{tool}", f"/sbin/{tool}") if os.access(p, os.X_OK)), None)
+        (p for p in (f"/usr/bin/{tool}", f"/usr/sbin/{tool}", f"/sbin/{tool}") if os.access(p, os.X_OK)), None
+    )
 
 
 def ensure(install: bool = True, log=print) -> dict[str, str | None]:
@@ -34,10 +35,14 @@ def ensure(install: bool = True, log=print) -> dict[str, str | None]:
         else:
             log(f"  installing {' '.join(missing)} ...")
             env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-            subprocess.run(["apt-get", "update", "-qq"], check=False, env=env,
-                           stdout=subprocess.DEVNULL)
-            r = subprocess.run(["apt-get", "install", "-y", "-qq", *missing], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, stdout=subprocess.DEVNULL)
+            r = subprocess.run(
+                ["apt-get", "install", "-y", "-qq", *missing],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             if r.returncode:
                 log(f"  apt-get install failed: {r.stderr.strip()[-500:]}")
     return {tool: which(tool) for tool in TOOLS}

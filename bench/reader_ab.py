@@ -77,8 +77,9 @@ def main() -> None:
         for src in (a, b) if i % 2 == 0 else (b, a):
             r = run(src, image)
             results[src].append(r)
-            print(f"run {i} {src}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if isinstance(v, float)),
-                  flush=True)
+            print(
+                f"run {i} {src}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if isinstance(v, float)), flush=True
+            )
     print(f"load average: {os.getloadavg()}")
     for key in ("walk_cold", "walk_warm", "cat_all", "copy_all"):
         ma = statistics.median(r[key] for r in results[a])

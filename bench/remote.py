@@ -40,8 +40,13 @@ PAD = 224 << 20
 def cimfs(*args, env=None, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
     full = dict(os.environ)
     full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "cimfs.cli", *map(str, args)], env=full, stdout=stdout,
-                          stderr=subprocess.PIPE, check=True)
+    return subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", *map(str, args)],
+        env=full,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        check=True,
+    )
 
 
 def build(work: str) -> str:
@@ -61,8 +66,11 @@ def build(work: str) -> str:
 
 def stored(images: str) -> int:
     """Bytes the image needs: its .cim and the region files of its sets (the base's and its own)."""
-    return sum(os.path.getsize(os.path.join(images, n)) for n in os.listdir(images)
-               if n == "layer.cim" or n.startswith("region_"))
+    return sum(
+        os.path.getsize(os.path.join(images, n))
+        for n in os.listdir(images)
+        if n == "layer.cim" or n.startswith("region_")
+    )
 
 
 def measure(server, label, fn) -> tuple[int, int, float]:
@@ -87,8 +95,10 @@ def main() -> None:
         t0 = time.perf_counter()
         s3.upload_dir(images, "bench", "images")
         print(f"upload to moto: {time.perf_counter() - t0:.1f} s")
-        targets = [("S3 (moto)", "s3://bench/images/layer.cim", s3, s3.env()),
-                   ("HTTP", f"{http.url}/images/layer.cim", http, {})]
+        targets = [
+            ("S3 (moto)", "s3://bench/images/layer.cim", s3, s3.env()),
+            ("HTTP", f"{http.url}/images/layer.cim", http, {}),
+        ]
         for name, url, server, env in targets:
             out = {}
             r = measure(server, name, lambda: out.setdefault("cat", cimfs("cat", url, SMALL, env=env).stdout))
@@ -110,7 +120,9 @@ def main() -> None:
                 continue
             shutil.rmtree(remote_dest, ignore_errors=True)
             r = measure(server, name, lambda: cimfs("extract", url, remote_dest, env=env))
-            same.append(subprocess.run(["diff", "-r", "-q", local_dest, remote_dest], capture_output=True).returncode == 0)
+            same.append(
+                subprocess.run(["diff", "-r", "-q", local_dest, remote_dest], capture_output=True).returncode == 0
+            )
             rows.append((name, "extract (whole image)", *r, f"<= 1.05 x {total} B", r[1] <= 1.05 * total))
         for d in (local_dest, remote_dest):
             shutil.rmtree(d, ignore_errors=True)

@@ -101,7 +101,9 @@ def render(records: list[dict], wdesc: dict, mach: dict, vers: dict, runs_note: 
         by.setdefault((r["workload"], r["op"]), {})[r["tool"]] = r
     lines = []
     plot = []  # (label, ratio, target)
-    lines.append("| workload | operation | cimfs | cimfs time | peer | peer time | ratio cimfs/peer | target | cimfs peak RSS | peer peak RSS |")
+    lines.append(
+        "| workload | operation | cimfs | cimfs time | peer | peer time | ratio cimfs/peer | target | cimfs peak RSS | peer peak RSS |"
+    )
     lines.append("|---|---|---|---:|---|---:|---:|---:|---:|---:|")
     fullcreate = None
     if ("1", "create") in by:
@@ -110,7 +112,9 @@ def render(records: list[dict], wdesc: dict, mach: dict, vers: dict, runs_note: 
             if r and r["status"] == "ok":
                 fullcreate = r
                 break
-    for (wk, op), tools in sorted(by.items(), key=lambda kv: (kv[0][0], OPS.index(kv[0][1]) if kv[0][1] in OPS else 99)):
+    for (wk, op), tools in sorted(
+        by.items(), key=lambda kv: (kv[0][0], OPS.index(kv[0][1]) if kv[0][1] in OPS else 99)
+    ):
         cims = [t for t in tools if t.startswith("cimfs")]
         peers_ = [t for t in tools if not t.startswith("cimfs")]
         if op == "fork" and fullcreate:
@@ -134,14 +138,18 @@ def render(records: list[dict], wdesc: dict, mach: dict, vers: dict, runs_note: 
                 if ratio is not None and tgt is not None:
                     mark = " ✅" if ratio <= tgt else " ❌"
                 rtext = f"{ratio:.2f}{mark}" if ratio is not None else "n/a"
-                lines.append(f"| {wk} {wdesc.get(wk, '')} | {op} | {c} | {ctext} | {p} | {ptext} | {rtext} | "
-                             f"{'≤ %.1f' % tgt if tgt is not None else ''} | {fmt_mib(max(cr['rss_kib']) if cr['rss_kib'] else 0)} | "
-                             f"{fmt_mib(max(pr['rss_kib']) if pr and pr.get('rss_kib') else 0)} |")
+                lines.append(
+                    f"| {wk} {wdesc.get(wk, '')} | {op} | {c} | {ctext} | {p} | {ptext} | {rtext} | "
+                    f"{'≤ %.1f' % tgt if tgt is not None else ''} | {fmt_mib(max(cr['rss_kib']) if cr['rss_kib'] else 0)} | "
+                    f"{fmt_mib(max(pr['rss_kib']) if pr and pr.get('rss_kib') else 0)} |"
+                )
                 if ratio is not None and (tgt is not None or c in ("cimfs create", "cimfs (library)")):
                     plot.append((f"{wk} {op}: {c.replace('cimfs ', '')} / {p}", ratio, tgt))
     # sizes
-    size_lines = ["| workload | cimfs (CLI) | cimfs (library) | squashfs (uncompressed) | erofs | cimfs/squashfs | target |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+    size_lines = [
+        "| workload | cimfs (CLI) | cimfs (library) | squashfs (uncompressed) | erofs | cimfs/squashfs | target |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for (wk, op), tools in sorted(by.items()):
         if op != "create":
             continue
@@ -152,8 +160,10 @@ def render(records: list[dict], wdesc: dict, mach: dict, vers: dict, runs_note: 
         tgt = SIZE_TARGET.get(wk)
         if tgt is not None and c and s:
             ratio += " ✅" if abs(c / s - 1) <= tgt else " ❌"
-        size_lines.append(f"| {wk} {wdesc.get(wk, '')} | {fmt_bytes(g('cimfs create'))} | {fmt_bytes(g('cimfs (library)'))} | "
-                          f"{fmt_bytes(s)} | {fmt_bytes(g('mkfs.erofs'))} | {ratio} | {'±%d %%' % (tgt * 100) if tgt else ''} |")
+        size_lines.append(
+            f"| {wk} {wdesc.get(wk, '')} | {fmt_bytes(g('cimfs create'))} | {fmt_bytes(g('cimfs (library)'))} | "
+            f"{fmt_bytes(s)} | {fmt_bytes(g('mkfs.erofs'))} | {ratio} | {'±%d %%' % (tgt * 100) if tgt else ''} |"
+        )
     rss_lines = []
     for (wk, op), kib in RSS_TARGET_KIB.items():
         tools = by.get((wk, op), {})
@@ -161,7 +171,9 @@ def render(records: list[dict], wdesc: dict, mach: dict, vers: dict, runs_note: 
             r = tools.get(t)
             if r and r["status"] == "ok" and r["rss_kib"]:
                 v = max(r["rss_kib"])
-                rss_lines.append(f"- workload {wk} {op}, {t}: peak RSS {fmt_mib(v)} (target ≤ {fmt_mib(kib)}) {'✅' if v <= kib else '❌'}")
+                rss_lines.append(
+                    f"- workload {wk} {op}, {t}: peak RSS {fmt_mib(v)} (target ≤ {fmt_mib(kib)}) {'✅' if v <= kib else '❌'}"
+                )
     return "\n".join(lines), size_lines, rss_lines, plot
 
 
@@ -175,9 +187,13 @@ def cpu_lines(records: list[dict]) -> list[str]:
             by.setdefault((r["workload"], r["op"]), {})[r["tool"]] = r
     if not by:
         return []
-    out = ["| workload | operation | tool | wall (median) | CPU user+sys (median) | CPU / wall | CPU ratio cimfs/peer | 1-min load at the runs |",
-           "|---|---|---|---:|---:|---:|---:|---|"]
-    for (wk, op), tools in sorted(by.items(), key=lambda kv: (kv[0][0], OPS.index(kv[0][1]) if kv[0][1] in OPS else 99)):
+    out = [
+        "| workload | operation | tool | wall (median) | CPU user+sys (median) | CPU / wall | CPU ratio cimfs/peer | 1-min load at the runs |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for (wk, op), tools in sorted(
+        by.items(), key=lambda kv: (kv[0][0], OPS.index(kv[0][1]) if kv[0][1] in OPS else 99)
+    ):
         cims = [t for t in tools if t.startswith("cimfs")]
         for t, r in sorted(tools.items()):
             cpu = [c for c in r["cpu"] if c is not None]
@@ -188,8 +204,10 @@ def cpu_lines(records: list[dict]) -> list[str]:
                     pairs = [(a, b) for a, b in zip(tools[ct]["cpu"], r["cpu"]) if a is not None and b]
                     if pairs:
                         ratios.append(f"{ct}: {statistics.median(a / b for a, b in pairs):.2f}")
-            out.append(f"| {wk} | {op} | {t} | {fmt_s(wall)} | {fmt_s(c)} | {c / wall:.2f} | {'; '.join(ratios)} | "
-                       f"{', '.join(f'{x:.1f}' for x in r.get('load') or [])} |")
+            out.append(
+                f"| {wk} | {op} | {t} | {fmt_s(wall)} | {fmt_s(c)} | {c / wall:.2f} | {'; '.join(ratios)} | "
+                f"{', '.join(f'{x:.1f}' for x in r.get('load') or [])} |"
+            )
     return out
 
 
@@ -202,23 +220,33 @@ def svg_plot(plot: list, path: str) -> None:
     w, row, left, right = 900, 22, 330, 40
     h = 50 + row * len(plot)
     lo, hi = 0.01, max(10.0, max(r for _, r, _ in plot) * 1.2)
-    x = lambda v: left + (math.log10(max(v, lo)) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)) * (w - left - right)  # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{left}" y="16" font-weight="bold">time ratio cimfs / peer (log scale; red tick = target; &lt; 1 means cimfs is faster)</text>']
+    x = lambda v: (
+        left + (math.log10(max(v, lo)) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)) * (w - left - right)
+    )  # noqa: E731
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{w}" height="{h}" fill="white"/>',
+        f'<text x="{left}" y="16" font-weight="bold">time ratio cimfs / peer (log scale; red tick = target; &lt; 1 means cimfs is faster)</text>',
+    ]
     for v in (0.01, 0.1, 1, 10, 100):
         if v <= hi:
-            out.append(f'<line x1="{x(v):.1f}" y1="24" x2="{x(v):.1f}" y2="{h - 8}" stroke="#ccc"/>'
-                       f'<text x="{x(v):.1f}" y="{h - 0}" text-anchor="middle" fill="#666">{v:g}</text>')
+            out.append(
+                f'<line x1="{x(v):.1f}" y1="24" x2="{x(v):.1f}" y2="{h - 8}" stroke="#ccc"/>'
+                f'<text x="{x(v):.1f}" y="{h - 0}" text-anchor="middle" fill="#666">{v:g}</text>'
+            )
     for i, (label, r, tgt) in enumerate(plot):
         y = 30 + i * row
         ok = tgt is None or r <= tgt
         color = "#4a90d9" if tgt is None else ("#3a3" if ok else "#d33")
-        out.append(f'<text x="{left - 6}" y="{y + 14}" text-anchor="end">{label.replace("&", "&amp;").replace("<", "&lt;")}</text>')
+        out.append(
+            f'<text x="{left - 6}" y="{y + 14}" text-anchor="end">{label.replace("&", "&amp;").replace("<", "&lt;")}</text>'
+        )
         out.append(f'<rect x="{x(lo):.1f}" y="{y + 3}" width="{x(r) - x(lo):.1f}" height="{row - 6}" fill="{color}"/>')
         out.append(f'<text x="{x(r) + 4:.1f}" y="{y + 14}">{r:.2f}</text>')
         if tgt is not None:
-            out.append(f'<line x1="{x(tgt):.1f}" y1="{y}" x2="{x(tgt):.1f}" y2="{y + row}" stroke="red" stroke-width="2"/>')
+            out.append(
+                f'<line x1="{x(tgt):.1f}" y1="{y}" x2="{x(tgt):.1f}" y2="{y + row}" stroke="red" stroke-width="2"/>'
+            )
     out.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(out))
@@ -233,28 +261,48 @@ def write_report(records: list[dict], path: str, suite, extra: str = "") -> None
     svg_plot(plot, svg)
     commits = sorted({r.get("commit", "?") for r in records})
     dates = sorted({r.get("date", "?") for r in records})
-    md = [f"# cimfs benchmark results{' (quick)' if suite.a.quick else ''}", "",
-          "Generated by `python bench/run.py` (see `bench/README.md`). Times are medians of alternating runs; "
-          "the ratio is the median over runs of cimfs/peer from the same run (lower is better, < 1 means cimfs is faster). "
-          "Peak RSS is the measured command's: the larger of GNU time's `%M` and the sum over its processes sampled every 20 ms "
-          "(cimfs create forks data processes); for mounted operations it is the FUSE daemon's `VmHWM`.",
-          "",
-          f"- measured: {', '.join(dates)} at commit(s) {', '.join(commits)}",
-          "- machine: " + "; ".join(f"{k} {v}" for k, v in mach.items()),
-          "- tools: " + "; ".join(f"{v}" for v in vers.values()),
-          "", "## Workloads", ""]
+    md = [
+        f"# cimfs benchmark results{' (quick)' if suite.a.quick else ''}",
+        "",
+        "Generated by `python bench/run.py` (see `bench/README.md`). Times are medians of alternating runs; "
+        "the ratio is the median over runs of cimfs/peer from the same run (lower is better, < 1 means cimfs is faster). "
+        "Peak RSS is the measured command's: the larger of GNU time's `%M` and the sum over its processes sampled every 20 ms "
+        "(cimfs create forks data processes); for mounted operations it is the FUSE daemon's `VmHWM`.",
+        "",
+        f"- measured: {', '.join(dates)} at commit(s) {', '.join(commits)}",
+        "- machine: " + "; ".join(f"{k} {v}" for k, v in mach.items()),
+        "- tools: " + "; ".join(f"{v}" for v in vers.values()),
+        "",
+        "## Workloads",
+        "",
+    ]
     for k, w in suite.workloads.items():
         src = w.src if w.src else f"parent: image of ({w.fork_parent})"
         md.append(f"{k}. **{w.name}**: {w.description} — `{src}`")
-    md += ["", "## Time", "", table, "", f"![ratios]({os.path.basename(svg)})", "", "## Image size (apparent bytes; cimfs = .cim + region + objectid files)", ""]
+    md += [
+        "",
+        "## Time",
+        "",
+        table,
+        "",
+        f"![ratios]({os.path.basename(svg)})",
+        "",
+        "## Image size (apparent bytes; cimfs = .cim + region + objectid files)",
+        "",
+    ]
     md += sizes
     md += ["", "## Memory", ""] + (rss or ["- (workload 5 not measured yet)"])
     cpu = cpu_lines(records)
     if cpu:
-        md += ["", "## CPU time and load", "",
-               "User + system seconds of each command and the processes it waited for (`wait4`), for the rows "
-               "measured since CPU time was recorded; the load is the 1-minute load average as each run started "
-               "(the machine has 2 cores).", ""] + cpu
+        md += [
+            "",
+            "## CPU time and load",
+            "",
+            "User + system seconds of each command and the processes it waited for (`wait4`), for the rows "
+            "measured since CPU time was recorded; the load is the 1-minute load average as each run started "
+            "(the machine has 2 cores).",
+            "",
+        ] + cpu
     if extra:
         md += ["", extra]
     md.append("")
@@ -286,8 +334,10 @@ def readme_speed(records: list[dict], wdesc: dict) -> str:
             by.setdefault((r["workload"], r["op"]), {})[r["tool"]] = r
     ok = lambda r: r is not None and r["status"] == "ok" and r["times"]  # noqa: E731
     full = by.get(("1", "create"), {}).get("cimfs create")
-    lines = ["| workload | operation | cimfs | time | vs. peer (ratio of paired runs; < 1: cimfs faster) |",
-             "|---|---|---|---:|---|"]
+    lines = [
+        "| workload | operation | cimfs | time | vs. peer (ratio of paired runs; < 1: cimfs faster) |",
+        "|---|---|---|---:|---|",
+    ]
     commits = set()
     for op, tool, peer_names in README_ROWS:
         for wk in sorted({k for k, o in by if o == op}):
@@ -300,23 +350,31 @@ def readme_speed(records: list[dict], wdesc: dict) -> str:
                 pr = full if p == "cimfs create of (1)" else tools.get(p)
                 if not ok(pr):
                     continue
-                ratio = (statistics.median(c["times"]) / statistics.median(pr["times"]) if p == "cimfs create of (1)"
-                         else paired_ratio(c, pr))
+                ratio = (
+                    statistics.median(c["times"]) / statistics.median(pr["times"])
+                    if p == "cimfs create of (1)"
+                    else paired_ratio(c, pr)
+                )
                 ratios.append(f"{ratio:.2f} × {'a full create of (1)' if p == 'cimfs create of (1)' else p}")
                 commits.add(pr.get("commit", "?"))
             commits.add(c.get("commit", "?"))
-            lines.append(f"| {wk} {wdesc.get(wk, '')} | {op} | `{tool}` | {fmt_s(statistics.median(c['times']))} | "
-                         f"{', '.join(ratios) or '—'} |")
+            lines.append(
+                f"| {wk} {wdesc.get(wk, '')} | {op} | `{tool}` | {fmt_s(statistics.median(c['times']))} | "
+                f"{', '.join(ratios) or '—'} |"
+            )
     memory = []
     for (wk, op), kib in RSS_TARGET_KIB.items():
         r = by.get((wk, op), {}).get("cimfs create")
         if ok(r) and r["rss_kib"]:
-            memory.append(f"`cimfs create` of workload {wk} ({wdesc.get(wk, '')}) peaks at {fmt_mib(max(r['rss_kib']))} "
-                          "(all its processes).")
+            memory.append(
+                f"`cimfs create` of workload {wk} ({wdesc.get(wk, '')}) peaks at {fmt_mib(max(r['rss_kib']))} "
+                "(all its processes)."
+            )
             commits.add(r.get("commit", "?"))
     foot = (" ".join(memory) + " " if memory else "") + (
         f"Measured at commit(s) {', '.join(sorted(commits))}; the machine, every peer and the sizes are in "
-        "[`bench/RESULTS.md`](bench/RESULTS.md).")
+        "[`bench/RESULTS.md`](bench/RESULTS.md)."
+    )
     return "\n".join(lines) + "\n\n" + foot
 
 
@@ -327,7 +385,7 @@ def update_readme(path: str, records: list[dict], wdesc: dict) -> bool:
     start, end = text.find(README_BEGIN), text.find(README_END)
     if start < 0 or end < start:
         return False
-    new = text[:start + len(README_BEGIN)] + "\n" + readme_speed(records, wdesc) + "\n" + text[end:]
+    new = text[: start + len(README_BEGIN)] + "\n" + readme_speed(records, wdesc) + "\n" + text[end:]
     if new != text:
         with open(path, "w", encoding="utf-8") as f:
             f.write(new)

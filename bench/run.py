@@ -51,7 +51,11 @@ class Suite:
             ok, text = peers.cimfs_has(self.cimfs, sub)
             self.cli[sub] = (ok, text)
         self.workloads = wl.all_workloads(self.work, args.quick)
-        self.meta = {"commit": git_commit(), "date": _dt.datetime.now().isoformat(timespec="seconds"), "quick": args.quick}
+        self.meta = {
+            "commit": git_commit(),
+            "date": _dt.datetime.now().isoformat(timespec="seconds"),
+            "quick": args.quick,
+        }
         self.records: list[Record] = []
         self.cli_create_broken = False
 
@@ -91,8 +95,21 @@ class Suite:
     def mk_squash(self, w, img):
         rm(img)
         sync()
-        return run_measured([self.tool("mksquashfs"), w.src, img, "-noI", "-noD", "-noF", "-noX", "-no-xattrs",
-                             "-noappend", "-no-progress", "-quiet"])
+        return run_measured(
+            [
+                self.tool("mksquashfs"),
+                w.src,
+                img,
+                "-noI",
+                "-noD",
+                "-noF",
+                "-noX",
+                "-no-xattrs",
+                "-noappend",
+                "-no-progress",
+                "-quiet",
+            ]
+        )
 
     def mk_erofs(self, w, img):
         rm(img)
@@ -141,19 +158,42 @@ class Suite:
         d = self.wdir(w)
         warm(w.src)
         cs = [
-            Contender("cimfs create", lambda: self.mk_cli(w, os.path.join(d, "cli")), self.cli_na("create"),
-                      os.path.join(d, "cli")),
-            Contender("cimfs (library)", lambda: self.mk_lib(w, os.path.join(d, "lib")), "" if not self.a.no_lib else "disabled",
-                      os.path.join(d, "lib")),
-            Contender("mksquashfs", lambda: self.mk_squash(w, os.path.join(d, "squash.img")),
-                      "" if self.tool("mksquashfs") else "mksquashfs not installed", os.path.join(d, "squash.img")),
+            Contender(
+                "cimfs create",
+                lambda: self.mk_cli(w, os.path.join(d, "cli")),
+                self.cli_na("create"),
+                os.path.join(d, "cli"),
+            ),
+            Contender(
+                "cimfs (library)",
+                lambda: self.mk_lib(w, os.path.join(d, "lib")),
+                "" if not self.a.no_lib else "disabled",
+                os.path.join(d, "lib"),
+            ),
+            Contender(
+                "mksquashfs",
+                lambda: self.mk_squash(w, os.path.join(d, "squash.img")),
+                "" if self.tool("mksquashfs") else "mksquashfs not installed",
+                os.path.join(d, "squash.img"),
+            ),
         ]
         if not self.a.create:  # --create: cimfs create against mksquashfs alone
-            cs.append(Contender("mkfs.erofs", lambda: self.mk_erofs(w, os.path.join(d, "erofs.img")),
-                                "" if self.tool("mkfs.erofs") else "mkfs.erofs not installed", os.path.join(d, "erofs.img")))
+            cs.append(
+                Contender(
+                    "mkfs.erofs",
+                    lambda: self.mk_erofs(w, os.path.join(d, "erofs.img")),
+                    "" if self.tool("mkfs.erofs") else "mkfs.erofs not installed",
+                    os.path.join(d, "erofs.img"),
+                )
+            )
         if self.a.nosync_variant:
-            cs.append(Contender("cimfs (library, no fsync)", lambda: self.mk_lib(w, os.path.join(d, "lib-nosync"), False),
-                                output=os.path.join(d, "lib-nosync")))
+            cs.append(
+                Contender(
+                    "cimfs (library, no fsync)",
+                    lambda: self.mk_lib(w, os.path.join(d, "lib-nosync"), False),
+                    output=os.path.join(d, "lib-nosync"),
+                )
+            )
         recs = contest(w.key, "create", cs, self.a.runs, self.log, self.meta)
         rm(os.path.join(d, "erofs.img"))
         rm(os.path.join(d, "lib-nosync"))
@@ -174,6 +214,7 @@ class Suite:
             rm(path)
             outputs.append(path)
             return path
+
         na = self.cli_na("extract")
         img = sq = tarf = None
         try:
@@ -189,6 +230,7 @@ class Suite:
                 dest = next_dest()  # the tools create it
                 same_start(*inputs)
                 return run_measured([dest if a == "{dest}" else a for a in cmd])
+
             return f
 
         def tarx():
@@ -199,8 +241,11 @@ class Suite:
 
         cs = [
             Contender("cimfs extract", ext([*(self.cimfs or []), "extract", img or "", "{dest}"]), na),
-            Contender("unsquashfs", ext([self.tool("unsquashfs") or "unsquashfs", "-no-progress", "-d", "{dest}", sq]),
-                      "" if self.tool("unsquashfs") else "unsquashfs not installed"),
+            Contender(
+                "unsquashfs",
+                ext([self.tool("unsquashfs") or "unsquashfs", "-no-progress", "-d", "{dest}", sq]),
+                "" if self.tool("unsquashfs") else "unsquashfs not installed",
+            ),
             Contender("tar x", tarx),
         ]
         try:
@@ -237,8 +282,15 @@ class Suite:
                 na = str(e)
         sq = self.squash_image(w)
         if op == "random":
-            client = [PY, os.path.join(HERE, "fsops.py"), "random", mnt, self.random_list(w),
-                      str(2000 if self.a.quick else 20000), "7"]
+            client = [
+                PY,
+                os.path.join(HERE, "fsops.py"),
+                "random",
+                mnt,
+                self.random_list(w),
+                str(2000 if self.a.quick else 20000),
+                "7",
+            ]
         else:
             client = [PY, os.path.join(HERE, "fsops.py"), op, mnt]
         fg_help = self.cli["mount"][1] if not na else ""
@@ -250,11 +302,24 @@ class Suite:
                     s = run_measured(client)
                     s.rss_kib = m.peak_rss()  # the filesystem daemon's, not the client's
                 return s
+
             return f
 
-        cim_mount = Mount([*(self.cimfs or []), "mount", *(["--foreground"] if "--foreground" in fg_help else ["-f"] if fg else []),
-                           img or "", mnt], mnt, [*(self.cimfs or []), "umount", mnt], fg)
-        sq_mount = Mount([self.tool("squashfuse") or "squashfuse", "-f", sq, mnt], mnt, ["fusermount3", "-u", mnt], True)
+        cim_mount = Mount(
+            [
+                *(self.cimfs or []),
+                "mount",
+                *(["--foreground"] if "--foreground" in fg_help else ["-f"] if fg else []),
+                img or "",
+                mnt,
+            ],
+            mnt,
+            [*(self.cimfs or []), "umount", mnt],
+            fg,
+        )
+        sq_mount = Mount(
+            [self.tool("squashfuse") or "squashfuse", "-f", sq, mnt], mnt, ["fusermount3", "-u", mnt], True
+        )
         warm(os.path.dirname(img)) if img else None
         warm(sq)
         cs = [
@@ -276,7 +341,7 @@ class Suite:
         base_na = ""
         want = "lib" if (self.cli_na("create") or self.cli_create_broken) else "cli"
         if not os.path.exists(os.path.join(d, "parent.cim")) or self._parent_kind(d) != want:
-            for kind in ([want, "lib"] if want == "cli" else ["lib"]):
+            for kind in [want, "lib"] if want == "cli" else ["lib"]:
                 self.log(f"  building the parent image of (4) in {d} with the {kind} (untimed)")
                 rm(d)
                 os.makedirs(d)
@@ -302,15 +367,28 @@ class Suite:
             cleanup()
             adds = [x for h, p in w.fork_add for x in ("--add", f"{h}:{p}")]
             try:
-                return run_measured([*self.cimfs, "fork", os.path.join(d, "parent.cim"), os.path.join(d, "fork.cim"), *adds])
+                return run_measured(
+                    [*self.cimfs, "fork", os.path.join(d, "parent.cim"), os.path.join(d, "fork.cim"), *adds]
+                )
             finally:
                 cleanup()
 
         def fork_lib():
             cleanup()
             try:
-                return run_measured([PY, os.path.join(HERE, "libcreate.py"), "-", d, "fork.cim", "--fork-of", "parent.cim",
-                                     "--add", *[f"{h}:{p}" for h, p in w.fork_add]])
+                return run_measured(
+                    [
+                        PY,
+                        os.path.join(HERE, "libcreate.py"),
+                        "-",
+                        d,
+                        "fork.cim",
+                        "--fork-of",
+                        "parent.cim",
+                        "--add",
+                        *[f"{h}:{p}" for h, p in w.fork_add],
+                    ]
+                )
             finally:
                 cleanup()
 
@@ -329,8 +407,20 @@ class Suite:
             shutil.copyfile(self.squash_image(parent_w), sq_copy)
             sync()
             try:
-                return run_measured([self.tool("mksquashfs"), addsrc, sq_copy, "-noI", "-noD", "-noF", "-noX",
-                                     "-no-xattrs", "-no-progress", "-quiet"])
+                return run_measured(
+                    [
+                        self.tool("mksquashfs"),
+                        addsrc,
+                        sq_copy,
+                        "-noI",
+                        "-noD",
+                        "-noF",
+                        "-noX",
+                        "-no-xattrs",
+                        "-no-progress",
+                        "-quiet",
+                    ]
+                )
             finally:
                 rm(sq_copy)
                 rm(addsrc)
@@ -388,7 +478,9 @@ class Suite:
 def git_commit() -> str:
     try:
         r = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", HERE, "status", "--porcelain", "--", "../src"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "-C", HERE, "status", "--porcelain", "--", "../src"], capture_output=True, text=True
+        )
         return r.stdout.strip() + ("+dirty-src" if dirty.stdout.strip() else "")
     except OSError:
         return "?"
@@ -401,19 +493,32 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=None, help="alternating runs per operation (default 3; --quick 1)")
     ap.add_argument("--quick", action="store_true", help="small workloads for a smoke run")
     ap.add_argument("--work-dir", default=os.path.join(HERE, "work"))
-    ap.add_argument("--results", default=None, help="markdown report to write (default bench/RESULTS.md; --quick: WORK/RESULTS-quick.md)")
-    ap.add_argument("--fresh", action="store_true", help="do not merge with the previous results of other workloads/operations")
+    ap.add_argument(
+        "--results",
+        default=None,
+        help="markdown report to write (default bench/RESULTS.md; --quick: WORK/RESULTS-quick.md)",
+    )
+    ap.add_argument(
+        "--fresh", action="store_true", help="do not merge with the previous results of other workloads/operations"
+    )
     ap.add_argument("--no-install", action="store_true", help="never apt-get install missing peers")
     ap.add_argument("--no-lib", action="store_true", help="skip the library-level create/fork")
     ap.add_argument("--nosync-variant", action="store_true", help="also time the library create without fsync")
     ap.add_argument("--keep", action="store_true", help="keep tarballs and erofs images after each workload")
-    ap.add_argument("--extract-dir", default=None,
-                    help="where extractions go (default: the work directory); e.g. a journaled ext4")
-    ap.add_argument("--report-only", action="store_true",
-                    help="measure nothing: rewrite the report from the saved JSON and NOTES.md")
-    ap.add_argument("--create", action="store_true",
-                    help="only `cimfs create` of workload 1 against mksquashfs (= -w 1 -o create --no-lib, no mkfs.erofs); "
-                         "5 runs unless --runs")
+    ap.add_argument(
+        "--extract-dir", default=None, help="where extractions go (default: the work directory); e.g. a journaled ext4"
+    )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: rewrite the report from the saved JSON and NOTES.md",
+    )
+    ap.add_argument(
+        "--create",
+        action="store_true",
+        help="only `cimfs create` of workload 1 against mksquashfs (= -w 1 -o create --no-lib, no mkfs.erofs); "
+        "5 runs unless --runs",
+    )
     a = ap.parse_args(argv)
     if a.create:
         a.workloads, a.ops, a.no_lib = "1", "create", True
@@ -428,8 +533,11 @@ def main(argv=None) -> int:
         pass
     os.makedirs(a.work_dir, exist_ok=True)
     suite = Suite(a, log=lambda *x: print(*x, flush=True))
-    print(f"cimfs CLI: {' '.join(suite.cimfs) if suite.cimfs else 'not available'}; "
-          f"subcommands: {', '.join(k for k, v in suite.cli.items() if v[0]) or 'none'}", flush=True)
+    print(
+        f"cimfs CLI: {' '.join(suite.cimfs) if suite.cimfs else 'not available'}; "
+        f"subcommands: {', '.join(k for k, v in suite.cli.items() if v[0]) or 'none'}",
+        flush=True,
+    )
     if not a.report_only:
         suite.run(wkeys, ops)
     if a.results:

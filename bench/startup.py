@@ -40,8 +40,13 @@ def measure(cmd: list[str], runs: int, before=None) -> dict:
             raise SystemExit(f"{' '.join(cmd)}: exit {p.returncode}: {p.stderr.decode()[-300:]}")
         walls.append(wall)
         cpus.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
-    return {"wall_min": min(walls), "wall_median": statistics.median(walls), "cpu_min": min(cpus),
-            "cpu_median": statistics.median(cpus), "load": os.getloadavg()[0]}
+    return {
+        "wall_min": min(walls),
+        "wall_median": statistics.median(walls),
+        "cpu_min": min(cpus),
+        "cpu_median": statistics.median(cpus),
+        "load": os.getloadavg()[0],
+    }
 
 
 def main() -> None:
@@ -73,15 +78,21 @@ def main() -> None:
             ("cimfs --version", [*cimfs, "--version"], None),
             ("cimfs --help", [*cimfs, "--help"], None),
             ("cimfs cat IMG small-file", [*cimfs, "cat", os.path.join(imgs, "t.cim"), "f3.txt"], None),
-            ("cimfs fork --add DIR (10 files)", [*cimfs, "fork", os.path.join(imgs, "t.cim"), fork_img, "--add", add],
-             no_fork),
+            (
+                "cimfs fork --add DIR (10 files)",
+                [*cimfs, "fork", os.path.join(imgs, "t.cim"), fork_img, "--add", add],
+                no_fork,
+            ),
         ]
         results = {}
         print(f"{'command':34} {'wall min':>9} {'median':>7} {'cpu min':>8} {'median':>7}  load")
         for label, cmd, before in rows:
             r = results[label] = measure(cmd, args.runs, before)
-            print(f"{label:34} {r['wall_min']:9.3f} {r['wall_median']:7.3f} {r['cpu_min']:8.3f} "
-                  f"{r['cpu_median']:7.3f}  {r['load']:.2f}", flush=True)
+            print(
+                f"{label:34} {r['wall_min']:9.3f} {r['wall_median']:7.3f} {r['cpu_min']:8.3f} "
+                f"{r['cpu_median']:7.3f}  {r['load']:.2f}",
+                flush=True,
+            )
         if args.create:
             out = os.path.join(work, "big")
             os.makedirs(out)
@@ -91,11 +102,15 @@ def main() -> None:
                 os.makedirs(out)
 
             r = measure([*cimfs, "create", args.create, os.path.join(out, "c.cim")], max(1, args.runs // 5), fresh)
-            print(f"{'cimfs create ' + args.create:34} {r['wall_min']:9.3f} {r['wall_median']:7.3f} "
-                  f"{r['cpu_min']:8.3f} {r['cpu_median']:7.3f}  {r['load']:.2f}")
+            print(
+                f"{'cimfs create ' + args.create:34} {r['wall_min']:9.3f} {r['wall_median']:7.3f} "
+                f"{r['cpu_min']:8.3f} {r['cpu_median']:7.3f}  {r['load']:.2f}"
+            )
             fork = results["cimfs fork --add DIR (10 files)"]
-            print(f"fork / create: wall {fork['wall_median'] / r['wall_median']:.3f} (medians), "
-                  f"cpu {fork['cpu_median'] / r['cpu_median']:.3f}")
+            print(
+                f"fork / create: wall {fork['wall_median'] / r['wall_median']:.3f} (medians), "
+                f"cpu {fork['cpu_median'] / r['cpu_median']:.3f}"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -174,20 +174,35 @@ def gen_fork_add(path: str, seed: int = 4) -> list[tuple[str, str]]:
 def all_workloads(work: str, quick: bool) -> dict[str, Workload]:
     std = stdlib_dir()
     return {
-        "1": Workload("1", "stdlib", "stdlib + site-packages" + (" (quick: test/ only)" if quick else ""),
-                      os.path.join(std, "test") if quick else std,
-                      ops=("create", "libcreate", "extract", "read", "stat", "random")),
-        "2": Workload("2", "small", f"{20_000 if quick else 200_000} files of 0-8 KiB, deep tree",
-                      os.path.join(work, "src", "small-q" if quick else "small"),
-                      ops=("create", "libcreate", "extract", "read", "stat", "random")),
-        "3": Workload("3", "dedup", f"8 x {16 if quick else 256} MiB, half duplicates",
-                      os.path.join(work, "src", "dedup-q" if quick else "dedup"),
-                      ops=("create", "libcreate", "extract", "read", "random")),
-        "4": Workload("4", "fork", "fork of (1) adding 10 files", "", fork_parent="1",
-                      ops=("fork", "libfork")),
-        "5": Workload("5", "million", f"{100_000 if quick else 1_000_000} files of 0-63 B",
-                      os.path.join(work, "src", "million-q" if quick else "million"),
-                      ops=("create", "libcreate")),
+        "1": Workload(
+            "1",
+            "stdlib",
+            "stdlib + site-packages" + (" (quick: test/ only)" if quick else ""),
+            os.path.join(std, "test") if quick else std,
+            ops=("create", "libcreate", "extract", "read", "stat", "random"),
+        ),
+        "2": Workload(
+            "2",
+            "small",
+            f"{20_000 if quick else 200_000} files of 0-8 KiB, deep tree",
+            os.path.join(work, "src", "small-q" if quick else "small"),
+            ops=("create", "libcreate", "extract", "read", "stat", "random"),
+        ),
+        "3": Workload(
+            "3",
+            "dedup",
+            f"8 x {16 if quick else 256} MiB, half duplicates",
+            os.path.join(work, "src", "dedup-q" if quick else "dedup"),
+            ops=("create", "libcreate", "extract", "read", "random"),
+        ),
+        "4": Workload("4", "fork", "fork of (1) adding 10 files", "", fork_parent="1", ops=("fork", "libfork")),
+        "5": Workload(
+            "5",
+            "million",
+            f"{100_000 if quick else 1_000_000} files of 0-63 B",
+            os.path.join(work, "src", "million-q" if quick else "million"),
+            ops=("create", "libcreate"),
+        ),
     }
 
 

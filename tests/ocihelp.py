@@ -38,8 +38,11 @@ def layer_tar(entries) -> bytes:
                 tf.addfile(ti)
             elif kind == "file":
                 ti.size = len(e[2])
-                ti.pax_headers = {"MSWINDOWS.fileattr": str(FILE_ATTRIBUTE_ARCHIVE), "mtime": "1700000001.5",
-                                  "LIBARCHIVE.creationtime": "1600000000"}
+                ti.pax_headers = {
+                    "MSWINDOWS.fileattr": str(FILE_ATTRIBUTE_ARCHIVE),
+                    "mtime": "1700000001.5",
+                    "LIBARCHIVE.creationtime": "1600000000",
+                }
                 tf.addfile(ti, io.BytesIO(e[2]))
             elif kind == "link":
                 ti.type = tarfile.LNKTYPE
@@ -52,8 +55,12 @@ def layer_tar(entries) -> bytes:
 
 def base_entries(extra=()):
     """A small Windows base layer with the five registry hives."""
-    entries = [("dir", "Files"), ("dir", "Files/Windows"), ("dir", "Files/Windows/System32"),
-               ("dir", "Files/Windows/System32/config")]
+    entries = [
+        ("dir", "Files"),
+        ("dir", "Files/Windows"),
+        ("dir", "Files/Windows/System32"),
+        ("dir", "Files/Windows/System32/config"),
+    ]
     entries += [("file", f"Files/Windows/System32/config/{h}", f"hive {h}".encode() * 50) for h in HIVE_NAMES]
     entries += [("file", "Files/Windows/win.ini", b"[fonts]\r\n")]
     return entries + list(extra)
@@ -68,16 +75,29 @@ def compress(data: bytes, how: str) -> bytes:
         return gzip.compress(data, mtime=0)
     if how == "zstd":
         import zstandard
+
         return zstandard.ZstdCompressor().compress(data)
     return data
 
 
-MEDIA = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip", "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
-         "none": "application/vnd.oci.image.layer.v1.tar"}
+MEDIA = {
+    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+    "none": "application/vnd.oci.image.layer.v1.tar",
+}
 
 
-def write_layout(path, layer_tars, *, compression="gzip", ref="test:1.0", created="2024-05-01T12:00:00Z",
-                 skip_blob=None, foreign=None, diff_ids=None):
+def write_layout(
+    path,
+    layer_tars,
+    *,
+    compression="gzip",
+    ref="test:1.0",
+    created="2024-05-01T12:00:00Z",
+    skip_blob=None,
+    foreign=None,
+    diff_ids=None,
+):
     """An OCI image layout of one windows/amd64 image; returns (manifest digest, layer descriptors)."""
     blobs = os.path.join(path, "blobs", "sha256")
     os.makedirs(blobs, exist_ok=True)
@@ -100,22 +120,36 @@ def write_layout(path, layer_tars, *, compression="gzip", ref="test:1.0", create
         if skip_blob != i and not (foreign is not None and i == foreign):
             put(blob)
         descs.append(desc)
-    config = {"architecture": "amd64", "os": "windows", "os.version": "10.0.20348.1",
-              "created": created,
-              "rootfs": {"type": "layers", "diff_ids": diff_ids or [sha(t) for t in layer_tars]},
-              "history": [{"created_by": f"layer {i}"} for i in range(len(layer_tars))],
-              "config": {"Cmd": ["cmd"]}}
+    config = {
+        "architecture": "amd64",
+        "os": "windows",
+        "os.version": "10.0.20348.1",
+        "created": created,
+        "rootfs": {"type": "layers", "diff_ids": diff_ids or [sha(t) for t in layer_tars]},
+        "history": [{"created_by": f"layer {i}"} for i in range(len(layer_tars))],
+        "config": {"Cmd": ["cmd"]},
+    }
     cbytes = json.dumps(config).encode()
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(cbytes),
-                           "size": len(cbytes)},
-                "layers": descs}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(cbytes), "size": len(cbytes)},
+        "layers": descs,
+    }
     mbytes = json.dumps(manifest).encode()
     mdigest = put(mbytes)
-    index = {"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                                                "digest": mdigest, "size": len(mbytes),
-                                                "platform": {"os": "windows", "architecture": "amd64"},
-                                                "annotations": {"org.opencontainers.image.ref.name": ref}}]}
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": mdigest,
+                "size": len(mbytes),
+                "platform": {"os": "windows", "architecture": "amd64"},
+                "annotations": {"org.opencontainers.image.ref.name": ref},
+            }
+        ],
+    }
     with open(os.path.join(path, "index.json"), "w") as f:
         json.dump(index, f)
     with open(os.path.join(path, "oci-layout"), "w") as f:

@@ -32,11 +32,11 @@ def check_structure(data: bytes) -> dict:
     x = 0xFFFFFFFE if x == 0xFFFFFFFF else (x or 1)
     assert _u32(data, 508) == x, "checksum"
     assert root == 0x20 and length % 4096 == 0 and len(data) >= 4096 + length
-    bins = data[4096:4096 + length]
+    bins = data[4096 : 4096 + length]
     cells = {}  # rel offset -> allocated size
     off = 0
     while off < length:
-        assert bins[off:off + 4] == b"hbin" and _u32(bins, off + 4) == off
+        assert bins[off : off + 4] == b"hbin" and _u32(bins, off + 4) == off
         size = _u32(bins, off + 8)
         assert size and size % 4096 == 0
         c = off + 32
@@ -53,7 +53,7 @@ def check_structure(data: bytes) -> dict:
     def use(o, sig=None):
         assert o in cells, f"offset {o:#x} is not an allocated cell"
         if sig:
-            assert bins[o + 4:o + 6] == sig, f"{o:#x} is not {sig}"
+            assert bins[o + 4 : o + 6] == sig, f"{o:#x} is not {sig}"
         used[o] = used.get(o, 0) + 1
         return o + 4, cells[o] - 4
 
@@ -61,7 +61,7 @@ def check_structure(data: bytes) -> dict:
     counts = {"keys": 0, "values": 0}
 
     def name_of(start, n, compressed):
-        raw = bins[start:start + n]
+        raw = bins[start : start + n]
         return raw.decode("latin-1") if compressed else raw.decode("utf-16-le", "surrogatepass")
 
     def u16len(s):
@@ -77,15 +77,35 @@ def check_structure(data: bytes) -> dict:
     while stack:
         o, parent = stack.pop()
         start, n = use(o, b"nk")
-        (flags, _ts, _acc, _layer, _sp, par, nsub, nvol, sublist, vollist, nval, vallist, sk, cls, maxname,
-         maxclass, maxvname, maxvdata, _wv, namelen, classlen) = struct.unpack_from("<HQBBHIIIIIIIIIIIIIIHH",
-                                                                                     bins, start + 2)
+        (
+            flags,
+            _ts,
+            _acc,
+            _layer,
+            _sp,
+            par,
+            nsub,
+            nvol,
+            sublist,
+            vollist,
+            nval,
+            vallist,
+            sk,
+            cls,
+            maxname,
+            maxclass,
+            maxvname,
+            maxvdata,
+            _wv,
+            namelen,
+            classlen,
+        ) = struct.unpack_from("<HQBBHIIIIIIIIIIIIIIHH", bins, start + 2)
         counts["keys"] += 1
         name = name_of(start + 76, namelen, flags & 0x20)
         if not flags & 0x20 and name:
             assert any(ord(ch) > 255 for ch in name), "a Latin-1 name is stored compressed"
         if parent is None:
-            assert flags & 0x2c == 0x2c
+            assert flags & 0x2C == 0x2C
         else:
             assert par == parent and not flags & 0x4
         assert nvol == 0 and vollist == 0xFFFFFFFF
@@ -124,7 +144,7 @@ def check_structure(data: bytes) -> dict:
                         assert _u32(bins, ls2 + 8 + 8 * i) == lh(upcase(kname)), f"lh hash of {kname!r}"
                     elif lsig == b"lf":
                         hint = kname.encode("latin-1")[:4].ljust(4, b"\0") if kflags & 0x20 else bytes(4)
-                        assert bins[ls2 + 8 + 8 * i:ls2 + 12 + 8 * i] == hint
+                        assert bins[ls2 + 8 + 8 * i : ls2 + 12 + 8 * i] == hint
                     kids.append((ko, kname))
             assert len(kids) == nsub
             ups = [upcase(k[1]).encode("utf-16-be", "surrogatepass") for k in kids]
@@ -156,7 +176,7 @@ def check_structure(data: bytes) -> dict:
                 vsizes.append(size)
                 ds, dn = use(doff)
                 if size > 16344 and minor >= 4:
-                    assert bins[ds:ds + 2] == b"db"
+                    assert bins[ds : ds + 2] == b"db"
                     nseg, segl = struct.unpack_from("<HI", bins, ds + 2)
                     assert nseg == -(-size // 16344)
                     ss, _ = use(segl)
@@ -186,7 +206,7 @@ def check_structure(data: bytes) -> dict:
     for sk, users in sk_users.items():
         assert _u32(bins, sk + 16) == users, "sk reference count"
         used[sk] = 1
-    descs = [bins[sk + 24:sk + 24 + _u32(bins, sk + 20)] for sk in ring]
+    descs = [bins[sk + 24 : sk + 24 + _u32(bins, sk + 20)] for sk in ring]
     assert len(set(descs)) == len(descs), "descriptors deduplicated"
     assert set(used) == set(cells), "no allocated cell left unreferenced"
     assert all(v == 1 for v in used.values()), "no cell referenced twice"
@@ -196,9 +216,20 @@ def check_structure(data: bytes) -> dict:
 
 # ---- what independent readers see -----------------------------------------------------------------------------
 
-_HIVEXML_TYPES = {"none": 0, "string": 1, "expand": 2, "binary": 3, "int32": 4, "int32-be": 5, "link": 6,
-                  "string-list": 7, "resource-list": 8, "full-resource-description": 9,
-                  "resource-requirements-list": 10, "int64": 11}
+_HIVEXML_TYPES = {
+    "none": 0,
+    "string": 1,
+    "expand": 2,
+    "binary": 3,
+    "int32": 4,
+    "int32-be": 5,
+    "link": 6,
+    "string-list": 7,
+    "resource-list": 8,
+    "full-resource-description": 9,
+    "resource-requirements-list": 10,
+    "int64": 11,
+}
 
 
 def hivexml_tree(path) -> dict:
@@ -249,8 +280,9 @@ def as_hivexml(typ: int, data: bytes):
 
 def hivexregedit_values(path, key: str = "\\") -> dict:
     """{key path: {value name: (type, bytes)}} from ``hivexregedit --export`` (ASCII names only)."""
-    text = subprocess.run(["hivexregedit", "--export", str(path), key], capture_output=True, timeout=120,
-                          check=True).stdout.decode("utf-8", "replace")
+    text = subprocess.run(
+        ["hivexregedit", "--export", str(path), key], capture_output=True, timeout=120, check=True
+    ).stdout.decode("utf-8", "replace")
     tree: dict = {}
     cur = None
     for line in text.splitlines():
@@ -266,7 +298,7 @@ def hivexregedit_values(path, key: str = "\\") -> dict:
             while line[end] != '"':
                 end += 2 if line[end] == "\\" else 1
             name = line[1:end].replace('\\"', '"').replace("\\\\", "\\")
-            rest = line[end + 2:]
+            rest = line[end + 2 :]
         if rest.startswith("dword:"):
             cur[name] = (4, int(rest[6:], 16).to_bytes(4, "little"))
         elif rest.startswith("hex("):
@@ -289,16 +321,18 @@ def regipy_tree(path) -> dict:
     def visit(nk, prefix):
         for sub in nk.iter_subkeys():
             p = f"{prefix}\\{sub.name}" if prefix else sub.name
-            tree[p] = {("" if v.name == "(default)" else v.name): v.value_type
-                       for v in sub.iter_values(trim_values=False)}
+            tree[p] = {
+                ("" if v.name == "(default)" else v.name): v.value_type for v in sub.iter_values(trim_values=False)
+            }
             visit(sub, p)
 
-    tree[""] = {("" if v.name == "(default)" else v.name): v.value_type for v in hive.root.iter_values(trim_values=False)}
+    tree[""] = {
+        ("" if v.name == "(default)" else v.name): v.value_type for v in hive.root.iter_values(trim_values=False)
+    }
     visit(hive.root, "")
     return tree
 
 
 def our_tree(hive) -> dict:
     """{key path: {value name: (type, data)}} with cimfs.regf's reader (tombstones as type None)."""
-    return {p: {v.name: ((None, b"") if v.tombstone else (v.type, v.data)) for v in k.values()}
-            for p, k in hive.walk()}
+    return {p: {v.name: ((None, b"") if v.tombstone else (v.type, v.data)) for v in k.values()} for p, k in hive.walk()}

@@ -36,7 +36,6 @@ class Counter:
             self.log.append((method, path, n))
 
 
-
 def _track(handler_class):
     """A request handler class whose connections ``_close_all`` can cut, so a
     stopped server is stopped for kept-alive connections too."""
@@ -80,7 +79,7 @@ class _Trickle:
         for i in range(len(data)):
             if self.stopped.is_set():
                 raise ConnectionAbortedError("server stopped")
-            self.raw.write(bytes(data[i: i + 1]))
+            self.raw.write(bytes(data[i : i + 1]))
             self.raw.flush()
             self.stopped.wait(self.interval)
         return len(data)
@@ -310,8 +309,9 @@ class S3Server:
     def start(self) -> None:
         from werkzeug.serving import WSGIRequestHandler, make_server
 
-        self._server = make_server("127.0.0.1", self.port, self._app, threaded=True,
-                                   request_handler=_track(WSGIRequestHandler))
+        self._server = make_server(
+            "127.0.0.1", self.port, self._app, threaded=True, request_handler=_track(WSGIRequestHandler)
+        )
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
@@ -326,19 +326,32 @@ class S3Server:
 
     def options(self) -> dict:
         """s3fs storage options for this server."""
-        return {"endpoint_url": self.url, "key": "testing", "secret": "testing",
-                "client_kwargs": {"region_name": "us-east-1"}}
+        return {
+            "endpoint_url": self.url,
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"region_name": "us-east-1"},
+        }
 
     def env(self) -> dict:
         """Environment for a subprocess (the ``cimfs`` command) to reach this server."""
-        return {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id="testing",
-                            aws_secret_access_key="testing", region_name="us-east-1")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
 
     def upload_dir(self, directory, bucket: str, prefix: str) -> list[str]:
         c = self.client()

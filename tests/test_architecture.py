@@ -138,7 +138,7 @@ def test_no_import_circles():
         stack.append(m)
         for t in graph[m]:
             if state.get(t) == 1:
-                cycles.append(" -> ".join(stack[stack.index(t):] + [t]))
+                cycles.append(" -> ".join(stack[stack.index(t) :] + [t]))
             elif t not in state:
                 visit(t)
         stack.pop()
@@ -178,7 +178,8 @@ def test_function_local_imports_say_why():
                 continue
             for node in ast.walk(fn):
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
-                    text = lines[node.lineno - 1] + " " + (lines[node.lineno - 2] if node.lineno > 1 else "")
+                    end = node.end_lineno or node.lineno
+                    text = " ".join(lines[max(node.lineno - 2, 0) : end])  # the statement and the line above
                     if "#" not in text:
                         silent.append(f"{m}:{node.lineno}: {lines[node.lineno - 1].strip()}")
     assert not silent, "function-local imports without a comment saying why:\n" + "\n".join(silent)
@@ -197,6 +198,5 @@ def test_no_module_outgrows_the_limit():
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.endswith(".__main__")))  # __main__ runs
 def test_each_module_imports_on_its_own(module):
-    p = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
-                       cwd=ROOT, timeout=60)
+    p = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 0, p.stderr[-2000:]

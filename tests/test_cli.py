@@ -28,8 +28,7 @@ ROOT = os.geteuid() == 0
 
 
 def run(*args, input=None, check=True, cwd=None):
-    p = subprocess.run([sys.executable, "-m", "cimfs.cli", *map(str, args)], input=input,
-                       capture_output=True, cwd=cwd)
+    p = subprocess.run([sys.executable, "-m", "cimfs.cli", *map(str, args)], input=input, capture_output=True, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"cimfs {' '.join(map(str, args))} -> {p.returncode}\n{p.stderr.decode()}")
     return p
@@ -109,7 +108,9 @@ def snapshot(root: str, *, sockets: bool = True) -> dict:
             if S.S_ISSOCK(st.st_mode) and not sockets:
                 continue
             e = {
-                "mode": oct(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
+                "mode": oct(st.st_mode),
+                "uid": st.st_uid,
+                "gid": st.st_gid,
                 "mtime": st.st_mtime_ns // 100 * 100,
             }
             if not S.S_ISDIR(st.st_mode) and not S.S_ISLNK(st.st_mode):
@@ -241,8 +242,7 @@ def test_export_tar_round_trip(tree, tmp_path):
     if os.path.exists("/usr/bin/tar"):
         gx = tmp_path / "gnu"
         gx.mkdir()
-        subprocess.run(["tar", "-xf", str(tmp_path / "a.tar"), "-C", str(gx)], check=True,
-                       capture_output=True)
+        subprocess.run(["tar", "-xf", str(tmp_path / "a.tar"), "-C", str(gx)], check=True, capture_output=True)
         with open(gx / "sparse.img", "rb") as f:
             assert f.read() == snap["sparse.img"]["data"]
 
@@ -269,8 +269,9 @@ def test_tar_made_by_gnu_tar(tree, tmp_path):
     if not os.path.exists("/usr/bin/tar"):
         pytest.skip("no GNU tar")
     tarpath = tmp_path / "gnu.tar"
-    subprocess.run(["tar", "--format=posix", "--sparse", "-C", src, "-cf", str(tarpath), "."], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["tar", "--format=posix", "--sparse", "-C", src, "-cf", str(tarpath), "."], check=True, capture_output=True
+    )
     d = tmp_path / "img"
     d.mkdir()
     run("create", tarpath, d / "g.cim")
@@ -328,11 +329,25 @@ def test_fork_command_add_and_delete(tree, tmp_path):
     os.chmod(extra / "bin/tool", 0o755)
     with open(tmp_path / "motd", "wb") as f:
         f.write(b"welcome\n")
-    run("fork", d / "base.cim", d / "f.cim", "--add", f"{extra}:/opt/extra", "--add", f"{tmp_path / 'motd'}:/etc/motd",
-        "--add", tmp_path / "motd", "--delete", "dir/sub", "--delete", "/fifo")
+    run(
+        "fork",
+        d / "base.cim",
+        d / "f.cim",
+        "--add",
+        f"{extra}:/opt/extra",
+        "--add",
+        f"{tmp_path / 'motd'}:/etc/motd",
+        "--add",
+        tmp_path / "motd",
+        "--delete",
+        "dir/sub",
+        "--delete",
+        "/fifo",
+    )
     diff = json.loads(run("diff", d / "base.cim", d / "f.cim", "--json").stdout)
-    assert diff["added"] == sorted(["etc", "etc/motd", "motd", "opt", "opt/extra", "opt/extra/bin",
-                                    "opt/extra/bin/tool"])
+    assert diff["added"] == sorted(
+        ["etc", "etc/motd", "motd", "opt", "opt/extra", "opt/extra/bin", "opt/extra/bin/tool"]
+    )
     assert diff["removed"] == sorted(["dir/sub", "dir/sub/big", "dir/sub/deeper", "dir/sub/hello-hard2", "fifo"])
     assert run("cat", d / "f.cim", "opt/extra/bin/tool").stdout == b"#!/bin/sh\necho hi\n"
     st = json.loads(run("stat", d / "f.cim", "opt/extra/bin/tool", "--json").stdout)
@@ -371,7 +386,7 @@ def test_case_collision_error_rename_skip(tmp_path):
     assert p.returncode == 1
     err = p.stderr.decode()
     assert err.count("\n") == 1 and "Dir" in err and "dir" in err
-    assert os.listdir(d) == []       # nothing written
+    assert os.listdir(d) == []  # nothing written
     p = run("create", src, d / "r.cim", "--on-collision", "rename")
     msgs = p.stderr.decode()
     assert "renamed" in msgs
@@ -400,7 +415,7 @@ def test_truncated_tar_leaves_nothing(tmp_path, cut):
     data = good.read_bytes()
     # cut inside headers, inside data, at a header boundary and in the end marker
     bad = tmp_path / "bad.tar"
-    bad.write_bytes(data[:cut] if cut > 0 else data[:len(data) + cut - 10240 + 1024 if cut == -1024 else -10239])
+    bad.write_bytes(data[:cut] if cut > 0 else data[: len(data) + cut - 10240 + 1024 if cut == -1024 else -10239])
     d = tmp_path / "img"
     d.mkdir()
     p = run("create", bad, d / "x.cim", check=False)
@@ -495,6 +510,7 @@ def test_rm_and_gc_keep_what_others_need(tree, tmp_path):
 # ------------------------------------------------------------------ safety
 def _lx_symlink_dir_image(d, name, target, kind="lx"):
     from cimfs.layout import ntfs
+
     FA = cimfs.FileAttributes
     with cimfs.create(str(d), name) as w:
         if kind == "lx":
@@ -507,8 +523,11 @@ def _lx_symlink_dir_image(d, name, target, kind="lx"):
         w.add_file("evil/pwned", b"owned", cimfs.FileMetadata())
         w.mkdir("evil/sub")
         w.add_file("evil/sub/deep", b"owned", cimfs.FileMetadata())
-        w.add_file("abs", b"", cimfs.FileMetadata(attributes=FA.REPARSE_POINT,
-                                                  reparse_data=ntfs.pack_lx_symlink_reparse(target)))
+        w.add_file(
+            "abs",
+            b"",
+            cimfs.FileMetadata(attributes=FA.REPARSE_POINT, reparse_data=ntfs.pack_lx_symlink_reparse(target)),
+        )
         w.mkdir("real")
         w.add_file("real/file", b"fine")
 
@@ -559,6 +578,7 @@ def test_export_to_stdout(tree, tmp_path):
     run("create", src, tmp_path / "a.cim")
     p = run("export", tmp_path / "a.cim", "-")
     import io
+
     with tarfile.open(fileobj=io.BytesIO(p.stdout)) as tf:
         assert tf.extractfile("hello.txt").read() == b"hello world\n"
 

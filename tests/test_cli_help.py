@@ -17,8 +17,9 @@ ENV = dict(os.environ, COLUMNS="80")  # the width a pipe gets by default, pinned
 
 
 def _help(*args: str) -> str:
-    p = subprocess.run([sys.executable, "-m", "cimfs.cli", *args, "--help"], capture_output=True, text=True,
-                       env=ENV, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", *args, "--help"], capture_output=True, text=True, env=ENV, timeout=60
+    )
     assert p.returncode == 0 and not p.stderr, p.stderr
     return p.stdout
 

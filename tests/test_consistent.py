@@ -107,6 +107,7 @@ def test_the_order_data_processes_finish_in_changes_nothing(tmp_path, monkeypatc
             if lane_of(args[size_at]) % 2 == slow_worker:
                 time.sleep(0.003)
             return original(*args, **kw)
+
         return copy
 
     monkeypatch.setattr(dataprocess, "read_small_source", slowed(dataprocess.read_small_source, 1))
@@ -128,8 +129,9 @@ def test_default_api_images_keep_random_set_ids(tmp_path):
 
 
 def run_cli(*args, env=None):
-    p = subprocess.run([sys.executable, "-m", "cimfs.cli", *map(str, args)], capture_output=True,
-                       env={**os.environ, **(env or {})})
+    p = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", *map(str, args)], capture_output=True, env={**os.environ, **(env or {})}
+    )
     assert p.returncode == 0, p.stderr.decode()
     return p
 
@@ -184,8 +186,11 @@ def test_source_date_epoch_clamps_newer_times(tmp_path):
         st = im.stat("dir1/small5.txt")
         assert st.last_write_time == st.creation_time == st.last_access_time == st.change_time == clamp
         assert im.stat("dir0/small0.txt").last_write_time == cimfs.filetime_from_ns(old)
-    p = subprocess.run([sys.executable, "-m", "cimfs.cli", "create", src, tmp_path / "bad.cim"], capture_output=True,
-                       env={**os.environ, "SOURCE_DATE_EPOCH": "yesterday"})
+    p = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "create", src, tmp_path / "bad.cim"],
+        capture_output=True,
+        env={**os.environ, "SOURCE_DATE_EPOCH": "yesterday"},
+    )
     assert p.returncode != 0 and b"SOURCE_DATE_EPOCH" in p.stderr and not (tmp_path / "bad.cim").exists()
 
 
@@ -197,9 +202,17 @@ def fork_in(d, src, changes, **options) -> dict:
     with cimfs.create(d, "fork.cim", base="base.cim", consistent=True, sync=False, **options) as w:
         w.delete("dir3")
         w.add_file("dir0/new-small.txt", b"new")
-        w.add_local_files("dir1", [(f"copy{i}.bin", str(changes / f"c{i}.bin"),
-                                    cimfs.FileMetadata(file_size=os.path.getsize(changes / f"c{i}.bin"),
-                                                       last_write_time=7)) for i in range(4)])
+        w.add_local_files(
+            "dir1",
+            [
+                (
+                    f"copy{i}.bin",
+                    str(changes / f"c{i}.bin"),
+                    cimfs.FileMetadata(file_size=os.path.getsize(changes / f"c{i}.bin"), last_write_time=7),
+                )
+                for i in range(4)
+            ],
+        )
     return image_files(d)
 
 
@@ -285,8 +298,13 @@ def test_a_vanished_source_fails_the_consistent_image(tmp_path, data_process):
     with pytest.raises(CimError) as e:
         with cimfs.create(d, "a.cim", consistent=True, data_process=data_process) as w:
             w.mkdir("dir")
-            w.add_local_files("dir", [("x", str(src / "x"), cimfs.FileMetadata(file_size=100)),
-                                      ("gone", str(src / "gone"), cimfs.FileMetadata(file_size=100))])
+            w.add_local_files(
+                "dir",
+                [
+                    ("x", str(src / "x"), cimfs.FileMetadata(file_size=100)),
+                    ("gone", str(src / "gone"), cimfs.FileMetadata(file_size=100)),
+                ],
+            )
     assert e.value.hresult == errors.ERROR_FILE_NOT_FOUND
     assert "dir\\gone" in str(e.value)
     assert os.listdir(d) == []
@@ -310,12 +328,15 @@ def write_tar(path, entries) -> None:
 @pytest.mark.parametrize("kind", ["posix", "windows-layer"])
 def test_cli_create_from_a_tar_is_consistent(tmp_path, kind):
     if kind == "posix":  # no entry for the root or for "a": implied, with no time of their own
-        entries = [("a/b/file.txt", b"x" * 100, {}), ("a/b/large.bin", bytes(range(256)) * 200, {}),
-                   ("c", None, {})]
+        entries = [("a/b/file.txt", b"x" * 100, {}), ("a/b/large.bin", bytes(range(256)) * 200, {}), ("c", None, {})]
     else:
         attr = {"MSWINDOWS.fileattr": "32"}
-        entries = [("Files", None, {"MSWINDOWS.fileattr": "16"}), ("Hives", None, {"MSWINDOWS.fileattr": "16"}),
-                   ("Files/f.txt", b"hello", attr), ("Files/big.bin", bytes(range(256)) * 200, attr)]
+        entries = [
+            ("Files", None, {"MSWINDOWS.fileattr": "16"}),
+            ("Hives", None, {"MSWINDOWS.fileattr": "16"}),
+            ("Files/f.txt", b"hello", attr),
+            ("Files/big.bin", bytes(range(256)) * 200, attr),
+        ]
     write_tar(tmp_path / "in.tar", entries)
     results = []
     for n in ("one", "two"):

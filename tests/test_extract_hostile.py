@@ -27,8 +27,8 @@ def run_cli(*args, limit_fds=None):
     def limit():
         if limit_fds:
             resource.setrlimit(resource.RLIMIT_NOFILE, (limit_fds, limit_fds))
-    return subprocess.run([sys.executable, "-m", "cimfs.cli", *map(str, args)], capture_output=True,
-                          preexec_fn=limit)
+
+    return subprocess.run([sys.executable, "-m", "cimfs.cli", *map(str, args)], capture_output=True, preexec_fn=limit)
 
 
 def tree_of(root) -> dict:
@@ -118,7 +118,7 @@ def relink(tmp_path, image, directory: str, name: str, target: str) -> None:
         region, off, names = _region_and_table(img, directory, tmp_path)
     i = names.index(name)
     data = bytearray(region.read_bytes())
-    data[off + 8 + 4 * i: off + 12 + 4 * i] = struct.pack("<I", fid)
+    data[off + 8 + 4 * i : off + 12 + 4 * i] = struct.pack("<I", fid)
     region.write_bytes(bytes(data))
 
 
@@ -207,14 +207,23 @@ def test_set_id_bits_survive_extraction_without_root(tmp_path, monkeypatch, requ
     os.chmod(base, 0o755)
     with cimfs.create(str(base), "ids.cim") as w:
         for name, mode in modes.items():
-            w.add_file(name, b"#!/bin/sh\n" * 100,
-                       FileMetadata(ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=stat.S_IFREG | mode, uid=nobody,
-                                                                         gid=nobody))))
-        w.mkdir("sdir", FileMetadata(attributes=cimfs.FileAttributes.DIRECTORY,
-                                     ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=stat.S_IFDIR | 0o2775, uid=nobody,
-                                                                          gid=nobody))))
-        w.add_file("sdir/inner", b"x", FileMetadata(ea_buffer=ntfs.pack_eas(
-            ntfs.lx_eas(mode=stat.S_IFREG | 0o4750, uid=nobody, gid=nobody))))
+            w.add_file(
+                name,
+                b"#!/bin/sh\n" * 100,
+                FileMetadata(ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=stat.S_IFREG | mode, uid=nobody, gid=nobody))),
+            )
+        w.mkdir(
+            "sdir",
+            FileMetadata(
+                attributes=cimfs.FileAttributes.DIRECTORY,
+                ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=stat.S_IFDIR | 0o2775, uid=nobody, gid=nobody)),
+            ),
+        )
+        w.add_file(
+            "sdir/inner",
+            b"x",
+            FileMetadata(ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=stat.S_IFREG | 0o4750, uid=nobody, gid=nobody))),
+        )
     dest_parent = base / "dest"
     dest_parent.mkdir()
     os.chown(dest_parent, nobody, nobody)
@@ -231,12 +240,12 @@ def test_set_id_bits_survive_extraction_without_root(tmp_path, monkeypatch, requ
             if not writers:
                 no_file_writers(monkeypatch)
             report = posix.Extractor(img, str(dest_parent / "out")).run()
-            got = {n: stat.S_IMODE(os.lstat(dest_parent / "out" / n).st_mode)
-                   for n in [*modes, "sdir", "sdir/inner"]}
+            got = {n: stat.S_IMODE(os.lstat(dest_parent / "out" / n).st_mode) for n in [*modes, "sdir", "sdir/inner"]}
             os.write(wfd, repr((got, report.problems)).encode())
             code = 0
         except BaseException:
             import traceback
+
             traceback.print_exc()
         finally:
             os._exit(code)
@@ -302,6 +311,7 @@ def test_tar_export_skips_the_holes_of_a_sparse_stream_near_2_48(tmp_path, monke
         w.add_file("small", b"abc")
     read = [0]
     from cimfs import reader
+
     real = reader.Image._read_stream
 
     def counting(self, desc, pos, n):
@@ -339,14 +349,15 @@ def test_symlinks_whose_target_decodes_to_nothing_are_skipped_and_reported(tmp_p
         at = (t.offset & ((1 << 48) - 1)) + ((none - 1) % cim.FILE_TABLE_CAPACITY) * t.entry_size
     with open(region, "r+b") as f:  # the record says LX symlink; its buffer says something else
         f.seek(at)
-        f.write(cim.pack_file_record(rec._replace(reparse_tag=ntfs.IO_REPARSE_TAG_LX_SYMLINK))[:min(96, t.entry_size)])
+        f.write(cim.pack_file_record(rec._replace(reparse_tag=ntfs.IO_REPARSE_TAG_LX_SYMLINK))[: min(96, t.entry_size)])
     with cimfs.open(tmp_path / "e.cim") as img:
         assert posix.posix_info(img.stat("none")).target is None
         report = posix.Extractor(img, str(tmp_path / "out")).run()
-        assert sorted(report.problems) == ["empty: symlink target is empty; not extracted",
-                                           "lx-empty: symlink target is empty; not extracted",
-                                           "none: symlink target could not be read from its reparse buffer; "
-                                           "not extracted"]
+        assert sorted(report.problems) == [
+            "empty: symlink target is empty; not extracted",
+            "lx-empty: symlink target is empty; not extracted",
+            "none: symlink target could not be read from its reparse buffer; not extracted",
+        ]
         assert sorted(os.listdir(tmp_path / "out")) == ["link", "ok"]
         assert os.readlink(tmp_path / "out" / "link") == "ok" and (tmp_path / "out" / "ok").read_bytes() == b"fine"
         buf = io.BytesIO()
@@ -356,7 +367,10 @@ def test_symlinks_whose_target_decodes_to_nothing_are_skipped_and_reported(tmp_p
         buf.seek(0)
         with tarfile.open(fileobj=buf) as tf:
             assert sorted(m.name.strip("./") for m in tf.getmembers() if m.name.strip("./")) == ["link", "ok"]
-    for args in (("extract", tmp_path / "e.cim", tmp_path / "out2"), ("export", tmp_path / "e.cim", tmp_path / "e.tar")):
+    for args in (
+        ("extract", tmp_path / "e.cim", tmp_path / "out2"),
+        ("export", tmp_path / "e.cim", tmp_path / "e.tar"),
+    ):
         p = run_cli(*args)
         err = p.stderr.decode()
         assert p.returncode == 1 and "Traceback" not in err and len(err.splitlines()) == 3, err

@@ -161,8 +161,9 @@ def test_killed_commit_leaves_earlier_images_intact(tmp_path, mode):
     for attempt in range(12):
         before_files = digest_dir(tmp_path)
         before_tree = full_read(tmp_path / "base.cim")
-        p = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(tmp_path), "base.cim", name],
-                             stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [sys.executable, "-c", CRASH_CHILD, str(tmp_path), "base.cim", name], stdout=subprocess.PIPE, text=True
+        )
         p.stdout.readline()  # the child is about to commit
         time.sleep(attempt * 0.004)
         p.send_signal(signal.SIGKILL)

@@ -107,7 +107,7 @@ def test_an_image_with_an_unreadable_header_keeps_every_region_file(family):
     d = family
     before = set(os.listdir(d))
     # starts like an image, but its parent list is cut off
-    head = (d / "child").read_bytes()[:cim.FILESYSTEM_HEADER.size + 3]
+    head = (d / "child").read_bytes()[: cim.FILESYSTEM_HEADER.size + 3]
     (d / "broken").write_bytes(head)
     with pytest.raises(CimError, match="cannot be read; nothing removed"):
         tools.gc(str(d))
@@ -133,8 +133,11 @@ def test_gc_removes_a_killed_commits_temporary_file(family):
 
 
 def test_reserved_names_cannot_name_an_image(tmp_path):
-    for name in ("region_01234567-89ab-cdef-0123-456789abcdef_0", ".x.cim.0123456789ab.tmp",
-                 "objectid_01234567-89AB-cdef-0123-456789abcdef_12"):
+    for name in (
+        "region_01234567-89ab-cdef-0123-456789abcdef_0",
+        ".x.cim.0123456789ab.tmp",
+        "objectid_01234567-89AB-cdef-0123-456789abcdef_12",
+    ):
         with pytest.raises(CimError) as e:
             cimfs.create(str(tmp_path), name)
         assert e.value.hresult == ERROR_INVALID_NAME
@@ -146,6 +149,7 @@ def test_gc_never_opens_a_fifo_for_long(family):
     os.mkfifo(d / "pipe")
     os.mkdir(d / "sub")
     import socket
+
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(d / "sock"))
     try:

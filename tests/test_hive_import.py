@@ -46,8 +46,9 @@ def dw(n: int) -> bytes:
 
 
 def cli(*args, check=True, input=None):
-    p = subprocess.run([sys.executable, "-m", "cimfs.cli", *map(str, args)], capture_output=True, input=input,
-                       timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", *map(str, args)], capture_output=True, input=input, timeout=120
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"cimfs {args} failed: {p.stderr.decode()}")
     return p
@@ -72,21 +73,62 @@ def tree_snapshot(directory) -> dict:
 
 # ------------------------------------------------------------------ hives
 def base_system() -> bytes:
-    return regf.write_hive(NewKey("ROOT", subkeys=[
-        NewKey("ControlSet001", subkeys=[NewKey("Services", subkeys=[
-            NewKey("svcA", values=[NewValue("Start", regf.REG_DWORD, dw(2)),
-                                   NewValue("ImagePath", regf.REG_EXPAND_SZ, sz("%SystemRoot%\\a.sys"))]),
-            NewKey("svcB", subkeys=[NewKey("Parameters", values=[NewValue("x", regf.REG_SZ, sz("b"))])]),
-        ])]),
-        NewKey("Setup", values=[NewValue("SystemSetupInProgress", regf.REG_DWORD, dw(0))]),
-    ]))
+    return regf.write_hive(
+        NewKey(
+            "ROOT",
+            subkeys=[
+                NewKey(
+                    "ControlSet001",
+                    subkeys=[
+                        NewKey(
+                            "Services",
+                            subkeys=[
+                                NewKey(
+                                    "svcA",
+                                    values=[
+                                        NewValue("Start", regf.REG_DWORD, dw(2)),
+                                        NewValue("ImagePath", regf.REG_EXPAND_SZ, sz("%SystemRoot%\\a.sys")),
+                                    ],
+                                ),
+                                NewKey(
+                                    "svcB", subkeys=[NewKey("Parameters", values=[NewValue("x", regf.REG_SZ, sz("b"))])]
+                                ),
+                            ],
+                        )
+                    ],
+                ),
+                NewKey("Setup", values=[NewValue("SystemSetupInProgress", regf.REG_DWORD, dw(0))]),
+            ],
+        )
+    )
 
 
 def base_software() -> bytes:
-    return regf.write_hive(NewKey("ROOT", subkeys=[NewKey("Microsoft", subkeys=[NewKey("Windows NT", subkeys=[
-        NewKey("CurrentVersion", values=[NewValue("CurrentBuild", regf.REG_SZ, sz("20348")),
-                                         NewValue("UBR", regf.REG_DWORD, dw(1)),
-                                         NewValue("DigitalProductId", regf.REG_BINARY, bytes(range(164)))])])])]))
+    return regf.write_hive(
+        NewKey(
+            "ROOT",
+            subkeys=[
+                NewKey(
+                    "Microsoft",
+                    subkeys=[
+                        NewKey(
+                            "Windows NT",
+                            subkeys=[
+                                NewKey(
+                                    "CurrentVersion",
+                                    values=[
+                                        NewValue("CurrentBuild", regf.REG_SZ, sz("20348")),
+                                        NewValue("UBR", regf.REG_DWORD, dw(1)),
+                                        NewValue("DigitalProductId", regf.REG_BINARY, bytes(range(164))),
+                                    ],
+                                )
+                            ],
+                        )
+                    ],
+                )
+            ],
+        )
+    )
 
 
 def small_hive(tag: str) -> bytes:
@@ -100,27 +142,59 @@ def placeholder(name, subkeys=(), values=()):
 
 def system_delta(n: int) -> bytes:
     services = {
-        1: [placeholder("svcA", values=[NewValue("Start", regf.REG_DWORD, dw(4)),
-                                        NewValue("ImagePath", 0, b"", tombstone=True)]),
+        1: [
+            placeholder(
+                "svcA", values=[NewValue("Start", regf.REG_DWORD, dw(4)), NewValue("ImagePath", 0, b"", tombstone=True)]
+            ),
             NewKey("svcB", layer_semantics=regf.TOMBSTONE),
-            NewKey("svcC", values=[NewValue("Start", regf.REG_DWORD, dw(3))])],
-        2: [NewKey("svcC", layer_semantics=regf.SUPERSEDE_TREE, inherit_class=True,
-                   values=[NewValue("Type", regf.REG_DWORD, dw(16))])],
+            NewKey("svcC", values=[NewValue("Start", regf.REG_DWORD, dw(3))]),
+        ],
+        2: [
+            NewKey(
+                "svcC",
+                layer_semantics=regf.SUPERSEDE_TREE,
+                inherit_class=True,
+                values=[NewValue("Type", regf.REG_DWORD, dw(16))],
+            )
+        ],
         3: [NewKey("svcD", values=[NewValue("Description", regf.REG_SZ, sz("layer 3"))])],
     }[n]
-    return regf.write_hive(placeholder("ROOT", subkeys=[
-        placeholder("ControlSet001", subkeys=[placeholder("Services", subkeys=services)])]), layered=True)
+    return regf.write_hive(
+        placeholder(
+            "ROOT", subkeys=[placeholder("ControlSet001", subkeys=[placeholder("Services", subkeys=services)])]
+        ),
+        layered=True,
+    )
 
 
 def software_delta() -> bytes:
-    return regf.write_hive(placeholder("ROOT", subkeys=[placeholder("Microsoft", subkeys=[
-        NewKey("App", values=[NewValue("Version", regf.REG_SZ, sz("1.0"))]),
-        placeholder("Windows NT", subkeys=[placeholder("CurrentVersion", values=[
-            NewValue("UBR", regf.REG_DWORD, dw(2))])])])]), layered=True)
+    return regf.write_hive(
+        placeholder(
+            "ROOT",
+            subkeys=[
+                placeholder(
+                    "Microsoft",
+                    subkeys=[
+                        NewKey("App", values=[NewValue("Version", regf.REG_SZ, sz("1.0"))]),
+                        placeholder(
+                            "Windows NT",
+                            subkeys=[placeholder("CurrentVersion", values=[NewValue("UBR", regf.REG_DWORD, dw(2))])],
+                        ),
+                    ],
+                )
+            ],
+        ),
+        layered=True,
+    )
 
 
-BASE_HIVES = {"SYSTEM": base_system, "SOFTWARE": base_software, "SAM": lambda: small_hive("SAM"),
-              "SECURITY": lambda: small_hive("SECURITY"), "DEFAULT": lambda: small_hive("DEFAULT")}
+BASE_HIVES = {
+    "SYSTEM": base_system,
+    "SOFTWARE": base_software,
+    "SAM": lambda: small_hive("SAM"),
+    "SECURITY": lambda: small_hive("SECURITY"),
+    "DEFAULT": lambda: small_hive("DEFAULT"),
+}
 
 
 def hand_merge(tmp_path, base: bytes, delta: bytes, tag: str) -> bytes:
@@ -150,8 +224,12 @@ def delta_layers():
     """Three non-base layers with the deltas in real layers' spellings."""
     return [
         [D("Files"), F("Files/one.txt", b"1"), D("Hives"), F("Hives/System_Delta", system_delta(1))],
-        [F("Files/two.txt", b"2"), D("Hives"), F("Hives/system_Delta", system_delta(2)),
-         F("Hives/SOFTWARE_DELTA", software_delta())],
+        [
+            F("Files/two.txt", b"2"),
+            D("Hives"),
+            F("Hives/system_Delta", system_delta(2)),
+            F("Hives/SOFTWARE_DELTA", software_delta()),
+        ],
         [F("Files/three.txt", b"3"), D("Hives"), F("Hives/SYSTEM_DELTA", system_delta(3))],
     ]
 
@@ -181,7 +259,9 @@ def test_fork_chain_gives_the_hand_merged_base_hives(tmp_path):
             st = img.stat("Hives\\SYSTEM_BASE")
             assert st.attributes == NORMAL and st.last_write_time == 0 and st.creation_time == 0
             # the delta stays, as the layer spells it
-            assert img.read_bytes(f"Hives\\{['System_Delta', 'system_Delta', 'SYSTEM_DELTA'][i]}") == system_delta(i + 1)
+            assert img.read_bytes(f"Hives\\{['System_Delta', 'system_Delta', 'SYSTEM_DELTA'][i]}") == system_delta(
+                i + 1
+            )
             # hives without a delta keep the parent's base
             assert img.read_bytes("Hives\\SAM_BASE") == small_hive("SAM")
     with cimfs.open(paths[0]) as img:
@@ -207,8 +287,16 @@ def test_cli_create_fork_from_merges_and_a_bad_delta_leaves_nothing(tmp_path):
         assert img.read_bytes("Hives\\SYSTEM_BASE") == hand_merge(tmp_path, base_system(), system_delta(1), "s")
     before = tree_snapshot(d)
     (tmp_path / "bad.tar").write_bytes(build_tar([D("Hives"), F("Hives/Software_Delta", b"regf" + b"\0" * 600)]))
-    p = cli("create", "--format", "windows-layer", "--fork-from", d / "base.cim", tmp_path / "bad.tar",
-            d / "bad.cim", check=False)
+    p = cli(
+        "create",
+        "--format",
+        "windows-layer",
+        "--fork-from",
+        d / "base.cim",
+        tmp_path / "bad.tar",
+        d / "bad.cim",
+        check=False,
+    )
     err = one_line_error(p)
     assert "bad.tar" in err and "SOFTWARE" in err and "not a valid hive" in err
     assert tree_snapshot(d) == before
@@ -232,8 +320,10 @@ def test_missing_parent_base_hive_fails_and_leaves_nothing(tmp_path):
         winlayer.import_layer(str(bad), d, "l1.cim", parent="base.cim")
     assert tree_snapshot(d) == before
     # import_layers removes what it made before the failing layer
-    layers = [io.BytesIO(build_tar(delta_layers()[0])), io.BytesIO(build_tar([D("Hives"), F("Hives/sam_delta",
-                                                                                                system_delta(1))]))]
+    layers = [
+        io.BytesIO(build_tar(delta_layers()[0])),
+        io.BytesIO(build_tar([D("Hives"), F("Hives/sam_delta", system_delta(1))])),
+    ]
     with pytest.raises(CimError, match="SAM"):
         winlayer.import_layers(layers, d, ["a.cim", "b.cim"], base="base.cim")
     assert tree_snapshot(d) == before
@@ -302,8 +392,9 @@ def test_export_writes_an_unchanged_delta_when_the_base_it_made_changed(tmp_path
     winlayer.import_layer(io.BytesIO(build_tar(api_base_entries())), d, "l0.cim")
     winlayer.import_layer(io.BytesIO(build_tar(delta_layers()[0])), d, "l1.cim", parent="l0.cim")
     # the same delta bytes again: the fork inherits the file, but the base hive is merged once more
-    winlayer.import_layer(io.BytesIO(build_tar([D("Hives"), F("Hives/System_Delta", system_delta(1))])), d, "l2.cim",
-                          parent="l1.cim")
+    winlayer.import_layer(
+        io.BytesIO(build_tar([D("Hives"), F("Hives/System_Delta", system_delta(1))])), d, "l2.cim", parent="l1.cim"
+    )
     with cimfs.open(d / "l1.cim") as a, cimfs.open(d / "l2.cim") as b:
         changed = a.read_bytes("Hives\\SYSTEM_BASE") != b.read_bytes("Hives\\SYSTEM_BASE")
     names = tar_names(_export(d / "l2.cim", parent=d / "l1.cim"))
@@ -317,8 +408,9 @@ def store_layers():
     base += [("file", f"{CONFIG}/{name}", make()) for name, make in BASE_HIVES.items()]
     layers = [layer_tar(base)]
     for entries in delta_layers():
-        layers.append(layer_tar([("dir", e.name) if e.type == tarfile.DIRTYPE else ("file", e.name, e.data)
-                                 for e in entries]))
+        layers.append(
+            layer_tar([("dir", e.name) if e.type == tarfile.DIRTYPE else ("file", e.name, e.data) for e in entries])
+        )
     return layers
 
 
@@ -326,8 +418,9 @@ def store_images(store, ref, independent=False):
     refs = json.load(open(os.path.join(store, "refs.json")))
     rec = next(r for r in refs["images"].values() if ref is None or ref in r["refs"])
     if independent:
-        return [os.path.join(store, "layers", n) for n in rec["independent_layers"]], \
-            os.path.join(store, "layers", rec["top"])
+        return [os.path.join(store, "layers", n) for n in rec["independent_layers"]], os.path.join(
+            store, "layers", rec["top"]
+        )
     return [os.path.join(store, "layers", c[7:] + ".cim") for c in rec["layers"]], None
 
 
@@ -359,7 +452,9 @@ def test_import_image_both_modes_and_export_image_round_trip(tmp_path):
     # export-image leaves the generated bases out; importing the export makes them again
     for store, out in ((tmp_path / "store", tmp_path / "out"), (tmp_path / "istore", tmp_path / "iout")):
         cli("export-image", store, "test:1.0", out, "--compress", "none")
-        manifest = json.load(open(out / "blobs" / "sha256" / json.load(open(out / "index.json"))["manifests"][0]["digest"][7:]))
+        manifest = json.load(
+            open(out / "blobs" / "sha256" / json.load(open(out / "index.json"))["manifests"][0]["digest"][7:])
+        )
         for i, desc in enumerate(manifest["layers"][1:]):
             names = tar_names((out / "blobs" / "sha256" / desc["digest"][7:]).read_bytes())
             assert not any(n.upper().startswith("HIVES/") and n.upper().endswith("_BASE") for n in names), (i, names)
@@ -411,7 +506,7 @@ def parse_reg(text: str) -> dict:
                     j += 1
                 chars.append(line[j])
                 j += 1
-            name, rest = "".join(chars), line[j + 2:]
+            name, rest = "".join(chars), line[j + 2 :]
         if rest.startswith("dword:"):
             cur[name] = (4, int(rest[6:], 16).to_bytes(4, "little"))
         elif rest.startswith('"'):
@@ -432,25 +527,43 @@ def reg_text(data: bytes) -> str:
 
 def cli_hive() -> bytes:
     """A hive with every value type, big data (> 16 344 bytes), classes, names needing escapes."""
-    return regf.write_hive(NewKey("ROOT", subkeys=[
-        NewKey("Microsoft", class_name="MSClass", last_written=133_000_000_000_000_000, subkeys=[
-            NewKey("Windows NT", subkeys=[NewKey("CurrentVersion", values=[
-                NewValue("CurrentBuild", regf.REG_SZ, sz("20348")),
-                NewValue("", regf.REG_SZ, sz('default "quoted" \\ value')),
-                NewValue("Path", regf.REG_EXPAND_SZ, sz("%SystemRoot%\\system32")),
-                NewValue("Multi", regf.REG_MULTI_SZ, sz("a") + sz("bc") + b"\0\0"),
-                NewValue("UBR", regf.REG_DWORD, dw(0x1234)),
-                NewValue("Q", regf.REG_QWORD, (2 ** 40 + 5).to_bytes(8, "little")),
-                NewValue("BE", regf.REG_DWORD_BIG_ENDIAN, dw(7)),
-                NewValue("None", regf.REG_NONE, b"\x01\x02"),
-                NewValue("Odd", regf.REG_SZ, b"abc"),
-                NewValue("Big", regf.REG_BINARY, bytes(i % 251 for i in range(20000))),
-                NewValue('we"ird\\name', regf.REG_BINARY, b""),
-                NewValue("Short", regf.REG_DWORD, b"\x01\x02"),
-            ])]),
-        ]),
-        NewKey("\u00c9t\u00e9 \u65e5\u672c", values=[NewValue("x", regf.REG_DWORD, dw(1))]),
-    ]))
+    return regf.write_hive(
+        NewKey(
+            "ROOT",
+            subkeys=[
+                NewKey(
+                    "Microsoft",
+                    class_name="MSClass",
+                    last_written=133_000_000_000_000_000,
+                    subkeys=[
+                        NewKey(
+                            "Windows NT",
+                            subkeys=[
+                                NewKey(
+                                    "CurrentVersion",
+                                    values=[
+                                        NewValue("CurrentBuild", regf.REG_SZ, sz("20348")),
+                                        NewValue("", regf.REG_SZ, sz('default "quoted" \\ value')),
+                                        NewValue("Path", regf.REG_EXPAND_SZ, sz("%SystemRoot%\\system32")),
+                                        NewValue("Multi", regf.REG_MULTI_SZ, sz("a") + sz("bc") + b"\0\0"),
+                                        NewValue("UBR", regf.REG_DWORD, dw(0x1234)),
+                                        NewValue("Q", regf.REG_QWORD, (2**40 + 5).to_bytes(8, "little")),
+                                        NewValue("BE", regf.REG_DWORD_BIG_ENDIAN, dw(7)),
+                                        NewValue("None", regf.REG_NONE, b"\x01\x02"),
+                                        NewValue("Odd", regf.REG_SZ, b"abc"),
+                                        NewValue("Big", regf.REG_BINARY, bytes(i % 251 for i in range(20000))),
+                                        NewValue('we"ird\\name', regf.REG_BINARY, b""),
+                                        NewValue("Short", regf.REG_DWORD, b"\x01\x02"),
+                                    ],
+                                )
+                            ],
+                        ),
+                    ],
+                ),
+                NewKey("\u00c9t\u00e9 \u65e5\u672c", values=[NewValue("x", regf.REG_DWORD, dw(1))]),
+            ],
+        )
+    )
 
 
 @pytest.fixture
@@ -478,34 +591,56 @@ def test_hive_export_is_regedit_text_and_matches_hivex(tmp_path, hive_file):
     ours = parse_reg(text)
     # everything under the root, as the hive holds it
     h = regf.open_hive(cli_hive())
-    expect = {"HKEY_LOCAL_MACHINE\\SOFTWARE" + ("\\" + p if p else ""): {v.name: (v.type, v.data) for v in k.values()}
-              for p, k in h.walk()}
+    expect = {
+        "HKEY_LOCAL_MACHINE\\SOFTWARE" + ("\\" + p if p else ""): {v.name: (v.type, v.data) for v in k.values()}
+        for p, k in h.walk()
+    }
     assert ours == expect
     if HIVEXREGEDIT:
-        p = subprocess.run([HIVEXREGEDIT, "--export", "--prefix", "HKEY_LOCAL_MACHINE\\SOFTWARE", str(hive_file), "\\"],
-                           capture_output=True, timeout=60)
+        p = subprocess.run(
+            [HIVEXREGEDIT, "--export", "--prefix", "HKEY_LOCAL_MACHINE\\SOFTWARE", str(hive_file), "\\"],
+            capture_output=True,
+            timeout=60,
+        )
         assert p.returncode == 0, p.stderr
         theirs = parse_reg(p.stdout.decode("utf-8"))
         # hivex writes REG_SZ as hex(1): with its terminator, like ours after parsing
         assert theirs == ours
     # a key and -o, UTF-8
     out = tmp_path / "cv.reg"
-    cli("hive", "export", hive_file, "Microsoft\\Windows NT\\CurrentVersion", "-o", out, "--encoding", "utf-8",
-        "--prefix", "HKLM\\X")
+    cli(
+        "hive",
+        "export",
+        hive_file,
+        "Microsoft\\Windows NT\\CurrentVersion",
+        "-o",
+        out,
+        "--encoding",
+        "utf-8",
+        "--prefix",
+        "HKLM\\X",
+    )
     sub = out.read_bytes().decode("utf-8")
-    assert sub.startswith("Windows Registry Editor Version 5.00\r\n\r\n[HKLM\\X\\Microsoft\\Windows NT\\CurrentVersion]\r\n")
+    assert sub.startswith(
+        "Windows Registry Editor Version 5.00\r\n\r\n[HKLM\\X\\Microsoft\\Windows NT\\CurrentVersion]\r\n"
+    )
 
 
 def test_hive_ls_text_and_json(hive_file):
     out = cli("hive", "ls", hive_file, "Microsoft/Windows NT/CurrentVersion").stdout.decode().splitlines()
     assert '"CurrentBuild"  REG_SZ  12  "20348"' in out
-    assert "(default)  REG_SZ  " + str(len(sz('default "quoted" \\ value'))) + '  "default \\"quoted\\" \\\\ value"' in out
+    assert (
+        "(default)  REG_SZ  " + str(len(sz('default "quoted" \\ value'))) + '  "default \\"quoted\\" \\\\ value"' in out
+    )
     assert '"UBR"  REG_DWORD  4  0x00001234 (4660)' in out
     assert '"Multi"  REG_MULTI_SZ  12  ["a", "bc"]' in out
     assert any(line.startswith('"Big"  REG_BINARY  20000  000102') and line.endswith("...") for line in out)
     top = cli("hive", "ls", hive_file, "-l").stdout.decode().splitlines()
-    when = (datetime.datetime(1601, 1, 1) + datetime.timedelta(microseconds=133_000_000_000_000_000 // 10))
-    assert top == [f'{when:%Y-%m-%d %H:%M:%S}  class="MSClass"  Microsoft\\', "1601-01-01 00:00:00  \u00c9t\u00e9 \u65e5\u672c\\"]
+    when = datetime.datetime(1601, 1, 1) + datetime.timedelta(microseconds=133_000_000_000_000_000 // 10)
+    assert top == [
+        f'{when:%Y-%m-%d %H:%M:%S}  class="MSClass"  Microsoft\\',
+        "1601-01-01 00:00:00  \u00c9t\u00e9 \u65e5\u672c\\",
+    ]
     rows = json.loads(cli("hive", "ls", hive_file, "-R", "--json").stdout)
     h = regf.open_hive(cli_hive())
     keys = {r["path"] for r in rows if r["kind"] == "key"}
@@ -515,7 +650,8 @@ def test_hive_ls_text_and_json(hive_file):
     cv = "Microsoft\\Windows NT\\CurrentVersion"
     assert values[(cv, "UBR")]["data"] == 0x1234 and values[(cv, "Multi")]["data"] == ["a", "bc"]
     assert values[(cv, "Big")]["size"] == 20000 and bytes.fromhex(values[(cv, "Big")]["data"]) == bytes(
-        i % 251 for i in range(20000))
+        i % 251 for i in range(20000)
+    )
     micro = next(r for r in rows if r["kind"] == "key" and r["path"] == "Microsoft")
     assert micro["class"] == "MSClass" and micro["last_written_filetime"] == 133_000_000_000_000_000
 
@@ -526,8 +662,11 @@ def test_hive_ls_of_a_differencing_hive_shows_layers_with_l(tmp_path):
     plain = cli("hive", "ls", p, "ControlSet001\\Services").stdout.decode().splitlines()
     assert plain == ["svcA\\", "svcC\\"]  # the tombstone key is a deletion: shown with -l
     long = cli("hive", "ls", p, "ControlSet001\\Services", "-l").stdout.decode().splitlines()
-    assert long == ["1601-01-01 00:00:00  [merge,inherit-class]  svcA\\", "1601-01-01 00:00:00  [tombstone]  svcB\\",
-                    "1601-01-01 00:00:00  [merge]  svcC\\"]
+    assert long == [
+        "1601-01-01 00:00:00  [merge,inherit-class]  svcA\\",
+        "1601-01-01 00:00:00  [tombstone]  svcB\\",
+        "1601-01-01 00:00:00  [merge]  svcC\\",
+    ]
     vals = cli("hive", "ls", p, "ControlSet001\\Services\\svcA", "-l").stdout.decode().splitlines()
     assert vals == ['"Start"  REG_DWORD  4  0x00000004 (4)', '"ImagePath"  [tombstone]']
     reg = reg_text(cli("hive", "export", p, "--prefix", "HKLM\\S").stdout)
@@ -561,21 +700,36 @@ def test_hive_merge_matches_the_rules_and_hivex_reads_it(tmp_path):
 def test_hive_commands_read_inside_an_image_and_from_a_url(tmp_path, hive_file):
     d = tmp_path / "img"
     d.mkdir()
-    winlayer.import_layer(io.BytesIO(build_tar([D("Hives"), F("Hives/SOFTWARE_BASE", cli_hive()),
-                                                F("Hives/SYSTEM_BASE", base_system()),
-                                                F("Hives/System_Delta", system_delta(1))])), d, "app.cim")
+    winlayer.import_layer(
+        io.BytesIO(
+            build_tar(
+                [
+                    D("Hives"),
+                    F("Hives/SOFTWARE_BASE", cli_hive()),
+                    F("Hives/SYSTEM_BASE", base_system()),
+                    F("Hives/System_Delta", system_delta(1)),
+                ]
+            )
+        ),
+        d,
+        "app.cim",
+    )
     cli("hive", "merge", "--image", d / "app.cim", "Hives/SYSTEM_BASE", "hives\\system_delta", "-o", tmp_path / "m")
     assert (tmp_path / "m").read_bytes() == hand_merge(tmp_path, base_system(), system_delta(1), "im")
     key = "Microsoft\\Windows NT\\CurrentVersion"
     local = cli("hive", "ls", hive_file, key, "-l").stdout
     assert cli("hive", "ls", "--image", d / "app.cim", "Hives/SOFTWARE_BASE", key, "-l").stdout == local
-    assert cli("hive", "export", "--image", d / "app.cim", "Hives\\SOFTWARE_BASE").stdout == \
-        cli("hive", "export", hive_file).stdout
+    assert (
+        cli("hive", "export", "--image", d / "app.cim", "Hives\\SOFTWARE_BASE").stdout
+        == cli("hive", "export", hive_file).stdout
+    )
     try:
         with RangeHTTPServer(tmp_path) as server:
             assert cli("hive", "ls", f"{server.url}/SOFTWARE", key, "-l").stdout == local
-            assert cli("hive", "ls", "--image", f"{server.url}/img/app.cim", "Hives/SOFTWARE_BASE", key,
-                       "-l").stdout == local
+            assert (
+                cli("hive", "ls", "--image", f"{server.url}/img/app.cim", "Hives/SOFTWARE_BASE", key, "-l").stdout
+                == local
+            )
             err = one_line_error(cli("hive", "ls", f"{server.url}/nothere", check=False))
             assert "nothere" in err
     finally:
@@ -595,5 +749,4 @@ def test_hive_command_errors_are_one_line(tmp_path, hive_file):
     d.mkdir()
     winlayer.import_layer(io.BytesIO(build_tar([D("Hives"), F("Hives/x", b"x")])), d, "a.cim")
     assert "Hives" in one_line_error(cli("hive", "ls", "--image", d / "a.cim", "Hives", check=False))
-    assert "SYSTEM_BASE" in one_line_error(cli("hive", "ls", "--image", d / "a.cim", "Hives/SYSTEM_BASE",
-                                               check=False))
+    assert "SYSTEM_BASE" in one_line_error(cli("hive", "ls", "--image", d / "a.cim", "Hives/SYSTEM_BASE", check=False))

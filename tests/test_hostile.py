@@ -41,8 +41,13 @@ def build_seeds(root: pathlib.Path) -> list[pathlib.Path]:
     d.mkdir()
     with cimfs.create(d, "base.cim") as w:
         w.mkdir("dir/sub", parents=True)
-        w.add_file("dir/a.txt", b"alpha" * 100, FileMetadata(attributes=A.ARCHIVE, security_descriptor=SD,
-                                                            ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=0o100644, uid=1))))
+        w.add_file(
+            "dir/a.txt",
+            b"alpha" * 100,
+            FileMetadata(
+                attributes=A.ARCHIVE, security_descriptor=SD, ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=0o100644, uid=1))
+            ),
+        )
         w.add_file("dir/sub/big", os.urandom(70_000))
         w.add_file("link", b"", FileMetadata(reparse_data=ntfs.pack_symlink_reparse("dir\\a.txt")))
         w.add_stream("dir/a.txt:ads", b"stream")
@@ -67,6 +72,7 @@ def full_read(cim_path: str) -> None:
     """Everything a user could ask of an image, in bounded reads: a damaged
     entry may fail (CimFormatError), the rest must still be served."""
     from cimfs import posix, tools
+
     try:
         with cimfs.open(cim_path) as im:
             im.check()
@@ -114,8 +120,22 @@ def targets(cim_path: pathlib.Path):
             out += [(dir_rf, dir_off + i, w) for i, w in ((0, 8), (8, 2), (10, 2))]
             for slot in range(min(t.count, 64)):
                 base = off + slot * t.entry_size
-                out += [(rf, base + o, w) for o, w in ((2, 2), (4, 4), (40, 8), (48, 8), (54, 1), (55, 1), (56, 8),
-                                                        (64, 8), (72, 8), (80, 8), (88, 4))]
+                out += [
+                    (rf, base + o, w)
+                    for o, w in (
+                        (2, 2),
+                        (4, 4),
+                        (40, 8),
+                        (48, 8),
+                        (54, 1),
+                        (55, 1),
+                        (56, 8),
+                        (64, 8),
+                        (72, 8),
+                        (80, 8),
+                        (88, 4),
+                    )
+                ]
                 rec = im.record(1 + slot + im.file_tables.index(t) * 1024)
                 if rec.is_dir and rec.stream.length:
                     lrf, loff = region_file(rec.stream.offset)
@@ -140,6 +160,7 @@ def structural(cim_path: pathlib.Path) -> list[tuple[str, str, int, bytes, int]]
     a new variant of a known class is found, not only the example."""
     edits = []
     with cimfs.open(cim_path) as im:
+
         def at(ro):
             on_disk = os.path.basename(find_region_file(str(cim_path.parent), im.region_names[ro >> 48][0]))
             return on_disk, ro & ((1 << 48) - 1)
@@ -175,7 +196,9 @@ def structural(cim_path: pathlib.Path) -> list[tuple[str, str, int, bytes, int]]
         for fid, rec, (f, off), size in dirs[1:4]:  # class 3/4: two directories, one link table
             for _, other, *_ in dirs[:3]:
                 if other.stream != rec.stream:
-                    edits.append(("shared table", f, off, cim.pack_file_record(rec._replace(stream=other.stream))[:size], 0))
+                    edits.append(
+                        ("shared table", f, off, cim.pack_file_record(rec._replace(stream=other.stream))[:size], 0)
+                    )
         for fid, rec, (f, off), size in files[:6]:
             # class 3: a sparse stream near 2^48 (and a plain one the region cannot hold)
             for sparse in (True, False):
@@ -183,8 +206,13 @@ def structural(cim_path: pathlib.Path) -> list[tuple[str, str, int, bytes, int]]
                 edits.append(("huge stream", f, off, cim.pack_file_record(rec._replace(stream=huge))[:size], 0))
             # class 2: a reparse tag that disagrees with the buffer
             if rec.reparse_offset:
-                for tag in (ntfs.IO_REPARSE_TAG_LX_SYMLINK, ntfs.IO_REPARSE_TAG_MOUNT_POINT, ntfs.IO_REPARSE_TAG_SYMLINK,
-                            ntfs.IO_REPARSE_TAG_LX_FIFO, 0x12345678):
+                for tag in (
+                    ntfs.IO_REPARSE_TAG_LX_SYMLINK,
+                    ntfs.IO_REPARSE_TAG_MOUNT_POINT,
+                    ntfs.IO_REPARSE_TAG_SYMLINK,
+                    ntfs.IO_REPARSE_TAG_LX_FIFO,
+                    0x12345678,
+                ):
                     edits.append(("reparse tag", f, off, cim.pack_file_record(rec._replace(reparse_tag=tag))[:size], 0))
                 rf, roff = at(rec.reparse_offset)
                 for delta in (2 + 8 + 12, 2 + 8 + 14):  # into the target's first units: NUL, lone surrogate
@@ -203,7 +231,7 @@ BOUNDARY = [0, 1, 0xFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 1 << 31, 1 << 47, (1 << 
 def mutate_structure(files: dict, edits: list, rng: random.Random) -> tuple[str, bytes, int]:
     _cls, name, off, new, extend = rng.choice(edits)
     data = bytearray(files[name])
-    data[off:off + len(new)] = new[: max(0, len(data) - off)]
+    data[off : off + len(new)] = new[: max(0, len(data) - off)]
     return name, bytes(data), extend
 
 
@@ -216,9 +244,9 @@ def mutate(files: dict, names: list, fields: list, rng: random.Random) -> tuple[
             return name, bytes(data)
         value = rng.choice(BOUNDARY + [len(data), len(data) + 1, rng.randrange(1 << (8 * width))]) % (1 << (8 * width))
         if kind == 2:
-            value = int.from_bytes(data[off:off + width], "little") + rng.choice((-1, 1, 8, -8, 4096))
+            value = int.from_bytes(data[off : off + width], "little") + rng.choice((-1, 1, 8, -8, 4096))
             value %= 1 << (8 * width)
-        data[off:off + width] = value.to_bytes(width, "little")
+        data[off : off + width] = value.to_bytes(width, "little")
         return name, bytes(data)
     name = rng.choice(names)
     data = bytearray(files[name])
@@ -229,11 +257,11 @@ def mutate(files: dict, names: list, fields: list, rng: random.Random) -> tuple[
             i = rng.randrange(len(data))
             data[i] ^= 1 << rng.randrange(8)
     elif kind == 4:  # truncation
-        del data[rng.randrange(len(data)):]
+        del data[rng.randrange(len(data)) :]
     else:  # zeroed or 0xFF range
         i = rng.randrange(len(data))
         n = rng.randint(1, 256)
-        data[i:i + n] = bytes([rng.choice((0, 0xFF))]) * len(data[i:i + n])
+        data[i : i + n] = bytes([rng.choice((0, 0xFF))]) * len(data[i : i + n])
     return name, bytes(data)
 
 
@@ -251,7 +279,11 @@ def run_mutations(seed_path: str, seed: int, count: int, conn) -> None:
     try:
         seed_path = pathlib.Path(seed_path)
         d = seed_path.parent
-        names = [p.name for p in d.iterdir() if p.is_file() and (p.name.endswith(".cim") or p.name.lower().startswith(("region_", "objectid_")))]
+        names = [
+            p.name
+            for p in d.iterdir()
+            if p.is_file() and (p.name.endswith(".cim") or p.name.lower().startswith(("region_", "objectid_")))
+        ]
         files = {n: (d / n).read_bytes() for n in names}
         fields = targets(seed_path)
         edits = structural(seed_path)
@@ -320,7 +352,7 @@ def test_random_field_values(tmp_path_factory, data):
     off = data.draw(st.integers(0, max(0, len(blob) - 1)))
     width = data.draw(st.sampled_from([1, 2, 4, 8]))
     value = data.draw(st.integers(0, (1 << (8 * width)) - 1))
-    blob[off:off + width] = value.to_bytes(width, "little")[: len(blob[off:off + width])]
+    blob[off : off + width] = value.to_bytes(width, "little")[: len(blob[off : off + width])]
     (d / name).write_bytes(bytes(blob))
     full_read(str(d / "x.cim"))
 
@@ -340,7 +372,7 @@ def test_cycles_are_reported_and_skipped(tmp_path):
         table = im._bytes(rec.stream.offset, rec.stream.length, "t")
     # b's only entry now points back at the root
     data = bytearray(region.read_bytes())
-    data[off + 8: off + 12] = struct.pack("<I", root)
+    data[off + 8 : off + 12] = struct.pack("<I", root)
     region.write_bytes(bytes(data))
     with cimfs.open(tmp_path / "c.cim") as im:
         damage = []
@@ -355,7 +387,9 @@ def test_cycles_are_reported_and_skipped(tmp_path):
     assert table
 
 
-@pytest.mark.parametrize("path", ["a\0b", "a\x01", "..", "a/../b", "x" * 40000, "\ud800", "a:b:c:d", ":", "a|b", 42, b"bytes"])
+@pytest.mark.parametrize(
+    "path", ["a\0b", "a\x01", "..", "a/../b", "x" * 40000, "\ud800", "a:b:c:d", ":", "a|b", 42, b"bytes"]
+)
 def test_hostile_paths_are_cim_errors(tmp_path, path):
     with cimfs.create(tmp_path, "p.cim") as w:
         w.add_file("a", b"x")
@@ -436,8 +470,12 @@ class Patch:
 
 def cli(*args, check_exit=None, report=False):
     """Run the CLI; it must never print a traceback."""
-    p = subprocess.run([sys.executable, "-m", "cimfs.cli", *map(str, args)], capture_output=True, timeout=120,
-                       env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    p = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", *map(str, args)],
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
     out, err = p.stdout.decode("utf-8", "backslashreplace"), p.stderr.decode("utf-8", "backslashreplace")
     assert "Traceback" not in err, err
     if check_exit is not None:
@@ -510,12 +548,16 @@ def test_class4_sparse_region_counts_are_bounded(tmp_path):
         cimfs.open(tmp_path / "c.cim")
     struct.pack_into("<I", obj, 16, cim.MAX_FILE_TABLES)
     patch.write(fs_ro, bytes(obj))
-    code = ("im = cimfs.open(sys.argv[1])\n"
-            "assert im.read_bytes('f') == b'intact'\n"
-            "assert im.listdir('') == ['f']\n"
-            "assert im.info()['file_tables'] == cimfs.layout.cim.MAX_FILE_TABLES\n")
+    code = (
+        "im = cimfs.open(sys.argv[1])\n"
+        "assert im.read_bytes('f') == b'intact'\n"
+        "assert im.listdir('') == ['f']\n"
+        "assert im.info()['file_tables'] == cimfs.layout.cim.MAX_FILE_TABLES\n"
+    )
     grown_kib = _rss_growth_kib(code, tmp_path / "c.cim")
-    assert grown_kib < 64 << 10, f"opening grew the process by {grown_kib} KiB"  # 4M table entries unpacked would be ~400 MiB
+    assert grown_kib < 64 << 10, (
+        f"opening grew the process by {grown_kib} KiB"
+    )  # 4M table entries unpacked would be ~400 MiB
 
 
 @pytest.mark.parametrize("kind", ["fifo", "directory"])
@@ -530,7 +572,9 @@ def test_class5_region_file_not_regular(tmp_path, kind):
     else:
         region.mkdir()
     code = "import cimfs, sys\ntry:\n    cimfs.open(sys.argv[1]).read_bytes('f')\nexcept cimfs.CimFormatError as e:\n    print(e)\n"
-    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.cim")], capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "r.cim")], capture_output=True, text=True, timeout=60
+    )
     assert p.returncode == 0 and p.stderr == "", p.stderr
     assert f"is {'a FIFO' if kind == 'fifo' else 'a directory'}" in p.stdout
     code, _, err = cli("cat", tmp_path / "r.cim", "f")
@@ -591,12 +635,14 @@ def test_class3_deep_trees_without_recursion_or_quadratic_work(tmp_path, monkeyp
     assert sys.getrecursionlimit() < depth
     from cimfs import tools
     from cimfs.reader import Image
+
     calls = {"n": 0}
     real_child = Image._child
 
     def counting_child(self, dir_id, name):
         calls["n"] += 1
         return real_child(self, dir_id, name)
+
     monkeypatch.setattr(Image, "_child", counting_child)
     assert tools.fsck(path) == []
     assert calls["n"] <= 3 * (depth + 2), f"fsck did {calls['n']} name lookups for {depth + 2} entries"
@@ -619,6 +665,7 @@ def test_class3_sparse_stream_near_2_48_is_not_read(tmp_path, monkeypatch):
         w.add_stream("huge:ads", b"s")
     from cimfs import tools
     from cimfs.reader import Image
+
     read = {"bytes": 0}
     real = Image._read_stream
 
@@ -626,6 +673,7 @@ def test_class3_sparse_stream_near_2_48_is_not_read(tmp_path, monkeypatch):
         data = real(self, desc, pos, n)
         read["bytes"] += len(data)
         return data
+
     monkeypatch.setattr(Image, "_read_stream", counting)
     assert tools.fsck(str(tmp_path / "a.cim")) == []
     with cimfs.open(tmp_path / "a.cim") as a, cimfs.open(tmp_path / "b.cim") as b:
@@ -681,7 +729,9 @@ def _rss_growth_kib(code: str, *args) -> int:
     beyond one that only imports cimfs (KiB); ``code`` must succeed."""
     probe = "import resource, sys, cimfs\n{}\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     base = subprocess.run([sys.executable, "-c", probe.format("")], capture_output=True, text=True, check=True)
-    p = subprocess.run([sys.executable, "-c", probe.format(code), *map(str, args)], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", probe.format(code), *map(str, args)], capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 0, p.stderr
     return int(p.stdout.split()[-1]) - int(base.stdout)
 
@@ -703,9 +753,11 @@ def test_class4_sparse_link_table_counts_cost_nothing(tmp_path):
         f.write(struct.pack("<II", length, (length - 8) // 8))
     os.truncate(region, end + length)
     patch.record(root, stream=cim.Stream((ri << 48) | end, length, cim.STREAM_TYPE_LINK_TABLE))
-    code = ("im = cimfs.open(sys.argv[1])\n"
-            "try:\n    im.listdir('')\nexcept cimfs.CimFormatError as e:\n    assert 'UTF-16 units' in str(e), e\n"
-            "else:\n    raise AssertionError('listed')\n")
+    code = (
+        "im = cimfs.open(sys.argv[1])\n"
+        "try:\n    im.listdir('')\nexcept cimfs.CimFormatError as e:\n    assert 'UTF-16 units' in str(e), e\n"
+        "else:\n    raise AssertionError('listed')\n"
+    )
     grown = _rss_growth_kib(code, tmp_path / "l.cim")
     assert grown < 32 << 10, f"listing grew the process by {grown} KiB"  # 25M FileIDs as ints: ~1 GiB
 
@@ -725,8 +777,13 @@ def _shared_long_name(tmp_path, count: int = 20_000):
     region, _ = patch._file(ri << 48)
     end = (region.stat().st_size + 7) & ~7
     name_at = 8 + 8 * count
-    table = (struct.pack("<II", name_at + 2 + 2 * 65535, count) + struct.pack(f"<{count}I", *[f] * count)
-             + struct.pack(f"<{count}I", *[name_at] * count) + struct.pack("<H", 65535) + "n".encode("utf-16-le") * 65535)
+    table = (
+        struct.pack("<II", name_at + 2 + 2 * 65535, count)
+        + struct.pack(f"<{count}I", *[f] * count)
+        + struct.pack(f"<{count}I", *[name_at] * count)
+        + struct.pack("<H", 65535)
+        + "n".encode("utf-16-le") * 65535
+    )
     with open(region, "r+b") as out:
         out.seek(end)
         out.write(table)
@@ -736,8 +793,12 @@ def _shared_long_name(tmp_path, count: int = 20_000):
 
 def limited_cli(*args, limit=1 << 30):
     """The CLI under an address-space limit: (exit code, stdout, stderr); never a traceback."""
-    p = subprocess.run(["prlimit", f"--as={limit}", sys.executable, "-m", "cimfs.cli", *map(str, args)],
-                       capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    p = subprocess.run(
+        ["prlimit", f"--as={limit}", sys.executable, "-m", "cimfs.cli", *map(str, args)],
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
     out, err = p.stdout.decode("utf-8", "backslashreplace"), p.stderr.decode("utf-8", "backslashreplace")
     assert "Traceback" not in err and "MemoryError" not in out + err, err
     assert p.returncode in (0, 1), (p.returncode, err)

@@ -47,6 +47,7 @@ def test_create_refuses_an_image_inside_its_source(tmp_path, where):
         assert sorted(e.name for e in img.scandir(img.root_id)) == ["file", "sub"]
     # the API refuses it too, before anything is read
     from cimfs import posix
+
     with cimfs.create(str(src / where), "z.cim") as w:
         with pytest.raises(CimError, match="inside the source directory"):
             posix.DirectoryImporter(w, str(src))
@@ -72,7 +73,7 @@ class EndlessTar(io.RawIOBase):
 
     def readinto(self, b):
         n = len(b)
-        chunk = self.head[self.consumed:self.consumed + n]
+        chunk = self.head[self.consumed : self.consumed + n]
         b[:n] = chunk + bytes(n - len(chunk))
         self.consumed += n
         return n
@@ -98,8 +99,10 @@ def pax_member(records: bytes, type_=tarfile.XHDTYPE) -> bytes:
     return header("././@PaxHeader", type_, len(records)) + records + bytes(pad)
 
 
-@pytest.mark.parametrize("type_", [tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME,
-                                   tarfile.GNUTYPE_LONGLINK, tarfile.SOLARIS_XHDTYPE])
+@pytest.mark.parametrize(
+    "type_",
+    [tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.SOLARIS_XHDTYPE],
+)
 def test_a_huge_extension_header_is_refused_before_it_is_read(type_):
     src = EndlessTar(header("././@LongLink", type_, 1 << 30))
     with pytest.raises(tarfile.ReadError, match="limit is 1048576"):
@@ -125,8 +128,12 @@ def test_header_limits_hold_for_chains_globals_and_sparse_maps():
     with pytest.raises(tarfile.ReadError, match="global PAX headers exceed"):
         read_all(g + member + g + member + bytes(1024))
     # a GNU 1.0 sparse map is read through the budget
-    sparse10 = pax_member(pax_record("GNU.sparse.major", b"1") + pax_record("GNU.sparse.minor", b"0")
-                          + pax_record("GNU.sparse.name", b"s") + pax_record("GNU.sparse.realsize", b"10"))
+    sparse10 = pax_member(
+        pax_record("GNU.sparse.major", b"1")
+        + pax_record("GNU.sparse.minor", b"0")
+        + pax_record("GNU.sparse.name", b"s")
+        + pax_record("GNU.sparse.realsize", b"10")
+    )
     endless_map = b"9999999999\n" + b"1\n" * (600_000)
     with pytest.raises(tarfile.ReadError, match="GNU sparse map"):
         read_all(sparse10 + header("s", tarfile.REGTYPE, len(endless_map)) + endless_map + bytes(1024))
@@ -134,19 +141,30 @@ def test_header_limits_hold_for_chains_globals_and_sparse_maps():
 
 @pytest.mark.parametrize("sparse_map", [b"x\n", b"2\n1\n", b"1\n", b""])
 def test_a_broken_gnu_sparse_map_is_a_read_error(sparse_map):
-    pax = pax_member(pax_record("GNU.sparse.major", b"1") + pax_record("GNU.sparse.minor", b"0")
-                     + pax_record("GNU.sparse.name", b"s") + pax_record("GNU.sparse.realsize", b"10"))
+    pax = pax_member(
+        pax_record("GNU.sparse.major", b"1")
+        + pax_record("GNU.sparse.minor", b"0")
+        + pax_record("GNU.sparse.name", b"s")
+        + pax_record("GNU.sparse.realsize", b"10")
+    )
     data = pax + header("s", tarfile.REGTYPE, 512) + sparse_map + bytes(512 - len(sparse_map))
     for tail in (bytes(1024), b""):
         with pytest.raises(tarfile.ReadError, match="malformed header at byte 0"):
             with tarfile.open(fileobj=io.BytesIO(data + tail), mode="r:", tarinfo=tarbounds.BoundedTarInfo) as tf:
                 tf.getmembers()
     # the 0.1 map (in the PAX header) too
-    pax01 = pax_member(pax_record("GNU.sparse.major", b"0") + pax_record("GNU.sparse.minor", b"1")
-                       + pax_record("GNU.sparse.map", b"1,x,2") + pax_record("GNU.sparse.name", b"s"))
+    pax01 = pax_member(
+        pax_record("GNU.sparse.major", b"0")
+        + pax_record("GNU.sparse.minor", b"1")
+        + pax_record("GNU.sparse.map", b"1,x,2")
+        + pax_record("GNU.sparse.name", b"s")
+    )
     with pytest.raises(tarfile.ReadError, match="malformed header"):
-        with tarfile.open(fileobj=io.BytesIO(pax01 + header("s", tarfile.REGTYPE, 0) + bytes(1024)), mode="r:",
-                          tarinfo=tarbounds.BoundedTarInfo) as tf:
+        with tarfile.open(
+            fileobj=io.BytesIO(pax01 + header("s", tarfile.REGTYPE, 0) + bytes(1024)),
+            mode="r:",
+            tarinfo=tarbounds.BoundedTarInfo,
+        ) as tf:
             tf.getmembers()
 
 
@@ -167,12 +185,15 @@ def _layer(symlink_target: str) -> bytes:
     return b.getvalue()
 
 
-@pytest.mark.parametrize("target,reason", [
-    ("a" * 40000, "too long for a reparse buffer"),
-    ("C:\\" + "b\\" * 20000, "too long for a reparse buffer"),
-    ("C:\\x\0y", "contains a NUL character"),
-    ("\0", "contains a NUL character"),
-])
+@pytest.mark.parametrize(
+    "target,reason",
+    [
+        ("a" * 40000, "too long for a reparse buffer"),
+        ("C:\\" + "b\\" * 20000, "too long for a reparse buffer"),
+        ("C:\\x\0y", "contains a NUL character"),
+        ("\0", "contains a NUL character"),
+    ],
+)
 def test_windows_layer_bad_symlink_targets_name_the_entry(tmp_path, target, reason):
     with pytest.raises(CimError, match=reason) as e:
         winlayer.import_layer(io.BytesIO(_layer(target)), str(tmp_path), "l.cim")
@@ -186,6 +207,7 @@ def test_windows_layer_bad_symlink_targets_name_the_entry(tmp_path, target, reas
 
 def test_windows_layer_with_a_huge_pax_header_is_refused_early(tmp_path):
     import gzip
+
     # 64 MiB of PAX header compress to ~64 KiB; the limit stops it at the header
     records = pax_record("MSWINDOWS.rawsd", b"A" * (64 << 20))
     body = header("././@PaxHeader", tarfile.XHDTYPE, len(records)) + records
@@ -204,6 +226,7 @@ def test_windows_layer_with_a_huge_pax_header_is_refused_early(tmp_path):
 # ------------------------------------------------------------------ POSIX tars
 def _posix_tar(path, body: bytes, compress=False):
     import gzip
+
     data = body + bytes(1024)
     if compress:
         with gzip.open(path, "wb", compresslevel=1) as f:
@@ -219,14 +242,19 @@ def test_posix_tar_with_a_huge_pax_header_is_refused_early(tmp_path):
     assert "limit is 1048576" in one_line_error(p)
     assert sorted(os.listdir(tmp_path)) == ["t.tar.gz"]
     from cimfs import posix
+
     with pytest.raises(CimError, match="limit is 1048576"):
         posix.open_tar(str(tmp_path / "t.tar.gz"))
 
 
 @pytest.mark.parametrize("sparse_map", [b"x\n", b"2\n1\n", b""])
 def test_posix_tar_with_a_broken_sparse_map_is_one_line(tmp_path, sparse_map):
-    pax = pax_member(pax_record("GNU.sparse.major", b"1") + pax_record("GNU.sparse.minor", b"0")
-                     + pax_record("GNU.sparse.name", b"s") + pax_record("GNU.sparse.realsize", b"10"))
+    pax = pax_member(
+        pax_record("GNU.sparse.major", b"1")
+        + pax_record("GNU.sparse.minor", b"0")
+        + pax_record("GNU.sparse.name", b"s")
+        + pax_record("GNU.sparse.realsize", b"10")
+    )
     _posix_tar(tmp_path / "t.tar", pax + header("s", tarfile.REGTYPE, 512) + sparse_map + bytes(512 - len(sparse_map)))
     p = cli("create", tmp_path / "t.tar", tmp_path / "i.cim", check=False)
     assert "malformed header" in one_line_error(p)
@@ -236,8 +264,9 @@ def test_posix_tar_with_a_broken_sparse_map_is_one_line(tmp_path, sparse_map):
     with tarfile.open(fileobj=b, mode="w", format=tarfile.PAX_FORMAT) as tf:
         tf.addfile(tarfile.TarInfo("first"))
     good = b.getvalue()[:512]
-    _posix_tar(tmp_path / "t.tar", good + pax + header("s", tarfile.REGTYPE, 512) + sparse_map
-               + bytes(512 - len(sparse_map)))
+    _posix_tar(
+        tmp_path / "t.tar", good + pax + header("s", tarfile.REGTYPE, 512) + sparse_map + bytes(512 - len(sparse_map))
+    )
     p = cli("create", tmp_path / "t.tar", tmp_path / "i.cim", check=False)
     assert "malformed" in one_line_error(p)
 
@@ -313,14 +342,23 @@ def test_fork_add_same_kind_replaces_without_asking(base_image):
 
 def test_docker_archive_headers_are_bounded_too(tmp_path):
     from cimfs.oci.sources import DockerArchive
+
     records = pax_record("comment", b"A" * (2 << 20))
-    (tmp_path / "a.tar").write_bytes(header("././@PaxHeader", tarfile.XHDTYPE, len(records)) + records
-                                      + bytes(-len(records) % 512) + header("manifest.json", tarfile.REGTYPE, 0)
-                                      + bytes(1024))
+    (tmp_path / "a.tar").write_bytes(
+        header("././@PaxHeader", tarfile.XHDTYPE, len(records))
+        + records
+        + bytes(-len(records) % 512)
+        + header("manifest.json", tarfile.REGTYPE, 0)
+        + bytes(1024)
+    )
     with pytest.raises(CimError, match="limit is 1048576"):
         DockerArchive(str(tmp_path / "a.tar"))
-    pax = pax_member(pax_record("GNU.sparse.major", b"1") + pax_record("GNU.sparse.minor", b"0")
-                     + pax_record("GNU.sparse.name", b"s") + pax_record("GNU.sparse.realsize", b"10"))
+    pax = pax_member(
+        pax_record("GNU.sparse.major", b"1")
+        + pax_record("GNU.sparse.minor", b"0")
+        + pax_record("GNU.sparse.name", b"s")
+        + pax_record("GNU.sparse.realsize", b"10")
+    )
     (tmp_path / "b.tar").write_bytes(pax + header("s", tarfile.REGTYPE, 512) + b"x\n" + bytes(510) + bytes(1024))
     with pytest.raises(CimError, match="malformed header"):
         DockerArchive(str(tmp_path / "b.tar"))

@@ -32,23 +32,39 @@ def big(seed: int, size: int) -> bytes:
     """Several 1 MiB chunks, one of them zeros (a hole), the rest not."""
     block = bytes((seed * 31 + i * 7) & 0xFF for i in range(4096))
     data = bytearray(block * (size // 4096 + 1))[:size]
-    data[1 << 20: 2 << 20] = bytes(1 << 20)
+    data[1 << 20 : 2 << 20] = bytes(1 << 20)
     return bytes(data)
 
 
 def three_layers() -> list[bytes]:
     base = [("dir", "Files"), ("dir", "Files/Windows"), ("dir", "Files/Windows/System32"), ("dir", CONFIG)]
     base += [("file", f"{CONFIG}/{name}", make()) for name, make in BASE_HIVES.items()]
-    base += [("dir", "Files/app"), ("file", "Files/app/a.txt", b"a" * 100), ("file", "Files/app/b.bin", big(1, 3 << 20)),
-             ("dir", "Files/app/sub"), ("file", "Files/app/sub/c.txt", b"c"), ("file", "Files/keep.txt", b"k")]
+    base += [
+        ("dir", "Files/app"),
+        ("file", "Files/app/a.txt", b"a" * 100),
+        ("file", "Files/app/b.bin", big(1, 3 << 20)),
+        ("dir", "Files/app/sub"),
+        ("file", "Files/app/sub/c.txt", b"c"),
+        ("file", "Files/keep.txt", b"k"),
+    ]
     base += [("file", f"Files/many/f{i:03d}.txt", f"file {i}\n".encode() * (i + 1)) for i in range(200)]
-    second = [("dir", "Hives"), ("file", "Hives/System_Delta", system_delta(1)),
-              ("whiteout", "Files/app/a.txt"), ("opaque", "Files/app/sub"), ("file", "Files/app/sub/d.txt", b"d"),
-              ("link", "Files/keep2.txt", "Files/keep.txt"), ("file", "Files/app/b.bin", big(2, (2 << 20) + 5)),
-              ("file", "Files/dup.bin", big(1, 3 << 20))]  # the base layer's contents again: stored once
-    third = [("dir", "Hives"), ("file", "Hives/SYSTEM_DELTA", system_delta(2)),
-             ("file", "Hives/SOFTWARE_DELTA", software_delta()), ("whiteout", "Files/many"),
-             ("file", "Files/three.txt", b"3" * 5000)]
+    second = [
+        ("dir", "Hives"),
+        ("file", "Hives/System_Delta", system_delta(1)),
+        ("whiteout", "Files/app/a.txt"),
+        ("opaque", "Files/app/sub"),
+        ("file", "Files/app/sub/d.txt", b"d"),
+        ("link", "Files/keep2.txt", "Files/keep.txt"),
+        ("file", "Files/app/b.bin", big(2, (2 << 20) + 5)),
+        ("file", "Files/dup.bin", big(1, 3 << 20)),
+    ]  # the base layer's contents again: stored once
+    third = [
+        ("dir", "Hives"),
+        ("file", "Hives/SYSTEM_DELTA", system_delta(2)),
+        ("file", "Hives/SOFTWARE_DELTA", software_delta()),
+        ("whiteout", "Files/many"),
+        ("file", "Files/three.txt", b"3" * 5000),
+    ]
     return [layer_tar(base), layer_tar(second), layer_tar(third)]
 
 
@@ -147,7 +163,6 @@ def test_jobs_2_missing_blob_of_layer_2_fails_there(tmp_path):
     assert "layer 2 of 3" in err and "not in the source" in err
     assert not os.path.exists(tmp_path / "store" / "journal.json")
     assert [n for n in os.listdir(tmp_path / "store" / "layers") if n.endswith(".cim")] == []
-
 
 
 def test_jobs_2_reads_an_archive_on_stdin_as_jobs_1(tmp_path):

@@ -183,8 +183,11 @@ def reader_tree(image_path, uid, gid):
                 data = None
                 if not st.is_dir and not st.reparse_data and name != "sparse.vhd":
                     data = hashlib.sha256(im.read_bytes(p)).hexdigest()
-                out[p.replace("\\", "/")] = (st.size if data else None, data,
-                                             cimfs.filetime_to_ns(st.last_write_time) if st.last_write_time else 0)
+                out[p.replace("\\", "/")] = (
+                    st.size if data else None,
+                    data,
+                    cimfs.filetime_to_ns(st.last_write_time) if st.last_write_time else 0,
+                )
     return out
 
 
@@ -243,21 +246,36 @@ def windows_image(tmp_path_factory):
     sd = ntfs.sddl_to_sd("O:BAG:SYD:(A;;FA;;;SY)")
     with cimfs.create(root, "w.cim") as w:
         w.mkdir("Windows", FileMetadata(attributes=A.DIRECTORY | A.SYSTEM))
-        w.add_file("Windows/notepad.exe", b"MZ" + bytes(100), FileMetadata(
-            attributes=A.ARCHIVE | A.HIDDEN, creation_time=132000000000000000, last_write_time=132000000010000000,
-            change_time=132000000020000000, last_access_time=132000000030000000, security_descriptor=sd,
-            ea_buffer=ntfs.pack_eas([ntfs.EaEntry("USER.NOTE", b"x")])))
+        w.add_file(
+            "Windows/notepad.exe",
+            b"MZ" + bytes(100),
+            FileMetadata(
+                attributes=A.ARCHIVE | A.HIDDEN,
+                creation_time=132000000000000000,
+                last_write_time=132000000010000000,
+                change_time=132000000020000000,
+                last_access_time=132000000030000000,
+                security_descriptor=sd,
+                ea_buffer=ntfs.pack_eas([ntfs.EaEntry("USER.NOTE", b"x")]),
+            ),
+        )
         w.add_stream("Windows/notepad.exe:Zone.Identifier", b"[ZoneTransfer]")
         w.add_stream("Windows/notepad.exe:huge", bytes(70000))  # longer than an EROFS xattr
         w.add_file("rel", b"", FileMetadata(reparse_data=ntfs.pack_symlink_reparse("Windows\\notepad.exe")))
         w.add_file("abs", b"", FileMetadata(reparse_data=ntfs.pack_symlink_reparse("C:\\Windows\\System32")))
-        w.mkdir("junction", FileMetadata(attributes=A.DIRECTORY, reparse_data=ntfs.pack_mount_point_reparse("D:\\data")))
+        w.mkdir(
+            "junction", FileMetadata(attributes=A.DIRECTORY, reparse_data=ntfs.pack_mount_point_reparse("D:\\data"))
+        )
         w.create_file("sparse.vhd", FileMetadata(file_size=5 << 30, attributes=A.SPARSE_FILE)).close()
         w.create_file("sparse-small", FileMetadata(file_size=3 << 20, attributes=A.SPARSE_FILE)).close()
         w.add_file("old", b"before 1970", FileMetadata(last_write_time=100_000_000_000_000_000))
         w.add_file("bad-ea", b"still readable", FileMetadata(ea_buffer=b"\x00\x00\x00\x00\x00\x05\xff\xff$LXMO"))
-        w.add_file("exe", b"#!/bin/sh\n", FileMetadata(ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=stat.S_IFREG | 0o4755))))
-        w.add_file("bad-link", b"", FileMetadata(reparse_data=struct.pack("<IHH", ntfs.IO_REPARSE_TAG_SYMLINK, 2, 0) + b"xx"))
+        w.add_file(
+            "exe", b"#!/bin/sh\n", FileMetadata(ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=stat.S_IFREG | 0o4755)))
+        )
+        w.add_file(
+            "bad-link", b"", FileMetadata(reparse_data=struct.pack("<IHH", ntfs.IO_REPARSE_TAG_SYMLINK, 2, 0) + b"xx")
+        )
         w.add_file("sock", b"", FileMetadata(reparse_data=ntfs.pack_lx_special_reparse(ntfs.IO_REPARSE_TAG_AF_UNIX)))
     return root / "w.cim"
 
@@ -308,8 +326,10 @@ def test_index_passes_fsck_and_addresses_data_in_place(kinds_image, tmp_path):
 
 
 def test_directory_blocks_round_trip():
-    entries = sorted([(b".", 1, L.FT_DIR), (b"..", 1, L.FT_DIR)] +
-                     [(f"name-{i}-{'y' * (i % 50)}".encode(), 100 + i, L.FT_REG_FILE) for i in range(500)])
+    entries = sorted(
+        [(b".", 1, L.FT_DIR), (b"..", 1, L.FT_DIR)]
+        + [(f"name-{i}-{'y' * (i % 50)}".encode(), 100 + i, L.FT_REG_FILE) for i in range(500)]
+    )
     for bs in (512, 4096):
         raw = L.pack_directory(entries, bs)
         assert len(raw) == L.directory_size([len(e[0]) for e in entries], bs)
@@ -319,8 +339,11 @@ def test_directory_blocks_round_trip():
 
 def test_standalone_image_extracts_to_the_source(kinds_image, tmp_path):
     src, image = kinds_image
-    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "to-erofs", "--standalone", str(image),
-                          str(tmp_path / "s.erofs")], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "to-erofs", "--standalone", str(image), str(tmp_path / "s.erofs")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert "device=" not in out.stderr
     fsck(tmp_path / "s.erofs")
@@ -343,10 +366,13 @@ def test_standalone_image_extracts_to_the_source(kinds_image, tmp_path):
 
 def test_cli_to_erofs_lists_devices(kinds_image, tmp_path):
     _, image = kinds_image
-    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "to-erofs", str(image), str(tmp_path / "i.erofs")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "to-erofs", str(image), str(tmp_path / "i.erofs")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
-    devices = [line[len("device="):] for line in out.stderr.splitlines() if line.startswith("device=")]
+    devices = [line[len("device=") :] for line in out.stderr.splitlines() if line.startswith("device=")]
     assert devices and all(os.path.isfile(d) for d in devices)
     fsck(tmp_path / "i.erofs", devices)
 
@@ -360,8 +386,11 @@ def test_bad_input_is_a_cim_error(tmp_path):
     regions = [n for n in os.listdir(tmp_path) if n.startswith("region_")]
     for n in regions:
         os.unlink(tmp_path / n)
-    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "to-erofs", str(tmp_path / "g.cim"), str(tmp_path / "o.erofs")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "to-erofs", str(tmp_path / "g.cim"), str(tmp_path / "o.erofs")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1 and "Traceback" not in out.stderr and "region" in out.stderr
     assert not os.path.exists(tmp_path / "o.erofs") and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
@@ -404,7 +433,11 @@ def test_windows_metadata_on_the_kernel_mount(windows_image, mounted):
     assert os.getxattr(f, "trusted.ntfs_acl") == sd
     assert os.getxattr(f, "trusted.ntfs_ea") == ntfs.pack_eas([ntfs.EaEntry("USER.NOTE", b"x")])
     assert struct.unpack("<4Q", os.getxattr(f, "trusted.ntfs_times")) == (
-        132000000000000000, 132000000010000000, 132000000030000000, 132000000020000000)
+        132000000000000000,
+        132000000010000000,
+        132000000030000000,
+        132000000020000000,
+    )
     assert os.stat(f).st_mtime_ns == (132000000010000000 - 116444736000000000) * 100
     assert os.stat(mnt / "old").st_mtime_ns == (100_000_000_000_000_000 - 116444736000000000) * 100
     assert stat.S_IMODE(os.stat(f).st_mode) == 0o444 and stat.S_IMODE(os.stat(mnt / "Windows").st_mode) == 0o555
@@ -460,8 +493,11 @@ def test_second_mount_builds_nothing_and_cli_umount(kinds_image, tmp_path):
     mnt.mkdir()
     first = None
     for round_ in range(2):
-        out = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", "--kernel", str(image), str(mnt)],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "cimfs.cli", "mount", "--kernel", str(image), str(mnt)],
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 0, out.stderr
         cache = sorted(os.listdir(tmp_path / "cache"))
         stamps = {n: os.stat(tmp_path / "cache" / n).st_mtime_ns for n in cache}
@@ -489,8 +525,12 @@ def test_win32_mount_with_engine_and_dismount_from_another_process(tmp_path):
     vid = uuid.uuid4()
     assert cimfs.CimMountImage(str(tmp_path), "api.cim", 0, vid, mountpoint=str(mnt), engine="kernel") == vid
     assert (mnt / "f").read_bytes() == b"via the API" and _newmount_live(mnt)
-    out = subprocess.run([sys.executable, "-c", f"import cimfs, uuid; cimfs.CimDismountImage(uuid.UUID('{vid}'))"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", f"import cimfs, uuid; cimfs.CimDismountImage(uuid.UUID('{vid}'))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert not os.path.ismount(mnt)
     with pytest.raises(cimfs.CimError):
@@ -535,8 +575,11 @@ def test_failed_mounts_leave_nothing(tmp_path, monkeypatch):
             os.unlink(tmp_path / "b" / n)
             break
     before = sorted(os.listdir(tmp_path / "cache"))
-    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", "--kernel", str(tmp_path / "b" / "b.cim"), str(mnt)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "mount", "--kernel", str(tmp_path / "b" / "b.cim"), str(mnt)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path / "cache")) == before
     assert not os.path.ismount(mnt) and cmount.mounts() == []
@@ -692,8 +735,9 @@ def test_kernel_merged_view_equals_fuse_merged_view(fork_chain, tmp_path):
         # the index's devices are the sources' own region files (fork chain: several sets)
         with open(entry["index"][:-6] + ".json") as f:
             devices = __import__("json").load(f)["paths"]
-        assert devices and all(os.path.realpath(d) == d and os.path.dirname(d) in
-                               {str(p.parent) for p in layers} for d in devices)
+        assert devices and all(
+            os.path.realpath(d) == d and os.path.dirname(d) in {str(p.parent) for p in layers} for d in devices
+        )
         assert {os.path.dirname(d) for d in devices} == {str(p.parent) for p in layers}
         # what the merge rules say, independently of any engine
         assert (kmnt / "etc" / "conf").read_bytes() == b"mid conf"
@@ -723,8 +767,11 @@ def test_kernel_merged_view_equals_fuse_merged_view(fork_chain, tmp_path):
     # the command line, "auto" as root, and the cache: a second mount builds nothing
     cached = _cache_files(tmp_path)
     assert len(cached) == 2
-    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", "--kernel"] + [str(p) for p in layers] + [str(kmnt)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "mount", "--kernel"] + [str(p) for p in layers] + [str(kmnt)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     try:
         assert (kmnt / "etc" / "conf").read_bytes() == b"mid conf" and not (kmnt / "doomed").exists()
@@ -779,8 +826,9 @@ def test_failed_kernel_merged_mounts_leave_nothing(fork_chain, tmp_path, monkeyp
     mid_dir = layers[1].parent
     region = next(n for n in os.listdir(mid_dir) if n.startswith("region_"))
     os.rename(mid_dir / region, tmp_path / region)
-    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", "--kernel"] + paths + [str(mnt)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "mount", "--kernel"] + paths + [str(mnt)], capture_output=True, text=True
+    )
     assert out.returncode == 1 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     nothing_left([])
     os.rename(tmp_path / region, mid_dir / region)
@@ -850,8 +898,12 @@ def _secret_index(root):
 
 
 def _cli_mount(*args):
-    return subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", "--kernel", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "mount", "--kernel", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @needs_kernel

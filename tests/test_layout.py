@@ -54,7 +54,15 @@ def test_name_offsets_out_of_order_or_odd():
     head = 8 + 4 * count + 4 * count
     off_b = head + 1  # odd
     off_a = off_b + 2 + len(b) + 1  # an odd distance from the first name
-    body = (struct.pack("<2I", 1, 2) + struct.pack("<2I", off_a, off_b) + b"\0" + struct.pack("<H", 6) + b + b"\0"
-            + struct.pack("<H", 5) + a)
+    body = (
+        struct.pack("<2I", 1, 2)
+        + struct.pack("<2I", off_a, off_b)
+        + b"\0"
+        + struct.pack("<H", 6)
+        + b
+        + b"\0"
+        + struct.pack("<H", 5)
+        + a
+    )
     table = struct.pack("<2I", 8 + len(body), count) + body
     assert cim.unpack_link_table(table, 4, "t") == (["first", "second"], [1, 2])

@@ -28,8 +28,11 @@ def own_region_bytes(cim_path) -> tuple[int, int]:
         own = img.region_sets[-1]
         d = img.directory
         own_bytes = sum(os.path.getsize(os.path.join(d, own.file_name("region", i))) for i in range(own.count))
-        listed = sum(os.path.getsize(os.path.join(d, rs.file_name("region", i)))
-                     for rs in img.region_sets[:-1] for i in range(rs.count))
+        listed = sum(
+            os.path.getsize(os.path.join(d, rs.file_name("region", i)))
+            for rs in img.region_sets[:-1]
+            for i in range(rs.count)
+        )
     return own_bytes, listed
 
 
@@ -171,60 +174,69 @@ def test_merging_a_fork_chain_gives_its_top(tmp_path):
 
 # ------------------------------------------------------------------ the acceptance test
 def layer_tars(tmp_path):
-    base = write_tar(tmp_path / "base.tar", [
-        D("Files"),
-        D("Files/keep"),
-        F("Files/keep/a.txt", b"a"),
-        F("Files/big.bin", BIG),
-        F("Files/gone.txt", b"gone"),
-        D("Files/dir", attrs=0x12),
-        F("Files/dir/x", b"x"),
-        D("Files/dir/sub"),
-        F("Files/dir/sub/y", b"y"),
-        D("Files/opaque"),
-        F("Files/opaque/old1", b"1"),
-        D("Files/replaced"),
-        F("Files/replaced/old", b"old"),
-        F("Files/shared.dll", b"dll v1"),
-        F("Files/shared.dll:Zone.Identifier:$DATA", b"zone"),
-        D("Files/whole"),
-        D("Files/whole/deep"),
-        F("Files/whole/deep/f", b"deep"),
-        D("Files/cleared", attrs=0x14),
-        F("Files/cleared/old", b"old"),
-        D("Hives"),
-        F("Hives/notes.txt", b"v1"),  # not a hive delta: a fake one would fail the hive merge
-    ])
-    mid = write_tar(tmp_path / "mid.tar", [
-        Entry("Files/.wh.gone.txt"),
-        F("Files/shared.dll", b"dll v2"),
-        Entry("Files/keep/a-link", tarfile.LNKTYPE, linkname="Files/keep/a.txt"),  # to a lower file
-        Entry("Files/big-link", tarfile.LNKTYPE, linkname="Files/big.bin"),
-        D("Files/opaque"),
-        Entry("Files/opaque/.wh..wh..opq"),
-        F("Files/opaque/new", b"new"),
-        F("Files/dir/sub/z", b"z"),  # no entries for its parents: their metadata stays the lower one's
-        Entry("Files/cleared/.wh..wh..opq"),  # opaque, not listed itself: emptied, its metadata stays
-        F("Files/cleared/mine", b"mine"),
-        Entry("Files/nothere/.wh.x"),  # below a directory no layer has: nothing
-        Entry("Files/nothere2/.wh..wh..opq"),
-        F("Files/implicit/deeper/f", b"f"),  # new directories the tar does not list
-        D("Files/newdir"),
-        F("Files/newdir/n", b"n"),
-        F("Hives/notes.txt", b"v2"),
-    ])
-    top = write_tar(tmp_path / "top.tar", [
-        Entry("Files/.wh.whole"),  # a whole directory of the base
-        Entry("Files/dir/sub/.wh.y"),
-        D("Files/replaced"),
-        F("Files/replaced/new", b"new"),
-        Entry("Files/.wh.replaced"),
-        F("Files/keep/a.txt", b"a modified"),  # a-link keeps the old file
-        Entry("Files/newdir/n-link", tarfile.LNKTYPE, linkname="Files/newdir/n"),  # to the middle layer
-        D("Files/newer"),
-        F("Files/newer/t", b"t"),
-        Entry("Files/.wh.nonexistent"),
-    ])
+    base = write_tar(
+        tmp_path / "base.tar",
+        [
+            D("Files"),
+            D("Files/keep"),
+            F("Files/keep/a.txt", b"a"),
+            F("Files/big.bin", BIG),
+            F("Files/gone.txt", b"gone"),
+            D("Files/dir", attrs=0x12),
+            F("Files/dir/x", b"x"),
+            D("Files/dir/sub"),
+            F("Files/dir/sub/y", b"y"),
+            D("Files/opaque"),
+            F("Files/opaque/old1", b"1"),
+            D("Files/replaced"),
+            F("Files/replaced/old", b"old"),
+            F("Files/shared.dll", b"dll v1"),
+            F("Files/shared.dll:Zone.Identifier:$DATA", b"zone"),
+            D("Files/whole"),
+            D("Files/whole/deep"),
+            F("Files/whole/deep/f", b"deep"),
+            D("Files/cleared", attrs=0x14),
+            F("Files/cleared/old", b"old"),
+            D("Hives"),
+            F("Hives/notes.txt", b"v1"),  # not a hive delta: a fake one would fail the hive merge
+        ],
+    )
+    mid = write_tar(
+        tmp_path / "mid.tar",
+        [
+            Entry("Files/.wh.gone.txt"),
+            F("Files/shared.dll", b"dll v2"),
+            Entry("Files/keep/a-link", tarfile.LNKTYPE, linkname="Files/keep/a.txt"),  # to a lower file
+            Entry("Files/big-link", tarfile.LNKTYPE, linkname="Files/big.bin"),
+            D("Files/opaque"),
+            Entry("Files/opaque/.wh..wh..opq"),
+            F("Files/opaque/new", b"new"),
+            F("Files/dir/sub/z", b"z"),  # no entries for its parents: their metadata stays the lower one's
+            Entry("Files/cleared/.wh..wh..opq"),  # opaque, not listed itself: emptied, its metadata stays
+            F("Files/cleared/mine", b"mine"),
+            Entry("Files/nothere/.wh.x"),  # below a directory no layer has: nothing
+            Entry("Files/nothere2/.wh..wh..opq"),
+            F("Files/implicit/deeper/f", b"f"),  # new directories the tar does not list
+            D("Files/newdir"),
+            F("Files/newdir/n", b"n"),
+            F("Hives/notes.txt", b"v2"),
+        ],
+    )
+    top = write_tar(
+        tmp_path / "top.tar",
+        [
+            Entry("Files/.wh.whole"),  # a whole directory of the base
+            Entry("Files/dir/sub/.wh.y"),
+            D("Files/replaced"),
+            F("Files/replaced/new", b"new"),
+            Entry("Files/.wh.replaced"),
+            F("Files/keep/a.txt", b"a modified"),  # a-link keeps the old file
+            Entry("Files/newdir/n-link", tarfile.LNKTYPE, linkname="Files/newdir/n"),  # to the middle layer
+            D("Files/newer"),
+            F("Files/newer/t", b"t"),
+            Entry("Files/.wh.nonexistent"),
+        ],
+    )
     return [base, mid, top]
 
 
@@ -234,22 +246,42 @@ def test_merged_independent_layers_equal_the_fork_chain(tmp_path):
     d.mkdir()
     winlayer.import_layers(tars, d, ["c0.cim", "c1.cim", "c2.cim"])
     for i, tar in enumerate(tars):
-        run = subprocess.run([sys.executable, "-m", "cimfs.cli", "create", "--independent", tar, str(d / f"i{i}.cim")],
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, "-m", "cimfs.cli", "create", "--independent", tar, str(d / f"i{i}.cim")],
+            capture_output=True,
+            text=True,
+        )
         assert run.returncode == 0, run.stderr
     with cimfs.open(d / "i1.cim") as img:
         assert sorted(img.tombstones()) == ["Files\\gone.txt", "Files\\nothere\\x"]
-        assert sorted(img.merge_links()) == [("Files\\big-link", "Files\\big.bin"),
-                                             ("Files\\keep\\a-link", "Files\\keep\\a.txt")]
+        assert sorted(img.merge_links()) == [
+            ("Files\\big-link", "Files\\big.bin"),
+            ("Files\\keep\\a-link", "Files\\keep\\a.txt"),
+        ]
         assert sorted(img.opaque_dirs()) == ["Files\\cleared", "Files\\nothere2", "Files\\opaque"]
     with cimfs.open(d / "i2.cim") as img:
         assert sorted(img.tombstones()) == ["Files\\dir\\sub\\y", "Files\\nonexistent", "Files\\whole"]
         assert "Files\\replaced" in img.opaque_dirs()
-    run = subprocess.run([sys.executable, "-m", "cimfs.cli", "merge", str(d / "merged.cim"),
-                          str(d / "i2.cim"), str(d / "i1.cim"), str(d / "i0.cim")], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cimfs.cli",
+            "merge",
+            str(d / "merged.cim"),
+            str(d / "i2.cim"),
+            str(d / "i1.cim"),
+            str(d / "i0.cim"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
-    run = subprocess.run([sys.executable, "-m", "cimfs.cli", "diff", str(d / "merged.cim"), str(d / "c2.cim")],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "diff", str(d / "merged.cim"), str(d / "c2.cim")],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0 and run.stdout == "" and run.stderr == "", (run.stdout, run.stderr)
     assert_same_images(d / "merged.cim", d / "c2.cim")  # every field, stream and hard link group
     with cimfs.open(d / "merged.cim") as img:
@@ -258,13 +290,16 @@ def test_merged_independent_layers_equal_the_fork_chain(tmp_path):
         assert img.stat("Files\\dir").attributes & 0x2  # the base's metadata (hidden) stays
         assert img.listdir("Files\\cleared") == ["mine"] and img.stat("Files\\cleared").attributes & 0x4
         assert not img.exists("Files\\nothere") and not img.exists("Files\\nothere2")
-    run = subprocess.run([sys.executable, "-m", "cimfs.cli", "fsck", str(d / "merged.cim")], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "fsck", str(d / "merged.cim")], capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     own, sources = own_region_bytes(d / "merged.cim")
     assert own <= 0.03 * sources, (own, sources)
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "cimfs.cli", "extract", str(d / "merged.cim"), str(out)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "extract", str(d / "merged.cim"), str(out)], capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr
     assert (out / "Files" / "big-link").read_bytes() == BIG
     assert os.stat(out / "Files" / "big-link").st_ino == os.stat(out / "Files" / "big.bin").st_ino
@@ -275,8 +310,11 @@ def test_cli_merge_refuses_sources_elsewhere(tmp_path):
     d = _layers(tmp_path)
     other = tmp_path / "o"
     other.mkdir()
-    run = subprocess.run([sys.executable, "-m", "cimfs.cli", "merge", str(other / "m.cim"), str(d / "top.cim")],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "merge", str(other / "m.cim"), str(d / "top.cim")],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode != 0 and "directory" in run.stderr
     assert not (other / "m.cim").exists()
 
@@ -285,7 +323,9 @@ def test_merge_markers_are_recognised_only_with_the_cimfs_guid(tmp_path):
     from cimfs.layout import ntfs
 
     foreign = struct.pack("<IHH", ntfs.IO_REPARSE_TAG_CIMFS_MERGE, 24, 0) + bytes(16) + struct.pack("<II", 1, 0)
-    bad_kind = struct.pack("<IHH", ntfs.IO_REPARSE_TAG_CIMFS_MERGE, 20, 0) + ntfs.CIMFS_MERGE_GUID + struct.pack("<I", 7)
+    bad_kind = (
+        struct.pack("<IHH", ntfs.IO_REPARSE_TAG_CIMFS_MERGE, 20, 0) + ntfs.CIMFS_MERGE_GUID + struct.pack("<I", 7)
+    )
     with cimfs.create(tmp_path, "base.cim") as w:
         w.add_file("t", b"target")
     with cimfs.create(tmp_path, "top.cim") as w:
@@ -354,8 +394,12 @@ def test_tombstone_and_merge_link_errors(tmp_path):
         assert e.value.hresult == E_INVALIDARG  # after commit
     finally:
         cimfs.CimCloseImage(h)
-    for call, args in ((cimfs.CimTombstoneFile, ("g",)), (cimfs.CimCreateMergeLink, ("a", "b")),
-                       (cimfs.CimAddFsToMergedImage, ("l.cim",)), (cimfs.CimAddFsToMergedImage2, ("l.cim", 0))):
+    for call, args in (
+        (cimfs.CimTombstoneFile, ("g",)),
+        (cimfs.CimCreateMergeLink, ("a", "b")),
+        (cimfs.CimAddFsToMergedImage, ("l.cim",)),
+        (cimfs.CimAddFsToMergedImage2, ("l.cim", 0)),
+    ):
         with pytest.raises(CimError) as e:
             call(h, *args)
         assert e.value.hresult == E_HANDLE
@@ -378,8 +422,21 @@ def test_independent_layers_export_back_to_the_same_tars(tmp_path):
         links = {m.name: m.linkname for m in tf if m.islnk()}
         assert links == {"Files/keep/a-link": "Files/keep/a.txt", "Files/big-link": "Files/big.bin"}
         assert "Files/.wh.gone.txt" in tf.getnames() and "Files/opaque/.wh..wh..opq" in tf.getnames()
-    run = subprocess.run([sys.executable, "-m", "cimfs.cli", "export", str(d / "i2.cim"), str(tmp_path / "cli.tar"),
-                          "--format", "windows-layer", "--independent"], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cimfs.cli",
+            "export",
+            str(d / "i2.cim"),
+            str(tmp_path / "cli.tar"),
+            "--format",
+            "windows-layer",
+            "--independent",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "cli.tar").read_bytes() == (tmp_path / "again2.tar").read_bytes()
     # the exported tars also import as a fork chain to the same tree
@@ -402,8 +459,11 @@ def test_missing_parents_of_tombstones_and_merge_links_change_nothing_below(tmp_
         assert img.stat("a\\deep\\x-again").file_id == img.stat("a\\x.txt").file_id
         a, b = img.stat("a"), base.stat("a")
         assert b.attributes & 0x2 and b.last_write_time
-        assert (a.attributes, a.last_write_time, a.security_descriptor) == (b.attributes, b.last_write_time,
-                                                                             b.security_descriptor)
+        assert (a.attributes, a.last_write_time, a.security_descriptor) == (
+            b.attributes,
+            b.last_write_time,
+            b.security_descriptor,
+        )
 
 
 def test_merged_view_refusals_before_anything_is_made(tmp_path, monkeypatch):
@@ -413,8 +473,10 @@ def test_merged_view_refusals_before_anything_is_made(tmp_path, monkeypatch):
     d = _layers(tmp_path)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    for paths, kw in (([d / "top.cim", d / "base.cim"], {"engine": "warp"}),
-                      (["https://example.invalid/top.cim", d / "base.cim"], {})):
+    for paths, kw in (
+        ([d / "top.cim", d / "base.cim"], {"engine": "warp"}),
+        (["https://example.invalid/top.cim", d / "base.cim"], {}),
+    ):
         with pytest.raises(CimError) as e:
             cmount.mount_merged([str(p) for p in paths], str(mnt), **kw)
         assert e.value.hresult == E_INVALIDARG
@@ -455,7 +517,11 @@ def test_failed_merged_view_names_the_users_source(tmp_path, monkeypatch):
     assert e.value.filename == str(lower / "base.cim") and "FileID 99999" in e.value.strerror
     assert "merged-" not in str(e.value)
     assert not [n for n in os.listdir(registry) if n.startswith("merged-")] and os.listdir(mnt) == []
-    p = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", d / "top.cim", lower / "base.cim", mnt],
-                       capture_output=True, text=True, timeout=120, env={**os.environ, "CIMFS_RUNTIME_DIR": str(registry)})
+    p = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "mount", d / "top.cim", lower / "base.cim", mnt],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CIMFS_RUNTIME_DIR": str(registry)},
+    )
     assert p.returncode == 1 and p.stderr.strip() == f"cimfs: {lower / 'base.cim'}: {e.value.strerror}", p.stderr
-

@@ -21,7 +21,9 @@ from cimfs import FileAttributes as A
 from cimfs import FileMetadata
 from cimfs.layout import ntfs
 
-pyfuse3 = pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed (scripts/install-system-deps.sh + the mount extra)")
+pyfuse3 = pytest.importorskip(
+    "pyfuse3", reason="pyfuse3 is not installed (scripts/install-system-deps.sh + the mount extra)"
+)
 if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
     pytest.skip("no /dev/fuse or fusermount3 on this machine", allow_module_level=True)
 
@@ -205,7 +207,7 @@ def test_wire_protocol_over_a_socket_with_an_older_kernel(tmp_path):
         out = ours.recv(1 << 16)
         length, err, got = wire.OUT_HEADER.unpack_from(out)
         assert got == unique and length == len(out)
-        return err, out[wire.OUT_HEADER.size:]
+        return err, out[wire.OUT_HEADER.size :]
 
     offered = wire.ASYNC_READ | wire.DO_READDIRPLUS | (1 << 1)  # (1 << 1): POSIX locks, not wanted
     ask(wire.INIT, 1, 0, wire.INIT_IN.pack(7, 26, 131072, offered) + bytes(48))
@@ -280,7 +282,7 @@ def test_parallel_reads_of_one_large_file(posix_image, mounted):
                 for _ in range(300):
                     off = rng.randrange(len(expected))
                     n = rng.choice((1, 4096, 65536, 1 << 20))
-                    assert os.pread(f.fileno(), n, off) == expected[off:off + n]
+                    assert os.pread(f.fileno(), n, off) == expected[off : off + n]
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
@@ -296,14 +298,25 @@ def test_windows_metadata_as_xattrs_and_symlinks(tmp_path, mounted):
     sd = ntfs.sddl_to_sd("O:BAG:SYD:(A;;FA;;;SY)")
     with cimfs.create(tmp_path, "w.cim") as w:
         w.mkdir("Windows", FileMetadata(attributes=A.DIRECTORY | A.SYSTEM))
-        w.add_file("Windows/notepad.exe", b"MZ" + bytes(100), FileMetadata(
-            attributes=A.ARCHIVE | A.HIDDEN, creation_time=132000000000000000, last_write_time=132000000010000000,
-            change_time=132000000020000000, last_access_time=132000000030000000, security_descriptor=sd,
-            ea_buffer=ntfs.pack_eas([ntfs.EaEntry("USER.NOTE", b"x")])))
+        w.add_file(
+            "Windows/notepad.exe",
+            b"MZ" + bytes(100),
+            FileMetadata(
+                attributes=A.ARCHIVE | A.HIDDEN,
+                creation_time=132000000000000000,
+                last_write_time=132000000010000000,
+                change_time=132000000020000000,
+                last_access_time=132000000030000000,
+                security_descriptor=sd,
+                ea_buffer=ntfs.pack_eas([ntfs.EaEntry("USER.NOTE", b"x")]),
+            ),
+        )
         w.add_stream("Windows/notepad.exe:Zone.Identifier", b"[ZoneTransfer]")
         w.add_file("rel", b"", FileMetadata(reparse_data=ntfs.pack_symlink_reparse("Windows\\notepad.exe")))
         w.add_file("abs", b"", FileMetadata(reparse_data=ntfs.pack_symlink_reparse("C:\\Windows\\System32")))
-        w.mkdir("junction", FileMetadata(attributes=A.DIRECTORY, reparse_data=ntfs.pack_mount_point_reparse("D:\\data")))
+        w.mkdir(
+            "junction", FileMetadata(attributes=A.DIRECTORY, reparse_data=ntfs.pack_mount_point_reparse("D:\\data"))
+        )
         w.create_file("sparse.vhd", FileMetadata(file_size=5 << 30, attributes=A.SPARSE_FILE)).close()
     mnt = mounted(tmp_path / "w.cim")
     f = mnt / "Windows" / "notepad.exe"
@@ -322,7 +335,11 @@ def test_windows_metadata_as_xattrs_and_symlinks(tmp_path, mounted):
     assert os.getxattr(f, "system.ntfs_acl") == sd
     assert struct.unpack("<Q", os.getxattr(f, "system.ntfs_crtime"))[0] == 132000000000000000
     assert struct.unpack("<4Q", os.getxattr(f, "system.ntfs_times")) == (
-        132000000000000000, 132000000010000000, 132000000030000000, 132000000020000000)
+        132000000000000000,
+        132000000010000000,
+        132000000030000000,
+        132000000020000000,
+    )
     assert stat.S_IMODE(os.stat(f).st_mode) == 0o444 and stat.S_IMODE(os.stat(mnt / "Windows").st_mode) == 0o555
     assert os.stat(f).st_mtime_ns == (132000000010000000 - 116444736000000000) * 100
     vhd = os.stat(mnt / "sparse.vhd")
@@ -333,7 +350,9 @@ def test_windows_metadata_as_xattrs_and_symlinks(tmp_path, mounted):
     assert os.readlink(mnt / "rel") == "Windows/notepad.exe"
     assert os.readlink(mnt / "abs") == "/mnt/c/Windows/System32"
     assert os.readlink(mnt / "junction") == "/mnt/d/data"
-    assert os.getxattr(mnt / "rel", "system.ntfs_reparse_data", follow_symlinks=False)[:4] == struct.pack("<I", ntfs.IO_REPARSE_TAG_SYMLINK)
+    assert os.getxattr(mnt / "rel", "system.ntfs_reparse_data", follow_symlinks=False)[:4] == struct.pack(
+        "<I", ntfs.IO_REPARSE_TAG_SYMLINK
+    )
     with pytest.raises(OSError) as e:
         os.getxattr(f, "user.nothing")
     assert e.value.errno == errno.ENODATA
@@ -361,8 +380,12 @@ def test_api_mount_and_dismount_from_another_process(tmp_path):
         assert got == vid and os.path.ismount(mnt)
         assert (mnt / "f").read_bytes() == b"via the API"
         assert any(e["volume_id"] == str(vid) for e in cmount.mounts())
-        out = subprocess.run([sys.executable, "-c", f"import cimfs, uuid; cimfs.CimDismountImage(uuid.UUID('{vid}'))"],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-c", f"import cimfs, uuid; cimfs.CimDismountImage(uuid.UUID('{vid}'))"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         assert not os.path.ismount(mnt)
         assert set(daemons()) <= before  # the daemon is gone
@@ -384,8 +407,12 @@ def test_corrupt_image_fails_cleanly(tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     before = set(daemons())
-    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", str(tmp_path / "c.cim"), str(mnt)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "mount", str(tmp_path / "c.cim"), str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1
     assert len(out.stderr.strip().splitlines()) == 1 and "magic" in out.stderr
     assert not os.path.ismount(mnt) and set(daemons()) <= before
@@ -420,17 +447,33 @@ def test_lx_specials_exact_symlinks_and_hostile_metadata(tmp_path, mounted):
         w.mkdir("d/e")
         w.add_file("lxlink", b"", FileMetadata(reparse_data=ntfs.pack_lx_symlink_reparse("../we\\ird/ target")))
         w.add_file("abslink", b"", FileMetadata(reparse_data=ntfs.pack_lx_symlink_reparse("/etc/passwd")))
-        w.add_file("chr", b"", FileMetadata(
-            reparse_data=ntfs.pack_lx_special_reparse(ntfs.IO_REPARSE_TAG_LX_CHR),
-            ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=stat.S_IFCHR | 0o620, uid=7, gid=8, rdev_major=4, rdev_minor=64))))
-        w.add_file("blk", b"", FileMetadata(
-            reparse_data=ntfs.pack_lx_special_reparse(ntfs.IO_REPARSE_TAG_LX_BLK),
-            ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=stat.S_IFBLK | 0o660, rdev_major=8, rdev_minor=1))))
+        w.add_file(
+            "chr",
+            b"",
+            FileMetadata(
+                reparse_data=ntfs.pack_lx_special_reparse(ntfs.IO_REPARSE_TAG_LX_CHR),
+                ea_buffer=ntfs.pack_eas(
+                    ntfs.lx_eas(mode=stat.S_IFCHR | 0o620, uid=7, gid=8, rdev_major=4, rdev_minor=64)
+                ),
+            ),
+        )
+        w.add_file(
+            "blk",
+            b"",
+            FileMetadata(
+                reparse_data=ntfs.pack_lx_special_reparse(ntfs.IO_REPARSE_TAG_LX_BLK),
+                ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=stat.S_IFBLK | 0o660, rdev_major=8, rdev_minor=1)),
+            ),
+        )
         w.add_file("fifo", b"", FileMetadata(reparse_data=ntfs.pack_lx_special_reparse(ntfs.IO_REPARSE_TAG_LX_FIFO)))
-        w.add_file("exe", b"#!/bin/sh\n", FileMetadata(ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=stat.S_IFREG | 0o4755))))
+        w.add_file(
+            "exe", b"#!/bin/sh\n", FileMetadata(ea_buffer=ntfs.pack_eas(ntfs.lx_eas(mode=stat.S_IFREG | 0o4755)))
+        )
         # damaged metadata: an EA chain that runs past its end, a reparse buffer shorter than its header
         w.add_file("bad-ea", b"still readable", FileMetadata(ea_buffer=b"\x00\x00\x00\x00\x00\x05\xff\xff$LXMO"))
-        w.add_file("bad-link", b"", FileMetadata(reparse_data=struct.pack("<IHH", ntfs.IO_REPARSE_TAG_SYMLINK, 2, 0) + b"xx"))
+        w.add_file(
+            "bad-link", b"", FileMetadata(reparse_data=struct.pack("<IHH", ntfs.IO_REPARSE_TAG_SYMLINK, 2, 0) + b"xx")
+        )
     mnt = mounted(tmp_path / "lx.cim")
     assert os.readlink(mnt / "lxlink") == "../we\\ird/ target"
     assert os.readlink(mnt / "abslink") == "/etc/passwd"
@@ -455,7 +498,9 @@ def test_lx_specials_exact_symlinks_and_hostile_metadata(tmp_path, mounted):
     for _ in range(2):
         with pytest.raises(FileNotFoundError):
             os.stat(mnt / "D" / "nothing")
-    assert sorted(os.listdir(mnt)) == sorted(["d", "lxlink", "abslink", "chr", "blk", "fifo", "exe", "bad-ea", "bad-link"])
+    assert sorted(os.listdir(mnt)) == sorted(
+        ["d", "lxlink", "abslink", "chr", "blk", "fifo", "exe", "bad-ea", "bad-link"]
+    )
     assert os.path.ismount(mnt)
 
 
@@ -464,8 +509,22 @@ def test_foreground_cli_mount_and_umount(tmp_path):
         w.add_file("hello", b"foreground")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "cimfs.cli", "mount", "-f", str(tmp_path / "fg.cim"), str(mnt),
-                             "-o", "uid=4321,umask=077"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cimfs.cli",
+            "mount",
+            "-f",
+            str(tmp_path / "fg.cim"),
+            str(mnt),
+            "-o",
+            "uid=4321,umask=077",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for _ in range(600):
             if cmount.is_cimfs_mount(mnt) or proc.poll() is not None:
@@ -476,7 +535,9 @@ def test_foreground_cli_mount_and_umount(tmp_path):
         st = os.stat(mnt / "hello")
         assert st.st_uid == 4321 and stat.S_IMODE(st.st_mode) == 0o600
         assert [e["pid"] for e in cmount.mounts()] == [proc.pid]
-        out = subprocess.run([sys.executable, "-m", "cimfs.cli", "umount", str(mnt)], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "cimfs.cli", "umount", str(mnt)], capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 0, out.stderr
         assert proc.wait(timeout=60) == 0
         assert not cmount.is_cimfs_mount(mnt) and cmount.mounts() == []
@@ -572,17 +633,24 @@ def test_merge_mount_of_layers_in_two_directories(tmp_path, own_registry):
         cimfs.CimMergeMountImage([str(upper / "top.cim")], 0x1000, mountpoint=str(mnt))
     assert e.value.hresult == 0x80070057
     # the command line: several images, then the mount point
-    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", str(upper / "top.cim"), str(lower / "base.cim"),
-                          str(mnt)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "mount", str(upper / "top.cim"), str(lower / "base.cim"), str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
         assert out.returncode == 0, out.stderr
         assert (mnt / "a" / "y").read_bytes() == b"new y" and not (mnt / "gone").exists()
     finally:
-        out = subprocess.run([sys.executable, "-m", "cimfs.cli", "umount", str(mnt)], capture_output=True, text=True,
-                             timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "cimfs.cli", "umount", str(mnt)], capture_output=True, text=True, timeout=60
+        )
         _force_unmount(mnt, "-")
     assert out.returncode == 0, out.stderr
     assert not [n for n in os.listdir(own_registry) if n.startswith("merged-")]
+
+
 # ------------------------------------------------------------------ issue 17: ids, names, rm
 def _mount_source(mnt) -> str:
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
@@ -605,6 +673,7 @@ def test_image_path_in_any_script_mounts(tmp_path, mounted):
     # percent-encoded UTF-8, reversible to the path
     assert source.isascii()
     from urllib.parse import unquote_to_bytes
+
     assert unquote_to_bytes(source) == os.fsencode(str(image))
 
 
@@ -614,8 +683,11 @@ def test_invalid_ids_are_refused(tmp_path, option):
         w.add_file("f", b"x")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    p = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", str(tmp_path / "i.cim"), str(mnt), "-o", option],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "mount", str(tmp_path / "i.cim"), str(mnt), "-o", option],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode != 0 and p.stderr.strip() and len(p.stderr.strip().splitlines()) <= 3, p.stderr
     assert "Traceback" not in p.stderr
     assert not os.path.ismount(mnt) and cmount.mounts() == []
@@ -635,12 +707,16 @@ def test_rm_of_a_mounted_image_is_refused_unless_forced(tmp_path, mounted):
     assert p.returncode == 1 and "mounted at" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert set(os.listdir(d)) == before and (mnt / "f").read_bytes() == b"x" * 70000
     from cimfs import tools
+
     with pytest.raises(cimfs.CimError, match="mounted"):
         tools.rm_image(str(d / "m.img"))
-    p = subprocess.run([sys.executable, "-m", "cimfs.cli", "rm", "--force", str(d / "m.img")], capture_output=True,
-                       text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "rm", "--force", str(d / "m.img")], capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stderr
     assert os.listdir(d) == []
+
+
 def test_region_file_that_is_a_fifo_fails_one_read_not_the_daemon(tmp_path, mounted):
     """Issue 17 class 5: a FIFO where a region file belongs blocked open()
     forever, and every later request and the umount with it."""
@@ -676,6 +752,7 @@ def test_link_entries_sharing_one_long_name_fail_one_listing_not_the_daemon(tmp_
     """Issue 22 item 18: the daemon, held to 1 GiB of address space, answers
     the damaged directory with EIO and goes on serving the rest."""
     from test_hostile import _shared_long_name
+
     mnt = mounted(_shared_long_name(tmp_path))
     pid = next(e["pid"] for e in cmount.mounts() if e["mountpoint"] == str(mnt))
     subprocess.run(["prlimit", f"--pid={pid}", f"--as={1 << 30}"], check=True)
@@ -706,8 +783,12 @@ def test_failed_merge_mount_names_the_source_not_the_private_view(tmp_path, own_
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     before = set(daemons())
-    out = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", str(upper / "top.cim"), str(lower / "base.cim"),
-                          str(mnt)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "mount", str(upper / "top.cim"), str(lower / "base.cim"), str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert out.stderr.startswith(f"cimfs: {lower / 'base.cim'}: ") and big_region in out.stderr, out.stderr
     assert "merged-" not in out.stderr

@@ -51,14 +51,26 @@ def write(h, path, data, **meta):
 # ------------------------------------------------------------------ CimCreateImage2
 def test_create_flags_have_hcsshims_values():
     assert {f.name: int(f) for f in CimCreateFlags} == {
-        "DO_NOT_EXPAND_PE_IMAGES": 0x1, "FIXED_SIZE_CHUNKS": 0x2, "BLOCK_DEVICE_CIM": 0x4,
-        "SINGLE_FILE_CIM": 0x8, "CONSISTENT_CIM": 0x10, "VERIFIED_CIM": 0x40}
+        "DO_NOT_EXPAND_PE_IMAGES": 0x1,
+        "FIXED_SIZE_CHUNKS": 0x2,
+        "BLOCK_DEVICE_CIM": 0x4,
+        "SINGLE_FILE_CIM": 0x8,
+        "CONSISTENT_CIM": 0x10,
+        "VERIFIED_CIM": 0x40,
+    }
     assert CimCreateFlags.NONE == 0
 
 
-@pytest.mark.parametrize("flag", [CimCreateFlags.FIXED_SIZE_CHUNKS, CimCreateFlags.BLOCK_DEVICE_CIM,
-                                  CimCreateFlags.SINGLE_FILE_CIM, CimCreateFlags.VERIFIED_CIM,
-                                  CimCreateFlags.BLOCK_DEVICE_CIM | CimCreateFlags.CONSISTENT_CIM])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        CimCreateFlags.FIXED_SIZE_CHUNKS,
+        CimCreateFlags.BLOCK_DEVICE_CIM,
+        CimCreateFlags.SINGLE_FILE_CIM,
+        CimCreateFlags.VERIFIED_CIM,
+        CimCreateFlags.BLOCK_DEVICE_CIM | CimCreateFlags.CONSISTENT_CIM,
+    ],
+)
 def test_unpublished_layouts_are_not_implemented(tmp_path, flag):
     e = hresult_of(CimCreateImage2, str(tmp_path), flag, None, "x.cim")
     assert e.hresult == E_NOTIMPL and "not public" in e.strerror
@@ -132,18 +144,40 @@ def test_consistent_cim_flag_gives_identical_files(tmp_path):
 @pytest.fixture
 def image(tmp_path):
     h = CimCreateImage(str(tmp_path), None, "r.cim")
-    CimCloseStream(CimCreateFile(h, "dir", FileMetadata(attributes=A.DIRECTORY | A.HIDDEN, creation_time=11,
-                                                       last_write_time=12, change_time=13, last_access_time=14)))
-    write(h, "dir\\file.txt", b"0123456789", attributes=A.READONLY | A.ARCHIVE, creation_time=21,
-          last_write_time=22, change_time=23, last_access_time=24)
+    CimCloseStream(
+        CimCreateFile(
+            h,
+            "dir",
+            FileMetadata(
+                attributes=A.DIRECTORY | A.HIDDEN,
+                creation_time=11,
+                last_write_time=12,
+                change_time=13,
+                last_access_time=14,
+            ),
+        )
+    )
+    write(
+        h,
+        "dir\\file.txt",
+        b"0123456789",
+        attributes=A.READONLY | A.ARCHIVE,
+        creation_time=21,
+        last_write_time=22,
+        change_time=23,
+        last_access_time=24,
+    )
     write(h, "big", bytes(range(256)) * 300)
     s = CimCreateAlternateStream(h, "dir\\file.txt:Zone.Identifier", 5)
     CimWriteStream(s, b"zone!")
     CimCloseStream(s)
     CimCreateHardLink(h, "dir\\again.txt", "dir\\file.txt")
     CimCloseStream(CimCreateFile(h, "sparse", FileMetadata(file_size=1 << 20)))  # nothing written: sparse
-    CimCloseStream(CimCreateFile(h, "link", FileMetadata(reparse_data=ntfs.pack_lx_symlink_reparse("dir"),
-                                                         attributes=A.REPARSE_POINT)))
+    CimCloseStream(
+        CimCreateFile(
+            h, "link", FileMetadata(reparse_data=ntfs.pack_lx_symlink_reparse("dir"), attributes=A.REPARSE_POINT)
+        )
+    )
     CimCommitImage(h)
     CimCloseImage(h)
     return str(tmp_path / "r.cim")
@@ -168,7 +202,10 @@ def test_read_file_into_any_writable_buffer(image):
 
 def test_read_file_errors(image, tmp_path):
     buf = bytearray(4)
-    assert hresult_of(CimReadFile, str(tmp_path / "none.cim"), "dir\\file.txt", 0, buf).hresult == errors.ERROR_FILE_NOT_FOUND
+    assert (
+        hresult_of(CimReadFile, str(tmp_path / "none.cim"), "dir\\file.txt", 0, buf).hresult
+        == errors.ERROR_FILE_NOT_FOUND
+    )
     assert hresult_of(CimReadFile, image, "dir\\none", 0, buf).hresult == errors.ERROR_FILE_NOT_FOUND
     assert hresult_of(CimReadFile, image, "nodir\\file.txt", 0, buf).hresult == errors.ERROR_PATH_NOT_FOUND
     assert hresult_of(CimReadFile, image, "dir\\file.txt:nostream", 0, buf).hresult == errors.ERROR_FILE_NOT_FOUND
@@ -182,9 +219,23 @@ def test_read_file_errors(image, tmp_path):
 
 def test_stat_basic_information(image, tmp_path):
     st = CimGetFileStatBasicInformation(image, "dir\\file.txt")
-    assert st._fields == ("FileId", "CreationTime", "LastAccessTime", "LastWriteTime", "ChangeTime",
-                          "AllocationSize", "EndOfFile", "FileAttributes", "ReparseTag", "NumberOfLinks",
-                          "DeviceType", "DeviceCharacteristics", "Reserved", "VolumeSerialNumber", "FileId128")
+    assert st._fields == (
+        "FileId",
+        "CreationTime",
+        "LastAccessTime",
+        "LastWriteTime",
+        "ChangeTime",
+        "AllocationSize",
+        "EndOfFile",
+        "FileAttributes",
+        "ReparseTag",
+        "NumberOfLinks",
+        "DeviceType",
+        "DeviceCharacteristics",
+        "Reserved",
+        "VolumeSerialNumber",
+        "FileId128",
+    )
     with cimfs.open(image) as im:
         fid = im.lookup("dir\\file.txt")
         serial = int.from_bytes(im.header.region_set.id.bytes_le[:4], "little")
@@ -206,9 +257,13 @@ def test_stat_basic_information(image, tmp_path):
     assert link.ReparseTag == 0xA000001D and link.FileAttributes & A.REPARSE_POINT
     assert CimGetFileStatBasicInformation(image, "").FileAttributes & A.DIRECTORY
     assert hresult_of(CimGetFileStatBasicInformation, image, "dir\\none").hresult == errors.ERROR_FILE_NOT_FOUND
-    assert hresult_of(CimGetFileStatBasicInformation, image, "dir\\file.txt:none").hresult == errors.ERROR_FILE_NOT_FOUND
+    assert (
+        hresult_of(CimGetFileStatBasicInformation, image, "dir\\file.txt:none").hresult == errors.ERROR_FILE_NOT_FOUND
+    )
     assert hresult_of(CimGetFileStatBasicInformation, image, "no\\x").hresult == errors.ERROR_PATH_NOT_FOUND
-    assert hresult_of(CimGetFileStatBasicInformation, str(tmp_path / "no.cim"), "x").hresult == errors.ERROR_FILE_NOT_FOUND
+    assert (
+        hresult_of(CimGetFileStatBasicInformation, str(tmp_path / "no.cim"), "x").hresult == errors.ERROR_FILE_NOT_FOUND
+    )
 
 
 # ------------------------------------------------------------------ refusals

@@ -10,7 +10,9 @@ from cimfs import CimError, CimFormatError
 from cimfs.layout import ntfs
 
 # From shared/vectors/v2-basic/expected.json (written by an independent writer)
-VECTOR_EA = bytes.fromhex("1c000000000c0600555345522e434f4d4d454e5400766563746f72000000000000060400244c584d4f4400a4810000")
+VECTOR_EA = bytes.fromhex(
+    "1c000000000c0600555345522e434f4d4d454e5400766563746f72000000000000060400244c584d4f4400a4810000"
+)
 VECTOR_SYMLINK = bytes.fromhex(
     "0c0000a030000000000012001200120001000000680065006c006c006f002e00740078007400680065006c006c006f002e00740078007400"
 )
@@ -18,7 +20,10 @@ VECTOR_SYMLINK = bytes.fromhex(
 
 def test_vector_ea_chain():
     entries = ntfs.unpack_eas(VECTOR_EA)
-    assert entries == [ntfs.EaEntry("USER.COMMENT", b"vector"), ntfs.EaEntry("$LXMOD", (0o100644).to_bytes(4, "little"))]
+    assert entries == [
+        ntfs.EaEntry("USER.COMMENT", b"vector"),
+        ntfs.EaEntry("$LXMOD", (0o100644).to_bytes(4, "little")),
+    ]
     assert ntfs.pack_eas(entries) == VECTOR_EA
     assert ntfs.parse_lx_eas(entries).mode == 0o100644
 
@@ -26,15 +31,26 @@ def test_vector_ea_chain():
 def test_vector_symlink():
     rp = ntfs.parse_reparse(VECTOR_SYMLINK)
     assert (rp.tag, rp.relative, rp.target, rp.substitute_name, rp.print_name) == (
-        ntfs.IO_REPARSE_TAG_SYMLINK, True, "hello.txt", "hello.txt", "hello.txt")
+        ntfs.IO_REPARSE_TAG_SYMLINK,
+        True,
+        "hello.txt",
+        "hello.txt",
+        "hello.txt",
+    )
     assert ntfs.pack_symlink_reparse("hello.txt") == VECTOR_SYMLINK
 
 
 def test_absolute_symlinks_and_mount_points():
     rp = ntfs.parse_reparse(ntfs.pack_symlink_reparse("C:\\Windows\\System32"))
-    assert rp.relative is False and rp.substitute_name == "\\??\\C:\\Windows\\System32" and rp.target == "C:\\Windows\\System32"
+    assert (
+        rp.relative is False
+        and rp.substitute_name == "\\??\\C:\\Windows\\System32"
+        and rp.target == "C:\\Windows\\System32"
+    )
     mp = ntfs.parse_reparse(ntfs.pack_mount_point_reparse("C:\\data"))
-    assert mp.tag == ntfs.IO_REPARSE_TAG_MOUNT_POINT and mp.substitute_name == "\\??\\C:\\data" and mp.target == "C:\\data"
+    assert (
+        mp.tag == ntfs.IO_REPARSE_TAG_MOUNT_POINT and mp.substitute_name == "\\??\\C:\\data" and mp.target == "C:\\data"
+    )
     lx = ntfs.pack_lx_symlink_reparse("../lib/ä")
     assert lx[:4] == ntfs.IO_REPARSE_TAG_LX_SYMLINK.to_bytes(4, "little") and lx[8:12] == (2).to_bytes(4, "little")
     assert ntfs.parse_reparse(lx).target == "../lib/ä"
@@ -61,7 +77,13 @@ def test_sddl_known_descriptor():
     assert ntfs.sd_to_sddl(sd) == sddl
     d = ntfs.describe_sd(sd)
     assert d["owner"] == "S-1-5-32-544 (BUILTIN\\Administrators)"
-    assert d["dacl"][0] == {"type": "allow", "flags": [], "mask": "0x1f01ff", "rights": "FA", "sid": "S-1-5-18 (NT AUTHORITY\\SYSTEM)"}
+    assert d["dacl"][0] == {
+        "type": "allow",
+        "flags": [],
+        "mask": "0x1f01ff",
+        "rights": "FA",
+        "sid": "S-1-5-18 (NT AUTHORITY\\SYSTEM)",
+    }
     assert d["dacl"][2]["type"] == "deny"
 
 
@@ -73,8 +95,10 @@ def test_sddl_rejects_bad_text():
 
 def test_malformed_vector_sd_is_a_format_error():
     # the vector's SD offsets point between its SIDs: stored as given, but not parseable
-    sd = bytes.fromhex("010004801400000024000000000000003000000001010000000000051200000001010000000000051200000002001c00"
-                       "0100000000001400ff011f00010100000000000512000000")
+    sd = bytes.fromhex(
+        "010004801400000024000000000000003000000001010000000000051200000001010000000000051200000002001c00"
+        "0100000000001400ff011f00010100000000000512000000"
+    )
     with pytest.raises(CimFormatError):
         ntfs.describe_sd(sd)
 
@@ -104,14 +128,28 @@ def test_symlink_target_with_nul_is_kept_for_its_reader_to_report(target):
 
 
 sids = st.sampled_from(["SY", "BA", "BU", "WD", "CO", "S-1-5-21-1-2-3-1001", "S-1-5-80-1-2"])
-aces = st.tuples(st.sampled_from(["A", "D"]), st.sampled_from(["", "OI", "CI", "OICI", "OICIIO", "ID"]),
-                 st.sampled_from(["FA", "FR", "0x1301bf", "GA"]), sids)
+aces = st.tuples(
+    st.sampled_from(["A", "D"]),
+    st.sampled_from(["", "OI", "CI", "OICI", "OICIIO", "ID"]),
+    st.sampled_from(["FA", "FR", "0x1301bf", "GA"]),
+    sids,
+)
 
 
-@given(st.one_of(st.none(), sids), st.one_of(st.none(), sids), st.lists(aces, max_size=6), st.sampled_from(["", "P", "AI", "PAI"]))
+@given(
+    st.one_of(st.none(), sids),
+    st.one_of(st.none(), sids),
+    st.lists(aces, max_size=6),
+    st.sampled_from(["", "P", "AI", "PAI"]),
+)
 def test_sddl_round_trip(owner, group, ace_list, flags):
-    text = (f"O:{owner}" if owner else "") + (f"G:{group}" if group else "") + "D:" + flags + "".join(
-        f"({t};{f};{r};;;{s})" for t, f, r, s in ace_list)
+    text = (
+        (f"O:{owner}" if owner else "")
+        + (f"G:{group}" if group else "")
+        + "D:"
+        + flags
+        + "".join(f"({t};{f};{r};;;{s})" for t, f, r, s in ace_list)
+    )
     sd = ntfs.sddl_to_sd(text)
     assert ntfs.sddl_to_sd(ntfs.sd_to_sddl(sd)) == sd
 
@@ -120,8 +158,13 @@ def test_sddl_round_trip(owner, group, ace_list, flags):
 @given(st.integers(0, 2**32 - 1))
 def test_parsers_only_raise_format_errors(seed):
     rng = random.Random(seed)
-    seeds = [VECTOR_EA, VECTOR_SYMLINK, ntfs.sddl_to_sd("O:BAG:SYD:(A;;FA;;;SY)(A;OICI;FR;;;BU)"),
-             ntfs.pack_mount_point_reparse("C:\\x"), ntfs.pack_lx_symlink_reparse("t")]
+    seeds = [
+        VECTOR_EA,
+        VECTOR_SYMLINK,
+        ntfs.sddl_to_sd("O:BAG:SYD:(A;;FA;;;SY)(A;OICI;FR;;;BU)"),
+        ntfs.pack_mount_point_reparse("C:\\x"),
+        ntfs.pack_lx_symlink_reparse("t"),
+    ]
     for _ in range(60):
         buf = bytearray(rng.choice(seeds))
         for _ in range(rng.randint(1, 4)):
@@ -129,9 +172,9 @@ def test_parsers_only_raise_format_errors(seed):
             if op == 0 and buf:
                 buf[rng.randrange(len(buf))] = rng.randrange(256)
             elif op == 1:
-                del buf[rng.randrange(len(buf) + 1):]
+                del buf[rng.randrange(len(buf) + 1) :]
             else:
-                buf[rng.randrange(len(buf) + 1):] = bytes([0xFF] * rng.randrange(8))
+                buf[rng.randrange(len(buf) + 1) :] = bytes([0xFF] * rng.randrange(8))
         for parse in (ntfs.unpack_eas, ntfs.parse_reparse, ntfs.describe_sd):
             try:
                 parse(bytes(buf))
@@ -144,13 +187,15 @@ def test_describe_decodes_wsl_eas(tmp_path):
     import cimfs
     from cimfs import FileMetadata, tools
 
-    eas = ntfs.pack_eas([
-        ntfs.EaEntry("$LXUID", (1000).to_bytes(4, "little")),
-        ntfs.EaEntry("$LXGID", (100).to_bytes(4, "little")),
-        ntfs.EaEntry("$LXMOD", (0o20640).to_bytes(4, "little")),
-        ntfs.EaEntry("$LXDEV", (4).to_bytes(4, "little") + (64).to_bytes(4, "little")),
-        ntfs.EaEntry("USER.X", b"abc"),
-    ])
+    eas = ntfs.pack_eas(
+        [
+            ntfs.EaEntry("$LXUID", (1000).to_bytes(4, "little")),
+            ntfs.EaEntry("$LXGID", (100).to_bytes(4, "little")),
+            ntfs.EaEntry("$LXMOD", (0o20640).to_bytes(4, "little")),
+            ntfs.EaEntry("$LXDEV", (4).to_bytes(4, "little") + (64).to_bytes(4, "little")),
+            ntfs.EaEntry("USER.X", b"abc"),
+        ]
+    )
     with cimfs.create(tmp_path, "t.cim") as w:
         w.add_file("tty", b"", FileMetadata(ea_buffer=eas))
     with cimfs.open(tmp_path / "t.cim") as img:

@@ -26,7 +26,8 @@ from ocihelp import base_entries, layer_tar, sha, write_layout  # noqa: E402
 
 SKOPEO = shutil.which("skopeo")
 REGISTRY = shutil.which("docker-registry") or (
-    "/usr/bin/docker-registry" if os.path.exists("/usr/bin/docker-registry") else None)
+    "/usr/bin/docker-registry" if os.path.exists("/usr/bin/docker-registry") else None
+)
 needs_skopeo = pytest.mark.skipif(SKOPEO is None, reason="skopeo is not installed (scripts/install-system-deps.sh)")
 
 
@@ -69,14 +70,33 @@ def assert_same_layers(store_a, ref_a, store_b, ref_b):
 
 
 def app_layers():
-    l0 = layer_tar(base_entries([("dir", "Files/Program Files"), ("file", "Files/Program Files/old.txt", b"old"),
-                                 ("dir", "Files/data"), ("file", "Files/data/a", b"a" * 5000),
-                                 ("file", "Files/data/b", b"b")]))
-    l1 = layer_tar([("dir", "Files"), ("file", "Files/app.exe", b"MZ" + b"\0" * 70000),
-                    ("whiteout", "Files/Program Files/old.txt"),
-                    ("link", "Files/win-link.ini", "Files/Windows/win.ini")])
-    l2 = layer_tar([("dir", "Files/data"), ("opaque", "Files/data"), ("file", "Files/data/c", b"c" * 40000),
-                    ("file", "Files/app.cfg", b"key=value\r\n")])
+    l0 = layer_tar(
+        base_entries(
+            [
+                ("dir", "Files/Program Files"),
+                ("file", "Files/Program Files/old.txt", b"old"),
+                ("dir", "Files/data"),
+                ("file", "Files/data/a", b"a" * 5000),
+                ("file", "Files/data/b", b"b"),
+            ]
+        )
+    )
+    l1 = layer_tar(
+        [
+            ("dir", "Files"),
+            ("file", "Files/app.exe", b"MZ" + b"\0" * 70000),
+            ("whiteout", "Files/Program Files/old.txt"),
+            ("link", "Files/win-link.ini", "Files/Windows/win.ini"),
+        ]
+    )
+    l2 = layer_tar(
+        [
+            ("dir", "Files/data"),
+            ("opaque", "Files/data"),
+            ("file", "Files/data/c", b"c" * 40000),
+            ("file", "Files/app.cfg", b"key=value\r\n"),
+        ]
+    )
     return [l0, l1, l2]
 
 
@@ -111,8 +131,8 @@ def test_import_layers_of_each_compression_with_chain_ids(app_layout, tmp_path):
         assert len(parents) == 2
         assert img.read_bytes("Files\\data\\c") == b"c" * 40000
         assert img.read_bytes("Files\\app.exe") == b"MZ" + b"\0" * 70000
-        assert img.listdir("Files\\data") == ["c"]                      # opaque: a and b gone
-        assert not img.exists("Files\\Program Files\\old.txt")          # whiteout
+        assert img.listdir("Files\\data") == ["c"]  # opaque: a and b gone
+        assert not img.exists("Files\\Program Files\\old.txt")  # whiteout
         assert img.exists("Files\\Program Files")
         assert img.stat("Files\\win-link.ini").file_id == img.stat("Files\\Windows\\win.ini").file_id
     with cimfs.open(store / "layers" / (chain[0][7:] + ".cim")) as base:
@@ -126,9 +146,16 @@ def test_base_layer_hive_links_and_layout_file(app_layout, tmp_path):
     store = tmp_path / "store"
     report = oci.import_image(str(layout), store)
     base = report["layers"][0]
-    expected_links = {"SYSTEM": "SYSTEM_BASE", "SOFTWARE": "SOFTWARE_BASE", "SAM": "SAM_BASE",
-                      "SECURITY": "SECURITY_BASE", "DEFAULT": "DEFAULTUSER_BASE"}
-    assert sorted(base["base_processing"]) == sorted(["Hives", "layout"] + [f"Hives\\{b}" for b in expected_links.values()])
+    expected_links = {
+        "SYSTEM": "SYSTEM_BASE",
+        "SOFTWARE": "SOFTWARE_BASE",
+        "SAM": "SAM_BASE",
+        "SECURITY": "SECURITY_BASE",
+        "DEFAULT": "DEFAULTUSER_BASE",
+    }
+    assert sorted(base["base_processing"]) == sorted(
+        ["Hives", "layout"] + [f"Hives\\{b}" for b in expected_links.values()]
+    )
     for img_path in layer_images(store, "app:1.0"):  # the base's links are seen through every layer
         with cimfs.open(img_path) as img:
             for hive, link in expected_links.items():
@@ -245,12 +272,21 @@ def test_concurrent_imports_into_one_store(tmp_path):
     base = layer_tar(base_entries([("file", "Files/big.bin", os.urandom(3 << 20))]))
     layouts = []
     for i in range(3):
-        write_layout(tmp_path / f"l{i}", [base, layer_tar([("dir", "Files"), ("file", f"Files/{i}.txt", b"%d" % i)])],
-                     ref=f"img:{i}")
+        write_layout(
+            tmp_path / f"l{i}",
+            [base, layer_tar([("dir", "Files"), ("file", f"Files/{i}.txt", b"%d" % i)])],
+            ref=f"img:{i}",
+        )
         layouts.append(tmp_path / f"l{i}")
     store = tmp_path / "store"
-    procs = [subprocess.Popen([sys.executable, "-m", "cimfs.cli", "import-image", str(lay), str(store), "--json"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for lay in layouts]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cimfs.cli", "import-image", str(lay), str(store), "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for lay in layouts
+    ]
     reports = []
     for p in procs:
         out, err = p.communicate()
@@ -265,12 +301,18 @@ def test_concurrent_imports_into_one_store(tmp_path):
 
 def test_import_killed_then_retried(tmp_path):
     big = os.urandom(48 << 20)
-    layers = [layer_tar(base_entries()), layer_tar([("dir", "Files"), ("file", "Files/big.bin", big)]),
-              layer_tar([("dir", "Files"), ("file", "Files/top.txt", b"top")])]
+    layers = [
+        layer_tar(base_entries()),
+        layer_tar([("dir", "Files"), ("file", "Files/big.bin", big)]),
+        layer_tar([("dir", "Files"), ("file", "Files/top.txt", b"top")]),
+    ]
     write_layout(tmp_path / "lay", layers, compression="none")
     store = tmp_path / "store"
-    p = subprocess.Popen([sys.executable, "-m", "cimfs.cli", "import-image", str(tmp_path / "lay"), str(store)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cimfs.cli", "import-image", str(tmp_path / "lay"), str(store)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base_cim = store / "layers" / (sha(layers[0])[7:] + ".cim")
     try:
         while p.poll() is None and not base_cim.exists():
@@ -309,6 +351,7 @@ def test_export_is_deterministic_and_round_trips_through_skopeo(app_layout, tmp_
     assert config["os"] == "windows" and len(config["history"]) == 3
     # each blob's name is its digest; each layer's uncompressed bytes are its diff ID
     import gzip
+
     for d, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"]):
         data = open(_blob(tmp_path / "out1", d["digest"]), "rb").read()
         assert sha(data) == d["digest"] and len(data) == d["size"]
@@ -337,7 +380,8 @@ def test_export_compressions_and_docker_archive(app_layout, tmp_path, compress):
     manifest_digest = json.load(open(tmp_path / "o" / "index.json"))["manifests"][0]["digest"]
     manifest = json.load(open(_blob(tmp_path / "o", manifest_digest)))
     assert {d["mediaType"] for d in manifest["layers"]} == {
-        "application/vnd.oci.image.layer.v1.tar" + ("+zstd" if compress == "zstd" else "")}
+        "application/vnd.oci.image.layer.v1.tar" + ("+zstd" if compress == "zstd" else "")
+    }
     json.loads(skopeo("inspect", f"oci:{tmp_path / 'o'}"))
     run("export-image", store, "app:1.0", tmp_path / "d.tar", "--format", "docker-archive", "--compress", compress)
     run("export-image", store, "app:1.0", tmp_path / "d2.tar", "--format", "docker-archive", "--compress", compress)
@@ -356,8 +400,14 @@ def test_export_compressions_and_docker_archive(app_layout, tmp_path, compress):
 
 def test_hard_link_across_layers_survives_export(tmp_path):
     l0 = layer_tar(base_entries([("file", "Files/shared.dll", b"dll" * 1000)]))
-    l1 = layer_tar([("dir", "Files"), ("link", "Files/alias.dll", "Files/shared.dll"),
-                    ("dir", "Files/sub"), ("link", "Files/sub/second.dll", "Files/shared.dll")])
+    l1 = layer_tar(
+        [
+            ("dir", "Files"),
+            ("link", "Files/alias.dll", "Files/shared.dll"),
+            ("dir", "Files/sub"),
+            ("link", "Files/sub/second.dll", "Files/shared.dll"),
+        ]
+    )
     write_layout(tmp_path / "lay", [l0, l1])
     store = tmp_path / "store"
     oci.import_image(str(tmp_path / "lay"), store)
@@ -370,9 +420,12 @@ def test_hard_link_across_layers_survives_export(tmp_path):
     import gzip
     import io
     import tarfile
+
     index = json.load(open(tmp_path / "out" / "index.json"))
     manifest = json.load(open(_blob(tmp_path / "out", index["manifests"][0]["digest"])))
-    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(open(_blob(tmp_path / "out", manifest["layers"][1]["digest"]), "rb").read()))) as tf:
+    with tarfile.open(
+        fileobj=io.BytesIO(gzip.decompress(open(_blob(tmp_path / "out", manifest["layers"][1]["digest"]), "rb").read()))
+    ) as tf:
         members = {m.name: m for m in tf}
     assert members["Files/alias.dll"].islnk() and members["Files/alias.dll"].linkname == "Files/shared.dll"
     assert "Files/shared.dll" not in members and "Files/Windows/win.ini" not in members
@@ -386,6 +439,7 @@ def test_whiteouts_and_opaque_directory_export_as_whiteouts(app_layout, tmp_path
     oci.import_image(str(layout), store)
     oci.export_image(str(store), "app:1.0", str(tmp_path / "out"), compress="none")
     import tarfile
+
     index = json.load(open(tmp_path / "out" / "index.json"))
     manifest = json.load(open(_blob(tmp_path / "out", index["manifests"][0]["digest"])))
     names = []
@@ -489,13 +543,16 @@ def _traversal_digest(layout):
     (layout / "index.json").write_text(json.dumps(index))
 
 
-@pytest.mark.parametrize("mangle, message", [
-    (_mangle_index, "not valid JSON"),
-    (_drop_manifest, "not in the layout"),
-    (_config_mismatch, "digest mismatch"),
-    (_linux_image, "no image for any windows platform"),
-    (_traversal_digest, "not a sha256/sha512 digest"),
-])
+@pytest.mark.parametrize(
+    "mangle, message",
+    [
+        (_mangle_index, "not valid JSON"),
+        (_drop_manifest, "not in the layout"),
+        (_config_mismatch, "digest mismatch"),
+        (_linux_image, "no image for any windows platform"),
+        (_traversal_digest, "not a sha256/sha512 digest"),
+    ],
+)
 def test_malformed_layouts_are_clear_errors(tmp_path, mangle, message):
     layout = tmp_path / "lay"
     write_layout(layout, [layer_tar(base_entries())])
@@ -508,6 +565,7 @@ def test_malformed_layouts_are_clear_errors(tmp_path, mangle, message):
 
 def test_docker_archive_without_manifest_and_garbage_on_stdin(tmp_path):
     import tarfile
+
     with tarfile.open(tmp_path / "empty.tar", "w") as tf:
         tf.addfile(tarfile.TarInfo("repositories"))
     r = run("import-image", tmp_path / "empty.tar", tmp_path / "store", check=False)
@@ -534,31 +592,81 @@ def test_platform_from_a_nested_multi_platform_index(tmp_path):
     # a second windows image (another os.version) and a linux one, sharing nothing
     win2_layer = layer_tar(base_entries([("file", "Files/ltsc2019.txt", b"2019")]))
     (layout / "blobs" / "sha256" / sha(win2_layer)[7:]).write_bytes(win2_layer)
-    cfg2 = put({"os": "windows", "architecture": "amd64", "os.version": "10.0.17763.1",
-                "rootfs": {"type": "layers", "diff_ids": [sha(win2_layer)]}})
-    man2 = put({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": dict(cfg2, mediaType="application/vnd.oci.image.config.v1+json"),
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha(win2_layer),
-                            "size": len(win2_layer)}]})
+    cfg2 = put(
+        {
+            "os": "windows",
+            "architecture": "amd64",
+            "os.version": "10.0.17763.1",
+            "rootfs": {"type": "layers", "diff_ids": [sha(win2_layer)]},
+        }
+    )
+    man2 = put(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": dict(cfg2, mediaType="application/vnd.oci.image.config.v1+json"),
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": sha(win2_layer),
+                    "size": len(win2_layer),
+                }
+            ],
+        }
+    )
     lin = put({"os": "linux", "architecture": "amd64", "rootfs": {"type": "layers", "diff_ids": []}})
-    man_lin = put({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                   "config": dict(lin, mediaType="application/vnd.oci.image.config.v1+json"), "layers": []})
-    inner = put({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
-        dict(man_lin, mediaType="application/vnd.oci.image.manifest.v1+json",
-             platform={"os": "linux", "architecture": "amd64"}),
-        dict(win, platform={"os": "windows", "architecture": "amd64", "os.version": "10.0.20348.1"}),
-        dict(man2, mediaType="application/vnd.oci.image.manifest.v1+json",
-             platform={"os": "windows", "architecture": "amd64", "os.version": "10.0.17763.1"})]})
-    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        dict(inner, mediaType="application/vnd.oci.image.index.v1+json",
-             annotations={"org.opencontainers.image.ref.name": "multi"})]}))
+    man_lin = put(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": dict(lin, mediaType="application/vnd.oci.image.config.v1+json"),
+            "layers": [],
+        }
+    )
+    inner = put(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [
+                dict(
+                    man_lin,
+                    mediaType="application/vnd.oci.image.manifest.v1+json",
+                    platform={"os": "linux", "architecture": "amd64"},
+                ),
+                dict(win, platform={"os": "windows", "architecture": "amd64", "os.version": "10.0.20348.1"}),
+                dict(
+                    man2,
+                    mediaType="application/vnd.oci.image.manifest.v1+json",
+                    platform={"os": "windows", "architecture": "amd64", "os.version": "10.0.17763.1"},
+                ),
+            ],
+        }
+    )
+    (layout / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    dict(
+                        inner,
+                        mediaType="application/vnd.oci.image.index.v1+json",
+                        annotations={"org.opencontainers.image.ref.name": "multi"},
+                    )
+                ],
+            }
+        )
+    )
     r = run("import-image", layout, tmp_path / "s", check=False)
     assert r.returncode == 1 and "several images match" in r.stderr.decode() and "10.0.17763.1" in r.stderr.decode()
-    r = json.loads(run("import-image", layout, tmp_path / "s", "--platform", "windows/amd64:10.0.17763", "--json").stdout)
+    r = json.loads(
+        run("import-image", layout, tmp_path / "s", "--platform", "windows/amd64:10.0.17763", "--json").stdout
+    )
     assert r["manifest_digest"] == man2["digest"] and r["refs"] == ["multi"]
     with cimfs.open(r["top"]) as img:
         assert img.read_bytes("Files\\ltsc2019.txt") == b"2019"
-    r = json.loads(run("import-image", layout, tmp_path / "s2", "--platform", "windows/amd64:10.0.20348", "--json").stdout)
+    r = json.loads(
+        run("import-image", layout, tmp_path / "s2", "--platform", "windows/amd64:10.0.20348", "--json").stdout
+    )
     assert r["manifest_digest"] == m_win
 
 
@@ -567,6 +675,7 @@ def test_foreign_layer_present_in_the_layout_is_imported(tmp_path):
     _, descs = write_layout(tmp_path / "lay", layers, foreign=0)
     blob = os.path.join(tmp_path / "lay", "blobs", "sha256", descs[0]["digest"][7:])
     import gzip
+
     with open(blob, "wb") as f:  # what skopeo --preserve-digests / a pull of non-distributable layers puts there
         f.write(gzip.compress(layers[0], mtime=0))
     assert sha(open(blob, "rb").read()) == descs[0]["digest"]
@@ -577,6 +686,7 @@ def test_foreign_layer_present_in_the_layout_is_imported(tmp_path):
 
 def test_compressed_docker_archive_file_and_stdin(app_layout, tmp_path):
     import gzip
+
     layout, _, _ = app_layout
     store = tmp_path / "store"
     oci.import_image(str(layout), store)
@@ -624,8 +734,9 @@ def test_independent_layers_share_across_images_and_merge_to_the_fork_chain(app_
     r = json.loads(run("import-image", layout, store, "--independent", "--json").stdout)
     diff_ids = [sha(t) for t in app_layers()]
     assert r["mode"] == "independent" and r["merged"] == "new"
-    assert [x["image"] for x in r["layers"]] == ["base-" + diff_ids[0][7:] + ".cim"] + \
-        ["ind-" + d[7:] + ".cim" for d in diff_ids[1:]]
+    assert [x["image"] for x in r["layers"]] == ["base-" + diff_ids[0][7:] + ".cim"] + [
+        "ind-" + d[7:] + ".cim" for d in diff_ids[1:]
+    ]
     with cimfs.open(r["top"]) as merged, cimfs.open(layer_images(chain_store, "app:1.0")[-1]) as top:
         assert tools.diff_images(top, merged) == {"added": [], "removed": [], "changed": []}
         assert merged.read_bytes("layout") == b"vhd-with-hives\n"

@@ -29,20 +29,45 @@ def test_readme_table_is_generated_from_results_json(report):
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     start, end = readme.index(mod.README_BEGIN) + len(mod.README_BEGIN), readme.index(mod.README_END)
-    assert readme[start:end].strip() == mod.readme_speed(records, names).strip(), \
+    assert readme[start:end].strip() == mod.readme_speed(records, names).strip(), (
         "README's speed table is stale: run `python bench/run.py --report-only`"
+    )
 
 
 def test_update_readme_rewrites_only_between_the_markers(tmp_path, report):
     mod, names = report
     a, b = mod.README_BEGIN, mod.README_END
     records = [
-        {"workload": "1", "op": "extract", "tool": "cimfs extract", "times": [2.0, 1.0, 3.0], "rss_kib": [1],
-         "status": "ok", "commit": "abc1234", "quick": False},
-        {"workload": "1", "op": "extract", "tool": "unsquashfs", "times": [4.0, 4.0, 4.0], "rss_kib": [1],
-         "status": "ok", "commit": "abc1234", "quick": False},
-        {"workload": "1", "op": "extract", "tool": "tar x", "times": [1.0], "rss_kib": [1],
-         "status": "failed: exit 2", "commit": "abc1234", "quick": False},
+        {
+            "workload": "1",
+            "op": "extract",
+            "tool": "cimfs extract",
+            "times": [2.0, 1.0, 3.0],
+            "rss_kib": [1],
+            "status": "ok",
+            "commit": "abc1234",
+            "quick": False,
+        },
+        {
+            "workload": "1",
+            "op": "extract",
+            "tool": "unsquashfs",
+            "times": [4.0, 4.0, 4.0],
+            "rss_kib": [1],
+            "status": "ok",
+            "commit": "abc1234",
+            "quick": False,
+        },
+        {
+            "workload": "1",
+            "op": "extract",
+            "tool": "tar x",
+            "times": [1.0],
+            "rss_kib": [1],
+            "status": "failed: exit 2",
+            "commit": "abc1234",
+            "quick": False,
+        },
     ]
     readme = tmp_path / "README.md"
     readme.write_text(f"before 1.4 ×\n{a}\nold figures 9.9 ×\n{b}\nafter\n", encoding="utf-8")

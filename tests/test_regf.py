@@ -51,22 +51,47 @@ def sample_tree(n_many: int = 10_000) -> NewKey:
     only in case, classes, several SDs, a 10 000-key list (ri splits), a deep chain."""
     sd2 = L.default_security_descriptor()[:-4] + b"\x01\x02\x03\x04"
     values = [V(f"bin{n}", REG_BINARY, bytes((i * 7 + n) & 0xFF for i in range(n))) for n in SIZES]
-    values += [V("", REG_SZ, _sz("default")), V("dw", REG_DWORD, (0xDEADBEEF).to_bytes(4, "little")),
-               V("qw", REG_QWORD, (1 << 40).to_bytes(8, "little")), V("multi", REG_MULTI_SZ, _sz("a") + _sz("b") + b"\0\0"),
-               V("odd type", 0x12345, b"xyz12"), V("Ëlan", REG_SZ, _sz("latin")), V("ΣΑΣ", REG_SZ, _sz("greek")),
-               V("σας", REG_SZ, _sz("ς is not upper-cased by Windows"))]
+    values += [
+        V("", REG_SZ, _sz("default")),
+        V("dw", REG_DWORD, (0xDEADBEEF).to_bytes(4, "little")),
+        V("qw", REG_QWORD, (1 << 40).to_bytes(8, "little")),
+        V("multi", REG_MULTI_SZ, _sz("a") + _sz("b") + b"\0\0"),
+        V("odd type", 0x12345, b"xyz12"),
+        V("Ëlan", REG_SZ, _sz("latin")),
+        V("ΣΑΣ", REG_SZ, _sz("greek")),
+        V("σας", REG_SZ, _sz("ς is not upper-cased by Windows")),
+    ]
     chain = K("leaf", values=[V("bottom", REG_DWORD, b"\1\0\0\0")])
     for i in range(100):
         chain = K(f"level{99 - i}", subkeys=[chain])
-    return K("ROOT", subkeys=[
-        K("Values", values=values, class_name="ValueClass", last_written=132_000_000_000_000_000),
-        K("Names", subkeys=[K("ëigenaardig"), K("Ärger", class_name="Ä"), K("ΣΑΣ"), K("σας"), K("日本語"),
-                            K("Mixed ÿ"), K("zz\U0001F600"), K("zz\uffee")]),
-        K("Many", subkeys=[K(f"k{i:05d}", values=[V("i", REG_DWORD, i.to_bytes(4, "little"))] if i % 1000 == 0 else [])
-                           for i in range(n_many)]),
-        K("Secure", security=sd2, subkeys=[K("a", security=sd2), K("b")]),
-        chain,
-    ])
+    return K(
+        "ROOT",
+        subkeys=[
+            K("Values", values=values, class_name="ValueClass", last_written=132_000_000_000_000_000),
+            K(
+                "Names",
+                subkeys=[
+                    K("ëigenaardig"),
+                    K("Ärger", class_name="Ä"),
+                    K("ΣΑΣ"),
+                    K("σας"),
+                    K("日本語"),
+                    K("Mixed ÿ"),
+                    K("zz\U0001f600"),
+                    K("zz\uffee"),
+                ],
+            ),
+            K(
+                "Many",
+                subkeys=[
+                    K(f"k{i:05d}", values=[V("i", REG_DWORD, i.to_bytes(4, "little"))] if i % 1000 == 0 else [])
+                    for i in range(n_many)
+                ],
+            ),
+            K("Secure", security=sd2, subkeys=[K("a", security=sd2), K("b")]),
+            chain,
+        ],
+    )
 
 
 def expected_tree(key: NewKey, prefix: str = "", out=None) -> dict:
@@ -89,6 +114,7 @@ def sample(tmp_path_factory):
 
 # ---- upcase ---------------------------------------------------------------------------------------------------
 
+
 def test_upcase_is_windows_table():
     tsv = os.path.join(os.path.dirname(__file__), "..", "tools", "windows-upcase.tsv")
     rows = [line.split("\t") for line in open(tsv) if line[0] != "#"]
@@ -97,10 +123,10 @@ def test_upcase_is_windows_table():
     for cu, windows, rule_up in rows:
         assert upcase(chr(int(cu, 16))) == chr(int(windows, 16)), cu
         # hives and new CIM images share Windows' table
-        assert int.from_bytes(table[2 * int(cu, 16):2 * int(cu, 16) + 2], "little") == int(windows, 16)
+        assert int.from_bytes(table[2 * int(cu, 16) : 2 * int(cu, 16) + 2], "little") == int(windows, 16)
     assert upcase("abcz\xe0\xfe\xff\xf7") == "ABCZ\xc0\xde\u0178\xf7"
     assert upcase("µıſǅςß") == "µıſǅςß"  # Windows leaves these alone (Python would not)
-    assert upcase("\ud83d\ude00\U0001F600x") == "\ud83d\ude00\U0001F600X"  # surrogates map to themselves
+    assert upcase("\ud83d\ude00\U0001f600x") == "\ud83d\ude00\U0001f600X"  # surrogates map to themselves
     assert len(upcase("ﬀ")) == 1
 
 
@@ -110,6 +136,7 @@ def test_import_builds_no_table():
 
 
 # ---- the writer's hives -----------------------------------------------------------------------------------------
+
 
 def test_written_hive_follows_the_rules(sample):
     tree, data, _ = sample
@@ -128,10 +155,12 @@ def test_reader_reads_back_what_was_written(sample):
         assert [x.name for x in v.values()] == [x.name for x in tree.subkeys[0].values]  # stored order
         assert h.key(r"NAMES\ärger").class_name == "Ä"
         assert h.key(r"Names\σας").name == "σας" and h.key(r"Names\ΣΑΣ").name == "ΣΑΣ"
-        assert h.key(r"Many\K09999").value_count == 0 and h.key(r"many\k09000").value("I").data == (9000).to_bytes(4, "little")
+        assert h.key(r"Many\K09999").value_count == 0 and h.key(r"many\k09000").value("I").data == (9000).to_bytes(
+            4, "little"
+        )
         assert h.key("Secure").security != h.key(r"Secure\b").security
         assert h.key(r"Secure\a").security == h.key("Secure").security
-        assert h.root.flags == 0x2c and h.root.name == "ROOT"
+        assert h.root.flags == 0x2C and h.root.name == "ROOT"
         with pytest.raises(KeyError):
             h.key(r"Names\nope")
         with pytest.raises(cimfs.CimError) as e:
@@ -157,8 +186,9 @@ def test_hivex_reads_the_writers_hive(sample):
     assert len(got) == len(exp)
     out = subprocess.run(["hivexget", str(path), "\\Many\\k09000", "i"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "9000"
-    out = subprocess.run(["hivexsh", str(path)], input="cd \\Names\nls\n", capture_output=True, text=True,
-                         check=True, timeout=60)
+    out = subprocess.run(
+        ["hivexsh", str(path)], input="cd \\Names\nls\n", capture_output=True, text=True, check=True, timeout=60
+    )
     assert sorted(out.stdout.splitlines()) == sorted(k.name for k in tree.subkeys[1].subkeys)
 
 
@@ -167,20 +197,27 @@ def test_regipy_reads_the_writers_hive(sample):
     got = regipy_tree(path)
     # regipy decodes compressed (Latin-1) names as ASCII (notes §5): compare through the same lens
     lens = lambda s: s.encode("latin-1").decode("ascii", "replace") if max(s, default="a") < "\u0100" else s
-    want = {"\\".join(lens(part) for part in p.split("\\")) if p else p: sorted(lens(n) for n in vals)
-            for p, vals in expected_tree(tree).items()}
+    want = {
+        "\\".join(lens(part) for part in p.split("\\")) if p else p: sorted(lens(n) for n in vals)
+        for p, vals in expected_tree(tree).items()
+    }
     assert {p: sorted(v) for p, v in got.items()} == want
 
 
 @pytest.mark.parametrize("minor,leaf", [(3, None), (3, "li"), (4, None), (6, None), (5, "lf")])
 def test_other_versions_and_list_kinds(tmp_path, minor, leaf):
-    tree = K("$$$PROTO.HIV", subkeys=[K("Many", subkeys=[K(f"n{i}") for i in range(2100)]),
-                                      K("Big", values=[V("v", REG_BINARY, bytes(range(256)) * 200)])])
+    tree = K(
+        "$$$PROTO.HIV",
+        subkeys=[
+            K("Many", subkeys=[K(f"n{i}") for i in range(2100)]),
+            K("Big", values=[V("v", REG_BINARY, bytes(range(256)) * 200)]),
+        ],
+    )
     data = write_hive(tree, minor=minor, leaf=leaf)
     check_structure(data)
     with open_hive(data) as h:
         assert h.minor == minor and our_tree(h) == expected_tree(tree)
-        lists = {bytes(h._buf[h.key("Many")._f[L.NKF_SUBLIST] + 4:][:2])}
+        lists = {bytes(h._buf[h.key("Many")._f[L.NKF_SUBLIST] + 4 :][:2])}
         assert lists == {b"ri"}
     if HIVEX:  # 1.3 keeps big data in one cell (no db), 1.4+ uses db
         path = tmp_path / "h"
@@ -190,10 +227,20 @@ def test_other_versions_and_list_kinds(tmp_path, minor, leaf):
 
 
 def test_layered_hive_keeps_layer_bits():
-    tree = K("ROOT", inherit_class=True, subkeys=[
-        K("gone", layer_semantics=TOMBSTONE), K("svc", layer_semantics=SUPERSEDE_TREE, inherit_class=True,
-                                                 subkeys=[K("sub", layer_semantics=SUPERSEDE_TREE)]),
-        K("vals", values=[V("dead", 0, b"", tombstone=True), V("live", REG_DWORD, b"\1\0\0\0")])])
+    tree = K(
+        "ROOT",
+        inherit_class=True,
+        subkeys=[
+            K("gone", layer_semantics=TOMBSTONE),
+            K(
+                "svc",
+                layer_semantics=SUPERSEDE_TREE,
+                inherit_class=True,
+                subkeys=[K("sub", layer_semantics=SUPERSEDE_TREE)],
+            ),
+            K("vals", values=[V("dead", 0, b"", tombstone=True), V("live", REG_DWORD, b"\1\0\0\0")]),
+        ],
+    )
     data = write_hive(tree, layered=True, minor=6)
     check_structure(data)
     with open_hive(data) as h:
@@ -207,16 +254,19 @@ def test_layered_hive_keeps_layer_bits():
         assert (raw[L.VKF_SIZE], raw[L.VKF_DATA], raw[L.VKF_FLAGS]) == (0, 0xFFFFFFFF, 3)
 
 
-@pytest.mark.parametrize("tree,message", [
-    (K("R", subkeys=[K("Abc"), K("aBC")]), "duplicate subkey name"),
-    (K("R", subkeys=[K("Ärger"), K("äRGER")]), "duplicate subkey name"),
-    (K("R", values=[V("x", 1, b""), V("X", 1, b"")]), "duplicate value name"),
-    (K("R", subkeys=[K("a\\b")]), "backslash"),
-    (K("R", subkeys=[K("")]), "empty"),
-    (K("R", subkeys=[K("x" * 256)]), "longer than 255"),
-    (K("R", subkeys=[K("t", layer_semantics=TOMBSTONE)]), "layered=True"),
-    (K("R", values=[V("t", 0, b"", tombstone=True)]), "layered=True"),
-])
+@pytest.mark.parametrize(
+    "tree,message",
+    [
+        (K("R", subkeys=[K("Abc"), K("aBC")]), "duplicate subkey name"),
+        (K("R", subkeys=[K("Ärger"), K("äRGER")]), "duplicate subkey name"),
+        (K("R", values=[V("x", 1, b""), V("X", 1, b"")]), "duplicate value name"),
+        (K("R", subkeys=[K("a\\b")]), "backslash"),
+        (K("R", subkeys=[K("")]), "empty"),
+        (K("R", subkeys=[K("x" * 256)]), "longer than 255"),
+        (K("R", subkeys=[K("t", layer_semantics=TOMBSTONE)]), "layered=True"),
+        (K("R", values=[V("t", 0, b"", tombstone=True)]), "layered=True"),
+    ],
+)
 def test_writer_refuses_bad_trees(tree, message):
     with pytest.raises(cimfs.CimError, match=message):
         write_hive(tree)
@@ -235,10 +285,10 @@ def test_writer_refuses_a_tombstone_with_content_and_depth():
 
 def test_siblings_beyond_the_bmp_sort_by_code_unit():
     # U+1F600 is D83D DE00 in UTF-16: it sorts before U+FFEE although its code point is larger
-    data = write_hive(K("R", subkeys=[K("\uffee"), K("\U0001F600"), K("\ue000")]))
+    data = write_hive(K("R", subkeys=[K("\uffee"), K("\U0001f600"), K("\ue000")]))
     check_structure(data)
     with open_hive(data) as h:
-        assert [k.name for k in h.root.subkeys()] == ["\U0001F600", "\ue000", "\uffee"]
+        assert [k.name for k in h.root.subkeys()] == ["\U0001f600", "\ue000", "\uffee"]
 
 
 def test_open_hive_sources(sample, tmp_path):

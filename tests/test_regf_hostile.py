@@ -30,12 +30,23 @@ NK_NSUB, NK_SUBLIST, NK_NVAL, NK_VALLIST = 4 + 20, 4 + 28, 4 + 36, 4 + 40  # fro
 
 
 def small_hive() -> bytes:
-    return write_hive(K("ROOT", subkeys=[
-        K("A", values=[V("x", REG_DWORD, b"\1\0\0\0"), V("blob", REG_BINARY, b"b" * 100),
-                       V("big", REG_BINARY, bytes(range(256)) * 100)],
-          subkeys=[K("A1", subkeys=[K("A2")]), K("A3")]),
-        K("B", subkeys=[K(f"b{i}") for i in range(600)]),
-    ]))
+    return write_hive(
+        K(
+            "ROOT",
+            subkeys=[
+                K(
+                    "A",
+                    values=[
+                        V("x", REG_DWORD, b"\1\0\0\0"),
+                        V("blob", REG_BINARY, b"b" * 100),
+                        V("big", REG_BINARY, bytes(range(256)) * 100),
+                    ],
+                    subkeys=[K("A1", subkeys=[K("A2")]), K("A3")],
+                ),
+                K("B", subkeys=[K(f"b{i}") for i in range(600)]),
+            ],
+        )
+    )
 
 
 def patch(data: bytes, rel: int, fmt: str, *values) -> bytes:
@@ -47,10 +58,19 @@ def patch(data: bytes, rel: int, fmt: str, *values) -> bytes:
 def offsets(data: bytes) -> dict:
     with open_hive(data) as h:
         a, b = h.key("A"), h.key("B")
-        return {"root": h.root_offset, "A": a.offset, "A1": h.key(r"A\A1").offset, "B": b.offset,
-                "A.list": a._f[L.NKF_SUBLIST], "B.list": b._f[L.NKF_SUBLIST], "root.list": h.root._f[L.NKF_SUBLIST],
-                "A.vals": a._f[L.NKF_VALLIST], "blob": a.value("blob").offset, "big": a.value("big").offset,
-                "big.db": h.vk(a.value("big").offset)[0][L.VKF_DATA]}
+        return {
+            "root": h.root_offset,
+            "A": a.offset,
+            "A1": h.key(r"A\A1").offset,
+            "B": b.offset,
+            "A.list": a._f[L.NKF_SUBLIST],
+            "B.list": b._f[L.NKF_SUBLIST],
+            "root.list": h.root._f[L.NKF_SUBLIST],
+            "A.vals": a._f[L.NKF_VALLIST],
+            "blob": a.value("blob").offset,
+            "big": a.value("big").offset,
+            "big.db": h.vk(a.value("big").offset)[0][L.VKF_DATA],
+        }
 
 
 def read_everything(data: bytes, name: str = "hostile") -> None:
@@ -94,8 +114,8 @@ def test_headers(hive):
     assert_refused(data[:28] + struct.pack("<I", 1) + data[32:], "transaction log")
     assert_refused(data[:40] + struct.pack("<I", 4097) + data[44:], "multiple of 4096")
     assert_refused(data[:4096] + b"hbix" + data[4100:], "no 'hbin'")
-    assert_refused(data[:4096 + 4] + struct.pack("<I", 4096) + data[4104:], "says it is at")
-    assert_refused(data[:4096 + 8] + struct.pack("<I", 1 << 30) + data[4108:], "bad size")
+    assert_refused(data[: 4096 + 4] + struct.pack("<I", 4096) + data[4104:], "says it is at")
+    assert_refused(data[: 4096 + 8] + struct.pack("<I", 1 << 30) + data[4108:], "bad size")
 
 
 def test_dirty_hive_is_read_with_a_note(hive):
@@ -158,7 +178,7 @@ def test_values(hive):
     assert_refused(patch(data, o["blob"] + 4 + 4, "<I", 0x80000005), "inline data of 5 bytes")
     assert_refused(patch(data, o["big.db"] + 4 + 2, "<H", 1), "in 1 segments")
     with open_hive(data) as h:
-        segs = h._buf[h.cell(o["big.db"], "")[0] + 4:][:4].cast("I")[0]
+        segs = h._buf[h.cell(o["big.db"], "")[0] + 4 :][:4].cast("I")[0]
         first = struct.unpack_from("<I", h._buf, h.cell(segs, "")[0])[0]
     assert_refused(patch(data, segs + 8, "<I", first), "same segment twice")
     assert_refused(patch(data, o["A.vals"] + 8, "<I", o["A.vals"]), "value: cell too small")
@@ -184,13 +204,49 @@ def deep_hive(depth: int) -> bytes:
     for level in range(depth, 0, -1):
         off = b.alloc(b.key_size(1))
         entries = [(child, "X", b"x", True)] if child is not None else []
-        b.key(off, b"x", True, flags=0, last_written=0, layer=0, parent=L.NONE, nsub=len(entries),
-              sublist=b.subkey_list(entries), nval=0, vallist=L.NONE, sk=b.sk(sd), class_off=L.NONE, class_len=0,
-              maxname=2 if entries else 0, user_flags=0, maxclass=0, maxvalname=0, maxvaldata=0)
+        b.key(
+            off,
+            b"x",
+            True,
+            flags=0,
+            last_written=0,
+            layer=0,
+            parent=L.NONE,
+            nsub=len(entries),
+            sublist=b.subkey_list(entries),
+            nval=0,
+            vallist=L.NONE,
+            sk=b.sk(sd),
+            class_off=L.NONE,
+            class_len=0,
+            maxname=2 if entries else 0,
+            user_flags=0,
+            maxclass=0,
+            maxvalname=0,
+            maxvaldata=0,
+        )
         child = off
-    b.key(root, b"ROOT", True, flags=0x2c, last_written=0, layer=0, parent=L.NONE, nsub=1,
-          sublist=b.subkey_list([(child, "X", b"x", True)]), nval=0, vallist=L.NONE, sk=b.sk(sd), class_off=L.NONE,
-          class_len=0, maxname=2, user_flags=0, maxclass=0, maxvalname=0, maxvaldata=0)
+    b.key(
+        root,
+        b"ROOT",
+        True,
+        flags=0x2C,
+        last_written=0,
+        layer=0,
+        parent=L.NONE,
+        nsub=1,
+        sublist=b.subkey_list([(child, "X", b"x", True)]),
+        nval=0,
+        vallist=L.NONE,
+        sk=b.sk(sd),
+        class_off=L.NONE,
+        class_len=0,
+        maxname=2,
+        user_flags=0,
+        maxclass=0,
+        maxvalname=0,
+        maxvaldata=0,
+    )
     return bytes(b.finish(root))
 
 
@@ -204,8 +260,11 @@ def test_depth_bomb():
 @pytest.mark.skipif(not shutil.which("prlimit"), reason="prlimit (util-linux) not installed")
 def test_bounded_memory(hive, tmp_path):
     data, o = hive
-    cases = {"gib": patch(data, o["blob"] + 4 + 4, "<I", 1 << 30), "deep": deep_hive(2000),
-             "count": patch(data, o["A"] + NK_NSUB, "<I", (1 << 31) - 1)}
+    cases = {
+        "gib": patch(data, o["blob"] + 4 + 4, "<I", 1 << 30),
+        "deep": deep_hive(2000),
+        "count": patch(data, o["A"] + NK_NSUB, "<I", (1 << 31) - 1),
+    }
     for name, blob in cases.items():
         (tmp_path / name).write_bytes(blob)
     code = textwrap.dedent(f"""
@@ -217,8 +276,9 @@ def test_bounded_memory(hive, tmp_path):
             except HiveFormatError as e:
                 print(e)
     """)
-    r = subprocess.run(["prlimit", "--as=400000000", sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        ["prlimit", "--as=400000000", sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 3 and all("HiveFormatError" not in x and ": cell 0x" in x for x in lines), lines

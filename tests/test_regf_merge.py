@@ -54,42 +54,99 @@ def gone(name):
 
 BIG1, BIG2, BIG3 = bytes(range(256)) * 79, os.urandom(40_000), b"g" * 20_000  # 20224, 40000, 20000 bytes
 
-BASE = K("ROOT", class_name="RootClass", subkeys=[
-    K("Keep", class_name="KeepClass", last_written=100, values=[V("a", REG_DWORD, dw(1)), V("b", REG_SZ, sz("x"))],
-      subkeys=[K("Child", values=[V("v", REG_DWORD, dw(1))])]),
-    K("Gone", values=[V("g", REG_DWORD, dw(1))],
-      subkeys=[K("L1", subkeys=[K("L2", subkeys=[K("L3", values=[V("deep", REG_BINARY, BIG1)])])]), K("M1")]),
-    K("Tree", class_name="TreeClass", values=[V("old", REG_DWORD, dw(1))],
-      subkeys=[K("T1", values=[V("x", REG_DWORD, dw(1))]), K("T2")]),
-    K("Local", class_name="LocalClass", last_written=300, values=[V("lv", REG_DWORD, dw(1))],
-      subkeys=[K("L1", values=[V("y", REG_DWORD, dw(1))])]),
-    K("Ärger", values=[V("ä", REG_DWORD, dw(1))]),
-    K("ΣΑΣ", values=[V("s", REG_DWORD, dw(1))]),
-    K("Vals", values=[V("keep", REG_DWORD, dw(1)), V("del", REG_DWORD, dw(2)), V("chg", REG_DWORD, dw(3)),
-                      V("big", REG_BINARY, BIG1), V("grow", REG_BINARY, b"0123456789")]),
-])
+BASE = K(
+    "ROOT",
+    class_name="RootClass",
+    subkeys=[
+        K(
+            "Keep",
+            class_name="KeepClass",
+            last_written=100,
+            values=[V("a", REG_DWORD, dw(1)), V("b", REG_SZ, sz("x"))],
+            subkeys=[K("Child", values=[V("v", REG_DWORD, dw(1))])],
+        ),
+        K(
+            "Gone",
+            values=[V("g", REG_DWORD, dw(1))],
+            subkeys=[K("L1", subkeys=[K("L2", subkeys=[K("L3", values=[V("deep", REG_BINARY, BIG1)])])]), K("M1")],
+        ),
+        K(
+            "Tree",
+            class_name="TreeClass",
+            values=[V("old", REG_DWORD, dw(1))],
+            subkeys=[K("T1", values=[V("x", REG_DWORD, dw(1))]), K("T2")],
+        ),
+        K(
+            "Local",
+            class_name="LocalClass",
+            last_written=300,
+            values=[V("lv", REG_DWORD, dw(1))],
+            subkeys=[K("L1", values=[V("y", REG_DWORD, dw(1))])],
+        ),
+        K("Ärger", values=[V("ä", REG_DWORD, dw(1))]),
+        K("ΣΑΣ", values=[V("s", REG_DWORD, dw(1))]),
+        K(
+            "Vals",
+            values=[
+                V("keep", REG_DWORD, dw(1)),
+                V("del", REG_DWORD, dw(2)),
+                V("chg", REG_DWORD, dw(3)),
+                V("big", REG_BINARY, BIG1),
+                V("grow", REG_BINARY, b"0123456789"),
+            ],
+        ),
+    ],
+)
 
-D1 = K("ROOT", inherit_class=True, subkeys=[
-    K("Keep", inherit_class=True, last_written=50, values=[V("a", REG_SZ, sz("new")), V("c", REG_DWORD, dw(3))]),
-    K("Gone", **TOMB),
-    K("Tree", layer_semantics=SUPERSEDE_TREE, inherit_class=True, values=[V("new", REG_DWORD, dw(1))],
-      subkeys=[K("T3", layer_semantics=SUPERSEDE_TREE, values=[V("z", REG_DWORD, dw(1))])]),
-    K("Local", layer_semantics=SUPERSEDE_LOCAL, class_name="NewLocal", last_written=200,
-      values=[V("nl", REG_DWORD, dw(1))], subkeys=[K("L2")]),
-    K("ärger", inherit_class=True, values=[V("Ä", REG_DWORD, dw(2))]),
-    K("σας", values=[V("s", REG_DWORD, dw(2))]),
-    K("Vals", inherit_class=True, values=[gone("del"), V("chg", REG_BINARY, BIG2), V("big", REG_BINARY, b"small"),
-                                          V("grow", REG_BINARY, BIG3), gone("ghost")]),
-    K("New", class_name="NewClass", values=[V("n", REG_DWORD, dw(1))], subkeys=[K("NewSub")]),
-    K("NewTomb", **TOMB),
-])
+D1 = K(
+    "ROOT",
+    inherit_class=True,
+    subkeys=[
+        K("Keep", inherit_class=True, last_written=50, values=[V("a", REG_SZ, sz("new")), V("c", REG_DWORD, dw(3))]),
+        K("Gone", **TOMB),
+        K(
+            "Tree",
+            layer_semantics=SUPERSEDE_TREE,
+            inherit_class=True,
+            values=[V("new", REG_DWORD, dw(1))],
+            subkeys=[K("T3", layer_semantics=SUPERSEDE_TREE, values=[V("z", REG_DWORD, dw(1))])],
+        ),
+        K(
+            "Local",
+            layer_semantics=SUPERSEDE_LOCAL,
+            class_name="NewLocal",
+            last_written=200,
+            values=[V("nl", REG_DWORD, dw(1))],
+            subkeys=[K("L2")],
+        ),
+        K("ärger", inherit_class=True, values=[V("Ä", REG_DWORD, dw(2))]),
+        K("σας", values=[V("s", REG_DWORD, dw(2))]),
+        K(
+            "Vals",
+            inherit_class=True,
+            values=[
+                gone("del"),
+                V("chg", REG_BINARY, BIG2),
+                V("big", REG_BINARY, b"small"),
+                V("grow", REG_BINARY, BIG3),
+                gone("ghost"),
+            ],
+        ),
+        K("New", class_name="NewClass", values=[V("n", REG_DWORD, dw(1))], subkeys=[K("NewSub")]),
+        K("NewTomb", **TOMB),
+    ],
+)
 
-D2 = K("ROOT", inherit_class=True, subkeys=[
-    K("Gone", last_written=5, values=[V("back", REG_DWORD, dw(1))]),
-    K("Keep", **TOMB),
-    K("Local", inherit_class=True, values=[V("lv2", REG_DWORD, dw(1))]),
-    K("Tree", inherit_class=True, subkeys=[K("T3", inherit_class=True, values=[V("z2", REG_DWORD, dw(2))])]),
-])
+D2 = K(
+    "ROOT",
+    inherit_class=True,
+    subkeys=[
+        K("Gone", last_written=5, values=[V("back", REG_DWORD, dw(1))]),
+        K("Keep", **TOMB),
+        K("Local", inherit_class=True, values=[V("lv2", REG_DWORD, dw(1))]),
+        K("Tree", inherit_class=True, subkeys=[K("T3", inherit_class=True, values=[V("z2", REG_DWORD, dw(2))])]),
+    ],
+)
 
 # what the rules (and the [choice]s in merge.py) say the flattened base+D1 is: path -> (class, values in order)
 AFTER_D1 = {
@@ -104,17 +161,26 @@ AFTER_D1 = {
     "ärger": (None, [("Ä", REG_DWORD, dw(2))]),
     "ΣΑΣ": (None, [("s", REG_DWORD, dw(1))]),
     "σας": (None, [("s", REG_DWORD, dw(2))]),
-    "Vals": (None, [("keep", REG_DWORD, dw(1)), ("chg", REG_BINARY, BIG2), ("big", REG_BINARY, b"small"),
-                    ("grow", REG_BINARY, BIG3)]),
+    "Vals": (
+        None,
+        [
+            ("keep", REG_DWORD, dw(1)),
+            ("chg", REG_BINARY, BIG2),
+            ("big", REG_BINARY, b"small"),
+            ("grow", REG_BINARY, BIG3),
+        ],
+    ),
     "New": ("NewClass", [("n", REG_DWORD, dw(1))]),
     "New\\NewSub": (None, []),
 }
 AFTER_D2 = {p: v for p, v in AFTER_D1.items() if not p.startswith("Keep")}
-AFTER_D2.update({
-    "Gone": (None, [("back", REG_DWORD, dw(1))]),
-    "Local": ("NewLocal", [("nl", REG_DWORD, dw(1)), ("lv2", REG_DWORD, dw(1))]),
-    "Tree\\T3": (None, [("z", REG_DWORD, dw(1)), ("z2", REG_DWORD, dw(2))]),
-})
+AFTER_D2.update(
+    {
+        "Gone": (None, [("back", REG_DWORD, dw(1))]),
+        "Local": ("NewLocal", [("nl", REG_DWORD, dw(1)), ("lv2", REG_DWORD, dw(1))]),
+        "Tree\\T3": (None, [("z", REG_DWORD, dw(1)), ("z2", REG_DWORD, dw(2))]),
+    }
+)
 
 
 def dump(data: bytes) -> dict:
@@ -135,7 +201,7 @@ def test_merge_follows_the_rules(layers):
     assert dump(out) == AFTER_D1
     with open_hive(out) as h:
         assert (h.major, h.minor, h.layered, h.flags) == (1, 5, False, 0)  # [choice] the base's version
-        assert h.root.name == "ROOT" and h.root.flags & 0x2c == 0x2c
+        assert h.root.name == "ROOT" and h.root.flags & 0x2C == 0x2C
         for _, k in h.walk():
             assert (k.layer_semantics, k.inherit_class) == (0, False)
             assert not any(v.tombstone for v in k.values())
@@ -152,8 +218,9 @@ def test_n_way_merge_and_chains_agree(layers):
     chained = merge(merge(base, [d1]), [d2])
     assert dump(chained) == dump(n_way)
     with open_hive(n_way) as a, open_hive(chained) as b:
-        assert [(p, k.last_written, k.security, k.flags) for p, k in a.walk()] == \
-               [(p, k.last_written, k.security, k.flags) for p, k in b.walk()]
+        assert [(p, k.last_written, k.security, k.flags) for p, k in a.walk()] == [
+            (p, k.last_written, k.security, k.flags) for p, k in b.walk()
+        ]
     assert dump(merge(base, [])) == dump(base)
 
 
@@ -168,19 +235,39 @@ def test_merged_hive_read_by_hivex_and_regipy(layers, tmp_path):
     got = regipy_tree(path)
     assert {p: sorted(v) for p, v in got.items()} == {
         "\\".join(lens(x) for x in p.split("\\")) if p else p: sorted(lens(n) for n, _, _ in vals)
-        for p, (_, vals) in AFTER_D2.items()}
+        for p, (_, vals) in AFTER_D2.items()
+    }
 
 
 def test_wide_keys_and_ri_splits(tmp_path):
-    base = K("R", subkeys=[K("Many", subkeys=[K(f"k{i:05d}", values=[V("i", REG_DWORD, dw(i))]) for i in range(10_000)])])
-    delta = K("R", inherit_class=True, subkeys=[K("Many", inherit_class=True, subkeys=[
-        *(K(f"K{i:05d}", **TOMB) for i in range(0, 10_000, 7)),
-        *(K(f"k{i:05d}", inherit_class=True, values=[V("i", REG_DWORD, dw(-i & 0xFFFFFFFF))]) for i in range(3, 10_000, 7)),
-        *(K(f"new{i:05d}") for i in range(2000))])])
+    base = K(
+        "R", subkeys=[K("Many", subkeys=[K(f"k{i:05d}", values=[V("i", REG_DWORD, dw(i))]) for i in range(10_000)])]
+    )
+    delta = K(
+        "R",
+        inherit_class=True,
+        subkeys=[
+            K(
+                "Many",
+                inherit_class=True,
+                subkeys=[
+                    *(K(f"K{i:05d}", **TOMB) for i in range(0, 10_000, 7)),
+                    *(
+                        K(f"k{i:05d}", inherit_class=True, values=[V("i", REG_DWORD, dw(-i & 0xFFFFFFFF))])
+                        for i in range(3, 10_000, 7)
+                    ),
+                    *(K(f"new{i:05d}") for i in range(2000)),
+                ],
+            )
+        ],
+    )
     out = merge(write_hive(base), [write_hive(delta, layered=True)])
     check_structure(out)
-    want = {f"Many\\k{i:05d}": {"i": (REG_DWORD, dw(-i & 0xFFFFFFFF) if i % 7 == 3 else dw(i))}
-            for i in range(10_000) if i % 7}
+    want = {
+        f"Many\\k{i:05d}": {"i": (REG_DWORD, dw(-i & 0xFFFFFFFF) if i % 7 == 3 else dw(i))}
+        for i in range(10_000)
+        if i % 7
+    }
     want.update({f"Many\\new{i:05d}": {} for i in range(2000)})
     want.update({"": {}, "Many": {}})
     with open_hive(out) as h:
@@ -223,6 +310,7 @@ def test_root_tombstone_is_refused(layers):
 
 
 # ---- random layers against a dict model of the rules ------------------------------------------------------------
+
 
 def model_flatten(layers: list[dict]) -> dict:
     """The rules of regf-notes §3.3 with merge.py's [choice]s over plain dicts: a node is
@@ -269,11 +357,16 @@ def model_flatten(layers: list[dict]) -> dict:
                 for name in stack[i]["kids"]:
                     names.setdefault(upcase(name), name)
         for up in names:
-            sub = [find(stack[i]["kids"], up) if i >= cut and stack[i] is not None else None
-                   for i in range(len(stack))]
+            sub = [find(stack[i]["kids"], up) if i >= cut and stack[i] is not None else None for i in range(len(stack))]
             top = next(sub[i] for i in range(len(sub) - 1, -1, -1) if sub[i] is not None and i >= cut)
-            own_top = next((sub[i]["name"] for i in range(len(sub) - 1, -1, -1)
-                            if sub[i] is not None and sub[i]["sem"] != TOMBSTONE), top["name"])
+            own_top = next(
+                (
+                    sub[i]["name"]
+                    for i in range(len(sub) - 1, -1, -1)
+                    if sub[i] is not None and sub[i]["sem"] != TOMBSTONE
+                ),
+                top["name"],
+            )
             rec(f"{path}\\{own_top}" if path else own_top, sub, cut)
 
     rec("", layers, 0)
@@ -290,8 +383,12 @@ def random_layer(rng: random.Random, depth: int, layered: bool) -> dict:
             continue
         sem = rng.choice([MERGE, MERGE, TOMBSTONE, SUPERSEDE_LOCAL, SUPERSEDE_TREE]) if layered else MERGE
         node = random_layer(rng, depth + 1, layered) if sem != TOMBSTONE else {"kids": {}, "vals": []}
-        node.update(name=name, sem=sem, inh=layered and sem != TOMBSTONE and rng.random() < 0.5,
-                    cls=None if sem == TOMBSTONE or rng.random() < 0.5 else f"c{rng.randrange(9)}")
+        node.update(
+            name=name,
+            sem=sem,
+            inh=layered and sem != TOMBSTONE and rng.random() < 0.5,
+            cls=None if sem == TOMBSTONE or rng.random() < 0.5 else f"c{rng.randrange(9)}",
+        )
         kids[name] = node
     vals, seen = [], set()
     for _ in range(rng.randrange(4)):
@@ -308,8 +405,14 @@ def random_layer(rng: random.Random, depth: int, layered: bool) -> dict:
 
 
 def to_newkey(n: dict) -> NewKey:
-    return K(n["name"], layer_semantics=n["sem"], inherit_class=n["inh"], class_name=n["cls"],
-             values=[V(a, t, d, tomb) for a, t, d, tomb in n["vals"]], subkeys=[to_newkey(c) for c in n["kids"].values()])
+    return K(
+        n["name"],
+        layer_semantics=n["sem"],
+        inherit_class=n["inh"],
+        class_name=n["cls"],
+        values=[V(a, t, d, tomb) for a, t, d, tomb in n["vals"]],
+        subkeys=[to_newkey(c) for c in n["kids"].values()],
+    )
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -109,8 +109,7 @@ def tree(image) -> dict:
 def run_cli(*args, env=None, check=True):
     full = dict(os.environ)
     full.update(env or {})
-    p = subprocess.run([sys.executable, "-m", "cimfs.cli", *map(str, args)], capture_output=True, env=full,
-                       timeout=300)
+    p = subprocess.run([sys.executable, "-m", "cimfs.cli", *map(str, args)], capture_output=True, env=full, timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"cimfs {args} failed: {p.stderr.decode(errors='replace')}")
     return p
@@ -196,7 +195,7 @@ def test_truncated_and_deleted_region_objects_on_s3(image_dir, s3):
         assert img.read_bytes("Files/docs/note02.txt") == files["Files/docs/note02.txt"]
         assert img.read_at("Files/bin/Big.BIN", 0, 10) == files["Files/bin/Big.BIN"][:10]
         # Truncated under an open image: a new version, an error, never short data.
-        client.put_object(Bucket="damaged", Key=f"layers/{big_region}", Body=(d / big_region).read_bytes()[:1 << 20])
+        client.put_object(Bucket="damaged", Key=f"layers/{big_region}", Body=(d / big_region).read_bytes()[: 1 << 20])
         with pytest.raises(cimfs.CimError) as e:
             img.read_bytes("Files/bin/Big.BIN")
         assert "s3://damaged/layers/" + big_region in str(e.value) and "changed while being read" in str(e.value)
@@ -238,8 +237,10 @@ def test_unreachable_and_forbidden_storage_are_cim_errors(image_dir, tmp_path):
     endpoint = s3.url
     s3.stop()
     with pytest.raises(cimfs.CimError) as e:
-        cimfs.open("s3://bucket/layers/layer.cim", {"endpoint_url": endpoint, "key": "k", "secret": "s",
-                                                    "config_kwargs": {"retries": {"max_attempts": 1}}})
+        cimfs.open(
+            "s3://bucket/layers/layer.cim",
+            {"endpoint_url": endpoint, "key": "k", "secret": "s", "config_kwargs": {"retries": {"max_attempts": 1}}},
+        )
     assert "s3://bucket/layers/layer.cim" in str(e.value)
 
 
@@ -321,7 +322,11 @@ def test_cim_filesystem_over_s3(image_dir, s3, cimfs_protocol):
     assert fs.ls("", detail=False) == ["Files", "Hives"]
     entries = fs.ls("Files", detail=True)
     assert {e["name"]: e["type"] for e in entries} == {
-        "Files/alias.txt": "file", "Files/bin": "directory", "Files/docs": "directory", "Files/empty": "file"}
+        "Files/alias.txt": "file",
+        "Files/bin": "directory",
+        "Files/docs": "directory",
+        "Files/empty": "file",
+    }
     assert fs.info("Files/bin/Big.BIN")["size"] == BIG
     assert fs.info("files/BIN/big.bin")["size"] == BIG  # the image's case-insensitive lookup
     assert fs.ls("Files/empty", detail=False) == ["Files/empty"]
@@ -365,9 +370,14 @@ def test_cim_filesystem_chained_urls_and_read_only(image_dir, s3, http, cimfs_pr
         assert f.read() == "[ZoneTransfer]\r\nZoneId=3\r\n"
     fs = fsspec.filesystem("cim", fo=str(d / "layer.cim"))
     assert fs.image.storage is None  # a local image: the mapped reader
-    for write in (lambda: fs.open("Files/new", "wb"), lambda: fs.pipe_file("Files/x", b"1"),
-                  lambda: fs.rm("Files/empty"), lambda: fs.mkdir("New"), lambda: fs.mv("Files/empty", "e"),
-                  lambda: fs.touch("Files/t")):
+    for write in (
+        lambda: fs.open("Files/new", "wb"),
+        lambda: fs.pipe_file("Files/x", b"1"),
+        lambda: fs.rm("Files/empty"),
+        lambda: fs.mkdir("New"),
+        lambda: fs.mv("Files/empty", "e"),
+        lambda: fs.touch("Files/t"),
+    ):
         with pytest.raises(ValueError) as e:  # as tar:// and libarchive:// raise
             write()
         assert isinstance(e.value, OSError) and e.value.errno == 30 and isinstance(e.value, ReadOnlyError)

@@ -50,8 +50,10 @@ def served(image_dir, tmp_path):
 
 
 def big_region(directory) -> str:
-    return max((n for n in os.listdir(directory) if n.startswith("region_")),
-               key=lambda n: os.path.getsize(os.path.join(directory, n)))
+    return max(
+        (n for n in os.listdir(directory) if n.startswith("region_")),
+        key=lambda n: os.path.getsize(os.path.join(directory, n)),
+    )
 
 
 def replace_in_place(path) -> None:
@@ -68,8 +70,9 @@ def replace_in_place(path) -> None:
 def run_cli(*args, env=None, timeout=120):
     full = dict(os.environ)
     full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "cimfs.cli", *map(str, args)], capture_output=True, env=full,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", *map(str, args)], capture_output=True, env=full, timeout=timeout
+    )
 
 
 def one_line_error(p) -> str:

@@ -68,8 +68,7 @@ def test_lazy_mount_network_failure_is_eio_and_the_mount_survives(s3_image, tmp_
     mnt.mkdir()
     cache = tmp_path / "cache"
     server.counter.reset()
-    vid = cmount.mount("s3://bucket/layers/layer.cim", str(mnt), storage_options=server.options(),
-                       cache_dir=str(cache))
+    vid = cmount.mount("s3://bucket/layers/layer.cim", str(mnt), storage_options=server.options(), cache_dir=str(cache))
     try:
         assert server.counter.bytes < stored_bytes(d) / 4  # mounting fetched metadata, not contents
         listed = sorted(os.listdir(mnt / "Files" / "docs"))
@@ -108,8 +107,21 @@ def test_cli_mount_of_an_s3_url_with_a_cache_dir(s3_image, tmp_path):
     env = dict(os.environ, **server.env())
     for round_ in range(2):
         server.counter.reset()
-        p = subprocess.run([sys.executable, "-m", "cimfs.cli", "mount", "s3://bucket/layers/layer.cim", str(mnt),
-                            "--cache-dir", str(cache)], capture_output=True, env=env, timeout=120)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cimfs.cli",
+                "mount",
+                "s3://bucket/layers/layer.cim",
+                str(mnt),
+                "--cache-dir",
+                str(cache),
+            ],
+            capture_output=True,
+            env=env,
+            timeout=120,
+        )
         assert p.returncode == 0, p.stderr
         try:
             assert (mnt / "Files/bin/Big.BIN").read_bytes() == files["Files/bin/Big.BIN"]

@@ -24,28 +24,78 @@ from cimfs.names import NameFolder
 # The library's own modules no start-up may load, and the standard or extra
 # modules that cost a millisecond or more each (or load OpenSSL, ctypes, fork
 # machinery) -- what the heavy commands need, not what --version needs.
-HEAVY_CIMFS = ["cimfs.reader", "cimfs.writer", "cimfs.writetree", "cimfs.writeedit", "cimfs.writefiles",
-               "cimfs.writestream", "cimfs.store", "cimfs.storeregions", "cimfs.parentindex", "cimfs.storecopy",
-               "cimfs.dataprocess", "cimfs.commit", "cimfs.merged", "cimfs.win32",
-               "cimfs.tools", "cimfs.remote", "cimfs.oci.store", "cimfs.oci.sources", "cimfs.winlayer", "cimfs.mount", "cimfs.erofs",
-               "cimfs.posix.extract", "cimfs.posix.entries", "cimfs.posix.filewriters", "cimfs.posix.importer",
-               "cimfs.posix.scan", "cimfs.posix.tar",
-               "cimfs.posix.lx", "cimfs.layout.cim", "cimfs.layout.ntfs", "cimfs.fsspec_cim", "cimfs.workers",
-               "cimfs.regf.reader", "cimfs.regf.writer", "cimfs.regf.merge"]
-HEAVY_OTHER = ["tarfile", "lzma", "bz2", "zlib", "gzip", "mmap", "hashlib", "_hashlib", "secrets", "json",
-               "multiprocessing", "ctypes", "dataclasses", "fsspec", "pyfuse3", "trio", "zstandard"]
+HEAVY_CIMFS = [
+    "cimfs.reader",
+    "cimfs.writer",
+    "cimfs.writetree",
+    "cimfs.writeedit",
+    "cimfs.writefiles",
+    "cimfs.writestream",
+    "cimfs.store",
+    "cimfs.storeregions",
+    "cimfs.parentindex",
+    "cimfs.storecopy",
+    "cimfs.dataprocess",
+    "cimfs.commit",
+    "cimfs.merged",
+    "cimfs.win32",
+    "cimfs.tools",
+    "cimfs.remote",
+    "cimfs.oci.store",
+    "cimfs.oci.sources",
+    "cimfs.winlayer",
+    "cimfs.mount",
+    "cimfs.erofs",
+    "cimfs.posix.extract",
+    "cimfs.posix.entries",
+    "cimfs.posix.filewriters",
+    "cimfs.posix.importer",
+    "cimfs.posix.scan",
+    "cimfs.posix.tar",
+    "cimfs.posix.lx",
+    "cimfs.layout.cim",
+    "cimfs.layout.ntfs",
+    "cimfs.fsspec_cim",
+    "cimfs.workers",
+    "cimfs.regf.reader",
+    "cimfs.regf.writer",
+    "cimfs.regf.merge",
+]
+HEAVY_OTHER = [
+    "tarfile",
+    "lzma",
+    "bz2",
+    "zlib",
+    "gzip",
+    "mmap",
+    "hashlib",
+    "_hashlib",
+    "secrets",
+    "json",
+    "multiprocessing",
+    "ctypes",
+    "dataclasses",
+    "fsspec",
+    "pyfuse3",
+    "trio",
+    "zstandard",
+]
 
-_REPORT = ("import sys, json\n"
-           "print('\\nMODULES ' + json.dumps(sorted(sys.modules)), file=sys.stderr)\n")
+_REPORT = "import sys, json\nprint('\\nMODULES ' + json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
 
 
 def _loaded(code: str, env=None) -> tuple[set[str], str]:
     """The modules that ``code`` leaves in sys.modules, and the -X importtime report."""
-    p = subprocess.run([sys.executable, "-X", "importtime", "-c", code + "\n" + _REPORT], capture_output=True,
-                       text=True, timeout=120, env=env)
+    p = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code + "\n" + _REPORT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert p.returncode == 0, p.stderr
     line = [x for x in p.stderr.splitlines() if x.startswith("MODULES ")][-1]
-    return set(json.loads(line[len("MODULES "):])), p.stderr
+    return set(json.loads(line[len("MODULES ") :])), p.stderr
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +106,20 @@ def bare() -> set[str]:
 
 def _command(*args: str) -> str:
     """Python code running ``cimfs ARGS`` to its end without leaving the process."""
-    return (f"import sys\nsys.argv = ['cimfs'] + {list(args)!r}\nfrom cimfs.cli import main\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\nsys.stdout.flush()\n")
+    return (
+        f"import sys\nsys.argv = ['cimfs'] + {list(args)!r}\nfrom cimfs.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\nsys.stdout.flush()\n"
+    )
 
 
 def _assert_light(loaded: set[str], bare: set[str], report: str, allowed=()) -> None:
     heavy = sorted(m for m in (HEAVY_CIMFS + HEAVY_OTHER) if m in loaded - bare and m not in allowed)
     heavy += sorted(m for m in loaded - bare if m.startswith("cimfs.oci.") or m.startswith("cimfs.mount."))
-    costs = [ln for ln in report.splitlines() if ln.startswith("import time:") and
-             any(ln.rstrip().endswith(" " + m) for m in heavy)]
+    costs = [
+        ln
+        for ln in report.splitlines()
+        if ln.startswith("import time:") and any(ln.rstrip().endswith(" " + m) for m in heavy)
+    ]
     assert not heavy, f"imported at start-up: {heavy}\n" + "\n".join(costs)
 
 
@@ -94,12 +149,17 @@ def test_cat_loads_no_writer(bare, tmp_path):
         w.add_file("d\\small.bin", data)
     out = tmp_path / "out"
     code = _command("cat", str(tmp_path / "t.cim"), "d/small.bin").replace(
-        "sys.argv", f"sys.stdout = open({str(out)!r}, 'w')\nsys.argv", 1)
+        "sys.argv", f"sys.stdout = open({str(out)!r}, 'w')\nsys.argv", 1
+    )
     loaded, report = _loaded(code)
     assert out.read_bytes() == data
     # cat reads: the reader and the modules the reader is made of
-    _assert_light(loaded, bare, report, allowed={"cimfs.reader", "cimfs.remote", "cimfs.layout.cim",
-                                                 "cimfs.layout.ntfs", "mmap", "dataclasses"})
+    _assert_light(
+        loaded,
+        bare,
+        report,
+        allowed={"cimfs.reader", "cimfs.remote", "cimfs.layout.cim", "cimfs.layout.ntfs", "mmap", "dataclasses"},
+    )
     assert "cimfs.reader" in loaded
     assert {m for m in loaded if m.startswith("cimfs.cli.")} == {"cimfs.cli.common", "cimfs.cli.reading"}
 
@@ -123,8 +183,15 @@ def test_families_table_matches_the_modules():
 def test_gc_loads_no_tar_or_worker_machinery(bare, tmp_path):
     loaded, report = _loaded(_command("gc", str(tmp_path)))
     assert "cimfs.tools" in loaded and "cimfs.writer" in loaded  # the writers' lock
-    for m in ("tarfile", "cimfs.posix.extract", "cimfs.posix.scan", "cimfs.oci.store", "cimfs.winlayer", "cimfs.mount",
-              "multiprocessing"):
+    for m in (
+        "tarfile",
+        "cimfs.posix.extract",
+        "cimfs.posix.scan",
+        "cimfs.oci.store",
+        "cimfs.winlayer",
+        "cimfs.mount",
+        "multiprocessing",
+    ):
         assert m not in loaded - bare, m
 
 
@@ -139,6 +206,7 @@ def test_every_public_name_of_cimfs():
     assert set(cimfs.__all__) == set(cimfs._MODULE_OF)
     from cimfs import CimWriteStream  # noqa: F401
     from cimfs import open as cim_open
+
     assert cim_open is cimfs.open
     assert cimfs.posix.fold("abc") == "ABC"  # a submodule by attribute, as when __init__ imported everything
     with pytest.raises(AttributeError):
@@ -155,6 +223,7 @@ def test_every_name_of_posix():
         assert name in dir(posix)
     from cimfs.posix import Extractor, _write_sparse  # noqa: F401
     from cimfs.posix.extract import Extractor as direct
+
     assert Extractor is direct
     with pytest.raises(AttributeError):
         _ = posix.no_such_name
@@ -179,7 +248,7 @@ def test_upcase_map_built_on_first_use():
     odd = bytearray(table)
     odd[0:2] = (5).to_bytes(2, "little")
     odd[-2:] = (0x41).to_bytes(2, "little")
-    odd[0x4000 * 2:0x4100 * 2] = bytes(0x200)
+    odd[0x4000 * 2 : 0x4100 * 2] = bytes(0x200)
     f = NameFolder(bytes(odd))
     assert f.key("\x00\uffff\u4001é") == "\x05A\x00É"
     assert f._map == _full_map(bytes(odd))
@@ -188,10 +257,16 @@ def test_upcase_map_built_on_first_use():
 def test_cli_module_runs(tmp_path):
     """``python -m cimfs.cli`` and the console script's target are the same program."""
     env = dict(os.environ, COLUMNS="80")
-    a = subprocess.run([sys.executable, "-m", "cimfs.cli", "--version"], capture_output=True, text=True, env=env,
-                       timeout=60)
-    b = subprocess.run([sys.executable, "-c", "from cimfs.cli import entry_point; entry_point()", "--version"],
-                       capture_output=True, text=True, env=env, timeout=60)
+    a = subprocess.run(
+        [sys.executable, "-m", "cimfs.cli", "--version"], capture_output=True, text=True, env=env, timeout=60
+    )
+    b = subprocess.run(
+        [sys.executable, "-c", "from cimfs.cli import entry_point; entry_point()", "--version"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert a.returncode == b.returncode == 0
     assert a.stdout == b.stdout == f"cimfs, version {cimfs.__version__}\n"
 

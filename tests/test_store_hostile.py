@@ -56,9 +56,13 @@ def library_error(call, *words):
 
 def every_store_command(store, layout, out):
     """The commands that read a store's JSON, as library calls (the CLI prints their CimError as it is)."""
-    return [lambda: oci.list_images(store), lambda: oci.remove_image(store, "app:1"),
-            lambda: oci.export_image(store, "app:1", out), lambda: oci.import_image(str(layout), store),
-            lambda: oci.prune(store)]
+    return [
+        lambda: oci.list_images(store),
+        lambda: oci.remove_image(store, "app:1"),
+        lambda: oci.export_image(store, "app:1", out),
+        lambda: oci.import_image(str(layout), store),
+        lambda: oci.prune(store),
+    ]
 
 
 def small_layers():
@@ -120,8 +124,11 @@ def test_a_journal_naming_files_outside_the_store_is_refused(layout, tmp_path):
     victim = tmp_path / "precious.cim"
     shutil.copy(store / "layers" / the_record(refs_of(store))["top"], victim)
     (store / "journal.json").write_text(json.dumps({"images": ["../../precious.cim"], "blobs": []}))
-    for call in (lambda: oci.remove_image(store, "app:1"), lambda: oci.import_image(str(layout), store),
-                 lambda: oci.prune(store)):  # every change settles the journal first
+    for call in (
+        lambda: oci.remove_image(store, "app:1"),
+        lambda: oci.import_image(str(layout), store),
+        lambda: oci.prune(store),
+    ):  # every change settles the journal first
         library_error(call, "journal.json", "not a layer image name")
     assert victim.exists() and oci.list_images(store)[0]["refs"] == ["app:1"]
 
@@ -204,8 +211,9 @@ def test_gc_of_a_store_lists_and_removes_unreferenced_layers_and_blobs(layout, t
     assert run("gc", store).returncode == 0
     assert cims(store) == kept
     assert sorted(os.listdir(store / "blobs" / "sha256")) == sorted(
-        d.split(":")[1] for d in (the_record(refs_of(store))["manifest_digest"],
-                                  the_record(refs_of(store))["config_digest"]))
+        d.split(":")[1]
+        for d in (the_record(refs_of(store))["manifest_digest"], the_record(refs_of(store))["config_digest"])
+    )
     assert tools.gc(str(store / "layers"), dry_run=True) == []
     for n in kept:
         assert tools.fsck(str(store / "layers" / n)) == []
@@ -238,8 +246,11 @@ def test_killed_import_is_rolled_back_at_the_next_open(tmp_path, jobs):
     layers = [layer_tar(base_entries()), layer_tar([("dir", "Files"), ("file", "Files/big.bin", big)])]
     write_layout(tmp_path / "lay", layers, compression="none")
     store = tmp_path / "store"
-    p = subprocess.Popen([sys.executable, "-m", "cimfs.cli", "import-image", str(tmp_path / "lay"), str(store),
-                          "--jobs", jobs], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cimfs.cli", "import-image", str(tmp_path / "lay"), str(store), "--jobs", jobs],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base_cim = store / "layers" / (sha(layers[0])[7:] + ".cim")
     deadline = time.monotonic() + TIMEOUT
     try:
@@ -273,8 +284,16 @@ def test_reimport_in_the_other_mode_frees_the_old_layers(layout, tmp_path):
 # ------------------------------------------------------------------ 15: --independent with a repeated layer
 def test_independent_import_of_a_repeated_layer_matches_the_fork_chain(tmp_path):
     l1 = layer_tar([("dir", "Files"), ("dir", "Files/d"), ("file", "Files/d/x", b"x1"), ("file", "Files/a.txt", b"a")])
-    l2 = layer_tar([("dir", "Files"), ("whiteout", "Files/a.txt"), ("opaque", "Files/d"), ("dir", "Files/d"),
-                    ("file", "Files/d/y", b"y"), ("file", "Files/b.txt", b"b")])
+    l2 = layer_tar(
+        [
+            ("dir", "Files"),
+            ("whiteout", "Files/a.txt"),
+            ("opaque", "Files/d"),
+            ("dir", "Files/d"),
+            ("file", "Files/d/y", b"y"),
+            ("file", "Files/b.txt", b"b"),
+        ]
+    )
     write_layout(tmp_path / "lay", [layer_tar(base_entries()), l1, l2, l1], ref="rep:1")
     chain = oci.import_image(str(tmp_path / "lay"), tmp_path / "chain")
     store = tmp_path / "store"
@@ -296,18 +315,23 @@ def test_independent_import_of_a_repeated_layer_matches_the_fork_chain(tmp_path)
 # ------------------------------------------------------------------ sources: builders
 def docker_archive(layer_tars, repo_tags, *, manifest_bytes=None, config_bytes=None) -> bytes:
     """A ``docker save`` archive of one windows image, by hand."""
-    config = {"architecture": "amd64", "os": "windows",
-              "rootfs": {"type": "layers", "diff_ids": [sha(t) for t in layer_tars]}}
+    config = {
+        "architecture": "amd64",
+        "os": "windows",
+        "rootfs": {"type": "layers", "diff_ids": [sha(t) for t in layer_tars]},
+    }
     cbytes = config_bytes if config_bytes is not None else json.dumps(config).encode()
     cname = hashlib.sha256(cbytes).hexdigest() + ".json"
     manifest = [{"Config": cname, "RepoTags": repo_tags, "Layers": [sha(t)[7:] + "/layer.tar" for t in layer_tars]}]
     mbytes = manifest_bytes if manifest_bytes is not None else json.dumps(manifest).encode()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+
         def add(name, data):
             ti = tarfile.TarInfo(name)
             ti.size = len(data)
             tf.addfile(ti, io.BytesIO(data))
+
         for t in layer_tars:
             add(sha(t)[7:] + "/layer.tar", t)
         add(cname, cbytes)
@@ -318,6 +342,7 @@ def docker_archive(layer_tars, repo_tags, *, manifest_bytes=None, config_bytes=N
 def zstd_stream(*parts, zeros=0) -> bytes:
     """zstd of ``parts`` then ``zeros`` zero bytes (compressed as they come: a bomb of a few KB)."""
     import zstandard
+
     c = zstandard.ZstdCompressor(level=3).compressobj()
     out = [c.compress(p) for p in parts]
     chunk = bytes(1 << 20)
@@ -362,8 +387,10 @@ def nested_layout(path, depth, fanout, top_names=None):
             f.write(data)
         desc = _index_desc(sha(data), len(data))
     names = top_names or [None] * fanout
-    index = {"schemaVersion": 2, "manifests": [dict(desc, annotations={"org.opencontainers.image.ref.name": n})
-                                               if n else desc for n in names]}
+    index = {
+        "schemaVersion": 2,
+        "manifests": [dict(desc, annotations={"org.opencontainers.image.ref.name": n}) if n else desc for n in names],
+    }
     with open(os.path.join(path, "index.json"), "w") as f:
         json.dump(index, f)
 
@@ -387,8 +414,12 @@ def test_nested_indexes_within_the_bounds_resolve_each_blob_once(tmp_path):
 def test_one_manifest_listed_many_times(tmp_path, count):
     mdigest, _ = write_layout(tmp_path / "lay", small_layers()[:1], ref="first")
     msize = os.path.getsize(tmp_path / "lay" / "blobs" / "sha256" / mdigest[7:])
-    index = {"schemaVersion": 2, "manifests": [
-        _index_desc(mdigest, msize, "application/vnd.oci.image.manifest.v1+json", f"t{i}") for i in range(count)]}
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            _index_desc(mdigest, msize, "application/vnd.oci.image.manifest.v1+json", f"t{i}") for i in range(count)
+        ],
+    }
     with open(tmp_path / "lay" / "index.json", "w") as f:
         json.dump(index, f)
     p = run("import-image", tmp_path / "lay", tmp_path / "store", "--json", timeout=30, memory=2 << 30)
@@ -405,8 +436,18 @@ def test_stdin_zstd_bomb_after_the_archive_end_is_not_spooled(tmp_path):
     bomb = zstd_stream(docker_archive(layers, ["app:1"]), zeros=256 << 20)
     assert len(bomb) < 100_000
     store = tmp_path / "store"
-    cmd = ["prlimit", "--fsize=67108864", "--", sys.executable, "-m", "cimfs.cli", "import-image", "-", str(store),
-           "--json"]
+    cmd = [
+        "prlimit",
+        "--fsize=67108864",
+        "--",
+        sys.executable,
+        "-m",
+        "cimfs.cli",
+        "import-image",
+        "-",
+        str(store),
+        "--json",
+    ]
     p = subprocess.run(cmd, input=bomb, capture_output=True, timeout=TIMEOUT, check=False)
     assert p.returncode == 0, (p.returncode, p.stderr)
     assert json.loads(p.stdout)["refs"] == ["app:1"]
@@ -429,10 +470,13 @@ def test_stdin_member_larger_than_the_free_space_is_refused(tmp_path):
 def test_fifo_in_a_layout_is_refused_not_waited_for(tmp_path, which):
     mdigest, descs = write_layout(tmp_path / "lay", small_layers()[:1])
     manifest = json.loads((tmp_path / "lay" / "blobs" / "sha256" / mdigest[7:]).read_bytes())
-    path = {"index.json": tmp_path / "lay" / "index.json", "oci-layout": tmp_path / "lay" / "oci-layout",
-            "manifest": tmp_path / "lay" / "blobs" / "sha256" / mdigest[7:],
-            "config": tmp_path / "lay" / "blobs" / "sha256" / manifest["config"]["digest"][7:],
-            "layer": tmp_path / "lay" / "blobs" / "sha256" / descs[0]["digest"][7:]}[which]
+    path = {
+        "index.json": tmp_path / "lay" / "index.json",
+        "oci-layout": tmp_path / "lay" / "oci-layout",
+        "manifest": tmp_path / "lay" / "blobs" / "sha256" / mdigest[7:],
+        "config": tmp_path / "lay" / "blobs" / "sha256" / manifest["config"]["digest"][7:],
+        "layer": tmp_path / "lay" / "blobs" / "sha256" / descs[0]["digest"][7:],
+    }[which]
     os.unlink(path)
     os.mkfifo(path)
     store = tmp_path / "store"
@@ -444,8 +488,11 @@ def test_archive_given_as_a_fifo_is_read_as_a_stream(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     data = docker_archive(small_layers(), ["app:1"])
-    p = subprocess.Popen([sys.executable, "-m", "cimfs.cli", "import-image", str(fifo), str(tmp_path / "store"),
-                          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cimfs.cli", "import-image", str(fifo), str(tmp_path / "store"), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     with open(fifo, "wb") as w:
         w.write(data)
     out, err = p.communicate(timeout=TIMEOUT)
@@ -454,15 +501,18 @@ def test_archive_given_as_a_fifo_is_read_as_a_stream(tmp_path):
 
 
 # ------------------------------------------------------------------ 16: a source's JSON
-DEEP = b"{\"a\":" * 50_000 + b"1" + b"}" * 50_000
+DEEP = b'{"a":' * 50_000 + b"1" + b"}" * 50_000
 
 
 def _layout_file(lay, which):
     index = json.loads((lay / "index.json").read_bytes())
     mdigest = index["manifests"][0]["digest"]
     manifest = json.loads((lay / "blobs" / "sha256" / mdigest[7:]).read_bytes())
-    return {"index": lay / "index.json", "manifest": lay / "blobs" / "sha256" / mdigest[7:],
-            "config": lay / "blobs" / "sha256" / manifest["config"]["digest"][7:]}[which]
+    return {
+        "index": lay / "index.json",
+        "manifest": lay / "blobs" / "sha256" / mdigest[7:],
+        "config": lay / "blobs" / "sha256" / manifest["config"]["digest"][7:],
+    }[which]
 
 
 def _replace_blob(lay, which, data):
@@ -493,8 +543,10 @@ def test_deeply_nested_source_json_is_one_line(tmp_path, which):
 MANGLED_SOURCE = {
     "platform text": ("index", lambda j: j["manifests"][0].update(platform="windows")),
     "platform a number": ("index", lambda j: j["manifests"][0].update(platform=5)),
-    "annotations ref a list": ("index", lambda j: j["manifests"][0].update(
-        annotations={"org.opencontainers.image.ref.name": ["x"]})),
+    "annotations ref a list": (
+        "index",
+        lambda j: j["manifests"][0].update(annotations={"org.opencontainers.image.ref.name": ["x"]}),
+    ),
     "layer media type a list": ("manifest", lambda j: j["layers"][0].update(mediaType=["x"])),
     "config a list": ("config", lambda j: [j]),
     "manifest a list": ("manifest", lambda j: [j]),

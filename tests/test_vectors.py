@@ -91,8 +91,8 @@ def test_pe_image_stream_random_access(vector):
     with image.open(path) as f:
         for off in (0, 1, 511, 4095, 4096, 12345, len(whole) - 7):
             f.seek(off)
-            assert f.read(100) == whole[off:off + 100]
-            assert image.read_at(path, off, 100) == whole[off:off + 100]
+            assert f.read(100) == whole[off : off + 100]
+            assert image.read_at(path, off, 100) == whole[off : off + 100]
 
 
 def test_walk_reaches_every_entry(vector):

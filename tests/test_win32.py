@@ -171,6 +171,7 @@ def test_access_denied(tmp_path):
     out = run_child(str(d), "drop-privileges")  # pytest's tmp root is private: no search access
     assert out.stdout.strip() == hex(errors.E_ACCESSDENIED), out.stderr
     import tempfile
+
     with tempfile.TemporaryDirectory() as public:  # searchable, but not writable by nobody
         os.chmod(public, 0o755)
         out = run_child(public, "drop-privileges")

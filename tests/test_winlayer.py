@@ -67,7 +67,7 @@ def decode_link_reparse(buf: bytes):
     else:
         flags = None
         path = buf[16:]
-    return tag, path[so:so + sl].decode("utf-16-le"), path[po:po + pl].decode("utf-16-le"), flags
+    return tag, path[so : so + sl].decode("utf-16-le"), path[po : po + pl].decode("utf-16-le"), flags
 
 
 # ------------------------------------------------------------------ building layer tars
@@ -163,19 +163,32 @@ def feature_entries():
     return [
         D("Files", 0x10),
         D("Files/Windows", 0x10 | 0x4 | 0x2, **{"MSWINDOWS.rawsd": b64(SD)}, **times_pax()),
-        F("Files/Windows/notepad.exe", b"MZ" + b"\x90" * 1000, 0x20 | 0x1,
-          **{"MSWINDOWS.rawsd": b64(SD2)}, **ea, **times_pax()),
+        F(
+            "Files/Windows/notepad.exe",
+            b"MZ" + b"\x90" * 1000,
+            0x20 | 0x1,
+            **{"MSWINDOWS.rawsd": b64(SD2)},
+            **ea,
+            **times_pax(),
+        ),
         Entry("Files/Windows/notepad.exe:Zone.Identifier:$DATA", data=b"[ZoneTransfer]\r\nZoneId=3\r\n"),
         Entry("Files/Windows/notepad.exe:empty:$DATA", data=b""),
         F("Files/Windows/big.bin", big, 0x20),
         F("Files/Windows/empty.txt", b"", 0x80),
         Entry("Files/Windows/notepad2.exe", tarfile.LNKTYPE, linkname="Files/Windows/notepad.exe"),
-        Entry("Files/link.txt", tarfile.SYMTYPE, linkname="Windows\\notepad.exe",
-              pax={"MSWINDOWS.fileattr": str(0x20 | 0x400), **times_pax()}),
-        Entry("Files/dirlink", tarfile.SYMTYPE, linkname="C:\\Windows",
-              pax={"MSWINDOWS.fileattr": str(0x10 | 0x400)}),
-        Entry("Files/junction", tarfile.SYMTYPE, linkname="C:\\ProgramData",
-              pax={"MSWINDOWS.fileattr": str(0x10 | 0x400), "MSWINDOWS.mountpoint": ""}),
+        Entry(
+            "Files/link.txt",
+            tarfile.SYMTYPE,
+            linkname="Windows\\notepad.exe",
+            pax={"MSWINDOWS.fileattr": str(0x20 | 0x400), **times_pax()},
+        ),
+        Entry("Files/dirlink", tarfile.SYMTYPE, linkname="C:\\Windows", pax={"MSWINDOWS.fileattr": str(0x10 | 0x400)}),
+        Entry(
+            "Files/junction",
+            tarfile.SYMTYPE,
+            linkname="C:\\ProgramData",
+            pax={"MSWINDOWS.fileattr": str(0x10 | 0x400), "MSWINDOWS.mountpoint": ""},
+        ),
         D("Files/Program Files", 0x11),
         Entry("Files/Program Files:dirstream:$DATA", data=b"on a directory"),
         F("Files/Program Files/\u00e9t\u00e9 \u65e5\u672c.txt", b"unicode", 0x20),
@@ -218,7 +231,9 @@ def test_import_maps_every_feature(tmp_path, feature_tar):
         assert st.nlink == 2
         assert img.stat("Files\\Windows\\notepad2.exe").file_id == st.file_id
         assert sorted(img.streams("Files\\Windows\\notepad.exe")) == ["Zone.Identifier", "empty"]
-        assert img.read_bytes("Files\\Windows\\notepad.exe", stream="Zone.Identifier") == b"[ZoneTransfer]\r\nZoneId=3\r\n"
+        assert (
+            img.read_bytes("Files\\Windows\\notepad.exe", stream="Zone.Identifier") == b"[ZoneTransfer]\r\nZoneId=3\r\n"
+        )
         assert img.read_bytes("Files\\Windows\\notepad.exe", stream="empty") == b""
         assert img.read_bytes("Files\\Windows\\big.bin") == bytes(range(256)) * 5000
         assert img.stat("Files\\Windows\\empty.txt").size == 0
@@ -259,6 +274,7 @@ def test_round_trip_import_export_import(tmp_path, feature_tar):
     assert_same_images(first, second)
     # the library behind `cimfs diff` agrees
     from cimfs import tools
+
     with cimfs.open(first) as a, cimfs.open(second) as b:
         assert tools.diff_images(a, b) == {"added": [], "removed": [], "changed": []}
     # and a second export is byte-identical (deterministic)
@@ -282,8 +298,10 @@ def test_export_format_details(tmp_path, feature_tar):
     assert all(m.name.split("/")[0] in ("Files", "Hives", "UtilityVM") for m in members)
     # ADS entries right after their file (and after its hard link? no: after the file)
     i = names.index("Files/Windows/notepad.exe")
-    assert set(names[i + 1:i + 3]) == {"Files/Windows/notepad.exe:Zone.Identifier:$DATA",
-                                       "Files/Windows/notepad.exe:empty:$DATA"}
+    assert set(names[i + 1 : i + 3]) == {
+        "Files/Windows/notepad.exe:Zone.Identifier:$DATA",
+        "Files/Windows/notepad.exe:empty:$DATA",
+    }
     assert names.index("Files/Program Files:dirstream:$DATA") == names.index("Files/Program Files") + 1
     # the second name of the file is a type '1' entry pointing at the first
     link = by_name["Files/Windows/notepad2.exe"]
@@ -321,7 +339,7 @@ def test_old_sddl_header(tmp_path):
     assert sd == ntfs.sddl_to_sd(sddl)
     assert sd[0] == 1 and sd[3] & 0x80  # self-relative
     owner = struct.unpack_from("<I", sd, 4)[0]
-    assert sd[owner:owner + 12] == bytes.fromhex("010100000000000512000000")  # S-1-5-18 (SY)
+    assert sd[owner : owner + 12] == bytes.fromhex("010100000000000512000000")  # S-1-5-18 (SY)
     # and the export writes it as MSWINDOWS.rawsd
     buf = io.BytesIO()
     winlayer.export_layer(path, buf)
@@ -335,11 +353,22 @@ def test_old_sddl_header(tmp_path):
 
 
 def test_pre_epoch_and_zero_times_round_trip(tmp_path):
-    tar = write_tar(tmp_path / "l.tar", [
-        D("Files"),
-        F("Files/old", b"o", **{"mtime": "-1.5", "atime": "-11644473600", "ctime": "0",
-                                "LIBARCHIVE.creationtime": "-11644473599.9999999"}),
-    ])
+    tar = write_tar(
+        tmp_path / "l.tar",
+        [
+            D("Files"),
+            F(
+                "Files/old",
+                b"o",
+                **{
+                    "mtime": "-1.5",
+                    "atime": "-11644473600",
+                    "ctime": "0",
+                    "LIBARCHIVE.creationtime": "-11644473599.9999999",
+                },
+            ),
+        ],
+    )
     a = winlayer.import_layer(tar, tmp_path, "a.cim")
     with cimfs.open(a) as img:
         st = img.stat("Files\\old")
@@ -414,25 +443,28 @@ def base_layer_entries():
 
 def test_fork_applies_layer_with_whiteouts(tmp_path):
     base_tar = write_tar(tmp_path / "base.tar", base_layer_entries())
-    top_tar = write_tar(tmp_path / "top.tar", [
-        Entry("Files/.wh.gone.txt"),
-        Entry("Files/dir/sub/.wh.y"),
-        Entry("Files/.wh.nonexistent"),  # no such name below: ignored
-        D("Files/opaque"),
-        Entry("Files/opaque/.wh..wh..opq"),
-        F("Files/opaque/new", b"new"),
-        # a directory replaced (not merged): its own new content stays, the lower content goes,
-        # whichever order the whiteout and the new entries come in.
-        D("Files/replaced"),
-        F("Files/replaced/new", b"new"),
-        Entry("Files/.wh.replaced"),
-        D("Files/becomes_dir"),
-        F("Files/becomes_dir/f", b"f"),
-        F("Files/becomes_file", b"now a file"),
-        F("Files/shared.dll", b"dll v2"),
-        Entry("Files/keep/a-link", tarfile.LNKTYPE, linkname="Files/keep/a.txt"),  # link to a lower file
-        F("Hives/notes.txt", b"v2"),
-    ])
+    top_tar = write_tar(
+        tmp_path / "top.tar",
+        [
+            Entry("Files/.wh.gone.txt"),
+            Entry("Files/dir/sub/.wh.y"),
+            Entry("Files/.wh.nonexistent"),  # no such name below: ignored
+            D("Files/opaque"),
+            Entry("Files/opaque/.wh..wh..opq"),
+            F("Files/opaque/new", b"new"),
+            # a directory replaced (not merged): its own new content stays, the lower content goes,
+            # whichever order the whiteout and the new entries come in.
+            D("Files/replaced"),
+            F("Files/replaced/new", b"new"),
+            Entry("Files/.wh.replaced"),
+            D("Files/becomes_dir"),
+            F("Files/becomes_dir/f", b"f"),
+            F("Files/becomes_file", b"now a file"),
+            F("Files/shared.dll", b"dll v2"),
+            Entry("Files/keep/a-link", tarfile.LNKTYPE, linkname="Files/keep/a.txt"),  # link to a lower file
+            F("Hives/notes.txt", b"v2"),
+        ],
+    )
     d = tmp_path / "img"
     d.mkdir()
     winlayer.import_layer(base_tar, d, "base.cim")
@@ -460,9 +492,18 @@ def test_fork_applies_layer_with_whiteouts(tmp_path):
 
 
 def test_whiteout_in_a_base_layer_does_not_delete_its_own_names(tmp_path):
-    tar = write_tar(tmp_path / "l.tar", [D("Files"), F("Files/a", b"a"), Entry("Files/.wh.a"),
-                                         Entry("Files/.wh.b"), D("Files/o"), F("Files/o/k", b"k"),
-                                         Entry("Files/o/.wh..wh..opq")])
+    tar = write_tar(
+        tmp_path / "l.tar",
+        [
+            D("Files"),
+            F("Files/a", b"a"),
+            Entry("Files/.wh.a"),
+            Entry("Files/.wh.b"),
+            D("Files/o"),
+            F("Files/o/k", b"k"),
+            Entry("Files/o/.wh..wh..opq"),
+        ],
+    )
     path = winlayer.import_layer(tar, tmp_path, "l.cim")
     with cimfs.open(path) as img:
         assert img.read_bytes("Files\\a") == b"a"
@@ -483,8 +524,11 @@ def test_import_layers_builds_a_fork_chain(tmp_path):
         assert c.read_bytes("Files\\three") == b"3" and c.read_bytes("Files\\keep\\a.txt") == b"a"
         # each is a fork of the one below: its parent sets are the lower layers' sets
         ib, ic = b.info(), c.info()
-        assert ic["parent_region_sets"][-1]["id"] == ib["region_set"]["id"] if isinstance(
-            ic["parent_region_sets"][-1], dict) else True
+        assert (
+            ic["parent_region_sets"][-1]["id"] == ib["region_set"]["id"]
+            if isinstance(ic["parent_region_sets"][-1], dict)
+            else True
+        )
         assert len(ic["parent_region_sets"]) == 2 and len(ib["parent_region_sets"]) == 1
 
 
@@ -517,7 +561,7 @@ def test_compressions_and_streams(tmp_path, compression):
 
         def readinto(self, buf):
             n = min(len(buf), 777, len(self.b) - self.pos)
-            buf[:n] = self.b[self.pos:self.pos + n]
+            buf[:n] = self.b[self.pos : self.pos + n]
             self.pos += n
             return n
 
@@ -607,7 +651,9 @@ def test_other_reparse_points_round_trip_exactly(tmp_path):
         # a symlink whose print name is empty: the link name cannot rebuild it
         sub = "\\??\\C:\\x".encode("utf-16-le")
         odd = struct.pack("<HHHHI", 0, len(sub), len(sub), 0, 0) + sub
-        w.add_file("Files\\odd", b"", cimfs.FileMetadata(reparse_data=struct.pack("<IHH", 0xA000000C, len(odd), 0) + odd))
+        w.add_file(
+            "Files\\odd", b"", cimfs.FileMetadata(reparse_data=struct.pack("<IHH", 0xA000000C, len(odd), 0) + odd)
+        )
     buf = io.BytesIO()
     winlayer.export_layer(str(d / "a.cim"), buf)
     buf.seek(0)
@@ -663,12 +709,12 @@ def test_truncated_at_a_header_boundary(tmp_path):
     data = build_tar([D("Files"), F("Files/a", b"x" * 512), F("Files/b", b"y" * 512)])
     a_data = data.index(b"x" * 512)
     cut = a_data + 512  # right after Files/a's data: before Files/b's PAX header
-    assert data[cut:cut + 512] != bytes(512)
+    assert data[cut : cut + 512] != bytes(512)
     _bad(tmp_path, data[:cut], "truncated", "Files/a")
-    _bad(tmp_path, data[:cut + 100], "truncated")  # inside the PAX header block
+    _bad(tmp_path, data[: cut + 100], "truncated")  # inside the PAX header block
     b_hdr = data.index(b"Files/b") // 512 * 512
     _bad(tmp_path, data[:b_hdr], "truncated")  # between the PAX header and its member
-    _bad(tmp_path, data[:b_hdr + 300], "truncated")
+    _bad(tmp_path, data[: b_hdr + 300], "truncated")
     # ustar only: no PAX headers at all
     plain = build_tar([Entry("Files/a", data=b"x" * 512), Entry("Files/b", data=b"y")], fmt=tarfile.USTAR_FORMAT)
     _bad(tmp_path, plain[:2048], "truncated")
@@ -678,7 +724,7 @@ def test_end_of_archive_without_padding_is_fine(tmp_path):
     # One zero block (not two, no record padding) still ends a tar properly.
     data = build_tar([D("Files"), F("Files/a", b"\xab" * 10)])
     end = data.index(b"\xab" * 10) // 512 * 512 + 512
-    path = winlayer.import_layer(io.BytesIO(data[:end + 512]), tmp_path, "l.cim")
+    path = winlayer.import_layer(io.BytesIO(data[: end + 512]), tmp_path, "l.cim")
     with cimfs.open(path) as img:
         assert img.read_bytes("Files\\a") == b"\xab" * 10
 
@@ -700,43 +746,69 @@ def test_corrupt_header_checksum(tmp_path):
     _bad(tmp_path, bytes(data), "tar")
 
 
-@pytest.mark.parametrize("name, why", [
-    ("Files/../../etc/passwd", ".."),
-    ("/Files/abs", "absolute"),
-    ("Files/a*b", "invalid character"),
-    ("Files/a\\b", "invalid character"),
-    ("Files/con\x01trol", "invalid character"),
-    ("C:/Windows/x", "drive"),
-    ("Files/x:s:$INDEX_ALLOCATION", "$DATA"),
-    ("Files/" + "n" * 256, "longer than 255"),
-])
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("Files/../../etc/passwd", ".."),
+        ("/Files/abs", "absolute"),
+        ("Files/a*b", "invalid character"),
+        ("Files/a\\b", "invalid character"),
+        ("Files/con\x01trol", "invalid character"),
+        ("C:/Windows/x", "drive"),
+        ("Files/x:s:$INDEX_ALLOCATION", "$DATA"),
+        ("Files/" + "n" * 256, "longer than 255"),
+    ],
+)
 def test_hostile_or_invalid_names(tmp_path, name, why):
     _bad(tmp_path, build_tar([D("Files"), F(name, b"evil")]), why)
 
 
 def test_hostile_hard_links_and_streams(tmp_path):
-    _bad(tmp_path, build_tar([D("Files"), Entry("Files/l", tarfile.LNKTYPE, linkname="../../etc/shadow")]),
-         "Files/l", "..")
-    _bad(tmp_path, build_tar([D("Files"), Entry("Files/l", tarfile.LNKTYPE, linkname="Files/missing")]),
-         "Files/l", "not in the image")
-    _bad(tmp_path, build_tar([D("Files"), D("Files/d"), Entry("Files/l", tarfile.LNKTYPE, linkname="Files/d")]),
-         "Files/l", "directory")
-    _bad(tmp_path, build_tar([D("Files"), Entry("Files/nofile:s:$DATA", data=b"s")]),
-         "Files/nofile:s:$DATA", "not in the image")
+    _bad(
+        tmp_path,
+        build_tar([D("Files"), Entry("Files/l", tarfile.LNKTYPE, linkname="../../etc/shadow")]),
+        "Files/l",
+        "..",
+    )
+    _bad(
+        tmp_path,
+        build_tar([D("Files"), Entry("Files/l", tarfile.LNKTYPE, linkname="Files/missing")]),
+        "Files/l",
+        "not in the image",
+    )
+    _bad(
+        tmp_path,
+        build_tar([D("Files"), D("Files/d"), Entry("Files/l", tarfile.LNKTYPE, linkname="Files/d")]),
+        "Files/l",
+        "directory",
+    )
+    _bad(
+        tmp_path,
+        build_tar([D("Files"), Entry("Files/nofile:s:$DATA", data=b"s")]),
+        "Files/nofile:s:$DATA",
+        "not in the image",
+    )
     _bad(tmp_path, build_tar([D("Files"), Entry("Files/dev", tarfile.CHRTYPE)]), "Files/dev", "character device")
 
 
 def test_malformed_pax_values(tmp_path):
-    _bad(tmp_path, build_tar([D("Files"), F("Files/a", b"", **{"MSWINDOWS.rawsd": "!!notbase64"})]),
-         "Files/a", "base64")
-    _bad(tmp_path, build_tar([D("Files"), F("Files/a", b"", **{"MSWINDOWS.rawsd": b64(b"\x01\x00")})]),
-         "Files/a", "security descriptor")
-    _bad(tmp_path, build_tar([D("Files"), Entry("Files/a", pax={"MSWINDOWS.fileattr": "0x20"})]),
-         "Files/a", "fileattr")
-    _bad(tmp_path, build_tar([D("Files"), F("Files/a", b"", **{"LIBARCHIVE.creationtime": "yesterday"})]),
-         "Files/a", "creationtime")
-    _bad(tmp_path, build_tar([D("Files"), F("Files/a", b"", **{"MSWINDOWS.xattr.X": "%%%"})]),
-         "Files/a", "base64")
+    _bad(
+        tmp_path, build_tar([D("Files"), F("Files/a", b"", **{"MSWINDOWS.rawsd": "!!notbase64"})]), "Files/a", "base64"
+    )
+    _bad(
+        tmp_path,
+        build_tar([D("Files"), F("Files/a", b"", **{"MSWINDOWS.rawsd": b64(b"\x01\x00")})]),
+        "Files/a",
+        "security descriptor",
+    )
+    _bad(tmp_path, build_tar([D("Files"), Entry("Files/a", pax={"MSWINDOWS.fileattr": "0x20"})]), "Files/a", "fileattr")
+    _bad(
+        tmp_path,
+        build_tar([D("Files"), F("Files/a", b"", **{"LIBARCHIVE.creationtime": "yesterday"})]),
+        "Files/a",
+        "creationtime",
+    )
+    _bad(tmp_path, build_tar([D("Files"), F("Files/a", b"", **{"MSWINDOWS.xattr.X": "%%%"})]), "Files/a", "base64")
 
 
 def test_error_after_many_good_entries_leaves_nothing_even_in_a_fork(tmp_path):
@@ -767,7 +839,9 @@ def test_export_of_an_unwritable_name_fails_cleanly(tmp_path):
         if n.startswith("region_"):
             data = (tmp_path / n).read_bytes()
             if "badX".encode("utf-16-le") in data:
-                (tmp_path / n).write_bytes(data.replace("badX".encode("utf-16-le"), "bad\udc80".encode("utf-16-le", "surrogatepass")))
+                (tmp_path / n).write_bytes(
+                    data.replace("badX".encode("utf-16-le"), "bad\udc80".encode("utf-16-le", "surrogatepass"))
+                )
                 patched += 1
     assert patched == 1
     out = tmp_path / "out.tar"
@@ -789,8 +863,9 @@ def test_export_of_a_fork_is_the_merged_tree(tmp_path):
     d = tmp_path / "img"
     d.mkdir()
     winlayer.import_layer(write_tar(tmp_path / "b.tar", base_layer_entries()), d, "base.cim")
-    top = winlayer.import_layer(write_tar(tmp_path / "t.tar", [Entry("Files/.wh.dir"), F("Files/new", b"n")]),
-                                d, "top.cim", parent="base.cim")
+    top = winlayer.import_layer(
+        write_tar(tmp_path / "t.tar", [Entry("Files/.wh.dir"), F("Files/new", b"n")]), d, "top.cim", parent="base.cim"
+    )
     out = tmp_path / "flat.tar"
     winlayer.export_layer(top, out)
     with tarfile.open(out) as tf:
@@ -816,11 +891,13 @@ def random_layer(draw):
         if any(name.upper() == p.upper() for p in files + dirs):
             continue
         kind = draw(hs.sampled_from(["file", "file", "dir", "link", "sym", "stream"]))
-        pax = {"MSWINDOWS.fileattr": str(draw(_attrs)),
-               "mtime": winlayer.filetime_to_pax_time(draw(_ticks)),
-               "atime": winlayer.filetime_to_pax_time(draw(_ticks)),
-               "ctime": winlayer.filetime_to_pax_time(draw(_ticks)),
-               "LIBARCHIVE.creationtime": winlayer.filetime_to_pax_time(draw(_ticks))}
+        pax = {
+            "MSWINDOWS.fileattr": str(draw(_attrs)),
+            "mtime": winlayer.filetime_to_pax_time(draw(_ticks)),
+            "atime": winlayer.filetime_to_pax_time(draw(_ticks)),
+            "ctime": winlayer.filetime_to_pax_time(draw(_ticks)),
+            "LIBARCHIVE.creationtime": winlayer.filetime_to_pax_time(draw(_ticks)),
+        }
         if draw(hs.booleans()):
             pax["MSWINDOWS.rawsd"] = b64(draw(hs.sampled_from([SD, SD2])))
         if draw(hs.booleans()):
@@ -878,23 +955,40 @@ def test_real_pipe_source(tmp_path):
 
 def test_early_hcsshim_records(tmp_path):
     # SCHILY.xattr.-prefixed MSWINDOWS records, FILETIME decimal times, mountpoint "1"
-    tar = write_tar(tmp_path / "old.tar", [
-        Entry("Files", tarfile.DIRTYPE, pax={"SCHILY.xattr.MSWINDOWS.fileattr": "16"}),
-        Entry("Files/a", data=b"a", pax={"SCHILY.xattr.MSWINDOWS.fileattr": "34",
-                                         "SCHILY.xattr.MSWINDOWS.rawsd": b64(SD),
-                                         "MSWINDOWS.createtime": "132000000000000001",
-                                         "MSWINDOWS.writetime": "132000000000000002",
-                                         "MSWINDOWS.changetime": "132000000000000003",
-                                         "MSWINDOWS.accesstime": "132000000000000004"}),
-        Entry("Files/j", tarfile.SYMTYPE, linkname="C:\\x",
-              pax={"SCHILY.xattr.MSWINDOWS.fileattr": "1040", "SCHILY.xattr.MSWINDOWS.mountpoint": "1"}),
-    ])
+    tar = write_tar(
+        tmp_path / "old.tar",
+        [
+            Entry("Files", tarfile.DIRTYPE, pax={"SCHILY.xattr.MSWINDOWS.fileattr": "16"}),
+            Entry(
+                "Files/a",
+                data=b"a",
+                pax={
+                    "SCHILY.xattr.MSWINDOWS.fileattr": "34",
+                    "SCHILY.xattr.MSWINDOWS.rawsd": b64(SD),
+                    "MSWINDOWS.createtime": "132000000000000001",
+                    "MSWINDOWS.writetime": "132000000000000002",
+                    "MSWINDOWS.changetime": "132000000000000003",
+                    "MSWINDOWS.accesstime": "132000000000000004",
+                },
+            ),
+            Entry(
+                "Files/j",
+                tarfile.SYMTYPE,
+                linkname="C:\\x",
+                pax={"SCHILY.xattr.MSWINDOWS.fileattr": "1040", "SCHILY.xattr.MSWINDOWS.mountpoint": "1"},
+            ),
+        ],
+    )
     path = winlayer.import_layer(tar, tmp_path, "old.cim")
     with cimfs.open(path) as img:
         st = img.stat("Files\\a")
         assert st.attributes == A.ARCHIVE | A.HIDDEN and st.security_descriptor == SD
         assert (st.creation_time, st.last_write_time, st.change_time, st.last_access_time) == (
-            132000000000000001, 132000000000000002, 132000000000000003, 132000000000000004)
+            132000000000000001,
+            132000000000000002,
+            132000000000000003,
+            132000000000000004,
+        )
         assert img.stat("Files\\j").reparse_tag == 0xA0000003 and img.stat("Files\\j").is_dir
 
 
@@ -904,8 +998,12 @@ def test_export_fork_difference_with_whiteouts_applies_back(tmp_path):
     from cimfs.metadata import FileMetadata
 
     d = str(tmp_path)
-    t = dict(creation_time=130_000_000_000_000_000, last_write_time=130_000_000_000_000_001,
-             change_time=130_000_000_000_000_002, last_access_time=130_000_000_000_000_003)
+    t = dict(
+        creation_time=130_000_000_000_000_000,
+        last_write_time=130_000_000_000_000_001,
+        change_time=130_000_000_000_000_002,
+        last_access_time=130_000_000_000_000_003,
+    )
     with cimfs.create(d, "base.cim") as w:
         for p in ("Files", "Files\\keep", "Files\\gone", "Files\\gone\\deep", "Files\\meta", "Files\\becomes-file"):
             w.mkdir(p, FileMetadata(attributes=A.DIRECTORY, **t))
@@ -939,9 +1037,17 @@ def test_export_fork_difference_with_whiteouts_applies_back(tmp_path):
     with tarfile.open(out) as tf:
         members = {m.name: m for m in tf}
     assert set(members) == {
-        "Files/.wh.gone", "Files/keep/data.txt", "Files/keep/attrs.txt", "Files/keep/ads.txt",
-        "Files/keep/ads.txt:zone:$DATA", "Files/meta", "Files/becomes-file", "Files/becomes-dir",
-        "Files/becomes-dir/inner", "Files/keep/alias.dll"}
+        "Files/.wh.gone",
+        "Files/keep/data.txt",
+        "Files/keep/attrs.txt",
+        "Files/keep/ads.txt",
+        "Files/keep/ads.txt:zone:$DATA",
+        "Files/meta",
+        "Files/becomes-file",
+        "Files/becomes-dir",
+        "Files/becomes-dir/inner",
+        "Files/keep/alias.dll",
+    }
     assert members["Files/keep/alias.dll"].islnk() and members["Files/keep/alias.dll"].linkname == "Files/linked.dll"
     assert members["Files/meta"].isdir() and members["Files/becomes-dir"].isdir()
     winlayer.import_layer(str(out), d, "again.cim", parent="base.cim")
@@ -951,14 +1057,19 @@ def test_export_fork_difference_with_whiteouts_applies_back(tmp_path):
     winlayer.export_layer(os.path.join(d, "base.cim"), str(tmp_path / "none.tar"), parent=os.path.join(d, "base.cim"))
     with tarfile.open(tmp_path / "none.tar") as tf:
         assert tf.getmembers() == []
-    winlayer.export_layer(os.path.join(d, "base.cim"), str(tmp_path / "ex.tar"), exclude=["files/GONE", "Files\\keep\\same.txt"])
+    winlayer.export_layer(
+        os.path.join(d, "base.cim"), str(tmp_path / "ex.tar"), exclude=["files/GONE", "Files\\keep\\same.txt"]
+    )
     with tarfile.open(tmp_path / "ex.tar") as tf:
         names = tf.getnames()
-    assert "Files/keep/data.txt" in names and not any(n.startswith("Files/gone") or n.endswith("same.txt") for n in names)
+    assert "Files/keep/data.txt" in names and not any(
+        n.startswith("Files/gone") or n.endswith("same.txt") for n in names
+    )
 
 
 def test_export_fork_difference_of_a_deep_tree(tmp_path):
     from cimfs import tools
+
     d = str(tmp_path)
     deep = "\\".join(["Files"] + ["d"] * 1500)
     with cimfs.create(d, "base.cim") as w:

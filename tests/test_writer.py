@@ -48,7 +48,11 @@ def test_every_metadata_kind_round_trips(tmp_path):
         st = im.stat("d\\f.txt")
         assert st.attributes == A.READONLY | A.HIDDEN | A.SYSTEM | A.ARCHIVE
         assert (st.creation_time, st.last_write_time, st.change_time, st.last_access_time) == (
-            132000000000000001, 132000000000000002, 132000000000000003, 132000000000000004)
+            132000000000000001,
+            132000000000000002,
+            132000000000000003,
+            132000000000000004,
+        )
         assert st.security_descriptor == SD and st.ea_buffer == EA and st.size == 7
         assert im.read_bytes("/d/f.txt") == b"payload"
         assert im.streams("d/f.txt") == ["empty", "Zone.Identifier"]
@@ -57,7 +61,12 @@ def test_every_metadata_kind_round_trips(tmp_path):
         assert im.read_bytes("d/f.txt", stream="empty") == b""
         assert im.read_bytes("d:dirstream") == b"on a directory"
         d = im.stat("d")
-        assert d.is_dir and d.attributes == A.DIRECTORY | A.HIDDEN and d.security_descriptor == SD2 and d.creation_time == 9
+        assert (
+            d.is_dir
+            and d.attributes == A.DIRECTORY | A.HIDDEN
+            and d.security_descriptor == SD2
+            and d.creation_time == 9
+        )
         lk = im.stat("link")
         assert lk.reparse_tag == 0xA000000C and lk.reparse_data == SYMLINK
         assert lk.attributes == A.ARCHIVE | A.REPARSE_POINT
@@ -81,7 +90,8 @@ def test_identical_contents_and_descriptors_stored_once(tmp_path):
         ids = {im.record(im.lookup(f"big{i}")).stream.offset for i in range(10)}
         assert len(ids) == 1
         assert {im.record(im.lookup(f"small{i}")).security_descriptor_offset for i in range(10)} == {
-            im.record(im.lookup("big0")).security_descriptor_offset}
+            im.record(im.lookup("big0")).security_descriptor_offset
+        }
         assert im.read_bytes("big7") == blob and im.read_bytes("big0:copy") == blob
 
 
@@ -229,6 +239,7 @@ def test_file_objects_seek_and_read(tmp_path):
             assert f.readinto(buf) == 1000 and bytes(buf) == data[500:1500]
             assert f.tell() == 1500
         import io
+
         assert io.BufferedReader(im.open("f")).read() == data
 
 
@@ -240,6 +251,7 @@ def test_add_file_from_file_object(tmp_path):
         with open(src, "rb") as f:
             w.add_file("copy", f)
         import io
+
         w.add_file("from-bytesio", io.BytesIO(b"hello"))
     with cimfs.open(tmp_path / "x.cim") as im:
         assert hashlib.sha256(im.read_bytes("copy")).digest() == hashlib.sha256(data).digest()
@@ -280,8 +292,12 @@ def test_delete_rules(tmp_path):
         w.add_stream("g:s", b"3")
         w.delete("d")  # with its contents
         w.delete("g:s")
-        for bad, code in (("missing", errors.ERROR_FILE_NOT_FOUND), ("g:nostream", errors.ERROR_FILE_NOT_FOUND),
-                          ("d/e/f", errors.ERROR_PATH_NOT_FOUND), ("", errors.E_INVALIDARG)):
+        for bad, code in (
+            ("missing", errors.ERROR_FILE_NOT_FOUND),
+            ("g:nostream", errors.ERROR_FILE_NOT_FOUND),
+            ("d/e/f", errors.ERROR_PATH_NOT_FOUND),
+            ("", errors.E_INVALIDARG),
+        ):
             with pytest.raises(CimError) as e:
                 w.delete(bad)
             assert e.value.hresult == code, bad
@@ -289,8 +305,9 @@ def test_delete_rules(tmp_path):
         assert im.listdir() == ["g"] and im.streams("g") == []
 
 
-@pytest.mark.parametrize("bad", ["a/../b", ".", "x/./y", "a\0b", "a\x1fb", "a*b", "a?b", 'a"b', "a<b", "a>b",
-                                 "a|b", "n" * 256, "a:b"])
+@pytest.mark.parametrize(
+    "bad", ["a/../b", ".", "x/./y", "a\0b", "a\x1fb", "a*b", "a?b", 'a"b', "a<b", "a>b", "a|b", "n" * 256, "a:b"]
+)
 def test_invalid_names(tmp_path, bad):
     with build(tmp_path) as w:
         with pytest.raises(CimError) as e:
@@ -422,8 +439,12 @@ def test_local_files_added_by_path(tmp_path, data_process):
     from cimfs.layout import cim
 
     names = os.listdir(tmp_path / "img")
-    contents = [tmp_path / "img" / n for n in names if n.startswith("region_")
-                and cim.unpack_region_header((tmp_path / "img" / n).read_bytes()[:64], n)[1] != cim.REGION_METADATA]
+    contents = [
+        tmp_path / "img" / n
+        for n in names
+        if n.startswith("region_")
+        and cim.unpack_region_header((tmp_path / "img" / n).read_bytes()[:64], n)[1] != cim.REGION_METADATA
+    ]
     stored = sum(os.path.getsize(p) for p in contents)
     blocks = sum(os.stat(p).st_blocks * 512 for p in contents)
     unique = sum(len(b) for k, b in blobs.items() if not k.startswith("dup")) + 1000
@@ -433,7 +454,9 @@ def test_local_files_added_by_path(tmp_path, data_process):
     assert sum(n.startswith("objectid_") for n in names) == sum(n.startswith("region_") for n in names)
 
 
-@pytest.mark.parametrize("size", [3_000_000, 200_000, 2_000])  # a large file copied in pieces, one read whole, a small one
+@pytest.mark.parametrize(
+    "size", [3_000_000, 200_000, 2_000]
+)  # a large file copied in pieces, one read whole, a small one
 @pytest.mark.parametrize("data_process", [True, False])
 def test_local_file_that_changes_fails_the_image(tmp_path, data_process, size):
     """A source that vanishes, shrinks or becomes a FIFO before it is copied:
@@ -495,8 +518,12 @@ def test_copy_stream_to_file_and_pipe(tmp_path):
         w.create_file("sparse", FileMetadata(file_size=10 << 20, attributes=A.SPARSE_FILE)).close()
     with cimfs.open(tmp_path / "t.cim") as im:
         out = tmp_path / "out.bin"
-        for path, stream, expect in [("f", None, data), ("f", "ads", b"side" * 1000),
-                                     ("empty", None, b""), ("sparse", None, bytes(10 << 20))]:
+        for path, stream, expect in [
+            ("f", None, data),
+            ("f", "ads", b"side" * 1000),
+            ("empty", None, b""),
+            ("sparse", None, bytes(10 << 20)),
+        ]:
             seen = []
             with open(out, "wb") as f:
                 f.write(b"head")  # copies land at the current position
@@ -514,6 +541,7 @@ def test_copy_stream_to_file_and_pipe(tmp_path):
         r, wfd = os.pipe()
         got = bytearray()
         import threading
+
         t = threading.Thread(target=lambda: got.extend(b"".join(iter(lambda: os.read(r, 1 << 16), b""))))
         t.start()
         try:
@@ -547,7 +575,7 @@ def test_readinto_at_fills_buffers_from_cache_or_disk(tmp_path):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 os.close(fd)
         n = im.readinto_at("f", 1_000_000, buf, nowait=True)
-        assert 0 <= n <= len(buf) and bytes(buf[:n]) == data[1_000_000:1_000_000 + n]
+        assert 0 <= n <= len(buf) and bytes(buf[:n]) == data[1_000_000 : 1_000_000 + n]
         assert im.readinto_at("f", 1_000_000, buf) == len(buf) and bytes(buf) == data[1_000_000:1_100_000]
         assert im.readinto_at("f", 1_000_000, buf, nowait=True) == len(buf)  # now cached
 
@@ -629,7 +657,7 @@ def test_add_local_files_is_add_file_for_a_whole_directory(tmp_path, monkeypatch
     blobs = {"a.txt": b"alpha", "big.bin": os.urandom(100_000), "same.bin": b"alpha", "rel": b"relative"}
     for name, data in blobs.items():
         (src / name).write_bytes(data)
-    meta = {n: FileMetadata(file_size=len(d), last_write_time=10 ** 17 + i) for i, (n, d) in enumerate(blobs.items())}
+    meta = {n: FileMetadata(file_size=len(d), last_write_time=10**17 + i) for i, (n, d) in enumerate(blobs.items())}
     (tmp_path / "img").mkdir()
     monkeypatch.chdir(src)
     with cimfs.create(tmp_path / "img", "t.cim", data_process=data_process) as w:
@@ -671,8 +699,16 @@ def test_add_scanned_files_is_add_local_files(tmp_path, monkeypatch, data_proces
     ea = _lx_ea_buffer(0o100640, 1000, 1000, None)  # WSL's $LX* EAs of a plain file
 
     def entry(i, n):
-        return (n, fold_name(n), str(src / n) if n != "rel" else "rel", len(blobs[n]),
-                10 ** 17 + i, 10 ** 17 + 100 + i, 10 ** 17 + 200 + i, ea)
+        return (
+            n,
+            fold_name(n),
+            str(src / n) if n != "rel" else "rel",
+            len(blobs[n]),
+            10**17 + i,
+            10**17 + 100 + i,
+            10**17 + 200 + i,
+            ea,
+        )
 
     entries = [entry(i, n) for i, n in enumerate(blobs)]
     (tmp_path / "img").mkdir()
@@ -690,15 +726,24 @@ def test_add_scanned_files_is_add_local_files(tmp_path, monkeypatch, data_proces
                 assert e.value.hresult == errors.E_INVALIDARG and "neg" in str(e.value)
                 monkeypatch.chdir(src)
             else:
-                w.add_local_files("d", [(n, p, FileMetadata(0, size, wt, wt, ct, at, b"", b"", e))
-                                        for n, _, p, size, wt, ct, at, e in entries])
+                w.add_local_files(
+                    "d",
+                    [
+                        (n, p, FileMetadata(0, size, wt, wt, ct, at, b"", b"", e))
+                        for n, _, p, size, wt, ct, at, e in entries
+                    ],
+                )
     with cimfs.open(tmp_path / "img" / "scanned.cim") as im, cimfs.open(tmp_path / "img" / "local.cim") as ref:
         assert sorted(e.name for e in im.scandir("d")) == sorted(blobs)  # "A.TXT" replaced by "a.txt"
         for i, (name, data) in enumerate(blobs.items()):
             assert im.read_bytes(f"d\\{name}") == data
             got, want = im.stat(f"d\\{name}"), ref.stat(f"d\\{name}")
-            assert (got.creation_time, got.last_write_time, got.change_time, got.last_access_time) == \
-                (10 ** 17 + i, 10 ** 17 + i, 10 ** 17 + 100 + i, 10 ** 17 + 200 + i)
+            assert (got.creation_time, got.last_write_time, got.change_time, got.last_access_time) == (
+                10**17 + i,
+                10**17 + i,
+                10**17 + 100 + i,
+                10**17 + 200 + i,
+            )
             assert got == want
         assert im.record(im.lookup("d\\a.txt")).stream.offset == im.record(im.lookup("d\\same.bin")).stream.offset
 
@@ -840,5 +885,10 @@ def test_directories_with_the_same_names_in_different_places(tmp_path):
             for f in filenames:
                 path = f"{dirpath}/{f}".replace("\\", "/").lstrip("/")
                 files[path] = img.read_bytes(path)
-    assert files == {"b/x/f": b"one" * 20, "b/x/y/g": b"g in b/x/y", "a/x/h": b"three" * 20, "a/x/i": b"i",
-                     "x/y/top": b"top"}
+    assert files == {
+        "b/x/f": b"one" * 20,
+        "b/x/y/g": b"g in b/x/y",
+        "a/x/h": b"three" * 20,
+        "a/x/i": b"i",
+        "x/y/top": b"top",
+    }

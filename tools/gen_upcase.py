@@ -16,6 +16,7 @@ with.  It is built as a rule plus the code units where Windows differs from it:
 
 ``--check`` compares the committed table with a fresh one instead of writing.
 """
+
 import array
 import pathlib
 import sys
@@ -50,8 +51,10 @@ def windows_differences() -> list[tuple[int, int, int]]:
 
 def windows_table() -> array.array:
     if unicodedata.unidata_version != UNICODE_VERSION:
-        sys.exit(f"this Python has Unicode {unicodedata.unidata_version}; the differences were listed against "
-                 f"{UNICODE_VERSION} (run with CPython 3.11)")
+        sys.exit(
+            f"this Python has Unicode {unicodedata.unidata_version}; the differences were listed against "
+            f"{UNICODE_VERSION} (run with CPython 3.11)"
+        )
     table = rule_table()
     for cu, windows, rule in windows_differences():
         if table[cu] != rule:

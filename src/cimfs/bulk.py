@@ -23,4 +23,3 @@ def paused_gc():
     finally:
         if was_enabled:
             gc.enable()
-

@@ -71,7 +71,9 @@ class ImageCommit:
         else:
             upcase = store.put(cim.REGION_METADATA, cim.load_upcase_table())
         directory = cim.pack_file_table_directory(tables)
-        fs = cim.FilesystemObject(upcase, store.put_unique(directory) if directory else 0, len(tables), self.root.file_id)
+        fs = cim.FilesystemObject(
+            upcase, store.put_unique(directory) if directory else 0, len(tables), self.root.file_id
+        )
         fs_offset = store.put_unique(cim.pack_filesystem_object(fs))
         own = store.finish()
         parents = list(base.header.parent_sets) + [base.header.region_set] if base else []
@@ -98,7 +100,7 @@ class ImageCommit:
                 entry = pending[t] = (bytearray(cap * size), bytearray(cap), [0])
             buf, written, used = entry
             at = slot * size
-            buf[at:at + size] = record
+            buf[at : at + size] = record
             written[slot] = 1
             if slot >= used[0]:
                 used[0] = slot + 1
@@ -175,7 +177,7 @@ class ImageCommit:
                             t, slot = divmod(child.file_id - 1, cap)
                             if t == last_table:
                                 at = slot * size
-                                buf[at:at + size] = record
+                                buf[at : at + size] = record
                                 written[slot] = 1
                                 if slot >= used[0]:
                                     used[0] = slot + 1
@@ -208,7 +210,7 @@ class ImageCommit:
             for i in range(total):
                 if not written[i]:
                     # a slot nobody changed keeps the parent's record
-                    buf[i * size:(i + 1) * size] = base.raw_record(first + i)
+                    buf[i * size : (i + 1) * size] = base.raw_record(first + i)
             while len(tables) <= t:
                 tables.append(None)
             tables[t] = cim.FileTableEntry(store.put_unique(bytes(buf[: total * size])), total, size)

@@ -131,8 +131,11 @@ class DataProcess:
         for w in self._workers:
             result = w.result()
             if result is None:
-                werror = (E_FAIL, f"the data process ended unexpectedly (exit code {w.proc.exitcode})",
-                          self.store.directory)
+                werror = (
+                    E_FAIL,
+                    f"the data process ended unexpectedly (exit code {w.proc.exitcode})",
+                    self.store.directory,
+                )
                 offsets, logical, stored = [], 0, 0
             else:
                 offsets, werror, logical, stored = result
@@ -193,7 +196,12 @@ class LocalCopier:
             except CimError as e:
                 self._error = (e.hresult, e.strerror, e.filename or src, len(self._offsets))
             except OSError as e:
-                self._error = (hresult_from_oserror(e), f"writing the image failed: {e.strerror}", src, len(self._offsets))
+                self._error = (
+                    hresult_from_oserror(e),
+                    f"writing the image failed: {e.strerror}",
+                    src,
+                    len(self._offsets),
+                )
         self._nodes.append(node)
         self._offsets.append(ro)
 
@@ -252,8 +260,9 @@ class _Worker(Worker):
         self.batch: list[str] = []  # source paths; their sizes are the tail of `sizes`
         self.batch_bytes = 0
         self.work = 0  # bytes (and _JOB_COST per file) routed here so far
-        super().__init__(ctx, _data_process_main, (store, self.failed, self.completed), name="cimfs-data",
-                         others=others)
+        super().__init__(
+            ctx, _data_process_main, (store, self.failed, self.completed), name="cimfs-data", others=others
+        )
 
     def queue(self, node, src: str, size: int) -> bool:
         """One file for this process; True if that filled the batch, which then went out."""
@@ -274,7 +283,9 @@ class _Worker(Worker):
         if batch:
             start = len(self.sizes) - len(batch)
             if self.regions:
-                self.send((batch, self.sizes[start:], self.regions[start:]))  # a process that is gone: finish() says why
+                self.send(
+                    (batch, self.sizes[start:], self.regions[start:])
+                )  # a process that is gone: finish() says why
             else:
                 self.send((batch, self.sizes[start:]))
             self.batch = []
@@ -320,7 +331,9 @@ def _data_process_main(owner: ObjectStore, failed, completed, batches) -> tuple:
                     try:
                         dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                     except OSError as e:
-                        raise CimError(hresult_from_oserror(e), f"cannot open the source {src!r}: {e.strerror}", path) from None
+                        raise CimError(
+                            hresult_from_oserror(e), f"cannot open the source {src!r}: {e.strerror}", path
+                        ) from None
                     dir_path = parent
                 if size > SMALL_DATA_MAX:
                     if lanes:

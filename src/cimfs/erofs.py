@@ -47,8 +47,15 @@ if TYPE_CHECKING:  # annotations only: this module is a client of the reader
 __all__ = ["write_index", "IndexInfo"]
 
 
-_FT = {S.S_IFREG: L.FT_REG_FILE, S.S_IFDIR: L.FT_DIR, S.S_IFCHR: L.FT_CHRDEV, S.S_IFBLK: L.FT_BLKDEV,
-       S.S_IFIFO: L.FT_FIFO, S.S_IFSOCK: L.FT_SOCK, S.S_IFLNK: L.FT_SYMLINK}
+_FT = {
+    S.S_IFREG: L.FT_REG_FILE,
+    S.S_IFDIR: L.FT_DIR,
+    S.S_IFCHR: L.FT_CHRDEV,
+    S.S_IFBLK: L.FT_BLKDEV,
+    S.S_IFIFO: L.FT_FIFO,
+    S.S_IFSOCK: L.FT_SOCK,
+    S.S_IFLNK: L.FT_SYMLINK,
+}
 
 # What a regular file's data plan is.
 _EMPTY, _HOLE, _IN_PLACE, _COPY = range(4)
@@ -61,9 +68,32 @@ class IndexInfo(dict):
 
 
 class _Inode:
-    __slots__ = ("fid", "mode", "uid", "gid", "rdev", "nlink", "size", "mtime_ns", "xattrs", "plan", "where",
-                 "children", "parent", "nid", "record", "blkaddr", "data", "chunkbits", "nchunks", "shared",
-                 "tail", "loc", "eof_tail", "start")
+    __slots__ = (
+        "fid",
+        "mode",
+        "uid",
+        "gid",
+        "rdev",
+        "nlink",
+        "size",
+        "mtime_ns",
+        "xattrs",
+        "plan",
+        "where",
+        "children",
+        "parent",
+        "nid",
+        "record",
+        "blkaddr",
+        "data",
+        "chunkbits",
+        "nchunks",
+        "shared",
+        "tail",
+        "loc",
+        "eof_tail",
+        "start",
+    )
     # Set by _Builder._inode (the entry's view), collect() (links, parent) and write() (layout).
     mode: int
     uid: int
@@ -93,8 +123,15 @@ class _Inode:
         self.eof_tail = False  # the last block lies past the region file's end (a short read in the kernel)
 
 
-def write_index(image: Image, out_path: str | os.PathLike[str] | int, *, standalone: bool = False,
-                options: Options | None = None, block_bits: int | None = None, ntfs_xattrs: bool = True) -> IndexInfo:
+def write_index(
+    image: Image,
+    out_path: str | os.PathLike[str] | int,
+    *,
+    standalone: bool = False,
+    options: Options | None = None,
+    block_bits: int | None = None,
+    ntfs_xattrs: bool = True,
+) -> IndexInfo:
     """Write the EROFS index of ``image`` (an open :class:`cimfs.Image`) to
     ``out_path`` (through a temporary name: nothing partial is ever left
     there), or to an open descriptor of an empty file (``out_path`` an int:
@@ -131,8 +168,9 @@ class _Builder:
         self.inodes: list[_Inode] = []
         self.devices: dict[str, int] = {}  # region file path -> device id (1-based)
         self.device_sizes: dict[str, int] = {}
-        self.info = IndexInfo(devices=[], inodes=0, size=0, copied_files=0, copied_bytes=0, in_place_files=0,
-                              skipped_names=0)
+        self.info = IndexInfo(
+            devices=[], inodes=0, size=0, copied_files=0, copied_bytes=0, in_place_files=0, skipped_names=0
+        )
 
     # ------------------------------------------------------------ the tree
     def collect(self) -> None:
@@ -204,7 +242,7 @@ class _Builder:
             node.size = st.size
             self._plan_data(node)
         xattrs = []
-        for name in (image.streams(fid) if st.stream_count else ()):
+        for name in image.streams(fid) if st.stream_count else ():
             raw = name.encode("utf-8", "surrogatepass")
             if not raw or b"\0" in raw or len(raw) > L.XATTR_NAME_MAX:
                 continue
@@ -299,8 +337,10 @@ class _Builder:
         # tail of flat data (which must not cross a block); 32-byte slots.
         pos = L.INODE_SLOT  # nid 0 would be inode number 0, which readdir callers skip
         for node in self.inodes:
-            body, icount = L.pack_xattr_ibody([shared_ids[x] for x in node.xattrs if x in shared_ids],
-                                               b"".join(L.pack_xattr_entry(*x) for x in node.xattrs if x not in shared_ids))
+            body, icount = L.pack_xattr_ibody(
+                [shared_ids[x] for x in node.xattrs if x in shared_ids],
+                b"".join(L.pack_xattr_entry(*x) for x in node.xattrs if x not in shared_ids),
+            )
             node.shared = (body, icount)
             head = L.INODE_EXTENDED.size + len(body)
             node.tail = 0
@@ -333,17 +373,26 @@ class _Builder:
         total_blocks = data_block
         meta = bytearray(meta_start + pos)
         sb = L.pack_super_block(
-            blkszbits=self.bits, root_nid=self.inodes[0].nid, inos=len(self.inodes), build_time=0, build_time_nsec=0,
-            blocks=total_blocks, meta_blkaddr=meta_blkaddr, xattr_blkaddr=xattr_blkaddr,
-            uuid=_uuid.uuid4().bytes, volume_name=b"cimfs",
+            blkszbits=self.bits,
+            root_nid=self.inodes[0].nid,
+            inos=len(self.inodes),
+            build_time=0,
+            build_time_nsec=0,
+            blocks=total_blocks,
+            meta_blkaddr=meta_blkaddr,
+            xattr_blkaddr=xattr_blkaddr,
+            uuid=_uuid.uuid4().bytes,
+            volume_name=b"cimfs",
             feature_incompat=L.FEATURE_INCOMPAT_CHUNKED_FILE | (L.FEATURE_INCOMPAT_DEVICE_TABLE if ndev else 0),
-            extra_devices=ndev, devt_slotoff=slots_at // L.DEVICE_SLOT.size if ndev else 0)
-        meta[L.SUPER_OFFSET: L.SUPER_OFFSET + len(sb)] = sb
+            extra_devices=ndev,
+            devt_slotoff=slots_at // L.DEVICE_SLOT.size if ndev else 0,
+        )
+        meta[L.SUPER_OFFSET : L.SUPER_OFFSET + len(sb)] = sb
         for path, dev in self.devices.items():
             at = slots_at + (dev - 1) * L.DEVICE_SLOT.size
             tag = os.path.basename(path).encode("utf-8", "surrogateescape")
-            meta[at: at + L.DEVICE_SLOT.size] = L.pack_device_slot(tag, -(-self.device_sizes[path] // bs))
-        meta[xattr_blkaddr * bs: xattr_blkaddr * bs + len(shared_area)] = shared_area
+            meta[at : at + L.DEVICE_SLOT.size] = L.pack_device_slot(tag, -(-self.device_sizes[path] // bs))
+        meta[xattr_blkaddr * bs : xattr_blkaddr * bs + len(shared_area)] = shared_area
         for ino, node in enumerate(self.inodes, 1):
             self._put_inode(fd, meta, meta_start + node.nid * L.INODE_SLOT, node, ino)
         os.pwrite(fd, meta, 0)
@@ -366,11 +415,22 @@ class _Builder:
             layout = L.DATALAYOUT_FLAT_INLINE if node.tail else L.DATALAYOUT_FLAT_PLAIN
             i_u = node.rdev if kind in (S.S_IFCHR, S.S_IFBLK) else node.blkaddr
         sec, nsec = divmod(node.mtime_ns, 1_000_000_000)
-        raw = L.pack_inode_extended(datalayout=layout, xattr_icount=icount, mode=node.mode, size=node.size, i_u=i_u,
-                                    ino=ino, uid=node.uid, gid=node.gid, mtime=sec, mtime_nsec=nsec, nlink=node.nlink)
-        meta[at: at + len(raw)] = raw
+        raw = L.pack_inode_extended(
+            datalayout=layout,
+            xattr_icount=icount,
+            mode=node.mode,
+            size=node.size,
+            i_u=i_u,
+            ino=ino,
+            uid=node.uid,
+            gid=node.gid,
+            mtime=sec,
+            mtime_nsec=nsec,
+            nlink=node.nlink,
+        )
+        meta[at : at + len(raw)] = raw
         at += len(raw)
-        meta[at: at + len(body)] = body
+        meta[at : at + len(body)] = body
         at += len(body)
         if layout == L.DATALAYOUT_CHUNK_BASED:
             at = L.align(at, L.CHUNK_INDEX.size)
@@ -385,13 +445,13 @@ class _Builder:
                     last = (node.nchunks - 1) << node.chunkbits
                     os.pwrite(fd, self.image.read_at(node.where, last, node.size - last), node.blkaddr * self.bs)
             raw = L.pack_chunk_indexes(chunks)
-            meta[at: at + len(raw)] = raw
+            meta[at : at + len(raw)] = raw
             return
         head = node.size - node.tail
         if node.data is not None:
             if head:
                 os.pwrite(fd, node.data[:head], node.blkaddr * self.bs)
-            meta[at: at + node.tail] = node.data[head:]
+            meta[at : at + node.tail] = node.data[head:]
         elif node.plan == _COPY:
             done = 0
             while done < head:
@@ -399,7 +459,7 @@ class _Builder:
                 os.pwrite(fd, chunk, node.blkaddr * self.bs + done)
                 done += len(chunk)
             if node.tail:
-                meta[at: at + node.tail] = self.image.read_at(node.where, head, node.tail)
+                meta[at : at + node.tail] = self.image.read_at(node.where, head, node.tail)
 
 
 _COPY_STEP = 8 << 20

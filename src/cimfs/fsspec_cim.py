@@ -76,9 +76,11 @@ class CimFileSystem(AbstractArchiveFileSystem):
                 from .reader import (
                     open as open_image,  # start-up time: fsspec imports this module to learn the protocol
                 )
+
                 self.image = open_image(fo, target_options, cache_dir=cache_dir)
             else:
                 import fsspec  # optional dependency (cimfs[remote])
+
                 limits = {k: v for k, v in (target_options or {}).items() if k in TIMEOUT_OPTIONS}
                 protocol = target_protocol if isinstance(target_protocol, str) else target_protocol[0]
                 _, backend_options = split_options(f"{protocol}://", target_options)
@@ -123,8 +125,14 @@ class CimFileSystem(AbstractArchiveFileSystem):
     def _entry(self, name: str, fid: int, stream: str | None = None) -> dict:
         st = self.image.stat(fid, links=False)
         if stream is not None:
-            return {"name": name, "size": self.image.stream_size(fid, stream), "type": "file",
-                    "file_id": fid, "stream": stream, "mtime": filetime_to_ns(st.last_write_time) / 1e9}
+            return {
+                "name": name,
+                "size": self.image.stream_size(fid, stream),
+                "type": "file",
+                "file_id": fid,
+                "stream": stream,
+                "mtime": filetime_to_ns(st.last_write_time) / 1e9,
+            }
         kind = posix.posix_info(st).kind
         return {
             "name": name,

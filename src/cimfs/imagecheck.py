@@ -58,10 +58,12 @@ class ImageChecks:
                 findings.append(f"{name}: header says region index {region.index}, expected {index_in_set}")
             if region.region_type not in cim.REGION_TYPE_NAMES:
                 findings.append(f"{name}: unknown region type {region.region_type}")
-            oid_name = "objectid" + name[len("region"):]
+            oid_name = "objectid" + name[len("region") :]
             oid = self._find_file(oid_name)
             if oid is None:
-                findings.append(f"{oid_name}: object ID file missing (forks of this image cannot deduplicate against it)")
+                findings.append(
+                    f"{oid_name}: object ID file missing (forks of this image cannot deduplicate against it)"
+                )
                 continue
             try:
                 data = self._read_file(oid)
@@ -70,7 +72,9 @@ class ImageChecks:
                 findings.append(f"{oid_name}: {e.strerror or e}")
                 continue
             previous = None
-            for k, (length, digest, off) in enumerate(cim.OBJECTID_ENTRY.iter_unpack(data[table: table + count * cim.OBJECTID_ENTRY.size])):
+            for k, (length, digest, off) in enumerate(
+                cim.OBJECTID_ENTRY.iter_unpack(data[table : table + count * cim.OBJECTID_ENTRY.size])
+            ):
                 if previous is not None and (length, digest) < previous:
                     findings.append(f"{oid_name}: entry {k} is out of (length, digest) order")
                     break
@@ -101,7 +105,9 @@ class ImageChecks:
             keys = self._keys(self._directory(self.root_id))
             for j in range(1, len(keys)):
                 if not keys[j - 1] < keys[j]:
-                    findings.append(f"(root): entry {self._directory(self.root_id).names[j]!r} is out of order or twice in the link table")
+                    findings.append(
+                        f"(root): entry {self._directory(self.root_id).names[j]!r} is out of order or twice in the link table"
+                    )
         except CimFormatError:
             pass
         unreachable = self.file_count - len(reachable)

@@ -40,8 +40,12 @@ def check_merge_flags(flags: int, path: str) -> None:
     if unknown:
         raise CimError(E_INVALIDARG, f"unknown merge flags {unknown:#x}", path)
     if flags:
-        raise CimError(E_NOTIMPL, f"merge flags {flags:#x} (single-file, block device or verified CIMs): their "
-                                  "on-disk layout is not public, so cimfs writes only format-2 merged images", path)
+        raise CimError(
+            E_NOTIMPL,
+            f"merge flags {flags:#x} (single-file, block device or verified CIMs): their "
+            "on-disk layout is not public, so cimfs writes only format-2 merged images",
+            path,
+        )
 
 
 def merged_region_sets(images: list) -> tuple[list[cim.RegionSet], list[list[int]]]:
@@ -60,11 +64,15 @@ def merged_region_sets(images: list) -> tuple[list[cim.RegionSet], list[list[int
                 sets.append(rs)
                 total += rs.count
             elif known[1] != rs.count:
-                raise CimFormatError(f"region set {rs.id} is listed with {rs.count} and {known[1]} region files",
-                                     img.path)
+                raise CimFormatError(
+                    f"region set {rs.id} is listed with {rs.count} and {known[1]} region files", img.path
+                )
     if total + 1 > cim.MAX_REGIONS:
-        raise CimError(E_INVALIDARG, f"the sources list {total} region files; a merged image holds at most "
-                                     f"{cim.MAX_REGIONS - 1} of theirs", images[0].path)
+        raise CimError(
+            E_INVALIDARG,
+            f"the sources list {total} region files; a merged image holds at most {cim.MAX_REGIONS - 1} of theirs",
+            images[0].path,
+        )
     mappings = []
     for img in images:
         mapping: list[int] = []
@@ -144,8 +152,15 @@ class Merger:
             return s._replace(offset=self.store.put(cim.REGION_METADATA, moved))
         return s._replace(offset=self._remap(s.offset, mapping, img, what))
 
-    def _record(self, img: _reader.Image, fid: int, rec: cim.FileRecord, mapping: list[int], is_dir: bool,
-                drop_reparse: bool = False) -> cim.FileRecord:
+    def _record(
+        self,
+        img: _reader.Image,
+        fid: int,
+        rec: cim.FileRecord,
+        mapping: list[int],
+        is_dir: bool,
+        drop_reparse: bool = False,
+    ) -> cim.FileRecord:
         """``rec`` with its offsets in the merged image's region list, no stream
         table and no parent yet (both set at commit)."""
         what = f"FileID {fid}"
@@ -156,8 +171,21 @@ class Merger:
             remap = self._remap
             sd, ea, rp = remap(sd, mapping, img, what), remap(ea, mapping, img, what), remap(rp, mapping, img, what)
         stream = _DIR_STREAM if is_dir else self._stream(rec.stream, mapping, img, what)
-        return cim.FileRecord(rec.flags, rec.ea_length, 0 if drop_reparse else rec.reparse_tag, rec.creation_time,
-                              rec.last_write_time, rec.change_time, rec.last_access_time, stream, sd, ea, rp, 0, 0)
+        return cim.FileRecord(
+            rec.flags,
+            rec.ea_length,
+            0 if drop_reparse else rec.reparse_tag,
+            rec.creation_time,
+            rec.last_write_time,
+            rec.change_time,
+            rec.last_access_time,
+            stream,
+            sd,
+            ea,
+            rp,
+            0,
+            0,
+        )
 
     def _file_node(self, img: _reader.Image, fid: int, rec: cim.FileRecord, mapping: list[int]) -> _Node:
         record = self._record(img, fid, rec, mapping, False)
@@ -249,8 +277,11 @@ class Merger:
             found = self._lookup(target)
             if found is None or found.is_dir:
                 what = "is not in the layers below" if found is None else "is a directory"
-                raise CimError(ERROR_FILE_NOT_FOUND if found is None else E_INVALIDARG,
-                               f"merge link '{path}': its target '{target}' {what}", img.path)
+                raise CimError(
+                    ERROR_FILE_NOT_FOUND if found is None else E_INVALIDARG,
+                    f"merge link '{path}': its target '{target}' {what}",
+                    img.path,
+                )
             if dir_node.children and dir_node.children.get(k) is not None:
                 self._unlink(dir_node, k)
             self._link(dir_node, k, name, found)
@@ -289,8 +320,11 @@ def source_path(directory: str, path: str | os.PathLike[str]) -> str:
     p = os.fspath(path)
     full = os.path.abspath(p if os.path.dirname(p) else os.path.join(directory, p))
     if os.path.dirname(full) != os.path.abspath(directory):
-        raise CimError(E_INVALIDARG, "a merge source must be in the merged image's directory "
-                                     "(its region files are shared by name)", full)
+        raise CimError(
+            E_INVALIDARG,
+            "a merge source must be in the merged image's directory (its region files are shared by name)",
+            full,
+        )
     if not os.path.isfile(full):
         raise CimError(ERROR_FILE_NOT_FOUND, "merge source image not found", full)
     return full
@@ -311,8 +345,14 @@ def add_source(writer: ImageWriter, path: str | os.PathLike, flags: int = 0) -> 
     writer._build_merged = Merger(writer, writer._merge_sources).run
 
 
-def merge(containing_dir: str | os.PathLike[str], name: str, sources: Sequence[str | os.PathLike[str]], *,
-          sync: bool = True, consistent: bool = True) -> str:
+def merge(
+    containing_dir: str | os.PathLike[str],
+    name: str,
+    sources: Sequence[str | os.PathLike[str]],
+    *,
+    sync: bool = True,
+    consistent: bool = True,
+) -> str:
     """Write the merged image ``name`` of ``sources`` (``.cim`` names or paths in
     ``containing_dir``, top layer first); returns its path.  ``consistent``
     (the default): the same sources give the same files (see

@@ -33,8 +33,13 @@ def utf16_units(s: str) -> int:
 def name_is_valid(name: str) -> bool:
     """What :func:`check_name` accepts, as a bool (for a fast path that
     hands anything else to the checked one)."""
-    return (bool(name) and name != "." and name != ".." and not _BAD_CHARS.search(name)
-            and (len(name) <= MAX_NAME_UNITS // 2 or utf16_units(name) <= MAX_NAME_UNITS))
+    return (
+        bool(name)
+        and name != "."
+        and name != ".."
+        and not _BAD_CHARS.search(name)
+        and (len(name) <= MAX_NAME_UNITS // 2 or utf16_units(name) <= MAX_NAME_UNITS)
+    )
 
 
 def check_name(name: str, path: str, what: str = "name") -> None:
@@ -45,11 +50,16 @@ def check_name(name: str, path: str, what: str = "name") -> None:
     bad = _BAD_CHARS.search(name)
     if bad:
         if "\ud800" <= bad.group() <= "\udfff":
-            raise CimError(ERROR_INVALID_NAME, f"{what} {name!r} contains the unpaired UTF-16 surrogate "
-                                               f"U+{ord(bad.group()):04X}", path)
+            raise CimError(
+                ERROR_INVALID_NAME,
+                f"{what} {name!r} contains the unpaired UTF-16 surrogate U+{ord(bad.group()):04X}",
+                path,
+            )
         raise CimError(ERROR_INVALID_NAME, f"{what} {name!r} contains the invalid character {bad.group()!r}", path)
     if len(name) > MAX_NAME_UNITS // 2 and utf16_units(name) > MAX_NAME_UNITS:
-        raise CimError(ERROR_INVALID_NAME, f"{what} {name[:40]!r}... is longer than {MAX_NAME_UNITS} UTF-16 units", path)
+        raise CimError(
+            ERROR_INVALID_NAME, f"{what} {name[:40]!r}... is longer than {MAX_NAME_UNITS} UTF-16 units", path
+        )
 
 
 def check_path_length(path: str) -> None:
@@ -142,10 +152,10 @@ class NameFolder:
         changed: dict[int, int] = {}
         for hi in range(min(256, (len(units) + 255) // 256)):
             identity[1::2] = bytes((hi,)) * 256
-            chunk = self._table[hi * 512:hi * 512 + 512]
-            if chunk != identity[:len(chunk)]:
+            chunk = self._table[hi * 512 : hi * 512 + 512]
+            if chunk != identity[: len(chunk)]:
                 start = hi * 256
-                changed.update((start + i, u) for i, u in enumerate(units[start:start + 256]) if u != start + i)
+                changed.update((start + i, u) for i, u in enumerate(units[start : start + 256]) if u != start + i)
         self._map = changed
         return changed
 

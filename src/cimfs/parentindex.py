@@ -24,7 +24,7 @@ class ParentObjectIndex:
         directory = base.directory
         assert directory is not None  # a fork's parent is a local image: it shares the fork's directory
         for combined, (name, _) in enumerate(base.region_names):
-            oid = _reader.find_region_file(directory, "objectid" + name[len("region"):])
+            oid = _reader.find_region_file(directory, "objectid" + name[len("region") :])
             if oid:
                 self.files.append((combined, oid))
         self._maps: dict[int, tuple] = {}
@@ -47,7 +47,9 @@ class ParentObjectIndex:
         d: dict[bytes, int] = {}
         for combined, path in self.files:
             data, table, count = self._entries(combined, path)
-            for length, dg, off in cim.OBJECTID_ENTRY.iter_unpack(memoryview(data)[table: table + count * cim.OBJECTID_ENTRY.size]):
+            for length, dg, off in cim.OBJECTID_ENTRY.iter_unpack(
+                memoryview(data)[table : table + count * cim.OBJECTID_ENTRY.size]
+            ):
                 d.setdefault(object_key(length, dg), cim.region_offset(combined, off))
         return d
 

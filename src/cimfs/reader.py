@@ -220,7 +220,9 @@ class Image(StreamReading, TreeWalking, ImageChecks):
         index, off = cim.split_region_offset(ro)
         region = self._region(index)
         if ro == 0 or off < cim.REGION_HEADER.size or length < 0 or off + length > region.size:
-            raise self._fail(f"{what} at region {index} offset {off} length {length} lies outside the region file ({region.size} bytes)")
+            raise self._fail(
+                f"{what} at region {index} offset {off} length {length} lies outside the region file ({region.size} bytes)"
+            )
         return region, off
 
     def _view(self, ro: int, length: int, what: str) -> memoryview:
@@ -228,7 +230,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
         region, off = self._locate(ro, length, what)
         if region.map is None:  # a remote region: fetched through its block cache
             return memoryview(region.pread(off, length))
-        return memoryview(region.map)[off: off + length]
+        return memoryview(region.map)[off : off + length]
 
     def _data(self, ro: int, length: int, what: str) -> bytes:
         """File contents: checked like :meth:`_view`, then read with pread."""
@@ -251,7 +253,9 @@ class Image(StreamReading, TreeWalking, ImageChecks):
         return self._bytes(ro + 2, n, what)
 
     def _load_filesystem(self) -> None:
-        fs = cim.unpack_filesystem_object(self._view(self.header.filesystem_offset, cim.FILESYSTEM_OBJECT.size, "filesystem object"))
+        fs = cim.unpack_filesystem_object(
+            self._view(self.header.filesystem_offset, cim.FILESYSTEM_OBJECT.size, "filesystem object")
+        )
         self.filesystem = fs
         self.upcase_table = self._bytes(fs.upcase_offset, cim.UPCASE_TABLE_SIZE, "upcase table")
         self._folder = NameFolder.for_table(self.upcase_table)
@@ -345,7 +349,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
             n = min(t.entry_size, cim.FILE_RECORD_SIZE)
             if pos + n > len(view):
                 raise self._fail(f"file record {file_id} lies outside the region file")
-            rec = cim.unpack_file_record(bytes(view[pos:pos + n]).ljust(cim.FILE_RECORD_SIZE, b"\0"))
+            rec = cim.unpack_file_record(bytes(view[pos : pos + n]).ljust(cim.FILE_RECORD_SIZE, b"\0"))
         self._records[file_id] = rec
         if len(self._records) > _RECORD_CACHE_SIZE:
             self._records.popitem(last=False)
@@ -366,7 +370,14 @@ class Image(StreamReading, TreeWalking, ImageChecks):
                 if type(fid) is int:
                     ti, slot = divmod(fid - 1, cap)
                     view = views.get(ti)
-                if view is not None and fid > 0 and (t := tables[ti]) is not None and slot < t.count and t.entry_size >= size and slot * t.entry_size + size <= len(view):
+                if (
+                    view is not None
+                    and fid > 0
+                    and (t := tables[ti]) is not None
+                    and slot < t.count
+                    and t.entry_size >= size
+                    and slot * t.entry_size + size <= len(view)
+                ):
                     rec = unpack(view, slot * t.entry_size)
                 else:
                     rec = self.record(fid)  # the careful path: maps the table, says what is wrong
@@ -380,7 +391,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
         t = self.file_tables[index]
         what = f"file table {index}"
         region, off = self._locate(t.offset, 0, what)
-        view = memoryview(region.map)[off: min(region.size, off + t.count * t.entry_size)]
+        view = memoryview(region.map)[off : min(region.size, off + t.count * t.entry_size)]
         self._table_views[index] = view
         return view
 
@@ -390,7 +401,9 @@ class Image(StreamReading, TreeWalking, ImageChecks):
         self.record(file_id)  # validates
         t = self.file_tables[table_index]
         n = min(t.entry_size, cim.FILE_RECORD_SIZE)
-        return self._bytes(t.offset + slot * t.entry_size, n, f"file record {file_id}").ljust(cim.FILE_RECORD_SIZE, b"\0")
+        return self._bytes(t.offset + slot * t.entry_size, n, f"file record {file_id}").ljust(
+            cim.FILE_RECORD_SIZE, b"\0"
+        )
 
     def _directory(self, file_id: int) -> _Directory:
         d = self._dirs.get(file_id)
@@ -519,18 +532,38 @@ class Image(StreamReading, TreeWalking, ImageChecks):
                 raise CimError(ERROR_FILE_NOT_FOUND, "no such alternate stream", str(path))
         # Descriptions for errors are only built for the blobs there are.
         reparse = self._blob(rec.reparse_offset, f"reparse buffer of FileID {fid}") if rec.reparse_offset else b""
-        sd = (self._blob(rec.security_descriptor_offset, f"security descriptor of FileID {fid}")
-              if rec.security_descriptor_offset else b"")
-        ea = (self._bytes(rec.ea_offset, rec.ea_length, f"EA buffer of FileID {fid}")
-              if rec.ea_offset and rec.ea_length else b"")
+        sd = (
+            self._blob(rec.security_descriptor_offset, f"security descriptor of FileID {fid}")
+            if rec.security_descriptor_offset
+            else b""
+        )
+        ea = (
+            self._bytes(rec.ea_offset, rec.ea_length, f"EA buffer of FileID {fid}")
+            if rec.ea_offset and rec.ea_length
+            else b""
+        )
         is_dir = rec.is_dir
         nlink = self._nlink(fid, rec) if links else 0
         stream_count = len(self._stream_table(fid)[0]) if rec.stream_table_offset else 0
         # Positional, in the order of Stat's fields (a walk builds one per entry).
-        return Stat(fid, rec.attributes(), 0 if is_dir else rec.stream.length, rec.creation_time,
-                    rec.last_write_time, rec.change_time, rec.last_access_time, sd, ea,
-                    rec.reparse_tag if reparse else 0, reparse, nlink, is_dir, rec.stream.sparse,
-                    stream_count, rec.parent_file_id)
+        return Stat(
+            fid,
+            rec.attributes(),
+            0 if is_dir else rec.stream.length,
+            rec.creation_time,
+            rec.last_write_time,
+            rec.change_time,
+            rec.last_access_time,
+            sd,
+            ea,
+            rec.reparse_tag if reparse else 0,
+            reparse,
+            nlink,
+            is_dir,
+            rec.stream.sparse,
+            stream_count,
+            rec.parent_file_id,
+        )
 
     def ea_buffer(self, path: str | int) -> bytes:
         """The entry's extended attributes as stored (``stat(path).ea_buffer`` alone)."""
@@ -581,8 +614,13 @@ class Image(StreamReading, TreeWalking, ImageChecks):
     def stream_size(self, path: str | int, stream: str | None = None) -> int:
         return self.stream_descriptor(path, stream).length
 
-def open(cim_path: str | os.PathLike, storage_options: dict | None = None, *,  # noqa: A001 - mirrors zipfile/tarfile.open
-         cache_dir: str | None = None) -> Image:
+
+def open(
+    cim_path: str | os.PathLike,
+    storage_options: dict | None = None,
+    *,  # noqa: A001 - mirrors zipfile/tarfile.open
+    cache_dir: str | None = None,
+) -> Image:
     """Open the image ``cim_path`` for reading: a ``.cim`` file, or an fsspec
     URL of one (``s3://bucket/dir/layer.cim``, ``https://...``, a ``::``
     chain) whose region files lie beside it.  ``storage_options`` go to the

@@ -45,8 +45,10 @@ def _open_regular(path: str, what: str, is_image: bool = False) -> int:
     and with it every later request -- forever.  The .cim itself is the
     caller's argument (CimError); a region file is part of the image
     (CimFormatError)."""
+
     def fail(code, reason):
         return CimError(code, reason, path) if is_image else CimFormatError(reason, path)
+
     flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
     try:
         fd = os.open(path, flags)

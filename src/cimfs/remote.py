@@ -74,7 +74,7 @@ def is_url(path: object) -> TypeGuard[str]:
 def local_path(url: str) -> str | None:
     """The local path of a plain ``file://`` URL (read with the local reader), else None."""
     if url.startswith("file://") and "::" not in url:
-        return url[len("file://"):] or "/"
+        return url[len("file://") :] or "/"
     return None
 
 
@@ -139,8 +139,12 @@ def private_dir(path: str) -> str:
     if not stat.S_ISDIR(st.st_mode):
         raise CimError(E_INVALIDARG, "the cache directory is not a directory", path)
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise CimError(E_ACCESSDENIED, "refusing the cache directory: another user owns it or may write in it "
-                                       "(it must be the caller's, not group- or world-writable)", path)
+        raise CimError(
+            E_ACCESSDENIED,
+            "refusing the cache directory: another user owns it or may write in it "
+            "(it must be the caller's, not group- or world-writable)",
+            path,
+        )
     return path
 
 
@@ -189,7 +193,7 @@ class DiskBlocks:
             return {}
         held = {}
         usable = len(raw) - len(raw) % _INDEX_ENTRY.size  # a torn last entry (a crash mid-append) is dropped
-        for block, digest in _INDEX_ENTRY.iter_unpack(bytes(raw[len(self._header): usable])):
+        for block, digest in _INDEX_ENTRY.iter_unpack(bytes(raw[len(self._header) : usable])):
             held[block] = digest  # the header written twice by two first openers reads as a block never asked for
         return held
 
@@ -242,8 +246,15 @@ class RemoteStorage:
     """The directory holding an image on an fsspec filesystem: its ``.cim``
     and the region and object ID objects beside it."""
 
-    def __init__(self, url: str, storage_options: dict | None = None, *, cache_dir: str | None = None,
-                 memory_cache: int = MEMORY_CACHE, filesystem=None):
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict | None = None,
+        *,
+        cache_dir: str | None = None,
+        memory_cache: int = MEMORY_CACHE,
+        filesystem=None,
+    ):
         """``url`` with ``storage_options``; or, with ``filesystem`` (an fsspec
         filesystem instance), ``url`` is the image's path on it."""
         self.url = url
@@ -255,12 +266,15 @@ class RemoteStorage:
             try:
                 import fsspec.core  # optional dependency (cimfs[remote])
             except ImportError as e:
-                raise CimError(E_INVALIDARG, f"reading URLs needs the 'remote' extra (pip install 'cimfs[remote]'): {e}",
-                               url) from None
+                raise CimError(
+                    E_INVALIDARG, f"reading URLs needs the 'remote' extra (pip install 'cimfs[remote]'): {e}", url
+                ) from None
             try:
                 self.fs, self.path = fsspec.core.url_to_fs(url, **backend_options)
             except ImportError as e:
-                raise CimError(E_INVALIDARG, f"no fsspec filesystem for this URL is installed: {_one_line(e)}", url) from None
+                raise CimError(
+                    E_INVALIDARG, f"no fsspec filesystem for this URL is installed: {_one_line(e)}", url
+                ) from None
             except Exception as e:  # noqa: BLE001 - a backend's own error for a bad URL or option
                 raise CimError(E_INVALIDARG, f"cannot use this URL: {_one_line(e)}", url) from None
         self.transport = transport_for(self.fs, timeouts)
@@ -268,7 +282,7 @@ class RemoteStorage:
         self.parent = self.fs._parent(self.path)
         self.cache = BlockCache(memory_cache)
         self.cache_dir = cache_dir
-        self.requests = 0        # ranged reads and HEADs made, for benchmarks and tests
+        self.requests = 0  # ranged reads and HEADs made, for benchmarks and tests
         self.bytes_fetched = 0
         self._sizes: dict[str, int] = {}
         self._infos: dict[str, dict] = {}
@@ -300,8 +314,9 @@ class RemoteStorage:
             except Exception as e:  # noqa: BLE001 - botocore, aiohttp, timeouts...: never past this layer
                 if is_timeout(e):  # the whole time allowed was spent already: not again
                     why = _one_line(e) if str(e).strip() else "no complete answer within request_timeout"
-                    raise CimError(E_FAIL, f"{doing}: timed out ({why}; {self.transport.timeouts.describe()})",
-                                   url) from None
+                    raise CimError(
+                        E_FAIL, f"{doing}: timed out ({why}; {self.transport.timeouts.describe()})", url
+                    ) from None
                 if isinstance(e, _FINAL) or attempt + 1 == ATTEMPTS:
                     raise storage_error(e, url, doing) from None
             time.sleep(_RETRY_PAUSE * (attempt + 1))
@@ -347,15 +362,17 @@ class RemoteStorage:
             out = bytearray(end - start)
             for at in range(start, end, MAX_REQUEST):
                 piece = self.fetch(path, at, min(end, at + MAX_REQUEST))
-                out[at - start: at - start + len(piece)] = piece
+                out[at - start : at - start + len(piece)] = piece
             return bytes(out)
         url = self.url_of(path)
-        data = self._call(url, f"cannot read bytes {start}-{end}", self.transport.fetch, path, start, end,
-                          self._infos[path], url)
+        data = self._call(
+            url, f"cannot read bytes {start}-{end}", self.transport.fetch, path, start, end, self._infos[path], url
+        )
         self._count(len(data))
         if len(data) != end - start:
-            raise CimFormatError(f"object ended at {start + len(data)}, where the image needs {end} bytes "
-                                 "(was it truncated?)", url)
+            raise CimFormatError(
+                f"object ended at {start + len(data)}, where the image needs {end} bytes (was it truncated?)", url
+            )
         return bytes(data)
 
     def _count(self, n: int) -> None:
@@ -374,8 +391,9 @@ class RemoteStorage:
             if e.hresult != ERROR_FILE_NOT_FOUND:
                 raise
         try:
-            entries = self._call(self.url_of(self.parent), "cannot list", self.transport.call, "ls", self.parent,
-                                 detail=False)
+            entries = self._call(
+                self.url_of(self.parent), "cannot list", self.transport.call, "ls", self.parent, detail=False
+            )
         except CimError as e:
             if e.hresult == ERROR_FILE_NOT_FOUND:
                 return None
@@ -447,7 +465,9 @@ class RemoteRegion:
             return b""
         end = offset + length
         if offset < 0 or end > self.size:
-            raise CimFormatError(f"read of {length} bytes at {offset} lies outside the object ({self.size} bytes)", self.path)
+            raise CimFormatError(
+                f"read of {length} bytes at {offset} lies outside the object ({self.size} bytes)", self.path
+            )
         if length >= DIRECT_READ and self.disk is None:
             self._seq_end = end
             return self.storage.fetch(self._object, offset, end)
@@ -456,8 +476,8 @@ class RemoteRegion:
         self._seq_end = end
         start = offset - first * BLOCK_SIZE
         if first == last:
-            return blocks[0][start: start + length]
-        return b"".join(blocks)[start: start + length]
+            return blocks[0][start : start + length]
+        return b"".join(blocks)[start : start + length]
 
     def _block_length(self, block: int) -> int:
         return min(BLOCK_SIZE, self.size - block * BLOCK_SIZE)
@@ -491,7 +511,7 @@ class RemoteRegion:
             for lo, hi in _runs(wanted):
                 raw = self.storage.fetch(self._object, lo * BLOCK_SIZE, min(self.size, (hi + 1) * BLOCK_SIZE))
                 for b in range(lo, hi + 1):
-                    data = raw[(b - lo) * BLOCK_SIZE: (b - lo + 1) * BLOCK_SIZE]
+                    data = raw[(b - lo) * BLOCK_SIZE : (b - lo + 1) * BLOCK_SIZE]
                     if self.disk is not None:
                         self.disk.put(b, data)
                     if keep or b > last:

@@ -53,18 +53,36 @@ MAX_REQUEST = 16 << 20
 #: endpoint, on every request.
 S3_RETRIES = {"mode": "standard", "total_max_attempts": 3}
 
-TIMEOUT_OPTIONS = {"connect_timeout": ("connect", "CIMFS_CONNECT_TIMEOUT"),
-                    "read_timeout": ("read", "CIMFS_READ_TIMEOUT"),
-                    "request_timeout": ("request", "CIMFS_REQUEST_TIMEOUT")}
+TIMEOUT_OPTIONS = {
+    "connect_timeout": ("connect", "CIMFS_CONNECT_TIMEOUT"),
+    "read_timeout": ("read", "CIMFS_READ_TIMEOUT"),
+    "request_timeout": ("request", "CIMFS_REQUEST_TIMEOUT"),
+}
 
 #: What an fsspec backend's ``info`` may carry that names the object's version,
 #: most specific first (``Last-Modified`` is fsspec HTTP's, ``LastModified`` s3fs').
-VERSION_KEYS = ("ETag", "etag", "VersionId", "generation", "md5Hash", "Last-Modified", "LastModified",
-                "last_modified", "mtime", "created")
+VERSION_KEYS = (
+    "ETag",
+    "etag",
+    "VersionId",
+    "generation",
+    "md5Hash",
+    "Last-Modified",
+    "LastModified",
+    "last_modified",
+    "mtime",
+    "created",
+)
 
 #: The caller's s3fs settings that a GetObject takes too (server-side encryption keys, requester pays...).
-_GET_OBJECT_OPTIONS = ("SSECustomerAlgorithm", "SSECustomerKey", "SSECustomerKeyMD5", "RequestPayer",
-                       "ExpectedBucketOwner", "ChecksumMode")
+_GET_OBJECT_OPTIONS = (
+    "SSECustomerAlgorithm",
+    "SSECustomerKey",
+    "SSECustomerKeyMD5",
+    "RequestPayer",
+    "ExpectedBucketOwner",
+    "ChecksumMode",
+)
 _CONTENT_RANGE = re.compile(r"\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.IGNORECASE)
 _CHUNK = 1 << 20
 
@@ -76,8 +94,7 @@ class Timeouts:
     request: float = REQUEST_TIMEOUT
 
     def describe(self) -> str:
-        return (f"connect_timeout={self.connect:g}s, read_timeout={self.read:g}s, "
-                f"request_timeout={self.request:g}s")
+        return f"connect_timeout={self.connect:g}s, read_timeout={self.read:g}s, request_timeout={self.request:g}s"
 
 
 def _seconds(value, name: str, where: str) -> float:
@@ -116,8 +133,9 @@ def split_options(url: str, options: dict | None) -> tuple[Timeouts, dict]:
         if "timeout" not in client:
             import aiohttp  # optional dependency (fsspec's HTTP backend)
 
-            client["timeout"] = aiohttp.ClientTimeout(total=timeouts.request, sock_connect=timeouts.connect,
-                                                      sock_read=timeouts.read)
+            client["timeout"] = aiohttp.ClientTimeout(
+                total=timeouts.request, sock_connect=timeouts.connect, sock_read=timeouts.read
+            )
         options["client_kwargs"] = client
     return timeouts, options
 
@@ -138,27 +156,35 @@ def changed(url: str, what: str) -> CimError:
 
 def _same_etag(a: str, b: str) -> bool:
     """Weak comparison (RFC 9110 8.8.3.2): the opaque tags, quotes and ``W/`` aside."""
+
     def opaque(tag: str) -> str:
         tag = tag.strip()
         return (tag[2:] if tag[:2] in ("W/", "w/") else tag).strip('"')
+
     return opaque(a) == opaque(b)
 
 
 def _check_range(content_range: str | None, url: str, start: int, end: int, size: int) -> None:
     m = _CONTENT_RANGE.match(content_range or "")
     if not m:
-        raise CimError(E_FAIL, f"the server answered a ranged request without a valid Content-Range "
-                               f"({content_range!r})", url)
+        raise CimError(
+            E_FAIL, f"the server answered a ranged request without a valid Content-Range ({content_range!r})", url
+        )
     if m.group(3) != "*" and int(m.group(3)) != size:
         raise changed(url, f"it is now {m.group(3)} bytes, was {size}")
     if m.group(1) is None or (int(m.group(1)), int(m.group(2))) != (start, end - 1):
-        raise CimError(E_FAIL, f"the server sent bytes {m.group(1)}-{m.group(2)} for a request of bytes "
-                               f"{start}-{end - 1}", url)
+        raise CimError(
+            E_FAIL, f"the server sent bytes {m.group(1)}-{m.group(2)} for a request of bytes {start}-{end - 1}", url
+        )
 
 
 def _ignored_range(url: str) -> CimError:
-    return CimError(E_FAIL, "the server ignored the byte range asked for (it answered with the whole object); "
-                            "remote images are read only in ranges", url)
+    return CimError(
+        E_FAIL,
+        "the server ignored the byte range asked for (it answered with the whole object); "
+        "remote images are read only in ranges",
+        url,
+    )
 
 
 class Transport:
@@ -233,8 +259,11 @@ class HTTPTransport(Transport):
         headers, kwargs = self._request({})
         async with session.head(url, headers=headers, allow_redirects=True, **kwargs) as r:
             status, reason, h = r.status, r.reason, r.headers
-        if status == 200 and h.get("Content-Length", "").isdigit() and h.get("Content-Encoding", "identity") in (
-                "identity", ""):
+        if (
+            status == 200
+            and h.get("Content-Length", "").isdigit()
+            and h.get("Content-Encoding", "identity") in ("identity", "")
+        ):
             return self._info_dict(path, int(h["Content-Length"]), h)
         if status in (401, 403, 404, 410) or (status >= 500 and status != 501):
             raise self._status_error(status, reason, path)
@@ -356,8 +385,9 @@ class S3Transport(Transport):
             if info.get("ETag") and resp.get("ETag") and not _same_etag(info["ETag"], resp["ETag"]):
                 raise changed(url, f"ETag {info['ETag']} became {resp['ETag']}")
             if resp.get("ContentLength") not in (None, end - start):
-                raise CimError(E_FAIL, f"the storage announced {resp['ContentLength']} bytes for a request of "
-                                       f"{end - start}", url)
+                raise CimError(
+                    E_FAIL, f"the storage announced {resp['ContentLength']} bytes for a request of {end - start}", url
+                )
             data = bytearray()
             while len(data) < end - start:
                 chunk = await body.read(min(_CHUNK, end - start - len(data)))
@@ -390,8 +420,10 @@ class S3Transport(Transport):
 
 def transport_for(fs, timeouts: Timeouts) -> Transport:
     """The transport that reads ``fs`` (an fsspec filesystem instance)."""
-    for module, name, cls in (("fsspec.implementations.http", "HTTPFileSystem", HTTPTransport),
-                              ("s3fs", "S3FileSystem", S3Transport)):
+    for module, name, cls in (
+        ("fsspec.implementations.http", "HTTPFileSystem", HTTPTransport),
+        ("s3fs", "S3FileSystem", S3Transport),
+    ):
         try:
             kind = getattr(__import__(module, fromlist=[name]), name)
         except ImportError:

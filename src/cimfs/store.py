@@ -136,7 +136,9 @@ class ObjectStore:
         if room[0] < 0 or (room[1] and room[1] + size > REGION_SOFT_CAP):
             index = self._new_region_index()
             if self.first_combined + index >= cim.MAX_REGIONS:
-                raise CimError(E_INVALIDARG, f"image would need more than {cim.MAX_REGIONS} region files", self.directory)
+                raise CimError(
+                    E_INVALIDARG, f"image would need more than {cim.MAX_REGIONS} region files", self.directory
+                )
             room[0], room[1] = index, 0
         room[1] += size
         return room[0]
@@ -146,8 +148,15 @@ class ObjectStore:
         region ``index`` (created at its first use) from now on."""
         r = self._by_index.get(index)
         if r is None:
-            r = self._by_index[index] = RegionWriter(self.directory, self.set_id, index, self.first_combined + index,
-                                                     region_type, early_writeback=self.sync, cap=1 << 62)
+            r = self._by_index[index] = RegionWriter(
+                self.directory,
+                self.set_id,
+                index,
+                self.first_combined + index,
+                region_type,
+                early_writeback=self.sync,
+                cap=1 << 62,
+            )
             self.regions.append(r)
         self.current[region_type] = r
 
@@ -158,9 +167,12 @@ class ObjectStore:
                 r.flush()
             index = self._new_region_index()
             if self.first_combined + index >= cim.MAX_REGIONS:
-                raise CimError(E_INVALIDARG, f"image would need more than {cim.MAX_REGIONS} region files", self.directory)
-            r = RegionWriter(self.directory, self.set_id, index, self.first_combined + index, region_type,
-                             early_writeback=self.sync)
+                raise CimError(
+                    E_INVALIDARG, f"image would need more than {cim.MAX_REGIONS} region files", self.directory
+                )
+            r = RegionWriter(
+                self.directory, self.set_id, index, self.first_combined + index, region_type, early_writeback=self.sync
+            )
             self.regions.append(r)
             self.current[region_type] = r
         return r

@@ -170,8 +170,9 @@ def _read_into(fd: int, view: memoryview, pos: int, want: int, left: int, path: 
         except OSError as e:
             raise CimError(hresult_from_oserror(e), f"cannot read the source: {e.strerror}", path) from None
         if n == 0:
-            raise CimError(E_INVALIDARG, f"source ended {(left or want) - got} bytes before its size (did it shrink?)",
-                           path)
+            raise CimError(
+                E_INVALIDARG, f"source ended {(left or want) - got} bytes before its size (did it shrink?)", path
+            )
         got += n
     return got
 
@@ -180,8 +181,9 @@ _SOURCE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | geta
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
 
 
-def open_source(src: str, path: str | None, dir_fd: int | None = None, shown: str | None = None,
-                checked: bool = True) -> int:
+def open_source(
+    src: str, path: str | None, dir_fd: int | None = None, shown: str | None = None, checked: bool = True
+) -> int:
     """Open a local file to copy (``src`` relative to ``dir_fd`` if given).
     Not through a symlink and only a regular file: the tree may change
     between the scan and the copy, and a FIFO put in a file's place must not
@@ -193,7 +195,9 @@ def open_source(src: str, path: str | None, dir_fd: int | None = None, shown: st
         except PermissionError:
             fd = os.open(src, _SOURCE_FLAGS, dir_fd=dir_fd)
     except OSError as e:
-        raise CimError(hresult_from_oserror(e), f"cannot open the source {shown or src!r}: {e.strerror}", path) from None
+        raise CimError(
+            hresult_from_oserror(e), f"cannot open the source {shown or src!r}: {e.strerror}", path
+        ) from None
     if checked:
         try:
             _check_regular(fd, shown or src, path)
@@ -236,7 +240,9 @@ def read_exactly(fd: int, pos: int, size: int, path: str | None) -> bytes:
         while len(data) < size:
             more = os.pread(fd, size - len(data), pos + len(data))
             if not more:
-                raise CimError(E_INVALIDARG, f"source ended {size - len(data)} bytes before its size (did it shrink?)", path)
+                raise CimError(
+                    E_INVALIDARG, f"source ended {size - len(data)} bytes before its size (did it shrink?)", path
+                )
             data += more
     except OSError as e:
         raise CimError(hresult_from_oserror(e), f"cannot read the source: {e.strerror}", path) from None

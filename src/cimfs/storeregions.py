@@ -81,7 +81,7 @@ def all_zero(data) -> bool:
     # byte by byte (~4 ms per MiB when the first non-zero byte is late).
     view = memoryview(data).cast("B")
     step = len(ZERO_CHUNK)
-    return all(ZERO_CHUNK.startswith(view[i: i + step]) for i in range(0, len(view), step))
+    return all(ZERO_CHUNK.startswith(view[i : i + step]) for i in range(0, len(view), step))
 
 
 def write_file(path: str, data: bytes, sync: bool, exclusive: bool = False) -> None:
@@ -90,7 +90,7 @@ def write_file(path: str, data: bytes, sync: bool, exclusive: bool = False) -> N
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         if sync:
             os.fsync(fd)
     finally:
@@ -101,8 +101,16 @@ def write_file(path: str, data: bytes, sync: bool, exclusive: bool = False) -> N
 class RegionWriter:
     """One region file being appended to."""
 
-    def __init__(self, directory: str, set_id: uuid.UUID, index: int, combined_index: int, region_type: int,
-                 early_writeback: bool = False, cap: int = REGION_SOFT_CAP):
+    def __init__(
+        self,
+        directory: str,
+        set_id: uuid.UUID,
+        index: int,
+        combined_index: int,
+        region_type: int,
+        early_writeback: bool = False,
+        cap: int = REGION_SOFT_CAP,
+    ):
         self.name = cim.RegionSet(set_id, 0).file_name("region", index)
         self.path = os.path.join(directory, self.name)
         self.index = index
@@ -142,7 +150,7 @@ class RegionWriter:
             return
         pos = self.flushed
         for i in range(0, len(pending), _IOV_MAX):
-            part = pending[i: i + _IOV_MAX]
+            part = pending[i : i + _IOV_MAX]
             size = sum(map(len, part))
             n = os.pwritev(self.fd, part, pos)
             if n < size:  # a short write (a signal, a nearly full disk): write the rest plainly

@@ -65,8 +65,15 @@ class StreamReading:
         desc = path if isinstance(path, cim.Stream) else self.stream_descriptor(path, stream)
         return self._read_stream(desc, offset, size)
 
-    def readinto_at(self, path: str | int | cim.Stream, offset: int, buffer: WriteableBuffer, stream: str | None = None, *,
-                    nowait: bool = False) -> int:
+    def readinto_at(
+        self,
+        path: str | int | cim.Stream,
+        offset: int,
+        buffer: WriteableBuffer,
+        stream: str | None = None,
+        *,
+        nowait: bool = False,
+    ) -> int:
         """Fill ``buffer`` (a writable bytes-like object) from the stream at
         ``offset``; returns the count, short only at the end of the stream.
 
@@ -116,8 +123,13 @@ class StreamReading:
             done += k
         return done
 
-    def copy_stream(self, path: str | int | cim.Stream, fd: int, stream: str | None = None,
-                    progress: Callable[[int], object] | None = None) -> int:
+    def copy_stream(
+        self,
+        path: str | int | cim.Stream,
+        fd: int,
+        stream: str | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> int:
         """Write the whole stream to the file descriptor ``fd`` at its current
         position; returns the number of bytes written.
 
@@ -184,13 +196,19 @@ class StreamReading:
         if end - pos > MAX_READ_SIZE:
             # A sparse length may be near 2^48 in a tiny image: one read of it
             # all would fail (or be killed) allocating, not report it.
-            raise CimError(E_OUTOFMEMORY, f"a read of {end - pos} bytes is larger than memory "
-                           f"({MAX_READ_SIZE} bytes): read the stream in pieces (open(), read_at, copy_stream)", self.path)
+            raise CimError(
+                E_OUTOFMEMORY,
+                f"a read of {end - pos} bytes is larger than memory "
+                f"({MAX_READ_SIZE} bytes): read the stream in pieces (open(), read_at, copy_stream)",
+                self.path,
+            )
         if desc.sparse:
             try:
                 return bytes(end - pos)
             except MemoryError:
-                raise CimError(E_OUTOFMEMORY, f"no memory for a read of {end - pos} bytes: read the stream in pieces", self.path) from None
+                raise CimError(
+                    E_OUTOFMEMORY, f"no memory for a read of {end - pos} bytes: read the stream in pieces", self.path
+                ) from None
         if desc.type == cim.STREAM_TYPE_DATA:
             self._check_stream(desc)
             return self._data(desc.offset + pos, end - pos, "stream data")

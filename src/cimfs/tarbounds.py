@@ -52,8 +52,9 @@ class _Budget:
 
     def read(self, size=-1):
         if size is None or size < 0 or size > self._left:
-            raise tarfile.ReadError(f"{self._what} at byte {self._offset} is longer than "
-                                    f"{MAX_HEADER_BYTES} bytes (the limit)")
+            raise tarfile.ReadError(
+                f"{self._what} at byte {self._offset} is longer than {MAX_HEADER_BYTES} bytes (the limit)"
+            )
         self._left -= size
         return self._f.read(size)
 
@@ -85,18 +86,21 @@ class BoundedTarInfo(tarfile.TarInfo):
             tf._cimfs_chain = 0
         else:
             if self.size > MAX_HEADER_BYTES:
-                raise tarfile.ReadError(f"{what} at byte {self.offset} holds {self.size} bytes; "
-                                        f"the limit is {MAX_HEADER_BYTES}")
+                raise tarfile.ReadError(
+                    f"{what} at byte {self.offset} holds {self.size} bytes; the limit is {MAX_HEADER_BYTES}"
+                )
             chain = getattr(tf, "_cimfs_chain", 0) + 1
             if chain > MAX_HEADER_CHAIN:
-                raise tarfile.ReadError(f"more than {MAX_HEADER_CHAIN} extension headers in a row "
-                                        f"(at byte {self.offset})")
+                raise tarfile.ReadError(
+                    f"more than {MAX_HEADER_CHAIN} extension headers in a row (at byte {self.offset})"
+                )
             tf._cimfs_chain = chain
             if self.type == tarfile.XGLTYPE:
                 total = getattr(tf, "_cimfs_global_bytes", 0) + self.size
                 if total > MAX_HEADER_BYTES:
-                    raise tarfile.ReadError(f"the archive's global PAX headers exceed {MAX_HEADER_BYTES} bytes "
-                                            f"(at byte {self.offset})")
+                    raise tarfile.ReadError(
+                        f"the archive's global PAX headers exceed {MAX_HEADER_BYTES} bytes (at byte {self.offset})"
+                    )
                 tf._cimfs_global_bytes = total
         try:
             return super()._proc_member(tf)
@@ -109,8 +113,9 @@ class BoundedTarInfo(tarfile.TarInfo):
         return self._with_budget(tf, "GNU sparse map", lambda: super(BoundedTarInfo, self)._proc_sparse(tf))
 
     def _proc_gnusparse_10(self, next, pax_headers, tf):
-        return self._with_budget(tf, "GNU sparse map",
-                                 lambda: super(BoundedTarInfo, self)._proc_gnusparse_10(next, pax_headers, tf))
+        return self._with_budget(
+            tf, "GNU sparse map", lambda: super(BoundedTarInfo, self)._proc_gnusparse_10(next, pax_headers, tf)
+        )
 
     def _with_budget(self, tf, what, run):
         real = tf.fileobj

@@ -29,8 +29,16 @@ from .names import split_stream  # noqa: F401  (lives with the path rules; calle
 if TYPE_CHECKING:  # annotations only
     from .reader import Stat
 
-_ATTR_NAMES = [(0x1, "READONLY"), (0x2, "HIDDEN"), (0x4, "SYSTEM"), (0x10, "DIRECTORY"), (0x20, "ARCHIVE"),
-               (0x80, "NORMAL"), (0x200, "SPARSE_FILE"), (0x400, "REPARSE_POINT")]
+_ATTR_NAMES = [
+    (0x1, "READONLY"),
+    (0x2, "HIDDEN"),
+    (0x4, "SYSTEM"),
+    (0x10, "DIRECTORY"),
+    (0x20, "ARCHIVE"),
+    (0x80, "NORMAL"),
+    (0x200, "SPARSE_FILE"),
+    (0x400, "REPARSE_POINT"),
+]
 
 
 def attribute_names(attrs: int) -> list[str]:
@@ -54,13 +62,20 @@ def filetime_iso(ft: int) -> str:
 
 
 def _tag_names() -> dict[int, str]:
-    names = {posix.TAG_MOUNT_POINT: "MOUNT_POINT", posix.TAG_SYMLINK: "SYMLINK", posix.TAG_LX_SYMLINK: "LX_SYMLINK",
-             posix.TAG_AF_UNIX: "AF_UNIX", posix.TAG_LX_FIFO: "LX_FIFO", posix.TAG_LX_CHR: "LX_CHR",
-             posix.TAG_LX_BLK: "LX_BLK", 0xA000001F: "WCI_TOMBSTONE"}
+    names = {
+        posix.TAG_MOUNT_POINT: "MOUNT_POINT",
+        posix.TAG_SYMLINK: "SYMLINK",
+        posix.TAG_LX_SYMLINK: "LX_SYMLINK",
+        posix.TAG_AF_UNIX: "AF_UNIX",
+        posix.TAG_LX_FIFO: "LX_FIFO",
+        posix.TAG_LX_CHR: "LX_CHR",
+        posix.TAG_LX_BLK: "LX_BLK",
+        0xA000001F: "WCI_TOMBSTONE",
+    }
     for k in dir(ntfs):
         v = getattr(ntfs, k)
         if k.startswith("IO_REPARSE_TAG_") and isinstance(v, int):
-            names.setdefault(v, k[len("IO_REPARSE_TAG_"):])
+            names.setdefault(v, k[len("IO_REPARSE_TAG_") :])
     return names
 
 
@@ -84,11 +99,18 @@ def describe(image, path: str) -> dict:
         "is_dir": st.is_dir,
         "is_sparse": st.is_sparse,
         "parent_file_id": getattr(st, "parent_file_id", None),
-        "times": {k: {"filetime": getattr(st, k), "iso": filetime_iso(getattr(st, k))}
-                  for k in ("creation_time", "last_write_time", "change_time", "last_access_time")},
-        "posix": {"mode": f"{info.mode:o}", "mode_string": mode_string(info.mode), "uid": info.uid,
-                  "gid": info.gid, "rdev": list(info.rdev) if info.kind in ("chr", "blk") else None,
-                  "target": info.target},
+        "times": {
+            k: {"filetime": getattr(st, k), "iso": filetime_iso(getattr(st, k))}
+            for k in ("creation_time", "last_write_time", "change_time", "last_access_time")
+        },
+        "posix": {
+            "mode": f"{info.mode:o}",
+            "mode_string": mode_string(info.mode),
+            "uid": info.uid,
+            "gid": info.gid,
+            "rdev": list(info.rdev) if info.kind in ("chr", "blk") else None,
+            "target": info.target,
+        },
     }
     # security descriptor
     if st.security_descriptor:
@@ -122,8 +144,11 @@ def describe(image, path: str) -> dict:
         out["eas"] = []
     # reparse
     if st.reparse_data:
-        rp = {"tag": f"{st.reparse_tag:#010x}", "tag_name": _tag_names().get(st.reparse_tag, "unknown"),
-              "length": len(st.reparse_data)}
+        rp = {
+            "tag": f"{st.reparse_tag:#010x}",
+            "tag_name": _tag_names().get(st.reparse_tag, "unknown"),
+            "length": len(st.reparse_data),
+        }
         try:
             p = ntfs.parse_reparse(st.reparse_data)
             for k in ("substitute_name", "print_name", "relative", "target"):
@@ -199,10 +224,9 @@ def _file_sizes(sizes: dict[str, tuple[int, int]], names: list[str]) -> tuple[in
 
 def image_info(image) -> dict:
     info = dict(image.info())
-    counts = {"files": 0, "directories": 0, "symlinks": 0, "special": 0, "hard_link_names": 0,
-              "alternate_streams": 0}
-    logical = 0            # bytes of content, every distinct file once
-    by_path = 0            # bytes of content as seen through every path
+    counts = {"files": 0, "directories": 0, "symlinks": 0, "special": 0, "hard_link_names": 0, "alternate_streams": 0}
+    logical = 0  # bytes of content, every distinct file once
+    by_path = 0  # bytes of content as seen through every path
     seen: set[int] = set()
     unique_objects: dict = {}
     for p, fid, st in iter_entries(image):
@@ -240,14 +264,27 @@ def image_info(image) -> dict:
     app, alloc = _file_sizes(sizes, regions)
     own_app, own_alloc = _file_sizes(sizes, own)
     cim_size = sizes.get(image.name, (0, 0))[0]
-    info["bytes_stored"] = {"all_regions": app, "all_regions_allocated": alloc,
-                            "own_regions": own_app, "own_regions_allocated": own_alloc, "cim_file": cim_size}
+    info["bytes_stored"] = {
+        "all_regions": app,
+        "all_regions_allocated": alloc,
+        "own_regions": own_app,
+        "own_regions_allocated": own_alloc,
+        "cim_file": cim_size,
+    }
     return info
 
 
 # --------------------------------------------------------------------- diff
-_COMPARED = ("attributes", "creation_time", "last_write_time", "change_time", "last_access_time",
-             "security_descriptor", "ea_buffer", "reparse_data")
+_COMPARED = (
+    "attributes",
+    "creation_time",
+    "last_write_time",
+    "change_time",
+    "last_access_time",
+    "security_descriptor",
+    "ea_buffer",
+    "reparse_data",
+)
 
 
 def _same_stream(a, fa, b, fb, size, stream=None) -> bool:
@@ -282,6 +319,7 @@ def diff_images(a, b) -> dict:
     added = [p for p in eb if p not in ea]
     removed = [p for p in ea if p not in eb]
     changed = []
+
     # hard-link structure: the set of paths sharing each file
     def groups(entries):
         by_id: dict[int, list[str]] = {}
@@ -289,6 +327,7 @@ def diff_images(a, b) -> dict:
             if not st.is_dir:
                 by_id.setdefault(fid, []).append(p)
         return {p: tuple(sorted(v)) for v in by_id.values() for p in v}
+
     ga, gb = groups(ea), groups(eb)
     for p in ea:
         if p not in eb:
@@ -325,7 +364,9 @@ _LINK_TAGS = (ntfs.IO_REPARSE_TAG_SYMLINK, ntfs.IO_REPARSE_TAG_MOUNT_POINT, ntfs
 _BAD_NAME = re.compile(r'[\x00-\x1f\\/:*?"<>|]')
 
 
-def fsck(cim_path: str, progress: Callable[[int], None] | None = None, storage_options: dict | None = None) -> list[str]:
+def fsck(
+    cim_path: str, progress: Callable[[int], None] | None = None, storage_options: dict | None = None
+) -> list[str]:
     """Check every structure reachable from the root and read every byte; returns findings.
     ``cim_path`` may be an fsspec URL (see :func:`cimfs.open`)."""
     progress = progress or (lambda n: None)
@@ -374,7 +415,9 @@ def fsck(cim_path: str, progress: Callable[[int], None] | None = None, storage_o
                 try:
                     rp = ntfs.parse_reparse(st.reparse_data)
                     if rp.tag != st.reparse_tag:
-                        findings.append(f"{path}: reparse tag {st.reparse_tag:#x} in the record, {rp.tag:#x} in the buffer")
+                        findings.append(
+                            f"{path}: reparse tag {st.reparse_tag:#x} in the record, {rp.tag:#x} in the buffer"
+                        )
                     if rp.target and "\0" in rp.target:  # no path can hold one: extract and the mount skip it
                         findings.append(f"{path}: link target contains NUL")
                     elif rp.target == "" and rp.tag in _LINK_TAGS:  # no path is empty: extract skips it
@@ -585,8 +628,9 @@ def _mounted_at(cim_path: str) -> list[str]:
     return out
 
 
-def rm_image(cim_path: str, *, dry_run: bool = False, force: bool = False,
-             warn=lambda m: None) -> list[tuple[str, int]]:
+def rm_image(
+    cim_path: str, *, dry_run: bool = False, force: bool = False, warn=lambda m: None
+) -> list[tuple[str, int]]:
     """Remove an image and the region/object ID files no other image in its
     directory refers to.  An image that is mounted is refused unless ``force``."""
     directory = os.path.dirname(os.path.abspath(cim_path))
@@ -602,8 +646,11 @@ def rm_image(cim_path: str, *, dry_run: bool = False, force: bool = False,
         if not force:
             where = _mounted_at(cim_path)
             if where:
-                raise CimError(ERROR_SHARING_VIOLATION, f"the image is mounted at {', '.join(where)} "
-                                                        "(unmount it first, or force)", cim_path)
+                raise CimError(
+                    ERROR_SHARING_VIOLATION,
+                    f"the image is mounted at {', '.join(where)} (unmount it first, or force)",
+                    cim_path,
+                )
         contents = _Directory(directory, warn)
         needed = contents.needed(exclude=name)
         removable = set() if needed is None else mine - needed

@@ -102,7 +102,9 @@ class TreeWalking:
         (a second name, a link table shared or overlapping)."""
         return _Visits(self)
 
-    def walk(self, path: str = "", onerror: Callable[[CimFormatError], object] | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
+    def walk(
+        self, path: str = "", onerror: Callable[[CimFormatError], object] | None = None
+    ) -> Iterator[tuple[str, list[str], list[str]]]:
         """Top-down like ``os.walk``; ``dirpath`` uses ``\\`` and the root is ``""``.
 
         Directories may be pruned by editing ``dirnames`` in place.  Damage
@@ -209,8 +211,11 @@ class TreeWalking:
 
     def opaque_dirs(self) -> list[str]:
         """Directories that replace, instead of merging with, the layers' below."""
-        return [p for p, m in self._merge_markers()
-                if m[0] == ntfs.MERGE_KIND_DIR and isinstance(m[1], int) and m[1] & ntfs.MERGE_DIR_OPAQUE]
+        return [
+            p
+            for p, m in self._merge_markers()
+            if m[0] == ntfs.MERGE_KIND_DIR and isinstance(m[1], int) and m[1] & ntfs.MERGE_DIR_OPAQUE
+        ]
 
     def _merge_markers(self) -> Iterator[tuple[str, tuple[int, str | int]]]:
         tag = ntfs.IO_REPARSE_TAG_CIMFS_MERGE

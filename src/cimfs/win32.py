@@ -60,13 +60,20 @@ def _stream(stream: object) -> StreamWriter:
     return stream._stream
 
 
-def CimCreateImage(image_containing_path: str | os.PathLike[str], existing_image_name: str | None = None,
-                   new_image_name: str | None = None) -> CIMFS_IMAGE_HANDLE:
+def CimCreateImage(
+    image_containing_path: str | os.PathLike[str],
+    existing_image_name: str | None = None,
+    new_image_name: str | None = None,
+) -> CIMFS_IMAGE_HANDLE:
     """A new image (``existing`` None), an extension of ``existing`` (``new`` None
     or equal) or a fork of it (both given, different)."""
     if not existing_image_name and not new_image_name:
-        raise CimError(E_INVALIDARG, "neither an existing nor a new image name was given", os.fspath(image_containing_path))
-    return CIMFS_IMAGE_HANDLE(ImageWriter(image_containing_path, new_image_name or existing_image_name, existing_image_name or None))
+        raise CimError(
+            E_INVALIDARG, "neither an existing nor a new image name was given", os.fspath(image_containing_path)
+        )
+    return CIMFS_IMAGE_HANDLE(
+        ImageWriter(image_containing_path, new_image_name or existing_image_name, existing_image_name or None)
+    )
 
 
 def CimCreateFile(image: CIMFS_IMAGE_HANDLE, image_relative_path: str, metadata: FileMetadata) -> CIMFS_STREAM_HANDLE:
@@ -149,8 +156,12 @@ _UNPUBLISHED_LAYOUTS = {
 _ALL_CREATE_FLAGS = int(functools.reduce(operator.or_, CimCreateFlags))
 
 
-def CimCreateImage2(image_containing_path: str | os.PathLike[str], flags: int, existing_image_name: str | None = None,
-                    new_image_name: str | None = None) -> CIMFS_IMAGE_HANDLE:
+def CimCreateImage2(
+    image_containing_path: str | os.PathLike[str],
+    flags: int,
+    existing_image_name: str | None = None,
+    new_image_name: str | None = None,
+) -> CIMFS_IMAGE_HANDLE:
     """``CimCreateImage`` with flags.  ``DO_NOT_EXPAND_PE_IMAGES`` is accepted
     (cimfs never expands PE images); ``CONSISTENT_CIM`` writes a consistent
     image (``cimfs.create(..., consistent=True)``); the block, single-file,
@@ -160,13 +171,21 @@ def CimCreateImage2(image_containing_path: str | os.PathLike[str], flags: int, e
         raise CimError(E_INVALIDARG, f"unknown CimCreateImage2 flags {flags!r}", where)
     unpublished = [what for flag, what in _UNPUBLISHED_LAYOUTS.items() if flags & flag]
     if unpublished:
-        raise CimError(E_NOTIMPL, f"{', '.join(unpublished)}: their on-disk layout is not public, so cimfs cannot "
-                                  "write them", where)
+        raise CimError(
+            E_NOTIMPL,
+            f"{', '.join(unpublished)}: their on-disk layout is not public, so cimfs cannot write them",
+            where,
+        )
     if not existing_image_name and not new_image_name:
         raise CimError(E_INVALIDARG, "neither an existing nor a new image name was given", where)
-    return CIMFS_IMAGE_HANDLE(ImageWriter(image_containing_path, new_image_name or existing_image_name,
-                                          existing_image_name or None,
-                                          consistent=bool(flags & CimCreateFlags.CONSISTENT_CIM)))
+    return CIMFS_IMAGE_HANDLE(
+        ImageWriter(
+            image_containing_path,
+            new_image_name or existing_image_name,
+            existing_image_name or None,
+            consistent=bool(flags & CimCreateFlags.CONSISTENT_CIM),
+        )
+    )
 
 
 class FILE_STAT_BASIC_INFORMATION(NamedTuple):
@@ -201,8 +220,9 @@ def _open_for_read(image_path: str | os.PathLike[str]) -> Image:
     return reader.Image(image_path)
 
 
-def CimReadFile(image_path: str | os.PathLike[str], file_path: str, offset: int,
-                buffer: WriteableBuffer) -> tuple[int, int]:
+def CimReadFile(
+    image_path: str | os.PathLike[str], file_path: str, offset: int, buffer: WriteableBuffer
+) -> tuple[int, int]:
     """Read ``file_path`` (``file:stream`` for an alternate stream) of the
     image at ``image_path`` from ``offset`` into ``buffer`` (any writable
     bytes-like object) without an image handle.  Returns ``(bytes_read,
@@ -236,6 +256,19 @@ def CimGetFileStatBasicInformation(image_path: str | os.PathLike[str], file_path
         serial = int.from_bytes(image.header.region_set.id.bytes_le[:4], "little")
     allocation = 0 if sparse else -(-size // _ALLOCATION_UNIT) * _ALLOCATION_UNIT
     return FILE_STAT_BASIC_INFORMATION(
-        st.file_id, st.creation_time, st.last_access_time, st.last_write_time, st.change_time,
-        allocation, size, st.attributes, st.reparse_tag, st.nlink, FILE_DEVICE_DISK, FILE_READ_ONLY_DEVICE, 0,
-        serial, st.file_id.to_bytes(16, "little"))
+        st.file_id,
+        st.creation_time,
+        st.last_access_time,
+        st.last_write_time,
+        st.change_time,
+        allocation,
+        size,
+        st.attributes,
+        st.reparse_tag,
+        st.nlink,
+        FILE_DEVICE_DISK,
+        FILE_READ_ONLY_DEVICE,
+        0,
+        serial,
+        st.file_id.to_bytes(16, "little"),
+    )

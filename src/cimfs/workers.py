@@ -51,8 +51,7 @@ class Worker:
     ``feed``: ``main`` gets one more argument before ``batches``, the
     writing end of a pipe whose reading end is the owner's ``feed``."""
 
-    def __init__(self, ctx, main, args: tuple, *, name: str, others=(), pipe_size: int = 1 << 20,
-                 feed: bool = False):
+    def __init__(self, ctx, main, args: tuple, *, name: str, others=(), pipe_size: int = 1 << 20, feed: bool = False):
         jobs_r, self.jobs = ctx.Pipe(duplex=False)
         widen_pipe(self.jobs, pipe_size)
         self.results, results_w = ctx.Pipe(duplex=False)
@@ -63,8 +62,7 @@ class Worker:
             args = tuple(args) + (feed_w,)
         owner_ends = [c for w in others for c in (w.jobs, w.results, w.feed) if c is not None]
         owner_ends += [c for c in (self.jobs, self.results, self.feed) if c is not None]
-        self.proc = ctx.Process(target=_child, args=(main, args, jobs_r, results_w, owner_ends),
-                                name=name, daemon=True)
+        self.proc = ctx.Process(target=_child, args=(main, args, jobs_r, results_w, owner_ends), name=name, daemon=True)
         self.proc.start()
         jobs_r.close()
         results_w.close()

@@ -37,8 +37,9 @@ class TreeEditing(WriterTree):
         def _drain(self) -> None: ...
         def exists(self, path: str) -> bool: ...
         def is_dir(self, path: str) -> bool: ...
-        def mkdir(self, path: str, metadata: FileMetadata | None = None, *, exist_ok: bool = False,
-                  parents: bool = False) -> None: ...
+        def mkdir(
+            self, path: str, metadata: FileMetadata | None = None, *, exist_ok: bool = False, parents: bool = False
+        ) -> None: ...
 
     # ------------------------------------------------------------ Win32-shaped operations
     def create_file(self, path: str, metadata: FileMetadata | None = None) -> StreamWriter:
@@ -51,8 +52,9 @@ class TreeEditing(WriterTree):
             self._open_stream = writer
         return writer
 
-    def _create(self, path: str, meta: FileMetadata, placeholder: bool = False, found: tuple | None = None
-                ) -> tuple[_Node, int]:
+    def _create(
+        self, path: str, meta: FileMetadata, placeholder: bool = False, found: tuple | None = None
+    ) -> tuple[_Node, int]:
         """The node ``create_file`` makes or updates, and its stream's size (0
         for a directory).  ``placeholder``: see :meth:`_create_copied`;
         ``found``: what ``_find(path)`` just returned, when the caller has it."""
@@ -92,8 +94,9 @@ class TreeEditing(WriterTree):
         self._children(node)
         # Metadata is replaced; children and alternate streams stay.
         old = _unpacked(node.record)
-        node.record = _unpacked(record)._replace(stream=old.stream, parent_file_id=old.parent_file_id,
-                                      stream_table_offset=old.stream_table_offset)
+        node.record = _unpacked(record)._replace(
+            stream=old.stream, parent_file_id=old.parent_file_id, stream_table_offset=old.stream_table_offset
+        )
         node.dirty = True
 
     def create_stream(self, path: str, size: int) -> StreamWriter:
@@ -226,11 +229,14 @@ class TreeEditing(WriterTree):
         self._children(node)
         record = _unpacked(node.record)
         if record.reparse_offset and record.reparse_tag != ntfs.IO_REPARSE_TAG_CIMFS_MERGE:
-            raise CimError(E_INVALIDARG, "a directory with a reparse point of its own cannot carry a merge marker", path)
+            raise CimError(
+                E_INVALIDARG, "a directory with a reparse point of its own cannot carry a merge marker", path
+            )
         # The flags it has so far, unless new metadata replaced the marker since.
         flags = self._merge_dir_flags.get(node, 0) if record.reparse_offset else 0
         flags = self._merge_dir_flags[node] = flags | flag
         marker = cim.pack_blob(ntfs.pack_merge_dir_reparse(flags))
-        node.record = record._replace(reparse_offset=self._store.put_blob(marker),
-                                      reparse_tag=ntfs.IO_REPARSE_TAG_CIMFS_MERGE)
+        node.record = record._replace(
+            reparse_offset=self._store.put_blob(marker), reparse_tag=ntfs.IO_REPARSE_TAG_CIMFS_MERGE
+        )
         node.dirty = True

@@ -64,7 +64,9 @@ class FileAdding(TreeEditing):
             return False
         return existing is not None and existing[1].is_dir
 
-    def mkdir(self, path: str, metadata: FileMetadata | None = None, *, exist_ok: bool = False, parents: bool = False) -> None:
+    def mkdir(
+        self, path: str, metadata: FileMetadata | None = None, *, exist_ok: bool = False, parents: bool = False
+    ) -> None:
         meta = metadata or FileMetadata()
         if not meta.is_dir:
             meta = dataclasses.replace(meta, attributes=meta.attributes | FileAttributes.DIRECTORY)
@@ -83,7 +85,9 @@ class FileAdding(TreeEditing):
         # create_file() and close() without a StreamWriter: a directory has no contents
         self._create(path, meta, found=found)
 
-    def add_file(self, path: str, data: bytes | BinaryIO | os.PathLike = b"", metadata: FileMetadata | None = None) -> None:
+    def add_file(
+        self, path: str, data: bytes | BinaryIO | os.PathLike = b"", metadata: FileMetadata | None = None
+    ) -> None:
         """Add a file from bytes, a binary file object (read to its end) or a
         local file given by path (``os.PathLike``; not a symlink).
 
@@ -161,8 +165,15 @@ class FileAdding(TreeEditing):
             if type(src) is not str:
                 src = os.fsdecode(src)
             key = key_of(name) if type(name) is str else None
-            if (key is None or key in children or long_prefix or not name_is_valid(name) or type(size) is not int
-                    or not 0 < size <= cim.MAX_STREAM_LENGTH or meta.attributes & 0x10):
+            if (
+                key is None
+                or key in children
+                or long_prefix
+                or not name_is_valid(name)
+                or type(size) is not int
+                or not 0 < size <= cim.MAX_STREAM_LENGTH
+                or meta.attributes & 0x10
+            ):
                 self._add_local_file(prefix + name, src, meta)  # replacing, an error, an empty file: the checked path
                 continue
             node = _Node(record_for(meta, prefix + name, None, True), is_dir=False)
@@ -188,8 +199,15 @@ class FileAdding(TreeEditing):
             return
         process = self._process or self._start_copier()
         prefix = directory.replace("/", "\\") + "\\" if directory else ""
-        if (process is None or process.done or self._closed or self._committed or self._open_stream is not None
-                or self._base is not None or len(prefix) + MAX_NAME_UNITS > _PATH_CHECK_FROM):
+        if (
+            process is None
+            or process.done
+            or self._closed
+            or self._committed
+            or self._open_stream is not None
+            or self._base is not None
+            or len(prefix) + MAX_NAME_UNITS > _PATH_CHECK_FROM
+        ):
             self.add_local_files(directory, [_scanned_metadata(f) for f in files])
             return
         if process.failed():
@@ -215,13 +233,16 @@ class FileAdding(TreeEditing):
             name, key, src, size, wt, ct, at, ea = f
             if clamp is not None:
                 wt, ct, at = min(wt, clamp), min(ct, clamp), min(at, clamp)
-            if (key in children or not 0 <= size <= cim.MAX_STREAM_LENGTH or (wt | ct | at) >> 63
-                    or len(ea) > 0xFFFF):
+            if key in children or not 0 <= size <= cim.MAX_STREAM_LENGTH or (wt | ct | at) >> 63 or len(ea) > 0xFFFF:
                 # replacing, a time or size out of range: the checked path says what is wrong
                 self.add_local_files(directory, [_scanned_metadata(f)])
                 continue
-            node = Node(pack(0, len(ea), 0, wt, wt, ct, at, 0, placeholder | size if size else 0, 0,
-                             put_blob(ea) if ea else 0, 0), is_dir=False)
+            node = Node(
+                pack(
+                    0, len(ea), 0, wt, wt, ct, at, 0, placeholder | size if size else 0, 0, put_blob(ea) if ea else 0, 0
+                ),
+                is_dir=False,
+            )
             children[key] = (name, node)
             node.nlink = 1
             if size:  # an empty file's record is final

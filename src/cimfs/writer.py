@@ -80,8 +80,9 @@ class DirectoryLock:
     def __enter__(self) -> DirectoryLock:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()
 
 
@@ -89,8 +90,17 @@ class DirectoryLock:
 class ImageWriter(FileAdding):
     """A new image, a fork of ``base`` or an extension of it (``base == name``)."""
 
-    def __init__(self, containing_dir: str | os.PathLike, name: str | None, base: str | None = None, *, sync: bool = True,
-                 data_process: bool | int = True, consistent: bool = False, clamp_time: int | None = None) -> None:
+    def __init__(
+        self,
+        containing_dir: str | os.PathLike,
+        name: str | None,
+        base: str | None = None,
+        *,
+        sync: bool = True,
+        data_process: bool | int = True,
+        consistent: bool = False,
+        clamp_time: int | None = None,
+    ) -> None:
         directory = os.fspath(containing_dir)
         name = name or base
         if not name:
@@ -112,8 +122,11 @@ class ImageWriter(FileAdding):
             # gc/rm recognise images by their header whatever their name; a
             # commit's leftover temporary file they remove, and a region
             # file's name on an image would only mislead.
-            raise CimError(ERROR_INVALID_NAME, "the name of a region file or of a commit's temporary "
-                                               "file cannot name an image", name)
+            raise CimError(
+                ERROR_INVALID_NAME,
+                "the name of a region file or of a commit's temporary file cannot name an image",
+                name,
+            )
         self.directory = os.path.abspath(directory)
         self.name = name
         self.path = os.path.join(self.directory, name)
@@ -182,8 +195,9 @@ class ImageWriter(FileAdding):
         if mutating and self._commit_error is not None:
             # The data processes are gone and the store may be half finished:
             # another commit would publish records whose contents were never written.
-            raise CimError(E_FAIL, f"an earlier commit failed ({self._commit_error}); close the image and start again",
-                           self.path)
+            raise CimError(
+                E_FAIL, f"an earlier commit failed ({self._commit_error}); close the image and start again", self.path
+            )
         if mutating and self._open_stream is not None:
             raise CimError(ERROR_SHARING_VIOLATION, f"a stream is still open on {self._open_stream.path!r}", self.path)
 
@@ -205,7 +219,9 @@ class ImageWriter(FileAdding):
             except OSError as e:
                 if isinstance(e, CimError):
                     raise
-                raise CimError(hresult_from_oserror(e), f"commit failed: {e.strerror or e}", e.filename or self.path) from None
+                raise CimError(
+                    hresult_from_oserror(e), f"commit failed: {e.strerror or e}", e.filename or self.path
+                ) from None
         except BaseException as e:
             self._commit_error = str(e) or type(e).__name__
             raise
@@ -218,8 +234,15 @@ class ImageWriter(FileAdding):
             # The last files' batches go out before the tables are packed: a
             # data process that had caught up would wait for them meanwhile.
             self._process.end_input()
-        ImageCommit(self.directory, self.name, root=self._root, base=self._base, store=self._store,
-                    extending=self.extending, sync=self._sync).run(self._copies_done, merged)
+        ImageCommit(
+            self.directory,
+            self.name,
+            root=self._root,
+            base=self._base,
+            store=self._store,
+            extending=self.extending,
+            sync=self._sync,
+        ).run(self._copies_done, merged)
 
     def _copies_done(self) -> list:
         """Wait for the contents still being copied; per data process, (nodes, RegionOffsets)."""
@@ -263,8 +286,9 @@ class ImageWriter(FileAdding):
     def __enter__(self) -> ImageWriter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         with paused_gc():  # commit and free the tree in one pause (see _release)
             try:
                 if exc_type is None and not self._committed and not self._closed:
@@ -291,8 +315,16 @@ class ImageWriter(FileAdding):
         return {"bytes_logical": s.bytes_logical, "bytes_stored": s.bytes_stored, "region_files": s.region_count()}
 
 
-def create(containing_dir: str | os.PathLike, name: str, base: str | os.PathLike | None = None, *, sync: bool = True,
-           data_process: bool | int = True, consistent: bool = False, clamp_time: int | None = None) -> ImageWriter:
+def create(
+    containing_dir: str | os.PathLike,
+    name: str,
+    base: str | os.PathLike | None = None,
+    *,
+    sync: bool = True,
+    data_process: bool | int = True,
+    consistent: bool = False,
+    clamp_time: int | None = None,
+) -> ImageWriter:
     """A writer for the image ``name`` in ``containing_dir``; with ``base`` a fork
     of that image (or its extension when ``base == name``).  As a context
     manager it commits on a clean exit and discards everything on an exception.
@@ -314,5 +346,6 @@ def create(containing_dir: str | os.PathLike, name: str, base: str | os.PathLike
             if os.path.abspath(os.path.dirname(base)) != os.path.abspath(os.fspath(containing_dir)):
                 raise CimError(E_INVALIDARG, "a fork's parent must be in the same directory as the fork", base)
             base = os.path.basename(base)
-    return ImageWriter(containing_dir, name, base, sync=sync, data_process=data_process, consistent=consistent,
-                       clamp_time=clamp_time)
+    return ImageWriter(
+        containing_dir, name, base, sync=sync, data_process=data_process, consistent=consistent, clamp_time=clamp_time
+    )

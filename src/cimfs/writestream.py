@@ -52,7 +52,9 @@ class StreamWriter:
             raise CimError(E_HANDLE, "stream is closed", self.path)
         n = len(data) if not isinstance(data, memoryview) else data.nbytes  # type: ignore[arg-type]  # the buffers written (bytes, bytearray) have len()
         if self.written + n > self.size:
-            raise CimError(E_INVALIDARG, f"write of {n} bytes at {self.written} goes past the stream's size {self.size}", self.path)
+            raise CimError(
+                E_INVALIDARG, f"write of {n} bytes at {self.written} goes past the stream's size {self.size}", self.path
+            )
         if not n:
             return 0
         if self._small:
@@ -70,7 +72,9 @@ class StreamWriter:
                 try:
                     self._region.write_at(data, self._start + self.written)
                 except OSError as e:
-                    raise CimError(hresult_from_oserror(e), f"writing the region file failed: {e.strerror}", self.path) from None
+                    raise CimError(
+                        hresult_from_oserror(e), f"writing the region file failed: {e.strerror}", self.path
+                    ) from None
         self.written += n
         return n
 
@@ -125,6 +129,7 @@ class StreamWriter:
     def __enter__(self) -> StreamWriter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

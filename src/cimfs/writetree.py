@@ -41,10 +41,22 @@ class _Node:
     ``dirty`` only once changed.
     """
 
-    __slots__ = ("file_id", "record", "from_base", "children", "streams", "dirty", "nlink", "open_stream", "is_dir", "seen")
+    __slots__ = (
+        "file_id",
+        "record",
+        "from_base",
+        "children",
+        "streams",
+        "dirty",
+        "nlink",
+        "open_stream",
+        "is_dir",
+        "seen",
+    )
 
-    def __init__(self, record: cim.FileRecord | bytes, file_id: int = 0, from_base: bool = False,
-                 is_dir: bool | None = None):
+    def __init__(
+        self, record: cim.FileRecord | bytes, file_id: int = 0, from_base: bool = False, is_dir: bool | None = None
+    ):
         self.record = record
         self.file_id = file_id
         self.from_base = from_base
@@ -161,18 +173,25 @@ class WriterTree:
         node.dirty = True
 
     # ------------------------------------------------------------ metadata
-    def _record_for(self, meta: FileMetadata, path: str, stream: cim.Stream | None = None,
-                    placeholder: bool = False) -> cim.FileRecord | bytes:
+    def _record_for(
+        self, meta: FileMetadata, path: str, stream: cim.Stream | None = None, placeholder: bool = False
+    ) -> cim.FileRecord | bytes:
         """The record of ``meta``; ``placeholder``: a new file whose contents
         are copied later (see :meth:`_create_copied`) or that has none, packed at once."""
         sd, ea, rp = meta.security_descriptor or b"", meta.ea_buffer or b"", meta.reparse_data or b""
         tag = 0
         if sd or rp or ea:  # all checked before any is stored
             if len(sd) > 0xFFFF or len(ea) > 0xFFFF or len(rp) > 0xFFFF:
-                raise CimError(E_INVALIDARG, "security descriptor, EA buffer and reparse data are each limited to 65535 bytes", path)
+                raise CimError(
+                    E_INVALIDARG,
+                    "security descriptor, EA buffer and reparse data are each limited to 65535 bytes",
+                    path,
+                )
             if rp:
                 if len(rp) < 8:
-                    raise CimError(E_INVALIDARG, f"reparse data of {len(rp)} bytes is shorter than its 8-byte header", path)
+                    raise CimError(
+                        E_INVALIDARG, f"reparse data of {len(rp)} bytes is shorter than its 8-byte header", path
+                    )
                 tag = ntfs.reparse_tag(rp)
         ct, wt, cht, at = meta.creation_time, meta.last_write_time, meta.change_time, meta.last_access_time
         try:
@@ -195,9 +214,20 @@ class WriterTree:
         flags = cim.attributes_to_flags(attributes) if attributes else 0
         if placeholder:
             size = meta.file_size
-            return cim.pack_new_file_record(flags, len(ea), tag, ct, wt, cht, at,
-                                            0, cim.placeholder_stream_word(size) if size else 0,  # 0: the empty stream
-                                            sd_offset, ea_offset, rp_offset)
+            return cim.pack_new_file_record(
+                flags,
+                len(ea),
+                tag,
+                ct,
+                wt,
+                cht,
+                at,
+                0,
+                cim.placeholder_stream_word(size) if size else 0,  # 0: the empty stream
+                sd_offset,
+                ea_offset,
+                rp_offset,
+            )
         if stream is None:
             stream = _DIR_STREAM if meta.is_dir else cim.EMPTY_STREAM
         return cim.FileRecord(flags, len(ea), tag, ct, wt, cht, at, stream, sd_offset, ea_offset, rp_offset)

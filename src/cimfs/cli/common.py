@@ -109,7 +109,7 @@ def _escape_unprintable(e: UnicodeError) -> tuple[str | bytes, int]:
     were; any other unencodable character -- a lone UTF-16 surrogate in an
     image's name -- as a ``\\udXXX`` escape."""
     assert isinstance(e, UnicodeEncodeError)  # the handler is used for encoding only
-    chunk = e.object[e.start:e.end]
+    chunk = e.object[e.start : e.end]
     if all(0xDC80 <= ord(c) <= 0xDCFF for c in chunk):
         return codecs.lookup_error("surrogateescape")(e)
     return codecs.lookup_error("backslashreplace")(e)

@@ -24,12 +24,21 @@ from .common import CONTEXT
 MAX_DEPTH = 512  # keys nested deeper than this are refused (as the reader's walk does)
 BRIEF = 60  # characters of a value's data shown by `hive ls`
 # Default .reg roots by hive file name (Hives\<X>_BASE / _DELTA, config\<X>).
-_ROOTS = {"SYSTEM": "HKEY_LOCAL_MACHINE\\SYSTEM", "SOFTWARE": "HKEY_LOCAL_MACHINE\\SOFTWARE",
-          "SAM": "HKEY_LOCAL_MACHINE\\SAM", "SECURITY": "HKEY_LOCAL_MACHINE\\SECURITY",
-          "DEFAULT": "HKEY_USERS\\.DEFAULT", "DEFAULTUSER": "HKEY_USERS\\.DEFAULT"}
+_ROOTS = {
+    "SYSTEM": "HKEY_LOCAL_MACHINE\\SYSTEM",
+    "SOFTWARE": "HKEY_LOCAL_MACHINE\\SOFTWARE",
+    "SAM": "HKEY_LOCAL_MACHINE\\SAM",
+    "SECURITY": "HKEY_LOCAL_MACHINE\\SECURITY",
+    "DEFAULT": "HKEY_USERS\\.DEFAULT",
+    "DEFAULTUSER": "HKEY_USERS\\.DEFAULT",
+}
 
-image_option = click.option("--image", "image", metavar="IMAGE",
-                            help="Read HIVE (a path like Hives/SOFTWARE_BASE) inside this CIM image (a path or URL).")
+image_option = click.option(
+    "--image",
+    "image",
+    metavar="IMAGE",
+    help="Read HIVE (a path like Hives/SOFTWARE_BASE) inside this CIM image (a path or URL).",
+)
 
 
 # ------------------------------------------------------------------ reading a hive
@@ -106,8 +115,11 @@ def _type_name(type_: int) -> str:
 
 
 def _strings(data: bytes) -> list[str]:
-    text = data.decode("utf-16-le", "surrogatepass") if len(data) % 2 == 0 else \
-        data[:-1].decode("utf-16-le", "surrogatepass")
+    text = (
+        data.decode("utf-16-le", "surrogatepass")
+        if len(data) % 2 == 0
+        else data[:-1].decode("utf-16-le", "surrogatepass")
+    )
     parts = text.split("\0")
     while parts and parts[-1] == "":
         parts.pop()
@@ -194,9 +206,16 @@ def _key_json(key, path: str, layered: bool) -> dict:
     from ..regf import LAYER_SEMANTICS_NAMES
     from ..tools import filetime_iso
 
-    d = {"kind": "key", "path": path, "name": key.name, "subkeys": key.subkey_count, "values": key.value_count,
-         "class": key.class_name, "last_written": filetime_iso(key.last_written),
-         "last_written_filetime": key.last_written}
+    d = {
+        "kind": "key",
+        "path": path,
+        "name": key.name,
+        "subkeys": key.subkey_count,
+        "values": key.value_count,
+        "class": key.class_name,
+        "last_written": filetime_iso(key.last_written),
+        "last_written_filetime": key.last_written,
+    }
     if layered:
         d["layer_semantics"] = LAYER_SEMANTICS_NAMES.get(key.layer_semantics, key.layer_semantics)
         d["inherit_class"] = key.inherit_class
@@ -204,8 +223,15 @@ def _key_json(key, path: str, layered: bool) -> dict:
 
 
 def _value_json(v, key_path: str) -> dict:
-    d = {"kind": "value", "key": key_path, "name": v.name, "type": _type_name(v.type), "type_id": v.type,
-         "size": v.size, "tombstone": v.tombstone}
+    d = {
+        "kind": "value",
+        "key": key_path,
+        "name": v.name,
+        "type": _type_name(v.type),
+        "type_id": v.type,
+        "size": v.size,
+        "tombstone": v.tombstone,
+    }
     d["data"] = None if v.tombstone else value_data(v.type, v.data)
     return d
 
@@ -239,9 +265,12 @@ def hive() -> None:
 @hive.command("ls", context_settings=CONTEXT)
 @click.argument("hive_path", metavar="HIVE")
 @click.argument("key", required=False, default="")
-@click.option("-l", "long", is_flag=True,
-              help="Long listing: last-written time, class, and for a differencing hive the layer semantics "
-                   "and tombstones.")
+@click.option(
+    "-l",
+    "long",
+    is_flag=True,
+    help="Long listing: last-written time, class, and for a differencing hive the layer semantics and tombstones.",
+)
 @click.option("-R", "recursive", is_flag=True, help="List every key below KEY too.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output (everything -l shows).")
 @image_option
@@ -294,11 +323,19 @@ def ls(hive_path, key, long, recursive, as_json, image):
 @click.argument("hive_path", metavar="HIVE")
 @click.argument("key", required=False, default="")
 @click.option("-o", "out", default="-", metavar="OUT.reg", help="Output file (default: stdout).")
-@click.option("--prefix", metavar="ROOT",
-              help="The path the hive's root stands for (default from the file name: HKEY_LOCAL_MACHINE\\SOFTWARE "
-                   "for SOFTWARE, SOFTWARE_BASE, ...; HKEY_USERS\\.DEFAULT for DEFAULT).")
-@click.option("--encoding", type=click.Choice(["utf-16", "utf-8"]), default="utf-16", show_default=True,
-              help="utf-16: UTF-16LE with a byte order mark, as regedit writes; utf-8: the same text in UTF-8.")
+@click.option(
+    "--prefix",
+    metavar="ROOT",
+    help="The path the hive's root stands for (default from the file name: HKEY_LOCAL_MACHINE\\SOFTWARE "
+    "for SOFTWARE, SOFTWARE_BASE, ...; HKEY_USERS\\.DEFAULT for DEFAULT).",
+)
+@click.option(
+    "--encoding",
+    type=click.Choice(["utf-16", "utf-8"]),
+    default="utf-16",
+    show_default=True,
+    help="utf-16: UTF-16LE with a byte order mark, as regedit writes; utf-8: the same text in UTF-8.",
+)
 @image_option
 def export(hive_path, key, out, prefix, encoding, image):
     """Write KEY (the root by default) and everything below it as .reg text

@@ -56,11 +56,15 @@ def _remember_consistent(ctx, param, value):
 
 
 _CONSISTENT_OPTION = click.option(
-    "--consistent/--no-consistent", default=True, show_default=True, expose_value=False,
+    "--consistent/--no-consistent",
+    default=True,
+    show_default=True,
+    expose_value=False,
     callback=_remember_consistent,
     help="Write a consistent image (CONSISTENT_CIM): the same input gives the same files, byte for byte and "
-         "by name. A POSIX source's atimes and ctimes are not stored (they equal the mtime). "
-         "SOURCE_DATE_EPOCH, when set, caps every time.")
+    "by name. A POSIX source's atimes and ctimes are not stored (they equal the mtime). "
+    "SOURCE_DATE_EPOCH, when set, caps every time.",
+)
 
 
 # Forking the writer's data processes (multiprocessing's import included)
@@ -108,16 +112,34 @@ def _import_posix(directory, name, base_name, tree, *, mirror: bool, options: di
 @_CONSISTENT_OPTION
 @click.argument("src")
 @click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--fork-from", "parent", metavar="PARENT.cim",
-              help="Make IMAGE a fork of PARENT (same directory) storing only what differs.")
+@click.option(
+    "--fork-from",
+    "parent",
+    metavar="PARENT.cim",
+    help="Make IMAGE a fork of PARENT (same directory) storing only what differs.",
+)
 @click.option("--extend", is_flag=True, help="Add SRC into the existing IMAGE in place (merge, nothing deleted).")
-@click.option("--format", "fmt", type=click.Choice(["auto", "posix", "windows-layer"]), default="auto",
-              show_default=True, help="How to read a tar SRC.")
-@click.option("--on-collision", type=click.Choice(["error", "rename", "skip"]), default="error", show_default=True,
-              help="Names that differ only in case: fail, rename the later one (name~2), or skip it.")
-@click.option("--independent", is_flag=True,
-              help="Windows layer tar: convert the layer on its own, to be merged later ('cimfs merge'): "
-                   "whiteouts become tombstones, hard links to lower files merge links.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "posix", "windows-layer"]),
+    default="auto",
+    show_default=True,
+    help="How to read a tar SRC.",
+)
+@click.option(
+    "--on-collision",
+    type=click.Choice(["error", "rename", "skip"]),
+    default="error",
+    show_default=True,
+    help="Names that differ only in case: fail, rename the later one (name~2), or skip it.",
+)
+@click.option(
+    "--independent",
+    is_flag=True,
+    help="Windows layer tar: convert the layer on its own, to be merged later ('cimfs merge'): "
+    "whiteouts become tombstones, hard links to lower files merge links.",
+)
 def create(src, image, parent, extend, fmt, on_collision, independent):
     """Build IMAGE from SRC: a directory, a tar file (any compression), or - for a tar on stdin.
 
@@ -190,11 +212,13 @@ def create(src, image, parent, extend, fmt, on_collision, independent):
             with Progress(0, "create") as bar:
                 if src == "-":
                     tf.spool.seek(0)
-                    winlayer.import_layer(tf.spool, directory, name, parent=base_name, progress=bar,
-                                          independent=independent, **options)
+                    winlayer.import_layer(
+                        tf.spool, directory, name, parent=base_name, progress=bar, independent=independent, **options
+                    )
                 else:
-                    winlayer.import_layer(src, directory, name, parent=base_name, progress=bar,
-                                          independent=independent, **options)
+                    winlayer.import_layer(
+                        src, directory, name, parent=base_name, progress=bar, independent=independent, **options
+                    )
             return
         if independent:
             raise click.UsageError(f"{src}: --independent needs a Windows layer tar (this is a POSIX tar)")
@@ -207,9 +231,13 @@ def create(src, image, parent, extend, fmt, on_collision, independent):
 @click.command(context_settings=CONTEXT)
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.argument("sources", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--consistent/--no-consistent", default=True, show_default=True,
-              help="The same sources give the same OUT, byte for byte (a region set id derived from the "
-                   "contents); --no-consistent: a random one.")
+@click.option(
+    "--consistent/--no-consistent",
+    default=True,
+    show_default=True,
+    help="The same sources give the same OUT, byte for byte (a region set id derived from the "
+    "contents); --no-consistent: a random one.",
+)
 def merge(out, sources, consistent):
     """Write OUT, the merged image of SOURCES (top layer first, base last).
 
@@ -245,15 +273,28 @@ def _split_add(spec: str) -> tuple[str, str | None]:
 @_CONSISTENT_OPTION
 @click.argument("parent", type=click.Path(dir_okay=False))
 @click.argument("new", type=click.Path(dir_okay=False))
-@click.option("--add", "adds", multiple=True, metavar="SRC[:IMAGE_PATH]",
-              help="Add a local file or directory (default: /<basename of SRC>). A directory is merged into "
-                   "IMAGE_PATH. Repeatable.")
-@click.option("--delete", "deletes", multiple=True, metavar="IMAGE_PATH",
-              help="Delete a file or directory (recursively). Repeatable; applied before the additions.")
+@click.option(
+    "--add",
+    "adds",
+    multiple=True,
+    metavar="SRC[:IMAGE_PATH]",
+    help="Add a local file or directory (default: /<basename of SRC>). A directory is merged into "
+    "IMAGE_PATH. Repeatable.",
+)
+@click.option(
+    "--delete",
+    "deletes",
+    multiple=True,
+    metavar="IMAGE_PATH",
+    help="Delete a file or directory (recursively). Repeatable; applied before the additions.",
+)
 @click.option("--on-collision", type=click.Choice(["error", "rename", "skip"]), default="error", show_default=True)
-@click.option("--replace", is_flag=True,
-              help="Let an addition replace an entry of another kind: a file on the way to IMAGE_PATH becomes a "
-                   "directory, a directory becomes a file. Without it that is an error.")
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Let an addition replace an entry of another kind: a file on the way to IMAGE_PATH becomes a "
+    "directory, a directory becomes a file. Without it that is an error.",
+)
 def fork(parent, new, adds, deletes, on_collision, replace):
     """Create NEW as a fork of PARENT plus the given additions and deletions.
 
@@ -296,8 +337,11 @@ def fork(parent, new, adds, deletes, on_collision, replace):
     total = sum(t for _, _, t in plans)
     options = _write_options()
     options["data_process"] = _data_process([node for node, _, _ in plans], total)
-    with Progress(total, "fork") as bar, cimfs.create(directory, name, base=pname, **options) as w, \
-            cimfs.open(os.path.join(directory, pname)) as base:
+    with (
+        Progress(total, "fork") as bar,
+        cimfs.create(directory, name, base=pname, **options) as w,
+        cimfs.open(os.path.join(directory, pname)) as base,
+    ):
         hidden = set()
         for d in deletes:
             p = _image_path_arg(d)

@@ -18,14 +18,25 @@ from .common import CONTEXT, _json, _warn
 @click.command("import-image", context_settings=CONTEXT)
 @click.argument("src")
 @click.argument("store_dir", type=click.Path(file_okay=False))
-@click.option("--platform", metavar="OS/ARCH[:VERSION]",
-              help="Which image of a multi-platform index (default: the only Windows one).")
-@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="With 2 or more, a second process reads, decompresses, verifies and parses the layers "
-                   "ahead of their import.")
+@click.option(
+    "--platform",
+    metavar="OS/ARCH[:VERSION]",
+    help="Which image of a multi-platform index (default: the only Windows one).",
+)
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="With 2 or more, a second process reads, decompresses, verifies and parses the layers ahead of their import.",
+)
 @click.option("--ref", "reference", metavar="NAME", help="Also name the image NAME in the store.")
-@click.option("--independent", is_flag=True,
-              help="Each layer an independent image (named by diff ID, shared by any image), plus a merged top.")
+@click.option(
+    "--independent",
+    is_flag=True,
+    help="Each layer an independent image (named by diff ID, shared by any image), plus a merged top.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Report layers, digests, chain IDs, bytes, reused/new.")
 def import_image(src, store_dir, platform, jobs, reference, independent, as_json):
     """Import a Windows container image into the layer store STORE_DIR.
@@ -45,15 +56,17 @@ def import_image(src, store_dir, platform, jobs, reference, independent, as_json
     from .. import oci
 
     stream = click.get_binary_stream("stdin") if src == "-" else src
-    report = oci.import_image(stream, store_dir, platform=platform, jobs=jobs, warn=_warn, reference=reference,
-                              independent=independent)
+    report = oci.import_image(
+        stream, store_dir, platform=platform, jobs=jobs, warn=_warn, reference=reference, independent=independent
+    )
     if as_json:
         _json(report)
         return
     new = sum(1 for layer in report["layers"] if layer["status"] == "new")
     click.echo(f"{report['id']} {' '.join(report['refs'])}".rstrip())
-    click.echo(f"  {len(report['layers'])} layers ({new} new, {len(report['layers']) - new} reused), "
-               f"top {report['top']}")
+    click.echo(
+        f"  {len(report['layers'])} layers ({new} new, {len(report['layers']) - new} reused), top {report['top']}"
+    )
 
 
 @click.command(context_settings=CONTEXT)
@@ -74,8 +87,10 @@ def images(store_dir, as_json):
         return
     for rec in items:
         top = os.path.join(os.path.abspath(store_dir), "layers", rec["top"]) if rec.get("top") else "-"
-        click.echo(f"{rec['id'][:19]}  {rec.get('platform', '')}  {len(rec.get('layers', []))} layers  "
-                   f"{','.join(rec.get('refs') or ['<none>'])}  {top}")
+        click.echo(
+            f"{rec['id'][:19]}  {rec.get('platform', '')}  {len(rec.get('layers', []))} layers  "
+            f"{','.join(rec.get('refs') or ['<none>'])}  {top}"
+        )
 
 
 @click.command(context_settings=CONTEXT)
@@ -102,8 +117,12 @@ def rmi(store_dir, ref, verbose):
 @click.argument("ref")
 @click.argument("out")
 @click.option("--format", "fmt", type=click.Choice(["oci", "docker-archive"]), default="oci", show_default=True)
-@click.option("--compress", type=click.Choice(["gzip", "zstd", "none"]), default=None,
-              help="Layer compression [default: gzip for oci, none for docker-archive].")
+@click.option(
+    "--compress",
+    type=click.Choice(["gzip", "zstd", "none"]),
+    default=None,
+    help="Layer compression [default: gzip for oci, none for docker-archive].",
+)
 @click.option("--json", "as_json", is_flag=True)
 def export_image(store_dir, ref, out, fmt, compress, as_json):
     """Write image REF of STORE_DIR as an OCI layout directory or a docker archive OUT.

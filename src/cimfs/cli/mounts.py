@@ -38,12 +38,21 @@ def _mount_options(opts: tuple[str, ...]) -> dict:
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("-f", "foreground", is_flag=True, help="Stay in the foreground until unmounted.")
 @click.option("-o", "options", multiple=True, metavar="uid=N,gid=N,umask=OOO,allow_other")
-@click.option("--engine", type=click.Choice(["fuse", "kernel", "auto"]), default="fuse", show_default=True,
-              help="fuse: the FUSE daemon; kernel: an EROFS index over the region files, served by the "
-                   "kernel (root only); auto: kernel when it can.")
+@click.option(
+    "--engine",
+    type=click.Choice(["fuse", "kernel", "auto"]),
+    default="fuse",
+    show_default=True,
+    help="fuse: the FUSE daemon; kernel: an EROFS index over the region files, served by the "
+    "kernel (root only); auto: kernel when it can.",
+)
 @click.option("--kernel", "kernel", is_flag=True, help="Same as --engine kernel.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Keep the blocks of a remote IMAGE fetched by reads in this local directory.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep the blocks of a remote IMAGE fetched by reads in this local directory.",
+)
 def mount(images, mountpoint, foreground, options, engine, kernel, cache_dir):
     """Mount IMAGE read-only at MOUNTPOINT (FUSE with pyfuse3, or the kernel's EROFS).
 
@@ -71,8 +80,9 @@ def mount(images, mountpoint, foreground, options, engine, kernel, cache_dir):
     try:
         from .. import mount as _mount
     except ImportError as e:
-        raise CimError(E_INVALIDARG, f"mounting needs the 'mount' extra (pip install cimfs[mount]): {e}",
-                       images[0]) from None
+        raise CimError(
+            E_INVALIDARG, f"mounting needs the 'mount' extra (pip install cimfs[mount]): {e}", images[0]
+        ) from None
     engine = "kernel" if kernel else engine
     if len(images) > 1:
         vid = _mount.mount_merged(list(images), mountpoint, foreground=foreground, engine=engine, **opts)
@@ -102,10 +112,20 @@ def umount(mountpoint):
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--standalone", is_flag=True, help="Copy all contents in: a self-contained EROFS image.")
-@click.option("--block-size", type=click.Choice(["auto", "512", "4096"]), default="auto", show_default=True,
-              help="EROFS block size (auto: 512 only when that addresses every object in place).")
-@click.option("-o", "options", multiple=True, metavar="uid=N,gid=N,umask=OOO",
-              help="Owner and umask of entries without WSL metadata (default: yours, 222).")
+@click.option(
+    "--block-size",
+    type=click.Choice(["auto", "512", "4096"]),
+    default="auto",
+    show_default=True,
+    help="EROFS block size (auto: 512 only when that addresses every object in place).",
+)
+@click.option(
+    "-o",
+    "options",
+    multiple=True,
+    metavar="uid=N,gid=N,umask=OOO",
+    help="Owner and umask of entries without WSL metadata (default: yours, 222).",
+)
 def to_erofs(image, out, standalone, block_size, options):
     """Write IMAGE as an EROFS image OUT: by default an index whose file
     contents stay in IMAGE's region files (mount it with each region file
@@ -124,9 +144,12 @@ def to_erofs(image, out, standalone, block_size, options):
     bits = {"auto": None, "512": 9, "4096": 12}[block_size]
     with _open_image(image) as im:
         info = erofs.write_index(im, out, standalone=standalone, options=Options(**opts), block_bits=bits)
-    click.echo(f"{out}: {info['size']} bytes, {info['inodes']} inodes, block size {info['block_size']}, "
-               f"{info['in_place_files']} files in place, {info['copied_files']} copied "
-               f"({info['copied_bytes']} bytes)", err=True)
+    click.echo(
+        f"{out}: {info['size']} bytes, {info['inodes']} inodes, block size {info['block_size']}, "
+        f"{info['in_place_files']} files in place, {info['copied_files']} copied "
+        f"({info['copied_bytes']} bytes)",
+        err=True,
+    )
     for dev in info["devices"]:
         click.echo(f"device={dev}", err=True)
 

@@ -19,17 +19,28 @@ from .common import CONTEXT, _check_image_exists, _image_path_arg, _json, _open_
 
 _CAT_CHUNK = 1 << 20  # cat copies in the unit the library reads and copies file data in (posix.CHUNK)
 
+
 # ===================================================================== reading
 def _entry_json(path: str, st) -> dict:
     from .. import posix, tools
 
     info = posix.posix_info(st)
     return {
-        "path": path, "name": path.rsplit("/", 1)[-1] if path else "", "file_id": st.file_id, "type": info.kind,
-        "mode": f"{info.mode:o}", "mode_string": tools.mode_string(info.mode), "uid": info.uid, "gid": info.gid,
-        "nlink": st.nlink, "size": st.size, "attributes": st.attributes,
-        "mtime": tools.filetime_iso(st.last_write_time), "last_write_time": st.last_write_time,
-        "target": info.target, "rdev": list(info.rdev) if info.kind in ("chr", "blk") else None,
+        "path": path,
+        "name": path.rsplit("/", 1)[-1] if path else "",
+        "file_id": st.file_id,
+        "type": info.kind,
+        "mode": f"{info.mode:o}",
+        "mode_string": tools.mode_string(info.mode),
+        "uid": info.uid,
+        "gid": info.gid,
+        "nlink": st.nlink,
+        "size": st.size,
+        "attributes": st.attributes,
+        "mtime": tools.filetime_iso(st.last_write_time),
+        "last_write_time": st.last_write_time,
+        "target": info.target,
+        "rdev": list(info.rdev) if info.kind in ("chr", "blk") else None,
     }
 
 
@@ -80,7 +91,7 @@ def ls(image, path, long, recursive, as_json):
             for p, fid, cst in tools.iter_entries(img, path):
                 if p == path:
                     continue
-                rel = p[len(path) + 1:] if path else p
+                rel = p[len(path) + 1 :] if path else p
                 rows.append((rel, p, cst))
         else:
             for e in img.scandir(path):
@@ -153,8 +164,12 @@ def stat(image, path, as_json):
     echo(f"  Mode: {p['mode_string']} ({p['mode']})    Uid: {p['uid']}    Gid: {p['gid']}{extra}")
     if p["target"] is not None:
         echo(f"Target: {p['target']}")
-    labels = {"creation_time": "Created", "last_write_time": "Modified", "change_time": "Changed",
-              "last_access_time": "Accessed"}
+    labels = {
+        "creation_time": "Created",
+        "last_write_time": "Modified",
+        "change_time": "Changed",
+        "last_access_time": "Accessed",
+    }
     for k, label in labels.items():
         t = d["times"][k]
         echo(f"{label:>9}: {t['iso']} ({t['filetime']})")
@@ -214,14 +229,18 @@ def info(image, as_json):
     for p in parents:
         echo(f"  {p['id']} ({p['count']} region files)")
     c = d["counts"]
-    echo(f"Entries:      {c['files']} files, {c['directories']} directories, {c['symlinks']} symlinks, "
-         f"{c['special']} special, {c['hard_link_names']} extra hard-link names, {c['alternate_streams']} streams")
+    echo(
+        f"Entries:      {c['files']} files, {c['directories']} directories, {c['symlinks']} symlinks, "
+        f"{c['special']} special, {c['hard_link_names']} extra hard-link names, {c['alternate_streams']} streams"
+    )
     echo(f"Content:      {d['bytes_logical']} bytes")
     if "bytes_unique_content" in d:
         echo(f"Unique:       {d['bytes_unique_content']} bytes (dedup saves {d['dedup_savings']})")
     b = d["bytes_stored"]
-    echo(f"Stored:       {b['all_regions']} bytes in region files ({b['all_regions_allocated']} allocated), "
-         f"{b['own_regions']} in this image's own set, .cim {b['cim_file']}")
+    echo(
+        f"Stored:       {b['all_regions']} bytes in region files ({b['all_regions_allocated']} allocated), "
+        f"{b['own_regions']} in this image's own set, .cim {b['cim_file']}"
+    )
 
 
 # ===================================================================== extract / export
@@ -293,6 +312,7 @@ def _open_output(out: str):
                 else:
                     with contextlib.suppress(OSError):
                         os.unlink(tmp)
+
     return (f or raw), finish
 
 
@@ -300,9 +320,12 @@ def _open_output(out: str):
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("out")
 @click.option("--format", "fmt", type=click.Choice(["posix", "windows-layer"]), default="posix", show_default=True)
-@click.option("--independent", is_flag=True,
-              help="windows-layer: IMAGE was made with 'create --independent'; write its tombstones as whiteouts "
-                   "and its merge links as hard links.")
+@click.option(
+    "--independent",
+    is_flag=True,
+    help="windows-layer: IMAGE was made with 'create --independent'; write its tombstones as whiteouts "
+    "and its merge links as hard links.",
+)
 def export(image, out, fmt, independent):
     """Write IMAGE as a tar (OUT, or - for stdout; .gz/.bz2/.xz compress).
 
@@ -331,8 +354,7 @@ def export(image, out, fmt, independent):
                     winlayer.export_layer(img, f, progress=bar, independent=independent)
                 report = None
             else:
-                with Progress(0, "export") as bar, \
-                        tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+                with Progress(0, "export") as bar, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tf:
                     if bar.enabled:  # a walk of the image: only for a bar drawn
                         bar.total = posix.Extractor(img, ".").total_bytes()
                     report = posix.export_tar(img, tf, progress=bar, warn=_warn)

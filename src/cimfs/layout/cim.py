@@ -163,8 +163,21 @@ class FilesystemHeader(NamedTuple):
 
 def pack_filesystem_header(own: RegionSet, filesystem_offset: int, parents: list[RegionSet]) -> bytes:
     head = FILESYSTEM_HEADER.pack(
-        MAGIC, FILESYSTEM_HEADER.size, FILE_TYPE_FILESYSTEM, 0, 0, *WRITE_VERSION, 0,
-        own.id.bytes_le, own.count, 0, 0, filesystem_offset, 0, 0, len(parents),
+        MAGIC,
+        FILESYSTEM_HEADER.size,
+        FILE_TYPE_FILESYSTEM,
+        0,
+        0,
+        *WRITE_VERSION,
+        0,
+        own.id.bytes_le,
+        own.count,
+        0,
+        0,
+        filesystem_offset,
+        0,
+        0,
+        len(parents),
     )
     return head + b"".join(p.pack() for p in parents)
 
@@ -172,7 +185,7 @@ def pack_filesystem_header(own: RegionSet, filesystem_offset: int, parents: list
 def sniff_file_type(buf: bytes) -> int | None:
     """The file type (``FILE_TYPE_*``) of a file whose first bytes are ``buf``,
     or None when they do not start like a CIM file (too short, other magic)."""
-    if len(buf) < COMMON_HEADER.size or buf[:len(MAGIC)] != MAGIC:
+    if len(buf) < COMMON_HEADER.size or buf[: len(MAGIC)] != MAGIC:
         return None
     return COMMON_HEADER.unpack_from(buf, 0)[2]
 
@@ -204,7 +217,9 @@ def unpack_filesystem_header(buf: bytes) -> FilesystemHeader:
 
 
 def pack_region_header(index: int, region_type: int) -> bytes:
-    return REGION_HEADER.pack(MAGIC, REGION_HEADER.size, FILE_TYPE_REGION, 0, 0, *WRITE_VERSION, 0, index, region_type, 0, 0)
+    return REGION_HEADER.pack(
+        MAGIC, REGION_HEADER.size, FILE_TYPE_REGION, 0, 0, *WRITE_VERSION, 0, index, region_type, 0, 0
+    )
 
 
 def unpack_region_header(buf: bytes, what: str) -> tuple[int, int]:
@@ -224,8 +239,19 @@ def pack_objectid_file(index: int, region_type: int, entries: Iterable[tuple[int
     for n, d, o in entries:
         body += pack(n, d, o)
     head = OBJECTID_HEADER.pack(
-        MAGIC, OBJECTID_HEADER.size, FILE_TYPE_OBJECTID, 0, 0, *WRITE_VERSION, 0,
-        index, region_type, 0, 0, OBJECTID_HEADER.size, len(body) // OBJECTID_ENTRY.size,
+        MAGIC,
+        OBJECTID_HEADER.size,
+        FILE_TYPE_OBJECTID,
+        0,
+        0,
+        *WRITE_VERSION,
+        0,
+        index,
+        region_type,
+        0,
+        0,
+        OBJECTID_HEADER.size,
+        len(body) // OBJECTID_ENTRY.size,
     )
     return head + body
 
@@ -349,27 +375,70 @@ class FileRecord(NamedTuple):
 
 def attributes_to_flags(attributes: int) -> int:
     a = int(attributes)
-    return (a & 0x7) | (FLAG_ARCHIVE if a & FILE_ATTRIBUTE_ARCHIVE else 0) | (FLAG_SPARSE if a & FILE_ATTRIBUTE_SPARSE_FILE else 0)
+    return (
+        (a & 0x7)
+        | (FLAG_ARCHIVE if a & FILE_ATTRIBUTE_ARCHIVE else 0)
+        | (FLAG_SPARSE if a & FILE_ATTRIBUTE_SPARSE_FILE else 0)
+    )
 
 
 def pack_file_record(r: FileRecord) -> bytes:
     s = r.stream
     return FILE_RECORD.pack(
-        r.flags, r.ea_length, r.reparse_tag, r.creation_time, r.last_write_time, r.change_time,
-        r.last_access_time, s.offset, s.packed_length(), r.security_descriptor_offset, r.ea_offset,
-        r.reparse_offset, r.stream_table_offset, r.parent_file_id, 0, 0,
+        r.flags,
+        r.ea_length,
+        r.reparse_tag,
+        r.creation_time,
+        r.last_write_time,
+        r.change_time,
+        r.last_access_time,
+        s.offset,
+        s.packed_length(),
+        r.security_descriptor_offset,
+        r.ea_offset,
+        r.reparse_offset,
+        r.stream_table_offset,
+        r.parent_file_id,
+        0,
+        0,
     )
 
 
-def pack_new_file_record(flags: int, ea_length: int, reparse_tag: int, creation_time: int, last_write_time: int,
-                         change_time: int, last_access_time: int, stream_offset: int, stream_word: int,
-                         security_descriptor_offset: int, ea_offset: int, reparse_offset: int) -> bytes:
+def pack_new_file_record(
+    flags: int,
+    ea_length: int,
+    reparse_tag: int,
+    creation_time: int,
+    last_write_time: int,
+    change_time: int,
+    last_access_time: int,
+    stream_offset: int,
+    stream_word: int,
+    security_descriptor_offset: int,
+    ea_offset: int,
+    reparse_offset: int,
+) -> bytes:
     """A new file's record from its fields, with no stream table and its
     parent FileID still 0 (both patched by :func:`record_with`): the hot path
     of an import packs without building a FileRecord and a Stream first."""
-    return FILE_RECORD.pack(flags, ea_length, reparse_tag, creation_time, last_write_time, change_time,
-                            last_access_time, stream_offset, stream_word, security_descriptor_offset, ea_offset,
-                            reparse_offset, 0, 0, 0, 0)
+    return FILE_RECORD.pack(
+        flags,
+        ea_length,
+        reparse_tag,
+        creation_time,
+        last_write_time,
+        change_time,
+        last_access_time,
+        stream_offset,
+        stream_word,
+        security_descriptor_offset,
+        ea_offset,
+        reparse_offset,
+        0,
+        0,
+        0,
+        0,
+    )
 
 
 _RECORD_STREAM_AT = 40  # u64 offset + u64 length/type word of the default stream
@@ -381,8 +450,13 @@ _U64 = struct.Struct("<Q")
 _RECORD_SPARSE_BYTE = _RECORD_STREAM_AT + 8 + 7
 
 
-def record_with(packed: bytes, *, parent_file_id: int | None = None, stream_table_offset: int | None = None,
-                stream: Stream | None = None) -> bytes:
+def record_with(
+    packed: bytes,
+    *,
+    parent_file_id: int | None = None,
+    stream_table_offset: int | None = None,
+    stream: Stream | None = None,
+) -> bytes:
     """A packed file record with its parent FileID, stream table offset and/or
     default stream replaced (a million records are patched, not re-packed)."""
     buf = bytearray(packed)
@@ -411,8 +485,10 @@ def fill_copied_stream(buf: bytearray, at: int, offset: int) -> None:
 def unpack_file_record(buf, offset: int = 0) -> FileRecord:
     """``buf`` holds at least 96 bytes from ``offset`` (shorter records are zero-filled by the caller)."""
     f = FILE_RECORD.unpack_from(buf, offset)
-    return _tuple_new(FileRecord, (f[0], f[1], f[2], f[3], f[4], f[5], f[6], unpack_stream(f[7], f[8]),
-                                   f[9], f[10], f[11], f[12], f[13]))
+    return _tuple_new(
+        FileRecord,
+        (f[0], f[1], f[2], f[3], f[4], f[5], f[6], unpack_stream(f[7], f[8]), f[9], f[10], f[11], f[12], f[13]),
+    )
 
 
 def pack_blob(payload: bytes) -> bytes:
@@ -528,7 +604,7 @@ def unpack_link_table(buf, value_size: int, what: str) -> tuple[list[str], list]
             raise CimFormatError(f"{what}: name at {off} runs past the link table")
         name = decoded.get(off)
         if name is None:
-            name = decoded[off] = bytes(mv[off + 2:end]).decode("utf-16-le", "surrogatepass")
+            name = decoded[off] = bytes(mv[off + 2 : end]).decode("utf-16-le", "surrogatepass")
             if not name or name in (".", "..") or _BAD_STORED_NAME.search(name):
                 raise CimFormatError(f"{what}: stored name {name[:60]!r} is not a valid name")
         names.append(name)
@@ -547,7 +623,7 @@ def _names_in_one_decode(buf, offsets, length: int, room: int) -> list[str] | No
     if max(offsets) + 2 > length:
         return None
     n = (length - base) & ~1
-    text = bytes(memoryview(buf)[base:base + n]).decode("utf-16-le", "surrogatepass")
+    text = bytes(memoryview(buf)[base : base + n]).decode("utf-16-le", "surrogatepass")
     if len(text) * 2 != n:  # a surrogate pair became one character: indexes would shift
         return None
     # Every length is checked before any name is cut out of the text: entries
@@ -561,7 +637,7 @@ def _names_in_one_decode(buf, offsets, length: int, room: int) -> list[str] | No
     if max(offsets) + 2 + 2 * MAX_NAME_UNITS > length:  # only a name near the end can run past it
         if any(off + 2 + 2 * units > length for off, units in zip(offsets, lengths)):
             return None
-    names = [text[i + 1:i + 1 + units] for i, units in zip(starts, lengths)]
+    names = [text[i + 1 : i + 1 + units] for i, units in zip(starts, lengths)]
     if "" in names or "." in names or ".." in names or _BAD_STORED_NAME.search("".join(names)):
         return None
     return names

@@ -58,21 +58,74 @@ def align(n: int, unit: int) -> int:
     return (n + unit - 1) // unit * unit
 
 
-def pack_super_block(*, blkszbits: int, root_nid: int, inos: int, build_time: int, build_time_nsec: int,
-                     blocks: int, meta_blkaddr: int, xattr_blkaddr: int, uuid: bytes, volume_name: bytes,
-                     feature_incompat: int, extra_devices: int, devt_slotoff: int) -> bytes:
+def pack_super_block(
+    *,
+    blkszbits: int,
+    root_nid: int,
+    inos: int,
+    build_time: int,
+    build_time_nsec: int,
+    blocks: int,
+    meta_blkaddr: int,
+    xattr_blkaddr: int,
+    uuid: bytes,
+    volume_name: bytes,
+    feature_incompat: int,
+    extra_devices: int,
+    devt_slotoff: int,
+) -> bytes:
     if not 0 <= root_nid <= 0xFFFF:
         raise ValueError(f"root nid {root_nid} does not fit the superblock")
-    return SUPER_BLOCK.pack(MAGIC, 0, 0, blkszbits, 0, root_nid, inos, build_time, build_time_nsec, blocks,
-                            meta_blkaddr, xattr_blkaddr, uuid, volume_name[:16], feature_incompat, 0,
-                            extra_devices, devt_slotoff, 0, 0, 0, 0, 0, bytes(23))
+    return SUPER_BLOCK.pack(
+        MAGIC,
+        0,
+        0,
+        blkszbits,
+        0,
+        root_nid,
+        inos,
+        build_time,
+        build_time_nsec,
+        blocks,
+        meta_blkaddr,
+        xattr_blkaddr,
+        uuid,
+        volume_name[:16],
+        feature_incompat,
+        0,
+        extra_devices,
+        devt_slotoff,
+        0,
+        0,
+        0,
+        0,
+        0,
+        bytes(23),
+    )
 
 
 def unpack_super_block(raw: bytes) -> dict:
     f = SUPER_BLOCK.unpack_from(raw, SUPER_OFFSET)
-    names = ("magic", "checksum", "feature_compat", "blkszbits", "sb_extslots", "root_nid", "inos", "build_time",
-             "build_time_nsec", "blocks", "meta_blkaddr", "xattr_blkaddr", "uuid", "volume_name",
-             "feature_incompat", "u1", "extra_devices", "devt_slotoff")
+    names = (
+        "magic",
+        "checksum",
+        "feature_compat",
+        "blkszbits",
+        "sb_extslots",
+        "root_nid",
+        "inos",
+        "build_time",
+        "build_time_nsec",
+        "blocks",
+        "meta_blkaddr",
+        "xattr_blkaddr",
+        "uuid",
+        "volume_name",
+        "feature_incompat",
+        "u1",
+        "extra_devices",
+        "devt_slotoff",
+    )
     return dict(zip(names, f))
 
 
@@ -84,11 +137,35 @@ def inode_format(datalayout: int, layout: int = INODE_LAYOUT_EXTENDED) -> int:
     return layout | (datalayout << 1)
 
 
-def pack_inode_extended(*, datalayout: int, xattr_icount: int, mode: int, size: int, i_u: int, ino: int,
-                        uid: int, gid: int, mtime: int, mtime_nsec: int, nlink: int) -> bytes:
-    return INODE_EXTENDED.pack(inode_format(datalayout), xattr_icount, mode & 0xFFFF, 0, size, i_u & 0xFFFFFFFF,
-                               ino & 0xFFFFFFFF, uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, mtime & 0xFFFFFFFFFFFFFFFF,
-                               mtime_nsec, nlink, bytes(16))
+def pack_inode_extended(
+    *,
+    datalayout: int,
+    xattr_icount: int,
+    mode: int,
+    size: int,
+    i_u: int,
+    ino: int,
+    uid: int,
+    gid: int,
+    mtime: int,
+    mtime_nsec: int,
+    nlink: int,
+) -> bytes:
+    return INODE_EXTENDED.pack(
+        inode_format(datalayout),
+        xattr_icount,
+        mode & 0xFFFF,
+        0,
+        size,
+        i_u & 0xFFFFFFFF,
+        ino & 0xFFFFFFFF,
+        uid & 0xFFFFFFFF,
+        gid & 0xFFFFFFFF,
+        mtime & 0xFFFFFFFFFFFFFFFF,
+        mtime_nsec,
+        nlink,
+        bytes(16),
+    )
 
 
 def chunk_format(chunkbits: int, blkszbits: int) -> int:
@@ -123,7 +200,11 @@ def pack_xattr_ibody(shared_ids, entries: bytes) -> tuple[bytes, int]:
     shared_ids = list(shared_ids)
     if not shared_ids and not entries:
         return b"", 0
-    body = XATTR_IBODY_HEADER.pack(0, len(shared_ids), bytes(7)) + b"".join(struct.pack("<I", i) for i in shared_ids) + entries
+    body = (
+        XATTR_IBODY_HEADER.pack(0, len(shared_ids), bytes(7))
+        + b"".join(struct.pack("<I", i) for i in shared_ids)
+        + entries
+    )
     icount = (len(body) - XATTR_IBODY_HEADER.size) // 4 + 1
     if icount > 0xFFFF:
         raise ValueError("inline xattrs too large for EROFS")
@@ -172,7 +253,7 @@ def unpack_directory(data: bytes, block_size: int) -> list[tuple[bytes, int, int
     """(name, nid, file type) of every entry in directory blocks (for checks)."""
     out = []
     for start in range(0, len(data), block_size):
-        block = data[start: start + block_size]
+        block = data[start : start + block_size]
         nid, nameoff, ftype, _ = DIRENT.unpack_from(block, 0)
         count = nameoff // DIRENT.size
         heads = [DIRENT.unpack_from(block, k * DIRENT.size) for k in range(count)]

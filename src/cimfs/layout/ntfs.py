@@ -66,7 +66,13 @@ def pack_eas(entries: Iterable[EaEntry]) -> bytes:
         size = _EA_HEADER.size + len(name) + 1 + len(e.value)
         last = i == len(entries) - 1
         padded = size if last else (size + 3) & ~3
-        parts.append(_EA_HEADER.pack(0 if last else padded, e.flags, len(name), len(e.value)) + name + b"\0" + bytes(e.value) + bytes(padded - size))
+        parts.append(
+            _EA_HEADER.pack(0 if last else padded, e.flags, len(name), len(e.value))
+            + name
+            + b"\0"
+            + bytes(e.value)
+            + bytes(padded - size)
+        )
     return b"".join(parts)
 
 
@@ -84,8 +90,8 @@ def unpack_eas(buf: bytes) -> list[EaEntry]:
         name_start = pos + _EA_HEADER.size
         if buf[name_start + name_len] != 0:
             raise CimFormatError(f"EA name at {pos} is not NUL-terminated")
-        name = bytes(buf[name_start: name_start + name_len]).decode("latin-1")
-        value = bytes(buf[name_start + name_len + 1: end])
+        name = bytes(buf[name_start : name_start + name_len]).decode("latin-1")
+        value = bytes(buf[name_start + name_len + 1 : end])
         entries.append(EaEntry(name, value, flags))
         if nxt == 0:
             break
@@ -114,7 +120,9 @@ def lx_eas(*, mode=None, uid=None, gid=None, rdev_major=None, rdev_minor=None) -
     if mode is not None:
         out.append(EaEntry("$LXMOD", _U32.pack(mode & 0xFFFFFFFF)))
     if rdev_major is not None or rdev_minor is not None:
-        out.append(EaEntry("$LXDEV", struct.pack("<II", (rdev_major or 0) & 0xFFFFFFFF, (rdev_minor or 0) & 0xFFFFFFFF)))
+        out.append(
+            EaEntry("$LXDEV", struct.pack("<II", (rdev_major or 0) & 0xFFFFFFFF, (rdev_minor or 0) & 0xFFFFFFFF))
+        )
     return out
 
 
@@ -165,8 +173,11 @@ def _name_buffer(substitute: str, print_name: str, nul: bool) -> tuple[bytes, by
     prn = print_name.encode("utf-16-le", "surrogatepass")
     term = b"\0\0" if nul else b""
     if 2 * len(term) + len(sub) + len(prn) > 0xFFFF - _REPARSE_HEADER.size - _NAMES.size - _U32.size:
-        raise CimError(E_INVALIDARG, f"link target of {len(print_name)} characters is too long for a reparse "
-                                     f"buffer (at most {MAX_LINK_TARGET_UNITS} UTF-16 units)")
+        raise CimError(
+            E_INVALIDARG,
+            f"link target of {len(print_name)} characters is too long for a reparse "
+            f"buffer (at most {MAX_LINK_TARGET_UNITS} UTF-16 units)",
+        )
     offsets = _NAMES.pack(0, len(sub), len(sub) + len(term), len(prn))
     return offsets, sub + term + prn + term
 
@@ -210,18 +221,20 @@ def parse_reparse(buf: bytes) -> ReparsePoint:
     tag, length, _ = _REPARSE_HEADER.unpack_from(buf, 0)
     if _REPARSE_HEADER.size + length > len(buf):
         raise CimFormatError(f"reparse data length {length} runs past the {len(buf)}-byte buffer")
-    data = bytes(buf[_REPARSE_HEADER.size: _REPARSE_HEADER.size + length])
+    data = bytes(buf[_REPARSE_HEADER.size : _REPARSE_HEADER.size + length])
     if tag in (IO_REPARSE_TAG_SYMLINK, IO_REPARSE_TAG_MOUNT_POINT):
         fixed = _NAMES.size + (4 if tag == IO_REPARSE_TAG_SYMLINK else 0)
         if len(data) < fixed:
             raise CimFormatError(f"reparse data of tag {tag:#x} is truncated")
         so, sl, po, pl = _NAMES.unpack_from(data, 0)
-        relative = bool(_U32.unpack_from(data, 8)[0] & SYMLINK_FLAG_RELATIVE) if tag == IO_REPARSE_TAG_SYMLINK else False
+        relative = (
+            bool(_U32.unpack_from(data, 8)[0] & SYMLINK_FLAG_RELATIVE) if tag == IO_REPARSE_TAG_SYMLINK else False
+        )
         path = data[fixed:]
         if so + sl > len(path) or po + pl > len(path) or so % 2 or sl % 2 or po % 2 or pl % 2:
             raise CimFormatError("reparse name offsets lie outside the path buffer")
-        sub = path[so: so + sl].decode("utf-16-le", "surrogatepass")
-        prn = path[po: po + pl].decode("utf-16-le", "surrogatepass")
+        sub = path[so : so + sl].decode("utf-16-le", "surrogatepass")
+        prn = path[po : po + pl].decode("utf-16-le", "surrogatepass")
         target = prn or (sub[4:] if sub.startswith("\\??\\") else sub)
         return ReparsePoint(tag, data, sub, prn, relative if tag == IO_REPARSE_TAG_SYMLINK else None, target)
     if tag == IO_REPARSE_TAG_LX_SYMLINK:
@@ -237,8 +250,10 @@ def pack_tombstone_reparse() -> bytes:
 
 
 def pack_merge_link_reparse(target: str) -> bytes:
-    return pack_reparse(IO_REPARSE_TAG_CIMFS_MERGE, CIMFS_MERGE_GUID + _U32.pack(MERGE_KIND_LINK)
-                        + target.encode("utf-16-le", "surrogatepass"))
+    return pack_reparse(
+        IO_REPARSE_TAG_CIMFS_MERGE,
+        CIMFS_MERGE_GUID + _U32.pack(MERGE_KIND_LINK) + target.encode("utf-16-le", "surrogatepass"),
+    )
 
 
 def pack_merge_dir_reparse(flags: int) -> bytes:
@@ -252,7 +267,7 @@ def parse_merge_reparse(buf: bytes) -> tuple[int, str | int] | None:
     if len(buf) < _REPARSE_HEADER.size + 16 or _U32.unpack_from(buf, 0)[0] != IO_REPARSE_TAG_CIMFS_MERGE:
         return None
     _, length, _ = _REPARSE_HEADER.unpack_from(buf, 0)
-    data = bytes(buf[_REPARSE_HEADER.size: _REPARSE_HEADER.size + length])
+    data = bytes(buf[_REPARSE_HEADER.size : _REPARSE_HEADER.size + length])
     if data[:16] != CIMFS_MERGE_GUID:
         return None
     if len(data) < 20:
@@ -283,18 +298,51 @@ _ACL_HEADER = struct.Struct("<BBHHH")
 _ACE_HEADER = struct.Struct("<BBH")
 
 SID_ALIASES = {
-    "SY": "S-1-5-18", "BA": "S-1-5-32-544", "BU": "S-1-5-32-545", "BG": "S-1-5-32-546", "WD": "S-1-1-0",
-    "AU": "S-1-5-11", "CO": "S-1-3-0", "CG": "S-1-3-1", "OW": "S-1-3-4", "LS": "S-1-5-19", "NS": "S-1-5-20",
-    "IU": "S-1-5-4", "SU": "S-1-5-6", "NU": "S-1-5-2", "AN": "S-1-5-7", "BO": "S-1-5-32-551",
-    "PU": "S-1-5-32-547", "SO": "S-1-5-32-549", "AO": "S-1-5-32-548", "PO": "S-1-5-32-550",
-    "RD": "S-1-5-32-555", "RE": "S-1-5-32-552", "NO": "S-1-5-32-556", "RU": "S-1-5-32-554",
-    "AC": "S-1-15-2-1", "RC": "S-1-5-12", "PS": "S-1-5-10", "ED": "S-1-5-9", "SS": "S-1-18-2",
-    "AS": "S-1-18-1", "LW": "S-1-16-4096", "ME": "S-1-16-8192", "HI": "S-1-16-12288", "SI": "S-1-16-16384",
+    "SY": "S-1-5-18",
+    "BA": "S-1-5-32-544",
+    "BU": "S-1-5-32-545",
+    "BG": "S-1-5-32-546",
+    "WD": "S-1-1-0",
+    "AU": "S-1-5-11",
+    "CO": "S-1-3-0",
+    "CG": "S-1-3-1",
+    "OW": "S-1-3-4",
+    "LS": "S-1-5-19",
+    "NS": "S-1-5-20",
+    "IU": "S-1-5-4",
+    "SU": "S-1-5-6",
+    "NU": "S-1-5-2",
+    "AN": "S-1-5-7",
+    "BO": "S-1-5-32-551",
+    "PU": "S-1-5-32-547",
+    "SO": "S-1-5-32-549",
+    "AO": "S-1-5-32-548",
+    "PO": "S-1-5-32-550",
+    "RD": "S-1-5-32-555",
+    "RE": "S-1-5-32-552",
+    "NO": "S-1-5-32-556",
+    "RU": "S-1-5-32-554",
+    "AC": "S-1-15-2-1",
+    "RC": "S-1-5-12",
+    "PS": "S-1-5-10",
+    "ED": "S-1-5-9",
+    "SS": "S-1-18-2",
+    "AS": "S-1-18-1",
+    "LW": "S-1-16-4096",
+    "ME": "S-1-16-8192",
+    "HI": "S-1-16-12288",
+    "SI": "S-1-16-16384",
 }
 SID_NAMES = {
-    "S-1-5-18": "NT AUTHORITY\\SYSTEM", "S-1-5-32-544": "BUILTIN\\Administrators", "S-1-5-32-545": "BUILTIN\\Users",
-    "S-1-1-0": "Everyone", "S-1-5-11": "NT AUTHORITY\\Authenticated Users", "S-1-3-0": "CREATOR OWNER",
-    "S-1-3-1": "CREATOR GROUP", "S-1-5-19": "NT AUTHORITY\\LOCAL SERVICE", "S-1-5-20": "NT AUTHORITY\\NETWORK SERVICE",
+    "S-1-5-18": "NT AUTHORITY\\SYSTEM",
+    "S-1-5-32-544": "BUILTIN\\Administrators",
+    "S-1-5-32-545": "BUILTIN\\Users",
+    "S-1-1-0": "Everyone",
+    "S-1-5-11": "NT AUTHORITY\\Authenticated Users",
+    "S-1-3-0": "CREATOR OWNER",
+    "S-1-3-1": "CREATOR GROUP",
+    "S-1-5-19": "NT AUTHORITY\\LOCAL SERVICE",
+    "S-1-5-20": "NT AUTHORITY\\NETWORK SERVICE",
     "S-1-15-2-1": "APPLICATION PACKAGE AUTHORITY\\ALL APPLICATION PACKAGES",
     "S-1-5-80-956008885-3418522649-1831038044-1853292631-2271478464": "NT SERVICE\\TrustedInstaller",
 }
@@ -305,12 +353,34 @@ _ACE_TYPE_WORDS = {0: "allow", 1: "deny", 2: "audit", 3: "alarm"}
 ACE_FLAGS = {"OI": 0x1, "CI": 0x2, "NP": 0x4, "IO": 0x8, "ID": 0x10, "SA": 0x40, "FA": 0x80}
 # [choice] rights print as one of these names when the mask matches exactly, else as hex.
 RIGHTS = {
-    "FA": 0x1F01FF, "FR": 0x120089, "FW": 0x120116, "FX": 0x1200A0, "KA": 0xF003F, "KR": 0x20019, "KW": 0x20006,
-    "GA": 0x10000000, "GR": 0x80000000, "GW": 0x40000000, "GX": 0x20000000,
-    "RC": 0x20000, "SD": 0x10000, "WD": 0x40000, "WO": 0x80000,
-    "CC": 0x1, "DC": 0x2, "LC": 0x4, "SW": 0x8, "RP": 0x10, "WP": 0x20, "DT": 0x40, "LO": 0x80, "CR": 0x100,
+    "FA": 0x1F01FF,
+    "FR": 0x120089,
+    "FW": 0x120116,
+    "FX": 0x1200A0,
+    "KA": 0xF003F,
+    "KR": 0x20019,
+    "KW": 0x20006,
+    "GA": 0x10000000,
+    "GR": 0x80000000,
+    "GW": 0x40000000,
+    "GX": 0x20000000,
+    "RC": 0x20000,
+    "SD": 0x10000,
+    "WD": 0x40000,
+    "WO": 0x80000,
+    "CC": 0x1,
+    "DC": 0x2,
+    "LC": 0x4,
+    "SW": 0x8,
+    "RP": 0x10,
+    "WP": 0x20,
+    "DT": 0x40,
+    "LO": 0x80,
+    "CR": 0x100,
 }
-_RIGHT_NAMES = {v: k for k, v in RIGHTS.items() if k in ("FA", "FR", "FW", "FX", "KA", "KR", "KW", "GA", "GR", "GW", "GX")}
+_RIGHT_NAMES = {
+    v: k for k, v in RIGHTS.items() if k in ("FA", "FR", "FW", "FX", "KA", "KR", "KW", "GA", "GR", "GW", "GX")
+}
 
 
 def _sid_at(buf: bytes, off: int, what: str) -> tuple[str, int]:
@@ -322,7 +392,7 @@ def _sid_at(buf: bytes, off: int, what: str) -> tuple[str, int]:
     end = off + 8 + 4 * count
     if end > len(buf):
         raise CimFormatError(f"{what} SID at {off} runs past the descriptor")
-    authority = int.from_bytes(buf[off + 2: off + 8], "big")
+    authority = int.from_bytes(buf[off + 2 : off + 8], "big")
     subs = struct.unpack_from(f"<{count}I", buf, off + 8)
     return "S-1-" + "-".join(str(x) for x in (authority, *subs)), end - off
 
@@ -385,7 +455,9 @@ def _sid_text(sid: str) -> str:
 
 
 def _acl_text(control: int, aces, present: int, protected: int, inherited: int, req: int) -> str:
-    flags = ("P" if control & protected else "") + ("AR" if control & req else "") + ("AI" if control & inherited else "")
+    flags = (
+        ("P" if control & protected else "") + ("AR" if control & req else "") + ("AI" if control & inherited else "")
+    )
     if aces is None:
         return flags + "NO_ACCESS_CONTROL"
     out = [flags]
@@ -404,9 +476,13 @@ def sd_to_sddl(sd: bytes) -> str:
     if group:
         text += "G:" + _sid_text(group)
     if control & SE_DACL_PRESENT:
-        text += "D:" + _acl_text(control, dacl, SE_DACL_PRESENT, SE_DACL_PROTECTED, SE_DACL_AUTO_INHERITED, SE_DACL_AUTO_INHERIT_REQ)
+        text += "D:" + _acl_text(
+            control, dacl, SE_DACL_PRESENT, SE_DACL_PROTECTED, SE_DACL_AUTO_INHERITED, SE_DACL_AUTO_INHERIT_REQ
+        )
     if control & SE_SACL_PRESENT:
-        text += "S:" + _acl_text(control, sacl, SE_SACL_PRESENT, SE_SACL_PROTECTED, SE_SACL_AUTO_INHERITED, SE_SACL_AUTO_INHERIT_REQ)
+        text += "S:" + _acl_text(
+            control, sacl, SE_SACL_PRESENT, SE_SACL_PROTECTED, SE_SACL_AUTO_INHERITED, SE_SACL_AUTO_INHERIT_REQ
+        )
     return text
 
 
@@ -426,7 +502,7 @@ def _parse_acl_text(text: str, where: str) -> tuple[int, list[bytes] | None]:
         flags |= 2
     if "AI" in flag_text:
         flags |= 4
-    rest = text[m.end():]
+    rest = text[m.end() :]
     if "NO_ACCESS_CONTROL" in flag_text:
         if rest:
             raise CimError(E_INVALIDARG, f"{where}: ACEs after NO_ACCESS_CONTROL")
@@ -441,9 +517,9 @@ def _parse_acl_text(text: str, where: str) -> tuple[int, list[bytes] | None]:
             raise CimError(E_INVALIDARG, f"ACE type {t!r} (or an object ACE) is not supported")
         ace_flags = 0
         for i in range(0, len(f), 2):
-            if f[i: i + 2] not in ACE_FLAGS:
-                raise CimError(E_INVALIDARG, f"unknown ACE flag {f[i: i + 2]!r}")
-            ace_flags |= ACE_FLAGS[f[i: i + 2]]
+            if f[i : i + 2] not in ACE_FLAGS:
+                raise CimError(E_INVALIDARG, f"unknown ACE flag {f[i : i + 2]!r}")
+            ace_flags |= ACE_FLAGS[f[i : i + 2]]
         if rights.lower().startswith("0x"):
             mask = int(rights, 16)
         elif rights.isdigit():
@@ -451,9 +527,9 @@ def _parse_acl_text(text: str, where: str) -> tuple[int, list[bytes] | None]:
         else:
             mask = 0
             for i in range(0, len(rights), 2):
-                if rights[i: i + 2] not in RIGHTS:
-                    raise CimError(E_INVALIDARG, f"unknown access right {rights[i: i + 2]!r}")
-                mask |= RIGHTS[rights[i: i + 2]]
+                if rights[i : i + 2] not in RIGHTS:
+                    raise CimError(E_INVALIDARG, f"unknown access right {rights[i : i + 2]!r}")
+                mask |= RIGHTS[rights[i : i + 2]]
         body = _U32.pack(mask & 0xFFFFFFFF) + _pack_sid(sid)
         aces.append(_ACE_HEADER.pack(ACE_TYPES[t], ace_flags, _ACE_HEADER.size + len(body)) + body)
     if re.sub(r"\([^()]*\)", "", rest):
@@ -474,11 +550,21 @@ def sddl_to_sd(sddl: str) -> bytes:
     sacl = dacl = b""
     if parts["S"] is not None:
         flags, aces = _parse_acl_text(parts["S"], "SACL")
-        control |= SE_SACL_PRESENT | (SE_SACL_PROTECTED if flags & 1 else 0) | (SE_SACL_AUTO_INHERIT_REQ if flags & 2 else 0) | (SE_SACL_AUTO_INHERITED if flags & 4 else 0)
+        control |= (
+            SE_SACL_PRESENT
+            | (SE_SACL_PROTECTED if flags & 1 else 0)
+            | (SE_SACL_AUTO_INHERIT_REQ if flags & 2 else 0)
+            | (SE_SACL_AUTO_INHERITED if flags & 4 else 0)
+        )
         sacl = _pack_acl(aces) if aces is not None else b""
     if parts["D"] is not None:
         flags, aces = _parse_acl_text(parts["D"], "DACL")
-        control |= SE_DACL_PRESENT | (SE_DACL_PROTECTED if flags & 1 else 0) | (SE_DACL_AUTO_INHERIT_REQ if flags & 2 else 0) | (SE_DACL_AUTO_INHERITED if flags & 4 else 0)
+        control |= (
+            SE_DACL_PRESENT
+            | (SE_DACL_PROTECTED if flags & 1 else 0)
+            | (SE_DACL_AUTO_INHERIT_REQ if flags & 2 else 0)
+            | (SE_DACL_AUTO_INHERITED if flags & 4 else 0)
+        )
         dacl = _pack_acl(aces) if aces is not None else b""
     pos = _SD_HEADER.size
     offsets = []
@@ -498,8 +584,22 @@ def describe_sd(sd: bytes) -> dict:
     def aces(acl):
         if acl is None:
             return None
-        return [{"type": _ACE_TYPE_WORDS[t], "flags": [k for k, v in ACE_FLAGS.items() if f & v],
-                 "mask": f"0x{m:x}", "rights": _RIGHT_NAMES.get(m), "sid": who(s)} for t, f, m, s in acl]
+        return [
+            {
+                "type": _ACE_TYPE_WORDS[t],
+                "flags": [k for k, v in ACE_FLAGS.items() if f & v],
+                "mask": f"0x{m:x}",
+                "rights": _RIGHT_NAMES.get(m),
+                "sid": who(s),
+            }
+            for t, f, m, s in acl
+        ]
 
-    return {"control": f"0x{control:04x}", "owner": who(owner) if owner else None, "group": who(group) if group else None,
-            "dacl": aces(dacl), "sacl": aces(sacl), "sddl": sd_to_sddl(sd)}
+    return {
+        "control": f"0x{control:04x}",
+        "owner": who(owner) if owner else None,
+        "group": who(group) if group else None,
+        "dacl": aces(dacl),
+        "sacl": aces(sacl),
+        "sddl": sd_to_sddl(sd),
+    }

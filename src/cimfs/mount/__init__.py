@@ -44,5 +44,13 @@ from .registry import (  # noqa: F401
     write_entry_data,
 )
 
-__all__ = ["mount", "mount_merged", "unmount", "mounts", "CimMountImage", "CimMergeMountImage", "CimDismountImage",
-           "registry_dir"]
+__all__ = [
+    "mount",
+    "mount_merged",
+    "unmount",
+    "mounts",
+    "CimMountImage",
+    "CimMergeMountImage",
+    "CimDismountImage",
+    "registry_dir",
+]

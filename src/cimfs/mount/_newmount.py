@@ -56,7 +56,9 @@ def _check(ret: int, what: str, fd: int | None = None) -> int:
     return ret
 
 
-def mount_fs(fstype: str, source: str, mountpoint: str, options: list[tuple[str, str]], *, trusted: bool = False) -> None:
+def mount_fs(
+    fstype: str, source: str, mountpoint: str, options: list[tuple[str, str]], *, trusted: bool = False
+) -> None:
     """Mount a read-only ``fstype`` file system from ``source`` at ``mountpoint``;
     ``options`` are (key, string value) pairs given to fsconfig in order.
     Unless ``trusted``, it is ``nosuid,nodev`` like a FUSE mount: an image's
@@ -66,16 +68,21 @@ def mount_fs(fstype: str, source: str, mountpoint: str, options: list[tuple[str,
         # A read-only superblock: block devices are then opened for reading only.
         _check(_syscall(_SYS_FSCONFIG, fd, FSCONFIG_SET_FLAG, b"ro", None, 0), "ro", fd)
         for key, value in [("source", source)] + list(options):
-            _check(_syscall(_SYS_FSCONFIG, fd, FSCONFIG_SET_STRING, key.encode(), os.fsencode(value), 0),
-                   f"{key}={value}", fd)
+            _check(
+                _syscall(_SYS_FSCONFIG, fd, FSCONFIG_SET_STRING, key.encode(), os.fsencode(value), 0),
+                f"{key}={value}",
+                fd,
+            )
         _check(_syscall(_SYS_FSCONFIG, fd, FSCONFIG_CMD_CREATE, None, None, 0), f"cannot mount {source}", fd)
         attrs = MOUNT_ATTR_RDONLY | (0 if trusted else MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
         mfd = _check(_syscall(_SYS_FSMOUNT, fd, FSMOUNT_CLOEXEC, attrs), "fsmount", fd)
     finally:
         os.close(fd)
     try:
-        _check(_syscall(_SYS_MOVE_MOUNT, mfd, b"", AT_FDCWD, os.fsencode(mountpoint), MOVE_MOUNT_F_EMPTY_PATH),
-               f"move_mount to {mountpoint}")
+        _check(
+            _syscall(_SYS_MOVE_MOUNT, mfd, b"", AT_FDCWD, os.fsencode(mountpoint), MOVE_MOUNT_F_EMPTY_PATH),
+            f"move_mount to {mountpoint}",
+        )
     finally:
         os.close(mfd)
 

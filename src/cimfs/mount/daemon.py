@@ -38,8 +38,18 @@ def _escape_option(value: str) -> str:
     return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
-def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, allow_other=False,
-            storage_options=None, cache_dir=None, remove_dir=None):
+def prepare(
+    cim_path: str,
+    mountpoint: str,
+    *,
+    uid=None,
+    gid=None,
+    umask=None,
+    allow_other=False,
+    storage_options=None,
+    cache_dir=None,
+    remove_dir=None,
+):
     """Open and check the image, then mount it; raises CimError with a one-line reason.
 
     ``remove_dir``: the private directory of a merged view (see
@@ -81,7 +91,9 @@ def prepare(cim_path: str, mountpoint: str, *, uid=None, gid=None, umask=None, a
         pyfuse3.init(fs, mountpoint, options)
     except Exception as e:  # noqa: BLE001 - libfuse printed its own reason on stderr
         image.close()
-        raise CimError(E_FAIL, f"cannot mount (is it an existing directory, is /dev/fuse usable? {e})", mountpoint) from None
+        raise CimError(
+            E_FAIL, f"cannot mount (is it an existing directory, is /dev/fuse usable? {e})", mountpoint
+        ) from None
     _prepared[id(image)] = fs
     return image, fs
 
@@ -122,7 +134,13 @@ def _mount_device(resolved_mountpoint: str) -> str | None:
             for line in f:
                 fields = line.split(" ")
                 if len(fields) > 4:
-                    point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+                    point = (
+                        fields[4]
+                        .replace("\\040", " ")
+                        .replace("\\011", "\t")
+                        .replace("\\012", "\n")
+                        .replace("\\134", "\\")
+                    )
                     if point == want and " - fuse" in line:
                         found = fields[2]  # the last (topmost) mount on that path wins
     except OSError:
@@ -221,11 +239,13 @@ def _serve_pyfuse3(fs, mountpoint: str) -> bool:
     async def run():
         nonlocal unmounted_by_kernel
         async with trio.open_nursery() as nursery:
+
             async def on_signal():
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                     async for _ in signals:
                         nursery.cancel_scope.cancel()
                         return
+
             nursery.start_soon(on_signal)
             nursery.start_soon(tune_read_ahead, mountpoint)
             await pyfuse3.main()
@@ -268,9 +288,17 @@ def main(argv=None) -> int:
         _write_line(fd, f"PID {os.getpid()}")
         try:
             options = os.environ.pop(STORAGE_OPTIONS_ENV, None)
-            image, fs = prepare(a.image, a.mountpoint, uid=a.uid, gid=a.gid, umask=a.umask, allow_other=a.allow_other,
-                                storage_options=json.loads(options) if options else None, cache_dir=a.cache_dir,
-                                remove_dir=a.remove_dir)
+            image, fs = prepare(
+                a.image,
+                a.mountpoint,
+                uid=a.uid,
+                gid=a.gid,
+                umask=a.umask,
+                allow_other=a.allow_other,
+                storage_options=json.loads(options) if options else None,
+                cache_dir=a.cache_dir,
+                remove_dir=a.remove_dir,
+            )
         except CimError as e:
             _write_line(fd, "ERR " + json.dumps({"hresult": e.hresult, "reason": e.strerror, "path": e.filename}))
             return 1

@@ -167,8 +167,19 @@ class CimFs(pyfuse3.Operations):
             blocks = 0 if st.is_sparse else (st.size + 511) // 512
         else:
             size = blocks = 0
-        return (mode, nlink, view.uid, view.gid, view.rdev, size, blocks, _ns(st.last_access_time),
-                _ns(st.last_write_time), _ns(st.change_time), _ns(st.creation_time))
+        return (
+            mode,
+            nlink,
+            view.uid,
+            view.gid,
+            view.rdev,
+            size,
+            blocks,
+            _ns(st.last_access_time),
+            _ns(st.last_write_time),
+            _ns(st.change_time),
+            _ns(st.creation_time),
+        )
 
     def _make_entry(self, fid: int) -> pyfuse3.EntryAttributes:
         mode, nlink, uid, gid, rdev, size, blocks, atime, mtime, ctime, birth = self.attributes(fid)

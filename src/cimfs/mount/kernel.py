@@ -59,8 +59,9 @@ def available() -> bool:
 # ===================================================================== loop devices
 def _attach_loop(fd: int, shown: str) -> str:
     # losetup opens the file through the descriptor it inherits: the checked file, not a path.
-    r = subprocess.run(["losetup", "--find", "--show", "--read-only", _fd_path(fd)], capture_output=True, text=True,
-                       pass_fds=(fd,))
+    r = subprocess.run(
+        ["losetup", "--find", "--show", "--read-only", _fd_path(fd)], capture_output=True, text=True, pass_fds=(fd,)
+    )
     if r.returncode != 0:
         raise CimError(E_FAIL, f"losetup failed: {r.stderr.strip()}", shown)
     return r.stdout.strip()
@@ -88,8 +89,9 @@ _before_mount = None
 
 
 # ===================================================================== mount / unmount
-def mount(cim_path: str, mountpoint: str, volume_id: uuid.UUID, options: Options,
-          sources: list[str] | None = None) -> dict:
+def mount(
+    cim_path: str, mountpoint: str, volume_id: uuid.UUID, options: Options, sources: list[str] | None = None
+) -> dict:
     """Mount with the kernel; returns the registry entry written for it.
     ``sources`` (top first): mount the merged view of these images instead
     (``cim_path`` is then the top one).  The kernel is given the index and
@@ -108,8 +110,15 @@ def mount(cim_path: str, mountpoint: str, volume_id: uuid.UUID, options: Options
         raise
     except OSError as e:
         raise CimError(E_FAIL, f"cannot build the EROFS index: {e.strerror or e}", cim_path) from None
-    entry = {"volume_id": str(volume_id), "mountpoint": os.path.abspath(mountpoint), "image": os.path.abspath(cim_path),
-             "pid": 0, "engine": "kernel", "index": index, "loops": loops}
+    entry = {
+        "volume_id": str(volume_id),
+        "mountpoint": os.path.abspath(mountpoint),
+        "image": os.path.abspath(cim_path),
+        "pid": 0,
+        "engine": "kernel",
+        "index": index,
+        "loops": loops,
+    }
     if sources:
         entry["sources"] = [os.path.abspath(s) for s in sources]
     try:
@@ -125,17 +134,23 @@ def _mount_prepared(p: Prepared, mountpoint: str) -> list[str]:
     try:
         if os.environ.get("CIMFS_EROFS_LOOP") == "1":  # testing knob: the loop-device path
             raise _newmount.MountError(errno.ENOTBLK, "loop devices requested")
-        _newmount.mount_fs(FSTYPE, _fd_path(p.index_fd), mountpoint,
-                           [("device", _fd_path(fd)) for _, fd, _ in p.devices])
+        _newmount.mount_fs(
+            FSTYPE, _fd_path(p.index_fd), mountpoint, [("device", _fd_path(fd)) for _, fd, _ in p.devices]
+        )
         return []
     except _newmount.MountError as e:
         if e.errno != errno.ENOTBLK:
-            raise CimError(E_FAIL, f"the kernel refused the EROFS mount: {_named(e.strerror or str(e), p)}", mountpoint) from None
+            raise CimError(
+                E_FAIL, f"the kernel refused the EROFS mount: {_named(e.strerror or str(e), p)}", mountpoint
+            ) from None
     try:
         return _mount_with_loops(p, mountpoint)
     except _newmount.MountError as e2:
-        raise CimError(E_FAIL, f"the kernel refused the EROFS mount on loop devices: {_named(e2.strerror or str(e2), p)}",
-                       mountpoint) from None
+        raise CimError(
+            E_FAIL,
+            f"the kernel refused the EROFS mount on loop devices: {_named(e2.strerror or str(e2), p)}",
+            mountpoint,
+        ) from None
 
 
 def _named(message: str, p: Prepared) -> str:
@@ -173,7 +188,12 @@ def _mount_source(mountpoint: str) -> str | None:
             for line in f:
                 left, _, right = line.partition(" - ")
                 fields, rest = left.split(), right.split()
-                if len(fields) >= 5 and len(rest) >= 2 and rest[0] == FSTYPE and _unescape_mountinfo(fields[4]) == mountpoint:
+                if (
+                    len(fields) >= 5
+                    and len(rest) >= 2
+                    and rest[0] == FSTYPE
+                    and _unescape_mountinfo(fields[4]) == mountpoint
+                ):
                     found = _unescape_mountinfo(rest[1])  # the topmost mount wins
     except OSError:
         return None
@@ -190,7 +210,7 @@ def _mounted_uuid(mountpoint: str) -> bytes | None:
         buf = bytearray(17)
         buf[0] = 16
         fcntl.ioctl(fd, _FS_IOC_GETFSUUID, buf)
-        return bytes(buf[1:1 + buf[0]]) if buf[0] == 16 else None
+        return bytes(buf[1 : 1 + buf[0]]) if buf[0] == 16 else None
     except OSError:
         return None
     finally:

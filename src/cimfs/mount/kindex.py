@@ -86,8 +86,12 @@ def _open_cache_dir() -> tuple[str, int]:
     why = _untrusted(os.fstat(fd))
     if why:
         os.close(fd)
-        raise CimError(E_ACCESSDENIED, f"refusing the kernel engine's index cache: {why} "
-                       "(another user could plant an index the kernel would mount; set CIMFS_CACHE_DIR)", d)
+        raise CimError(
+            E_ACCESSDENIED,
+            f"refusing the kernel engine's index cache: {why} "
+            "(another user could plant an index the kernel would mount; set CIMFS_CACHE_DIR)",
+            d,
+        )
     return d, fd
 
 
@@ -135,8 +139,11 @@ class _Pinned:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError as e:
             if e.errno == errno.ELOOP:
-                raise CimError(E_ACCESSDENIED, f"region file {name} is a symbolic link (the kernel engine mounts "
-                               "an image's own files only)", path) from None
+                raise CimError(
+                    E_ACCESSDENIED,
+                    f"region file {name} is a symbolic link (the kernel engine mounts an image's own files only)",
+                    path,
+                ) from None
             raise CimError(ERROR_FILE_NOT_FOUND, f"cannot open region file {name}: {e.strerror}", path) from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
@@ -151,8 +158,9 @@ class _Pinned:
             return
         a, b = os.fstat(region.fd), os.fstat(self.fds[name])
         if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
-            raise CimError(E_ACCESSDENIED, f"region file {name} was replaced while the image was opened",
-                           self.paths[name])
+            raise CimError(
+                E_ACCESSDENIED, f"region file {name} was replaced while the image was opened", self.paths[name]
+            )
 
     def check(self, image) -> None:
         """Every region file ``image`` (a merged image over pinned sources) read is a pinned one."""
@@ -207,8 +215,9 @@ def prepared(paths: list[str], options: Options, merged: bool = False):
     images = []
     dfd = index_fd = None
     try:
-        h = hashlib.sha256(f"{'merged ' if merged else ''}v{INDEX_VERSION} {options.uid} {options.gid} "
-                           f"{options.umask}\0".encode())
+        h = hashlib.sha256(
+            f"{'merged ' if merged else ''}v{INDEX_VERSION} {options.uid} {options.gid} {options.umask}\0".encode()
+        )
         raws = []
         for p in paths:
             raws.append(_read_cim(p))
@@ -229,8 +238,9 @@ def prepared(paths: list[str], options: Options, merged: bool = False):
             if _read_cim(p) != raw:
                 raise CimError(E_FAIL, "the image changed while it was indexed", p)
         pinned.unchanged()
-        yield Prepared(os.path.join(d, f"{key}.erofs"), index_fd,
-                       [(n, pinned.fds[n], pinned.paths[n]) for n in regions], built)
+        yield Prepared(
+            os.path.join(d, f"{key}.erofs"), index_fd, [(n, pinned.fds[n], pinned.paths[n]) for n in regions], built
+        )
     finally:
         for fd in (index_fd, dfd):
             if fd is not None:
@@ -265,7 +275,9 @@ def _device_names(image, info: dict, pinned: _Pinned) -> list[str]:
     for path in info["devices"]:
         name = by_path.get(path)
         if name not in pinned.fds:  # a merged image's own region holds no file data: never expected
-            raise CimError(E_FAIL, f"the index addresses a file that is not a source's region file ({path})", image.path)
+            raise CimError(
+                E_FAIL, f"the index addresses a file that is not a source's region file ({path})", image.path
+            )
         names.append(name)
     return names
 
@@ -349,9 +361,17 @@ def _build_entry(dfd: int, key: str, tag: str, pinned: _Pinned, build) -> tuple[
             fd = open_new(tmp, 0o600, dir_fd=dfd, readable=True)
             info, regions = build(fd)
             digest, size = _digest(fd)
-        meta = {"version": INDEX_VERSION, "key": key, "image": tag, "regions": regions,
-                "paths": [pinned.paths[n] for n in regions], "index_sha256": digest, "index_size": size,
-                "block_size": info["block_size"], "copied_bytes": info["copied_bytes"]}
+        meta = {
+            "version": INDEX_VERSION,
+            "key": key,
+            "image": tag,
+            "regions": regions,
+            "paths": [pinned.paths[n] for n in regions],
+            "index_sha256": digest,
+            "index_size": size,
+            "block_size": info["block_size"],
+            "copied_bytes": info["copied_bytes"],
+        }
         with replacing(f"{key}.json", dir_fd=dfd) as tmp:
             mfd = open_new(tmp, 0o600, dir_fd=dfd)
             try:

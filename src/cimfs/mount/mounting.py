@@ -51,8 +51,9 @@ _READY_TIMEOUT = 60.0
 _EXIT_TIMEOUT = 20.0
 
 
-def _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, cache_dir=None, remove_dir=None,
-                 sources=None) -> list[str]:
+def _daemon_args(
+    cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, cache_dir=None, remove_dir=None, sources=None
+) -> list[str]:
     args = [sys.executable, "-m", "cimfs.mount.daemon", cim_path, mountpoint, "--volume-id", str(volume_id)]
     if cache_dir is not None:
         args += ["--cache-dir", cache_dir]
@@ -73,15 +74,30 @@ def _check_pyfuse3(where: str) -> None:
         import pyfuse3  # noqa: F401 - optional dependency (cimfs[mount])
         import trio  # noqa: F401 - optional dependency (cimfs[mount])
     except ImportError as e:
-        raise CimError(E_INVALIDARG, f"mounting needs pyfuse3 and trio (scripts/install-system-deps.sh, "
-                                     f"pip install 'cimfs[mount]'): {e}", where) from None
+        raise CimError(
+            E_INVALIDARG,
+            f"mounting needs pyfuse3 and trio (scripts/install-system-deps.sh, pip install 'cimfs[mount]'): {e}",
+            where,
+        ) from None
 
 
-def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = None, gid: int | None = None,
-          umask: int | None = None, allow_other: bool = False, volume_id: uuid.UUID | None = None,
-          engine: str = "fuse", storage_options: dict | None = None, cache_dir: str | None = None,
-          _remove_dir: str | None = None, _sources: list | None = None,
-          _kernel_merge: list | None = None) -> uuid.UUID:
+def mount(
+    cim_path,
+    mountpoint,
+    *,
+    foreground: bool = False,
+    uid: int | None = None,
+    gid: int | None = None,
+    umask: int | None = None,
+    allow_other: bool = False,
+    volume_id: uuid.UUID | None = None,
+    engine: str = "fuse",
+    storage_options: dict | None = None,
+    cache_dir: str | None = None,
+    _remove_dir: str | None = None,
+    _sources: list | None = None,
+    _kernel_merge: list | None = None,
+) -> uuid.UUID:
     """Mount ``cim_path`` read-only at ``mountpoint``; returns the volume id.
 
     ``cim_path`` may be an fsspec URL (``s3://bucket/layer.cim``): the mount is
@@ -112,8 +128,7 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
         raise CimError(E_INVALIDARG, f"umask {umask!r} is not an octal mode 0..777", mountpoint)
     for what, value in (("uid", uid), ("gid", gid)):
         # (uid_t)-1 means "no change" to the kernel; nothing above it exists.
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or not 0 <= value < MAX_ID):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_ID):
             raise CimError(E_INVALIDARG, f"{what} {value!r} is not a valid id (0..{MAX_ID - 1})", mountpoint)
     if not remote and not os.path.isfile(cim_path):
         raise CimError(ERROR_FILE_NOT_FOUND, "image not found", cim_path)
@@ -126,8 +141,9 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
     from . import kernel  # start-up time: `import cimfs` leaves the kernel engine (index cache, EROFS) unloaded
 
     if remote and engine == "kernel":
-        raise CimError(E_INVALIDARG, "the kernel engine reads local region files: a remote image mounts with FUSE",
-                       cim_path)
+        raise CimError(
+            E_INVALIDARG, "the kernel engine reads local region files: a remote image mounts with FUSE", cim_path
+        )
     if not remote and kernel.check_engine(engine, mountpoint) == "kernel":
         if foreground:
             raise CimError(E_INVALIDARG, "the kernel engine has no foreground mode (nothing to serve)", mountpoint)
@@ -137,8 +153,19 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
         raise CimError(E_INVALIDARG, "fusermount3 not found (install the fuse3 package)", mountpoint)
     _check_pyfuse3(cim_path)
     if foreground:
-        return _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other,
-                                 storage_options, cache_dir, _remove_dir, _sources)
+        return _mount_foreground(
+            cim_path,
+            mountpoint,
+            volume_id,
+            uid,
+            gid,
+            umask,
+            allow_other,
+            storage_options,
+            cache_dir,
+            _remove_dir,
+            _sources,
+        )
     env = dict(os.environ)
     env.pop(STORAGE_OPTIONS_ENV, None)
     if storage_options:
@@ -147,11 +174,17 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
     try:
         with open(_log_path(volume_id), "ab") as log:
             proc = subprocess.Popen(
-                _daemon_args(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, cache_dir, _remove_dir,
-                             _sources)
+                _daemon_args(
+                    cim_path, mountpoint, volume_id, uid, gid, umask, allow_other, cache_dir, _remove_dir, _sources
+                )
                 + ["--ready-fd", str(write_end), "--detach"],
-                pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, close_fds=True, env=env,
+                pass_fds=(write_end,),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
+                env=env,
             )
     except BaseException:
         os.close(read_end)
@@ -181,12 +214,32 @@ def mount(cim_path, mountpoint, *, foreground: bool = False, uid: int | None = N
     raise CimError(E_FAIL, message + (f" ({detail})" if detail else ""), cim_path)
 
 
-def _mount_foreground(cim_path, mountpoint, volume_id, uid, gid, umask, allow_other,
-                      storage_options=None, cache_dir=None, remove_dir=None, sources=None) -> uuid.UUID:
+def _mount_foreground(
+    cim_path,
+    mountpoint,
+    volume_id,
+    uid,
+    gid,
+    umask,
+    allow_other,
+    storage_options=None,
+    cache_dir=None,
+    remove_dir=None,
+    sources=None,
+) -> uuid.UUID:
     from .daemon import prepare, serve  # start-up time: the daemon's side (argparse, logging, pyfuse3) loads to serve
 
-    image, _ = prepare(cim_path, mountpoint, uid=uid, gid=gid, umask=umask, allow_other=allow_other,
-                       storage_options=storage_options, cache_dir=cache_dir, remove_dir=remove_dir)
+    image, _ = prepare(
+        cim_path,
+        mountpoint,
+        uid=uid,
+        gid=gid,
+        umask=umask,
+        allow_other=allow_other,
+        storage_options=storage_options,
+        cache_dir=cache_dir,
+        remove_dir=remove_dir,
+    )
     write_entry(volume_id, mountpoint, cim_path, os.getpid(), sources)
     serve(image, volume_id, mountpoint)
     return volume_id
@@ -274,8 +327,7 @@ def mount_merged(paths: list, mountpoint, **kw) -> uuid.UUID:
             if not os.path.isfile(os.fspath(p)):
                 raise CimError(ERROR_FILE_NOT_FOUND, "image not found", os.path.abspath(os.fspath(p)))
         try:
-            return mount(paths[0], mountpoint,
-                         _kernel_merge=[os.path.abspath(os.fspath(p)) for p in paths], **kw)
+            return mount(paths[0], mountpoint, _kernel_merge=[os.path.abspath(os.fspath(p)) for p in paths], **kw)
         except CimError as e:
             raise in_user_terms(e, paths) from None
     kw["engine"] = "fuse"
@@ -329,8 +381,15 @@ def unmount(target) -> None:
 
 
 # ===================================================================== Win32 shape
-def CimMountImage(image_containing_path, image_name, flags: int = 0, volume_id: uuid.UUID | None = None, *,
-                  mountpoint, engine: str = "fuse") -> uuid.UUID:
+def CimMountImage(
+    image_containing_path,
+    image_name,
+    flags: int = 0,
+    volume_id: uuid.UUID | None = None,
+    *,
+    mountpoint,
+    engine: str = "fuse",
+) -> uuid.UUID:
     """Mount ``image_name`` from ``image_containing_path`` at ``mountpoint``;
     returns the volume id (a new one when ``volume_id`` is None).  ``engine``
     as for :func:`mount` (``"kernel"``: EROFS served by the kernel, root only)."""
@@ -347,8 +406,9 @@ MOUNT_FLAG_SINGLE_FILE_CIM = 0x20
 MOUNT_FLAG_VERIFIED_CIM = 0x80
 
 
-def CimMergeMountImage(paths: list, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint,
-                       engine: str = "fuse") -> uuid.UUID:
+def CimMergeMountImage(
+    paths: list, flags: int = 0, volume_id: uuid.UUID | None = None, *, mountpoint, engine: str = "fuse"
+) -> uuid.UUID:
     """Mount the merged view of ``paths`` (top layer first, base last) at
     ``mountpoint`` with the rules of a merged image; returns the volume id.
     ``engine`` as for :func:`mount`."""
@@ -357,8 +417,11 @@ def CimMergeMountImage(paths: list, flags: int = 0, volume_id: uuid.UUID | None 
     if not isinstance(flags, int) or flags < 0 or flags & ~layout_flags:
         raise CimError(E_INVALIDARG, f"unsupported mount flags {flags!r}", where)
     if flags:
-        raise CimError(0x80004001, f"mount flags {flags:#x} (block, single-file or verified CIMs): their on-disk "
-                                   "layout is not public", where)
+        raise CimError(
+            0x80004001,
+            f"mount flags {flags:#x} (block, single-file or verified CIMs): their on-disk layout is not public",
+            where,
+        )
     return mount_merged(list(paths), mountpoint, volume_id=volume_id, engine=engine)
 
 

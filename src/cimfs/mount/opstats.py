@@ -26,8 +26,23 @@ import time
 ENV = "CIMFS_FUSE_STATS"
 
 #: The request kinds a read-only mount sees.
-OPS = ("lookup", "getattr", "readlink", "opendir", "readdir", "releasedir", "open", "read", "release", "flush",
-       "statfs", "listxattr", "getxattr", "forget", "access")
+OPS = (
+    "lookup",
+    "getattr",
+    "readlink",
+    "opendir",
+    "readdir",
+    "releasedir",
+    "open",
+    "read",
+    "release",
+    "flush",
+    "statfs",
+    "listxattr",
+    "getxattr",
+    "forget",
+    "access",
+)
 
 
 def install(fs) -> None:
@@ -82,8 +97,11 @@ def wire_counter() -> dict | None:
     def dump():
         cpu = os.times()
         with open(path, "w") as f:
-            json.dump({"opcodes": {str(k): v for k, v in sorted(counts.items())},
-                       "daemon_cpu_s": cpu.user + cpu.system}, f, indent=1)
+            json.dump(
+                {"opcodes": {str(k): v for k, v in sorted(counts.items())}, "daemon_cpu_s": cpu.user + cpu.system},
+                f,
+                indent=1,
+            )
 
     atexit.register(dump)
     return counts

@@ -55,8 +55,12 @@ def write_entry(volume_id, mountpoint: str, image: str, pid: int, sources: list 
     """``sources``: the images of a merged view (top first); ``image`` is then the top one."""
     if sources:
         image = sources[0]
-    entry = {"volume_id": str(volume_id), "mountpoint": os.path.abspath(mountpoint),
-             "image": image if is_url(image) else os.path.abspath(image), "pid": pid}
+    entry = {
+        "volume_id": str(volume_id),
+        "mountpoint": os.path.abspath(mountpoint),
+        "image": image if is_url(image) else os.path.abspath(image),
+        "pid": pid,
+    }
     if sources:
         entry["sources"] = [os.path.abspath(s) for s in sources]
     write_entry_data(entry)
@@ -95,8 +99,8 @@ def _alive(pid: int) -> bool:
 def _unescape_mountinfo(field: str) -> str:
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
             i += 4
         else:
             out.append(field[i])

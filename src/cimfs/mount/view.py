@@ -129,9 +129,17 @@ def symlink_target(reparse_data: bytes) -> bytes | None:
 
 
 #: ntfs-3g's names of the NTFS metadata xattrs (read by name, not listed).
-NTFS_XATTRS = (b"system.ntfs_attrib", b"system.ntfs_attrib_be", b"system.ntfs_crtime", b"system.ntfs_crtime_be",
-               b"system.ntfs_times", b"system.ntfs_times_be", b"system.ntfs_acl", b"system.ntfs_reparse_data",
-               b"system.ntfs_ea")
+NTFS_XATTRS = (
+    b"system.ntfs_attrib",
+    b"system.ntfs_attrib_be",
+    b"system.ntfs_crtime",
+    b"system.ntfs_crtime_be",
+    b"system.ntfs_times",
+    b"system.ntfs_times_be",
+    b"system.ntfs_acl",
+    b"system.ntfs_reparse_data",
+    b"system.ntfs_ea",
+)
 
 
 _DIRECTORY = int(FileAttributes.DIRECTORY)
@@ -141,9 +149,13 @@ def ntfs_xattrs_main(st) -> list[tuple[bytes, bytes]]:
     """(name, value) of the NTFS metadata xattrs without the ``_be`` and
     ``crtime`` forms (their bytes are in the others), absent ones left out:
     ``ntfs_xattr(st, name)`` for those names, in one pass."""
-    out = [(b"system.ntfs_attrib", struct.pack("<I", int(st.attributes) | (_DIRECTORY if st.is_dir else 0))),
-           (b"system.ntfs_times", struct.pack("<4Q", st.creation_time, st.last_write_time, st.last_access_time,
-                                              st.change_time))]
+    out = [
+        (b"system.ntfs_attrib", struct.pack("<I", int(st.attributes) | (_DIRECTORY if st.is_dir else 0))),
+        (
+            b"system.ntfs_times",
+            struct.pack("<4Q", st.creation_time, st.last_write_time, st.last_access_time, st.change_time),
+        ),
+    ]
     if st.security_descriptor:
         out.append((b"system.ntfs_acl", st.security_descriptor))
     if st.reparse_data:

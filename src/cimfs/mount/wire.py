@@ -49,12 +49,35 @@ FSYNC, SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR, FLUSH, INIT = 20, 21, 22, 23,
 OPENDIR, READDIR, RELEASEDIR, FSYNCDIR, ACCESS, CREATE, INTERRUPT, DESTROY = 27, 28, 29, 30, 34, 35, 36, 38
 BATCH_FORGET, FALLOCATE, READDIRPLUS, RENAME2, COPY_FILE_RANGE = 42, 43, 44, 45, 47
 _NO_REPLY = frozenset((FORGET, BATCH_FORGET, INTERRUPT))
-_WRITES = frozenset((SETATTR, SYMLINK, MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, WRITE, SETXATTR, REMOVEXATTR,
-                     CREATE, FALLOCATE, RENAME2, COPY_FILE_RANGE))
+_WRITES = frozenset(
+    (
+        SETATTR,
+        SYMLINK,
+        MKNOD,
+        MKDIR,
+        UNLINK,
+        RMDIR,
+        RENAME,
+        LINK,
+        WRITE,
+        SETXATTR,
+        REMOVEXATTR,
+        CREATE,
+        FALLOCATE,
+        RENAME2,
+        COPY_FILE_RANGE,
+    )
+)
 
 # INIT flags.
 ASYNC_READ, EXPORT_SUPPORT, DO_READDIRPLUS = 1 << 0, 1 << 4, 1 << 13
-NO_OPEN_SUPPORT, PARALLEL_DIROPS, MAX_PAGES, CACHE_SYMLINKS, NO_OPENDIR_SUPPORT = 1 << 17, 1 << 18, 1 << 22, 1 << 23, 1 << 24
+NO_OPEN_SUPPORT, PARALLEL_DIROPS, MAX_PAGES, CACHE_SYMLINKS, NO_OPENDIR_SUPPORT = (
+    1 << 17,
+    1 << 18,
+    1 << 22,
+    1 << 23,
+    1 << 24,
+)
 FOPEN_KEEP_CACHE, FOPEN_CACHE_DIR = 1 << 1, 1 << 3
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")
@@ -124,11 +147,21 @@ class WireFs(CimFs):
         self._statfs: bytes | None = None
         self._counts = opstats.wire_counter()
         self._handlers = {
-            LOOKUP: self._lookup, GETATTR: self._getattr, READLINK: self._readlink, OPEN: self._open_file,
-            OPENDIR: self._open_dir, READDIR: self._readdir_plain, READDIRPLUS: self._readdir_plus,
-            RELEASE: self._nothing, RELEASEDIR: self._nothing, STATFS: self._statfs_reply,
-            GETXATTR: self._getxattr, LISTXATTR: self._listxattr, DESTROY: self._nothing,
-            FSYNC: self._nothing, FSYNCDIR: self._nothing,
+            LOOKUP: self._lookup,
+            GETATTR: self._getattr,
+            READLINK: self._readlink,
+            OPEN: self._open_file,
+            OPENDIR: self._open_dir,
+            READDIR: self._readdir_plain,
+            READDIRPLUS: self._readdir_plus,
+            RELEASE: self._nothing,
+            RELEASEDIR: self._nothing,
+            STATFS: self._statfs_reply,
+            GETXATTR: self._getxattr,
+            LISTXATTR: self._listxattr,
+            DESTROY: self._nothing,
+            FSYNC: self._nothing,
+            FSYNCDIR: self._nothing,
         }
 
     # ------------------------------------------------------------ packed attributes
@@ -140,8 +173,24 @@ class WireFs(CimFs):
             a_s, a_n = divmod(atime, _NS)
             m_s, m_n = divmod(mtime, _NS)
             c_s, c_n = divmod(ctime, _NS)
-            attr = ATTR.pack(ino, size, blocks, a_s, m_s, c_s, a_n, m_n, c_n, mode, nlink, uid & 0xFFFFFFFF,
-                             gid & 0xFFFFFFFF, rdev & 0xFFFFFFFF, 4096, 0)
+            attr = ATTR.pack(
+                ino,
+                size,
+                blocks,
+                a_s,
+                m_s,
+                c_s,
+                a_n,
+                m_n,
+                c_n,
+                mode,
+                nlink,
+                uid & 0xFFFFFFFF,
+                gid & 0xFFFFFFFF,
+                rdev & 0xFFFFFFFF,
+                4096,
+                0,
+            )
             got = (ENTRY_PREFIX.pack(ino, 0, _VALID, _VALID, 0, 0) + attr, mode, size)
             if len(self._packed) >= _ENTRIES_KEPT:
                 self._packed.clear()  # the kernel keeps its own copies
@@ -170,7 +219,7 @@ class WireFs(CimFs):
 
     def _getattr(self, nodeid: int, arg) -> bytes:
         entry = self._entry_of(self._fid(nodeid))[0]
-        return ATTR_OUT_PREFIX.pack(_VALID, 0, 0) + entry[ENTRY_PREFIX.size:]
+        return ATTR_OUT_PREFIX.pack(_VALID, 0, 0) + entry[ENTRY_PREFIX.size :]
 
     def _readlink(self, nodeid: int, arg) -> bytes:
         return CimFs.readlink.__wrapped__(self, nodeid)
@@ -239,8 +288,9 @@ class WireFs(CimFs):
     def _statfs_reply(self, nodeid: int, arg) -> bytes:
         if self._statfs is None:
             total = sum(size for size, _ in self.image.stored_sizes().values())
-            self._statfs = KSTATFS.pack((total + 4095) // 4096, 0, 0, self.image.file_count, 0, 4096, 255 * 3, 4096,
-                                        0, 0, 0, 0, 0, 0, 0)
+            self._statfs = KSTATFS.pack(
+                (total + 4095) // 4096, 0, 0, self.image.file_count, 0, 4096, 255 * 3, 4096, 0, 0, 0, 0, 0, 0, 0
+            )
         return self._statfs
 
     @staticmethod
@@ -253,7 +303,7 @@ class WireFs(CimFs):
         return value
 
     def _getxattr(self, nodeid: int, arg) -> bytes:
-        name = bytes(arg[GETXATTR_IN.size:]).split(b"\0", 1)[0]
+        name = bytes(arg[GETXATTR_IN.size :]).split(b"\0", 1)[0]
         return self._sized(CimFs.getxattr.__wrapped__(self, nodeid, name), arg)
 
     def _listxattr(self, nodeid: int, arg) -> bytes:
@@ -321,8 +371,14 @@ class WireFs(CimFs):
         for ino, desc, size in batch:
             try:
                 n = self.image.readinto_at(desc, 0, dview[:size])
-                os.writev(fd, [OUT_HEADER.pack(OUT_HEADER.size + NOTIFY_STORE_OUT.size + n, NOTIFY_STORE, 0),
-                               NOTIFY_STORE_OUT.pack(ino, 0, n, 0), dview[:n]])
+                os.writev(
+                    fd,
+                    [
+                        OUT_HEADER.pack(OUT_HEADER.size + NOTIFY_STORE_OUT.size + n, NOTIFY_STORE, 0),
+                        NOTIFY_STORE_OUT.pack(ino, 0, n, 0),
+                        dview[:n],
+                    ],
+                )
             except CimError:
                 continue  # its own READ reports it
             except OSError as e:
@@ -354,8 +410,12 @@ class WireFs(CimFs):
             self._no_opendir = bool(flags & NO_OPENDIR_SUPPORT)
             want = flags & (ASYNC_READ | EXPORT_SUPPORT | DO_READDIRPLUS | PARALLEL_DIROPS | MAX_PAGES | CACHE_SYMLINKS)
             minor = min(minor, PROTOCOL_MINOR)
-            self._reply(fd, unique, 0, INIT_OUT.pack(7, minor, max_readahead, want, 16, 12, MAX_WRITE, 1,
-                                                     MAX_PAGES_WANTED, 0, 0, *[0] * 7))
+            self._reply(
+                fd,
+                unique,
+                0,
+                INIT_OUT.pack(7, minor, max_readahead, want, 16, 12, MAX_WRITE, 1, MAX_PAGES_WANTED, 0, 0, *[0] * 7),
+            )
             return
 
     @staticmethod
@@ -393,7 +453,7 @@ class WireFs(CimFs):
                 counts[opcode] = counts.get(opcode, 0) + 1
             if opcode in _NO_REPLY:
                 continue
-            arg = req[IN_HEADER.size:n]
+            arg = req[IN_HEADER.size : n]
             err, push = 0, None
             payload: bytes | memoryview = b""
             try:
@@ -451,5 +511,13 @@ class WireFs(CimFs):
 
 
 def _name(opcode: int) -> str:
-    return {READ: "read", LOOKUP: "lookup", GETATTR: "getattr", READDIRPLUS: "readdir", READDIR: "readdir",
-            READLINK: "readlink", GETXATTR: "getxattr", LISTXATTR: "listxattr"}.get(opcode, f"opcode {opcode}")
+    return {
+        READ: "read",
+        LOOKUP: "lookup",
+        GETATTR: "getattr",
+        READDIRPLUS: "readdir",
+        READDIR: "readdir",
+        READLINK: "readlink",
+        GETXATTR: "getxattr",
+        LISTXATTR: "listxattr",
+    }.get(opcode, f"opcode {opcode}")

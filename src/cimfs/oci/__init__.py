@@ -37,16 +37,23 @@ def __getattr__(name: str):
     return value
 
 
-def import_image(src, store_dir, *, platform=None, jobs=1, warn=None, progress_stream=None, reference=None,
-                 independent=False) -> dict:
+def import_image(
+    src, store_dir, *, platform=None, jobs=1, warn=None, progress_stream=None, reference=None, independent=False
+) -> dict:
     """Import ``src`` (an OCI layout directory, a docker archive path, or a binary
     stream holding a docker archive) into the store ``store_dir`` (created if
     needed).  Returns a report (layers, digests, chain IDs, bytes, reused/new)."""
     from .store import LayerStore  # start-up time (see above)
 
-    return LayerStore(store_dir, create=True).import_image(src, platform=platform, jobs=jobs, warn=warn,
-                                                           progress_stream=progress_stream, reference=reference,
-                                                           independent=independent)
+    return LayerStore(store_dir, create=True).import_image(
+        src,
+        platform=platform,
+        jobs=jobs,
+        warn=warn,
+        progress_stream=progress_stream,
+        reference=reference,
+        independent=independent,
+    )
 
 
 def list_images(store_dir) -> list[dict]:
@@ -73,5 +80,13 @@ def prune(store_dir, *, dry_run=False, warn=None) -> list[tuple[str, int]]:
     return LayerStore(store_dir).prune(dry_run=dry_run, warn=warn)
 
 
-__all__ = ["import_image", "export_image", "list_images", "remove_image", "prune", "is_store", "chain_ids",
-           "LayerStore"]
+__all__ = [
+    "import_image",
+    "export_image",
+    "list_images",
+    "remove_image",
+    "prune",
+    "is_store",
+    "chain_ids",
+    "LayerStore",
+]

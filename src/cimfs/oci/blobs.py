@@ -28,9 +28,11 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 
-OCI_LAYER = {"none": "application/vnd.oci.image.layer.v1.tar",
-             "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
-             "zstd": "application/vnd.oci.image.layer.v1.tar+zstd"}
+OCI_LAYER = {
+    "none": "application/vnd.oci.image.layer.v1.tar",
+    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+}
 
 # media type -> (compression, foreign/non-distributable)
 LAYER_TYPES = {
@@ -64,7 +66,7 @@ class _RawReader(io.RawIOBase):
 
     def readinto(self, b):
         data = self.f.read(len(b))
-        b[:len(data)] = data
+        b[: len(data)] = data
         return len(data)
 
     def close(self):
@@ -85,6 +87,7 @@ def sniff_compression(f, *, close_source: bool) -> tuple[io.BufferedReader[_RawR
 def compression_of(head: bytes) -> str:
     """``gzip``, ``zstd`` or ``none``, from a stream's first four bytes."""
     return "gzip" if head.startswith(GZIP_MAGIC) else "zstd" if head.startswith(ZSTD_MAGIC) else "none"
+
 
 # ---------------------------------------------------------------- digests
 _DIGEST = re.compile(r"(sha256|sha512):([0-9a-f]+)")
@@ -150,8 +153,9 @@ class DigestReader:
             pass
         got = self.h.hexdigest()
         if got != self.hex:
-            raise CimError(E_INVALIDARG, f"digest mismatch: expected {self.digest}, read {self.algorithm}:{got}",
-                           self.label)
+            raise CimError(
+                E_INVALIDARG, f"digest mismatch: expected {self.digest}, read {self.algorithm}:{got}", self.label
+            )
 
 
 class _GzipReader:
@@ -212,8 +216,9 @@ class _ZstdStream:
         try:
             import zstandard  # optional dependency (cimfs[oci])
         except ImportError:
-            raise CimError(E_INVALIDARG, "a zstd layer needs the 'zstandard' package (pip install cimfs[oci])",
-                           label) from None
+            raise CimError(
+                E_INVALIDARG, "a zstd layer needs the 'zstandard' package (pip install cimfs[oci])", label
+            ) from None
         self.zstd_error = zstandard.ZstdError
         self.r = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK, read_across_frames=True)
         self.label = label
@@ -230,8 +235,9 @@ class LayerStream:
     digest and size, the tar against its diff ID.  ``finish()`` reads both to
     their ends and raises on any mismatch."""
 
-    def __init__(self, raw, compression: str, digest: str | None, size: int | None, diff_id: str, label: str,
-                 progress=None):
+    def __init__(
+        self, raw, compression: str, digest: str | None, size: int | None, diff_id: str, label: str, progress=None
+    ):
         self.label = label
         self.blob = DigestReader(raw, digest, size, f"{label} (blob {digest})", progress) if digest else None
         src = self.blob if self.blob is not None else _Counting(raw, progress)

@@ -25,7 +25,7 @@ from ..errors import E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
 from . import blobs
 
 MAX_JSON = 64 << 20  # an index, manifest, config or store record larger than this is not read
-MAX_DEPTH = 64       # [choice] real image JSON nests under 10 levels; deeper is refused before any use
+MAX_DEPTH = 64  # [choice] real image JSON nests under 10 levels; deeper is refused before any use
 MAX_REF_NAME = 1024  # a reference (name:tag) longer than this is refused
 
 _IMAGE_NAME = re.compile(r"(?:base-|ind-|merged-)?(?:[0-9a-f]{64}|[0-9a-f]{128})\.cim")
@@ -127,8 +127,11 @@ def digest(value, where: str, field: str) -> str:
 def ref_name(value, where: str, field: str) -> str:
     """A reference (``name:tag``) an image is known by: printable text on one line."""
     if not isinstance(value, str) or not value or len(value) > MAX_REF_NAME or not value.isprintable():
-        raise CimError(E_INVALIDARG, f"{field} is {_short(value)}, not a reference name "
-                                     f"(printable text of 1 to {MAX_REF_NAME} characters)", where)
+        raise CimError(
+            E_INVALIDARG,
+            f"{field} is {_short(value)}, not a reference name (printable text of 1 to {MAX_REF_NAME} characters)",
+            where,
+        )
     return value
 
 
@@ -171,8 +174,9 @@ def check_refs(refs, where: str) -> dict:
         if mode == "independent":
             own = _list(rec.get("independent_layers"), where, f"{f}.independent_layers")
             if len(own) != len(layers):
-                raise CimError(E_INVALIDARG, f"{f}.independent_layers lists {len(own)} images for "
-                                             f"{len(layers)} layers", where)
+                raise CimError(
+                    E_INVALIDARG, f"{f}.independent_layers lists {len(own)} images for {len(layers)} layers", where
+                )
             for i, n in enumerate(own):
                 image_name(n, where, f"{f}.independent_layers[{i}]")
     return refs

@@ -86,8 +86,9 @@ def _tag_of(ref: str) -> str:
     return ref
 
 
-def export_image(store_dir: str, ref: str, out: str, *, fmt: str = "oci", compress: str | None = None,
-                 progress_stream=None) -> dict:
+def export_image(
+    store_dir: str, ref: str, out: str, *, fmt: str = "oci", compress: str | None = None, progress_stream=None
+) -> dict:
     if fmt not in ("oci", "docker-archive"):
         raise CimError(E_INVALIDARG, f"unknown format {fmt!r} (oci or docker-archive)")
     if compress is None:
@@ -102,8 +103,9 @@ def export_image(store_dir: str, ref: str, out: str, *, fmt: str = "oci", compre
 def _export(store, ref, out, fmt, compress, progress_stream) -> dict:
     refs = store.load_refs()
     key, rec = store.find(refs, ref)
-    config = checked.parse_json(store.read_blob(rec["config_digest"]), f"{store.path}: config {rec['config_digest']}",
-                                dict)
+    config = checked.parse_json(
+        store.read_blob(rec["config_digest"]), f"{store.path}: config {rec['config_digest']}", dict
+    )
     out = os.path.abspath(out)
     if os.path.lexists(out) and not (fmt == "oci" and os.path.isdir(out) and not os.listdir(out)):
         raise CimError(ERROR_FILE_EXISTS, "the output exists (give a new path or an empty directory)", out)
@@ -122,28 +124,37 @@ def _export(store, ref, out, fmt, compress, progress_stream) -> dict:
             else:
                 name = layer_image_name(chain)
                 info = store.layer_info(chain)
-                how = {"parent": os.path.join(store.layers, layer_image_name(chains[i - 1])) if i else None,
-                       "exclude": info.get("base_processing") or ()}
+                how = {
+                    "parent": os.path.join(store.layers, layer_image_name(chains[i - 1])) if i else None,
+                    "exclude": info.get("base_processing") or (),
+                }
             image = os.path.join(store.layers, name)
             tmp = os.path.join(work, f"layer{i}.tmp")
-            with open(tmp, "wb") as f, Progress(0, f"export layer {i + 1}/{len(chains)}", stream=progress_stream) as bar:
+            with (
+                open(tmp, "wb") as f,
+                Progress(0, f"export layer {i + 1}/{len(chains)}", stream=progress_stream) as bar,
+            ):
                 w = _BlobWriter(f, compress)
                 winlayer.export_layer(image, w, progress=bar, **how)
                 w.close()
             digest = "sha256:" + w.blob.hexdigest()
             diff_id = "sha256:" + w.diff.hexdigest()
             os.replace(tmp, os.path.join(work, "blobs", "sha256", digest[7:]))
-            layers.append({"mediaType": blobs.OCI_LAYER[compress], "digest": digest, "size": w.size,
-                           "diff_id": diff_id})
+            layers.append(
+                {"mediaType": blobs.OCI_LAYER[compress], "digest": digest, "size": w.size, "diff_id": diff_id}
+            )
         config = dict(config)
         config["os"] = "windows"
         config["rootfs"] = {"type": "layers", "diff_ids": [d["diff_id"] for d in layers]}
         cbytes = _canonical(config)
         cdigest = blobs.digest_bytes(cbytes)
         _put(work, cbytes, cdigest)
-        manifest = {"schemaVersion": 2, "mediaType": blobs.OCI_MANIFEST,
-                    "config": {"mediaType": blobs.OCI_CONFIG, "digest": cdigest, "size": len(cbytes)},
-                    "layers": [{k: d[k] for k in ("mediaType", "digest", "size")} for d in layers]}
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": blobs.OCI_MANIFEST,
+            "config": {"mediaType": blobs.OCI_CONFIG, "digest": cdigest, "size": len(cbytes)},
+            "layers": [{k: d[k] for k in ("mediaType", "digest", "size")} for d in layers],
+        }
         mbytes = _canonical(manifest)
         mdigest = blobs.digest_bytes(mbytes)
         names = rec.get("refs") or []
@@ -165,10 +176,17 @@ def _export(store, ref, out, fmt, compress, progress_stream) -> dict:
         else:
             _docker_archive(work, out, cbytes, cdigest, layers, [n for n in names if ":" in n.rsplit("/", 1)[-1]])
             shutil.rmtree(work)
-        return {"id": key, "format": fmt, "out": out, "manifest_digest": mdigest if fmt == "oci" else None,
-                "config_digest": cdigest,
-                "layers": [{"digest": d["digest"], "diff_id": d["diff_id"], "size": d["size"],
-                            "media_type": d["mediaType"]} for d in layers]}
+        return {
+            "id": key,
+            "format": fmt,
+            "out": out,
+            "manifest_digest": mdigest if fmt == "oci" else None,
+            "config_digest": cdigest,
+            "layers": [
+                {"digest": d["digest"], "diff_id": d["diff_id"], "size": d["size"], "media_type": d["mediaType"]}
+                for d in layers
+            ],
+        }
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -185,6 +203,7 @@ def _put(work: str, data: bytes, digest: str) -> None:
 
 def _docker_archive(work: str, out: str, cbytes: bytes, cdigest: str, layers: list, tags: list) -> None:
     """``docker save`` layout: <config hex>.json, <diff ID hex>/layer.tar per layer, manifest.json."""
+
     def info(name: str, size: int, kind=tarfile.REGTYPE) -> tarfile.TarInfo:
         ti = tarfile.TarInfo(name)
         ti.size, ti.type, ti.mtime = size, kind, 0
@@ -194,8 +213,9 @@ def _docker_archive(work: str, out: str, cbytes: bytes, cdigest: str, layers: li
         return ti
 
     cname = f"{cdigest[7:]}.json"
-    manifest = [{"Config": cname, "RepoTags": tags or None,
-                 "Layers": [f"{d['diff_id'][7:]}/layer.tar" for d in layers]}]
+    manifest = [
+        {"Config": cname, "RepoTags": tags or None, "Layers": [f"{d['diff_id'][7:]}/layer.tar" for d in layers]}
+    ]
     with replacing(out) as tmp:
         with open(tmp, "xb") as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
@@ -223,6 +243,6 @@ class _BytesReader:
     def read(self, n=-1):
         if n is None or n < 0:
             n = len(self.data) - self.pos
-        b = self.data[self.pos:self.pos + n]
+        b = self.data[self.pos : self.pos + n]
         self.pos += len(b)
         return b

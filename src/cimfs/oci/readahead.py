@@ -101,8 +101,9 @@ def _reader_main(layers, feed, batches) -> None:
     feed.close()
 
 
-def _read_layer(out: _Batcher, position: int, opener, compression, digest, size, diff_id, label: str,
-                source: str) -> bool:
+def _read_layer(
+    out: _Batcher, position: int, opener, compression, digest, size, diff_id, label: str, source: str
+) -> bool:
     out.add(("s", position))
     try:
         raw = opener()
@@ -131,8 +132,9 @@ def _read_layer(out: _Batcher, position: int, opener, compression, digest, size,
                     while remaining:
                         chunk = f.read(min(CHUNK, remaining))
                         if not chunk:
-                            out.error(CimError(E_INVALIDARG, f"truncated tar: data ends {remaining} bytes early",
-                                               m.name))
+                            out.error(
+                                CimError(E_INVALIDARG, f"truncated tar: data ends {remaining} bytes early", m.name)
+                            )
                             return False
                         out.add(("d", chunk), len(chunk))
                         remaining -= len(chunk)
@@ -209,8 +211,11 @@ class LayerFeed:
             data = self._queue[0]
             if data is None:  # left queued: every later call says the same
                 self.worker.proc.join(1)
-                raise CimError(E_FAIL, "the layer reader process ended unexpectedly "
-                                       f"(exit code {self.worker.proc.exitcode})", label)
+                raise CimError(
+                    E_FAIL,
+                    f"the layer reader process ended unexpectedly (exit code {self.worker.proc.exitcode})",
+                    label,
+                )
             self._queue.popleft()
             self._bytes -= len(data)
             self._cond.notify_all()
@@ -263,8 +268,9 @@ class PipedLayer:
             raise CimError(item[1], item[2], item[3])
         if not self.started:
             if item[0] != "s" or item[1] != self.position:
-                raise CimError(E_FAIL, f"the layer reader sent {item[0]!r} where layer {self.position} starts",
-                               self.label)
+                raise CimError(
+                    E_FAIL, f"the layer reader sent {item[0]!r} where layer {self.position} starts", self.label
+                )
             self.started = True
             return self._next()
         return item

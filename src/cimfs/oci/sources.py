@@ -28,24 +28,24 @@ MAX_JSON = checked.MAX_JSON  # an index, manifest or config larger than this is 
 REF_NAME = "org.opencontainers.image.ref.name"
 # [choice] Bounds on resolving an image (docs/CLI.md, "Trust"): real layouts hold a few indexes and at most
 # hundreds of tags; a hostile one can list one index from another many times over.
-MAX_INDEX_DEPTH = 8           # image indexes nested in index.json
-MAX_DESCRIPTORS = 10_000      # manifest and index descriptors visited, each listing counted
+MAX_INDEX_DEPTH = 8  # image indexes nested in index.json
+MAX_DESCRIPTORS = 10_000  # manifest and index descriptors visited, each listing counted
 MAX_RESOLVE_BYTES = 256 << 20  # index, manifest and config JSON read in all (each blob read once)
-MAX_MEMBERS = 65_536          # members of a docker or OCI archive
-SPOOL_RESERVE = 64 << 20      # free space a spool leaves on its file system
+MAX_MEMBERS = 65_536  # members of a docker or OCI archive
+SPOOL_RESERVE = 64 << 20  # free space a spool leaves on its file system
 
 
 @dataclass
 class LayerSpec:
     index: int
     media_type: str
-    compression: str          # "gzip" | "zstd" | "none" | "detect"
-    digest: str | None        # the blob digest, when the source names one
+    compression: str  # "gzip" | "zstd" | "none" | "detect"
+    digest: str | None  # the blob digest, when the source names one
     size: int | None
     diff_id: str
     urls: list = field(default_factory=list)
     foreign: bool = False
-    opener: object = None     # () -> binary file object, or None if the blob is not present
+    opener: object = None  # () -> binary file object, or None if the blob is not present
 
 
 @dataclass
@@ -111,8 +111,9 @@ def _layers_from_manifest(manifest: dict, config: dict, what: str, opener_for) -
         raise CimError(E_INVALIDARG, "manifest has no layers list", what)
     diff_ids = _diff_ids(config, what)
     if len(diff_ids) != len(layers):
-        raise CimError(E_INVALIDARG, f"manifest lists {len(layers)} layers but the config has {len(diff_ids)} diff_ids",
-                       what)
+        raise CimError(
+            E_INVALIDARG, f"manifest lists {len(layers)} layers but the config has {len(diff_ids)} diff_ids", what
+        )
     out = []
     for i, (d, diff_id) in enumerate(zip(layers, diff_ids)):
         if not isinstance(d, dict):
@@ -187,8 +188,12 @@ class OciLayout:
         data = self.read_blob(digest, what)
         self._bytes_left -= len(data)
         if self._bytes_left < 0:
-            raise CimError(E_INVALIDARG, f"the image's indexes, manifests and configs hold more than "
-                                         f"{MAX_RESOLVE_BYTES} bytes of JSON (the limit)", self.path)
+            raise CimError(
+                E_INVALIDARG,
+                f"the image's indexes, manifests and configs hold more than "
+                f"{MAX_RESOLVE_BYTES} bytes of JSON (the limit)",
+                self.path,
+            )
         hit = (data, _json(data, f"{what} {digest}"))
         self._blobs_read[digest] = hit
         return hit
@@ -213,8 +218,12 @@ class OciLayout:
                 continue
             self._visits += 1
             if self._visits > MAX_DESCRIPTORS:
-                raise CimError(E_INVALIDARG, f"the indexes list more than {MAX_DESCRIPTORS} manifests and indexes, "
-                                             f"each listing counted (the limit)", self.path)
+                raise CimError(
+                    E_INVALIDARG,
+                    f"the indexes list more than {MAX_DESCRIPTORS} manifests and indexes, "
+                    f"each listing counted (the limit)",
+                    self.path,
+                )
             names = refs
             ann = d.get("annotations") or {}
             if isinstance(ann, dict) and ann.get(REF_NAME) is not None:
@@ -246,8 +255,11 @@ class OciLayout:
             raise CimError(E_INVALIDARG, f"no image for {want} (the layout has: {have})", self.path)
         if len(matching) > 1:
             have = ", ".join(platform_text(f[0]) + f" {f[1]}" for f in matching)
-            raise CimError(E_INVALIDARG, f"several images match; choose one with --platform os/arch[:os.version] ({have})",
-                           self.path)
+            raise CimError(
+                E_INVALIDARG,
+                f"several images match; choose one with --platform os/arch[:os.version] ({have})",
+                self.path,
+            )
         p, digest, mbytes, manifest, cdigest, cbytes, config, names = matching[0]
         layers = _layers_from_manifest(manifest, config, f"manifest {digest}", self.opener)
         return ImageSpec(self.path, digest, manifest, mbytes, cdigest, config, cbytes, layers, names, platform_text(p))
@@ -272,8 +284,10 @@ class DockerArchive:
             stream = src
             if isinstance(src, str):
                 self._file = stream = _open_archive(src)
-                if stat.S_ISREG(os.fstat(self._file.fileno()).st_mode) and \
-                        blobs.compression_of(os.pread(self._file.fileno(), 4, 0)) == "none":
+                if (
+                    stat.S_ISREG(os.fstat(self._file.fileno()).st_mode)
+                    and blobs.compression_of(os.pread(self._file.fileno(), 4, 0)) == "none"
+                ):
                     stream = None  # read in place
             if stream is not None:
                 # A stream, a FIFO, or a compressed archive (docker save | gzip): spooled once,
@@ -288,8 +302,9 @@ class DockerArchive:
             raise
         except (tarfile.TarError, OSError, EOFError) as e:
             self.close()
-            raise CimError(E_INVALIDARG, f"not an OCI layout directory or an uncompressed docker archive ({e})",
-                           self.label) from None
+            raise CimError(
+                E_INVALIDARG, f"not an OCI layout directory or an uncompressed docker archive ({e})", self.label
+            ) from None
         except BaseException:
             self.close()
             raise
@@ -297,8 +312,9 @@ class DockerArchive:
         try:
             for m in self.tf:
                 if len(self.members) >= MAX_MEMBERS:
-                    raise CimError(E_INVALIDARG, f"the archive has more than {MAX_MEMBERS} members (the limit)",
-                                   self.label)
+                    raise CimError(
+                        E_INVALIDARG, f"the archive has more than {MAX_MEMBERS} members (the limit)", self.label
+                    )
                 name = m.name
                 while name.startswith("./"):
                     name = name[2:]
@@ -334,8 +350,9 @@ class DockerArchive:
                     tout.copybufsize = blobs.CHUNK  # type: ignore[attr-defined]  # set by TarFile.__init__; typeshed leaves it out
                     for n, m in enumerate(tin):
                         if n >= MAX_MEMBERS:
-                            raise CimError(E_INVALIDARG, f"the archive has more than {MAX_MEMBERS} members (the "
-                                                         f"limit)", self.label)
+                            raise CimError(
+                                E_INVALIDARG, f"the archive has more than {MAX_MEMBERS} members (the limit)", self.label
+                            )
                         if not m.isreg():
                             m.size = 0
                             tout.addfile(m)
@@ -344,13 +361,20 @@ class DockerArchive:
                             m.type, m.sparse = tarfile.REGTYPE, None
                             m.pax_headers = {k: v for k, v in m.pax_headers.items() if not k.startswith("GNU.sparse")}
                         self._room_for(where, m.size, m.name)
-                        tout.addfile(m, _SpaceChecked(tin.extractfile(m), m.size, lambda left, name=m.name:
-                                                      self._room_for(where, left, name)))
+                        tout.addfile(
+                            m,
+                            _SpaceChecked(
+                                tin.extractfile(m), m.size, lambda left, name=m.name: self._room_for(where, left, name)
+                            ),
+                        )
             except OSError as e:
                 if isinstance(e, CimError):
                     raise
-                raise CimError(ERROR_DISK_FULL if e.errno == errno.ENOSPC else E_INVALIDARG,
-                               f"cannot spool the archive to {where}: {e.strerror or e}", self.label) from None
+                raise CimError(
+                    ERROR_DISK_FULL if e.errno == errno.ENOSPC else E_INVALIDARG,
+                    f"cannot spool the archive to {where}: {e.strerror or e}",
+                    self.label,
+                ) from None
             except (tarfile.TarError, EOFError) as e:
                 raise CimError(E_INVALIDARG, f"not a docker archive, or a truncated one ({e})", self.label) from None
             out.flush()
@@ -363,9 +387,12 @@ class DockerArchive:
         st = os.statvfs(where)
         free = st.f_bavail * st.f_frsize
         if size + SPOOL_RESERVE > free:
-            raise CimError(ERROR_DISK_FULL, f"cannot spool the archive: member {name!r} declares {size} bytes and "
-                                            f"{where} has {free} bytes free (a spool leaves {SPOOL_RESERVE})",
-                           self.label)
+            raise CimError(
+                ERROR_DISK_FULL,
+                f"cannot spool the archive: member {name!r} declares {size} bytes and "
+                f"{where} has {free} bytes free (a spool leaves {SPOOL_RESERVE})",
+                self.label,
+            )
 
     def _member(self, name: str, what: str) -> tarfile.TarInfo | None:
         m = self.members.get(name)
@@ -435,19 +462,24 @@ class DockerArchive:
         matching = [f for f in found if platform_matches(f[0], platform)]
         if not matching:
             have = ", ".join(platform_text(f[0]) for f in found)
-            raise CimError(E_INVALIDARG, f"no image for {platform or 'any windows platform'} (the archive has: {have})",
-                           self.label)
+            raise CimError(
+                E_INVALIDARG, f"no image for {platform or 'any windows platform'} (the archive has: {have})", self.label
+            )
         if len(matching) > 1:
-            raise CimError(E_INVALIDARG, "the archive holds several matching images; choose one with --platform",
-                           self.label)
+            raise CimError(
+                E_INVALIDARG, "the archive holds several matching images; choose one with --platform", self.label
+            )
         p, entry, cdigest, cbytes, config = matching[0]
         names = entry.get("Layers")
         if not isinstance(names, list):
             raise CimError(E_INVALIDARG, "manifest.json entry without Layers", self.label)
         diff_ids = _diff_ids(config, f"{self.label}: config")
         if len(diff_ids) != len(names):
-            raise CimError(E_INVALIDARG, f"manifest.json lists {len(names)} layers but the config has "
-                           f"{len(diff_ids)} diff_ids", self.label)
+            raise CimError(
+                E_INVALIDARG,
+                f"manifest.json lists {len(names)} layers but the config has {len(diff_ids)} diff_ids",
+                self.label,
+            )
         sources = entry.get("LayerSources") or {}
         layers = []
         for i, (name, diff_id) in enumerate(zip(names, diff_ids)):
@@ -459,15 +491,18 @@ class DockerArchive:
             size = m.size if m is not None else None
             if isinstance(foreign, dict):
                 mt = foreign.get("mediaType", mt) if isinstance(foreign.get("mediaType"), str) else mt
-                urls = [u for u in foreign.get("urls") or [] if isinstance(u, str)] \
-                    if isinstance(foreign.get("urls"), list) else []
+                urls = (
+                    [u for u in foreign.get("urls") or [] if isinstance(u, str)]
+                    if isinstance(foreign.get("urls"), list)
+                    else []
+                )
                 if isinstance(foreign.get("digest"), str):
                     digest = foreign["digest"]
                 if isinstance(foreign.get("size"), int):
                     size = foreign["size"]
             opener = None
             if m is not None:
-                opener = (lambda m=m: self._extract(m))
+                opener = lambda m=m: self._extract(m)
             layers.append(LayerSpec(i, mt, "detect", digest, size, diff_id, list(urls), foreign is not None, opener))
         tags = entry.get("RepoTags")
         if tags is not None and not isinstance(tags, list):  # docker writes a list or null; text is not a tag list
@@ -533,8 +568,9 @@ class _ArchivedLayout(OciLayout):
         self.path = archive.label
         layout = _json(archive._read(blobs.OCI_LAYOUT_FILE, "oci-layout"), f"{self.path}: oci-layout")
         if not isinstance(layout, dict) or not str(layout.get("imageLayoutVersion", "")).startswith("1."):
-            raise CimError(E_INVALIDARG, f"unsupported imageLayoutVersion {layout.get('imageLayoutVersion')!r}",
-                           self.path)
+            raise CimError(
+                E_INVALIDARG, f"unsupported imageLayoutVersion {layout.get('imageLayoutVersion')!r}", self.path
+            )
 
     def read_index(self) -> tuple[dict, str]:
         where = f"{self.path}: index.json"

@@ -124,10 +124,15 @@ class LayerStore:
         for key, rec in images.items():
             if ref in rec.get("refs", []):
                 return key, rec
-        hits = [(k, r) for k, r in images.items()
-                if any(isinstance(d, str) and (d == ref or (len(ref) >= 8 and (d.startswith(ref) or
-                       d.split(":", 1)[-1].startswith(ref))))
-                       for d in (k, r.get("manifest_digest"), r.get("config_digest")))]
+        hits = [
+            (k, r)
+            for k, r in images.items()
+            if any(
+                isinstance(d, str)
+                and (d == ref or (len(ref) >= 8 and (d.startswith(ref) or d.split(":", 1)[-1].startswith(ref))))
+                for d in (k, r.get("manifest_digest"), r.get("config_digest"))
+            )
+        ]
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:
@@ -164,8 +169,17 @@ class LayerStore:
         return [dict(rec, id=key) for key, rec in sorted(refs["images"].items())]
 
     # ------------------------------------------------------------ import
-    def import_image(self, src, *, platform: str | None = None, jobs: int = 1, warn=None,
-                     progress_stream=None, reference: str | None = None, independent: bool = False) -> dict:
+    def import_image(
+        self,
+        src,
+        *,
+        platform: str | None = None,
+        jobs: int = 1,
+        warn=None,
+        progress_stream=None,
+        reference: str | None = None,
+        independent: bool = False,
+    ) -> dict:
         warn = warn or (lambda m: None)
         jobs = max(1, int(jobs))
         if reference is not None:
@@ -207,8 +221,10 @@ class LayerStore:
         digests = j.get("blobs", [])
         if not isinstance(images, list) or not isinstance(digests, list):
             raise CimError(E_INVALIDARG, "the store's journal lists no images and blobs", p)
-        return ([checked.image_name(n, p, f"images[{i}]") for i, n in enumerate(images)],
-                [checked.digest(d, p, f"blobs[{i}]") for i, d in enumerate(digests)])
+        return (
+            [checked.image_name(n, p, f"images[{i}]") for i, n in enumerate(images)],
+            [checked.digest(d, p, f"blobs[{i}]") for i, d in enumerate(digests)],
+        )
 
     def _settle(self, warn=None) -> list[str]:
         """Ends the change the journal names: each of its layer images and
@@ -221,8 +237,10 @@ class LayerStore:
         used_images, used_blobs = self.reached(self.load_refs())
         removed = []
         for name in dict.fromkeys(images):
-            if name not in used_images and (os.path.lexists(os.path.join(self.layers, name)) or
-                                             os.path.lexists(os.path.join(self.layers, name[:-4] + ".json"))):
+            if name not in used_images and (
+                os.path.lexists(os.path.join(self.layers, name))
+                or os.path.lexists(os.path.join(self.layers, name[:-4] + ".json"))
+            ):
                 self._remove_layer(name, warn)
                 removed.append(name)
         for d in digests:
@@ -253,8 +271,10 @@ class LayerStore:
     def unreferenced(self, refs: dict) -> tuple[list, list]:
         """(layer image names, blob paths) in the store that no image reaches."""
         used_images, used_blobs = self.reached(refs)
-        images = sorted((n for n in os.listdir(self.layers) if n.endswith(".cim") and n not in used_images),
-                        key=lambda n: (not n.startswith("merged-"), n))  # a merged image uses the others' regions
+        images = sorted(
+            (n for n in os.listdir(self.layers) if n.endswith(".cim") and n not in used_images),
+            key=lambda n: (not n.startswith("merged-"), n),
+        )  # a merged image uses the others' regions
         stray = []
         for alg in ("sha256", "sha512"):
             d = os.path.join(self.path, "blobs", alg)
@@ -304,28 +324,45 @@ class LayerStore:
         refs = self.load_refs()
         image_id = spec.manifest_digest or spec.config_digest
         # independent mode: one image per distinct layer (a repeated diff ID shares it), bottom first
-        own_layers = [independent_image_name(layer.diff_id, layer.index == 0) if independent
-                      else layer_image_name(chain) for layer, chain in zip(spec.layers, chains)]
+        own_layers = [
+            independent_image_name(layer.diff_id, layer.index == 0) if independent else layer_image_name(chain)
+            for layer, chain in zip(spec.layers, chains)
+        ]
         top = (merged_image_name(chains[-1]) if independent else own_layers[-1]) if chains else None
         planned = ([top] if independent and top else []) + list(reversed(own_layers))
         digests = [d for d in (spec.manifest_digest, spec.config_digest) if d]
         old = refs["images"].get(image_id)
         if old is not None:  # imported again (perhaps in the other mode): the old record's layers may go
             old_images = [old["top"]] if old.get("top") else []
-            old_images += reversed(old["independent_layers"] if old.get("mode") == "independent"
-                                   else [layer_image_name(c) for c in old["layers"]])
+            old_images += reversed(
+                old["independent_layers"]
+                if old.get("mode") == "independent"
+                else [layer_image_name(c) for c in old["layers"]]
+            )
         else:
             old_images = []
-        self._write_journal([n for n in dict.fromkeys(planned + old_images)
-                             if n in old_images or not os.path.exists(os.path.join(self.layers, n))],
-                            [d for d in digests if not os.path.exists(self._blob_path(d))])
+        self._write_journal(
+            [
+                n
+                for n in dict.fromkeys(planned + old_images)
+                if n in old_images or not os.path.exists(os.path.join(self.layers, n))
+            ],
+            [d for d in digests if not os.path.exists(self._blob_path(d))],
+        )
         parent = None
         feed = None
         try:
             feed = self._read_ahead(spec, own_layers, jobs)
             for position, (layer, chain, name) in enumerate(zip(spec.layers, chains, own_layers)):
-                entry = {"index": layer.index, "digest": layer.digest, "media_type": layer.media_type,
-                         "size": layer.size, "diff_id": layer.diff_id, "chain_id": chain, "image": name}
+                entry = {
+                    "index": layer.index,
+                    "digest": layer.digest,
+                    "media_type": layer.media_type,
+                    "size": layer.size,
+                    "diff_id": layer.diff_id,
+                    "chain_id": chain,
+                    "image": name,
+                }
                 if os.path.exists(os.path.join(self.layers, name)):
                     entry["status"] = "reused"
                     info = self._layer_record(name)
@@ -334,12 +371,27 @@ class LayerStore:
                         entry["hive_bases"] = info["hive_bases"]
                 else:
                     t0 = time.monotonic()
-                    info = self._import_layer(spec, layer, chain, name, None if independent else parent, jobs,
-                                              created_at, warn, progress_stream, len(spec.layers),
-                                              independent=independent, below=own_layers[:position][::-1],
-                                              feed=feed)
-                    entry.update(status="new", uncompressed_bytes=info["uncompressed_bytes"],
-                                 seconds=round(time.monotonic() - t0, 3), warnings=info["warnings"])
+                    info = self._import_layer(
+                        spec,
+                        layer,
+                        chain,
+                        name,
+                        None if independent else parent,
+                        jobs,
+                        created_at,
+                        warn,
+                        progress_stream,
+                        len(spec.layers),
+                        independent=independent,
+                        below=own_layers[:position][::-1],
+                        feed=feed,
+                    )
+                    entry.update(
+                        status="new",
+                        uncompressed_bytes=info["uncompressed_bytes"],
+                        seconds=round(time.monotonic() - t0, 3),
+                        warnings=info["warnings"],
+                    )
                     if info["base_processing"]:
                         entry["base_processing"] = info["base_processing"]
                     if info["hive_bases"]:
@@ -393,10 +445,16 @@ class LayerStore:
                 self._settle(warn)  # everything new goes; if this fails too, the next open does it
             raise
         self._settle(warn)  # the old record's layers that no image uses any more
-        report = {"id": image_id, "refs": refs["images"][image_id]["refs"], "manifest_digest": spec.manifest_digest,
-                  "config_digest": spec.config_digest, "platform": spec.platform,
-                  "top": os.path.join(self.layers, top) if top else None,
-                  "layers": report_layers, "warnings": warnings}
+        report = {
+            "id": image_id,
+            "refs": refs["images"][image_id]["refs"],
+            "manifest_digest": spec.manifest_digest,
+            "config_digest": spec.config_digest,
+            "platform": spec.platform,
+            "top": os.path.join(self.layers, top) if top else None,
+            "layers": report_layers,
+            "warnings": warnings,
+        }
         if independent:
             report["mode"] = "independent"
             report["merged"] = merged_status
@@ -425,8 +483,17 @@ class LayerStore:
             seen.add(name)
             if layer.opener is None:
                 break
-            todo.append((layer.opener, layer.compression, layer.digest, layer.size, layer.diff_id,
-                         self._label(layer, len(spec.layers)), spec.source))
+            todo.append(
+                (
+                    layer.opener,
+                    layer.compression,
+                    layer.digest,
+                    layer.size,
+                    layer.diff_id,
+                    self._label(layer, len(spec.layers)),
+                    spec.source,
+                )
+            )
         if not todo:
             return None
         try:
@@ -440,8 +507,22 @@ class LayerStore:
         except CimError:
             return {}
 
-    def _import_layer(self, spec, layer, chain, name, parent, jobs, created_at, warn, progress_stream,
-                      count, independent=False, below=(), feed=None) -> dict:
+    def _import_layer(
+        self,
+        spec,
+        layer,
+        chain,
+        name,
+        parent,
+        jobs,
+        created_at,
+        warn,
+        progress_stream,
+        count,
+        independent=False,
+        below=(),
+        feed=None,
+    ) -> dict:
         """One layer into the store.  ``below``: independent mode, the layer
         images under this one, nearest first (where its parent's base hives are).
         ``feed``: the layer is read by that :class:`.readahead.LayerFeed`."""
@@ -449,9 +530,12 @@ class LayerStore:
         if layer.opener is None:
             where = ", ".join(layer.urls) if layer.urls else "no URL given"
             kind = "foreign layer" if layer.foreign else "layer"
-            raise CimError(ERROR_FILE_NOT_FOUND,
-                           f"{kind} {layer.digest or layer.diff_id} (layer {layer.index + 1} of {count}) is not in the "
-                           f"source: its blob must be fetched first, from {where}", spec.source)
+            raise CimError(
+                ERROR_FILE_NOT_FOUND,
+                f"{kind} {layer.digest or layer.diff_id} (layer {layer.index + 1} of {count}) is not in the "
+                f"source: its blob must be fetched first, from {where}",
+                spec.source,
+            )
         raw = None
         if feed is None:
             try:
@@ -484,14 +568,24 @@ class LayerStore:
                     added, missing = hives.process_base_layer(w, created_at)
                     base_added.extend(added)
                     if not added and missing:
-                        warnings.append(f"{label}: base layer without registry hives under "
-                                        f"{hives.REG_FILES_PATH}: no Hives links or layout file made")
-                record = {"chain_id": None if independent else chain, "independent": independent,
-                          "diff_id": layer.diff_id, "digest": layer.digest,
-                          "media_type": layer.media_type, "size": layer.size, "parent": parent,
-                          "uncompressed_bytes": reader.uncompressed_bytes, "base_processing": base_added,
-                          "hive_deltas": sorted(set(delta_members)), "hive_bases": hive_bases,
-                          "warnings": warnings}
+                        warnings.append(
+                            f"{label}: base layer without registry hives under "
+                            f"{hives.REG_FILES_PATH}: no Hives links or layout file made"
+                        )
+                record = {
+                    "chain_id": None if independent else chain,
+                    "independent": independent,
+                    "diff_id": layer.diff_id,
+                    "digest": layer.digest,
+                    "media_type": layer.media_type,
+                    "size": layer.size,
+                    "parent": parent,
+                    "uncompressed_bytes": reader.uncompressed_bytes,
+                    "base_processing": base_added,
+                    "hive_deltas": sorted(set(delta_members)),
+                    "hive_bases": hive_bases,
+                    "warnings": warnings,
+                }
                 _write_atomic(os.path.join(self.layers, name[:-4] + ".json"), _dump(record))
 
             try:
@@ -499,9 +593,19 @@ class LayerStore:
                 extra: dict[str, Any] = {"independent": True} if independent else {}
                 if independent and layer.index > 0:
                     extra["hive_parents"] = [os.path.join(self.layers, n) for n in below]
-                winlayer.import_layer(reader, self.layers, name, parent=parent, progress=on_member,
-                                      before_commit=before_commit, consistent=True, hive_time=created_at,
-                                      label=label, on_hive_bases=hive_bases.extend, **extra)
+                winlayer.import_layer(
+                    reader,
+                    self.layers,
+                    name,
+                    parent=parent,
+                    progress=on_member,
+                    before_commit=before_commit,
+                    consistent=True,
+                    hive_time=created_at,
+                    label=label,
+                    on_hive_bases=hive_bases.extend,
+                    **extra,
+                )
             except BaseException:
                 remove_quietly(os.path.join(self.layers, name[:-4] + ".json"))
                 raise
@@ -513,8 +617,12 @@ class LayerStore:
                         raw.close()
                 except Exception:  # noqa: BLE001
                     pass
-        return {"uncompressed_bytes": stream.uncompressed_bytes, "warnings": warnings,
-                "base_processing": base_added, "hive_bases": hive_bases}
+        return {
+            "uncompressed_bytes": stream.uncompressed_bytes,
+            "warnings": warnings,
+            "base_processing": base_added,
+            "hive_bases": hive_bases,
+        }
 
     def _remove_layer(self, name: str, warn=None) -> None:
         p = os.path.join(self.layers, name)
@@ -539,11 +647,13 @@ class LayerStore:
             del refs["images"][key]
             independent = rec.get("mode") == "independent"
             # the merged image first: it lists the layers' region files as its own parents
-            own = list(reversed(rec["independent_layers"] if independent
-                                else [layer_image_name(c) for c in rec["layers"]]))
+            own = list(
+                reversed(rec["independent_layers"] if independent else [layer_image_name(c) for c in rec["layers"]])
+            )
             names = ([rec["top"]] if rec.get("top") else []) + own
-            self._write_journal(list(dict.fromkeys(names)),
-                                [d for d in (rec.get("manifest_digest"), rec.get("config_digest")) if d])
+            self._write_journal(
+                list(dict.fromkeys(names)), [d for d in (rec.get("manifest_digest"), rec.get("config_digest")) if d]
+            )
             # Write the refs first: a store never names a layer that is gone.
             self.save_refs(refs)
             removed = set(self._settle(warn))
@@ -551,5 +661,8 @@ class LayerStore:
                 removed_layers = [n for n in dict.fromkeys(names) if n in removed]
             else:
                 removed_layers = [c for c in reversed(rec["layers"]) if layer_image_name(c) in removed]
-            return {"untagged": rec.get("refs", []), "removed_image": key,
-                    "removed_layers": list(dict.fromkeys(removed_layers))}
+            return {
+                "untagged": rec.get("refs", []),
+                "removed_image": key,
+                "removed_layers": list(dict.fromkeys(removed_layers)),
+            }

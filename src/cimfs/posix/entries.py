@@ -92,8 +92,9 @@ def _local_target(target: str | None, rel: str) -> str:
         try:
             target.encode("utf-8")
         except UnicodeEncodeError:
-            raise CimError(E_INVALIDARG, f"symlink target {target!r} has a lone surrogate with no local form; "
-                                         "not extracted", rel) from None
+            raise CimError(
+                E_INVALIDARG, f"symlink target {target!r} has a lone surrogate with no local form; not extracted", rel
+            ) from None
     return target
 
 
@@ -274,8 +275,9 @@ class _EntryMaker:
             owner = self._owners[key] = _plain_owner(self.image.ea_buffer(fid), perm)
         return owner
 
-    def write_plain_files(self, dfd: int, plain_dir: bool, parts: tuple, files: list, recs: list,
-                          problems: list[str]) -> None:
+    def write_plain_files(
+        self, dfd: int, plain_dir: bool, parts: tuple, files: list, recs: list, problems: list[str]
+    ) -> None:
         """A directory's plain files in a writer process (umask 0): each
         created with its final mode, then its data and times; owner and mode
         only where the new file would not already have them.  The per-file
@@ -287,10 +289,15 @@ class _EntryMaker:
         for (name, fid), rec in zip(files, recs):
             try:
                 # _safe_local_name's answer for the usual ASCII name, inline
-                local = name if name.isascii() and "/" not in name and "\0" not in name and name not in _NOT_NAMES \
+                local = (
+                    name
+                    if name.isascii() and "/" not in name and "\0" not in name and name not in _NOT_NAMES
                     else _safe_local_name(name)
+                )
                 if local is None:
-                    raise CimError(ERROR_INVALID_NAME, f"unsafe name {name!r}, not extracted", "/".join(parts + (name,)))
+                    raise CimError(
+                        ERROR_INVALID_NAME, f"unsafe name {name!r}, not extracted", "/".join(parts + (name,))
+                    )
                 flags = rec.flags
                 if flags & _FLAG_SPARSE:  # its zero blocks become holes: the general path
                     st = self.image.stat(fid, links=False)
@@ -314,8 +321,13 @@ class _EntryMaker:
                     # (without CAP_FSETID) or the owner changes: set them again.
                     if not plain_dir or perm & 0o6000:
                         os.fchmod(fd, perm)
-                    utime(fd, ns=((rec.last_access_time - epoch) * 100,  # filetime_to_ns, inline
-                                  (rec.last_write_time - epoch) * 100))
+                    utime(
+                        fd,
+                        ns=(
+                            (rec.last_access_time - epoch) * 100,  # filetime_to_ns, inline
+                            (rec.last_write_time - epoch) * 100,
+                        ),
+                    )
                 finally:
                     close(fd)
             except cimfs.errors.CimFormatError:
@@ -334,8 +346,12 @@ class _EntryMaker:
         # A region met before: the reader's own check (the whole stream inside
         # the file it opened), without its per-call layers.
         known = self._region_fds.get(ro >> 48)
-        if known is None or not (ro and off >= _REGION_HEADER_SIZE and off + length <= known[1]) \
-                or stream.type != STREAM_TYPE_DATA or stream.sparse:
+        if (
+            known is None
+            or not (ro and off >= _REGION_HEADER_SIZE and off + length <= known[1])
+            or stream.type != STREAM_TYPE_DATA
+            or stream.sparse
+        ):
             if self._copy == _BY_READER or stream.type != STREAM_TYPE_DATA or stream.sparse:
                 return self.image.copy_stream(stream, fd)
             region, off = self.image._check_stream(stream)  # raises what is wrong
@@ -407,8 +423,12 @@ class _EntryMaker:
             self.set_meta_path(dfd, local, info)
         elif info.kind in (CHR, BLK):
             try:
-                self.retry(lambda: os.mknod(local, FMT_OF_KIND[info.kind] | 0o600, os.makedev(*info.rdev),
-                                            dir_fd=dfd), dfd, local, rel)
+                self.retry(
+                    lambda: os.mknod(local, FMT_OF_KIND[info.kind] | 0o600, os.makedev(*info.rdev), dir_fd=dfd),
+                    dfd,
+                    local,
+                    rel,
+                )
             except PermissionError:
                 warn(f"{rel}: device nodes need root; not created")
                 return
@@ -442,7 +462,7 @@ def _write_sparse(fd: int, buf: bytes, pos: int) -> None:
     while i < n:
         j = i
         # a run of data blocks
-        while j < n and mv[j:j + SPARSE_BLOCK] != zero[: min(SPARSE_BLOCK, n - j)]:
+        while j < n and mv[j : j + SPARSE_BLOCK] != zero[: min(SPARSE_BLOCK, n - j)]:
             j += SPARSE_BLOCK
         if j > i:
             end = min(j, n)
@@ -453,5 +473,5 @@ def _write_sparse(fd: int, buf: bytes, pos: int) -> None:
                 data = data[k:]
                 off += k
             i = end
-        while i < n and mv[i:i + SPARSE_BLOCK] == zero[: min(SPARSE_BLOCK, n - i)]:
+        while i < n and mv[i : i + SPARSE_BLOCK] == zero[: min(SPARSE_BLOCK, n - i)]:
             i += SPARSE_BLOCK

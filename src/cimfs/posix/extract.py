@@ -79,8 +79,15 @@ class Extractor:
     once everything in it is made.
     """
 
-    def __init__(self, image, dest: str, *, restore_owner: bool | None = None,
-                 progress: Callable[[int], None] | None = None, warn: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        image,
+        dest: str,
+        *,
+        restore_owner: bool | None = None,
+        progress: Callable[[int], None] | None = None,
+        warn: Callable[[str], None] | None = None,
+    ):
         self.image = image
         self.dest = dest
         self._root = os.geteuid() == 0
@@ -89,9 +96,9 @@ class Extractor:
         self.report = ExtractReport(warn)
         self.streams_skipped = 0
         self._writers: _FileWriters | None = None
-        self._first_dir: dict[int, int] = {}              # file FileID -> the directory of its first name
-        self._dir_parts: dict[int, tuple] = {}            # directory FileID -> its local path parts
-        self._links: list[tuple[tuple, str, int]] = []    # (parts, name, FileID) of later names
+        self._first_dir: dict[int, int] = {}  # file FileID -> the directory of its first name
+        self._dir_parts: dict[int, tuple] = {}  # directory FileID -> its local path parts
+        self._links: list[tuple[tuple, str, int]] = []  # (parts, name, FileID) of later names
         self._first_names: dict[int, dict[int, str]] = {}  # directory FileID -> {FileID: first name}, link pass
         self._moved_first: dict[int, tuple[tuple, str]] = {}  # FileID -> (parts, local) where a copy stands in
         # Set by run() for its duration; no entry is made outside it.
@@ -247,8 +254,12 @@ class Extractor:
             if first is not None:
                 try:
                     sfd = sources.open(first[0])
-                    self._make.retry(lambda: os.link(first[1], local, src_dir_fd=sfd, dst_dir_fd=dfd,
-                                                follow_symlinks=False), dfd, local, rel)
+                    self._make.retry(
+                        lambda: os.link(first[1], local, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False),
+                        dfd,
+                        local,
+                        rel,
+                    )
                     return
                 except OSError as e:
                     self.report.warning(f"{rel}: could not hard link ({e.strerror}); extracting a copy")
@@ -309,7 +320,7 @@ class Extractor:
             i -= 1
         fd = stack[i].fd
         try:
-            for p in frame.parts[len(stack[i].parts):]:
+            for p in frame.parts[len(stack[i].parts) :]:
                 nfd = os.open(p, _DIR_FLAGS, dir_fd=fd)
                 if fd != stack[i].fd:
                     os.close(fd)
@@ -344,8 +355,12 @@ class Extractor:
                     self._links.append((key, name, fid))
                     continue
                 first_dir[fid] = dir_id
-                if (writers is not None and not rec.reparse_offset and not rec.stream_table_offset
-                        and not rec.stream.sparse):
+                if (
+                    writers is not None
+                    and not rec.reparse_offset
+                    and not rec.stream_table_offset
+                    and not rec.stream.sparse
+                ):
                     plain.append((name, fid))
                     plain_bytes += rec.stream.length
                     continue
@@ -374,11 +389,17 @@ class Extractor:
             if rec.is_dir and not rec.reparse_offset and not rec.stream_table_offset:
                 # a plain directory: what posix_info would say, from the record
                 perm, uid, gid = self._make.owner_of(fid, rec, 0o755)
-                meta = _DirMeta(uid, gid, S.S_IFDIR | perm, filetime_to_ns(rec.last_access_time),
-                                filetime_to_ns(rec.last_write_time))
+                meta = _DirMeta(
+                    uid,
+                    gid,
+                    S.S_IFDIR | perm,
+                    filetime_to_ns(rec.last_access_time),
+                    filetime_to_ns(rec.last_write_time),
+                )
                 return self._enter_subdir(frame.fd, local, fid, meta, parts, rel, frame.plain_dir)
-            return self._extract_entry(frame.fd, local, fid, self.image.stat(fid, links=False), parts, rel,
-                                       frame.plain_dir)
+            return self._extract_entry(
+                frame.fd, local, fid, self.image.stat(fid, links=False), parts, rel, frame.plain_dir
+            )
         except (CimError, OSError) as e:
             self._entry_failed(e, rel)
         return None
@@ -406,11 +427,12 @@ class Extractor:
         first = self._dir_parts.get(fid)
         if first is not None:
             where = "/".join(first) or "."
-            if tuple(parts[:len(first)]) == first:
+            if tuple(parts[: len(first)]) == first:
                 self.report.problem(f"{rel}: directory loop in the image (back to {where}), not followed")
             else:
-                self.report.problem(f"{rel}: the same directory as {where} (linked under two names); "
-                                    "extracted once, there")
+                self.report.problem(
+                    f"{rel}: the same directory as {where} (linked under two names); extracted once, there"
+                )
             return None
         child = parts + [local]
         final = self._made_final(info) if plain_dir else None
@@ -435,9 +457,13 @@ class Extractor:
         root) read, create in and pass through it: the directory is then as
         it ends up from the start, never looser.  Saves fchown and fchmod."""
         perm = info.mode & 0o7777
-        if (self._umask is None or perm & 0o7000 or perm & self._umask
-                or (self.owner and (info.uid, info.gid) != self._make._ids)
-                or (not self._root and perm & 0o700 != 0o700)):
+        if (
+            self._umask is None
+            or perm & 0o7000
+            or perm & self._umask
+            or (self.owner and (info.uid, info.gid) != self._make._ids)
+            or (not self._root and perm & 0o700 != 0o700)
+        ):
             return None
         return perm
 

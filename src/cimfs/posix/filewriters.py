@@ -55,8 +55,16 @@ class _FileWriters:
             # directories do and the walk is the slower side (with a 64 KiB
             # pipe the walk blocked 0.3-0.4 s in sends, then each writer
             # waited 0.13-0.23 s for work).
-            self._workers.append(workers.Worker(ctx, _file_writer_main, (self._maker, self._dest_fd),
-                                                name="cimfs-extract", others=self._workers, pipe_size=1 << 20))
+            self._workers.append(
+                workers.Worker(
+                    ctx,
+                    _file_writer_main,
+                    (self._maker, self._dest_fd),
+                    name="cimfs-extract",
+                    others=self._workers,
+                    pipe_size=1 << 20,
+                )
+            )
 
     def add(self, parts: tuple, files: list, size: int, plain_dir: bool) -> int:
         """A directory's plain files, ``[(name in the image, FileID), ...]``,
@@ -81,7 +89,9 @@ class _FileWriters:
         if times_only:
             self._batches[i].append((parts, (info.atime_ns, info.mtime_ns)))
         else:
-            self._batches[i].append((parts, (info.uid, info.gid, info.mode, info.atime_ns, info.mtime_ns)))  # a _DirMeta
+            self._batches[i].append(
+                (parts, (info.uid, info.gid, info.mode, info.atime_ns, info.mtime_ns))
+            )  # a _DirMeta
 
     def _send(self, i: int) -> None:
         if self._batches[i]:

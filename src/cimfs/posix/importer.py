@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from ..reader import Image
     from ..writer import ImageWriter
 
+
 def _walk_nodes(root: Node):
     stack = [root]
     while stack:
@@ -74,9 +75,18 @@ class Importer:
     or removes a directory by surprise.
     """
 
-    def __init__(self, writer: ImageWriter, root: Node, *, base: Image | None = None, at: str = "",
-                 delete_extra: bool = False, progress: Callable[[int], None] | None = None,
-                 hidden: set[str] | None = None, replace_kind: bool | None = None) -> None:
+    def __init__(
+        self,
+        writer: ImageWriter,
+        root: Node,
+        *,
+        base: Image | None = None,
+        at: str = "",
+        delete_extra: bool = False,
+        progress: Callable[[int], None] | None = None,
+        hidden: set[str] | None = None,
+        replace_kind: bool | None = None,
+    ) -> None:
         self.w = writer
         self.replace_kind = delete_extra if replace_kind is None else replace_kind
         # folded paths (and everything below them) whose base entry no longer
@@ -95,7 +105,8 @@ class Importer:
             # [choice] A tar without an entry for its root: the root is as new
             # as its newest entry, not the time of the import.
             root.atime_ns = root.mtime_ns = root.ctime_ns = max(
-                (n.mtime_ns for n in _walk_nodes(root) if not n.implied), default=0)
+                (n.mtime_ns for n in _walk_nodes(root) if not n.implied), default=0
+            )
 
     def _meta(self, node: Node) -> FileMetadata:
         # Not cached: a FileMetadata per entry would double the memory of a large import.
@@ -109,8 +120,7 @@ class Importer:
 
     def _base_entries(self, dir_id: int, path: str) -> dict:
         assert self.base is not None  # a directory ID of the base
-        return {fold(e.name): e for e in self.base.scandir(dir_id)
-                if not self._is_hidden(_join(path, e.name))}
+        return {fold(e.name): e for e in self.base.scandir(dir_id) if not self._is_hidden(_join(path, e.name))}
 
     def _base_child(self, dir_id: int | None, path: str, name: str):
         if self.base is None or dir_id is None:
@@ -151,8 +161,12 @@ class Importer:
     def _check_kind(self, path: str, was_dir: bool, is_dir: bool) -> None:
         if was_dir != is_dir and not self.replace_kind:
             what = ("a directory", "something else") if was_dir else ("not a directory", "a directory")
-            raise CimError(ERROR_ALREADY_EXISTS, f"is {what[0]} in the image and the addition would make it "
-                                                 f"{what[1]} (an explicit replace allows it: --replace)", path)
+            raise CimError(
+                ERROR_ALREADY_EXISTS,
+                f"is {what[0]} in the image and the addition would make it "
+                f"{what[1]} (an explicit replace allows it: --replace)",
+                path,
+            )
 
     def _same_content(self, node: Node, fid: int) -> bool:
         if node.size == 0:
@@ -188,11 +202,20 @@ class Importer:
                 assert self.base is not None
                 bst = self.base.stat(b.file_id)
                 self._check_kind(_join(path, b.name), posix_info(bst).kind == DIR, child.kind == DIR)
-                keep = (b.name == child.name and posix_info(bst).kind == child.kind
-                        and (child.kind == DIR or (child.group is None and bst.nlink == 1
-                                                   and bst.stream_count == 0
-                                                   and metadata_matches(self._meta(child), bst, not self.consistent)
-                                                   and self._same_content(child, b.file_id))))
+                keep = (
+                    b.name == child.name
+                    and posix_info(bst).kind == child.kind
+                    and (
+                        child.kind == DIR
+                        or (
+                            child.group is None
+                            and bst.nlink == 1
+                            and bst.stream_count == 0
+                            and metadata_matches(self._meta(child), bst, not self.consistent)
+                            and self._same_content(child, b.file_id)
+                        )
+                    )
+                )
                 if not keep:
                     self.deletes.append(_join(path, b.name))
                     b = None
@@ -241,6 +264,7 @@ def write_node(w: ImageWriter, node: Node, path: str, progress: Callable[[int], 
 class _LocalFile(os.PathLike):
     """A scanned file handed to the writer by path: its data thread opens,
     reads and closes it (cheaper than a pathlib.Path per file)."""
+
     __slots__ = ("path",)
 
     def __init__(self, path: str):
@@ -288,8 +312,11 @@ def check_output_outside(src_dir: str, image_dir: str | None) -> None:
         return
     top, out = os.path.realpath(src_dir), os.path.realpath(image_dir)
     if out == top or out.startswith(top.rstrip(os.sep) + os.sep):
-        raise CimError(E_INVALIDARG, f"the image would be written inside the source directory {src_dir!r}; "
-                                     "write it outside the source", image_dir)
+        raise CimError(
+            E_INVALIDARG,
+            f"the image would be written inside the source directory {src_dir!r}; write it outside the source",
+            image_dir,
+        )
 
 
 class DirectoryImporter:
@@ -304,9 +331,15 @@ class DirectoryImporter:
     same metadata and collision policy as ``Importer(scan_directory(...))``.
     """
 
-    def __init__(self, writer: ImageWriter, src_dir: str, *, on_collision: str = "error",
-                 report: Callable[[str], None] | None = None,
-                 progress: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        writer: ImageWriter,
+        src_dir: str,
+        *,
+        on_collision: str = "error",
+        report: Callable[[str], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         if on_collision not in ("error", "rename", "skip"):
             raise CimError(E_INVALIDARG, f"unknown collision policy {on_collision!r}")
         check_output_outside(src_dir, getattr(writer, "directory", None))
@@ -315,7 +348,7 @@ class DirectoryImporter:
         self.on_collision = on_collision
         self.report = report or (lambda msg: None)
         self.progress = progress or (lambda n: None)
-        self.groups: dict = {}   # (st_dev, st_ino) -> _Group, files with st_nlink > 1 only
+        self.groups: dict = {}  # (st_dev, st_ino) -> _Group, files with st_nlink > 1 only
         self.entries = 0
 
     def _place_name(self, name: str, src: str, taken: dict, dir_path: str) -> str | None:
@@ -340,7 +373,7 @@ class DirectoryImporter:
         w = self.w
         consistent = writes_consistent(w)
         w.mkdir("", node_metadata(_stat_root(self.src_dir), consistent), exist_ok=True)
-        stack: list[tuple[str, str, str]] = [(self.src_dir, "", "")]   # (local, image path, POSIX path)
+        stack: list[tuple[str, str, str]] = [(self.src_dir, "", "")]  # (local, image path, POSIX path)
         add_files = w.add_scanned_files
         files: list = []
         progress = self.progress
@@ -361,7 +394,7 @@ class DirectoryImporter:
             except OSError as e:
                 raise _oserror(e, local) from None
             try:
-                for ent in _sorted_listing(dfd, local):   # stat()s are relative to dfd: no path walks
+                for ent in _sorted_listing(dfd, local):  # stat()s are relative to dfd: no path walks
                     full = prefix + ent.name
                     try:
                         st = ent.stat(follow_symlinks=False)
@@ -395,8 +428,16 @@ class DirectoryImporter:
                         if consistent:  # see node_metadata: change and access time are the write time
                             entry = (name, key, full, size, mt, mt, mt, ea)
                         else:
-                            entry = (name, key, full, size, mt, st.st_ctime_ns // 100 + epoch,
-                                     st.st_atime_ns // 100 + epoch, ea)
+                            entry = (
+                                name,
+                                key,
+                                full,
+                                size,
+                                mt,
+                                st.st_ctime_ns // 100 + epoch,
+                                st.st_atime_ns // 100 + epoch,
+                                ea,
+                            )
                         if size:
                             files.append(entry)
                         else:
@@ -410,9 +451,23 @@ class DirectoryImporter:
                         path = image_prefix + name
                         self.entries += 1
                         mt = st.st_mtime_ns // 100 + epoch
-                        ct, at = (mt, mt) if consistent else (st.st_ctime_ns // 100 + epoch, st.st_atime_ns // 100 + epoch)
-                        w.mkdir(path, FileMetadata(_FA_DIRECTORY, 0, mt, mt, ct, at, b"", b"",
-                                                   _lx_ea_buffer(mode, st.st_uid, st.st_gid, None)))
+                        ct, at = (
+                            (mt, mt) if consistent else (st.st_ctime_ns // 100 + epoch, st.st_atime_ns // 100 + epoch)
+                        )
+                        w.mkdir(
+                            path,
+                            FileMetadata(
+                                _FA_DIRECTORY,
+                                0,
+                                mt,
+                                mt,
+                                ct,
+                                at,
+                                b"",
+                                b"",
+                                _lx_ea_buffer(mode, st.st_uid, st.st_gid, None),
+                            ),
+                        )
                         subdirs.append((full, path, _join(posix_dir, name_from_image(name))))
                         continue
                     node = _node_from_entry(ent, st, full, self.groups)

@@ -29,8 +29,15 @@ if TYPE_CHECKING:
 
 # --------------------------------------------------------------------- kinds
 DIR, FILE, SYMLINK, FIFO, CHR, BLK, SOCK = "dir", "file", "symlink", "fifo", "chr", "blk", "sock"
-_KIND_OF_FMT = {S.S_IFDIR: DIR, S.S_IFREG: FILE, S.S_IFLNK: SYMLINK, S.S_IFIFO: FIFO,
-                S.S_IFCHR: CHR, S.S_IFBLK: BLK, S.S_IFSOCK: SOCK}
+_KIND_OF_FMT = {
+    S.S_IFDIR: DIR,
+    S.S_IFREG: FILE,
+    S.S_IFLNK: SYMLINK,
+    S.S_IFIFO: FIFO,
+    S.S_IFCHR: CHR,
+    S.S_IFBLK: BLK,
+    S.S_IFSOCK: SOCK,
+}
 FMT_OF_KIND = {v: k for k, v in _KIND_OF_FMT.items()}
 
 
@@ -71,15 +78,28 @@ def plain_file_metadata(st: os.stat_result) -> cimfs.FileMetadata:
     """What :func:`node_metadata` gives a regular, not sparse, file scanned
     with this stat, without building its Node (the bulk of any tree)."""
     mt = st.st_mtime_ns // 100 + FILETIME_UNIX_EPOCH  # ns_to_filetime, inline: once per file of a tree
-    ea = _EA_CACHE.get((st.st_mode, st.st_uid, st.st_gid, None)) or _lx_ea_buffer(st.st_mode, st.st_uid, st.st_gid, None)
-    return cimfs.FileMetadata(0, st.st_size, mt, mt, st.st_ctime_ns // 100 + FILETIME_UNIX_EPOCH,
-                              st.st_atime_ns // 100 + FILETIME_UNIX_EPOCH, b"", b"", ea)
+    ea = _EA_CACHE.get((st.st_mode, st.st_uid, st.st_gid, None)) or _lx_ea_buffer(
+        st.st_mode, st.st_uid, st.st_gid, None
+    )
+    return cimfs.FileMetadata(
+        0,
+        st.st_size,
+        mt,
+        mt,
+        st.st_ctime_ns // 100 + FILETIME_UNIX_EPOCH,
+        st.st_atime_ns // 100 + FILETIME_UNIX_EPOCH,
+        b"",
+        b"",
+        ea,
+    )
 
 
 def plain_file_metadata_consistent(st: os.stat_result) -> cimfs.FileMetadata:
     """:func:`plain_file_metadata` for a consistent image (see :func:`node_metadata`)."""
     mt = st.st_mtime_ns // 100 + FILETIME_UNIX_EPOCH
-    ea = _EA_CACHE.get((st.st_mode, st.st_uid, st.st_gid, None)) or _lx_ea_buffer(st.st_mode, st.st_uid, st.st_gid, None)
+    ea = _EA_CACHE.get((st.st_mode, st.st_uid, st.st_gid, None)) or _lx_ea_buffer(
+        st.st_mode, st.st_uid, st.st_gid, None
+    )
     return cimfs.FileMetadata(0, st.st_size, mt, mt, mt, mt, b"", b"", ea)
 
 
@@ -129,21 +149,22 @@ def metadata_matches(meta: cimfs.FileMetadata, st: Stat, scan_times: bool = True
     ``scan_times=False`` (a consistent import, which does not take them from
     the source): change and last access times are not compared, so an entry
     of a parent written otherwise is kept as it is."""
-    return ((meta.attributes & _ATTR_MASK) == (st.attributes & _ATTR_MASK)
-            and meta.creation_time == st.creation_time
-            and meta.last_write_time == st.last_write_time
-            and (not scan_times or (meta.change_time == st.change_time
-                                    and meta.last_access_time == st.last_access_time))
-            and bytes(meta.ea_buffer) == bytes(st.ea_buffer)
-            and bytes(meta.reparse_data) == bytes(st.reparse_data)
-            and bytes(meta.security_descriptor) == bytes(st.security_descriptor)
-            and (st.is_dir or meta.file_size == st.size))
+    return (
+        (meta.attributes & _ATTR_MASK) == (st.attributes & _ATTR_MASK)
+        and meta.creation_time == st.creation_time
+        and meta.last_write_time == st.last_write_time
+        and (not scan_times or (meta.change_time == st.change_time and meta.last_access_time == st.last_access_time))
+        and bytes(meta.ea_buffer) == bytes(st.ea_buffer)
+        and bytes(meta.reparse_data) == bytes(st.reparse_data)
+        and bytes(meta.security_descriptor) == bytes(st.security_descriptor)
+        and (st.is_dir or meta.file_size == st.size)
+    )
 
 
 @dataclass
 class PosixInfo:
     kind: str
-    mode: int            # full st_mode
+    mode: int  # full st_mode
     uid: int
     gid: int
     rdev: tuple[int, int]
@@ -152,7 +173,7 @@ class PosixInfo:
     ctime_ns: int
     btime_ns: int
     size: int
-    target: str | None   # symlink target
+    target: str | None  # symlink target
     link_has_children: bool = False
 
 
@@ -213,8 +234,17 @@ def posix_info(st: Stat) -> PosixInfo:
         gid = getattr(lx, "gid", None) or 0
         if getattr(lx, "rdev_major", None) is not None:
             rdev = (lx.rdev_major, getattr(lx, "rdev_minor", None) or 0)
-    return PosixInfo(kind=kind, mode=FMT_OF_KIND[kind] | perm, uid=uid, gid=gid, rdev=rdev,
-                     atime_ns=filetime_to_ns(st.last_access_time), mtime_ns=filetime_to_ns(st.last_write_time),
-                     ctime_ns=filetime_to_ns(st.change_time), btime_ns=filetime_to_ns(st.creation_time),
-                     size=st.size if kind == FILE else 0, target=target,
-                     link_has_children=(kind == SYMLINK and st.is_dir))
+    return PosixInfo(
+        kind=kind,
+        mode=FMT_OF_KIND[kind] | perm,
+        uid=uid,
+        gid=gid,
+        rdev=rdev,
+        atime_ns=filetime_to_ns(st.last_access_time),
+        mtime_ns=filetime_to_ns(st.last_write_time),
+        ctime_ns=filetime_to_ns(st.change_time),
+        btime_ns=filetime_to_ns(st.creation_time),
+        size=st.size if kind == FILE else 0,
+        target=target,
+        link_has_children=(kind == SYMLINK and st.is_dir),
+    )

@@ -40,6 +40,7 @@ CHUNK = 1 << 20  # the unit in which file data is read and copied
 # --------------------------------------------------------------------- source tree
 class _Group:
     """Hard links to one file: the first one written carries the data."""
+
     __slots__ = ("written",)
 
     def __init__(self) -> None:
@@ -48,10 +49,10 @@ class _Group:
 
 @dataclass(eq=False, slots=True)  # slots: a million-entry tree is held in memory
 class Node:
-    name: str                      # name in the image ("" for the root)
-    src: str                       # where it came from, for messages
+    name: str  # name in the image ("" for the root)
+    src: str  # where it came from, for messages
     kind: str
-    mode: int = 0                  # full st_mode, type bits included
+    mode: int = 0  # full st_mode, type bits included
     uid: int = 0
     gid: int = 0
     atime_ns: int = 0
@@ -59,13 +60,13 @@ class Node:
     ctime_ns: int = 0
     btime_ns: int | None = None
     size: int = 0
-    target: str | None = None      # symlink target
+    target: str | None = None  # symlink target
     rdev: tuple[int, int] = (0, 0)
     sparse: bool = False
     opener: Callable[[], IO[bytes]] | None = None
     order: int = 0
     parent: Node | None = None
-    children: dict = field(default_factory=dict)   # fold(name) -> Node
+    children: dict = field(default_factory=dict)  # fold(name) -> Node
     group: _Group | None = None
     implied: bool = False
 
@@ -85,18 +86,21 @@ class Node:
 
 def _default_dir(name: str, src: str, like: Node | None = None) -> Node:
     now = time.time_ns() if like is None else like.mtime_ns
-    return Node(name=name, src=src, kind=DIR, mode=S.S_IFDIR | 0o755,
-                atime_ns=now, mtime_ns=now, ctime_ns=now, implied=True)
+    return Node(
+        name=name, src=src, kind=DIR, mode=S.S_IFDIR | 0o755, atime_ns=now, mtime_ns=now, ctime_ns=now, implied=True
+    )
 
 
-def resolve_collision(policy: str, report: Callable[[str], None], name: str, src: str, first: str,
-                      taken: Container[str], dir_path: str) -> str | None:
+def resolve_collision(
+    policy: str, report: Callable[[str], None], name: str, src: str, first: str, taken: Container[str], dir_path: str
+) -> str | None:
     """``name`` (from ``src``) folds like ``first``, already in a directory
     whose folded names are ``taken``: fail, skip (None) or the renamed name,
     as --on-collision says.  ``dir_path`` is where the message says it went."""
     if policy == "error":
-        raise CimError(ERROR_FILE_EXISTS,
-                       f"collides case-insensitively with {first!r} (use --on-collision rename|skip)", src)
+        raise CimError(
+            ERROR_FILE_EXISTS, f"collides case-insensitively with {first!r} (use --on-collision rename|skip)", src
+        )
     if policy == "skip":
         report(f"skipped {src} (collides case-insensitively with {first})")
         return None
@@ -129,7 +133,7 @@ class Tree:
         self.on_collision = on_collision
         self.report = report or (lambda msg: None)
         self.root = _default_dir("", "")
-        self.by_src: dict[str, Node | None] = {"": self.root}   # None: skipped
+        self.by_src: dict[str, Node | None] = {"": self.root}  # None: skipped
         self.groups: dict = {}
 
     # -- building
@@ -191,8 +195,15 @@ class Tree:
             node.parent = parent
             parent.children[k] = node
             return node
-        cand = resolve_collision(self.on_collision, self.report, node.name, node.src, old.src,
-                                 parent.children, parent.path() if parent.parent is not None else "")
+        cand = resolve_collision(
+            self.on_collision,
+            self.report,
+            node.name,
+            node.src,
+            old.src,
+            parent.children,
+            parent.path() if parent.parent is not None else "",
+        )
         if cand is None:
             return None
         node.name = cand
@@ -216,8 +227,17 @@ def _node_from_stat(st: os.stat_result, src: str) -> Node:
     kind = _KIND_OF_FMT.get(S.S_IFMT(st.st_mode))
     if kind is None:
         raise CimError(E_INVALIDARG, f"unsupported file type {S.S_IFMT(st.st_mode):#o}", src)
-    n = Node(name="", src=src, kind=kind, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
-             atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns)
+    n = Node(
+        name="",
+        src=src,
+        kind=kind,
+        mode=st.st_mode,
+        uid=st.st_uid,
+        gid=st.st_gid,
+        atime_ns=st.st_atime_ns,
+        mtime_ns=st.st_mtime_ns,
+        ctime_ns=st.st_ctime_ns,
+    )
     if kind in (CHR, BLK):
         n.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
     if kind == FILE:
@@ -360,6 +380,7 @@ def scan_single(path: str, tree: Tree) -> Node:
 # --------------------------------------------------------------------- tars
 class OpenTar(tarfile.TarFile):
     """A tar opened by :func:`open_tar`; one read from a stream keeps its spooled bytes in ``spool``."""
+
     spool: IO[bytes]  # set only when the tar came from a stream (path "-")
 
 
@@ -368,6 +389,7 @@ def open_tar(path: str, stdin: IO[bytes] | None = None) -> OpenTar:
     try:
         if path == "-":
             import tempfile  # start-up time: only a tar read from a stream spools
+
             spool = tempfile.TemporaryFile()
             src = stdin if stdin is not None else __import__("sys").stdin.buffer
             while True:
@@ -377,7 +399,7 @@ def open_tar(path: str, stdin: IO[bytes] | None = None) -> OpenTar:
                 spool.write(buf)
             spool.seek(0)
             tf = OpenTar.open(fileobj=spool, mode="r:*", tarinfo=BoundedTarInfo)
-            tf.spool = spool      # the raw bytes, for a second reader
+            tf.spool = spool  # the raw bytes, for a second reader
             return tf
         return OpenTar.open(path, mode="r:*", tarinfo=BoundedTarInfo)
     except (tarfile.TarError, EOFError, ValueError) as e:
@@ -393,8 +415,7 @@ def _tar_reason(e: BaseException) -> str:
     if tried:
         # The decompressor that recognised its format has the real reason;
         # the others only say the bytes are not theirs.
-        past_magic = [why for method, _, why in tried
-                      if method != "tar" and not re.match(r"not an? \w+ file", why)]
+        past_magic = [why for method, _, why in tried if method != "tar" and not re.match(r"not an? \w+ file", why)]
         plain = [why for method, _, why in tried if method == "tar"]
         text = (past_magic or plain or [text])[0]
     return " ".join(text.split()) or type(e).__name__
@@ -451,22 +472,47 @@ def scan_tar(tf: tarfile.TarFile, tree: Tree, label: str = "-") -> Tree:
         where = f"{label}:{m.name}"
         parts = _tar_parts(m.name, where)
         mtime = _tar_time(m, "mtime", int(m.mtime) * 1_000_000_000)
-        node = Node(name="", src=m.name.rstrip("/") or ".", kind=FILE, mode=m.mode & 0o7777,
-                    uid=m.uid, gid=m.gid, mtime_ns=mtime,
-                    atime_ns=_tar_time(m, "atime", mtime), ctime_ns=_tar_time(m, "ctime", mtime),
-                    btime_ns=_tar_time(m, "LIBARCHIVE.creationtime", None), order=m.offset_data)
+        node = Node(
+            name="",
+            src=m.name.rstrip("/") or ".",
+            kind=FILE,
+            mode=m.mode & 0o7777,
+            uid=m.uid,
+            gid=m.gid,
+            mtime_ns=mtime,
+            atime_ns=_tar_time(m, "atime", mtime),
+            ctime_ns=_tar_time(m, "ctime", mtime),
+            btime_ns=_tar_time(m, "LIBARCHIVE.creationtime", None),
+            order=m.offset_data,
+        )
         if m.islnk():
             tparts = _tar_parts(m.linkname, where)
             key = "/".join(tparts)
             if key not in tree.by_src:
-                raise CimError(ERROR_FILE_NOT_FOUND, f"hard link to {m.linkname!r}, which is not earlier in the archive", where)
+                raise CimError(
+                    ERROR_FILE_NOT_FOUND, f"hard link to {m.linkname!r}, which is not earlier in the archive", where
+                )
             target = tree.by_src[key]
-            if target is None:      # the target was skipped: this name gets its own copy
+            if target is None:  # the target was skipped: this name gets its own copy
                 raise CimError(ERROR_FILE_NOT_FOUND, f"hard link to skipped {m.linkname!r}", where)
             if target.kind == DIR:
                 raise CimError(E_INVALIDARG, "hard link to a directory", where)
-            for f in ("kind", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "btime_ns",
-                      "size", "target", "rdev", "sparse", "opener", "order"):
+            for f in (
+                "kind",
+                "mode",
+                "uid",
+                "gid",
+                "atime_ns",
+                "mtime_ns",
+                "ctime_ns",
+                "btime_ns",
+                "size",
+                "target",
+                "rdev",
+                "sparse",
+                "opener",
+                "order",
+            ):
                 setattr(node, f, getattr(target, f))
             if target.group is None:
                 target.group = _Group()

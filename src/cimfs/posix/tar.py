@@ -35,7 +35,7 @@ def _data_map(image, fid: int, size: int) -> list[tuple[int, int]]:
             if not buf:
                 break
             for off in range(0, len(buf), SPARSE_BLOCK):
-                blk = buf[off:off + SPARSE_BLOCK]
+                blk = buf[off : off + SPARSE_BLOCK]
                 if blk.count(0) == len(blk):
                     if start is not None:
                         extents.append((start, pos + off - start))
@@ -46,7 +46,7 @@ def _data_map(image, fid: int, size: int) -> list[tuple[int, int]]:
     if start is not None:
         extents.append((start, size - start))
     if not extents or extents[-1][0] + extents[-1][1] != size:
-        extents.append((size, 0))     # marks the real size, as GNU tar does
+        extents.append((size, 0))  # marks the real size, as GNU tar does
     return extents
 
 
@@ -84,7 +84,7 @@ class _SparseReader(io.RawIOBase):
                     self._cur = self._image.read_at(self._fid, o, n)
                     self._progress(n)
             take = self._cur[:want]
-            self._cur = self._cur[len(take):]
+            self._cur = self._cur[len(take) :]
             out.append(take)
             want -= len(take)
         return b"".join(out)
@@ -104,8 +104,13 @@ class _CountingReader(io.RawIOBase):
         return b
 
 
-def export_tar(image: Image, out: tarfile.TarFile, *, progress: Callable[[int], None] | None = None,
-               warn: Callable[[str], None] | None = None) -> ExtractReport:
+def export_tar(
+    image: Image,
+    out: tarfile.TarFile,
+    *,
+    progress: Callable[[int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> ExtractReport:
     """Write the whole image as a POSIX (PAX) tar: every type, mode, owner and time (to 100 ns)."""
     progress = progress or (lambda n: None)
     report = ExtractReport(warn)
@@ -172,8 +177,13 @@ def export_tar(image: Image, out: tarfile.TarFile, *, progress: Callable[[int], 
                 extents = [(ti.size, 0)] if st.is_sparse else _data_map(image, st.file_id, ti.size)
                 body = _SparseReader(image, st.file_id, extents, progress)
                 real = ti.name
-                ti.pax_headers = {**ti.pax_headers, "GNU.sparse.major": "1", "GNU.sparse.minor": "0",
-                                  "GNU.sparse.name": real, "GNU.sparse.realsize": str(ti.size)}
+                ti.pax_headers = {
+                    **ti.pax_headers,
+                    "GNU.sparse.major": "1",
+                    "GNU.sparse.minor": "0",
+                    "GNU.sparse.name": real,
+                    "GNU.sparse.realsize": str(ti.size),
+                }
                 head, _, tail = real.rpartition("/")
                 ti.name = f"{head + '/' if head else ''}GNUSparseFile.0/{tail}"
                 ti.size = body.size

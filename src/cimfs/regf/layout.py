@@ -48,9 +48,30 @@ NK = b"nk"
 # volatile list, #values, value list, sk, class, maxname|userflags<<16, maxclass, maxvaluename,
 # maxvaluedata, workvar, name length, class length
 NK_HEAD = struct.Struct("<2sHQBBHIIIIIIIIIIIIIIHH")
-(NKF_SIG, NKF_FLAGS, NKF_TIME, NKF_ACCESS, NKF_LAYER, NKF_SPARE, NKF_PARENT, NKF_NSUB, NKF_NVOL, NKF_SUBLIST,
- NKF_VOLLIST, NKF_NVAL, NKF_VALLIST, NKF_SK, NKF_CLASS, NKF_MAXNAME, NKF_MAXCLASS, NKF_MAXVALNAME, NKF_MAXVALDATA,
- NKF_WORKVAR, NKF_NAMELEN, NKF_CLASSLEN) = range(22)
+(
+    NKF_SIG,
+    NKF_FLAGS,
+    NKF_TIME,
+    NKF_ACCESS,
+    NKF_LAYER,
+    NKF_SPARE,
+    NKF_PARENT,
+    NKF_NSUB,
+    NKF_NVOL,
+    NKF_SUBLIST,
+    NKF_VOLLIST,
+    NKF_NVAL,
+    NKF_VALLIST,
+    NKF_SK,
+    NKF_CLASS,
+    NKF_MAXNAME,
+    NKF_MAXCLASS,
+    NKF_MAXVALNAME,
+    NKF_MAXVALDATA,
+    NKF_WORKVAR,
+    NKF_NAMELEN,
+    NKF_CLASSLEN,
+) = range(22)
 KEY_VOLATILE = 0x1
 KEY_HIVE_EXIT = 0x2
 KEY_HIVE_ENTRY = 0x4
@@ -73,8 +94,12 @@ MERGE = 0
 TOMBSTONE = 1
 SUPERSEDE_LOCAL = 2
 SUPERSEDE_TREE = 3
-LAYER_SEMANTICS_NAMES = {MERGE: "merge", TOMBSTONE: "tombstone", SUPERSEDE_LOCAL: "supersede-local",
-                         SUPERSEDE_TREE: "supersede-tree"}
+LAYER_SEMANTICS_NAMES = {
+    MERGE: "merge",
+    TOMBSTONE: "tombstone",
+    SUPERSEDE_LOCAL: "supersede-local",
+    SUPERSEDE_TREE: "supersede-tree",
+}
 
 # ---- value vk ---------------------------------------------------------------------------------------------------
 VK = b"vk"
@@ -102,9 +127,20 @@ REG_FULL_RESOURCE_DESCRIPTOR = 9
 REG_RESOURCE_REQUIREMENTS_LIST = 10
 REG_QWORD = 11
 REG_QWORD_LITTLE_ENDIAN = 11
-REG_TYPE_NAMES = {0: "REG_NONE", 1: "REG_SZ", 2: "REG_EXPAND_SZ", 3: "REG_BINARY", 4: "REG_DWORD",
-                  5: "REG_DWORD_BIG_ENDIAN", 6: "REG_LINK", 7: "REG_MULTI_SZ", 8: "REG_RESOURCE_LIST",
-                  9: "REG_FULL_RESOURCE_DESCRIPTOR", 10: "REG_RESOURCE_REQUIREMENTS_LIST", 11: "REG_QWORD"}
+REG_TYPE_NAMES = {
+    0: "REG_NONE",
+    1: "REG_SZ",
+    2: "REG_EXPAND_SZ",
+    3: "REG_BINARY",
+    4: "REG_DWORD",
+    5: "REG_DWORD_BIG_ENDIAN",
+    6: "REG_LINK",
+    7: "REG_MULTI_SZ",
+    8: "REG_RESOURCE_LIST",
+    9: "REG_FULL_RESOURCE_DESCRIPTOR",
+    10: "REG_RESOURCE_REQUIREMENTS_LIST",
+    11: "REG_QWORD",
+}
 
 # ---- big data db (minor >= 4) ------------------------------------------------------------------------------------
 DB = b"db"
@@ -163,13 +199,35 @@ def checksum(block: bytes | bytearray | memoryview) -> int:
     return c or 1
 
 
-def pack_base_block(*, sequence: int, last_written: int, minor: int, root: int, length: int, file_name: str,
-                    flags: int) -> bytearray:
+def pack_base_block(
+    *, sequence: int, last_written: int, minor: int, root: int, length: int, file_name: str, flags: int
+) -> bytearray:
     block = bytearray(BASE_BLOCK_SIZE)
     name = file_name[-FILE_NAME_CHARS:].encode("utf-16-le", "surrogatepass")[: 2 * FILE_NAME_CHARS]
-    BASE_HEAD.pack_into(block, 0, REGF, sequence, sequence, last_written, MAJOR, minor, FILE_TYPE_PRIMARY,
-                        FILE_FORMAT_DIRECT, root, length, 1, name, bytes(16), bytes(16), flags, bytes(16), bytes(4), 0,
-                        OFRG, 1)
+    BASE_HEAD.pack_into(
+        block,
+        0,
+        REGF,
+        sequence,
+        sequence,
+        last_written,
+        MAJOR,
+        minor,
+        FILE_TYPE_PRIMARY,
+        FILE_FORMAT_DIRECT,
+        root,
+        length,
+        1,
+        name,
+        bytes(16),
+        bytes(16),
+        flags,
+        bytes(16),
+        bytes(4),
+        0,
+        OFRG,
+        1,
+    )
     CHECKSUM.pack_into(block, CHECKSUM_OFFSET, checksum(block))
     return block
 

@@ -48,13 +48,19 @@ _FL, _NAMELEN, _LAYER, _TIME, _SK = L.NKF_FLAGS, L.NKF_NAMELEN, L.NKF_LAYER, L.N
 _INLINE_MASK = (0, 0xFF, 0xFFFF, 0xFFFFFF, 0xFFFFFFFF)  # inline bytes beyond the size are not copied
 
 
-def merge(base: Hive | bytes | bytearray | memoryview, deltas: Sequence[Hive | bytes | bytearray | memoryview] = (), *, file_name: str = "") -> bytes:
+def merge(
+    base: Hive | bytes | bytearray | memoryview,
+    deltas: Sequence[Hive | bytes | bytearray | memoryview] = (),
+    *,
+    file_name: str = "",
+) -> bytes:
     """The plain hive flattening ``base`` (a ``Hive`` or hive bytes) and ``deltas`` (each on top of the previous)."""
     return bytes(_merge_buffer(base, deltas, file_name))
 
 
-def merge_files(base_path: str | os.PathLike[str], delta_paths: Sequence[str | os.PathLike[str]],
-                out_path: str | os.PathLike[str]) -> None:
+def merge_files(
+    base_path: str | os.PathLike[str], delta_paths: Sequence[str | os.PathLike[str]], out_path: str | os.PathLike[str]
+) -> None:
     """Write ``merge(base, deltas)`` to ``out_path`` atomically (a temporary file renamed into place; nothing
     is left behind on failure)."""
     hives = []
@@ -82,7 +88,9 @@ def _as_hive(h: Hive | bytes | bytearray | memoryview, label: str) -> Hive:
     return h if isinstance(h, Hive) else Hive(h, label)
 
 
-def _merge_buffer(base: Hive | bytes | bytearray | memoryview, deltas: Sequence[Hive | bytes | bytearray | memoryview], file_name: str) -> bytearray:
+def _merge_buffer(
+    base: Hive | bytes | bytearray | memoryview, deltas: Sequence[Hive | bytes | bytearray | memoryview], file_name: str
+) -> bytearray:
     hives = [_as_hive(base, "base hive")] + [_as_hive(d, f"delta hive {i + 1}") for i, d in enumerate(deltas)]
     b = HiveBuilder(hives[0].minor, name=file_name or "<merged hive>")
     m = _Merger(hives, b)
@@ -139,12 +147,25 @@ class _Merger:
         comp = bool(vf[L.VKF_FLAGS] & L.VALUE_COMP_NAME)
         parts = h.data_parts(vf, vo, self.cov[li])
         size = sum(len(p) for p in parts)
-        out = self.b.value(h._buf[name_at:name_at + nl], comp, vf[L.VKF_TYPE], parts)
+        out = self.b.value(h._buf[name_at : name_at + nl], comp, vf[L.VKF_TYPE], parts)
         return out, 2 * nl if comp else nl, size
 
-    def emit(self, off: int, name: str, top: _Node, parent: int, *, layer_nodes: Sequence[_Node], entries: list,
-             values: tuple[list[int], int, int], class_off: int, class_len: int, sk: int, root: bool = False,
-             stored: tuple[bytes, bool] | None = None) -> tuple:
+    def emit(
+        self,
+        off: int,
+        name: str,
+        top: _Node,
+        parent: int,
+        *,
+        layer_nodes: Sequence[_Node],
+        entries: list,
+        values: tuple[list[int], int, int],
+        class_off: int,
+        class_len: int,
+        sk: int,
+        root: bool = False,
+        stored: tuple[bytes, bool] | None = None,
+    ) -> tuple:
         """Fill the nk at ``off``; ``values`` is (vk offsets, MaxValueNameLen, MaxValueDataLen); returns the
         parent's list entry for the key."""
         b = self.b
@@ -162,10 +183,27 @@ class _Merger:
         for n in layer_nodes:
             if n.f[_TIME] > ts:
                 ts = n.f[_TIME]
-        b.key(off, raw, comp, flags=flags, last_written=ts, layer=0, parent=parent, nsub=len(entries),
-              sublist=sublist, nval=len(voffs), vallist=b.value_list(voffs), sk=sk, class_off=class_off,
-              class_len=class_len, maxname=maxname, user_flags=top.f[L.NKF_MAXNAME] >> 16, maxclass=maxclass,
-              maxvalname=maxvalname, maxvaldata=maxvaldata)
+        b.key(
+            off,
+            raw,
+            comp,
+            flags=flags,
+            last_written=ts,
+            layer=0,
+            parent=parent,
+            nsub=len(entries),
+            sublist=sublist,
+            nval=len(voffs),
+            vallist=b.value_list(voffs),
+            sk=sk,
+            class_off=class_off,
+            class_len=class_len,
+            maxname=maxname,
+            user_flags=top.f[L.NKF_MAXNAME] >> 16,
+            maxclass=maxclass,
+            maxvalname=maxvalname,
+            maxvaldata=maxvaldata,
+        )
         return off, upcase(name), raw, comp, 2 * len(raw) if comp else len(raw), class_len
 
     def copy_values(self, n: _Node) -> tuple[list, int, int]:
@@ -203,7 +241,7 @@ class _Merger:
                 at = BB + o
                 pack(out, at, -vsize, L.VK, nl, raw, dfield & _INLINE_MASK[size], typ, comp, 0)
                 at += 4 + VKS
-                out[at:at + nl] = buf[s + VKS:s + VKS + nl]
+                out[at : at + nl] = buf[s + VKS : s + VKS + nl]
             elif L.INLINE_MAX < raw <= L.SEGMENT_BYTES:  # one data cell, copied as it is
                 ds, dn = cell(dfield, "value data", cov)
                 if raw > dn:
@@ -218,15 +256,15 @@ class _Merger:
                     d = b.alloc(raw)
                     o = b.alloc(VKS + nl)
                 put_size(out, BB + d, -dsize)
-                out[BB + d + 4:BB + d + 4 + raw] = buf[ds:ds + raw]
+                out[BB + d + 4 : BB + d + 4 + raw] = buf[ds : ds + raw]
                 at = BB + o
                 pack(out, at, -vsize, L.VK, nl, raw, d, typ, comp, 0)
                 at += 4 + VKS
-                out[at:at + nl] = buf[s + VKS:s + VKS + nl]
+                out[at : at + nl] = buf[s + VKS : s + VKS + nl]
             else:  # big data, empty data, or short data stored in a cell (re-inlined by the writer)
                 parts = h.data_parts(vf, vo, cov)
                 size = sum(len(p) for p in parts)
-                o = b.value(buf[s + L.VK_HEAD.size:s + L.VK_HEAD.size + nl], comp, typ, parts)
+                o = b.value(buf[s + L.VK_HEAD.size : s + L.VK_HEAD.size + nl], comp, typ, parts)
             offs.append(o)
             if nl16 > maxn:
                 maxn = nl16
@@ -253,8 +291,19 @@ class _Merger:
                 entries.append(e)
         self._sort_entries(entries, h, n)
         values = self.copy_values(n)
-        return self.emit(off, n.name, n, parent, layer_nodes=(n,), entries=entries, values=values,
-                         class_off=class_off, class_len=class_len, sk=sk, stored=stored)
+        return self.emit(
+            off,
+            n.name,
+            n,
+            parent,
+            layer_nodes=(n,),
+            entries=entries,
+            values=values,
+            class_off=class_off,
+            class_len=class_len,
+            sk=sk,
+            stored=stored,
+        )
 
     @staticmethod
     def _sort_entries(entries: list, h: Hive, n: _Node) -> None:
@@ -308,8 +357,19 @@ class _Merger:
         class_off, class_len = self._merged_class(own, nodes, stop)
         entries = self._merged_children(nodes, tree_lo, off, depth)
         values = self._merged_values(own)
-        return self.emit(off, name, top, parent, layer_nodes=own, entries=entries, values=values,
-                         class_off=class_off, class_len=class_len, sk=sk, root=root_name is not None)
+        return self.emit(
+            off,
+            name,
+            top,
+            parent,
+            layer_nodes=own,
+            entries=entries,
+            values=values,
+            class_off=class_off,
+            class_len=class_len,
+            sk=sk,
+            root=root_name is not None,
+        )
 
     def _merged_class(self, own: list[_Node], nodes: list, stop: int) -> tuple[int, int]:
         for n in own:
@@ -369,5 +429,4 @@ class _Merger:
                 name = h.name_at(vo, name_at, vf[L.VKF_NAMELEN], bool(vf[L.VKF_FLAGS] & L.VALUE_COMP_NAME))
                 slots[upcase(name)] = (n.li, vo, vf, name_at)
         copied = [self.copy_value(*s) for s in slots.values() if not s[2][L.VKF_FLAGS] & L.VALUE_TOMBSTONE]
-        return ([c[0] for c in copied], max((c[1] for c in copied), default=0),
-                max((c[2] for c in copied), default=0))
+        return ([c[0] for c in copied], max((c[1] for c in copied), default=0), max((c[2] for c in copied), default=0))

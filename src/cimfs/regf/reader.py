@@ -65,8 +65,9 @@ class Coverage:
         a, b = cell >> 3, (cell + size + 7) >> 3
         m = self._map
         if m.find(1, a, b) >= 0:
-            raise HiveFormatError(self._hive.name, cell, "cell reached twice or overlapping another cell "
-                                  "(a cycle or a shared cell)")
+            raise HiveFormatError(
+                self._hive.name, cell, "cell reached twice or overlapping another cell (a cycle or a shared cell)"
+            )
         m[a:b] = b"\x01" * (b - a)
 
 
@@ -94,12 +95,28 @@ class Hive:
 
     def _open(self, mv: memoryview, name: str) -> None:
         head, stored_sum = L.unpack_base_block(mv, name)
-        (_sig, seq1, seq2, self.last_written, self.major, self.minor, ftype, fmt, root, length, _cluster,
-         fname, *_rest) = head
+        (
+            _sig,
+            seq1,
+            seq2,
+            self.last_written,
+            self.major,
+            self.minor,
+            ftype,
+            fmt,
+            root,
+            length,
+            _cluster,
+            fname,
+            *_rest,
+        ) = head
         self.flags = head[14]
         if self.major != L.MAJOR or self.minor not in L.MINORS:
-            raise HiveFormatError(name, None, f"unsupported hive version {self.major}.{self.minor} "
-                                  f"(1.{L.MINORS[0]} to 1.{L.MINORS[-1]} are read)")
+            raise HiveFormatError(
+                name,
+                None,
+                f"unsupported hive version {self.major}.{self.minor} (1.{L.MINORS[0]} to 1.{L.MINORS[-1]} are read)",
+            )
         if ftype != L.FILE_TYPE_PRIMARY:
             raise HiveFormatError(name, None, f"file type {ftype} is a transaction log, not a primary hive")
         if fmt != L.FILE_FORMAT_DIRECT:
@@ -107,15 +124,18 @@ class Hive:
         if length == 0 or length % L.BIN_ALIGN:
             raise HiveFormatError(name, None, f"hive bins length {length} is not a positive multiple of 4096")
         if L.BASE_BLOCK_SIZE + length > len(mv):
-            raise HiveFormatError(name, None, f"truncated: the header promises {length} bytes of bins, "
-                                  f"the file has {len(mv) - L.BASE_BLOCK_SIZE}")
+            raise HiveFormatError(
+                name,
+                None,
+                f"truncated: the header promises {length} bytes of bins, the file has {len(mv) - L.BASE_BLOCK_SIZE}",
+            )
         if L.checksum(mv) != stored_sum:
             self.notes.append("base block checksum mismatch (read anyway)")
         if seq1 != seq2:
             self.notes.append(f"sequence numbers differ ({seq1} != {seq2}): a dirty hive, its logs are not applied")
         self.file_name = bytes(fname).decode("utf-16-le", "replace").split("\0", 1)[0]
         self.length = length
-        self._buf = mv[L.BASE_BLOCK_SIZE:L.BASE_BLOCK_SIZE + length]
+        self._buf = mv[L.BASE_BLOCK_SIZE : L.BASE_BLOCK_SIZE + length]
         self._scan_bins()
         self.root_offset = root
         self._big_data = self.minor >= L.BIG_DATA_MIN_MINOR
@@ -214,8 +234,8 @@ class Hive:
     def name_at(self, off: int, start: int, length: int, compressed: bool) -> str:
         try:
             if compressed:
-                return str(self._buf[start:start + length], "latin-1")
-            return decode_name(self._buf[start:start + length], False)
+                return str(self._buf[start : start + length], "latin-1")
+            return decode_name(self._buf[start : start + length], False)
         except UnicodeDecodeError:
             raise self.error(off, "UTF-16 name of an odd number of bytes") from None
 
@@ -301,11 +321,11 @@ class Hive:
             raise self.error(off, f"value claims {raw} bytes of data in a hive of {self.length}")
         start, n = self.cell(f[L.VKF_DATA], "value data", cov)
         buf = self._buf
-        if raw > L.SEGMENT_BYTES and self._big_data and n >= L.DB_HEAD.size and buf[start:start + 2] == L.DB:
+        if raw > L.SEGMENT_BYTES and self._big_data and n >= L.DB_HEAD.size and buf[start : start + 2] == L.DB:
             return self._big_parts(f[L.VKF_DATA], start, raw, cov)
         if raw > n:
             raise self.error(f[L.VKF_DATA], f"value data of {raw} bytes overruns its {n}-byte cell")
-        return [buf[start:start + raw]]
+        return [buf[start : start + raw]]
 
     def _big_parts(self, db_off: int, start: int, size: int, cov: Coverage | None) -> list:
         _sig, count, list_off, _ = L.DB_HEAD.unpack_from(self._buf, start)
@@ -323,7 +343,7 @@ class Hive:
             take = min(left, L.SEGMENT_BYTES)
             if take > sn:
                 raise self.error(seg, f"big data segment of {sn} bytes, {take} expected")
-            parts.append(self._buf[sstart:sstart + take])
+            parts.append(self._buf[sstart : sstart + take])
             left -= take
         return parts
 
@@ -338,7 +358,7 @@ class Hive:
                 raise self.error(off, f"expected a security cell ('sk'), found {bytes(f[0])!r}")
             if L.SK_HEAD.size + f[L.SKF_LEN] > n:
                 raise self.error(off, "security descriptor overruns its cell")
-            sd = self._sk_cache[off] = bytes(self._buf[start + L.SK_HEAD.size:start + L.SK_HEAD.size + f[L.SKF_LEN]])
+            sd = self._sk_cache[off] = bytes(self._buf[start + L.SK_HEAD.size : start + L.SK_HEAD.size + f[L.SKF_LEN]])
         return sd
 
     def class_bytes(self, f: tuple, off: int, cov: Coverage | None = None) -> bytes | None:
@@ -347,7 +367,7 @@ class Hive:
         start, n = self.cell(f[L.NKF_CLASS], "class name", cov)
         if f[L.NKF_CLASSLEN] > n:
             raise self.error(off, f"class name of {f[L.NKF_CLASSLEN]} bytes overruns its cell")
-        return bytes(self._buf[start:start + f[L.NKF_CLASSLEN]])
+        return bytes(self._buf[start : start + f[L.NKF_CLASSLEN]])
 
     # ---- public navigation ----------------------------------------------------------------------------------------
     @property
@@ -392,8 +412,9 @@ class Key:
 
     __slots__ = ("_hive", "offset", "_f", "_name_at", "_path", "_parent", "_name")
 
-    def __init__(self, hive: Hive, offset: int, path: str | None, cov: Coverage | None = None,
-                 parent: Key | None = None):
+    def __init__(
+        self, hive: Hive, offset: int, path: str | None, cov: Coverage | None = None, parent: Key | None = None
+    ):
         self._hive, self.offset = hive, offset
         self._f, self._name_at = hive.nk(offset, cov)
         self._path, self._parent = path, parent
@@ -403,8 +424,9 @@ class Key:
     def name(self) -> str:
         if self._name is None:
             f = self._f
-            self._name = self._hive.name_at(self.offset, self._name_at, f[L.NKF_NAMELEN],
-                                            bool(f[L.NKF_FLAGS] & L.KEY_COMP_NAME))
+            self._name = self._hive.name_at(
+                self.offset, self._name_at, f[L.NKF_NAMELEN], bool(f[L.NKF_FLAGS] & L.KEY_COMP_NAME)
+            )
         return self._name
 
     @property
@@ -494,8 +516,9 @@ class Value:
     def __init__(self, hive: Hive, offset: int):
         self._hive, self.offset = hive, offset
         self._f, name_at = hive.vk(offset)
-        self.name = hive.name_at(offset, name_at, self._f[L.VKF_NAMELEN],
-                                 bool(self._f[L.VKF_FLAGS] & L.VALUE_COMP_NAME))
+        self.name = hive.name_at(
+            offset, name_at, self._f[L.VKF_NAMELEN], bool(self._f[L.VKF_FLAGS] & L.VALUE_COMP_NAME)
+        )
 
     @property
     def type(self) -> int:
@@ -520,7 +543,9 @@ class Value:
         return f"<Value {self.name!r} {kind} {self.size} bytes>"
 
 
-def open_hive(source: str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO, name: str | None = None) -> Hive:
+def open_hive(
+    source: str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO, name: str | None = None
+) -> Hive:
     """A ``Hive`` from a path, bytes-like data or a binary file object; usable as a context manager
     (closing it unmaps the file)."""
     if isinstance(source, (bytes, bytearray, memoryview, mmap.mmap)):

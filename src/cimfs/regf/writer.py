@@ -51,13 +51,28 @@ class NewKey:
     flags: int = 0
     user_flags: int = 0
 
-    def __init__(self, name: str, *, values: Iterable[NewValue] = (), subkeys: Iterable[NewKey] = (),
-                 class_name: str | None = None, last_written: int = 0, security: bytes | None = None,
-                 layer_semantics: int = L.MERGE, inherit_class: bool = False, flags: int = 0, user_flags: int = 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        values: Iterable[NewValue] = (),
+        subkeys: Iterable[NewKey] = (),
+        class_name: str | None = None,
+        last_written: int = 0,
+        security: bytes | None = None,
+        layer_semantics: int = L.MERGE,
+        inherit_class: bool = False,
+        flags: int = 0,
+        user_flags: int = 0,
+    ) -> None:
         self.name, self.values, self.subkeys = name, list(values), list(subkeys)
         self.class_name, self.last_written, self.security = class_name, last_written, security
         self.layer_semantics, self.inherit_class, self.flags, self.user_flags = (
-            layer_semantics, inherit_class, flags, user_flags)
+            layer_semantics,
+            inherit_class,
+            flags,
+            user_flags,
+        )
 
 
 class HiveBuilder:
@@ -111,7 +126,7 @@ class HiveBuilder:
         """A cell holding ``data``."""
         off = self.alloc(len(data))
         at = L.BASE_BLOCK_SIZE + off + 4
-        self.buf[at:at + len(data)] = data
+        self.buf[at : at + len(data)] = data
         return off
 
     # ---- records ------------------------------------------------------------------------------------------------
@@ -121,15 +136,21 @@ class HiveBuilder:
         if off is None:
             off = self.alloc(L.SK_HEAD.size + len(descriptor))
             at = L.BASE_BLOCK_SIZE + off + 4 + L.SK_HEAD.size
-            self.buf[at:at + len(descriptor)] = descriptor
+            self.buf[at : at + len(descriptor)] = descriptor
             self._sk_of_sd[descriptor] = off
             self.sk_refs[off] = 1
         else:
             self.sk_refs[off] += 1
         return off
 
-    def value(self, name_raw: bytes | bytearray | memoryview, compressed: bool, type_: int, data: bytes | bytearray | memoryview | list,
-              tombstone: bool = False) -> int:
+    def value(
+        self,
+        name_raw: bytes | bytearray | memoryview,
+        compressed: bool,
+        type_: int,
+        data: bytes | bytearray | memoryview | list,
+        tombstone: bool = False,
+    ) -> int:
         """A vk (and its data cells); ``name_raw`` is the stored name, ``data`` bytes-like or a list of parts."""
         if isinstance(data, list):
             data = data[0] if len(data) == 1 else b"".join(data)
@@ -149,7 +170,7 @@ class HiveBuilder:
         flags = (L.VALUE_COMP_NAME if compressed and name_raw else 0) | (L.VALUE_TOMBSTONE if tombstone else 0)
         L.VK_HEAD.pack_into(self.buf, at, L.VK, len(name_raw), size_field, data_field, type_, flags, 0)
         at += L.VK_HEAD.size
-        self.buf[at:at + len(name_raw)] = name_raw
+        self.buf[at : at + len(name_raw)] = name_raw
         return off
 
     def _big_data(self, data: bytes | bytearray | memoryview) -> int:
@@ -157,9 +178,9 @@ class HiveBuilder:
         segs = []
         for i in range(0, len(mv), L.SEGMENT_BYTES):
             off = self.alloc(L.SEGMENT_CELL - 4)
-            chunk = mv[i:i + L.SEGMENT_BYTES]
+            chunk = mv[i : i + L.SEGMENT_BYTES]
             at = L.BASE_BLOCK_SIZE + off + 4
-            self.buf[at:at + len(chunk)] = chunk
+            self.buf[at : at + len(chunk)] = chunk
             segs.append(off)
         seg_list = self.put(L.u32_array(len(segs)).pack(*segs))
         return self.put(L.DB_HEAD.pack(L.DB, len(segs), seg_list, 0))
@@ -180,7 +201,7 @@ class HiveBuilder:
             raise CimError(E_INVALIDARG, f"{len(entries)} subkeys are too many for one key", self.name)
         leaves = []
         for i in range(nleaves):
-            leaves.append(self._leaf(entries[i * len(entries) // nleaves:(i + 1) * len(entries) // nleaves]))
+            leaves.append(self._leaf(entries[i * len(entries) // nleaves : (i + 1) * len(entries) // nleaves]))
         return self.put(L.LIST_HEAD.pack(L.RI, len(leaves)) + L.u32_array(len(leaves)).pack(*leaves))
 
     def _leaf(self, entries: list[tuple[int, str, bytes, bool]]) -> int:
@@ -198,35 +219,93 @@ class HiveBuilder:
                 items += (e[0], L.inline_field(hint))
         return self.put(L.LIST_HEAD.pack(kind, len(entries)) + L.u32_array(len(items)).pack(*items))
 
-    def key(self, off: int, name_raw: bytes | bytearray | memoryview, compressed: bool, *, flags: int, last_written: int, layer: int, parent: int,
-            nsub: int, sublist: int, nval: int, vallist: int, sk: int, class_off: int, class_len: int,
-            maxname: int, user_flags: int, maxclass: int, maxvalname: int, maxvaldata: int) -> None:
+    def key(
+        self,
+        off: int,
+        name_raw: bytes | bytearray | memoryview,
+        compressed: bool,
+        *,
+        flags: int,
+        last_written: int,
+        layer: int,
+        parent: int,
+        nsub: int,
+        sublist: int,
+        nval: int,
+        vallist: int,
+        sk: int,
+        class_off: int,
+        class_len: int,
+        maxname: int,
+        user_flags: int,
+        maxclass: int,
+        maxvalname: int,
+        maxvaldata: int,
+    ) -> None:
         """Fill the nk cell reserved at ``off`` (by ``alloc(key_size(len(name_raw)))``)."""
         flags = (flags & ~(L.KEY_NEVER_ON_DISK | L.KEY_COMP_NAME)) | (L.KEY_COMP_NAME if compressed else 0)
         at = L.BASE_BLOCK_SIZE + off + 4
-        L.NK_HEAD.pack_into(self.buf, at, L.NK, flags, last_written, 0, layer, 0, parent, nsub, 0, sublist, L.NONE,
-                            nval, vallist, sk, class_off, (maxname & 0xFFFF) | (user_flags & 0xFFFF) << 16,
-                            maxclass, maxvalname, maxvaldata, 0, len(name_raw), class_len)
+        L.NK_HEAD.pack_into(
+            self.buf,
+            at,
+            L.NK,
+            flags,
+            last_written,
+            0,
+            layer,
+            0,
+            parent,
+            nsub,
+            0,
+            sublist,
+            L.NONE,
+            nval,
+            vallist,
+            sk,
+            class_off,
+            (maxname & 0xFFFF) | (user_flags & 0xFFFF) << 16,
+            maxclass,
+            maxvalname,
+            maxvaldata,
+            0,
+            len(name_raw),
+            class_len,
+        )
         at += L.NK_HEAD.size
-        self.buf[at:at + len(name_raw)] = name_raw
+        self.buf[at : at + len(name_raw)] = name_raw
 
     @staticmethod
     def key_size(name_len: int) -> int:
         return L.NK_HEAD.size + name_len
 
     # ---- the end ------------------------------------------------------------------------------------------------
-    def finish(self, root: int, *, layered: bool = False, file_name: str = "", sequence: int = 1,
-               last_written: int = 0) -> bytearray:
+    def finish(
+        self, root: int, *, layered: bool = False, file_name: str = "", sequence: int = 1, last_written: int = 0
+    ) -> bytearray:
         """Seal the hive: the last bin's free cell, the sk ring and refcounts, the base block."""
         self._close_bin()
         ring = list(self.sk_refs)
         for i, off in enumerate(ring):
-            L.SK_HEAD.pack_into(self.buf, L.BASE_BLOCK_SIZE + off + 4, L.SK, 0, ring[(i + 1) % len(ring)],
-                                ring[i - 1], self.sk_refs[off], len(self._sd_at(off)))
-        block = L.pack_base_block(sequence=sequence, last_written=last_written, minor=self.minor, root=root,
-                                  length=self.bin_end, file_name=file_name,
-                                  flags=L.HIVE_FLAG_LAYERED if layered else 0)
-        self.buf[:L.BASE_BLOCK_SIZE] = block
+            L.SK_HEAD.pack_into(
+                self.buf,
+                L.BASE_BLOCK_SIZE + off + 4,
+                L.SK,
+                0,
+                ring[(i + 1) % len(ring)],
+                ring[i - 1],
+                self.sk_refs[off],
+                len(self._sd_at(off)),
+            )
+        block = L.pack_base_block(
+            sequence=sequence,
+            last_written=last_written,
+            minor=self.minor,
+            root=root,
+            length=self.bin_end,
+            file_name=file_name,
+            flags=L.HIVE_FLAG_LAYERED if layered else 0,
+        )
+        self.buf[: L.BASE_BLOCK_SIZE] = block
         return self.buf
 
     def _sd_at(self, off: int) -> bytes:
@@ -258,16 +337,23 @@ def _frames() -> list[FrameType]:
     return out
 
 
-def write_hive(root: NewKey, *, minor: int = 5, layered: bool = False, file_name: str = "", sequence: int = 1,
-               last_written: int = 0, leaf: str | None = None) -> bytes:
+def write_hive(
+    root: NewKey,
+    *,
+    minor: int = 5,
+    layered: bool = False,
+    file_name: str = "",
+    sequence: int = 1,
+    last_written: int = 0,
+    leaf: str | None = None,
+) -> bytes:
     """The bytes of a clean hive holding ``root`` and its tree.  ``layered`` sets the base-block flag of a
     differencing hive (required for keys with layer semantics, inherit class or tombstone values)."""
     b = HiveBuilder(minor, leaf.encode() if isinstance(leaf, str) else leaf)
     w = _TreeWriter(b, layered)
     with deep_recursion():
         root_off = w.write(root, L.NONE, "", 0)
-    return bytes(b.finish(root_off, layered=layered, file_name=file_name, sequence=sequence,
-                          last_written=last_written))
+    return bytes(b.finish(root_off, layered=layered, file_name=file_name, sequence=sequence, last_written=last_written))
 
 
 class _TreeWriter:
@@ -349,11 +435,27 @@ class _TreeWriter:
         flags = key.flags | (L.ROOT_FLAGS if depth == 0 else 0)
         if depth:
             flags &= ~L.KEY_HIVE_ENTRY
-        b.key(off, raw, comp, flags=flags, last_written=key.last_written,
-              layer=sem | (L.LAYER_INHERIT_CLASS if key.inherit_class else 0), parent=parent,
-              nsub=len(entries), sublist=sublist, nval=len(vals), vallist=b.value_list(vals), sk=sk,
-              class_off=class_off, class_len=class_len, maxname=maxname, user_flags=key.user_flags,
-              maxclass=maxclass, maxvalname=maxvalname, maxvaldata=maxvaldata)
+        b.key(
+            off,
+            raw,
+            comp,
+            flags=flags,
+            last_written=key.last_written,
+            layer=sem | (L.LAYER_INHERIT_CLASS if key.inherit_class else 0),
+            parent=parent,
+            nsub=len(entries),
+            sublist=sublist,
+            nval=len(vals),
+            vallist=b.value_list(vals),
+            sk=sk,
+            class_off=class_off,
+            class_len=class_len,
+            maxname=maxname,
+            user_flags=key.user_flags,
+            maxclass=maxclass,
+            maxvalname=maxvalname,
+            maxvaldata=maxvaldata,
+        )
         return off
 
 

@@ -57,5 +57,13 @@ from .pax import (  # noqa: F401 - the vocabulary, for callers that name the rec
 )
 from .tarsource import is_windows_layer
 
-__all__ = ["is_windows_layer", "import_layer", "import_layers", "export_layer",
-           "parse_pax_time", "format_pax_time", "pax_time_to_filetime", "filetime_to_pax_time"]
+__all__ = [
+    "is_windows_layer",
+    "import_layer",
+    "import_layers",
+    "export_layer",
+    "parse_pax_time",
+    "format_pax_time",
+    "pax_time_to_filetime",
+    "filetime_to_pax_time",
+]

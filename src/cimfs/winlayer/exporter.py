@@ -62,8 +62,16 @@ class _CountingReader(io.RawIOBase):
 _COMPRESSION = {".gz": "gz", ".tgz": "gz", ".bz2": "bz2", ".tbz2": "bz2", ".xz": "xz", ".txz": "xz"}
 
 
-def export_layer(image, out, progress=None, *, compression: str | None = None, parent=None,
-                 exclude: Iterable[str] = (), independent: bool = False) -> None:
+def export_layer(
+    image,
+    out,
+    progress=None,
+    *,
+    compression: str | None = None,
+    parent=None,
+    exclude: Iterable[str] = (),
+    independent: bool = False,
+) -> None:
     """Write ``image`` (an open :class:`cimfs.Image` or a ``.cim`` path) as a
     Windows layer tar (PAX) to ``out`` (a path, written atomically, or a
     binary file object, written as a stream).
@@ -113,11 +121,14 @@ def export_layer(image, out, progress=None, *, compression: str | None = None, p
             lower.close()
         raise
     if lower is not None or exclude:
+
         def make(tf, rep):
             return _DiffExporter(img, tf, rep, lower, exclude, derived)
     else:
+
         def make(tf, rep):
             return _Exporter(img, tf, rep, independent, derived)
+
     try:
         if isinstance(out, (str, bytes, os.PathLike)):
             path = os.fsdecode(out)
@@ -146,7 +157,12 @@ def export_layer(image, out, progress=None, *, compression: str | None = None, p
             lower.close()
 
 
-_STREAM_MODES: dict[str, Literal["w|", "w|gz", "w|bz2", "w|xz"]] = {"": "w|", "gz": "w|gz", "bz2": "w|bz2", "xz": "w|xz"}
+_STREAM_MODES: dict[str, Literal["w|", "w|gz", "w|bz2", "w|xz"]] = {
+    "": "w|",
+    "gz": "w|gz",
+    "bz2": "w|bz2",
+    "xz": "w|xz",
+}
 
 
 def _export(make_exporter, f, report, compression: str, label) -> None:
@@ -203,8 +219,11 @@ class _Exporter:
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:
-            raise CimError(ERROR_INVALID_NAME, "name is not valid Unicode (an unpaired surrogate); a tar cannot hold it",
-                           "\\".join(parts)) from None
+            raise CimError(
+                ERROR_INVALID_NAME,
+                "name is not valid Unicode (an unpaired surrogate); a tar cannot hold it",
+                "\\".join(parts),
+            ) from None
         return name
 
     def _pax(self, st) -> dict[str, str]:
@@ -286,8 +305,7 @@ class _Exporter:
                 return
             # A directory of an independent layer: its own metadata, then what the marker says.
             flags = marker[1]
-            st = st._replace(reparse_data=b"", reparse_tag=0,
-                             attributes=st.attributes & ~FileAttributes.REPARSE_POINT)
+            st = st._replace(reparse_data=b"", reparse_tag=0, attributes=st.attributes & ~FileAttributes.REPARSE_POINT)
             if not flags & _ntfs().MERGE_DIR_PARENT_ONLY:
                 self._entry(parts, st)
             if flags & _ntfs().MERGE_DIR_OPAQUE:
@@ -383,8 +401,19 @@ class _Exporter:
             raise CimError(E_INVALIDARG, f"cannot write a tar entry for it: {e}", "\\".join(parts)) from None
 
 
-_UNCHANGED_FIELDS = ("attributes", "creation_time", "last_write_time", "change_time", "last_access_time",
-                     "security_descriptor", "ea_buffer", "reparse_data", "is_dir", "size", "is_sparse")
+_UNCHANGED_FIELDS = (
+    "attributes",
+    "creation_time",
+    "last_write_time",
+    "change_time",
+    "last_access_time",
+    "security_descriptor",
+    "ea_buffer",
+    "reparse_data",
+    "is_dir",
+    "size",
+    "is_sparse",
+)
 
 
 class _DiffExporter(_Exporter):

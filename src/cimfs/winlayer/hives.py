@@ -61,8 +61,11 @@ def created_filetime(config: dict) -> int:
         return 0
     y, mo, d, h, mi, s, frac, tz = m.groups()
     try:
-        offset = dt.timedelta(0) if tz in ("Z", "z") else \
-            (1 if tz[0] == "+" else -1) * dt.timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6]))
+        offset = (
+            dt.timedelta(0)
+            if tz in ("Z", "z")
+            else (1 if tz[0] == "+" else -1) * dt.timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6]))
+        )
         t = dt.datetime(int(y), int(mo), int(d), int(h), int(mi), int(s)) - offset
     except ValueError:
         return 0
@@ -82,8 +85,11 @@ def process_base_layer(writer, when: int) -> tuple[list[str], list[str]]:
     base layer being written.  Returns (paths added, hive files not found)."""
     added: list[str] = []
     missing: list[str] = []
-    present = [h for h in HIVES if writer.exists(f"{REG_FILES_PATH}\\{h[0]}")
-               and not writer.is_dir(f"{REG_FILES_PATH}\\{h[0]}")]
+    present = [
+        h
+        for h in HIVES
+        if writer.exists(f"{REG_FILES_PATH}\\{h[0]}") and not writer.is_dir(f"{REG_FILES_PATH}\\{h[0]}")
+    ]
     missing = [f"{REG_FILES_PATH}\\{h[0]}" for h in HIVES if h not in present]
     if not present:
         return added, missing
@@ -239,9 +245,12 @@ def _merge_one(regf, spool: DeltaSpool, parents, base: str, label: str) -> bytes
     try:
         parent_data = _parent_base(parents, base)
         if parent_data is None:
-            raise CimError(ERROR_FILE_NOT_FOUND,
-                           f"registry hive {base[:-5]}: the layer has {delta_path} but its parent layer has no "
-                           f"{HIVES_PATH}\\{base} to merge it into", label)
+            raise CimError(
+                ERROR_FILE_NOT_FOUND,
+                f"registry hive {base[:-5]}: the layer has {delta_path} but its parent layer has no "
+                f"{HIVES_PATH}\\{base} to merge it into",
+                label,
+            )
         why = f"registry hive {base[:-5]}: cannot merge {delta_path} into the parent's {HIVES_PATH}\\{base}"
         try:
             with regf.open_hive(parent_data, name=f"parent {HIVES_PATH}\\{base}") as parent_hive:

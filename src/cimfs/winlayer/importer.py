@@ -48,8 +48,9 @@ from .tarsource import (
 
 # ------------------------------------------------------------------ import
 class _LayerImporter:
-    def __init__(self, writer, source: _TarSource, parent_image, progress, independent: bool = False,
-                 keep_deltas: bool = False):
+    def __init__(
+        self, writer, source: _TarSource, parent_image, progress, independent: bool = False, keep_deltas: bool = False
+    ):
         self.w = writer
         self.src = source
         self.lower = parent_image  # reader of the parent image, or None
@@ -191,8 +192,9 @@ class _LayerImporter:
             self.added[key] = False
             self.last_file = path
         else:
-            what = {tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device",
-                    tarfile.FIFOTYPE: "FIFO"}.get(m.type, f"type {m.type!r}")
+            what = {tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "FIFO"}.get(
+                m.type, f"type {m.type!r}"
+            )
             raise CimError(E_INVALIDARG, f"a {what} entry has no meaning in a Windows layer", member)
 
     def _drop_delta(self, base: str) -> None:
@@ -246,7 +248,9 @@ class _LayerImporter:
         else:
             ntfs = _ntfs()
             try:
-                meta.reparse_data = ntfs.pack_mount_point_reparse(target) if mount else ntfs.pack_symlink_reparse(target)
+                meta.reparse_data = (
+                    ntfs.pack_mount_point_reparse(target) if mount else ntfs.pack_symlink_reparse(target)
+                )
             except CimError as e:
                 raise CimError(e.hresult, f"symlink target {_shown(target)}: {e.strerror}", member) from None
             except (ValueError, TypeError, OverflowError) as e:
@@ -315,7 +319,7 @@ class _LayerImporter:
             return
         if base.startswith(WHITEOUT_META_PREFIX):
             return  # other AUFS metadata (.wh..wh.plnk, ...): no meaning here
-        name = base[len(WHITEOUT_PREFIX):]
+        name = base[len(WHITEOUT_PREFIX) :]
         _check_parts([name], member, "whiteout name")
         target = dir_parts + [name]
         if self.independent:
@@ -381,9 +385,22 @@ def _image_name(name) -> str:
     return name
 
 
-def import_layer(src, containing_dir, name, parent=None, progress=None, *, before_commit=None,
-                 consistent: bool = False, clamp_time: int | None = None, independent: bool = False,
-                 hive_parents=None, hive_time: int = 0, label: str | None = None, on_hive_bases=None) -> str:
+def import_layer(
+    src,
+    containing_dir,
+    name,
+    parent=None,
+    progress=None,
+    *,
+    before_commit=None,
+    consistent: bool = False,
+    clamp_time: int | None = None,
+    independent: bool = False,
+    hive_parents=None,
+    hive_time: int = 0,
+    label: str | None = None,
+    on_hive_bases=None,
+) -> str:
     """Import one Windows layer tar as the image ``name`` in ``containing_dir``.
 
     ``src`` is a path, a binary file object (read once, as a stream: stdin

@@ -99,4 +99,3 @@ def _progress_adapter(progress) -> Callable[[int, str], None]:
     except TypeError:
         return progress
     return lambda n, path: progress(n)
-

@@ -156,8 +156,9 @@ class _TarSource:
             if not isinstance(self.label, str):
                 self.label = "<stream>"
         try:
-            self.tf = tarfile.open(fileobj=f, mode="r|*", tarinfo=_CheckedTarInfo,
-                                   encoding="utf-8", errors="surrogateescape")
+            self.tf = tarfile.open(
+                fileobj=f, mode="r|*", tarinfo=_CheckedTarInfo, encoding="utf-8", errors="surrogateescape"
+            )
         except BaseException as e:
             self.close()
             if isinstance(e, CimError):
@@ -198,9 +199,13 @@ class _TarSource:
                 end = _HEADER_END.get(tf)
                 if end == "eof" or (end is None and last is None):
                     return
-                why = "the archive ends without its end-of-archive blocks" if isinstance(end, tarfile.EmptyHeaderError) \
-                    else f"bad header ({end})" if isinstance(end, tarfile.InvalidHeaderError) \
+                why = (
+                    "the archive ends without its end-of-archive blocks"
+                    if isinstance(end, tarfile.EmptyHeaderError)
+                    else f"bad header ({end})"
+                    if isinstance(end, tarfile.InvalidHeaderError)
                     else f"cut inside a header ({end})"
+                )
                 raise CimError(E_INVALIDARG, f"truncated or corrupt tar: {why}", _after(last, self.label))
             last = m
             yield m
@@ -240,15 +245,18 @@ def _is_codec_error(e: BaseException) -> bool:
 
 
 def _is_read_error(e: BaseException) -> bool:
-    return isinstance(e, (tarfile.TarError, EOFError, zlib.error, UnicodeError, ValueError, KeyError, OSError,
-                          OverflowError)) or _is_codec_error(e)
+    return isinstance(
+        e, (tarfile.TarError, EOFError, zlib.error, UnicodeError, ValueError, KeyError, OSError, OverflowError)
+    ) or _is_codec_error(e)
 
 
 def _read_error_text(e: BaseException, where: str, member) -> str:
     text = str(e) or type(e).__name__
     if isinstance(e, tarfile.ReadError) and text in ("empty header", "truncated header"):
         return f"truncated tar: the archive ends inside a member's headers ({text})"
-    if isinstance(e, (tarfile.ReadError, EOFError)) and ("end of data" in text or "ended" in text or isinstance(e, EOFError)):
+    if isinstance(e, (tarfile.ReadError, EOFError)) and (
+        "end of data" in text or "ended" in text or isinstance(e, EOFError)
+    ):
         return f"truncated tar: {text}"
     if isinstance(e, OSError) and not isinstance(e, CimError):
         return f"cannot read the tar: {e.strerror or text}"
@@ -291,8 +299,12 @@ def _check_parts(parts: list[str], member: str, what: str = "name") -> None:
 # Early hcsshim tars: the records went through Go's Header.Xattrs (so PAX
 # "SCHILY.xattr.MSWINDOWS.*") and carried times as FILETIME decimals.
 _SCHILY = "SCHILY.xattr."
-_OLD_FILETIMES = {"MSWINDOWS.createtime": PAX_CREATIONTIME, "MSWINDOWS.writetime": "mtime",
-                  "MSWINDOWS.changetime": "ctime", "MSWINDOWS.accesstime": "atime"}
+_OLD_FILETIMES = {
+    "MSWINDOWS.createtime": PAX_CREATIONTIME,
+    "MSWINDOWS.writetime": "mtime",
+    "MSWINDOWS.changetime": "ctime",
+    "MSWINDOWS.accesstime": "atime",
+}
 
 
 def _normalize_headers(h: Mapping[str, str], member: str) -> Mapping[str, str]:
@@ -301,7 +313,7 @@ def _normalize_headers(h: Mapping[str, str], member: str) -> Mapping[str, str]:
     out: dict[str, str] = {}
     for k, v in h.items():
         if k.startswith(_SCHILY + "MSWINDOWS."):
-            plain = k[len(_SCHILY):]
+            plain = k[len(_SCHILY) :]
             if plain not in h:  # the plain record, if both exist, wins
                 out[plain] = v
         else:
@@ -357,7 +369,9 @@ def _metadata(m: tarfile.TarInfo, member: str, *, is_dir: bool) -> FileMetadata:
         except ValueError:
             attrs = -1
         if not 0 <= attrs <= 0xFFFFFFFF:
-            raise CimError(E_INVALIDARG, f"PAX record {PAX_FILEATTR} {h[PAX_FILEATTR]!r} is not a 32-bit decimal number", member)
+            raise CimError(
+                E_INVALIDARG, f"PAX record {PAX_FILEATTR} {h[PAX_FILEATTR]!r} is not a 32-bit decimal number", member
+            )
     attrs &= ~(FileAttributes.DIRECTORY | FileAttributes.REPARSE_POINT | FileAttributes.NORMAL)
     if is_dir:
         attrs |= FileAttributes.DIRECTORY
@@ -375,9 +389,11 @@ def _metadata(m: tarfile.TarInfo, member: str, *, is_dir: bool) -> FileMetadata:
     eas = []
     for k, v in h.items():
         if k.startswith(PAX_EA_PREFIX):
-            name = k[len(PAX_EA_PREFIX):]
+            name = k[len(PAX_EA_PREFIX) :]
             if not name or not name.isascii() or len(name) > 255 or any(ord(c) < 32 for c in name):
-                raise CimError(E_INVALIDARG, f"extended attribute name {name!r} is not 1-255 printable ASCII characters", member)
+                raise CimError(
+                    E_INVALIDARG, f"extended attribute name {name!r} is not 1-255 printable ASCII characters", member
+                )
             value = _b64(v, k, member)
             if len(value) > 0xFFFF:
                 raise CimError(E_INVALIDARG, f"extended attribute {name!r} value is longer than 65535 bytes", member)
@@ -392,8 +408,15 @@ def _metadata(m: tarfile.TarInfo, member: str, *, is_dir: bool) -> FileMetadata:
         except (ValueError, TypeError, OverflowError) as e:
             raise CimError(E_INVALIDARG, f"extended attributes: {e}", member) from None
     creation, write, change, access = _times(m, member)
-    return FileMetadata(attributes=attrs, creation_time=creation, last_write_time=write, change_time=change,
-                        last_access_time=access, security_descriptor=sd, ea_buffer=ea_buffer)
+    return FileMetadata(
+        attributes=attrs,
+        creation_time=creation,
+        last_write_time=write,
+        change_time=change,
+        last_access_time=access,
+        security_descriptor=sd,
+        ea_buffer=ea_buffer,
+    )
 
 
 def _check_sd(sd: bytes, member: str) -> None:
@@ -403,4 +426,3 @@ def _check_sd(sd: bytes, member: str) -> None:
         raise CimError(E_INVALIDARG, f"PAX record {PAX_RAWSD} is not a self-relative security descriptor", member)
     if len(sd) > 0xFFFF:
         raise CimError(E_INVALIDARG, "security descriptor is longer than 65535 bytes", member)
-
