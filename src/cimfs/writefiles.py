@@ -126,6 +126,24 @@ class FileAdding(TreeEditing):
         with self.create_file(path, meta) as s:
             _copy_into(data, s)
 
+    def _bulk_target(self, directory: str, process: DataProcess | LocalCopier) -> tuple[_Node, dict]:
+        """The directory node a bulk add links into, and its children: a copy that
+        already failed raises now, not at commit; the node is marked dirty before
+        the first link, so a failure midway leaves no linked node unwritten."""
+        if process.failed():
+            self._finish_copies()
+        dir_key = directory.replace("/", "\\")
+        parent = self._dir_cache.get(dir_key)
+        if parent is None:
+            _, _, found, _, _ = self._find(directory)
+            if found is None or not found[1].is_dir:
+                raise CimError(ERROR_PATH_NOT_FOUND, "no such directory", directory)
+            parent = found[1]
+            self._cache_dir(dir_key, parent)
+        children = self._children(parent)
+        parent.dirty = True
+        return parent, children
+
     def add_local_files(self, directory: str, files: list) -> None:
         """Add regular local files to the existing ``directory``: each of
         ``files`` is ``(name, source path, metadata)``, ``metadata.file_size``
@@ -144,18 +162,7 @@ class FileAdding(TreeEditing):
             for name, src, meta in files:
                 self._add_local_file(prefix + name, os.fsdecode(src), meta)
             return
-        if process.failed():
-            self._finish_copies()  # raises the copy's error now, not at commit
-        dir_key = directory.replace("/", "\\")
-        parent = self._dir_cache.get(dir_key)
-        if parent is None:
-            _, _, found, _, _ = self._find(directory)
-            if found is None or not found[1].is_dir:
-                raise CimError(ERROR_PATH_NOT_FOUND, "no such directory", directory)
-            parent = found[1]
-            self._cache_dir(dir_key, parent)
-        children = self._children(parent)
-        parent.dirty = True  # before the first link: a failure midway must not leave linked nodes unwritten
+        parent, children = self._bulk_target(directory, process)
         key_of = self._folder.key
         record_for = self._record_for
         submit = process.submit
@@ -210,18 +217,7 @@ class FileAdding(TreeEditing):
         ):
             self.add_local_files(directory, [_scanned_metadata(f) for f in files])
             return
-        if process.failed():
-            self._finish_copies()  # raises the copy's error now, not at commit
-        dir_key = directory.replace("/", "\\")
-        parent = self._dir_cache.get(dir_key)
-        if parent is None:
-            _, _, found, _, _ = self._find(directory)
-            if found is None or not found[1].is_dir:
-                raise CimError(ERROR_PATH_NOT_FOUND, "no such directory", directory)
-            parent = found[1]
-            self._cache_dir(dir_key, parent)
-        children = self._children(parent)
-        parent.dirty = True  # before the first link: a failure midway must not leave linked nodes unwritten
+        parent, children = self._bulk_target(directory, process)
         put_blob = self._store.put_blob
         pack = cim.pack_new_file_record
         placeholder = cim.placeholder_stream_word(0)
