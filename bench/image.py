@@ -106,23 +106,10 @@ def _layer(path: str, index: int, total: int, rng: random.Random) -> tuple[str, 
     return digest, "sha256:" + raw.hexdigest(), os.path.getsize(os.path.join(os.path.dirname(path), digest[7:]))
 
 
-def make_layout(layout: str, scale: float, log) -> dict:
-    stamp = os.path.join(layout, ".params")
-    params = {"scale": scale, "version": 1}
-    if os.path.exists(stamp) and json.load(open(stamp)) == params:
-        return json.load(open(os.path.join(layout, ".info")))
-    shutil.rmtree(layout, ignore_errors=True)
+def write_oci_image(layout: str, layers: list[dict], diff_ids: list[str]) -> None:
+    """The config, manifest, index.json and oci-layout of a Windows image whose
+    layer blobs (``layers``: descriptors) are already in ``layout``'s blobs."""
     blobs = os.path.join(layout, "blobs", "sha256")
-    os.makedirs(blobs)
-    rng = random.Random(14)
-    total = int(scale * (1 << 30) / 0.62)  # uncompressed bytes for ~scale GiB of gzip
-    layers, diff_ids = [], []
-    for i, share in enumerate(LAYER_SHARES):
-        t0 = time.monotonic()
-        digest, diff_id, size = _layer(os.path.join(blobs, f"layer{i}"), i, int(total * share), rng)
-        log(f"  layer {i}: {size / 2**20:.0f} MiB gzip ({time.monotonic() - t0:.0f} s)")
-        layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size})
-        diff_ids.append(diff_id)
 
     def put(obj) -> dict:
         data = json.dumps(obj).encode()
@@ -163,6 +150,27 @@ def make_layout(layout: str, scale: float, log) -> dict:
         )
     with open(os.path.join(layout, "oci-layout"), "w") as f:
         json.dump({"imageLayoutVersion": "1.0.0"}, f)
+
+
+def make_layout(layout: str, scale: float, log) -> dict:
+    stamp = os.path.join(layout, ".params")
+    params = {"scale": scale, "version": 1}
+    if os.path.exists(stamp) and json.load(open(stamp)) == params:
+        return json.load(open(os.path.join(layout, ".info")))
+    shutil.rmtree(layout, ignore_errors=True)
+    blobs = os.path.join(layout, "blobs", "sha256")
+    os.makedirs(blobs)
+    rng = random.Random(14)
+    total = int(scale * (1 << 30) / 0.62)  # uncompressed bytes for ~scale GiB of gzip
+    layers, diff_ids = [], []
+    for i, share in enumerate(LAYER_SHARES):
+        t0 = time.monotonic()
+        digest, diff_id, size = _layer(os.path.join(blobs, f"layer{i}"), i, int(total * share), rng)
+        log(f"  layer {i}: {size / 2**20:.0f} MiB gzip ({time.monotonic() - t0:.0f} s)")
+        layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size})
+        diff_ids.append(diff_id)
+
+    write_oci_image(layout, layers, diff_ids)
     info = {"layers": layers, "gzip_bytes": sum(x["size"] for x in layers)}
     json.dump(info, open(os.path.join(layout, ".info"), "w"))
     json.dump(params, open(stamp, "w"))

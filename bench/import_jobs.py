@@ -34,6 +34,8 @@ import tarfile
 import time
 import zlib
 
+from image import write_oci_image  # bench/image.py: the same image layout
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SRC = os.path.join(ROOT, "src")
@@ -160,45 +162,7 @@ def make_layout(layout: str, mib: int, log) -> dict:
         diff_ids.append(diff_id)
         sizes.append(size)
 
-    def put(obj) -> dict:
-        data = json.dumps(obj).encode()
-        d = hashlib.sha256(data).hexdigest()
-        with open(os.path.join(blobs, d), "wb") as f:
-            f.write(data)
-        return {"digest": "sha256:" + d, "size": len(data)}
-
-    config = put(
-        {
-            "architecture": "amd64",
-            "os": "windows",
-            "created": "2024-01-01T00:00:00Z",
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        }
-    )
-    manifest = put(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": dict(config, mediaType="application/vnd.oci.image.config.v1+json"),
-            "layers": layers,
-        }
-    )
-    with open(os.path.join(layout, "index.json"), "w") as f:
-        json.dump(
-            {
-                "schemaVersion": 2,
-                "manifests": [
-                    dict(
-                        manifest,
-                        mediaType="application/vnd.oci.image.manifest.v1+json",
-                        annotations={"org.opencontainers.image.ref.name": "bench"},
-                    )
-                ],
-            },
-            f,
-        )
-    with open(os.path.join(layout, "oci-layout"), "w") as f:
-        json.dump({"imageLayoutVersion": "1.0.0"}, f)
+    write_oci_image(layout, layers, diff_ids)
     info = {"layers": layers, "tar_bytes": sizes, "files": [len(g) for g in groups]}
     json.dump(info, open(os.path.join(layout, ".info"), "w"))
     json.dump(params, open(stamp, "w"))
