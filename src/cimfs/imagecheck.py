@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import CimError, CimFormatError
 from .layout import cim
-from .regionfile import find_region_file
+from .regionfile import find_region_file, read_regular
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -126,8 +126,7 @@ class ImageChecks:
     def _read_file(self, path: str) -> bytes:
         if self.storage is not None:
             return self.storage.read_object(path)
-        with open(path, "rb") as f:
-            return f.read()
+        return read_regular(path, "object ID file")
 
     def stored_sizes(self) -> dict[str, tuple[int, int]]:
         """``{file name: (bytes, bytes allocated)}`` of the ``.cim`` and each

@@ -35,8 +35,7 @@ class ParentObjectIndex:
         m = self._maps.get(combined)
         if m is None:
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                data = _reader.read_regular(path, "object ID file")
                 table, count = cim.unpack_objectid_header(data, path)
             except (OSError, CimFormatError):
                 data, table, count = b"", 0, 0  # an unreadable index only costs dedup

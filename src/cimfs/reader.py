@@ -35,7 +35,7 @@ from .layout import cim
 from .names import NameFolder, join_path, split_path
 
 # The region-file layer and the stream readers live in their own modules; their names stay importable from here.
-from .regionfile import _open_regular, _physical_memory, _Region, find_region_file  # noqa: F401
+from .regionfile import _open_regular, _physical_memory, _Region, find_region_file, read_regular  # noqa: F401
 from .streams import _HAVE_COPY_FILE_RANGE, COPY_CHUNK, MAX_READ_SIZE, CimFile, StreamReading  # noqa: F401
 from .treewalk import TreeWalking
 
@@ -140,10 +140,26 @@ class Image(StreamReading, TreeWalking, ImageChecks):
 
     ``storage`` (a :class:`cimfs.remote.RemoteStorage`) reads the image and its
     region files through fsspec; without it they are local files.
+
+    [choice] The named ``.cim`` may be a symbolic link (the caller named it):
+    it is resolved once, opened with ``O_NOFOLLOW`` at its real path, and its
+    region files are looked up in that real directory and opened with
+    ``O_NOFOLLOW``: a region file that is a link is refused (no one named it,
+    and whoever can write the directory could point it at a file only the
+    caller may read).  ``private_links`` is for cimfs's own merged view only:
+    links in the image's directory are followed one level when that
+    directory is the caller's alone (docs/MOUNT.md, "Trust").
     """
 
-    def __init__(self, cim_path: str | os.PathLike, *, storage: remote.RemoteStorage | None = None):
+    def __init__(
+        self,
+        cim_path: str | os.PathLike,
+        *,
+        storage: remote.RemoteStorage | None = None,
+        private_links: bool = False,
+    ):
         self.storage = storage
+        self._private_links = private_links
         # A remote region has no descriptor: copy_stream takes the read/write path.
         self._copy_file_range = _HAVE_COPY_FILE_RANGE and storage is None
         if storage is not None:
@@ -153,9 +169,14 @@ class Image(StreamReading, TreeWalking, ImageChecks):
             raw = storage.read_cim(_MAX_FILESYSTEM_FILE)
         else:
             self.path = os.fspath(cim_path)
-            self.directory = os.path.dirname(os.path.abspath(self.path))
-            self.name = os.path.basename(self.path)
-            fd = _open_regular(self.path, "image", is_image=True)
+            real = os.path.realpath(self.path)
+            self.directory = os.path.dirname(real)
+            self.name = os.path.basename(real)
+            try:
+                fd = _open_regular(real, "image", is_image=True)
+            except CimError as e:
+                # Named as the caller named it; a link only here was swapped in after the resolution above.
+                raise CimError(e.hresult, e.strerror, self.path) from None
             try:
                 with builtins.open(fd, "rb") as f:
                     raw = f.read(_MAX_FILESYSTEM_FILE)
@@ -211,7 +232,7 @@ class Image(StreamReading, TreeWalking, ImageChecks):
                     path = find_region_file(self.directory, name)
                     if path is None:
                         raise self._fail(f"region file {name} is missing")
-                    region = self._regions[index] = _Region(path, f"region file {name}")
+                    region = self._regions[index] = _Region(path, f"region file {name}", self._private_links)
         return region
 
     def _locate(self, ro: int, length: int, what: str) -> tuple[_Region, int]:

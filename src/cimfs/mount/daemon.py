@@ -21,6 +21,7 @@ import signal
 import sys
 
 from ..errors import E_FAIL, CimError
+from ..reader import Image
 from ..reader import open as open_image
 from .registry import STORAGE_OPTIONS_ENV, remove_entry, write_entry
 
@@ -63,7 +64,11 @@ def prepare(
     from .wire import WireFs  # optional dependency: it serves a mount pyfuse3 made
 
     try:
-        image = open_image(cim_path, storage_options, cache_dir=cache_dir)
+        if remove_dir is not None:
+            # The merged view's own directory: its links to the sources' region files are cimfs's, checked there.
+            image = Image(cim_path, private_links=True)
+        else:
+            image = open_image(cim_path, storage_options, cache_dir=cache_dir)
     except CimError:
         raise
     except Exception as e:  # noqa: BLE001 - anything else is a damaged image too

@@ -21,7 +21,7 @@ import stat
 from ..atomic import open_new, replacing
 from ..erofs import write_index
 from ..errors import E_ACCESSDENIED, E_FAIL, E_INVALIDARG, ERROR_FILE_NOT_FOUND, CimError
-from ..reader import _MAX_FILESYSTEM_FILE, _open_regular
+from ..reader import _MAX_FILESYSTEM_FILE, Image, _open_regular
 from ..reader import open as open_image
 from .mergedview import merged_view
 from .view import Options
@@ -261,7 +261,7 @@ def _build(images, paths, fd: int, options: Options, pinned: _Pinned, merged: bo
     # (copied into the index), so the devices are the sources' pinned files.
     directory, cim_path = merged_view(paths)
     try:
-        with open_image(cim_path) as image:
+        with Image(cim_path, private_links=True) as image:
             info = write_index(image, fd, options=options)
             pinned.check(image)
             return info, _device_names(image, info, pinned)

@@ -24,7 +24,9 @@ def merged_view(paths: list) -> tuple[str, str]:
     """A private directory holding the merged image of ``paths`` (top first):
     links to each source ``.cim`` and to every region file they list (sources
     may live in different directories), and the merged image's own metadata
-    region.  Returns (directory, merged .cim path)."""
+    region.  Returns (directory, merged .cim path).  Its region files are
+    links: open it with ``Image(path, private_links=True)`` (the directory is
+    made 0700 by mkdtemp, so only the caller made them)."""
     if not paths:
         raise CimError(E_INVALIDARG, "a merged mount needs at least one image")
     directory = tempfile.mkdtemp(prefix="merged-", dir=registry_dir())
@@ -45,7 +47,9 @@ def merged_view(paths: list) -> tuple[str, str]:
                     found = find_region_file(img.directory, region)
                     if found is None:
                         raise CimFormatError(f"region file {region} is missing", src)
-                    os.symlink(os.path.abspath(found), link)
+                    # The reader (private_links) follows this link one level and opens the
+                    # source's region file, in its real directory, with O_NOFOLLOW.
+                    os.symlink(found, link)
             names.append(name)
         return directory, merge(directory, "merged.cim", names, sync=False)
     except BaseException:
