@@ -168,3 +168,33 @@ def test_fuse_mount_refuses_a_symlinked_region_file(planted, tmp_path, monkeypat
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
     assert not os.path.ismount(mnt) and os.listdir(mnt) == []
     assert cmount.mounts() == []
+
+
+def test_merged_mount_refuses_a_sources_symlinked_region_file(planted, tmp_path, monkeypatch):
+    """A merged view links to the sources' region files in its private
+    directory; a source's own region file that is a link is still refused,
+    named in the user's terms (the source's path, not the private view's)."""
+    pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed")
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        pytest.skip("no /dev/fuse or fusermount3 on this machine")
+    from cimfs import mount as cmount
+
+    registry = tmp_path / "registry"
+    monkeypatch.setenv("CIMFS_RUNTIME_DIR", str(registry))
+    img, _ = planted
+    top = tmp_path / "top"
+    top.mkdir()
+    with cimfs.create(top, "top.cim") as w:
+        w.add_file("top.txt", b"top")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        with pytest.raises(CimError) as e:
+            cmount.mount_merged([top / "top.cim", img], mnt, engine="fuse")
+        assert "is a symbolic link" in str(e.value) and "\n" not in str(e.value)
+        assert str(img.parent) in str(e.value) and "merged-" not in str(e.value)
+    finally:
+        if cmount.is_cimfs_mount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    assert not os.path.ismount(mnt) and os.listdir(mnt) == []
+    assert cmount.mounts() == [] and not [p for p in registry.iterdir() if p.name.startswith("merged-")]
