@@ -32,14 +32,12 @@ from .names import (
 )
 from .scan import (
     CHUNK,
-    TAR_READ_ERRORS,
     Node,
     _default_dir,
     _node_from_entry,
     _oserror,
     _sorted_listing,
     _stat_root,
-    _tar_reason,
     open_node,
     resolve_collision,
 )
@@ -290,6 +288,9 @@ def _copy_node(w, node: Node, path: str, meta, progress: Callable[[int], None]) 
             w.add_file(path, src, meta)
         progress(node.size)
         return
+    # start-up time: only a tar member (not a regular file) gets here; a directory import never loads tarfile
+    from .scantar import TAR_READ_ERRORS, _tar_reason
+
     with src, w.create_file(path, meta) as out:
         left = node.size
         while left:
