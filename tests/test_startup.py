@@ -209,7 +209,15 @@ def test_fork_of_a_directory_loads_no_tar_or_worker_machinery(bare, tmp_path):
         assert im.read_bytes("old.txt") == b"old"
         assert [im.read_bytes(f"add/f{i}.txt") for i in range(3)] == [b"file %d\n" % i * (i + 1) for i in range(3)]
     assert "cimfs.writer" in loaded and "cimfs.posix.scan" in loaded
-    for m in ("tarfile", "cimfs.posix.scantar", "cimfs.tarbounds", "ctypes", "hmac", "multiprocessing"):
+    for m in (
+        "tarfile",
+        "cimfs.posix.scantar",
+        "cimfs.tarbounds",
+        "cimfs.remote_fetch",
+        "ctypes",
+        "hmac",
+        "multiprocessing",
+    ):
         assert m not in loaded - bare, m
 
 
