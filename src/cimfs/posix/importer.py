@@ -121,9 +121,17 @@ class Importer:
         return {fold(e.name): e for e in self.base.scandir(dir_id) if not self._is_hidden(_join(path, e.name))}
 
     def _base_child(self, dir_id: int | None, path: str, name: str):
+        """The base's entry ``name`` of directory ``dir_id``, unless hidden.  One
+        name looked for, not the listing's dict built: ``fork --add`` plans its
+        target's path once per addition, through directories of thousands of entries."""
         if self.base is None or dir_id is None:
             return None
-        return self._base_entries(dir_id, path).get(fold(name))
+        key = fold(name)
+        found = None
+        for e in self.base.scandir(dir_id):
+            if fold(e.name) == key and not self._is_hidden(_join(path, e.name)):
+                found = e  # the last, as the listing's dict kept it
+        return found
 
     def written_keys(self) -> set[str]:
         """Folded paths this import wrote (directories merged into are not included)."""
