@@ -263,14 +263,24 @@ class ObjectStore:
         owner then renames the whole set (a data process's regions too) to
         an id derived from their contents (see content_set_id)."""
         fds: list[int] = []  # every file of the set, fsynced together at the end (one journal commit, not one each)
+        names = cim.RegionSet(self.set_id, 0)
         try:
             for r in self.regions:
                 fds.append(r.finish_open())
             for r, entries in self.own_region_offsets():
-                path = os.path.join(self.directory, cim.RegionSet(self.set_id, 0).file_name("objectid", r.index))
+                path = os.path.join(self.directory, names.file_name("objectid", r.index))
                 data = cim.pack_objectid_file(r.index, r.region_type, entries)
                 fds.append(write_new_file(path, data, exclusive=True))
-            if self.sync:
+            if self.sync and self._owner:
+                # A twin (the data thread or a data process) finishes before
+                # the owner does and leaves its files to this one round: the
+                # whole set durable in one journal commit, before the .cim.
+                own = {r.index for r in self.regions}
+                for index in range(self.region_count()):
+                    if index not in own:
+                        for kind in ("region", "objectid"):
+                            path = os.path.join(self.directory, names.file_name(kind, index))
+                            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
                 fsync_together(fds)
         finally:
             for fd in fds:
