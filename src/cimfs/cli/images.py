@@ -333,6 +333,7 @@ def fork(parent, new, adds, deletes, on_collision, replace):
     options["data_process"] = _data_process([node for node, _, _ in plans], total)
     with Progress(total, "fork") as bar, cimfs.create(directory, name, base=pname, **options) as w:
         base = w.base  # the writer's own reader on the parent: opening it a second time costs start-up time
+        listings: dict = {}  # the parent's directories folded once for all the --add (see Importer)
         hidden = set()
         for d in deletes:
             p = _image_path_arg(d)
@@ -341,7 +342,9 @@ def fork(parent, new, adds, deletes, on_collision, replace):
             w.delete(p)
             hidden.add(posix.fold(p))
         for node, dest, _ in plans:
-            imp = posix.Importer(w, node, base=base, at=dest, progress=bar, hidden=hidden, replace_kind=replace)
+            imp = posix.Importer(
+                w, node, base=base, at=dest, progress=bar, hidden=hidden, replace_kind=replace, listings=listings
+            )
             imp.run()
             hidden |= imp.written_keys()
 
