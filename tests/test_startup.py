@@ -195,6 +195,32 @@ def test_gc_loads_no_tar_or_worker_machinery(bare, tmp_path):
         assert m not in loaded - bare, m
 
 
+def test_fork_of_a_directory_loads_no_tar_or_worker_machinery(bare, tmp_path):
+    src = tmp_path / "add"
+    src.mkdir()
+    for i in range(3):
+        (src / f"f{i}.txt").write_bytes(b"file %d\n" % i * (i + 1))
+    img = tmp_path / "img"
+    img.mkdir()
+    with cimfs.create(str(img), "t.cim") as w:
+        w.add_file("old.txt", b"old")
+    loaded, report = _loaded(_command("fork", str(img / "t.cim"), str(img / "f.cim"), "--add", str(src)))
+    with cimfs.open(str(img / "f.cim")) as im:
+        assert im.read_bytes("old.txt") == b"old"
+        assert [im.read_bytes(f"add/f{i}.txt") for i in range(3)] == [b"file %d\n" % i * (i + 1) for i in range(3)]
+    assert "cimfs.writer" in loaded and "cimfs.posix.scan" in loaded
+    for m in (
+        "tarfile",
+        "cimfs.posix.scantar",
+        "cimfs.tarbounds",
+        "cimfs.remote_fetch",
+        "ctypes",
+        "hmac",
+        "multiprocessing",
+    ):
+        assert m not in loaded - bare, m
+
+
 # ------------------------------------------------------------ lazy packages
 def test_every_public_name_of_cimfs():
     import importlib

@@ -35,14 +35,6 @@ from .errors import (
     CimFormatError,
 )
 from .layout import cim
-from .remote_fetch import (
-    MAX_REQUEST,
-    Transport,
-    is_timeout,
-    split_options,
-    transport_for,
-    version_of,
-)
 
 E_FAIL = 0x80004005
 
@@ -257,6 +249,9 @@ class RemoteStorage:
     ):
         """``url`` with ``storage_options``; or, with ``filesystem`` (an fsspec
         filesystem instance), ``url`` is the image's path on it."""
+        # start-up time: remote_fetch (~1 ms) is loaded by the first URL opened, not by every reader and writer
+        from .remote_fetch import split_options, transport_for
+
         self.url = url
         timeouts, backend_options = split_options(url, storage_options)
         if filesystem is not None:
@@ -312,6 +307,8 @@ class RemoteStorage:
             except CimError:
                 raise
             except Exception as e:  # noqa: BLE001 - botocore, aiohttp, timeouts...: never past this layer
+                from .remote_fetch import is_timeout  # start-up time (loaded by __init__ already)
+
                 if is_timeout(e):  # the whole time allowed was spent already: not again
                     why = _one_line(e) if str(e).strip() else "no complete answer within request_timeout"
                     raise CimError(
@@ -329,6 +326,8 @@ class RemoteStorage:
             try:
                 info = self._call(url, "cannot stat", self.transport.info, path)
             except CimError as e:
+                from .remote_fetch import Transport  # start-up time (loaded by __init__ already)
+
                 if e.hresult == ERROR_FILE_NOT_FOUND and type(self.transport) is Transport:
                     # Some backends say "not found" for any failed stat: a
                     # one-byte read tells access denied (or a server error) apart.
@@ -348,6 +347,8 @@ class RemoteStorage:
         """URL, size and version of an object (the key of its disk cache);
         None when the storage reports no version (then nothing is cached on disk)."""
         self.size(path)
+        from .remote_fetch import version_of  # start-up time (loaded by __init__ already)
+
         info = self._infos[path]
         version = version_of(info)
         if version is None:
@@ -357,6 +358,8 @@ class RemoteStorage:
     def fetch(self, path: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of the object ``path``, all of the version first
         seen: exactly those, or an error naming the URL."""
+        from .remote_fetch import MAX_REQUEST  # start-up time (loaded by __init__ already)
+
         self.size(path)
         if end - start > MAX_REQUEST:
             out = bytearray(end - start)

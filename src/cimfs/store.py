@@ -26,6 +26,7 @@ import threading
 import uuid
 
 from . import reader as _reader
+from .atomic import fsync_together
 from .dataprocess import DATA_PROCESS_NICENESS, DataProcess, LocalCopier  # noqa: F401
 from .errors import E_INVALIDARG, CimError
 from .layout import cim
@@ -39,7 +40,6 @@ from .storecopy import (  # noqa: F401
     small_source_mismatch,
 )
 from .storeregions import (  # noqa: F401
-    _START_WRITEBACK,
     CONSISTENT_LANES,
     HOLE_MIN,
     REGION_SOFT_CAP,
@@ -51,6 +51,8 @@ from .storeregions import (  # noqa: F401
     lane_of,
     object_key,
     write_file,
+    write_new_file,
+    writeback_starter,
 )
 
 
@@ -260,11 +262,29 @@ class ObjectStore:
         """Write out the regions and their object ID files.  A consistent
         owner then renames the whole set (a data process's regions too) to
         an id derived from their contents (see content_set_id)."""
-        for r in self.regions:
-            r.finish(self.sync)
-        for r, entries in self.own_region_offsets():
-            path = os.path.join(self.directory, cim.RegionSet(self.set_id, 0).file_name("objectid", r.index))
-            write_file(path, cim.pack_objectid_file(r.index, r.region_type, entries), self.sync, exclusive=True)
+        fds: list[int] = []  # every file of the set, fsynced together at the end (one journal commit, not one each)
+        names = cim.RegionSet(self.set_id, 0)
+        try:
+            for r in self.regions:
+                fds.append(r.finish_open())
+            for r, entries in self.own_region_offsets():
+                path = os.path.join(self.directory, names.file_name("objectid", r.index))
+                data = cim.pack_objectid_file(r.index, r.region_type, entries)
+                fds.append(write_new_file(path, data, exclusive=True))
+            if self.sync and self._owner:
+                # A twin (the data thread or a data process) finishes before
+                # the owner does and leaves its files to this one round: the
+                # whole set durable in one journal commit, before the .cim.
+                own = {r.index for r in self.regions}
+                for index in range(self.region_count()):
+                    if index not in own:
+                        for kind in ("region", "objectid"):
+                            path = os.path.join(self.directory, names.file_name(kind, index))
+                            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                fsync_together(fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
         if self.consistent and self._owner:
             self._rename_set(content_set_id(self.directory, self.set_id, self.region_count()))
         return cim.RegionSet(self.set_id, self.region_count())

@@ -11,6 +11,7 @@ The store that uses them is :mod:`cimfs.store`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import uuid
@@ -46,12 +47,13 @@ _PADDING = bytes(max(cim.REGION_ALIGNMENT.values()))
 _WRITEBACK_STEP = 8 << 20
 
 
-def _writeback_starter():
+@functools.cache  # bound at the first region past _WRITEBACK_STEP, not at import: ctypes is ~1.5 ms of start-up
+def writeback_starter():
     """``sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE)``: start writing a
     range back without waiting (Linux; None elsewhere).  Advisory only: the
     fsync at the end is what makes the data durable."""
     try:
-        import ctypes  # start-up time: bound at the first use
+        import ctypes  # start-up time: bound at the first use (a fork or a small image never needs it)
 
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
@@ -60,7 +62,6 @@ def _writeback_starter():
     return lambda fd, off, n: fn(fd, off, n, 2)
 
 
-_START_WRITEBACK = _writeback_starter()
 _IOV_MAX = 1024  # pwritev takes at most this many buffers (Linux UIO_MAXIOV)
 ZERO_CHUNK = bytes(1 << 20)
 HOLE_MIN = 64 * 1024  # all-zero writes at least this long become holes in the region file
@@ -85,16 +86,26 @@ def all_zero(data) -> bool:
 
 
 def write_file(path: str, data: bytes, sync: bool, exclusive: bool = False) -> None:
+    fd = write_new_file(path, data, exclusive)
+    try:
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_new_file(path: str, data: bytes, exclusive: bool = False) -> int:
+    """Write ``data`` to ``path``; returns the open descriptor (for a later fsync), the caller closes it."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
     fd = os.open(path, flags, 0o644)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        if sync:
-            os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
 # ====================================================================== regions
@@ -126,7 +137,7 @@ class RegionWriter:
         self.pending: list[bytes] = []
         # With a final fsync coming, start writing back as we go, so the disk
         # works while the CPU does and the fsync only waits for the tail.
-        self._writeback = _START_WRITEBACK if early_writeback else None
+        self._writeback = early_writeback
         self._written_back = 0
 
     def full(self, size: int) -> bool:
@@ -159,12 +170,13 @@ class RegionWriter:
         assert pos == self.end
         self.flushed = pos
         pending.clear()
-        if self._writeback is not None and pos - self._written_back >= _WRITEBACK_STEP:
+        if self._writeback and pos - self._written_back >= _WRITEBACK_STEP:
             self._start_writeback(pos)
 
     def _start_writeback(self, upto: int) -> None:
-        assert self._writeback is not None  # called only with early writeback on
-        self._writeback(self.fd, self._written_back, upto - self._written_back)
+        start = writeback_starter()
+        if start is not None:
+            start(self.fd, self._written_back, upto - self._written_back)
         self._written_back = upto
 
     def reserve(self, size: int) -> int:
@@ -180,7 +192,7 @@ class RegionWriter:
             n = os.pwrite(self.fd, view, pos)
             view = view[n:]
             pos += n
-        if self._writeback is not None and pos - self._written_back >= _WRITEBACK_STEP:
+        if self._writeback and pos - self._written_back >= _WRITEBACK_STEP:
             self._start_writeback(pos)
 
     def release_tail(self, start: int, previous_end: int) -> None:
@@ -190,12 +202,20 @@ class RegionWriter:
         os.ftruncate(self.fd, previous_end)
 
     def finish(self, sync: bool) -> None:
+        fd = self.finish_open()
+        try:
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def finish_open(self) -> int:
+        """Write out what is pending; returns the region's descriptor, now the
+        caller's to fsync (with the set's other files, see fsync_together) and close."""
         self.flush()
         os.ftruncate(self.fd, self.end)
-        if sync:
-            os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
+        fd, self.fd = self.fd, -1
+        return fd
 
     def abandon(self) -> None:
         if self.fd >= 0:

@@ -205,6 +205,13 @@ class ImageWriter(FileAdding):
     def committed(self) -> bool:
         return self._committed
 
+    @property
+    def base(self) -> _reader.Image | None:
+        """A reader on the image this writer forks or extends (None for a new
+        image), open until the writer closes: reading the parent while adding
+        to it (``posix.Importer``'s ``base``) needs no second open of it."""
+        return self._base
+
     # ------------------------------------------------------------ commit
     def commit(self) -> str:
         """Write the image (crash-safely) and return the ``.cim`` path."""

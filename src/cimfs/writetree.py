@@ -101,8 +101,15 @@ class WriterTree:
             assert self._base is not None  # only a parent's directories are loaded lazily
             children = {}
             key = self._folder.key
-            for entry in self._base.scandir(node.file_id):
-                children[key(entry.name)] = (entry.name, self._base_node(entry.file_id))
+            base_nodes = self._base_nodes
+            entries = self._base.scandir(node.file_id)
+            # the directory's records decoded in one call (Image.records), not one record() each
+            records = self._base.records([e.file_id for e in entries])
+            for entry, record in zip(entries, records):
+                child = base_nodes.get(entry.file_id)
+                if child is None:
+                    child = base_nodes[entry.file_id] = _Node(record, entry.file_id, from_base=True)
+                children[key(entry.name)] = (entry.name, child)
             node.children = children
         return node.children
 

@@ -94,18 +94,12 @@ def _data_process(roots: list, total_bytes: int) -> bool:
 def _import_posix(directory, name, base_name, tree, *, mirror: bool, options: dict):
     from .. import posix
 
-    base_reader = None
     total = tree.total_bytes()
     options = dict(options, data_process=_data_process([tree.root], total))
     with Progress(total, "create") as bar:
         with cimfs.create(directory, name, base=base_name, **options) as w:
-            if base_name is not None:
-                base_reader = cimfs.open(os.path.join(directory, base_name))
-            try:
-                posix.Importer(w, tree.root, base=base_reader, delete_extra=mirror, progress=bar).run()
-            finally:
-                if base_reader is not None:
-                    base_reader.close()
+            # the writer's own reader on the base (None without one): no second open of it
+            posix.Importer(w, tree.root, base=w.base, delete_extra=mirror, progress=bar).run()
 
 
 @click.command(context_settings=CONTEXT)
@@ -337,11 +331,9 @@ def fork(parent, new, adds, deletes, on_collision, replace):
     total = sum(t for _, _, t in plans)
     options = _write_options()
     options["data_process"] = _data_process([node for node, _, _ in plans], total)
-    with (
-        Progress(total, "fork") as bar,
-        cimfs.create(directory, name, base=pname, **options) as w,
-        cimfs.open(os.path.join(directory, pname)) as base,
-    ):
+    with Progress(total, "fork") as bar, cimfs.create(directory, name, base=pname, **options) as w:
+        base = w.base  # the writer's own reader on the parent: opening it a second time costs start-up time
+        listings: dict = {}  # the parent's directories folded once for all the --add (see Importer)
         hidden = set()
         for d in deletes:
             p = _image_path_arg(d)
@@ -350,7 +342,9 @@ def fork(parent, new, adds, deletes, on_collision, replace):
             w.delete(p)
             hidden.add(posix.fold(p))
         for node, dest, _ in plans:
-            imp = posix.Importer(w, node, base=base, at=dest, progress=bar, hidden=hidden, replace_kind=replace)
+            imp = posix.Importer(
+                w, node, base=base, at=dest, progress=bar, hidden=hidden, replace_kind=replace, listings=listings
+            )
             imp.run()
             hidden |= imp.written_keys()
 

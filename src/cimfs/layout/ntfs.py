@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import E_INVALIDARG, CimError, CimFormatError
 
@@ -46,8 +46,10 @@ _U32 = struct.Struct("<I")
 
 
 # ====================================================================== EAs
-@dataclass(frozen=True)
-class EaEntry:
+# The value classes here are NamedTuples, not frozen dataclasses: as immutable,
+# but each costs ~0.1 ms to define instead of ~0.45 ms (start-up time: every
+# command that reads or writes an image imports this module).
+class EaEntry(NamedTuple):
     name: str
     value: bytes
     flags: int = 0
@@ -102,8 +104,7 @@ def unpack_eas(buf: bytes) -> list[EaEntry]:
 
 
 # ====================================================================== WSL metadata
-@dataclass(frozen=True)
-class LxMetadata:
+class LxMetadata(NamedTuple):
     mode: int | None = None
     uid: int | None = None
     gid: int | None = None
@@ -143,8 +144,7 @@ def parse_lx_eas(entries: Iterable[EaEntry]) -> LxMetadata:
 
 
 # ====================================================================== reparse points
-@dataclass(frozen=True)
-class ReparsePoint:
+class ReparsePoint(NamedTuple):
     tag: int
     data: bytes
     substitute_name: str | None = None

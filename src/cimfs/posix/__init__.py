@@ -9,7 +9,8 @@ One module per concern; every public name is re-exported here:
 
 * :mod:`.names` -- WSL name escaping, name checks, ``fold``, time conversions;
 * :mod:`.lx` -- file kinds, reparse tags, ``$LX*`` metadata both ways (``PosixInfo``);
-* :mod:`.scan` -- ``Tree``/``Node``, scanning a directory or a tar;
+* :mod:`.scan` -- ``Tree``/``Node``, scanning a directory;
+* :mod:`.scantar` -- opening and scanning a tar;
 * :mod:`.importer` -- ``Importer`` and ``DirectoryImporter``;
 * :mod:`.extract` -- ``Extractor``: the walk of an extraction;
 * :mod:`.entries` -- making one entry on disk (files, directories, links,
@@ -78,18 +79,15 @@ _EXPORTS = {
     ),
     "scan": (
         "CHUNK",
-        "TAR_READ_ERRORS",
         "Node",
         "Tree",
         "free_name",
-        "members",
         "open_node",
-        "open_tar",
         "resolve_collision",
         "scan_directory",
         "scan_single",
-        "scan_tar",
     ),
+    "scantar": ("TAR_READ_ERRORS", "members", "open_tar", "scan_tar"),
     "tar": ("export_tar",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -133,18 +131,15 @@ if TYPE_CHECKING:  # the names as type checkers see them; at run time __getattr_
     )
     from .scan import (
         CHUNK,
-        TAR_READ_ERRORS,
         Node,
         Tree,
         free_name,
-        members,
         open_node,
-        open_tar,
         resolve_collision,
         scan_directory,
         scan_single,
-        scan_tar,
     )
+    from .scantar import TAR_READ_ERRORS, members, open_tar, scan_tar
     from .tar import export_tar
 
 

@@ -32,14 +32,12 @@ from .names import (
 )
 from .scan import (
     CHUNK,
-    TAR_READ_ERRORS,
     Node,
     _default_dir,
     _node_from_entry,
     _oserror,
     _sorted_listing,
     _stat_root,
-    _tar_reason,
     open_node,
     resolve_collision,
 )
@@ -86,8 +84,13 @@ class Importer:
         progress: Callable[[int], None] | None = None,
         hidden: set[str] | None = None,
         replace_kind: bool | None = None,
+        listings: dict[int, dict[str, list]] | None = None,
     ) -> None:
         self.w = writer
+        # A base directory's entries by folded name, as _base_child finds its
+        # target's path through them; importers into one writer (``fork``'s
+        # --add each) may share it: the base does not change.
+        self.listings: dict[int, dict[str, list]] = {} if listings is None else listings
         self.replace_kind = delete_extra if replace_kind is None else replace_kind
         # folded paths (and everything below them) whose base entry no longer
         # counts: deleted, or written by an earlier import into the same writer
@@ -123,9 +126,22 @@ class Importer:
         return {fold(e.name): e for e in self.base.scandir(dir_id) if not self._is_hidden(_join(path, e.name))}
 
     def _base_child(self, dir_id: int | None, path: str, name: str):
+        """The base's entry ``name`` of directory ``dir_id``, unless hidden (the
+        last such, as a dict of the listing keeps it).  The hidden check is made
+        for the one name asked for, the listing folded once per directory
+        (``self.listings``): ``fork --add`` plans each addition's path through
+        directories of thousands of entries."""
         if self.base is None or dir_id is None:
             return None
-        return self._base_entries(dir_id, path).get(fold(name))
+        by_key = self.listings.get(dir_id)
+        if by_key is None:
+            by_key = self.listings[dir_id] = {}
+            for e in self.base.scandir(dir_id):
+                by_key.setdefault(fold(e.name), []).append(e)
+        for e in reversed(by_key.get(fold(name), ())):
+            if not self._is_hidden(_join(path, e.name)):
+                return e
+        return None
 
     def written_keys(self) -> set[str]:
         """Folded paths this import wrote (directories merged into are not included)."""
@@ -290,6 +306,9 @@ def _copy_node(w, node: Node, path: str, meta, progress: Callable[[int], None]) 
             w.add_file(path, src, meta)
         progress(node.size)
         return
+    # start-up time: only a tar member (not a regular file) gets here; a directory import never loads tarfile
+    from .scantar import TAR_READ_ERRORS, _tar_reason
+
     with src, w.create_file(path, meta) as out:
         left = node.size
         while left:
