@@ -534,3 +534,41 @@ def test_extract_modes_and_owners_exact_under_any_umask(tmp_path, monkeypatch, w
     for rel, (mode, uid, gid) in want.items():
         st = os.stat(out / rel)
         assert (S.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, uid, gid), rel
+
+
+def test_record_kinds_tell_entries_apart_as_the_full_records_do(tmp_path):
+    """The walk's light accessor against the records themselves, for every
+    entry, on the fast path (one mapped table), the per-entry path (FileIDs
+    in two tables) and a bad FileID."""
+    import cimfs
+    from cimfs.layout import cim
+
+    with cimfs.create(tmp_path, "k.cim") as w:
+        w.mkdir("d")
+        w.add_file("d/plain", b"x" * 1234)
+        w.add_file("d/empty", b"")
+        w.add_file("d/streamed", b"abc")
+        w.add_stream("d/streamed:alt", b"alternate")
+        w.add_file("d/sparse", b"\0" * 8192, cimfs.FileMetadata(attributes=0x200))
+        w.mkdir("d/sub")
+        w.mkdir("many")
+        for i in range(cim.FILE_TABLE_CAPACITY + 8):  # a directory whose records span two file tables
+            w.add_file(f"many/f{i}", b"")
+    with cimfs.open(tmp_path / "k.cim") as img:
+        d = img.lookup("d")
+        names, fids = img.listing(d)
+        assert names == [e.name for e in img.scandir(d)] and fids == [e.file_id for e in img.scandir(d)]
+        many = img.listing(img.lookup("many"))[1]
+        far = max(many)  # in the second table: a call with it reads entry by entry
+        fast = img.record_kinds(fids)
+        slow = [img.record_kinds([f, far])[0] for f in fids]
+        by_name = dict(zip(names, fast))
+        assert fast == slow == [cim.file_record_kind(img.record(f)) for f in fids]
+        assert by_name["plain"] == 1234 and by_name["empty"] == 0
+        assert by_name["sub"] == cim.KIND_DIRECTORY and by_name["streamed"] == cim.KIND_OTHER
+        assert by_name["sparse"] == (cim.KIND_OTHER if img.record(img.lookup("d/sparse")).stream.sparse else 8192)
+        assert img.record_kinds([img.root_id]) == [cim.KIND_DIRECTORY]
+        assert len({(f - 1) // cim.FILE_TABLE_CAPACITY for f in many}) == 2
+        assert img.record_kinds(many) == [0] * len(many) == [cim.file_record_kind(img.record(f)) for f in many]
+        with pytest.raises(cimfs.CimFormatError):
+            img.record_kinds([*fids, 10**6])

@@ -405,6 +405,51 @@ class Image(StreamReading, TreeWalking, ImageChecks):
             out.append(rec)
         return out
 
+    def record_kinds(self, file_ids: Iterable[int]) -> list[int]:
+        """:func:`cimfs.layout.cim.record_kinds` of each FileID: a plain
+        file's stream length, ``cim.KIND_DIRECTORY`` or ``cim.KIND_OTHER``.
+        What a walk needs to tell entries apart, read from the mapped table
+        without a FileRecord per entry; every check :meth:`records` makes is
+        made (anything unusual takes :meth:`record`'s careful path)."""
+        fids = list(file_ids)
+        tables, views = self.file_tables, self._table_views
+        cap, size = cim.FILE_TABLE_CAPACITY, cim.FILE_RECORD_SIZE
+        if fids and set(map(type, fids)) == {int}:
+            # A directory's entries usually lie in one table already mapped:
+            # its first and last FileID bound them all.
+            lo, hi = min(fids), max(fids)
+            ti = (lo - 1) // cap
+            view = views.get(ti) if lo > 0 and (hi - 1) // cap == ti else None
+            if view is not None:
+                t = tables[ti]
+                last = hi - 1 - ti * cap
+                if last < t.count and t.entry_size >= size and last * t.entry_size + size <= len(view):
+                    return cim.record_kinds(view, [fid - 1 - ti * cap for fid in fids], t.entry_size)
+        kinds, slow = cim.record_kinds, cim.file_record_kind
+        out = []
+        for fid in fids:
+            view = None
+            if type(fid) is int:
+                ti, slot = divmod(fid - 1, cap)
+                view = views.get(ti)
+            if (
+                view is not None
+                and fid > 0
+                and slot < (t := tables[ti]).count
+                and t.entry_size >= size
+                and slot * t.entry_size + size <= len(view)
+            ):
+                out.append(kinds(view, (slot,), t.entry_size)[0])
+            else:
+                out.append(slow(self.record(fid)))
+        return out
+
+    def listing(self, dir_id: int) -> tuple[list[str], list[int]]:
+        """Directory ``dir_id``'s names and their FileIDs (``scandir`` as
+        two lists, without a DirEntry per entry)."""
+        d = self._directory(dir_id)
+        return list(d.names), list(d.file_ids)
+
     def _table_view(self, index: int) -> memoryview:
         """File table ``index`` as one view of its region file, cut at the
         file's end (a record past it is reported when asked for): a record is

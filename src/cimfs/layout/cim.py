@@ -7,10 +7,13 @@ them untrusted bytes.
 
 from __future__ import annotations
 
+import codecs
 import itertools
+import operator
 import os
 import re
 import struct
+import sys
 import uuid
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -491,6 +494,43 @@ def unpack_file_record(buf, offset: int = 0) -> FileRecord:
     )
 
 
+#: :func:`record_kinds`' answers besides a plain file's length.
+KIND_DIRECTORY = -2
+KIND_OTHER = -1
+# A record's default stream's length/type word, reparse offset and stream table offset.
+_RECORD_KIND = struct.Struct("<48xQ16xQQ")
+_unpack_kind = _RECORD_KIND.unpack_from
+
+
+def record_kinds(buf, slots: Iterable[int], entry_size: int) -> list[int]:
+    """What the records at ``slots`` of a file table (``buf``, entries of
+    ``entry_size`` bytes; the caller has checked each slot's 96 bytes lie in
+    it) are, without a FileRecord each: a plain file's default stream length
+    (no reparse point, no alternate streams, a stream that is neither a link
+    table nor stored sparse), ``KIND_DIRECTORY`` for a directory, else
+    ``KIND_OTHER``.  A walk that hands plain files on needs no more of them.
+    One comprehension over C iterators: no Python call per record."""
+    return [
+        KIND_DIRECTORY
+        if (word >> 48) & 0xFF == STREAM_TYPE_LINK_TABLE
+        else KIND_OTHER
+        if reparse or stream_table or (word >> 56) & 1
+        else word & MAX_STREAM_LENGTH
+        for word, reparse, stream_table in map(
+            _unpack_kind, itertools.repeat(buf), map(operator.mul, slots, itertools.repeat(entry_size))
+        )
+    ]
+
+
+def file_record_kind(rec: FileRecord) -> int:
+    """:func:`record_kinds`' answer for a record already unpacked."""
+    if rec.is_dir:
+        return KIND_DIRECTORY
+    if rec.reparse_offset or rec.stream_table_offset or rec.stream.sparse:
+        return KIND_OTHER
+    return rec.stream.length
+
+
 def pack_blob(payload: bytes) -> bytes:
     """Security descriptors and reparse buffers are stored as u16 length + bytes (spec §13)."""
     return U16.pack(len(payload)) + payload
@@ -577,12 +617,13 @@ def unpack_link_table(buf, value_size: int, what: str) -> tuple[list[str], list]
                 total += 2 + 2 * units
             if total > room:
                 raise CimFormatError(f"{what}: names overlap (their lengths add up to more than the link table holds)")
+    values: list
     if value_size == 4:
-        values = list(struct.unpack_from(f"<{count}I", buf, 8))
+        values = _u32s(buf, 8, count)
     else:
         raw = struct.unpack_from(f"<{2 * count}Q", buf, 8)
         values = [unpack_stream(raw[2 * i], raw[2 * i + 1]) for i in range(count)]
-    offsets = struct.unpack_from(f"<{count}I", buf, offsets_at)
+    offsets = _u32s(buf, offsets_at, count)
     names = _names_in_one_decode(buf, offsets, length, room)
     if names is not None:
         return names, values
@@ -611,6 +652,20 @@ def unpack_link_table(buf, value_size: int, what: str) -> tuple[list[str], list]
     return names, values
 
 
+def _u32s(buf, at: int, count: int) -> list[int]:
+    """``count`` little-endian u32s at ``at`` (the caller has checked they lie
+    in ``buf``).  A cast view where the machine is little-endian: a format
+    string per count would be compiled again for most directories (the
+    struct module keeps 100)."""
+    view = memoryview(buf)
+    if _LITTLE_ENDIAN and view.format == "B":
+        return view[at : at + 4 * count].cast("I").tolist()
+    return list(struct.unpack_from(f"<{count}I", buf, at))
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little" and struct.calcsize("I") == 4
+
+
 def _names_in_one_decode(buf, offsets, length: int, room: int) -> list[str] | None:
     """The names of a well-formed link table, from one UTF-16 decode of its
     name area (a directory's names are one run of length-prefixed strings),
@@ -623,7 +678,7 @@ def _names_in_one_decode(buf, offsets, length: int, room: int) -> list[str] | No
     if max(offsets) + 2 > length:
         return None
     n = (length - base) & ~1
-    text = bytes(memoryview(buf)[base : base + n]).decode("utf-16-le", "surrogatepass")
+    text = _utf16_decode(memoryview(buf)[base : base + n], "surrogatepass")[0]
     if len(text) * 2 != n:  # a surrogate pair became one character: indexes would shift
         return None
     # Every length is checked before any name is cut out of the text: entries
@@ -632,16 +687,23 @@ def _names_in_one_decode(buf, offsets, length: int, room: int) -> list[str] | No
     lengths = [ord(text[i]) for i in starts]
     if max(lengths) > MAX_NAME_UNITS or 2 * (sum(lengths) + len(lengths)) > room:
         return None  # overlapping or too long: the careful path says which
-    if any(off & 1 for off in offsets):
+    # Every offset even: each (off - base) less twice its start is its low
+    # bit (0 or 1), so they add up to 0 only when none is odd.  Sums, not a
+    # generator per entry.
+    if base & 1 or sum(offsets) - base * len(offsets) != 2 * sum(starts):
         return None
-    if max(offsets) + 2 + 2 * MAX_NAME_UNITS > length:  # only a name near the end can run past it
-        if any(off + 2 + 2 * units > length for off, units in zip(offsets, lengths)):
-            return None
     names = [text[i + 1 : i + 1 + units] for i, units in zip(starts, lengths)]
+    # A name running past the table (past ``text``, which ends where the
+    # table does: offsets are even) comes out of its slice short; none does
+    # when the names' lengths add up to their claimed units.
+    if sum(map(len, names)) != sum(lengths):
+        return None
     if "" in names or "." in names or ".." in names or _BAD_STORED_NAME.search("".join(names)):
         return None
     return names
 
+
+_utf16_decode = codecs.utf_16_le_decode  # bytes.decode looks the codec up and calls a Python wrapper
 
 # Names that would make a path ambiguous (separators, the stream colon, NUL)
 # are corrupt; other characters Windows forbids are read as they are.

@@ -19,6 +19,7 @@ import cimfs
 
 from ..bulk import paused_gc
 from ..errors import CimError
+from ..layout.cim import KIND_DIRECTORY
 from .entries import (
     _DIR_FLAGS,
     SPARSE_BLOCK,
@@ -346,25 +347,21 @@ class Extractor:
         plain_bytes = 0
         later: list = []
         frame = _Frame(parts, info, plain_dir)
-        # Told apart by the record alone; a plain file's metadata is read by
-        # the writer that creates it.
-        entries = image.scandir(dir_id)
-        for (name, fid), rec in zip(entries, image.records([e.file_id for e in entries])):
-            if not rec.is_dir:
+        # Told apart by a few fields of the record (no FileRecord per entry);
+        # a plain file's metadata is read by the writer that creates it.
+        names, fids = image.listing(dir_id)
+        take_plain = writers is not None
+        for name, fid, kind in zip(names, fids, image.record_kinds(fids)):
+            if kind != KIND_DIRECTORY:
                 if fid in first_dir:
                     self._links.append((key, name, fid))
                     continue
                 first_dir[fid] = dir_id
-                if (
-                    writers is not None
-                    and not rec.reparse_offset
-                    and not rec.stream_table_offset
-                    and not rec.stream.sparse
-                ):
+                if kind >= 0 and take_plain:
                     plain.append((name, fid))
-                    plain_bytes += rec.stream.length
+                    plain_bytes += kind
                     continue
-            later.append((name, fid, rec))
+            later.append((name, fid))
         if plain:
             assert writers is not None  # only writers take plain files
             frame.writer = writers.add(key, plain, plain_bytes, plain_dir)
@@ -376,7 +373,7 @@ class Extractor:
             frame.fd = dfd
         return frame
 
-    def _later_entry(self, frame: _Frame, name: str, fid: int, rec) -> _Frame | None:
+    def _later_entry(self, frame: _Frame, name: str, fid: int) -> _Frame | None:
         """One entry of ``frame`` that is not a plain file for the writers;
         returns the frame of a directory to go into."""
         parts = frame.parts
@@ -386,6 +383,7 @@ class Extractor:
             self.report.problem(f"{rel}: unsafe name {name!r}, not extracted")
             return None
         try:
+            rec = self.image.record(fid)
             if rec.is_dir and not rec.reparse_offset and not rec.stream_table_offset:
                 # a plain directory: what posix_info would say, from the record
                 perm, uid, gid = self._make.owner_of(fid, rec, 0o755)
