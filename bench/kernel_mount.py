@@ -40,6 +40,12 @@ PY = sys.executable
 CIMFS = [PY, "-m", "cimfs.cli"]
 
 
+def _make_squashfs(src: str, sq: str) -> None:
+    """The peer's image: uncompressed squashfs, as bench/run.py makes it."""
+    flags = ["-noI", "-noD", "-noF", "-noX", "-no-xattrs", "-noappend", "-no-progress", "-quiet"]
+    subprocess.run(["mksquashfs", src, sq, *flags], check=True)
+
+
 def timed(cmd, **kw) -> float:
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, **kw)
@@ -80,22 +86,7 @@ def fuse_main(a, work: str, env: dict) -> str:
         os.makedirs(img_dir, exist_ok=True)
         subprocess.run(CIMFS + ["create", a.src, image], check=True, env=env, stdout=subprocess.DEVNULL)
     if not os.path.exists(sq):
-        subprocess.run(
-            [
-                "mksquashfs",
-                a.src,
-                sq,
-                "-noI",
-                "-noD",
-                "-noF",
-                "-noX",
-                "-no-xattrs",
-                "-noappend",
-                "-no-progress",
-                "-quiet",
-            ],
-            check=True,
-        )
+        _make_squashfs(a.src, sq)
     for f in [sq] + [os.path.join(img_dir, n) for n in os.listdir(img_dir)]:
         subprocess.run(["cat", f], check=True, stdout=subprocess.DEVNULL)  # both images start in the page cache
     mnt = os.path.join(work, "fm")
@@ -212,22 +203,7 @@ def main() -> int:
             ),
         )
     if not os.path.exists(sq):
-        subprocess.run(
-            [
-                "mksquashfs",
-                a.src,
-                sq,
-                "-noI",
-                "-noD",
-                "-noF",
-                "-noX",
-                "-no-xattrs",
-                "-noappend",
-                "-no-progress",
-                "-quiet",
-            ],
-            check=True,
-        )
+        _make_squashfs(a.src, sq)
     image_size = tree_bytes(img_dir)
     index_size = os.path.getsize(os.path.join(work, "i.erofs"))
     sq_size = os.path.getsize(sq)
