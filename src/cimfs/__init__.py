@@ -15,8 +15,9 @@ Writing (commits on a clean exit, discards on an exception)::
 The Win32-shaped API (``CimCreateImage`` ...) is a thin facade over the same core.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import exports
 
 if TYPE_CHECKING:  # the names as type checkers and editors see them; at run time __getattr__ loads them
     from .errors import CimError, CimFormatError
@@ -128,22 +129,6 @@ __all__ += [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is not None:
-        value = getattr(importlib.import_module(f".{module}", __name__), name)
-        globals()[name] = value
-        return value
-    if not name.startswith("_"):
-        # ``cimfs.posix`` and the like worked without their own import when this
-        # file imported every module; a submodule is still found by attribute.
-        try:
-            return importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{name}":
-                raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_MODULE_OF))
+# ``cimfs.posix`` and the like worked without their own import when this file
+# imported every module: a submodule is still found by attribute.
+__getattr__, __dir__ = exports(__name__, globals(), _MODULE_OF, submodules=True)

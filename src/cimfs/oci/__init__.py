@@ -14,9 +14,9 @@ A client of the public library API and :mod:`cimfs.winlayer`.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from ..lazy import exports
 from .storefiles import is_store
 
 # Loaded on first use (start-up time: `cimfs gc` asks is_store() without them).
@@ -28,13 +28,7 @@ if TYPE_CHECKING:  # the names as type checkers see them; at run time __getattr_
     from .store import LayerStore
 
 
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = exports(__name__, globals(), _MODULE_OF)
 
 
 def import_image(

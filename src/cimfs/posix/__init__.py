@@ -32,8 +32,9 @@ Conventions this package chooses (documented in docs/CLI.md):
   (an LX or NT symlink or a mount point that is also a directory) are skipped.
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..lazy import exports
 
 # The names are loaded from their module on first use (PEP 562): a reading
 # command that needs ``posix_info`` does not pay for the tar reader or the
@@ -143,17 +144,7 @@ if TYPE_CHECKING:  # the names as type checkers see them; at run time __getattr_
     from .tar import export_tar
 
 
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_MODULE_OF))
+__getattr__, __dir__ = exports(__name__, globals(), _MODULE_OF)
 
 
 __all__ = [
