@@ -177,8 +177,8 @@ def make_layout(layout: str, scale: float, log) -> dict:
     return info
 
 
-def drop_caches_of(path: str) -> None:
-    """Make the inputs equally warm for every contender: read them once."""
+def warm(path: str) -> None:
+    """Every contender starts with the inputs in the page cache: read them once."""
     for root, _d, files in os.walk(path):
         for n in files:
             with open(os.path.join(root, n), "rb") as f:
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
         for name, make in order:
             shutil.rmtree(scratch, ignore_errors=True)
             os.makedirs(scratch)
-            drop_caches_of(layout)
+            warm(layout)
             t = timed(make(), env)
             times[name].append(t)
             log(f"run {r + 1}: {name}: {t:.2f} s")

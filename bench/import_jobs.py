@@ -34,7 +34,7 @@ import tarfile
 import time
 import zlib
 
-from image import write_oci_image  # bench/image.py: the same image layout
+from image import warm, write_oci_image  # bench/image.py: the same image layout and cache warming
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -167,15 +167,6 @@ def make_layout(layout: str, mib: int, log) -> dict:
     json.dump(info, open(os.path.join(layout, ".info"), "w"))
     json.dump(params, open(stamp, "w"))
     return info
-
-
-def warm(path: str) -> None:
-    """Every run starts with the inputs in the page cache: read them once."""
-    for root, _d, files in os.walk(path):
-        for n in files:
-            with open(os.path.join(root, n), "rb") as f:
-                while f.read(1 << 22):
-                    pass
 
 
 def run_once(cmd, env) -> tuple[float, float]:
