@@ -888,6 +888,17 @@ def _trust_image(root, size=(2 << 20) + 300_000, seed=7):
     return root / "t.cim", data, region, off
 
 
+def _cached_trust_image(tmp_path):
+    """:func:`_trust_image` in ``tmp_path/img``, mounted once with the kernel
+    engine so its index is in the test's cache: (image, data, region, mnt, cache)."""
+    image, data, region, _ = _trust_image(tmp_path / "img")
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    cmount.mount(image, mnt, engine="kernel")
+    cmount.unmount(mnt)
+    return image, data, region, mnt, tmp_path / "cache"
+
+
 def _secret_index(root):
     """A standalone index of an image holding ``secret`` (what a planted index would serve)."""
     with cimfs.create(root, "secret.cim") as w:
@@ -909,12 +920,7 @@ def _cli_mount(*args):
 @needs_kernel
 @pytest.mark.parametrize("how", ["other-owner", "group-writable", "world-writable"])
 def test_cache_dir_others_can_write_is_refused(tmp_path, how):
-    image, data, _, _ = _trust_image(tmp_path / "img")
-    mnt = tmp_path / "m"
-    mnt.mkdir()
-    cache = tmp_path / "cache"
-    cmount.mount(image, mnt, engine="kernel")
-    cmount.unmount(mnt)
+    image, data, _, mnt, cache = _cached_trust_image(tmp_path)
     # plant: every cached index replaced by one serving another image, devices dropped
     planted = _secret_index(tmp_path)
     for n in os.listdir(cache):
@@ -972,12 +978,7 @@ def test_cache_dirs_created_private(tmp_path, monkeypatch):
 def test_planted_symlinks_at_temporary_names_are_not_followed(tmp_path, monkeypatch):
     import cimfs.atomic
 
-    image, data, _, _ = _trust_image(tmp_path / "img")
-    mnt = tmp_path / "m"
-    mnt.mkdir()
-    cache = tmp_path / "cache"
-    cmount.mount(image, mnt, engine="kernel")
-    cmount.unmount(mnt)
+    image, data, _, mnt, cache = _cached_trust_image(tmp_path)
     keys = {n.split(".")[0] for n in os.listdir(cache)}
     for n in os.listdir(cache):
         os.unlink(cache / n)
@@ -1108,12 +1109,7 @@ def test_region_rewritten_in_place_with_mtime_put_back_is_reindexed(tmp_path):
 @needs_kernel
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "foreign-devices", "foreign-owner", "not-json", "symlink"])
 def test_damaged_or_planted_cache_entry_is_rebuilt(tmp_path, damage):
-    image, data, region, _ = _trust_image(tmp_path / "img")
-    mnt = tmp_path / "m"
-    mnt.mkdir()
-    cache = tmp_path / "cache"
-    cmount.mount(image, mnt, engine="kernel")
-    cmount.unmount(mnt)
+    image, data, region, mnt, cache = _cached_trust_image(tmp_path)
     index = next(cache / n for n in os.listdir(cache) if n.endswith(".erofs"))
     meta = index.with_suffix(".json")
     secret = tmp_path / "secret"
